@@ -1,0 +1,33 @@
+# Every target bootstraps .venv on first use, so `make figures` and `make test`
+# are the only set-up a fresh machine needs.
+#
+#   PYTHON=python3.11   the interpreter that creates the venv
+#   TORCH=...           the torch requirement installed before the project; the
+#                       default pin is a CPU wheel on the dev machines, on yours
+#                       it may be e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup figures test clean
+
+setup: $(STAMP)
+
+# torch goes in first: `pip install -e .` would otherwise resolve torch>=2.2 to
+# a multi-GB CUDA build on machines that have no GPU.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+figures: $(STAMP)
+	$(PY) -m sims figures
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

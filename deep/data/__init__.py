@@ -1,0 +1,34 @@
+"""Benchmark registry.
+
+Each benchmark lives in a data module that lists it in `BENCHMARKS`
+(a dict name -> `Benchmark`). Modules are imported only when asked for, so a
+benchmark's optional dependencies never slow down or break the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData, Split,
+                   TensorSplit, class_balanced_indices, seeded, split_counts)
+
+# name -> module under deep.data that defines it
+_MODULES = {
+    "synthetic": "synthetic",
+}
+
+
+def benchmark_names() -> list[str]:
+    return sorted(_MODULES)
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in _MODULES:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(benchmark_names())}")
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return module.BENCHMARKS[name]
+
+
+__all__ = ["Benchmark", "DataError", "FileSplit", "ShiftTask", "SourceData", "Split",
+           "TensorSplit", "benchmark_names", "class_balanced_indices", "get_benchmark",
+           "seeded", "split_counts"]

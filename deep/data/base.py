@@ -1,0 +1,278 @@
+"""What every benchmark loader returns: labelled splits and a shift task.
+
+A loader never hands the training loop raw files or arrays. It returns a
+`ShiftTask` whose `train`, `val` and `test` are `Split`s; the loop only calls
+`Split.batches`. Two kinds of split cover every benchmark:
+
+- `TensorSplit`: images already decoded and normalised in memory (Fashion-MNIST,
+  CIFAR-10(-C), the synthetic benchmark);
+- `FileSplit`: image files decoded lazily, batch by batch (ImageNet-C, BREEDS,
+  Waterbirds, CelebA), so a 224-px benchmark never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Data is missing or malformed. The message names the file and the layout expected."""
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""(images float32 (b, C, H, W), labels int64 (b,), groups int64 (b,) or None)."""
+
+
+class Split:
+    """A labelled set of images.
+
+    Attributes:
+        labels: int64 tensor (n,), class indices in [0, num_classes).
+        groups: int64 tensor (n,), group indices in [0, num_groups), or None when the
+            benchmark has no groups (worst-group accuracy is then not reported).
+    """
+
+    labels: torch.Tensor
+    groups: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> "Split":
+        raise NotImplementedError
+
+    def _order(self, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor:
+        if shuffle:
+            return torch.randperm(len(self), generator=generator)
+        return torch.arange(len(self))
+
+
+def _as_index(indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(indices, dtype=torch.long)
+
+
+def _check_labels(labels: torch.Tensor, groups: torch.Tensor | None, n: int, where: str) -> None:
+    if labels.dtype != torch.int64 or labels.ndim != 1 or len(labels) != n:
+        raise DataError(f"{where}: labels must be int64 of shape ({n},), "
+                        f"got {labels.dtype} {tuple(labels.shape)}")
+    if groups is not None and (groups.dtype != torch.int64 or groups.shape != labels.shape):
+        raise DataError(f"{where}: groups must be int64 of shape ({n},), "
+                        f"got {groups.dtype} {tuple(groups.shape)}")
+
+
+class TensorSplit(Split):
+    """Images held in memory.
+
+    Args:
+        images: float32 tensor (n, C, H, W), already normalised.
+        labels: int64 tensor (n,).
+        groups: optional int64 tensor (n,).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 groups: torch.Tensor | None = None, name: str = "split"):
+        if images.ndim != 4 or images.dtype != torch.float32:
+            raise DataError(f"{name}: images must be float32 of shape (n, C, H, W), "
+                            f"got {images.dtype} {tuple(images.shape)}")
+        _check_labels(labels, groups, len(images), name)
+        self.images, self.labels, self.groups, self.name = images, labels, groups, name
+
+    def batches(self, batch_size, shuffle=False, generator=None):
+        order = self._order(shuffle, generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            g = self.groups[idx] if self.groups is not None else None
+            yield self.images[idx], self.labels[idx], g
+
+    def subset(self, indices):
+        idx = _as_index(indices)
+        g = self.groups[idx] if self.groups is not None else None
+        return TensorSplit(self.images[idx], self.labels[idx], g, self.name)
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image, UnidentifiedImageError
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return self.transform(im.convert("RGB"))
+        except FileNotFoundError:
+            raise DataError(f"image file missing: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+class FileSplit(Split):
+    """Image files decoded lazily, batch by batch.
+
+    Args:
+        paths: one image file per example.
+        labels, groups: as for `TensorSplit`.
+        transform: PIL image -> float32 tensor (C, H, W), normalised. Must be
+            deterministic (no augmentation), so cached activations stay valid.
+        num_workers: decoding processes for the DataLoader.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: torch.Tensor,
+                 groups: torch.Tensor | None, transform: Callable, num_workers: int = 0,
+                 name: str = "split"):
+        _check_labels(labels, groups, len(paths), name)
+        self.paths, self.labels, self.groups = list(map(str, paths)), labels, groups
+        self.transform, self.num_workers, self.name = transform, num_workers, name
+
+    def batches(self, batch_size, shuffle=False, generator=None):
+        order = self._order(shuffle, generator)
+        dataset = torch.utils.data.Subset(_FileDataset(self.paths, self.transform), order.tolist())
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                             num_workers=self.num_workers)
+        for start, x in zip(range(0, len(order), batch_size), loader):
+            idx = order[start:start + batch_size]
+            g = self.groups[idx] if self.groups is not None else None
+            yield x, self.labels[idx], g
+
+    def subset(self, indices):
+        idx = _as_index(indices)
+        g = self.groups[idx] if self.groups is not None else None
+        return FileSplit([self.paths[i] for i in idx.tolist()], self.labels[idx], g,
+                         self.transform, self.num_workers, self.name)
+
+
+@dataclass
+class ShiftTask:
+    """One target distribution to adapt to, with its three splits.
+
+    Attributes:
+        benchmark: registry name, e.g. "cifar10c".
+        shift: which shift of the benchmark, e.g. "gaussian_noise".
+        num_classes: number of classes the model predicts.
+        train: the small labelled target set that is tuned on.
+        val: selects the (learning rate, epoch).
+        test: reported.
+        group_names: names of the groups when the splits carry groups; worst-group
+            accuracy is reported then.
+        perturb: applied in place to the pretrained model before tuning, for shifts
+            that live in the network rather than the data (fmnist-blocknoise).
+    """
+
+    benchmark: str
+    shift: str
+    num_classes: int
+    train: Split
+    val: Split
+    test: Split
+    group_names: tuple[str, ...] | None = None
+    perturb: Callable[[torch.nn.Module], None] | None = None
+
+    def __post_init__(self):
+        for name in ("train", "val", "test"):
+            split = getattr(self, name)
+            if len(split) == 0:
+                raise DataError(f"{self.benchmark}/{self.shift}: the {name} split is empty")
+            labels = split.labels
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise DataError(f"{self.benchmark}/{self.shift}: {name} labels must lie in "
+                                f"[0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+
+
+@dataclass
+class SourceData:
+    """What a source model is pretrained on."""
+
+    benchmark: str
+    num_classes: int
+    in_channels: int
+    train: Split
+    test: Split
+
+
+def class_balanced_indices(labels: torch.Tensor, per_class: int | Sequence[int],
+                           generator: torch.Generator, exclude: torch.Tensor | None = None,
+                           what: str = "split") -> torch.Tensor:
+    """Draw `per_class` indices of each class without replacement.
+
+    Args:
+        labels: int64 (n,).
+        per_class: one count for every class, or a count per class.
+        generator: seeded, so the same seed draws the same indices.
+        exclude: bool mask (n,) of indices already used by another split.
+
+    Returns: int64 indices, grouped by class, each class in random order.
+    Raises DataError when a class has too few examples left.
+    """
+    classes = torch.unique(labels).tolist()
+    counts = [per_class] * len(classes) if isinstance(per_class, int) else list(per_class)
+    available = torch.ones(len(labels), dtype=torch.bool) if exclude is None else ~exclude
+    chosen = []
+    for c, count in zip(classes, counts):
+        pool = torch.nonzero((labels == c) & available).flatten()
+        if len(pool) < count:
+            raise DataError(f"{what}: class {c} has {len(pool)} examples left, {count} requested")
+        chosen.append(pool[torch.randperm(len(pool), generator=generator)[:count]])
+    return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
+
+
+def split_counts(total: int, num_classes: int) -> list[int]:
+    """Spread `total` over classes as evenly as possible (the first classes get the remainder)."""
+    base, extra = divmod(total, num_classes)
+    return [base + (c < extra) for c in range(num_classes)]
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def to_float_images(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (n, H, W) or (n, H, W, C) in [0, 255] -> normalised float32 (n, C, H, W)."""
+    x = torch.from_numpy(np.ascontiguousarray(array)).float().div_(255.0)
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        x = x.permute(0, 3, 1, 2).contiguous()
+    else:
+        raise DataError(f"images must have shape (n, H, W) or (n, H, W, C), got {tuple(array.shape)}")
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A registered benchmark. Each data module lists its own in `BENCHMARKS`.
+
+    Attributes:
+        name: registry name used by the CLI, configs and results CSV.
+        shifts: every shift the benchmark offers (e.g. all corruptions).
+        num_classes, in_channels: what the model must predict / take.
+        layout: the on-disk layout expected under --data-dir, quoted in errors and README.
+        load_task: (data_dir, shift, n_target, val_per_class, test_per_class, seed,
+            **options) -> ShiftTask. `data_dir` is a Path or None (None: use the
+            benchmark's default location, or fail naming the layout).
+        load_source: (data_dir, **options) -> SourceData, for benchmarks whose source
+            model this project pretrains itself; None otherwise.
+        has_groups: whether splits carry groups (worst-group accuracy).
+    """
+
+    name: str
+    shifts: tuple[str, ...]
+    num_classes: int
+    in_channels: int
+    layout: str
+    load_task: Callable[..., ShiftTask]
+    load_source: Callable[..., SourceData] | None = None
+    has_groups: bool = False
