@@ -15,6 +15,20 @@ from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData, Split
 # name -> module under deep.data that defines it
 _MODULES = {
     "synthetic": "synthetic",
+    # the paper's seven benchmarks (users bring the data)
+    "cifar10c": "cifar10",
+    "cifar-flip": "cifar10",
+    "imagenet-c": "imagenet_c",
+    "living17": "breeds",
+    "entity30": "breeds",
+    "waterbirds": "waterbirds",
+    "celeba": "celeba",
+    # the Fashion-MNIST suite that runs on this machine
+    "fmnist-c": "fmnist",
+    "fmnist-breeds": "fmnist",
+    "fmnist-flip": "fmnist",
+    "fmnist-spurious": "fmnist",
+    "fmnist-blocknoise": "fmnist",
 }
 
 
