@@ -1,0 +1,161 @@
+"""Living-17 / Entity-30 construction on a hand-made hierarchy, and the loaders on an
+ImageNet-style fixture. Expected superclasses and splits are worked out by hand from the
+rules of `robustness.tools.breeds_helpers` (see tests/deep/fixtures/writers.py)."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deep.data import DataError, get_benchmark
+from deep.data.breeds import Hierarchy, breeds_split
+from tests.deep.fixtures import writers
+
+A_LEAVES = ["n01000011", "n01000012", "n01000013", "n01000014"]
+B_LEAVES = ["n01000031", "n01000032", "n01000033", "n01000034", "n01000035"]
+GAMMA_LEAVES = ["n01000041", "n01000042"]
+ARTIFACT_LEAVES = ["n02000011", "n02000012", "n02000013", "n02000014",
+                   "n02000021", "n02000022", "n02000023", "n02000024"]
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    return writers.write_breeds(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.fixture(scope="module")
+def info_dir(imagenet):
+    return imagenet / "imagenet_class_hierarchy" / "modified"
+
+
+def test_hierarchy_levels_are_longest_paths_and_irrelevant_nodes_pruned(info_dir):
+    h = Hierarchy(info_dir)
+    assert h.level["n00004258"] == 4  # also reachable at depth 2
+    assert h.level["n01000001"] == 5 and h.level["n01000031"] == 8
+    assert "n01999999" not in h.level, "a node with no class below it is pruned"
+    assert "n05000001" not in h.level, "a class outside the hierarchy has no level"
+    assert h.leaves_below("n01000002") == B_LEAVES
+    assert h.nodes_at_level(5, "n00004258") == ["n01000001", "n01000002", "n01000003"]
+
+
+def test_living17_rand_split(info_dir):
+    superclasses, names, source, target = breeds_split(info_dir, "living17", "rand")
+    # level 5 below "living thing" with >= 4 classes: alpha (4), beta (5); gamma has 2
+    assert superclasses == ["n01000001", "n01000002"] and names == ["alpha", "beta"]
+    # one RandomState(2) shared by the superclasses in wnid order; each draws 4 of its
+    # sorted classes without replacement, first half source, second half target
+    rng = np.random.RandomState(2)
+    for pool, s, t in zip((A_LEAVES, B_LEAVES), source, target):
+        drawn = list(rng.choice(pool, 4, replace=False))
+        assert s == drawn[:2] and t == drawn[2:]
+    assert set(source[1] + target[1]) <= set(B_LEAVES), "beta's classes via its single child"
+
+
+def test_entity30_rand_split(info_dir):
+    superclasses, _, source, target = breeds_split(info_dir, "entity30", "rand")
+    # level 4 with >= 8 classes: living thing (alpha 4 + beta 5 + gamma 2), artifact (8)
+    assert superclasses == ["n00004258", "n00021939"]
+    pools = (sorted(A_LEAVES + B_LEAVES + GAMMA_LEAVES), ARTIFACT_LEAVES)
+    rng = np.random.RandomState(2)
+    for pool, s, t in zip(pools, source, target):
+        drawn = list(rng.choice(pool, 8, replace=False))
+        assert s == drawn[:4] and t == drawn[4:]
+
+
+def test_good_and_bad_splits_by_hand(info_dir):
+    _, _, source, target = breeds_split(info_dir, "living17", "good")
+    # alpha: four one-class children -> 2 and 2 in order; beta: children beta-2 (3 classes)
+    # then beta-1 (2): beta-2 gives 1 to source and 2 to target, beta-1 tops up the source
+    assert source == [A_LEAVES[:2], ["n01000033", "n01000031"]]
+    assert target == [A_LEAVES[2:], ["n01000034", "n01000035"]]
+    _, _, source, target = breeds_split(info_dir, "living17", "bad")
+    # similar classes stay together: beta-2's first two to source, beta-1's to target
+    assert source[1] == ["n01000033", "n01000034"] and target[1] == ["n01000031", "n01000032"]
+
+
+def load_task(imagenet, seed=0, **options):
+    options = {"expected_superclasses": 2, "resize": 36, "crop": 32, **options}
+    return get_benchmark("living17").load_task(imagenet, "subpopulation", n_target=4,
+                                               val_per_class=2, test_per_class=3, seed=seed,
+                                               **options)
+
+
+def test_target_task_uses_target_subclasses_with_superclass_labels(imagenet, info_dir):
+    _, _, source, target = breeds_split(info_dir, "living17", "rand")
+    task = load_task(imagenet)
+    assert task.num_classes == 2 and task.shift == "subpopulation"
+    seen = []
+    for split, folder, per_class in ((task.train, "train", 2), (task.val, "train", 2),
+                                     (task.test, "val", 3)):
+        assert Counter(split.labels.tolist()) == {0: per_class, 1: per_class}
+        for path, label in zip(split.paths, split.labels.tolist()):
+            parts = Path(path).parts
+            assert parts[-3] == folder and parts[-2] in target[label]
+        seen += split.paths
+    assert len(set(seen)) == len(seen)
+    x, y, g = next(task.train.batches(4))
+    assert x.shape == (4, 3, 32, 32) and g is None
+
+
+def test_seed_determinism(imagenet):
+    assert load_task(imagenet, seed=5).train.paths == load_task(imagenet, seed=5).train.paths
+    assert load_task(imagenet, seed=5).val.paths != load_task(imagenet, seed=6).val.paths
+
+
+def test_source_data_are_the_source_subclasses(imagenet, info_dir):
+    _, _, source, _ = breeds_split(info_dir, "entity30", "rand")
+    data = get_benchmark("entity30").load_source(imagenet, expected_superclasses=2)
+    assert data.num_classes == 2 and data.in_channels == 3
+    assert len(data.train) == 2 * 4 * 6 and len(data.test) == 2 * 4 * 3
+    for split, folder in ((data.train, "train"), (data.test, "val")):
+        for path, label in zip(split.paths, split.labels.tolist()):
+            assert Path(path).parts[-3] == folder and Path(path).parts[-2] in source[label]
+
+
+def test_split_file_overrides_the_construction(imagenet, tmp_path):
+    split = {"names": ["first", "second"], "source": [["n01000011"], ["n02000011"]],
+             "target": [["n01000012", "n01000013"], ["n02000024"]]}
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(split))
+    task = load_task(imagenet, split_file=str(path))
+    assert {Path(p).parts[-2] for p in task.test.paths} == {"n01000012", "n01000013", "n02000024"}
+    split["target"][0].append("n01000011")
+    path.write_text(json.dumps(split))
+    with pytest.raises(DataError, match="both source and target.*n01000011"):
+        load_task(imagenet, split_file=str(path))
+
+
+def test_superclass_count_is_checked(imagenet):
+    with pytest.raises(DataError, match="gives 2 superclasses, expected 17"):
+        get_benchmark("living17").load_task(imagenet, "subpopulation", 4, 2, 3, seed=0)
+
+
+def test_missing_or_malformed_hierarchy(imagenet, tmp_path):
+    with pytest.raises(DataError, match="--data-dir"):
+        load_task(None)
+    with pytest.raises(DataError, match="hierarchy files .* not found"):
+        load_task(imagenet, info_dir=str(tmp_path))
+    bad = tmp_path / "info"
+    bad.mkdir()
+    for name in ("dataset_class_info.json", "node_names.txt"):
+        (bad / name).write_text((imagenet / "imagenet_class_hierarchy/modified" / name).read_text())
+    with pytest.raises(DataError, match="missing file .*class_hierarchy.txt"):
+        load_task(imagenet, info_dir=str(bad))
+    (bad / "class_hierarchy.txt").write_text("n00001740 n00001930\nn00001930\n")
+    with pytest.raises(DataError, match="line 2 of .*class_hierarchy.txt"):
+        load_task(imagenet, info_dir=str(bad))
+    (bad / "dataset_class_info.json").write_text('[[0, "n01000011"')
+    with pytest.raises(DataError, match="dataset_class_info.json is not valid JSON"):
+        load_task(imagenet, info_dir=str(bad))
+
+
+def test_missing_class_folder(tmp_path):
+    root = writers.write_breeds(tmp_path)
+    _, _, _, target = breeds_split(root / "imagenet_class_hierarchy/modified", "living17")
+    for f in (root / "val" / target[1][0]).iterdir():
+        f.unlink()
+    (root / "val" / target[1][0]).rmdir()
+    with pytest.raises(DataError, match=f"missing folder .*val/{target[1][0]}"):
+        load_task(root)

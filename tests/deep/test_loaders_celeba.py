@@ -1,0 +1,124 @@
+"""CelebA on a fixture `celeba/{img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt}`."""
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from deep.data import DataError, get_benchmark
+from deep.data.celeba import read_attributes
+from deep.data.images import IMAGENET_MEAN, IMAGENET_STD
+from tests.deep.fixtures import writers
+
+
+@pytest.fixture
+def celeba(tmp_path):
+    return writers.write_celeba(tmp_path)
+
+
+def load(root, seed=0, test_per_class=0, **options):
+    return get_benchmark("celeba").load_task(root, "group-balanced", n_target=8, val_per_class=4,
+                                             test_per_class=test_per_class, seed=seed,
+                                             resize=32, crop=32, **options)
+
+
+def truth(root):
+    """(partition, blond, male) per file, read directly from the fixture's text files."""
+    lines = (root / "celeba" / "list_attr_celeba.txt").read_text().splitlines()
+    names = lines[1].split()
+    attrs = {l.split()[0]: l.split()[1:] for l in lines[2:]}
+    parts = dict(l.split() for l in (root / "celeba" / "list_eval_partition.txt").read_text().splitlines())
+    return {f: (int(parts[f]), int(v[names.index("Blond_Hair")] == "1"),
+                int(v[names.index("Male")] == "1")) for f, v in attrs.items()}
+
+
+def test_groups_and_partitions(celeba):
+    facts = truth(celeba)
+    task = load(celeba)
+    assert task.group_names == ("not_blond_female", "not_blond_male", "blond_female", "blond_male")
+    seen = []
+    for split, partition, per_group in ((task.train, 1, 2), (task.val, 1, 2), (task.test, 2, 6)):
+        assert Counter(split.groups.tolist()) == {g: per_group for g in range(4)}
+        for path, y, group in zip(split.paths, split.labels.tolist(), split.groups.tolist()):
+            p, blond, male = facts[path.rsplit("/", 1)[1]]
+            assert p == partition and y == blond and group == 2 * blond + male
+        seen += split.paths
+    assert len(set(seen)) == len(seen)
+
+
+def test_images_match_their_attributes(celeba):
+    x, y, g = next(load(celeba).test.batches(24))
+    assert x.shape == (24, 3, 32, 32)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = ((x * std + mean) * 255).mean(dim=(2, 3))
+    assert torch.allclose(rgb[:, 0], 200.0 * y + 20, atol=4)
+    assert torch.allclose(rgb[:, 2], 200.0 * (g - 2 * y) + 20, atol=4)
+
+
+def test_seed_determinism_and_other_attributes(celeba):
+    assert load(celeba, seed=1).val.paths == load(celeba, seed=1).val.paths
+    assert load(celeba, seed=1).val.paths != load(celeba, seed=2).val.paths
+    with pytest.raises(ValueError, match="unknown CelebA attribute 'Blonde_Hair'"):
+        load(celeba, target_attribute="Blonde_Hair")
+
+
+def test_source_is_partition_0(celeba):
+    source = get_benchmark("celeba").load_source(celeba, resize=32, crop=32)
+    assert Counter(source.train.groups.tolist()) == {0: 6, 1: 6, 2: 6, 3: 1}
+    assert len(source.test) == 24
+
+
+def test_attribute_file_parsing(celeba):
+    names, files, table = read_attributes(celeba / "celeba" / "list_attr_celeba.txt")
+    assert len(names) == 40 and names[9] == "Blond_Hair" and names[20] == "Male"
+    assert len(files) == len(table) == 19 + 48 and table.shape[1] == 40
+    assert set(table.unique().tolist()) == {-1, 1}
+
+
+def test_truncated_or_malformed_attribute_file(celeba):
+    path = celeba / "celeba" / "list_attr_celeba.txt"
+    text = path.read_text()
+    writers.truncate(path, keep=0.5)
+    with pytest.raises(DataError, match="announces 67 images on line 1 but lists"):
+        load(celeba)
+    path.write_text(text.replace("Male ", "Mal ", 1).replace(" Young", ""))
+    with pytest.raises(DataError, match="line 2 of .* must name 40 attributes, got 39"):
+        load(celeba)
+    lines = text.splitlines()
+    lines[5] = lines[5][:-2] + " 0"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"must be \+1 or -1 \(line 6\)"):
+        load(celeba)
+
+
+def test_partition_file_problems(celeba):
+    path = celeba / "celeba" / "list_eval_partition.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(DataError, match="1 image.* have no partition"):
+        load(celeba)
+    path.write_text("\n".join([lines[0].replace(" ", " 3 ")] + lines[1:]) + "\n")
+    with pytest.raises(DataError, match="line 1 of .*list_eval_partition.txt"):
+        load(celeba)
+
+
+def test_missing_data(celeba, tmp_path):
+    with pytest.raises(DataError, match="(?s)--data-dir.*list_attr_celeba.txt"):
+        load(None)
+    with pytest.raises(DataError, match="list_attr_celeba.txt not found"):
+        load(tmp_path / "celeba" / "img_align_celeba")
+    (celeba / "celeba" / "list_eval_partition.txt").unlink()
+    with pytest.raises(DataError, match="missing file .*list_eval_partition.txt"):
+        load(celeba)
+
+
+def test_missing_and_corrupt_image(celeba):
+    task = load(celeba)
+    writers.corrupt_jpeg(task.train.paths[1])
+    with pytest.raises(DataError, match="cannot decode image .*jpg"):
+        list(task.train.batches(8))
+    os.unlink(task.test.paths[0])
+    with pytest.raises(DataError, match="1 image file.* missing"):
+        load(celeba)

@@ -1,0 +1,170 @@
+"""CIFAR-10-C, CIFAR-Flip and the CIFAR-10 source data on fixtures in the real layouts."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from deep.data import DataError, get_benchmark
+from deep.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
+from tests.deep.fixtures import writers
+
+
+def pixels(images: torch.Tensor) -> np.ndarray:
+    """Undo the normalisation: float (n, 3, 32, 32) -> uint8-valued (n, 3) of pixel (0, 0)."""
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3)
+    std = torch.tensor(CIFAR10_STD).view(1, 3)
+    return torch.round((images[:, :, 0, 0] * std + mean) * 255).numpy().astype(int)
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    writers.write_cifar10c(tmp_path)
+    writers.write_cifar10_batches(tmp_path)
+    return tmp_path
+
+
+def test_cifar10c_reads_severity_5_class_balanced_disjoint(cifar_dir):
+    task = get_benchmark("cifar10c").load_task(cifar_dir, "fog", n_target=20, val_per_class=1,
+                                               test_per_class=1, seed=0)
+    block_labels = np.load(cifar_dir / "CIFAR-10-C" / "labels.npy")[:40]
+    rows = {}
+    for name in ("train", "val", "test"):
+        split = getattr(task, name)
+        assert split.images.dtype == torch.float32 and split.images.shape[1:] == (3, 32, 32)
+        px = pixels(split.images)
+        assert (px[:, 0] == 200).all(), "red = 40 * severity: every image must come from severity 5"
+        rows[name] = px[:, 1]
+        # the label travels with its image: blue = 20 * label, and labels.npy agrees
+        assert (px[:, 2] == 20 * split.labels.numpy()).all()
+        assert (block_labels[px[:, 1]] == split.labels.numpy()).all()
+    assert np.bincount(task.train.labels, minlength=10).tolist() == [2] * 10
+    assert np.bincount(task.val.labels, minlength=10).tolist() == [1] * 10
+    assert np.bincount(task.test.labels, minlength=10).tolist() == [1] * 10
+    all_rows = np.concatenate(list(rows.values()))
+    assert len(set(all_rows.tolist())) == len(all_rows) == 40, "splits must be disjoint"
+    assert task.num_classes == 10 and task.shift == "fog" and task.group_names is None
+
+
+def test_cifar10c_seed_determinism_and_severity_option(cifar_dir):
+    load = get_benchmark("cifar10c").load_task
+    a = load(cifar_dir, "fog", 10, 1, 2, seed=3)
+    b = load(cifar_dir, "fog", 10, 1, 2, seed=3)
+    c = load(cifar_dir, "fog", 10, 1, 2, seed=4)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert not np.array_equal(pixels(a.train.images)[:, 1], pixels(c.train.images)[:, 1])
+    s1 = load(cifar_dir, "gaussian_noise", 10, 1, 2, seed=0, severity=1)
+    assert (pixels(s1.train.images)[:, 0] == 40).all()
+
+
+def test_cifar10c_memory_maps_the_file(cifar_dir, monkeypatch):
+    calls = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+    assert calls and all(k.get("mmap_mode") == "r" for k in calls)
+
+
+def test_cifar_source_decodes_channel_major_batches(cifar_dir):
+    source = get_benchmark("cifar10c").load_source(cifar_dir)
+    assert source.num_classes == 10 and source.in_channels == 3
+    assert source.train.images.shape == (200, 3, 32, 32) and len(source.test) == 40
+    px = pixels(source.train.images)
+    assert sorted(set(px[:, 0].tolist())) == [10, 20, 30, 40, 50]  # the five data batches
+    assert (px[:, 2] == 20 * source.train.labels.numpy()).all()
+    # the whole image, not just pixel (0, 0), carries the batch's planes
+    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    img = torch.round((source.test.images[7] * std + mean) * 255)
+    assert (img[0] == 60).all() and (img[1] == 7).all()
+
+
+def test_cifar_flip_maps_y_to_9_minus_y_from_the_test_batch(cifar_dir):
+    task = get_benchmark("cifar-flip").load_task(cifar_dir, "flip", 10, 1, 2, seed=0)
+    for split in (task.train, task.val, task.test):
+        px = pixels(split.images)
+        assert (px[:, 0] == 60).all(), "target images come from test_batch"
+        assert (split.labels.numpy() == 9 - px[:, 2] // 20).all()
+    rows = np.concatenate([pixels(s.images)[:, 1] for s in (task.train, task.val, task.test)])
+    assert len(set(rows.tolist())) == len(rows) == 40
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_no_data_dir_names_the_layout():
+    with pytest.raises(DataError, match="--data-dir.*\n.*CIFAR-10-C"):
+        get_benchmark("cifar10c").load_task(None, "fog", 10, 1, 1, seed=0)
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        get_benchmark("cifar-flip").load_task(None, "flip", 10, 1, 1, seed=0)
+
+
+def test_missing_directory_and_files(tmp_path, cifar_dir):
+    with pytest.raises(DataError, match="does not exist"):
+        get_benchmark("cifar10c").load_task(tmp_path / "nope", "fog", 10, 1, 1, seed=0)
+    (cifar_dir / "CIFAR-10-C" / "fog.npy").unlink()
+    with pytest.raises(DataError, match="missing file .*fog.npy"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+    (cifar_dir / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3"):
+        get_benchmark("cifar10c").load_source(cifar_dir)
+
+
+def test_unknown_corruption_and_severity(cifar_dir):
+    with pytest.raises(ValueError, match="unknown CIFAR-10-C corruption 'fogg'"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fogg", 10, 1, 1, seed=0)
+    with pytest.raises(ValueError, match="severity"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0, severity=6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((200, 32, 32), np.uint8), r"uint8 of shape \(n, 32, 32, 3\)"),
+    (np.zeros((200, 28, 28, 3), np.uint8), r"uint8 of shape \(n, 32, 32, 3\)"),
+    (np.zeros((200, 32, 32, 3), np.float32), r"uint8 of shape \(n, 32, 32, 3\)"),
+    (np.zeros((198, 32, 32, 3), np.uint8), "multiple of 5"),
+])
+def test_wrong_array_shape_or_dtype(cifar_dir, bad, message):
+    np.save(cifar_dir / "CIFAR-10-C" / "fog.npy", bad)
+    with pytest.raises(DataError, match=message):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+
+
+def test_labels_out_of_range_or_mismatched(cifar_dir):
+    path = cifar_dir / "CIFAR-10-C" / "labels.npy"
+    labels = np.load(path)
+    labels[-1] = 10  # in the severity-5 block
+    np.save(path, labels)
+    with pytest.raises(DataError, match=r"labels.npy must lie in 0..9, got \[0, 10\]"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+    np.save(path, labels[:100])
+    with pytest.raises(DataError, match=r"labels.npy must be integer of shape \(200,\)"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+
+
+def test_truncated_npy(cifar_dir):
+    writers.truncate(cifar_dir / "CIFAR-10-C" / "fog.npy", keep=0.7)
+    with pytest.raises(DataError, match="fog.npy.*truncated"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+
+
+def test_too_few_images_for_the_requested_splits(cifar_dir):
+    with pytest.raises(DataError, match="class 0 has .* left, 3 requested"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 3, seed=0)
+
+
+def test_bad_cifar_batches(cifar_dir):
+    batch_path = cifar_dir / "cifar-10-batches-py" / "test_batch"
+    writers.truncate(batch_path)
+    with pytest.raises(DataError, match="test_batch.*truncated"):
+        get_benchmark("cifar-flip").load_task(cifar_dir, "flip", 10, 1, 1, seed=0)
+    batch = {b"data": np.zeros((40, 3072), np.uint8), b"labels": [0] * 39 + [10]}
+    batch_path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DataError, match=r"must lie in 0..9, got \[0, 10\]"):
+        get_benchmark("cifar-flip").load_task(cifar_dir, "flip", 10, 1, 1, seed=0)
+    batch_path.write_bytes(pickle.dumps({b"data": np.zeros((40, 3072), np.uint8)}, protocol=2))
+    with pytest.raises(DataError, match="b'labels'"):
+        get_benchmark("cifar-flip").load_task(cifar_dir, "flip", 10, 1, 1, seed=0)
+    batch_path.write_bytes(pickle.dumps({b"data": np.zeros((40, 1024), np.uint8),
+                                         b"labels": [0] * 40}, protocol=2))
+    with pytest.raises(DataError, match=r"\(n, 3072\)"):
+        get_benchmark("cifar-flip").load_task(cifar_dir, "flip", 10, 1, 1, seed=0)

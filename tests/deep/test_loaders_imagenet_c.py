@@ -1,0 +1,95 @@
+"""ImageNet-C on a fixture tree `ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG`."""
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from deep.data import DataError, get_benchmark
+from deep.data.images import IMAGENET_MEAN, IMAGENET_STD
+from tests.deep.fixtures import writers
+
+WNIDS = writers.IMAGENET_C_WNIDS
+
+
+@pytest.fixture
+def imagenet_c(tmp_path):
+    return writers.write_imagenet_c(tmp_path)
+
+
+def load(data_dir, seed=0, **options):
+    options.setdefault("expected_classes", 3)
+    return get_benchmark("imagenet-c").load_task(data_dir, "fog", n_target=6, val_per_class=1,
+                                                 test_per_class=2, seed=seed, **options)
+
+
+def test_splits_labels_and_severity(imagenet_c):
+    task = load(imagenet_c)
+    assert task.num_classes == 3
+    seen = []
+    for split, per_class in ((task.train, 2), (task.val, 1), (task.test, 2)):
+        assert Counter(split.labels.tolist()) == {0: per_class, 1: per_class, 2: per_class}
+        for path, label in zip(split.paths, split.labels.tolist()):
+            parts = path.split("/")
+            assert parts[-4:-1] == ["fog", "5", WNIDS[label]], "label = sorted-wnid position"
+        seen += split.paths
+    assert len(set(seen)) == len(seen) == 15
+
+
+def test_images_are_decoded_to_normalised_224px(imagenet_c):
+    x, y, g = next(load(imagenet_c).test.batches(6))
+    assert x.shape == (6, 3, 224, 224) and x.dtype == torch.float32 and g is None
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = ((x * std + mean) * 255).mean(dim=(2, 3))
+    expected = torch.tensor([[*writers._class_color(int(label))[:2], 250] for label in y],
+                            dtype=torch.float32)
+    assert torch.allclose(rgb, expected, atol=3), "JPEG colours within 3 levels"
+
+
+def test_seed_determinism(imagenet_c):
+    assert load(imagenet_c, seed=1).train.paths == load(imagenet_c, seed=1).train.paths
+    assert load(imagenet_c, seed=1).train.paths != load(imagenet_c, seed=2).train.paths
+
+
+def test_grouped_download_layout(imagenet_c):
+    (imagenet_c / "ImageNet-C" / "weather").mkdir()
+    shutil.move(imagenet_c / "ImageNet-C" / "fog", imagenet_c / "ImageNet-C" / "weather" / "fog")
+    assert "/weather/fog/5/" in load(imagenet_c).train.paths[0]
+
+
+def test_requires_all_1000_classes_by_default(imagenet_c):
+    with pytest.raises(DataError, match="found 3 class folders.*expected 1000"):
+        get_benchmark("imagenet-c").load_task(imagenet_c, "fog", 6, 1, 2, seed=0)
+
+
+def test_missing_data_and_bad_names(tmp_path, imagenet_c):
+    with pytest.raises(DataError, match="--data-dir.*\n.*ImageNet-C"):
+        load(None)
+    with pytest.raises(DataError, match="does not exist"):
+        load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown ImageNet-C corruption 'smog'"):
+        get_benchmark("imagenet-c").load_task(imagenet_c, "smog", 6, 1, 2, seed=0)
+    with pytest.raises(DataError, match="snow not found"):
+        get_benchmark("imagenet-c").load_task(imagenet_c, "snow", 6, 1, 2, seed=0)
+    shutil.rmtree(imagenet_c / "ImageNet-C" / "fog" / "5")
+    with pytest.raises(DataError, match="missing folder .*fog/5"):
+        load(imagenet_c)
+
+
+def test_empty_class_folder(imagenet_c):
+    for f in (imagenet_c / "ImageNet-C" / "fog" / "5" / WNIDS[1]).iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=f"no image files .*{WNIDS[1]}"):
+        load(imagenet_c)
+
+
+def test_corrupt_jpeg_fails_naming_the_file(imagenet_c):
+    task = load(imagenet_c)
+    bad = task.train.paths[3]
+    writers.corrupt_jpeg(bad)
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        for _ in task.train.batches(4):
+            pass

@@ -1,0 +1,109 @@
+"""Waterbirds on a fixture `waterbird_complete95_forest2water2/metadata.csv` + JPEGs."""
+
+import csv
+from collections import Counter
+
+import pytest
+import torch
+
+from deep.data import DataError, get_benchmark
+from deep.data.images import IMAGENET_MEAN, IMAGENET_STD
+from tests.deep.fixtures import writers
+
+
+@pytest.fixture
+def waterbirds(tmp_path):
+    return writers.write_waterbirds(tmp_path)
+
+
+def metadata(root):
+    with open(root / "waterbird_complete95_forest2water2" / "metadata.csv", newline="") as f:
+        return {r["img_filename"]: r for r in csv.DictReader(f)}
+
+
+def load(root, seed=0, test_per_class=0, **options):
+    return get_benchmark("waterbirds").load_task(
+        root, "group-balanced", n_target=8, val_per_class=4, test_per_class=test_per_class,
+        seed=seed, resize=36, crop=32, **options)
+
+
+def test_group_balanced_splits_from_the_official_partitions(waterbirds):
+    rows = metadata(waterbirds)
+    task = load(waterbirds)
+    assert task.num_classes == 2 and len(task.group_names) == 4
+    seen = []
+    for split, partition, per_group in ((task.train, "1", 2), (task.val, "1", 2),
+                                        (task.test, "2", 6)):
+        assert Counter(split.groups.tolist()) == {g: per_group for g in range(4)}
+        for path, y, group in zip(split.paths, split.labels.tolist(), split.groups.tolist()):
+            row = rows[path.split("waterbird_complete95_forest2water2/")[1]]
+            assert row["split"] == partition
+            assert y == int(row["y"]) and group == 2 * int(row["y"]) + int(row["place"])
+        seen += split.paths
+    assert len(set(seen)) == len(seen)
+    assert len(task.test) == 24, "test_per_class=0 keeps the whole test split"
+    assert Counter(load(waterbirds, test_per_class=4).test.groups.tolist()) == {0: 2, 1: 2,
+                                                                                2: 2, 3: 2}
+
+
+def test_images_match_their_rows(waterbirds):
+    """The decoded picture is the one the row describes (colour encodes y and place)."""
+    x, y, g = next(load(waterbirds).test.batches(24))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = ((x * std + mean) * 255).mean(dim=(2, 3))
+    place = g - 2 * y
+    assert torch.allclose(rgb[:, 0], 200.0 * y + 20, atol=4)
+    assert torch.allclose(rgb[:, 2], 200.0 * place + 20, atol=4)
+
+
+def test_seed_determinism(waterbirds):
+    assert load(waterbirds, seed=2).train.paths == load(waterbirds, seed=2).train.paths
+    assert load(waterbirds, seed=2).train.paths != load(waterbirds, seed=3).train.paths
+
+
+def test_source_is_the_training_split(waterbirds):
+    source = get_benchmark("waterbirds").load_source(waterbirds, resize=36, crop=32)
+    assert Counter(source.train.groups.tolist()) == {0: 6, 1: 2, 2: 2, 3: 6}
+    assert len(source.test) == 24 and source.num_classes == 2
+
+
+def test_not_enough_of_a_group(waterbirds):
+    with pytest.raises(DataError, match="train split, per group.*class 0 has 6 examples left, 7"):
+        get_benchmark("waterbirds").load_task(waterbirds, "group-balanced", 28, 2, 0, seed=0)
+
+
+def rewrite(root, edit):
+    path = root / "waterbird_complete95_forest2water2" / "metadata.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+def test_missing_column(waterbirds):
+    rewrite(waterbirds, lambda lines: [",".join(l.split(",")[:4] + l.split(",")[5:]) for l in lines])
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['place'\]"):
+        load(waterbirds)
+
+
+def test_out_of_range_label(waterbirds):
+    rewrite(waterbirds, lambda lines: lines[:3] + [lines[3].replace(",0,0,", ",2,0,", 1)] + lines[4:])
+    with pytest.raises(DataError, match="line 4 of .*metadata.csv: y and place must be 0/1"):
+        load(waterbirds)
+
+
+def test_missing_image_and_directory(waterbirds, tmp_path):
+    with pytest.raises(DataError, match="(?s)--data-dir.*metadata.csv"):
+        load(None)
+    with pytest.raises(DataError, match="metadata.csv not found"):
+        load(tmp_path / "waterbird_complete95_forest2water2" / "001.Black_footed_Albatross")
+    row = next(r for r in metadata(waterbirds).values() if r["split"] == "2")
+    (waterbirds / "waterbird_complete95_forest2water2" / row["img_filename"]).unlink()
+    with pytest.raises(DataError, match="1 image file.* missing"):
+        load(waterbirds)
+
+
+def test_corrupt_jpeg(waterbirds):
+    task = load(waterbirds)
+    writers.corrupt_jpeg(task.val.paths[0])
+    with pytest.raises(DataError, match="cannot decode image"):
+        list(task.val.batches(4))
