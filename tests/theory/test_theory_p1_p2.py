@@ -1,0 +1,198 @@
+"""Claims P1 (input perturbation favours the first layer) and P2 (label perturbation
+favours the last layer), on the spec's instances and on random ones."""
+import numpy as np
+import pytest
+
+from theory import (GaussianMixture, TwoLayer, best_last_layer_loss, finetune, gradient_flow,
+                    input_perturbation, label_perturbation, new_directions, p1_instance,
+                    p2_instance, population_loss, random_input_perturbation,
+                    random_label_perturbation)
+
+ACTIVATIONS = ["linear", "relu"]
+
+
+def mean_square_label(problem):
+    """E[y_tgt^2]: the loss of predicting 0."""
+    zero = problem.pretrained.replace(v=np.zeros(problem.pretrained.k))
+    return problem.target_loss(zero)
+
+
+def random_p1(seed, activation, d=5, k=3):
+    return random_input_perturbation(np.random.default_rng(seed), d, k, activation)
+
+
+# ---- P1 --------------------------------------------------------------------------------
+
+def test_p1_spec_instance_best_last_layer_losses():
+    for activation, expected in (("linear", 1.0), ("relu", 0.5 - 1 / (2 * np.pi**2))):
+        problem = p1_instance(activation)
+        loss = best_last_layer_loss(problem.pretrained, problem.target_teacher, problem.target)
+        assert abs(loss - expected) < 1e-12, (activation, loss)
+    assert abs(0.5 - 1 / (2 * np.pi**2) - 0.4493) < 1e-4
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_p1_spec_instance_last_layer_descent_on_a_large_sample_matches(activation):
+    # Independent of the closed forms: gradient descent on 20000 target samples.
+    problem = p1_instance(activation)
+    X, y = problem.sample_target(20_000, np.random.default_rng(0))
+    net = gradient_flow(problem.pretrained, X, y, "last")
+    expected = 1.0 if activation == "linear" else 0.5 - 1 / (2 * np.pi**2)
+    assert abs(problem.target_loss(net) - expected) < 1e-3 * expected
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+def test_p1_first_layer_B_src_A_inverse_has_zero_target_loss(activation, seed):
+    problem = p1_instance(activation) if seed is None else random_p1(seed, activation)
+    net = problem.pretrained.replace(B=problem.pretrained.B @ np.linalg.inv(problem.params["A"]))
+    assert problem.source_loss(problem.pretrained) <= 1e-14 * mean_square_label(problem)
+    assert problem.target_loss(net) <= 1e-13 * mean_square_label(problem)
+    assert problem.target_loss(problem.pretrained) > 1e-2 * mean_square_label(problem)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_p1_linear_first_layer_tuning_fits_from_d_samples_last_cannot_when_k_below_d(seed):
+    problem = random_p1(seed, "linear", d=5, k=3)
+    X, y = problem.sample_target(5, np.random.default_rng(seed))
+    scale = mean_square_label(problem)
+    first = gradient_flow(problem.pretrained, X, y, "first")
+    assert problem.target_loss(first) <= 1e-20 * scale
+    X, y = problem.sample_target(20, np.random.default_rng(seed))     # well conditioned
+    v = problem.pretrained.v
+    lr = 1 / ((v @ v) * np.linalg.eigvalsh(X.T @ X / 20).max())
+    gd = finetune(problem.pretrained, X, y, "first", steps=5000, lr=lr)
+    assert problem.target_loss(gd) <= 1e-12 * scale
+    # k < d: the features B_src x lose a direction, so no head fits the target.
+    best_last = best_last_layer_loss(problem.pretrained, problem.target_teacher, problem.target)
+    assert best_last > 1e-2 * scale
+    assert problem.target_loss(gradient_flow(problem.pretrained, X, y, "last")) >= best_last
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_p1_linear_last_layer_can_undo_A_when_B_src_has_full_column_rank(seed):
+    problem = random_p1(seed, "linear", d=4, k=6)
+    assert np.linalg.matrix_rank(problem.pretrained.B) == 4
+    assert best_last_layer_loss(problem.pretrained, problem.target_teacher,
+                                problem.target) <= 1e-12 * mean_square_label(problem)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_p1_relu_last_layer_cannot_undo_A_even_with_many_units(seed):
+    problem = random_p1(seed, "relu", d=4, k=12)
+    loss = best_last_layer_loss(problem.pretrained, problem.target_teacher, problem.target)
+    assert loss > 1e-3 * mean_square_label(problem)
+
+
+# ---- P2 --------------------------------------------------------------------------------
+
+def random_p2(seed, activation, t=-1.0, d=5, k=3):
+    return random_label_perturbation(np.random.default_rng(seed), d, k, activation, t)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("seed", [None, 1, 2])
+@pytest.mark.parametrize("t", [-1.0, -0.3, 2.0])
+def test_p2_last_layer_t_v_src_has_zero_target_loss(activation, seed, t):
+    problem = p2_instance(activation, t) if seed is None else random_p2(seed, activation, t)
+    scale = mean_square_label(problem)
+    head = problem.pretrained.replace(v=t * problem.pretrained.v)
+    assert problem.target_loss(head) <= 1e-13 * scale
+    assert best_last_layer_loss(problem.pretrained, problem.target_teacher,
+                                problem.target) <= 1e-12 * scale
+    X, y = problem.sample_target(20, np.random.default_rng(0))   # H of full column rank
+    assert problem.target_loss(gradient_flow(problem.pretrained, X, y, "last")) <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2])
+@pytest.mark.parametrize("t", [-1.0, 2.0])
+def test_p2_linear_first_layer_t_B_src_also_works(seed, t):
+    problem = p2_instance("linear", t) if seed is None else random_p2(seed, "linear", t)
+    net = problem.pretrained.replace(B=t * problem.pretrained.B)
+    assert problem.target_loss(net) <= 1e-13 * mean_square_label(problem)
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+@pytest.mark.parametrize("t", [-1.0, -2.5])
+def test_p2_relu_first_layer_is_no_better_than_predicting_zero(seed, t):
+    # t < 0, v_src >= 0 and y_src >= 0 (relu teacher with nonnegative head): f >= 0 >= y_tgt
+    # for every B, so the target loss is at least E[y_tgt^2].
+    problem = p2_instance("relu", t) if seed is None else random_p2(seed, "relu", t)
+    assert np.all(problem.pretrained.v >= 0)
+    bound = mean_square_label(problem)
+    assert np.isclose(bound, t**2 * problem.source_loss(
+        problem.pretrained.replace(v=np.zeros(problem.pretrained.k))), rtol=1e-12)
+    rng = np.random.default_rng(0)
+    X, y = problem.sample_target(40, rng)
+    tuned = finetune(problem.pretrained, X, y, "first", steps=3000, lr=0.05)
+    candidates = [tuned] + [problem.pretrained.replace(B=rng.standard_normal(
+        problem.pretrained.B.shape)) for _ in range(50)]
+    losses = np.array([problem.target_loss(net) for net in candidates])
+    assert np.all(losses >= bound * (1 - 1e-12))
+    # Tuning drives the prediction towards 0, i.e. towards the bound.
+    assert problem.target_loss(tuned) < problem.target_loss(problem.pretrained)
+    # Last-layer tuning on the same sample has no such floor.
+    assert problem.target_loss(gradient_flow(problem.pretrained, X, y, "last")) < 1e-12 * bound
+
+
+def test_p2_relu_bound_with_a_signed_teacher_is_E_y2_on_negative_labels():
+    # y_src = w.x takes both signs: the bound is E[y_tgt^2 1{y_tgt < 0}] = t^2 |w|^2 / 2.
+    rng = np.random.default_rng(4)
+    w, t = rng.standard_normal(4), -1.5
+    bound = t**2 * (w @ w) / 2
+    X = rng.standard_normal((400_000, 4))
+    y_tgt = t * X @ w
+    terms = np.where(y_tgt < 0, y_tgt**2, 0.0)
+    assert abs(terms.mean() - bound) < 5 * terms.std() / np.sqrt(len(terms))
+    problem = label_perturbation(TwoLayer([1.0], w[None, :]), t)
+    for _ in range(50):
+        student = TwoLayer(np.abs(rng.standard_normal(3)), rng.standard_normal((3, 4)), "relu")
+        assert problem.target_loss(student) >= bound * (1 - 1e-12)
+
+
+# ---- constructions ---------------------------------------------------------------------
+
+def test_problems_sample_deterministically_and_label_with_their_teachers():
+    problem = random_p1(5, "relu")
+    X1, y1 = problem.sample_target(8, np.random.default_rng(11))
+    X2, y2 = problem.sample_target(8, np.random.default_rng(11))
+    assert np.array_equal(X1, X2) and np.array_equal(y1, y2)
+    assert np.array_equal(y1, problem.target_teacher(X1))
+    Xs, ys = problem.sample_source(8, np.random.default_rng(11))
+    assert np.array_equal(ys, problem.source_teacher(Xs))
+    # x_tgt = A x_src with unchanged labels: same label on A x as on x.
+    A = problem.params["A"]
+    assert np.allclose(problem.target_teacher(Xs @ A.T), ys, atol=1e-12)
+    assert np.allclose(problem.target.covs[0], A @ A.T)
+
+
+def test_random_draws_are_reproducible_and_different_across_seeds():
+    a, b, c = random_p1(5, "linear"), random_p1(5, "linear"), random_p1(6, "linear")
+    assert np.array_equal(a.params["A"], b.params["A"])
+    assert not np.allclose(a.params["A"], c.params["A"])
+
+
+def test_bad_constructions_name_the_argument():
+    teacher = TwoLayer([1.0], [[1.0, 0.0]])
+    with pytest.raises(ValueError, match="A"):
+        input_perturbation(teacher, [[1.0, 1.0], [1.0, 1.0]])
+    with pytest.raises(ValueError, match="A"):
+        input_perturbation(teacher, np.eye(3))
+    with pytest.raises(ValueError, match="pretrained"):
+        label_perturbation(teacher, -1.0, pretrained=TwoLayer([1.0], [[0.0, 1.0]]))
+    with pytest.raises(ValueError, match="t"):
+        label_perturbation(teacher, float("nan"))
+    with pytest.raises(ValueError, match="cov"):
+        input_perturbation(teacher, np.eye(2), cov=-np.eye(2))
+    with pytest.raises(ValueError, match="teacher"):
+        label_perturbation("teacher", 2.0)
+    wide = TwoLayer([1.0], [[1.0, 0.0, 2.0]])
+    with pytest.raises(ValueError, match="ds"):
+        new_directions(wide, 3, 0.5)
+    with pytest.raises(ValueError, match="p"):
+        new_directions(wide, 2, 1.5)
+    with pytest.raises(ValueError, match="B_src P_T = 0"):
+        # fits the source (x3 = 0 there) but has a T component
+        new_directions(wide, 2, 0.5, pretrained=TwoLayer([1.0], [[1.0, 0.0, 5.0]]))
+    with pytest.raises(ValueError, match="activation"):
+        p1_instance("gelu")
