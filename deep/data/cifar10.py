@@ -156,8 +156,12 @@ def read_cifar10(data_dir, train: bool) -> tuple[np.ndarray, torch.Tensor]:
     return np.concatenate([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def load_cifar10_source(data_dir) -> SourceData:
-    """CIFAR-10 train and test sets, normalised with the CIFAR-10 mean/std, for pretraining."""
+def load_cifar10_source(data_dir, severity: int = 5) -> SourceData:
+    """CIFAR-10 train and test sets, normalised with the CIFAR-10 mean/std, for pretraining.
+
+    `severity` is CIFAR-10-C's option, accepted (and unused: source images are clean) so
+    that a protocol's [data] table can be passed to load_task and load_source alike.
+    """
     splits = []
     for train in (True, False):
         images, labels = read_cifar10(data_dir, train)

@@ -1,0 +1,61 @@
+"""The shared 224-px transform, checked against geometry worked out independently."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deep.data import DataError
+from deep.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+
+MEAN = np.array(IMAGENET_MEAN).reshape(3, 1, 1)
+STD = np.array(IMAGENET_STD).reshape(3, 1, 1)
+
+
+def gradient_image(w, h):
+    """Red grows linearly with x, green with y: a bilinear resize keeps both linear."""
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8))
+
+
+def unnormalise(t: torch.Tensor) -> np.ndarray:
+    return (t.numpy() * STD + MEAN) * 255
+
+
+@pytest.mark.parametrize("w, h", [(300, 400), (500, 333)])
+def test_resize_shorter_side_then_centre_crop(w, h):
+    out = ImageTransform(resize=256, crop=224)(gradient_image(w, h))
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    # resized size and crop offsets, as torchvision's Resize(256) + CenterCrop(224)
+    rw, rh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+    left, top = round((rw - 224) / 2), round((rh - 224) / 2)
+    rgb = unnormalise(out)
+    # output pixel j sits at source coordinate (j + left + 0.5) * w / rw - 0.5
+    cols = np.arange(40, 184)  # away from the borders, where resampling clamps
+    src_x = (cols + left + 0.5) * w / rw - 0.5
+    assert np.allclose(rgb[0, 112, cols], src_x * 255 / (w - 1), atol=1.5)
+    src_y = (cols + top + 0.5) * h / rh - 0.5
+    assert np.allclose(rgb[1, cols, 112], src_y * 255 / (h - 1), atol=1.5)
+    assert np.allclose(rgb[2], 128, atol=0.5)
+
+
+def test_no_resize_keeps_a_224_image_exactly():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    out = ImageTransform(resize=None, crop=224)(image)
+    expected = (np.asarray(image).transpose(2, 0, 1) / 255.0 - MEAN) / STD
+    assert np.allclose(out.numpy(), expected, atol=1e-6)
+
+
+def test_bad_sizes():
+    with pytest.raises(DataError, match="smaller than the 224-px crop"):
+        ImageTransform(resize=None, crop=224)(Image.new("RGB", (200, 300)))
+    with pytest.raises(ValueError, match="resize must be at least crop"):
+        ImageTransform(resize=200, crop=224)
+
+
+def test_transform_pickles_for_dataloader_workers():
+    t = pickle.loads(pickle.dumps(ImageTransform(resize=36, crop=32)))
+    assert t(Image.new("RGB", (50, 40), (255, 0, 0))).shape == (3, 32, 32)
