@@ -6,6 +6,8 @@ Gradients, with features H = phi(X B^T) (n, k) and residuals r = H v - y (n,):
     dL/dv = H^T r / n                               (k,)
     dL/dB = (v * phi'(X B^T) * r[:, None])^T X / n  (k, d); phi' = 1 or 1{z > 0}
 
+(relu'(0) = 0, as in torch.)
+
 `tune` names what moves: "first" (B), "last" (v), "all" (both, simultaneous updates),
 "lp-ft" (v alone for `steps` steps, then both for another `steps` steps).
 """
@@ -37,11 +39,11 @@ def check_sample(net, X, y):
     return X, y
 
 
-def _phases(tune, steps):
-    """[(update_v, update_B, number of steps), ...] for a tune mode."""
-    return {"first": [(False, True, steps)], "last": [(True, False, steps)],
-            "all": [(True, True, steps)],
-            "lp-ft": [(True, False, steps), (True, True, steps)]}[tune]
+def _schedule(tune, steps):
+    """What moves at each step: a list of (update_v, update_B), one entry per step."""
+    return {"first": [(False, True)] * steps, "last": [(True, False)] * steps,
+            "all": [(True, True)] * steps,
+            "lp-ft": [(True, False)] * steps + [(True, True)] * steps}[tune]
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ def finetune_path(net, X, y, tune, steps, lr, every=1):
         tune: "first" | "last" | "all" | "lp-ft".
         steps: number of gradient steps (>= 0); "lp-ft" takes 2 * steps in total.
         lr: step size (> 0).
-        every: record interval in steps (>= 1); the last step is always recorded.
+        every: record interval in steps (>= 1), or None to record only the start and the
+            end; the start and the last step are always recorded.
     Returns: a `Trajectory`.
     Raises ValueError naming `lr` if the loss becomes non-finite or blows up.
     """
@@ -86,7 +89,8 @@ def finetune_path(net, X, y, tune, steps, lr, every=1):
     check_tune(tune)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be a nonnegative integer, got {steps!r}")
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, (int, np.integer))
+                              or every < 1):
         raise ValueError(f"every must be a positive integer, got {every!r}")
     if not (isinstance(lr, (int, float, np.floating, np.integer)) and np.isfinite(lr)
             and lr > 0):
@@ -94,38 +98,35 @@ def finetune_path(net, X, y, tune, steps, lr, every=1):
 
     n, relu = X.shape[0], net.activation == "relu"
     v, B = net.v.copy(), net.B.copy()
-    records = []
-    total = sum(count for _, _, count in _phases(tune, steps))
-    start_scale, step = None, 0
-    for update_v, update_B, count in _phases(tune, steps) + [(False, False, 1)]:
-        for _ in range(count):
-            Z = X @ B.T
-            H = np.maximum(Z, 0.0) if relu else Z
-            r = H @ v - y
-            loss = r @ r / (2 * n)
-            if start_scale is None:
-                start_scale = max(loss, y @ y / (2 * n))
-            if not np.isfinite(loss) or (start_scale > 0 and
-                                         loss > DIVERGENCE_FACTOR * start_scale):
-                raise ValueError(
-                    f"finetune diverged at step {step} (train loss {loss:.3g}, "
-                    f"start scale {start_scale:.3g}): lr={lr} is too large for this data "
-                    f"and tune={tune!r}; use a smaller lr")
-            if step % every == 0 or step == total:
-                records.append((step, v.copy(), B.copy(), loss))
-            if step == total:
-                break
-            grad_v = H.T @ r / n if update_v else None
-            if update_B:
-                weight = r[:, None] * v[None, :]
-                if relu:
-                    weight = weight * (Z > 0)
-                B = B - lr * (weight.T @ X / n)
-            if update_v:
-                v = v - lr * grad_v
-            step += 1
-    steps_, vs, Bs, losses = zip(*records)
-    return Trajectory(np.array(steps_), np.array(vs), np.array(Bs), np.array(losses),
+    schedule = _schedule(tune, steps)
+    records, start_scale = [], None
+    for step in range(len(schedule) + 1):
+        Z = X @ B.T
+        H = np.maximum(Z, 0.0) if relu else Z
+        r = H @ v - y
+        loss = r @ r / (2 * n)
+        if start_scale is None:
+            start_scale = max(loss, y @ y / (2 * n))
+        if not np.isfinite(loss) or (start_scale > 0 and loss > DIVERGENCE_FACTOR * start_scale):
+            raise ValueError(
+                f"finetune diverged at step {step} (train loss {loss:.3g}, start scale "
+                f"{start_scale:.3g}): lr={lr} is too large for this data and tune={tune!r}; "
+                "use a smaller lr")
+        if step == len(schedule) or (every is not None and step % every == 0) or step == 0:
+            records.append((step, v.copy(), B.copy(), loss))
+        if step == len(schedule):
+            break
+        update_v, update_B = schedule[step]
+        grad_v = H.T @ r / n
+        if update_B:
+            # relu'(0) = 0, as in torch: a unit with zero pre-activation on x gets no
+            # gradient from x.
+            weight = r[:, None] * v[None, :] * ((Z > 0) if relu else 1.0)
+            B = B - lr * (weight.T @ X / n)
+        if update_v:
+            v = v - lr * grad_v
+    step_, vs, Bs, losses = zip(*records)
+    return Trajectory(np.array(step_), np.array(vs), np.array(Bs), np.array(losses),
                       net.activation)
 
 
@@ -135,8 +136,7 @@ def finetune(net, X, y, tune, steps, lr):
     Args: as `finetune_path` (net (k, d) network, X (n, d), y (n,), tune, steps, lr).
     Returns: a new `TwoLayer` after the last step; `net` is never modified.
     """
-    path = finetune_path(net, X, y, tune, steps, lr, every=max(int(steps), 1) * 2 + 1)
-    return path.net(-1)
+    return finetune_path(net, X, y, tune, steps, lr, every=None).net(-1)
 
 
 def _flow(x0, M, x_limit, time):

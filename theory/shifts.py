@@ -37,7 +37,8 @@ class ShiftProblem:
         pretrained: `TwoLayer` fitting the source exactly (zero source population loss).
         params: the shift's parameters: {"A": (d, d) array} for "input", {"t": float} for
             "label", {"ds": int, "m": int, "p": float} for "new-directions" (S is spanned
-            by the first ds coordinates, T by the last m = d - ds).
+            by the first ds coordinates, T by the last m = d - ds; random draws add
+            "init_T_scale").
     Exact target population loss of any net: `problem.target_loss(net)`.
     """
     kind: str
@@ -129,7 +130,7 @@ def label_perturbation(teacher, t, cov=None, pretrained=None):
         {"t": t})
 
 
-def new_directions(teacher, ds, p, pretrained=None):
+def new_directions(teacher, ds, p, pretrained=None, blind_to_T=True):
     """T1: source x ~ N(0, P_S); target x ~ N(0, P_S) w.p. p, N(0, P_T) w.p. 1 - p.
 
     S = span(e_1..e_ds), T = its complement (m = d - ds >= 1 directions).
@@ -137,8 +138,12 @@ def new_directions(teacher, ds, p, pretrained=None):
         teacher: labels both domains (for the spec's T1, linear: TwoLayer([1], w*[None])).
         ds: dimension of S, 1 <= ds < d.
         p: probability of an old-direction target input, 0 <= p <= 1.
-        pretrained: must satisfy B_src P_T = 0 (it knows nothing of T) and fit the source
-            exactly. Default: the teacher with its first layer restricted to S, B P_S.
+        pretrained: must fit the source exactly and, if `blind_to_T`, satisfy B_src P_T = 0
+            (it knows nothing of T). Default: the teacher's first layer restricted to S, B P_S.
+        blind_to_T: enforce B_src P_T = 0, as claim T1 assumes. With relu and exact zeros,
+            gradient descent cannot leave B P_T = 0 (new-direction samples reach every unit
+            with pre-activation 0, where relu' = 0); pass False to allow small T weights,
+            which keep the source fit exact since source inputs have no T component.
     """
     teacher = _check_teacher(teacher)
     d = teacher.d
@@ -153,9 +158,9 @@ def new_directions(teacher, ds, p, pretrained=None):
     if pretrained is None:
         pretrained = teacher.replace(B=teacher.B @ P_S)
     _check_pretrained(pretrained, teacher, source)
-    if np.any(pretrained.B[:, ds:] != 0):
+    if blind_to_T and np.any(pretrained.B[:, ds:] != 0):
         raise ValueError("pretrained must know nothing of T: its first layer needs "
-                         "B_src P_T = 0 (zero columns ds..d-1)")
+                         "B_src P_T = 0 (zero columns ds..d-1), or pass blind_to_T=False")
     target = GaussianMixture([p, 1 - p], np.stack([P_S, P_T]))
     return ShiftProblem("new-directions", source, target, teacher, teacher, pretrained,
                         {"ds": int(ds), "m": d - int(ds), "p": p})
@@ -217,26 +222,40 @@ def random_label_perturbation(rng, d, k, activation="linear", t=-1.0):
     return label_perturbation(teacher, t)
 
 
-def random_new_directions(rng, ds, m, k, p, activation="linear"):
+def random_new_directions(rng, ds, m, k, p, activation="linear", init_T_scale=0.0):
     """A random T1 problem on R^(ds + m).
 
     linear: teacher w* ~ N(0, I_d) (k = 1 teacher); pretrained with k hidden units,
         v_src ~ N(0, I_k) and B_src = v_src (P_S w*)^T / |v_src|^2 + (I - v_src v_src^T /
         |v_src|^2) R P_S with R_ij ~ N(0, 1), so B_src^T v_src = P_S w*, B_src P_T = 0.
     relu: teacher (v*, B*) random with k units and v* >= 0; pretrained = (v*, B* P_S).
+    init_T_scale > 0 then sets the pretrained T columns to N(0, init_T_scale^2) entries
+    (source fit still exact; see `new_directions(blind_to_T=False)`: needed for relu to
+    learn T at all). It is recorded in params["init_T_scale"].
     """
     check_count(ds, "ds"), check_count(m, "m"), check_count(k, "k")
+    if not init_T_scale >= 0:
+        raise ValueError(f"init_T_scale must be >= 0, got {init_T_scale!r}")
     d = ds + m
+    P_S = np.diag((np.arange(d) < ds).astype(float))
     if activation == "relu":
         teacher = _random_teacher(rng, d, k, "relu", nonnegative_head=True)
-        return new_directions(teacher, ds, p)
-    check_activation(activation)
-    w_star = rng.standard_normal(d)
-    v = rng.standard_normal(k)
-    P_S = np.diag((np.arange(d) < ds).astype(float))
-    head = np.outer(v, v) / (v @ v)
-    B = np.outer(v, P_S @ w_star) / (v @ v) + (np.eye(k) - head) @ rng.standard_normal((k, d)) @ P_S
-    return new_directions(TwoLayer([1.0], w_star[None, :]), ds, p, TwoLayer(v, B))
+        pretrained = teacher.replace(B=teacher.B @ P_S)
+    else:
+        check_activation(activation)
+        w_star = rng.standard_normal(d)
+        v = rng.standard_normal(k)
+        head = np.outer(v, v) / (v @ v)
+        B = (np.outer(v, P_S @ w_star) / (v @ v)
+             + (np.eye(k) - head) @ rng.standard_normal((k, d)) @ P_S)
+        teacher, pretrained = TwoLayer([1.0], w_star[None, :]), TwoLayer(v, B)
+    if init_T_scale > 0:
+        B = pretrained.B.copy()
+        B[:, ds:] = init_T_scale * rng.standard_normal((pretrained.k, m))
+        pretrained = pretrained.replace(B=B)
+    problem = new_directions(teacher, ds, p, pretrained, blind_to_T=init_T_scale == 0)
+    problem.params["init_T_scale"] = float(init_T_scale)
+    return problem
 
 
 # ---- the T1 event ----------------------------------------------------------------------

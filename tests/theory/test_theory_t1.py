@@ -192,3 +192,22 @@ def test_event_probability_edge_cases_and_errors():
                          (dict(n=-3), "n")):
         with pytest.raises(ValueError, match=name):
             t1_event_probability(**(dict(ds=3, m=1, p=0.5, n=4) | kwargs))
+
+
+def test_relu_with_exactly_blind_first_layer_cannot_learn_T_but_a_small_init_can():
+    # relu'(0) = 0 and new-direction samples give every unit pre-activation exactly 0,
+    # so gradient descent never moves B P_T; small T weights break the tie.
+    stuck = random_new_directions(np.random.default_rng(5), ds=5, m=2, k=6, p=0.4,
+                                  activation="relu")
+    X, y = stuck.sample_target(40, np.random.default_rng(1))
+    for tune in ("first", "all"):
+        tuned = finetune(stuck.pretrained, X, y, tune, steps=500, lr=0.05)
+        assert np.all(tuned.B[:, 5:] == 0)
+    free = random_new_directions(np.random.default_rng(5), ds=5, m=2, k=6, p=0.4,
+                                 activation="relu", init_T_scale=0.01)
+    assert free.params["init_T_scale"] == 0.01 and np.any(free.pretrained.B[:, 5:] != 0)
+    assert free.source_loss(free.pretrained) <= 1e-13 * free.source_loss(
+        free.pretrained.replace(v=np.zeros(6)))
+    X, y = free.sample_target(40, np.random.default_rng(1))
+    tuned = finetune(free.pretrained, X, y, "first", steps=3000, lr=0.05)
+    assert free.target_loss(tuned) < 0.05 * free.target_loss(free.pretrained)
