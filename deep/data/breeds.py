@@ -22,12 +22,17 @@ the MadryLab `robustness` library's `breeds_helpers` step by step:
   `rng.choice(..., replace=False)`; the first half is the source, the second the target.
   "good" and "bad" (the library's other split types) are implemented too.
 
-How sure this is: the algorithm is transcribed from the library's source and uses the
-same legacy numpy generator, whose streams are frozen across numpy versions, so on the
-real hierarchy files it should reproduce `make_living17(info_dir, split="rand")` /
-`make_entity30(...)` exactly; it has been checked here only on hand-made hierarchies,
-never against the real files (not available offline). The loader verifies the counts
-(17 x 4 and 30 x 8). To use a published split verbatim, pass the data option
+How sure this is: the algorithm follows the library's source step by step and uses the
+same legacy numpy generator, whose streams are frozen across numpy versions. It was run
+once (not in CI: the files are not part of this repository) on the real
+class_hierarchy.txt, with the hierarchy's 890 sink nodes standing in for
+dataset_class_info.json: the nodes per level came out exactly as the BREEDS notebook
+prints them (1, 2, 10, 29, 128, 466, 591, 98, 3), Living-17 gave the 17 published
+superclasses (salamander, turtle, lizard, snake, spider, grouse, parrot, crab, dog, wolf,
+fox, domestic cat, bear, beetle, butterfly, ape, monkey) and Entity-30 gave 30. The
+source/target subclass lists themselves were not compared with a published copy (none
+was at hand). The loader verifies the counts (17 x 4 and 30 x 8). To use a published
+split verbatim, pass the data option
 `split_file`: a JSON file {"source": [[wnid, ...], ...], "target": [[wnid, ...], ...]}
 (one list per superclass, same order, optional "names"), e.g. written from the
 robustness library's output after mapping class numbers to wnids.
