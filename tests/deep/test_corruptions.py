@@ -1,0 +1,285 @@
+"""The CIFAR-10-C-style corruptions of deep/data/corruptions.py on synthetic 28x28 images.
+
+Each corruption is checked for the contract (shape, dtype, range, determinism per
+seed) and for doing what its recipe says, by a number computed independently of
+the implementation: noise levels against their distributions, blurs against the
+energy they must remove, contrast against its factor, and so on.
+"""
+
+import numpy as np
+import pytest
+
+from deep.data import corruptions as C
+from deep.data.corruptions import CORRUPTIONS, RANDOM, corrupt
+
+NAMES = list(CORRUPTIONS)
+
+
+def garments(n: int = 12, seed: int = 0) -> np.ndarray:
+    """Fashion-MNIST-like float images (n, 28, 28) in [0, 1]: a textured bright shape on black."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:28, 0:28]
+    out = np.zeros((n, 28, 28))
+    for i in range(n):
+        cy, cx = rng.uniform(10, 18, size=2)
+        ry, rx = rng.uniform(5, 12, size=2)
+        inside = ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 <= 1
+        texture = 0.5 + 0.3 * np.sin(cols / rng.uniform(1.0, 3.0)) + 0.2 * rng.random((28, 28))
+        out[i] = np.where(inside, np.clip(texture, 0, 1), 0.0)
+    return out
+
+
+def high_frequency_energy(x: np.ndarray) -> float:
+    """Energy of the spectrum above a quarter cycle per pixel (mean removed per image)."""
+    spectrum = np.abs(np.fft.fft2(x - x.mean(axis=(-2, -1), keepdims=True))) ** 2
+    f = np.fft.fftfreq(x.shape[-1])
+    high = np.maximum(np.abs(f)[:, None], np.abs(f)[None, :]) > 0.25
+    return float(spectrum[..., high].sum())
+
+
+def mid_grey(n=16, value=0.5):
+    return np.full((n, 28, 28), value)
+
+
+# ----------------------------------------------------------------------------- contract
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_dtype_range_and_change(name):
+    x = garments()
+    y = corrupt(x, name, 5, np.random.default_rng(0))
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert y.min() >= 0.0 and y.max() <= 1.0
+    # Every corruption visibly changes the images (the smallest, JPEG, moves ~0.01 on average).
+    assert np.abs(y - x).mean() > 0.005, name
+    one = corrupt(x[3], name, 5, np.random.default_rng(0))
+    assert one.shape == (28, 28) and one.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_per_seed(name):
+    x = garments()
+    a = corrupt(x, name, 5, np.random.default_rng(7))
+    b = corrupt(x, name, 5, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    c = corrupt(x, name, 5, np.random.default_rng(8))
+    if name in RANDOM:
+        assert np.abs(a - c).max() > 0.01, f"{name} ignores its generator"
+    else:
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(a, corrupt(x, name, 5, None))
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - {"elastic_transform"}))
+def test_severity_5_is_stronger_than_severity_1(name):
+    # elastic_transform is excluded: its severity 1 has the largest affine jitter in the recipe.
+    x = garments()
+    weak = np.abs(corrupt(x, name, 1, np.random.default_rng(0)) - x).mean()
+    strong = np.abs(corrupt(x, name, 5, np.random.default_rng(0)) - x).mean()
+    assert strong > weak, (name, weak, strong)
+
+
+@pytest.mark.parametrize("name", ["gaussian_blur", "defocus_blur", "zoom_blur", "motion_blur",
+                                  "elastic_transform", "pixelate", "glass_blur", "contrast"])
+def test_constant_image_is_left_constant(name):
+    # Blurs and warps average neighbouring pixels, so a flat image stays flat
+    # (glass blur truncates to 8 bits in the middle: within 1/255).
+    y = corrupt(mid_grey(4), name, 5, np.random.default_rng(0))
+    np.testing.assert_allclose(y, 0.5, atol=1.01 / 255)
+
+
+# ----------------------------------------------------------------------------- noise levels
+
+def test_gaussian_noise_std_is_sigma_on_mid_grey():
+    y = C.gaussian_noise(mid_grey(32), 5, np.random.default_rng(0)) - 0.5
+    # 25,088 pixels: the sample std of N(0, 0.1^2) is within 0.1 * 3 / sqrt(2 n) ~ 0.002.
+    assert abs(y.std() - 0.10) < 0.003 and abs(y.mean()) < 0.003
+
+
+def test_shot_noise_is_poisson_with_50_photons():
+    y = C.shot_noise(mid_grey(32), 5, np.random.default_rng(0))
+    counts = y * 50   # Poisson(25): mean 25, variance 25, integer valued
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-4)
+    assert abs(counts.mean() - 25) < 0.15 and abs(counts.var() - 25) < 0.8
+
+
+def test_impulse_noise_hits_7_percent_half_salt_half_pepper():
+    y = C.impulse_noise(mid_grey(32), 5, np.random.default_rng(0))
+    salt, pepper = (y == 1.0).mean(), (y == 0.0).mean()
+    assert abs(salt + pepper - 0.07) < 0.006 and abs(salt - pepper) < 0.006
+    assert np.all((y == 0) | (y == 1) | (y == np.float32(0.5)))
+
+
+def test_speckle_noise_std_scales_with_intensity():
+    for value in (0.25, 0.5):
+        y = C.speckle_noise(mid_grey(32, value), 5, np.random.default_rng(0))
+        assert abs(y.std() - 0.20 * value) < 0.004, value
+
+
+# ----------------------------------------------------------------------------- blurs
+
+@pytest.mark.parametrize("name, kept", [("gaussian_blur", 0.5), ("defocus_blur", 0.5), ("motion_blur", 0.5),
+                                        ("zoom_blur", 0.5), ("pixelate", 0.5),
+                                        # glass blur mostly scrambles; only its two 0.35 px blurs smooth
+                                        ("glass_blur", 0.75)])
+def test_blurs_remove_high_frequency_energy(name, kept):
+    x = np.random.default_rng(1).random((8, 28, 28))   # white noise: energy at every frequency
+    y = corrupt(x, name, 5, np.random.default_rng(0))
+    assert high_frequency_energy(y) < kept * high_frequency_energy(x), name
+
+
+def test_gaussian_blur_shrinks_white_noise_variance_by_the_kernel_energy():
+    # A linear filter k scales the variance of white noise by sum(k^2); the Gaussian
+    # of sigma 0.875 px (1.0 * 28/32) is built here by hand, separable, truncated at 4 sigma.
+    sigma = 1.0 * 28 / 32
+    t = np.arange(-4, 5)
+    k = np.exp(-t ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    expected = (k ** 2).sum() ** 2
+    x = np.random.default_rng(2).random((64, 28, 28))
+    y = C.gaussian_blur(x, 5).astype(np.float64)
+    inner = (slice(None), slice(5, -5), slice(5, -5))   # away from the repeated edges
+    ratio = y[inner].var() / x.var()
+    assert abs(ratio / expected - 1) < 0.06, (ratio, expected)
+
+
+def test_disk_kernel_weights_are_pixel_coverage():
+    k = C.disk_kernel(5.0, alias_sigma=0.01)
+    assert k.shape[0] == k.shape[1] and abs(k.sum() - 1) < 1e-12
+    np.testing.assert_allclose(k, k.T)
+    np.testing.assert_allclose(k, k[::-1])
+    # Interior pixels are fully covered: weight 1 / (pi r^2) (the disk's area in pixels).
+    centre = k.shape[0] // 2
+    assert abs(k[centre, centre] * np.pi * 25 - 1) < 0.01
+    assert k[centre, centre + 6] == 0 and k[centre, 0] == 0
+
+
+def test_motion_blur_spreads_a_dot_along_a_line_within_45_degrees_of_horizontal():
+    x = np.zeros((20, 28, 28))
+    x[:, 14, 14] = 1.0
+    y = C.motion_blur(x, 5, np.random.default_rng(3))
+    for image in y:
+        # The blur is a weighted average; away from the edges a dot's mass is kept.
+        assert abs(image.sum() - 1) < 1e-5
+        rows, cols = np.nonzero(image)
+        assert cols.max() - cols.min() >= rows.max() - rows.min()
+        assert cols.max() - cols.min() >= 5   # sigma 2.19 px: taps up to ~7 px carry weight
+        # one-sided: the dot itself keeps the largest weight
+        assert image[14, 14] == image.max()
+
+
+def test_zoom_blur_keeps_the_centre_and_smears_radially_outwards():
+    x = np.zeros((1, 28, 28))
+    x[0, 12:16, 12:16] = 1.0   # centre block: zooms of at most 1.25 keep most of it in place
+    x[0, 6, 6] = 1.0            # a dot 7.5 px from the centre moves up to ~1.9 px outwards
+    y = C.zoom_blur(x, 5)
+    assert y[0, 12:16, 12:16].mean() > 0.8
+    assert y[0, 6, 6] < 0.5                       # the dot is spread out ...
+    assert y[0, 5, 5] > 0.2                       # ... along the ray away from the centre
+    assert y[0, 7, 7] < 0.2 * y[0, 5, 5]          # ... and not towards it
+
+
+# ----------------------------------------------------------------------------- weather, digital
+
+def test_fog_adds_a_haze_between_zero_and_strength():
+    x = garments(8)
+    y = C.fog(x, 5, np.random.default_rng(0)).astype(np.float64)
+    peak = x.max(axis=(1, 2), keepdims=True)
+    haze = y * (peak + 1.5) / peak - x   # invert (x + 1.5 h) * peak / (peak + 1.5)
+    assert haze.min() > -1e-5 and haze.max() < 1.5 + 1e-5
+    # The plasma map spans [0, 1] on its 32x32 grid; the 28x28 crop keeps most of that range.
+    assert np.all(haze.max(axis=(1, 2)) - haze.min(axis=(1, 2)) > 0.5 * 1.5)
+
+
+def test_plasma_fractal_range_and_smoothness():
+    rng = np.random.default_rng(0)
+    maps = C.plasma_fractal(16, rng, 32, decay=1.75)
+    assert maps.shape == (16, 32, 32)
+    np.testing.assert_allclose(maps.min(axis=(1, 2)), 0)
+    np.testing.assert_allclose(maps.max(axis=(1, 2)), 1)
+    rough = C.plasma_fractal(16, rng, 32, decay=1.0)
+    step = lambda m: np.abs(np.diff(m, axis=2)).mean()
+    assert step(maps) < step(rough)   # a larger decay damps the fine scales
+    with pytest.raises(ValueError, match="power of two"):
+        C.plasma_fractal(1, rng, 28)
+
+
+def test_brightness_adds_point_three_and_clips():
+    x = garments()
+    np.testing.assert_allclose(C.brightness(x, 5), np.minimum(x + 0.3, 1), atol=1e-6)
+
+
+def test_contrast_shrinks_each_image_std_by_the_factor_and_keeps_its_mean():
+    x = garments()
+    y = C.contrast(x, 5).astype(np.float64)
+    np.testing.assert_allclose(y.std(axis=(1, 2)), 0.15 * x.std(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(y.mean(axis=(1, 2)), x.mean(axis=(1, 2)), atol=1e-6)
+
+
+def test_jpeg_round_trip_is_lossy_on_the_8_bit_grid_and_worse_at_lower_quality():
+    x = garments()
+    y = C.jpeg_compression(x, 5)
+    np.testing.assert_allclose(y * 255, np.round(y * 255), atol=1e-3)
+    x8 = np.round(x * 255) / 255
+    err5 = np.abs(y - x8).mean()
+    err1 = np.abs(C.jpeg_compression(x, 1) - x8).mean()
+    assert 0.002 < err1 < err5 < 0.1, (err1, err5)
+
+
+def test_pixelate_has_the_resolution_of_65_percent():
+    # Box-resampling down to 18x18 and back keeps only 18 distinct columns of information:
+    # the 28 output columns are combinations of 18, so their rank is at most 18.
+    x = np.random.default_rng(0).random((4, 28, 28))
+    y = C.pixelate(x, 5).astype(np.float64)
+    for image in y:
+        assert np.linalg.matrix_rank(image, tol=1e-4) <= 18
+    assert np.linalg.matrix_rank(x[0]) == 28
+
+
+def test_elastic_transform_moves_pixels_by_about_a_pixel():
+    # On a horizontal ramp (value = column / 27) the warp's column displacement shows directly.
+    ramp = np.broadcast_to(np.arange(28) / 27.0, (16, 28, 28)).copy()
+    y = C.elastic_transform(ramp, 5, np.random.default_rng(0)).astype(np.float64)
+    shift = np.abs(y - ramp)[:, 4:-4, 4:-4] * 27   # pixels, away from reflected borders
+    assert 0.1 < shift.mean() < 3.0, shift.mean()
+
+
+def test_glass_blur_only_moves_pixels_up_or_left_before_blurring():
+    # Severity 1 has sigma 0.05 * 28/32: the blur is negligible, so the gather shows.
+    x = np.zeros((64, 28, 28))
+    x[:, 14, 14] = 1.0
+    y = C.glass_blur(x, 1, np.random.default_rng(0))
+    heavy = np.argwhere(y > 0.5)[:, 1:]
+    assert len(heavy) > 0
+    assert np.all(heavy >= 14)   # the dot can only be copied down/right (its pixel read from up/left)
+    assert np.all(heavy <= 15)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((2, 28, 28), dtype=np.uint8), "divide uint8"),
+    (np.zeros((2, 1, 28, 28)), r"\(H, W\) or \(n, H, W\)"),
+    (np.full((2, 28, 28), np.nan), "NaN"),
+    (np.full((2, 28, 28), 2.0), r"\[0, 1\]"),
+    (np.zeros((2, 4, 4)), "at least 8x8"),
+    ([[0.0] * 28] * 28, "numpy array"),
+])
+def test_bad_images_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        corrupt(bad, "gaussian_noise", 5, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("severity", [0, 6, 2.5, True])
+def test_bad_severity_raises(severity):
+    with pytest.raises(ValueError, match="severity"):
+        corrupt(garments(2), "contrast", severity)
+
+
+def test_unknown_name_and_missing_generator_raise():
+    with pytest.raises(ValueError, match="unknown corruption 'frost'"):
+        corrupt(garments(2), "frost")
+    for name in sorted(RANDOM):
+        with pytest.raises(ValueError, match="numpy Generator"):
+            corrupt(garments(2), name, 5, None)
+        with pytest.raises(ValueError, match="numpy Generator"):
+            corrupt(garments(2), name, 5, 42)

@@ -1,0 +1,423 @@
+"""The Fashion-MNIST loader and the five fmnist-* benchmarks.
+
+Most tests run on a fake Fashion-MNIST written by the test in the real IDX format
+(full size, random pixels) whose images carry their own index in three pixels,
+so every split can be traced back to the test image it came from. The real files
+are tested when present (REQUIRE_FMNIST=1 turns a skip into a failure).
+"""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from deep.data import DataError, get_benchmark
+from deep.data import fmnist as F
+
+FMNIST_NAMES = ["fmnist-c", "fmnist-breeds", "fmnist-flip", "fmnist-spurious", "fmnist-blocknoise"]
+SMALL = dict(n_target=100, val_per_class=5, test_per_class=20)   # keeps the tests fast
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def idx_bytes(magic: int, dims: tuple[int, ...], data: bytes) -> bytes:
+    return struct.pack(">" + "I" * (2 + len(dims) - 1), magic, *dims) + data
+
+
+def write_idx(path, magic, dims, data, compress=True):
+    raw = idx_bytes(magic, dims, data)
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb", compresslevel=1) as f:
+            f.write(raw)
+    else:
+        path.write_bytes(raw)
+
+
+def fake_images(count: int, seed: int) -> np.ndarray:
+    """Random uint8 (count, 28, 28) whose pixels (14, 0..2) spell the image index."""
+    images = np.random.default_rng(seed).integers(0, 200, size=(count, 28, 28), dtype=np.uint8)
+    index = np.arange(count)
+    images[:, 14, 0], images[:, 14, 1], images[:, 14, 2] = index // 65536, index // 256 % 256, index % 256
+    return images
+
+
+def fake_labels(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(np.arange(count) % 10).astype(np.uint8)
+
+
+def write_fake(folder, compress=True, **overrides):
+    """The four files of a full-size fake Fashion-MNIST; `overrides` replace a file's bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for (split, kind), (stem, count) in F.FILES.items():
+        if stem in overrides:
+            (folder / stem).write_bytes(overrides[stem])
+            continue
+        if kind == "images":
+            write_idx(folder / stem, 2051, (count, 28, 28), fake_images(count, len(stem)).tobytes(), compress)
+        else:
+            write_idx(folder / stem, 2049, (count,), fake_labels(count, len(stem)).tobytes(), compress)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory):
+    return write_fake(tmp_path_factory.mktemp("fashion"))
+
+
+def source_index(images: torch.Tensor) -> np.ndarray:
+    """Undo the normalisation and read the index spelled in pixels (14, 0..2)."""
+    pixels = torch.round((images[:, 0, 14, :3] * F.STD[0] + F.MEAN[0]) * 255).long().numpy()
+    return pixels[:, 0] * 65536 + pixels[:, 1] * 256 + pixels[:, 2]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return torch.round((images[:, 0] * F.STD[0] + F.MEAN[0]) * 255).to(torch.uint8).numpy()
+
+
+# ----------------------------------------------------------------------------- real files
+
+def real_dir_or_skip():
+    folder = F.resolve_dir(None)
+    present = all(any((folder / (stem + ext)).is_file() for ext in (".gz", ""))
+                  for stem, _ in F.FILES.values())
+    if not present:
+        if os.environ.get("REQUIRE_FMNIST") == "1":
+            pytest.fail(f"REQUIRE_FMNIST=1 but the Fashion-MNIST files are not in {folder}")
+        pytest.skip(f"Fashion-MNIST files not in {folder}: apt-get install dataset-fashion-mnist "
+                    f"or set {F.ENV_VAR} (REQUIRE_FMNIST=1 makes this a failure)")
+    return folder
+
+
+def test_real_files_load_with_the_published_counts_and_statistics():
+    real_dir_or_skip()
+    data = F.load_fashion_mnist()
+    assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
+    assert data.train_images.dtype == np.uint8 and data.train_labels.dtype == np.int64
+    # Fashion-MNIST is exactly balanced: 6000 / 1000 images per class.
+    assert np.bincount(data.train_labels).tolist() == [6000] * 10
+    assert np.bincount(data.test_labels).tolist() == [1000] * 10
+    # The first training image is an ankle boot, the first test image too (Xiao et al.'s files).
+    assert data.train_labels[0] == 9 and data.test_labels[0] == 9
+    # MEAN / STD are the training set's pixel statistics.
+    pixels = data.train_images / 255.0
+    assert abs(pixels.mean() - F.MEAN[0]) < 5e-4 and abs(pixels.std() - F.STD[0]) < 5e-4
+    assert F.load_fashion_mnist() is data                      # cached
+    assert not data.train_images.flags.writeable               # shared, so read-only
+
+
+def test_real_fmnist_c_task_is_class_balanced():
+    real_dir_or_skip()
+    task = get_benchmark("fmnist-c").load_task(None, "contrast", 1000, 10, 90, seed=0)
+    assert (len(task.train), len(task.val), len(task.test)) == (1000, 100, 900)
+    assert torch.bincount(task.train.labels).tolist() == [100] * 10
+    # Contrast 0.15 squeezes every image: its pixel std drops well below the clean one.
+    clean = get_benchmark("fmnist-flip").load_task(None, "flip", 1000, 10, 90, seed=0)
+    assert task.test.images.std(dim=(1, 2, 3)).mean() < 0.3 * clean.test.images.std(dim=(1, 2, 3)).mean()
+
+
+# ----------------------------------------------------------------------------- locating files
+
+def test_resolve_dir_prefers_argument_then_environment_then_debian(monkeypatch, tmp_path):
+    monkeypatch.delenv(F.ENV_VAR, raising=False)
+    assert F.resolve_dir(None) == F.DEFAULT_DIR
+    monkeypatch.setenv(F.ENV_VAR, str(tmp_path / "env"))
+    assert F.resolve_dir(None) == tmp_path / "env"
+    assert F.resolve_dir(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_environment_variable_is_used(monkeypatch, fake_dir):
+    monkeypatch.setenv(F.ENV_VAR, str(fake_dir))
+    data = F.load_fashion_mnist()
+    assert data.train_images.shape == (60000, 28, 28)
+    np.testing.assert_array_equal(data.test_labels, fake_labels(10000, len("t10k-labels-idx1-ubyte")))
+
+
+def test_gzip_and_uncompressed_files_give_the_same_arrays(tmp_path, fake_dir):
+    plain = write_fake(tmp_path / "plain", compress=False)
+    a, b = F.load_fashion_mnist(fake_dir), F.load_fashion_mnist(plain)
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_missing_folder_and_missing_file_name_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv(F.ENV_VAR, raising=False)
+    with pytest.raises(DataError, match="does not exist") as err:
+        F.load_fashion_mnist(tmp_path / "nowhere")
+    assert "apt-get install dataset-fashion-mnist" in str(err.value)
+    folder = tmp_path / "three"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte", 2051, (0, 28, 28), b"")
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\[\.gz\] not found") as err:
+        F.load_fashion_mnist(folder)
+    message = str(err.value)
+    for hint in ("apt-get install dataset-fashion-mnist", "--data-dir", F.ENV_VAR, F.UPSTREAM):
+        assert hint in message
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+def labels_file(tmp_path, raw: bytes, name="labels"):
+    path = tmp_path / name
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.mark.parametrize("raw, match", [
+    (idx_bytes(2051, (3,), bytes(3)), "magic number 2051, expected 2049"),
+    (idx_bytes(2049, (4,), bytes(4)), "header says 4 items, expected 3"),
+    (idx_bytes(2049, (3,), bytes(2)), "truncated"),
+    (idx_bytes(2049, (3,), bytes(5)), "trailing data"),
+    (b"\x00\x00", "shorter than the IDX header"),
+    (idx_bytes(2049, (3,), bytes([0, 9, 10])), "label 10 outside 0..9"),
+])
+def test_damaged_labels_file_raises_naming_it(tmp_path, raw, match):
+    path = labels_file(tmp_path, raw)
+    with pytest.raises(DataError, match=match) as err:
+        F.read_labels(path, 3)
+    assert str(path) in str(err.value)
+
+
+def test_images_file_checks_magic_and_item_shape(tmp_path):
+    path = labels_file(tmp_path, idx_bytes(2051, (2, 32, 32), bytes(2 * 32 * 32)), "images")
+    with pytest.raises(DataError, match=r"items of shape \(32, 32\), expected \(28, 28\)"):
+        F.read_images(path, 2)
+    path.write_bytes(idx_bytes(2049, (2,), bytes(2)))
+    with pytest.raises(DataError, match="magic number 2049, expected 2051"):
+        F.read_images(path, 2)
+    path.write_bytes(idx_bytes(2051, (2, 28, 28), bytes(2 * 784)))
+    assert F.read_images(path, 2).shape == (2, 28, 28)
+
+
+def test_truncated_and_corrupt_gzip_raise(tmp_path):
+    raw = gzip.compress(idx_bytes(2049, (3,), bytes(3)) * 1000)
+    cut = labels_file(tmp_path, raw[: len(raw) // 2], "cut.gz")
+    with pytest.raises(DataError, match="damaged") as err:
+        F.read_labels(cut, 3)
+    assert "cut.gz" in str(err.value)
+    junk = labels_file(tmp_path, b"this is not gzip at all", "junk.gz")
+    with pytest.raises(DataError, match="damaged"):
+        F.read_labels(junk, 3)
+
+
+def test_damaged_file_in_a_folder_is_named_and_label_count_must_match(tmp_path):
+    # Images and labels disagree: 60000 images but a labels file holding 59999.
+    short = idx_bytes(2049, (59999,), bytes(59999))
+    folder = write_fake(tmp_path / "short", **{"train-labels-idx1-ubyte": short})
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte: header says 59999 items, expected 60000"):
+        F.load_fashion_mnist(folder)
+
+
+# ----------------------------------------------------------------------------- splits, every benchmark
+
+def shift_of(name):
+    return {"fmnist-c": "brightness"}.get(name, get_benchmark(name).shifts[0])
+
+
+@pytest.mark.parametrize("name", FMNIST_NAMES)
+def test_splits_are_sized_balanced_disjoint_and_deterministic(name, fake_dir):
+    bench = get_benchmark(name)
+    assert bench.in_channels == 1 and bench.load_source is not None
+    task = bench.load_task(fake_dir, shift_of(name), seed=3, **SMALL)
+    k = bench.num_classes
+    expected = {"train": F.split_counts(100, k), "val": [5] * k, "test": [20] * k}
+    indices = {}
+    for split in ("train", "val", "test"):
+        s = getattr(task, split)
+        assert s.images.shape[1:] == (1, 28, 28) and s.images.dtype == torch.float32
+        assert torch.bincount(s.labels, minlength=k).tolist() == expected[split]
+        if name != "fmnist-c":   # corrupted pixels no longer spell the index
+            indices[split] = source_index(s.images)
+    if indices:
+        all_idx = np.concatenate(list(indices.values()))
+        assert len(set(all_idx.tolist())) == len(all_idx), "splits overlap"
+        assert all_idx.max() < 10000   # drawn from the test images
+    again = bench.load_task(fake_dir, shift_of(name), seed=3, **SMALL)
+    other = bench.load_task(fake_dir, shift_of(name), seed=4, **SMALL)
+    assert torch.equal(task.train.images, again.train.images)
+    assert torch.equal(task.test.labels, again.test.labels)
+    assert not torch.equal(task.train.images, other.train.images)
+    assert (task.perturb is not None) == (name == "fmnist-blocknoise")
+    assert (task.group_names is not None) == bench.has_groups == (name == "fmnist-spurious")
+
+
+def test_test_and_val_do_not_depend_on_n_target_and_train_sets_are_nested(fake_dir):
+    load = get_benchmark("fmnist-flip").load_task
+    small = load(fake_dir, "flip", n_target=50, val_per_class=5, test_per_class=20, seed=1)
+    large = load(fake_dir, "flip", n_target=300, val_per_class=5, test_per_class=20, seed=1)
+    np.testing.assert_array_equal(source_index(small.test.images), source_index(large.test.images))
+    np.testing.assert_array_equal(source_index(small.val.images), source_index(large.val.images))
+    assert set(source_index(small.train.images)) <= set(source_index(large.train.images))
+
+
+def test_bad_arguments_raise(fake_dir):
+    bench = get_benchmark("fmnist-c")
+    with pytest.raises(ValueError, match="unknown shift 'frost'"):
+        bench.load_task(fake_dir, "frost", **SMALL)
+    with pytest.raises(ValueError, match="n_target must be a positive integer"):
+        bench.load_task(fake_dir, "brightness", n_target=0, val_per_class=5, test_per_class=5)
+    with pytest.raises(DataError, match="1000 examples left, 1001 requested"):
+        bench.load_task(fake_dir, "brightness", n_target=100, val_per_class=5, test_per_class=1001)
+    with pytest.raises(ValueError, match="unknown shift"):
+        get_benchmark("fmnist-blocknoise").load_task(fake_dir, "fourth", **SMALL)
+
+
+# ----------------------------------------------------------------------------- per benchmark
+
+def test_fmnist_c_is_a_fixed_corrupted_copy_of_the_test_images(fake_dir):
+    data = F.load_fashion_mnist(fake_dir)
+    bright = F.corrupted_test_images(fake_dir, "brightness")
+    expected = np.minimum(data.test_images / 255 + 0.3, 1) * 255
+    assert bright.dtype == np.uint8 and np.abs(bright - expected).max() <= 0.5 + 1e-3   # rounded to uint8
+    task = get_benchmark("fmnist-c").load_task(fake_dir, "brightness", seed=0, **SMALL)
+    rows = {row.tobytes() for row in bright}
+    assert all(img.tobytes() in rows for img in to_uint8(task.train.images))
+    # A random corruption is one fixed data set: the split seed picks images, corruption_seed the noise.
+    noisy = F.corrupted_test_images(fake_dir, "gaussian_noise")
+    assert noisy is F.corrupted_test_images(fake_dir, "gaussian_noise")        # cached
+    assert not np.array_equal(noisy, F.corrupted_test_images(fake_dir, "gaussian_noise", corruption_seed=1))
+    clean = data.test_images.astype(float)
+    mild = F.corrupted_test_images(fake_dir, "gaussian_noise", severity=1)
+    assert np.abs(mild - clean).mean() < np.abs(noisy - clean).mean()   # sigma 0.04 < 0.10
+
+
+def test_fmnist_c_source_is_the_training_set(fake_dir):
+    source = get_benchmark("fmnist-c").load_source(fake_dir)
+    assert source.benchmark == "fmnist" and source.num_classes == 10 and source.in_channels == 1
+    assert len(source.train) == 60000 and len(source.test) == 10000
+    np.testing.assert_array_equal(source_index(source.train.images[:500]), np.arange(500))
+    assert get_benchmark("fmnist-flip").load_source(fake_dir).benchmark == "fmnist"
+    assert get_benchmark("fmnist-blocknoise").load_source(fake_dir).benchmark == "fmnist"
+
+
+def test_fmnist_flip_labels_are_nine_minus_the_original(fake_dir):
+    data = F.load_fashion_mnist(fake_dir)
+    task = get_benchmark("fmnist-flip").load_task(fake_dir, "flip", seed=0, **SMALL)
+    for split in (task.train, task.val, task.test):
+        original = data.test_labels[source_index(split.images)]
+        np.testing.assert_array_equal(split.labels.numpy(), 9 - original)
+
+
+def test_fmnist_breeds_uses_disjoint_subclasses_of_the_same_superclasses(fake_dir):
+    source_sub = [set(s) for s, _ in F.SUPERCLASSES.values()]
+    target_sub = [set(t) for _, t in F.SUPERCLASSES.values()]
+    for s, t in zip(source_sub, target_sub):
+        assert s and t and not s & t
+    used = set().union(*source_sub, *target_sub)
+    assert used == set(range(10)) - {8}   # every class but Bag, each once
+    data = F.load_fashion_mnist(fake_dir)
+    bench = get_benchmark("fmnist-breeds")
+    assert bench.num_classes == 3
+    task = bench.load_task(fake_dir, "subpopulation", seed=0, **SMALL)
+    for split in (task.train, task.val, task.test):
+        classes = data.test_labels[source_index(split.images)]
+        for cls, sup in zip(classes, split.labels.tolist()):
+            assert cls in target_sub[sup]
+    source = bench.load_source(fake_dir)
+    assert source.benchmark == "fmnist-breeds" and source.num_classes == 3
+    classes = data.train_labels[source_index(source.train.images)]
+    for cls, sup in zip(classes, source.train.labels.tolist()):
+        assert cls in source_sub[sup]
+    # Every source-subclass training image is used: 6000 per subclass.
+    assert torch.bincount(source.train.labels).tolist() == [6000 * len(s) for s in source_sub]
+
+
+def mark_of(images: torch.Tensor) -> np.ndarray:
+    """1 where the top corners are white, 0 where the bottom ones are; asserts exactly one."""
+    pixels = to_uint8(images)
+    top = (pixels[:, 1:5, 1:5] == 255).all(axis=(1, 2)) & (pixels[:, 1:5, 23:27] == 255).all(axis=(1, 2))
+    bottom = (pixels[:, 23:27, 1:5] == 255).all(axis=(1, 2)) & (pixels[:, 23:27, 23:27] == 255).all(axis=(1, 2))
+    assert np.all(top ^ bottom)
+    return top.astype(int)
+
+
+def agreement(split) -> float:
+    a = F.attribute(split.labels.numpy())
+    cue = mark_of(split.images)
+    np.testing.assert_array_equal(split.groups.numpy(), 2 * a + cue)   # groups = (A(y), mark)
+    return float((cue == a).mean())
+
+
+def test_fmnist_spurious_mark_tracks_the_label_in_the_source_only(fake_dir):
+    bench = get_benchmark("fmnist-spurious")
+    source = bench.load_source(fake_dir)
+    sub = source.train.subset(torch.arange(0, 60000, 7))   # every 7th image keeps the test quick
+    assert abs(agreement(sub) - 0.95) < 0.01
+    assert float((source.train.groups.numpy() % 2 == F.attribute(source.train.labels.numpy())).mean()) == 0.95
+    per_class = [(source.train.groups[source.train.labels == c] % 2 == F.attribute(np.array([c]))[0])
+                 .float().mean().item() for c in range(10)]
+    np.testing.assert_allclose(per_class, 0.95, atol=1e-9)      # exact per class: 5700 of 6000
+    assert agreement(source.test.subset(torch.arange(0, 10000, 3))) == pytest.approx(0.95, abs=0.02)
+
+    balanced = bench.load_task(fake_dir, "balanced", seed=0, **SMALL)
+    assert balanced.group_names == F.GROUP_NAMES and len(F.GROUP_NAMES) == 4
+    for split in (balanced.train, balanced.val, balanced.test):   # 10, 5 and 20 per class
+        assert agreement(split) == 0.5   # odd class sizes round down and up in turn
+    assert torch.bincount(balanced.test.groups).tolist() == [50] * 4
+    reversed_ = bench.load_task(fake_dir, "reversed", seed=0, **SMALL)
+    assert agreement(reversed_.test) == 0.0
+    # The marks sit on the images that fmnist-c and fmnist-blocknoise draw for the same seed.
+    clean = get_benchmark("fmnist-blocknoise").load_task(fake_dir, "first", seed=0, **SMALL)
+    np.testing.assert_array_equal(source_index(balanced.test.images), source_index(clean.test.images))
+
+
+def test_draw_cues_rejects_bad_agreement():
+    with pytest.raises(ValueError, match="agreement"):
+        F.draw_cues(np.arange(10), 1.5, torch.Generator())
+
+
+# ----------------------------------------------------------------------------- blocknoise
+
+def toy_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                               torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3)
+                               ).eval()
+
+
+def test_perturb_parameters_touches_only_the_prefixes_with_the_requested_relative_norm():
+    model = toy_model()
+    model(torch.zeros(1, 1, 8, 8))   # materialise the lazy layer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    touched = F.perturb_parameters(model, ("1", "2"), scale=0.5, seed=0)
+    assert touched == ["1.weight", "1.bias", "2.weight", "2.bias"]
+    after = model.state_dict()
+    for name, value in after.items():
+        if name in touched and before[name].norm() == 0:   # batch-norm bias at init: noise scaled to 0
+            assert torch.equal(value, before[name]), name
+        elif name in touched:
+            ratio = (value - before[name]).norm() / before[name].norm()
+            assert abs(ratio.item() - 0.5) < 1e-5, name
+        else:   # other blocks, and batch-norm running statistics, are untouched
+            assert torch.equal(value, before[name]), name
+    again = toy_model()
+    again(torch.zeros(1, 1, 8, 8))
+    F.perturb_parameters(again, ("1", "2"), 0.5, seed=0)
+    assert torch.equal(again[2].weight, model[2].weight)   # fixed per seed
+    other = toy_model()
+    other(torch.zeros(1, 1, 8, 8))
+    F.perturb_parameters(other, ("1", "2"), 0.5, seed=1)
+    assert not torch.equal(other[2].weight, model[2].weight)
+    with pytest.raises(ValueError, match="no parameter"):
+        F.perturb_parameters(model, ("layer9",), 0.5, 0)
+    with pytest.raises(ValueError, match="positive"):
+        F.perturb_parameters(model, ("1",), 0.0, 0)
+
+
+@pytest.mark.parametrize("block, prefixes", [("first", ("conv1", "bn1", "layer1")), ("second", ("layer2",)),
+                                             ("third", ("layer3",)), ("last", ("fc",))])
+def test_blocknoise_task_perturbs_only_its_block_of_resnet26(fake_dir, block, prefixes):
+    pytest.importorskip("deep.blocks")
+    models = pytest.importorskip("deep.models")
+    task = get_benchmark("fmnist-blocknoise").load_task(fake_dir, block, seed=0, **SMALL)
+    model = models.build_model("resnet26", 10, in_channels=1).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task.perturb(model)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    in_block = {k for k, _ in model.named_parameters()
+                if any(k == p or k.startswith(p + ".") for p in prefixes)}
+    # Batch-norm biases start at zero, so their noise (scaled to their norm) is zero too.
+    assert changed == {k for k in in_block if before[k].norm() > 0}
+    assert changed and all(k.split(".")[0] in prefixes for k in changed)
