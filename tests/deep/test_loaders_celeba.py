@@ -122,3 +122,12 @@ def test_missing_and_corrupt_image(celeba):
     os.unlink(task.test.paths[0])
     with pytest.raises(DataError, match="1 image file.* missing"):
         load(celeba)
+
+
+def test_non_integer_attribute_value(celeba):
+    path = celeba / "celeba" / "list_attr_celeba.txt"
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4][:-2] + " x"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="non-integer attribute value"):
+        load(celeba)
