@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -94,8 +95,9 @@ def list_images(folder: Path, layout: str, what: str) -> list[Path]:
     """
     if not folder.is_dir():
         raise DataError(f"{what}: missing folder {folder}; expected:\n{layout}")
-    files = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    with os.scandir(folder) as entries:  # d_type from the directory: no stat per file
+        files = sorted(Path(e.path) for e in entries
+                       if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file())
     if not files:
         raise DataError(f"{what}: no image files (.JPEG/.jpg/.png) in {folder}; expected:\n{layout}")
     return files
