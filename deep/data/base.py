@@ -13,6 +13,7 @@ A loader never hands the training loop raw files or arrays. It returns a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -266,6 +267,9 @@ class Benchmark:
         load_source: (data_dir, **options) -> SourceData, for benchmarks whose source
             model this project pretrains itself; None otherwise.
         has_groups: whether splits carry groups (worst-group accuracy).
+        pretrained: optional (arch, data_dir) -> Path of a ready source checkpoint
+            (built on the fly or verified against its manifest); the sweep uses it
+            when no --checkpoint is given.
     """
 
     name: str
@@ -276,3 +280,4 @@ class Benchmark:
     load_task: Callable[..., ShiftTask]
     load_source: Callable[..., SourceData] | None = None
     has_groups: bool = False
+    pretrained: Callable[..., Path] | None = None

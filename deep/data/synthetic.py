@@ -1,0 +1,174 @@
+"""`synthetic`: a built-in benchmark that needs no data, so every command runs in seconds.
+
+Images are 3 x 16 x 16, four classes. Class k is an oriented colour grating
+(orientation k * 45 degrees) with a random phase, plus pixel noise. Each class
+has two subpopulations that differ in the grating's frequency and colour: the
+source (pretraining) data uses subpopulation A. Shifts, one of each kind:
+
+| shift | kind | target data |
+|---|---|---|
+| `noise` | input | subpopulation A plus strong Gaussian pixel noise (sigma 1.0) |
+| `feature` | feature | subpopulation B (same classes, different gratings) |
+| `flip` | output | subpopulation A with labels permuted, y -> 3 - y |
+| `spurious` | output, groups | subpopulation A, labels rotated (y -> y + 1 mod 4), and a 4x4 corner patch of a class colour that matches the new label in 90% of training images and at random (25%) in validation and test. Groups = (label, patch matches label): 8 groups, worst-group accuracy reported |
+
+The source model (`pretrained`) is trained on the fly on the source data with the
+project's one training loop, deterministically, and cached on disk under
+$SURGICAL_FT_CACHE (default ~/.cache/surgical-ft) so that sweep workers and later
+runs reuse it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from pathlib import Path
+
+import torch
+
+from .base import (Benchmark, DataError, ShiftTask, SourceData, TensorSplit,
+                   class_balanced_indices, seeded, split_counts)
+
+NAME = "synthetic"
+NUM_CLASSES = 4
+CHANNELS = 3
+SIZE = 16
+SHIFTS = ("noise", "feature", "flip", "spurious")
+POOL_PER_CLASS = 400          # target images generated per class and shift
+SOURCE_TRAIN_PER_CLASS = 300
+SOURCE_TEST_PER_CLASS = 100
+LAYOUT = "nothing: the synthetic benchmark is generated in memory"
+SOURCE_RECIPE = {"epochs": 6, "lr": 0.05, "seed": 0, "augment": "none", "batch_size": 64}
+
+
+def _palette() -> torch.Tensor:
+    g = seeded(1234)
+    return torch.rand(2, NUM_CLASSES, CHANNELS, generator=g) * 2 - 1   # (subpop, class, C)
+
+
+def generate(labels: torch.Tensor, subpopulation: int, generator: torch.Generator,
+             noise: float = 0.3) -> torch.Tensor:
+    """Images (n, 3, 16, 16) float32 for int64 `labels` (n,) from subpopulation 0 (A) or 1 (B)."""
+    n = len(labels)
+    coords = torch.arange(SIZE, dtype=torch.float32) / SIZE
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    angle = labels.float() * math.pi / NUM_CLASSES
+    freq = 2.0 if subpopulation == 0 else 3.5
+    phase = torch.rand(n, generator=generator) * 2 * math.pi
+    proj = (torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy)
+    wave = torch.sin(2 * math.pi * freq * proj + phase[:, None, None])          # (n, H, W)
+    colour = _palette()[subpopulation][labels]                                  # (n, C)
+    images = wave[:, None] * (0.5 + 0.5 * colour[:, :, None, None].abs()) * colour.sign()[:, :, None, None]
+    images = images + noise * torch.randn(images.shape, generator=generator)
+    return images.float().contiguous()
+
+
+def _balanced_labels(per_class: int) -> torch.Tensor:
+    return torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+
+
+def load_source(data_dir=None) -> SourceData:
+    """Subpopulation A, clean: 1200 training and 400 test images."""
+    g = seeded(7)
+    train_y = _balanced_labels(SOURCE_TRAIN_PER_CLASS)
+    test_y = _balanced_labels(SOURCE_TEST_PER_CLASS)
+    train = TensorSplit(generate(train_y, 0, g), train_y, name="synthetic/source-train")
+    test = TensorSplit(generate(test_y, 0, g), test_y, name="synthetic/source-test")
+    return SourceData(NAME, NUM_CLASSES, CHANNELS, train, test)
+
+
+def _pool(shift: str, part: str) -> TensorSplit:
+    """The fixed target pool of one shift: POOL_PER_CLASS images per class."""
+    g = seeded(zlib.crc32(f"{shift}/{part}".encode()))
+    labels = _balanced_labels(POOL_PER_CLASS)
+    images = generate(labels, 1 if shift == "feature" else 0, g)  # drawn for the source label
+    groups = None
+    if shift == "noise":
+        images = images + 1.0 * torch.randn(images.shape, generator=g)
+    elif shift == "flip":
+        labels = NUM_CLASSES - 1 - labels
+    elif shift == "spurious":
+        labels = (labels + 1) % NUM_CLASSES
+        agree_rate = 0.9 if part == "train" else 1 / NUM_CLASSES
+        agree = torch.rand(len(labels), generator=g) < agree_rate
+        other = (labels + torch.randint(1, NUM_CLASSES, labels.shape, generator=g)) % NUM_CLASSES
+        cue = torch.where(agree, labels, other)
+        images[:, :, :4, :4] = 2.0 * _palette()[0][cue][:, :, None, None]
+        groups = labels * 2 + (cue == labels).long()
+    return TensorSplit(images.float().contiguous(), labels, groups, name=f"synthetic/{shift}/{part}")
+
+
+def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_class: int = 25,
+              test_per_class: int = 100, seed: int = 0) -> ShiftTask:
+    """Class-balanced train / val / test drawn (by `seed`) from the shift's fixed pools.
+
+    Training images come from the shift's "train" pool, validation and test from
+    disjoint parts of its "eval" pool (for `spurious` the two pools differ in
+    how often the patch matches the label).
+    """
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r} of synthetic; known: {', '.join(SHIFTS)}")
+    if n_target < 1:
+        raise DataError(f"synthetic/{shift}: n_target must be >= 1, got {n_target}")
+    if n_target > NUM_CLASSES * POOL_PER_CLASS:
+        raise DataError(f"synthetic/{shift}: n_target={n_target} exceeds the "
+                        f"{NUM_CLASSES * POOL_PER_CLASS} target training images available")
+    if val_per_class + test_per_class > POOL_PER_CLASS:
+        raise DataError(f"synthetic/{shift}: val_per_class + test_per_class = "
+                        f"{val_per_class + test_per_class} exceeds the {POOL_PER_CLASS} per class available")
+    g = seeded(seed)
+    train_pool, eval_pool = _pool(shift, "train"), _pool(shift, "eval")
+    train_idx = class_balanced_indices(train_pool.labels, split_counts(n_target, NUM_CLASSES), g,
+                                       what=f"synthetic/{shift} train")
+    val_idx = class_balanced_indices(eval_pool.labels, val_per_class, g, what=f"synthetic/{shift} val")
+    used = torch.zeros(len(eval_pool), dtype=torch.bool)
+    used[val_idx] = True
+    test_idx = class_balanced_indices(eval_pool.labels, test_per_class, g, exclude=used,
+                                      what=f"synthetic/{shift} test")
+    groups = (tuple(f"y={y},patch {'matches' if m else 'differs'}"
+                    for y in range(NUM_CLASSES) for m in (0, 1)) if shift == "spurious" else None)
+    return ShiftTask(NAME, shift, NUM_CLASSES, train_pool.subset(train_idx),
+                     eval_pool.subset(val_idx), eval_pool.subset(test_idx), group_names=groups)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SURGICAL_FT_CACHE", Path.home() / ".cache" / "surgical-ft"))
+
+
+def pretrained(arch: str = "resnet26-w4", data_dir=None) -> Path:
+    """Path of the synthetic source model for `arch`, trained now if not cached yet.
+
+    Training is deterministic (fixed seed, CPU), so every process that builds it
+    gets the same weights; the file is written atomically, so racing builders are safe.
+    """
+    from deep.checkpoints import save_checkpoint, write_manifest  # the engine, imported when used
+    from deep.pretrain import pretrain
+    from deep.train import evaluate
+
+    recipe = "-".join(f"{k}{v}" for k, v in sorted(SOURCE_RECIPE.items()))
+    path = cache_dir() / f"synthetic-{arch}-{zlib.crc32(recipe.encode()):08x}.pt"
+    if path.is_file():
+        return path
+    source = load_source()
+    r = SOURCE_RECIPE
+    threads = torch.get_num_threads()
+    # One thread: the same weights on every machine, and no OpenMP stalls on a busy CPU.
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            model = pretrain(source, arch, epochs=r["epochs"], lr=r["lr"], seed=r["seed"],
+                             augment=r["augment"], batch_size=r["batch_size"], progress=False)
+        acc = evaluate(model, source.test).acc
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(path, model, arch, NUM_CLASSES, CHANNELS,
+                    meta={"benchmark": NAME, "source_test_acc": acc, **r})
+    write_manifest(path, benchmark=NAME, arch=arch, source_test_acc=acc, **r)
+    return path
+
+
+BENCHMARKS = {
+    NAME: Benchmark(NAME, SHIFTS, NUM_CLASSES, CHANNELS, LAYOUT, load_task, load_source,
+                    has_groups=True, pretrained=pretrained),
+}

@@ -1,0 +1,89 @@
+"""Networks that run as a chain of stages, so a frozen prefix can be cached.
+
+The training loop caches the input of the first stage that holds a tuned
+parameter and runs only the stages from there on. A model opts in either by
+subclassing `StagedModel` (our ResNets) or by being an `nn.Sequential` (each
+child is a stage). Any other `nn.Module` still trains, just without the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StagedModel(nn.Module):
+    """Base class: `forward(x)` runs stage 0, 1, ..., in order.
+
+    Subclasses set `stage_prefixes` (for each stage, the module-name prefixes of
+    the parameters it owns) and implement `stage(index, x)`. The stages must
+    together own every parameter.
+    """
+
+    stage_prefixes: tuple[tuple[str, ...], ...] = ()
+
+    def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_stages(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run stages [start, stop) on `x`, the input of stage `start`."""
+        stop = len(self.stage_prefixes) if stop is None else stop
+        for index in range(start, stop):
+            x = self.stage(index, x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_stages(x)
+
+
+class Stages:
+    """A uniform view of a staged model (a `StagedModel` or an `nn.Sequential`)."""
+
+    def __init__(self, model: nn.Module):
+        if isinstance(model, StagedModel):
+            self.prefixes = tuple(model.stage_prefixes)
+            self._run = model.run_stages
+        elif isinstance(model, nn.Sequential):
+            names = [name for name, _ in model.named_children()]
+            self.prefixes = tuple((name,) for name in names)
+            children = list(model.children())
+            self._run = lambda x, start, stop: _run_children(children, x, start, stop)
+        else:
+            raise TypeError(f"{type(model).__name__} is neither a StagedModel nor an nn.Sequential")
+        self.param_stage = _param_stage(model, self.prefixes)
+
+    def __len__(self) -> int:
+        return len(self.prefixes)
+
+    def run(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        return self._run(x, start, len(self) if stop is None else stop)
+
+    def first_stage(self, param_names) -> int:
+        """Index of the earliest stage owning one of `param_names` (len(self) if none)."""
+        return min((self.param_stage[n] for n in param_names), default=len(self))
+
+
+def stages_of(model: nn.Module) -> Stages | None:
+    """The model's stages, or None when it cannot be run stage by stage."""
+    if isinstance(model, (StagedModel, nn.Sequential)):
+        return Stages(model)
+    return None
+
+
+def _run_children(children, x, start, stop):
+    for child in children[start:stop]:
+        x = child(x)
+    return x
+
+
+def _param_stage(model: nn.Module, prefixes) -> dict[str, int]:
+    owner = {}
+    for name, _ in model.named_parameters():
+        for index, stage_prefixes in enumerate(prefixes):
+            if any(name == p or name.startswith(p + ".") for p in stage_prefixes):
+                owner[name] = index
+                break
+        else:
+            raise ValueError(f"parameter {name!r} belongs to no stage of {type(model).__name__}; "
+                             f"stage prefixes: {prefixes}")
+    return owner

@@ -1,0 +1,191 @@
+"""Tables and figures from a results CSV of `python -m deep sweep`.
+
+Selection: for each (benchmark, shift, method, seed, n_target) the learning rate
+with the best validation metric is kept (validation accuracy, or worst-group
+validation accuracy for rows whose `select` says so; ties go to the larger lr;
+diverged cells compete with the epochs they completed, cells with no finished
+epoch are dropped). Then means and standard errors over seeds
+(s.e. = sample std / sqrt(seeds)). The figure shows accuracy relative to `all`
+(full fine-tuning), seed by seed, like the paper's Figure 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .sweep import read_results
+
+METHOD_ORDER = ("first", "second", "third", "fourth", "last", "all", "lp-ft",
+                "gradual-first-last", "gradual-last-first", "l1sp", "auto-rgn", "auto-snr")
+
+
+def _val_metric(row: dict) -> float | None:
+    if row.get("select") == "worst_group_val_acc":
+        return row.get("val_worst_group_acc")
+    return row.get("val_acc")
+
+
+def test_metric_name(rows: list[dict]) -> str:
+    """The reported metric: worst-group test accuracy when selection is worst-group."""
+    if rows and all(r.get("select") == "worst_group_val_acc" for r in rows):
+        return "worst_group_acc"
+    return "test_acc"
+
+
+def select_learning_rates(rows: list[dict]) -> list[dict]:
+    """One row per (benchmark, shift, method, seed, n_target): the best lr by validation."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        metric = _val_metric(row)
+        if metric is None or (isinstance(metric, float) and math.isnan(metric)):
+            continue
+        key = (row["benchmark"], row["shift"], row["method"], row["seed"], row["n_target"])
+        old = best.get(key)
+        if old is None or (metric, row["lr"]) > (_val_metric(old), old["lr"]):
+            best[key] = row
+    return list(best.values())
+
+
+def _method_key(method: str):
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def mean_se(values: list[float]) -> tuple[float, float, int]:
+    """Mean, standard error (nan for one value), count."""
+    a = np.asarray(values, dtype=float)
+    if len(a) == 0:
+        return math.nan, math.nan, 0
+    se = a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else math.nan
+    return float(a.mean()), float(se), len(a)
+
+
+def summarize(selected: list[dict], metric: str) -> dict:
+    """{(benchmark, n_target): {"shifts": [...], "methods": [...],
+        "abs": {(shift, method): (mean, se, n)}, "rel": {(shift, method): (mean, se, n)}}}.
+    "rel" is metric(method) - metric(all) paired by seed; the shift "mean" averages
+    each seed's values over the shifts first."""
+    tables = {}
+    by_table = defaultdict(list)
+    for row in selected:
+        by_table[(row["benchmark"], row["n_target"])].append(row)
+    for key, rows in sorted(by_table.items()):
+        values = {(r["shift"], r["method"], r["seed"]): r[metric] for r in rows
+                  if r.get(metric) is not None}
+        shifts = sorted({s for s, _, _ in values})
+        methods = sorted({m for _, m, _ in values}, key=_method_key)
+        seeds = sorted({d for _, _, d in values})
+        abs_, rel = {}, {}
+        for method in methods:
+            for shift in shifts:
+                vals = [values[(shift, method, d)] for d in seeds if (shift, method, d) in values]
+                abs_[(shift, method)] = mean_se(vals)
+                diffs = [values[(shift, method, d)] - values[(shift, "all", d)] for d in seeds
+                         if (shift, method, d) in values and (shift, "all", d) in values]
+                rel[(shift, method)] = mean_se(diffs)
+            if len(shifts) > 1:  # per seed, average over shifts that have every value
+                per_seed = [np.mean([values[(s, method, d)] for s in shifts]) for d in seeds
+                            if all((s, method, d) in values for s in shifts)]
+                abs_[("mean", method)] = mean_se(per_seed)
+                per_seed = [np.mean([values[(s, method, d)] - values[(s, "all", d)] for s in shifts])
+                            for d in seeds
+                            if all((s, m, d) in values for s in shifts for m in (method, "all"))]
+                rel[("mean", method)] = mean_se(per_seed)
+        if len(shifts) > 1:
+            shifts = shifts + ["mean"]
+        tables[key] = {"shifts": shifts, "methods": methods, "abs": abs_, "rel": rel}
+    return tables
+
+
+def _cell(stat, scale=100.0, signed=False) -> str:
+    mean, se, n = stat
+    if n == 0:
+        return "-"
+    text = f"{scale * mean:+.1f}" if signed else f"{scale * mean:.1f}"
+    return text + (f" ± {scale * se:.1f}" if not math.isnan(se) else "")
+
+
+def markdown(tables: dict, metric: str) -> str:
+    label = "worst-group test accuracy" if metric == "worst_group_acc" else "test accuracy"
+    lines = []
+    for (benchmark, n_target), t in tables.items():
+        for kind, title in (("abs", f"{label} (%)"), ("rel", f"{label} relative to `all` (points)")):
+            if kind == "rel" and "all" not in t["methods"]:
+                continue
+            methods = [m for m in t["methods"] if kind == "abs" or m != "all"]
+            lines += [f"### {benchmark}, n_target = {n_target}: {title}", "",
+                      "| shift | " + " | ".join(methods) + " |",
+                      "|---|" + "---|" * len(methods)]
+            for shift in t["shifts"]:
+                cells = [_cell(t[kind].get((shift, m), (math.nan, math.nan, 0)),
+                               signed=kind == "rel") for m in methods]
+                lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines.append("Mean ± standard error over seeds; each (shift, method, seed) at the learning "
+                 "rate with the best validation metric, and the epoch chosen by validation.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_relative(tables: dict, metric: str, path_stem: Path) -> list[Path]:
+    """Bar chart of accuracy relative to `all` per method, one panel per shift (PNG + PDF)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(key, shift) for key, t in tables.items() if "all" in t["methods"]
+              for shift in t["shifts"]]
+    if not panels:
+        return []
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, ((benchmark, n_target), shift) in zip(axes.flat, panels):
+        t = tables[(benchmark, n_target)]
+        methods = [m for m in t["methods"] if m != "all"]
+        stats = [t["rel"].get((shift, m), (math.nan, math.nan, 0)) for m in methods]
+        means = [100 * s[0] for s in stats]
+        errs = [0 if math.isnan(s[1]) else 100 * s[1] for s in stats]
+        colours = ["tab:blue" if m in ("first", "second", "third", "fourth", "last") else "tab:gray"
+                   for m in methods]
+        ax.bar(range(len(methods)), means, yerr=errs, color=colours, capsize=2)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{benchmark} / {shift}" + (f" (n={n_target})" if len(tables) > 1 else ""),
+                     fontsize=9)
+        ax.set_ylabel("points vs all", fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(("worst-group " if metric == "worst_group_acc" else "")
+                 + "test accuracy relative to full fine-tuning", fontsize=10)
+    fig.tight_layout()
+    paths = []
+    for suffix in (".png", ".pdf"):
+        path = path_stem.with_suffix(suffix)
+        fig.savefig(path, dpi=150)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write report.md and relative_accuracy.{png,pdf} into `out_dir`; return the paths."""
+    results_csv = Path(results_csv)
+    if not results_csv.is_file():
+        raise ValueError(f"results file not found: {results_csv}")
+    rows = read_results(results_csv)
+    if not rows:
+        raise ValueError(f"{results_csv} holds no results yet")
+    out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric = test_metric_name(rows)
+    selected = select_learning_rates(rows)
+    tables = summarize(selected, metric)
+    text = f"# Results of {results_csv.name}\n\n" + markdown(tables, metric)
+    diverged = sum(r["status"] == "diverged" for r in rows)
+    text += f"\n{len(rows)} cells, {diverged} diverged.\n"
+    report = out_dir / "report.md"
+    report.write_text(text)
+    return [report, *plot_relative(tables, metric, out_dir / "relative_accuracy")]

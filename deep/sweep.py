@@ -1,0 +1,384 @@
+"""The sweep runner: cells, one atomic CSV row per finished cell, resume, workers.
+
+A cell is (benchmark, shift, method, lr, seed, n_target). Cells that share a task
+(benchmark, shift, seed, n_target) form a group: a group loads the target data
+and the pretrained weights once, builds one `PrefixCache`, and runs its cells
+one after the other from the same pretrained state.
+
+Results: one CSV row per finished cell (columns in `COLUMNS`). After each cell
+the whole file is rewritten to a temp file and renamed over the old one
+(`os.replace`), by a single writer (the main process), so a kill -9 loses at most
+the cells in flight and never leaves a broken or duplicated row. Re-running the
+same command skips the cells already in the file. A NaN/inf loss gives a row
+with status `diverged` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import queue
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .blocks import blocks_for
+from .checkpoints import RANDOM_INIT, atomic_write_bytes, load_model
+from .data import Benchmark, get_benchmark
+from .methods import method_names
+from .models.staged import stages_of
+from .protocol import Protocol
+from .train import PrefixCache, TrainConfig, fit
+
+COLUMNS = ("benchmark", "shift", "method", "seed", "n_target", "lr", "status", "best_epoch",
+           "val_acc", "val_worst_group_acc", "test_acc", "worst_group_acc", "tuned_params",
+           "total_params", "seconds", "arch", "epochs", "batch_size", "weight_decay", "select",
+           "val_per_class", "test_per_class", "checkpoint", "start_stage")
+KEY = ("benchmark", "shift", "method", "seed", "n_target", "lr")
+# Settings that must agree between a finished row and the sweep that would skip it.
+SETTINGS = ("arch", "epochs", "batch_size", "weight_decay", "select", "val_per_class",
+            "test_per_class", "checkpoint")
+_INT = {"seed", "n_target", "best_epoch", "tuned_params", "total_params", "epochs",
+        "batch_size", "val_per_class", "test_per_class", "start_stage"}
+_FLOAT = {"lr", "val_acc", "val_worst_group_acc", "test_acc", "worst_group_acc", "seconds",
+          "weight_decay"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    benchmark: str
+    shift: str
+    method: str
+    lr: float
+    seed: int
+    n_target: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.benchmark, self.shift, self.method, self.seed, self.n_target, float(self.lr))
+
+
+# --- the results file -------------------------------------------------------------
+
+def _parse(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if v == "" or v is None:
+            out[k] = None
+        elif k in _INT:
+            out[k] = int(v)
+        elif k in _FLOAT:
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row[k] if k != "lr" else float(row[k]) for k in KEY)
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of a results CSV, values parsed (ints, floats; empty -> None)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if not text.strip():
+        return []
+    reader = csv.DictReader(io.StringIO(text))
+    if tuple(reader.fieldnames or ()) != COLUMNS:
+        raise ValueError(f"{path}: columns {reader.fieldnames} are not a deep sweep's "
+                         f"{list(COLUMNS)}; write this sweep to another --out")
+    try:
+        return [_parse(row) for row in reader]
+    except ValueError as err:
+        raise ValueError(f"{path}: unreadable row ({err})") from None
+
+
+class ResultsFile:
+    """A results CSV owned by one writer; every append rewrites it atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows = read_results(self.path)
+        self.done = {row_key(r): r for r in self.rows}
+
+    def append(self, row: dict) -> None:
+        key = row_key(row)
+        if key in self.done:
+            raise ValueError(f"cell {key} is already in {self.path}")
+        self.rows.append(row)
+        self.done[key] = row
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for r in self.rows:
+            writer.writerow([_format(r.get(c)) for c in COLUMNS])
+        data = buffer.getvalue().encode()
+        atomic_write_bytes(self.path, lambda f: f.write(data))
+
+
+# --- planning ---------------------------------------------------------------------
+
+def plan_cells(protocol: Protocol) -> list[Cell]:
+    """Every cell of the protocol, grouped by task (shift, seed), methods x lrs inside."""
+    return [Cell(protocol.benchmark, shift, method, float(lr), int(seed), protocol.n_target)
+            for shift in protocol.shifts for seed in protocol.seeds
+            for method in protocol.methods for lr in protocol.lrs]
+
+
+def check_protocol(protocol: Protocol, bench: Benchmark) -> None:
+    """Unknown methods, shifts, or bad numbers -> ValueError naming them."""
+    known_methods = method_names(blocks_for(protocol.arch))
+    bad = [m for m in protocol.methods if m not in known_methods]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad} for {protocol.arch}; known: {', '.join(known_methods)}")
+    bad = [s for s in protocol.shifts if s not in bench.shifts]
+    if bad:
+        raise ValueError(f"unknown shift(s) {bad} of {bench.name}; known: {', '.join(bench.shifts)}")
+    for name in ("shifts", "methods", "lrs", "seeds"):
+        if not getattr(protocol, name):
+            raise ValueError(f"{name} is empty: nothing to run")
+    if protocol.n_target < 1:
+        raise ValueError(f"n_target must be >= 1 (an empty target set cannot be tuned on), "
+                         f"got {protocol.n_target}")
+
+
+def quick(protocol: Protocol) -> Protocol:
+    """A smoke test of the pipeline, not a result: the first shift and seed, the grid's
+    middle learning rate, at most 2 epochs. Every method still runs."""
+    lrs = sorted(protocol.lrs)
+    return protocol.replace(shifts=protocol.shifts[:1], seeds=protocol.seeds[:1],
+                            lrs=[lrs[len(lrs) // 2]], epochs=min(protocol.epochs, 2))
+
+
+def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
+                       data_dir: str | None) -> str:
+    """--checkpoint if given, else the benchmark's own source model, else an error."""
+    if checkpoint:
+        if checkpoint != RANDOM_INIT and not Path(checkpoint).is_file():
+            raise ValueError(f"checkpoint file not found: {checkpoint}")
+        return checkpoint
+    if bench.pretrained is not None:
+        return str(bench.pretrained(arch, Path(data_dir) if data_dir else None))
+    raise ValueError(f"benchmark {bench.name!r} needs --checkpoint PATH (a source model, e.g. from "
+                     f"`python -m deep pretrain --benchmark {bench.name} --out PATH`), or "
+                     "--checkpoint none for a random-init smoke test")
+
+
+# --- running ----------------------------------------------------------------------
+
+@dataclass
+class SweepSummary:
+    ran: int
+    skipped: int
+    diverged: int
+    seconds: float
+    out: Path
+
+
+def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None,
+              data_dir: str | None = None, workers: int = 1, cache_mb: float = 2048,
+              progress: bool = True) -> SweepSummary:
+    """Run every unfinished cell of `protocol`, appending one row per cell to `out`."""
+    t0 = time.perf_counter()
+    bench = get_benchmark(protocol.benchmark)
+    check_protocol(protocol, bench)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    results = ResultsFile(out)
+    checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
+    settings = _settings(protocol, checkpoint)
+    cells = plan_cells(protocol)
+    todo = []
+    for cell in cells:
+        row = results.done.get(cell.key)
+        if row is None:
+            todo.append(cell)
+            continue
+        clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]}
+        if Path(str(row["checkpoint"])).name != Path(checkpoint).name:
+            clash["checkpoint"] = (row["checkpoint"], checkpoint)
+        if clash:
+            detail = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
+            raise ValueError(f"{out} already holds cell {cell.key} with other settings ({detail}); "
+                             "write this sweep to another --out")
+    groups = _groups(todo, workers)
+    spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb)
+    bar = _progress(len(todo), progress, protocol.benchmark)
+    diverged = 0
+
+    def record(row):
+        nonlocal diverged
+        results.append(row)
+        diverged += row["status"] == "diverged"
+        if bar is not None:
+            bar.set_postfix_str(f"{row['shift']} {row['method']} lr={row['lr']:g} "
+                                f"val={_pct(row['val_acc'])} test={_pct(row['test_acc'])}")
+            bar.update()
+
+    try:
+        if workers == 1:
+            for group in groups:
+                for row in run_group(group, **spec):
+                    record(row)
+        else:
+            _run_parallel(groups, spec, workers, record)
+    finally:
+        if bar is not None:
+            bar.close()
+    return SweepSummary(len(todo), len(cells) - len(todo), diverged,
+                        time.perf_counter() - t0, Path(out))
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _progress(total, enabled, name):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=f"sweep {name}", unit="cell")
+
+
+def _settings(protocol: Protocol, checkpoint: str) -> dict:
+    return {"arch": protocol.arch, "epochs": protocol.epochs, "batch_size": protocol.batch_size,
+            "weight_decay": float(protocol.weight_decay), "select": protocol.select,
+            "val_per_class": protocol.val_per_class, "test_per_class": protocol.test_per_class,
+            "checkpoint": checkpoint}
+
+
+def _groups(cells: list[Cell], workers: int) -> list[list[Cell]]:
+    """Cells grouped by task; with more workers than tasks, tasks are split (each part
+    then builds its own prefix cache) so that every worker has work."""
+    by_task: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        by_task.setdefault((cell.shift, cell.seed, cell.n_target), []).append(cell)
+    groups = list(by_task.values())
+    if groups and len(groups) < workers:
+        parts = math.ceil(workers / len(groups))
+        groups = [g[i::parts] for g in groups for i in range(parts) if g[i::parts]]
+    return groups
+
+
+@lru_cache(maxsize=4)
+def _pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels: int):
+    """The pretrained weights, read from disk once per process."""
+    with warnings.catch_warnings():
+        if checkpoint == RANDOM_INIT:
+            warnings.simplefilter("always")
+        model = load_model(checkpoint, arch, num_classes, in_channels)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: str | None,
+              cache_mb: float) -> Iterator[dict]:
+    """Run cells that share one task; yield one row per cell."""
+    from .models import build_model
+
+    first = cells[0]
+    bench = get_benchmark(first.benchmark)
+    task = bench.load_task(Path(data_dir) if data_dir else None, first.shift, first.n_target,
+                           protocol.val_per_class, protocol.test_per_class, first.seed,
+                           **protocol.data)
+    if task.num_classes != bench.num_classes:
+        raise ValueError(f"{bench.name}/{first.shift}: task has {task.num_classes} classes, "
+                         f"the benchmark says {bench.num_classes}")
+    model = build_model(protocol.arch, bench.num_classes, bench.in_channels)
+    model.load_state_dict(_pretrained_state(checkpoint, protocol.arch, bench.num_classes,
+                                            bench.in_channels))
+    if task.perturb is not None:
+        task.perturb(model)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = blocks_for(protocol.arch)
+    splits = {"train": task.train, "val": task.val, "test": task.test}
+    cache = PrefixCache(model, splits, cache_mb) if stages_of(model) is not None else None
+    total_params = sum(p.numel() for p in model.parameters())
+    settings = _settings(protocol, checkpoint)
+    for cell in cells:
+        model.load_state_dict(base_state)
+        config = TrainConfig(lr=cell.lr, epochs=protocol.epochs, batch_size=protocol.batch_size,
+                             weight_decay=protocol.weight_decay, select=protocol.select,
+                             seed=cell.seed, cache_mb=cache_mb)
+        result = fit(model, task.train, task.val, task.test, cell.method, config, blocks, cache)
+        yield {"benchmark": cell.benchmark, "shift": cell.shift, "method": cell.method,
+               "seed": cell.seed, "n_target": cell.n_target, "lr": float(cell.lr),
+               "status": result.status, "best_epoch": result.best_epoch,
+               "val_acc": result.val.acc if result.val else None,
+               "val_worst_group_acc": result.val.worst_group_acc if result.val else None,
+               "test_acc": result.test.acc if result.test else None,
+               "worst_group_acc": result.test.worst_group_acc if result.test else None,
+               "tuned_params": result.tuned_params, "total_params": total_params,
+               "seconds": round(result.seconds, 3), "start_stage": result.start_stage,
+               **settings}
+
+
+# --- parallel workers -------------------------------------------------------------
+
+_ROWS = None
+_PARENT = None
+
+
+def _init_worker(rows, threads: int, parent: int) -> None:
+    global _ROWS, _PARENT
+    _ROWS, _PARENT = rows, parent
+    torch.set_num_threads(threads)
+
+
+def _worker(group: list[Cell], spec: dict) -> int:
+    for row in run_group(group, **spec):
+        if os.getppid() != _PARENT:  # the sweep was killed: stop instead of running on
+            os._exit(1)
+        _ROWS.put(row)
+    return len(group)
+
+
+def _run_parallel(groups, spec, workers, record) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    rows = ctx.Queue()
+    threads = max(1, torch.get_num_threads() // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(rows, threads, os.getpid()))
+    try:
+        pending = {pool.submit(_worker, g, spec) for g in groups}
+        while pending:
+            try:
+                record(rows.get(timeout=0.2))
+                continue
+            except queue.Empty:
+                pass
+            for f in [f for f in pending if f.done()]:
+                pending.discard(f)
+                f.result()  # re-raises a worker's error here
+        while True:  # rows put just before the last future finished
+            try:
+                record(rows.get(timeout=0.5))
+            except queue.Empty:
+                break
+    except BaseException:
+        # Stop the workers this sweep started instead of waiting for their groups.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()

@@ -1,0 +1,490 @@
+"""The one training loop: tune, select (epoch) by validation, report test there.
+
+`fit` runs every method (and pretraining) with the same loop:
+
+    result = fit(model, task.train, task.val, task.test, "first",
+                 TrainConfig(lr=1e-3, epochs=15), blocks=blocks_for("resnet26"))
+
+What makes it fast, by construction:
+
+- parameters that are not tuned this epoch have requires_grad=False, so their
+  weight gradients are never computed;
+- on a staged model (`deep.models.staged`) with batch norm frozen and no
+  augmentation, the frozen prefix runs once per split: `PrefixCache` keeps the
+  input of each stage (train, val and test) and is shared across epochs,
+  learning rates and methods that start at the same or a later stage; what does
+  not fit in its memory budget is recomputed under no_grad;
+- evaluation runs under `torch.inference_mode` from the cached stage;
+- the test split is evaluated once, at the end, after restoring the parameters
+  of the best validation epoch (the same number as evaluating test every epoch
+  and reading it at that epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import set_trainable
+from .data.base import Split, TensorSplit
+from .models.staged import Stages, stages_of
+from .protocol import SELECTION_RULES
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run (one method at one learning rate).
+
+    Attributes:
+        lr: base learning rate.
+        epochs: passes over the training split.
+        batch_size: training minibatch size.
+        weight_decay: L2 coefficient, added to the gradient (torch Adam/SGD style).
+        select: "val_acc" or "worst_group_val_acc": what picks the epoch.
+        freeze_bn: keep every batch-norm layer in eval mode (running statistics
+            frozen), as the paper's protocol does. False: train mode while training.
+        seed: seeds the minibatch order (and augmentation); the same seed gives the
+            same numbers on CPU.
+        optimizer: "adam" (tuning) or "sgd" (SGD with Nesterov momentum, pretraining).
+        momentum: SGD momentum.
+        schedule: "constant" or "cosine" (per epoch, from lr down to 0).
+        augment: (images, generator) -> images, applied to each training batch;
+            disables the prefix cache.
+        eval_batch_size: minibatch size of evaluation and caching.
+        cache_mb: memory budget of a prefix cache that `fit` builds itself.
+        use_cache: False runs every batch from the raw images (for checks).
+    """
+
+    lr: float
+    epochs: int
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    select: str = "val_acc"
+    freeze_bn: bool = True
+    seed: int = 0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    schedule: str = "constant"
+    augment: Augment | None = None
+    eval_batch_size: int = 256
+    cache_mb: float = 2048
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.select not in SELECTION_RULES:
+            raise ValueError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+
+
+@dataclass
+class Metrics:
+    """Accuracies of one split, in [0, 1]. worst_group_acc is None without groups."""
+
+    acc: float
+    worst_group_acc: float | None = None
+    group_acc: dict[int, float] | None = None
+
+
+@dataclass
+class FitResult:
+    """What one run measured.
+
+    Attributes:
+        status: "ok", or "diverged" when a loss became NaN/inf (the run stops there;
+            the selection covers the epochs completed before).
+        best_epoch: epoch (1-based) with the best validation metric; 0 if none completed.
+        val, test: metrics at best_epoch (test None when no epoch completed).
+        tuned_params: number of parameters that were tuned in at least one epoch.
+        losses: training loss of every step, in order.
+        history: one dict per completed epoch (train_loss, val_acc, ...).
+        seconds: wall time of the run.
+        start_stage: the earliest stage that ran with gradients (0 without a cache).
+    """
+
+    status: str
+    best_epoch: int
+    val: Metrics | None
+    test: Metrics | None
+    tuned_params: int
+    losses: list[float] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    start_stage: int = 0
+
+
+# --- evaluation -------------------------------------------------------------------
+
+def accuracy(preds: torch.Tensor, labels: torch.Tensor,
+             groups: torch.Tensor | None = None) -> Metrics:
+    """Accuracy of int64 predictions (n,) against labels (n,), and per group if given."""
+    correct = (preds == labels).float()
+    if groups is None:
+        return Metrics(correct.mean().item())
+    group_acc = {int(g): correct[groups == g].mean().item() for g in torch.unique(groups)}
+    return Metrics(correct.mean().item(), min(group_acc.values()), group_acc)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: Split, batch_size: int = 256,
+            cache: "PrefixCache | None" = None, start: int = 0,
+            name: str | None = None) -> torch.Tensor:
+    """Predicted classes (n,) for a split, in the split's order, model in eval mode.
+
+    With a cache, runs only the stages from `start` on, from the cached input of
+    split `name`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        if cache is not None and name is not None:
+            source, stage = cache.inputs(name, start)
+            outs = []
+            for i in range(0, len(split), batch_size):
+                outs.append(cache.stages.run(source[i:i + batch_size], stage).argmax(1))
+            return torch.cat(outs)
+        return torch.cat([model(x).argmax(1) for x, _, _ in split.batches(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int = 256,
+             cache: "PrefixCache | None" = None, start: int = 0,
+             name: str | None = None) -> Metrics:
+    preds = predict(model, split, batch_size, cache, start, name)
+    return accuracy(preds, split.labels, split.groups)
+
+
+# --- the prefix cache -------------------------------------------------------------
+
+class PrefixCache:
+    """Inputs of every stage of a frozen, eval-mode staged model, per split.
+
+    Built for one model state (the pretrained weights of a task); `fit` checks
+    that the stages it skips still hold those weights. Activations are stored in
+    float32 under `budget_mb`; a stage that does not fit is not stored, and its
+    input is recomputed (under no_grad) from the nearest stored earlier stage.
+
+    Args:
+        model: a staged model (`StagedModel` or `nn.Sequential`).
+        splits: name -> split, e.g. {"train": ..., "val": ..., "test": ...}.
+        budget_mb: memory budget of the stored activations.
+        batch_size: minibatch size of the prefix forward passes.
+    """
+
+    def __init__(self, model: nn.Module, splits: Mapping[str, Split], budget_mb: float = 2048,
+                 batch_size: int = 256):
+        self.stages: Stages | None = stages_of(model)
+        if self.stages is None:
+            raise TypeError(f"{type(model).__name__} is not staged; it cannot use a prefix cache")
+        self.model, self.splits = model, dict(splits)
+        self.budget = int(budget_mb * 2**20)
+        self.batch_size = batch_size
+        self.used = 0
+        self._acts: dict[tuple[str, int], torch.Tensor] = {}
+        self._too_big: set[tuple[str, int]] = set()
+        self._weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.seconds = 0.0
+
+    def stage_state_matches(self, stop: int) -> bool:
+        """Whether stages [0, stop) still hold the weights the cache was built with."""
+        prefixes = [p for stage in self.stages.prefixes[:stop] for p in stage]
+        for key, value in self.model.state_dict().items():
+            if any(key == p or key.startswith(p + ".") for p in prefixes):
+                if not torch.equal(value, self._weights[key]):
+                    return False
+        return True
+
+    def inputs(self, name: str, stage: int) -> tuple[torch.Tensor, int]:
+        """(activations, s): the stored input of stage s <= `stage` for every example of
+        split `name`, s as late as the budget allows. s == 0 means the images."""
+        for s in range(stage, -1, -1):
+            if (name, s) in self._acts:
+                return self._acts[(name, s)], s
+            if s == 0 or (name, s) in self._too_big:
+                continue
+            self._fill(name, stage)
+            break
+        best = max((s for (n, s) in self._acts if n == name and s <= stage), default=None)
+        if best is not None:
+            return self._acts[(name, best)], best
+        return self._images(name), 0
+
+    def _images(self, name: str) -> torch.Tensor:
+        split = self.splits[name]
+        if isinstance(split, TensorSplit):
+            return split.images
+        if (name, 0) not in self._acts:
+            # Decoded files count against the budget like any activation.
+            first, _, _ = next(split.batches(1))
+            size = first[0].numel() * first.element_size() * len(split)
+            if self.used + size > self.budget:
+                raise MemoryError(f"decoded images of split {name!r} ({size / 2**20:.0f} MB) "
+                                  "exceed the cache budget")
+            images = torch.cat([x for x, _, _ in split.batches(self.batch_size)])
+            self._acts[(name, 0)] = images
+            self.used += size
+        return self._acts[(name, 0)]
+
+    @torch.no_grad()
+    def _fill(self, name: str, stage: int) -> None:
+        """Compute and store inputs of stages (s0, stage], s0 the latest stored stage."""
+        t0 = time.perf_counter()
+        try:
+            source, s0 = self._best_source(name, stage)
+        except MemoryError:
+            self._too_big.update((name, s) for s in range(1, stage + 1))
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outs: dict[int, list[torch.Tensor]] = {s: [] for s in range(s0 + 1, stage + 1)}
+            for i in range(0, len(source), self.batch_size):
+                h = source[i:i + self.batch_size]
+                for s in range(s0, stage):
+                    h = self.stages.run(h, s, s + 1)
+                    outs[s + 1].append(h)
+        finally:
+            self.model.train(was_training)
+        for s, parts in outs.items():
+            acts = torch.cat(parts)
+            size = acts.numel() * acts.element_size()
+            if self.used + size <= self.budget:
+                self._acts[(name, s)] = acts
+                self.used += size
+            else:
+                self._too_big.add((name, s))
+        self.seconds += time.perf_counter() - t0
+
+    def _best_source(self, name: str, stage: int) -> tuple[torch.Tensor, int]:
+        stored = [s for (n, s) in self._acts if n == name and 0 < s <= stage]
+        if stored:
+            return self._acts[(name, max(stored))], max(stored)
+        return self._images(name), 0
+
+
+# --- the loop ---------------------------------------------------------------------
+
+def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
+        method, config: TrainConfig, blocks: Mapping[str, Sequence[str]] | None = None,
+        cache: PrefixCache | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Tune `model` in place with `method`; leave it at the best validation epoch.
+
+    Args:
+        model: the pretrained network (any nn.Module; staged models run faster).
+        train, val, test: splits; val None trains all epochs and keeps the last one
+            (pretraining); test None skips the final evaluation.
+        method: a method name (see `deep.methods`) or a `Method`.
+        config: learning rate, epochs, ...
+        blocks: option -> module-name prefixes; needed by block methods.
+        cache: a `PrefixCache` over {"train": train, "val": val, "test": test} built
+            on this model's current weights; shared across runs of one task. When
+            None, `fit` builds its own if it can.
+        on_epoch: called with each epoch's record (progress bars).
+    """
+    from .methods import get_method  # methods import this module for `accuracy`
+
+    t0 = time.perf_counter()
+    method = get_method(method, blocks) if isinstance(method, str) else method
+    if len(train) == 0:
+        raise ValueError("the training split is empty")
+    if config.select == "worst_group_val_acc" and val is not None and val.groups is None:
+        raise ValueError("select='worst_group_val_acc' needs groups in the validation split")
+    method.prepare(model, config)
+
+    named = dict(model.named_parameters())
+    candidates = method.candidates()
+    cache = _usable_cache(model, train, val, test, config, cache)
+    stages = cache.stages if cache is not None else None
+    if stages is not None and not cache.stage_state_matches(len(stages)):
+        raise ValueError("the prefix cache was built on other weights than the model holds "
+                         "now; reload the weights it was built on before each run, or rebuild it")
+    optimizer = _optimizer(named, candidates, config, per_tensor=method.per_tensor_lr)
+    group_of = {n: i for i, g in enumerate(optimizer.param_groups) for n in g["names"]}
+    generator = torch.Generator().manual_seed(int(config.seed))
+    aug_generator = torch.Generator().manual_seed(int(config.seed) + 1)
+
+    touched: set[str] = set()
+    initial: dict[str, torch.Tensor] = {}
+    best_state: dict[str, torch.Tensor] | None = None
+    best_metric, best_epoch, best_val = -math.inf, 0, None
+    losses, history, status = [], [], "ok"
+    start = 0
+    for epoch in range(1, config.epochs + 1):
+        lr = _scheduled_lr(config, epoch)
+        plan = method.plan(epoch, _Context(model, train, config, generator))
+        for name in plan.tuned:
+            if name not in touched:
+                initial[name] = named[name].detach().clone()
+                touched.add(name)
+        set_trainable(model, plan.tuned)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for name, scale in plan.lr_scale.items():
+            optimizer.param_groups[group_of[name]]["lr"] = lr * scale
+        # Stages before `start` were never tuned in this run: their cached inputs hold.
+        start = stages.first_stage(touched) if stages is not None else 0
+        model.train(not config.freeze_bn)
+        epoch_losses = _train_epoch(model, train, config, optimizer, method, plan.tuned,
+                                    generator, aug_generator, cache, start)
+        losses += epoch_losses
+        if not all(math.isfinite(x) for x in epoch_losses):
+            status = "diverged"
+            break
+        record = {"epoch": epoch, "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1),
+                  "tuned": sum(named[n].numel() for n in plan.tuned)}
+        if val is not None:
+            metrics = evaluate(model, val, config.eval_batch_size, cache, start, "val")
+            metric = metrics.acc if config.select == "val_acc" else metrics.worst_group_acc
+            record.update(val_acc=metrics.acc, val_worst_group_acc=metrics.worst_group_acc)
+            if metric > best_metric:
+                best_metric, best_epoch, best_val = metric, epoch, metrics
+                best_state = _snapshot(model, named, touched, config.freeze_bn)
+        else:
+            best_epoch = epoch
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if val is not None and best_state is not None:
+        _restore(model, named, best_state, initial)
+    test_metrics = None
+    if test is not None and best_epoch > 0 and (best_state is not None or val is None):
+        test_metrics = evaluate(model, test, config.eval_batch_size, cache, start, "test")
+    return FitResult(status=status, best_epoch=best_epoch, val=best_val, test=test_metrics,
+                     tuned_params=sum(named[n].numel() for n in touched), losses=losses,
+                     history=history, seconds=time.perf_counter() - t0, start_stage=start)
+
+
+@dataclass
+class _Context:
+    """What a method may look at when planning an epoch."""
+
+    model: nn.Module
+    train: Split
+    config: TrainConfig
+    generator: torch.Generator
+
+    def minibatches(self, count: int, seed_offset: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`count` random training minibatches (raw images), drawn from their own
+        generator so they do not change the training order."""
+        g = torch.Generator().manual_seed(int(self.config.seed) * 1000 + seed_offset)
+        out = []
+        for x, y, _ in self.train.batches(self.config.batch_size, shuffle=True, generator=g):
+            out.append((x, y))
+            if len(out) == count:
+                break
+        return out
+
+
+def _usable_cache(model, train, val, test, config, cache):
+    if not config.use_cache or config.augment is not None or not config.freeze_bn:
+        return None
+    splits = {"train": train, "val": val, "test": test}
+    if cache is not None:
+        if stages_of(model) is None or cache.model is not model:
+            raise ValueError("the prefix cache was built for another model object")
+        for name, split in splits.items():
+            if split is not None and cache.splits.get(name) is not split:
+                raise ValueError(f"the prefix cache was built for another {name} split")
+        return cache
+    if stages_of(model) is None:
+        return None
+    return PrefixCache(model, {k: v for k, v in splits.items() if v is not None},
+                       config.cache_mb, config.eval_batch_size)
+
+
+def _optimizer(named, candidates, config, per_tensor):
+    """One optimizer over every parameter the method may tune; parameters that are not
+    tuned in an epoch have no gradient, so the optimizer leaves them untouched."""
+    if per_tensor:
+        groups = [{"params": [named[n]], "names": [n]} for n in candidates]
+    else:
+        groups = [{"params": [named[n] for n in candidates], "names": list(candidates)}]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True,
+                           weight_decay=config.weight_decay)
+
+
+def _scheduled_lr(config: TrainConfig, epoch: int) -> float:
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
+    return config.lr
+
+
+def _train_epoch(model, train, config, optimizer, method, tuned, generator, aug_generator,
+                 cache, start) -> list[float]:
+    """One pass over the training split; returns each step's loss (stops at a NaN)."""
+    stages = cache.stages if cache is not None else None
+    if not tuned:
+        # Nothing tuned this epoch: keep the minibatch order in step with a normal epoch.
+        train._order(True, generator)
+        return []
+    if stages is not None:
+        source, s0 = cache.inputs("train", start)
+        order = train._order(True, generator)
+        batches = ((source[idx], train.labels[idx])
+                   for idx in order.split(config.batch_size))
+    else:
+        batches = ((x, y) for x, y, _ in train.batches(config.batch_size, shuffle=True,
+                                                      generator=generator))
+    losses = []
+    for x, y in batches:
+        if stages is not None:
+            if s0 < start:
+                with torch.no_grad():
+                    x = stages.run(x, s0, start)
+            logits = stages.run(x, start)
+        else:
+            if config.augment is not None:
+                x = config.augment(x, aug_generator)
+            logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        penalty = method.penalty(model)
+        if penalty is not None:
+            loss = loss + penalty
+        value = loss.item()
+        losses.append(value)
+        if not math.isfinite(value):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return losses
+
+
+def _snapshot(model, named, touched, freeze_bn):
+    state = {n: named[n].detach().clone() for n in touched}
+    if not freeze_bn:  # running statistics changed too
+        state.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def _restore(model, named, state, initial):
+    with torch.no_grad():
+        for name, value in initial.items():
+            named[name].copy_(state.get(name, value))
+        buffers = dict(model.named_buffers())
+        for key, value in state.items():
+            if key.startswith("buffer:"):
+                buffers[key[len("buffer:"):]].copy_(value)
