@@ -421,3 +421,23 @@ def test_blocknoise_task_perturbs_only_its_block_of_resnet26(fake_dir, block, pr
     # Batch-norm biases start at zero, so their noise (scaled to their norm) is zero too.
     assert changed == {k for k in in_block if before[k].norm() > 0}
     assert changed and all(k.split(".")[0] in prefixes for k in changed)
+
+
+# ----------------------------------------------------------------------------- protocols
+
+@pytest.mark.parametrize("name", FMNIST_NAMES)
+def test_protocol_matches_the_benchmark_and_its_data_options_are_accepted(name, fake_dir):
+    from deep.protocol import load_protocol
+    protocol = load_protocol(name)
+    bench = get_benchmark(name)
+    assert protocol.arch == "resnet26" and set(protocol.shifts) <= set(bench.shifts)
+    assert protocol.methods == ["first", "second", "third", "last", "all", "lp-ft", "gradual-first-last",
+                                "gradual-last-first", "l1sp", "auto-rgn", "auto-snr"]
+    shift = "brightness" if name == "fmnist-c" else protocol.shifts[0]
+    task = bench.load_task(fake_dir, shift, n_target=10, val_per_class=1, test_per_class=1, seed=0,
+                           **protocol.data)
+    assert task.benchmark == name
+    if protocol.data:   # the same options reach load_source, which accepts (and may ignore) them
+        assert bench.load_source(fake_dir, **protocol.data).num_classes == bench.num_classes
+    with pytest.raises(TypeError):
+        bench.load_task(fake_dir, shift, 10, 1, 1, 0, no_such_option=1)
