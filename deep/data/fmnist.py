@@ -201,23 +201,21 @@ def draw_target_splits(labels: torch.Tensor, n_target: int, val_per_class: int,
     return train, val, test
 
 
-def _split(images: np.ndarray, labels: np.ndarray, index: torch.Tensor,
-           groups: np.ndarray | None = None, name: str = "split") -> TensorSplit:
+def _split(images: np.ndarray, labels: np.ndarray, index: torch.Tensor, name: str) -> TensorSplit:
     idx = index.numpy()
-    g = torch.from_numpy(groups[idx].astype(np.int64)) if groups is not None else None
     return TensorSplit(to_float_images(images[idx], MEAN, STD),
-                       torch.from_numpy(labels[idx].astype(np.int64)), g, name)
+                       torch.from_numpy(labels[idx].astype(np.int64)), None, name)
 
 
 def _task(benchmark: str, shift: str, num_classes: int, images: np.ndarray, labels: np.ndarray,
           n_target: int, val_per_class: int, test_per_class: int, seed: int,
-          groups: np.ndarray | None = None, group_names=None, perturb=None) -> ShiftTask:
+          perturb=None) -> ShiftTask:
     """A ShiftTask whose three splits are drawn from (images, labels) by `draw_target_splits`."""
     train, val, test = draw_target_splits(torch.tensor(labels), n_target, val_per_class,
                                           test_per_class, seed, f"{benchmark}/{shift}")
-    make = functools.partial(_split, images, labels, groups=groups)
-    return ShiftTask(benchmark, shift, num_classes, make(train, name="train"), make(val, name="val"),
-                     make(test, name="test"), group_names, perturb)
+    return ShiftTask(benchmark, shift, num_classes, _split(images, labels, train, "train"),
+                     _split(images, labels, val, "val"), _split(images, labels, test, "test"),
+                     perturb=perturb)
 
 
 def _check_shift(benchmark: str, shift: str, shifts: tuple[str, ...]) -> None:
@@ -274,6 +272,8 @@ def load_fmnist_c(data_dir=None, shift: str = "gaussian_noise", n_target: int = 
 
 
 def source_fmnist_c(data_dir=None, *, severity: int = 5, corruption_seed: int = 0) -> SourceData:
+    """Plain Fashion-MNIST. The target-only options are accepted so that one protocol
+    `data` table can be passed to both loaders."""
     return _plain_source(data_dir)
 
 
@@ -341,6 +341,7 @@ def source_fmnist_flip(data_dir=None) -> SourceData:
 # Coat/Shirt, Sandal/Sneaker, Sneaker/Ankle boot, Dress/Trouser.
 MARKED_TOP = (0, 3, 4, 7, 8)  # T-shirt/top, Dress, Coat, Sneaker, Bag
 MARK = 4                      # side of each square of the mark, px
+SPURIOUS_SHIFTS = ("balanced", "reversed")
 GROUP_NAMES = ("B, bottom mark", "B, top mark", "A, bottom mark", "A, top mark")
 """group = 2 * A(y) + cue; cue 1 = mark at the top. The source majority groups are 0 and 3."""
 
@@ -399,7 +400,11 @@ def load_fmnist_spurious(data_dir=None, shift: str = "balanced", n_target: int =
                          val_per_class: int = 10, test_per_class: int = 90, seed: int = 0, *,
                          source_agreement: float = 0.95, cue_seed: int = 0) -> ShiftTask:
     """Target: test images whose mark agrees with A(y) for half of each class ("balanced")
-    or for none ("reversed"); groups (A(y), mark) for worst-group accuracy."""
+    or for none ("reversed"); groups (A(y), mark) for worst-group accuracy.
+
+    `source_agreement` and `cue_seed` shape the source data only; they are accepted here
+    so that one protocol `data` table can be passed to both loaders.
+    """
     _check_shift("fmnist-spurious", shift, SPURIOUS_SHIFTS)
     agreement = {"balanced": 0.5, "reversed": 0.0}[shift]
     data = load_fashion_mnist(data_dir)
@@ -423,8 +428,6 @@ def source_fmnist_spurious(data_dir=None, *, source_agreement: float = 0.95,
                            source_agreement, generator, "source test")
     return SourceData("fmnist-spurious", NUM_CLASSES, 1, train, test)
 
-
-SPURIOUS_SHIFTS = ("balanced", "reversed")
 
 
 # ----------------------------------------------------------------------------- fmnist-blocknoise
@@ -504,6 +507,7 @@ def load_fmnist_blocknoise(data_dir=None, shift: str = "first", n_target: int = 
 
 def source_fmnist_blocknoise(data_dir=None, *, noise_scale: float | None = None, noise_seed: int = 0,
                              arch: str = "resnet26") -> SourceData:
+    """Plain Fashion-MNIST (the perturbation is applied after loading the pretrained model)."""
     return _plain_source(data_dir)
 
 
