@@ -8,9 +8,11 @@ import torch
 
 from deep.data import DataError, get_benchmark
 from deep.data.images import IMAGENET_MEAN, IMAGENET_STD
+from deep.data.imagenet_c import IMAGENET_WNIDS
 from tests.deep.fixtures import writers
 
 WNIDS = writers.IMAGENET_C_WNIDS
+INDEX = {0: WNIDS[0], 151: WNIDS[1], 999: WNIDS[2]}  # their ImageNet class indices
 
 
 @pytest.fixture
@@ -19,20 +21,26 @@ def imagenet_c(tmp_path):
 
 
 def load(data_dir, seed=0, **options):
-    options.setdefault("expected_classes", 3)
+    options.setdefault("allow_subset", True)
     return get_benchmark("imagenet-c").load_task(data_dir, "fog", n_target=6, val_per_class=1,
                                                  test_per_class=2, seed=seed, **options)
 
 
+def test_standard_class_list():
+    assert len(IMAGENET_WNIDS) == len(set(IMAGENET_WNIDS)) == 1000
+    assert list(IMAGENET_WNIDS) == sorted(IMAGENET_WNIDS)
+    assert {i: IMAGENET_WNIDS[i] for i in INDEX} == INDEX
+
+
 def test_splits_labels_and_severity(imagenet_c):
     task = load(imagenet_c)
-    assert task.num_classes == 3
+    assert task.num_classes == 1000, "labels are ImageNet class indices even for a subset"
     seen = []
     for split, per_class in ((task.train, 2), (task.val, 1), (task.test, 2)):
-        assert Counter(split.labels.tolist()) == {0: per_class, 1: per_class, 2: per_class}
+        assert Counter(split.labels.tolist()) == {c: per_class for c in INDEX}
         for path, label in zip(split.paths, split.labels.tolist()):
             parts = path.split("/")
-            assert parts[-4:-1] == ["fog", "5", WNIDS[label]], "label = sorted-wnid position"
+            assert parts[-4:-1] == ["fog", "5", INDEX[label]]
         seen += split.paths
     assert len(set(seen)) == len(seen) == 15
 
@@ -43,7 +51,8 @@ def test_images_are_decoded_to_normalised_224px(imagenet_c):
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     rgb = ((x * std + mean) * 255).mean(dim=(2, 3))
-    expected = torch.tensor([[*writers._class_color(int(label))[:2], 250] for label in y],
+    position = {c: i for i, c in enumerate(sorted(INDEX))}  # the writer colours by position
+    expected = torch.tensor([[*writers._class_color(position[int(c)])[:2], 250] for c in y],
                             dtype=torch.float32)
     assert torch.allclose(rgb, expected, atol=3), "JPEG colours within 3 levels"
 
@@ -60,8 +69,14 @@ def test_grouped_download_layout(imagenet_c):
 
 
 def test_requires_all_1000_classes_by_default(imagenet_c):
-    with pytest.raises(DataError, match="found 3 class folders.*expected 1000"):
+    with pytest.raises(DataError, match="found 3 class folders.*expected 1000.*allow_subset"):
         get_benchmark("imagenet-c").load_task(imagenet_c, "fog", 6, 1, 2, seed=0)
+
+
+def test_folder_that_is_not_an_imagenet_class(imagenet_c):
+    (imagenet_c / "ImageNet-C" / "fog" / "5" / "n99999999").mkdir()
+    with pytest.raises(DataError, match="not ImageNet class wnids, e.g. 'n99999999'"):
+        load(imagenet_c)
 
 
 def test_missing_data_and_bad_names(tmp_path, imagenet_c):
