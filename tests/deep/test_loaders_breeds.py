@@ -159,3 +159,12 @@ def test_missing_class_folder(tmp_path):
     (root / "val" / target[1][0]).rmdir()
     with pytest.raises(DataError, match=f"missing folder .*val/{target[1][0]}"):
         load_task(root)
+
+
+def test_published_shape_loads_with_the_default_checks(tmp_path):
+    """17 and 30 superclasses: no fixture-only option needed."""
+    root = writers.write_breeds_full(tmp_path)
+    for name, classes in (("living17", 17), ("entity30", 30)):
+        task = get_benchmark(name).load_task(root, "subpopulation", classes, 1, 1, seed=0)
+        assert task.num_classes == classes == get_benchmark(name).num_classes
+        assert sorted(task.train.labels.tolist()) == list(range(classes))
