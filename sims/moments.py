@@ -10,6 +10,7 @@ a few tensor operations. `tests/sims/test_moments.py` holds it equal to the nump
 """
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -58,14 +59,18 @@ class Target:
         return Target(self.teacher_v[index], self.teacher_B[index], self.teacher_activation,
                       self.weights[index], self.covs[index])
 
+    @cached_property
+    def _teacher_moments(self):
+        """E[y^2] per component, (R, J); computed once (the teacher never changes)."""
+        tv = self.teacher_v[:, None, None, :]                                  # (R, 1, 1, kt)
+        tB = self.teacher_B[:, None]                                           # (R, 1, kt, d)
+        act = self.teacher_activation
+        return (tv @ cross_moment(tB, act, tB, act, self.covs)
+                @ tv.transpose(-1, -2))[..., 0, 0]
+
     def label_energy(self):
         """E[y^2] per run, shape (R,): the loss of predicting 0."""
-        tv = self.teacher_v[:, None, :]
-        tB = self.teacher_B[:, None]
-        act = self.teacher_activation
-        per_component = (tv @ cross_moment(tB, act, tB, act, self.covs)
-                         @ tv.transpose(-1, -2))[..., 0, 0]
-        return (self.weights * per_component).sum(-1).clamp(min=0)
+        return (self.weights * self._teacher_moments).sum(-1).clamp(min=0)
 
     def loss(self, v, B, activation):
         """Exact E[(v^T phi(B x) - y)^2] per run, shape (R,), for v (R, k), B (R, k, d).
@@ -79,13 +84,14 @@ class Target:
             diff = diff[:, None]                                                     # (R, 1, d, 1)
             per_component = (diff.transpose(-1, -2) @ self.covs @ diff)[..., 0, 0]
             return (self.weights * per_component).sum(-1)
-        tact = self.teacher_activation
-        nets = [(v, B, activation), (-self.teacher_v, self.teacher_B, tact)]
-        total = 0.0
-        for va, Ba, act_a in nets:
-            for vb, Bb, act_b in nets:
-                moment = cross_moment(Ba[:, None], act_a, Bb[:, None], act_b, self.covs)
-                total = total + (va[:, None, None, :] @ moment @ vb[:, None, :, None])[..., 0, 0]
+        # v^T E[h h^T] v - 2 v^T E[h h*^T] v* + E[y^2], h = phi(B x), per component.
+        B_, v_ = B[:, None], v[:, None, None, :]                                 # (R, 1, ...)
+        own = (v_ @ cross_moment(B_, activation, B_, activation, self.covs)
+               @ v_.transpose(-1, -2))[..., 0, 0]
+        cross = (v_ @ cross_moment(B_, activation, self.teacher_B[:, None],
+                                   self.teacher_activation, self.covs)
+                 @ self.teacher_v[:, None, :, None])[..., 0, 0]
+        per_component = own - 2 * cross + self._teacher_moments
         # Each component's quadratic form is >= 0 exactly; rounding can leave ~-1e-17, which
         # is clipped per component, as in theory.
-        return (self.weights * total.clamp(min=0)).sum(-1)
+        return (self.weights * per_component.clamp(min=0)).sum(-1)

@@ -218,6 +218,8 @@ class Result:
         final_train_loss: (R,), final_loss: {name: (R,)} after each run's last step.
         v: (R, k), B: (R, k, d) final parameters.
         total_steps: (R,) int64, steps each run took ("lp-ft": twice `steps`).
+        diverged: (R,) bool; with on_divergence="nan" these runs' losses are NaN from the
+            first record that caught the divergence on.
         path_v: (R, T, k), path_B: (R, T, k, d) with `keep_path=True`, else None.
     """
     step: torch.Tensor
@@ -228,11 +230,27 @@ class Result:
     v: torch.Tensor
     B: torch.Tensor
     total_steps: torch.Tensor
+    diverged: torch.Tensor
     path_v: torch.Tensor = None
     path_B: torch.Tensor = None
 
+    def update(self, index, other):
+        """Overwrite runs `index` (1-d int64 tensor) with the R' runs of `other`, a Result
+        of a batch.select(index) simulated with the same record points."""
+        if not torch.equal(self.step, other.step):
+            raise ValueError("other has different record points; simulate it with the same "
+                             "record argument")
+        for name in ("train_loss", "final_train_loss", "v", "B", "total_steps", "diverged",
+                     "path_v", "path_B"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine[index] = getattr(other, name)
+        for table, other_table in ((self.loss, other.loss), (self.final_loss, other.final_loss)):
+            for name in table:
+                table[name][index] = other_table[name]
 
-def simulate(batch, steps, record=None, exact=True, keep_path=False):
+
+def simulate(batch, steps, record=None, exact=True, keep_path=False, on_divergence="raise"):
     """Gradient descent on every run of `batch` at once, as `theory.finetune` would.
 
     Args:
@@ -243,8 +261,12 @@ def simulate(batch, steps, record=None, exact=True, keep_path=False):
         exact: solve the modes that are linear in the parameters in closed form (exact
             gradient descent, see the module docstring) instead of stepping them.
         keep_path: also record v and B at every record point.
+        on_divergence: "raise" (as theory: ValueError naming the runs and their lr) or
+            "nan" (flag them in `Result.diverged` and record NaN for them; the other runs
+            are unaffected, since no operation mixes runs).
+    Divergence: a train loss that is non-finite or above DIVERGENCE_FACTOR times
+    max(its start, |y|^2 / (2n)), checked at the record points and the end.
     Returns: a `Result`.
-    Raises ValueError naming the runs and their lr if any run diverges (as theory does).
     """
     if not isinstance(batch, Batch):
         raise ValueError(f"batch must be a sims.Batch, got {type(batch).__name__}")
@@ -255,7 +277,9 @@ def simulate(batch, steps, record=None, exact=True, keep_path=False):
     lp_ft = np.array([t == "lp-ft" for t in batch.tune])
     totals = np.where(lp_ft, 2 * steps, steps)
     grid = _record_grid(record, int(totals.max()))
-    recorder = _Recorder(batch, grid, totals, keep_path)
+    if on_divergence not in ("raise", "nan"):
+        raise ValueError(f"on_divergence must be 'raise' or 'nan', got {on_divergence!r}")
+    recorder = _Recorder(batch, grid, totals, keep_path, on_divergence == "raise")
 
     # Which runs take which path. Exact runs: the whole run ("last", linear "first") or
     # the probing phase ("lp-ft"), after which the lp-ft run joins the stepped ones.
@@ -317,9 +341,12 @@ def _features(Z, activation):
 class _Recorder:
     """Collects losses (and optionally parameters) at the record points of every run."""
 
-    def __init__(self, batch, grid, totals, keep_path):
+    def __init__(self, batch, grid, totals, keep_path, raise_on_divergence):
         R, T, dtype, device = len(batch), len(grid), batch.dtype, batch.device
         self.batch, self.grid, self.totals = batch, grid, totals
+        self._subsets = {}
+        self.raise_on_divergence = raise_on_divergence
+        self.diverged = torch.zeros(R, dtype=torch.bool, device=device)
         nan = lambda *shape: torch.full(shape, math.nan, dtype=dtype, device=device)  # noqa
         self.train = nan(R, T)
         self.loss = {name: nan(R, T) for name in batch.targets}
@@ -343,20 +370,28 @@ class _Recorder:
 
     def write(self, runs, t, v, B, train=None):
         """Record runs (indices into the batch) at record indices t; v (r, k), B (r, k, d)."""
-        runs_t = torch.as_tensor(runs, device=self.batch.device)
-        sub = self.batch.select(runs_t)
+        sub = self._subset(runs)
         train = train_losses(sub, v, B) if train is None else train
-        self._check(runs, train)
-        self.train[runs, t] = train
+        gone = self._check(runs, train)[:, None]
+        nan = lambda x: x.masked_fill(gone.view(-1, *[1] * (x.dim() - 1)), math.nan)  # noqa
+        self.train[runs, t] = nan(train)
         for name, target in sub.targets.items():
-            self.loss[name][runs, t] = target.loss(v, B, sub.activation)
+            self.loss[name][runs, t] = nan(target.loss(v, B, sub.activation))
         if self.path_v is not None:
-            self.path_v[runs, t], self.path_B[runs, t] = v, B
+            self.path_v[runs, t], self.path_B[runs, t] = nan(v), nan(B)
+
+    def _subset(self, runs):
+        """batch.select(runs), memoized: the same few run sets record again and again."""
+        key = np.asarray(runs).tobytes()
+        if key not in self._subsets:
+            self._subsets[key] = self.batch.select(torch.as_tensor(runs, device=self.batch.device))
+        return self._subsets[key]
 
     def _check(self, runs, train):
-        scale = self.scale[torch.as_tensor(runs, device=self.scale.device)]
-        bad = ~torch.isfinite(train) | (train > DIVERGENCE_FACTOR * scale)
-        if bool(bad.any()):
+        """Flag (or raise on) diverged runs; returns which of `runs` have diverged by now."""
+        runs_t = torch.as_tensor(runs, device=self.batch.device)
+        bad = ~torch.isfinite(train) | (train > DIVERGENCE_FACTOR * self.scale[runs_t])
+        if bool(bad.any()) and self.raise_on_divergence:
             bad_runs = np.asarray(runs)[bad.cpu().numpy()]
             lrs = self.batch.lr[torch.as_tensor(bad_runs, device=self.batch.device)]
             raise ValueError(
@@ -364,14 +399,18 @@ class _Recorder:
                 f"{DIVERGENCE_FACTOR:.0e} x its start): runs {bad_runs[:5].tolist()} with "
                 f"lr {lrs[:5].tolist()}, tune {[self.batch.tune[i] for i in bad_runs[:5]]}; "
                 "use a smaller lr")
+        self.diverged[runs_t] |= bad
+        return self.diverged[runs_t]
 
     def result(self, v, B):
+        everyone = np.arange(len(self.batch))
         final_train = train_losses(self.batch, v, B)
-        self._check(np.arange(len(self.batch)), final_train)
-        final = {name: target.loss(v, B, self.batch.activation)
+        gone = self._check(everyone, final_train)
+        final = {name: target.loss(v, B, self.batch.activation).masked_fill(gone, math.nan)
                  for name, target in self.batch.targets.items()}
-        return Result(torch.as_tensor(self.grid), self.train, self.loss, final_train, final,
-                      v, B, torch.as_tensor(self.totals), self.path_v, self.path_B)
+        return Result(torch.as_tensor(self.grid), self.train, self.loss,
+                      final_train.masked_fill(gone, math.nan), final, v, B,
+                      torch.as_tensor(self.totals), self.diverged, self.path_v, self.path_B)
 
 
 def _decayed_step(lam, lr, s):
@@ -431,46 +470,95 @@ def _mv(A, x):
     return torch.bmm(A, x[..., None])[..., 0]
 
 
-class _SampleCoordinates:
-    """B = B_start + C P, with P = X (C is k x n) when n <= d, else P = I (C is k x d).
+class _LinearEngine:
+    """Gradient steps of the linear net f = v^T B x, in the cheaper of two exact forms.
 
-    Every gradient step on B adds E^T X / n (E: n x k), whose rows lie in the row span of
-    X, so C absorbs it exactly: C -= lr/n E^T (P = X) or C -= lr/n E^T X (P = I). The
-    pre-activations are Z = X B^T = Z0 + M C^T with Z0 = X B_start^T and M = X P^T.
+    With r = X B^T v - y, a step is v -= lr/n B X^T r and B -= lr/n v r^T X. When n <= d
+    it is carried on the sample side: Z = X B^T (n x k) and K = X X^T (n x n),
+
+        r = Z v - y,   v -= lr/n Z^T r,   Z -= lr/n (K r) v^T,   C -= lr/n v r^T,
+
+    with B = B_start + C X recovered when asked; otherwise on the input side, with
+    G = X^T X and b = X^T y (d x d, d),
+
+        u = G B^T v - b (= X^T r),   v -= lr/n B u,   B -= lr/n v u^T.
+
+    Either way a step is a few matrix-vector products per run (~3 n k + n^2 or 3 d k + d^2
+    multiply-adds). Tensors keep the run index last, (..., R), so each product is one
+    elementwise multiply and one reduction vectorized over the runs, which is much faster
+    on a CPU than R tiny matrix calls (`torch.bmm` with a vector operand).
     """
 
-    def __init__(self, B_start, X):
-        self.B_start, self.X = B_start, X
+    def __init__(self, v, B, X, y):
         self.on_samples = X.shape[1] <= X.shape[2]
-        self.Z0 = X @ B_start.transpose(1, 2)                                 # (R, n, k)
+        self.B_start, self.X = B, X
+        last = lambda a: a.permute(*range(1, a.dim()), 0).contiguous()   # noqa: E731
+        self.v = last(v)                                                      # (k, R)
+        if self.on_samples:
+            self.F = last(X @ B.transpose(1, 2))                             # Z: (n, k, R)
+            self.gram = last(X @ X.transpose(1, 2))                          # K: (n, n, R)
+            self.y = last(y)                                                  # (n, R)
+            self.C = self.F.new_zeros(B.shape[1], X.shape[1], B.shape[0])    # (k, n, R)
+        else:
+            self.F = last(B.transpose(1, 2))                                  # B^T: (d, k, R)
+            self.gram = last(X.transpose(1, 2) @ X)                          # G: (d, d, R)
+            self.b = last((X.transpose(1, 2) @ y[..., None])[..., 0])        # (d, R)
+
+    def step(self, rate_v, rate_B):
+        """One simultaneous step; rate_* (R,) = lr / n per run, 0 where frozen."""
+        v, F = self.v, self.F
+        if self.on_samples:
+            r = (F * v).sum(1) - self.y                                       # (n, R)
+            gv = (F * r[:, None]).sum(0)                                      # Z^T r: (k, R)
+            Kr = (self.gram * r).sum(1)                                       # (n, R)
+            F.addcmul_((rate_B * Kr)[:, None], v[None], value=-1)
+            self.C.addcmul_((rate_B * v)[:, None], r[None], value=-1)
+        else:
+            w = (F * v).sum(1)                                                # B^T v: (d, R)
+            u = (self.gram * w).sum(1) - self.b                               # X^T r: (d, R)
+            gv = (F * u[:, None]).sum(0)                                      # B u: (k, R)
+            F.addcmul_((rate_B * u)[:, None], v[None], value=-1)
+        self.v = v - rate_v * gv
+
+    def params(self):
+        """(v (R, k), B (R, k, d)) now."""
+        v = self.v.T
+        if self.on_samples:
+            return v, self.B_start + self.C.permute(2, 0, 1) @ self.X
+        return v, self.F.permute(2, 1, 0)
+
+
+class _ReluEngine:
+    """Gradient steps of f = v^T relu(B x) (relu'(0) = 0, as in theory), batched (R, ...).
+
+    B = B_start + C P with P = X (C is k x n) when n <= d, else P = I (C = B - B_start).
+    Every step adds to B a matrix E^T X / n whose rows lie in the row span of X, so C
+    absorbs it exactly (C -= lr/n E^T, or E^T X), and the pre-activations are
+    Z = Z0 + M C^T with Z0 = X B_start^T and M = X P^T: n^2 k multiply-adds a step instead
+    of n d k when n <= d.
+    """
+
+    def __init__(self, v, B, X, y):
+        self.on_samples = X.shape[1] <= X.shape[2]
+        self.v, self.B_start, self.X, self.y = v, B, X, y
+        self.Z0 = X @ B.transpose(1, 2)                                       # (R, n, k)
         self.M = X @ X.transpose(1, 2) if self.on_samples else X              # (R, n, p)
-        self.Z0_T, self.M_T = self.Z0.transpose(1, 2), self.M.transpose(1, 2)
+        self.C = B.new_zeros(B.shape[0], B.shape[1], self.M.shape[2])         # (R, k, p)
 
-    def zeros(self):
-        R, k, p = self.B_start.shape[0], self.B_start.shape[1], self.M.shape[2]
-        return self.B_start.new_zeros(R, k, p)
+    def step(self, rate_v, rate_B):
+        v = self.v
+        Z = torch.baddbmm(self.Z0, self.M, self.C.transpose(1, 2))            # (R, n, k)
+        H = Z.clamp(min=0)
+        r = (H * v[:, None, :]).sum(2) - self.y                               # (R, n)
+        gv = (H * r[..., None]).sum(1)                                        # H^T r: (R, k)
+        E = r[..., None] * v[:, None, :]
+        E.masked_fill_(Z <= 0, 0.0)                                           # relu'(0) = 0
+        E_T = E.transpose(1, 2)                                               # (R, k, n)
+        self.C = self.C - rate_B[:, None, None] * (E_T if self.on_samples else E_T @ self.X)
+        self.v = v - rate_v[:, None] * gv
 
-    def B(self, C):
-        return self.B_start + (C @ self.X if self.on_samples else C)
-
-    def step_linear(self, v, C, y, rate_v, rate_B):
-        """One simultaneous step of f = v^T B x; rate_* = lr / n per run (0: frozen)."""
-        r = _mv(self.Z0, v) + _mv(self.M, _mv(C.transpose(1, 2), v)) - y     # (R, n)
-        gv = _mv(self.Z0_T, r) + _mv(C, _mv(self.M_T, r))                     # Z^T r, (R, k)
-        q = r if self.on_samples else _mv(self.X.transpose(1, 2), r)           # (R, p)
-        C = C - (rate_B[:, None] * v)[:, :, None] * q[:, None, :]
-        return v - rate_v[:, None] * gv, C
-
-    def step_relu(self, v, C, y, rate_v, rate_B):
-        """One simultaneous step of f = v^T relu(B x); relu'(0) = 0 as in theory."""
-        Z = self.Z0 + self.M @ C.transpose(1, 2)                                # (R, n, k)
-        on = Z > 0
-        H = torch.where(on, Z, torch.zeros_like(Z))
-        r = _mv(H, v) - y
-        gv = _mv(H.transpose(1, 2), r)
-        E_T = (r[:, None, :] * v[:, :, None]) * on.transpose(1, 2)             # (R, k, n)
-        delta = E_T if self.on_samples else E_T @ self.X
-        return v - rate_v[:, None] * gv, C - rate_B[:, None, None] * delta
+    def params(self):
+        return self.v, self.B_start + (self.C @ self.X if self.on_samples else self.C)
 
 
 def _stepped(batch, v, B, offset, length, boundary, before, after, recorder, runs):
@@ -480,9 +568,8 @@ def _stepped(batch, v, B, offset, length, boundary, before, after, recorder, run
     (v, B) as flagged by before[i] for j < boundary[i] and by after[i] from then on.
     Records at the grid points its segment covers. Returns the final (v, B).
     """
-    co = _SampleCoordinates(B, batch.X)
-    C = co.zeros()
-    step = co.step_linear if batch.activation == "linear" else co.step_relu
+    engine = (_LinearEngine if batch.activation == "linear" else _ReluEngine)(
+        v, B, batch.X, batch.y)
     rate = batch.lr / batch.n.to(batch.lr.dtype)
     points = recorder.points(offset, length)
     length_t = torch.as_tensor(length, device=v.device)
@@ -492,12 +579,42 @@ def _stepped(batch, v, B, offset, length, boundary, before, after, recorder, run
     for j in range(last + 1):
         if j in points:
             positions, t = points[j]
-            recorder.write(runs[positions], t, v[positions], co.B(C)[positions])
+            v_j, B_j = engine.params()
+            recorder.write(runs[positions], t, v_j[positions], B_j[positions])
         if j == last:
             break
         if j in changes:     # the update flags change only at phase boundaries and ends
             flags = torch.where((j < boundary_t)[:, None], before, after)
             flags = flags * (j < length_t)[:, None]
             rate_v, rate_B = rate * flags[:, 0], rate * flags[:, 1]
-        v, C = step(v, C, batch.y, rate_v, rate_B)
-    return v, co.B(C)
+        engine.step(rate_v, rate_B)
+    return engine.params()
+
+
+def gradients(batch, v=None, B=None):
+    """dL/dv (R, k) and dL/dB (R, k, d) of every run's sample loss at (v, B), by default
+    at the pretrained point (what Auto-RGN looks at)."""
+    v = batch.v if v is None else v
+    B = batch.B if B is None else B
+    Z = batch.X @ B.transpose(1, 2)                                          # (R, n, k)
+    H = _features(Z, batch.activation)
+    n = batch.n.to(v.dtype)
+    r = (H @ v[..., None])[..., 0] - batch.y                                 # (R, n)
+    grad_v = (H.transpose(1, 2) @ r[..., None])[..., 0] / n[:, None]
+    E = r[..., None] * v[:, None, :]
+    if batch.activation == "relu":
+        E = E * (Z > 0)
+    return grad_v, E.transpose(1, 2) @ batch.X / n[:, None, None]
+
+
+def start_curvature(batch, v=None):
+    """Per run, the largest curvature of the first- and last-layer losses at (v, B_src)
+    (v defaults to the pretrained head): max(|v|^2 lam_max(X^T X / n), lam_max(H^T H / n)),
+    shape (R,). Gradient descent on either layer alone is stable for lr < 2 / this (for
+    relu it bounds the Gauss-Newton part)."""
+    v = batch.v if v is None else v
+    n = batch.n.to(batch.dtype)[:, None, None]
+    H = _features(batch.X @ batch.B.transpose(1, 2), batch.activation)
+    first = (v * v).sum(1) * torch.linalg.eigvalsh(batch.X.transpose(1, 2) @ batch.X / n)[:, -1]
+    last = torch.linalg.eigvalsh(H.transpose(1, 2) @ H / n)[:, -1]
+    return torch.maximum(first, last)

@@ -1,0 +1,59 @@
+"""Command line: `python -m sims figures` (the theory figures) and `python -m sims plot`.
+
+    python -m sims figures [--draws 200] [--steps 2000] [--seed 0] [--device auto]
+                           [--dtype float64] [--threads 1] [--out figures] [--only f1,f4]
+                           [--resume]
+    python -m sims plot [--out figures] [--only ...]     redraw from the CSVs only
+    python -m sims.speed                                  the speed benchmark
+"""
+import argparse
+import sys
+
+import torch
+
+from .experiments import Settings
+from .figures import make_figures, resolve_only
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sims", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    figures = commands.add_parser("figures", help="simulate and draw F1..F6")
+    defaults = Settings()
+    figures.add_argument("--draws", type=int, default=defaults.draws,
+                         help=f"random draws per curve point (default {defaults.draws})")
+    figures.add_argument("--steps", type=int, default=defaults.steps,
+                         help=f"gradient steps per phase (default {defaults.steps})")
+    figures.add_argument("--seed", type=int, default=defaults.seed)
+    figures.add_argument("--device", default=defaults.device, help="auto | cpu | cuda[:i]")
+    figures.add_argument("--dtype", default=defaults.dtype, choices=["float64", "float32"])
+    figures.add_argument("--threads", type=int, default=1,
+                         help="torch CPU threads (default 1: the tensors are small, and on a "
+                              "shared machine extra threads cost more than they give)")
+    figures.add_argument("--resume", action="store_true",
+                         help="reuse CSVs already made with the same settings")
+    plot = commands.add_parser("plot", help="redraw the figures from the CSVs in --out")
+    for sub in (figures, plot):
+        sub.add_argument("--out", default="figures", help="output folder (default figures/)")
+        sub.add_argument("--only", default=None, help="comma-separated figures, e.g. f1,f4")
+    args = parser.parse_args(argv)
+    try:
+        resolve_only(args.only)
+        if args.command == "plot":
+            make_figures(Settings(), args.out, args.only, resume=True, log=print,
+                         simulate=False)
+            return 0
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        settings = Settings(draws=args.draws, steps=args.steps, seed=args.seed,
+                            dtype=args.dtype, device=args.device)
+        make_figures(settings, args.out, args.only, resume=args.resume)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
