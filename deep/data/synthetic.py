@@ -48,17 +48,18 @@ def _palette() -> torch.Tensor:
 
 
 def generate(labels: torch.Tensor, subpopulation: int, generator: torch.Generator,
-             noise: float = 0.3) -> torch.Tensor:
-    """Images (n, 3, 16, 16) float32 for int64 `labels` (n,) from subpopulation 0 (A) or 1 (B)."""
+             noise: float = 0.3, size: int = SIZE, channels: int = CHANNELS) -> torch.Tensor:
+    """Images (n, channels, size, size) float32 for int64 `labels` (n,) in [0, 4), from
+    subpopulation 0 (A) or 1 (B). channels <= 3."""
     n = len(labels)
-    coords = torch.arange(SIZE, dtype=torch.float32) / SIZE
+    coords = torch.arange(size, dtype=torch.float32) / size
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     angle = labels.float() * math.pi / NUM_CLASSES
     freq = 2.0 if subpopulation == 0 else 3.5
     phase = torch.rand(n, generator=generator) * 2 * math.pi
     proj = (torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy)
     wave = torch.sin(2 * math.pi * freq * proj + phase[:, None, None])          # (n, H, W)
-    colour = _palette()[subpopulation][labels]                                  # (n, C)
+    colour = _palette()[subpopulation][labels][:, :channels]                    # (n, C)
     images = wave[:, None] * (0.5 + 0.5 * colour[:, :, None, None].abs()) * colour.sign()[:, :, None, None]
     images = images + noise * torch.randn(images.shape, generator=generator)
     return images.float().contiguous()

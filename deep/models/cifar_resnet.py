@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .staged import StagedModel
+from .staged import StagedModel, torchvision_conv_bn_pairs
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -76,6 +76,9 @@ class CifarResNet(StagedModel):
     # Stages are the tune blocks: first = stem + layer1, ..., last = fc. Pooling ends
     # the last feature stage so that the input cached for `last` is a small vector.
     stage_prefixes = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("fc",))
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        return torchvision_conv_bn_pairs(self)
 
     def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if index == 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .staged import StagedModel
+from .staged import StagedModel, torchvision_conv_bn_pairs
 
 
 class Bottleneck(nn.Module):
@@ -72,6 +72,9 @@ class ResNet50(StagedModel):
 
     # Stages are the tune blocks (first = stem + layer1, ..., last = fc).
     stage_prefixes = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("layer4",), ("fc",))
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        return torchvision_conv_bn_pairs(self)
 
     def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if index == 0:

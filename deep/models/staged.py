@@ -17,13 +17,18 @@ class StagedModel(nn.Module):
 
     Subclasses set `stage_prefixes` (for each stage, the module-name prefixes of
     the parameters it owns) and implement `stage(index, x)`. The stages must
-    together own every parameter.
+    together own every parameter. They may list in `conv_bn_pairs()` the
+    (conv, batch norm) module names where the BN is applied directly to the
+    conv's output, which lets the loop fold frozen-statistics BN into the conv.
     """
 
     stage_prefixes: tuple[tuple[str, ...], ...] = ()
 
     def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        return []
 
     def run_stages(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run stages [start, stop) on `x`, the input of stage `start`."""
@@ -37,16 +42,21 @@ class StagedModel(nn.Module):
 
 
 class Stages:
-    """A uniform view of a staged model (a `StagedModel` or an `nn.Sequential`)."""
+    """A uniform view of a staged model (a `StagedModel` or an `nn.Sequential`).
 
-    def __init__(self, model: nn.Module):
+    `runner`, if given, is a module of the same structure that computes the stages
+    (e.g. a copy with batch norm folded into the convolutions, sharing the weights).
+    """
+
+    def __init__(self, model: nn.Module, runner: nn.Module | None = None):
+        runner = model if runner is None else runner
         if isinstance(model, StagedModel):
             self.prefixes = tuple(model.stage_prefixes)
-            self._run = model.run_stages
+            self._run = runner.run_stages
         elif isinstance(model, nn.Sequential):
             names = [name for name, _ in model.named_children()]
             self.prefixes = tuple((name,) for name in names)
-            children = list(model.children())
+            children = list(runner.children())
             self._run = lambda x, start, stop: _run_children(children, x, start, stop)
         else:
             raise TypeError(f"{type(model).__name__} is neither a StagedModel nor an nn.Sequential")
@@ -63,11 +73,28 @@ class Stages:
         return min((self.param_stage[n] for n in param_names), default=len(self))
 
 
-def stages_of(model: nn.Module) -> Stages | None:
+def stages_of(model: nn.Module, runner: nn.Module | None = None) -> Stages | None:
     """The model's stages, or None when it cannot be run stage by stage."""
     if isinstance(model, (StagedModel, nn.Sequential)):
-        return Stages(model)
+        return Stages(model, runner)
     return None
+
+
+def torchvision_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(convK, bnK) siblings and `downsample` = Sequential(conv, bn), the torchvision
+    ResNet convention, where each BN directly follows its conv in forward()."""
+    pairs = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for k in ("1", "2", "3"):
+            conv, bn = getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                pairs.append((f"{prefix}conv{k}", f"{prefix}bn{k}"))
+        down = getattr(module, "downsample", None)
+        if (isinstance(down, nn.Sequential) and len(down) == 2
+                and isinstance(down[0], nn.Conv2d) and isinstance(down[1], nn.BatchNorm2d)):
+            pairs.append((f"{prefix}downsample.0", f"{prefix}downsample.1"))
+    return pairs
 
 
 def _run_children(children, x, start, stop):

@@ -1,0 +1,182 @@
+"""Speed benchmark: our engine against a reference-style loop, same data, model, seeds.
+
+    python -m deep.speed            # ResNet-26, 28x28 grayscale, 1000 / 100 / 900 images
+
+Both run the surgical sweep (every single block + `all`, two learning rates, a few
+epochs, Adam, BN frozen, epoch chosen by validation) in one process:
+
+- reference-style (how the public code runs it): every parameter keeps
+  requires_grad=True (the optimizer holds only the tuned block), the whole
+  network runs every step, the model is reloaded from disk for every
+  (option, lr), and validation and test are evaluated after every epoch;
+- ours: `deep.train.fit` with one `PrefixCache` per task (frozen params
+  requires_grad=False, cached prefix activations for train/val/test, BN folded
+  into the convs, channels-last, test evaluated once at the best epoch),
+  pretrained weights read once.
+
+The two must reach the same test accuracies (each (option, lr), within 0.5
+points); then per-option and total wall-clock ratios are printed (CPU-time ratios
+beside them, which are steadier on a shared machine). The last line is
+`total speedup: <ratio>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import blocks_for, tuned_parameter_names
+from .checkpoints import load_model, save_checkpoint
+from .data.base import ShiftTask, SourceData, TensorSplit, seeded
+from .data.synthetic import NUM_CLASSES, generate
+from .pretrain import pretrain
+from .train import PrefixCache, TrainConfig, accuracy, fit
+
+
+def make_data(size: int, channels: int, n_source: int, n_train: int, n_val: int,
+              n_test: int) -> tuple[SourceData, ShiftTask]:
+    """Source: clean synthetic gratings; target: the same with pixel noise (sigma 0.6)."""
+    g = seeded(0)
+
+    def split(n, noise, name):
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(-(-n // NUM_CLASSES))[:n]
+        images = generate(labels, 0, g, size=size, channels=channels)
+        if noise:
+            images = images + noise * torch.randn(images.shape, generator=g)
+        return TensorSplit(images, labels, name=name)
+
+    source = SourceData("speed", NUM_CLASSES, channels, split(n_source, 0, "source"),
+                        split(400, 0, "source-test"))
+    task = ShiftTask("speed", "noise", NUM_CLASSES, split(n_train, 0.6, "train"),
+                     split(n_val, 0.6, "val"), split(n_test, 0.6, "test"))
+    return source, task
+
+
+class Clock:
+    """Wall and process-CPU seconds of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+@torch.no_grad()
+def _reference_eval(model, split, batch_size):
+    preds = torch.cat([model(x).argmax(1) for x, _, _ in split.batches(batch_size)])
+    return accuracy(preds, split.labels).acc
+
+
+def reference_run(checkpoint, arch, task, option, lr, epochs, batch_size, weight_decay, seed):
+    """One (option, lr) the way the public code does it; returns (test acc at best val, val)."""
+    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1])
+    model.eval()  # BN statistics frozen, as in the reference protocol
+    names = set(tuned_parameter_names(model, option, blocks_for(arch)))
+    params = [p for n, p in model.named_parameters() if n in names]  # all keep requires_grad
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(epochs):
+        for x, y, _ in task.train.batches(batch_size, shuffle=True, generator=generator):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        history.append((_reference_eval(model, task.val, 256), _reference_eval(model, task.test, 256)))
+    best = max(range(epochs), key=lambda i: (history[i][0], -i))
+    return history[best][1], history[best][0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deep.speed", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet26")
+    p.add_argument("--size", type=int, default=28, help="image side in pixels")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-val", type=int, default=100)
+    p.add_argument("--n-test", type=int, default=900)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lrs", default="1e-3,1e-4")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both loops (default 1: on a shared 2-core machine, "
+                        "2-thread OpenMP runs stall whenever another process holds a core)")
+    p.add_argument("--tolerance", type=float, default=0.5, help="max test-accuracy gap, points")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lrs = [float(v) for v in args.lrs.split(",")]
+    blocks = blocks_for(args.arch)
+    options = [*blocks, "all"]
+    batch_size, weight_decay, seed = 64, 1e-4, 0
+
+    print(f"# {args.arch}, {args.channels}x{args.size}x{args.size} images, train/val/test = "
+          f"{args.n_train}/{args.n_val}/{args.n_test}, {args.epochs} epochs, lrs {lrs}, "
+          f"batch {batch_size}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    source, task = make_data(args.size, args.channels, 1000, args.n_train, args.n_val, args.n_test)
+    with Clock() as c:
+        model = pretrain(source, args.arch, epochs=2, lr=0.05, seed=0, batch_size=64,
+                         augment="none", progress=False)
+    source_acc = accuracy(torch.cat([model(x).argmax(1) for x, _, _ in source.test.batches(256)]),
+                          source.test.labels).acc
+    print(f"# source model: 2 epochs of pretraining on 1000 clean images ({c.wall:.0f} s), "
+          f"source test accuracy {100 * source_acc:.1f}%")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "source.pt"
+        save_checkpoint(checkpoint, model, args.arch, NUM_CLASSES, args.channels)
+
+        # Ours: weights read once, one cache for the task, every run from the same state.
+        with Clock() as setup:
+            ours_model = load_model(checkpoint, args.arch, NUM_CLASSES, args.channels)
+            base_state = {k: v.clone() for k, v in ours_model.state_dict().items()}
+            cache = PrefixCache(ours_model, {"train": task.train, "val": task.val, "test": task.test})
+        rows, worst_gap = [], 0.0
+        print(f"{'option':>8} {'lr':>7} | {'ref s':>7} {'ours s':>7} | {'ref acc':>7} {'ours acc':>8}")
+        for option in options:
+            for lr in lrs:
+                with Clock() as ref:
+                    ref_acc, _ = reference_run(checkpoint, args.arch, task, option, lr, args.epochs,
+                                               batch_size, weight_decay, seed)
+                with Clock() as ours:
+                    ours_model.load_state_dict(base_state)
+                    config = TrainConfig(lr=lr, epochs=args.epochs, batch_size=batch_size,
+                                         weight_decay=weight_decay, seed=seed)
+                    result = fit(ours_model, task.train, task.val, task.test, option, config,
+                                 blocks, cache)
+                ours_acc = result.test.acc
+                worst_gap = max(worst_gap, abs(ours_acc - ref_acc) * 100)
+                rows.append((option, lr, ref, ours))
+                print(f"{option:>8} {lr:>7g} | {ref.wall:7.2f} {ours.wall:7.2f} | "
+                      f"{100 * ref_acc:7.2f} {100 * ours_acc:8.2f}", flush=True)
+
+    print(f"\n# ours includes filling the prefix cache ({cache.seconds:.2f} s, counted in the run "
+          f"that needed it) and {setup.wall:.2f} s of setup (added to the total)")
+    print(f"{'option':>8} | {'ref s':>7} {'ours s':>7} {'speedup':>8} | {'cpu speedup':>11}")
+    total_ref = total_ours = cpu_ref = cpu_ours = 0.0
+    for option in options:
+        r = [row for row in rows if row[0] == option]
+        rw, ow = sum(x[2].wall for x in r), sum(x[3].wall for x in r)
+        rc, oc = sum(x[2].cpu for x in r), sum(x[3].cpu for x in r)
+        total_ref, total_ours, cpu_ref, cpu_ours = total_ref + rw, total_ours + ow, cpu_ref + rc, cpu_ours + oc
+        print(f"{option:>8} | {rw:7.1f} {ow:7.1f} {rw / ow:7.2f}x | {rc / oc:10.2f}x")
+    total_ours += setup.wall
+    cpu_ours += setup.cpu
+    print(f"{'total':>8} | {total_ref:7.1f} {total_ours:7.1f} {total_ref / total_ours:7.2f}x | "
+          f"{cpu_ref / cpu_ours:10.2f}x")
+    ok = worst_gap <= args.tolerance
+    print(f"accuracy check: largest test-accuracy gap {worst_gap:.2f} points "
+          f"({'OK' if ok else 'FAILED'}, tolerance {args.tolerance})")
+    print(f"total speedup: {total_ref / total_ours:.2f}x")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

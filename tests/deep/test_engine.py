@@ -1,0 +1,377 @@
+"""The training engine: block registry, freezing, prefix cache, folding, methods."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deep.blocks import BLOCKS, block_options, block_prefixes, blocks_for, tuned_parameter_names
+from deep.checkpoints import load_model
+from deep.data import get_benchmark
+from deep.methods import (AutoRGN, AutoSNR, get_method, gradient_snr, method_names,
+                          per_example_gradient_moments, relative_gradient_norms,
+                          rgn_multipliers, unfreeze_epochs)
+from deep.models import build_model
+from deep.train import PrefixCache, TrainConfig, evaluate, fit, folded_view
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ARCH = "resnet26-w4"
+BLOCKS4 = blocks_for(ARCH)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_benchmark("synthetic").load_task(None, "noise", n_target=96, val_per_class=10,
+                                                test_per_class=20, seed=0)
+
+
+@pytest.fixture
+def model(synthetic_checkpoint):
+    return load_model(synthetic_checkpoint, ARCH, 4, 3)
+
+
+# --- blocks -----------------------------------------------------------------------
+
+def test_registry_options_and_prefixes():
+    assert block_options("resnet26") == ("first", "second", "third", "last")
+    assert block_options("resnet50") == ("first", "second", "third", "fourth", "last")
+    assert block_prefixes("resnet50", "first") == ("conv1", "bn1", "layer1")
+    assert block_prefixes("resnet26-w8", "last") == ("fc",)
+    with pytest.raises(ValueError, match="unknown block 'fourth' for resnet26.*first, second"):
+        block_prefixes("resnet26", "fourth")
+    # every option of every arch matches parameters, and the options partition them
+    for arch, blocks in BLOCKS.items():
+        m = build_model(arch, 3)
+        owned = [n for o in blocks for n in tuned_parameter_names(m, o, blocks)]
+        assert sorted(owned) == sorted(n for n, _ in m.named_parameters())
+
+
+class TinyNet(nn.Module):
+    """A user's own model: not staged, its own names."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_user_mapping_on_any_module(task):
+    net = TinyNet()
+    blocks = {"stem": ("features.0",), "head": ("head",)}
+    assert tuned_parameter_names(net, "head", blocks) == ["head.weight", "head.bias"]
+    assert len(tuned_parameter_names(net, "all", blocks)) == 4
+    with pytest.raises(ValueError, match="unknown block 'middle'; known: stem, head, all"):
+        tuned_parameter_names(net, "middle", blocks)
+    with pytest.raises(ValueError, match="prefix 'classifier' matches no parameter.*features, head"):
+        tuned_parameter_names(net, "head", {"head": ("classifier",)})
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = fit(net, task.train, task.val, task.test, "stem", TrainConfig(lr=1e-2, epochs=2), blocks)
+    after = net.state_dict()
+    assert result.status == "ok" and result.tuned_params == 4 * 3 * 9 + 4
+    assert torch.equal(after["head.weight"], before["head.weight"])
+    assert not torch.equal(after["features.0.weight"], before["features.0.weight"])
+
+
+# --- freezing, caching, folding ---------------------------------------------------
+
+@pytest.mark.parametrize("method", ["first", "second", "third", "last", "lp-ft",
+                                    "gradual-last-first", "auto-snr"])
+def test_frozen_parameters_bitwise_unchanged(model, task, method):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(model, task.train, task.val, task.test, method,
+                 TrainConfig(lr=1e-2, epochs=2), BLOCKS4)
+    tuned = {n for n in before if any(n == p or n.startswith(p + ".")
+                                      for o in ([method] if method in BLOCKS4 else BLOCKS4)
+                                      for p in BLOCKS4[o])}
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert result.status == "ok"
+    # buffers (BN running statistics) never change with BN frozen
+    assert all(".running_" not in k and "num_batches" not in k for k in changed)
+    if method in BLOCKS4:
+        assert changed and changed <= tuned
+        assert result.tuned_params == sum(after[k].numel() for k in tuned if k in dict(model.named_parameters()))
+    if method == "lp-ft":  # 2 epochs: epoch 1 probes, epoch 2 tunes everything
+        total = sum(p.numel() for p in model.parameters())
+        assert [h["tuned"] for h in result.history] == [4 * 16 + 4, total]
+        assert result.tuned_params == total
+
+
+@pytest.mark.parametrize("method", ["second", "third", "last", "gradual-last-first", "lp-ft"])
+def test_cached_prefix_matches_recomputing(synthetic_checkpoint, task, method):
+    """Same losses with and without the cache (folding and channels-last off on both sides,
+    so the cache is the only difference)."""
+    losses, params = [], []
+    for use_cache in (True, False):
+        m = load_model(synthetic_checkpoint, ARCH, 4, 3)
+        config = TrainConfig(lr=1e-2, epochs=3, use_cache=use_cache, fold_bn=False,
+                             channels_last=False)
+        result = fit(m, task.train, task.val, task.test, method, config, BLOCKS4)
+        losses.append(torch.tensor(result.losses))
+        params.append(torch.cat([p.flatten() for p in m.parameters()]))
+        if use_cache:  # the first epoch of each starts after stage 0
+            assert result.history[0]["start_stage"] > 0
+    assert len(losses[0]) == len(losses[1]) == 3 * 2
+    assert torch.allclose(losses[0], losses[1], atol=1e-5, rtol=0)
+    assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+def test_folded_view_same_function_and_gradients(model, task):
+    """BN folded into the convs: same outputs and the same gradients for every parameter."""
+    x, y, _ = next(task.train.batches(32))
+    model.eval()
+    view = folded_view(model)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in view.modules()) == 27  # held by the folds
+    grads = []
+    for net in (model, view):
+        model.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-5 * g.abs().max()), name
+    with torch.no_grad():
+        assert torch.allclose(model(x), view(x), atol=1e-5)
+
+
+def test_fast_path_reaches_same_accuracy(synthetic_checkpoint, task):
+    """Cache + folding + channels-last against the plain loop on a full run."""
+    results = []
+    for fast in (True, False):
+        m = load_model(synthetic_checkpoint, ARCH, 4, 3)
+        results.append(fit(m, task.train, task.val, task.test, "second",
+                           TrainConfig(lr=1e-3, epochs=3, use_cache=fast), BLOCKS4))
+    assert results[0].best_epoch == results[1].best_epoch
+    assert results[0].test.acc == pytest.approx(results[1].test.acc, abs=1.5 / len(task.test))
+    assert np.allclose(results[0].losses, results[1].losses, atol=1e-4)
+
+
+def test_cache_shared_across_runs_and_checked(model, task):
+    splits = {"train": task.train, "val": task.val, "test": task.test}
+    cache = PrefixCache(model, splits)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    r1 = fit(model, task.train, task.val, task.test, "last", TrainConfig(lr=1e-2, epochs=2), BLOCKS4, cache)
+    filled = cache.seconds
+    model.load_state_dict(base)
+    r2 = fit(model, task.train, task.val, task.test, "third", TrainConfig(lr=1e-2, epochs=2), BLOCKS4, cache)
+    assert cache.seconds == filled  # stage inputs were all stored by the first run
+    assert (r1.start_stage, r2.start_stage) == (3, 2)
+    # without reloading the pretrained weights the cache no longer describes the model
+    with pytest.raises(ValueError, match="other weights"):
+        fit(model, task.train, task.val, task.test, "last", TrainConfig(lr=1e-2, epochs=1), BLOCKS4, cache)
+
+
+def test_cache_budget_falls_back_to_recomputing(model, task):
+    splits = {"train": task.train, "val": task.val, "test": task.test}
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tiny = PrefixCache(model, splits, budget_mb=0.05)   # only the small late stages fit
+    r_tiny = fit(model, task.train, task.val, task.test, "second",
+                 TrainConfig(lr=1e-2, epochs=2), BLOCKS4, tiny)
+    assert ("train", 1) not in tiny._acts and tiny.used <= tiny.budget
+    model.load_state_dict(base)
+    big = PrefixCache(model, splits)
+    r_big = fit(model, task.train, task.val, task.test, "second",
+                TrainConfig(lr=1e-2, epochs=2), BLOCKS4, big)
+    assert ("train", 1) in big._acts
+    assert np.allclose(r_tiny.losses, r_big.losses, atol=1e-5)
+
+
+def test_test_accuracy_is_the_one_at_the_best_validation_epoch(synthetic_checkpoint, task):
+    config = TrainConfig(lr=1e-2, epochs=4)
+    full = fit(load_model(synthetic_checkpoint, ARCH, 4, 3), task.train, task.val, task.test,
+               "first", config, BLOCKS4)
+    vals = [h["val_acc"] for h in full.history]
+    assert full.best_epoch == 1 + vals.index(max(vals))
+    # training only up to the best epoch ends at the same model, hence the same test accuracy
+    short = fit(load_model(synthetic_checkpoint, ARCH, 4, 3), task.train, task.val, task.test,
+                "first", TrainConfig(lr=1e-2, epochs=full.best_epoch), BLOCKS4)
+    assert short.best_epoch == full.best_epoch
+    assert short.test.acc == full.test.acc
+
+
+def test_nan_loss_marks_the_run_diverged(model, task):
+    bad = task.train.subset(range(len(task.train)))
+    bad.images[5] = float("nan")
+    result = fit(model, bad, task.val, task.test, "all", TrainConfig(lr=1e-3, epochs=3), BLOCKS4)
+    assert result.status == "diverged"
+    assert result.best_epoch == 0 and result.test is None
+    assert math.isnan(result.losses[-1])
+
+
+def test_worst_group_selection_and_metrics(model):
+    task = get_benchmark("synthetic").load_task(None, "spurious", 96, 16, 16, seed=0)
+    config = TrainConfig(lr=1e-2, epochs=2, select="worst_group_val_acc")
+    result = fit(model, task.train, task.val, task.test, "last", config, BLOCKS4)
+    assert result.val.worst_group_acc is not None and len(result.test.group_acc) == 8
+    assert result.test.worst_group_acc == min(result.test.group_acc.values())
+    plain = get_benchmark("synthetic").load_task(None, "noise", 40, 5, 5, seed=0)
+    with pytest.raises(ValueError, match="needs groups"):
+        fit(model, plain.train, plain.val, plain.test, "last", config, BLOCKS4)
+
+
+def test_evaluate_counts_groups():
+    from deep.train import accuracy
+    m = accuracy(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 0]), torch.tensor([0, 0, 1, 1]))
+    assert m.acc == 0.75 and m.group_acc == {0: 1.0, 1: 0.5} and m.worst_group_acc == 0.5
+
+
+# --- methods ----------------------------------------------------------------------
+
+def test_method_names_and_unknown_method():
+    assert method_names(BLOCKS4)[:5] == ["first", "second", "third", "last", "all"]
+    with pytest.raises(ValueError, match="unknown method 'fourth'.*first, second, third, last, all"):
+        get_method("fourth", BLOCKS4)
+
+
+def test_unfreezing_schedule():
+    assert unfreeze_epochs(4, 15) == [1, 4, 8, 12]
+    assert unfreeze_epochs(4, 2) == [1, 1, 2, 2]
+    assert unfreeze_epochs(5, 10) == [1, 3, 5, 7, 9]
+
+
+def test_gradual_and_lpft_plans(model, task):
+    def plans(name, epochs):
+        method = get_method(name, BLOCKS4)
+        method.prepare(model, TrainConfig(lr=1e-3, epochs=epochs))
+        return [set(method.plan(e, None).tuned) for e in range(1, epochs + 1)]
+
+    def names(*options):
+        return set(tuned_parameter_names(model, list(options), BLOCKS4))
+
+    assert plans("gradual-last-first", 4) == [names("last"), names("last", "third"),
+                                              names("last", "third", "second"), names("all")]
+    assert plans("gradual-first-last", 8)[2] == names("first", "second")
+    assert plans("lp-ft", 5) == [names("last")] * 2 + [names("all")] * 3
+
+
+def test_l1sp_penalty_is_l1_distance_to_pretrained(model):
+    method = get_method("l1sp", BLOCKS4)
+    method.prepare(model, TrainConfig(lr=1e-3, epochs=1))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert method.penalty(model).item() == 0
+    with torch.no_grad():
+        model.fc.weight.add_(0.5)
+    expected = 1e-4 * 0.5 * model.fc.weight.numel()
+    assert method.penalty(model).item() == pytest.approx(expected, rel=1e-5)
+
+
+class _Ctx:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def minibatches(self, count, seed_offset):
+        return self.batches[:count]
+
+
+def _tiny_problem():
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        net[1].running_mean.copy_(torch.randn(4, generator=g))
+        net[1].running_var.uniform_(0.5, 2.0, generator=g)
+    batches = [(torch.randn(6, 3, generator=g), torch.randint(0, 2, (6,), generator=g))
+               for _ in range(3)]
+    return net, batches
+
+
+def _hand_gradients(net, x, y):
+    """Mean cross-entropy gradients of Linear -> BN(eval) -> tanh -> Linear, by hand in float64."""
+    net = net.requires_grad_(False)
+    W1, b1 = net[0].weight.double().numpy(), net[0].bias.double().numpy()
+    bn = net[1]
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double().numpy()
+    t = (bn.bias.double() - bn.running_mean.double() * torch.tensor(s)).numpy()
+    W2, b2 = net[3].weight.double().numpy(), net[3].bias.double().numpy()
+    x, n = x.double().numpy(), len(y)
+    z = x @ W1.T + b1
+    h = np.tanh(z * s + t)
+    logits = h @ W2.T + b2
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d = p.copy()
+    d[np.arange(n), y.numpy()] -= 1
+    d /= n
+    gW2, gb2 = d.T @ h, d.sum(0)
+    dz = (d @ W2) * (1 - h ** 2) * s
+    return {"0.weight": dz.T @ x, "0.bias": dz.sum(0), "3.weight": gW2, "3.bias": gb2}
+
+
+def test_auto_rgn_multipliers_match_hand_computation():
+    net, batches = _tiny_problem()
+    named = dict(net.named_parameters())
+    hand = {n: 0.0 for n in ("0.weight", "0.bias", "3.weight", "3.bias")}
+    for x, y in batches:
+        net.requires_grad_(False)
+        for n, g in _hand_gradients(net, x, y).items():
+            hand[n] += np.linalg.norm(g) / named[n].double().norm().item() / len(batches)
+    top = max(hand.values())
+    expected = {n: v / top for n, v in hand.items()}
+
+    net.requires_grad_(True)
+    method = AutoRGN(minibatches=3)
+    method.prepare(net, TrainConfig(lr=1e-3, epochs=1))
+    assert method.candidates() == list(expected)  # batch-norm tensors are excluded
+    plan = method.plan(1, _Ctx(batches))
+    for n, v in expected.items():
+        assert plan.lr_scale[n] == pytest.approx(v, rel=1e-5)
+    assert max(plan.lr_scale.values()) == 1.0
+    assert rgn_multipliers({"a": 2.0, "b": 1.0, "c": math.inf}) == {"a": 1.0, "b": 0.5, "c": 1.0}
+    raw = relative_gradient_norms(net, list(expected), batches)
+    assert raw["3.bias"] == pytest.approx(hand["3.bias"], rel=1e-5)
+
+
+def test_auto_snr_per_example_statistics_match_a_loop(model, task):
+    model.eval()
+    x, y, _ = next(task.train.batches(10))
+    names = ["conv1.weight", "layer2.1.conv2.weight", "fc.weight", "fc.bias"]
+    mean, var, n = per_example_gradient_moments(model, names, [(x[:6], y[:6]), (x[6:], y[6:])],
+                                                chunk_size=4)
+    assert n == 10
+    named = dict(model.named_parameters())
+    singles = []
+    for i in range(10):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                    [named[k].requires_grad_(True) for k in names])
+        singles.append([g.double() for g in grads])
+    for j, name in enumerate(names):
+        stack = torch.stack([s[j] for s in singles])
+        assert torch.allclose(mean[name], stack.mean(0), atol=1e-7, rtol=1e-4)
+        assert torch.allclose(var[name], stack.var(0), atol=1e-9, rtol=1e-3)
+    snr = gradient_snr(mean, var)
+    expected = (stack.mean(0) ** 2 / (stack.var(0) + 1e-8)).mean().item()
+    assert snr["fc.bias"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_auto_snr_selects_by_threshold(model, task):
+    x, y, _ = next(task.train.batches(16))
+    for threshold, expect_all in ((0.0, True), (1e9, False)):
+        method = AutoSNR(minibatches=1, threshold=threshold)
+        method.prepare(model, TrainConfig(lr=1e-3, epochs=1))
+        plan = method.plan(1, _Ctx([(x, y)]))
+        assert (set(plan.tuned) == set(method.candidates())) == expect_all
+        assert bool(plan.tuned) == expect_all
+    with pytest.raises(ValueError, match="freeze_bn"):
+        AutoSNR().prepare(model, TrainConfig(lr=1e-3, epochs=1, freeze_bn=False))
+
+
+def test_every_method_runs(model, task):
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in method_names(BLOCKS4):
+        model.load_state_dict(base)
+        result = fit(model, task.train, task.val, task.test, name,
+                     TrainConfig(lr=1e-3, epochs=2), BLOCKS4)
+        assert result.status == "ok" and 0 <= result.test.acc <= 1, name
+        assert result.tuned_params > 0, name

@@ -1,0 +1,86 @@
+"""Checkpoints: our format, torchvision-layout state dicts, key checks, manifests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deep.checkpoints import (CheckpointError, load_checkpoint, load_model, load_torchvision_state,
+                              manifest_path, save_checkpoint, sha256_file, verify_checkpoint,
+                              write_manifest)
+from deep.models import build_model
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_own_format_round_trip(tmp_path):
+    model = build_model("resnet26-w4", 5, 1)
+    path = save_checkpoint(tmp_path / "m.pt", model, "resnet26-w4", 5, 1, meta={"note": "x"})
+    ckpt = load_checkpoint(path)
+    assert (ckpt.arch, ckpt.num_classes, ckpt.in_channels, ckpt.meta) == ("resnet26-w4", 5, 1, {"note": "x"})
+    assert _same(ckpt.build(), model)
+    assert _same(load_model(path, "resnet26-w4", 5, 1), model)
+    with pytest.raises(CheckpointError, match="holds arch=resnet26-w4, num_classes=5.*num_classes=10"):
+        load_model(path, "resnet26-w4", 10, 1)
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temp file
+
+
+def test_torchvision_state_dict_variants(tmp_path):
+    model = build_model("resnet50", 10)
+    state = model.state_dict()
+    raw = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # old files
+    torch.save(raw, tmp_path / "raw.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3},
+               tmp_path / "wrapped.pth")
+    for name in ("raw.pth", "wrapped.pth"):
+        assert set(load_torchvision_state(tmp_path / name)) <= set(state)
+        assert _same(load_model(tmp_path / name, "resnet50", 10, 3), model)
+
+
+def test_key_mismatch_names_missing_and_unexpected(tmp_path):
+    state = build_model("resnet26-w4", 4).state_dict()
+    state["head.weight"] = state.pop("fc.weight")
+    state["layer1.0.conv1.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "bad.pth", "resnet26-w4", 4, 3)
+    message = str(err.value)
+    assert "missing keys (1): fc.weight" in message
+    assert "unexpected keys (1): head.weight" in message
+    assert "layer1.0.conv1.weight: file (1,) vs model (4, 4, 3, 3)" in message
+
+
+def test_missing_or_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.pt", "resnet26", 10, 3)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_model(tmp_path / "junk.pt", "resnet26", 10, 3)
+
+
+def test_random_init_warns_and_is_seeded():
+    with pytest.warns(UserWarning, match="RANDOM INITIALISATION"):
+        a = load_model("none", "resnet26-w4", 4, 3, seed=1)
+    with pytest.warns(UserWarning):
+        b = load_model("none", "resnet26-w4", 4, 3, seed=1)
+    assert _same(a, b)
+
+
+def test_manifest_verification(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", build_model("resnet26-w4", 4), "resnet26-w4", 4, 3)
+    out = write_manifest(path, source_test_acc=0.9, seed=0)
+    assert out == manifest_path(path) == tmp_path / "m.pt.json"
+    info = verify_checkpoint(path)
+    assert info["sha256"] == sha256_file(path) and info["source_test_acc"] == 0.9
+    info["sha256"] = "0" * 64
+    out.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="does not match the manifest"):
+        verify_checkpoint(path)
+    out.unlink()
+    with pytest.raises(CheckpointError, match="manifest not found"):
+        verify_checkpoint(path)

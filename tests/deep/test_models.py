@@ -1,0 +1,111 @@
+"""Architectures: torchvision's ResNet-50 layout, the CIFAR ResNet-26, stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deep.models import ARCHS, build_model, stages_of
+
+
+def expected_resnet50_shapes(num_classes=1000):
+    """Written from the ResNet-50 description (He et al. 2016, torchvision v1.5 layout),
+    independently of deep.models: name -> shape for every state-dict entry."""
+    shapes = {"conv1.weight": (64, 3, 7, 7)}
+
+    def bn(prefix, c):
+        shapes.update({f"{prefix}.weight": (c,), f"{prefix}.bias": (c,),
+                       f"{prefix}.running_mean": (c,), f"{prefix}.running_var": (c,),
+                       f"{prefix}.num_batches_tracked": ()})
+
+    bn("bn1", 64)
+    cin = 64
+    for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+        for b in range(blocks):
+            p = f"layer{stage}.{b}"
+            shapes[f"{p}.conv1.weight"] = (width, cin, 1, 1)
+            bn(f"{p}.bn1", width)
+            shapes[f"{p}.conv2.weight"] = (width, width, 3, 3)
+            bn(f"{p}.bn2", width)
+            shapes[f"{p}.conv3.weight"] = (4 * width, width, 1, 1)
+            bn(f"{p}.bn3", 4 * width)
+            if b == 0:
+                shapes[f"{p}.downsample.0.weight"] = (4 * width, cin, 1, 1)
+                bn(f"{p}.downsample.1", 4 * width)
+            cin = 4 * width
+    shapes["fc.weight"] = (num_classes, 2048)
+    shapes["fc.bias"] = (num_classes,)
+    return shapes
+
+
+def test_resnet50_matches_torchvision_layout():
+    model = build_model("resnet50", 1000)
+    state = model.state_dict()
+    expected = expected_resnet50_shapes()
+    assert set(state) == set(expected)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert len(state) == 320
+    assert state["layer4.2.bn3.running_var"].shape == (2048,)
+    assert state["fc.weight"].shape == (1000, 2048)
+    # 25,557,032 parameters is the published count of torchvision's resnet50
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    blocks_per_stage = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")})
+                        for i in range(1, 5)]
+    assert blocks_per_stage == [3, 4, 6, 3]
+
+
+def test_resnet50_forward_shape_and_stride():
+    model = build_model("resnet50", 7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 7)
+    # v1.5: the stride sits on the 3x3 conv of each stage's first block
+    assert model.layer2[0].conv2.stride == (2, 2) and model.layer2[0].conv1.stride == (1, 1)
+
+
+def resnet26_param_count(width, in_channels, num_classes):
+    """Counted by hand: stem conv + BN, 3 stages of 4 BasicBlocks, fc."""
+    total = in_channels * width * 9 + 2 * width
+    cin = width
+    for w in (width, 2 * width, 4 * width):
+        for b in range(4):
+            c_in = cin if b == 0 else w
+            total += c_in * w * 9 + 2 * w + w * w * 9 + 2 * w
+            if b == 0 and c_in != w:
+                total += c_in * w + 2 * w
+        cin = w
+    return total + 4 * width * num_classes + num_classes
+
+
+@pytest.mark.parametrize("arch,width", [("resnet26", 16), ("resnet26-w8", 8), ("resnet26-w4", 4)])
+@pytest.mark.parametrize("in_channels,size", [(3, 32), (1, 28)])
+def test_cifar_resnet26(arch, width, in_channels, size):
+    model = build_model(arch, 10, in_channels).eval()
+    names = {k.split(".")[0] for k in model.state_dict()}
+    assert names == {"conv1", "bn1", "layer1", "layer2", "layer3", "fc"}
+    assert [len(getattr(model, f"layer{i}")) for i in (1, 2, 3)] == [4, 4, 4]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) + 1 == 26  # 25 3x3 convs + fc (1x1 shortcuts not counted)
+    assert sum(p.numel() for p in model.parameters()) == resnet26_param_count(width, in_channels, 10)
+    with torch.no_grad():
+        x = torch.randn(3, in_channels, size, size)
+        out = model(x)
+        stages = stages_of(model)
+        mid = stages.run(x, 0, 2)
+        assert torch.allclose(stages.run(mid, 2), out, atol=1e-6)
+    assert out.shape == (3, 10)
+
+
+def test_build_model_rejects_unknown_arch():
+    with pytest.raises(ValueError, match="unknown arch 'resnet18'.*resnet26"):
+        build_model("resnet18", 10)
+    assert "resnet50" in ARCHS
+
+
+def test_stage_ownership_covers_every_parameter():
+    for arch in ARCHS:
+        model = build_model(arch, 5)
+        stages = stages_of(model)
+        assert set(stages.param_stage) == {n for n, _ in model.named_parameters()}
+        assert stages.param_stage["fc.weight"] == len(stages) - 1
+        assert stages.param_stage["conv1.weight"] == 0
