@@ -50,6 +50,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="source model: our checkpoint, a torchvision ResNet-50 "
                    "state dict, or 'none' (random init, smoke tests only)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--cache-mb", type=float, default=2048,
                    help="memory budget of the frozen-prefix activation cache per process")
     p.add_argument("--quick", action="store_true",
@@ -70,7 +71,8 @@ def run_sweep(args) -> int:
         val_per_class=args.val_per_class, test_per_class=args.test_per_class,
         batch_size=args.batch_size, weight_decay=args.weight_decay, select=args.select)
     summary = sweep(protocol, args.out, checkpoint=args.checkpoint, data_dir=args.data_dir,
-                    workers=args.workers, cache_mb=args.cache_mb, progress=not args.no_progress)
+                    workers=args.workers, cache_mb=args.cache_mb, progress=not args.no_progress,
+                    device=args.device)
     print(f"ran {summary.ran} cells ({summary.diverged} diverged), skipped {summary.skipped} "
           f"already finished, in {summary.seconds:.1f} s; results: {summary.out}")
     return 0
@@ -109,7 +111,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 def run_pretrain(args) -> int:
     from .pretrain import pretrain_to_file
 
-    command = "python -m deep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m deep " + " ".join(shlex.quote(a) for a in args.argv)
     manifest = pretrain_to_file(args.benchmark, args.out, args.arch, args.epochs, args.lr,
                                 args.seed, args.data_dir, args.batch_size, args.weight_decay,
                                 args.augment, command=command)
@@ -170,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {**COMMANDS, **_module_commands()}
     for name, (help_text, add_arguments, _) in commands.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the exact command, for manifests
     try:
         return commands[args.command][2](args) or 0
     except (ValueError, OSError) as err:  # DataError and CheckpointError are ValueErrors

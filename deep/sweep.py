@@ -119,6 +119,11 @@ class ResultsFile:
         self.path = Path(path)
         self.rows = read_results(self.path)
         self.done = {row_key(r): r for r in self.rows}
+        if len(self.done) != len(self.rows):
+            raise ValueError(f"{self.path} holds duplicated cells; it was not written by a sweep")
+        # A kill during a rewrite can leave the temp file behind (never the CSV itself).
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def append(self, row: dict) -> None:
         key = row_key(row)
@@ -196,8 +201,18 @@ class SweepSummary:
 
 def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None,
               data_dir: str | None = None, workers: int = 1, cache_mb: float = 2048,
-              progress: bool = True) -> SweepSummary:
-    """Run every unfinished cell of `protocol`, appending one row per cell to `out`."""
+              progress: bool = True, device: str | None = None) -> SweepSummary:
+    """Run every unfinished cell of `protocol`, appending one row per cell to `out`.
+
+    Args:
+        protocol: what to run (see `deep.protocol`); every (shift, seed) x methods x lrs.
+        out: results CSV, created or resumed.
+        checkpoint: source model file, or "none" (random init); None: the benchmark's own.
+        data_dir: the benchmark's data folder (None: its default location).
+        workers: parallel processes (torch threads are split between them).
+        cache_mb: prefix-cache memory budget per process.
+        device: "cpu" (default), "cuda", ...
+    """
     t0 = time.perf_counter()
     bench = get_benchmark(protocol.benchmark)
     check_protocol(protocol, bench)
@@ -221,7 +236,8 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
             raise ValueError(f"{out} already holds cell {cell.key} with other settings ({detail}); "
                              "write this sweep to another --out")
     groups = _groups(todo, workers)
-    spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb)
+    spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
+                device=device)
     bar = _progress(len(todo), progress, protocol.benchmark)
     diverged = 0
 
@@ -290,7 +306,7 @@ def _pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels:
 
 
 def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: str | None,
-              cache_mb: float) -> Iterator[dict]:
+              cache_mb: float, device: str | None = None) -> Iterator[dict]:
     """Run cells that share one task; yield one row per cell."""
     from .models import build_model
 
@@ -307,17 +323,19 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
                                             bench.in_channels))
     if task.perturb is not None:
         task.perturb(model)
+    model.to(device or "cpu")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks = blocks_for(protocol.arch)
     splits = {"train": task.train, "val": task.val, "test": task.test}
     cache = PrefixCache(model, splits, cache_mb) if stages_of(model) is not None else None
+    # (A model that is not staged trains without a cache; fit decides per run.)
     total_params = sum(p.numel() for p in model.parameters())
     settings = _settings(protocol, checkpoint)
     for cell in cells:
         model.load_state_dict(base_state)
         config = TrainConfig(lr=cell.lr, epochs=protocol.epochs, batch_size=protocol.batch_size,
                              weight_decay=protocol.weight_decay, select=protocol.select,
-                             seed=cell.seed, cache_mb=cache_mb)
+                             seed=cell.seed, cache_mb=cache_mb, device=device)
         result = fit(model, task.train, task.val, task.test, cell.method, config, blocks, cache)
         yield {"benchmark": cell.benchmark, "shift": cell.shift, "method": cell.method,
                "seed": cell.seed, "n_target": cell.n_target, "lr": float(cell.lr),

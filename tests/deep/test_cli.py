@@ -1,0 +1,98 @@
+"""`python -m deep`: sweep -> report end to end, pretrain, protocols, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deep.__main__ import main
+from deep.checkpoints import verify_checkpoint
+from deep.models import build_model
+from deep.sweep import read_results
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--benchmark", "synthetic", "--shifts", "noise", "--lrs", "0.01", "--epochs", "1",
+         "--n-target", "32", "--val-per-class", "5", "--test-per-class", "5", "--no-progress"]
+
+
+def test_sweep_then_report_end_to_end(tmp_path, synthetic_cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "results.csv"
+    run = subprocess.run([sys.executable, "-m", "deep", "sweep", "--benchmark", "synthetic",
+                          "--quick", "--shifts", "spurious", "--n-target", "64",
+                          "--val-per-class", "16", "--test-per-class", "16", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "ran 11 cells (0 diverged), skipped 0" in run.stdout
+    assert "cell/s" in run.stderr  # the tqdm progress bar
+    rows = read_results(out)
+    assert len(rows) == 11 and {r["method"] for r in rows} >= {"first", "all", "auto-snr"}
+    assert all(r["worst_group_acc"] is not None for r in rows)
+
+    report = subprocess.run([sys.executable, "-m", "deep", "report", str(out), "--out",
+                             str(tmp_path / "rep")], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| shift | first | second | third | last | all | lp-ft |" in text
+    assert "relative to `all`" in text and "| spurious |" in text
+    for suffix in ("png", "pdf"):
+        assert (tmp_path / "rep" / f"relative_accuracy.{suffix}").stat().st_size > 1000
+
+
+def test_pretrain_writes_checkpoint_and_manifest(tmp_path, capsys):
+    out = tmp_path / "src.pt"
+    code = main(["pretrain", "--benchmark", "synthetic", "--arch", "resnet26-w4", "--epochs", "1",
+                 "--lr", "0.05", "--augment", "crop", "--out", str(out)])
+    assert code == 0
+    assert "source test accuracy" in capsys.readouterr().out
+    manifest = verify_checkpoint(out)
+    assert manifest["arch"] == "resnet26-w4" and manifest["epochs"] == 1 and manifest["seed"] == 0
+    assert 0 <= manifest["source_test_acc"] <= 1 and manifest["seconds"] >= 0
+    assert manifest["command"].startswith("python -m deep pretrain --benchmark synthetic")
+    assert json.loads(Path(f"{out}.json").read_text())["sha256"] == manifest["sha256"]
+
+
+def test_protocols_lists_synthetic(capsys):
+    assert main(["protocols"]) == 0
+    assert "synthetic: resnet26-w4" in capsys.readouterr().out
+
+
+def _bad_checkpoint(tmp_path):
+    state = build_model("resnet26-w4", 4).state_dict()
+    state["classifier.weight"] = state.pop("fc.weight")
+    torch.save(state, tmp_path / "bad.pth")
+    return str(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "first,bogus"], "unknown method(s) ['bogus'] for resnet26-w4"),
+    (["--methods", "fourth"], "unknown method(s) ['fourth']"),
+    (["--shifts", "rain"], "unknown shift(s) ['rain'] of synthetic"),
+    (["--n-target", "0"], "n_target must be at least 1, got 0"),
+    (["--n-target", "100000"], "n_target=100000 exceeds the 1600 target training images"),
+    (["--test-per-class", "1000"], "exceeds the 400 per class available"),
+    (["--checkpoint", "missing.pt"], "checkpoint file not found: missing.pt"),
+    ("bad-checkpoint", "missing keys (1): fc.weight; unexpected keys (1): classifier.weight"),
+])
+def test_bad_input_exits_with_a_message(tmp_path, synthetic_cache, capsys, args, message):
+    if args == "bad-checkpoint":
+        args = ["--checkpoint", _bad_checkpoint(tmp_path)]
+    code = main(["sweep", *SMALL, "--out", str(tmp_path / "r.csv"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_unknown_benchmark_and_report_of_missing_file(tmp_path, capsys):
+    assert main(["sweep", "--benchmark", "mnist", "--out", str(tmp_path / "r.csv")]) == 2
+    assert "no protocol for benchmark 'mnist'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "none.csv")]) == 2
+    assert "results file not found" in capsys.readouterr().err
