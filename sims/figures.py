@@ -34,6 +34,9 @@ def _atomic(path, write):
     os.close(handle)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)     # mkstemp makes 0600; use the usual mode
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -8,14 +8,14 @@ once, with exactly the semantics of `theory.finetune`:
     simultaneous), "lp-ft" (v for `steps` steps, then both for `steps` more),
 
 and records the exact population loss on each run's target distribution (`moments.Target`)
-along the way. Three implementation choices make this fast (README "Simulations" has the
+along the way. Four implementation choices make this fast (README "Simulations" has the
 measurements):
 
 1. Sample coordinates. Every gradient step adds to B a matrix whose rows lie in the row
-   span of X, so B(t) = B_src + C(t) P with P = X when n <= d (C is k x n) and P = I
-   otherwise (C = B - B_src, k x d). The step then needs Z0 = X B_src^T and M = X P^T only,
-   e.g. n^2 k instead of 2 n d k multiply-adds for relu, and for a linear net a chain of
-   matrix-vector products (~5 n k + 2 n^2 instead of 2 n d k).
+   span of X, so when n <= d a run is carried in n-dimensional coordinates: a linear net
+   by Z = X B^T and K = X X^T (4 n k + n^2 multiply-adds a step instead of the 2 n d k of
+   the textbook step), a relu net by B = B_src + C X (n^2 k instead of 2 n d k). When
+   n > d, linear nets use G = X^T X instead (3 d k + d^2).
 2. Exact solutions. Where the dynamics are linear in the parameters ("last" with any phi;
    "first" with linear phi; the probing phase of "lp-ft"), gradient descent is
    x_s = x_0 - U diag((1 - (1 - lr lam)^s) / lam) U^T g_0 with M = U diag(lam) U^T the
@@ -25,7 +25,11 @@ measurements):
    zero rows (a zero row has zero features and zero residual, since the net has no bias,
    so it contributes exactly nothing), and each run keeps its own 1/n. Runs with fewer
    hidden units are padded with zero units, which stay exactly zero.
+4. Layout. Linear runs keep the run index last, so each matrix-vector product is one
+   elementwise product and one reduction vectorized over the runs; `compile=True` fuses
+   16 steps at a time with torch.compile.
 """
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -250,7 +254,8 @@ class Result:
                 table[name][index] = other_table[name]
 
 
-def simulate(batch, steps, record=None, exact=True, keep_path=False, on_divergence="raise"):
+def simulate(batch, steps, record=None, exact=True, keep_path=False, on_divergence="raise",
+             compile=False):
     """Gradient descent on every run of `batch` at once, as `theory.finetune` would.
 
     Args:
@@ -264,6 +269,9 @@ def simulate(batch, steps, record=None, exact=True, keep_path=False, on_divergen
         on_divergence: "raise" (as theory: ValueError naming the runs and their lr) or
             "nan" (flag them in `Result.diverged` and record NaN for them; the other runs
             are unaffected, since no operation mixes runs).
+        compile: run the stepped linear runs through torch.compile (fused kernels; pays off
+            for long runs of many steps: compiling takes seconds; needs a C++ compiler on
+            CPU). relu runs always run eagerly.
     Divergence: a train loss that is non-finite or above DIVERGENCE_FACTOR times
     max(its start, |y|^2 / (2n)), checked at the record points and the end.
     Returns: a `Result`.
@@ -307,7 +315,7 @@ def simulate(batch, steps, record=None, exact=True, keep_path=False, on_divergen
         after = torch.tensor([flags[t][1] for t in tunes], device=device)
         v[stepped], B[stepped] = _stepped(batch.select(stepped), v[stepped], B[stepped],
                                           offset, length, boundary, before, after, recorder,
-                                          stepped)
+                                          stepped, compile)
     return recorder.result(v, B)
 
 
@@ -470,6 +478,49 @@ def _mv(A, x):
     return torch.bmm(A, x[..., None])[..., 0]
 
 
+def _linear_sample_step(F, C, v, K, y, rate_v, rate_B):
+    """One step on the sample side (see _LinearEngine), in place on F = Z and C; returns
+    the new v. F (n, k, R), C (k, n, R), v (k, R), K (n, n, R), y (n, R), rate_* (R,)."""
+    r = (F * v).sum(1) - y                                                    # (n, R)
+    gv = (F * r[:, None]).sum(0)                                              # Z^T r: (k, R)
+    Kr = (K * r).sum(1)                                                       # (n, R)
+    F.addcmul_((rate_B * Kr)[:, None], v[None], value=-1)
+    C.addcmul_((rate_B * v)[:, None], r[None], value=-1)
+    return v - rate_v * gv
+
+
+def _linear_input_step(F, v, G, b, rate_v, rate_B):
+    """One step on the input side, in place on F = B^T; returns the new v.
+    F (d, k, R), v (k, R), G (d, d, R), b (d, R), rate_* (R,)."""
+    w = (F * v).sum(1)                                                        # B^T v: (d, R)
+    u = (G * w).sum(1) - b                                                    # X^T r: (d, R)
+    gv = (F * u[:, None]).sum(0)                                              # B u: (k, R)
+    F.addcmul_((rate_B * u)[:, None], v[None], value=-1)
+    return v - rate_v * gv
+
+
+# torch.compile fuses STEPS_PER_CALL steps into a few loops over the runs, which read and
+# write each state tensor about once a step instead of ~3 times (README: "Simulations").
+STEPS_PER_CALL = 16
+
+
+def _sample_steps(F, C, v, K, y, rate_v, rate_B):
+    for _ in range(STEPS_PER_CALL):
+        v = _linear_sample_step(F, C, v, K, y, rate_v, rate_B)
+    return v
+
+
+def _input_steps(F, v, G, b, rate_v, rate_B):
+    for _ in range(STEPS_PER_CALL):
+        v = _linear_input_step(F, v, G, b, rate_v, rate_B)
+    return v
+
+
+@functools.cache
+def _compiled(function):
+    return torch.compile(function, dynamic=False, fullgraph=True)
+
+
 class _LinearEngine:
     """Gradient steps of the linear net f = v^T B x, in the cheaper of two exact forms.
 
@@ -483,42 +534,38 @@ class _LinearEngine:
 
         u = G B^T v - b (= X^T r),   v -= lr/n B u,   B -= lr/n v u^T.
 
-    Either way a step is a few matrix-vector products per run (~3 n k + n^2 or 3 d k + d^2
+    Either way a step is a few matrix-vector products per run (4 n k + n^2 or 3 d k + d^2
     multiply-adds). Tensors keep the run index last, (..., R), so each product is one
     elementwise multiply and one reduction vectorized over the runs, which is much faster
     on a CPU than R tiny matrix calls (`torch.bmm` with a vector operand).
+    `compile=True` runs the steps through torch.compile, STEPS_PER_CALL at a time.
     """
 
-    def __init__(self, v, B, X, y):
+    def __init__(self, v, B, X, y, compile=False):
         self.on_samples = X.shape[1] <= X.shape[2]
-        self.B_start, self.X = B, X
+        self.B_start, self.X, self.compile = B, X, compile
         last = lambda a: a.permute(*range(1, a.dim()), 0).contiguous()   # noqa: E731
         self.v = last(v)                                                      # (k, R)
         if self.on_samples:
             self.F = last(X @ B.transpose(1, 2))                             # Z: (n, k, R)
-            self.gram = last(X @ X.transpose(1, 2))                          # K: (n, n, R)
-            self.y = last(y)                                                  # (n, R)
             self.C = self.F.new_zeros(B.shape[1], X.shape[1], B.shape[0])    # (k, n, R)
+            self.data = (last(X @ X.transpose(1, 2)), last(y))               # K, y
         else:
             self.F = last(B.transpose(1, 2))                                  # B^T: (d, k, R)
-            self.gram = last(X.transpose(1, 2) @ X)                          # G: (d, d, R)
-            self.b = last((X.transpose(1, 2) @ y[..., None])[..., 0])        # (d, R)
+            self.data = (last(X.transpose(1, 2) @ X),                        # G: (d, d, R)
+                         last((X.transpose(1, 2) @ y[..., None])[..., 0]))   # b: (d, R)
 
-    def step(self, rate_v, rate_B):
-        """One simultaneous step; rate_* (R,) = lr / n per run, 0 where frozen."""
-        v, F = self.v, self.F
-        if self.on_samples:
-            r = (F * v).sum(1) - self.y                                       # (n, R)
-            gv = (F * r[:, None]).sum(0)                                      # Z^T r: (k, R)
-            Kr = (self.gram * r).sum(1)                                       # (n, R)
-            F.addcmul_((rate_B * Kr)[:, None], v[None], value=-1)
-            self.C.addcmul_((rate_B * v)[:, None], r[None], value=-1)
-        else:
-            w = (F * v).sum(1)                                                # B^T v: (d, R)
-            u = (self.gram * w).sum(1) - self.b                               # X^T r: (d, R)
-            gv = (F * u[:, None]).sum(0)                                      # B u: (k, R)
-            F.addcmul_((rate_B * u)[:, None], v[None], value=-1)
-        self.v = v - rate_v * gv
+    def advance(self, count, rate_v, rate_B):
+        """`count` simultaneous steps; rate_* (R,) = lr / n per run, 0 where frozen."""
+        state = (self.F, self.C) if self.on_samples else (self.F,)
+        if self.compile and count >= STEPS_PER_CALL:
+            many = _compiled(_sample_steps if self.on_samples else _input_steps)
+            for _ in range(count // STEPS_PER_CALL):
+                self.v = many(*state, self.v, *self.data, rate_v, rate_B)
+            count %= STEPS_PER_CALL
+        step = _linear_sample_step if self.on_samples else _linear_input_step
+        for _ in range(count):
+            self.v = step(*state, self.v, *self.data, rate_v, rate_B)
 
     def params(self):
         """(v (R, k), B (R, k, d)) now."""
@@ -538,12 +585,16 @@ class _ReluEngine:
     of n d k when n <= d.
     """
 
-    def __init__(self, v, B, X, y):
+    def __init__(self, v, B, X, y, compile=False):
         self.on_samples = X.shape[1] <= X.shape[2]
         self.v, self.B_start, self.X, self.y = v, B, X, y
         self.Z0 = X @ B.transpose(1, 2)                                       # (R, n, k)
         self.M = X @ X.transpose(1, 2) if self.on_samples else X              # (R, n, p)
         self.C = B.new_zeros(B.shape[0], B.shape[1], self.M.shape[2])         # (R, k, p)
+
+    def advance(self, count, rate_v, rate_B):
+        for _ in range(count):
+            self.step(rate_v, rate_B)
 
     def step(self, rate_v, rate_B):
         v = self.v
@@ -561,7 +612,8 @@ class _ReluEngine:
         return self.v, self.B_start + (self.C @ self.X if self.on_samples else self.C)
 
 
-def _stepped(batch, v, B, offset, length, boundary, before, after, recorder, runs):
+def _stepped(batch, v, B, offset, length, boundary, before, after, recorder, runs,
+             compile=False):
     """Step-by-step gradient descent from (v, B) for runs of possibly different lengths.
 
     Run i takes length[i] steps; its local step j is global step offset[i] + j; it updates
@@ -569,25 +621,24 @@ def _stepped(batch, v, B, offset, length, boundary, before, after, recorder, run
     Records at the grid points its segment covers. Returns the final (v, B).
     """
     engine = (_LinearEngine if batch.activation == "linear" else _ReluEngine)(
-        v, B, batch.X, batch.y)
+        v, B, batch.X, batch.y, compile)
     rate = batch.lr / batch.n.to(batch.lr.dtype)
     points = recorder.points(offset, length)
     length_t = torch.as_tensor(length, device=v.device)
     boundary_t = torch.as_tensor(boundary, device=v.device)
-    changes = set(boundary.tolist()) | set(length.tolist()) | {0}
+    # Between two events (a record, a phase boundary, a run's end) every step is alike.
     last = int(length.max())
-    for j in range(last + 1):
+    events = sorted(set(points) | set(boundary.tolist()) | set(length.tolist()) | {0, last})
+    for j, following in zip(events, events[1:] + [None]):
         if j in points:
             positions, t = points[j]
             v_j, B_j = engine.params()
             recorder.write(runs[positions], t, v_j[positions], B_j[positions])
-        if j == last:
+        if following is None or j >= last:
             break
-        if j in changes:     # the update flags change only at phase boundaries and ends
-            flags = torch.where((j < boundary_t)[:, None], before, after)
-            flags = flags * (j < length_t)[:, None]
-            rate_v, rate_B = rate * flags[:, 0], rate * flags[:, 1]
-        engine.step(rate_v, rate_B)
+        flags = torch.where((j < boundary_t)[:, None], before, after)
+        flags = flags * (j < length_t)[:, None]
+        engine.advance(following - j, rate * flags[:, 0], rate * flags[:, 1])
     return engine.params()
 
 

@@ -1,0 +1,205 @@
+"""Speed benchmark: the batched simulator against a per-run numpy loop, in one run.
+
+    python -m sims.speed [--runs 512] [--d 64] [--k 32] [--n 16] [--steps 2000]
+                         [--loop-runs 16] [--device auto] [--threads 1]
+
+Workload: `runs` independent full fine-tuning runs ("all") of a linear two-layer net, each
+with its own pretrained net, sample and step size (lr = 0.5 / the starting curvature).
+
+Baseline: a straightforward numpy loop, one run at a time, doing theory.finetune's
+arithmetic (Z = X B^T, r = Z v - y, dL/dv = Z^T r / n, dL/dB = (r v^T)^T X / n) without
+its bookkeeping; it is timed on `loop-runs` runs (best of 3) and extrapolated to all of
+them.
+
+Flops are counted for what each algorithm does: the loop 2 n k d + 3 n k + 2 k d
+multiply-adds a step; the simulator (sample coordinates, see sims/simulator.py)
+4 n k + n^2 + k. A matrix-vector algorithm cannot approach the `torch.bmm` peak, so the
+benchmark also measures memory bandwidth (a streaming add) and reports the simulator
+against the bound that binds: its minimal memory traffic (each state tensor read and
+written once a step) divided by that bandwidth.
+The last line is `speedup: <ratio>` for float32 with torch.compile on one CPU thread
+(eager if torch.compile is unavailable) against the loop on one core; every configuration
+is printed with its error against float64.
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import theory
+
+from .simulator import Batch, resolve_device, simulate, start_curvature
+
+
+def make_workload(runs, d, k, n, seed=0):
+    """Pretrained nets, samples from random linear teachers, per-run lr (numpy)."""
+    rng = np.random.default_rng(seed)
+    nets, samples = [], []
+    for _ in range(runs):
+        net = theory.TwoLayer(rng.standard_normal(k) / np.sqrt(k),
+                              rng.standard_normal((k, d)) / np.sqrt(d))
+        X = rng.standard_normal((n, d))
+        teacher = rng.standard_normal(d) / np.sqrt(d)
+        nets.append(net)
+        samples.append((X, X @ teacher))
+    probe = Batch.build(nets, samples, "all", 1.0, device="cpu")
+    lr = (0.5 / start_curvature(probe)).numpy()
+    return nets, samples, lr
+
+
+def numpy_loop(net, X, y, steps, lr):
+    """Full fine-tuning of one run, plain numpy (theory.finetune's arithmetic)."""
+    v, B, n = net.v.copy(), net.B.copy(), X.shape[0]
+    for _ in range(steps):
+        Z = X @ B.T
+        r = Z @ v - y
+        grad_v = Z.T @ r / n
+        grad_B = (r[:, None] * v[None, :]).T @ X / n
+        v, B = v - lr * grad_v, B - lr * grad_B
+    return v, B
+
+
+def best_time(function, repeats):
+    """Smallest wall time of `repeats` calls (the others were disturbed by something)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bmm_peak(dtype, device):
+    """GFLOP/s of torch.bmm on 32 products of 256 x 256 matrices (best of 5)."""
+    a = torch.randn(32, 256, 256, dtype=dtype, device=device)
+    b = torch.randn(32, 256, 256, dtype=dtype, device=device)
+    torch.bmm(a, b)
+    seconds = best_time(lambda: (torch.bmm(a, b), _sync(device)), 5)
+    return 2 * 32 * 256**3 / seconds / 1e9
+
+
+def bandwidth(megabytes, dtype, device):
+    """GB/s of c = a + b on arrays of `megabytes` each (3 arrays moved; best of 10)."""
+    count = int(megabytes * 2**20 / torch.finfo(dtype).bits * 8)
+    a, b, c = (torch.randn(count, dtype=dtype, device=device) for _ in range(3))
+    seconds = best_time(lambda: (torch.add(a, b, out=c), _sync(device)), 10)
+    return 3 * a.element_size() * count / seconds / 1e9
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sims.speed", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=512)
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--loop-runs", type=int, default=16,
+                        help="runs the numpy loop is timed on (then extrapolated)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", default="1",
+                        help="comma-separated torch CPU thread counts to time (default 1, "
+                             "the same one core as the loop)")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    R, d, k, n, steps = args.runs, args.d, args.k, args.n, args.steps
+    if not 1 <= args.loop_runs <= R:
+        parser.error(f"--loop-runs must be in 1..{R}")
+    print(f"workload: {R} runs of full fine-tuning (linear), d = {d}, k = {k}, n = {n}, "
+          f"{steps} steps; device {device}; torch {torch.__version__}")
+
+    nets, samples, lr = make_workload(R, d, k, n)
+    torch.set_num_threads(1)
+    loop_runs = range(args.loop_runs)
+    loop_results = []
+
+    def loop():
+        loop_results[:] = [numpy_loop(nets[i], *samples[i], steps, lr[i]) for i in loop_runs]
+    loop_seconds = best_time(loop, 3) * R / args.loop_runs
+    loop_macs = (2 * n * k * d + 3 * n * k + 2 * k * d) * R * steps
+    print(f"numpy loop, one run at a time (1 core): timed on {args.loop_runs} runs (best of 3), "
+          f"extrapolated to {R}: {loop_seconds:.2f} s "
+          f"({loop_seconds / (R * steps) * 1e6:.1f} us a step, "
+          f"{2 * loop_macs / loop_seconds / 1e9:.1f} GFLOP/s)")
+
+    sim_macs = (4 * n * k + n * n + k) * R * steps
+    print(f"flops counted: loop {2 * n * k * d + 3 * n * k + 2 * k * d} and simulator "
+          f"{4 * n * k + n * n + k} multiply-adds per run and step")
+    try:
+        thread_options = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
+    if device.type != "cpu":
+        thread_options = [torch.get_num_threads()]
+    peaks = {}
+    for dtype in (torch.float64, torch.float32):
+        for threads in thread_options:
+            torch.set_num_threads(threads)
+            peaks[dtype, threads] = (bmm_peak(dtype, device), bandwidth(64, dtype, device),
+                                     bandwidth(4, dtype, device))
+            gflops, dram, cache = peaks[dtype, threads]
+            print(f"limits, {str(dtype)[6:]}, {threads} thread(s): torch.bmm peak "
+                  f"{gflops:.0f} GFLOP/s; streaming add {dram:.0f} GB/s (64 MB arrays), "
+                  f"{cache:.0f} GB/s (4 MB arrays)")
+
+    print(f"{'simulator':<34}{'seconds':>8}{'ratio':>7}{'GFLOP/s':>9}{'% bmm':>7}"
+          f"{'GB/s':>7}{'% bw':>6}  error")
+    configs = [(torch.float64, threads, False) for threads in thread_options]
+    configs += [(torch.float32, threads, False) for threads in thread_options]
+    configs += [(torch.float64, thread_options[0], True), (torch.float32, thread_options[0], True)]
+    reference, ratios = None, {}
+    for dtype, threads, compiled in configs:
+        torch.set_num_threads(threads)
+        batch = Batch.build(nets, samples, "all", lr, dtype=dtype, device=device)
+        bytes_per_step = (4 * n * k + n * n + 2 * n + 2 * k) * batch.v.element_size() * R
+        result = None
+
+        def run():
+            nonlocal result
+            result = simulate(batch, steps, compile=compiled)
+            _sync(device)
+        warm = time.perf_counter()
+        try:
+            simulate(batch, 2 * 16, compile=compiled)                   # warm-up (compiles)
+        except Exception as error:                                       # no C++ compiler, ...
+            print(f"{'(compile unavailable: ' + type(error).__name__ + ')':<34}")
+            continue
+        warm = time.perf_counter() - warm
+        seconds = best_time(run, 2)
+        v, B = result.v.double().cpu().numpy(), result.B.double().cpu().numpy()
+        if reference is None:
+            reference = (v, B)
+            gap = max(np.abs(v[i] - loop_results[i][0]).max() / np.abs(loop_results[i][0]).max()
+                      for i in loop_runs)
+            error = f"v vs numpy loop {gap:.1e}"
+        else:
+            error = (f"vs float64 eager: v {np.abs(v - reference[0]).max() / np.abs(reference[0]).max():.1e}"
+                     f", B {np.abs(B - reference[1]).max() / np.abs(reference[1]).max():.1e}")
+        if compiled:
+            error += f"; compiling took {warm:.0f} s"
+        gflops, dram, cache = peaks[dtype, threads]
+        achieved = 2 * sim_macs / seconds / 1e9
+        traffic = bytes_per_step * steps / seconds / 1e9
+        ratios[dtype, threads, compiled] = loop_seconds / seconds
+        name = f"{str(dtype)[6:]}, {threads} thread(s){', compiled' if compiled else ''}"
+        print(f"{name:<34}{seconds:>8.3f}{loop_seconds / seconds:>7.1f}{achieved:>9.1f}"
+              f"{100 * achieved / gflops:>6.1f}%{traffic:>7.1f}{100 * traffic / cache:>5.0f}%  "
+              f"{error}")
+    print("GFLOP/s: the simulator's own flops over its time; % bmm: of the bmm peak (same "
+          "dtype and threads).\nGB/s: its minimal memory traffic (each state tensor read "
+          "and written once a step) over its time; % bw: of the streaming add on 4 MB arrays "
+          "(its working set is 2.5-5 MB), the bound that binds a matrix-vector algorithm.")
+    one = thread_options[0]
+    headline = ratios.get((torch.float32, one, True), ratios.get((torch.float32, one, False)))
+    print(f"headline: float32{', compiled' if (torch.float32, one, True) in ratios else ''}, "
+          f"{one} thread(s), against the one-run-at-a-time numpy loop on one core")
+    print(f"speedup: {headline:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The figure pipeline on a tiny configuration: files, columns, determinism, resume, CLI."""
+import json
+
+import pandas as pd
+import pytest
+
+from sims import experiments
+from sims.__main__ import main
+from sims.figures import SETTINGS_FILE, SOURCES, make_figures, resolve_only, write_csv
+
+TINY = experiments.Settings(draws=3, steps=20, device="cpu")
+COLUMNS = {
+    "f1_t1_curves": {"activation", "method", "step", "mean", "se", "log10_mean", "log10_se",
+                     "draws", "lr_halved"},
+    "f2_loss_vs_n": {"activation", "kind", "method", "n", "mean", "se", "draws", "train_mean",
+                     "lr_halved"},
+    "f3_best_layer": {"activation", "kind", "method", "n", "mean", "se", "relative_to_all",
+                      "relative_se", "draws"},
+    "f4_t1_event": {"n", "exact", "event_frequency", "frequency", "se", "draws", "first_zero",
+                    "full_positive", "full_unconverged", "lr_halved"},
+    "f5_forgetting": {"method", "quantity", "step", "mean", "se", "log10_mean", "log10_se",
+                      "draws", "lr_halved"},
+    "f6_auto_rgn": {"activation", "kind", "draw", "n", "rgn_first", "rgn_last", "loss_first",
+                    "loss_last", "loss_all", "loss_lp_ft", "rgn_points_to", "best_layer",
+                    "agree"},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    written = make_figures(TINY, out, log=lambda line: None)
+    return out, written
+
+
+def test_pipeline_writes_png_pdf_and_csv_with_the_expected_columns(tiny_run):
+    out, written = tiny_run
+    for figure in SOURCES:
+        for suffix in (".png", ".pdf", ".csv"):
+            path = out / f"{figure}{suffix}"
+            assert path in written and path.stat().st_size > 1000, path
+        assert (out / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / f"{figure}.pdf").read_bytes()[:5] == b"%PDF-"
+        table = pd.read_csv(out / f"{figure}.csv")
+        assert set(table.columns) == COLUMNS[figure], figure
+        assert len(table) > 0
+    assert not list(out.glob(".*")), "temporary files left behind"
+    recorded = json.loads((out / SETTINGS_FILE).read_text())
+    assert all(recorded[name] == TINY.as_dict() for name in set(SOURCES.values()))
+
+
+def test_tables_hold_what_the_theory_says(tiny_run):
+    out, _ = tiny_run
+    f1 = pd.read_csv(out / "f1_t1_curves.csv")
+    assert set(f1.method) == set(experiments.METHODS) and f1.draws.max() == TINY.draws
+    assert (f1.step.max(), f1.step.min()) == (2 * TINY.steps, 0)
+    f2 = pd.read_csv(out / "f2_loss_vs_n.csv")
+    assert sorted(set(f2.n)) == list(experiments.N_GRID)
+    assert set(f2.kind) == set(experiments.SHIFTS)
+    # P2 with relu: first-layer tuning can do no better than predicting 0 (loss >= E[y^2]).
+    label_relu_first = f2[(f2.kind == "label") & (f2.activation == "relu") & (f2.method == "first")]
+    assert (label_relu_first["mean"] >= 1 - 1e-9).all()
+    f4 = pd.read_csv(out / "f4_t1_event.csv")
+    assert list(f4.n) == list(experiments.N_EVENT) and f4.exact.iloc[0] == 0.0
+    assert f4.exact.max() == pytest.approx(0.98046875)                   # n = 9
+    # The forgetting mechanism, exactly: first-layer tuning never moves the head, so the
+    # old directions missed by the sample stay exact; full fine-tuning moves it.
+    f5 = pd.read_csv(out / "f5_forgetting.csv")
+    unseen = f5[f5.quantity == "error on unseen old directions"]
+    assert unseen[unseen.method == "first"]["mean"].max() < 1e-25
+    assert unseen[(unseen.method == "all")].sort_values("step")["mean"].iloc[-1] > 1e-8
+    drift = f5[f5.quantity.str.startswith("head drift") & (f5.method == "first")]
+    assert drift["mean"].abs().max() == 0.0
+    f6 = pd.read_csv(out / "f6_auto_rgn.csv")
+    assert (f6.agree == (f6.rgn_points_to == f6.best_layer)).all()
+
+
+def test_same_seed_gives_identical_csvs_and_another_seed_does_not(tiny_run, tmp_path):
+    out, _ = tiny_run
+    for name in ("t1_curves", "t1_event", "forgetting"):
+        for table_name, table in experiments.EXPERIMENTS[name](TINY).items():
+            write_csv(table, tmp_path / f"{table_name}.csv")
+            assert (tmp_path / f"{table_name}.csv").read_bytes() == \
+                (out / f"{table_name}.csv").read_bytes(), table_name
+    other = experiments.Settings(draws=3, steps=20, seed=1, device="cpu")
+    write_csv(experiments.forgetting(other)["f5_forgetting"], tmp_path / "other.csv")
+    assert (tmp_path / "other.csv").read_bytes() != (out / "f5_forgetting.csv").read_bytes()
+
+
+def test_resume_reuses_matching_csvs_only(tmp_path):
+    lines = []
+    make_figures(TINY, tmp_path, only="f4", log=lines.append)
+    before = (tmp_path / "f4_t1_event.csv").stat().st_mtime_ns
+    make_figures(TINY, tmp_path, only="f4", resume=True, log=lines.append)
+    assert (tmp_path / "f4_t1_event.csv").stat().st_mtime_ns == before
+    assert "existing CSVs" in lines[-1]
+    changed = experiments.Settings(draws=4, steps=20, device="cpu")
+    make_figures(changed, tmp_path, only="f4", resume=True, log=lines.append)
+    assert pd.read_csv(tmp_path / "f4_t1_event.csv").draws.max() == 4
+
+
+def test_bad_input_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="draws must be an integer >= 2"):
+        experiments.Settings(draws=1)
+    with pytest.raises(ValueError, match="unknown figure 'f9'"):
+        resolve_only("f1,f9")
+    assert resolve_only("f2,f2_loss_vs_n,f6") == ["f2_loss_vs_n", "f6_auto_rgn"]
+    assert main(["figures", "--only", "f9", "--out", str(tmp_path)]) == 2
+    assert main(["plot", "--out", str(tmp_path / "empty")]) == 2
+    assert main(["figures", "--draws", "1", "--out", str(tmp_path)]) == 2
+    assert main(["figures", "--device", "tpu", "--draws", "2", "--steps", "2", "--only", "f5",
+                 "--out", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_written_files_get_the_usual_permissions(tiny_run):
+    import os
+    out, _ = tiny_run
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "f4_t1_event.csv").stat().st_mode & 0o777 == 0o666 & ~umask

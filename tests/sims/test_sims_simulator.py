@@ -1,0 +1,254 @@
+"""The batched simulator against theory.finetune (the numpy reference), against itself run
+one run at a time, in float32, and on bad input."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import theory
+from sims import Batch, gradients, resolve_device, simulate, start_curvature
+from sims.simulator import train_losses
+
+REL = 1e-9          # the issue's tolerance for one run against theory.finetune (float64)
+
+
+def problems(activation, count, rng):
+    """Random P1 / P2 / T1 problems on R^6 (k from 2 to 4)."""
+    makers = [lambda: theory.random_input_perturbation(rng, 6, int(rng.integers(2, 5)),
+                                                       activation),
+              lambda: theory.random_label_perturbation(rng, 6, int(rng.integers(2, 5)),
+                                                       activation),
+              lambda: theory.random_new_directions(rng, 4, 2, int(rng.integers(2, 5)), 0.5,
+                                                   activation, init_T_scale=0.1)]
+    return [makers[i % 3]() for i in range(count)]
+
+
+def rel_error(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
+
+
+def case(activation, n_values, tunes, seed=0, lr=0.05):
+    rng = np.random.default_rng(seed)
+    probs = problems(activation, len(n_values), rng)
+    samples = [p.sample_target(n, rng) for p, n in zip(probs, n_values)]
+    return probs, samples, list(tunes), lr
+
+
+@pytest.mark.parametrize("activation", ["linear", "relu"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_one_run_equals_theory_finetune(activation, exact):
+    # Every tune mode, with n below and above d = 6 (both coordinate systems).
+    tunes = ["first", "last", "all", "lp-ft"] * 2
+    n_values = [3, 4, 5, 2, 9, 12, 8, 10]
+    probs, samples, tunes, lr = case(activation, n_values, tunes)
+    steps = 300
+    for p, sample, tune in zip(probs, samples, tunes):
+        batch = Batch.from_problems([p], [sample], tune, lr, device="cpu")
+        result = simulate(batch, steps, record=50, exact=exact)
+        path = theory.finetune_path(p.pretrained, *sample, tune, steps, lr, every=50)
+        k = p.pretrained.k
+        assert rel_error(result.v[0, :k], path.v[-1]) < REL, tune
+        assert rel_error(result.B[0, :k], path.B[-1]) < REL, tune
+        # The recorded path: train loss and exact target loss at the same steps.
+        at = [list(result.step.numpy()).index(s) for s in path.step]
+        assert rel_error(result.train_loss[0, at], path.train_loss) < REL, tune
+        target = [p.target_loss(path.net(i)) for i in range(len(path))]
+        assert rel_error(result.loss["target"][0, at], target) < REL, tune
+        assert rel_error(result.final_loss["target"][0], target[-1]) < REL, tune
+
+
+def test_a_batch_equals_its_runs_one_at_a_time():
+    # Mixed n (zero-row padding), mixed k (zero-unit padding), mixed tunes and step sizes.
+    for activation in ("linear", "relu"):
+        probs, samples, _, _ = case(activation, [2, 7, 4, 11, 3, 6, 9, 5], [], seed=3)
+        tunes = ["first", "last", "all", "lp-ft", "all", "first", "lp-ft", "last"]
+        lrs = np.linspace(0.3, 0.5, len(probs)) / start_curvature(
+            Batch.from_problems(probs, samples, tunes, 1.0, device="cpu")).numpy()
+        batch = Batch.from_problems(probs, samples, tunes, lrs, device="cpu")
+        together = simulate(batch, 200, record=[0, 7, 100, 250, 400])
+        for i, (p, sample, tune, lr) in enumerate(zip(probs, samples, tunes, lrs)):
+            alone = simulate(Batch.from_problems([p], [sample], tune, lr, device="cpu"), 200,
+                             record=[0, 7, 100, 250, 400])
+            k = p.pretrained.k
+            np.testing.assert_allclose(together.v[i, :k], alone.v[0], rtol=1e-11, atol=1e-13)
+            np.testing.assert_allclose(together.B[i, :k], alone.B[0], rtol=1e-11, atol=1e-13)
+            assert torch.all(together.B[i, k:] == 0) and torch.all(together.v[i, k:] == 0)
+            np.testing.assert_allclose(together.loss["target"][i], alone.loss["target"][0],
+                                       rtol=1e-10, atol=1e-14)
+            # Records past a run's own end are NaN ("all" stops at 200, lp-ft at 400).
+            assert bool(torch.isnan(together.train_loss[i, 4])) == (tune != "lp-ft")
+
+
+def test_exact_and_stepped_paths_agree_over_many_steps():
+    probs, samples, _, _ = case("linear", [3, 8, 5, 12], [], seed=4)
+    batch = Batch.from_problems(probs, samples, ["first", "last", "lp-ft", "first"], 1.0,
+                                device="cpu")
+    batch = dataclasses.replace(batch, lr=0.3 / start_curvature(batch))
+    exact = simulate(batch, 3000, record=300)
+    stepped = simulate(batch, 3000, record=300, exact=False)
+    np.testing.assert_allclose(exact.v, stepped.v, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(exact.B, stepped.B, rtol=1e-10, atol=1e-13)
+    # Losses decay to ~1e-18 of their start; compare them on the scale of the start.
+    np.testing.assert_allclose(exact.train_loss, stepped.train_loss, rtol=1e-8, atol=1e-14)
+
+
+def test_t1_claim_in_the_simulator():
+    # The spec's instance: first-layer tuning reaches ~0, full fine-tuning stays ~3e-4.
+    problem = theory.t1_instance()
+    sample = problem.sample_target(6, np.random.default_rng(0))
+    batch = Batch.from_problems([problem] * 3, [sample] * 3, ["first", "all", "last"], 0.1,
+                                device="cpu")
+    result = simulate(batch, 20_000)
+    first, full, last = result.final_loss["target"].tolist()
+    assert first < 1e-25 and 2e-4 < full < 4e-4 and 1.0 < last < 1.1
+
+
+def test_float32_is_close_to_float64():
+    probs, samples, _, _ = case("relu", [4, 9, 6, 3], [], seed=5)
+    tunes = ["first", "last", "all", "lp-ft"]
+    results = [simulate(Batch.from_problems(probs, samples, tunes, 0.05, dtype=dtype,
+                                            device="cpu"), 500)
+               for dtype in ("float64", "float32")]
+    assert results[1].v.dtype == torch.float32
+    np.testing.assert_allclose(results[1].final_loss["target"].double(),
+                               results[0].final_loss["target"], rtol=1e-3)
+    np.testing.assert_allclose(results[1].B.double(), results[0].B, rtol=1e-3, atol=1e-5)
+
+
+def test_device_auto_is_cpu_without_cuda():
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    probs, samples, _, _ = case("linear", [3], [])
+    assert Batch.from_problems(probs, samples, "all", 0.1).device == resolve_device("auto")
+
+
+def test_gradients_and_curvature_match_numpy():
+    probs, samples, _, _ = case("relu", [5, 8], [], seed=6)
+    batch = Batch.from_problems(probs, samples, "all", 0.1, device="cpu")
+    grad_v, grad_B = gradients(batch)
+    for i, (p, (X, y)) in enumerate(zip(probs, samples)):
+        net, n = p.pretrained, len(X)
+        Z = X @ net.B.T
+        r = np.maximum(Z, 0) @ net.v - y
+        np.testing.assert_allclose(grad_v[i, :net.k], np.maximum(Z, 0).T @ r / n, rtol=1e-12)
+        np.testing.assert_allclose(grad_B[i, :net.k],
+                                   ((r[:, None] * net.v) * (Z > 0)).T @ X / n, rtol=1e-12)
+        H = np.maximum(Z, 0)
+        expected = max((net.v @ net.v) * np.linalg.eigvalsh(X.T @ X / n)[-1],
+                       np.linalg.eigvalsh(H.T @ H / n)[-1])
+        assert start_curvature(batch)[i].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_divergence_raises_like_theory_or_is_flagged():
+    probs, samples, _, _ = case("linear", [5, 5], [], seed=7)
+    batch = Batch.from_problems(probs, samples, "all", [0.05, 50.0], device="cpu")
+    with pytest.raises(ValueError, match="diverged.*lr"):
+        theory.finetune(probs[1].pretrained, *samples[1], "all", 200, 50.0)
+    with pytest.raises(ValueError, match=r"runs \[1\] with lr \[50.0\]"):
+        simulate(batch, 200, record=20)
+    result = simulate(batch, 200, record=20, on_divergence="nan")
+    assert result.diverged.tolist() == [False, True]
+    assert torch.isnan(result.final_loss["target"][1]) and torch.isnan(result.train_loss[1, -1])
+    healthy = simulate(batch.select(torch.tensor([0])), 200, record=20)
+    np.testing.assert_array_equal(result.loss["target"][0], healthy.loss["target"][0])
+
+
+def test_result_update_replaces_runs():
+    probs, samples, _, _ = case("linear", [4, 6, 3], [], seed=8)
+    batch = Batch.from_problems(probs, samples, "all", 0.05, device="cpu")
+    result = simulate(batch, 50, record=10)
+    slower = dataclasses.replace(batch, lr=batch.lr / 2)
+    index = torch.tensor([1])
+    result.update(index, simulate(slower.select(index), 50, record=10))
+    np.testing.assert_allclose(result.v[1], simulate(slower, 50, record=10).v[1], rtol=1e-13)
+    with pytest.raises(ValueError, match="record points"):
+        result.update(index, simulate(slower.select(index), 50, record=5))
+
+
+def test_train_losses_of_padded_runs_use_their_own_n():
+    probs, samples, _, _ = case("relu", [2, 7], [], seed=9)
+    batch = Batch.from_problems(probs, samples, "all", 0.1, device="cpu")
+    for i, (p, (X, y)) in enumerate(zip(probs, samples)):
+        r = p.pretrained(X) - y
+        assert train_losses(batch, batch.v, batch.B)[i].item() == pytest.approx(
+            r @ r / (2 * len(X)), rel=1e-13)
+
+
+BAD_BUILDS = {
+    "unknown tune": (dict(tune="middle"), "tune must be one of"),
+    "zero lr": (dict(lr=0.0), "lr must be positive"),
+    "nan lr": (dict(lr=float("nan")), "lr must be positive"),
+    "lr count": (dict(lr=[0.1, 0.2, 0.3]), "lr has 3 entries"),
+    "sample count": (dict(samples="one"), "samples has 1 entries"),
+    "bad dtype": (dict(dtype="float16"), "dtype must be"),
+    "bad device": (dict(device="tpu"), "device must be"),
+    "nan in X": (dict(samples="nan"), "X contains NaN"),
+    "wrong y length": (dict(samples="short y"), "y has shape"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_BUILDS)
+def test_bad_batches_are_refused_with_a_clear_error(name):
+    rng = np.random.default_rng(0)
+    probs = problems("linear", 2, rng)
+    samples = [p.sample_target(4, rng) for p in probs]
+    kwargs, message = BAD_BUILDS[name]
+    kwargs = dict(kwargs)
+    if kwargs.get("samples") == "one":
+        kwargs["samples"] = samples[:1]
+    elif kwargs.get("samples") == "nan":
+        X = samples[0][0].copy()
+        X[0, 0] = np.nan
+        kwargs["samples"] = [(X, samples[0][1]), samples[1]]
+    elif kwargs.get("samples") == "short y":
+        kwargs["samples"] = [(samples[0][0], samples[0][1][:2]), samples[1]]
+    args = dict(problems=probs, samples=samples, tune="all", lr=0.1, device="cpu") | kwargs
+    with pytest.raises(ValueError, match=message):
+        Batch.from_problems(**args)
+
+
+def test_bad_simulate_arguments_are_refused():
+    rng = np.random.default_rng(0)
+    probs = problems("linear", 2, rng)
+    batch = Batch.from_problems(probs, [p.sample_target(4, rng) for p in probs], "all", 0.1,
+                                device="cpu")
+    relu = theory.random_input_perturbation(rng, 6, 2, "relu")
+    for call, message in [
+            (lambda: simulate(batch, -1), "steps must be nonnegative"),
+            (lambda: simulate(batch, 2.5), "steps must be nonnegative"),
+            (lambda: simulate(batch, [10, 10, 10]), "steps has 3 entries"),
+            (lambda: simulate(batch, 10, record=0), "record must be a positive"),
+            (lambda: simulate(batch, 10, record=[[1]]), "record must be None"),
+            (lambda: simulate(batch, 10, on_divergence="ignore"), "on_divergence"),
+            (lambda: simulate("batch", 10), "batch must be a sims.Batch"),
+            (lambda: Batch.from_problems([probs[0], relu], [p.sample_target(3, rng) for p in
+                                                            (probs[0], relu)], "all", 0.1),
+             "every net in a batch needs activation"),
+            (lambda: Batch.build([], [], "all", 0.1), "nets is empty")]:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # from inside torch.compile
+def test_compiled_linear_steps_equal_eager():
+    # torch.compile fuses STEPS_PER_CALL steps; the numbers must not change beyond rounding.
+    probs, samples, _, _ = case("linear", [3, 5, 4, 12, 9, 10], [], seed=10)
+    tunes = ["all", "lp-ft", "first", "all", "lp-ft", "first"]
+    batch = Batch.from_problems(probs[:3], samples[:3], tunes[:3], 0.03, device="cpu")
+    wide = Batch.from_problems(probs[3:], samples[3:], tunes[3:], 0.01, device="cpu")
+    for b in (batch, wide):                   # sample side (n <= d) and input side (n > d)
+        eager = simulate(b, 70, record=[0, 33, 70, 140], exact=False)
+        try:
+            fused = simulate(b, 70, record=[0, 33, 70, 140], exact=False, compile=True)
+        except Exception as error:          # torch.compile needs a C++ toolchain
+            pytest.skip(f"torch.compile unavailable here: {error}")
+        np.testing.assert_allclose(fused.v, eager.v, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(fused.B, eager.B, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(fused.loss["target"], eager.loss["target"], rtol=1e-10)
