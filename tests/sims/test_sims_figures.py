@@ -8,6 +8,8 @@ from sims import experiments
 from sims.__main__ import main
 from sims.figures import SETTINGS_FILE, SOURCES, make_figures, resolve_only, write_csv
 
+# seaborn's heatmap calls a matplotlib method that matplotlib plans to deprecate.
+pytestmark = pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")
 TINY = experiments.Settings(draws=3, steps=20, device="cpu")
 COLUMNS = {
     "f1_t1_curves": {"activation", "method", "step", "mean", "se", "log10_mean", "log10_se",
