@@ -376,10 +376,10 @@ class _Recorder:
         return {j: (np.array([i for i, _ in pairs]), np.array([t for _, t in pairs]))
                 for j, pairs in sorted(table.items())}
 
-    def write(self, runs, t, v, B, train=None):
+    def write(self, runs, t, v, B):
         """Record runs (indices into the batch) at record indices t; v (r, k), B (r, k, d)."""
         sub = self._subset(runs)
-        train = train_losses(sub, v, B) if train is None else train
+        train = train_losses(sub, v, B)
         gone = self._check(runs, train)[:, None]
         nan = lambda x: x.masked_fill(gone.view(-1, *[1] * (x.dim() - 1)), math.nan)  # noqa
         self.train[runs, t] = nan(train)
@@ -426,10 +426,10 @@ def _decayed_step(lam, lr, s):
     the starting gradient to the displacement after s exact gradient steps."""
     a = lr * lam.clamp(min=0)
     small = a < 1          # expm1/log1p keep 1 - (1 - a)^s accurate when a is tiny
-    gone = torch.where(small, -torch.expm1(s * torch.log1p(-torch.where(small, a, 0 * a))),
-                       1 - (1 - a) ** s)
+    covered = torch.where(small, -torch.expm1(s * torch.log1p(-torch.where(small, a, 0 * a))),
+                          1 - (1 - a) ** s)
     safe = torch.where(lam > 0, lam, torch.ones_like(lam))
-    return torch.where(lam > 0, gone / safe, lr * s)
+    return torch.where(lam > 0, covered / safe, lr * s)
 
 
 def _exact(batch, kind, steps, grid, recorder, runs):
@@ -471,11 +471,6 @@ def _exact(batch, kind, steps, grid, recorder, runs):
             v_s, B_s = state(torch.full((len(batch),), float(g), dtype=X.dtype, device=X.device))
             recorder.write(runs[positions], t, v_s[positions], B_s[positions])
     return state(torch.as_tensor(steps, dtype=X.dtype, device=X.device))
-
-
-def _mv(A, x):
-    """Batched matrix-vector product: A (R, a, b), x (R, b) -> (R, a)."""
-    return torch.bmm(A, x[..., None])[..., 0]
 
 
 def _linear_sample_step(F, C, v, K, y, rate_v, rate_B):
@@ -581,8 +576,8 @@ class _ReluEngine:
     B = B_start + C P with P = X (C is k x n) when n <= d, else P = I (C = B - B_start).
     Every step adds to B a matrix E^T X / n whose rows lie in the row span of X, so C
     absorbs it exactly (C -= lr/n E^T, or E^T X), and the pre-activations are
-    Z = Z0 + M C^T with Z0 = X B_start^T and M = X P^T: n^2 k multiply-adds a step instead
-    of n d k when n <= d.
+    Z = Z0 + M C^T with Z0 = X B_start^T and M = X P^T: about n^2 k multiply-adds a step
+    instead of the textbook 2 n d k when n <= d.
     """
 
     def __init__(self, v, B, X, y, compile=False):
@@ -602,8 +597,9 @@ class _ReluEngine:
         H = Z.clamp(min=0)
         r = (H * v[:, None, :]).sum(2) - self.y                               # (R, n)
         gv = (H * r[..., None]).sum(1)                                        # H^T r: (R, k)
-        E = r[..., None] * v[:, None, :]
-        E.masked_fill_(Z <= 0, 0.0)                                           # relu'(0) = 0
+        # relu'(z) = 1{z > 0} = sign(relu(z)) (relu'(0) = 0, as in theory); a multiply is
+        # several times faster than masked_fill_ here.
+        E = (r[..., None] * v[:, None, :]).mul_(H.sign())
         E_T = E.transpose(1, 2)                                               # (R, k, n)
         self.C = self.C - rate_B[:, None, None] * (E_T if self.on_samples else E_T @ self.X)
         self.v = v - rate_v[:, None] * gv
