@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup figures test clean
+.PHONY: setup figures test speed clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ figures: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Speed benchmarks: the batched simulator vs a per-run loop, and the surgical
+# sweep engine vs a reference-style loop. Each prints its ratio on its last line.
+speed: $(STAMP)
+	$(PY) -m sims.speed
+	$(PY) -m deep.speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
