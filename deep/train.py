@@ -67,7 +67,11 @@ class TrainConfig:
         cache_mb: memory budget of a prefix cache that `fit` builds itself.
         use_cache: False runs every batch from the images (for checks).
         fold_bn: fold frozen-statistics BN into the convs (when freeze_bn).
-        channels_last: channels-last activations; None = on CPU only.
+        channels_last: memory format of activations: True channels-last everywhere,
+            False never, "first" in the first stage only; None: "first" on CPU (measured
+            fastest there: oneDNN's NCHW backward is slowest at the full-resolution,
+            few-channel first stage, and channels-last does not help the later stages),
+            False elsewhere.
         device: where to train ("cpu", "cuda", ...); None = where the model is.
     """
 
@@ -86,7 +90,7 @@ class TrainConfig:
     cache_mb: float = 2048
     use_cache: bool = True
     fold_bn: bool = True
-    channels_last: bool | None = None
+    channels_last: bool | str | None = None
     device: str | None = None
 
     def __post_init__(self):
@@ -152,12 +156,7 @@ class FoldedConvBN(nn.Module):
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         super().__init__()
         self.conv, self.bn = conv, bn
-        self._folded: tuple | None = None  # (versions of the inputs, weight, bias)
-
-    def _tensors(self) -> list[torch.Tensor]:
-        conv, bn = self.conv, self.bn
-        extra = [conv.bias] if conv.bias is not None else []
-        return [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, *extra]
+        self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the folded conv, differentiable in conv and BN parameters."""
@@ -168,20 +167,31 @@ class FoldedConvBN(nn.Module):
             bias = bias + conv.bias * scale
         return conv.weight * scale.reshape(-1, 1, 1, 1), bias
 
+    def fix_if_frozen(self) -> None:
+        """Precompute the folded tensors if no parameter of the pair requires grad, else
+        forget them. The loop calls this whenever what is tuned (or the weights) change."""
+        params = [self.conv.weight, self.bn.weight, self.bn.bias]
+        if self.conv.bias is not None:
+            params.append(self.conv.bias)
+        self.fixed = None
+        if not any(p.requires_grad for p in params):
+            with torch.no_grad():
+                self.fixed = self.folded()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tensors = self._tensors()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            weight, bias = self.folded()
-        else:
-            # Frozen (or evaluating): reuse the folded tensors until any input changes
-            # in place (version counters move on optimizer steps and state loads).
-            versions = tuple(t._version for t in tensors)
-            if self._folded is None or self._folded[0] != versions:
-                with torch.no_grad():
-                    self._folded = (versions, *self.folded())
-            weight, bias = self._folded[1:]
+        weight, bias = self.fixed if self.fixed is not None else self.folded()
         conv = self.conv
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def refresh_folds(runner: nn.Module, fix: bool = True) -> None:
+    """Re-derive (fix=True) or drop (fix=False) the precomputed tensors of every fold."""
+    for module in runner.modules():
+        if isinstance(module, FoldedConvBN):
+            if fix:
+                module.fix_if_frozen()
+            else:
+                module.fixed = None
 
 
 def folded_view(model: nn.Module) -> nn.Module | None:
@@ -222,18 +232,25 @@ class PrefixCache:
         budget_mb: memory budget of the stored activations.
         batch_size: minibatch size of the prefix forward passes.
         fold_bn: run the stages with BN folded into the convs (`folded_view`).
-        channels_last: channels-last activations (None: on CPU only).
+        channels_last: True, False, "first" (first stage only) or None (see TrainConfig).
     """
 
     def __init__(self, model: nn.Module, splits: Mapping[str, Split], budget_mb: float = 2048,
-                 batch_size: int = 256, fold_bn: bool = True, channels_last: bool | None = None):
+                 batch_size: int = 256, fold_bn: bool = True,
+                 channels_last: bool | str | None = None):
         if stages_of(model) is None:
             raise TypeError(f"{type(model).__name__} is not staged; it cannot use a prefix cache")
         self.model, self.splits = model, dict(splits)
         self.runner = (folded_view(model) if fold_bn else None) or model
         self.stages: Stages = stages_of(model, self.runner)
         self.device = next(model.parameters()).device
-        self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
+        if channels_last is None:
+            channels_last = "first" if self.device.type == "cpu" else False
+        if channels_last not in (True, False, "first"):
+            raise ValueError(f"channels_last must be True, False, 'first' or None, got {channels_last!r}")
+        cl_stages = range(len(self.stages)) if channels_last is True else [0] if channels_last else []
+        self.stages.formats = {s: (torch.channels_last if s in cl_stages else torch.contiguous_format)
+                               for s in range(len(self.stages))} if channels_last else {}
         self.budget = int(budget_mb * 2**20)
         self.batch_size = batch_size
         self.used = 0
@@ -243,11 +260,8 @@ class PrefixCache:
         self.seconds = 0.0
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch as the stages want it: on the device, channels-last if chosen."""
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        """A batch on the model's device (`Stages.run` sets each stage's memory format)."""
+        return x.to(self.device, non_blocking=True)
 
     def matches_model(self) -> bool:
         """Whether the model still holds the weights the cache was built with."""
@@ -306,9 +320,7 @@ class PrefixCache:
                     h = self.stages.run(h, s, s + 1)
                     outs[s + 1].append(h)
         for s, parts in outs.items():
-            acts = torch.cat(parts)
-            if self.channels_last and acts.ndim == 4:
-                acts = acts.contiguous(memory_format=torch.channels_last)
+            acts = self.stages.format_input(torch.cat(parts), s)
             size = acts.numel() * acts.element_size()
             if self.used + size <= self.budget:
                 self._acts[(name, s)] = acts
@@ -426,6 +438,8 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
                 initial[name] = named[name].detach().clone()
                 touched.add(name)
         set_trainable(model, plan.tuned)
+        if cache is not None:
+            refresh_folds(cache.runner)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for name, scale in plan.lr_scale.items():
@@ -459,9 +473,13 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
         p.requires_grad_(False)
     if val is not None and best_state is not None:
         _restore(model, named, best_state, initial)
+    if cache is not None:
+        refresh_folds(cache.runner)
     test_metrics = None
     if test is not None and best_epoch > 0 and (best_state is not None or val is None):
         test_metrics = evaluate(model, test, config.eval_batch_size, cache, start, "test")
+    if cache is not None:
+        refresh_folds(cache.runner, fix=False)  # the weights may change after this run
     return FitResult(status=status, best_epoch=best_epoch, val=best_val, test=test_metrics,
                      tuned_params=sum(named[n].numel() for n in touched), losses=losses,
                      history=history, seconds=time.perf_counter() - t0, start_stage=start)

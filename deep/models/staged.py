@@ -61,12 +61,24 @@ class Stages:
         else:
             raise TypeError(f"{type(model).__name__} is neither a StagedModel nor an nn.Sequential")
         self.param_stage = _param_stage(model, self.prefixes)
+        self.formats: dict[int, torch.memory_format] = {}  # stage -> memory format of its input
 
     def __len__(self) -> int:
         return len(self.prefixes)
 
+    def format_input(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """`x` in the memory format chosen for stage `stage`'s input (if any)."""
+        fmt = self.formats.get(stage)
+        return x.contiguous(memory_format=fmt) if fmt is not None and x.ndim == 4 else x
+
     def run(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
-        return self._run(x, start, len(self) if stop is None else stop)
+        """Run stages [start, stop) on `x`, the input of stage `start`."""
+        stop = len(self) if stop is None else stop
+        if not self.formats:
+            return self._run(x, start, stop)
+        for stage in range(start, stop):
+            x = self._run(self.format_input(x, stage), stage, stage + 1)
+        return x
 
     def first_stage(self, param_names) -> int:
         """Index of the earliest stage owning one of `param_names` (len(self) if none)."""
