@@ -11,7 +11,7 @@ epochs, Adam, BN frozen, epoch chosen by validation) in one process:
   (option, lr), and validation and test are evaluated after every epoch;
 - ours: `deep.train.fit` with one `PrefixCache` per task (frozen params
   requires_grad=False, cached prefix activations for train/val/test, BN folded
-  into the convs, channels-last, test evaluated once at the best epoch),
+  into the convs, channels-last first stage, test evaluated once at the best epoch),
   pretrained weights read once.
 
 The two must reach the same test accuracies (each (option, lr), within 0.5

@@ -18,7 +18,8 @@ What makes it fast, by construction:
   (`FoldedConvBN`: conv(x, w * s) + (beta - mu * s), s = gamma / sqrt(var + eps)),
   which is the same function with the same parameters and the same gradients,
   minus two activation-sized passes per BN, forward and backward;
-- channels-last activations on CPU (faster convolutions in oneDNN);
+- channels-last activations in the first stage on CPU (oneDNN's slowest backward is
+  there in NCHW);
 - evaluation under `torch.inference_mode`; the test split is evaluated once, at
   the end, after restoring the parameters of the best validation epoch (the same
   number as evaluating test every epoch and reading it at that epoch).
