@@ -26,6 +26,20 @@ def _list(kind=str):
     return parse
 
 
+def _data_option(text: str):
+    """KEY=VALUE, VALUE read as a TOML literal (1, 0.5, true, "x", [1, 2]) or else a string."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
 def _flatten(values):
     return None if values is None else [v for group in values for v in group]
 
@@ -53,6 +67,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--cache-mb", type=float, default=2048,
                    help="memory budget of the frozen-prefix activation cache per process")
+    p.add_argument("--data", action="append", type=_data_option, metavar="KEY=VALUE",
+                   help="loader option overriding the protocol's [data] table (repeatable), "
+                        "e.g. --data num_workers=8")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: first shift and seed, middle lr, <= 2 epochs")
     p.add_argument("--no-progress", action="store_true")
@@ -69,7 +86,8 @@ def run_sweep(args) -> int:
         shifts=_flatten(args.shifts), methods=_flatten(args.methods), lrs=_flatten(args.lrs),
         seeds=_flatten(args.seeds), epochs=args.epochs, n_target=args.n_target,
         val_per_class=args.val_per_class, test_per_class=args.test_per_class,
-        batch_size=args.batch_size, weight_decay=args.weight_decay, select=args.select)
+        batch_size=args.batch_size, weight_decay=args.weight_decay, select=args.select,
+        data={**protocol.data, **dict(args.data)} if args.data else None)
     summary = sweep(protocol, args.out, checkpoint=args.checkpoint, data_dir=args.data_dir,
                     workers=args.workers, cache_mb=args.cache_mb, progress=not args.no_progress,
                     device=args.device)
@@ -106,6 +124,12 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--augment", default="crop-flip", choices=["crop-flip", "crop", "none"])
+    p.add_argument("--data", action="append", type=_data_option, metavar="KEY=VALUE",
+                   help="source-loader option overriding the protocol's [data] table (repeatable)")
+    p.add_argument("--init", help="start from these weights (ours or a torchvision state dict, "
+                   "e.g. ImageNet ResNet-50); a classifier of another size is re-initialised")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (1.6x on long CPU runs, ~40 s to compile)")
 
 
 def run_pretrain(args) -> int:
@@ -114,7 +138,8 @@ def run_pretrain(args) -> int:
     command = "python -m deep " + " ".join(shlex.quote(a) for a in args.argv)
     manifest = pretrain_to_file(args.benchmark, args.out, args.arch, args.epochs, args.lr,
                                 args.seed, args.data_dir, args.batch_size, args.weight_decay,
-                                args.augment, command=command)
+                                args.augment, command=command, data=dict(args.data or []),
+                                init=args.init, compile=args.compile)
     print(f"source test accuracy {100 * manifest['source_test_acc']:.2f}% "
           f"({manifest['seconds']:.0f} s); wrote {args.out} and its manifest")
     return 0

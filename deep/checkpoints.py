@@ -140,6 +140,23 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: st
     model.load_state_dict(state, strict=False)
 
 
+def load_backbone(model: nn.Module, path: str | Path) -> list[str]:
+    """Initialise `model` from a state dict file (ours or torchvision-layout) whose
+    classifier may have another number of classes (e.g. ImageNet's 1000).
+
+    Every tensor must fit except those of the final classifier (`fc.*`), which keep
+    their fresh initialisation when their shape differs. Returns the names skipped.
+    """
+    state = load_torchvision_state(path)
+    expected = model.state_dict()
+    skipped = sorted(k for k in state if k.startswith("fc.") and k in expected
+                     and state[k].shape != expected[k].shape)
+    kept = {k: v for k, v in state.items() if k not in skipped}
+    kept.update({k: expected[k] for k in skipped})
+    load_state_strict(model, kept, what=str(path))
+    return skipped
+
+
 def _head(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 

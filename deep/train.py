@@ -73,6 +73,9 @@ class TrainConfig:
             fastest there: oneDNN's NCHW backward is slowest at the full-resolution,
             few-channel first stage, and channels-last does not help the later stages),
             False elsewhere.
+        compile: run the training forward through `torch.compile` when no prefix cache
+            is used (pretraining: BN in train mode, augmentation). Worth its ~40 s of
+            compilation on long runs only: 1.6x on ResNet-26 pretraining here.
         device: where to train ("cpu", "cuda", ...); None = where the model is.
     """
 
@@ -92,6 +95,7 @@ class TrainConfig:
     use_cache: bool = True
     fold_bn: bool = True
     channels_last: bool | str | None = None
+    compile: bool = False
     device: str | None = None
 
     def __post_init__(self):
@@ -419,6 +423,11 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
     named = dict(model.named_parameters())
     candidates = method.candidates()
     cache = _usable_cache(model, train, val, test, config, cache)
+    memory_format = None
+    if cache is None and config.channels_last is True:
+        memory_format = torch.channels_last
+        model.to(memory_format=memory_format)
+    forward = torch.compile(model) if config.compile and cache is None else model
     stages = cache.stages if cache is not None else None
     optimizer = _optimizer(named, candidates, config, per_tensor=method.per_tensor_lr)
     group_of = {n: i for i, g in enumerate(optimizer.param_groups) for n in g["names"]}
@@ -449,7 +458,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
         start = stages.first_stage(touched) if stages is not None else 0
         model.train(not config.freeze_bn)
         epoch_losses = _train_epoch(model, train, config, optimizer, method, plan.tuned,
-                                    generator, aug_generator, cache, start)
+                                    generator, aug_generator, cache, start, forward, memory_format)
         losses += epoch_losses
         if not all(math.isfinite(x) for x in epoch_losses):
             status = "diverged"
@@ -549,8 +558,12 @@ def _scheduled_lr(config: TrainConfig, epoch: int) -> float:
 
 
 def _train_epoch(model, train, config, optimizer, method, tuned, generator, aug_generator,
-                 cache, start) -> list[float]:
-    """One pass over the training split; returns each step's loss (stops at a NaN)."""
+                 cache, start, forward=None, memory_format=None) -> list[float]:
+    """One pass over the training split; returns each step's loss (stops at a NaN).
+
+    Without a cache, batches go through `forward` (the model, or its compiled version),
+    in `memory_format` when given."""
+    forward = model if forward is None else forward
     if not tuned:
         # Nothing tuned this epoch: keep the minibatch order in step with a normal epoch.
         train._order(True, generator)
@@ -577,7 +590,9 @@ def _train_epoch(model, train, config, optimizer, method, tuned, generator, aug_
             x = x.to(device, non_blocking=True)
             if config.augment is not None:
                 x = config.augment(x, aug_generator)
-            logits = model(x)
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
+            logits = forward(x)
         loss = F.cross_entropy(logits, y)
         penalty = method.penalty(model)
         if penalty is not None:

@@ -511,17 +511,49 @@ def source_fmnist_blocknoise(data_dir=None, *, noise_scale: float | None = None,
     return _plain_source(data_dir)
 
 
+# ----------------------------------------------------------------------------- source models
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+# Which pretrained source model each benchmark tunes: three models, made by `make pretrain`.
+SOURCE_MODEL = {"fmnist-c": "fmnist", "fmnist-flip": "fmnist", "fmnist-blocknoise": "fmnist",
+                "fmnist-breeds": "fmnist-breeds", "fmnist-spurious": "fmnist-spurious"}
+
+
+def source_checkpoint(benchmark: str, arch: str = "resnet26") -> Path:
+    """Where the committed source model of `benchmark` lives (deep/weights/<source>-<arch>.pt)."""
+    return WEIGHTS_DIR / f"{SOURCE_MODEL[benchmark]}-{arch}.pt"
+
+
+def _pretrained(benchmark: str):
+    def find(arch: str, data_dir=None) -> Path:
+        """The committed source model, after checking its sha256 against its manifest."""
+        from deep.checkpoints import verify_checkpoint  # the engine's; imported when used
+        path = source_checkpoint(benchmark, arch)
+        if not path.exists():
+            raise ValueError(
+                f"{benchmark}: no source model for arch {arch!r} at {path}. Make it with "
+                f"`python -m deep pretrain --benchmark {benchmark} --arch {arch} --out {path}` "
+                f"(`make pretrain` makes the resnet26 ones), or pass --checkpoint PATH")
+        verify_checkpoint(path)
+        return path
+    return find
+
+
 # ----------------------------------------------------------------------------- registry
 
 BENCHMARKS = {
     "fmnist-c": Benchmark("fmnist-c", CORRUPTION_NAMES, NUM_CLASSES, 1, LAYOUT,
-                          load_fmnist_c, source_fmnist_c),
+                          load_fmnist_c, source_fmnist_c, pretrained=_pretrained("fmnist-c")),
     "fmnist-breeds": Benchmark("fmnist-breeds", ("subpopulation",), len(SUPERCLASSES), 1, LAYOUT,
-                               load_fmnist_breeds, source_fmnist_breeds),
+                               load_fmnist_breeds, source_fmnist_breeds,
+                               pretrained=_pretrained("fmnist-breeds")),
     "fmnist-flip": Benchmark("fmnist-flip", ("flip",), NUM_CLASSES, 1, LAYOUT,
-                             load_fmnist_flip, source_fmnist_flip),
+                             load_fmnist_flip, source_fmnist_flip,
+                             pretrained=_pretrained("fmnist-flip")),
     "fmnist-spurious": Benchmark("fmnist-spurious", SPURIOUS_SHIFTS, NUM_CLASSES, 1, LAYOUT,
-                                 load_fmnist_spurious, source_fmnist_spurious, has_groups=True),
+                                 load_fmnist_spurious, source_fmnist_spurious, has_groups=True,
+                                 pretrained=_pretrained("fmnist-spurious")),
     "fmnist-blocknoise": Benchmark("fmnist-blocknoise", BLOCKS, NUM_CLASSES, 1, LAYOUT,
-                                   load_fmnist_blocknoise, source_fmnist_blocknoise),
+                                   load_fmnist_blocknoise, source_fmnist_blocknoise,
+                                   pretrained=_pretrained("fmnist-blocknoise")),
 }

@@ -1,0 +1,103 @@
+"""`python -m deep bench fmnist`: the summaries on hand-made rows, and the --quick smoke run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deep.bench import SUITES, main_protocols, markdown_table, n_sweep_protocols, n_target_rows, ranks
+from deep.data.fmnist import resolve_dir, source_checkpoint
+from deep.sweep import read_results
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _row(benchmark, shift, method, seed, test, val=None, n=1000, worst=None):
+    return {"benchmark": benchmark, "shift": shift, "method": method, "seed": seed,
+            "n_target": n, "lr": 1e-3, "test_acc": test, "val_acc": test if val is None else val,
+            "worst_group_acc": worst, "select": "val_acc"}
+
+
+def test_n_target_rows_pair_by_seed_and_pick_the_block_by_validation():
+    rows = []
+    for seed, (first, second, all_) in enumerate([(0.80, 0.75, 0.70), (0.84, 0.70, 0.76)]):
+        rows += [_row("fmnist-c", "fog", "first", seed, first, val=0.5, n=100),
+                 _row("fmnist-c", "fog", "second", seed, second, val=0.9, n=100),
+                 _row("fmnist-c", "fog", "all", seed, all_, n=100)]
+    curves = n_target_rows(rows)
+    mean, se, count = curves["first"][100]
+    assert count == 2 and mean == pytest.approx(0.09) and se == pytest.approx(0.01)
+    # validation prefers `second` in both seeds, whatever its test accuracy
+    assert curves["best block (val)"][100][0] == pytest.approx(((0.75 - 0.70) + (0.70 - 0.76)) / 2)
+
+
+def test_ranks_average_over_rows():
+    stats = lambda a, b: {"all": {"abs": (a, 0, 3)}, "auto-rgn": {"abs": (b, 0, 3)}}
+    assert ranks([stats(0.9, 0.8), stats(0.7, 0.8)], ("all", "auto-rgn")) == {"all": 1.5, "auto-rgn": 1.5}
+
+
+def test_markdown_table_names_the_best_block_and_compares_with_the_pattern():
+    rows = []
+    for seed in (0, 1):
+        for method, acc in [("first", 0.6), ("second", 0.7), ("third", 0.5), ("last", 0.4),
+                            ("all", 0.65), ("auto-rgn", 0.66)]:
+            rows.append(_row("fmnist-breeds", "subpopulation", method, seed, acc + 0.01 * seed))
+    text, verdicts = markdown_table(rows, 1000)
+    assert "| fmnist-breeds (feature) |" in text and "| second |" in text
+    (label, kind, expected, best, beats_all, rel), = verdicts
+    assert (kind, expected, best, beats_all) == ("feature", "second", "second", True)
+    assert rel[0] == pytest.approx(0.05)
+
+
+def test_the_full_suite_reuses_the_main_tables_cells_for_its_n_target():
+    suite = SUITES["fmnist"]
+    sizes = [p.n_target for p in n_sweep_protocols(suite)]
+    assert suite.n_target in suite.n_sweep_sizes and suite.n_target not in sizes
+    protocols = main_protocols(suite)
+    assert {p.benchmark for p in protocols} == set(suite.shifts)
+    assert all(len(p.methods) == 11 and p.seeds == [0, 1, 2] for p in protocols)
+
+
+def _have_fmnist() -> bool:
+    try:
+        resolve_dir(None)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_end_to_end(tmp_path):
+    if not _have_fmnist():
+        if os.environ.get("REQUIRE_FMNIST") == "1":
+            pytest.fail("Fashion-MNIST is missing (apt-get install dataset-fashion-mnist)")
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    assert source_checkpoint("fmnist-c").exists(), "the committed source model is missing"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "deep", "bench", "fmnist", "--quick",
+                          "--out", str(tmp_path), "--no-progress"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    quick = SUITES["fmnist-quick"]
+    rows = read_results(tmp_path / "results.csv")
+    assert len(rows) == sum(len(s) for s in quick.shifts.values()) * 11
+    assert all(r["status"] == "ok" and 0 <= r["test_acc"] <= 1 for r in rows)
+    assert all(r["worst_group_acc"] is not None for r in rows if r["benchmark"] == "fmnist-spurious")
+    n_rows = read_results(tmp_path / "n_target.csv")
+    assert sorted({r["n_target"] for r in n_rows}) == quick.n_sweep_sizes
+    table = (tmp_path / "table.md").read_text()
+    for name in quick.shifts:
+        assert name in table
+    assert "worst group" in table and "Average rank" in table and "best block (val)" in table
+    for stem in ("relative_accuracy", "n_target"):
+        assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
+    # a rerun resumes: nothing left to run
+    again = subprocess.run([sys.executable, "-m", "deep", "bench", "fmnist", "--quick",
+                            "--out", str(tmp_path), "--no-progress"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "ran 0," in again.stdout
+    assert read_results(tmp_path / "results.csv") == rows

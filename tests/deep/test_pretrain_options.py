@@ -1,0 +1,69 @@
+"""Pretraining options: --data KEY=VALUE, --init weights, edge padding, committed source models."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from deep.__main__ import _data_option
+from deep.checkpoints import CheckpointError, load_backbone, save_checkpoint, write_manifest
+from deep.data import fmnist
+from deep.models import build_model
+from deep.pretrain import random_crop_flip
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("num_workers=8", ("num_workers", 8)), ("noise_scale=0.5", ("noise_scale", 0.5)),
+    ("allow_subset=true", ("allow_subset", True)), ("split=rand", ("split", "rand")),
+    ('split_file="a b.json"', ("split_file", "a b.json")), ("sizes=[1, 2]", ("sizes", [1, 2])),
+])
+def test_data_options_are_toml_literals_or_strings(text, expected):
+    assert _data_option(text) == expected
+
+
+def test_data_option_without_equals_is_rejected():
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE"):
+        _data_option("num_workers")
+
+
+def test_init_keeps_the_backbone_and_reinitialises_a_classifier_of_another_size(tmp_path):
+    torch.manual_seed(0)
+    imagenet = build_model("resnet26-w4", 1000)
+    torch.save(imagenet.state_dict(), tmp_path / "tv.pth")
+    torch.manual_seed(1)
+    model = build_model("resnet26-w4", 2)
+    fresh_fc = model.fc.weight.detach().clone()
+    assert load_backbone(model, tmp_path / "tv.pth") == ["fc.bias", "fc.weight"]
+    assert torch.equal(model.layer2[0].conv1.weight, imagenet.layer2[0].conv1.weight)
+    assert torch.equal(model.bn1.running_var, imagenet.bn1.running_var)
+    assert torch.equal(model.fc.weight, fresh_fc)
+
+
+def test_init_still_rejects_a_backbone_that_does_not_fit(tmp_path):
+    torch.save(build_model("resnet26-w8", 10).state_dict(), tmp_path / "w8.pth")
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_backbone(build_model("resnet26-w4", 10), tmp_path / "w8.pth")
+
+
+def test_augmentation_pads_with_edge_pixels_not_the_mean():
+    # a normalised black image: every pixel at the same negative value
+    x = torch.full((8, 1, 6, 6), -0.8)
+    out = random_crop_flip(pad=2)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(out, x)
+
+
+def test_committed_source_models_are_verified(tmp_path, monkeypatch):
+    monkeypatch.setattr(fmnist, "WEIGHTS_DIR", tmp_path)
+    find = fmnist.BENCHMARKS["fmnist-flip"].pretrained
+    with pytest.raises(ValueError, match="no source model for arch 'resnet26'.*make pretrain"):
+        find("resnet26")
+    path = fmnist.source_checkpoint("fmnist-flip", "resnet26-w4")
+    assert path == tmp_path / "fmnist-resnet26-w4.pt"  # shared with fmnist-c and blocknoise
+    save_checkpoint(path, build_model("resnet26-w4", 10, 1), "resnet26-w4", 10, 1)
+    write_manifest(path, note="test")
+    assert find("resnet26-w4") == path
+    path.write_bytes(path.read_bytes() + b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        find("resnet26-w4")
