@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData, Split,
-                   TensorSplit, class_balanced_indices, seeded, split_counts)
+                   TensorSplit, class_balanced_indices, draw_splits, seeded, split_counts)
 
 # name -> module under deep.data that defines it
 _MODULES = {
@@ -44,5 +44,5 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 __all__ = ["Benchmark", "DataError", "FileSplit", "ShiftTask", "SourceData", "Split",
-           "TensorSplit", "benchmark_names", "class_balanced_indices", "get_benchmark",
+           "TensorSplit", "benchmark_names", "class_balanced_indices", "draw_splits", "get_benchmark",
            "seeded", "split_counts"]

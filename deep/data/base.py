@@ -209,15 +209,21 @@ def class_balanced_indices(labels: torch.Tensor, per_class: int | Sequence[int],
 
     Args:
         labels: int64 (n,).
-        per_class: one count for every class, or a count per class.
+        per_class: one count for every class present in `labels`, or a count for each
+            class 0, 1, ..., len(per_class) - 1 (a class with no example left is then an
+            error, never silently skipped).
         generator: seeded, so the same seed draws the same indices.
         exclude: bool mask (n,) of indices already used by another split.
 
     Returns: int64 indices, grouped by class, each class in random order.
     Raises DataError when a class has too few examples left.
     """
-    classes = torch.unique(labels).tolist()
-    counts = [per_class] * len(classes) if isinstance(per_class, int) else list(per_class)
+    if isinstance(per_class, int):
+        classes = torch.unique(labels).tolist()
+        counts = [per_class] * len(classes)
+    else:
+        counts = list(per_class)
+        classes = list(range(len(counts)))
     available = torch.ones(len(labels), dtype=torch.bool) if exclude is None else ~exclude
     chosen = []
     for c, count in zip(classes, counts):
@@ -226,6 +232,34 @@ def class_balanced_indices(labels: torch.Tensor, per_class: int | Sequence[int],
             raise DataError(f"{what}: class {c} has {len(pool)} examples left, {count} requested")
         chosen.append(pool[torch.randperm(len(pool), generator=generator)[:count]])
     return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
+
+
+def draw_splits(labels: torch.Tensor, num_classes: int, n_target: int, val_per_class: int,
+                test_per_class: int, seed: int,
+                what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint class-balanced (train, val, test) indices into `labels`, as the reference
+    protocol draws them: `n_target` training images spread over the classes as evenly
+    as possible, `val_per_class` and `test_per_class` images of every class.
+
+    Drawn in the order test, val, train from one generator seeded by `seed`, so a
+    seed's test and validation sets do not depend on `n_target`, and its training sets
+    are nested as `n_target` grows (what an n_target sweep needs).
+    Raises DataError when a class is missing or has too few images.
+    """
+    for name, value in (("n_target", n_target), ("val_per_class", val_per_class),
+                        ("test_per_class", test_per_class)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    g = seeded(seed)
+    used = torch.zeros(len(labels), dtype=torch.bool)
+    out = {}
+    for name, count in (("test", [test_per_class] * num_classes),
+                        ("val", [val_per_class] * num_classes),
+                        ("train", split_counts(n_target, num_classes))):
+        out[name] = class_balanced_indices(labels, count, g, exclude=used,
+                                           what=f"{what} ({name} split)")
+        used[out[name]] = True
+    return out["train"], out["val"], out["test"]
 
 
 def split_counts(total: int, num_classes: int) -> list[int]:

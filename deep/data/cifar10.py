@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .base import Benchmark, DataError, ShiftTask, SourceData, TensorSplit, to_float_images
-from .images import draw_splits, find_dir, require_file
+from .base import draw_splits
+from .images import find_dir, require_file
 
 NUM_CLASSES = 10
 SEVERITIES = 5

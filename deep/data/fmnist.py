@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .base import (Benchmark, DataError, ShiftTask, SourceData, TensorSplit,
-                   class_balanced_indices, seeded, split_counts, to_float_images)
+                   draw_splits, seeded, to_float_images)
 from .corruptions import CORRUPTIONS, corrupt
 
 # ----------------------------------------------------------------------------- files
@@ -171,36 +171,6 @@ def _load_checked(paths: tuple[Path, ...], _mtimes: tuple[int, ...]) -> FashionM
 
 # ----------------------------------------------------------------------------- splits
 
-def _check_sizes(n_target: int, val_per_class: int, test_per_class: int) -> None:
-    for name, value in (("n_target", n_target), ("val_per_class", val_per_class),
-                        ("test_per_class", test_per_class)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def draw_target_splits(labels: torch.Tensor, n_target: int, val_per_class: int,
-                       test_per_class: int, seed: int, what: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Disjoint class-balanced (train, val, test) indices into `labels`.
-
-    Drawn in the order test, val, train from one generator seeded by `seed`, so the
-    test and validation sets of a seed do not depend on `n_target` and the training
-    sets of a seed are nested as `n_target` grows. `n_target` is spread over the
-    classes with `split_counts`.
-    """
-    _check_sizes(n_target, val_per_class, test_per_class)
-    num_classes = len(torch.unique(labels))
-    generator = seeded(seed)
-    used = torch.zeros(len(labels), dtype=torch.bool)
-    test = class_balanced_indices(labels, test_per_class, generator, used, f"{what} test split")
-    used[test] = True
-    val = class_balanced_indices(labels, val_per_class, generator, used, f"{what} val split")
-    used[val] = True
-    train = class_balanced_indices(labels, split_counts(n_target, num_classes), generator, used,
-                                   f"{what} train split")
-    return train, val, test
-
-
 def _split(images: np.ndarray, labels: np.ndarray, index: torch.Tensor, name: str) -> TensorSplit:
     idx = index.numpy()
     return TensorSplit(to_float_images(images[idx], MEAN, STD),
@@ -210,8 +180,8 @@ def _split(images: np.ndarray, labels: np.ndarray, index: torch.Tensor, name: st
 def _task(benchmark: str, shift: str, num_classes: int, images: np.ndarray, labels: np.ndarray,
           n_target: int, val_per_class: int, test_per_class: int, seed: int,
           perturb=None) -> ShiftTask:
-    """A ShiftTask whose three splits are drawn from (images, labels) by `draw_target_splits`."""
-    train, val, test = draw_target_splits(torch.tensor(labels), n_target, val_per_class,
+    """A ShiftTask whose three splits are drawn from (images, labels) by `draw_splits`."""
+    train, val, test = draw_splits(torch.tensor(labels), num_classes, n_target, val_per_class,
                                           test_per_class, seed, f"{benchmark}/{shift}")
     return ShiftTask(benchmark, shift, num_classes, _split(images, labels, train, "train"),
                      _split(images, labels, val, "val"), _split(images, labels, test, "test"),
@@ -408,7 +378,7 @@ def load_fmnist_spurious(data_dir=None, shift: str = "balanced", n_target: int =
     _check_shift("fmnist-spurious", shift, SPURIOUS_SHIFTS)
     agreement = {"balanced": 0.5, "reversed": 0.0}[shift]
     data = load_fashion_mnist(data_dir)
-    train, val, test = draw_target_splits(torch.tensor(data.test_labels), n_target, val_per_class,
+    train, val, test = draw_splits(torch.tensor(data.test_labels), NUM_CLASSES, n_target, val_per_class,
                                           test_per_class, seed, f"fmnist-spurious/{shift}")
     generator = seeded(seed + 1_000_003)  # cue draws: own stream, so the split indices match other benchmarks
     splits = [_spurious_split(data.test_images, data.test_labels, index, agreement, generator, name)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .base import Benchmark, DataError, FileSplit, ShiftTask
-from .images import ImageTransform, draw_splits, find_dir, list_images
+from .base import draw_splits
+from .images import ImageTransform, find_dir, list_images
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",

@@ -5,7 +5,6 @@
   so torchvision is not needed.
 - `list_images`, `find_dir`, `require_file`: on-disk checks whose errors name the path
   and the layout expected.
-- `draw_splits`: the reference protocol's disjoint, class-balanced train/val/test draw.
 """
 
 from __future__ import annotations
@@ -104,32 +103,11 @@ def list_images(folder: Path, layout: str, what: str) -> list[Path]:
 
 
 def check_all_classes(labels: torch.Tensor, num_classes: int, what: str) -> None:
-    """Every class in [0, num_classes) occurs (class_balanced_indices skips absent ones)."""
+    """Every class in [0, num_classes) occurs (a clearer message than a draw that comes up short)."""
     counts = torch.bincount(labels, minlength=num_classes)
     missing = torch.nonzero(counts == 0).flatten().tolist()
     if missing:
         raise DataError(f"{what}: no example of class(es) {missing}")
-
-
-def draw_splits(labels: torch.Tensor, num_classes: int, n_target: int, val_per_class: int,
-                test_per_class: int, seed: int,
-                what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Disjoint class-balanced train / val / test indices into `labels`, as the reference.
-
-    train: `n_target` images spread over classes as evenly as possible; then
-    `val_per_class` and `test_per_class` images of each class from what is left.
-    Same seed -> same indices.
-    """
-    check_all_classes(labels, num_classes, what)
-    g = seeded(seed)
-    used = torch.zeros(len(labels), dtype=torch.bool)
-    out = []
-    for name, count in (("train", split_counts(n_target, num_classes)),
-                        ("val", val_per_class), ("test", test_per_class)):
-        idx = class_balanced_indices(labels, count, g, exclude=used, what=f"{what} ({name} split)")
-        used[idx] = True
-        out.append(idx)
-    return out[0], out[1], out[2]
 
 
 def draw_group_splits(groups: torch.Tensor, partition: torch.Tensor, n_target: int,

@@ -16,6 +16,7 @@ import torch
 
 from deep.data import DataError, get_benchmark
 from deep.data import fmnist as F
+from deep.data.base import split_counts
 
 FMNIST_NAMES = ["fmnist-c", "fmnist-breeds", "fmnist-flip", "fmnist-spurious", "fmnist-blocknoise"]
 SMALL = dict(n_target=100, val_per_class=5, test_per_class=20)   # keeps the tests fast
@@ -222,7 +223,7 @@ def test_splits_are_sized_balanced_disjoint_and_deterministic(name, fake_dir):
     assert bench.in_channels == 1 and bench.load_source is not None
     task = bench.load_task(fake_dir, shift_of(name), seed=3, **SMALL)
     k = bench.num_classes
-    expected = {"train": F.split_counts(100, k), "val": [5] * k, "test": [20] * k}
+    expected = {"train": split_counts(100, k), "val": [5] * k, "test": [20] * k}
     indices = {}
     for split in ("train", "val", "test"):
         s = getattr(task, split)
