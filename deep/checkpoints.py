@@ -72,9 +72,12 @@ def atomic_write_bytes(path: str | Path, write) -> None:
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, num_classes: int,
                     in_channels: int, meta: dict | None = None) -> Path:
-    """Write the model in our format, atomically (a kill never leaves half a file)."""
+    """Write the model in our format, atomically (a kill never leaves half a file).
+
+    `meta` is stored as plain JSON types, so the file loads with torch.load's safe
+    `weights_only=True` (a str subclass such as torch.__version__ would not)."""
     payload = {"format": FORMAT, "version": VERSION, "arch": arch, "num_classes": num_classes,
-               "in_channels": in_channels, "meta": dict(meta or {}),
+               "in_channels": in_channels, "meta": json.loads(json.dumps(dict(meta or {}))),
                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
     return Path(path)

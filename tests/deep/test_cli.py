@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deep.__main__ import main
-from deep.checkpoints import verify_checkpoint
+from deep.checkpoints import load_model, verify_checkpoint
 from deep.models import build_model
 from deep.sweep import read_results
 
@@ -58,6 +58,8 @@ def test_pretrain_writes_checkpoint_and_manifest(tmp_path, capsys):
     assert 0 <= manifest["source_test_acc"] <= 1 and manifest["seconds"] >= 0
     assert manifest["command"].startswith("python -m deep pretrain --benchmark synthetic")
     assert json.loads(Path(f"{out}.json").read_text())["sha256"] == manifest["sha256"]
+    model = load_model(out, "resnet26-w4", 4, 3)   # loads with torch.load(weights_only=True)
+    assert model.fc.out_features == 4
 
 
 def test_protocols_lists_synthetic(capsys):
