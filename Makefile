@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup figures test speed pretrain clean
+.PHONY: setup figures test speed pretrain deep deep-quick clean
 
 setup: $(STAMP)
 
@@ -30,13 +30,21 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The three Fashion-MNIST source models (committed in deep/weights/ with their
-# manifests; about 25 minutes on the 2-core dev machine). The benchmarks check each
+# manifests; 29 minutes on the 2-core dev machine). The benchmarks check each
 # file's sha256 against its manifest before use.
 WEIGHTS := deep/weights
 pretrain: $(STAMP)
 	$(PY) -m deep pretrain --benchmark fmnist-c --epochs 6 --compile --out $(WEIGHTS)/fmnist-resnet26.pt
 	$(PY) -m deep pretrain --benchmark fmnist-breeds --epochs 5 --compile --out $(WEIGHTS)/fmnist-breeds-resnet26.pt
 	$(PY) -m deep pretrain --benchmark fmnist-spurious --epochs 4 --compile --out $(WEIGHTS)/fmnist-spurious-resnet26.pt
+
+# The measured Fashion-MNIST table (figures/fmnist/; about 85 minutes here) and its
+# 2-minute smoke version (runs/fmnist-quick/; numbers meaningless). Both resume.
+deep: $(STAMP)
+	$(PY) -m deep bench fmnist
+
+deep-quick: $(STAMP)
+	$(PY) -m deep bench fmnist --quick
 
 # Speed benchmarks: the batched simulator vs a per-run loop, and the surgical
 # sweep engine vs a reference-style loop. Each prints its ratio on its last line.
