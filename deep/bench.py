@@ -54,14 +54,16 @@ class Suite:
 
 
 SUITES = {
-    # Measured here: about 85 minutes with --workers 2 (see README for the output).
+    # Sized for 90 minutes on the 2-core dev machine with --workers 2 (README has the
+    # measured time): a noise, a blur and a weather corruption; 4 epochs; 2 lrs.
     "fmnist": Suite(
-        shifts={"fmnist-c": ["gaussian_noise", "impulse_noise", "defocus_blur", "fog"],
+        shifts={"fmnist-c": ["gaussian_noise", "defocus_blur", "fog"],
                 "fmnist-breeds": ["subpopulation"], "fmnist-flip": ["flip"],
                 "fmnist-spurious": ["balanced"],
                 "fmnist-blocknoise": ["first", "second", "third"]},
-        seeds=[0, 1, 2], lrs=[1e-2, 1e-3], epochs=5,
-        n_sweep_shifts=["gaussian_noise"], n_sweep_sizes=[100, 300, 1000, 3000]),
+        seeds=[0, 1, 2], lrs=[1e-2, 1e-3], epochs=4,
+        n_sweep_shifts=["gaussian_noise"], n_sweep_sizes=[100, 300, 1000, 3000],
+        n_sweep_methods=["first", "last", "all"]),
     "fmnist-quick": Suite(
         shifts={"fmnist-c": ["gaussian_noise"], "fmnist-breeds": ["subpopulation"],
                 "fmnist-flip": ["flip"], "fmnist-spurious": ["balanced"],
