@@ -148,7 +148,7 @@ def main(argv=None):
                   f"{cache:.0f} GB/s (4 MB arrays)")
 
     print(f"{'simulator':<34}{'seconds':>8}{'ratio':>7}{'GFLOP/s':>9}{'% bmm':>7}"
-          f"{'GB/s':>7}{'% bw':>6}  error")
+          f"{'GB/s':>7}{'% bw':>6}{'eff GFLOP/s':>12}{'% bmm':>7}  error")
     configs = [(torch.float64, threads, False) for threads in thread_options]
     configs += [(torch.float32, threads, False) for threads in thread_options]
     configs += [(torch.float64, thread_options[0], True), (torch.float32, thread_options[0], True)]
@@ -184,16 +184,19 @@ def main(argv=None):
             error += f"; compiling took {warm:.0f} s"
         gflops, dram, cache = peaks[dtype, threads]
         achieved = 2 * sim_macs / seconds / 1e9
+        effective = 2 * loop_macs / seconds / 1e9
         traffic = bytes_per_step * steps / seconds / 1e9
         ratios[dtype, threads, compiled] = loop_seconds / seconds
         name = f"{str(dtype)[6:]}, {threads} thread(s){', compiled' if compiled else ''}"
         print(f"{name:<34}{seconds:>8.3f}{loop_seconds / seconds:>7.1f}{achieved:>9.1f}"
-              f"{100 * achieved / gflops:>6.1f}%{traffic:>7.1f}{100 * traffic / cache:>5.0f}%  "
-              f"{error}")
+              f"{100 * achieved / gflops:>6.1f}%{traffic:>7.1f}{100 * traffic / cache:>5.0f}%"
+              f"{effective:>12.1f}{100 * effective / gflops:>6.0f}%  {error}")
     print("GFLOP/s: the simulator's own flops over its time; % bmm: of the bmm peak (same "
           "dtype and threads).\nGB/s: its minimal memory traffic (each state tensor read "
           "and written once a step) over its time; % bw: of the streaming add on 4 MB arrays "
-          "(its working set is 2.5-5 MB), the bound that binds a matrix-vector algorithm.")
+          "(its working set is 2.5-5 MB), the bound that binds a matrix-vector algorithm.\n"
+          "eff GFLOP/s: the flops of the textbook step that the numpy loop does (2ndk + ...), "
+          "for the same result, over the simulator's time; % bmm: of the bmm peak.")
     one = thread_options[0]
     headline = ratios.get((torch.float32, one, True), ratios.get((torch.float32, one, False)))
     print(f"headline: float32{', compiled' if (torch.float32, one, True) in ratios else ''}, "
