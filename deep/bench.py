@@ -269,7 +269,10 @@ def n_target_rows(selected: list[dict]) -> dict[str, dict[int, tuple]]:
                     np.mean([cells[(s, best)]["test_acc"] for s in shifts]) - base)
         for m, v in diffs.items():
             out[m][n] = mean_se(v)
-    return out
+    # `methods` above is a set, whose order changes with the hash seed: fix one order.
+    order = ["best block (val)", *METHOD_ORDER]
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                       else len(order)))
 
 
 def plot_n_target(curves: dict, path_stem: Path) -> list[Path]:
@@ -362,7 +365,7 @@ def summarize(out_dir: Path, suite: Suite) -> list[Path]:
                   f"({', '.join(suite.n_sweep_shifts)}):", "",
                   "| method | " + " | ".join(str(n) for n in sizes) + " |",
                   "|---|" + "---|" * len(sizes)]
-        for method, pts in sorted(curves.items(), key=lambda kv: kv[0] != "best block (val)"):
+        for method, pts in curves.items():
             lines.append(f"| {method} | " + " | ".join(_fmt(pts[n], signed=True) if n in pts
                                                       else "-" for n in sizes) + " |")
         lines.append("")
