@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import atomic_write_bytes
 from .protocol import Protocol, load_protocol
 from .report import METHOD_ORDER, mean_se, select_learning_rates
 from .sweep import read_results, run_sweep
@@ -339,9 +340,9 @@ def _save(fig, path_stem: Path) -> list[Path]:
     paths = []
     for suffix in (".png", ".pdf"):
         path = path_stem.with_suffix(suffix)
-        tmp = path.with_name(f".{path.name}.tmp{suffix}")
-        fig.savefig(tmp, dpi=150, metadata={"CreationDate": None} if suffix == ".pdf" else None)
-        tmp.replace(path)
+        metadata = {"CreationDate": None} if suffix == ".pdf" else None
+        atomic_write_bytes(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=150,
+                                                       metadata=metadata))
         paths.append(path)
     plt.close(fig)
     return paths
@@ -370,9 +371,7 @@ def summarize(out_dir: Path, suite: Suite) -> list[Path]:
                                                       else "-" for n in sizes) + " |")
         lines.append("")
     table = out_dir / "table.md"
-    tmp = table.with_name(".table.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(table)
+    atomic_write_bytes(table, lambda f: f.write("\n".join(lines).encode()))
     return [table, *paths]
 
 

@@ -182,7 +182,7 @@ def _task(benchmark: str, shift: str, num_classes: int, images: np.ndarray, labe
           perturb=None) -> ShiftTask:
     """A ShiftTask whose three splits are drawn from (images, labels) by `draw_splits`."""
     train, val, test = draw_splits(torch.tensor(labels), num_classes, n_target, val_per_class,
-                                          test_per_class, seed, f"{benchmark}/{shift}")
+                                   test_per_class, seed, f"{benchmark}/{shift}")
     return ShiftTask(benchmark, shift, num_classes, _split(images, labels, train, "train"),
                      _split(images, labels, val, "val"), _split(images, labels, test, "test"),
                      perturb=perturb)
@@ -378,8 +378,8 @@ def load_fmnist_spurious(data_dir=None, shift: str = "balanced", n_target: int =
     _check_shift("fmnist-spurious", shift, SPURIOUS_SHIFTS)
     agreement = {"balanced": 0.5, "reversed": 0.0}[shift]
     data = load_fashion_mnist(data_dir)
-    train, val, test = draw_splits(torch.tensor(data.test_labels), NUM_CLASSES, n_target, val_per_class,
-                                          test_per_class, seed, f"fmnist-spurious/{shift}")
+    train, val, test = draw_splits(torch.tensor(data.test_labels), NUM_CLASSES, n_target,
+                                   val_per_class, test_per_class, seed, f"fmnist-spurious/{shift}")
     generator = seeded(seed + 1_000_003)  # cue draws: own stream, so the split indices match other benchmarks
     splits = [_spurious_split(data.test_images, data.test_labels, index, agreement, generator, name)
               for index, name in ((train, "train"), (val, "val"), (test, "test"))]
