@@ -24,7 +24,9 @@ import numpy as np
 
 from .checkpoints import atomic_write_bytes
 from .protocol import Protocol, load_protocol
-from .report import METHOD_ORDER, mean_se, select_learning_rates
+from .report import (METHOD_ORDER, bar_panel, format_stat, mean_se, save_figure,
+                     select_learning_rates)
+from .report import summarize as summarize_tables
 from .sweep import read_results, run_sweep
 
 HELP = "run a whole benchmark suite (the Fashion-MNIST shifts) and write its table and plots"
@@ -136,33 +138,16 @@ def table_rows(selected: list[dict]) -> list[tuple[str, str, list[str]]]:
 
 def row_stats(selected: list[dict], benchmark: str, shifts: list[str], metric: str,
               n_target: int) -> dict[str, dict]:
-    """Per method: mean and s.e. over seeds of the metric averaged over `shifts`, and of
-    its paired difference to `all`."""
-    values = {(r["shift"], r["method"], r["seed"]): r[metric] for r in selected
-              if r["benchmark"] == benchmark and r["n_target"] == n_target
-              and r["shift"] in shifts and r.get(metric) is not None}
-    seeds = sorted({d for _, _, d in values})
-    methods = sorted({m for _, m, _ in values}, key=lambda m: METHOD_ORDER.index(m)
-                     if m in METHOD_ORDER else len(METHOD_ORDER))
-    stats = {}
-    for method in methods:
-        per_seed, rel = [], []
-        for d in seeds:
-            if all((s, method, d) in values for s in shifts):
-                own = np.mean([values[(s, method, d)] for s in shifts])
-                per_seed.append(own)
-                if all((s, "all", d) in values for s in shifts):
-                    rel.append(own - np.mean([values[(s, "all", d)] for s in shifts]))
-        stats[method] = {"abs": mean_se(per_seed), "rel": mean_se(rel)}
-    return stats
-
-
-def _fmt(stat, signed=False) -> str:
-    mean, se, n = stat
-    if n == 0:
-        return "-"
-    text = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
-    return text + ("" if math.isnan(se) else f" ± {100 * se:.1f}")
+    """Per method: {"abs": (mean, se, n), "rel": ...} over seeds of the metric averaged
+    over `shifts`, and of its paired difference to `all` (`report.summarize`'s numbers)."""
+    rows = [r for r in selected if r["benchmark"] == benchmark and r["n_target"] == n_target
+            and r["shift"] in shifts]
+    table = summarize_tables(rows, metric).get((benchmark, n_target))
+    if table is None:
+        return {}
+    key = shifts[0] if len(shifts) == 1 else "mean"
+    return {m: {"abs": table["abs"][(key, m)], "rel": table["rel"][(key, m)]}
+            for m in table["methods"]}
 
 
 def ranks(per_row: list[dict[str, dict]], methods: tuple[str, ...]) -> dict[str, float]:
@@ -193,7 +178,7 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
     def block_line(stats, label, kind):
         blocks = [m for m in BLOCKS if m in stats and stats[m]["abs"][2] > 0]
         best = max(blocks, key=lambda m: stats[m]["abs"][0]) if blocks else "-"
-        cells = [_fmt(stats[m]["rel"], signed=True) if m != "all" else _fmt(stats[m]["abs"])
+        cells = [format_stat(stats[m]["rel"], signed=True) if m != "all" else format_stat(stats[m]["abs"])
                  for m in methods]
         return f"| {label} ({kind}) | " + " | ".join(cells) + f" | {best} |", best
 
@@ -220,7 +205,7 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
     lines += ["", "Absolute test accuracy (%):", "",
               "| benchmark | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for (label, _, _), stats in zip(rows, per_row):
-        lines.append(f"| {label} | " + " | ".join(_fmt(stats[m]["abs"]) if m in stats else "-"
+        lines.append(f"| {label} | " + " | ".join(format_stat(stats[m]["abs"]) if m in stats else "-"
                                                  for m in methods) + " |")
     avg = dict(sorted(ranks(per_row, SINGLE_RUN).items(), key=lambda kv: kv[1]))
     lines += ["", "Average rank of the single-run methods over the rows above (1 = best; the "
@@ -235,7 +220,7 @@ def verdict_lines(verdicts) -> list[str]:
     for label, kind, expected, best, beats_all, rel in verdicts:
         same = "as the paper's pattern predicts" if best == expected else \
             f"the pattern predicts {expected}"
-        gain = _fmt(rel, signed=True) if rel else "-"
+        gain = format_stat(rel, signed=True) if rel else "-"
         out.append(f"- {label} ({kind}): best block **{best}** ({gain} points vs all), {same}; "
                    f"{'it beats' if beats_all else 'it does not beat'} full fine-tuning.")
     return out
@@ -297,7 +282,7 @@ def plot_n_target(curves: dict, path_stem: Path) -> list[Path]:
     ax.set_title("fmnist-c: surgical tuning vs full fine-tuning as the target set grows")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path_stem)
+    return save_figure(fig, path_stem)
 
 
 def plot_relative(selected: list[dict], n_target: int, path_stem: Path) -> list[Path]:
@@ -317,35 +302,13 @@ def plot_relative(selected: list[dict], n_target: int, path_stem: Path) -> list[
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.9 * cols, 3.1 * nrows), squeeze=False)
     for ax, (label, stats) in zip(axes.flat, panels):
-        methods = [m for m in stats if m != "all"]
-        means = [100 * stats[m]["rel"][0] for m in methods]
-        errs = [0 if math.isnan(stats[m]["rel"][1]) else 100 * stats[m]["rel"][1] for m in methods]
-        colours = ["tab:blue" if m in BLOCKS else "tab:gray" for m in methods]
-        ax.bar(range(len(methods)), means, yerr=errs, color=colours, capsize=2)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
-        ax.set_title(label, fontsize=9)
-        ax.set_ylabel("points vs all", fontsize=8)
+        bar_panel(ax, {m: stats[m]["rel"] for m in stats if m != "all"}, label)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("Fashion-MNIST suite: test accuracy relative to full fine-tuning "
                  "(blue: one block tuned; grey: baselines; ± s.e. over seeds)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path_stem)
-
-
-def _save(fig, path_stem: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for suffix in (".png", ".pdf"):
-        path = path_stem.with_suffix(suffix)
-        metadata = {"CreationDate": None} if suffix == ".pdf" else None
-        atomic_write_bytes(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=150,
-                                                       metadata=metadata))
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, path_stem)
 
 
 def summarize(out_dir: Path, suite: Suite) -> list[Path]:
@@ -367,7 +330,7 @@ def summarize(out_dir: Path, suite: Suite) -> list[Path]:
                   "| method | " + " | ".join(str(n) for n in sizes) + " |",
                   "|---|" + "---|" * len(sizes)]
         for method, pts in curves.items():
-            lines.append(f"| {method} | " + " | ".join(_fmt(pts[n], signed=True) if n in pts
+            lines.append(f"| {method} | " + " | ".join(format_stat(pts[n], signed=True) if n in pts
                                                       else "-" for n in sizes) + " |")
         lines.append("")
     table = out_dir / "table.md"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import atomic_write_bytes
 from .sweep import read_results
 
 METHOD_ORDER = ("first", "second", "third", "fourth", "last", "all", "lp-ft",
@@ -100,7 +101,8 @@ def summarize(selected: list[dict], metric: str) -> dict:
     return tables
 
 
-def _cell(stat, scale=100.0, signed=False) -> str:
+def format_stat(stat, scale=100.0, signed=False) -> str:
+    """(mean, se, n) as "12.3 ± 0.4" (points; signed: "+1.2 ± 0.4"); "-" when n = 0."""
     mean, se, n = stat
     if n == 0:
         return "-"
@@ -120,8 +122,8 @@ def markdown(tables: dict, metric: str) -> str:
                       "| shift | " + " | ".join(methods) + " |",
                       "|---|" + "---|" * len(methods)]
             for shift in t["shifts"]:
-                cells = [_cell(t[kind].get((shift, m), (math.nan, math.nan, 0)),
-                               signed=kind == "rel") for m in methods]
+                cells = [format_stat(t[kind].get((shift, m), (math.nan, math.nan, 0)),
+                                     signed=kind == "rel") for m in methods]
                 lines.append(f"| {shift} | " + " | ".join(cells) + " |")
             lines.append("")
     lines.append("Mean ± standard error over seeds; each (shift, method, seed) at the learning "
@@ -145,26 +147,44 @@ def plot_relative(tables: dict, metric: str, path_stem: Path) -> list[Path]:
     for ax, ((benchmark, n_target), shift) in zip(axes.flat, panels):
         t = tables[(benchmark, n_target)]
         methods = [m for m in t["methods"] if m != "all"]
-        stats = [t["rel"].get((shift, m), (math.nan, math.nan, 0)) for m in methods]
-        means = [100 * s[0] for s in stats]
-        errs = [0 if math.isnan(s[1]) else 100 * s[1] for s in stats]
-        colours = ["tab:blue" if m in ("first", "second", "third", "fourth", "last") else "tab:gray"
-                   for m in methods]
-        ax.bar(range(len(methods)), means, yerr=errs, color=colours, capsize=2)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{benchmark} / {shift}" + (f" (n={n_target})" if len(tables) > 1 else ""),
-                     fontsize=9)
-        ax.set_ylabel("points vs all", fontsize=8)
+        bar_panel(ax, {m: t["rel"].get((shift, m), (math.nan, math.nan, 0)) for m in methods},
+                  f"{benchmark} / {shift}" + (f" (n={n_target})" if len(tables) > 1 else ""))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(("worst-group " if metric == "worst_group_acc" else "")
                  + "test accuracy relative to full fine-tuning", fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path_stem)
+
+
+SINGLE_BLOCKS = ("first", "second", "third", "fourth", "last")
+
+
+def bar_panel(ax, rel: dict, title: str) -> None:
+    """One panel of the Figure-2-style chart: method -> (mean, se, n) of accuracy minus
+    `all` (fractions), drawn in points; single blocks blue, other methods grey."""
+    methods = list(rel)
+    means = [100 * rel[m][0] for m in methods]
+    errs = [0 if math.isnan(rel[m][1]) else 100 * rel[m][1] for m in methods]
+    colours = ["tab:blue" if m in SINGLE_BLOCKS else "tab:gray" for m in methods]
+    ax.bar(range(len(methods)), means, yerr=errs, color=colours, capsize=2)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("points vs all", fontsize=8)
+
+
+def save_figure(fig, path_stem: Path) -> list[Path]:
+    """`fig` as <stem>.png and <stem>.pdf, each written atomically (the PDF without its
+    creation date, so the same data give the same bytes); closes the figure."""
+    import matplotlib.pyplot as plt
+
     paths = []
     for suffix in (".png", ".pdf"):
-        path = path_stem.with_suffix(suffix)
-        fig.savefig(path, dpi=150)
+        path = Path(path_stem).with_suffix(suffix)
+        metadata = {"CreationDate": None} if suffix == ".pdf" else None
+        atomic_write_bytes(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=150,
+                                                       metadata=metadata))
         paths.append(path)
     plt.close(fig)
     return paths
