@@ -43,7 +43,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: one activation-sized buffer less per block
+        return self.relu(out)
 
 
 class CifarResNet(StagedModel):
