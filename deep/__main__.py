@@ -12,6 +12,8 @@ import importlib
 import shlex
 import sys
 
+from .allocator import keep_freed_memory
+
 MODULE_COMMANDS = {"bench": "deep.bench"}
 
 
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # the exact command, for manifests
+    keep_freed_memory()  # see deep.allocator: fewer page faults per training step
     try:
         return commands[args.command][2](args) or 0
     except (ValueError, OSError) as err:  # DataError and CheckpointError are ValueErrors

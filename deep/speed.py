@@ -11,8 +11,13 @@ epochs, Adam, BN frozen, epoch chosen by validation) in one process:
   (option, lr), and validation and test are evaluated after every epoch;
 - ours: `deep.train.fit` with one `PrefixCache` per task (frozen params
   requires_grad=False, cached prefix activations for train/val/test, BN folded
-  into the convs, channels-last first stage, test evaluated once at the best epoch),
+  into the convs, channels-last activations, evaluation in batches of 64, test
+  evaluated once at the best epoch),
   pretrained weights read once.
+
+Both run in one process under the same settings: one torch thread by default, and
+glibc malloc keeping freed activation buffers (`deep.allocator`, as every `python -m
+deep` command does; `--default-malloc` leaves glibc's defaults, for both).
 
 The two must reach the same test accuracies (each (option, lr), within 0.5
 points); then per-option and total wall-clock ratios are printed (CPU-time ratios
@@ -31,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .blocks import blocks_for, tuned_parameter_names
 from .checkpoints import load_model, save_checkpoint
 from .data.base import ShiftTask, SourceData, TensorSplit, seeded
@@ -109,10 +115,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for both loops (default 1: on a shared 2-core machine, "
                         "2-thread OpenMP runs stall whenever another process holds a core)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's malloc defaults (every freed activation unmapped), for both loops")
     p.add_argument("--tolerance", type=float, default=0.5, help="max test-accuracy gap, points")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = "glibc defaults" if args.default_malloc else (
+        "freed memory kept (deep.allocator)" if keep_freed_memory() else "platform defaults")
     lrs = [float(v) for v in args.lrs.split(",")]
     blocks = blocks_for(args.arch)
     options = [*blocks, "all"]
@@ -120,7 +130,8 @@ def main(argv=None) -> int:
 
     print(f"# {args.arch}, {args.channels}x{args.size}x{args.size} images, train/val/test = "
           f"{args.n_train}/{args.n_val}/{args.n_test}, {args.epochs} epochs, lrs {lrs}, "
-          f"batch {batch_size}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+          f"batch {batch_size}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"malloc for both loops: {malloc}")
     source, task = make_data(args.size, args.channels, 1000, args.n_train, args.n_val, args.n_test)
     with Clock() as c:
         model = pretrain(source, args.arch, epochs=2, lr=0.05, seed=0, batch_size=64,

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from .allocator import keep_freed_memory
 from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, atomic_write_bytes, load_model
 from .data import Benchmark, get_benchmark
@@ -359,6 +360,7 @@ def _init_worker(rows, threads: int, parent: int) -> None:
     global _ROWS, _PARENT
     _ROWS, _PARENT = rows, parent
     torch.set_num_threads(threads)
+    keep_freed_memory()  # spawned workers start with the default allocator settings
 
 
 def _worker(group: list[Cell], spec: dict) -> int:

@@ -18,8 +18,8 @@ What makes it fast, by construction:
   (`FoldedConvBN`: conv(x, w * s) + (beta - mu * s), s = gamma / sqrt(var + eps)),
   which is the same function with the same parameters and the same gradients,
   minus two activation-sized passes per BN, forward and backward;
-- channels-last activations in the first stage on CPU (oneDNN's slowest backward is
-  there in NCHW);
+- channels-last activations on CPU (oneDNN reorders NCHW activations to its blocked
+  layout and back around every convolution), evaluation in batches of 64 there;
 - evaluation under `torch.inference_mode`; the test split is evaluated once, at
   the end, after restoring the parameters of the best validation epoch (the same
   number as evaluating test every epoch and reading it at that epoch).
@@ -39,7 +39,7 @@ from torch import nn
 
 from .blocks import set_trainable
 from .data.base import Split, TensorSplit
-from .models.staged import StagedModel, Stages, stages_of
+from .models.staged import StagedModel, Stages, stages_of, to_memory_format
 from .protocol import SELECTION_RULES
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -64,15 +64,17 @@ class TrainConfig:
         schedule: "constant" or "cosine" (per epoch, from lr down to 0).
         augment: (images, generator) -> images, applied to each training batch;
             disables the prefix cache.
-        eval_batch_size: minibatch size of evaluation and caching.
+        eval_batch_size: minibatch size of evaluation and caching; None: 64 on CPU,
+            256 elsewhere (`default_eval_batch_size`).
         cache_mb: memory budget of a prefix cache that `fit` builds itself.
         use_cache: False runs every batch from the images (for checks).
         fold_bn: fold frozen-statistics BN into the convs (when freeze_bn).
         channels_last: memory format of activations: True channels-last everywhere,
-            False never, "first" in the first stage only; None: "first" on CPU (measured
-            fastest there: oneDNN's NCHW backward is slowest at the full-resolution,
-            few-channel first stage, and channels-last does not help the later stages),
-            False elsewhere.
+            False never, "first" in the first stage only; None: True on CPU (oneDNN
+            computes channels-last activations in place; NCHW ones are reordered to its
+            blocked layout and back around every convolution, forward and backward),
+            False elsewhere. Without a prefix cache (pretraining, augmentation) only
+            True changes the layout.
         compile: run the training forward through `torch.compile` when no prefix cache
             is used (pretraining: BN in train mode, augmentation). Worth its ~40 s of
             compilation on long runs only: 1.6x on ResNet-26 pretraining here.
@@ -90,7 +92,7 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "constant"
     augment: Augment | None = None
-    eval_batch_size: int = 256
+    eval_batch_size: int | None = None
     cache_mb: float = 2048
     use_cache: bool = True
     fold_bn: bool = True
@@ -102,7 +104,7 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.select not in SELECTION_RULES:
             raise ValueError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
@@ -235,13 +237,14 @@ class PrefixCache:
         model: a staged model (`StagedModel` or `nn.Sequential`), BN in eval mode.
         splits: name -> split, e.g. {"train": ..., "val": ..., "test": ...}.
         budget_mb: memory budget of the stored activations.
-        batch_size: minibatch size of the prefix forward passes.
+        batch_size: minibatch size of the prefix forward passes (None: see
+            `default_eval_batch_size`).
         fold_bn: run the stages with BN folded into the convs (`folded_view`).
         channels_last: True, False, "first" (first stage only) or None (see TrainConfig).
     """
 
     def __init__(self, model: nn.Module, splits: Mapping[str, Split], budget_mb: float = 2048,
-                 batch_size: int = 256, fold_bn: bool = True,
+                 batch_size: int | None = None, fold_bn: bool = True,
                  channels_last: bool | str | None = None):
         if stages_of(model) is None:
             raise TypeError(f"{type(model).__name__} is not staged; it cannot use a prefix cache")
@@ -250,14 +253,14 @@ class PrefixCache:
         self.stages: Stages = stages_of(model, self.runner)
         self.device = next(model.parameters()).device
         if channels_last is None:
-            channels_last = "first" if self.device.type == "cpu" else False
+            channels_last = self.device.type == "cpu"
         if channels_last not in (True, False, "first"):
             raise ValueError(f"channels_last must be True, False, 'first' or None, got {channels_last!r}")
         cl_stages = range(len(self.stages)) if channels_last is True else [0] if channels_last else []
         self.stages.formats = {s: (torch.channels_last if s in cl_stages else torch.contiguous_format)
                                for s in range(len(self.stages))} if channels_last else {}
         self.budget = int(budget_mb * 2**20)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or default_eval_batch_size(self.device)
         self.used = 0
         self._acts: dict[tuple[str, int], torch.Tensor] = {}
         self._too_big: set[tuple[str, int]] = set()
@@ -349,6 +352,13 @@ class _eval_mode:
 
 # --- evaluation -------------------------------------------------------------------
 
+def default_eval_batch_size(device: torch.device | str) -> int:
+    """64 on CPU, 256 elsewhere. On CPU a batch of 256 full-resolution activations
+    no longer fits the caches: ResNet-26's first stage ran 2x slower per image at 256
+    than at 64 here (`python -m deep.speed` measures the loop that uses it)."""
+    return 64 if torch.device(device).type == "cpu" else 256
+
+
 def accuracy(preds: torch.Tensor, labels: torch.Tensor,
              groups: torch.Tensor | None = None) -> Metrics:
     """Accuracy of int64 predictions (n,) against labels (n,), and per group if given."""
@@ -360,14 +370,16 @@ def accuracy(preds: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, batch_size: int = 256,
+def predict(model: nn.Module, split: Split, batch_size: int | None = None,
             cache: PrefixCache | None = None, start: int = 0,
             name: str | None = None) -> torch.Tensor:
     """Predicted classes (n,) for a split, in the split's order, model in eval mode.
 
     With a cache, runs the stages from the latest stored input at or before `start`
-    (the input of split `name`).
+    (the input of split `name`). batch_size None: `default_eval_batch_size`.
     """
+    device = next(model.parameters()).device
+    batch_size = batch_size or default_eval_batch_size(device)
     with _eval_mode(model):
         if cache is not None and name is not None:
             source, stage = cache.inputs(name, start)
@@ -376,11 +388,10 @@ def predict(model: nn.Module, split: Split, batch_size: int = 256,
             else:
                 batches = (source[i:i + batch_size] for i in range(0, len(split), batch_size))
             return torch.cat([cache.stages.run(cache.prepare(x), stage).argmax(1) for x in batches])
-        device = next(model.parameters()).device
         return torch.cat([model(x.to(device)).argmax(1) for x, _, _ in split.batches(batch_size)])
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int = 256,
+def evaluate(model: nn.Module, split: Split, batch_size: int | None = None,
              cache: PrefixCache | None = None, start: int = 0,
              name: str | None = None) -> Metrics:
     """Accuracy (and worst-group accuracy when the split has groups) of `model` on `split`."""
@@ -591,7 +602,7 @@ def _train_epoch(model, train, config, optimizer, method, tuned, generator, aug_
             if config.augment is not None:
                 x = config.augment(x, aug_generator)
             if memory_format is not None:
-                x = x.contiguous(memory_format=memory_format)
+                x = to_memory_format(x, memory_format)
             logits = forward(x)
         loss = F.cross_entropy(logits, y)
         penalty = method.penalty(model)

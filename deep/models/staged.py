@@ -69,7 +69,7 @@ class Stages:
     def format_input(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """`x` in the memory format chosen for stage `stage`'s input (if any)."""
         fmt = self.formats.get(stage)
-        return x.contiguous(memory_format=fmt) if fmt is not None and x.ndim == 4 else x
+        return to_memory_format(x, fmt) if fmt is not None else x
 
     def run(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
         """Run stages [start, stop) on `x`, the input of stage `start`."""
@@ -83,6 +83,21 @@ class Stages:
     def first_stage(self, param_names) -> int:
         """Index of the earliest stage owning one of `param_names` (len(self) if none)."""
         return min((self.param_stage[n] for n in param_names), default=len(self))
+
+
+def to_memory_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """`x` (any shape; only 4-d tensors change) laid out in `fmt`.
+
+    With a single channel, `x.contiguous(memory_format=torch.channels_last)` returns x
+    unchanged (both layouts are "contiguous"), its strides stay NCHW and oneDNN then
+    runs the whole stage in NCHW, reordering every activation to its blocked layout
+    and back; an explicit channels-last copy makes every later activation channels-last.
+    """
+    if x.ndim != 4:
+        return x
+    if fmt == torch.channels_last and x.shape[1] == 1 and x.stride(1) != 1:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt).copy_(x)
+    return x.contiguous(memory_format=fmt)
 
 
 def stages_of(model: nn.Module, runner: nn.Module | None = None) -> Stages | None:
