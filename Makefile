@@ -38,7 +38,7 @@ pretrain: $(STAMP)
 	$(PY) -m deep pretrain --benchmark fmnist-breeds --epochs 5 --compile --out $(WEIGHTS)/fmnist-breeds-resnet26.pt
 	$(PY) -m deep pretrain --benchmark fmnist-spurious --epochs 4 --compile --out $(WEIGHTS)/fmnist-spurious-resnet26.pt
 
-# The measured Fashion-MNIST table (figures/fmnist/; 71 minutes here) and its
+# The measured Fashion-MNIST table (figures/fmnist/; 68 minutes here) and its
 # 2-minute smoke version (runs/fmnist-quick/; numbers meaningless). Both resume.
 deep: $(STAMP)
 	$(PY) -m deep bench fmnist
