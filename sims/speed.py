@@ -1,7 +1,7 @@
 """Speed benchmark: the batched simulator against a per-run numpy loop, in one run.
 
     python -m sims.speed [--runs 512] [--d 64] [--k 32] [--n 16] [--steps 2000]
-                         [--loop-runs 16] [--device auto] [--threads 1]
+                         [--loop-runs 16] [--device auto] [--threads 1] [--no-compile]
 
 Workload: `runs` independent full fine-tuning runs ("all") of a linear two-layer net, each
 with its own pretrained net, sample and step size (lr = 0.5 / the starting curvature).
@@ -18,8 +18,8 @@ benchmark also measures memory bandwidth (a streaming add) and reports the simul
 against the bound that binds: its minimal memory traffic (each state tensor read and
 written once a step) divided by that bandwidth.
 The last line is `speedup: <ratio>` for float32 with torch.compile on one CPU thread
-(eager if torch.compile is unavailable) against the loop on one core; every configuration
-is printed with its error against float64.
+(eager if torch.compile is unavailable or with --no-compile) against the loop on one
+core; every configuration is printed with its error against float64.
 """
 import argparse
 import time
@@ -105,6 +105,8 @@ def main(argv=None):
     parser.add_argument("--threads", default="1",
                         help="comma-separated torch CPU thread counts to time (default 1, "
                              "the same one core as the loop)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile configurations (eager only)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     R, d, k, n, steps = args.runs, args.d, args.k, args.n, args.steps
@@ -151,7 +153,8 @@ def main(argv=None):
           f"{'GB/s':>7}{'% bw':>6}{'eff GFLOP/s':>12}{'% bmm':>7}  error")
     configs = [(torch.float64, threads, False) for threads in thread_options]
     configs += [(torch.float32, threads, False) for threads in thread_options]
-    configs += [(torch.float64, thread_options[0], True), (torch.float32, thread_options[0], True)]
+    if not args.no_compile:
+        configs += [(torch.float64, thread_options[0], True), (torch.float32, thread_options[0], True)]
     reference, ratios = None, {}
     for dtype, threads, compiled in configs:
         torch.set_num_threads(threads)

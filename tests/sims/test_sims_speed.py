@@ -1,0 +1,32 @@
+"""`python -m sims.speed` end to end on a tiny workload (eager only: compiling takes longer
+than the whole test suite should)."""
+
+from __future__ import annotations
+
+import io
+import re
+from contextlib import redirect_stdout
+
+import pytest
+
+from sims import speed
+
+
+def test_speed_benchmark_matches_the_numpy_loop_and_ends_with_the_ratio():
+    out = io.StringIO()
+    with redirect_stdout(out):
+        speed.main(["--runs", "8", "--d", "6", "--k", "4", "--n", "5", "--steps", "50",
+                    "--loop-runs", "2", "--no-compile"])
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"speedup: \d+\.\d", lines[-1])
+    # The first simulator row (float64, eager) is checked against the numpy loop.
+    gap = float(re.search(r"v vs numpy loop ([\d.e+-]+)", out.getvalue()).group(1))
+    assert gap < 1e-10
+    float32 = [line for line in lines if line.startswith("float32")]
+    assert float32 and all("compiled" not in line for line in lines if line.startswith("float"))
+    assert all(float(re.search(r"v ([\d.e+-]+),", line).group(1)) < 1e-4 for line in float32)
+
+
+def test_bad_loop_runs_is_refused():
+    with pytest.raises(SystemExit), redirect_stdout(io.StringIO()):
+        speed.main(["--runs", "4", "--loop-runs", "5", "--no-compile"])
