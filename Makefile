@@ -50,7 +50,7 @@ deep-quick: $(STAMP)
 # sweep engine vs a reference-style loop. Each prints its ratio on its last line.
 speed: $(STAMP)
 	$(PY) -m sims.speed
-	$(PY) -m deep.speed
+	$(PY) -m deep.speed --count-work
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

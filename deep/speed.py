@@ -23,6 +23,11 @@ The two must reach the same test accuracies (each (option, lr), within 0.5
 points); then per-option and total wall-clock ratios are printed (CPU-time ratios
 beside them, which are steadier on a shared machine). The last line is
 `total speedup: <ratio>`.
+
+`--count-work` runs both loops once more (first learning rate only; the work does
+not depend on it) under `torch.utils.flop_counter` and prints the convolution and
+matmul FLOPs each performs: the work ratio says how much of the speedup comes from
+work ours skips, and speedup / work ratio how much from doing the same work faster.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from .allocator import keep_freed_memory
 from .blocks import blocks_for, tuned_parameter_names
@@ -102,6 +108,68 @@ def reference_run(checkpoint, arch, task, option, lr, epochs, batch_size, weight
     return history[best][1], history[best][0]
 
 
+def ours_run(model, base_state, cache, blocks, task, option, lr, epochs, batch_size, weight_decay,
+             seed):
+    """One (option, lr) with our engine from the weights read once; returns the test acc."""
+    model.load_state_dict(base_state)
+    config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+                         seed=seed)
+    return fit(model, task.train, task.val, task.test, option, config, blocks, cache).test.acc
+
+
+def count_flops(fn) -> int:
+    """Convolution and matmul FLOPs (forward and backward) that `fn()` performs."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def work_table(options, checkpoint, arch, task, lr, timed, total_speedup, run_args) -> list[str]:
+    """Rerun both loops (one lr) counting FLOPs; lines comparing work and time ratios.
+
+    `timed` maps option -> (reference seconds, ours seconds) of the timed pass."""
+    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1])
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = PrefixCache(model, {"train": task.train, "val": task.val, "test": task.test})
+    lines = [f"{'option':>8} | {'ref GFLOP':>10} {'ours GFLOP':>10} {'work ratio':>10} | "
+             f"{'speedup':>7} {'speedup / work ratio':>20}"]
+    total_ref = total_ours = 0
+    for option in options:
+        ref = count_flops(lambda: reference_run(checkpoint, arch, task, option, lr, *run_args))
+        ours = count_flops(lambda: ours_run(model, base_state, cache, blocks_for(arch), task,
+                                            option, lr, *run_args))
+        total_ref, total_ours = total_ref + ref, total_ours + ours
+        speedup = timed[option][0] / timed[option][1]
+        lines.append(f"{option:>8} | {ref / 1e9:10.2f} {ours / 1e9:10.2f} {ref / ours:9.2f}x | "
+                     f"{speedup:6.2f}x {speedup / (ref / ours):19.2f}x")
+    lines.append(f"{'total':>8} | {total_ref / 1e9:10.2f} {total_ours / 1e9:10.2f} "
+                 f"{total_ref / total_ours:9.2f}x | {total_speedup:6.2f}x "
+                 f"{total_speedup / (total_ref / total_ours):19.2f}x")
+    return lines
+
+
+def timing_table(rows, options, setup) -> tuple[list[str], dict, float]:
+    """Per-option and total seconds and ratios of the timed pass.
+
+    Returns (lines, {option: (reference s, ours s)}, total speedup); ours' total
+    includes its one-off `setup`."""
+    lines = [f"{'option':>8} | {'ref s':>7} {'ours s':>7} {'speedup':>8} | {'cpu speedup':>11}"]
+    total_ref = total_ours = cpu_ref = cpu_ours = 0.0
+    timed = {}
+    for option in options:
+        r = [row for row in rows if row[0] == option]
+        rw, ow = sum(x[2].wall for x in r), sum(x[3].wall for x in r)
+        rc, oc = sum(x[2].cpu for x in r), sum(x[3].cpu for x in r)
+        total_ref, total_ours, cpu_ref, cpu_ours = total_ref + rw, total_ours + ow, cpu_ref + rc, cpu_ours + oc
+        timed[option] = (rw, ow)
+        lines.append(f"{option:>8} | {rw:7.1f} {ow:7.1f} {rw / ow:7.2f}x | {rc / oc:10.2f}x")
+    total_ours += setup.wall
+    cpu_ours += setup.cpu
+    lines.append(f"{'total':>8} | {total_ref:7.1f} {total_ours:7.1f} {total_ref / total_ours:7.2f}x | "
+                 f"{cpu_ref / cpu_ours:10.2f}x")
+    return lines, timed, total_ref / total_ours
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m deep.speed", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="resnet26")
@@ -118,6 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's malloc defaults (every freed activation unmapped), for both loops")
     p.add_argument("--tolerance", type=float, default=0.5, help="max test-accuracy gap, points")
+    p.add_argument("--count-work", action="store_true",
+                   help="afterwards, count each loop's convolution/matmul FLOPs (one more pass of "
+                        "both loops at the first lr) and print work ratios beside the speedups")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,42 +221,34 @@ def main(argv=None) -> int:
             base_state = {k: v.clone() for k, v in ours_model.state_dict().items()}
             cache = PrefixCache(ours_model, {"train": task.train, "val": task.val, "test": task.test})
         rows, worst_gap = [], 0.0
+        run_args = (args.epochs, batch_size, weight_decay, seed)
         print(f"{'option':>8} {'lr':>7} | {'ref s':>7} {'ours s':>7} | {'ref acc':>7} {'ours acc':>8}")
         for option in options:
             for lr in lrs:
                 with Clock() as ref:
-                    ref_acc, _ = reference_run(checkpoint, args.arch, task, option, lr, args.epochs,
-                                               batch_size, weight_decay, seed)
+                    ref_acc, _ = reference_run(checkpoint, args.arch, task, option, lr, *run_args)
                 with Clock() as ours:
-                    ours_model.load_state_dict(base_state)
-                    config = TrainConfig(lr=lr, epochs=args.epochs, batch_size=batch_size,
-                                         weight_decay=weight_decay, seed=seed)
-                    result = fit(ours_model, task.train, task.val, task.test, option, config,
-                                 blocks, cache)
-                ours_acc = result.test.acc
+                    ours_acc = ours_run(ours_model, base_state, cache, blocks, task, option, lr,
+                                        *run_args)
                 worst_gap = max(worst_gap, abs(ours_acc - ref_acc) * 100)
                 rows.append((option, lr, ref, ours))
                 print(f"{option:>8} {lr:>7g} | {ref.wall:7.2f} {ours.wall:7.2f} | "
                       f"{100 * ref_acc:7.2f} {100 * ours_acc:8.2f}", flush=True)
 
-    print(f"\n# ours includes filling the prefix cache ({cache.seconds:.2f} s, counted in the run "
-          f"that needed it) and {setup.wall:.2f} s of setup (added to the total)")
-    print(f"{'option':>8} | {'ref s':>7} {'ours s':>7} {'speedup':>8} | {'cpu speedup':>11}")
-    total_ref = total_ours = cpu_ref = cpu_ours = 0.0
-    for option in options:
-        r = [row for row in rows if row[0] == option]
-        rw, ow = sum(x[2].wall for x in r), sum(x[3].wall for x in r)
-        rc, oc = sum(x[2].cpu for x in r), sum(x[3].cpu for x in r)
-        total_ref, total_ours, cpu_ref, cpu_ours = total_ref + rw, total_ours + ow, cpu_ref + rc, cpu_ours + oc
-        print(f"{option:>8} | {rw:7.1f} {ow:7.1f} {rw / ow:7.2f}x | {rc / oc:10.2f}x")
-    total_ours += setup.wall
-    cpu_ours += setup.cpu
-    print(f"{'total':>8} | {total_ref:7.1f} {total_ours:7.1f} {total_ref / total_ours:7.2f}x | "
-          f"{cpu_ref / cpu_ours:10.2f}x")
+        print(f"\n# ours includes filling the prefix cache ({cache.seconds:.2f} s, counted in the "
+              f"run that needed it) and {setup.wall:.2f} s of setup (added to the total)")
+        lines, timed, speedup = timing_table(rows, options, setup)
+        print("\n".join(lines))
+        if args.count_work:
+            print(f"\n# work: convolution and matmul FLOPs of each loop (torch.utils.flop_counter, "
+                  f"lr {lrs[0]:g}; both lrs do the same work), against the measured speedups")
+            for line in work_table(options, checkpoint, args.arch, task, lrs[0], timed, speedup,
+                                   run_args):
+                print(line, flush=True)
     ok = worst_gap <= args.tolerance
     print(f"accuracy check: largest test-accuracy gap {worst_gap:.2f} points "
           f"({'OK' if ok else 'FAILED'}, tolerance {args.tolerance})")
-    print(f"total speedup: {total_ref / total_ours:.2f}x")
+    print(f"total speedup: {speedup:.2f}x")
     return 0 if ok else 1
 
 

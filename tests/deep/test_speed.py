@@ -1,0 +1,83 @@
+"""`python -m deep.speed` end to end on a tiny setting: the output a user reads, the
+accuracy check, and the work each loop does (counted FLOPs, not timings)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from deep import speed
+
+TINY = ["--arch", "resnet26-w4", "--n-train", "64", "--n-val", "16", "--n-test", "32",
+        "--epochs", "2", "--lrs", "1e-3", "--count-work"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    import io
+    from contextlib import redirect_stdout
+
+    import torch
+
+    threads, out = torch.get_num_threads(), io.StringIO()
+    try:
+        with redirect_stdout(out):
+            rc = speed.main(TINY)  # sets one torch thread, as the benchmark does
+    finally:
+        torch.set_num_threads(threads)
+    return rc, out.getvalue().splitlines()
+
+
+def _work_rows(lines):
+    """option -> (reference GFLOP, ours GFLOP) from the work table."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("# work:"))
+    rows = {}
+    for line in lines[start + 2:]:
+        m = re.match(r"\s*(\S+) \|\s+([\d.]+)\s+([\d.]+)\s", line)
+        if not m:
+            break
+        rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    return rows
+
+
+def test_both_loops_agree_and_the_last_line_is_the_total(tiny_run):
+    rc, lines = tiny_run
+    assert rc == 0
+    assert re.fullmatch(r"total speedup: \d+\.\d\dx", lines[-1])
+    assert any(re.match(r"accuracy check: largest test-accuracy gap \d+\.\d\d points \(OK", line)
+               for line in lines)
+    timed = [line.split()[0] for line in lines if re.match(r"\s*\w+ \|\s+[\d.]+\s+[\d.]+\s+[\d.]+x", line)]
+    assert timed[:5] == ["first", "second", "third", "last", "all"]
+
+
+def test_ours_does_less_work_the_later_the_tuned_block(tiny_run):
+    """Frozen weights get no gradient and cached prefixes are not recomputed, so ours'
+    FLOPs fall block by block; the reference does the same full work for every option."""
+    rows = _work_rows(tiny_run[1])
+    assert list(rows) == ["first", "second", "third", "last", "all", "total"]
+    ref = [rows[o][0] for o in ("first", "second", "third", "last", "all")]
+    assert max(ref) - min(ref) <= 0.02 * max(ref)
+    ours = [rows[o][1] for o in ("all", "first", "second", "third", "last")]
+    assert all(a > b for a, b in zip(ours, ours[1:])), ours
+    assert rows["last"][0] > 5 * rows["last"][1]
+    # `all` trains as the reference does, and evaluates the test split once, not every epoch.
+    assert rows["all"][1] < rows["all"][0]
+
+
+def test_count_flops_counts_weight_gradients_only_for_tuned_weights():
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 3, 8, 8)
+    weight = torch.randn(4, 3, 3, 3)
+    forward = 2 * 2 * 4 * 3 * 9 * 64  # multiply-adds x 2 of one 3x3 conv, padding 1
+
+    def step(tuned):
+        w = weight.clone().requires_grad_(tuned)
+        out = F.conv2d(x, w, padding=1)
+        if tuned:
+            out.sum().backward()
+
+    assert speed.count_flops(lambda: step(False)) == forward
+    assert speed.count_flops(lambda: step(True)) == 2 * forward  # + weight gradient only
