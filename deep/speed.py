@@ -12,10 +12,9 @@ epochs, Adam, BN frozen, epoch chosen by validation) in one process:
 - ours: `deep.train.fit` with one `PrefixCache` per task (frozen params
   requires_grad=False, cached prefix activations for train/val/test, BN folded
   into the convs, channels-last activations, evaluation in batches of 64, test
-  evaluated once at the best epoch),
-  pretrained weights read once.
+  evaluated once at the best epoch), pretrained weights read once.
 
-Both run in one process under the same settings: one torch thread by default, and
+Both loops run under the same settings: one torch thread by default, and
 glibc malloc keeping freed activation buffers (`deep.allocator`, as every `python -m
 deep` command does; `--default-malloc` leaves glibc's defaults, for both).
 

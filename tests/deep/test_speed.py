@@ -3,9 +3,13 @@ accuracy check, and the work each loop does (counted FLOPs, not timings)."""
 
 from __future__ import annotations
 
+import io
 import re
+from contextlib import redirect_stdout
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from deep import speed
 
@@ -15,11 +19,6 @@ TINY = ["--arch", "resnet26-w4", "--n-train", "64", "--n-val", "16", "--n-test",
 
 @pytest.fixture(scope="module")
 def tiny_run():
-    import io
-    from contextlib import redirect_stdout
-
-    import torch
-
     threads, out = torch.get_num_threads(), io.StringIO()
     try:
         with redirect_stdout(out):
@@ -66,9 +65,6 @@ def test_ours_does_less_work_the_later_the_tuned_block(tiny_run):
 
 
 def test_count_flops_counts_weight_gradients_only_for_tuned_weights():
-    import torch
-    import torch.nn.functional as F
-
     x = torch.randn(2, 3, 8, 8)
     weight = torch.randn(4, 3, 3, 3)
     forward = 2 * 2 * 4 * 3 * 9 * 64  # multiply-adds x 2 of one 3x3 conv, padding 1
