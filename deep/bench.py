@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import atomic_write_bytes
+from .methods import GENERIC_METHODS
 from .protocol import Protocol, load_protocol
 from .report import (METHOD_ORDER, bar_panel, format_stat, mean_se, save_figure,
                      select_learning_rates)
@@ -32,8 +33,7 @@ from .sweep import read_results, run_sweep
 HELP = "run a whole benchmark suite (the Fashion-MNIST shifts) and write its table and plots"
 
 BLOCKS = ("first", "second", "third", "last")
-SINGLE_RUN = ("all", "lp-ft", "gradual-first-last", "gradual-last-first", "l1sp", "auto-rgn",
-              "auto-snr")
+SINGLE_RUN = GENERIC_METHODS  # the methods that are one run each, not one block
 KIND = {"fmnist-c": "input", "fmnist-breeds": "feature", "fmnist-flip": "output",
         "fmnist-spurious": "output", "fmnist-blocknoise": "one block"}
 # The block the paper's pattern predicts for each row of the table.

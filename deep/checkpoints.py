@@ -8,15 +8,14 @@ Our format is a `torch.save`d dict:
 `meta` holds JSON-like values only (it travels into manifests and reports). A
 manifest is a JSON file beside the checkpoint (`model.pt` -> `model.pt.json`)
 that records its sha256 and how it was made; `verify_checkpoint` checks a file
-against it.
+against it (manifests and atomic writes live in `deep.files`, re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
+import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import build_model
+from .files import (CheckpointError, atomic_write_bytes, manifest_path, sha256_file,  # noqa: F401
+                    verify_checkpoint, write_manifest)
+from .models import build_model, vit
 
 FORMAT = "surgical-ft-checkpoint"
 VERSION = 1
 RANDOM_INIT = "none"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or does not fit the model."""
 
 
 @dataclass
@@ -50,26 +47,6 @@ class Checkpoint:
         return model
 
 
-def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call write(file_object) on a temp file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, num_classes: int,
                     in_channels: int, meta: dict | None = None) -> Path:
     """Write the model in our format, atomically (a kill never leaves half a file).
@@ -83,22 +60,93 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: str, num_classes: 
     return Path(path)
 
 
-def _torch_load(path: Path) -> object:
+# --- reading files safely ----------------------------------------------------------
+#
+# torch.load(weights_only=True) rebuilds tensors and plain containers only; a file that
+# names any other global (a pickle can name any importable callable, and unpickling
+# calls it) is refused. Checkpoints written by other projects also hold numpy scalars,
+# e.g. MEMO's {"net": ..., "err_cls": np.float64(...)}: those are admitted, exactly
+# numpy's scalar constructor, `numpy.dtype` and the numeric dtype classes, none of which
+# can reach code. Anything else needs trust_checkpoint=True (CLI: --trust-checkpoint).
+
+TRUST_HINT = "trust_checkpoint=True (command line: --trust-checkpoint)"
+STATE_DICT_KEYS = ("state_dict", "net", "model")
+"""Where wrapped state dicts sit: RobustBench/torchvision, TTT/MEMO, other trainers."""
+STRIPPED_PREFIXES = ("module.", "model.")
+"""Key prefixes of DataParallel (`module.`) and of wrapper models (`model.`), removed."""
+
+_NUMERIC_DTYPE_CLASSES = (
+    "BoolDType", "Int8DType", "UInt8DType", "Int16DType", "UInt16DType", "Int32DType",
+    "UInt32DType", "Int64DType", "UInt64DType", "LongDType", "ULongDType", "LongLongDType",
+    "ULongLongDType", "Float16DType", "Float32DType", "Float64DType", "LongDoubleDType",
+    "Complex64DType", "Complex128DType", "CLongDoubleDType")
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint names globals that safe loading does not admit."""
+
+
+def numpy_safe_globals() -> list:
+    """What safe loading admits beyond torch's own allowlist: numpy's scalar constructor
+    (under its numpy 2 name and the numpy 1 name of files written before 2024),
+    `numpy.dtype`, and the dtype classes of numeric types (numpy >= 1.25)."""
+    import numpy as np
+
+    scalar = type(np.float64(0)).__reduce__(np.float64(0))[0]
+    allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    allowed += [getattr(dtypes, name) for name in _NUMERIC_DTYPE_CLASSES
+                if dtypes is not None and hasattr(dtypes, name)]
+    return allowed
+
+
+def _torch_load(path: Path, trust_checkpoint: bool = False) -> object:
+    """torch.load on CPU, safe unless `trust_checkpoint` (which may run code from the file)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if trust_checkpoint:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _refused_globals(path, err)
+        if refused:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} refers to {', '.join(refused)}, which safe loading does not "
+                f"admit (it admits tensors, plain containers and numpy scalars). Load it only "
+                f"if you trust the file, with {TRUST_HINT}: that runs whatever the file asks "
+                f"while unpickling") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     except Exception as err:  # torch raises many types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def _refused_globals(path: Path, err: Exception) -> list[str]:
+    """The globals of `path` outside the allowlist, read from the archive's pickle (zip
+    format) or, failing that, from torch's message."""
+    found: list[str] = []
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001  (legacy format or unreadable: use the message)
+        pass
+    if not found:
+        found = re.findall(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(err))
+        found = [a or b for a, b in found]
+    return sorted(set(found))
+
+
+def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> Checkpoint:
     """Read a checkpoint in our format (see the module docstring)."""
     path = Path(path)
-    raw = _torch_load(path)
+    return _own_checkpoint(_torch_load(path, trust_checkpoint), path)
+
+
+def _own_checkpoint(raw: object, path: Path) -> Checkpoint:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} file (for a torchvision ResNet-50 "
-                              "weight file use load_torchvision_state)")
+        raise CheckpointError(f"{path} is not a {FORMAT} file (for another project's weight "
+                              "file use load_torchvision_state or load_model)")
     missing = {"arch", "num_classes", "in_channels", "state_dict"} - set(raw)
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)}")
@@ -106,22 +154,52 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       raw["state_dict"], raw.get("meta", {}))
 
 
-def load_torchvision_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """A torchvision-layout state dict from a file: a raw state dict, or one wrapped in
-    {"state_dict": ...} or {"model": ...}, with an optional DataParallel "module." prefix."""
+def load_torchvision_state(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in a weight file of this or another project (see `extract_state_dict`:
+    torchvision, RobustBench, TTT/MEMO layouts), read safely unless `trust_checkpoint`."""
     path = Path(path)
-    raw = _torch_load(path)
+    return extract_state_dict(_torch_load(path, trust_checkpoint), str(path))
+
+
+def extract_state_dict(raw: object, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """name -> tensor from what a weight file held.
+
+    Accepted: our format; a raw state dict; one wrapped under `state_dict` (RobustBench,
+    many trainers), `net` (TTT/MEMO: beside "err_cls", "optimizer", ...) or `model`.
+    Leading `module.` (DataParallel) and `model.` (wrapper models) are removed from
+    every key, as RobustBench's loader does.
+    """
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         return raw["state_dict"]
-    for key in ("state_dict", "model"):
-        if isinstance(raw, dict) and isinstance(raw.get(key), dict):
-            raw = raw[key]
-            break
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise CheckpointError(f"{path}: expected a state dict (name -> tensor)")
-    if raw and all(k.startswith("module.") for k in raw):
-        raw = {k[len("module."):]: v for k, v in raw.items()}
-    return raw
+    if isinstance(raw, dict) and not _is_state_dict(raw):
+        wrapped = [k for k in STATE_DICT_KEYS if _is_state_dict(raw.get(k))]
+        if not wrapped:
+            keys = ", ".join(repr(k) for k in list(raw)[:8])
+            raise CheckpointError(f"{where}: expected a state dict (name -> tensor), raw or under "
+                                  f"one of {', '.join(STATE_DICT_KEYS)}; found keys {keys}")
+        raw = raw[wrapped[0]]
+    if not _is_state_dict(raw):
+        raise CheckpointError(f"{where}: expected a state dict (name -> tensor), got "
+                              f"{type(raw).__name__}")
+    return _strip_prefixes(raw, where)
+
+
+def _is_state_dict(value: object) -> bool:
+    return (isinstance(value, dict) and bool(value)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key
+        while name.startswith(STRIPPED_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise CheckpointError(f"{where}: keys {key!r} and another both become {name!r} once "
+                                  f"the prefixes {', '.join(STRIPPED_PREFIXES)} are removed")
+        out[name] = value
+    return out
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str = "state dict") -> None:
@@ -169,14 +247,18 @@ def _head(items: list[str], n: int = 8) -> str:
 
 
 def load_model(checkpoint: str | Path, arch: str, num_classes: int, in_channels: int,
-               seed: int = 0) -> nn.Module:
+               seed: int = 0, trust_checkpoint: bool = False) -> nn.Module:
     """The pretrained network to tune.
 
     Args:
-        checkpoint: our format, a torchvision-layout state dict file, or "none" for a
-            random initialisation (seeded; smoke tests only, results are meaningless).
+        checkpoint: our format; another project's weight file whose keys are the
+            architecture's module names (torchvision ResNet-50, RobustBench WideResNet,
+            TTT/MEMO ResNet-26: see `extract_state_dict`); or "none" for a random
+            initialisation (seeded; smoke tests only, results are meaningless).
         arch, num_classes, in_channels: what the benchmark needs; an own-format
             checkpoint must agree.
+        trust_checkpoint: read the file with full unpickling (it may run code); only
+            for files whose source you trust and that safe loading refuses.
     """
     if str(checkpoint) == RANDOM_INIT:
         warnings.warn("checkpoint 'none': RANDOM INITIALISATION, results mean nothing "
@@ -185,9 +267,13 @@ def load_model(checkpoint: str | Path, arch: str, num_classes: int, in_channels:
             torch.manual_seed(seed)
             return build_model(arch, num_classes, in_channels)
     path = Path(checkpoint)
-    raw_format = _torch_load(path)
-    if isinstance(raw_format, dict) and raw_format.get("format") == FORMAT:
-        ckpt = load_checkpoint(path)
+    # --- CLIP ViT hook (deep.models.vit): OpenAI's TorchScript .pt refused unless trusted
+    if vit.is_torchscript_archive(path):
+        raw = vit.torchscript_state(path, trust=trust_checkpoint)
+    else:
+        raw = _torch_load(path, trust_checkpoint)  # read once: some files are 150 MB
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        ckpt = _own_checkpoint(raw, path)
         found = (ckpt.arch, ckpt.num_classes, ckpt.in_channels)
         if found != (arch, num_classes, in_channels):
             raise CheckpointError(f"{path} holds arch={found[0]}, num_classes={found[1]}, "
@@ -195,54 +281,8 @@ def load_model(checkpoint: str | Path, arch: str, num_classes: int, in_channels:
                                   f"num_classes={num_classes}, in_channels={in_channels}")
         return ckpt.build()
     model = build_model(arch, num_classes, in_channels)
-    load_state_strict(model, load_torchvision_state(path), what=f"{path}")
+    state = extract_state_dict(raw, str(path))
+    if isinstance(model, vit.CLIPImageClassifier):  # CLIP ViT hook: text tower dropped
+        state = vit.image_tower_state(state, model, str(path))
+    load_state_strict(model, state, what=f"{path}")
     return model
-
-
-# --- manifests -------------------------------------------------------------------
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def manifest_path(checkpoint: str | Path) -> Path:
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name + ".json")
-
-
-def write_manifest(checkpoint: str | Path, **fields) -> Path:
-    """Write `<checkpoint>.json` with the file's sha256 and size plus `fields`."""
-    checkpoint = Path(checkpoint)
-    manifest = {"file": checkpoint.name, "sha256": sha256_file(checkpoint),
-                "bytes": checkpoint.stat().st_size, **fields}
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    out = manifest_path(checkpoint)
-    atomic_write_bytes(out, lambda f: f.write(text.encode()))
-    return out
-
-
-def verify_checkpoint(checkpoint: str | Path, manifest: str | Path | None = None) -> dict:
-    """Check a checkpoint file against its manifest; return the manifest.
-
-    Raises CheckpointError when either file is missing or the sha256 differs.
-    """
-    checkpoint = Path(checkpoint)
-    manifest = Path(manifest) if manifest is not None else manifest_path(checkpoint)
-    if not checkpoint.is_file():
-        raise CheckpointError(f"checkpoint file not found: {checkpoint}")
-    if not manifest.is_file():
-        raise CheckpointError(f"manifest not found: {manifest}")
-    try:
-        info = json.loads(manifest.read_text())
-        expected = info["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest}: not a manifest with a sha256 ({err})") from None
-    actual = sha256_file(checkpoint)
-    if actual != expected:
-        raise CheckpointError(f"{checkpoint}: sha256 {actual} does not match the manifest "
-                              f"{manifest} ({expected}); the file is corrupt or was replaced")
-    return info

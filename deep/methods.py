@@ -25,17 +25,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
-from .blocks import ALL, tuned_parameter_names
+from .blocks import ALL, BlockMap, tuned_parameter_names
+from .data.base import Split
+from .errors import ConfigError
 
-BlockMap = Mapping[str, Sequence[str]]
-GENERIC_METHODS = ("all", "lp-ft", "gradual-first-last", "gradual-last-first", "l1sp",
-                   "auto-rgn", "auto-snr")
+if TYPE_CHECKING:  # the engine imports this module, never the other way round
+    from .train import TrainConfig
+
+
+@dataclass
+class EpochContext:
+    """What a method may look at when planning an epoch (`Method.plan`)."""
+
+    model: nn.Module
+    train: Split
+    config: "TrainConfig"
+
+    def minibatches(self, count: int, seed_offset: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`count` random training minibatches (images, labels) on the model's device,
+        drawn from their own generator so they do not change the training order."""
+        g = torch.Generator().manual_seed(int(self.config.seed) * 1000 + seed_offset)
+        device = next(self.model.parameters()).device
+        out = []
+        for x, y, _ in self.train.batches(self.config.batch_size, shuffle=True, generator=g):
+            out.append((x.to(device), y.to(device)))
+            if len(out) == count:
+                break
+        return out
 
 
 @dataclass
@@ -55,7 +78,7 @@ class Method:
     def __init__(self, blocks: BlockMap | None = None):
         self.blocks = blocks
 
-    def prepare(self, model: nn.Module, config) -> None:
+    def prepare(self, model: nn.Module, config: "TrainConfig") -> None:
         """Called once by `fit` before training."""
         self.model, self.config = model, config
 
@@ -63,7 +86,7 @@ class Method:
         """Every parameter name the method may tune in some epoch."""
         raise NotImplementedError
 
-    def plan(self, epoch: int, ctx) -> EpochPlan:
+    def plan(self, epoch: int, ctx: EpochContext) -> EpochPlan:
         """What to tune in `epoch` (1-based). `ctx` gives the model and training data."""
         raise NotImplementedError
 
@@ -73,7 +96,7 @@ class Method:
 
     def _names(self, options) -> list[str]:
         if self.blocks is None and options != ALL:
-            raise ValueError(f"method {self.name!r} needs a block mapping (blocks=...)")
+            raise ConfigError(f"method {self.name!r} needs a block mapping (blocks=...)")
         return tuned_parameter_names(self.model, options, self.blocks or {})
 
 
@@ -117,7 +140,7 @@ class GradualUnfreezing(Method):
     def __init__(self, order: str, blocks: BlockMap | None = None):
         super().__init__(blocks)
         if order not in ("first-last", "last-first"):
-            raise ValueError(f"order must be 'first-last' or 'last-first', got {order!r}")
+            raise ConfigError(f"order must be 'first-last' or 'last-first', got {order!r}")
         self.order, self.name = order, f"gradual-{order}"
 
     def candidates(self):
@@ -139,7 +162,7 @@ class L1SP(Method):
     def __init__(self, blocks: BlockMap | None = None, l1_lambda: float = 1e-4):
         super().__init__(blocks)
         if not l1_lambda >= 0:
-            raise ValueError(f"l1_lambda must be >= 0, got {l1_lambda}")
+            raise ConfigError(f"l1_lambda must be >= 0, got {l1_lambda}")
         self.l1_lambda = l1_lambda
 
     def prepare(self, model, config):
@@ -235,10 +258,8 @@ def per_example_gradient_moments(model: nn.Module, names: Sequence[str],
     Returns (mean, var, n): name -> float64 tensor of the parameter's shape, and the
     number of examples.
     """
-    from torch.func import functional_call, grad, vmap
-
     if model.training:
-        raise ValueError("per-example gradients need the model in eval mode (freeze_bn=True)")
+        raise ConfigError("per-example gradients need the model in eval mode (freeze_bn=True)")
     named = dict(model.named_parameters())
     tuned = {n: named[n].detach() for n in names}
     fixed = {n: p.detach() for n, p in named.items() if n not in tuned}
@@ -261,7 +282,7 @@ def per_example_gradient_moments(model: nn.Module, names: Sequence[str],
                 s2[n] += (g * g).sum(0)
             count += len(x[i:i + chunk_size])
     if count < 2:
-        raise ValueError("per-example gradient statistics need at least 2 examples")
+        raise ConfigError("per-example gradient statistics need at least 2 examples")
     mean = {n: s1[n] / count for n in s1}
     var = {n: ((s2[n] - count * mean[n] ** 2) / (count - 1)).clamp_min(0) for n in s1}
     return mean, var, count
@@ -302,7 +323,7 @@ class AutoSNR(Method):
     def prepare(self, model, config):
         super().prepare(model, config)
         if not config.freeze_bn:
-            raise ValueError("auto-snr needs freeze_bn=True (per-example gradients through "
+            raise ConfigError("auto-snr needs freeze_bn=True (per-example gradients through "
                              "batch norm in train mode are not defined)")
 
     def candidates(self):
@@ -324,27 +345,56 @@ class AutoSNR(Method):
         return EpochPlan([n for n in names if snr[n] >= threshold])
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the method table.
+
+    Attributes:
+        name: the short name used everywhere (CLI, CSV, plots).
+        make: blocks -> a fresh `Method` (blocks may be None for methods that need none).
+        needs_blocks: whether the method is undefined without a block mapping.
+    """
+
+    name: str
+    make: Callable[[BlockMap | None], Method]
+    needs_blocks: bool = False
+
+
+# The one method table. Every list of method names (the CLI's, the report's column
+# order, the bench's single-run methods) derives from it and from the architectures'
+# blocks; the single-block methods (`first`, ...) come from the blocks themselves.
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("all", lambda blocks: Surgical(ALL, blocks)),
+    MethodSpec("lp-ft", LinearProbeThenFinetune, needs_blocks=True),
+    MethodSpec("gradual-first-last", lambda blocks: GradualUnfreezing("first-last", blocks),
+               needs_blocks=True),
+    MethodSpec("gradual-last-first", lambda blocks: GradualUnfreezing("last-first", blocks),
+               needs_blocks=True),
+    MethodSpec("l1sp", L1SP),
+    MethodSpec("auto-rgn", AutoRGN),
+    MethodSpec("auto-snr", AutoSNR),
+)}
+GENERIC_METHODS = tuple(METHODS)  # one run per (lr, seed), whatever the architecture
+
+
 def method_names(blocks: BlockMap) -> list[str]:
     """Every method for an architecture: its single blocks, then the generic methods."""
     return [*blocks, *GENERIC_METHODS]
+
+
+def method_order(block_names: Sequence[str]) -> tuple[str, ...]:
+    """Display order of method names: the given blocks (forward order), then the table's."""
+    return (*block_names, *GENERIC_METHODS)
 
 
 def get_method(name: str, blocks: BlockMap | None = None) -> Method:
     """A fresh method object by short name (see the module docstring)."""
     if blocks is not None and name in blocks:
         return Surgical(name, blocks)
-    factories = {
-        "all": lambda: Surgical(ALL, blocks),
-        "lp-ft": lambda: LinearProbeThenFinetune(blocks),
-        "gradual-first-last": lambda: GradualUnfreezing("first-last", blocks),
-        "gradual-last-first": lambda: GradualUnfreezing("last-first", blocks),
-        "l1sp": lambda: L1SP(blocks),
-        "auto-rgn": lambda: AutoRGN(blocks),
-        "auto-snr": lambda: AutoSNR(blocks),
-    }
-    if name not in factories:
+    if name not in METHODS:
         known = method_names(blocks) if blocks is not None else list(GENERIC_METHODS)
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(known)}")
-    if name in ("lp-ft", "gradual-first-last", "gradual-last-first") and not blocks:
-        raise ValueError(f"method {name!r} needs a block mapping (blocks=...)")
-    return factories[name]()
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(known)}")
+    spec = METHODS[name]
+    if spec.needs_blocks and not blocks:
+        raise ConfigError(f"method {name!r} needs a block mapping (blocks=...)")
+    return spec.make(blocks)

@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import atomic_write_bytes
+from .methods import method_order
+from .models import block_order
 from .sweep import read_results
 
-METHOD_ORDER = ("first", "second", "third", "fourth", "last", "all", "lp-ft",
-                "gradual-first-last", "gradual-last-first", "l1sp", "auto-rgn", "auto-snr")
+# Blocks of every registered architecture in forward order, then the method table's.
+SINGLE_BLOCKS = block_order()
+METHOD_ORDER = method_order(SINGLE_BLOCKS)
 
 
 def _val_metric(row: dict) -> float | None:
@@ -155,9 +158,6 @@ def plot_relative(tables: dict, metric: str, path_stem: Path) -> list[Path]:
                  + "test accuracy relative to full fine-tuning", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path_stem)
-
-
-SINGLE_BLOCKS = ("first", "second", "third", "fourth", "last")
 
 
 def bar_panel(ax, rel: dict, title: str) -> None:

@@ -19,8 +19,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import DeepError
 
-class DataError(ValueError):
+
+class DataError(DeepError):
     """Data is missing or malformed. The message names the file and the layout expected."""
 
 
@@ -34,7 +36,9 @@ class Split:
     Attributes:
         labels: int64 tensor (n,), class indices in [0, num_classes).
         groups: int64 tensor (n,), group indices in [0, num_groups), or None when the
-            benchmark has no groups (worst-group accuracy is then not reported).
+            benchmark has no groups (worst-group accuracy is then not reported). -1
+            marks an example in no group: counted in the average accuracy only (FMoW's
+            region "Other").
     """
 
     labels: torch.Tensor
@@ -50,10 +54,15 @@ class Split:
     def subset(self, indices: Sequence[int] | torch.Tensor) -> "Split":
         raise NotImplementedError
 
-    def _order(self, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor:
+    def order(self, shuffle: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The example indices `batches` visits: a permutation drawn from `generator`
+        when shuffling, else 0..n-1. The engine draws the same order to index cached
+        activations, so both must consume the generator identically."""
         if shuffle:
             return torch.randperm(len(self), generator=generator)
         return torch.arange(len(self))
+
+    _order = order  # old private name, still used by deep.train until its refactor lands
 
 
 def _as_index(indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -87,7 +96,7 @@ class TensorSplit(Split):
         self.images, self.labels, self.groups, self.name = images, labels, groups, name
 
     def batches(self, batch_size, shuffle=False, generator=None):
-        order = self._order(shuffle, generator)
+        order = self.order(shuffle, generator)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             g = self.groups[idx] if self.groups is not None else None
@@ -138,7 +147,7 @@ class FileSplit(Split):
         self.transform, self.num_workers, self.name = transform, num_workers, name
 
     def batches(self, batch_size, shuffle=False, generator=None):
-        order = self._order(shuffle, generator)
+        order = self.order(shuffle, generator)
         dataset = torch.utils.data.Subset(_FileDataset(self.paths, self.transform), order.tolist())
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                              num_workers=self.num_workers)

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import verify_checkpoint
+from ..models import get_architecture, matches_any
 from .base import (Benchmark, DataError, ShiftTask, SourceData, TensorSplit,
                    draw_splits, seeded, to_float_images)
 from .corruptions import CORRUPTIONS, corrupt
@@ -430,7 +432,7 @@ def perturb_parameters(model: torch.nn.Module, prefixes, scale: float, seed: int
     touched = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not any(name == pre or name.startswith(pre + ".") for pre in prefixes):
+            if not matches_any(name, prefixes):
                 continue
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
             noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
@@ -452,8 +454,7 @@ def block_perturbation(block: str, arch: str = "resnet26", scale: float | None =
         raise ValueError(f"noise_scale must be positive, got {scale!r}")
 
     def perturb(model: torch.nn.Module) -> None:
-        from deep.blocks import block_prefixes  # the engine's registry; imported when used
-        perturb_parameters(model, block_prefixes(arch, block), scale, seed)
+        perturb_parameters(model, get_architecture(arch).prefixes(block), scale, seed)
     perturb.__qualname__ = f"block_perturbation({block!r}, {arch!r}, scale={scale}, seed={seed})"
     return perturb
 
@@ -496,7 +497,6 @@ def source_checkpoint(benchmark: str, arch: str = "resnet26") -> Path:
 def _pretrained(benchmark: str):
     def find(arch: str, data_dir=None) -> Path:
         """The committed source model, after checking its sha256 against its manifest."""
-        from deep.checkpoints import verify_checkpoint  # the engine's; imported when used
         path = source_checkpoint(benchmark, arch)
         if not path.exists():
             raise ValueError(

@@ -1,6 +1,6 @@
 """CIFAR-style ResNet-26 (the paper's CIFAR model) and its narrower variants.
 
-Layout (module names matter: `deep.blocks` refers to them):
+Layout (module names matter: the registered blocks below refer to them):
 
     conv1 (3x3, stride 1) -> bn1 -> relu                     stem
     layer1: 4 BasicBlocks, width w,   stride 1
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import Architecture, register_architecture
 from .staged import StagedModel, torchvision_conv_bn_pairs
 
 
@@ -100,3 +101,13 @@ def _init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+# The tune blocks are the stages: first = stem + layer1, ..., last = fc.
+CIFAR_BLOCKS = dict(zip(("first", "second", "third", "last"), CifarResNet.stage_prefixes))
+for _name, _width, _notes in (("resnet26", 16, "the paper's CIFAR model"),
+                              ("resnet26-w8", 8, "width 8, for fast CPU work"),
+                              ("resnet26-w4", 4, "width 4, for tests and the synthetic benchmark")):
+    register_architecture(Architecture(
+        _name, build=lambda c, k, w=_width: CifarResNet(c, k, width=w), blocks=CIFAR_BLOCKS,
+        notes=f"CIFAR ResNet-26, {_notes}"))

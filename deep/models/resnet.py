@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import Architecture, register_architecture
 from .staged import StagedModel, torchvision_conv_bn_pairs
 
 
@@ -87,3 +88,11 @@ class ResNet50(StagedModel):
         if index == 4:
             return self.fc(x)
         raise IndexError(f"stage index must be in [0, 5), got {index}")
+
+
+# The tune blocks are the stages: first = stem + layer1, ..., last = fc. No input
+# normalisation is declared: the benchmarks normalise with ImageNet statistics already.
+register_architecture(Architecture(
+    "resnet50", build=lambda c, k: ResNet50(c, k),
+    blocks=dict(zip(("first", "second", "third", "fourth", "last"), ResNet50.stage_prefixes)),
+    notes="torchvision ResNet-50 layout (ImageNet weights load unchanged)"))

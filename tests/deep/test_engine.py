@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deep.blocks import BLOCKS, block_options, block_prefixes, blocks_for, tuned_parameter_names
+from deep.blocks import block_options, block_prefixes, blocks_by_arch, blocks_for, tuned_parameter_names
 from deep.checkpoints import load_model
 from deep.data import get_benchmark
 from deep.methods import (AutoRGN, AutoSNR, get_method, gradient_snr, method_names,
@@ -46,7 +46,7 @@ def test_registry_options_and_prefixes():
     with pytest.raises(ValueError, match="unknown block 'fourth' for resnet26.*first, second"):
         block_prefixes("resnet26", "fourth")
     # every option of every arch matches parameters, and the options partition them
-    for arch, blocks in BLOCKS.items():
+    for arch, blocks in blocks_by_arch().items():
         m = build_model(arch, 3)
         owned = [n for o in blocks for n in tuned_parameter_names(m, o, blocks)]
         assert sorted(owned) == sorted(n for n, _ in m.named_parameters())

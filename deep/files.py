@@ -1,0 +1,95 @@
+"""Files that must never be half written, and manifests that say what a file holds.
+
+Bottom layer (no model, no data): the engine, the sweep, the reports and the data
+loaders all write through `atomic_write_bytes`, and loaders check committed source
+models with `verify_checkpoint`.
+
+A manifest is a JSON file beside a checkpoint (`model.pt` -> `model.pt.json`) that
+records its sha256, its size and how it was made (the resolved configuration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import DeepError
+
+
+class CheckpointError(DeepError):
+    """A checkpoint file is missing, corrupt, or does not fit the model."""
+
+
+def atomic_write_bytes(path: str | Path, write) -> None:
+    """Call write(file_object) on a temp file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`text` (UTF-8) into `path`, atomically."""
+    data = text.encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_path(checkpoint: str | Path) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".json")
+
+
+def write_manifest(checkpoint: str | Path, **fields) -> Path:
+    """Write `<checkpoint>.json` with the file's sha256 and size plus `fields`."""
+    checkpoint = Path(checkpoint)
+    manifest = {"file": checkpoint.name, "sha256": sha256_file(checkpoint),
+                "bytes": checkpoint.stat().st_size, **fields}
+    out = manifest_path(checkpoint)
+    atomic_write_text(out, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def verify_checkpoint(checkpoint: str | Path, manifest: str | Path | None = None) -> dict:
+    """Check a checkpoint file against its manifest; return the manifest.
+
+    Raises CheckpointError when either file is missing or the sha256 differs.
+    """
+    checkpoint = Path(checkpoint)
+    manifest = Path(manifest) if manifest is not None else manifest_path(checkpoint)
+    if not checkpoint.is_file():
+        raise CheckpointError(f"checkpoint file not found: {checkpoint}")
+    if not manifest.is_file():
+        raise CheckpointError(f"manifest not found: {manifest}")
+    try:
+        info = json.loads(manifest.read_text())
+        expected = info["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest}: not a manifest with a sha256 ({err})") from None
+    actual = sha256_file(checkpoint)
+    if actual != expected:
+        raise CheckpointError(f"{checkpoint}: sha256 {actual} does not match the manifest "
+                              f"{manifest} ({expected}); the file is corrupt or was replaced")
+    return info
