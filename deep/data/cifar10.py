@@ -11,16 +11,25 @@
 Target splits follow the public reference code: n_target class-balanced training images,
 then 10 per class for validation and 90 per class for test, disjoint, from the 10,000
 images of one corruption at severity 5 (or of the test batch, for the flip).
+
+Images are normalised with the CIFAR-10 channel statistics unless a loader is given
+`normalization=(mean, std)`: the sweep passes the architecture's own (e.g. `wrn28-10`
+expects [0, 1] pixels, `resnet26-gn` mean = std = 0.5), so the weights see what they
+were trained on. The python batches are read with an unpickler that admits only what
+those files hold (dicts, lists, bytes, ints and numpy arrays): a crafted batch cannot
+run code.
 """
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .base import Benchmark, DataError, ShiftTask, SourceData, TensorSplit, to_float_images
 from .base import draw_splits
 from .images import find_dir, require_file
@@ -31,12 +40,21 @@ SEVERITIES = 5
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+Normalization = tuple[Sequence[float], Sequence[float]]
+
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
                "elastic_transform", "pixelate", "jpeg_compression")
 """The 15 standard corruptions (the paper's average is over these)."""
 EXTRA_CORRUPTIONS = ("gaussian_blur", "saturate", "spatter", "speckle_noise")
 """The 4 held-out corruptions also shipped in CIFAR-10-C."""
+PUBLIC_CODE_CORRUPTIONS = ("defocus_blur", "frost", "gaussian_blur", "gaussian_noise",
+                           "glass_blur", "impulse_noise", "jpeg_compression", "motion_blur",
+                           "pixelate", "saturate", "shot_noise", "snow", "spatter",
+                           "speckle_noise", "zoom_blur")
+"""What the public code's README runs (defocus_blur in its first sample command, the 14
+others in its sweep command): gaussian_blur, saturate, spatter and speckle_noise instead of
+brightness, contrast, elastic_transform and fog."""
 
 LAYOUT_C = """\
 CIFAR-10-C (https://zenodo.org/record/2535967, CIFAR-10-C.tar), extracted:
@@ -98,33 +116,76 @@ def read_cifar10c(data_dir, corruption: str, severity: int = 5) -> tuple[np.ndar
     return images[rows], y
 
 
-def _tensor_splits(images: np.ndarray, labels: torch.Tensor, indices, name: str):
+def mean_std(normalization: Normalization | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel: the given ones, checked, or CIFAR-10's (None)."""
+    if normalization is None:
+        return CIFAR10_MEAN, CIFAR10_STD
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in normalization)
+    except (TypeError, ValueError):
+        raise ConfigError(f"normalization must be (mean, std), each 3 numbers, got "
+                         f"{normalization!r}") from None
+    if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
+        raise ConfigError(f"normalization must be (mean, std) with 3 numbers each (RGB) and "
+                         f"std > 0, got mean={mean}, std={std}")
+    return mean, std
+
+
+def _tensor_splits(images: np.ndarray, labels: torch.Tensor, indices, name: str,
+                   normalization: Normalization | None = None):
     """Only the chosen rows are read from (possibly memory-mapped) `images`."""
+    mean, std = mean_std(normalization)
     splits = []
     for split_name, idx in zip(("train", "val", "test"), indices):
-        x = to_float_images(np.asarray(images[idx.numpy()]), CIFAR10_MEAN, CIFAR10_STD)
+        x = to_float_images(np.asarray(images[idx.numpy()]), mean, std)
         splits.append(TensorSplit(x, labels[idx], name=f"{name}/{split_name}"))
     return splits
 
 
 def load_cifar10c(data_dir, shift: str, n_target: int, val_per_class: int, test_per_class: int,
-                  seed: int, severity: int = 5) -> ShiftTask:
-    """CIFAR-10-C target task for one corruption (`shift`)."""
+                  seed: int, severity: int = 5,
+                  normalization: Normalization | None = None) -> ShiftTask:
+    """CIFAR-10-C target task for one corruption (`shift`); `normalization`: see the
+    module docstring."""
     images, labels = read_cifar10c(data_dir, shift, severity)
     idx = draw_splits(labels, NUM_CLASSES, n_target, val_per_class, test_per_class, seed,
                       f"cifar10c/{shift}")
-    train, val, test = _tensor_splits(images, labels, idx, f"cifar10c/{shift}")
+    train, val, test = _tensor_splits(images, labels, idx, f"cifar10c/{shift}", normalization)
     return ShiftTask("cifar10c", shift, NUM_CLASSES, train, val, test)
 
 
 # ---------------------------------------------------------------- CIFAR-10 batches
+
+# The only globals a CIFAR-10 python batch refers to: numpy's array reconstructor (under
+# its numpy 1 and numpy 2 module names), ndarray, dtype, and `_codecs.encode`, which
+# protocol-2 pickles written by Python 3 use for bytes. Anything else is refused.
+_ARRAY_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+_BATCH_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _ARRAY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _ARRAY_RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): __import__("codecs").encode,
+}
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, numbers and numpy arrays; refuses every other global
+    (a pickle can name any importable callable and run it while loading)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _BATCH_GLOBALS:
+            return _BATCH_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR-10 batch holds "
+                                     "only dicts, lists, bytes, numbers and numpy arrays")
+
 
 def _read_batch(path: Path) -> tuple[np.ndarray, torch.Tensor]:
     what = f"CIFAR-10 batch {path.name}"
     require_file(path, LAYOUT_BATCHES, what)
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = BatchUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, IndexError) as err:
         raise DataError(f"{what}: cannot unpickle {path} ({err!r}); the file may be truncated "
@@ -157,23 +218,26 @@ def read_cifar10(data_dir, train: bool) -> tuple[np.ndarray, torch.Tensor]:
     return np.concatenate([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def load_cifar10_source(data_dir, severity: int = 5) -> SourceData:
-    """CIFAR-10 train and test sets, normalised with the CIFAR-10 mean/std, for pretraining.
+def load_cifar10_source(data_dir, severity: int = 5,
+                        normalization: Normalization | None = None) -> SourceData:
+    """CIFAR-10 train and test sets for pretraining, normalised with the CIFAR-10 mean/std
+    or with `normalization` (the architecture's own, see the module docstring).
 
     `severity` is CIFAR-10-C's option, accepted (and unused: source images are clean) so
     that a protocol's [data] table can be passed to load_task and load_source alike.
     """
+    mean, std = mean_std(normalization)
     splits = []
     for train in (True, False):
         images, labels = read_cifar10(data_dir, train)
         name = "cifar10/" + ("train" if train else "test")
-        splits.append(TensorSplit(to_float_images(images, CIFAR10_MEAN, CIFAR10_STD), labels,
-                                  name=name))
+        splits.append(TensorSplit(to_float_images(images, mean, std), labels, name=name))
     return SourceData("cifar10", NUM_CLASSES, 3, splits[0], splits[1])
 
 
 def load_cifar_flip(data_dir, shift: str, n_target: int, val_per_class: int,
-                    test_per_class: int, seed: int) -> ShiftTask:
+                    test_per_class: int, seed: int,
+                    normalization: Normalization | None = None) -> ShiftTask:
     """CIFAR-10 test images with labels y -> 9 - y (an output-level shift)."""
     if shift != "flip":
         raise ValueError(f"cifar-flip has one shift, 'flip'; got {shift!r}")
@@ -181,7 +245,7 @@ def load_cifar_flip(data_dir, shift: str, n_target: int, val_per_class: int,
     flipped = (NUM_CLASSES - 1) - labels
     idx = draw_splits(flipped, NUM_CLASSES, n_target, val_per_class, test_per_class, seed,
                       "cifar-flip")
-    train, val, test = _tensor_splits(images, flipped, idx, "cifar-flip")
+    train, val, test = _tensor_splits(images, flipped, idx, "cifar-flip", normalization)
     return ShiftTask("cifar-flip", shift, NUM_CLASSES, train, val, test)
 
 

@@ -1,0 +1,255 @@
+"""`resnet26-gn` (TTT/MEMO) and `wrn28-10` (RobustBench): names, shapes, the function of a
+block computed by hand, tune blocks, BN folding, the prefix cache, input normalisation.
+
+The expected key lists below are written from the public descriptions of the two
+networks (layer widths, strides, module names), not from our model code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deep.blocks import blocks_for, tuned_parameter_names
+from deep.data.base import TensorSplit
+from deep.models import build_model, get_architecture
+from deep.models.gn_resnet import GroupNormResNet26, PreActBlock
+from deep.models.wide_resnet import BasicBlock, WideResNet
+from deep.train import PrefixCache, TrainConfig, fit, folded_view
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------ expected layouts
+
+def _bn(shapes: dict, prefix: str, channels: int) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        shapes[f"{prefix}.{name}"] = (channels,)
+    shapes[f"{prefix}.num_batches_tracked"] = ()
+
+
+def wrn28_10_layout(num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+    """RobustBench WideResNet(depth=28, widen_factor=10): 3 groups of 4 blocks, widths
+    160/320/640; the first block of each group has a 1x1 convShortcut."""
+    shapes = {"conv1.weight": (16, 3, 3, 3)}
+    for group, (cin, cout) in enumerate([(16, 160), (160, 320), (320, 640)], start=1):
+        for i in range(4):
+            prefix, width_in = f"block{group}.layer.{i}", cin if i == 0 else cout
+            _bn(shapes, f"{prefix}.bn1", width_in)
+            shapes[f"{prefix}.conv1.weight"] = (cout, width_in, 3, 3)
+            _bn(shapes, f"{prefix}.bn2", cout)
+            shapes[f"{prefix}.conv2.weight"] = (cout, cout, 3, 3)
+            if i == 0:
+                shapes[f"{prefix}.convShortcut.weight"] = (cout, cin, 1, 1)
+    _bn(shapes, "bn1", 640)
+    shapes["fc.weight"], shapes["fc.bias"] = (num_classes, 640), (num_classes,)
+    return shapes
+
+
+def resnet26_gn_layout(num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+    """TTT/MEMO ResNetCifar(26, width 1) with GroupNorm: 3 layers of 4 pre-activation
+    blocks, widths 16/32/64, parameter-free downsampling, final norm `bn`."""
+    shapes = {"conv1.weight": (16, 3, 3, 3)}
+    for layer, (cin, cout) in enumerate([(16, 16), (16, 32), (32, 64)], start=1):
+        for i in range(4):
+            prefix, width_in = f"layer{layer}.{i}", cin if i == 0 else cout
+            shapes[f"{prefix}.bn1.weight"] = shapes[f"{prefix}.bn1.bias"] = (width_in,)
+            shapes[f"{prefix}.conv1.weight"] = (cout, width_in, 3, 3)
+            shapes[f"{prefix}.bn2.weight"] = shapes[f"{prefix}.bn2.bias"] = (cout,)
+            shapes[f"{prefix}.conv2.weight"] = (cout, cout, 3, 3)
+    shapes["bn.weight"] = shapes["bn.bias"] = (64,)
+    shapes["fc.weight"], shapes["fc.bias"] = (num_classes, 64), (num_classes,)
+    return shapes
+
+
+@pytest.mark.parametrize("arch, layout, params, entries", [
+    ("wrn28-10", wrn28_10_layout, 36_479_194, 155),
+    ("resnet26-gn", resnet26_gn_layout, 366_938, 77),
+])
+def test_keys_shapes_and_parameter_count(arch, layout, params, entries):
+    model = build_model(arch, 10, 3)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = layout()
+    assert sorted(got) == sorted(expected)
+    assert got == expected
+    assert len(got) == entries
+    assert sum(p.numel() for p in model.parameters()) == params
+    counted = sum(math.prod(s) for k, s in expected.items()
+                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert counted == params  # the written layout itself agrees with the published count
+
+
+def test_group_norm_resnet_has_only_group_norms_of_8_groups():
+    model = build_model("resnet26-gn", 10)
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
+    assert len(norms) == 25 and all(isinstance(m, nn.GroupNorm) and m.num_groups == 8
+                                    for m in norms)
+    assert not list(model.buffers())  # nothing but weights: no running statistics
+
+
+# ------------------------------------------------------------------ one block by hand
+
+def _randomise(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial norm parameters and running statistics (fresh ones are 1 and 0)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            with torch.no_grad():
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+
+
+def batch_norm_by_hand(x, bn):
+    shape = (1, -1, 1, 1)
+    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+            * bn.weight.view(shape) + bn.bias.view(shape))
+
+
+def group_norm_by_hand(x, gn):
+    n, c, h, w = x.shape
+    groups = x.reshape(n, 8, c // 8 * h * w)
+    mean = groups.mean(-1, keepdim=True)
+    var = ((groups - mean) ** 2).mean(-1, keepdim=True)  # biased, as normalisation uses
+    normed = ((groups - mean) / torch.sqrt(var + gn.eps)).reshape(n, c, h, w)
+    return normed * gn.weight.view(1, -1, 1, 1) + gn.bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("cin, cout, stride", [(160, 160, 1), (160, 320, 2), (16, 160, 1)])
+def test_wide_resnet_block_by_hand(cin, cout, stride):
+    torch.manual_seed(0)
+    block = BasicBlock(cin, cout, stride).eval()
+    _randomise(block)
+    x = torch.randn(2, cin, 8, 8)
+    active = torch.relu(batch_norm_by_hand(x, block.bn1))
+    h = F.conv2d(active, block.conv1.weight, stride=stride, padding=1)
+    h = F.conv2d(torch.relu(batch_norm_by_hand(h, block.bn2)), block.conv2.weight, padding=1)
+    # equal widths add the raw input; otherwise the 1x1 shortcut of the activated input
+    shortcut = x if cin == cout else F.conv2d(active, block.convShortcut.weight, stride=stride)
+    with torch.no_grad():
+        assert torch.allclose(block(x), h + shortcut, atol=1e-5)
+    assert (block.convShortcut is None) == (cin == cout)
+
+
+@pytest.mark.parametrize("cin, cout, stride", [(16, 16, 1), (16, 32, 2)])
+def test_group_norm_block_by_hand(cin, cout, stride):
+    torch.manual_seed(0)
+    block = PreActBlock(cin, cout, stride)
+    _randomise(block)
+    x = torch.randn(2, cin, 8, 8)
+    h = F.conv2d(torch.relu(group_norm_by_hand(x, block.bn1)), block.conv1.weight,
+                 stride=stride, padding=1)
+    h = F.conv2d(torch.relu(group_norm_by_hand(h, block.bn2)), block.conv2.weight, padding=1)
+    if stride == 1:
+        shortcut = x
+    else:  # mean of each 2x2 window, then zero channels up to the new width
+        pooled = x.reshape(2, cin, 4, 2, 4, 2).mean(dim=(3, 5))
+        shortcut = torch.cat([pooled, torch.zeros(2, cout - cin, 4, 4)], 1)
+    with torch.no_grad():
+        assert torch.allclose(block(x), h + shortcut, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["wrn28-10", "resnet26-gn"])
+def test_head_by_hand(arch):
+    """The end of the network: final norm, relu, mean over the 8x8 map, fc."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10).eval()
+    _randomise(model)
+    last_stage, norm = (model.block3, model.bn1) if arch == "wrn28-10" else (model.layer3, model.bn)
+    features = {}
+    last_stage.register_forward_hook(lambda m, i, out: features.update(out=out.clone()))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+        by_hand = batch_norm_by_hand if arch == "wrn28-10" else group_norm_by_hand
+        pooled = torch.relu(by_hand(features["out"], norm)).mean(dim=(2, 3))
+        assert features["out"].shape[-2:] == (8, 8)
+        assert torch.allclose(logits, pooled @ model.fc.weight.T + model.fc.bias, atol=1e-5)
+
+
+# ------------------------------------------------------------------ blocks and normalisation
+
+def test_public_code_blocks_and_normalisation():
+    wrn = get_architecture("wrn28-10")
+    assert wrn.blocks == {"first": ("conv1", "block1"), "second": ("block2",),
+                          "third": ("block3",), "last": ("fc",)}
+    assert wrn.normalization == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    gn = get_architecture("resnet26-gn")
+    assert gn.blocks == {"first": ("conv1", "layer1"), "second": ("layer2",),
+                         "third": ("layer3",), "last": ("fc",)}
+    assert gn.normalization == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert get_architecture("resnet26").normalization is None  # the dataset's own
+
+
+@pytest.mark.parametrize("arch, final_norm", [("wrn28-10", "bn1"), ("resnet26-gn", "bn")])
+def test_final_norm_is_tuned_only_by_all(arch, final_norm):
+    model = build_model(arch, 10)
+    blocks = blocks_for(arch)
+    in_blocks = {n for option in blocks for n in tuned_parameter_names(model, option, blocks)}
+    everything = set(tuned_parameter_names(model, "all", blocks))
+    assert everything - in_blocks == {f"{final_norm}.weight", f"{final_norm}.bias"}
+    first = tuned_parameter_names(model, "first", blocks)
+    assert "conv1.weight" in first and not any(n.startswith(final_norm + ".") for n in first)
+
+
+def test_wide_resnet_folding_is_the_same_function():
+    """Folded pairs: each block's conv1 -> bn2, and the stem conv -> block1's first bn1."""
+    torch.manual_seed(0)
+    model = WideResNet(10, depth=10, widen_factor=2).eval()  # same code, small
+    _randomise(model)
+    pairs = model.conv_bn_pairs()
+    assert ("conv1", "block1.layer.0.bn1") in pairs and ("block2.layer.0.conv1",
+                                                         "block2.layer.0.bn2") in pairs
+    assert len(pairs) == 3 + 1
+    view = folded_view(model)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(view(x), model(x), atol=1e-4)
+
+
+def test_group_norm_is_never_folded():
+    model = build_model("resnet26-gn", 10)
+    assert model.conv_bn_pairs() == [] and folded_view(model) is None
+
+
+def _random_task(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    labels = torch.arange(n) % 10
+    return TensorSplit(images, labels, name="random")
+
+
+@pytest.mark.parametrize("method", ["second", "last"])
+def test_frozen_group_norm_prefix_is_cached(method):
+    """A frozen GN prefix is computed once and reused: the same run with and without the
+    cache, and the run really started after the cached stages."""
+    train, val = _random_task(40), _random_task(20, seed=1)
+    blocks = blocks_for("resnet26-gn")
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        model = build_model("resnet26-gn", 10)
+        config = TrainConfig(lr=1e-2, epochs=2, batch_size=20, use_cache=use_cache,
+                             channels_last=False)
+        result = fit(model, train, val, None, method, config, blocks)
+        runs.append((torch.tensor(result.losses), torch.cat([p.flatten() for p in model.parameters()])))
+        if use_cache:
+            assert result.history[0]["start_stage"] == {"second": 1, "last": 3}[method]
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-5, rtol=0)
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-5)
+
+
+def test_prefix_cache_holds_group_norm_stage_inputs():
+    model = build_model("resnet26-gn", 10).eval()
+    split = _random_task(8)
+    cache = PrefixCache(model, {"train": split}, fold_bn=True, channels_last=False)
+    acts, stage = cache.inputs("train", 3)
+    assert stage == 3 and acts.shape == (8, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.fc(acts), model(split.images), atol=1e-5)

@@ -1,0 +1,177 @@
+"""Weight files of other projects load safely: MEMO's `{"net": ..., "err_cls": np.float64}`,
+RobustBench's `{"state_dict": {"module.": ...}}`, raw state dicts; a file or a CIFAR-10
+batch that names any other global is refused before it can run anything."""
+
+from __future__ import annotations
+
+import fractions
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from deep.checkpoints import (CheckpointError, UnsafeCheckpointError, extract_state_dict,
+                              load_model, load_torchvision_state)
+from deep.data import DataError, get_benchmark
+from deep.models import build_model
+from tests.deep.fixtures import writers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _same_weights(model: torch.nn.Module, state: dict) -> bool:
+    got = model.state_dict()
+    return set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def _trained_state(arch: str = "resnet26-gn"):
+    """Weights and an SGD optimizer state after one step (momentum buffers included)."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    return model.state_dict(), opt.state_dict()
+
+
+def memo_checkpoint(path, numpy1_names: bool = False):
+    """A file laid out as TTT/MEMO's ckpt.pth. With `numpy1_names`, written in torch's
+    legacy format with the global spelled as numpy 1 did (numpy.core.multiarray.scalar),
+    as in files written before numpy 2."""
+    net, optimizer = _trained_state()
+    payload = {"err_cls": np.float64(0.0917), "err_ssh": 0, "net": net, "optimizer": optimizer}
+    if not numpy1_names:
+        torch.save(payload, path)
+        return net
+    torch.save(payload, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert data.count(b"numpy._core.multiarray\nscalar") == 1
+    path.write_bytes(data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+    return net
+
+
+@pytest.mark.parametrize("numpy1_names", [False, True])
+def test_memo_checkpoint_loads_with_its_numpy_scalar(tmp_path, numpy1_names):
+    path = tmp_path / "ckpt.pth"
+    net = memo_checkpoint(path, numpy1_names)
+    model = load_model(path, "resnet26-gn", 10, 3)
+    assert _same_weights(model, net)
+
+
+def test_memo_checkpoint_is_refused_by_plain_weights_only(tmp_path):
+    """What makes the allowlist necessary: torch alone refuses the numpy scalar."""
+    path = tmp_path / "ckpt.pth"
+    memo_checkpoint(path)
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):
+        torch.load(path, weights_only=True)
+
+
+def test_robustbench_layout_loads(tmp_path):
+    """RobustBench: {"state_dict": {"module.<name>": ...}} for the WideResNet-28-10."""
+    torch.manual_seed(0)
+    state = build_model("wrn28-10", 10).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "Standard.pt")
+    assert _same_weights(load_model(tmp_path / "Standard.pt", "wrn28-10", 10, 3), state)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: s,
+    lambda s: {"model": {f"model.{k}": v for k, v in s.items()}},
+    lambda s: {"net": {f"module.{k}": v for k, v in s.items()}, "epoch": 150},
+    lambda s: {"state_dict": s, "net": {"ignored": torch.zeros(1)}},  # state_dict wins
+])
+def test_key_formats(tmp_path, wrap):
+    state, _ = _trained_state()
+    torch.save(wrap(state), tmp_path / "w.pt")
+    assert _same_weights(load_model(tmp_path / "w.pt", "resnet26-gn", 10, 3), state)
+
+
+def test_not_a_state_dict_names_the_accepted_layouts(tmp_path):
+    torch.save({"weights": [1, 2], "epoch": 3}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="state_dict, net, model; found keys 'weights'"):
+        load_torchvision_state(tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="got list"):
+        extract_state_dict([torch.zeros(1)])
+
+
+def test_prefix_collision_is_an_error():
+    state = {"module.fc.weight": torch.zeros(1), "fc.weight": torch.ones(1)}
+    with pytest.raises(CheckpointError, match="both become 'fc.weight'"):
+        extract_state_dict(state)
+
+
+def test_wrong_architecture_names_the_keys(tmp_path):
+    state, _ = _trained_state("resnet26-gn")
+    torch.save({"net": state}, tmp_path / "ckpt.pth")
+    with pytest.raises(CheckpointError, match="missing keys .*block1"):
+        load_model(tmp_path / "ckpt.pth", "wrn28-10", 10, 3)
+
+
+class RunsCommand:
+    """Unpickling this calls os.system: what a malicious weight file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_crafted_checkpoint_is_refused_before_running(tmp_path, legacy):
+    marker = tmp_path / "ran"
+    state, _ = _trained_state()
+    path = tmp_path / "evil.pth"
+    torch.save({"net": state, "err_cls": RunsCommand(marker)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnsafeCheckpointError, match=r"refers to posix\.system.*--trust-checkpoint"):
+        load_model(path, "resnet26-gn", 10, 3)
+    assert not marker.exists()
+
+
+def test_trust_checkpoint_loads_other_globals(tmp_path):
+    """A harmless global outside the allowlist: refused by default, loaded when trusted."""
+    state, _ = _trained_state()
+    torch.save({"net": state, "err_cls": fractions.Fraction(917, 10000)}, tmp_path / "c.pth")
+    with pytest.raises(UnsafeCheckpointError, match="fractions.Fraction.*trust_checkpoint=True"):
+        load_model(tmp_path / "c.pth", "resnet26-gn", 10, 3)
+    model = load_model(tmp_path / "c.pth", "resnet26-gn", 10, 3, trust_checkpoint=True)
+    assert _same_weights(model, state)
+
+
+def test_numpy_arrays_are_not_admitted(tmp_path):
+    """Only scalars and dtypes: an array in a checkpoint is outside what such files hold."""
+    state, _ = _trained_state()
+    torch.save({"net": state, "errs": np.zeros(3)}, tmp_path / "c.pth")
+    with pytest.raises(UnsafeCheckpointError, match="_reconstruct"):
+        load_model(tmp_path / "c.pth", "resnet26-gn", 10, 3)
+
+
+# ------------------------------------------------------------------ CIFAR-10 python batches
+
+def test_cifar_batch_with_another_global_is_refused(tmp_path):
+    writers.write_cifar10_batches(tmp_path)
+    marker = tmp_path / "ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "rb") as f:
+        content = pickle.load(f, encoding="bytes")
+    content[b"batch_label"] = RunsCommand(marker)
+    with open(batch, "wb") as f:
+        pickle.dump(content, f, protocol=2)
+    with pytest.raises(DataError, match=r"data_batch_2.*refused global posix\.system"):
+        get_benchmark("cifar10c").load_source(tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_batches_in_python2_layout_still_load(tmp_path):
+    """The real files are Python 2 pickles: numpy 1 module names, bytes as str; the same
+    globals under numpy 1's names must stay admitted."""
+    writers.write_cifar10_batches(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    data = batch.read_bytes()
+    batch.write_bytes(data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    assert b"numpy.core.multiarray\n_reconstruct" in batch.read_bytes()
+    source = get_benchmark("cifar10c").load_source(tmp_path)
+    assert len(source.test) == 40
