@@ -63,6 +63,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--select", choices=["val_acc", "worst_group_val_acc"])
+    p.add_argument("--arch", help="architecture (default: the protocol's), e.g. clip-vit-tiny "
+                   "for a smoke test of a CLIP protocol")
     p.add_argument("--checkpoint", help="source model: our checkpoint, a torchvision ResNet-50 "
                    "state dict, or 'none' (random init, smoke tests only)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
@@ -89,6 +91,7 @@ def run_sweep(args) -> int:
         seeds=_flatten(args.seeds), epochs=args.epochs, n_target=args.n_target,
         val_per_class=args.val_per_class, test_per_class=args.test_per_class,
         batch_size=args.batch_size, weight_decay=args.weight_decay, select=args.select,
+        arch=args.arch,
         data={**protocol.data, **dict(args.data)} if args.data else None)
     summary = sweep(protocol, args.out, checkpoint=args.checkpoint, data_dir=args.data_dir,
                     workers=args.workers, cache_mb=args.cache_mb, progress=not args.no_progress,

@@ -361,12 +361,17 @@ def default_eval_batch_size(device: torch.device | str) -> int:
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor,
              groups: torch.Tensor | None = None) -> Metrics:
-    """Accuracy of int64 predictions (n,) against labels (n,), and per group if given."""
+    """Accuracy of int64 predictions (n,) against labels (n,), and per group if given.
+
+    A negative group id means "in no group": counted in the average accuracy, left out of
+    the per-group and worst-group accuracy (FMoW's region "Other", as WILDS reports it)."""
     correct = (preds.cpu() == labels).float()
     if groups is None:
         return Metrics(correct.mean().item())
-    group_acc = {int(g): correct[groups == g].mean().item() for g in torch.unique(groups)}
-    return Metrics(correct.mean().item(), min(group_acc.values()), group_acc)
+    group_acc = {int(g): correct[groups == g].mean().item() for g in torch.unique(groups)
+                 if g >= 0}
+    worst = min(group_acc.values()) if group_acc else None
+    return Metrics(correct.mean().item(), worst, group_acc)
 
 
 @torch.inference_mode()

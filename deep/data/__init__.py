@@ -23,6 +23,9 @@ _MODULES = {
     "entity30": "breeds",
     "waterbirds": "waterbirds",
     "celeba": "celeba",
+    # CLIP ViT-B/16 on WILDS (users bring the data)
+    "camelyon17": "wilds",
+    "fmow": "wilds",
     # the Fashion-MNIST suite that runs on this machine
     "fmnist-c": "fmnist",
     "fmnist-breeds": "fmnist",

@@ -20,14 +20,12 @@ reproduces CLIP's zero-shot logits.
 The model is a `StagedModel`: the embedding, each block, the projection and the head
 are stages, so the prefix cache works for the frozen prefix of the transformer.
 
-Weight files: `python -m deep.models.vit prepare --help` turns a CLIP state dict (or,
+Weight files: `python -m deep.clip prepare --help` turns a CLIP state dict (or,
 when you trust it, OpenAI's TorchScript `.pt`) into a checkpoint of this toolkit.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +278,7 @@ def torchscript_refusal(path: str | Path) -> str:
     return (f"{path} is a TorchScript archive (as OpenAI's CLIP .pt files are). Reading one "
             "runs code stored inside it, so it is refused by default. If you trust the file, "
             "convert it once into a plain checkpoint:\n"
-            f"  python -m deep.models.vit prepare --weights {path} --trust-torchscript "
+            f"  python -m deep.clip prepare --weights {path} --trust-torchscript "
             "--num-classes N --out clip.pt\n"
             "(or load it directly with trust_checkpoint=True / --trust-checkpoint), or use "
             "open_clip's plain state dict of the same weights instead.")
@@ -403,31 +401,3 @@ def prepare_checkpoint(weights: str | Path, out: str | Path, num_classes: int,
     else:
         meta["head"] = "random (seed 0)"
     return save_checkpoint(out, model, arch, num_classes, 3, meta=meta)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deep.models.vit",
-                                     description="CLIP ViT weights -> a checkpoint of this toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="CLIP image tower (+ optional zero-shot head) -> checkpoint")
-    p.add_argument("--weights", required=True, help="CLIP state dict (open_clip, or converted)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--arch", default="clip-vit-b16", choices=sorted(CONFIGS))
-    p.add_argument("--text-embeddings", help="tensor [num_classes, 512] of class text "
-                   "embeddings (torch.save); the head becomes CLIP's zero-shot classifier")
-    p.add_argument("--trust-torchscript", action="store_true",
-                   help="read a TorchScript archive (runs its code: trusted files only)")
-    args = parser.parse_args(argv)
-    try:
-        path = prepare_checkpoint(args.weights, args.out, args.num_classes, args.arch,
-                                  args.text_embeddings, args.trust_torchscript)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
