@@ -18,6 +18,7 @@ _MODULES = {
     # the paper's seven benchmarks (users bring the data)
     "cifar10c": "cifar10",
     "cifar-flip": "cifar10",
+    "cifar10c-official": "cifar10",  # CIFAR-10-C as the public code runs it
     "imagenet-c": "imagenet_c",
     "living17": "breeds",
     "entity30": "breeds",

@@ -8,8 +8,9 @@ from deep.data import get_benchmark
 from deep.protocol import load_protocol
 
 PAPER = ("cifar10c", "cifar-flip", "imagenet-c", "living17", "entity30", "waterbirds", "celeba")
-ARCH = {"cifar10c": "resnet26", "cifar-flip": "resnet26"}  # the others: resnet50
+ARCH = {"cifar10c": "resnet26-gn", "cifar-flip": "resnet26"}  # the others: resnet50
 BLOCKS = {"resnet26": ["first", "second", "third", "last"],
+          "resnet26-gn": ["first", "second", "third", "last"],
           "resnet50": ["first", "second", "third", "fourth", "last"]}
 OTHERS = ["all", "lp-ft", "gradual-first-last", "gradual-last-first", "l1sp", "auto-rgn",
           "auto-snr"]

@@ -253,3 +253,98 @@ def test_prefix_cache_holds_group_norm_stage_inputs():
     assert stage == 3 and acts.shape == (8, 64)
     with torch.no_grad():
         assert torch.allclose(model.fc(acts), model(split.images), atol=1e-5)
+
+
+# ------------------------------------------------------------------ normalisation and protocols
+
+def test_loader_options_carry_the_architecture_normalisation():
+    from deep.data.cifar10 import load_cifar10c
+    from deep.normalization import loader_options
+
+    assert loader_options(load_cifar10c, "cifar10c", "resnet26", {"severity": 5}) == {"severity": 5}
+    assert loader_options(load_cifar10c, "cifar10c", "wrn28-10", {"severity": 5}) == {
+        "severity": 5, "normalization": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
+    with pytest.raises(ValueError, match="contradicts resnet26-gn's own"):
+        loader_options(load_cifar10c, "cifar10c", "resnet26-gn",
+                       {"normalization": [[0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616]]})
+
+    def no_option_loader(data_dir, shift, n_target, val_per_class, test_per_class, seed):
+        raise AssertionError("not called")
+
+    with pytest.warns(UserWarning, match="takes no 'normalization' option"):
+        assert loader_options(no_option_loader, "other", "wrn28-10", {}) == {}
+
+
+def test_cifar_loaders_normalise_as_asked(tmp_path):
+    from tests.deep.fixtures import writers
+    from deep.data import get_benchmark
+
+    writers.write_cifar10c(tmp_path)
+    writers.write_cifar10_batches(tmp_path)
+    load = get_benchmark("cifar10c").load_task
+    raw = load(tmp_path, "fog", 10, 1, 1, seed=0, normalization=((0, 0, 0), (1, 1, 1)))
+    memo = load(tmp_path, "fog", 10, 1, 1, seed=0, normalization=((0.5,) * 3, (0.5,) * 3))
+    red = raw.train.images[:, 0]
+    assert torch.equal(red, torch.full_like(red, 200 / 255))  # severity 5: red = 200
+    assert torch.allclose(memo.train.images, (raw.train.images - 0.5) / 0.5)
+    source = get_benchmark("cifar10c").load_source(tmp_path, normalization=((0, 0, 0), (1, 1, 1)))
+    assert 0 <= source.train.images.min() and source.train.images.max() <= 1
+    with pytest.raises(ValueError, match="3 numbers each"):
+        load(tmp_path, "fog", 10, 1, 1, seed=0, normalization=((0.5,), (0.5,)))
+
+
+def test_official_protocol_is_the_public_codes():
+    from deep.data import get_benchmark
+    from deep.data.cifar10 import CORRUPTIONS
+    from deep.protocol import load_protocol
+
+    official = load_protocol("cifar10c-official")
+    assert official.arch == "wrn28-10" and official.benchmark == "cifar10c-official"
+    assert len(official.shifts) == 15 and set(official.shifts) == set(
+        get_benchmark("cifar10c-official").shifts)
+    assert set(CORRUPTIONS) - set(official.shifts) == {"brightness", "contrast",
+                                                       "elastic_transform", "fog"}
+    assert set(official.shifts) - set(CORRUPTIONS) == {"gaussian_blur", "saturate", "spatter",
+                                                       "speckle_noise"}
+    assert (official.n_target, official.val_per_class, official.test_per_class,
+            official.epochs, official.batch_size) == (1000, 10, 90, 15, 64)
+    assert official.methods[:5] == ["first", "second", "third", "last", "all"]
+    assert load_protocol("cifar10c").arch == "resnet26-gn"
+
+
+@pytest.mark.parametrize("benchmark, shift, arch, methods, wrap, pixel_stats", [
+    ("cifar10c", "fog", "resnet26-gn", ("first", "last"),
+     lambda sd: {"err_cls": __import__("numpy").float64(0.0917), "err_ssh": 0, "net": sd},
+     ((0.5,) * 3, (0.5,) * 3)),
+    ("cifar10c-official", "gaussian_noise", "wrn28-10", ("last",),
+     lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+     ((0.0,) * 3, (1.0,) * 3)),
+])
+def test_cli_sweep_on_the_cifar10c_fixture(tmp_path, monkeypatch, benchmark, shift, arch,
+                                           methods, wrap, pixel_stats):
+    """The protocol's architecture, from a file in its origin's layout, through the CLI
+    sweep; the loader normalised with the architecture's statistics."""
+    import deep.data.cifar10 as cifar10
+    from deep.__main__ import main
+    from deep.sweep import read_results
+    from tests.deep.fixtures import writers
+
+    writers.write_cifar10c(tmp_path, corruptions=(shift,))
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "source.pt"
+    torch.save(wrap(build_model(arch, 10).state_dict()), checkpoint)
+    seen = []
+    real = cifar10.to_float_images
+    monkeypatch.setattr(cifar10, "to_float_images",
+                        lambda a, mean, std: seen.append((tuple(mean), tuple(std))) or real(a, mean, std))
+    out = tmp_path / "results.csv"
+    code = main(["sweep", "--benchmark", benchmark, "--data-dir", str(tmp_path), "--shifts", shift,
+                 "--methods", ",".join(methods), "--lrs", "0.01", "--seeds", "0", "--epochs", "1",
+                 "--n-target", "10", "--val-per-class", "1", "--test-per-class", "1",
+                 "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"])
+    assert code == 0
+    rows = read_results(out)
+    assert [(r["benchmark"], r["shift"], r["method"], r["status"]) for r in rows] == [
+        (benchmark, shift, m, "ok") for m in methods]
+    assert rows[-1]["tuned_params"] == 10 * (640 if arch == "wrn28-10" else 64) + 10
+    assert seen and set(seen) == {pixel_stats}

@@ -1,0 +1,49 @@
+"""Input normalisation travels with the architecture, not with the dataset loader.
+
+A network's weights expect the inputs they were trained on: RobustBench's `wrn28-10`
+pixels in [0, 1], TTT/MEMO's `resnet26-gn` (x - 0.5) / 0.5, our own models the
+dataset's statistics. The architecture registry records this (`Architecture.
+normalization`; None means "the dataset's own"), and whoever calls a benchmark loader
+for a model passes it on with `loader_options`, so the loader normalises with it:
+
+    task = bench.load_task(data_dir, shift, ..., **loader_options(bench.load_task,
+                                                                  bench.name, arch, data))
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Callable, Mapping
+
+from .errors import ConfigError
+from .models import get_architecture
+
+OPTION = "normalization"
+
+
+def loader_options(loader: Callable, benchmark: str, arch: str, options: Mapping) -> dict:
+    """`options` (a protocol's [data] table) plus `normalization=(mean, std)` when `arch`
+    declares its own input normalisation.
+
+    A loader without a `normalization` parameter keeps its own and gets a warning
+    (right only if its own is the architecture's). Raises ConfigError when the options
+    already set a normalisation other than the architecture's.
+    """
+    own = get_architecture(arch).normalization
+    if own is None:
+        return dict(options)
+    if OPTION not in inspect.signature(loader).parameters:
+        warnings.warn(f"{arch} expects inputs normalised with mean={own[0]}, std={own[1]}, but "
+                      f"the {benchmark} loader takes no '{OPTION}' option: it normalises with "
+                      f"its own statistics", stacklevel=2)
+        return dict(options)
+    given = options.get(OPTION)
+    if given is not None and _as_tuples(given) != _as_tuples(own):
+        raise ConfigError(f"data option {OPTION}={given!r} contradicts {arch}'s own input "
+                          f"normalisation {own!r} (the weights expect the latter)")
+    return {**options, OPTION: own}
+
+
+def _as_tuples(normalization) -> tuple:
+    return tuple(tuple(float(v) for v in part) for part in normalization)
