@@ -39,10 +39,11 @@ from torch import nn
 
 from .blocks import set_trainable
 from .data.base import Split, TensorSplit
-from .models.staged import StagedModel, Stages, stages_of, to_memory_format
-from .protocol import SELECTION_RULES
+from .models.staged import (StagedModel, Stages, channels_last_unsafe, guard_channels_last,
+                            plain_strides, stages_of, to_memory_format)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+SELECTION_RULES = ("val_acc", "worst_group_val_acc")  # what picks the epoch (and the lr)
 
 
 @dataclass
@@ -188,6 +189,8 @@ class FoldedConvBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.fixed if self.fixed is not None else self.folded()
         conv = self.conv
+        if channels_last_unsafe(conv):  # see deep.models.staged: a oneDNN AVX2 bug
+            x, weight = plain_strides(x), plain_strides(weight)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -259,6 +262,8 @@ class PrefixCache:
         cl_stages = range(len(self.stages)) if channels_last is True else [0] if channels_last else []
         self.stages.formats = {s: (torch.channels_last if s in cl_stages else torch.contiguous_format)
                                for s in range(len(self.stages))} if channels_last else {}
+        if channels_last:
+            guard_channels_last(self.runner)
         self.budget = int(budget_mb * 2**20)
         self.batch_size = batch_size or default_eval_batch_size(self.device)
         self.used = 0
@@ -443,6 +448,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
     if cache is None and config.channels_last is True:
         memory_format = torch.channels_last
         model.to(memory_format=memory_format)
+        guard_channels_last(model)
     forward = torch.compile(model) if config.compile and cache is None else model
     stages = cache.stages if cache is not None else None
     optimizer = _optimizer(named, candidates, config, per_tensor=method.per_tensor_lr)

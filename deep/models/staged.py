@@ -100,6 +100,80 @@ def to_memory_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return x.contiguous(memory_format=fmt)
 
 
+# --- a oneDNN bug that channels-last activations must avoid ----------------------------
+#
+# oneDNN's AVX2 weight-gradient kernel for 1x1 convolutions (`jit_1x1:avx2`,
+# backward_weights) writes past its scratch buffer when the input is channels-last
+# (`acdb`), the stride is not 1 and the input channels are not a multiple of its SIMD
+# width (8 floats): glibc then aborts ("double free or corruption") or, worse, the run
+# goes on with a corrupted heap. torch 2.13.0 CPU; the AVX-512 kernels are not affected,
+# but ONEDNN_MAX_CPU_ISA=AVX2 selects the AVX2 ones on any machine. Reproducer and the
+# measured shape grid: `python -m deep.onednn_check` and docs/troubleshooting.md.
+# Such convolutions run on NCHW inputs instead (then oneDNN uses its blocked `aBcd8b`
+# kernels); for a 1x1 kernel the weight's two layouts are the same strides, so the
+# input alone decides.
+
+ONEDNN_SIMD_CHANNELS = 8
+
+
+def channels_last_unsafe(module: nn.Module) -> bool:
+    """Whether `module` is a convolution that must not see channels-last inputs: 1x1
+    kernel, a stride other than 1, input channels (in all or per group) not a multiple
+    of 8. Deliberately wider than the shapes seen to crash (only stride 2 and fewer
+    than 8 channels did): any shape the faulty kernel may take is excluded."""
+    if not isinstance(module, nn.Conv2d):
+        return False
+    per_group = module.in_channels // module.groups
+    return (all(k == 1 for k in module.kernel_size) and any(s != 1 for s in module.stride)
+            and (module.in_channels % ONEDNN_SIMD_CHANNELS != 0
+                 or per_group % ONEDNN_SIMD_CHANNELS != 0))
+
+
+def nchw_if_unsafe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` with plain NCHW strides when `module` is `channels_last_unsafe`, else `x`.
+
+    Strides, not `is_contiguous()`: a tensor with size-1 dims can be "contiguous" in both
+    formats while holding channels-last strides, and oneDNN follows the strides."""
+    if x.ndim == 4 and channels_last_unsafe(module):
+        return plain_strides(x)
+    return x
+
+
+def plain_strides(x: torch.Tensor) -> torch.Tensor:
+    """`x`, or a (differentiable) copy of it, with row-major (NCHW) strides."""
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if tuple(x.stride()) == tuple(reversed(expected)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _nchw_input_hook(module: nn.Module, args: tuple) -> tuple:
+    # PyTorch runs oneDNN channels-last when the input *or the weight* is channels-last;
+    # `model.to(memory_format=torch.channels_last)` gives a 1x1 weight channels-last strides.
+    if plain_strides(module.weight) is not module.weight:
+        with torch.no_grad():
+            module.weight.data = plain_strides(module.weight.data)
+    return (nchw_if_unsafe(module, args[0]), *args[1:])
+
+
+def guard_channels_last(model: nn.Module) -> int:
+    """Make every `channels_last_unsafe` convolution of `model` run on NCHW inputs and
+    weights (a forward pre-hook; the same numbers, only the layout changes). Idempotent;
+    returns how many convolutions are guarded. The engine calls this wherever it lays
+    activations out channels-last."""
+    count = 0
+    for module in model.modules():
+        if channels_last_unsafe(module):
+            if not getattr(module, "_nchw_guard", False):
+                module.register_forward_pre_hook(_nchw_input_hook)
+                module._nchw_guard = True
+            count += 1
+    return count
+
+
 def stages_of(model: nn.Module, runner: nn.Module | None = None) -> Stages | None:
     """The model's stages, or None when it cannot be run stage by stage."""
     if isinstance(model, (StagedModel, nn.Sequential)):

@@ -1,0 +1,94 @@
+"""The guard against oneDNN's AVX2 1x1-strided weight-gradient bug (deep.models.staged).
+
+The engine-level test reads oneDNN's own log (ONEDNN_VERBOSE=1) of a real fine-tuning
+run: no weight gradient of a 1x1, strided convolution with input channels that are not
+a multiple of 8 may run on a channels-last (`acdb`) source, on any ISA. That is
+deterministic (the kernels are chosen by layout and shape), unlike waiting for the heap
+corruption to be noticed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from deep.models.staged import channels_last_unsafe, guard_channels_last
+
+
+@pytest.mark.parametrize("cin, kernel, stride, groups, unsafe", [
+    (4, 1, 2, 1, True), (7, 1, 2, 1, True), (2, 1, 3, 1, True), (12, 1, 2, 1, True),
+    (8, 1, 2, 1, False), (16, 1, 2, 1, False), (4, 1, 1, 1, False), (4, 3, 2, 1, False),
+    (16, 1, 2, 4, True), (32, 1, 2, 4, False),
+])
+def test_which_convolutions_are_guarded(cin, kernel, stride, groups, unsafe):
+    conv = nn.Conv2d(cin, 8 * groups, kernel, stride=stride, groups=groups)
+    assert channels_last_unsafe(conv) is unsafe
+
+
+def test_guard_changes_layout_only_not_numbers():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 1, stride=2)
+    x = torch.randn(8, 4, 10, 10)
+    ref = conv(x)
+    ref.square().sum().backward()
+    ref_grad = conv.weight.grad.clone()
+    assert guard_channels_last(nn.Sequential(conv)) == 1
+    assert guard_channels_last(conv) == 1  # idempotent: one hook
+    assert len(conv._forward_pre_hooks) == 1
+    seen = []
+    conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    conv.weight.grad = None
+    out = conv(x.contiguous(memory_format=torch.channels_last))
+    out.square().sum().backward()
+    assert seen == [True]  # the convolution itself saw NCHW
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.weight.grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+_RUN = """
+import torch
+from deep.blocks import blocks_for
+from deep.data import get_benchmark
+from deep.models import build_model
+from deep.train import TrainConfig, fit
+torch.manual_seed(0)
+torch.set_num_threads(1)
+task = get_benchmark("synthetic").load_task(None, "noise", n_target=64, val_per_class=4,
+                                            test_per_class=4, seed=0)
+for kwargs in ({}, {"fold_bn": False}, {"use_cache": False, "channels_last": True}):
+    fit(build_model("resnet26-w4", 4), task.train, task.val, task.test, "second",
+        TrainConfig(lr=1e-2, epochs=1, **kwargs), blocks_for("resnet26-w4"))
+print("done")
+"""
+
+# e.g. "...,backward_weights,src:f32::blocked:acdb::f0 ...,mb64_ic4oc8_ih16oh8kh1sh2dh0ph0_iw16ow8kw1sw2dw0pw0"
+_SHAPE = re.compile(r"ic(\d+)oc\d+_ih\d+oh\d+kh(\d+)sh(\d+)\w*_iw\d+ow\d+kw(\d+)sw(\d+)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["AVX2", "DEFAULT"])
+def test_engine_never_runs_the_faulty_kernel_shape(isa):
+    env = {**os.environ, "ONEDNN_VERBOSE": "1", "ONEDNN_MAX_CPU_ISA": isa, "MALLOC_CHECK_": "3"}
+    done = subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("done"), done.stderr[-2000:]
+    weight_grads = [line for line in done.stdout.splitlines()
+                    if ",exec," in line and ",convolution," in line and ",backward_weights," in line]
+    assert weight_grads, "oneDNN logged no weight gradient: ONEDNN_VERBOSE not honoured?"
+    strided_1x1 = []
+    for line in weight_grads:
+        m = _SHAPE.search(line)
+        assert m, f"unparsed oneDNN shape in: {line}"
+        ic, kh, sh, kw, sw = map(int, m.groups())
+        if kh == kw == 1 and (sh, sw) != (1, 1):
+            strided_1x1.append((ic, "src:f32::blocked:acdb" in line, line))
+    # resnet26-w4's second stage starts with a 4 -> 8 1x1 stride-2 downsample.
+    assert any(ic % 8 for ic, _, _ in strided_1x1), "the run never hit the shape it should test"
+    bad = [line for ic, cl, line in strided_1x1 if ic % 8 and cl]
+    assert not bad, f"{len(bad)} channels-last 1x1 strided weight gradients, e.g. {bad[0]}"
