@@ -8,30 +8,28 @@ subcommand when they exist (they define HELP, add_arguments(parser), run(args)).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import shlex
 import sys
+import tomllib
 
 from .allocator import keep_freed_memory
+from .errors import ConfigError, DeepError
+from .flags import add_flags, flag_values
+from .pretrain import PretrainConfig, pretrain_to_file
+from .protocol import (Protocol, TargetData, Tuning, available_protocols, engine_default,
+                       load_protocol)
+from .report import write_report
+from .sweep import quick, run_sweep
+from .train import TrainConfig
 
-MODULE_COMMANDS = {"bench": "deep.bench"}
-
-
-def _list(kind=str):
-    """Values given as `a,b,c` and/or as several arguments."""
-    def parse(text: str):
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
-                                             f"got {text!r}") from None
-    return parse
+MODULE_COMMANDS = {"bench": "deep.bench", "adapt": "deep.adapt"}
 
 
 def _data_option(text: str):
     """KEY=VALUE, VALUE read as a TOML literal (1, 0.5, true, "x", [1, 2]) or else a string."""
-    import tomllib
-
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -42,8 +40,9 @@ def _data_option(text: str):
     return key.strip(), parsed
 
 
-def _flatten(values):
-    return None if values is None else [v for group in values for v in group]
+def _command(args) -> str:
+    """The exact command line, for manifests."""
+    return "python -m deep " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 # --- sweep ------------------------------------------------------------------------
@@ -52,50 +51,45 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True, help="registry name, e.g. synthetic, cifar10c")
     p.add_argument("--out", required=True, help="results CSV (created or resumed)")
     p.add_argument("--data-dir", help="where the benchmark's data lives")
-    p.add_argument("--shifts", nargs="+", type=_list(), help="default: the protocol's")
-    p.add_argument("--methods", nargs="+", type=_list(), help="default: the protocol's")
-    p.add_argument("--lrs", nargs="+", type=_list(float), help="learning-rate grid")
-    p.add_argument("--seeds", nargs="+", type=_list(int))
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--n-target", type=int, help="labelled target training images")
-    p.add_argument("--val-per-class", type=int)
-    p.add_argument("--test-per-class", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--select", choices=["val_acc", "worst_group_val_acc"])
+    # One flag per field of the protocol's tuning and target sections; given flags
+    # override the protocol file (`python -m deep protocols --show NAME` lists its values).
+    add_flags(p, TargetData)
+    add_flags(p, Tuning)
     p.add_argument("--arch", help="architecture (default: the protocol's), e.g. clip-vit-tiny "
                    "for a smoke test of a CLIP protocol")
-    p.add_argument("--checkpoint", help="source model: our checkpoint, a torchvision ResNet-50 "
-                   "state dict, or 'none' (random init, smoke tests only)")
+    p.add_argument("--checkpoint", help="source model: our checkpoint, another project's weight "
+                   "file (torchvision ResNet-50, RobustBench WideResNet, TTT/MEMO ResNet-26), "
+                   "or 'none' (random init, smoke tests only)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read --checkpoint with full unpickling, which can run code from the "
+                   "file: only for a file you trust that safe loading refuses")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
     p.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--cache-mb", type=float, default=2048,
+    p.add_argument("--cache-mb", type=float, default=engine_default(TrainConfig, "cache_mb"),
                    help="memory budget of the frozen-prefix activation cache per process")
     p.add_argument("--data", action="append", type=_data_option, metavar="KEY=VALUE",
-                   help="loader option overriding the protocol's [data] table (repeatable), "
+                   help="target-loader option overriding the protocol's (repeatable), "
                         "e.g. --data num_workers=8")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: first shift and seed, middle lr, <= 2 epochs")
     p.add_argument("--no-progress", action="store_true")
 
 
-def run_sweep(args) -> int:
-    from .protocol import load_protocol
-    from .sweep import quick, run_sweep as sweep
-
+def sweep_protocol(args) -> Protocol:
+    """The protocol file of --benchmark, then --quick, then the flags given."""
     protocol = load_protocol(args.benchmark)
     if args.quick:
         protocol = quick(protocol)
-    protocol = protocol.replace(
-        shifts=_flatten(args.shifts), methods=_flatten(args.methods), lrs=_flatten(args.lrs),
-        seeds=_flatten(args.seeds), epochs=args.epochs, n_target=args.n_target,
-        val_per_class=args.val_per_class, test_per_class=args.test_per_class,
-        batch_size=args.batch_size, weight_decay=args.weight_decay, select=args.select,
-        arch=args.arch,
-        data={**protocol.data, **dict(args.data)} if args.data else None)
-    summary = sweep(protocol, args.out, checkpoint=args.checkpoint, data_dir=args.data_dir,
-                    workers=args.workers, cache_mb=args.cache_mb, progress=not args.no_progress,
-                    device=args.device)
+    target_data = {**protocol.target_data, **dict(args.data)} if args.data else None
+    return protocol.replace(**flag_values(args, TargetData), **flag_values(args, Tuning),
+                            arch=args.arch, target_data=target_data)
+
+
+def run_sweep_command(args) -> int:
+    summary = run_sweep(sweep_protocol(args), args.out, checkpoint=args.checkpoint,
+                        data_dir=args.data_dir, workers=args.workers, cache_mb=args.cache_mb,
+                        progress=not args.no_progress, device=args.device,
+                        trust_checkpoint=args.trust_checkpoint)
     print(f"ran {summary.ran} cells ({summary.diverged} diverged), skipped {summary.skipped} "
           f"already finished, in {summary.seconds:.1f} s; results: {summary.out}")
     return 0
@@ -109,8 +103,6 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(args) -> int:
-    from .report import write_report
-
     for path in write_report(args.results, args.out):
         print(path)
     return 0
@@ -123,28 +115,32 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="checkpoint path; the manifest goes to <out>.json")
     p.add_argument("--data-dir")
     p.add_argument("--arch", help="default: the benchmark protocol's")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=0.1, help="SGD (Nesterov) peak lr, cosine schedule")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--augment", default="crop-flip", choices=["crop-flip", "crop", "none"])
+    # One flag per PretrainConfig field; given flags override the protocol's [pretrain].
+    add_flags(p, PretrainConfig)
     p.add_argument("--data", action="append", type=_data_option, metavar="KEY=VALUE",
-                   help="source-loader option overriding the protocol's [data] table (repeatable)")
-    p.add_argument("--init", help="start from these weights (ours or a torchvision state dict, "
-                   "e.g. ImageNet ResNet-50); a classifier of another size is re-initialised")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (1.6x on long CPU runs, ~40 s to compile)")
+                   help="source-loader option overriding the protocol's (repeatable)")
+
+
+def pretrain_settings(args) -> tuple[str, PretrainConfig, dict]:
+    """(arch, pretraining config, source-loader options): PretrainConfig's defaults,
+    then the protocol's [pretrain] and source data (if the benchmark has a protocol),
+    then the flags given."""
+    protocol = load_protocol(args.benchmark) if args.benchmark in available_protocols() else None
+    arch = args.arch or (protocol.arch if protocol is not None else None)
+    if arch is None:
+        raise ConfigError(f"benchmark {args.benchmark!r} has no protocol; pass --arch")
+    base = protocol.pretrain if protocol is not None else PretrainConfig()
+    config = dataclasses.replace(base, **flag_values(args, PretrainConfig))
+    options = {**(protocol.source_options if protocol is not None else {}), **dict(args.data or [])}
+    return arch, config, options
 
 
 def run_pretrain(args) -> int:
-    from .pretrain import pretrain_to_file
-
-    command = "python -m deep " + " ".join(shlex.quote(a) for a in args.argv)
-    manifest = pretrain_to_file(args.benchmark, args.out, args.arch, args.epochs, args.lr,
-                                args.seed, args.data_dir, args.batch_size, args.weight_decay,
-                                args.augment, command=command, data=dict(args.data or []),
-                                init=args.init, compile=args.compile)
+    arch, config, options = pretrain_settings(args)
+    resolved = {"benchmark": args.benchmark, "arch": arch,
+                "pretrain": dataclasses.asdict(config), "source_data": options}
+    manifest = pretrain_to_file(args.benchmark, args.out, arch, config, options, args.data_dir,
+                                command=_command(args), resolved=resolved)
     print(f"source test accuracy {100 * manifest['source_test_acc']:.2f}% "
           f"({manifest['seconds']:.0f} s); wrote {args.out} and its manifest")
     return 0
@@ -154,26 +150,38 @@ def run_pretrain(args) -> int:
 
 def add_protocols_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", help="show these in full (default: list all)")
+    p.add_argument("--show", metavar="NAME", action="append",
+                   help="print every resolved value of protocol NAME (repeatable)")
 
 
 def run_protocols(args) -> int:
-    from .protocol import available_protocols, load_protocol
-
-    for name in args.names or available_protocols():
+    shown = [*(args.names or []), *(args.show or [])]
+    for name in shown or available_protocols():
         pr = load_protocol(name)
         print(f"{name}: {pr.arch}, {len(pr.shifts)} shift(s), {len(pr.methods)} methods, "
               f"{len(pr.lrs)} lrs, {len(pr.seeds)} seed(s), n_target={pr.n_target}, "
               f"epochs={pr.epochs}, select={pr.select}")
-        if args.names:
-            print(f"  shifts: {', '.join(pr.shifts)}\n  methods: {', '.join(pr.methods)}\n"
-                  f"  lrs: {pr.lrs}\n  seeds: {pr.seeds}\n  data: {pr.data}")
+        if shown:
+            print(resolved_text(pr))
             print("  " + pr.notes.replace("\n", "\n  "))
     return 0
 
 
+def resolved_text(protocol: Protocol) -> str:
+    """Every resolved value, one `key = value` line each (values as JSON literals)."""
+    lines = []
+    for key, value in protocol.resolved().items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+            lines.append(f"  {key} = {{{inner}}}")
+        else:
+            lines.append(f"  {key} = {json.dumps(value)}")
+    return "\n".join(lines)
+
+
 COMMANDS = {
     "sweep": ("run a grid of (shift, method, lr, seed) cells into a results CSV",
-              add_sweep_arguments, run_sweep),
+              add_sweep_arguments, run_sweep_command),
     "report": ("markdown table and relative-accuracy plot from a results CSV",
                add_report_arguments, run_report),
     "pretrain": ("train a benchmark's source model and write a checkpoint + manifest",
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # see deep.allocator: fewer page faults per training step
     try:
         return commands[args.command][2](args) or 0
-    except (ValueError, OSError) as err:  # DataError and CheckpointError are ValueErrors
+    except DeepError as err:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import atomic_write_bytes
+from .files import atomic_write_bytes
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, load_protocol
 from .report import (METHOD_ORDER, bar_panel, format_stat, mean_se, save_figure,

@@ -19,3 +19,14 @@ class ConfigError(DeepError):
 
 class ResultsError(DeepError):
     """A results file cannot be read or resumed (malformed row, other settings)."""
+
+
+def check_int(name: str, value, minimum: int = 1, error: type[DeepError] = ConfigError) -> int:
+    """`value` as an int if it is an integer >= `minimum` (numpy integers too, never a
+    bool); else `error` naming `name` and what was given."""
+    # __index__: exactly the types that are integers (int, numpy integers, and bool).
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise error(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise error(f"{name} must be at least {minimum}, got {value!r}")
+    return int(value)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from deep.data import fmnist as F
+from deep.errors import ConfigError
 
 SHOW_CLASSES = (0, 3, 7, 8)       # T-shirt/top, Dress, Sneaker, Bag: one row each in the fmnist-c panel
 PER_SIDE = 4                      # breeds: images per superclass and side
@@ -150,7 +151,7 @@ def make_gallery(out: str | Path, data_dir=None, corruptions=None) -> Path:
     corruptions = list(F.CORRUPTION_NAMES if corruptions is None else corruptions)
     unknown = set(corruptions) - set(F.CORRUPTION_NAMES)
     if unknown:
-        raise ValueError(f"unknown corruption(s) {sorted(unknown)}; known: {', '.join(F.CORRUPTION_NAMES)}")
+        raise ConfigError(f"unknown corruption(s) {sorted(unknown)}; known: {', '.join(F.CORRUPTION_NAMES)}")
     width = max(len(corruptions) + 1, 2 * STRIP, 10)   # images across the widest panel
     heights = [panel_height(len(SHOW_CLASSES), titled_rows=False), panel_height(len(F.SUPERCLASSES)),
                panel_height(1), panel_height(2), panel_height(1)]

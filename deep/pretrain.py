@@ -1,19 +1,26 @@
 """Pretrain a source model: all parameters, batch norm in train mode, from scratch.
 
 Uses the one training loop (`deep.train.fit`) with SGD + Nesterov momentum, a
-cosine schedule and optional random-crop / flip augmentation:
+cosine schedule and optional random-crop / flip augmentation, as `PretrainConfig` says:
 
-    model = pretrain(benchmark.load_source(data_dir), "resnet26", epochs=30, lr=0.1, seed=0)
+    model = pretrain(benchmark.load_source(data_dir), "resnet26", PretrainConfig(epochs=30))
 
 `pretrain_to_file` (the `python -m deep pretrain` command) also reports the source
-test accuracy and writes the checkpoint atomically plus its manifest.
+test accuracy and writes the checkpoint atomically plus its manifest (with the
+resolved configuration). `cached_source_model` trains a benchmark's source model on
+the fly from its `source_recipe` (the synthetic benchmark) and caches it on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 import shlex
 import sys
 import time
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import load_backbone, save_checkpoint, write_manifest
-from .data import SourceData, get_benchmark
+from .data import Benchmark, SourceData, get_benchmark
+from .errors import ConfigError, check_int
 from .models import build_model
+from .normalization import loader_options
 from .train import TrainConfig, evaluate, fit
 
 AUGMENTATIONS = ("crop-flip", "crop", "none")
@@ -48,40 +57,73 @@ def random_crop_flip(pad: int = 4, flip: bool = True):
 
 def augmentation(name: str):
     if name not in AUGMENTATIONS:
-        raise ValueError(f"unknown augment {name!r}; known: {', '.join(AUGMENTATIONS)}")
+        raise ConfigError(f"unknown augment {name!r}; known: {', '.join(AUGMENTATIONS)}")
     return {"crop-flip": random_crop_flip(flip=True), "crop": random_crop_flip(flip=False),
             "none": None}[name]
 
 
-def pretrain(source: SourceData, arch: str, epochs: int, lr: float = 0.1, seed: int = 0,
-             batch_size: int = 128, weight_decay: float = 5e-4, augment: str = "crop-flip",
-             optimizer: str = "sgd", progress: bool = True, init: str | Path | None = None,
-             compile: bool = False) -> nn.Module:
+@dataclass(frozen=True)
+class PretrainConfig:
+    """How a source model is pretrained: the one place these defaults are written.
+
+    A protocol's `[pretrain]` table overrides them per benchmark, and `python -m deep
+    pretrain` generates one flag per field (`--batch-size`, ...) that overrides both.
+    """
+
+    epochs: int = field(default=30, metadata={"help": "passes over the source training set"})
+    lr: float = field(default=0.1, metadata={"help": "SGD (Nesterov) peak lr, cosine schedule"})
+    seed: int = field(default=0, metadata={"help": "initialisation, order and augmentation"})
+    batch_size: int = field(default=128, metadata={"help": "training minibatch size"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "L2 coefficient"})
+    augment: str = field(default="crop-flip", metadata={"help": "training augmentation",
+                                                        "choices": AUGMENTATIONS})
+    init: str | None = field(default=None, metadata={
+        "help": "start from these weights (ours or a torchvision state dict, e.g. ImageNet "
+                "ResNet-50); a classifier of another size is re-initialised"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training forward (worth it on long runs only; "
+                "compiling takes tens of seconds)"})
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            check_int(name, getattr(self, name))
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTATIONS)}")
+
+    def train_config(self) -> TrainConfig:
+        """The engine's settings: all parameters, BN in train mode, SGD, cosine schedule."""
+        return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+                           weight_decay=self.weight_decay, freeze_bn=False, seed=self.seed,
+                           optimizer="sgd", schedule="cosine", augment=augmentation(self.augment),
+                           compile=self.compile, channels_last=True if self.compile else None)
+
+
+def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None,
+             progress: bool = True, **overrides) -> nn.Module:
     """Train `arch` on `source.train`; returns the model (eval mode).
 
-    Starts from scratch, or from the weights in `init` (ours or a torchvision-layout
-    state dict; a classifier of another size is re-initialised), e.g. ImageNet
-    ResNet-50 weights for Waterbirds and CelebA. `compile` runs the training forward
-    through torch.compile (channels-last), 1.6x faster here on long runs.
+    `config` (default `PretrainConfig()`), with any of its fields overridden by keyword
+    (`pretrain(source, "resnet26", epochs=2)`). Starts from scratch, or from the weights
+    in `config.init` (ours or a torchvision-layout state dict; a classifier of another
+    size is re-initialised), e.g. ImageNet ResNet-50 weights for Waterbirds and CelebA.
     Deterministic on CPU for a given seed (initialisation, order, augmentation).
-    Raises ValueError when the loss diverges (NaN/inf).
+    Raises ConfigError when the loss diverges (NaN/inf).
     """
+    config = dataclasses.replace(config or PretrainConfig(), **overrides)
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(config.seed)
         model = build_model(arch, source.num_classes, source.in_channels)
-    if init is not None:
-        skipped = load_backbone(model, init)
+    if config.init is not None:
+        skipped = load_backbone(model, config.init)
         if skipped:
-            print(f"init from {init}: classifier {', '.join(skipped)} re-initialised "
+            print(f"init from {config.init}: classifier {', '.join(skipped)} re-initialised "
                   f"({source.num_classes} classes)")
-    config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
-                         freeze_bn=False, seed=seed, optimizer=optimizer, schedule="cosine",
-                         augment=augmentation(augment), compile=compile,
-                         channels_last=True if compile else None)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=epochs, desc=f"pretrain {arch} on {source.benchmark}", unit="epoch")
+        bar = tqdm(total=config.epochs, desc=f"pretrain {arch} on {source.benchmark}", unit="epoch")
 
     def on_epoch(record):
         if bar is not None:
@@ -89,52 +131,84 @@ def pretrain(source: SourceData, arch: str, epochs: int, lr: float = 0.1, seed: 
             bar.update()
 
     try:
-        result = fit(model, source.train, None, None, "all", config, on_epoch=on_epoch)
+        result = fit(model, source.train, None, None, "all", config.train_config(),
+                     on_epoch=on_epoch)
     finally:
         if bar is not None:
             bar.close()
     if result.status != "ok":
-        raise ValueError(f"pretraining diverged (NaN/inf loss) at lr={lr}; try a smaller --lr")
+        raise ConfigError(f"pretraining diverged (NaN/inf loss) at lr={config.lr}; "
+                          "try a smaller --lr")
     return model.eval()
 
 
-def pretrain_to_file(benchmark: str, out: str | Path, arch: str | None = None,
-                     epochs: int = 30, lr: float = 0.1, seed: int = 0,
-                     data_dir: str | Path | None = None, batch_size: int = 128,
-                     weight_decay: float = 5e-4, augment: str = "crop-flip",
-                     command: str | None = None, data: dict | None = None,
-                     init: str | Path | None = None, compile: bool = False) -> dict:
+def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
+                     config: PretrainConfig | None = None, source_options: dict | None = None,
+                     data_dir: str | Path | None = None, command: str | None = None,
+                     resolved: dict | None = None) -> dict:
     """Pretrain the source model of `benchmark`, save it and its manifest; return the manifest.
 
-    The source data are loaded with the benchmark protocol's `[data]` options, updated
-    by `data` (e.g. fmnist-spurious's source_agreement).
+    `source_options` are the source loader's keywords (a protocol's resolved source
+    data). `resolved` (the whole resolved configuration) is saved in the checkpoint's
+    meta and in the manifest under "config".
     """
-    from .protocol import available_protocols, load_protocol
-
+    config = config or PretrainConfig()
     bench = get_benchmark(benchmark)
     if bench.load_source is None:
-        raise ValueError(f"benchmark {benchmark!r} has no source data to pretrain on "
-                         "(its source model comes from elsewhere)")
-    protocol = load_protocol(benchmark) if benchmark in available_protocols() else None
-    if arch is None:
-        if protocol is None:
-            raise ValueError(f"benchmark {benchmark!r} has no protocol; pass --arch")
-        arch = protocol.arch
-    options = {**(protocol.data if protocol is not None else {}), **(data or {})}
+        raise ConfigError(f"benchmark {benchmark!r} has no source data to pretrain on "
+                          "(its source model comes from elsewhere)")
+    options = dict(source_options or {})
     t0 = time.perf_counter()
-    source = bench.load_source(Path(data_dir) if data_dir else None, **options)
-    model = pretrain(source, arch, epochs, lr, seed, batch_size, weight_decay, augment,
-                     init=init, compile=compile)
+    source = bench.load_source(Path(data_dir) if data_dir else None,
+                               **loader_options(bench.load_source, benchmark, arch, options))
+    model = pretrain(source, arch, config)
     acc = evaluate(model, source.test).acc
     seconds = time.perf_counter() - t0
-    fields = {"benchmark": benchmark, "source": source.benchmark, "arch": arch, "epochs": epochs,
-              "lr": lr, "seed": seed, "batch_size": batch_size, "weight_decay": weight_decay,
-              "augment": augment, "data": options, "init": str(init) if init else None,
-              "compile": compile,
+    settings = dataclasses.asdict(config)
+    fields = {"benchmark": benchmark, "source": source.benchmark, "arch": arch, **settings,
+              "init": str(config.init) if config.init else None, "data": options,
               "source_test_acc": acc, "source_train_images": len(source.train),
               "source_test_images": len(source.test), "seconds": round(seconds, 1),
-              "torch": torch.__version__,
+              "torch": torch.__version__, "config": resolved or {"pretrain": settings},
               "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
     save_checkpoint(out, model, arch, source.num_classes, source.in_channels, meta=fields)
     write_manifest(out, **fields)
     return {"checkpoint": str(out), **fields}
+
+
+# --- source models trained on the fly (the synthetic benchmark) ----------------------
+
+def cache_dir() -> Path:
+    """Where on-the-fly source models are kept: $SURGICAL_FT_CACHE, else ~/.cache/surgical-ft."""
+    return Path(os.environ.get("SURGICAL_FT_CACHE", Path.home() / ".cache" / "surgical-ft"))
+
+
+def cached_source_model(bench: Benchmark, arch: str) -> Path:
+    """Path of `bench`'s source model for `arch`, pretrained now with the benchmark's
+    `source_recipe` (PretrainConfig fields) if it is not cached yet.
+
+    Training is deterministic (fixed seed, one thread, CPU), so every process that
+    builds it gets the same weights; the file is written atomically, so racing
+    builders are safe.
+    """
+    if bench.source_recipe is None:
+        raise ConfigError(f"benchmark {bench.name!r} has no recipe for an on-the-fly source model")
+    recipe = dict(bench.source_recipe)
+    stamp = "-".join(f"{k}{v}" for k, v in sorted(recipe.items()))
+    path = cache_dir() / f"{bench.name}-{arch}-{zlib.crc32(stamp.encode()):08x}.pt"
+    if path.is_file():
+        return path
+    source = bench.load_source(None)
+    threads = torch.get_num_threads()
+    # One thread: the same weights on every machine, and no OpenMP stalls on a busy CPU.
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            model = pretrain(source, arch, PretrainConfig(**recipe), progress=False)
+        acc = evaluate(model, source.test).acc
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(path, model, arch, source.num_classes, source.in_channels,
+                    meta={"benchmark": bench.name, "source_test_acc": acc, **recipe})
+    write_manifest(path, benchmark=bench.name, arch=arch, source_test_acc=acc, **recipe)
+    return path

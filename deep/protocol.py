@@ -1,73 +1,155 @@
-"""Benchmark protocols: one small TOML file per benchmark in `deep/configs/`.
+"""Benchmark protocols: one TOML file per benchmark in `deep/configs/`, read into typed
+dataclasses, overridden by command-line flags generated from the same fields.
 
-A protocol says how a benchmark is run in full (the paper's settings); the CLI
-reads it and lets every value be overridden on the command line.
+The chain, each default written once:
+
+    TrainConfig (deep.train), PretrainConfig (deep.pretrain)   the engine's defaults
+      -> a protocol file (deep/configs/NAME.toml)              the benchmark's values
+      -> command-line flags (`python -m deep sweep --epochs 2`) this run's values
+      -> the resolved configuration, saved beside results and in checkpoint manifests
+
+A protocol file has top-level keys for the tuning grid and the target data (the
+fields of `Tuning` and `TargetData`, flat, as `python -m deep protocols --show NAME`
+prints them), a `[data]` table of loader options that both the source and the
+target loader accept, optional `[source_data]` / `[target_data]` tables for options
+of one loader only, and an optional `[pretrain]` table (`PretrainConfig` fields).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError, check_int
+from .pretrain import PretrainConfig
+from .train import SELECTION_RULES, TrainConfig
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-SELECTION_RULES = ("val_acc", "worst_group_val_acc")
+
+def engine_default(config_class, name: str):
+    """The default of field `name` of an engine config class (so it is written once)."""
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == name)
+
+
+@dataclass
+class Tuning:
+    """The fine-tuning grid and the loop settings every cell of it shares."""
+
+    methods: list[str] = field(metadata={"help": "method names (see deep.methods)"})
+    epochs: int = field(metadata={"help": "training epochs per (method, lr)"})
+    lrs: list[float] = field(metadata={"help": "learning-rate grid"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds to run"})
+    batch_size: int = field(default=engine_default(TrainConfig, "batch_size"),
+                            metadata={"help": "training minibatch size"})
+    weight_decay: float = field(default=engine_default(TrainConfig, "weight_decay"),
+                                metadata={"help": "L2 coefficient (Adam)"})
+    select: str = field(default=engine_default(TrainConfig, "select"),
+                        metadata={"help": "what picks (lr, epoch)", "choices": SELECTION_RULES})
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            check_int(name, getattr(self, name))
+        if self.select not in SELECTION_RULES:
+            raise ConfigError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
+        if not self.lrs or not all(lr > 0 and math.isfinite(lr) for lr in self.lrs):
+            raise ConfigError(f"lrs must be a non-empty list of positive numbers, got {self.lrs}")
+
+    def run_config(self, lr: float, seed: int, **engine) -> TrainConfig:
+        """The engine's settings of one cell; `engine` adds cache_mb, device, ..."""
+        return TrainConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size,
+                           weight_decay=self.weight_decay, select=self.select, seed=seed,
+                           **engine)
+
+
+@dataclass
+class TargetData:
+    """Which shifts, and how many labelled target images go into each split."""
+
+    shifts: list[str] = field(metadata={"help": "shifts to run (default: the protocol's)"})
+    n_target: int = field(metadata={"help": "labelled target training images"})
+    val_per_class: int = field(metadata={"help": "validation images per class"})
+    test_per_class: int = field(metadata={"help": "test images per class"})
+
+    def __post_init__(self):
+        check_int("n_target", self.n_target)
+        # 0 is a loader's business: some take "0 per class" to mean every image left.
+        for name in ("val_per_class", "test_per_class"):
+            check_int(name, getattr(self, name), minimum=0)
+
+
+SECTIONS = {"tuning": Tuning, "target": TargetData}
+FLAT = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 @dataclass
 class Protocol:
-    """How one benchmark is run.
+    """How one benchmark is run: its architecture, the tuning grid, the data, pretraining.
 
     Attributes:
         benchmark: registry name, same as the config file's stem.
-        arch: architecture name in `deep.models` and `deep.blocks`.
-        shifts: the benchmark's shifts run by default (e.g. corruptions).
-        methods: method names run by default (see `deep.methods`).
-        n_target: labelled target training images, class balanced.
-        val_per_class, test_per_class: validation / test images per class.
-        epochs: training epochs per (method, learning rate).
-        lrs: the learning-rate grid.
-        batch_size, weight_decay: Adam settings.
-        select: "val_acc" or "worst_group_val_acc": what picks (lr, epoch).
-        seeds: seeds run by default.
-        data: benchmark-specific loader options, passed to the loader as keywords.
+        arch: architecture name (`deep.models`).
+        tuning, target: see `Tuning`, `TargetData`; their fields read as attributes of
+            the protocol too (`protocol.epochs`, `protocol.shifts`).
+        data: loader options both loaders accept (`[data]`).
+        source_data, target_data: options of the source / target loader only.
+        pretrain: how the benchmark's source model is pretrained (`[pretrain]`).
         notes: free text shown by `python -m deep protocols`: source of the numbers, data cost.
     """
 
     benchmark: str
     arch: str
-    shifts: list[str]
-    methods: list[str]
-    n_target: int
-    val_per_class: int
-    test_per_class: int
-    epochs: int
-    lrs: list[float]
-    batch_size: int = 64
-    weight_decay: float = 1e-4
-    select: str = "val_acc"
-    seeds: list[int] = field(default_factory=lambda: [0])
+    tuning: Tuning
+    target: TargetData
     data: dict = field(default_factory=dict)
+    source_data: dict = field(default_factory=dict)
+    target_data: dict = field(default_factory=dict)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     notes: str = ""
 
-    def __post_init__(self):
-        if self.select not in SELECTION_RULES:
-            raise ValueError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
-        for name in ("n_target", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lrs or any(lr <= 0 for lr in self.lrs):
-            raise ValueError(f"lrs must be a non-empty list of positive numbers, got {self.lrs}")
+    def __getattr__(self, name: str):
+        # Only called for names that are not attributes: the sections' fields.
+        if name in FLAT:
+            return getattr(self.__dict__[FLAT[name]], name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def source_options(self) -> dict:
+        """Keywords of the source loader: [data] updated by [source_data]."""
+        return {**self.data, **self.source_data}
+
+    @property
+    def target_options(self) -> dict:
+        """Keywords of the target loader: [data] updated by [target_data]."""
+        return {**self.data, **self.target_data}
 
     def replace(self, **overrides) -> "Protocol":
-        """A copy with the given fields changed; None values are ignored (CLI defaults)."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - known
+        """A copy with the given fields changed, section fields by their own names
+        (`replace(epochs=2, shifts=[...])`); None values are ignored (flags not given)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        own = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - own - set(FLAT)
         if unknown:
-            raise ValueError(f"unknown protocol field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+            raise ConfigError(f"unknown protocol field(s) {sorted(unknown)}; "
+                              f"known: {sorted((own - set(SECTIONS)) | set(FLAT))}")
+        changes = {k: v for k, v in overrides.items() if k in own}
+        for section in SECTIONS:
+            mine = {k: v for k, v in overrides.items() if FLAT.get(k) == section}
+            if mine:
+                changes[section] = dataclasses.replace(getattr(self, section), **mine)
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self) -> dict:
+        """Every value this protocol runs with, as plain data (saved beside results)."""
+        out = {"benchmark": self.benchmark, "arch": self.arch}
+        for section in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        out.update(source_data=self.source_options, target_data=self.target_options,
+                   pretrain=dataclasses.asdict(self.pretrain))
+        return out
 
 
 def available_protocols() -> list[str]:
@@ -75,17 +157,36 @@ def available_protocols() -> list[str]:
 
 
 def load_protocol(benchmark: str) -> Protocol:
+    """The protocol of `benchmark` from deep/configs/<benchmark>.toml."""
     path = CONFIG_DIR / f"{benchmark}.toml"
     if not path.exists():
-        raise ValueError(f"no protocol for benchmark {benchmark!r}; "
-                         f"known: {', '.join(available_protocols())}")
+        raise ConfigError(f"no protocol for benchmark {benchmark!r}; "
+                          f"known: {', '.join(available_protocols())}")
     with open(path, "rb") as f:
         raw = tomllib.load(f)
     raw.setdefault("benchmark", benchmark)
     if raw["benchmark"] != benchmark:
-        raise ValueError(f"{path}: benchmark = {raw['benchmark']!r} does not match the file name")
-    known = {f.name for f in dataclasses.fields(Protocol)}
+        raise ConfigError(f"{path}: benchmark = {raw['benchmark']!r} does not match the file name")
+    return protocol_from_dict(raw, str(path))
+
+
+def protocol_from_dict(raw: dict, where: str = "protocol") -> Protocol:
+    """A Protocol from a TOML-shaped dict (flat section fields, the tables as dicts)."""
+    tables = ("data", "source_data", "target_data", "pretrain")
+    known = {"benchmark", "arch", "notes", *tables, *FLAT}
     unknown = set(raw) - known
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    return Protocol(**raw)
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    missing = [k for k in ("benchmark", "arch") if k not in raw]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    sections = {}
+    try:
+        for section, cls in SECTIONS.items():
+            sections[section] = cls(**{k: v for k, v in raw.items() if FLAT.get(k) == section})
+        pretrain = PretrainConfig(**raw.get("pretrain", {}))
+    except TypeError as err:  # a missing or unknown field of one section
+        raise ConfigError(f"{where}: {err}") from None
+    return Protocol(raw["benchmark"], raw["arch"], **sections,
+                    **{t: dict(raw.get(t, {})) for t in tables if t != "pretrain"},
+                    pretrain=pretrain, notes=raw.get("notes", ""))

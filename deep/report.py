@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import atomic_write_bytes
+from .errors import ConfigError, ResultsError
+from .files import atomic_write_bytes
 from .methods import method_order
 from .models import block_order
 from .sweep import read_results
@@ -194,10 +195,10 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
     """Write report.md and relative_accuracy.{png,pdf} into `out_dir`; return the paths."""
     results_csv = Path(results_csv)
     if not results_csv.is_file():
-        raise ValueError(f"results file not found: {results_csv}")
+        raise ConfigError(f"results file not found: {results_csv}")
     rows = read_results(results_csv)
     if not rows:
-        raise ValueError(f"{results_csv} holds no results yet")
+        raise ResultsError(f"{results_csv} holds no results yet")
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = test_metric_name(rows)

@@ -5,25 +5,29 @@ A cell is (benchmark, shift, method, lr, seed, n_target). Cells that share a tas
 and the pretrained weights once, builds one `PrefixCache`, and runs its cells
 one after the other from the same pretrained state.
 
-Results: one CSV row per finished cell (columns in `COLUMNS`). After each cell
+Results: one CSV row per finished cell (`deep.results.ResultRow`). After each cell
 the whole file is rewritten to a temp file and renamed over the old one
 (`os.replace`), by a single writer (the main process), so a kill -9 loses at most
 the cells in flight and never leaves a broken or duplicated row. Re-running the
 same command skips the cells already in the file. A NaN/inf loss gives a row
-with status `diverged` and the sweep goes on.
+with status `diverged` and the sweep goes on. The resolved configuration of every
+protocol that wrote rows is kept beside the CSV, in `<out>.config.json`.
+
+Dispatch: `execute_groups(groups, spec, record, workers)` runs the task groups (in
+this process or in worker processes); `run_group(cells, **spec)` is the picklable
+entry a worker (local or remote) calls, yielding one row (dict) per cell.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import json
 import math
 import os
 import queue
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -32,26 +36,19 @@ import torch
 
 from .allocator import keep_freed_memory
 from .blocks import blocks_for
-from .checkpoints import RANDOM_INIT, atomic_write_bytes, load_model
+from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, get_benchmark
+from .errors import ConfigError, ResultsError, check_int
+from .files import atomic_write_text
 from .methods import method_names
+from .models import build_model
 from .models.staged import stages_of
+from .normalization import loader_options
+from .pretrain import cached_source_model
 from .protocol import Protocol
-from .train import PrefixCache, TrainConfig, fit
-
-COLUMNS = ("benchmark", "shift", "method", "seed", "n_target", "lr", "status", "best_epoch",
-           "val_acc", "val_worst_group_acc", "test_acc", "worst_group_acc", "tuned_params",
-           "total_params", "seconds", "arch", "epochs", "batch_size", "weight_decay", "select",
-           "val_per_class", "test_per_class", "checkpoint", "start_stage")
-KEY = ("benchmark", "shift", "method", "seed", "n_target", "lr")
-# Settings that must agree between a finished row and the sweep that would skip it.
-SETTINGS = ("arch", "epochs", "batch_size", "weight_decay", "select", "val_per_class",
-            "test_per_class", "checkpoint")
-_INT = {"seed", "n_target", "best_epoch", "tuned_params", "total_params", "epochs",
-        "batch_size", "val_per_class", "test_per_class", "start_stage"}
-_FLOAT = {"lr", "val_acc", "val_worst_group_acc", "test_acc", "worst_group_acc", "seconds",
-          "weight_decay"}
-
+from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
+                      row_key)
+from .train import FitResult, PrefixCache, fit
 
 @dataclass(frozen=True)
 class Cell:
@@ -67,80 +64,6 @@ class Cell:
         return (self.benchmark, self.shift, self.method, self.seed, self.n_target, float(self.lr))
 
 
-# --- the results file -------------------------------------------------------------
-
-def _parse(row: dict) -> dict:
-    out = {}
-    for k, v in row.items():
-        if v == "" or v is None:
-            out[k] = None
-        elif k in _INT:
-            out[k] = int(v)
-        elif k in _FLOAT:
-            out[k] = float(v)
-        else:
-            out[k] = v
-    return out
-
-
-def _format(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def row_key(row: dict) -> tuple:
-    return tuple(row[k] if k != "lr" else float(row[k]) for k in KEY)
-
-
-def read_results(path: str | Path) -> list[dict]:
-    """Rows of a results CSV, values parsed (ints, floats; empty -> None)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if not text.strip():
-        return []
-    reader = csv.DictReader(io.StringIO(text))
-    if tuple(reader.fieldnames or ()) != COLUMNS:
-        raise ValueError(f"{path}: columns {reader.fieldnames} are not a deep sweep's "
-                         f"{list(COLUMNS)}; write this sweep to another --out")
-    try:
-        return [_parse(row) for row in reader]
-    except ValueError as err:
-        raise ValueError(f"{path}: unreadable row ({err})") from None
-
-
-class ResultsFile:
-    """A results CSV owned by one writer; every append rewrites it atomically."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.rows = read_results(self.path)
-        self.done = {row_key(r): r for r in self.rows}
-        if len(self.done) != len(self.rows):
-            raise ValueError(f"{self.path} holds duplicated cells; it was not written by a sweep")
-        # A kill during a rewrite can leave the temp file behind (never the CSV itself).
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-
-    def append(self, row: dict) -> None:
-        key = row_key(row)
-        if key in self.done:
-            raise ValueError(f"cell {key} is already in {self.path}")
-        self.rows.append(row)
-        self.done[key] = row
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for r in self.rows:
-            writer.writerow([_format(r.get(c)) for c in COLUMNS])
-        data = buffer.getvalue().encode()
-        atomic_write_bytes(self.path, lambda f: f.write(data))
-
-
 # --- planning ---------------------------------------------------------------------
 
 def plan_cells(protocol: Protocol) -> list[Cell]:
@@ -151,20 +74,17 @@ def plan_cells(protocol: Protocol) -> list[Cell]:
 
 
 def check_protocol(protocol: Protocol, bench: Benchmark) -> None:
-    """Unknown methods, shifts, or bad numbers -> ValueError naming them."""
+    """Unknown methods, shifts, or bad numbers -> ConfigError naming them."""
     known_methods = method_names(blocks_for(protocol.arch))
     bad = [m for m in protocol.methods if m not in known_methods]
     if bad:
-        raise ValueError(f"unknown method(s) {bad} for {protocol.arch}; known: {', '.join(known_methods)}")
+        raise ConfigError(f"unknown method(s) {bad} for {protocol.arch}; known: {', '.join(known_methods)}")
     bad = [s for s in protocol.shifts if s not in bench.shifts]
     if bad:
-        raise ValueError(f"unknown shift(s) {bad} of {bench.name}; known: {', '.join(bench.shifts)}")
+        raise ConfigError(f"unknown shift(s) {bad} of {bench.name}; known: {', '.join(bench.shifts)}")
     for name in ("shifts", "methods", "lrs", "seeds"):
         if not getattr(protocol, name):
-            raise ValueError(f"{name} is empty: nothing to run")
-    if protocol.n_target < 1:
-        raise ValueError(f"n_target must be >= 1 (an empty target set cannot be tuned on), "
-                         f"got {protocol.n_target}")
+            raise ConfigError(f"{name} is empty: nothing to run")
 
 
 def quick(protocol: Protocol) -> Protocol:
@@ -180,11 +100,13 @@ def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
     """--checkpoint if given, else the benchmark's own source model, else an error."""
     if checkpoint:
         if checkpoint != RANDOM_INIT and not Path(checkpoint).is_file():
-            raise ValueError(f"checkpoint file not found: {checkpoint}")
+            raise ConfigError(f"checkpoint file not found: {checkpoint}")
         return checkpoint
     if bench.pretrained is not None:
         return str(bench.pretrained(arch, Path(data_dir) if data_dir else None))
-    raise ValueError(f"benchmark {bench.name!r} needs --checkpoint PATH (a source model, e.g. from "
+    if bench.source_recipe is not None:
+        return str(cached_source_model(bench, arch))
+    raise ConfigError(f"benchmark {bench.name!r} needs --checkpoint PATH (a source model, e.g. from "
                      f"`python -m deep pretrain --benchmark {bench.name} --out PATH`), or "
                      "--checkpoint none for a random-init smoke test")
 
@@ -202,7 +124,8 @@ class SweepSummary:
 
 def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None,
               data_dir: str | None = None, workers: int = 1, cache_mb: float = 2048,
-              progress: bool = True, device: str | None = None) -> SweepSummary:
+              progress: bool = True, device: str | None = None,
+              trust_checkpoint: bool = False) -> SweepSummary:
     """Run every unfinished cell of `protocol`, appending one row per cell to `out`.
 
     Args:
@@ -213,32 +136,26 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         workers: parallel processes (torch threads are split between them).
         cache_mb: prefix-cache memory budget per process.
         device: "cpu" (default), "cuda", ...
+        trust_checkpoint: read the checkpoint with full unpickling (it may run code);
+            only for a trusted file that safe loading refuses (see deep.checkpoints).
     """
     t0 = time.perf_counter()
     bench = get_benchmark(protocol.benchmark)
     check_protocol(protocol, bench)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    check_int("workers", workers)
     results = ResultsFile(out)
     checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
     settings = _settings(protocol, checkpoint)
     cells = plan_cells(protocol)
-    todo = []
+    todo = [cell for cell in cells if cell.key not in results.done]
     for cell in cells:
-        row = results.done.get(cell.key)
-        if row is None:
-            todo.append(cell)
-            continue
-        clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]}
-        if Path(str(row["checkpoint"])).name != Path(checkpoint).name:
-            clash["checkpoint"] = (row["checkpoint"], checkpoint)
-        if clash:
-            detail = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
-            raise ValueError(f"{out} already holds cell {cell.key} with other settings ({detail}); "
-                             "write this sweep to another --out")
+        if cell.key in results.done:
+            _check_same_settings(results.done[cell.key], settings, cell, out)
+    if todo:
+        save_resolved_config(out, protocol, checkpoint)
     groups = _groups(todo, workers)
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
-                device=device)
+                device=device, trust_checkpoint=trust_checkpoint)
     bar = _progress(len(todo), progress, protocol.benchmark)
     diverged = 0
 
@@ -252,17 +169,54 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
             bar.update()
 
     try:
-        if workers == 1:
-            for group in groups:
-                for row in run_group(group, **spec):
-                    record(row)
-        else:
-            _run_parallel(groups, spec, workers, record)
+        execute_groups(groups, spec, record, workers)
     finally:
         if bar is not None:
             bar.close()
     return SweepSummary(len(todo), len(cells) - len(todo), diverged,
                         time.perf_counter() - t0, Path(out))
+
+
+def execute_groups(groups: list[list[Cell]], spec: dict, record, workers: int = 1) -> None:
+    """Run every group with `run_group(group, **spec)` and pass each row to `record`
+    (in this process, which alone writes the results file). workers > 1: that many
+    worker processes, torch threads split between them."""
+    if workers == 1:
+        for group in groups:
+            for row in run_group(group, **spec):
+                record(row)
+    else:
+        _run_parallel(groups, spec, workers, record)
+
+
+def _check_same_settings(row: dict, settings: dict, cell: Cell, out) -> None:
+    """A finished row may be skipped only if it ran with this sweep's settings."""
+    clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]}
+    # The same file may sit at another path on another machine: compare names only.
+    if Path(str(row["checkpoint"])).name != Path(settings["checkpoint"]).name:
+        clash["checkpoint"] = (row["checkpoint"], settings["checkpoint"])
+    if clash:
+        detail = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
+        raise ResultsError(f"{out} already holds cell {cell.key} with other settings ({detail}); "
+                           "write this sweep to another --out")
+
+
+def config_path(out: str | Path) -> Path:
+    """Where the resolved configurations of a results CSV are kept."""
+    out = Path(out)
+    return out.with_name(out.name + ".config.json")
+
+
+def save_resolved_config(out: str | Path, protocol: Protocol, checkpoint: str) -> Path:
+    """Add this sweep's resolved configuration to `<out>.config.json` (once per distinct
+    configuration; several protocols may write into one results file)."""
+    path = config_path(out)
+    entry = {**protocol.resolved(), "checkpoint": checkpoint}
+    known = json.loads(path.read_text())["configurations"] if path.is_file() else []
+    if entry not in known:
+        known.append(entry)
+        atomic_write_text(path, json.dumps({"configurations": known}, indent=2) + "\n")
+    return path
 
 
 def _pct(x):
@@ -277,10 +231,9 @@ def _progress(total, enabled, name):
 
 
 def _settings(protocol: Protocol, checkpoint: str) -> dict:
-    return {"arch": protocol.arch, "epochs": protocol.epochs, "batch_size": protocol.batch_size,
-            "weight_decay": float(protocol.weight_decay), "select": protocol.select,
-            "val_per_class": protocol.val_per_class, "test_per_class": protocol.test_per_class,
-            "checkpoint": checkpoint}
+    """The row's SETTINGS columns: what a resumed sweep must agree on."""
+    values = {name: getattr(protocol, name) for name in SETTINGS if name != "checkpoint"}
+    return {**values, "weight_decay": float(protocol.weight_decay), "checkpoint": checkpoint}
 
 
 def _groups(cells: list[Cell], workers: int) -> list[list[Cell]]:
@@ -297,31 +250,36 @@ def _groups(cells: list[Cell], workers: int) -> list[list[Cell]]:
 
 
 @lru_cache(maxsize=4)
-def _pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels: int):
+def _pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels: int,
+                      trust_checkpoint: bool = False):
     """The pretrained weights, read from disk once per process."""
     with warnings.catch_warnings():
         if checkpoint == RANDOM_INIT:
             warnings.simplefilter("always")
-        model = load_model(checkpoint, arch, num_classes, in_channels)
+        model = load_model(checkpoint, arch, num_classes, in_channels,
+                           trust_checkpoint=trust_checkpoint)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: str | None,
-              cache_mb: float, device: str | None = None) -> Iterator[dict]:
-    """Run cells that share one task; yield one row per cell."""
-    from .models import build_model
+              cache_mb: float, device: str | None = None,
+              trust_checkpoint: bool = False) -> Iterator[dict]:
+    """Run cells that share one task; yield one row per cell.
 
+    Picklable arguments only (cells, protocol, paths, numbers), so a worker process
+    or a remote worker can call it with the `spec` that `run_sweep` builds."""
     first = cells[0]
     bench = get_benchmark(first.benchmark)
     task = bench.load_task(Path(data_dir) if data_dir else None, first.shift, first.n_target,
                            protocol.val_per_class, protocol.test_per_class, first.seed,
-                           **protocol.data)
+                           **loader_options(bench.load_task, bench.name, protocol.arch,
+                                            protocol.target_options))
     if task.num_classes != bench.num_classes:
-        raise ValueError(f"{bench.name}/{first.shift}: task has {task.num_classes} classes, "
+        raise ConfigError(f"{bench.name}/{first.shift}: task has {task.num_classes} classes, "
                          f"the benchmark says {bench.num_classes}")
     model = build_model(protocol.arch, bench.num_classes, bench.in_channels)
     model.load_state_dict(_pretrained_state(checkpoint, protocol.arch, bench.num_classes,
-                                            bench.in_channels))
+                                            bench.in_channels, trust_checkpoint))
     if task.perturb is not None:
         task.perturb(model)
     model.to(device or "cpu")
@@ -334,20 +292,22 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
     settings = _settings(protocol, checkpoint)
     for cell in cells:
         model.load_state_dict(base_state)
-        config = TrainConfig(lr=cell.lr, epochs=protocol.epochs, batch_size=protocol.batch_size,
-                             weight_decay=protocol.weight_decay, select=protocol.select,
-                             seed=cell.seed, cache_mb=cache_mb, device=device)
+        config = protocol.tuning.run_config(cell.lr, cell.seed, cache_mb=cache_mb, device=device)
         result = fit(model, task.train, task.val, task.test, cell.method, config, blocks, cache)
-        yield {"benchmark": cell.benchmark, "shift": cell.shift, "method": cell.method,
-               "seed": cell.seed, "n_target": cell.n_target, "lr": float(cell.lr),
-               "status": result.status, "best_epoch": result.best_epoch,
-               "val_acc": result.val.acc if result.val else None,
-               "val_worst_group_acc": result.val.worst_group_acc if result.val else None,
-               "test_acc": result.test.acc if result.test else None,
-               "worst_group_acc": result.test.worst_group_acc if result.test else None,
-               "tuned_params": result.tuned_params, "total_params": total_params,
-               "seconds": round(result.seconds, 3), "start_stage": result.start_stage,
-               **settings}
+        yield result_row(cell, result, total_params, settings)
+
+
+def result_row(cell: Cell, result: FitResult, total_params: int, settings: dict) -> dict:
+    """The results row (dict) of one finished cell."""
+    val, test = result.val, result.test
+    return ResultRow(
+        cell.benchmark, cell.shift, cell.method, cell.seed, cell.n_target, float(cell.lr),
+        status=result.status, best_epoch=result.best_epoch,
+        val_acc=val.acc if val else None, val_worst_group_acc=val.worst_group_acc if val else None,
+        test_acc=test.acc if test else None,
+        worst_group_acc=test.worst_group_acc if test else None,
+        tuned_params=result.tuned_params, total_params=total_params,
+        seconds=round(result.seconds, 3), start_stage=result.start_stage, **settings).to_dict()
 
 
 # --- parallel workers -------------------------------------------------------------

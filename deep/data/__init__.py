@@ -42,7 +42,7 @@ def benchmark_names() -> list[str]:
 
 def get_benchmark(name: str) -> Benchmark:
     if name not in _MODULES:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(benchmark_names())}")
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(benchmark_names())}")
     module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
     return module.BENCHMARKS[name]
 

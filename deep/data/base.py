@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -258,7 +258,7 @@ def draw_splits(labels: torch.Tensor, num_classes: int, n_target: int, val_per_c
     for name, value in (("n_target", n_target), ("val_per_class", val_per_class),
                         ("test_per_class", test_per_class)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
     g = seeded(seed)
     used = torch.zeros(len(labels), dtype=torch.bool)
     out = {}
@@ -311,8 +311,11 @@ class Benchmark:
             model this project pretrains itself; None otherwise.
         has_groups: whether splits carry groups (worst-group accuracy).
         pretrained: optional (arch, data_dir) -> Path of a ready source checkpoint
-            (built on the fly or verified against its manifest); the sweep uses it
-            when no --checkpoint is given.
+            (verified against its manifest); the sweep uses it when no --checkpoint
+            is given.
+        source_recipe: optional pretraining settings (`deep.pretrain.PretrainConfig`
+            fields) of a source model that the engine trains on the fly and caches
+            (`deep.pretrain.cached_source_model`), for benchmarks small enough for that.
     """
 
     name: str
@@ -324,3 +327,4 @@ class Benchmark:
     load_source: Callable[..., SourceData] | None = None
     has_groups: bool = False
     pretrained: Callable[..., Path] | None = None
+    source_recipe: Mapping[str, object] | None = None

@@ -192,7 +192,7 @@ def _task(benchmark: str, shift: str, num_classes: int, images: np.ndarray, labe
 
 def _check_shift(benchmark: str, shift: str, shifts: tuple[str, ...]) -> None:
     if shift not in shifts:
-        raise ValueError(f"{benchmark}: unknown shift {shift!r}; known: {', '.join(shifts)}")
+        raise DataError(f"{benchmark}: unknown shift {shift!r}; known: {', '.join(shifts)}")
 
 
 def _plain_source(data_dir=None) -> SourceData:
@@ -218,7 +218,7 @@ def corrupted_test_images(data_dir=None, corruption: str = "gaussian_noise", sev
     (corruption_seed, corruption, severity) only, not on the split seed. Cached per process.
     """
     if corruption not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {corruption!r}; known: {', '.join(CORRUPTIONS)}")
+        raise DataError(f"unknown corruption {corruption!r}; known: {', '.join(CORRUPTIONS)}")
     data = load_fashion_mnist(data_dir)
     return _corrupted(data, corruption, severity, corruption_seed)
 
@@ -332,7 +332,7 @@ def draw_cues(labels: np.ndarray, agreement: float, generator: torch.Generator) 
     class agree is random (`generator`).
     """
     if not 0.0 <= agreement <= 1.0:
-        raise ValueError(f"agreement must lie in [0, 1], got {agreement!r}")
+        raise DataError(f"agreement must lie in [0, 1], got {agreement!r}")
     agree = np.zeros(len(labels), dtype=bool)
     seen = placed = 0
     for c in np.unique(labels):
@@ -427,7 +427,7 @@ def perturb_parameters(model: torch.nn.Module, prefixes, scale: float, seed: int
     when no parameter matches.
     """
     if not scale > 0:
-        raise ValueError(f"noise scale must be positive, got {scale!r}")
+        raise DataError(f"noise scale must be positive, got {scale!r}")
     prefixes = tuple(prefixes)
     touched = []
     with torch.no_grad():
@@ -440,7 +440,7 @@ def perturb_parameters(model: torch.nn.Module, prefixes, scale: float, seed: int
             p.add_(noise.to(device=p.device, dtype=p.dtype))
             touched.append(name)
     if not touched:
-        raise ValueError(f"no parameter of the model starts with {prefixes}")
+        raise DataError(f"no parameter of the model starts with {prefixes}")
     return touched
 
 
@@ -451,7 +451,7 @@ def block_perturbation(block: str, arch: str = "resnet26", scale: float | None =
     """
     scale = NOISE_SCALES[block] if scale is None else scale
     if not scale > 0:
-        raise ValueError(f"noise_scale must be positive, got {scale!r}")
+        raise DataError(f"noise_scale must be positive, got {scale!r}")
 
     def perturb(model: torch.nn.Module) -> None:
         perturb_parameters(model, get_architecture(arch).prefixes(block), scale, seed)
@@ -499,7 +499,7 @@ def _pretrained(benchmark: str):
         """The committed source model, after checking its sha256 against its manifest."""
         path = source_checkpoint(benchmark, arch)
         if not path.exists():
-            raise ValueError(
+            raise DataError(
                 f"{benchmark}: no source model for arch {arch!r} at {path}. Make it with "
                 f"`python -m deep pretrain --benchmark {benchmark} --arch {arch} --out {path}` "
                 f"(`make pretrain` makes the resnet26 ones), or pass --checkpoint PATH")

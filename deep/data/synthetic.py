@@ -12,18 +12,17 @@ source (pretraining) data uses subpopulation A. Shifts, one of each kind:
 | `flip` | output | subpopulation A with labels permuted, y -> 3 - y |
 | `spurious` | output, groups | subpopulation A, labels rotated (y -> y + 1 mod 4), and a 4x4 corner patch of a class colour that matches the new label in 90% of training images and at random (25%) in validation and test. Groups = (label, patch matches label): 8 groups, worst-group accuracy reported |
 
-The source model (`pretrained`) is trained on the fly on the source data with the
-project's one training loop, deterministically, and cached on disk under
+The source model is trained on the fly on the source data with the project's one
+training loop and `SOURCE_RECIPE`, deterministically, and cached on disk under
 $SURGICAL_FT_CACHE (default ~/.cache/surgical-ft) so that sweep workers and later
-runs reuse it.
+runs reuse it (`deep.pretrain.cached_source_model`; this data module never imports
+the engine).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import zlib
-from pathlib import Path
 
 import torch
 
@@ -39,6 +38,7 @@ POOL_PER_CLASS = 400          # target images generated per class and shift
 SOURCE_TRAIN_PER_CLASS = 300
 SOURCE_TEST_PER_CLASS = 100
 LAYOUT = "nothing: the synthetic benchmark is generated in memory"
+# How the source model is pretrained (deep.pretrain.PretrainConfig fields).
 SOURCE_RECIPE = {"epochs": 6, "lr": 0.05, "seed": 0, "augment": "none", "batch_size": 64}
 
 
@@ -109,7 +109,7 @@ def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_
     how often the patch matches the label).
     """
     if shift not in SHIFTS:
-        raise ValueError(f"unknown shift {shift!r} of synthetic; known: {', '.join(SHIFTS)}")
+        raise DataError(f"unknown shift {shift!r} of synthetic; known: {', '.join(SHIFTS)}")
     if n_target < 1:
         raise DataError(f"synthetic/{shift}: n_target must be >= 1, got {n_target}")
     if n_target > NUM_CLASSES * POOL_PER_CLASS:
@@ -133,43 +133,7 @@ def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_
                      eval_pool.subset(val_idx), eval_pool.subset(test_idx), group_names=groups)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SURGICAL_FT_CACHE", Path.home() / ".cache" / "surgical-ft"))
-
-
-def pretrained(arch: str = "resnet26-w4", data_dir=None) -> Path:
-    """Path of the synthetic source model for `arch`, trained now if not cached yet.
-
-    Training is deterministic (fixed seed, CPU), so every process that builds it
-    gets the same weights; the file is written atomically, so racing builders are safe.
-    """
-    from deep.checkpoints import save_checkpoint, write_manifest  # the engine, imported when used
-    from deep.pretrain import pretrain
-    from deep.train import evaluate
-
-    recipe = "-".join(f"{k}{v}" for k, v in sorted(SOURCE_RECIPE.items()))
-    path = cache_dir() / f"synthetic-{arch}-{zlib.crc32(recipe.encode()):08x}.pt"
-    if path.is_file():
-        return path
-    source = load_source()
-    r = SOURCE_RECIPE
-    threads = torch.get_num_threads()
-    # One thread: the same weights on every machine, and no OpenMP stalls on a busy CPU.
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            model = pretrain(source, arch, epochs=r["epochs"], lr=r["lr"], seed=r["seed"],
-                             augment=r["augment"], batch_size=r["batch_size"], progress=False)
-        acc = evaluate(model, source.test).acc
-    finally:
-        torch.set_num_threads(threads)
-    save_checkpoint(path, model, arch, NUM_CLASSES, CHANNELS,
-                    meta={"benchmark": NAME, "source_test_acc": acc, **r})
-    write_manifest(path, benchmark=NAME, arch=arch, source_test_acc=acc, **r)
-    return path
-
-
 BENCHMARKS = {
     NAME: Benchmark(NAME, SHIFTS, NUM_CLASSES, CHANNELS, LAYOUT, load_task, load_source,
-                    has_groups=True, pretrained=pretrained),
+                    has_groups=True, source_recipe=SOURCE_RECIPE),
 }

@@ -24,8 +24,9 @@ def synthetic_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_checkpoint(synthetic_cache):
     """Path of the synthetic benchmark's source model (resnet26-w4)."""
-    from deep.data.synthetic import pretrained
-    return pretrained("resnet26-w4")
+    from deep.data import get_benchmark
+    from deep.pretrain import cached_source_model
+    return cached_source_model(get_benchmark("synthetic"), "resnet26-w4")
 
 
 @pytest.fixture

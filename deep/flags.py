@@ -1,0 +1,89 @@
+"""Command-line flags generated from configuration dataclasses (the CLI layer).
+
+One flag per field, named after it (`n_target` -> `--n-target`), typed by its
+annotation, with the help text and choices of its metadata. A flag's default is
+None, so a value not given on the command line leaves the protocol's in place:
+
+    add_flags(parser, Tuning)                # --methods, --epochs, --lrs, ...
+    overrides = flag_values(args, Tuning)    # {"epochs": 2} for `--epochs 2`
+
+Lists take `a,b,c` and/or several arguments; a bool field is a switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+
+def add_flags(parser: argparse.ArgumentParser, config_class, skip=(), defaults=None) -> None:
+    """Add one flag per field of `config_class`, except those in `skip`.
+
+    `defaults` (field -> value) replace the dataclass defaults shown in the help; they
+    are never applied here: the protocol or the dataclass applies them."""
+    for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
+        kind = typing.get_type_hints(config_class)[f.name]
+        shown = (defaults or {}).get(f.name, _default(f))
+        help_text = f.metadata.get("help", "")
+        if shown is not None:  # what applies when neither the flag nor a protocol sets it
+            help_text += f" (built-in default: {_show(shown)})"
+        options = dict(help=help_text.strip() or None, default=None)
+        if "choices" in f.metadata:
+            options["choices"] = list(f.metadata["choices"])
+        flag = "--" + f.name.replace("_", "-")
+        base, is_list = _base_type(kind)
+        if base is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=options["help"])
+        elif is_list:
+            parser.add_argument(flag, nargs="+", type=comma_list(base), **options)
+        else:
+            parser.add_argument(flag, type=base, **options)
+
+
+def flag_values(args: argparse.Namespace, config_class) -> dict:
+    """{field: value} for the fields of `config_class` given on the command line."""
+    out = {}
+    for f in dataclasses.fields(config_class):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if _base_type(typing.get_type_hints(config_class)[f.name])[1]:
+            value = [v for group in value for v in group]  # nargs="+" of comma lists
+        out[f.name] = value
+    return out
+
+
+def comma_list(kind=str):
+    """An argparse type: `a,b,c` -> [kind(a), kind(b), kind(c)]."""
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
+                                             f"got {text!r}") from None
+    return parse
+
+
+def _base_type(kind) -> tuple[type, bool]:
+    """(element type, is a list) of an annotation: int, str | None, list[float], ..."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) in (list, tuple):
+        return typing.get_args(kind)[0], True
+    return kind, False
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

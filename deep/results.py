@@ -1,0 +1,188 @@
+"""The results-row schema of a sweep: one dataclass knows its columns, key and parsing.
+
+A results CSV has the header `ResultRow.columns()` and one row per finished cell.
+`read_results` parses it strictly: a row that is cut short, has the wrong number of
+fields, or holds a value that does not parse as its column's type stops the reading
+with the file, the line number and what is wrong (a sweep killed mid-write can never
+leave such a row, see `ResultsFile`; a hand-edited or truncated copy can).
+Rows travel as plain dicts (`ResultRow.to_dict`), which the report and bench read.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ResultsError
+from .files import atomic_write_text
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One finished cell: what identifies it, what it measured, the settings it ran with."""
+
+    benchmark: str
+    shift: str
+    method: str
+    seed: int
+    n_target: int
+    lr: float
+    status: str
+    best_epoch: int
+    val_acc: float | None
+    val_worst_group_acc: float | None
+    test_acc: float | None
+    worst_group_acc: float | None
+    tuned_params: int
+    total_params: int
+    seconds: float
+    arch: str
+    epochs: int
+    batch_size: int
+    weight_decay: float
+    select: str
+    val_per_class: int
+    test_per_class: int
+    checkpoint: str
+    start_stage: int | None = None
+
+    KEY = ("benchmark", "shift", "method", "seed", "n_target", "lr")
+    # Settings that must agree between a finished row and the sweep that would skip it.
+    SETTINGS = ("arch", "epochs", "batch_size", "weight_decay", "select", "val_per_class",
+                "test_per_class", "checkpoint")
+    STATUSES = ("ok", "diverged")
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def parse(cls, values: list[str], where: str) -> "ResultRow":
+        """A row from its CSV fields; `where` ("file, line N") prefixes every error."""
+        names = cls.columns()
+        if len(values) != len(names):
+            raise ResultsError(f"{where}: {len(values)} fields, expected {len(names)} "
+                               f"({', '.join(names)}); the row is truncated or malformed")
+        parsed = {name: _parse_value(text, _column_type(cls, name), name, where)
+                  for name, text in zip(names, values)}
+        row = cls(**parsed)
+        if row.status not in cls.STATUSES:
+            raise ResultsError(f"{where}: status {row.status!r} is not one of {cls.STATUSES}")
+        return row
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "ResultRow":
+        return cls(**{name: row.get(name) for name in cls.columns()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fields(self) -> list[str]:
+        """The CSV fields: floats as repr (exact round trip), None as empty."""
+        return [_format(getattr(self, name)) for name in self.columns()]
+
+    @property
+    def key(self) -> tuple:
+        return row_key(self.to_dict())
+
+
+COLUMNS = ResultRow.columns()
+KEY = ResultRow.KEY
+SETTINGS = ResultRow.SETTINGS
+
+
+def row_key(row: dict) -> tuple:
+    """The cell a row (dict) belongs to; equal to `Cell.key` of the cell that made it."""
+    return tuple(row[k] if k != "lr" else float(row[k]) for k in KEY)
+
+
+def _column_type(cls, name: str) -> tuple[type, bool]:
+    """(base type, whether empty is allowed) of a column, from its annotation."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _parse_value(text: str, kind: tuple[type, bool], name: str, where: str):
+    base, optional = kind
+    if text == "":
+        if optional:
+            return None
+        raise ResultsError(f"{where}: column {name!r} is empty; it needs a {base.__name__}")
+    try:
+        return base(text)
+    except ValueError:
+        raise ResultsError(f"{where}: column {name!r} holds {text!r}, "
+                           f"which is not a {base.__name__}") from None
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of a results CSV as dicts, values parsed (ints, floats; empty -> None).
+
+    A missing or empty file has no rows. Raises ResultsError for another header and
+    for the first malformed row (with its line number)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if not text.strip():
+        return []
+    if not text.endswith("\n"):
+        # Every row a sweep writes ends with a newline: a missing one means a cut-off copy.
+        last = len(text.splitlines())
+        raise ResultsError(f"{path}, line {last}: the file ends in the middle of a row "
+                           "(no final newline); it was truncated")
+    reader = csv.reader(io.StringIO(text))
+    header = tuple(next(reader))
+    if header != COLUMNS:
+        raise ResultsError(f"{path}: columns {list(header)} are not a deep sweep's "
+                           f"{list(COLUMNS)}; write this sweep to another --out")
+    return [ResultRow.parse(values, f"{path}, line {reader.line_num}").to_dict()
+            for values in reader]
+
+
+def results_text(rows: list[dict]) -> str:
+    """The CSV text of `rows` (dicts with every column), header first."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow(ResultRow.from_dict(row).fields())
+    return buffer.getvalue()
+
+
+class ResultsFile:
+    """A results CSV owned by one writer; every append rewrites it atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows = read_results(self.path)
+        self.done = {row_key(r): r for r in self.rows}
+        if len(self.done) != len(self.rows):
+            raise ResultsError(f"{self.path} holds duplicated cells; it was not written by a sweep")
+        # A kill during a rewrite can leave the temp file behind (never the CSV itself).
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def append(self, row: dict) -> None:
+        key = row_key(row)
+        if key in self.done:
+            raise ResultsError(f"cell {key} is already in {self.path}")
+        self.rows.append(row)
+        self.done[key] = row
+        atomic_write_text(self.path, results_text(self.rows))
