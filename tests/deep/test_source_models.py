@@ -1,0 +1,81 @@
+"""The committed source models in deep/weights/ score, on the real Fashion-MNIST test
+images, the source test accuracy their manifests record (within 0.1 point).
+
+`python -m deep pretrain` measured `source_test_acc` on the source data's test split, built
+by the benchmark's `load_source` with the manifest's `data` options (plain test images for
+fmnist; the source subclasses' test images with superclass labels for fmnist-breeds; test
+images with marks that agree with the class attribute for `source_agreement` of each class,
+drawn after the training split's from the same `cue_seed` stream, for fmnist-spurious).
+This test rebuilds that split the same way, loads each checkpoint after checking its
+sha256, and counts correct predictions itself.
+
+Needs the real files (apt-get install dataset-fashion-mnist); skipped without them unless
+REQUIRE_FMNIST=1, which makes their absence a failure (CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from deep.checkpoints import load_checkpoint, verify_checkpoint
+from deep.data import fmnist as F
+from deep.data import get_benchmark
+from deep.normalization import loader_options
+
+WEIGHTS = sorted(F.WEIGHTS_DIR.glob("*.pt"))
+TOLERANCE = 0.001           # 0.1 point of accuracy
+BATCH = 256
+
+
+def real_fashion_mnist_or_skip() -> None:
+    folder = F.resolve_dir(None)
+    present = all(any((folder / (stem + ext)).is_file() for ext in (".gz", ""))
+                  for stem, _ in F.FILES.values())
+    if present:
+        return
+    if os.environ.get("REQUIRE_FMNIST") == "1":
+        pytest.fail(f"REQUIRE_FMNIST=1 but the Fashion-MNIST files are not in {folder}")
+    pytest.skip(f"Fashion-MNIST files not in {folder}: apt-get install dataset-fashion-mnist "
+                f"or set {F.ENV_VAR} (REQUIRE_FMNIST=1 makes this a failure)")
+
+
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of correct arg-max predictions, in batches, without autograd."""
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(labels), BATCH):
+            logits = model(images[start:start + BATCH])
+            correct += int((logits.argmax(1) == labels[start:start + BATCH]).sum())
+    return correct / len(labels)
+
+
+def test_every_benchmark_source_model_is_committed():
+    expected = {F.source_checkpoint(b).name for b in F.SOURCE_MODEL}
+    assert {p.name for p in WEIGHTS} == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", WEIGHTS, ids=lambda p: p.stem)
+def test_source_model_scores_its_manifest_accuracy_on_the_real_test_images(checkpoint: Path,
+                                                                           one_thread):
+    real_fashion_mnist_or_skip()
+    manifest = verify_checkpoint(checkpoint)
+    assert manifest == json.loads(Path(f"{checkpoint}.json").read_text())
+    bench = get_benchmark(manifest["benchmark"])
+    source = bench.load_source(None, **loader_options(bench.load_source, bench.name,
+                                                      manifest["arch"], manifest["data"]))
+    assert source.benchmark == manifest["source"]
+    assert len(source.test) == manifest["source_test_images"]
+    saved = load_checkpoint(checkpoint)
+    assert (saved.arch, saved.num_classes, saved.in_channels) == \
+        (manifest["arch"], source.num_classes, source.in_channels)
+    measured = accuracy(saved.build(), source.test.images, source.test.labels)
+    assert measured == pytest.approx(manifest["source_test_acc"], abs=TOLERANCE), \
+        f"{checkpoint.name}: {measured:.4f} on the source test split, manifest says " \
+        f"{manifest['source_test_acc']:.4f}"
