@@ -96,3 +96,13 @@ register_architecture(Architecture(
     "resnet50", build=lambda c, k: ResNet50(c, k),
     blocks=dict(zip(("first", "second", "third", "fourth", "last"), ResNet50.stage_prefixes)),
     notes="torchvision ResNet-50 layout (ImageNet weights load unchanged)"))
+
+# The public code's ResNet-50 blocks (github.com/anniesch/surgical-finetuning, main.py):
+# its first block is conv1 + layer1 without bn1, which only `all` tunes. The same network
+# and weights under a second name, because a tune option outside the forward-order
+# partition of blocks would change gradual unfreezing and lp-ft.
+register_architecture(Architecture(
+    "resnet50-public", build=lambda c, k: ResNet50(c, k),
+    blocks={"first": ("conv1", "layer1"), "second": ("layer2",), "third": ("layer3",),
+            "fourth": ("layer4",), "last": ("fc",)},
+    notes="ResNet-50 with the public code's blocks: first = conv1 + layer1, bn1 only in all"))

@@ -17,9 +17,10 @@ from torch import nn
 from deep.blocks import blocks_for, tuned_parameter_names
 from deep.data.base import TensorSplit
 from deep.models import build_model, get_architecture
-from deep.models.gn_resnet import GroupNormResNet26, PreActBlock
+from deep.models.gn_resnet import PreActBlock
 from deep.models.wide_resnet import BasicBlock, WideResNet
-from deep.train import PrefixCache, TrainConfig, fit, folded_view
+from deep.prefix_cache import PrefixCache, folded_view
+from deep.train import TrainConfig, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -348,3 +349,17 @@ def test_cli_sweep_on_the_cifar10c_fixture(tmp_path, monkeypatch, benchmark, shi
         (benchmark, shift, m, "ok") for m in methods]
     assert rows[-1]["tuned_params"] == 10 * (640 if arch == "wrn28-10" else 64) + 10
     assert seen and set(seen) == {pixel_stats}
+
+
+def test_resnet50_public_first_block_leaves_out_bn1():
+    """The public code's ResNet-50 blocks, same network and keys as resnet50."""
+    model = build_model("resnet50-public", 10)
+    assert model.state_dict().keys() == build_model("resnet50", 10).state_dict().keys()
+    blocks = blocks_for("resnet50-public")
+    first = tuned_parameter_names(model, "first", blocks)
+    assert "conv1.weight" in first and not {"bn1.weight", "bn1.bias"} & set(first)
+    assert all(n == "conv1.weight" or n.startswith("layer1.") for n in first)
+    in_blocks = {n for option in blocks for n in tuned_parameter_names(model, option, blocks)}
+    assert set(tuned_parameter_names(model, "all", blocks)) - in_blocks == {"bn1.weight", "bn1.bias"}
+    ours = tuned_parameter_names(model, "first", blocks_for("resnet50"))
+    assert set(ours) - set(first) == {"bn1.weight", "bn1.bias"}
