@@ -1,0 +1,283 @@
+"""Camelyon17-WILDS and FMoW-WILDS on fixtures in the real layouts: splits by WILDS' rules,
+images matching their rows, worst-region accuracy without "Other", the CLI sweep end to
+end with the small CLIP ViT, and bad inputs."""
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from deep.data import DataError, get_benchmark
+from deep.data.wilds import FMOW_CATEGORIES, read_fmow
+from deep.models.vit import CLIP_MEAN, CLIP_STD
+from deep.sweep import read_results
+from deep.train import accuracy
+from tests.deep.fixtures import wilds_writers as w
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"resize": 32, "crop": 32}
+
+
+@pytest.fixture
+def camelyon(tmp_path):
+    w.write_camelyon17(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def fmow(tmp_path):
+    w.write_fmow(tmp_path)
+    return tmp_path
+
+
+def mean_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Undo CLIP's normalisation: the mean 0..255 colour of each image (b, 3)."""
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((x * std + mean) * 255).mean(dim=(2, 3))
+
+
+def camelyon_task(root, shift="ood-test", seed=0, n_target=6, test_per_class=0):
+    return get_benchmark("camelyon17").load_task(root, shift, n_target=n_target, val_per_class=2,
+                                                 test_per_class=test_per_class, seed=seed, **SMALL)
+
+
+def rows_by_path(root, csv_name, key):
+    return {key(r): r for r in w.read_csv(root / csv_name)}
+
+
+@pytest.mark.parametrize("shift, center", [("ood-test", "2"), ("ood-val", "1")])
+def test_camelyon17_target_comes_from_one_hospital(camelyon, shift, center):
+    rows = rows_by_path(camelyon / w.CAMELYON_DIR, "metadata.csv",
+                        lambda r: f"patch_patient_{r['patient']}_node_{r['node']}_x_"
+                                  f"{r['x_coord']}_y_{r['y_coord']}.png")
+    task = camelyon_task(camelyon, shift)
+    assert task.num_classes == 2 and task.group_names is None
+    seen = []
+    for split, per_class in ((task.train, 3), (task.val, 2), (task.test, 12 - 5)):
+        assert Counter(split.labels.tolist()) == {0: per_class, 1: per_class}
+        for path, label in zip(split.paths, split.labels.tolist()):
+            row = rows[Path(path).name]
+            assert row["center"] == center and int(row["tumor"]) == label
+            assert Path(path).parent.name == f"patient_{row['patient']}_node_{row['node']}"
+        seen += split.paths
+    assert len(set(seen)) == len(seen) == 24, "disjoint, and the test set is the rest"
+
+
+def test_camelyon17_images_are_the_rows_patches(camelyon):
+    task = camelyon_task(camelyon)
+    x, y, g = next(task.test.batches(100))
+    assert x.shape == (14, 3, 32, 32) and g is None
+    rgb = mean_rgb(x)
+    assert torch.allclose(rgb[:, 0], torch.full((14,), 30.0 + 40 * 2), atol=1.5)  # hospital 2
+    assert torch.allclose(rgb[:, 1], 40 + 160 * y.float(), atol=1.5)
+
+
+def test_camelyon17_draws_are_seeded_and_nested(camelyon):
+    a, b, c = camelyon_task(camelyon, seed=3), camelyon_task(camelyon, seed=3), \
+        camelyon_task(camelyon, seed=4)
+    assert a.train.paths == b.train.paths and a.test.paths == b.test.paths
+    assert a.train.paths != c.train.paths
+    small, big = (camelyon_task(camelyon, seed=3, n_target=n, test_per_class=4) for n in (2, 6))
+    assert set(small.train.paths) < set(big.train.paths)
+    assert small.test.paths == big.test.paths and small.val.paths == big.val.paths
+
+
+def test_camelyon17_source_is_train_and_id_val(camelyon):
+    source = get_benchmark("camelyon17").load_source(camelyon, **SMALL)
+    assert (len(source.train), len(source.test)) == (3 * 2 * 4, 3 * 2 * 2)
+    x, _, _ = next(source.train.batches(100))
+    assert set(((mean_rgb(x)[:, 0] - 30) / 40).round().int().tolist()) == {0, 3, 4}
+
+
+def fmow_task(root, shift="ood-test", seed=0, n_target=10, test_per_class=0):
+    return get_benchmark("fmow").load_task(root, shift, n_target=n_target, val_per_class=1,
+                                           test_per_class=test_per_class, seed=seed, **SMALL)
+
+
+@pytest.mark.parametrize("shift, split, years", [("ood-test", "test", {2017}),
+                                                 ("ood-val", "val", {2014})])
+def test_fmow_target_comes_from_the_ood_years(fmow, shift, split, years):
+    """Image rgb_img_<i> is row i (seq rows counted); OOD splits by year and split column;
+    regions from the mapping file (the CSV's own region column is ignored)."""
+    rows = w.read_csv(fmow / w.FMOW_DIR / "rgb_metadata.csv")
+    task = fmow_task(fmow, shift)
+    assert task.num_classes == 62 and task.group_names == ("Asia", "Europe", "Africa",
+                                                          "Americas", "Oceania")
+    region_of = {"CHN": 0, "FRA": 1, "KEN": 2, "USA": 3, "AUS": 4, "ZZZ": -1}
+    seen = []
+    for part, size in ((task.train, 10), (task.val, 62), (task.test, 96 - 72)):
+        assert len(part) == size
+        for path, label, group in zip(part.paths, part.labels.tolist(), part.groups.tolist()):
+            row = rows[int(Path(path).stem.split("_")[-1])]
+            assert row["split"] == split and int(row["timestamp"][:4]) in years
+            assert FMOW_CATEGORIES[label] == row["category"]
+            assert group == region_of[row["country_code"]]
+        seen += part.paths
+    assert len(set(seen)) == len(seen)
+
+
+def test_fmow_images_are_the_rows_images(fmow):
+    """The decoded picture shows the row's category and region (as parsed from the CSV):
+    catches an image numbering that skips the seq rows."""
+    task = fmow_task(fmow)
+    x, y, g = next(task.test.batches(100))
+    rgb = mean_rgb(x)
+    slots = torch.tensor([w.FMOW_CATEGORIES.index(FMOW_CATEGORIES[label]) for label in y])
+    assert torch.allclose(rgb[:, 0], 20 + 30 * slots.float(), atol=1.5)
+    region_slots = torch.where(g < 0, 5, g)  # "Other" is the writer's sixth country
+    assert torch.allclose(rgb[:, 1], 20 + 40 * region_slots.float(), atol=1.5)
+
+
+def test_fmow_seq_and_out_of_split_rows_are_dropped(fmow):
+    table = read_fmow(fmow)
+    sizes = {k: int(v.sum()) for k, v in table.splits.items()}
+    assert sizes == {"train": 12, "id_val": 6, "id_test": 6, "val": 96, "test": 96}
+    assert len(table.files) == sum(w.FMOW_ROWS.values()) - w.FMOW_ROWS[("seq", 2017)]
+    in_some_split = torch.stack(list(table.splits.values())).any(0)
+    assert int((~in_some_split).sum()) == 3 + 3  # train and val rows of 2016-2017
+
+
+def test_worst_region_leaves_other_out():
+    labels = torch.tensor([0, 0, 0, 0, 0, 0])
+    preds = torch.tensor([0, 0, 1, 0, 1, 1])
+    groups = torch.tensor([0, 0, 1, 1, -1, -1])  # "Other" all wrong
+    metrics = accuracy(preds, labels, groups)
+    assert metrics.acc == pytest.approx(0.5)
+    assert metrics.worst_group_acc == pytest.approx(0.5) and set(metrics.group_acc) == {0, 1}
+
+
+def test_fmow_source_is_train_and_id_val(fmow):
+    source = get_benchmark("fmow").load_source(fmow, **SMALL)
+    assert (len(source.train), len(source.test)) == (12, 6)
+
+
+# --- through the CLI --------------------------------------------------------------
+
+def cli_sweep(benchmark, data_dir, out, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "deep", "sweep", "--benchmark", benchmark, "--data-dir",
+         str(data_dir), "--arch", "clip-vit-tiny", "--checkpoint", "none", "--lrs", "0.001",
+         "--seeds", "0", "--epochs", "1", "--data", "resize=32", "--data", "crop=32",
+         "--no-progress", "--out", str(out), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_camelyon17_sweeps_through_the_cli(camelyon, tmp_path):
+    out = tmp_path / "results.csv"
+    done = cli_sweep("camelyon17", camelyon, out, "--n-target", "4", "--val-per-class", "2",
+                     "--test-per-class", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_results(out)
+    assert [r["method"] for r in rows] == ["embedding", "first3", "last3", "last", "all"]
+    assert [r["start_stage"] for r in rows] == [0, 1, 4, 8, 0]
+    for r in rows:
+        assert r["status"] == "ok" and r["arch"] == "clip-vit-tiny" and r["shift"] == "ood-test"
+        assert 0 <= r["test_acc"] <= 1 and r["worst_group_acc"] is None
+
+
+@pytest.mark.slow
+def test_fmow_sweeps_through_the_cli_selecting_by_worst_region(fmow, tmp_path):
+    out = tmp_path / "results.csv"
+    done = cli_sweep("fmow", fmow, out, "--methods", "last3,last", "--n-target", "8",
+                     "--val-per-class", "1", "--test-per-class", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_results(out)
+    assert [r["method"] for r in rows] == ["last3", "last"]
+    for r in rows:
+        assert r["select"] == "worst_group_val_acc" and r["status"] == "ok"
+        assert r["val_worst_group_acc"] is not None and 0 <= r["worst_group_acc"] <= 1
+
+
+def test_the_full_protocols_run_a_clip_vit():
+    from deep.protocol import load_protocol
+    for name in ("camelyon17", "fmow"):
+        protocol = load_protocol(name)
+        assert protocol.arch == "clip-vit-b16"
+        assert protocol.methods == ["embedding", "first3", "last3", "last", "all"]
+    assert load_protocol("fmow").select == "worst_group_val_acc"
+
+
+# --- bad inputs -------------------------------------------------------------------
+
+def rewrite(path: Path, old: str, new: str, count: int = -1) -> None:
+    """Replace `old` (every occurrence by default: seq rows are skipped before checks)."""
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, count))
+
+
+def test_missing_release_file_says_the_download_is_incomplete(tmp_path):
+    w.write_camelyon17(tmp_path, release=False)
+    with pytest.raises(DataError, match=r"RELEASE_v1\.0\.txt is missing.*incomplete"):
+        camelyon_task(tmp_path)
+    w.write_fmow(tmp_path, release=False)
+    with pytest.raises(DataError, match=r"RELEASE_v1\.1\.txt is missing"):
+        fmow_task(tmp_path)
+
+
+def test_no_dataset_folder_names_the_layout(tmp_path):
+    with pytest.raises(DataError, match="metadata.csv not found.*camelyon17_v1.0"):
+        camelyon_task(tmp_path)
+    with pytest.raises(DataError, match="no data directory given"):
+        camelyon_task(None)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("tumor,slide", "tumour,slide", r"lacks column\(s\) \['tumor'\]"),
+    (",0,0,0\n", ",0,zero,0\n", "must be integers"),
+    (",0,0,0\n", ",0,0,7\n", "split 0/1"),
+])
+def test_malformed_camelyon17_metadata(camelyon, old, new, message):
+    rewrite(camelyon / w.CAMELYON_DIR / "metadata.csv", old, new, count=1)
+    with pytest.raises(DataError, match=message):
+        camelyon_task(camelyon)
+
+
+def test_missing_patch_is_named(camelyon):
+    task = camelyon_task(camelyon)
+    victim = Path(task.train.paths[0])
+    victim.unlink()
+    with pytest.raises(DataError, match=f"missing, e.g. .*{victim.name}"):
+        camelyon_task(camelyon)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("timestamp", "time", r"lacks column\(s\) \['timestamp'\]"),
+    (",airport,", ",spaceport,", "unknown category 'spaceport'"),
+    ("T10:", "T99:", "is not ISO 8601"),
+    ("\ntest,", "\nholdout,", "split must be one of"),
+])
+def test_malformed_fmow_metadata(fmow, old, new, message):
+    rewrite(fmow / w.FMOW_DIR / "rgb_metadata.csv", old, new)
+    with pytest.raises(DataError, match=message):
+        fmow_task(fmow)
+
+
+def test_fmow_without_country_mapping_is_an_error(fmow):
+    (fmow / w.FMOW_DIR / "country_code_mapping.csv").unlink()
+    with pytest.raises(DataError, match="missing file .*country_code_mapping.csv"):
+        fmow_task(fmow)
+
+
+def test_too_small_a_split_says_how_many_are_left(fmow):
+    with pytest.raises(DataError, match=r"fmow/ood-test \(train split\): 34 examples left, "
+                                         r"40 requested"):
+        fmow_task(fmow, n_target=40)
+
+
+def test_bad_data_through_the_cli_fails_without_a_row(tmp_path):
+    w.write_camelyon17(tmp_path, release=False)
+    out = tmp_path / "results.csv"
+    done = cli_sweep("camelyon17", tmp_path, out, "--methods", "last", "--n-target", "4",
+                     "--val-per-class", "2")
+    assert done.returncode == 2 and "RELEASE_v1.0.txt" in done.stderr
+    assert read_results(out) == []
+
+
+def test_unknown_shift(camelyon):
+    with pytest.raises(ValueError, match="unknown shift 'hospital9'.*ood-test, ood-val"):
+        camelyon_task(camelyon, shift="hospital9")

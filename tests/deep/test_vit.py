@@ -1,0 +1,327 @@
+"""CLIP ViT: CLIP's key names and shapes, encode_image against a hand computation, stages
+and the prefix cache, and weight files (CLIP state dicts, TorchScript, zero-shot head)."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deep.blocks import blocks_for, tuned_parameter_names
+from deep.checkpoints import CheckpointError, load_model
+from deep.data.base import TensorSplit
+from deep.models import build_model
+from deep.models.staged import Stages
+from deep.models.vit import (CONFIGS, CLIPImageClassifier, VisionTransformer, ViTConfig,
+                             is_torchscript_archive, set_zero_shot_head)
+from deep.train import TrainConfig, fit
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = "clip-vit-tiny"
+
+
+def clip_b16_image_tower() -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of a CLIP ViT-B/16 image tower, written from the public layout
+    (OpenAI clip/model.py VisionTransformer; patch 16, width 768, 12 blocks, output 512)."""
+    width, mlp, tokens = 768, 3072, (224 // 16) ** 2 + 1
+    keys = {"visual.conv1.weight": (width, 3, 16, 16), "visual.class_embedding": (width,),
+            "visual.positional_embedding": (tokens, width),
+            "visual.ln_pre.weight": (width,), "visual.ln_pre.bias": (width,),
+            "visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,),
+            "visual.proj": (width, 512)}
+    for i in range(12):
+        block = f"visual.transformer.resblocks.{i}"
+        keys.update({
+            f"{block}.ln_1.weight": (width,), f"{block}.ln_1.bias": (width,),
+            f"{block}.attn.in_proj_weight": (3 * width, width),
+            f"{block}.attn.in_proj_bias": (3 * width,),
+            f"{block}.attn.out_proj.weight": (width, width),
+            f"{block}.attn.out_proj.bias": (width,),
+            f"{block}.ln_2.weight": (width,), f"{block}.ln_2.bias": (width,),
+            f"{block}.mlp.c_fc.weight": (mlp, width), f"{block}.mlp.c_fc.bias": (mlp,),
+            f"{block}.mlp.c_proj.weight": (width, mlp), f"{block}.mlp.c_proj.bias": (width,)})
+    return keys
+
+
+def test_clip_b16_has_clips_keys_and_shapes():
+    model = build_model("clip-vit-b16", num_classes=2)
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert state.pop("head.weight") == (2, 512) and state.pop("head.bias") == (2,)
+    assert state == clip_b16_image_tower()
+    # 86.2 M parameters in the image tower, as published for ViT-B/16
+    assert sum(math.prod(s) for s in state.values()) == 86_192_640
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random (LayerNorm weights too), so swapped tensors show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def hand_layer_norm(x, weight, bias, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def hand_block(x, sd, prefix, heads):
+    """One CLIP residual attention block on tokens x (n, d), head by head."""
+    n, d = x.shape
+    h = hand_layer_norm(x, sd[f"{prefix}.ln_1.weight"], sd[f"{prefix}.ln_1.bias"])
+    w, b = sd[f"{prefix}.attn.in_proj_weight"], sd[f"{prefix}.attn.in_proj_bias"]
+    q, k, v = (h @ w[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d] for i in range(3))
+    dh = d // heads
+    outs = []
+    for j in range(heads):
+        cols = slice(j * dh, (j + 1) * dh)
+        scores = q[:, cols] @ k[:, cols].T / math.sqrt(dh)
+        weights = torch.exp(scores - scores.max(1, keepdim=True).values)
+        outs.append(weights / weights.sum(1, keepdim=True) @ v[:, cols])
+    attn = torch.cat(outs, 1) @ sd[f"{prefix}.attn.out_proj.weight"].T \
+        + sd[f"{prefix}.attn.out_proj.bias"]
+    x = x + attn
+    h = hand_layer_norm(x, sd[f"{prefix}.ln_2.weight"], sd[f"{prefix}.ln_2.bias"])
+    h = h @ sd[f"{prefix}.mlp.c_fc.weight"].T + sd[f"{prefix}.mlp.c_fc.bias"]
+    h = h / (1 + torch.exp(-1.702 * h))  # QuickGELU
+    return x + h @ sd[f"{prefix}.mlp.c_proj.weight"].T + sd[f"{prefix}.mlp.c_proj.bias"]
+
+
+def hand_encode_image(image, sd, config: ViTConfig):
+    """CLIP's image embedding of one image (C, H, W), computed from the state dict."""
+    p, grid = config.patch_size, config.image_size // config.patch_size
+    # patches in row-major order, each flattened as (C, p, p) like the conv weight
+    patches = [image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)
+               for r in range(grid) for c in range(grid)]
+    tokens = torch.stack(patches) @ sd["visual.conv1.weight"].reshape(config.width, -1).T
+    x = torch.cat([sd["visual.class_embedding"][None], tokens]) + sd["visual.positional_embedding"]
+    x = hand_layer_norm(x, sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
+    for i in range(config.layers):
+        x = hand_block(x, sd, f"visual.transformer.resblocks.{i}", config.heads)
+    return hand_layer_norm(x[0], sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) \
+        @ sd["visual.proj"]
+
+
+def test_encode_image_matches_a_hand_computation():
+    config = ViTConfig(image_size=16, patch_size=4, width=12, layers=3, heads=3, mlp_width=48,
+                       output_dim=5)
+    model = randomized(CLIPImageClassifier(config, num_classes=2)).double().eval()
+    sd = model.state_dict()
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        got = model.encode_image(images)
+        # one block alone, on the embedded tokens
+        tokens = model.visual.embed(images)
+        block = model.visual.transformer.resblocks[1](tokens)
+    expected_block = hand_block(tokens[0], sd, "visual.transformer.resblocks.1", config.heads)
+    assert torch.allclose(block[0], expected_block, atol=1e-10)
+    expected = torch.stack([hand_encode_image(im, sd, config) for im in images])
+    assert torch.allclose(got, expected, atol=1e-10)
+    # the head sees the L2-normalised embedding
+    with torch.no_grad():
+        logits = model(images)
+    assert torch.allclose(logits, F.normalize(expected, dim=1) @ sd["head.weight"].T
+                          + sd["head.bias"], atol=1e-10)
+
+
+def test_gelu_variant_differs_only_in_the_activation():
+    quick, gelu = (CLIPImageClassifier(ViTConfig(image_size=8, patch_size=4, width=8, layers=3,
+                                                 heads=2, mlp_width=16, output_dim=4,
+                                                 activation=a), 2) for a in ("quick_gelu", "gelu"))
+    gelu.load_state_dict(randomized(quick).state_dict())
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(quick(x), gelu(x))
+        gelu.visual.transformer.resblocks.apply(
+            lambda m: setattr(m, "activation", quick.visual.transformer.resblocks[0].mlp.activation)
+            if hasattr(m, "c_fc") else None)
+        assert torch.allclose(quick(x), gelu(x))
+
+
+def test_block_options_are_the_papers():
+    blocks = blocks_for("clip-vit-b16")
+    assert list(blocks) == ["embedding", "first3", "last3", "last"]
+    model = build_model(TINY, 3)
+    names = {option: tuned_parameter_names(model, option, blocks_for(TINY))
+             for option in blocks_for(TINY)}
+    assert names["embedding"] == ["visual.class_embedding", "visual.positional_embedding",
+                                  "visual.conv1.weight", "visual.ln_pre.weight",
+                                  "visual.ln_pre.bias"]
+    assert {n.split(".")[3] for n in names["first3"]} == {"0", "1", "2"}
+    assert {n.split(".")[3] for n in names["last3"]} == {"3", "4", "5"}
+    assert names["last"] == ["head.weight", "head.bias"]
+    assert len(names["first3"]) == len(names["last3"]) == 36
+
+
+def test_stages_run_the_same_function_as_forward():
+    model = randomized(build_model(TINY, 3)).eval()
+    stages = Stages(model)
+    assert len(stages) == CONFIGS[TINY].layers + 3
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        middle = stages.run(x, 0, 5)
+        assert torch.allclose(stages.run(middle, 5), model(x), atol=1e-6)
+
+
+def tiny_task(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def split(n):
+        return TensorSplit(torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 3)
+    return split(24), split(12), split(12)
+
+
+@pytest.mark.parametrize("method, start", [("last3", 4), ("first3", 1), ("last", 8)])
+def test_prefix_cache_gives_the_numbers_of_a_full_forward(method, start):
+    """The frozen transformer prefix is cached: same losses and accuracies as without."""
+    train, val, test = tiny_task()
+    results = []
+    for use_cache in (True, False):
+        model = randomized(build_model(TINY, 3))
+        config = TrainConfig(lr=1e-3, epochs=2, batch_size=8, seed=0, use_cache=use_cache)
+        results.append(fit(model, train, val, test, method, config, blocks_for(TINY)))
+    cached, plain = results
+    assert cached.start_stage == start and plain.start_stage == 0
+    assert torch.allclose(torch.tensor(cached.losses), torch.tensor(plain.losses), atol=1e-5)
+    assert (cached.val.acc, cached.test.acc) == (plain.val.acc, plain.test.acc)
+
+
+def test_wrong_image_size_says_which_crop():
+    with pytest.raises(ValueError, match="32x32.*crop=32"):
+        build_model(TINY, 3)(torch.randn(1, 3, 224, 224))
+
+
+# --- weight files -----------------------------------------------------------------
+
+def clip_like_state(seed=0) -> dict[str, torch.Tensor]:
+    """What a CLIP state dict holds for the tiny tower: visual.* + text tower + logit_scale."""
+    visual = randomized(VisionTransformer(CONFIGS[TINY]), seed)
+    state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    state.update({"token_embedding.weight": torch.randn(10, 32),
+                  "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32),
+                  "positional_embedding": torch.randn(7, 32), "ln_final.weight": torch.ones(32),
+                  "text_projection": torch.randn(32, 16),
+                  "logit_scale": torch.tensor(math.log(50.0))})
+    return state
+
+
+def test_open_clip_state_dict_loads_its_image_tower(tmp_path):
+    """open_clip style: {"state_dict": {"module.<key>": ...}}; text keys ignored."""
+    state = clip_like_state()
+    path = tmp_path / "open_clip.pt"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    model = load_model(path, TINY, 3, 3)
+    loaded = model.state_dict()
+    for key, value in state.items():
+        if key.startswith("visual."):
+            assert torch.equal(loaded[key], value), key
+    # the head is fresh but seeded: the same file gives the same network
+    again = load_model(path, TINY, 3, 3)
+    assert torch.equal(again.head.weight, model.head.weight)
+
+
+def test_a_file_without_image_tower_is_refused(tmp_path):
+    path = tmp_path / "text_only.pt"
+    torch.save({k: v for k, v in clip_like_state().items() if not k.startswith("visual.")}, path)
+    with pytest.raises(ValueError, match="no CLIP image tower"):
+        load_model(path, TINY, 3, 3)
+
+
+class FakeCLIP(nn.Module):
+    """Traced into a TorchScript archive, like OpenAI's released .pt files."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.visual = VisionTransformer(CONFIGS[TINY])
+        self.token_embedding = nn.Embedding(10, 32)
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        self.load_state_dict({k: v for k, v in state.items()
+                              if k.split(".")[0] in ("visual", "token_embedding", "logit_scale")})
+
+    def forward(self, x):
+        return self.visual(x) * self.logit_scale.exp()
+
+
+@pytest.fixture
+def torchscript_file(tmp_path):
+    state = clip_like_state()
+    path = tmp_path / "ViT-tiny.pt"
+    torch.jit.save(torch.jit.trace(FakeCLIP(state), torch.randn(1, 3, 32, 32)), str(path))
+    return path, state
+
+
+def test_torchscript_archive_is_refused_with_how_to_convert(torchscript_file, tmp_path):
+    path, state = torchscript_file
+    assert is_torchscript_archive(path)
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)
+    assert not is_torchscript_archive(plain)
+    with pytest.raises(CheckpointError, match="TorchScript") as err:
+        load_model(path, TINY, 3, 3)
+    assert "prepare --weights" in str(err.value) and "--trust-torchscript" in str(err.value)
+    trusted = load_model(path, TINY, 3, 3, trust_checkpoint=True)
+    assert torch.equal(trusted.visual.proj, state["visual.proj"])
+
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, "-m", "deep.clip", "prepare", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_prepare_converts_torchscript_with_a_zero_shot_head(torchscript_file, tmp_path):
+    """The zero-shot head reproduces CLIP's logits: logit_scale * cos(image, class text)."""
+    path, state = torchscript_file
+    embeddings = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    torch.save(embeddings, tmp_path / "text.pt")
+    out = tmp_path / "clip-tiny-zs.pt"
+    refused = run_prepare("--weights", str(path), "--arch", TINY, "--num-classes", "3",
+                          "--out", str(out), "--text-embeddings", str(tmp_path / "text.pt"))
+    assert refused.returncode == 2 and "TorchScript" in refused.stderr and not out.exists()
+    done = run_prepare("--weights", str(path), "--arch", TINY, "--num-classes", "3",
+                       "--out", str(out), "--text-embeddings", str(tmp_path / "text.pt"),
+                       "--trust-torchscript")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = load_model(out, TINY, 3, 3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        image = model.encode_image(x)
+        logits = model(x)
+    cosine = F.normalize(image, dim=1) @ F.normalize(embeddings, dim=1).T
+    assert torch.allclose(logits, 50.0 * cosine, atol=1e-4)  # the file: logit_scale = log 50
+
+
+def test_zero_shot_head_uses_the_files_logit_scale(tmp_path):
+    state = clip_like_state()
+    torch.save(state, tmp_path / "clip.pt")
+    torch.save(torch.randn(3, 16), tmp_path / "text.pt")
+    done = run_prepare("--weights", str(tmp_path / "clip.pt"), "--arch", TINY, "--num-classes",
+                       "3", "--out", str(tmp_path / "zs.pt"), "--text-embeddings",
+                       str(tmp_path / "text.pt"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    head = load_model(tmp_path / "zs.pt", TINY, 3, 3).head.weight
+    assert torch.allclose(head.norm(dim=1), torch.full((3,), 50.0), atol=1e-4)
+
+
+@pytest.mark.parametrize("embeddings, message", [
+    (torch.randn(4, 16), r"\[num_classes, embedding\] = \[3, 16\], got \(4, 16\)"),
+    (torch.randn(3, 8), r"got \(3, 8\)"),
+    (torch.zeros(3, 16), "non-zero"),
+    ([[1.0] * 16] * 3, "got list"),
+])
+def test_zero_shot_head_rejects_bad_embeddings(embeddings, message):
+    with pytest.raises(ValueError, match=message):
+        set_zero_shot_head(build_model(TINY, 3), embeddings)
+
+
+def test_prepare_rejects_a_text_embeddings_file_of_the_wrong_kind(tmp_path):
+    torch.save(clip_like_state(), tmp_path / "clip.pt")
+    torch.save({"embeddings": torch.randn(3, 16)}, tmp_path / "text.pt")
+    done = run_prepare("--weights", str(tmp_path / "clip.pt"), "--arch", TINY, "--num-classes",
+                       "3", "--out", str(tmp_path / "zs.pt"), "--text-embeddings",
+                       str(tmp_path / "text.pt"))
+    assert done.returncode == 2 and "must hold one tensor" in done.stderr
