@@ -1,0 +1,19 @@
+"""Surgical fine-tuning of deep networks: architectures, benchmarks, methods, the loop, sweeps.
+
+Imports flow one way, top to bottom; a module imports only from the layers below it,
+at the top of the file (tests/deep/test_layering.py checks this):
+
+    CLI          __main__, flags, bench, report, speed, calibrate, gallery
+    runs         sweep (cells, resume, workers), results (the row schema)
+    config       protocol (TOML -> Tuning, TargetData, PretrainConfig, data options)
+    engine       pretrain -> train (the loop) -> methods, prefix_cache -> blocks,
+                 checkpoints, normalization
+    foundations  data (the benchmark registry) -> models (the architecture registry)
+    bottom       files (atomic writes, manifests) -> errors, allocator
+
+Data loaders never import the engine; the engine never imports the protocol or the CLI.
+Where to change what: a new architecture registers itself in its own `deep/models/`
+module; a new benchmark lists itself in `deep/data/`; a new method is one row of
+`deep.methods.METHODS`; a default lives once, in `TrainConfig`, `PretrainConfig` or a
+protocol file, and every command-line flag is generated from those fields.
+"""

@@ -62,7 +62,6 @@ class Split:
             return torch.randperm(len(self), generator=generator)
         return torch.arange(len(self))
 
-    _order = order  # old private name, still used by deep.train until its refactor lands
 
 
 def _as_index(indices: Sequence[int] | torch.Tensor) -> torch.Tensor:

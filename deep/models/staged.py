@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import matches_any
+
 
 class StagedModel(nn.Module):
     """Base class: `forward(x)` runs stage 0, 1, ..., in order.
@@ -208,7 +210,7 @@ def _param_stage(model: nn.Module, prefixes) -> dict[str, int]:
     owner = {}
     for name, _ in model.named_parameters():
         for index, stage_prefixes in enumerate(prefixes):
-            if any(name == p or name.startswith(p + ".") for p in stage_prefixes):
+            if matches_any(name, stage_prefixes):
                 owner[name] = index
                 break
         else:

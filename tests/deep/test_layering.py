@@ -1,0 +1,98 @@
+"""deep/ imports flow one way (the layering stated in deep/__init__.py)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+DEEP = Path(__file__).resolve().parents[2] / "deep"
+# Rank of each top-level module or package of deep/: a module may import only from
+# strictly lower ranks, or from inside its own package. Modules not listed are tools
+# at the top (speed, calibrate, gallery, ...).
+RANKS = {
+    "errors": 0, "allocator": 0,
+    "files": 1,
+    "models": 2, "results": 2,
+    "data": 3,
+    "blocks": 4, "checkpoints": 4, "normalization": 4,
+    "methods": 5, "prefix_cache": 5,
+    "train": 6,
+    "pretrain": 7,
+    "protocol": 8,
+    "sweep": 9,
+    "report": 10, "flags": 10,
+    "bench": 11,
+    "__main__": 12,
+}
+TOOLS = 11
+# Known exceptions, each with its reason; the lead decides when they go.
+EXCEPTIONS = {
+    ("report", "adapt"): "issue #17: report hands an adapt CSV to deep.adapt",
+    ("models", "checkpoints"): "issue #18: deep/models/vit.py converts CLIP weight files "
+                               "inside functions; to move to deep.clip",
+}
+
+
+def rank(module: str) -> int:
+    return RANKS.get(module, TOOLS)
+
+
+def owner(path: Path) -> str:
+    """The top-level deep module or package a file belongs to."""
+    return path.relative_to(DEEP).with_suffix("").parts[0]
+
+
+def deep_imports(text: str, package: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(top-level deep module imported, line) for every import in `text`, a file inside
+    deep/<package...>; imports under `if TYPE_CHECKING:` are left out (never run)."""
+    tree = ast.parse(text)
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+               and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if (node.module or "").startswith("deep."):
+                    out.append((node.module.split(".")[1], node.lineno))
+                continue
+            parts = [*package[:len(package) - (node.level - 1)],
+                     *(node.module.split(".") if node.module else [node.names[0].name])]
+            out.append((parts[0], node.lineno))
+        elif isinstance(node, ast.Import):
+            out += [(a.name.split(".")[1], node.lineno) for a in node.names
+                    if a.name.startswith("deep.")]
+    return out
+
+
+def upward_imports(path: Path) -> list[tuple[str, int]]:
+    me = owner(path)
+    package = path.relative_to(DEEP).parts[:-1]
+    return [(target, line) for target, line in deep_imports(path.read_text(), package)
+            if target != me and rank(target) >= rank(me) and (me, target) not in EXCEPTIONS]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in DEEP.rglob("*.py") if owner(p) in RANKS),
+                         ids=lambda p: str(p.relative_to(DEEP)))
+def test_imports_flow_down(path):
+    assert not upward_imports(path), \
+        f"{path.relative_to(DEEP)} imports a layer at or above its own: {upward_imports(path)}"
+
+
+def test_data_loaders_never_import_the_engine():
+    for path in sorted((DEEP / "data").glob("*.py")):
+        imported = {t for t, _ in deep_imports(path.read_text(), ("data",))}
+        assert imported <= {"data", "errors", "files", "models"}, (path.name, imported)
+
+
+def test_an_upward_import_is_found():
+    """Planted: the engine importing the sweep, in a function or at the top."""
+    text = "def f():\n    from .sweep import run_sweep\n"
+    assert deep_imports(text, ()) == [("sweep", 2)]
+    assert rank("sweep") > rank("train")
+    assert deep_imports("from ..train import fit\n", ("data",)) == [("train", 1)]
+    assert deep_imports("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                        "    from .train import TrainConfig\n", ()) == []
