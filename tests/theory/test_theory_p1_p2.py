@@ -9,6 +9,10 @@ from theory import (GaussianMixture, TwoLayer, best_last_layer_loss, finetune, g
                     random_label_perturbation)
 
 ACTIVATIONS = ["linear", "relu"]
+# "Zero" target loss, relative to E[y^2], once descent has converged: linear losses are
+# computed in the direct form (w - w*)^T cov (w - w*) and reach ~1e-30; relu losses are a
+# sum of kernel terms E[f^2] - 2 E[f g] + E[g^2] and bottom out at ~1e-16 by cancellation.
+ZERO = {"linear": 1e-20, "relu": 1e-14}
 
 
 def mean_square_label(problem):
@@ -41,14 +45,45 @@ def test_p1_spec_instance_last_layer_descent_on_a_large_sample_matches(activatio
     assert abs(problem.target_loss(net) - expected) < 1e-3 * expected
 
 
+def descent_lr(net, X):
+    """Half the stable step size of first- or last-layer gradient descent at `net`: 0.5 over
+    max(|v|^2 lam_max(X^T X / n), lam_max(H^T H / n)), H = phi(X B^T) (for relu the
+    Gauss-Newton part of the first layer's curvature)."""
+    n, H = len(X), net.features(X)
+    return 0.5 / max((net.v @ net.v) * np.linalg.eigvalsh(X.T @ X / n)[-1],
+                     np.linalg.eigvalsh(H.T @ H / n)[-1])
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("seed", [None, 1, 2, 3])
-def test_p1_first_layer_B_src_A_inverse_has_zero_target_loss(activation, seed):
-    problem = p1_instance(activation) if seed is None else random_p1(seed, activation)
-    net = problem.pretrained.replace(B=problem.pretrained.B @ np.linalg.inv(problem.params["A"]))
-    assert problem.source_loss(problem.pretrained) <= 1e-14 * mean_square_label(problem)
-    assert problem.target_loss(net) <= 1e-13 * mean_square_label(problem)
-    assert problem.target_loss(problem.pretrained) > 1e-2 * mean_square_label(problem)
+def test_p1_spec_instance_first_layer_tuning_reaches_zero_target_loss(activation):
+    # Gradient descent on B from the pretrained net, on 20 target samples: it reaches the
+    # target teacher B_src A^{-1} (to rounding), which no head can (loss 1 or 0.449).
+    problem = p1_instance(activation)
+    scale = mean_square_label(problem)
+    assert problem.target_loss(problem.pretrained) > 1e-2 * scale
+    X, y = problem.sample_target(20, np.random.default_rng(0))
+    tuned = finetune(problem.pretrained, X, y, "first", steps=2000,
+                     lr=descent_lr(problem.pretrained, X))
+    assert problem.target_loss(tuned) <= ZERO[activation] * scale
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_p1_relu_first_layer_tuning_beats_every_head(seed):
+    # Random relu P1 problems (d = 5, k = 3), 50 target samples, 5000 steps on B. Descent
+    # does not always reach B_src A^{-1}: on seeds 1 and 2 the train loss stops falling
+    # at 7e-4 and 2e-3 (a stationary point with positive loss; target loss 0.03 and 0.31
+    # of E[y^2]); on seeds 3-5 the target loss gets below 3e-3 of E[y^2]. It always ends
+    # well below the best head on the pretrained features (0.43-0.93 of E[y^2] here),
+    # which is what P1 claims.
+    problem = random_p1(seed, "relu")
+    scale = mean_square_label(problem)
+    X, y = problem.sample_target(50, np.random.default_rng(100 + seed))
+    tuned = finetune(problem.pretrained, X, y, "first", steps=5000,
+                     lr=descent_lr(problem.pretrained, X))
+    best_head = best_last_layer_loss(problem.pretrained, problem.target_teacher, problem.target)
+    assert problem.target_loss(tuned) < 0.5 * best_head
+    assert problem.target_loss(tuned) < 0.25 * problem.target_loss(problem.pretrained)
+    assert best_head > 0.2 * scale
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -96,20 +131,29 @@ def random_p2(seed, activation, t=-1.0, d=5, k=3):
 def test_p2_last_layer_t_v_src_has_zero_target_loss(activation, seed, t):
     problem = p2_instance(activation, t) if seed is None else random_p2(seed, activation, t)
     scale = mean_square_label(problem)
-    head = problem.pretrained.replace(v=t * problem.pretrained.v)
-    assert problem.target_loss(head) <= 1e-13 * scale
+    assert problem.target_loss(problem.pretrained) > 1e-2 * scale
     assert best_last_layer_loss(problem.pretrained, problem.target_teacher,
                                 problem.target) <= 1e-12 * scale
     X, y = problem.sample_target(20, np.random.default_rng(0))   # H of full column rank
     assert problem.target_loss(gradient_flow(problem.pretrained, X, y, "last")) <= 1e-12 * scale
+    # Gradient descent on v from the pretrained net gets there too.
+    tuned = finetune(problem.pretrained, X, y, "last", steps=5000,
+                     lr=descent_lr(problem.pretrained, X))
+    assert problem.target_loss(tuned) <= ZERO[activation] * scale
 
 
 @pytest.mark.parametrize("seed", [None, 1, 2])
 @pytest.mark.parametrize("t", [-1.0, 2.0])
-def test_p2_linear_first_layer_t_B_src_also_works(seed, t):
+def test_p2_linear_first_layer_tuning_also_reaches_zero(seed, t):
+    # Linear: B = t B_src fits too, and descent on B (or its exact flow) finds a fit.
     problem = p2_instance("linear", t) if seed is None else random_p2(seed, "linear", t)
-    net = problem.pretrained.replace(B=t * problem.pretrained.B)
-    assert problem.target_loss(net) <= 1e-13 * mean_square_label(problem)
+    scale = mean_square_label(problem)
+    X, y = problem.sample_target(20, np.random.default_rng(0))
+    zero = ZERO["linear"] * scale
+    assert problem.target_loss(gradient_flow(problem.pretrained, X, y, "first")) <= zero
+    tuned = finetune(problem.pretrained, X, y, "first", steps=2000,
+                     lr=descent_lr(problem.pretrained, X))
+    assert problem.target_loss(tuned) <= zero
 
 
 @pytest.mark.parametrize("seed", [None, 1, 2, 3])
