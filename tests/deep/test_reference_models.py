@@ -363,3 +363,35 @@ def test_resnet50_public_first_block_leaves_out_bn1():
     assert set(tuned_parameter_names(model, "all", blocks)) - in_blocks == {"bn1.weight", "bn1.bias"}
     ours = tuned_parameter_names(model, "first", blocks_for("resnet50"))
     assert set(ours) - set(first) == {"bn1.weight", "bn1.bias"}
+
+
+@pytest.mark.parametrize("benchmark, arch, recipe_epochs, pixel_stats", [
+    ("cifar10c", "resnet26-gn", 150, ((0.5,) * 3, (0.5,) * 3)),
+    ("cifar10c-official", "wrn28-10", 200, ((0.0,) * 3, (1.0,) * 3)),
+])
+def test_pretrain_produces_each_reference_model(tmp_path, monkeypatch, benchmark, arch,
+                                                recipe_epochs, pixel_stats):
+    """`pretrain` from the CIFAR-10 batches: the protocol's arch and recipe (epochs cut
+    to 1 here, 10 training images), inputs normalised as the arch expects; the file
+    loads back as that arch."""
+    import deep.data.cifar10 as cifar10
+    from deep.__main__ import main
+    from deep.checkpoints import load_model, verify_checkpoint
+    from deep.protocol import load_protocol
+    from tests.deep.fixtures import writers
+
+    recipe = load_protocol(benchmark).pretrain
+    assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.weight_decay, recipe.augment) == (
+        recipe_epochs, 0.1, 128, 5e-4, "crop-flip")
+    writers.write_cifar10_batches(tmp_path, per_batch=2)
+    seen = []
+    real = cifar10.to_float_images
+    monkeypatch.setattr(cifar10, "to_float_images",
+                        lambda a, mean, std: seen.append((tuple(mean), tuple(std))) or real(a, mean, std))
+    out = tmp_path / "source.pt"
+    assert main(["pretrain", "--benchmark", benchmark, "--data-dir", str(tmp_path),
+                 "--epochs", "1", "--batch-size", "5", "--out", str(out)]) == 0
+    manifest = verify_checkpoint(out)
+    assert manifest["arch"] == arch and manifest["epochs"] == 1
+    assert set(seen) == {pixel_stats}
+    assert isinstance(load_model(out, arch, 10, 3), type(build_model(arch, 10)))
