@@ -72,7 +72,7 @@ _SHAPE = re.compile(r"ic(\d+)oc\d+_ih\d+oh\d+kh(\d+)sh(\d+)\w*_iw\d+ow\d+kw(\d+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", ["AVX2", "DEFAULT"])
+@pytest.mark.parametrize("isa", ["SSE41", "AVX2", "DEFAULT"])
 def test_engine_never_runs_the_faulty_kernel_shape(isa):
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "ONEDNN_MAX_CPU_ISA": isa, "MALLOC_CHECK_": "3"}
     done = subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True, text=True,
