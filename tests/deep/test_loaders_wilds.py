@@ -281,3 +281,36 @@ def test_bad_data_through_the_cli_fails_without_a_row(tmp_path):
 def test_unknown_shift(camelyon):
     with pytest.raises(ValueError, match="unknown shift 'hospital9'.*ood-test, ood-val"):
         camelyon_task(camelyon, shift="hospital9")
+
+
+@pytest.mark.slow
+def test_clip_weights_to_source_model_to_sweep(camelyon, tmp_path):
+    """The documented chain: CLIP state dict -> `deep.clip prepare` (zero-shot head) ->
+    `pretrain --init` on the WILDS training split -> `sweep --checkpoint`."""
+    from tests.deep.test_vit import clip_like_state
+
+    torch.save({"state_dict": clip_like_state()}, tmp_path / "clip.pt")
+    torch.save(torch.randn(2, 16), tmp_path / "text.pt")
+    steps = [
+        ["-m", "deep.clip", "prepare", "--weights", str(tmp_path / "clip.pt"), "--arch",
+         "clip-vit-tiny", "--num-classes", "2", "--text-embeddings", str(tmp_path / "text.pt"),
+         "--out", str(tmp_path / "zero-shot.pt")],
+        ["-m", "deep", "pretrain", "--benchmark", "camelyon17", "--data-dir", str(camelyon),
+         "--arch", "clip-vit-tiny", "--init", str(tmp_path / "zero-shot.pt"), "--epochs", "1",
+         "--lr", "0.001", "--batch-size", "8", "--augment", "none", "--data", "resize=32",
+         "--data", "crop=32", "--out", str(tmp_path / "source.pt")],
+    ]
+    for step in steps:
+        done = subprocess.run([sys.executable, *step], cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "results.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "deep", "sweep", "--benchmark", "camelyon17", "--data-dir",
+         str(camelyon), "--arch", "clip-vit-tiny", "--checkpoint", str(tmp_path / "source.pt"),
+         "--methods", "embedding", "--lrs", "0.001", "--seeds", "0", "--epochs", "1",
+         "--n-target", "4", "--val-per-class", "2", "--data", "resize=32", "--data", "crop=32",
+         "--no-progress", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [(r["method"], r["status"]) for r in read_results(out)] == [("embedding", "ok")]
