@@ -1,0 +1,211 @@
+"""The configuration chain, the registries, the results schema and the CLI's error types."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from deep.__main__ import main, pretrain_settings, sweep_protocol
+from deep.errors import ConfigError, DeepError, ResultsError
+from deep.flags import add_flags, flag_values
+from deep.methods import GENERIC_METHODS, METHODS, get_method, method_names
+from deep.models import (Architecture, architecture_names, block_order, build_model,
+                         get_architecture, register_architecture)
+from deep.pretrain import PretrainConfig
+from deep.protocol import TargetData, Tuning, load_protocol, protocol_from_dict
+from deep.results import COLUMNS, ResultRow, read_results, results_text
+from deep.train import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- registries -------------------------------------------------------------------
+
+def test_architecture_registry_builds_and_refuses_duplicates_and_unknown_names():
+    arch = get_architecture("resnet26-w4")
+    assert tuple(arch.blocks) == ("first", "second", "third", "last")
+    assert arch.build(4, 1).conv1.in_channels == 1 and arch.build(4, 1).conv1.out_channels == 4
+    with pytest.raises(ConfigError, match="already registered"):
+        register_architecture(Architecture("resnet26", build_model, {"last": ("fc",)}))
+    with pytest.raises(ConfigError, match="unknown arch 'resnet27'; known: resnet26, "):
+        get_architecture("resnet27")
+    with pytest.raises(ConfigError, match="unknown block 'fourth' for resnet26"):
+        get_architecture("resnet26").prefixes("fourth")
+    with pytest.raises(ConfigError, match="tuple of module-name prefixes"):
+        Architecture("broken", build_model, {"first": ()})
+    assert {"resnet26", "resnet26-w8", "resnet26-w4", "resnet50"} <= set(architecture_names())
+
+
+def test_block_order_merges_every_architecture_in_forward_order():
+    order = block_order()
+    assert order.index("first") < order.index("second") < order.index("third") \
+        < order.index("fourth") < order.index("last")
+    a = Architecture("a", build_model, {"x": ("p",), "z": ("q",)})
+    b = Architecture("b", build_model, {"x": ("p",), "y": ("q",), "z": ("r",)})
+    assert block_order([a, b]) == ("x", "y", "z")
+
+
+def test_every_method_list_derives_from_the_one_table():
+    from deep import bench, report
+    assert GENERIC_METHODS == tuple(METHODS) == bench.SINGLE_RUN
+    assert report.METHOD_ORDER == (*block_order(), *GENERIC_METHODS)
+    assert report.SINGLE_BLOCKS == block_order()
+    blocks = get_architecture("resnet26").blocks
+    assert method_names(blocks) == [*blocks, *METHODS]
+    for name in method_names(blocks):
+        assert get_method(name, blocks).name == name
+    with pytest.raises(ConfigError, match="needs a block mapping"):
+        get_method("lp-ft")
+
+
+# --- configuration chain ----------------------------------------------------------
+
+def test_tuning_defaults_are_the_engines():
+    for name in ("batch_size", "weight_decay", "select"):
+        field = next(f for f in dataclasses.fields(Tuning) if f.name == name)
+        assert field.default == next(f.default for f in dataclasses.fields(TrainConfig)
+                                     if f.name == name)
+    tuning = load_protocol("synthetic").tuning
+    config = tuning.run_config(0.01, 3, cache_mb=64)
+    assert (config.lr, config.seed, config.epochs, config.cache_mb) == (0.01, 3, 10, 64)
+
+
+def test_protocol_sections_tables_and_flat_attributes():
+    raw = {"benchmark": "x", "arch": "resnet26", "shifts": ["a"], "methods": ["all"],
+           "n_target": 10, "val_per_class": 1, "test_per_class": 0, "epochs": 2, "lrs": [0.1],
+           "data": {"shared": 1}, "source_data": {"only_source": 2},
+           "target_data": {"shared": 3}, "pretrain": {"epochs": 5}}
+    p = protocol_from_dict(raw)
+    assert p.epochs == 2 and p.tuning.epochs == 2 and p.shifts == ["a"]
+    assert p.source_options == {"shared": 1, "only_source": 2}
+    assert p.target_options == {"shared": 3}
+    assert p.pretrain == PretrainConfig(epochs=5)
+    q = p.replace(epochs=3, n_target=20, arch="resnet50", lrs=None)
+    assert (q.epochs, q.n_target, q.arch, q.lrs, p.epochs) == (3, 20, "resnet50", [0.1], 2)
+    resolved = q.resolved()
+    assert resolved["epochs"] == 3 and resolved["pretrain"]["epochs"] == 5
+    assert resolved["pretrain"]["lr"] == PretrainConfig().lr   # the default, written once
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['epoch'\]"):
+        protocol_from_dict({**raw, "epoch": 1})
+    with pytest.raises(ConfigError, match="unknown protocol field"):
+        p.replace(nope=1)
+    with pytest.raises(ConfigError, match="n_target must be at least 1, got 0"):
+        p.replace(n_target=0)
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'depth'"):
+        protocol_from_dict({**raw, "pretrain": {"depth": 3}})
+
+
+def test_flags_are_generated_from_the_fields():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Tuning)
+    add_flags(parser, TargetData)
+    add_flags(parser, PretrainConfig, skip=("epochs", "batch_size", "seed", "weight_decay"))
+    args = parser.parse_args(["--lrs", "0.1,0.01", "0.001", "--n-target", "5", "--select",
+                              "worst_group_val_acc", "--compile", "--augment", "none"])
+    assert flag_values(args, Tuning) == {"lrs": [0.1, 0.01, 0.001], "select": "worst_group_val_acc"}
+    assert flag_values(args, TargetData) == {"n_target": 5}
+    assert flag_values(args, PretrainConfig) == {"compile": True, "augment": "none"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--select", "test_acc"])          # choices from the field metadata
+    dests = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(Tuning)} <= dests
+
+
+def cli_args(*argv):
+    from deep.__main__ import add_pretrain_arguments, add_sweep_arguments
+    parser = argparse.ArgumentParser()
+    (add_sweep_arguments if "--out" in argv and "sweep" in argv else add_pretrain_arguments)(parser)
+    return parser.parse_args([a for a in argv if a not in ("sweep", "pretrain")])
+
+
+def test_sweep_flags_override_quick_override_the_file():
+    args = cli_args("sweep", "--benchmark", "synthetic", "--out", "x.csv", "--quick",
+                    "--epochs", "7", "--data", "extra=1")
+    protocol = sweep_protocol(args)
+    assert protocol.epochs == 7 and protocol.shifts == ["noise"] and protocol.lrs == [0.01]
+    assert protocol.target_options == {"extra": 1}
+
+
+def test_pretrain_takes_the_protocols_pretrain_table_then_flags():
+    arch, config, options = pretrain_settings(cli_args(
+        "pretrain", "--benchmark", "fmnist-c", "--out", "x.pt", "--lr", "0.05"))
+    assert arch == "resnet26" and config.lr == 0.05
+    assert config.epochs == load_protocol("fmnist-c").pretrain.epochs == 6 and config.compile
+    assert options == {"severity": 5, "corruption_seed": 0}
+
+
+def test_protocols_show_prints_resolved_values(capsys):
+    assert main(["protocols", "--show", "fmnist-c"]) == 0
+    out = capsys.readouterr().out
+    assert "  epochs = 4" in out and '"gaussian_noise"' in out
+    assert "pretrain = {epochs = 6," in out and "compile = true" in out
+
+
+# --- results schema ---------------------------------------------------------------
+
+def row(**changes):
+    base = dict(benchmark="b", shift="s", method="all", seed=0, n_target=10, lr=0.01,
+                status="ok", best_epoch=1, val_acc=0.5, val_worst_group_acc=None, test_acc=0.25,
+                worst_group_acc=None, tuned_params=3, total_params=4, seconds=1.5, arch="a",
+                epochs=1, batch_size=8, weight_decay=0.0001, select="val_acc", val_per_class=1,
+                test_per_class=1, checkpoint="c.pt", start_stage=0)
+    return {**base, **changes}
+
+
+def test_results_round_trip_and_column_order(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text(results_text([row(), row(seed=1, val_acc=None, status="diverged")]))
+    assert path.read_text().splitlines()[0] == ",".join(COLUMNS) == ",".join(ResultRow.columns())
+    assert read_results(path) == [row(), row(seed=1, val_acc=None, status="diverged")]
+
+
+@pytest.mark.parametrize("mangle,message", [
+    (lambda t: t[:-40], r"r.csv, line 3: the file ends in the middle of a row"),
+    (lambda t: t.replace(",c.pt,0\n", ",c.pt\n", 1), r"r.csv, line 2: 23 fields, expected 24"),
+    (lambda t: t.replace(",0.25,", ",0.2x5,", 1), r"line 2: column 'test_acc' holds '0.2x5', "
+                                                  r"which is not a float"),
+    (lambda t: t.replace(",all,0,", ",all,,", 1), r"line 2: column 'seed' is empty; it needs a int"),
+    (lambda t: t.replace(",ok,", ",fine,", 1), r"line 2: status 'fine' is not one of"),
+])
+def test_malformed_rows_stop_with_line_and_reason(tmp_path, mangle, message):
+    path = tmp_path / "r.csv"
+    path.write_text(mangle(results_text([row(), row(seed=1)])))
+    with pytest.raises(ResultsError, match=message):
+        read_results(path)
+
+
+def test_cli_reports_a_truncated_results_file_not_a_settings_clash(tmp_path, capsys,
+                                                                   synthetic_cache):
+    out = tmp_path / "r.csv"
+    small = ["sweep", "--benchmark", "synthetic", "--shifts", "noise", "--methods", "last",
+             "--lrs", "0.01", "--seeds", "0,1", "--epochs", "1", "--n-target", "16",
+             "--val-per-class", "2", "--test-per-class", "2", "--no-progress", "--out", str(out)]
+    assert main(small) == 0
+    config = json.loads((tmp_path / "r.csv.config.json").read_text())["configurations"]
+    assert len(config) == 1 and config[0]["epochs"] == 1 and config[0]["seeds"] == [0, 1]
+    out.write_text(out.read_text()[:-30])     # the last row cut short
+    assert main(small) == 2
+    err = capsys.readouterr().err
+    assert "line 3: the file ends in the middle of a row" in err and "other settings" not in err
+
+
+# --- the CLI's error types --------------------------------------------------------
+
+def test_cli_catches_only_the_projects_errors(monkeypatch, capsys):
+    import deep.__main__ as cli
+
+    def bug(args):
+        raise ValueError("an internal bug")   # a ValueError, but not one of ours
+
+    def bad_input(args):
+        raise ConfigError("a clear message")
+
+    monkeypatch.setitem(cli.COMMANDS, "protocols", ("p", cli.add_protocols_arguments, bad_input))
+    assert main(["protocols"]) == 2 and "error: a clear message" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "protocols", ("p", cli.add_protocols_arguments, bug))
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["protocols"])
+    assert issubclass(ConfigError, DeepError) and issubclass(DeepError, ValueError)
