@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup figures test speed pretrain deep deep-quick clean
+.PHONY: setup figures test test-avx2 speed pretrain deep deep-quick clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ figures: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The deep engine's tests again on oneDNN's AVX2 kernels, which AVX2-only CPUs (AMD EPYC
+# before Zen 4, older Intel) run and which ONEDNN_MAX_CPU_ISA=AVX2 selects anywhere
+# (docs/troubleshooting.md). MALLOC_CHECK_=3: glibc aborts at the first heap inconsistency.
+ENGINE_TESTS := tests/deep/test_engine.py tests/deep/test_engine_checkpoints.py \
+	tests/deep/test_sweep.py tests/deep/test_cli.py tests/deep/test_onednn_guard.py \
+	tests/deep/test_pretrain_options.py
+test-avx2: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 MALLOC_CHECK_=3 $(PY) -m pytest -q $(ENGINE_TESTS)
 
 # The three Fashion-MNIST source models (committed in deep/weights/ with their
 # manifests; docs/fmnist.md has the measured time). Each protocol's [pretrain]
