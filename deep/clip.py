@@ -15,7 +15,58 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .models.vit import CONFIGS, prepare_checkpoint
+from pathlib import Path
+
+import torch
+
+from .checkpoints import load_state_strict, load_torchvision_state, save_checkpoint
+from .errors import DeepError
+from .files import CheckpointError, sha256_file
+from .models.vit import (CONFIGS, build, image_tower_state, is_torchscript_archive, logit_scale,
+                         set_zero_shot_head, torchscript_state)
+
+
+def read_text_embeddings(path: str | Path) -> torch.Tensor:
+    """A tensor [num_classes, embedding] saved with torch.save (read with weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"class text embeddings file not found: {path}")
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise CheckpointError(f"cannot read class text embeddings {path}: {err}") from None
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{path} must hold one tensor [num_classes, embedding] "
+                         f"(torch.save(tensor, path)), got {type(value).__name__}")
+    return value
+
+
+def read_clip_state(path: str | Path, trust_torchscript: bool = False) -> dict[str, torch.Tensor]:
+    """A CLIP state dict from a file: plain (optionally under `state_dict`, `module.`
+    prefixes), ours, or a TorchScript archive when `trust_torchscript`."""
+    if is_torchscript_archive(path):
+        return torchscript_state(path, trust_torchscript)
+    return load_torchvision_state(path)
+
+
+def prepare_checkpoint(weights: str | Path, out: str | Path, num_classes: int,
+                       arch: str = "clip-vit-b16", text_embeddings: str | Path | None = None,
+                       trust_torchscript: bool = False) -> Path:
+    """Write a checkpoint of this toolkit (arch, num_classes, 3 channels) from CLIP
+    weights, with a zero-shot head when `text_embeddings` is given (else a fresh head,
+    seeded 0). Use it as --checkpoint, or as `pretrain --init` to train a source model."""
+    state = read_clip_state(weights, trust_torchscript)
+    model = build(arch, num_classes)
+    load_state_strict(model, image_tower_state(state, model, str(weights)), what=str(weights))
+    meta = {"source_weights": Path(weights).name, "source_sha256": sha256_file(weights)}
+    if text_embeddings is not None:
+        scale = logit_scale(state)
+        set_zero_shot_head(model, read_text_embeddings(text_embeddings), scale)
+        meta.update(head="zero-shot", text_embeddings=Path(text_embeddings).name,
+                    logit_scale=scale)
+    else:
+        meta["head"] = "random (seed 0)"
+    return save_checkpoint(out, model, arch, num_classes, 3, meta=meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = prepare_checkpoint(args.weights, args.out, args.num_classes, args.arch,
                                   args.text_embeddings, args.trust_torchscript)
-    except (ValueError, OSError) as err:
+    except (DeepError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

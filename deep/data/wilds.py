@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..models.vit import CLIP_MEAN, CLIP_STD
 from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData,
                    class_balanced_indices, seeded, split_counts)
@@ -246,10 +247,10 @@ def draw_target(labels: torch.Tensor, pool: torch.Tensor, num_classes: int, n_ta
     """
     for name, value in (("n_target", n_target), ("val_per_class", val_per_class)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(test_per_class, bool) or not isinstance(test_per_class, int) \
             or test_per_class < 0:
-        raise ValueError(f"test_per_class must be a non-negative integer (0 = the rest of the "
+        raise ConfigError(f"test_per_class must be a non-negative integer (0 = the rest of the "
                          f"split), got {test_per_class!r}")
     g = seeded(seed)
     used = ~pool
@@ -290,7 +291,7 @@ def _file_split(table: Table, idx: torch.Tensor, transform, num_workers: int, na
 
 def _pool(table: Table, shift: str, benchmark: str) -> torch.Tensor:
     if shift not in SHIFTS:
-        raise ValueError(f"unknown shift {shift!r} of {benchmark}; known: {', '.join(SHIFTS)}")
+        raise ConfigError(f"unknown shift {shift!r} of {benchmark}; known: {', '.join(SHIFTS)}")
     pool = table.splits["test" if shift == "ood-test" else "val"]
     if not pool.any():
         raise DataError(f"{benchmark}: the metadata has no example in the WILDS "

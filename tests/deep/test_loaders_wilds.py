@@ -314,3 +314,11 @@ def test_clip_weights_to_source_model_to_sweep(camelyon, tmp_path):
         timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [(r["method"], r["status"]) for r in read_results(out)] == [("embedding", "ok")]
+
+
+def test_images_of_the_wrong_size_for_the_vit_are_a_clear_cli_error(camelyon, tmp_path):
+    out = tmp_path / "results.csv"
+    done = cli_sweep("camelyon17", camelyon, out, "--methods", "last", "--n-target", "4",
+                     "--val-per-class", "2", "--data", "resize=40", "--data", "crop=40")
+    assert done.returncode == 2 and "32x32" in done.stderr and "crop=32" in done.stderr
+    assert "Traceback" not in done.stderr and read_results(out) == []
