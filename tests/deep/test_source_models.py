@@ -55,9 +55,11 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return correct / len(labels)
 
 
-def test_every_benchmark_source_model_is_committed():
+def test_every_benchmark_source_model_is_committed_with_its_manifest():
     expected = {F.source_checkpoint(b).name for b in F.SOURCE_MODEL}
     assert {p.name for p in WEIGHTS} == expected
+    for checkpoint in WEIGHTS:              # sha256 against the manifest; no data needed
+        assert verify_checkpoint(checkpoint)["file"] == checkpoint.name
 
 
 @pytest.mark.slow
