@@ -1,0 +1,110 @@
+"""Adaptation protocols: `deep/configs/adapt/<benchmark>.toml`.
+
+Top-level keys: arch, shifts, methods, blocks, seeds, images (stream length: the
+first `images` of the seeded order of the test split; 0 = all), test_per_class
+(size of the test split: for fmnist-c the same images as the sweep's test set of
+that seed), checkpoint (optional), notes. Tables: [memo] and [tent] (the method's
+settings, `MemoConfig` / `TentConfig` fields, `lr` a number or a list of them, plus optional `blocks` and `images`
+overriding the top-level ones for that method) and [data] (loader options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+from .core import METHODS, MemoConfig, TentConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "adapt"
+_METHOD_KEYS = {"blocks", "images"}
+_CONFIGS = {"memo": MemoConfig, "tent": TentConfig}
+
+
+@dataclass
+class AdaptProtocol:
+    benchmark: str
+    arch: str
+    shifts: list[str]
+    methods: list[str]
+    blocks: list[str]
+    seeds: list[int]
+    images: int = 0
+    test_per_class: int = 90
+    checkpoint: str | None = None
+    memo: dict = field(default_factory=dict)
+    tent: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    notes: str = ""
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        for name in ("shifts", "methods", "blocks", "seeds"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: nothing to run")
+        if self.images < 0 or self.test_per_class < 1:
+            raise ConfigError(f"images must be >= 0 (0 = the whole test split) and "
+                             f"test_per_class >= 1; got {self.images}, {self.test_per_class}")
+        for method in METHODS:
+            self.configs(method)  # unknown keys or bad values fail here, not mid-run
+
+    def replace(self, **overrides) -> "AdaptProtocol":
+        """A copy with the given fields changed; None values are ignored (CLI defaults)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def config(self, method: str):
+        """The method's MemoConfig / TentConfig (at its first learning rate)."""
+        return self.configs(method)[0]
+
+    def configs(self, method: str) -> list:
+        """One MemoConfig / TentConfig per learning rate (`lr` may be a list)."""
+        table = dict(getattr(self, method))
+        lrs = table.get("lr", [])
+        if isinstance(lrs, list):
+            if "lr" in table and not lrs:
+                raise ConfigError(f"[{method}]: lr is an empty list")
+            return [self._config(method, {**table, "lr": lr} if lrs else table) for lr in lrs or [None]]
+        return [self._config(method, table)]
+
+    def _config(self, method: str, table: dict):
+        settings = {k: v for k, v in table.items() if k not in _METHOD_KEYS}
+        known = {f.name for f in dataclasses.fields(_CONFIGS[method])}
+        unknown = set(settings) - known
+        if unknown:
+            raise ConfigError(f"[{method}]: unknown key(s) {sorted(unknown)}; known: "
+                             f"{sorted(known | _METHOD_KEYS)}")
+        return _CONFIGS[method](**settings)
+
+    def blocks_of(self, method: str) -> list[str]:
+        return list(getattr(self, method).get("blocks", self.blocks))
+
+    def images_of(self, method: str) -> int:
+        return int(getattr(self, method).get("images", self.images))
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def load_adapt_protocol(benchmark: str) -> AdaptProtocol:
+    path = CONFIG_DIR / f"{benchmark}.toml"
+    if not path.is_file():
+        raise ConfigError(f"no adaptation protocol for benchmark {benchmark!r} ({path} missing); "
+                         f"known: {', '.join(available()) or 'none'}")
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    raw.setdefault("benchmark", benchmark)
+    if raw["benchmark"] != benchmark:
+        raise ConfigError(f"{path}: benchmark = {raw['benchmark']!r} does not match the file name")
+    known = {f.name for f in dataclasses.fields(AdaptProtocol)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        return AdaptProtocol(**raw)
+    except TypeError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,243 @@
+"""The adaptation results CSV (one row per finished stream), and its table and plot.
+
+Rows are appended by rewriting the whole file atomically
+(`checkpoints.atomic_write_bytes`), so an interrupted run leaves whole rows only and
+the same command resumes it, skipping the finished streams. A finished row whose
+settings differ from the run's is an error (write to another --out), never mixed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoints import atomic_write_bytes
+from ..errors import ResultsError
+
+COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
+           "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
+           "settings")
+KEY = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr")
+SETTINGS = ("arch", "checkpoint", "test_per_class", "settings")
+_INT = {"seed", "images", "adapted_params", "total_params", "test_per_class"}
+_FLOAT = {"lr", "test_acc", "seconds"}
+
+
+def is_adapt_results(path: str | Path) -> bool:
+    """Whether `path` is a CSV written by `python -m deep adapt` (by its header)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), None)
+    return tuple(header or ()) == COLUMNS
+
+
+def _parse(row: dict) -> dict:
+    out = dict(row)
+    for k in _INT:
+        out[k] = int(row[k])
+    for k in _FLOAT:
+        out[k] = float(row[k])
+    out["episodic"] = row["episodic"] == "true"
+    return out
+
+
+def _format(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return "" if value is None else str(value)
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row[k] for k in KEY)
+
+
+def read_adapt_results(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists() or not path.read_text().strip():
+        return []
+    reader = csv.DictReader(io.StringIO(path.read_text()))
+    if tuple(reader.fieldnames or ()) != COLUMNS:
+        raise ResultsError(f"{path}: columns {reader.fieldnames} are not a `deep adapt` results "
+                         f"file's {list(COLUMNS)}; write to another --out")
+    try:
+        return [_parse(r) for r in reader]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ResultsError(f"{path}: unreadable row ({err})") from None
+
+
+class AdaptResults:
+    """A results CSV owned by one writer; `append` rewrites it atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows = read_adapt_results(self.path)
+        self.done = {row_key(r): r for r in self.rows}
+        if len(self.done) != len(self.rows):
+            raise ResultsError(f"{self.path} holds duplicated streams; it was not written by `deep adapt`")
+
+    def finished(self, key: tuple, settings: dict) -> bool:
+        """Whether stream `key` is done with these settings; an error if done with others."""
+        row = self.done.get(key)
+        if row is None:
+            return False
+        differ = {k: (row[k], settings[k]) for k in SETTINGS if _format(row[k]) != _format(settings[k])}
+        if differ:
+            raise ResultsError(f"{self.path} already holds {key} with other settings "
+                             f"(found, now): {differ}; write this run to another --out")
+        return True
+
+    def append(self, row: dict) -> None:
+        key = row_key(row)
+        if key in self.done:
+            raise ResultsError(f"stream {key} is already in {self.path}")
+        self.rows.append(row)
+        self.done[key] = row
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for r in self.rows:
+            writer.writerow([_format(r[c]) for c in COLUMNS])
+        data = buffer.getvalue().encode()
+        atomic_write_bytes(self.path, lambda f: f.write(data))
+
+
+def settings_json(config) -> str:
+    """A method config as sorted JSON, for the `settings` column."""
+    import dataclasses
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+# --- summary -------------------------------------------------------------------------
+
+def _mean_se(values: list[float]) -> tuple[float, float, int]:
+    a = np.asarray(values, dtype=float)
+    if len(a) == 0:
+        return math.nan, math.nan, 0
+    return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan), len(a)
+
+
+def relative_table(rows: list[dict]) -> dict:
+    """{(method, episodic, lr): {"blocks": [...], "shifts": [..., "mean"], "none": {shift: stat},
+    "rel": {(shift, blocks): stat}}}: accuracy minus the no-adaptation accuracy on the
+    same stream (same shift, seed and images), paired by seed; "mean" averages each
+    seed's differences over the shifts that have them all. stat = (mean, se, seeds)."""
+    out = {}
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["episodic"], r["lr"])].append(r)
+    for key, group in sorted(groups.items()):
+        acc = {(r["shift"], r["blocks"], r["seed"], r["images"]): r["test_acc"] for r in group}
+        blocks = list(dict.fromkeys(r["blocks"] for r in group if r["blocks"] != "none"))
+        shifts = sorted({r["shift"] for r in group})
+        diffs = defaultdict(dict)  # (shift, blocks) -> {seed: diff}
+        for (shift, b, seed, n), value in acc.items():
+            base = acc.get((shift, "none", seed, n))
+            if b != "none" and base is not None:
+                diffs[(shift, b)][seed] = value - base
+        rel = {k: _mean_se(list(v.values())) for k, v in diffs.items()}
+        none = {s: _mean_se([v for (sh, b, _, _), v in acc.items() if sh == s and b == "none"])
+                for s in shifts}
+        if len(shifts) > 1:
+            for b in blocks:
+                seeds = set.intersection(*(set(diffs[(s, b)]) for s in shifts))
+                rel[("mean", b)] = _mean_se([np.mean([diffs[(s, b)][d] for s in shifts])
+                                             for d in sorted(seeds)])
+            none["mean"] = _mean_se([np.mean(v) for v in _per_seed_none(acc, shifts)])
+            shifts = shifts + ["mean"]
+        out[key] = {"blocks": blocks, "shifts": shifts, "none": none, "rel": rel}
+    return out
+
+
+def _per_seed_none(acc: dict, shifts: list[str]) -> list[list[float]]:
+    by_seed = defaultdict(dict)
+    for (shift, b, seed, _), v in acc.items():
+        if b == "none":
+            by_seed[seed][shift] = v
+    return [[d[s] for s in shifts] for d in by_seed.values() if all(s in d for s in shifts)]
+
+
+def _fmt(stat, signed=False) -> str:
+    mean, se, n = stat
+    if n == 0:
+        return "-"
+    text = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
+    return text + (f" ± {100 * se:.1f}" if not math.isnan(se) else "")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    tables = relative_table(rows)
+    lines = []
+    for (method, episodic, lr), t in tables.items():
+        mode = "episodic" if episodic else "online"
+        images = sorted({r["images"] for r in rows if r["method"] == method and r["episodic"] == episodic})
+        lines += [f"### {method.upper()}, {mode}, lr {lr:g} ({'/'.join(map(str, images))} images "
+                  "per stream): "
+                  "test accuracy relative to no adaptation (points)", "",
+                  "| shift | none (%) | " + " | ".join(t["blocks"]) + " | best |",
+                  "|---|---|" + "---|" * (len(t["blocks"]) + 1)]
+        for shift in t["shifts"]:
+            stats = {b: t["rel"].get((shift, b), (math.nan, math.nan, 0)) for b in t["blocks"]}
+            done = [b for b in t["blocks"] if stats[b][2] > 0]
+            best = max(done, key=lambda b: stats[b][0]) if done else "-"
+            cells = [_fmt(stats[b], signed=True) for b in t["blocks"]]
+            label = f"**{shift}**" if shift == "mean" else shift
+            lines.append(f"| {label} | {_fmt(t['none'].get(shift, (math.nan, math.nan, 0)))} | "
+                         + " | ".join(cells) + f" | {best} |")
+        lines.append("")
+    lines.append("Mean ± standard error over seeds of (accuracy with adaptation restricted to "
+                 "the block) - (accuracy of the unadapted source model on the same stream).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path_stem: Path) -> list[Path]:
+    """One panel per (method, mode, lr): bars per block of accuracy relative to no
+    adaptation, averaged over shifts (the table's mean row), with standard errors."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..report import save_figure
+
+    tables = relative_table(rows)
+    if not tables:
+        return []
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.2), squeeze=False)
+    for ax, ((method, episodic, lr), t) in zip(axes.flat, tables.items()):
+        shift = "mean" if "mean" in t["shifts"] else t["shifts"][0]
+        stats = [t["rel"].get((shift, b), (math.nan, math.nan, 0)) for b in t["blocks"]]
+        means = [100 * s[0] for s in stats]
+        errs = [0 if math.isnan(s[1]) else 100 * s[1] for s in stats]
+        ax.bar(range(len(stats)), means, yerr=errs, color="tab:blue", capsize=2)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(stats)), t["blocks"], rotation=45, ha="right", fontsize=8)
+        title = f"{method.upper()} {'episodic' if episodic else 'online'}, lr {lr:g}"
+        ax.set_title(title + ("" if shift == "mean" else f" ({shift})"), fontsize=9)
+        ax.set_ylabel("points vs no adaptation", fontsize=8)
+    fig.suptitle("online adaptation restricted to one block: accuracy relative to none",
+                 fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path_stem)
+
+
+def write_adapt_report(results_csv: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """table.md and relative_accuracy.{png,pdf} from an adaptation results CSV."""
+    results_csv = Path(results_csv)
+    rows = read_adapt_results(results_csv)
+    if not rows:
+        raise ResultsError(f"{results_csv} holds no results yet")
+    out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
+    table = out_dir / "table.md"
+    text = (f"# Online adaptation results of {results_csv.name}\n\n" + markdown_table(rows)
+            + f"\n{len(rows)} streams.\n")
+    atomic_write_bytes(table, lambda f: f.write(text.encode()))
+    return [table, *plot(rows, out_dir / "relative_accuracy")]

@@ -1,0 +1,177 @@
+"""Running an adaptation protocol: streams over the target test splits, into a CSV.
+
+One stream = (shift, method, block option, seed): a fresh copy of the source model
+adapts online over the seed's test split in the seed's order and is scored on its
+own predictions. Streams are independent, so the run resumes stream by stream.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..augment_memo import MemoAugmenter
+from ..blocks import blocks_for
+from ..checkpoints import load_model
+from ..data import get_benchmark
+from ..errors import ConfigError
+from ..sweep import resolve_checkpoint
+from .core import adapted_parameter_names, make_adapter, parse_blocks, run_stream
+from .protocol import AdaptProtocol
+from .results import AdaptResults, settings_json
+
+# Per-channel normalisation of each benchmark's images (module, mean name, std name):
+# MEMO's augmentations need pixels in [0, 1].
+_NORMALISATION = {
+    "fmnist": ("deep.data.fmnist", "MEAN", "STD"),
+    "cifar": ("deep.data.cifar10", "CIFAR10_MEAN", "CIFAR10_STD"),
+    "imagenet": ("deep.data.images", "IMAGENET_MEAN", "IMAGENET_STD"),
+}
+_FAMILY = {"fmnist-c": "fmnist", "fmnist-breeds": "fmnist", "fmnist-flip": "fmnist",
+           "fmnist-spurious": "fmnist", "fmnist-blocknoise": "fmnist", "cifar10c": "cifar",
+           "cifar-flip": "cifar", "imagenet-c": "imagenet", "living17": "imagenet",
+           "entity30": "imagenet", "waterbirds": "imagenet", "celeba": "imagenet"}
+
+
+def pixel_normalisation(benchmark: str, channels: int) -> tuple[tuple, tuple]:
+    """(mean, std) that map the benchmark's images back to pixels in [0, 1]. The
+    synthetic benchmark's images are not pixels; [-1, 1] is mapped to [0, 1] there."""
+    family = _FAMILY.get(benchmark)
+    if family is None:
+        return (0.5,) * channels, (0.5,) * channels
+    module, mean, std = _NORMALISATION[family]
+    m = importlib.import_module(module)
+    return tuple(getattr(m, mean)), tuple(getattr(m, std))
+
+
+def stream_order(n: int, seed: int, images: int) -> torch.Tensor:
+    """The first `images` (0: all) of a permutation of range(n) drawn from `seed`."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return order[:images] if images else order
+
+
+def augment_generator(seed: int, shift: str) -> torch.Generator:
+    """MEMO's augmentation draws: fixed by (seed, shift), the same for every block option,
+    so the block options of one stream see the same augmented copies."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(shift.encode()))
+
+
+@dataclass
+class StreamResult:
+    test_acc: float
+    adapted_params: int
+    total_params: int
+    seconds: float
+    images: int
+
+
+def adapt_stream(source: torch.nn.Module, arch: str, method: str, option: str, config,
+                 images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor,
+                 augmenter=None, generator=None, episodic: bool = False) -> StreamResult:
+    """One stream on a deep copy of `source` (left untouched)."""
+    # Channels-last: ~20% faster convolutions on CPU here (see deep.train); same values.
+    model = copy.deepcopy(source).to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    adapter = make_adapter(model, method, option, blocks_for(arch), config, episodic,
+                           augmenter, generator)
+    batch_size = 1 if method == "memo" else config.batch_size
+    correct = run_stream(adapter, images, labels, order, batch_size)
+    params = dict(model.named_parameters())
+    return StreamResult(float(correct.float().mean()), sum(params[n].numel() for n in adapter.names),
+                        sum(p.numel() for p in params.values()), time.perf_counter() - start,
+                        len(order))
+
+
+def load_test_split(protocol: AdaptProtocol, shift: str, seed: int, data_dir: str | None):
+    """(images, labels) of the seed's test split, drawn as the sweep draws it (test
+    first, so it does not depend on the small n_target / validation sizes used here)."""
+    bench = get_benchmark(protocol.benchmark)
+    task = bench.load_task(Path(data_dir) if data_dir else None, shift, bench.num_classes, 1,
+                           protocol.test_per_class, seed, **protocol.data)
+    test = task.test
+    if not hasattr(test, "images"):
+        images, labels = zip(*[(x, y) for x, y, _ in test.batches(256)])
+        return torch.cat(images), torch.cat(labels)
+    return test.images, test.labels
+
+
+@dataclass
+class AdaptSummary:
+    ran: int
+    skipped: int
+    seconds: float
+    out: Path
+
+
+def check_protocol(protocol: AdaptProtocol) -> None:
+    """Unknown shifts or blocks fail before anything runs."""
+    bench = get_benchmark(protocol.benchmark)
+    bad = [s for s in protocol.shifts if s not in bench.shifts]
+    if bad:
+        raise ConfigError(f"unknown shift(s) {bad} of {bench.name}; known: {', '.join(bench.shifts)}")
+    known = blocks_for(protocol.arch)
+    for method in protocol.methods:
+        for option in protocol.blocks_of(method):
+            unknown = [b for b in parse_blocks(option) if b not in known and b != "all"]
+            if unknown:
+                raise ConfigError(f"unknown block(s) {unknown} in {option!r} for {protocol.arch}; "
+                                 f"known: none, {', '.join(known)}, all (join with '+')")
+
+
+def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | None = None,
+                   data_dir: str | None = None, episodic: bool = False,
+                   progress: bool = True) -> AdaptSummary:
+    """Every stream of the protocol not yet in `out`, seed by seed, shift by shift."""
+    check_protocol(protocol)
+    bench = get_benchmark(protocol.benchmark)
+    checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint or protocol.checkpoint, data_dir)
+    source = load_model(checkpoint, protocol.arch, bench.num_classes, bench.in_channels).eval()
+    for method in protocol.methods:  # e.g. TENT on a block without normalisation: fail now
+        for option in protocol.blocks_of(method):
+            adapted_parameter_names(source, method, option, blocks_for(protocol.arch))
+    augmenter = MemoAugmenter(*pixel_normalisation(protocol.benchmark, bench.in_channels),
+                              severity=protocol.config("memo").severity)
+    results = AdaptResults(out)
+    ran = skipped = 0
+    start = time.perf_counter()
+    for seed in protocol.seeds:
+        for shift in protocol.shifts:
+            split = None
+            for method in protocol.methods:
+                for config in protocol.configs(method):
+                    for option in protocol.blocks_of(method):
+                        split = split or load_test_split(protocol, shift, seed, data_dir)
+                        done = _run_or_skip(results, protocol, checkpoint, source, augmenter, split,
+                                            shift, seed, method, config, option, episodic)
+                        ran, skipped = ran + (done is not None), skipped + (done is None)
+                        if done is not None and progress:
+                            print(f"[{time.perf_counter() - start:7.0f} s] {shift} seed {seed} "
+                                  f"{method} lr {config.lr:g} {option}: {100 * done.test_acc:.1f}% "
+                                  f"on {done.images} images ({done.seconds:.0f} s)",
+                                  file=sys.stderr, flush=True)
+    return AdaptSummary(ran, skipped, time.perf_counter() - start, Path(out))
+
+
+def _run_or_skip(results: AdaptResults, protocol: AdaptProtocol, checkpoint: str, source, augmenter,
+                 split, shift: str, seed: int, method: str, config, option: str,
+                 episodic: bool) -> StreamResult | None:
+    """Run one stream and append its row, or None when the CSV already has it."""
+    order = stream_order(len(split[1]), seed, protocol.images_of(method))
+    row = {"benchmark": protocol.benchmark, "shift": shift, "method": method, "blocks": option,
+           "seed": seed, "episodic": episodic, "images": len(order), "lr": float(config.lr)}
+    settings = {"arch": protocol.arch, "checkpoint": checkpoint,
+                "test_per_class": protocol.test_per_class, "settings": settings_json(config)}
+    if results.finished(tuple(row.values()), settings):
+        return None
+    r = adapt_stream(source, protocol.arch, method, option, config, *split, order, augmenter,
+                     augment_generator(seed, shift), episodic)
+    results.append({**row, "test_acc": r.test_acc, "adapted_params": r.adapted_params,
+                    "total_params": r.total_params, "seconds": round(r.seconds, 2), **settings})
+    return r

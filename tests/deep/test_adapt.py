@@ -1,0 +1,407 @@
+"""Online unsupervised surgical adaptation (deep.adapt, deep.augment_memo): issue #17."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deep.adapt import (MemoConfig, TentConfig, adapted_parameter_names, make_adapter,
+                        marginal_entropy, parse_blocks, run_stream, stream_batches)
+from deep.adapt.protocol import AdaptProtocol, load_adapt_protocol
+from deep.adapt.results import is_adapt_results, read_adapt_results, relative_table
+from deep.adapt.runner import adapt_stream, run_adaptation, stream_order
+from deep.augment_memo import (GREY, MemoAugmenter, equalize, posterize, rotate, solarize,
+                               translate_x)
+from deep.blocks import blocks_for
+from deep.models import build_model
+
+ARCH = "resnet26-w4"
+BLOCKS = blocks_for(ARCH)
+
+
+@pytest.fixture
+def small_model():
+    """A random ResNet-26-w4 whose BatchNorm running statistics match its inputs (a few
+    train-mode forwards), so logits stay moderate and entropy gradients are not zero."""
+    torch.manual_seed(0)
+    model = build_model(ARCH, num_classes=5, in_channels=1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    with torch.no_grad():
+        for _ in range(4):
+            model.train()(torch.randn(32, 1, 12, 12))
+    return model.eval()
+
+
+@pytest.fixture
+def stream():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 1, 12, 12, generator=g), torch.randint(5, (6,), generator=g)
+
+
+def augmenter():
+    return MemoAugmenter((0.5,), (0.5,))
+
+
+def memo(model, option, episodic=False, copies=4, lr=0.05, seed=0):
+    return make_adapter(model, "memo", option, BLOCKS, MemoConfig(copies=copies, lr=lr), episodic,
+                        augmenter(), torch.Generator().manual_seed(seed))
+
+
+def tent(model, option, episodic=False, batch_size=3, **kw):
+    return make_adapter(model, "tent", option, BLOCKS, TentConfig(batch_size=batch_size, **kw),
+                        episodic)
+
+
+def changed_entries(before: dict, model: nn.Module) -> set[str]:
+    after = model.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+# --- marginal entropy ------------------------------------------------------------------
+
+def test_marginal_entropy_matches_the_direct_computation():
+    logits = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    marginal = logits.softmax(1).mean(0)
+    loss, avg_log_probs = marginal_entropy(logits)
+    assert loss.item() == pytest.approx(-(marginal * marginal.log()).sum().item(), rel=1e-12)
+    assert torch.allclose(avg_log_probs, marginal.log(), rtol=0, atol=1e-12)
+
+
+def test_marginal_entropy_of_identical_copies_is_the_softmax_entropy():
+    row = torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64)
+    p = row.softmax(1)[0]
+    assert marginal_entropy(row.repeat(32, 1))[0].item() == pytest.approx(-(p * p.log()).sum().item())
+
+
+def test_marginal_entropy_is_finite_for_saturated_logits():
+    logits = torch.tensor([[1e4, 0.0, -1e4], [1e4, -1e4, 0.0]])
+    loss, avg = marginal_entropy(logits)
+    assert torch.isfinite(loss) and torch.isfinite(avg).all() and loss.item() == pytest.approx(0, abs=1e-6)
+    logits.requires_grad_(True)
+    marginal_entropy(logits)[0].backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_marginal_entropy_gradient_matches_finite_differences():
+    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True,
+                         generator=torch.Generator().manual_seed(2))
+    assert torch.autograd.gradcheck(lambda z: marginal_entropy(z)[0], (logits,), eps=1e-6, atol=1e-7)
+
+
+def test_marginal_entropy_rejects_a_single_vector():
+    with pytest.raises(ValueError, match=r"\(copies, classes\)"):
+        marginal_entropy(torch.randn(10))
+
+
+# --- exactly the named blocks change ---------------------------------------------------
+
+@pytest.mark.parametrize("method,option", [("memo", "first"), ("memo", "last"),
+                                           ("memo", "second+third"), ("tent", "first"),
+                                           ("tent", "first+second"), ("tent", "all")])
+def test_only_the_named_blocks_change_and_buffers_never(small_model, stream, method, option):
+    before = {k: v.clone() for k, v in small_model.state_dict().items()}
+    adapter = memo(small_model, option) if method == "memo" else tent(small_model, option)
+    run_stream(adapter, *stream, torch.arange(6), 1 if method == "memo" else 3)
+    changed = changed_entries(before, small_model)
+    assert changed == set(adapter.names)      # every adapted tensor moved, nothing else did
+    buffers = {n for n, _ in small_model.named_buffers()}
+    assert not changed & buffers              # running statistics stay the source's
+
+
+def test_tent_adapts_only_normalisation_affine_parameters(small_model):
+    names = adapted_parameter_names(small_model, "tent", "first", BLOCKS)
+    modules = dict(small_model.named_modules())
+    assert names and all(isinstance(modules[n.rsplit(".", 1)[0]], nn.BatchNorm2d) for n in names)
+    assert all(n.startswith(("bn1", "layer1")) for n in names)
+    memo_names = adapted_parameter_names(small_model, "memo", "first", BLOCKS)
+    assert set(names) < set(memo_names) and any("conv" in n for n in memo_names)
+
+
+def test_none_changes_nothing_and_predicts_like_the_source(small_model, stream):
+    source = copy.deepcopy(small_model)
+    x = stream[0]
+    with torch.no_grad():
+        assert torch.equal(memo(small_model, "none").predict(x[:1]), source(x[:1]))
+        assert torch.equal(tent(small_model, "none").predict(x[:3]), source(x[:3]))
+    assert memo(small_model, "none").names == [] == tent(small_model, "none").names
+    assert changed_entries(source.state_dict(), small_model) == set()
+
+
+# --- online vs episodic -----------------------------------------------------------------
+
+def test_online_memo_carries_updates_from_image_to_image(small_model, stream):
+    adapter = memo(small_model, "last")
+    source = [p.clone() for p in adapter.params]
+    adapter.predict(stream[0][:1])
+    after_one = [p.clone() for p in adapter.params]
+    adapter.predict(stream[0][1:2])
+    assert any(not torch.equal(a, s) for a, s in zip(after_one, source))
+    assert any(not torch.equal(p, a) for p, a in zip(adapter.params, after_one))
+
+
+def test_episodic_memo_resets_after_each_image(small_model, stream):
+    adapter = memo(small_model, "first", episodic=True)
+    source = [p.clone() for p in adapter.params]
+    for i in range(3):
+        adapter.predict(stream[0][i:i + 1])
+        assert all(torch.equal(p, s) for p, s in zip(adapter.params, source))
+
+
+def test_episodic_prediction_equals_a_fresh_adapter_on_that_image(small_model, stream):
+    """In episodic mode image 2 is predicted as if it came first (same augmentations)."""
+    episodic = memo(copy.deepcopy(small_model), "last", episodic=True, seed=5)
+    episodic.predict(stream[0][:1])
+    state = episodic.generator.get_state()
+    second = episodic.predict(stream[0][1:2])
+    fresh = memo(copy.deepcopy(small_model), "last", seed=5)
+    fresh.generator.set_state(state)
+    assert torch.equal(second, fresh.predict(stream[0][1:2]))
+    online = memo(copy.deepcopy(small_model), "last", seed=5)
+    online.predict(stream[0][:1])
+    assert not torch.equal(second, online.predict(stream[0][1:2]))
+
+
+def test_episodic_tent_resets_parameters_and_optimizer_after_each_batch(small_model, stream):
+    adapter = tent(small_model, "first", episodic=True)
+    source = [p.clone() for p in adapter.params]
+    adapter.predict(stream[0][:3])
+    assert all(torch.equal(p, s) for p, s in zip(adapter.params, source))
+    assert adapter.optimizer.state_dict()["state"] == {}
+    online = tent(copy.deepcopy(small_model), "first")
+    online.predict(stream[0][:3])
+    assert online.optimizer.state_dict()["state"] != {}
+    assert any(not torch.equal(p, s) for p, s in zip(online.params, source))
+
+
+def test_tent_predicts_with_the_forward_before_its_step(small_model, stream):
+    """TENT's code returns the outputs of the forward that computed the loss."""
+    a = tent(copy.deepcopy(small_model), "all", lr=1e-3)
+    b = tent(copy.deepcopy(small_model), "all", lr=10.0)
+    x = stream[0][:3]
+    assert torch.equal(a.predict(x), b.predict(x))          # first batch: lr cannot matter yet
+    assert not torch.equal(a.predict(x), b.predict(x))      # the second sees different steps
+
+
+# --- determinism ------------------------------------------------------------------------------
+
+def test_same_seed_same_stream_same_numbers(small_model, stream, one_thread):
+    images, labels = stream
+    order = stream_order(len(labels), seed=3, images=0)
+    runs = []
+    for _ in range(2):
+        r = adapt_stream(small_model, ARCH, "memo", "first", MemoConfig(copies=4, lr=0.05), images,
+                         labels, order, augmenter(), torch.Generator().manual_seed(9))
+        runs.append(r.test_acc)
+    assert runs[0] == runs[1]
+    a = memo(copy.deepcopy(small_model), "first", seed=9)
+    b = memo(copy.deepcopy(small_model), "first", seed=9)
+    assert torch.equal(run_stream(a, images, labels, order), run_stream(b, images, labels, order))
+    assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
+    assert torch.equal(stream_order(100, 3, 10), stream_order(100, 3, 10))
+    assert not torch.equal(stream_order(100, 3, 0), stream_order(100, 4, 0))
+
+
+def test_adapt_stream_leaves_the_source_model_alone(small_model, stream):
+    before = {k: v.clone() for k, v in small_model.state_dict().items()}
+    adapt_stream(small_model, ARCH, "tent", "all", TentConfig(batch_size=3), *stream,
+                 torch.arange(6))
+    assert changed_entries(before, small_model) == set()
+
+
+# --- adaptation helps on a toy shift ----------------------------------------------------------
+
+class _Toy(nn.Module):
+    """1x1 "images" with 4 channels: a linear feature, BatchNorm, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+DISCRIMINATIVE = torch.tensor([1.0, 0.5, 0.0, 0.0])
+
+
+def _toy_data(n, generator, offset=0.0):
+    """Class means at +-2 * DISCRIMINATIVE; the target adds offset * DISCRIMINATIVE."""
+    y = torch.randint(2, (n,), generator=generator)
+    x = torch.randn(n, 4, generator=generator) + (2.0 * (2 * y[:, None] - 1) + offset) * DISCRIMINATIVE
+    return x.view(n, 4, 1, 1), y
+
+
+def test_tent_on_the_first_block_undoes_an_input_shift_on_a_toy_problem():
+    """Source: two Gaussian classes. Target: the same, moved along the class direction by
+    +4 (twice the class separation): the source model calls almost everything class 1;
+    TENT's batch statistics in the first block re-centre the features."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = _Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(150):
+        x, y = _toy_data(128, g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    x, y = _toy_data(600, g, offset=4.0)
+    blocks = {"first": ("conv", "bn"), "last": ("fc",)}
+
+    def accuracy(option):
+        adapter = make_adapter(copy.deepcopy(model), "tent", option, blocks,
+                               TentConfig(batch_size=100), False)
+        return run_stream(adapter, x, y, torch.arange(600), 100).float().mean().item()
+
+    clean = _toy_data(600, g)
+    assert (model(clean[0]).argmax(1) == clean[1]).float().mean() > 0.9   # a good source model
+    none, first = accuracy("none"), accuracy("first")
+    assert none < 0.75 and first - none > 0.2, (none, first)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def test_unknown_block_is_a_clear_error(small_model):
+    with pytest.raises(ValueError, match="unknown block 'fourth'"):
+        adapted_parameter_names(small_model, "memo", "first+fourth", BLOCKS)
+    with pytest.raises(ValueError, match="unknown method"):
+        adapted_parameter_names(small_model, "sgd", "first", BLOCKS)
+    for bad in ("", "first+", "none+first"):
+        with pytest.raises(ValueError, match="block option|cannot be combined"):
+            parse_blocks(bad)
+
+
+def test_tent_on_a_batch_of_one_is_a_clear_error(small_model, stream):
+    adapter = tent(small_model, "first")
+    with pytest.raises(ValueError, match="at least 2 images"):
+        adapter.predict(stream[0][:1])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        TentConfig(batch_size=1)
+
+
+def test_tent_on_a_block_without_normalisation_is_a_clear_error(small_model):
+    with pytest.raises(ValueError, match="no normalisation layer"):
+        adapted_parameter_names(small_model, "tent", "last", BLOCKS)
+
+
+def test_memo_takes_one_image_at_a_time(small_model, stream):
+    with pytest.raises(ValueError, match="one image at a time"):
+        memo(small_model, "last").predict(stream[0][:2])
+
+
+def test_a_trailing_single_image_joins_the_previous_tent_batch():
+    batches = stream_batches(torch.arange(7), 3)
+    assert [len(b) for b in batches] == [3, 4]
+    assert torch.equal(torch.cat(batches), torch.arange(7))
+    assert [len(b) for b in stream_batches(torch.arange(3), 1)] == [1, 1, 1]
+
+
+# --- augmentations ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels,side", [(1, 28), (3, 32)])
+def test_augmentations_work_on_grayscale_and_rgb_and_are_seeded(channels, side):
+    aug = MemoAugmenter((0.4,) * channels, (0.3,) * channels)
+    image = torch.rand(channels, side, side, generator=torch.Generator().manual_seed(0))
+    image = (image - 0.4) / 0.3
+    a = aug(image, 8, torch.Generator().manual_seed(1))
+    b = aug(image, 8, torch.Generator().manual_seed(1))
+    assert a.shape == (8, channels, side, side) and torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])                       # copies differ
+    pixels = a * 0.3 + 0.4
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="one image of shape"):
+        aug(image[None], 2, torch.Generator())
+
+
+def test_histogram_operations():
+    levels = torch.arange(256).view(1, 16, 16)
+    ramp = levels.float() / 255
+    assert torch.equal(posterize(ramp, 1), (levels >= 128).float() * 128 / 255)
+    assert torch.equal(posterize(ramp, 4), (levels & 0xF0).float() / 255)
+    assert torch.equal(solarize(ramp, 200), torch.where(levels >= 200, 255 - levels, levels).float() / 255)
+    # PIL's equalize on 4 levels x 1000 pixels: step = (4000 - 1000) // 255 = 11,
+    # lut = (5 + pixels below) // 11 -> 0, 91, 182, 273 (clipped to 255).
+    dark = (torch.arange(4000).float().view(1, 40, 100) % 4) / 255
+    assert torch.equal(torch.unique(equalize(dark) * 255).round(), torch.tensor([0.0, 91, 182, 255]))
+    tiny = dark[:, :1, :8]                                          # step 0: left alone
+    assert torch.equal(equalize(tiny), tiny)
+
+
+def test_geometric_operations_fill_with_grey_and_zero_is_identity():
+    x = torch.rand(2, 10, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(rotate(x, 0), x, atol=1e-6)
+    assert torch.allclose(translate_x(x, 0), x, atol=1e-6)
+    moved = translate_x(x, 3)
+    assert torch.allclose(moved[:, :, :7], x[:, :, 3:], atol=1e-6)
+    assert torch.allclose(moved[:, :, 7:], torch.full_like(moved[:, :, 7:], GREY), atol=1e-6)
+
+
+# --- protocol, results file, resume, report ---------------------------------------------------
+
+def _tiny_protocol(**kw) -> AdaptProtocol:
+    fields = dict(benchmark="synthetic", arch=ARCH, shifts=["noise"], methods=["tent", "memo"],
+                  blocks=["none", "first"], seeds=[0], images=6, test_per_class=3,
+                  checkpoint="none", memo={"copies": 2, "lr": [0.01, 0.001]},
+                  tent={"batch_size": 3})
+    return AdaptProtocol(**{**fields, **kw})
+
+
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_run_resumes_and_refuses_other_settings(tmp_path, one_thread):
+    out = tmp_path / "adapt.csv"
+    first = run_adaptation(_tiny_protocol(), out, progress=False)
+    assert (first.ran, first.skipped) == (6, 0)            # tent x2 blocks + memo x2 lrs x2 blocks
+    rows = read_adapt_results(out)
+    assert is_adapt_results(out) and len(rows) == 6
+    again = run_adaptation(_tiny_protocol(), out, progress=False)
+    assert (again.ran, again.skipped) == (0, 6)
+    assert read_adapt_results(out) == rows
+    with pytest.raises(ValueError, match="other settings"):
+        run_adaptation(_tiny_protocol(tent={"batch_size": 2}), out, progress=False)
+    table = relative_table(rows)
+    assert set(table) == {("tent", False, 0.001), ("memo", False, 0.01), ("memo", False, 0.001)}
+
+
+def test_protocol_files_load_with_the_methods_defaults():
+    fm = load_adapt_protocol("fmnist-c")
+    assert fm.config("memo").copies == 32 and 0.005 in [c.lr for c in fm.configs("memo")]
+    assert fm.config("tent").batch_size == 200 and fm.config("tent").lr == 1e-3
+    assert "last" not in fm.blocks_of("tent")
+    cifar = load_adapt_protocol("cifar10c")
+    assert cifar.config("memo").lr == 0.005 and cifar.config("memo").copies == 32
+    assert cifar.blocks_of("memo") == ["none", "first", "first+second", "last", "all"]
+    with pytest.raises(ValueError, match="no adaptation protocol"):
+        load_adapt_protocol("nope")
+    with pytest.raises(ValueError, match="unknown key"):
+        _tiny_protocol(memo={"copiez": 2})
+
+
+def test_cli_end_to_end_and_report(tmp_path, one_thread):
+    from deep.__main__ import main
+    from deep.data.fmnist import DEFAULT_DIR
+    if not DEFAULT_DIR.is_dir():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    out = tmp_path / "r.csv"
+    args = ["adapt", "--benchmark", "fmnist-c", "--out", str(out), "--method", "memo,tent",
+            "--blocks", "none,first", "--shifts", "fog", "--seeds", "0", "--images", "6",
+            "--copies", "2", "--batch-size", "3", "--no-progress"]
+    assert main(args) == 0
+    rows = read_adapt_results(out)
+    assert {(r["method"], r["blocks"]) for r in rows} == {(m, b) for m in ("memo", "tent")
+                                                          for b in ("none", "first")}
+    assert all(r["images"] == 6 and 0 <= r["test_acc"] <= 1 for r in rows)
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "MEMO, online" in table and "TENT, online" in table
+    assert (tmp_path / "rep" / "relative_accuracy.png").stat().st_size > 0
+    assert main(args[:-1] + ["--blocks", "last", "--method", "tent"]) == 2   # clear error, exit 2
+    assert math.isfinite(rows[0]["seconds"])
