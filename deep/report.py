@@ -196,6 +196,11 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
     results_csv = Path(results_csv)
     if not results_csv.is_file():
         raise ConfigError(f"results file not found: {results_csv}")
+    # --- issue #17: a `python -m deep adapt` CSV has its own columns and summary ---
+    from .adapt.results import is_adapt_results, write_adapt_report
+    if is_adapt_results(results_csv):
+        return write_adapt_report(results_csv, out_dir)
+    # --- end of issue #17 branch ---
     rows = read_results(results_csv)
     if not rows:
         raise ResultsError(f"{results_csv} holds no results yet")
