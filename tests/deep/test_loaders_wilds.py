@@ -269,6 +269,7 @@ def test_too_small_a_split_says_how_many_are_left(fmow):
         fmow_task(fmow, n_target=40)
 
 
+@pytest.mark.slow
 def test_bad_data_through_the_cli_fails_without_a_row(tmp_path):
     w.write_camelyon17(tmp_path, release=False)
     out = tmp_path / "results.csv"
@@ -316,6 +317,7 @@ def test_clip_weights_to_source_model_to_sweep(camelyon, tmp_path):
     assert [(r["method"], r["status"]) for r in read_results(out)] == [("embedding", "ok")]
 
 
+@pytest.mark.slow
 def test_images_of_the_wrong_size_for_the_vit_are_a_clear_cli_error(camelyon, tmp_path):
     out = tmp_path / "results.csv"
     done = cli_sweep("camelyon17", camelyon, out, "--methods", "last", "--n-target", "4",

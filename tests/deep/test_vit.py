@@ -273,6 +273,7 @@ def run_prepare(*args):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_prepare_converts_torchscript_with_a_zero_shot_head(torchscript_file, tmp_path):
     """The zero-shot head reproduces CLIP's logits: logit_scale * cos(image, class text)."""
     path, state = torchscript_file
@@ -295,6 +296,7 @@ def test_prepare_converts_torchscript_with_a_zero_shot_head(torchscript_file, tm
     assert torch.allclose(logits, 50.0 * cosine, atol=1e-4)  # the file: logit_scale = log 50
 
 
+@pytest.mark.slow
 def test_zero_shot_head_uses_the_files_logit_scale(tmp_path):
     state = clip_like_state()
     torch.save(state, tmp_path / "clip.pt")
@@ -318,6 +320,7 @@ def test_zero_shot_head_rejects_bad_embeddings(embeddings, message):
         set_zero_shot_head(build_model(TINY, 3), embeddings)
 
 
+@pytest.mark.slow
 def test_prepare_rejects_a_text_embeddings_file_of_the_wrong_kind(tmp_path):
     torch.save(clip_like_state(), tmp_path / "clip.pt")
     torch.save({"embeddings": torch.randn(3, 16)}, tmp_path / "text.pt")
