@@ -35,8 +35,28 @@ BLOCKS_PER_STAGE = 4  # depth 26 = 6 * 4 + 2
 MEMO_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that steers clear of a crash in torch's CPU kernel (torch 2.13).
+
+    Its backward segfaults when the input is channels-last and needs no gradient while
+    the affine parameters do: exactly the first norm of a tuned stage whose input comes
+    from the prefix cache. Such an input is made NCHW first (same numbers, other layout;
+    tests/deep/test_reference_models.py reproduces the crash in a child process)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _crashing_backward(self, x):
+            x = x.contiguous()
+        return super().forward(x)
+
+
+def _crashing_backward(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dim() == 4 and torch.is_grad_enabled()
+            and not x.requires_grad and any(p.requires_grad for p in norm.parameters())
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, channels)
+    return GroupNorm(GROUPS, channels)
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
