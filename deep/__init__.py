@@ -3,7 +3,7 @@
 Imports flow one way, top to bottom; a module imports only from the layers below it,
 at the top of the file (tests/deep/test_layering.py checks this):
 
-    CLI          __main__, flags, bench, report, speed, calibrate, gallery
+    CLI          __main__, flags, bench, report, ray_backend, speed, calibrate, gallery
     runs         sweep (cells, resume, workers), results (the row schema)
     config       protocol (TOML -> Tuning, TargetData, PretrainConfig, data options)
     engine       pretrain -> train (the loop) -> methods, prefix_cache -> blocks,

@@ -21,6 +21,7 @@ from .flags import add_flags, flag_values
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, engine_default,
                        load_protocol)
+from .ray_backend import add_backend_arguments, executor_from_args
 from .report import write_report
 from .sweep import quick, run_sweep
 from .train import TrainConfig
@@ -73,6 +74,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: first shift and seed, middle lr, <= 2 epochs")
     p.add_argument("--no-progress", action="store_true")
+    add_backend_arguments(p)  # --backend ray, --ray-address, --gpus-per-task, --cpus-per-task
 
 
 def sweep_protocol(args) -> Protocol:
@@ -89,7 +91,8 @@ def run_sweep_command(args) -> int:
     summary = run_sweep(sweep_protocol(args), args.out, checkpoint=args.checkpoint,
                         data_dir=args.data_dir, workers=args.workers, cache_mb=args.cache_mb,
                         progress=not args.no_progress, device=args.device,
-                        trust_checkpoint=args.trust_checkpoint)
+                        trust_checkpoint=args.trust_checkpoint,
+                        executor=executor_from_args(args))
     print(f"ran {summary.ran} cells ({summary.diverged} diverged), skipped {summary.skipped} "
           f"already finished, in {summary.seconds:.1f} s; results: {summary.out}")
     return 0

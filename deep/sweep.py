@@ -125,7 +125,7 @@ class SweepSummary:
 def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None,
               data_dir: str | None = None, workers: int = 1, cache_mb: float = 2048,
               progress: bool = True, device: str | None = None,
-              trust_checkpoint: bool = False) -> SweepSummary:
+              trust_checkpoint: bool = False, executor=None) -> SweepSummary:
     """Run every unfinished cell of `protocol`, appending one row per cell to `out`.
 
     Args:
@@ -138,6 +138,9 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         device: "cpu" (default), "cuda", ...
         trust_checkpoint: read the checkpoint with full unpickling (it may run code);
             only for a trusted file that safe loading refuses (see deep.checkpoints).
+        executor: another backend's dispatch, called as executor(cells, spec, record)
+            with the unfinished cells (e.g. `deep.ray_backend.RayExecutor`); None: local
+            processes (`workers`).
     """
     t0 = time.perf_counter()
     bench = get_benchmark(protocol.benchmark)
@@ -169,7 +172,10 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
             bar.update()
 
     try:
-        execute_groups(groups, spec, record, workers)
+        if executor is not None and todo:
+            executor(todo, spec, record)  # it groups the cells for its own resources
+        else:
+            execute_groups(groups, spec, record, workers)
     finally:
         if bar is not None:
             bar.close()
@@ -263,11 +269,13 @@ def _pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels:
 
 def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: str | None,
               cache_mb: float, device: str | None = None,
-              trust_checkpoint: bool = False) -> Iterator[dict]:
+              trust_checkpoint: bool = False, pretrained: dict | None = None) -> Iterator[dict]:
     """Run cells that share one task; yield one row per cell.
 
     Picklable arguments only (cells, protocol, paths, numbers), so a worker process
-    or a remote worker can call it with the `spec` that `run_sweep` builds."""
+    or a remote worker can call it with the `spec` that `run_sweep` builds.
+    `pretrained`: the source weights (state dict) when the caller already holds them
+    (the Ray backend ships them through its object store); None: read `checkpoint`."""
     first = cells[0]
     bench = get_benchmark(first.benchmark)
     task = bench.load_task(Path(data_dir) if data_dir else None, first.shift, first.n_target,
@@ -278,8 +286,10 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
         raise ConfigError(f"{bench.name}/{first.shift}: task has {task.num_classes} classes, "
                          f"the benchmark says {bench.num_classes}")
     model = build_model(protocol.arch, bench.num_classes, bench.in_channels)
-    model.load_state_dict(_pretrained_state(checkpoint, protocol.arch, bench.num_classes,
-                                            bench.in_channels, trust_checkpoint))
+    if pretrained is None:
+        pretrained = _pretrained_state(checkpoint, protocol.arch, bench.num_classes,
+                                       bench.in_channels, trust_checkpoint)
+    model.load_state_dict(pretrained)
     if task.perturb is not None:
         task.perturb(model)
     model.to(device or "cpu")

@@ -22,7 +22,7 @@ RANKS = {
     "pretrain": 7,
     "protocol": 8,
     "sweep": 9,
-    "report": 10, "flags": 10,
+    "report": 10, "flags": 10, "ray_backend": 10,
     "bench": 11,
     "__main__": 12,
 }

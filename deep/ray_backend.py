@@ -1,0 +1,357 @@
+"""Sweeps on Ray: one Ray task per task group, the driver writes the results CSV.
+
+`execute_groups_on_ray(groups, spec, record, options)` is the Ray counterpart of
+the sweep's local dispatch. What it keeps from the local backend, and how:
+
+- A Ray task runs one task group (cells that share the target data and one
+  `PrefixCache`), so caching works as on one machine. The task is a Ray
+  generator: it yields each cell's row when the cell finishes, and the driver
+  writes that row at once (`record`, the sweep's single writer: one atomic
+  rewrite of the CSV per row). A kill -9 of the driver therefore loses only the
+  cells in flight; the next run resumes from the CSV like a local sweep.
+- A worker process that dies mid-task (killed, out of memory, lost node) is a
+  system failure: Ray re-runs the task (`max_retries`). A retried generator runs
+  its group again from the start; Ray drops the rows the first attempt already
+  delivered, and the driver checks that no cell is written twice anyway.
+- An exception raised by the task (a data error, a bad option) is not retried
+  (`retry_exceptions=False`): the sweep stops with that error, the node's name
+  added, and the other tasks are cancelled.
+- The pretrained weights are read once, on the driver, and travel through Ray's
+  object store, so the checkpoint file need not exist on the workers; only
+  `--data-dir` must be visible on every node, which is checked before any task
+  starts (the error names the node and the path).
+
+Ray is an optional dependency (`pip install -e ".[ray]"`); this module imports it
+only when a Ray sweep starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .allocator import keep_freed_memory
+from .data import get_benchmark
+from .errors import DeepError
+from .sweep import _groups, _pretrained_state, row_key, run_group
+
+# Worker deaths Ray absorbs per task group before the sweep gives up.
+DEFAULT_MAX_RETRIES = 3
+
+
+class RayBackendError(DeepError):
+    """The Ray backend cannot run the sweep as asked (options, cluster, data folder)."""
+
+
+class TaskGroupError(DeepError):
+    """A task group raised an error on a Ray worker; the message names the node."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How a sweep uses Ray.
+
+    Attributes:
+        address: None: the Ray this process is already connected to, else a new local
+            instance; "auto": the cluster running on this machine (`ray start`);
+            "HOST:PORT": that cluster's head.
+        gpus_per_task: GPUs reserved per task group; below 1 packs several small
+            groups on one GPU. None: 1 when the cluster has GPUs and the device is
+            not "cpu", else 0.
+        cpus_per_task: CPUs reserved per task group (also its torch threads).
+        max_retries: how often Ray re-runs a group whose worker died.
+    """
+
+    address: str | None = None
+    gpus_per_task: float | None = None
+    cpus_per_task: float = 1
+    max_retries: int = DEFAULT_MAX_RETRIES
+
+    def __post_init__(self):
+        if self.gpus_per_task is not None and not self.gpus_per_task >= 0:
+            raise RayBackendError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
+        if not self.cpus_per_task > 0:
+            raise RayBackendError(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
+        if self.max_retries < 0:
+            raise RayBackendError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.address not in (None, "auto") and not _is_host_port(self.address):
+            raise RayBackendError(f"--ray-address must be 'auto' or HOST:PORT, got {self.address!r}")
+
+
+def _is_host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def import_ray():
+    """The ray module, or an error that says how to install it."""
+    try:
+        import ray
+    except ModuleNotFoundError as err:
+        if err.name != "ray":
+            raise
+        raise RayBackendError('--backend ray needs Ray: pip install -e ".[ray]"') from None
+    return ray
+
+
+# --- connecting -------------------------------------------------------------------
+
+class RaySession:
+    """Connects to Ray on entry; on exit disconnects only what it connected itself."""
+
+    def __init__(self, address: str | None = None):
+        self.address = address
+        self.started = False
+
+    def __enter__(self):
+        ray = import_ray()
+        if ray.is_initialized():
+            return ray
+        try:
+            if self.address is None:
+                ray.init(include_dashboard=False)
+            else:
+                ray.init(address=self.address)
+        except ConnectionError as err:
+            raise RayBackendError(
+                f"cannot connect to the Ray cluster at {self.address}: {err}. Is `ray start` "
+                "running there? A cluster with token authentication (Ray's default) also needs "
+                "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) in "
+                "this shell") from None
+        self.started = True
+        return ray
+
+    def __exit__(self, *exc):
+        if self.started:
+            import_ray().shutdown()
+
+
+def session_for(options: RayOptions | None):
+    """One Ray connection around several sweeps (`bench`), or nothing for the local backend."""
+    from contextlib import nullcontext
+
+    return nullcontext() if options is None else RaySession(options.address)
+
+
+# --- resources --------------------------------------------------------------------
+
+def task_device(device: str | None, gpus_per_task: float) -> str:
+    """The device a task group runs on: Ray gives a task the GPUs it reserved (as
+    cuda:0, cuda:1, ... in the task), so the device follows --gpus-per-task."""
+    device = device or "auto"
+    if device == "auto":
+        return "cuda" if gpus_per_task > 0 else "cpu"
+    if device == "cpu":
+        if gpus_per_task > 0:
+            raise RayBackendError(f"--device cpu with --gpus-per-task {gpus_per_task:g} reserves "
+                                  "GPUs that no task would use; drop one of the two")
+        return "cpu"
+    if device == "cuda":
+        if gpus_per_task <= 0:
+            raise RayBackendError("--device cuda with --backend ray needs --gpus-per-task > 0: "
+                                  "Ray shows a task only the GPUs it reserved")
+        return "cuda"
+    raise RayBackendError(f"--backend ray runs on --device auto, cpu or cuda (Ray picks the "
+                          f"GPU of each task), got {device!r}")
+
+
+def resolve_gpus(options: RayOptions, device: str | None, cluster: dict) -> float:
+    """--gpus-per-task, defaulting to one GPU per task where GPUs exist and may be used."""
+    if options.gpus_per_task is not None:
+        return float(options.gpus_per_task)
+    return 1.0 if cluster.get("GPU", 0) > 0 and device != "cpu" else 0.0
+
+
+def concurrent_tasks(cluster: dict, cpus_per_task: float, gpus_per_task: float) -> int:
+    """How many task groups the cluster runs at once, which is how many groups the
+    sweep needs (it splits tasks when there are fewer)."""
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if cpus < cpus_per_task:
+        raise RayBackendError(f"the Ray cluster has {cpus:g} CPUs; a task group needs "
+                              f"--cpus-per-task {cpus_per_task:g}")
+    if gpus_per_task > 0 and gpus < gpus_per_task:
+        raise RayBackendError(f"the Ray cluster has {gpus:g} GPUs; a task group needs "
+                              f"--gpus-per-task {gpus_per_task:g} (0 runs on CPUs)")
+    slots = int(cpus // cpus_per_task)
+    if gpus_per_task > 0:
+        slots = min(slots, int(gpus // gpus_per_task))
+    return max(1, slots)
+
+
+# --- the data folder on every node ------------------------------------------------
+
+def _node_name() -> str:
+    return socket.gethostname()
+
+
+def _probe_data_dir(path: str) -> tuple[str, bool]:
+    return _node_name(), os.path.isdir(path)
+
+
+def check_data_dir(ray, data_dir: str, cpus_per_task: float, gpus_per_task: float) -> None:
+    """Raise naming every node that may run a task group but cannot see `data_dir`."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(_probe_data_dir)
+    nodes = [n for n in ray.nodes() if n.get("Alive")
+             and n["Resources"].get("CPU", 0) >= cpus_per_task
+             and n["Resources"].get("GPU", 0) >= gpus_per_task]
+    refs = {n["NodeManagerAddress"]: probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(data_dir)
+        for n in nodes}
+    missing = []
+    for address, ref in refs.items():
+        host, visible = ray.get(ref)
+        if not visible:
+            missing.append(f"{host} ({address})")
+    if missing:
+        raise RayBackendError(f"--data-dir {data_dir} is not a folder on node(s) "
+                              f"{', '.join(missing)}; every node that runs task groups must see "
+                              "the data at the same path (a shared file system, or a copy)")
+
+
+# --- the task ---------------------------------------------------------------------
+
+def run_group_task(cells, spec: dict, pretrained: dict, threads: int):
+    """A Ray generator task: run one task group, yield each cell's row as it finishes."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    try:
+        yield from run_group(cells, **spec, pretrained=pretrained)
+    except (ValueError, OSError) as err:  # bad data or options: no use retrying
+        first = cells[0]
+        raise TaskGroupError(f"task group {first.benchmark}/{first.shift} seed {first.seed} "
+                             f"failed on node {_node_name()}: {err}") from err
+
+
+def _describe(group) -> str:
+    first = group[0]
+    return f"{first.benchmark}/{first.shift} seed {first.seed} ({len(group)} cells)"
+
+
+def execute_groups_on_ray(ray, groups: list, spec: dict, record: Callable[[dict], None],
+                          pretrained: dict, options: RayOptions, gpus_per_task: float) -> None:
+    """Run every task group as one Ray task; `record` each row once, as it arrives.
+
+    Args:
+        ray: the connected ray module (see `RaySession`).
+        groups: lists of cells (`deep.sweep.Cell`), one Ray task each.
+        spec: `run_group`'s keyword arguments (device already resolved for a task).
+        record: the driver's writer of one row (the single writer of the CSV).
+        pretrained: the pretrained state dict, put in the object store once.
+    """
+    task = ray.remote(run_group_task).options(
+        num_cpus=options.cpus_per_task, num_gpus=gpus_per_task,
+        max_retries=options.max_retries, retry_exceptions=False)
+    weights = ray.put(pretrained)
+    threads = max(1, int(options.cpus_per_task))
+    running = {task.remote(group, spec, weights, threads): group for group in groups}
+    written: set[tuple] = set()
+    try:
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for generator in ready:
+                _take_next(ray, generator, running, written, record)
+    except BaseException:
+        for generator in running:  # stop the other groups instead of letting them run on
+            ray.cancel(generator, force=True)
+        raise
+
+
+def _take_next(ray, generator, running: dict, written: set, record) -> None:
+    group = running[generator]
+    try:
+        ref = next(generator)
+    except StopIteration:
+        del running[generator]
+        return
+    try:
+        row = ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause
+        if isinstance(cause, TaskGroupError):
+            del running[generator]
+            raise TaskGroupError(str(cause)) from None
+        raise
+    key = row_key(row)
+    if key not in {c.key for c in group}:
+        raise RuntimeError(f"task group {_describe(group)} returned a row of another cell: {key}")
+    if key not in written:  # a retried group re-runs cells Ray already delivered
+        written.add(key)
+        record(row)
+
+
+class RayExecutor:
+    """`run_sweep`'s executor for --backend ray: executor(cells, spec, record).
+
+    Connects (or starts a local Ray) per sweep unless Ray is already connected
+    (`session_for` keeps one connection across the sweeps of a bench suite)."""
+
+    def __init__(self, options: RayOptions):
+        self.options = options
+
+    def __call__(self, cells: list, spec: dict, record: Callable[[dict], None]) -> None:
+        options = self.options
+        with RaySession(options.address) as ray:
+            cluster = ray.cluster_resources()
+            gpus = resolve_gpus(options, spec.get("device"), cluster)
+            spec = dict(spec, device=task_device(spec.get("device"), gpus))
+            slots = concurrent_tasks(cluster, options.cpus_per_task, gpus)
+            if spec.get("data_dir"):
+                spec["data_dir"] = os.path.abspath(spec["data_dir"])  # workers start elsewhere
+                check_data_dir(ray, spec["data_dir"], options.cpus_per_task, gpus)
+            # As with local workers: with fewer tasks than slots, tasks are split.
+            execute_groups_on_ray(ray, _groups(cells, slots), spec, record,
+                                  pretrained_weights(spec), options, gpus)
+
+
+def pretrained_weights(spec: dict) -> dict:
+    """The source model's state dict, read here once (the driver's copy is what the
+    object store hands to every task, so workers need no checkpoint file)."""
+    protocol = spec["protocol"]
+    bench = get_benchmark(protocol.benchmark)
+    return _pretrained_state(spec["checkpoint"], protocol.arch, bench.num_classes,
+                             bench.in_channels, spec.get("trust_checkpoint", False))
+
+
+# --- command line -----------------------------------------------------------------
+
+def add_backend_arguments(parser) -> None:
+    """--backend and the Ray options, shared by `sweep` and `bench`."""
+    group = parser.add_argument_group("distributed sweeps (Ray; see docs/distributed.md)")
+    group.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="local: processes on this machine (--workers); ray: one Ray task "
+                            "per task group, on a local Ray or a cluster")
+    group.add_argument("--ray-address", help="'auto' (the cluster `ray start` runs on this "
+                       "machine) or HOST:PORT of a head; default: start a local Ray")
+    group.add_argument("--gpus-per-task", type=float,
+                       help="GPUs per task group, below 1 to share a GPU (default: 1 where "
+                            "the cluster has GPUs and --device is not cpu, else 0)")
+    group.add_argument("--cpus-per-task", type=float, default=1,
+                       help="CPUs (and torch threads) per task group (default 1)")
+
+
+def executor_from_args(args) -> RayExecutor | None:
+    """`run_sweep`'s executor for the parsed flags (None: the local backend)."""
+    options = options_from_args(args)
+    return None if options is None else RayExecutor(options)
+
+
+def options_from_args(args) -> RayOptions | None:
+    """RayOptions for --backend ray, None for the local backend (where Ray flags are an error)."""
+    if args.backend != "ray":
+        given = [flag for flag, value in (("--ray-address", args.ray_address),
+                                          ("--gpus-per-task", args.gpus_per_task))
+                 if value is not None]
+        if args.cpus_per_task != 1:
+            given.append("--cpus-per-task")
+        if given:
+            raise RayBackendError(f"{', '.join(given)} only apply with --backend ray")
+        return None
+    return RayOptions(address=args.ray_address, gpus_per_task=args.gpus_per_task,
+                      cpus_per_task=args.cpus_per_task)

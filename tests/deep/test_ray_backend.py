@@ -1,0 +1,262 @@
+"""The Ray backend against a real Ray runtime (no mocks).
+
+Two clusters, one after the other (2 cores here): a local instance started in this
+process (`ray.init(num_cpus=2)`), and a head started by `ray start --head` as a
+separate process that sweeps connect to with --ray-address. Every sweep is
+compared with the local backend's rows, bitwise.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from deep.protocol import load_protocol
+from deep.ray_backend import (RayBackendError, RayExecutor, RayOptions, TaskGroupError,
+                               check_data_dir)
+from deep.sweep import COLUMNS, plan_cells, read_results, row_key, run_sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # a Ray task runs on one thread too
+ROOT = Path(__file__).resolve().parents[2]
+RAY = Path(sys.executable).with_name("ray")
+# Every column but the wall time: the Ray backend must write the same rows.
+COMPARED = tuple(c for c in COLUMNS if c != "seconds")
+# Two task groups of two cells: the fast protocol of most tests.
+SMALL = dict(shifts=["noise", "flip"], methods=["first", "last"], lrs=[1e-2], seeds=[0],
+             epochs=2, n_target=64, val_per_class=10, test_per_class=20)
+# One task group of six cells that takes a few seconds: long enough to kill mid-task.
+LONG = dict(shifts=["noise"], methods=["first", "last", "all"], lrs=[1e-2, 1e-3], seeds=[0],
+            epochs=4, n_target=192, val_per_class=10, test_per_class=20)
+LONG_FLAGS = ["--shifts", "noise", "--methods", "first,last,all", "--lrs", "0.01,0.001",
+              "--seeds", "0", "--epochs", "4", "--n-target", "192", "--val-per-class", "10",
+              "--test-per-class", "20"]
+
+
+def protocol(settings):
+    return load_protocol("synthetic").replace(**settings)
+
+
+def on_ray(**options):
+    return RayExecutor(RayOptions(**options))
+
+
+def by_key(rows):
+    return {row_key(r): tuple(r[c] for c in COMPARED) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, synthetic_checkpoint):
+    """Rows of the local backend (one process, one thread) for SMALL and LONG."""
+    folder = tmp_path_factory.mktemp("local")
+    rows = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (module fixtures start before `one_thread`)
+    try:
+        for name, settings in (("small", SMALL), ("long", LONG)):
+            run_sweep(protocol(settings), folder / f"{name}.csv", progress=False)
+            rows[name] = by_key(read_results(folder / f"{name}.csv"))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def short_temp_dir():
+    # Ray's socket paths must stay under 108 characters: pytest's tmp_path is too deep.
+    return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+
+
+def own_ray_workers(task_name: str) -> list[int]:
+    """PIDs of the Ray workers (descendants of this process) running `task_name` now."""
+    children: dict[int, list[int]] = {}
+    titles = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            titles[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [os.getpid()]
+    while stack:
+        for pid in children.get(stack.pop(), []):
+            stack.append(pid)
+            if titles.get(pid, "").startswith(f"ray::{task_name}"):
+                found.append(pid)
+    return found
+
+
+def group_executions() -> int:
+    """How many times a task group started on this cluster (from Ray's task timeline)."""
+    return sum(1 for e in ray.timeline() if e.get("cat") == "task::run_group_task")
+
+
+# --- a local Ray instance in this process -----------------------------------------
+
+@pytest.fixture(scope="class")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=short_temp_dir())
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.usefixtures("local_ray")
+class TestLocalRay:
+    def test_same_rows_as_the_local_backend(self, tmp_path, reference):
+        out = tmp_path / "ray.csv"
+        summary = run_sweep(protocol(SMALL), out, progress=False, executor=on_ray())
+        assert summary.ran == 4 and by_key(read_results(out)) == reference["small"]
+        # resuming a finished sweep runs nothing (and starts no task)
+        assert run_sweep(protocol(SMALL), out, progress=False, executor=on_ray()).ran == 0
+
+    def test_a_killed_worker_is_retried_and_each_cell_written_once(self, tmp_path, reference):
+        out = tmp_path / "ray.csv"
+        killed = []
+
+        def kill_the_worker_after_its_first_row():
+            deadline = time.time() + 120
+            while time.time() < deadline and not killed:
+                workers = own_ray_workers("run_group_task")
+                if workers and out.exists() and 1 <= len(read_results(out)) < 6:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append((workers[0], len(read_results(out))))
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_the_worker_after_its_first_row)
+        killer.start()
+        try:
+            run_sweep(protocol(LONG), out, progress=False, executor=on_ray(max_retries=2))
+        finally:
+            killer.join()
+        assert killed, "the worker finished its group before it could be killed"
+        rows = read_results(out)
+        assert len(rows) == 6 and by_key(rows) == reference["long"]
+
+    def test_a_data_error_stops_the_sweep_without_retries(self, tmp_path):
+        before = group_executions()
+        bad = protocol({**SMALL, "shifts": ["noise"], "n_target": 100_000})
+        with pytest.raises(TaskGroupError, match=r"failed on node .*n_target=100000 exceeds"):
+            run_sweep(bad, tmp_path / "bad.csv", progress=False, executor=on_ray(max_retries=3))
+        assert read_results(tmp_path / "bad.csv") == []
+        time.sleep(2)  # task events reach the timeline about once a second
+        assert group_executions() - before == 1  # ran once: an error is not retried
+
+    def test_a_data_dir_missing_on_a_node_is_named(self, tmp_path):
+        check_data_dir(ray, str(tmp_path), 1, 0)  # visible: no error
+        missing = str(tmp_path / "not-here")
+        with pytest.raises(RayBackendError,
+                           match=rf"--data-dir {missing} is not a folder on node\(s\) "
+                                 rf"{socket.gethostname()} \("):
+            check_data_dir(ray, missing, 1, 0)
+
+    def test_resources_the_cluster_lacks_are_an_error(self, tmp_path):
+        with pytest.raises(RayBackendError, match="has 0 GPUs; a task group needs --gpus-per-task 0.5"):
+            run_sweep(protocol(SMALL), tmp_path / "r.csv", progress=False,
+                      executor=on_ray(gpus_per_task=0.5))
+        with pytest.raises(RayBackendError, match="has 2 CPUs; a task group needs --cpus-per-task 4"):
+            run_sweep(protocol(SMALL), tmp_path / "r.csv", progress=False,
+                      executor=on_ray(cpus_per_task=4))
+
+
+def test_bad_options_are_named():
+    with pytest.raises(RayBackendError, match="must be 'auto' or HOST:PORT, got 'localhost'"):
+        RayOptions(address="localhost")
+    with pytest.raises(RayBackendError, match="--gpus-per-task must be >= 0"):
+        RayOptions(gpus_per_task=-1)
+    with pytest.raises(RayBackendError, match="--cpus-per-task must be > 0"):
+        RayOptions(cpus_per_task=0)
+
+
+# --- a cluster started with `ray start --head`, sweeps through the command line ---
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="class")
+def ray_head(synthetic_cache):
+    """(address, env): a head started by `ray start --head --block`, with its own token;
+    terminating the command stops every process it started."""
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={short_temp_dir()}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in head.stdout:  # it prints "... --block" once the node is up
+        log.append(line)
+        if "--block" in line or head.poll() is not None:
+            break
+    assert head.poll() is None, "ray start --head failed:\n" + "".join(log)
+    threading.Thread(target=head.stdout.read, daemon=True).start()  # keep its pipe drained
+    yield f"{socket.gethostbyname(socket.gethostname())}:{port}", env
+    head.terminate()
+    head.wait(timeout=60)
+
+
+def sweep_command(out, address, *flags):
+    return [sys.executable, "-m", "deep", "sweep", "--benchmark", "synthetic", *LONG_FLAGS,
+            "--no-progress", "--out", str(out), "--backend", "ray", "--ray-address", address,
+            *flags]
+
+
+class TestRayStartHead:
+    def test_a_driver_killed_and_restarted_resumes(self, tmp_path, reference, ray_head):
+        address, env = ray_head
+        out = tmp_path / "ray.csv"
+        # Two CPUs per task: one task group of six cells, whose rows must reach the CSV
+        # one by one (a group written at its end would be lost whole).
+        command = sweep_command(out, address, "--cpus-per-task", "2")
+        driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        deadline, group_running = time.time() + 180, []
+        while time.time() < deadline and driver.poll() is None:
+            if out.exists() and len(read_results(out)) >= 2:
+                group_running = own_ray_workers("run_group_task")  # (the head is our child)
+                break
+            time.sleep(0.01)
+        assert driver.poll() is None, f"the sweep ended before it was killed: {driver.communicate()}"
+        assert group_running, "rows reached the CSV only after their task group had ended"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        killed = read_results(out)  # every row parses: nothing half-written
+        assert 2 <= len(killed) < 6 and len(by_key(killed)) == len(killed)
+
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert f"ran {6 - len(killed)} cells" in done.stdout
+        assert f"skipped {len(killed)} already finished" in done.stdout
+        rows = read_results(out)
+        assert len(rows) == 6 and {row_key(r) for r in rows} == {c.key for c in plan_cells(protocol(LONG))}
+        assert by_key(rows) == reference["long"]
+
+    def test_cli_errors_are_one_line(self, tmp_path, ray_head):
+        address, env = ray_head
+        done = subprocess.run(sweep_command(tmp_path / "r.csv", address, "--data-dir",
+                                            str(tmp_path / "nowhere")),
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2
+        assert f"error: --data-dir {tmp_path / 'nowhere'} is not a folder on node(s)" in done.stderr
+        local = subprocess.run([sys.executable, "-m", "deep", "sweep", "--benchmark", "synthetic",
+                                "--out", str(tmp_path / "r.csv"), "--gpus-per-task", "1"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert local.returncode == 2
+        assert "error: --gpus-per-task only apply with --backend ray" in local.stderr
