@@ -9,8 +9,8 @@ summaries, all written to --out (default `figures/fmnist/`):
     relative_accuracy.png/.pdf  accuracy relative to full fine-tuning, per benchmark
     n_target.png/.pdf           accuracy relative to `all` against n_target
 
-The suite (`SUITES`) is sized to run in about 90 minutes on the 2-core dev machine;
-`--quick` is a pipeline smoke test of about 2 minutes whose numbers mean nothing.
+The suite (`SUITES`) is sized for a 2-core CPU machine (docs/fmnist.md has its
+measured time); `--quick` is a pipeline smoke test whose numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .blocks import blocks_for
 from .files import atomic_write_bytes
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, load_protocol
@@ -32,7 +33,7 @@ from .sweep import read_results, run_sweep
 
 HELP = "run a whole benchmark suite (the Fashion-MNIST shifts) and write its table and plots"
 
-BLOCKS = ("first", "second", "third", "last")
+TABLE_BLOCKS = tuple(blocks_for("resnet26"))  # the suite tunes resnet26: its single blocks
 SINGLE_RUN = GENERIC_METHODS  # the methods that are one run each, not one block
 KIND = {"fmnist-c": "input", "fmnist-breeds": "feature", "fmnist-flip": "output",
         "fmnist-spurious": "output", "fmnist-blocknoise": "one block"}
@@ -53,12 +54,12 @@ class Suite:
     test_per_class: int | None = None
     n_sweep_shifts: list[str] = field(default_factory=list)
     n_sweep_sizes: list[int] = field(default_factory=list)
-    n_sweep_methods: list[str] = field(default_factory=lambda: [*BLOCKS, "all"])
+    n_sweep_methods: list[str] = field(default_factory=lambda: [*TABLE_BLOCKS, "all"])
 
 
 SUITES = {
-    # Sized for 90 minutes on the 2-core dev machine with --workers 2 (README has the
-    # measured time): a noise, a blur and a weather corruption; 4 epochs; 2 lrs.
+    # Sized for a 2-core machine with --workers 2 (docs/fmnist.md has the measured
+    # time): a noise, a blur and a weather corruption; 4 epochs; 2 lrs.
     "fmnist": Suite(
         shifts={"fmnist-c": ["gaussian_noise", "defocus_blur", "fog"],
                 "fmnist-breeds": ["subpopulation"], "fmnist-flip": ["flip"],
@@ -126,7 +127,7 @@ def table_rows(selected: list[dict]) -> list[tuple[str, str, list[str]]]:
         if benchmark not in shifts:
             continue
         if benchmark == "fmnist-blocknoise":
-            for block in BLOCKS:
+            for block in TABLE_BLOCKS:
                 if block in shifts[benchmark]:
                     rows.append((f"{benchmark} ({block} perturbed)", benchmark, [block]))
         else:
@@ -176,7 +177,7 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
     rule = "|---|" + "---|" * (len(methods) + 1)
 
     def block_line(stats, label, kind):
-        blocks = [m for m in BLOCKS if m in stats and stats[m]["abs"][2] > 0]
+        blocks = [m for m in TABLE_BLOCKS if m in stats and stats[m]["abs"][2] > 0]
         best = max(blocks, key=lambda m: stats[m]["abs"][0]) if blocks else "-"
         cells = [format_stat(stats[m]["rel"], signed=True) if m != "all" else format_stat(stats[m]["abs"])
                  for m in methods]
@@ -248,7 +249,7 @@ def n_target_rows(selected: list[dict]) -> dict[str, dict[int, tuple]]:
             for m in methods:
                 if all((s, m) in cells for s in shifts):
                     diffs[m].append(np.mean([cells[(s, m)]["test_acc"] for s in shifts]) - base)
-            blocks = [m for m in BLOCKS if all((s, m) in cells for s in shifts)]
+            blocks = [m for m in TABLE_BLOCKS if all((s, m) in cells for s in shifts)]
             if blocks:
                 best = max(blocks, key=lambda m: np.mean([cells[(s, m)]["val_acc"] for s in shifts]))
                 diffs["best block (val)"].append(
@@ -345,7 +346,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="output folder (default figures/fmnist, or runs/fmnist-quick "
                    "with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help="pipeline smoke test (~2 minutes): 1 seed, 1 epoch, 200 target images")
+                   help="pipeline smoke test: 1 seed, 1 epoch, 200 target images")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $FASHION_MNIST_DIR, "
                    "then /usr/share/datasets/fashion-mnist)")

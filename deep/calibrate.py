@@ -15,7 +15,7 @@ import torch
 
 from .checkpoints import load_model
 from .data import get_benchmark
-from .data.fmnist import BLOCKS, NOISE_SCALES, block_perturbation
+from .data.fmnist import BLOCKNOISE_SHIFTS, NOISE_SCALES, block_perturbation
 from .train import evaluate
 
 
@@ -30,7 +30,7 @@ def blocknoise_accuracy(scales: list[float], images: int = 2000, seeds=(0, 1),
     base = load_model(checkpoint, arch, bench.num_classes, bench.in_channels)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     out = {("none", 0.0): evaluate(base, test).acc}
-    for block in BLOCKS:
+    for block in BLOCKNOISE_SHIFTS:
         for scale in scales:
             accs = []
             for seed in seeds:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     print(f"unperturbed: {100 * table[('none', 0.0)]:.1f} %")
     print("| block | " + " | ".join(f"{s:g}" for s in scales) + " | default |")
     print("|---|" + "---|" * (len(scales) + 1))
-    for block in BLOCKS:
+    for block in BLOCKNOISE_SHIFTS:
         cells = " | ".join(f"{100 * table[(block, s)]:.1f}" for s in scales)
         print(f"| {block} | {cells} | {NOISE_SCALES[block]:g} |")
     return 0

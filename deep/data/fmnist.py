@@ -404,7 +404,7 @@ def source_fmnist_spurious(data_dir=None, *, source_agreement: float = 0.95,
 
 # ----------------------------------------------------------------------------- fmnist-blocknoise
 
-BLOCKS = ("first", "second", "third", "last")
+BLOCKNOISE_SHIFTS = ("first", "second", "third", "last")  # the perturbed block of resnet26
 NOISE_SCALES = {"first": 0.45, "second": 0.75, "third": 0.65, "last": 3.0}
 """Default noise norm / parameter norm, per tensor, for each block.
 
@@ -468,7 +468,7 @@ def load_fmnist_blocknoise(data_dir=None, shift: str = "first", n_target: int = 
     `noise_scale` (noise norm / parameter norm) defaults to NOISE_SCALES[shift]. The
     noise is fixed by `noise_seed`, not by the split seed, like a fixed corrupted set.
     """
-    _check_shift("fmnist-blocknoise", shift, BLOCKS)
+    _check_shift("fmnist-blocknoise", shift, BLOCKNOISE_SHIFTS)
     perturb = block_perturbation(shift, arch, noise_scale, noise_seed)
     data = load_fashion_mnist(data_dir)
     return _task("fmnist-blocknoise", shift, NUM_CLASSES, data.test_images, data.test_labels,
@@ -522,7 +522,7 @@ BENCHMARKS = {
     "fmnist-spurious": Benchmark("fmnist-spurious", SPURIOUS_SHIFTS, NUM_CLASSES, 1, LAYOUT,
                                  load_fmnist_spurious, source_fmnist_spurious, has_groups=True,
                                  pretrained=_pretrained("fmnist-spurious")),
-    "fmnist-blocknoise": Benchmark("fmnist-blocknoise", BLOCKS, NUM_CLASSES, 1, LAYOUT,
+    "fmnist-blocknoise": Benchmark("fmnist-blocknoise", BLOCKNOISE_SHIFTS, NUM_CLASSES, 1, LAYOUT,
                                    load_fmnist_blocknoise, source_fmnist_blocknoise,
                                    pretrained=_pretrained("fmnist-blocknoise")),
 }
