@@ -65,7 +65,10 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="read --checkpoint with full unpickling, which can run code from the "
                    "file: only for a file you trust that safe loading refuses")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
-    p.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast on CUDA (no effect on CPU); see docs/distributed.md")
     p.add_argument("--cache-mb", type=float, default=engine_default(TrainConfig, "cache_mb"),
                    help="memory budget of the frozen-prefix activation cache per process")
     p.add_argument("--data", action="append", type=_data_option, metavar="KEY=VALUE",
@@ -92,7 +95,7 @@ def run_sweep_command(args) -> int:
                         data_dir=args.data_dir, workers=args.workers, cache_mb=args.cache_mb,
                         progress=not args.no_progress, device=args.device,
                         trust_checkpoint=args.trust_checkpoint,
-                        executor=executor_from_args(args))
+                        executor=executor_from_args(args), amp=args.amp)
     print(f"ran {summary.ran} cells ({summary.diverged} diverged), skipped {summary.skipped} "
           f"already finished, in {summary.seconds:.1f} s; results: {summary.out}")
     return 0

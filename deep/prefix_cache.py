@@ -151,7 +151,7 @@ class PrefixCache:
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A batch on the model's device (`Stages.run` sets each stage's memory format)."""
-        return x.to(self.device, non_blocking=True)
+        return to_device(x, self.device)
 
     def matches_model(self) -> bool:
         """Whether the model still holds the weights the cache was built with."""
@@ -232,6 +232,16 @@ class eval_mode:
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`x` on `device`. A CPU batch bound for a GPU is pinned first, so that its copy
+    is asynchronous and overlaps the GPU's work on the batch before (a copy from
+    pageable memory waits for the GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def default_eval_batch_size(device: torch.device | str) -> int:

@@ -48,7 +48,7 @@ from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
                       row_key)
-from .train import FitResult, PrefixCache, fit
+from .train import FitResult, PrefixCache, fit, resolve_device
 
 @dataclass(frozen=True)
 class Cell:
@@ -125,7 +125,7 @@ class SweepSummary:
 def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None,
               data_dir: str | None = None, workers: int = 1, cache_mb: float = 2048,
               progress: bool = True, device: str | None = None,
-              trust_checkpoint: bool = False, executor=None) -> SweepSummary:
+              trust_checkpoint: bool = False, executor=None, amp: bool = False) -> SweepSummary:
     """Run every unfinished cell of `protocol`, appending one row per cell to `out`.
 
     Args:
@@ -135,12 +135,13 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         data_dir: the benchmark's data folder (None: its default location).
         workers: parallel processes (torch threads are split between them).
         cache_mb: prefix-cache memory budget per process.
-        device: "cpu" (default), "cuda", ...
+        device: "auto" (default: CUDA when present, else CPU), "cpu", "cuda", ...
         trust_checkpoint: read the checkpoint with full unpickling (it may run code);
             only for a trusted file that safe loading refuses (see deep.checkpoints).
         executor: another backend's dispatch, called as executor(cells, spec, record)
             with the unfinished cells (e.g. `deep.ray_backend.RayExecutor`); None: local
             processes (`workers`).
+        amp: bf16 autocast on CUDA (`TrainConfig.amp`; no effect on CPU).
     """
     t0 = time.perf_counter()
     bench = get_benchmark(protocol.benchmark)
@@ -158,7 +159,7 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         save_resolved_config(out, protocol, checkpoint)
     groups = _groups(todo, workers)
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
-                device=device, trust_checkpoint=trust_checkpoint)
+                device=device, trust_checkpoint=trust_checkpoint, amp=amp)
     bar = _progress(len(todo), progress, protocol.benchmark)
     diverged = 0
 
@@ -269,7 +270,8 @@ def _pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels:
 
 def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: str | None,
               cache_mb: float, device: str | None = None,
-              trust_checkpoint: bool = False, pretrained: dict | None = None) -> Iterator[dict]:
+              trust_checkpoint: bool = False, pretrained: dict | None = None,
+              amp: bool = False) -> Iterator[dict]:
     """Run cells that share one task; yield one row per cell.
 
     Picklable arguments only (cells, protocol, paths, numbers), so a worker process
@@ -277,6 +279,7 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
     `pretrained`: the source weights (state dict) when the caller already holds them
     (the Ray backend ships them through its object store); None: read `checkpoint`."""
     first = cells[0]
+    device = resolve_device(device)
     bench = get_benchmark(first.benchmark)
     task = bench.load_task(Path(data_dir) if data_dir else None, first.shift, first.n_target,
                            protocol.val_per_class, protocol.test_per_class, first.seed,
@@ -292,7 +295,7 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
     model.load_state_dict(pretrained)
     if task.perturb is not None:
         task.perturb(model)
-    model.to(device or "cpu")
+    model.to(device)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks = blocks_for(protocol.arch)
     splits = {"train": task.train, "val": task.val, "test": task.test}
@@ -302,7 +305,8 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
     settings = _settings(protocol, checkpoint)
     for cell in cells:
         model.load_state_dict(base_state)
-        config = protocol.tuning.run_config(cell.lr, cell.seed, cache_mb=cache_mb, device=device)
+        config = protocol.tuning.run_config(cell.lr, cell.seed, cache_mb=cache_mb, device=device,
+                                            amp=amp)
         result = fit(model, task.train, task.val, task.test, cell.method, config, blocks, cache)
         yield result_row(cell, result, total_params, settings)
 

@@ -22,6 +22,7 @@ What makes it fast, by construction:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from .errors import ConfigError, check_int
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import guard_channels_last, stages_of, to_memory_format
 from .prefix_cache import (FoldedConvBN, PrefixCache, default_eval_batch_size,  # noqa: F401
-                           eval_mode, folded_view, refresh_folds)
+                           eval_mode, folded_view, refresh_folds, to_device)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 SELECTION_RULES = ("val_acc", "worst_group_val_acc")  # what picks the epoch (and the lr)
@@ -76,7 +77,11 @@ class TrainConfig:
         compile: run the training forward through `torch.compile` when no prefix cache
             is used (pretraining: BN in train mode, augmentation). Worth its compilation
             time on long runs only (docs/performance.md has measurements).
-        device: where to train ("cpu", "cuda", ...); None = where the model is.
+        device: where to train ("cpu", "cuda", ...); None = where the model is
+            (`resolve_device` turns "auto" into CUDA when present).
+        amp: bf16 autocast of the forward passes (training and evaluation) on CUDA;
+            weights, optimizer and loss stay float32. No effect on other devices:
+            CPU runs are the same with or without it, bit for bit.
     """
 
     lr: float
@@ -97,6 +102,7 @@ class TrainConfig:
     channels_last: bool | str | None = None
     compile: bool = False
     device: str | None = None
+    amp: bool = False
 
     def __post_init__(self):
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -184,7 +190,8 @@ def predict(model: nn.Module, split: Split, batch_size: int | None = None,
             else:
                 batches = (source[i:i + batch_size] for i in range(0, len(split), batch_size))
             return torch.cat([cache.stages.run(cache.prepare(x), stage).argmax(1) for x in batches])
-        return torch.cat([model(x.to(device)).argmax(1) for x, _, _ in split.batches(batch_size)])
+        return torch.cat([model(to_device(x, device)).argmax(1)
+                          for x, _, _ in split.batches(batch_size)])
 
 
 def evaluate(model: nn.Module, split: Split, batch_size: int | None = None,
@@ -193,6 +200,21 @@ def evaluate(model: nn.Module, split: Split, batch_size: int | None = None,
     """Accuracy (and worst-group accuracy when the split has groups) of `model` on `split`."""
     preds = predict(model, split, batch_size, cache, start, name)
     return accuracy(preds, split.labels, split.groups)
+
+
+def resolve_device(device: str | None) -> str:
+    """`device`, with "auto" (or None) meaning CUDA when this process sees a GPU, else the CPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def autocast(device: torch.device | str, amp: bool):
+    """bf16 autocast on CUDA when `amp`; nothing on other devices (a CPU run with
+    amp=True is the float32 run, bit for bit)."""
+    if amp and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # --- the loop ---------------------------------------------------------------------
@@ -307,7 +329,9 @@ class TrainingRun:
         device = next(self.model.parameters()).device
         losses = []
         for x, y in self._batches():
-            loss = F.cross_entropy(self._logits(x), y.to(device, non_blocking=True))
+            with autocast(device, self.config.amp):  # forward only; backward follows its dtypes
+                logits = self._logits(x)
+            loss = F.cross_entropy(logits.float(), y.to(device, non_blocking=True))
             penalty = self.method.penalty(self.model)
             if penalty is not None:
                 loss = loss + penalty
@@ -342,7 +366,7 @@ class TrainingRun:
                 with torch.no_grad():
                     x = cache.stages.run(x, self._source_stage, self.start)
             return cache.stages.run(x, self.start)
-        x = x.to(next(self.model.parameters()).device, non_blocking=True)
+        x = to_device(x, next(self.model.parameters()).device)
         if self.config.augment is not None:
             x = self.config.augment(x, self.aug_generator)
         if self.memory_format is not None:
@@ -357,8 +381,9 @@ class TrainingRun:
         if self.val is None:
             self.best_epoch = epoch  # no validation (pretraining): the last epoch counts
         else:
-            metrics = evaluate(self.model, self.val, self.config.eval_batch_size, self.cache,
-                               self.start, "val")
+            with autocast(next(self.model.parameters()).device, self.config.amp):
+                metrics = evaluate(self.model, self.val, self.config.eval_batch_size, self.cache,
+                                   self.start, "val")
             metric = metrics.acc if self.config.select == "val_acc" else metrics.worst_group_acc
             record.update(val_acc=metrics.acc, val_worst_group_acc=metrics.worst_group_acc)
             if metric > self.best_metric:
@@ -381,8 +406,9 @@ class TrainingRun:
         test_metrics = None
         if (self.test is not None and self.best_epoch > 0
                 and (self.best_state is not None or self.val is None)):
-            test_metrics = evaluate(self.model, self.test, self.config.eval_batch_size,
-                                    self.cache, self.start, "test")
+            with autocast(next(self.model.parameters()).device, self.config.amp):
+                test_metrics = evaluate(self.model, self.test, self.config.eval_batch_size,
+                                        self.cache, self.start, "test")
         if runner is not None:
             refresh_folds(runner, fix=False)  # the weights may change after this run
         return test_metrics
