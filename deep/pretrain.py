@@ -1,7 +1,8 @@
 """Pretrain a source model: all parameters, batch norm in train mode, from scratch.
 
-Uses the one training loop (`deep.train.fit`) with SGD + Nesterov momentum, a
-cosine schedule and optional random-crop / flip augmentation, as `PretrainConfig` says:
+Uses the one training loop (`deep.train.fit`) with SGD and momentum (Nesterov's by
+default), a cosine (default) or step schedule and optional random-crop / flip
+augmentation, as `PretrainConfig` says:
 
     model = pretrain(benchmark.load_source(data_dir), "resnet26", PretrainConfig(epochs=30))
 
@@ -32,7 +33,7 @@ from .data import Benchmark, SourceData, get_benchmark
 from .errors import ConfigError, check_int
 from .models import build_model
 from .normalization import loader_options
-from .train import TrainConfig, evaluate, fit
+from .train import TrainConfig, check_milestones, evaluate, fit
 
 AUGMENTATIONS = ("crop-flip", "crop", "none")
 
@@ -71,12 +72,20 @@ class PretrainConfig:
     """
 
     epochs: int = field(default=30, metadata={"help": "passes over the source training set"})
-    lr: float = field(default=0.1, metadata={"help": "SGD (Nesterov) peak lr, cosine schedule"})
+    lr: float = field(default=0.1, metadata={"help": "SGD peak (initial) learning rate"})
     seed: int = field(default=0, metadata={"help": "initialisation, order and augmentation"})
     batch_size: int = field(default=128, metadata={"help": "training minibatch size"})
     weight_decay: float = field(default=5e-4, metadata={"help": "L2 coefficient"})
     augment: str = field(default="crop-flip", metadata={"help": "training augmentation",
                                                         "choices": AUGMENTATIONS})
+    schedule: str = field(default="cosine", metadata={
+        "help": "lr schedule: cosine to 0, or step (x gamma after each milestone epoch)",
+        "choices": ("cosine", "step", "constant")})
+    milestones: list[int] = field(default_factory=list, metadata={
+        "help": "epochs after which a step schedule multiplies the lr by gamma"})
+    gamma: float = field(default=0.1, metadata={"help": "the step schedule's factor"})
+    momentum: str = field(default="nesterov", metadata={
+        "help": "SGD momentum 0.9, Nesterov's or plain", "choices": ("nesterov", "plain")})
     init: str | None = field(default=None, metadata={
         "help": "start from these weights (ours or a torchvision state dict, e.g. ImageNet "
                 "ResNet-50); a classifier of another size is re-initialised"})
@@ -91,12 +100,19 @@ class PretrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTATIONS)}")
+        if self.momentum not in ("nesterov", "plain"):
+            raise ConfigError(f"momentum must be 'nesterov' or 'plain', got {self.momentum!r}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        check_milestones(self.schedule, self.milestones, self.gamma)
 
     def train_config(self) -> TrainConfig:
-        """The engine's settings: all parameters, BN in train mode, SGD, cosine schedule."""
+        """The engine's settings: all parameters, BN in train mode, SGD, this schedule."""
         return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
                            weight_decay=self.weight_decay, freeze_bn=False, seed=self.seed,
-                           optimizer="sgd", schedule="cosine", augment=augmentation(self.augment),
+                           optimizer="sgd", nesterov=self.momentum == "nesterov",
+                           schedule=self.schedule, milestones=tuple(self.milestones),
+                           gamma=self.gamma, augment=augmentation(self.augment),
                            compile=self.compile, channels_last=True if self.compile else None)
 
 

@@ -41,6 +41,7 @@ from .prefix_cache import (FoldedConvBN, PrefixCache, default_eval_batch_size,  
                            eval_mode, folded_view, refresh_folds, to_device)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+SCHEDULES = ("constant", "cosine", "step")
 SELECTION_RULES = ("val_acc", "worst_group_val_acc")  # what picks the epoch (and the lr)
 
 
@@ -58,9 +59,12 @@ class TrainConfig:
             frozen), as the paper's protocol does. False: train mode while training.
         seed: seeds the minibatch order (and augmentation); the same seed gives the
             same numbers on CPU.
-        optimizer: "adam" (tuning) or "sgd" (SGD with Nesterov momentum, pretraining).
+        optimizer: "adam" (tuning) or "sgd" (SGD with momentum, pretraining).
         momentum: SGD momentum.
-        schedule: "constant" or "cosine" (per epoch, from lr down to 0).
+        nesterov: SGD's momentum is Nesterov's (True) or plain (False).
+        schedule: "constant", "cosine" (per epoch, from lr down to 0) or "step" (lr times
+            `gamma` after each epoch listed in `milestones`, as torch's MultiStepLR).
+        milestones, gamma: the "step" schedule's epochs and factor.
         augment: (images, generator) -> images, applied to each training batch;
             disables the prefix cache.
         eval_batch_size: minibatch size of evaluation and caching; None: 64 on CPU,
@@ -93,7 +97,10 @@ class TrainConfig:
     seed: int = 0
     optimizer: str = "adam"
     momentum: float = 0.9
+    nesterov: bool = True
     schedule: str = "constant"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
     augment: Augment | None = None
     eval_batch_size: int | None = None
     cache_mb: float = 2048
@@ -114,8 +121,9 @@ class TrainConfig:
             raise ConfigError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_milestones(self.schedule, self.milestones, self.gamma)
 
 
 @dataclass
@@ -452,14 +460,32 @@ def _optimizer(named, candidates, config, per_tensor):
         # The fused kernel updates all tensors in one call (same update, fewer small ops).
         return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
                                 fused=True)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov, weight_decay=config.weight_decay)
 
 
 def _scheduled_lr(config: TrainConfig, epoch: int) -> float:
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
+    if config.schedule == "step":  # epoch is 1-based: milestone m lowers epochs m+1, ...
+        return config.lr * config.gamma ** sum(epoch > m for m in config.milestones)
     return config.lr
+
+
+def check_milestones(schedule: str, milestones, gamma: float) -> None:
+    """A "step" schedule needs increasing positive milestones and 0 < gamma; the
+    others take none."""
+    milestones = list(milestones)
+    if schedule != "step":
+        if milestones:
+            raise ConfigError(f"milestones {milestones} need schedule 'step', got {schedule!r}")
+        return
+    if not milestones or any(not isinstance(m, int) or m < 1 for m in milestones) \
+            or milestones != sorted(set(milestones)):
+        raise ConfigError(f"schedule 'step' needs increasing positive integer milestones "
+                          f"(epochs), got {milestones}")
+    if not 0 < gamma:
+        raise ConfigError(f"gamma must be positive, got {gamma}")
 
 
 def _snapshot(model, named, touched, freeze_bn):

@@ -397,12 +397,44 @@ def test_resnet50_public_first_block_leaves_out_bn1():
     assert set(ours) - set(first) == {"bn1.weight", "bn1.bias"}
 
 
-@pytest.mark.parametrize("benchmark, arch, recipe_epochs, pixel_stats", [
-    ("cifar10c", "resnet26-gn", 150, ((0.5,) * 3, (0.5,) * 3)),
-    ("cifar10c-official", "wrn28-10", 200, ((0.0,) * 3, (1.0,) * 3)),
+# The origins' recipes: TTT/MEMO (main.py, script_baseline.sh) and the WideResNet paper's.
+RECIPES = {
+    "cifar10c": dict(epochs=150, lr=0.1, batch_size=128, weight_decay=5e-4, augment="crop-flip",
+                     schedule="step", milestones=[75, 125], gamma=0.1, momentum="plain"),
+    "cifar10c-official": dict(epochs=200, lr=0.1, batch_size=128, weight_decay=5e-4,
+                              augment="crop-flip", schedule="step", milestones=[60, 120, 160],
+                              gamma=0.2, momentum="nesterov"),
+}
+
+
+def test_step_schedule_and_plain_momentum():
+    """MultiStepLR's lr by epoch, and SGD without Nesterov when the recipe says plain."""
+    from deep.pretrain import PretrainConfig
+    from deep.train import _optimizer, _scheduled_lr
+
+    config = PretrainConfig(**RECIPES["cifar10c"]).train_config()
+    lrs = [_scheduled_lr(config, epoch) for epoch in range(1, 151)]
+    assert lrs[:75] == [0.1] * 75 and lrs[75:125] == pytest.approx([0.01] * 50)
+    assert lrs[125:] == pytest.approx([0.001] * 25)
+    wrn = PretrainConfig(**RECIPES["cifar10c-official"]).train_config()
+    assert [_scheduled_lr(wrn, e) for e in (60, 61, 121, 161)] == pytest.approx(
+        [0.1, 0.02, 0.004, 0.0008])
+    named = dict(nn.Linear(2, 2).named_parameters())
+    plain = _optimizer(named, list(named), config, per_tensor=False)
+    nesterov = _optimizer(named, list(named), wrn, per_tensor=False)
+    assert plain.param_groups[0]["nesterov"] is False and nesterov.param_groups[0]["nesterov"]
+    for bad in (dict(schedule="step"), dict(milestones=[3]),
+                dict(schedule="step", milestones=[5, 3]), dict(momentum="heavy")):
+        with pytest.raises(ValueError):
+            PretrainConfig(**bad)
+
+
+@pytest.mark.parametrize("benchmark, arch, pixel_stats", [
+    ("cifar10c", "resnet26-gn", ((0.5,) * 3, (0.5,) * 3)),
+    ("cifar10c-official", "wrn28-10", ((0.0,) * 3, (1.0,) * 3)),
 ])
 def test_pretrain_produces_each_reference_model(tmp_path, monkeypatch, benchmark, arch,
-                                                recipe_epochs, pixel_stats):
+                                                pixel_stats):
     """`pretrain` from the CIFAR-10 batches: the protocol's arch and recipe (epochs cut
     to 1 here, 10 training images), inputs normalised as the arch expects; the file
     loads back as that arch."""
@@ -413,8 +445,7 @@ def test_pretrain_produces_each_reference_model(tmp_path, monkeypatch, benchmark
     from tests.deep.fixtures import writers
 
     recipe = load_protocol(benchmark).pretrain
-    assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.weight_decay, recipe.augment) == (
-        recipe_epochs, 0.1, 128, 5e-4, "crop-flip")
+    assert {k: getattr(recipe, k) for k in RECIPES[benchmark]} == RECIPES[benchmark]
     writers.write_cifar10_batches(tmp_path, per_batch=2)
     seen = []
     real = cifar10.to_float_images
