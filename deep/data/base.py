@@ -302,7 +302,7 @@ class Benchmark:
         name: registry name used by the CLI, configs and results CSV.
         shifts: every shift the benchmark offers (e.g. all corruptions).
         num_classes, in_channels: what the model must predict / take.
-        layout: the on-disk layout expected under --data-dir, quoted in errors and README.
+        layout: the on-disk layout expected under --data-dir, quoted in errors and docs/benchmarks.md.
         load_task: (data_dir, shift, n_target, val_per_class, test_per_class, seed,
             **options) -> ShiftTask. `data_dir` is a Path or None (None: use the
             benchmark's default location, or fail naming the layout).

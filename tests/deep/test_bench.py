@@ -104,8 +104,8 @@ def test_quick_bench_runs_end_to_end(tmp_path):
 
 
 def test_committed_table_is_what_the_committed_results_give(tmp_path):
-    """README quotes figures/fmnist/table.md: rebuilding it from the committed CSVs must
-    give the same text, so the table cannot drift from the data it claims to summarize."""
+    """docs/fmnist.md quotes figures/fmnist/table.md: rebuilding it from the committed CSVs
+    must give the same text, so the table cannot drift from the data it claims to summarize."""
     committed = ROOT / "figures" / "fmnist"
     if not (committed / "results.csv").exists():
         pytest.skip("no committed Fashion-MNIST results")
@@ -115,13 +115,13 @@ def test_committed_table_is_what_the_committed_results_give(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "table.md").read_text() == (committed / "table.md").read_text()
-    # README copies the relative-accuracy rows (its own labels, best block in bold).
+    # docs/fmnist.md copies the relative-accuracy rows (its own labels, best block in bold).
     readme_rows = [[c.strip().strip("*") for c in line.split("|")[2:-1]]
-                   for line in (ROOT / "README.md").read_text().splitlines()
+                   for line in (ROOT / "docs" / "fmnist.md").read_text().splitlines()
                    if line.startswith("| ")]
     table = (committed / "table.md").read_text().split("Absolute test accuracy")[0]
     measured = [[c.strip() for c in line.split("|")[2:-2]] for line in table.splitlines()
                 if line.startswith("| fmnist")]
     assert len(measured) == 11
     for cells in measured:
-        assert cells in readme_rows, f"README lacks the row {cells}"
+        assert cells in readme_rows, f"docs/fmnist.md lacks the row {cells}"
