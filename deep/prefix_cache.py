@@ -28,6 +28,9 @@ from .models.staged import (StagedModel, Stages, channels_last_unsafe, guard_cha
                             plain_strides, stages_of)
 
 
+DEFAULT_CACHE_MB = 2048  # memory budget of the stored activations, per process
+
+
 # --- batch norm folded into convolutions ------------------------------------------
 
 class FoldedConvBN(nn.Module):
@@ -123,7 +126,8 @@ class PrefixCache:
         channels_last: True, False, "first" (first stage only) or None (see TrainConfig).
     """
 
-    def __init__(self, model: nn.Module, splits: Mapping[str, Split], budget_mb: float = 2048,
+    def __init__(self, model: nn.Module, splits: Mapping[str, Split],
+                 budget_mb: float = DEFAULT_CACHE_MB,
                  batch_size: int | None = None, fold_bn: bool = True,
                  channels_last: bool | str | None = None):
         if stages_of(model) is None:

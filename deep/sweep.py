@@ -48,7 +48,8 @@ from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
                       row_key)
-from .train import FitResult, PrefixCache, fit, resolve_device
+from .train import DEFAULT_CACHE_MB, FitResult, PrefixCache, fit, resolve_device
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -123,7 +124,7 @@ class SweepSummary:
 
 
 def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None,
-              data_dir: str | None = None, workers: int = 1, cache_mb: float = 2048,
+              data_dir: str | None = None, workers: int = 1, cache_mb: float = DEFAULT_CACHE_MB,
               progress: bool = True, device: str | None = None,
               trust_checkpoint: bool = False, executor=None, amp: bool = False) -> SweepSummary:
     """Run every unfinished cell of `protocol`, appending one row per cell to `out`.

@@ -37,8 +37,9 @@ from .data.base import Split
 from .errors import ConfigError, check_int
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import guard_channels_last, stages_of, to_memory_format
-from .prefix_cache import (FoldedConvBN, PrefixCache, default_eval_batch_size,  # noqa: F401
-                           eval_mode, folded_view, refresh_folds, to_device)
+from .prefix_cache import (DEFAULT_CACHE_MB, FoldedConvBN, PrefixCache,  # noqa: F401
+                           default_eval_batch_size, eval_mode, folded_view, refresh_folds,
+                           to_device)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 SCHEDULES = ("constant", "cosine", "step")
@@ -103,7 +104,7 @@ class TrainConfig:
     gamma: float = 0.1
     augment: Augment | None = None
     eval_batch_size: int | None = None
-    cache_mb: float = 2048
+    cache_mb: float = DEFAULT_CACHE_MB
     use_cache: bool = True
     fold_bn: bool = True
     channels_last: bool | str | None = None
