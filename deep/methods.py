@@ -63,10 +63,12 @@ class EpochContext:
 
 @dataclass
 class EpochPlan:
-    """Parameters tuned in one epoch, and lr multipliers (default 1) for some of them."""
+    """Parameters tuned in one epoch, lr multipliers (default 1) for some of them, and
+    whether the optimizer starts afresh this epoch (its moments forgotten)."""
 
     tuned: list[str]
     lr_scale: dict[str, float] = field(default_factory=dict)
+    reset_optimizer: bool = False
 
 
 class Method:
@@ -191,6 +193,20 @@ def batchnorm_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
+EXCLUSION_RULES = ("batchnorm", "bn-name")
+
+
+def excluded_parameter_names(model: nn.Module, rule: str) -> set[str]:
+    """What the automatic methods never tune: the parameters of batch-norm modules
+    ("batchnorm"), or, as the public code does, every parameter whose name contains
+    "bn" ("bn-name": also GroupNorms named bn*, but not a BN named downsample.1)."""
+    if rule == "batchnorm":
+        return batchnorm_parameter_names(model)
+    if rule == "bn-name":
+        return {n for n, _ in model.named_parameters() if "bn" in n}
+    raise ConfigError(f"exclude must be one of {EXCLUSION_RULES}, got {rule!r}")
+
+
 def relative_gradient_norms(model: nn.Module, names: Sequence[str],
                             minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """RGN of each tensor: norm(grad of the mean cross-entropy) / norm(theta), computed per
@@ -224,25 +240,31 @@ def rgn_multipliers(rgn: Mapping[str, float]) -> dict[str, float]:
 
 
 class AutoRGN(Method):
-    """Every non-batch-norm tensor, lr scaled per tensor by its normalised RGN each epoch."""
+    """Every non-batch-norm tensor, lr scaled per tensor by its normalised RGN each epoch.
+
+    `exclude="bn-name", reset_optimizer=True` is the public code's variant: it leaves out
+    every parameter named *bn* and rebuilds Adam each epoch (moments forgotten)."""
 
     name = "auto-rgn"
     per_tensor_lr = True
 
-    def __init__(self, blocks: BlockMap | None = None, minibatches: int = 5):
+    def __init__(self, blocks: BlockMap | None = None, minibatches: int = 5,
+                 exclude: str = "batchnorm", reset_optimizer: bool = False):
         super().__init__(blocks)
-        self.minibatches = minibatches
+        if exclude not in EXCLUSION_RULES:
+            raise ConfigError(f"exclude must be one of {EXCLUSION_RULES}, got {exclude!r}")
+        self.minibatches, self.exclude, self.reset_optimizer = minibatches, exclude, reset_optimizer
 
     def candidates(self):
-        bn = batchnorm_parameter_names(self.model)
-        return [n for n in self._names(ALL) if n not in bn]
+        excluded = excluded_parameter_names(self.model, self.exclude)
+        return [n for n in self._names(ALL) if n not in excluded]
 
     def plan(self, epoch, ctx):
         names = self.candidates()
         rgn = relative_gradient_norms(self.model, names, ctx.minibatches(self.minibatches, epoch))
         scale = rgn_multipliers(rgn)
         self.last_multipliers = scale
-        return EpochPlan([n for n in names if scale[n] > 0], scale)
+        return EpochPlan([n for n in names if scale[n] > 0], scale, self.reset_optimizer)
 
 
 def per_example_gradient_moments(model: nn.Module, names: Sequence[str],
@@ -294,6 +316,29 @@ def gradient_snr(mean: Mapping[str, torch.Tensor], var: Mapping[str, torch.Tenso
     return {n: (mean[n] ** 2 / (var[n] + eps)).mean().item() for n in mean}
 
 
+def eb_criterion(model: nn.Module, names: Sequence[str],
+                 minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 eps: float = 1e-8) -> dict[str, float]:
+    """The public code's Auto-SNR statistic ("eb-criterion"): per minibatch, g = the
+    gradient of the mean cross-entropy; mean over entries of g^2 / (var of g along the
+    tensor's first axis, unbiased, + eps); averaged over the minibatches."""
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        totals = [0.0] * len(params)
+        for x, y in minibatches:
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            for i, g in enumerate(grads):
+                totals[i] += (g * g / (torch.var(g, dim=0, keepdim=True) + eps)).mean().item()
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return {n: t / len(minibatches) for n, t in zip(names, totals)}
+
+
 class AutoSNR(Method):
     """Tune, each epoch, the non-batch-norm tensors whose per-example gradient SNR passes
     a threshold.
@@ -311,14 +356,24 @@ class AutoSNR(Method):
     benchmark at the start of tuning: per-tensor SNRs 0.03-0.3 against the
     threshold 1/64, so nearly every tensor is tuned in every epoch and auto-snr
     behaves like `all` without batch-norm parameters; pass `threshold` to be stricter.
+
+    `statistic="eb-criterion", exclude="bn-name"` is the public code's variant
+    (`eb_criterion`, default threshold 0.95).
     """
 
     name = "auto-snr"
+    STATISTICS = ("per-example", "eb-criterion")
 
     def __init__(self, blocks: BlockMap | None = None, minibatches: int = 5,
-                 threshold: float | None = None, chunk_size: int = 32):
+                 threshold: float | None = None, chunk_size: int = 32,
+                 statistic: str = "per-example", exclude: str = "batchnorm"):
         super().__init__(blocks)
+        if statistic not in self.STATISTICS:
+            raise ConfigError(f"statistic must be one of {self.STATISTICS}, got {statistic!r}")
+        if exclude not in EXCLUSION_RULES:
+            raise ConfigError(f"exclude must be one of {EXCLUSION_RULES}, got {exclude!r}")
         self.minibatches, self.threshold, self.chunk_size = minibatches, threshold, chunk_size
+        self.statistic, self.exclude = statistic, exclude
 
     def prepare(self, model, config):
         super().prepare(model, config)
@@ -327,20 +382,25 @@ class AutoSNR(Method):
                              "batch norm in train mode are not defined)")
 
     def candidates(self):
-        bn = batchnorm_parameter_names(self.model)
-        return [n for n in self._names(ALL) if n not in bn]
+        excluded = excluded_parameter_names(self.model, self.exclude)
+        return [n for n in self._names(ALL) if n not in excluded]
 
     def plan(self, epoch, ctx):
         names = self.candidates()
+        batches = ctx.minibatches(self.minibatches, epoch)
         was_training = self.model.training
         self.model.eval()
         try:
-            mean, var, _ = per_example_gradient_moments(
-                self.model, names, ctx.minibatches(self.minibatches, epoch), self.chunk_size)
+            if self.statistic == "eb-criterion":
+                snr = eb_criterion(self.model, names, batches)
+            else:
+                mean, var, _ = per_example_gradient_moments(self.model, names, batches,
+                                                            self.chunk_size)
+                snr = gradient_snr(mean, var)
         finally:
             self.model.train(was_training)
-        snr = gradient_snr(mean, var)
-        threshold = self.threshold if self.threshold is not None else 1 / self.config.batch_size
+        default = 0.95 if self.statistic == "eb-criterion" else 1 / self.config.batch_size
+        threshold = self.threshold if self.threshold is not None else default
         self.last_snr = snr
         return EpochPlan([n for n in names if snr[n] >= threshold])
 

@@ -319,6 +319,8 @@ class TrainingRun:
         set_trainable(self.model, plan.tuned)
         if self.cache is not None:
             refresh_folds(self.cache.runner)
+        if plan.reset_optimizer:  # a fresh optimizer: moments and step counts forgotten
+            self.optimizer.state.clear()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for name, scale in plan.lr_scale.items():
