@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup figures test test-avx2 speed pretrain deep deep-quick clean
+.PHONY: setup figures test test-avx2 speed gpu-check pretrain deep deep-quick clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,12 @@ deep-quick: $(STAMP)
 speed: $(STAMP)
 	$(PY) -m sims.speed
 	$(PY) -m deep.speed --count-work
+
+# The GPU path measured on this machine's GPU (needs CUDA torch: see TORCH above):
+# sims.speed and deep.speed on cuda and a short Ray sweep with fractional GPUs, one
+# table (docs/distributed.md).
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -82,14 +82,15 @@ class Clock:
 
 
 @torch.no_grad()
-def _reference_eval(model, split, batch_size):
-    preds = torch.cat([model(x).argmax(1) for x, _, _ in split.batches(batch_size)])
+def _reference_eval(model, split, batch_size, device="cpu"):
+    preds = torch.cat([model(x.to(device)).argmax(1) for x, _, _ in split.batches(batch_size)])
     return accuracy(preds, split.labels).acc
 
 
-def reference_run(checkpoint, arch, task, option, lr, epochs, batch_size, weight_decay, seed):
+def reference_run(checkpoint, arch, task, option, lr, epochs, batch_size, weight_decay, seed,
+                  device="cpu"):
     """One (option, lr) the way the public code does it; returns (test acc at best val, val)."""
-    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1])
+    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1]).to(device)
     model.eval()  # BN statistics frozen, as in the reference protocol
     names = set(tuned_parameter_names(model, option, blocks_for(arch)))
     params = [p for n, p in model.named_parameters() if n in names]  # all keep requires_grad
@@ -98,11 +99,12 @@ def reference_run(checkpoint, arch, task, option, lr, epochs, batch_size, weight
     history = []
     for _ in range(epochs):
         for x, y, _ in task.train.batches(batch_size, shuffle=True, generator=generator):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        history.append((_reference_eval(model, task.val, 256), _reference_eval(model, task.test, 256)))
+        history.append((_reference_eval(model, task.val, 256, device),
+                        _reference_eval(model, task.test, 256, device)))
     best = max(range(epochs), key=lambda i: (history[i][0], -i))
     return history[best][1], history[best][0]
 
@@ -123,18 +125,20 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def work_table(options, checkpoint, arch, task, lr, timed, total_speedup, run_args) -> list[str]:
+def work_table(options, checkpoint, arch, task, lr, timed, total_speedup, run_args,
+               device="cpu") -> list[str]:
     """Rerun both loops (one lr) counting FLOPs; lines comparing work and time ratios.
 
     `timed` maps option -> (reference seconds, ours seconds) of the timed pass."""
-    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1])
+    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1]).to(device)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     cache = PrefixCache(model, {"train": task.train, "val": task.val, "test": task.test})
     lines = [f"{'option':>8} | {'ref GFLOP':>10} {'ours GFLOP':>10} {'work ratio':>10} | "
              f"{'speedup':>7} {'speedup / work ratio':>20}"]
     total_ref = total_ours = 0
     for option in options:
-        ref = count_flops(lambda: reference_run(checkpoint, arch, task, option, lr, *run_args))
+        ref = count_flops(lambda: reference_run(checkpoint, arch, task, option, lr, *run_args,
+                                                device=device))
         ours = count_flops(lambda: ours_run(model, base_state, cache, blocks_for(arch), task,
                                             option, lr, *run_args))
         total_ref, total_ours = total_ref + ref, total_ours + ours
@@ -184,6 +188,8 @@ def main(argv=None) -> int:
                         "2-thread OpenMP runs stall whenever another process holds a core)")
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's malloc defaults (every freed activation unmapped), for both loops")
+    p.add_argument("--device", default="cpu",
+                   help="where both loops run: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--tolerance", type=float, default=0.5, help="max test-accuracy gap, points")
     p.add_argument("--count-work", action="store_true",
                    help="afterwards, count each loop's convolution/matmul FLOPs (one more pass of "
@@ -200,7 +206,8 @@ def main(argv=None) -> int:
 
     print(f"# {args.arch}, {args.channels}x{args.size}x{args.size} images, train/val/test = "
           f"{args.n_train}/{args.n_val}/{args.n_test}, {args.epochs} epochs, lrs {lrs}, "
-          f"batch {batch_size}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"batch {batch_size}, device {args.device}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, "
           f"malloc for both loops: {malloc}")
     source, task = make_data(args.size, args.channels, 1000, args.n_train, args.n_val, args.n_test)
     with Clock() as c:
@@ -217,6 +224,7 @@ def main(argv=None) -> int:
         # Ours: weights read once, one cache for the task, every run from the same state.
         with Clock() as setup:
             ours_model = load_model(checkpoint, args.arch, NUM_CLASSES, args.channels)
+            ours_model.to(args.device)
             base_state = {k: v.clone() for k, v in ours_model.state_dict().items()}
             cache = PrefixCache(ours_model, {"train": task.train, "val": task.val, "test": task.test})
         rows, worst_gap = [], 0.0
@@ -225,7 +233,8 @@ def main(argv=None) -> int:
         for option in options:
             for lr in lrs:
                 with Clock() as ref:
-                    ref_acc, _ = reference_run(checkpoint, args.arch, task, option, lr, *run_args)
+                    ref_acc, _ = reference_run(checkpoint, args.arch, task, option, lr, *run_args,
+                                               device=args.device)
                 with Clock() as ours:
                     ours_acc = ours_run(ours_model, base_state, cache, blocks, task, option, lr,
                                         *run_args)
@@ -242,7 +251,7 @@ def main(argv=None) -> int:
             print(f"\n# work: convolution and matmul FLOPs of each loop (torch.utils.flop_counter, "
                   f"lr {lrs[0]:g}; both lrs do the same work), against the measured speedups")
             for line in work_table(options, checkpoint, args.arch, task, lrs[0], timed, speedup,
-                                   run_args):
+                                   run_args, args.device):
                 print(line, flush=True)
     ok = worst_gap <= args.tolerance
     print(f"accuracy check: largest test-accuracy gap {worst_gap:.2f} points "
