@@ -1,0 +1,97 @@
+"""deep.convergence: the curves file, the inside-the-grid fractions, t intervals and the
+learning-curve means (issue #15)."""
+
+import math
+
+import pytest
+
+from deep.convergence import (CURVE_COLUMNS, CurvesFile, inside_grid, learning_curves,
+                              read_curves, t_interval)
+from deep.errors import ResultsError
+
+
+def row(method="first", lr=1e-3, seed=0, best_epoch=5, epochs=15, shift="s", bench="b",
+        val_acc=0.5, history=None):
+    r = dict(benchmark=bench, shift=shift, method=method, seed=seed, n_target=100, lr=lr,
+             best_epoch=best_epoch, epochs=epochs, val_acc=val_acc)
+    if history is not None:
+        r["history"] = [dict(epoch=i + 1, val_acc=v, val_worst_group_acc=None, train_loss=1.0 / (i + 1))
+                        for i, v in enumerate(history)]
+    return r
+
+
+def test_inside_grid_counts_epoch_before_the_cap_and_lr_strictly_inside():
+    grid = [1e-2, 1e-3, 1e-4]
+    rows = [row(lr=lr, seed=0) for lr in grid] + [row(lr=1e-3, seed=s) for s in (1, 2, 3)]
+    # Chosen cells: seed 0 at 1e-3 (inside), seed 1 at 1e-3 but at the last epoch,
+    # seed 2 at 1e-3 at epoch 14 (inside), seed 3 reused 1e-2 (grid edge, from seed 0's grid).
+    selected = [row(lr=1e-3, seed=0, best_epoch=3), row(lr=1e-3, seed=1, best_epoch=15),
+                row(lr=1e-3, seed=2, best_epoch=14), row(lr=1e-2, seed=3, best_epoch=2)]
+    out = inside_grid(rows + [row(lr=1e-2, seed=3)], selected)
+    assert out == {("b", "first"): {"cells": 4, "epoch_inside": 3 / 4, "lr_inside": 3 / 4}}
+
+
+def test_inside_grid_is_per_benchmark_and_method():
+    rows = [row(lr=lr, method=m) for lr in (1e-2, 1e-3, 1e-4) for m in ("first", "all")]
+    selected = [row(lr=1e-4, method="all", best_epoch=15), row(lr=1e-3, method="first")]
+    out = inside_grid(rows, selected)
+    assert out[("b", "all")] == {"cells": 1, "epoch_inside": 0.0, "lr_inside": 0.0}
+    assert out[("b", "first")] == {"cells": 1, "epoch_inside": 1.0, "lr_inside": 1.0}
+
+
+def test_t_interval_uses_the_t_quantile_with_n_minus_one_degrees_of_freedom():
+    # Student t, 4 degrees of freedom, two-sided 95 %: 2.7764 (any t table).
+    mean, half, n = t_interval((0.02, 0.01, 5))
+    assert (mean, n) == (0.02, 5)
+    assert half == pytest.approx(0.027764, abs=1e-6)
+    assert math.isnan(t_interval((0.02, math.nan, 1))[1])
+
+
+def test_curves_file_round_trips_and_a_rerun_cell_replaces_its_epochs(tmp_path):
+    path = tmp_path / "curves.csv"
+    f = CurvesFile(path)
+    f.record(row(seed=0, history=[0.5, 0.6, 0.55]))
+    f.record(row(seed=1, history=[0.4]))
+    back = read_curves(path)
+    assert [(r["seed"], r["epoch"], r["val_acc"]) for r in back] == \
+        [(0, 1, 0.5), (0, 2, 0.6), (0, 3, 0.55), (1, 1, 0.4)]
+    assert back[0]["lr"] == 1e-3 and back[0]["val_worst_group_acc"] is None
+    again = CurvesFile(path)  # a resumed sweep reruns seed 0 (killed before its result row)
+    again.record(row(seed=0, history=[0.7, 0.8]))
+    assert [(r["seed"], r["epoch"], r["val_acc"]) for r in read_curves(path)] == \
+        [(0, 1, 0.7), (0, 2, 0.8), (1, 1, 0.4)]
+
+
+def test_curves_file_errors_name_the_line_and_column(tmp_path):
+    path = tmp_path / "curves.csv"
+    CurvesFile(path).record(row(history=[0.5, 0.6]))
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace(",2,", ",two,")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ResultsError, match=r"line 3: column 'epoch' holds 'two'"):
+        read_curves(path)
+    path.write_text("a,b\n")
+    with pytest.raises(ResultsError, match="not a curves file"):
+        read_curves(path)
+    with pytest.raises(ResultsError, match="no 'history'"):
+        CurvesFile(tmp_path / "other.csv").record(row())
+    assert CURVE_COLUMNS[-1] == "train_loss"
+
+
+def test_learning_curves_average_the_chosen_lr_over_runs_that_reached_each_epoch():
+    curves = []
+    for seed, hist in ((0, [0.2, 0.4, 0.6]), (1, [0.4, 0.6])):
+        curves += CurvesFileRows(row(seed=seed, lr=1e-3, history=hist))
+    curves += CurvesFileRows(row(seed=0, lr=1e-2, history=[0.9, 0.9, 0.9]))  # not chosen
+    selected = [row(seed=0, lr=1e-3), row(seed=1, lr=1e-3)]
+    out = learning_curves(curves, selected, panel_of=lambda r: "panel")
+    got = out["panel"]["first"]
+    assert [e for e, _, _ in got] == [1, 2, 3]
+    assert [n for _, _, n in got] == [2, 2, 1]
+    assert [m for _, m, _ in got] == pytest.approx([0.3, 0.5, 0.6])
+    assert learning_curves(curves, selected, panel_of=lambda r: None) == {}
+
+
+def CurvesFileRows(r):
+    from deep.convergence import curve_rows
+    return curve_rows(r)
