@@ -161,16 +161,36 @@ def _nchw_input_hook(module: nn.Module, args: tuple) -> tuple:
     return (nchw_if_unsafe(module, args[0]), *args[1:])
 
 
+# torch's CPU GroupNorm backward (not oneDNN; every ISA, torch 2.13.0) segfaults when its
+# input is channels-last and needs no gradient while its affine parameters do: the first
+# norm of a tuned stage whose input comes from the prefix cache.
+
+def group_norm_unsafe(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `norm(x)` would hit torch's channels-last GroupNorm backward crash."""
+    return (isinstance(norm, nn.GroupNorm) and x.device.type == "cpu" and x.ndim == 4
+            and torch.is_grad_enabled() and not x.requires_grad
+            and any(p.requires_grad for p in norm.parameters())
+            and plain_strides(x) is not x)
+
+
+def _group_norm_hook(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    return (plain_strides(x) if group_norm_unsafe(module, x) else x, *args[1:])
+
+
 def guard_channels_last(model: nn.Module) -> int:
     """Make every `channels_last_unsafe` convolution of `model` run on NCHW inputs and
-    weights (a forward pre-hook; the same numbers, only the layout changes). Idempotent;
-    returns how many convolutions are guarded. The engine calls this wherever it lays
-    activations out channels-last."""
+    weights, and every GroupNorm on NCHW inputs where `group_norm_unsafe` (forward
+    pre-hooks; the same numbers, only the layout changes). Idempotent; returns how many
+    modules are guarded. The engine calls this wherever it lays activations out
+    channels-last."""
     count = 0
     for module in model.modules():
-        if channels_last_unsafe(module):
+        hook = (_nchw_input_hook if channels_last_unsafe(module)
+                else _group_norm_hook if isinstance(module, nn.GroupNorm) else None)
+        if hook is not None:
             if not getattr(module, "_nchw_guard", False):
-                module.register_forward_pre_hook(_nchw_input_hook)
+                module.register_forward_pre_hook(hook)
                 module._nchw_guard = True
             count += 1
     return count

@@ -92,3 +92,44 @@ def test_engine_never_runs_the_faulty_kernel_shape(isa):
     assert any(ic % 8 for ic, _, _ in strided_1x1), "the run never hit the shape it should test"
     bad = [line for ic, cl, line in strided_1x1 if ic % 8 and cl]
     assert not bad, f"{len(bad)} channels-last 1x1 strided weight gradients, e.g. {bad[0]}"
+
+
+_GROUP_NORM_RUN = """
+import torch
+from torch import nn
+from deep.train import TrainConfig, fit
+from deep.data.base import TensorSplit
+torch.manual_seed(0)
+torch.set_num_threads(1)
+# A user's model (an nn.Sequential: every child is a stage) with plain torch GroupNorms.
+model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+split = lambda n: TensorSplit(torch.randn(n, 3, 12, 12), torch.arange(n) % 4)
+train, val = split(64), split(16)
+# Tuning only the second norm: its input comes from the prefix cache, needs no gradient.
+fit(model, train, val, val, "norm", TrainConfig(lr=1e-2, epochs=2), {"norm": ("4",)})
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_group_norm_on_a_cached_channels_last_input_does_not_crash():
+    """torch's CPU GroupNorm backward segfaults on a channels-last input that needs no
+    gradient while its affine parameters do; the engine's guard covers any GroupNorm."""
+    done = subprocess.run([sys.executable, "-c", _GROUP_NORM_RUN], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "MALLOC_CHECK_": "3"})
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("done"), done.stderr[-2000:]
+
+
+def test_group_norm_guard_only_where_the_crash_is():
+    norm = nn.GroupNorm(2, 4)
+    cl = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    from deep.models.staged import group_norm_unsafe
+    assert group_norm_unsafe(norm, cl)
+    assert not group_norm_unsafe(norm, cl.contiguous())
+    assert not group_norm_unsafe(norm, cl.clone().requires_grad_())
+    with torch.no_grad():
+        assert not group_norm_unsafe(norm, cl)
+    norm.requires_grad_(False)
+    assert not group_norm_unsafe(norm, cl)
