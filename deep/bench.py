@@ -26,6 +26,7 @@ from .blocks import blocks_for
 from .files import atomic_write_bytes
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, load_protocol
+from .ray_backend import add_backend_arguments, executor_from_args, session_for
 from .report import (METHOD_ORDER, bar_panel, format_stat, mean_se, save_figure,
                      select_learning_rates)
 from .report import summarize as summarize_tables
@@ -353,6 +354,7 @@ def add_arguments(p) -> None:
     p.add_argument("--summarize-only", action="store_true",
                    help="only rebuild table.md and the plots from the CSVs")
     p.add_argument("--no-progress", action="store_true")
+    add_backend_arguments(p)  # --backend ray: the suite's sweeps as Ray tasks (--workers unused)
 
 
 def run(args) -> int:
@@ -363,11 +365,14 @@ def run(args) -> int:
     if not args.summarize_only:
         jobs = [(p, out_dir / "results.csv") for p in main_protocols(suite)]
         jobs += [(p, out_dir / "n_target.csv") for p in n_sweep_protocols(suite)]
-        for protocol, csv_path in jobs:
-            summary = run_sweep(protocol, csv_path, data_dir=args.data_dir, workers=args.workers,
-                                progress=not args.no_progress)
-            print(f"{protocol.benchmark} n_target={protocol.n_target}: ran {summary.ran}, "
-                  f"skipped {summary.skipped}, {summary.seconds:.0f} s", flush=True)
+        executor = executor_from_args(args)
+        with session_for(executor):  # one Ray connection for all the suite's sweeps
+            for protocol, csv_path in jobs:
+                summary = run_sweep(protocol, csv_path, data_dir=args.data_dir,
+                                    workers=args.workers, progress=not args.no_progress,
+                                    executor=executor)
+                print(f"{protocol.benchmark} n_target={protocol.n_target}: ran {summary.ran}, "
+                      f"skipped {summary.skipped}, {summary.seconds:.0f} s", flush=True)
     for path in summarize(out_dir, suite):
         print(path)
     return 0

@@ -27,6 +27,7 @@ only when a Ray sweep starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -131,11 +132,10 @@ class RaySession:
             import_ray().shutdown()
 
 
-def session_for(options: RayOptions | None):
-    """One Ray connection around several sweeps (`bench`), or nothing for the local backend."""
-    from contextlib import nullcontext
-
-    return nullcontext() if options is None else RaySession(options.address)
+def session_for(executor: "RayExecutor | None"):
+    """One Ray connection around several sweeps (`bench`): each sweep's executor then
+    finds Ray connected and leaves it so. Nothing for the local backend (None)."""
+    return contextlib.nullcontext() if executor is None else RaySession(executor.options.address)
 
 
 # --- resources --------------------------------------------------------------------
@@ -245,9 +245,12 @@ def execute_groups_on_ray(ray, groups: list, spec: dict, record: Callable[[dict]
         record: the driver's writer of one row (the single writer of the CSV).
         pretrained: the pretrained state dict, put in the object store once.
     """
-    task = ray.remote(run_group_task).options(
-        num_cpus=options.cpus_per_task, num_gpus=gpus_per_task,
-        max_retries=options.max_retries, retry_exceptions=False)
+    # A GPU task gets a fresh worker process (max_calls=1, as Ray's own default for
+    # GPU functions): CUDA, once initialised, ignores the GPU Ray assigns the next task.
+    reuse = {"max_calls": 1} if gpus_per_task > 0 else {}
+    task = ray.remote(num_cpus=options.cpus_per_task, num_gpus=gpus_per_task,
+                      max_retries=options.max_retries, retry_exceptions=False,
+                      **reuse)(run_group_task)
     weights = ray.put(pretrained)
     threads = max(1, int(options.cpus_per_task))
     running = {task.remote(group, spec, weights, threads): group for group in groups}
@@ -351,7 +354,8 @@ def options_from_args(args) -> RayOptions | None:
         if args.cpus_per_task != 1:
             given.append("--cpus-per-task")
         if given:
-            raise RayBackendError(f"{', '.join(given)} only apply with --backend ray")
+            raise RayBackendError(f"{', '.join(given)} given without --backend ray "
+                                  "(they configure the Ray backend)")
         return None
     return RayOptions(address=args.ray_address, gpus_per_task=args.gpus_per_task,
                       cpus_per_task=args.cpus_per_task)

@@ -25,7 +25,7 @@ import torch
 
 from deep.protocol import load_protocol
 from deep.ray_backend import (RayBackendError, RayExecutor, RayOptions, TaskGroupError,
-                               check_data_dir)
+                               check_data_dir, concurrent_tasks, task_device)
 from deep.sweep import COLUMNS, plan_cells, read_results, row_key, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a Ray task runs on one thread too
@@ -171,6 +171,26 @@ class TestLocalRay:
                       executor=on_ray(cpus_per_task=4))
 
 
+def test_fractional_gpus_pack_task_groups():
+    assert concurrent_tasks({"CPU": 16, "GPU": 1}, 1, 0.25) == 4  # four groups share the GPU
+    assert concurrent_tasks({"CPU": 16, "GPU": 8}, 2, 1) == 8
+    assert concurrent_tasks({"CPU": 3, "GPU": 2}, 1, 0.5) == 3  # CPUs bind
+    assert concurrent_tasks({"CPU": 2}, 1, 0) == 2
+    assert task_device("auto", 0.25) == "cuda" and task_device(None, 0) == "cpu"
+    with pytest.raises(RayBackendError, match="--device cuda with --backend ray needs --gpus-per-task"):
+        task_device("cuda", 0)
+    with pytest.raises(RayBackendError, match="got 'cuda:1'"):
+        task_device("cuda:1", 1)
+
+
+def test_bench_takes_the_ray_flags(tmp_path, capsys):
+    from deep.__main__ import main
+
+    assert main(["bench", "fmnist", "--quick", "--out", str(tmp_path), "--no-progress",
+                 "--ray-address", "auto"]) == 2
+    assert "error: --ray-address given without --backend ray" in capsys.readouterr().err
+
+
 def test_bad_options_are_named():
     with pytest.raises(RayBackendError, match="must be 'auto' or HOST:PORT, got 'localhost'"):
         RayOptions(address="localhost")
@@ -259,4 +279,4 @@ class TestRayStartHead:
                                 "--out", str(tmp_path / "r.csv"), "--gpus-per-task", "1"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert local.returncode == 2
-        assert "error: --gpus-per-task only apply with --backend ray" in local.stderr
+        assert "error: --gpus-per-task given without --backend ray" in local.stderr
