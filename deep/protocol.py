@@ -49,6 +49,9 @@ class Tuning:
                                 metadata={"help": "L2 coefficient (Adam)"})
     select: str = field(default=engine_default(TrainConfig, "select"),
                         metadata={"help": "what picks (lr, epoch)", "choices": SELECTION_RULES})
+    patience: int | None = field(default=engine_default(TrainConfig, "patience"),
+                                 metadata={"help": "early stopping: epochs without a better "
+                                           "validation metric before a run stops (none: all)"})
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
@@ -62,6 +65,7 @@ class Tuning:
         """The engine's settings of one cell; `engine` adds cache_mb, device, ..."""
         return TrainConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size,
                            weight_decay=self.weight_decay, select=self.select, seed=seed,
+                           patience=self.patience,
                            **engine)
 
 

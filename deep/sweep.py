@@ -126,7 +126,8 @@ class SweepSummary:
 def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None,
               data_dir: str | None = None, workers: int = 1, cache_mb: float = DEFAULT_CACHE_MB,
               progress: bool = True, device: str | None = None,
-              trust_checkpoint: bool = False, executor=None, amp: bool = False) -> SweepSummary:
+              trust_checkpoint: bool = False, executor=None, amp: bool = False,
+              on_row=None) -> SweepSummary:
     """Run every unfinished cell of `protocol`, appending one row per cell to `out`.
 
     Args:
@@ -143,6 +144,9 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
             with the unfinished cells (e.g. `deep.ray_backend.RayExecutor`); None: local
             processes (`workers`).
         amp: bf16 autocast on CUDA (`TrainConfig.amp`; no effect on CPU).
+        on_row: called with each finished row before it is written; the row also
+            carries "history", the run's per-epoch records (`FitResult.history`),
+            which the results CSV leaves out (`deep.convergence.CurvesFile` keeps them).
     """
     t0 = time.perf_counter()
     bench = get_benchmark(protocol.benchmark)
@@ -166,6 +170,8 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
 
     def record(row):
         nonlocal diverged
+        if on_row is not None:
+            on_row(row)
         results.append(row)
         diverged += row["status"] == "diverged"
         if bar is not None:
@@ -309,7 +315,8 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
         config = protocol.tuning.run_config(cell.lr, cell.seed, cache_mb=cache_mb, device=device,
                                             amp=amp)
         result = fit(model, task.train, task.val, task.test, cell.method, config, blocks, cache)
-        yield result_row(cell, result, total_params, settings)
+        # The per-epoch records travel with the row (the CSV keeps only its columns).
+        yield {**result_row(cell, result, total_params, settings), "history": result.history}
 
 
 def result_row(cell: Cell, result: FitResult, total_params: int, settings: dict) -> dict:

@@ -87,6 +87,10 @@ class TrainConfig:
         amp: bf16 autocast of the forward passes (training and evaluation) on CUDA;
             weights, optimizer and loss stay float32. No effect on other devices:
             CPU runs are the same with or without it, bit for bit.
+        patience: early stopping on a validation plateau: stop after this many epochs
+            in a row without a better validation metric (None: run every epoch). The
+            chosen epoch is the same as without it whenever the best epoch comes less
+            than `patience` epochs after the previous best (issue #15).
     """
 
     lr: float
@@ -111,11 +115,12 @@ class TrainConfig:
     compile: bool = False
     device: str | None = None
     amp: bool = False
+    patience: int | None = None
 
     def __post_init__(self):
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
         if self.select not in SELECTION_RULES:
@@ -259,6 +264,8 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
         record = run.select(epoch, plan, losses)
         if on_epoch is not None:
             on_epoch(record)
+        if run.plateaued(epoch):
+            break
     test_metrics = run.restore_best_and_test()
     return run.result(test_metrics, time.perf_counter() - t0)
 
@@ -403,6 +410,11 @@ class TrainingRun:
                                             self.config.freeze_bn)
         self.history.append(record)
         return record
+
+    def plateaued(self, epoch: int) -> bool:
+        """Early stopping: `config.patience` epochs since the best validation epoch."""
+        patience = self.config.patience
+        return patience is not None and self.val is not None and epoch - self.best_epoch >= patience
 
     def restore_best_and_test(self) -> Metrics | None:
         """Freeze everything, restore the best epoch's parameters, evaluate test once there."""

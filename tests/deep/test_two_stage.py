@@ -1,0 +1,78 @@
+"""deep.two_stage (issue #15): the lr grid on the first-stage seeds, the other seeds at
+the chosen lr; curves of every run kept beside the results."""
+
+from __future__ import annotations
+
+import pytest
+
+from deep.convergence import CurvesFile, read_curves
+from deep.errors import ConfigError
+from deep.protocol import load_protocol
+from deep.sweep import read_results
+from deep.two_stage import chosen_lrs, run_two_stage, second_stage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def protocol(**changes):
+    base = dict(shifts=["noise"], methods=["last", "all"], lrs=[1e-2, 1e-3], epochs=2,
+                n_target=32, val_per_class=5, test_per_class=5)
+    return load_protocol("synthetic").replace(**{**base, **changes})
+
+
+def row(method, lr, seed, val, shift="noise", select="val_acc", wg=None):
+    return dict(benchmark="synthetic", shift=shift, method=method, seed=seed, n_target=32,
+                lr=lr, val_acc=val, val_worst_group_acc=wg, select=select)
+
+
+def test_chosen_lr_is_the_best_mean_over_first_stage_seeds_ties_to_the_larger():
+    p = protocol()
+    rows = [row("last", 1e-2, 0, 0.9), row("last", 1e-3, 0, 0.5),
+            row("last", 1e-2, 1, 0.1), row("last", 1e-3, 1, 0.6),   # mean 0.5 vs 0.55
+            row("all", 1e-2, 0, 0.7), row("all", 1e-3, 0, 0.7),     # tie
+            row("all", 1e-2, 1, 0.7), row("all", 1e-3, 1, 0.7),
+            row("all", 1e-2, 2, 0.0)]                                # not a first-stage seed
+    assert chosen_lrs(rows, p, [0, 1]) == {("noise", "last"): 1e-3, ("noise", "all"): 1e-2}
+    # an unfinished grid is not chosen from
+    assert chosen_lrs(rows[:3], p, [0, 1]) == {}
+    worst = [row("last", 1e-2, 0, 0.9, select="worst_group_val_acc", wg=0.1),
+             row("last", 1e-3, 0, 0.5, select="worst_group_val_acc", wg=0.4)]
+    assert chosen_lrs(worst, p, [0]) == {("noise", "last"): 1e-3}
+
+
+def test_second_stage_groups_methods_by_shift_lr_and_seeds():
+    p = protocol(methods=["first", "last", "all"])
+    choices = {("noise", "first"): 1e-3, ("noise", "all"): 1e-3, ("noise", "last"): 1e-2}
+    stages = second_stage(p, choices, lambda m: [1, 2] if m != "first" else [1])
+    got = sorted((s.shifts[0], tuple(s.methods), tuple(s.lrs), tuple(s.seeds)) for s in stages)
+    assert got == [("noise", ("all",), (1e-3,), (1, 2)), ("noise", ("first",), (1e-3,), (1,)),
+                   ("noise", ("last",), (1e-2,), (1, 2))]
+
+
+def test_run_two_stage_writes_grid_on_seed_0_then_seed_1_at_the_choice(tmp_path, synthetic_checkpoint):
+    out, curves_path = tmp_path / "results.csv", tmp_path / "curves.csv"
+    p = protocol()
+    curves = CurvesFile(curves_path)
+    run_two_stage(p, out, [0], lambda m: [1], on_row=curves.record, progress=False)
+    rows = read_results(out)
+    first = [r for r in rows if r["seed"] == 0]
+    assert sorted((r["method"], r["lr"]) for r in first) == \
+        sorted((m, lr) for m in p.methods for lr in p.lrs)
+    choices = chosen_lrs(rows, p, [0])
+    second = {(r["method"], r["lr"]) for r in rows if r["seed"] == 1}
+    assert second == {(m, choices[("noise", m)]) for m in p.methods}
+    # every run's epochs are in curves.csv, and the chosen epoch's val_acc is the row's
+    back = read_curves(curves_path)
+    assert len(back) == sum(r["epochs"] for r in rows)  # no patience: every epoch ran
+    for r in rows:
+        mine = {c["epoch"]: c["val_acc"] for c in back
+                if (c["method"], c["seed"], c["lr"]) == (r["method"], r["seed"], r["lr"])}
+        assert mine[r["best_epoch"]] == r["val_acc"]
+    # resuming runs nothing new
+    again = run_two_stage(p, out, [0], lambda m: [1], progress=False)
+    assert sum(s.ran for s in again) == 0
+
+
+def test_second_stage_seeds_must_leave_out_the_first_stage():
+    with pytest.raises(ConfigError, match="leave out the first stage"):
+        run_two_stage(protocol(), "unused.csv", [0], lambda m: [0, 1])
