@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,9 +109,11 @@ def group_executions() -> int:
 
 @pytest.fixture(scope="class")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=short_temp_dir())
+    temp = short_temp_dir()
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp)
     yield
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.usefixtures("local_ray")
@@ -151,7 +154,10 @@ class TestLocalRay:
         with pytest.raises(TaskGroupError, match=r"failed on node .*n_target=100000 exceeds"):
             run_sweep(bad, tmp_path / "bad.csv", progress=False, executor=on_ray(max_retries=3))
         assert read_results(tmp_path / "bad.csv") == []
-        time.sleep(2)  # task events reach the timeline about once a second
+        deadline = time.time() + 60  # task events reach the timeline about once a second
+        while group_executions() == before and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # retries, had there been any, ran before the error reached us
         assert group_executions() - before == 1  # ran once: an error is not retried
 
     def test_a_data_dir_missing_on_a_node_is_named(self, tmp_path):
@@ -212,12 +218,12 @@ def free_port() -> int:
 def ray_head(synthetic_cache):
     """(address, env): a head started by `ray start --head --block`, with its own token;
     terminating the command stops every process it started."""
-    port = free_port()
+    port, temp = free_port(), short_temp_dir()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     head = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={short_temp_dir()}"],
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
     for line in head.stdout:  # it prints "... --block" once the node is up
@@ -229,6 +235,7 @@ def ray_head(synthetic_cache):
     yield f"{socket.gethostbyname(socket.gethostname())}:{port}", env
     head.terminate()
     head.wait(timeout=60)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def sweep_command(out, address, *flags):
