@@ -153,11 +153,6 @@ def plain_strides(x: torch.Tensor) -> torch.Tensor:
 
 
 def _nchw_input_hook(module: nn.Module, args: tuple) -> tuple:
-    # PyTorch runs oneDNN channels-last when the input *or the weight* is channels-last;
-    # `model.to(memory_format=torch.channels_last)` gives a 1x1 weight channels-last strides.
-    if plain_strides(module.weight) is not module.weight:
-        with torch.no_grad():
-            module.weight.data = plain_strides(module.weight.data)
     return (nchw_if_unsafe(module, args[0]), *args[1:])
 
 
@@ -186,6 +181,12 @@ def guard_channels_last(model: nn.Module) -> int:
     channels-last."""
     count = 0
     for module in model.modules():
+        if channels_last_unsafe(module) and plain_strides(module.weight) is not module.weight:
+            # PyTorch runs oneDNN channels-last when the input *or the weight* is; after
+            # `model.to(memory_format=torch.channels_last)` a 1x1 weight has such strides.
+            # (Done here, not in the hook: functorch transforms forbid `.data` writes.)
+            with torch.no_grad():
+                module.weight.data = plain_strides(module.weight.data)
         hook = (_nchw_input_hook if channels_last_unsafe(module)
                 else _group_norm_hook if isinstance(module, nn.GroupNorm) else None)
         if hook is not None:
