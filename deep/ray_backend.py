@@ -266,21 +266,29 @@ def execute_groups_on_ray(ray, groups: list, spec: dict, record: Callable[[dict]
         raise
 
 
+def _lost_worker_errors() -> tuple:
+    from ray import exceptions
+    return (exceptions.WorkerCrashedError, exceptions.OutOfMemoryError,
+            exceptions.NodeDiedError, exceptions.LocalRayletDiedError)
+
+
 def _take_next(ray, generator, running: dict, written: set, record) -> None:
     group = running[generator]
     try:
-        ref = next(generator)
+        row = ray.get(next(generator))
     except StopIteration:
         del running[generator]
         return
-    try:
-        row = ray.get(ref)
     except ray.exceptions.RayTaskError as err:
-        cause = err.cause
-        if isinstance(cause, TaskGroupError):
+        if isinstance(err.cause, TaskGroupError):
             del running[generator]
-            raise TaskGroupError(str(cause)) from None
-        raise
+            raise TaskGroupError(str(err.cause)) from None
+        raise  # a bug: Ray's error keeps the remote traceback
+    except _lost_worker_errors() as err:
+        del running[generator]
+        raise TaskGroupError(f"task group {_describe(group)}: its worker died and Ray's retries "
+                             f"are used up ({type(err).__name__}; killed, out of memory or a "
+                             "lost node: Ray's logs on that node say which)") from err
     key = row_key(row)
     if key not in {c.key for c in group}:
         raise RuntimeError(f"task group {_describe(group)} returned a row of another cell: {key}")

@@ -100,6 +100,18 @@ def own_ray_workers(task_name: str) -> list[int]:
     return found
 
 
+def kill_a_group_worker(out: Path, killed: list) -> None:
+    """SIGKILL a worker running a task group once the group's first row is in `out`
+    (two groups of three cells: LONG on two CPUs); note (pid, rows then) in `killed`."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not killed:
+        workers = own_ray_workers("run_group_task")
+        if workers and out.exists() and 1 <= len(read_results(out)) < 6:
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append((workers[0], len(read_results(out))))
+        time.sleep(0.01)
+
+
 def group_executions() -> int:
     """How many times a task group started on this cluster (from Ray's task timeline)."""
     return sum(1 for e in ray.timeline() if e.get("cat") == "task::run_group_task")
@@ -128,17 +140,7 @@ class TestLocalRay:
     def test_a_killed_worker_is_retried_and_each_cell_written_once(self, tmp_path, reference):
         out = tmp_path / "ray.csv"
         killed = []
-
-        def kill_the_worker_after_its_first_row():
-            deadline = time.time() + 120
-            while time.time() < deadline and not killed:
-                workers = own_ray_workers("run_group_task")
-                if workers and out.exists() and 1 <= len(read_results(out)) < 6:
-                    os.kill(workers[0], signal.SIGKILL)
-                    killed.append((workers[0], len(read_results(out))))
-                time.sleep(0.01)
-
-        killer = threading.Thread(target=kill_the_worker_after_its_first_row)
+        killer = threading.Thread(target=kill_a_group_worker, args=(out, killed))
         killer.start()
         try:
             run_sweep(protocol(LONG), out, progress=False, executor=on_ray(max_retries=2))
@@ -147,6 +149,17 @@ class TestLocalRay:
         assert killed, "the worker finished its group before it could be killed"
         rows = read_results(out)
         assert len(rows) == 6 and by_key(rows) == reference["long"]
+
+    def test_a_worker_killed_once_too_often_stops_the_sweep(self, tmp_path):
+        out = tmp_path / "ray.csv"
+        killer = threading.Thread(target=kill_a_group_worker, args=(out, []))
+        killer.start()
+        try:
+            with pytest.raises(TaskGroupError, match=r"task group synthetic/noise seed 0 \(3 cells\): "
+                                                     r"its worker died and Ray's retries are used up"):
+                run_sweep(protocol(LONG), out, progress=False, executor=on_ray(max_retries=0))
+        finally:
+            killer.join()
 
     def test_a_data_error_stops_the_sweep_without_retries(self, tmp_path):
         before = group_executions()
