@@ -31,7 +31,6 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -81,7 +80,8 @@ class RayOptions:
         if self.max_retries < 0:
             raise RayBackendError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.address not in (None, "auto") and not _is_host_port(self.address):
-            raise RayBackendError(f"--ray-address must be 'auto' or HOST:PORT, got {self.address!r}")
+            raise RayBackendError(f"--ray-address must be 'auto' or HOST:PORT, "
+                                  f"got {self.address!r}")
 
 
 def _is_host_port(address: str) -> bool:
@@ -201,9 +201,10 @@ def check_data_dir(ray, data_dir: str, cpus_per_task: float, gpus_per_task: floa
     nodes = [n for n in ray.nodes() if n.get("Alive")
              and n["Resources"].get("CPU", 0) >= cpus_per_task
              and n["Resources"].get("GPU", 0) >= gpus_per_task]
-    refs = {n["NodeManagerAddress"]: probe.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(data_dir)
-        for n in nodes}
+    refs = {}
+    for node in nodes:  # one probe pinned to each node
+        on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        refs[node["NodeManagerAddress"]] = probe.options(scheduling_strategy=on_node).remote(data_dir)
     missing = []
     for address, ref in refs.items():
         host, visible = ray.get(ref)
@@ -224,9 +225,8 @@ def run_group_task(cells, spec: dict, pretrained: dict, threads: int):
     try:
         yield from run_group(cells, **spec, pretrained=pretrained)
     except (ValueError, OSError) as err:  # bad data or options: no use retrying
-        first = cells[0]
-        raise TaskGroupError(f"task group {first.benchmark}/{first.shift} seed {first.seed} "
-                             f"failed on node {_node_name()}: {err}") from err
+        raise TaskGroupError(f"task group {_describe(cells)} failed on node {_node_name()}: "
+                             f"{err}") from err
 
 
 def _describe(group) -> str:

@@ -76,14 +76,16 @@ def last_match(pattern: str, text: str, name: str) -> str:
 
 
 def sims_speed(device: str, quick: bool) -> Measured:
-    command = [sys.executable, "-m", "sims.speed", "--device", device, *(QUICK_SIMS if quick else [])]
+    command = [sys.executable, "-m", "sims.speed", "--device", device,
+               *(QUICK_SIMS if quick else [])]
     out, seconds = run("sims.speed", command, timeout=1800)
     ratio = last_match(r"^speedup: (\S+)$", out, "sims.speed")
     return Measured("sims.speed", command, seconds, f"speedup {ratio}x over the numpy loop")
 
 
 def deep_speed(device: str, quick: bool) -> Measured:
-    command = [sys.executable, "-m", "deep.speed", "--device", device, *(QUICK_DEEP if quick else [])]
+    command = [sys.executable, "-m", "deep.speed", "--device", device,
+               *(QUICK_DEEP if quick else [])]
     out, seconds = run("deep.speed", command, timeout=3600)
     ratio = last_match(r"^total speedup: (\S+)x$", out, "deep.speed")
     check = last_match(r"^accuracy check: (.*)$", out, "deep.speed")

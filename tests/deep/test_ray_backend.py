@@ -202,9 +202,12 @@ def test_fractional_gpus_pack_task_groups():
         task_device("cuda:1", 1)
 
 
-def test_bench_takes_the_ray_flags(tmp_path, capsys):
+def test_ray_flags_need_the_ray_backend(tmp_path, capsys):
     from deep.__main__ import main
 
+    assert main(["sweep", "--benchmark", "synthetic", "--out", str(tmp_path / "r.csv"),
+                 "--gpus-per-task", "1"]) == 2
+    assert "error: --gpus-per-task given without --backend ray" in capsys.readouterr().err
     assert main(["bench", "fmnist", "--quick", "--out", str(tmp_path), "--no-progress",
                  "--ray-address", "auto"]) == 2
     assert "error: --ray-address given without --backend ray" in capsys.readouterr().err
@@ -288,15 +291,10 @@ class TestRayStartHead:
         assert len(rows) == 6 and {row_key(r) for r in rows} == {c.key for c in plan_cells(protocol(LONG))}
         assert by_key(rows) == reference["long"]
 
-    def test_cli_errors_are_one_line(self, tmp_path, ray_head):
+    def test_a_data_dir_no_node_sees_is_one_line(self, tmp_path, ray_head):
         address, env = ray_head
         done = subprocess.run(sweep_command(tmp_path / "r.csv", address, "--data-dir",
                                             str(tmp_path / "nowhere")),
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2
         assert f"error: --data-dir {tmp_path / 'nowhere'} is not a folder on node(s)" in done.stderr
-        local = subprocess.run([sys.executable, "-m", "deep", "sweep", "--benchmark", "synthetic",
-                                "--out", str(tmp_path / "r.csv"), "--gpus-per-task", "1"],
-                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert local.returncode == 2
-        assert "error: --gpus-per-task given without --backend ray" in local.stderr
