@@ -215,16 +215,20 @@ def cached_source_model(bench: Benchmark, arch: str) -> Path:
     if path.is_file():
         return path
     source = bench.load_source(None)
+    config = PretrainConfig(**recipe)
     threads = torch.get_num_threads()
     # One thread: the same weights on every machine, and no OpenMP stalls on a busy CPU.
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
-            model = pretrain(source, arch, PretrainConfig(**recipe), progress=False)
+            model = pretrain(source, arch, config, progress=False)
         acc = evaluate(model, source.test).acc
     finally:
         torch.set_num_threads(threads)
+    resolved = {"benchmark": bench.name, "arch": arch, "pretrain": dataclasses.asdict(config)}
     save_checkpoint(path, model, arch, source.num_classes, source.in_channels,
-                    meta={"benchmark": bench.name, "source_test_acc": acc, **recipe})
-    write_manifest(path, benchmark=bench.name, arch=arch, source_test_acc=acc, **recipe)
+                    meta={"benchmark": bench.name, "source_test_acc": acc, **recipe,
+                          "config": resolved})
+    write_manifest(path, benchmark=bench.name, arch=arch, source_test_acc=acc, **recipe,
+                   config=resolved)
     return path

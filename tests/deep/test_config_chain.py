@@ -209,3 +209,20 @@ def test_cli_catches_only_the_projects_errors(monkeypatch, capsys):
     with pytest.raises(ValueError, match="an internal bug"):
         main(["protocols"])
     assert issubclass(ConfigError, DeepError) and issubclass(DeepError, ValueError)
+
+
+# --- the resolved configuration in manifests --------------------------------------
+
+def test_manifests_hold_the_resolved_configuration(tmp_path, synthetic_checkpoint):
+    from deep.files import verify_checkpoint
+    from deep.data.synthetic import SOURCE_RECIPE
+
+    cached = verify_checkpoint(synthetic_checkpoint)["config"]
+    assert cached["pretrain"] == dataclasses.asdict(PretrainConfig(**SOURCE_RECIPE))
+    out = tmp_path / "src.pt"
+    assert main(["pretrain", "--benchmark", "synthetic", "--arch", "resnet26-w4", "--epochs", "1",
+                 "--augment", "none", "--out", str(out)]) == 0
+    config = verify_checkpoint(out)["config"]
+    assert config["pretrain"] == dataclasses.asdict(PretrainConfig(epochs=1, augment="none"))
+    assert (config["benchmark"], config["arch"], config["source_data"]) == \
+        ("synthetic", "resnet26-w4", {})
