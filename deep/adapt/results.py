@@ -9,6 +9,7 @@ settings differ from the run's is an error (write to another --out), never mixed
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -113,7 +114,6 @@ class AdaptResults:
 
 def settings_json(config) -> str:
     """A method config as sorted JSON, for the `settings` column."""
-    import dataclasses
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
 
