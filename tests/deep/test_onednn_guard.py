@@ -133,3 +133,38 @@ def test_group_norm_guard_only_where_the_crash_is():
         assert not group_norm_unsafe(norm, cl)
     norm.requires_grad_(False)
     assert not group_norm_unsafe(norm, cl)
+
+
+_MATRIX_RUN = """
+import sys, torch
+from deep.blocks import blocks_for
+from deep.data.base import TensorSplit
+from deep.models import build_model
+from deep.train import TrainConfig, fit
+torch.set_num_threads(1)
+torch.manual_seed(0)
+split = lambda n: TensorSplit(torch.randn(n, 3, 16, 16), torch.arange(n) % 4)
+train, val = split(64), split(16)
+CONFIGS = [{}, {"fold_bn": False}, {"use_cache": False, "channels_last": True},
+           {"channels_last": "first"}, {"freeze_bn": False, "channels_last": True}]
+for arch, methods in (("resnet26-w4", ["second", "all", "lp-ft", "auto-rgn", "auto-snr"]),
+                      ("resnet26-gn", ["second", "all"])):
+    for method in methods:
+        for config in CONFIGS:
+            if method == "auto-snr" and config.get("freeze_bn") is False:
+                continue  # a ConfigError by design
+            fit(build_model(arch, 4, 3), train, val, val, method,
+                TrainConfig(lr=1e-2, epochs=2, **config), blocks_for(arch))
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_every_engine_configuration_completes_on_avx2_kernels():
+    """Methods x engine configurations (cache, BN folding, channels-last everywhere / first
+    stage / off, BN in train mode) on the model with the unsafe convolution and on a
+    GroupNorm model, on oneDNN's AVX2 kernels, under glibc's strictest heap checks."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MALLOC_CHECK_": "3"}
+    done = subprocess.run([sys.executable, "-c", _MATRIX_RUN], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("done"), done.stderr[-2000:]
