@@ -5,6 +5,8 @@ at the top of the file (tests/deep/test_layering.py checks this):
 
     CLI          __main__, flags, bench, report, ray_backend, speed, calibrate, gallery
     runs         sweep (cells, resume, workers), results (the row schema)
+                 convergence (per-epoch curves; issue #15), two_stage (lr grid on
+                 some seeds, the rest at the chosen lr; above sweep)
     config       protocol (TOML -> Tuning, TargetData, PretrainConfig, data options)
     engine       pretrain -> train (the loop) -> methods, prefix_cache -> blocks,
                  checkpoints, normalization

@@ -8,8 +8,8 @@
   epoch is not the last allowed one and whose chosen learning rate is not the smallest
   or largest of the grid the cell's method was searched over (issue #15's criteria).
 - `t_interval`: a paired difference's (mean, se, n) as a 95 % t interval over seeds.
-- `learning_curves` / `plot_learning_curves`: validation accuracy per epoch of each
-  method at its chosen learning rate, mean over seeds and shifts, one panel per row.
+- `learning_curves`: validation accuracy per epoch of each method at its chosen
+  learning rate, mean over seeds and shifts, per panel (`deep.bench` plots them).
 """
 
 from __future__ import annotations
@@ -157,32 +157,3 @@ def learning_curves(curves: list[dict], selected: list[dict],
     for (panel, method), per_epoch in sums.items():
         out[panel][method] = [(e, sum(v) / len(v), len(v)) for e, v in sorted(per_epoch.items())]
     return dict(out)
-
-
-def plot_learning_curves(panels: dict, methods: list[str], path_stem: Path) -> list[Path]:
-    """One panel per row of `learning_curves`, one line per method in `methods`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import save_figure
-
-    cols = min(3, max(len(panels), 1))
-    nrows = math.ceil(max(len(panels), 1) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    for ax, (panel, lines) in zip(axes.flat, panels.items()):
-        for method in [m for m in methods if m in lines]:
-            points = lines[method]
-            style = dict(color="black", lw=2) if method == "all" else dict(lw=1.3)
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=method, **style)
-        ax.set_title(panel, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel("validation accuracy (%)", fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if panels:
-        axes.flat[0].legend(fontsize=7)
-    fig.suptitle("validation accuracy per epoch at each method's chosen learning rate "
-                 "(mean over seeds and shifts)", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path_stem)

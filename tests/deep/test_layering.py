@@ -21,8 +21,8 @@ RANKS = {
     "train": 6,
     "pretrain": 7,
     "protocol": 8,
-    "sweep": 9,
-    "report": 10, "flags": 10, "ray_backend": 10,
+    "sweep": 9, "convergence": 9,  # convergence: issue #15 (curves.csv, summaries)
+    "report": 10, "flags": 10, "ray_backend": 10, "two_stage": 10,  # two_stage: issue #15
     "bench": 11,
     "__main__": 12,
 }

@@ -1,0 +1,75 @@
+"""The Fashion-MNIST suite's issue-#15 summaries: intervals, inside-the-grid fractions,
+the protocol line read from the data, and the two-stage seeds of each method."""
+
+from __future__ import annotations
+
+import pytest
+
+from deep.bench import (SUITES, Suite, format_interval, grid_table, interval_table,
+                        markdown_table, protocol_lines)
+
+
+def _row(method, seed, test, lr=1e-3, best_epoch=5, epochs=15, shift="subpopulation",
+         benchmark="fmnist-breeds"):
+    return {"benchmark": benchmark, "shift": shift, "method": method, "seed": seed,
+            "n_target": 1000, "lr": lr, "test_acc": test, "val_acc": test, "worst_group_acc": None,
+            "select": "val_acc", "best_epoch": best_epoch, "epochs": epochs}
+
+
+def test_interval_table_shows_the_paired_t_interval():
+    # differences second - all over 3 seeds: 0.02, 0.04, 0.06 -> mean 4, sd 2 points;
+    # half-width t(0.975, 2) * 2 / sqrt(3) = 4.303 * 1.1547 = 4.97 points (any t table)
+    rows = []
+    for seed, diff in enumerate([0.02, 0.04, 0.06]):
+        rows += [_row("all", seed, 0.80), _row("second", seed, 0.80 + diff)]
+    text = "\n".join(interval_table(rows, 1000))
+    assert "| fmnist-breeds | +4.0 [-1.0, +9.0] |" in text
+
+
+def test_a_verdict_needs_the_interval_above_zero():
+    rows = []
+    for seed, diff in enumerate([0.02, 0.04, 0.06]):  # interval [-1.0, +9.0]: not a win
+        rows += [_row("all", seed, 0.80), _row("second", seed, 0.80 + diff)]
+    (_, _, _, best, beats_all, _), = markdown_table(rows, 1000)[1]
+    assert (best, beats_all) == ("second", False)
+    rows = []
+    for seed, diff in enumerate([0.04, 0.05, 0.06]):  # [+1.5, +8.5]
+        rows += [_row("all", seed, 0.80), _row("second", seed, 0.80 + diff)]
+    (_, _, _, best, beats_all, _), = markdown_table(rows, 1000)[1]
+    assert (best, beats_all) == ("second", True)
+
+
+def test_format_interval():
+    assert format_interval((0.012, 0.02, 5)) == "+1.2 [-0.8, +3.2]"
+    assert format_interval((0.012, float("nan"), 1)) == "+1.2"
+    assert format_interval((float("nan"), float("nan"), 0)) == "-"
+
+
+def test_grid_table_marks_fractions_below_80_percent():
+    grid = [1e-2, 1e-3, 1e-4]
+    rows = [_row("all", 0, 0.8, lr=lr) for lr in grid] + [_row("all", s, 0.8) for s in (1, 2, 3, 4)]
+    selected = [_row("all", s, 0.8, best_epoch=15 if s == 0 else 3) for s in range(5)]
+    text = "\n".join(grid_table(rows, selected, 1000))
+    assert "| fmnist-breeds | 80 / 100 |" in text
+    selected[1]["best_epoch"] = 15
+    assert "| fmnist-breeds | **60** / 100 |" in "\n".join(grid_table(rows, selected, 1000))
+
+
+def test_protocol_lines_read_the_stages_and_early_stopping_from_the_data():
+    rows = [_row("all", 0, 0.8, lr=lr) for lr in (1e-2, 1e-3)] + [_row("all", 1, 0.8)]
+    curves = [{"benchmark": "fmnist-breeds", "shift": "subpopulation", "method": "all", "seed": s,
+               "n_target": 1000, "lr": lr, "epoch": e}
+              for s, lr, n in ((0, 1e-2, 15), (0, 1e-3, 7), (1, 1e-3, 9)) for e in range(1, n + 1)]
+    lines = protocol_lines(rows, curves, 1000)
+    assert lines[0].startswith("Seeds [0, 1], learning rates [0.01, 0.001]")
+    assert "Two stages: the whole grid on seed(s) [0]" in lines[1]
+    assert "2 of 3 runs stopped before epoch 15" in lines[2]
+    assert len(protocol_lines(rows[:2], [], 1000)) == 1  # one stage, no curves
+
+
+def test_second_stage_seeds_per_method():
+    suite = SUITES["fmnist"]
+    assert suite.seeds_for("all") == [1, 2, 3, 4] and suite.seeds_for("first") == [1, 2, 3, 4]
+    assert suite.seeds_for("auto-rgn") == []  # baselines: seed 0 only (its grid)
+    plain = Suite(shifts={}, seeds=[0, 1], lrs=[1e-3], epochs=1)
+    assert plain.seeds_for("auto-rgn") == [0, 1]
