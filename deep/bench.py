@@ -454,7 +454,10 @@ def plot_learning_curves(panels: dict, methods: list[str], path_stem: Path) -> l
         for method in [m for m in methods if m in lines]:
             points = lines[method]
             style = dict(color="black", lw=2) if method == "all" else dict(lw=1.3)
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=method, **style)
+            # markers: a one-epoch curve (the quick suite) is a point, not a line
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=method,
+                    marker="o", ms=3, **style)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("validation accuracy (%)", fontsize=8)
