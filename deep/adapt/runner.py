@@ -22,6 +22,7 @@ from ..blocks import blocks_for
 from ..checkpoints import load_model
 from ..data import get_benchmark
 from ..errors import ConfigError
+from ..normalization import loader_options
 from ..sweep import resolve_checkpoint
 from .core import adapted_parameter_names, make_adapter, parse_blocks, run_stream
 from .protocol import AdaptProtocol
@@ -93,8 +94,11 @@ def load_test_split(protocol: AdaptProtocol, shift: str, seed: int, data_dir: st
     """(images, labels) of the seed's test split, drawn as the sweep draws it (test
     first, so it does not depend on the small n_target / validation sizes used here)."""
     bench = get_benchmark(protocol.benchmark)
+    # The architecture's own input normalisation (e.g. resnet26-gn: mean = std = 0.5), as the sweep.
     task = bench.load_task(Path(data_dir) if data_dir else None, shift, bench.num_classes, 1,
-                           protocol.test_per_class, seed, **protocol.data)
+                           protocol.test_per_class, seed,
+                           **loader_options(bench.load_task, bench.name, protocol.arch,
+                                            protocol.data))
     test = task.test
     if not hasattr(test, "images"):
         images, labels = zip(*[(x, y) for x, y, _ in test.batches(256)])
