@@ -96,6 +96,12 @@ class Method:
         """An extra loss term added at every step, or None."""
         return None
 
+    def last_phase_start(self) -> int:
+        """The first epoch of the method's last scheduled phase: early stopping
+        (`TrainConfig.patience`) counts from there at the earliest, so a plateau of an
+        earlier phase (lp-ft's linear probe) cannot end a run before its last phase."""
+        return 1
+
     def _names(self, options) -> list[str]:
         if self.blocks is None and options != ALL:
             raise ConfigError(f"method {self.name!r} needs a block mapping (blocks=...)")
@@ -124,6 +130,9 @@ class LinearProbeThenFinetune(Method):
     def candidates(self):
         return self._names(ALL)
 
+    def last_phase_start(self):
+        return self.config.epochs // 2 + 1
+
     def plan(self, epoch, ctx):
         probe_epochs = self.config.epochs // 2
         if epoch <= probe_epochs:
@@ -147,6 +156,9 @@ class GradualUnfreezing(Method):
 
     def candidates(self):
         return self._names(list(self.blocks))
+
+    def last_phase_start(self):
+        return max(unfreeze_epochs(len(self.blocks), self.config.epochs))
 
     def plan(self, epoch, ctx):
         options = list(self.blocks)

@@ -412,9 +412,12 @@ class TrainingRun:
         return record
 
     def plateaued(self, epoch: int) -> bool:
-        """Early stopping: `config.patience` epochs since the best validation epoch."""
+        """Early stopping: `config.patience` epochs since the best validation epoch, or
+        since the start of the method's last phase if that came later."""
         patience = self.config.patience
-        return patience is not None and self.val is not None and epoch - self.best_epoch >= patience
+        if patience is None or self.val is None:
+            return False
+        return epoch - max(self.best_epoch, self.method.last_phase_start() - 1) >= patience
 
     def restore_best_and_test(self) -> Metrics | None:
         """Freeze everything, restore the best epoch's parameters, evaluate test once there."""

@@ -62,3 +62,14 @@ def test_patience_must_be_a_positive_integer_and_protocols_pass_it_on():
     protocol = load_protocol("synthetic").replace(patience=4)
     assert protocol.tuning.run_config(1e-3, 0).patience == 4
     assert load_protocol("synthetic").tuning.run_config(1e-3, 0).patience is None
+
+
+@pytest.mark.parametrize("method", ["lp-ft", "gradual-first-last"])
+def test_a_plateau_before_the_last_phase_does_not_stop_the_run(task, synthetic_checkpoint, method):
+    model = load_model(synthetic_checkpoint, ARCH, 4, 3)
+    config = TrainConfig(lr=3e-2, epochs=8, seed=0, patience=1)
+    result = fit(model, task.train, task.val, task.test, method, config, blocks_for(ARCH))
+    tuned = [h["tuned"] for h in result.history]
+    # lp-ft: epochs 1-4 probe the head, 5-8 tune everything; gradual: the last block joins at 7
+    last_start = {"lp-ft": 5, "gradual-first-last": 7}[method]
+    assert len(tuned) >= last_start and tuned[last_start - 1] == max(tuned) > tuned[0]
