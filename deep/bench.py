@@ -466,8 +466,8 @@ def plot_learning_curves(panels: dict, methods: list[str], path_stem: Path) -> l
         ax.axis("off")
     if panels:
         axes.flat[0].legend(fontsize=7)
-    fig.suptitle("validation accuracy per epoch at each method's chosen learning rate "
-                 "(mean over seeds and shifts)", fontsize=10)
+    fig.suptitle("validation accuracy per epoch at each method's chosen learning rate\n"
+                 "(mean over the seeds and shifts still running at that epoch)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
