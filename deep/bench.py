@@ -435,9 +435,9 @@ def plot_relative(selected: list[dict], n_target: int, path_stem: Path) -> list[
         bar_panel(ax, {m: t_interval(stats[m]["rel"]) for m in stats if m != "all"}, label)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("Fashion-MNIST suite: test accuracy relative to full fine-tuning "
+    fig.suptitle("Fashion-MNIST suite: test accuracy relative to full fine-tuning\n"
                  "(blue: one block tuned; grey: baselines; bars: 95 % t interval over seeds)",
-                 fontsize=10)
+                 fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
