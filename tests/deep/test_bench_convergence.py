@@ -73,3 +73,11 @@ def test_second_stage_seeds_per_method():
     assert suite.seeds_for("auto-rgn") == []  # baselines: seed 0 only (its grid)
     plain = Suite(shifts={}, seeds=[0, 1], lrs=[1e-3], epochs=1)
     assert plain.seeds_for("auto-rgn") == [0, 1]
+
+
+def test_target_overrides_reach_only_their_benchmark():
+    from deep.bench import main_protocols
+    suite = SUITES["fmnist"]
+    by_name = {p.benchmark: p for p in main_protocols(suite)}
+    assert (by_name["fmnist-breeds"].val_per_class, by_name["fmnist-breeds"].test_per_class) == (50, 300)
+    assert (by_name["fmnist-flip"].val_per_class, by_name["fmnist-flip"].test_per_class) == (10, 90)
