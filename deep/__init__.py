@@ -4,7 +4,7 @@ Imports flow one way, top to bottom; a module imports only from the layers below
 at the top of the file (tests/deep/test_layering.py checks this):
 
     CLI          __main__, flags, bench, report, ray_backend, speed, calibrate, gallery
-    runs         sweep (cells, resume, workers), results (the row schema)
+    runs         adapt (online MEMO/TENT) -> sweep (cells, resume, workers), results (the row schema)
                  convergence (per-epoch curves; issue #15), two_stage (lr grid on
                  some seeds, the rest at the chosen lr; above sweep)
     config       protocol (TOML -> Tuning, TargetData, PretrainConfig, data options)

@@ -93,3 +93,19 @@ def verify_checkpoint(checkpoint: str | Path, manifest: str | Path | None = None
         raise CheckpointError(f"{checkpoint}: sha256 {actual} does not match the manifest "
                               f"{manifest} ({expected}); the file is corrupt or was replaced")
     return info
+
+
+def save_figure(fig, path_stem: Path) -> list[Path]:
+    """`fig` as <stem>.png and <stem>.pdf, each written atomically (the PDF without its
+    creation date, so the same data give the same bytes); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for suffix in (".png", ".pdf"):
+        path = Path(path_stem).with_suffix(suffix)
+        metadata = {"CreationDate": None} if suffix == ".pdf" else None
+        atomic_write_bytes(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=150,
+                                                       metadata=metadata))
+        paths.append(path)
+    plt.close(fig)
+    return paths

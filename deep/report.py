@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, ResultsError
-from .files import atomic_write_bytes
+from .adapt.results import is_adapt_results, write_adapt_report
+from .files import atomic_write_bytes, save_figure
 from .methods import method_order
 from .models import block_order
 from .sweep import read_results
@@ -175,29 +176,12 @@ def bar_panel(ax, rel: dict, title: str) -> None:
     ax.set_ylabel("points vs all", fontsize=8)
 
 
-def save_figure(fig, path_stem: Path) -> list[Path]:
-    """`fig` as <stem>.png and <stem>.pdf, each written atomically (the PDF without its
-    creation date, so the same data give the same bytes); closes the figure."""
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for suffix in (".png", ".pdf"):
-        path = Path(path_stem).with_suffix(suffix)
-        metadata = {"CreationDate": None} if suffix == ".pdf" else None
-        atomic_write_bytes(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=150,
-                                                       metadata=metadata))
-        paths.append(path)
-    plt.close(fig)
-    return paths
-
-
 def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write report.md and relative_accuracy.{png,pdf} into `out_dir`; return the paths."""
     results_csv = Path(results_csv)
     if not results_csv.is_file():
         raise ConfigError(f"results file not found: {results_csv}")
     # --- issue #17: a `python -m deep adapt` CSV has its own columns and summary ---
-    from .adapt.results import is_adapt_results, write_adapt_report
     if is_adapt_results(results_csv):
         return write_adapt_report(results_csv, out_dir)
     # --- end of issue #17 branch ---

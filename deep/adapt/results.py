@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoints import atomic_write_bytes
+from ..files import atomic_write_bytes, save_figure
 from ..errors import ResultsError
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
@@ -205,8 +205,6 @@ def plot(rows: list[dict], path_stem: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..report import save_figure
 
     tables = relative_table(rows)
     if not tables:

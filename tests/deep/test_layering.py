@@ -17,22 +17,19 @@ RANKS = {
     "models": 2, "results": 2,
     "data": 3,
     "blocks": 4, "checkpoints": 4, "normalization": 4,
-    "methods": 5, "prefix_cache": 5,
+    "methods": 5, "prefix_cache": 5, "augment_memo": 5,
     "train": 6,
     "pretrain": 7,
     "protocol": 8,
     "sweep": 9, "convergence": 9,  # convergence: issue #15 (curves.csv, summaries)
+    "adapt": 9.5,  # online adaptation: reuses the sweep's checkpoint resolution; report reads its CSV
     "report": 10, "flags": 10, "ray_backend": 10, "two_stage": 10,  # two_stage: issue #15
     "bench": 11,
     "__main__": 12,
 }
 TOOLS = 11
 # Known exceptions, each with its reason; the lead decides when they go.
-EXCEPTIONS = {
-    ("report", "adapt"): "issue #17: report hands an adapt CSV to deep.adapt",
-    ("models", "checkpoints"): "issue #18: deep/models/vit.py converts CLIP weight files "
-                               "inside functions; to move to deep.clip",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def rank(module: str) -> int:
