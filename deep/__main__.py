@@ -13,32 +13,19 @@ import importlib
 import json
 import shlex
 import sys
-import tomllib
 
 from .allocator import keep_freed_memory
 from .errors import ConfigError, DeepError
 from .flags import add_flags, flag_values
 from .pretrain import PretrainConfig, pretrain_to_file
-from .protocol import (Protocol, TargetData, Tuning, available_protocols, engine_default,
-                       load_protocol)
+from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
+                       engine_default, load_protocol)
 from .ray_backend import add_backend_arguments, executor_from_args
 from .report import write_report
 from .sweep import quick, run_sweep
 from .train import TrainConfig
 
 MODULE_COMMANDS = {"bench": "deep.bench", "adapt": "deep.adapt"}
-
-
-def _data_option(text: str):
-    """KEY=VALUE, VALUE read as a TOML literal (1, 0.5, true, "x", [1, 2]) or else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    return key.strip(), parsed
 
 
 def _command(args) -> str:
@@ -71,7 +58,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast on CUDA (no effect on CPU); see docs/distributed.md")
     p.add_argument("--cache-mb", type=float, default=engine_default(TrainConfig, "cache_mb"),
                    help="memory budget of the frozen-prefix activation cache per process")
-    p.add_argument("--data", action="append", type=_data_option, metavar="KEY=VALUE",
+    p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="target-loader option overriding the protocol's (repeatable), "
                         "e.g. --data num_workers=8")
     p.add_argument("--quick", action="store_true",
@@ -123,7 +110,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="default: the benchmark protocol's")
     # One flag per PretrainConfig field; given flags override the protocol's [pretrain].
     add_flags(p, PretrainConfig)
-    p.add_argument("--data", action="append", type=_data_option, metavar="KEY=VALUE",
+    p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="source-loader option overriding the protocol's (repeatable)")
 
 

@@ -160,17 +160,26 @@ def available_protocols() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 
-def load_protocol(benchmark: str) -> Protocol:
-    """The protocol of `benchmark` from deep/configs/<benchmark>.toml."""
-    path = CONFIG_DIR / f"{benchmark}.toml"
-    if not path.exists():
-        raise ConfigError(f"no protocol for benchmark {benchmark!r}; "
-                          f"known: {', '.join(available_protocols())}")
+def read_protocol_file(config_dir: Path, benchmark: str,
+                       what: str = "protocol") -> tuple[dict, Path]:
+    """(table, path) of `config_dir`/<benchmark>.toml, its `benchmark` key filled in and
+    checked against the file name (fine-tuning and adaptation protocols alike)."""
+    path = config_dir / f"{benchmark}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in config_dir.glob("*.toml"))
+        raise ConfigError(f"no {what} for benchmark {benchmark!r} ({path} missing); "
+                          f"known: {', '.join(known) or 'none'}")
     with open(path, "rb") as f:
         raw = tomllib.load(f)
     raw.setdefault("benchmark", benchmark)
     if raw["benchmark"] != benchmark:
         raise ConfigError(f"{path}: benchmark = {raw['benchmark']!r} does not match the file name")
+    return raw, path
+
+
+def load_protocol(benchmark: str) -> Protocol:
+    """The protocol of `benchmark` from deep/configs/<benchmark>.toml."""
+    raw, path = read_protocol_file(CONFIG_DIR, benchmark)
     return protocol_from_dict(raw, str(path))
 
 
@@ -194,3 +203,18 @@ def protocol_from_dict(raw: dict, where: str = "protocol") -> Protocol:
     return Protocol(raw["benchmark"], raw["arch"], **sections,
                     **{t: dict(raw.get(t, {})) for t in tables if t != "pretrain"},
                     pretrain=pretrain, notes=raw.get("notes", ""))
+
+
+def data_option(text: str) -> tuple[str, object]:
+    """A `--data KEY=VALUE` flag: VALUE read as a TOML literal (1, 0.5, true, "x", [1, 2])
+    or else kept as a string; argparse reports a malformed one."""
+    import argparse
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 
+from ..protocol import data_option
 from .protocol import AdaptProtocol, load_adapt_protocol
 
 HELP = "online unsupervised adaptation (MEMO, TENT) restricted to blocks, into a results CSV"
@@ -22,16 +22,6 @@ def _list(kind=str):
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
                                              f"got {text!r}") from None
     return parse
-
-
-def _data_option(text: str):
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.strip(), tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key.strip(), value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TENT: BatchNorm layers that use batch statistics")
     p.add_argument("--checkpoint", help="source model (default: the benchmark's own)")
     p.add_argument("--data-dir")
-    p.add_argument("--data", action="append", type=_data_option, metavar="KEY=VALUE",
+    p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="loader option overriding the protocol's [data] table (repeatable)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--report", action="store_true",

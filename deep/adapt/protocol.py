@@ -11,11 +11,11 @@ overriding the top-level ones for that method) and [data] (loader options).
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..protocol import read_protocol_file
 from .core import METHODS, MemoConfig, TentConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "adapt"
@@ -91,15 +91,7 @@ def available() -> list[str]:
 
 
 def load_adapt_protocol(benchmark: str) -> AdaptProtocol:
-    path = CONFIG_DIR / f"{benchmark}.toml"
-    if not path.is_file():
-        raise ConfigError(f"no adaptation protocol for benchmark {benchmark!r} ({path} missing); "
-                         f"known: {', '.join(available()) or 'none'}")
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    raw.setdefault("benchmark", benchmark)
-    if raw["benchmark"] != benchmark:
-        raise ConfigError(f"{path}: benchmark = {raw['benchmark']!r} does not match the file name")
+    raw, path = read_protocol_file(CONFIG_DIR, benchmark, "adaptation protocol")
     known = {f.name for f in dataclasses.fields(AdaptProtocol)}
     unknown = set(raw) - known
     if unknown:

@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from deep.__main__ import _data_option
+from deep.protocol import data_option
 from deep.checkpoints import CheckpointError, load_backbone, save_checkpoint, write_manifest
 from deep.data import fmnist
 from deep.models import build_model
@@ -20,12 +20,12 @@ from deep.pretrain import random_crop_flip
     ('split_file="a b.json"', ("split_file", "a b.json")), ("sizes=[1, 2]", ("sizes", [1, 2])),
 ])
 def test_data_options_are_toml_literals_or_strings(text, expected):
-    assert _data_option(text) == expected
+    assert data_option(text) == expected
 
 
 def test_data_option_without_equals_is_rejected():
     with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE"):
-        _data_option("num_workers")
+        data_option("num_workers")
 
 
 def test_init_keeps_the_backbone_and_reinitialises_a_classifier_of_another_size(tmp_path):
