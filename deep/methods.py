@@ -223,8 +223,24 @@ def relative_gradient_norms(model: nn.Module, names: Sequence[str],
                             minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """RGN of each tensor: norm(grad of the mean cross-entropy) / norm(theta), computed per
     minibatch and averaged over the minibatches. The model's mode is left as it is."""
+    norms = [p.detach().norm().item() for p in _parameters(model, names)]
+    # An all-zero tensor has no scale to be relative to: it gets multiplier 1.
+    return _mean_over_minibatches(model, names, minibatches, lambda i, g: (
+        g.norm().item() / norms[i] if norms[i] > 0 else math.inf))
+
+
+def _parameters(model: nn.Module, names: Sequence[str]) -> list[torch.Tensor]:
     named = dict(model.named_parameters())
-    params = [named[n] for n in names]
+    return [named[n] for n in names]
+
+
+def _mean_over_minibatches(model: nn.Module, names: Sequence[str],
+                           minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                           statistic) -> dict[str, float]:
+    """Per tensor, `statistic(index, gradient)` of the mean cross-entropy's gradient on
+    each minibatch, averaged over the minibatches. The tensors get requires_grad for
+    the duration (restored after); the model's mode is left as it is."""
+    params = _parameters(model, names)
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -232,10 +248,8 @@ def relative_gradient_norms(model: nn.Module, names: Sequence[str],
         totals = [0.0] * len(params)
         for x, y in minibatches:
             grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-            for i, (g, p) in enumerate(zip(grads, params)):
-                norm = p.detach().norm().item()
-                # An all-zero tensor has no scale to be relative to: it gets multiplier 1.
-                totals[i] += g.norm().item() / norm if norm > 0 else math.inf
+            for i, g in enumerate(grads):
+                totals[i] += statistic(i, g)
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
@@ -334,21 +348,8 @@ def eb_criterion(model: nn.Module, names: Sequence[str],
     """The public code's Auto-SNR statistic ("eb-criterion"): per minibatch, g = the
     gradient of the mean cross-entropy; mean over entries of g^2 / (var of g along the
     tensor's first axis, unbiased, + eps); averaged over the minibatches."""
-    named = dict(model.named_parameters())
-    params = [named[n] for n in names]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        totals = [0.0] * len(params)
-        for x, y in minibatches:
-            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-            for i, g in enumerate(grads):
-                totals[i] += (g * g / (torch.var(g, dim=0, keepdim=True) + eps)).mean().item()
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-    return {n: t / len(minibatches) for n, t in zip(names, totals)}
+    return _mean_over_minibatches(model, names, minibatches, lambda i, g: (
+        (g * g / (torch.var(g, dim=0, keepdim=True) + eps)).mean().item()))
 
 
 class AutoSNR(Method):
