@@ -39,7 +39,7 @@ from .report import (METHOD_ORDER, bar_panel, format_stat, mean_se, save_figure,
 from .report import summarize as summarize_tables
 from .sweep import read_results, run_sweep
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves, t_interval
-from .two_stage import run_two_stage
+from .two_stage import drop_superseded, run_two_stage
 
 HELP = "run a whole benchmark suite (the Fashion-MNIST shifts) and write its table and plots"
 
@@ -70,6 +70,9 @@ class Suite:
     patience: int | None = None
     methods: list[str] | None = None  # None: each protocol's own methods
     lr_seeds: list[int] | None = None
+    # steps (at the grid's ratio) the lr grid may grow beyond each end for a (shift,
+    # method) whose first-stage choice is at an edge (`two_stage.edge_steps`)
+    extend_lr_grid: int = 0
     baseline_seeds: list[int] | None = None
     # benchmark -> target-split sizes that replace its protocol's (val_per_class, ...)
     target_overrides: dict[str, dict] = field(default_factory=dict)
@@ -87,7 +90,8 @@ SUITES = {
     # "Protocol and why", has each choice with its measured cost): the paper's lr grid,
     # at most 25 epochs (at 15, 24 of 55 fmnist-flip runs were still improving),
     # early stopping after 4 epochs without a better validation accuracy,
-    # each (shift, method)'s lr chosen on seed 0; blocks and `all` on 5 seeds, LP-FT and
+    # each (shift, method)'s lr chosen on seed 0 (the grid extended by up to two decades
+    # where that choice is at its edge); blocks and `all` on 5 seeds, LP-FT and
     # Auto-RGN on seed 0 only (the other baselines left out); 6 corruptions (2 noise,
     # 1 blur, 1 weather, 2 digital).
     # Benchmarks in order of cost, so the cheap ones are complete (and committed) first.
@@ -99,7 +103,7 @@ SUITES = {
                              "contrast", "pixelate"]},
         seeds=[0, 1, 2, 3, 4], lrs=[1e-1, 1e-2, 1e-3, 1e-4, 1e-5], epochs=25, patience=4,
         methods=[*TABLE_BLOCKS, "all", "lp-ft", "auto-rgn"],
-        lr_seeds=[0], baseline_seeds=[0], out="figures/fmnist-v2",
+        lr_seeds=[0], baseline_seeds=[0], extend_lr_grid=2, out="figures/fmnist-v2",
         # fmnist-breeds has 3 classes: 10 per class is a 30-image validation set, whose
         # one-image steps chose lr 1e-5 for `all` and `third` on seed 0 (100 % vs 97 %)
         # and cost seeds 1-4 6-10 test points; its pools allow 50 + 300 per class.
@@ -207,19 +211,18 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
     if not rows:
         return "", []
     per_row, lines, verdicts = [], [], []
-    methods = None
     for label, benchmark, shifts in rows:
-        stats = row_stats(selected, benchmark, shifts, "test_acc", n_target)
-        per_row.append(stats)
-        methods = methods or list(stats)
+        per_row.append(row_stats(selected, benchmark, shifts, "test_acc", n_target))
+    # every row's methods, in the first row's order (a benchmark still running may lack some)
+    methods = list(dict.fromkeys(m for stats in per_row for m in stats))
     header = "| benchmark (shift kind) | " + " | ".join(methods) + " | best block |"
     rule = "|---|" + "---|" * (len(methods) + 1)
 
     def block_line(stats, label, kind):
         blocks = [m for m in TABLE_BLOCKS if m in stats and stats[m]["abs"][2] > 0]
         best = max(blocks, key=lambda m: stats[m]["abs"][0]) if blocks else "-"
-        cells = [format_stat(stats[m]["rel"], signed=True) if m != "all" else format_stat(stats[m]["abs"])
-                 for m in methods]
+        cells = ["-" if m not in stats else format_stat(stats[m]["rel"], signed=True)
+                 if m != "all" else format_stat(stats[m]["abs"]) for m in methods]
         return f"| {label} ({kind}) | " + " | ".join(cells) + f" | {best} |", best
 
     lines += ["Test accuracy relative to full fine-tuning (`all`, whose own accuracy is shown), "
@@ -339,11 +342,26 @@ def protocol_lines(rows: list[dict], curves: list[dict], n_target: int) -> list[
     """What the CSV holds, read from its rows: seeds, lr grid, epochs; the two stages
     and early stopping when the data show them."""
     seeds = sorted({r["seed"] for r in rows})
-    grid = sorted({float(r["lr"]) for r in rows}, reverse=True)
+    grids = defaultdict(set)
+    for r in rows:
+        grids[(r["benchmark"], r["shift"], r["method"])].add(float(r["lr"]))
+    # the grid: the lrs that most searched (shift, method) pairs ran; the rest are extensions
+    searched = [g for g in grids.values() if len(g) > 1] or list(grids.values())
+    counts = defaultdict(int)
+    for g in searched:
+        for lr in g:
+            counts[lr] += 1
+    grid = sorted((lr for lr, n in counts.items() if 2 * n > len(searched)), reverse=True)
     epochs = sorted({r["epochs"] for r in rows})
     lines = [f"Seeds {seeds}, learning rates {grid} (picked per cell by validation), "
              f"{epochs[0] if len(epochs) == 1 else epochs} epochs (picked by validation), "
              f"n_target = {n_target}."]
+    extended = {k: sorted(g - set(grid), reverse=True) for k, g in sorted(grids.items())
+                if len(g) > 1 and g - set(grid)}
+    if extended:
+        lines.append("The grid was extended where the first stage's choice sat at its edge: "
+                     + "; ".join(f"{b} {s} `{m}` +{lrs}" for (b, s, m), lrs in extended.items())
+                     + ".")
     lrs_per_cell = defaultdict(set)
     for r in rows:
         lrs_per_cell[(r["benchmark"], r["shift"], r["method"], r["seed"], r["n_target"])].add(r["lr"])
@@ -481,11 +499,12 @@ def plot_learning_curves(panels: dict, methods: list[str], path_stem: Path) -> l
 def summarize(out_dir: Path, suite: Suite) -> list[Path]:
     """table.md and the plots from the CSVs in `out_dir`."""
     rows = read_results(out_dir / "results.csv")
-    main = select_learning_rates(rows)
+    main = select_learning_rates(drop_superseded(rows, suite.lr_seeds or []))
     epoch_curves = read_curves(out_dir / "curves.csv")
     text, verdicts = markdown_table(main, suite.n_target)
     paths = plot_relative(main, suite.n_target, out_dir / "relative_accuracy")
-    curves = n_target_rows(select_learning_rates(n_sweep_rows(out_dir, suite)))
+    curves = n_target_rows(select_learning_rates(drop_superseded(n_sweep_rows(out_dir, suite),
+                                                                 suite.lr_seeds or [])))
     if curves:
         paths += plot_n_target(curves, out_dir / "n_target")
     if epoch_curves:
@@ -534,7 +553,8 @@ def run_benchmark(protocol: Protocol, suite: Suite, results: Path, curves: Curve
     stages when the suite has lr_seeds, else one sweep. Prints one line when done."""
     if suite.lr_seeds:
         summaries = run_two_stage(protocol, results, suite.lr_seeds, suite.seeds_for,
-                                  on_row=curves.record, **sweep_options)
+                                  on_row=curves.record, extend=suite.extend_lr_grid,
+                                  **sweep_options)
     else:
         summaries = [run_sweep(protocol, results, on_row=curves.record, **sweep_options)]
     print(f"{protocol.benchmark} n_target={protocol.n_target}: ran {sum(s.ran for s in summaries)}, "

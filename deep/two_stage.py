@@ -7,6 +7,13 @@ method) by the mean validation metric over the first-stage seeds, so every metho
 gets the same search; test accuracy plays no part. Both stages write into one results
 CSV and resume like any sweep: the second stage is re-derived from the first stage's
 rows, so an interrupted run continues with the same choices.
+
+Where the first stage's choice sits at an edge of the grid, the grid is extended for that
+(shift, method) alone, one step (the grid's own ratio) at a time, up to `extend` steps
+beyond each end, until the choice is inside: issue #15 asks that a chosen learning rate
+is not the grid's largest or smallest. `drop_superseded` keeps, on the seeds after the first
+stage, only the rows at the first stage's current choice: rows at a choice that a later
+extension moved stay in the CSV and are left out of the table.
 """
 
 from __future__ import annotations
@@ -27,23 +34,80 @@ def validation_metric(row: dict) -> float:
     return -math.inf if value is None or math.isnan(value) else value
 
 
-def chosen_lrs(rows: list[dict], protocol: Protocol, lr_seeds: list[int]) -> dict[tuple, float]:
-    """(shift, method) -> the lr of the protocol's grid with the best mean validation
-    metric over `lr_seeds` (ties: the larger lr, as `report.select_learning_rates`).
-    Only (shift, method) pairs with every first-stage cell finished are chosen."""
-    values = defaultdict(dict)
+def lr_ladder(lrs: list[float], extend: int) -> tuple[list[float], list[float]]:
+    """(the `extend` learning rates above the grid, nearest first; those below it), at
+    the grid's ratio (10 for a one-value grid). Rounded to 12 significant digits, so
+    that 1e-1 * 10 is 1.0 and the rows' lrs compare equal across runs."""
+    grid = sorted(set(lrs))
+    ratio = grid[1] / grid[0] if len(grid) > 1 else 10.0
+    step = lambda lr, k: float(f"{lr * ratio ** k:.12g}")
+    return ([step(grid[-1], k) for k in range(1, extend + 1)],
+            [step(grid[0], -k) for k in range(1, extend + 1)])
+
+
+def _first_stage_values(rows: list[dict], protocol: Protocol, lr_seeds: list[int],
+                        extend: int) -> dict[tuple, dict[float, float]]:
+    """(shift, method) -> {lr: mean validation metric over `lr_seeds`} for every lr of
+    the grid or its extension that all of `lr_seeds` have finished."""
+    up, down = lr_ladder(protocol.lrs, extend)
+    allowed = set(protocol.lrs) | set(up) | set(down)
+    values = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if (r["benchmark"] == protocol.benchmark and r["n_target"] == protocol.n_target
                 and r["seed"] in lr_seeds and r["method"] in protocol.methods
-                and r["shift"] in protocol.shifts and float(r["lr"]) in protocol.lrs):
-            values[(r["shift"], r["method"])][(float(r["lr"]), r["seed"])] = validation_metric(r)
+                and r["shift"] in protocol.shifts and float(r["lr"]) in allowed):
+            values[(r["shift"], r["method"])][float(r["lr"])][r["seed"]] = validation_metric(r)
+    return {key: {lr: sum(per_seed.values()) / len(lr_seeds)
+                  for lr, per_seed in cells.items() if len(per_seed) == len(lr_seeds)}
+            for key, cells in values.items()}
+
+
+def _searched(done: dict[float, float], protocol: Protocol, extend: int) -> list[float]:
+    """The grid plus the extension steps finished without a gap, in ascending order."""
+    up, down = lr_ladder(protocol.lrs, extend)
+    grid = sorted(protocol.lrs)
+    for lr in up:
+        if lr not in done:
+            break
+        grid.append(lr)
+    for lr in down:
+        if lr not in done:
+            break
+        grid.insert(0, lr)
+    return grid
+
+
+def chosen_lrs(rows: list[dict], protocol: Protocol, lr_seeds: list[int],
+               extend: int = 0) -> dict[tuple, float]:
+    """(shift, method) -> the lr with the best mean validation metric over `lr_seeds`
+    (ties: the larger lr, as `report.select_learning_rates`), among the protocol's grid
+    and the extension steps finished. Only (shift, method) pairs whose whole grid is
+    finished are chosen."""
     choices = {}
-    for key, cells in values.items():
-        if len(cells) < len(protocol.lrs) * len(lr_seeds):
+    for key, done in _first_stage_values(rows, protocol, lr_seeds, extend).items():
+        if not all(lr in done for lr in protocol.lrs):
             continue
-        mean = {lr: sum(cells[(lr, s)] for s in lr_seeds) / len(lr_seeds) for lr in protocol.lrs}
-        choices[key] = max(protocol.lrs, key=lambda lr: (mean[lr], lr))
+        searched = _searched(done, protocol, extend)
+        choices[key] = max(searched, key=lambda lr: (done[lr], lr))
     return choices
+
+
+def edge_steps(rows: list[dict], protocol: Protocol, lr_seeds: list[int],
+               extend: int) -> dict[tuple, float]:
+    """(shift, method) -> the next lr to run on `lr_seeds`, for the pairs whose choice is
+    the largest or smallest lr searched and whose extension has a step left."""
+    up, down = lr_ladder(protocol.lrs, extend)
+    steps = {}
+    for key, done in _first_stage_values(rows, protocol, lr_seeds, extend).items():
+        if not all(lr in done for lr in protocol.lrs):
+            continue
+        searched = _searched(done, protocol, extend)
+        choice = max(searched, key=lambda lr: (done[lr], lr))
+        ladder = up if choice == searched[-1] else down if choice == searched[0] else []
+        beyond = [lr for lr in ladder if lr not in done]
+        if len(searched) > 1 and beyond:
+            steps[key] = beyond[0]
+    return steps
 
 
 def second_stage(protocol: Protocol, choices: dict[tuple, float],
@@ -60,11 +124,12 @@ def second_stage(protocol: Protocol, choices: dict[tuple, float],
 
 
 def run_two_stage(protocol: Protocol, out: str | Path, lr_seeds: list[int],
-                  seeds_for: Callable[[str], list[int]], on_row=None,
+                  seeds_for: Callable[[str], list[int]], on_row=None, extend: int = 0,
                   **sweep_options) -> list[SweepSummary]:
-    """Stage 1: `protocol` on `lr_seeds` over its whole lr grid. Stage 2: every other
-    seed of each (shift, method) (`seeds_for(method)`) at its chosen lr. Returns the
-    sweeps' summaries; `sweep_options` go to `run_sweep`."""
+    """Stage 1: `protocol` on `lr_seeds` over its whole lr grid, extended (up to `extend`
+    steps beyond each end) for each (shift, method) whose choice is at an edge. Stage 2:
+    every other seed of each (shift, method) (`seeds_for(method)`) at its chosen lr.
+    Returns the sweeps' summaries; `sweep_options` go to `run_sweep`."""
     if not lr_seeds:
         raise ConfigError("lr_seeds is empty: the first stage needs at least one seed")
     overlap = {m: sorted(set(seeds_for(m)) & set(lr_seeds)) for m in protocol.methods}
@@ -72,7 +137,54 @@ def run_two_stage(protocol: Protocol, out: str | Path, lr_seeds: list[int],
         raise ConfigError(f"second-stage seeds must leave out the first stage's {lr_seeds}; "
                           f"got {({m: s for m, s in overlap.items() if s})}")
     summaries = [run_sweep(protocol.replace(seeds=lr_seeds), out, on_row=on_row, **sweep_options)]
-    choices = chosen_lrs(read_results(out), protocol, lr_seeds)
+    for _ in range(2 * extend):  # each round adds one step to every pair at an edge
+        steps = edge_steps(read_results(out), protocol, lr_seeds, extend)
+        if not steps:
+            break
+        for shift, lr, methods in _group(steps):
+            summaries.append(run_sweep(protocol.replace(shifts=[shift], methods=methods, lrs=[lr],
+                                                        seeds=lr_seeds),
+                                       out, on_row=on_row, **sweep_options))
+    choices = chosen_lrs(read_results(out), protocol, lr_seeds, extend)
     for stage2 in second_stage(protocol, choices, seeds_for):
         summaries.append(run_sweep(stage2, out, on_row=on_row, **sweep_options))
     return summaries
+
+
+def _group(steps: dict[tuple, float]) -> list[tuple[str, float, list[str]]]:
+    groups = defaultdict(list)
+    for (shift, method), lr in sorted(steps.items()):
+        groups[(shift, lr)].append(method)
+    return [(shift, lr, methods) for (shift, lr), methods in groups.items()]
+
+
+def drop_superseded(rows: list[dict], lr_seeds: list[int]) -> list[dict]:
+    """`rows` without the later-stage rows that the first stage did not choose: on the
+    seeds outside `lr_seeds`, only the rows at the lr whose mean validation metric over
+    `lr_seeds` is best for their (benchmark, shift, method, n_target) (ties: the larger
+    lr) are kept; a superseded choice's rows (an extension moved it) are dropped. Pairs
+    without finished first-stage rows, and later seeds that ran the first stage's whole
+    grid themselves (a one-stage sweep), keep every row. The first-stage seeds keep all
+    their rows: `report.select_learning_rates` picks among them per seed."""
+    first = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r["seed"] in lr_seeds:
+            metric = validation_metric(r)
+            if metric != -math.inf:
+                first[_pair(r)][float(r["lr"])][r["seed"]] = metric
+    choice, first_grid = {}, {}
+    for key, cells in first.items():
+        complete = {lr: sum(v.values()) for lr, v in cells.items() if len(v) == len(lr_seeds)}
+        if complete:
+            choice[key] = max(complete, key=lambda lr: (complete[lr], lr))
+            first_grid[key] = set(complete)
+    later = defaultdict(set)  # a later seed that ran the whole first-stage grid chose itself
+    for r in rows:
+        later[(_pair(r), r["seed"])].add(float(r["lr"]))
+    own_grid = {k for k, lrs in later.items() if k[0] in choice and first_grid[k[0]] <= lrs}
+    return [r for r in rows if r["seed"] in lr_seeds or _pair(r) not in choice
+            or (_pair(r), r["seed"]) in own_grid or float(r["lr"]) == choice[_pair(r)]]
+
+
+def _pair(row: dict) -> tuple:
+    return (row["benchmark"], row["shift"], row["method"], row["n_target"])

@@ -67,6 +67,15 @@ def test_protocol_lines_read_the_stages_and_early_stopping_from_the_data():
     assert len(protocol_lines(rows[:2], [], 1000)) == 1  # one stage, no curves
 
 
+def test_protocol_lines_name_the_pairs_whose_grid_was_extended():
+    rows = [_row(m, 0, 0.8, lr=lr) for m in ("all", "second") for lr in (1e-2, 1e-3)]
+    rows += [_row("last", 0, 0.8, lr=lr) for lr in (1e-1, 1e-2, 1e-3)]
+    lines = protocol_lines(rows, [], 1000)
+    assert lines[0].startswith("Seeds [0], learning rates [0.01, 0.001]")
+    assert lines[1] == ("The grid was extended where the first stage's choice sat at its edge: "
+                        "fmnist-breeds subpopulation `last` +[0.1].")
+
+
 def test_second_stage_seeds_per_method():
     suite = SUITES["fmnist"]
     assert suite.seeds_for("all") == [1, 2, 3, 4] and suite.seeds_for("first") == [1, 2, 3, 4]

@@ -9,7 +9,8 @@ from deep.convergence import CurvesFile, read_curves
 from deep.errors import ConfigError
 from deep.protocol import load_protocol
 from deep.sweep import read_results
-from deep.two_stage import chosen_lrs, run_two_stage, second_stage
+from deep.two_stage import (chosen_lrs, drop_superseded, edge_steps, lr_ladder, run_two_stage,
+                             second_stage)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,3 +77,65 @@ def test_run_two_stage_writes_grid_on_seed_0_then_seed_1_at_the_choice(tmp_path,
 def test_second_stage_seeds_must_leave_out_the_first_stage():
     with pytest.raises(ConfigError, match="leave out the first stage"):
         run_two_stage(protocol(), "unused.csv", [0], lambda m: [0, 1])
+
+
+def test_lr_ladder_steps_at_the_grids_ratio_and_rounds_to_the_decade():
+    assert lr_ladder([1e-1, 1e-2, 1e-3, 1e-4, 1e-5], 2) == ([1.0, 10.0], [1e-6, 1e-7])
+    assert lr_ladder([3e-3, 1e-3], 1) == ([9e-3], [float(f"{1e-3 / 3:.12g}")])
+    assert lr_ladder([1e-3], 1) == ([1e-2], [1e-4])
+    assert lr_ladder([1e-2, 1e-3], 0) == ([], [])
+
+
+def test_edge_steps_extend_a_choice_at_either_edge_until_it_is_inside():
+    p = protocol(lrs=[1e-2, 1e-3])
+    grid = [row("last", 1e-2, 0, 0.9), row("last", 1e-3, 0, 0.5),     # top edge
+            row("all", 1e-2, 0, 0.1), row("all", 1e-3, 0, 0.6)]       # bottom edge
+    assert edge_steps(grid, p, [0], extend=2) == {("noise", "last"): 1e-1,
+                                                  ("noise", "all"): 1e-4}
+    assert edge_steps(grid, p, [0], extend=0) == {}
+    # `last` worse one step up: 1e-2 is now inside; `all` better one step down: go on
+    more = grid + [row("last", 1e-1, 0, 0.8), row("all", 1e-4, 0, 0.7)]
+    assert edge_steps(more, p, [0], extend=2) == {("noise", "all"): 1e-5}
+    assert chosen_lrs(more, p, [0], extend=2) == {("noise", "last"): 1e-2,
+                                                   ("noise", "all"): 1e-4}
+    # the extension stops after `extend` steps even when the edge still wins
+    most = more + [row("all", 1e-5, 0, 0.8)]
+    assert edge_steps(most, p, [0], extend=2) == {}
+    assert chosen_lrs(most, p, [0], extend=2)[("noise", "all")] == 1e-5
+    # a step beyond `extend` already in the CSV is not searched (1e-6 is 3 steps down)
+    assert chosen_lrs(most + [row("all", 1e-6, 0, 0.99)], p, [0], extend=2)[("noise", "all")] == 1e-5
+    # a step that not every first-stage seed finished is not searched
+    two = [r | {"seed": s} for r in grid for s in (0, 1)] + [row("last", 1e-1, 0, 1.0)]
+    assert chosen_lrs(two, p, [0, 1], extend=2)[("noise", "last")] == 1e-2
+    assert edge_steps(two, p, [0, 1], extend=2)[("noise", "last")] == 1e-1
+
+
+def test_drop_superseded_keeps_later_seeds_at_the_first_stages_current_choice():
+    first = [row("last", 1e-2, 0, 0.6), row("last", 1e-1, 0, 0.7), row("last", 1.0, 0, 0.9),
+             row("all", 1e-3, 0, 0.8), row("all", 1e-4, 0, 0.8),      # tie: the larger
+             row("all", 1e-5, 0, 0.1)]
+    later = [row("last", 1e-1, 1, 0.95), row("last", 1.0, 1, 0.2),     # 1e-1 was chosen before
+             row("all", 1e-3, 1, 0.5), row("all", 1e-4, 1, 0.9),
+             row("first", 1e-3, 1, 0.5), row("first", 1e-2, 1, 0.6)]   # no first stage: kept
+    kept = drop_superseded(first + later, [0])
+    assert [r for r in kept if r["seed"] == 0] == first
+    assert {(r["method"], r["lr"]) for r in kept if r["seed"] == 1} == \
+        {("last", 1.0), ("all", 1e-3), ("first", 1e-3), ("first", 1e-2)}
+    # a one-stage sweep (every seed ran the whole grid) keeps every row
+    one_stage = first + [r | {"seed": 1} for r in first]
+    assert drop_superseded(one_stage, [0]) == one_stage
+
+
+def test_run_two_stage_extends_the_grid_before_the_second_stage(tmp_path, synthetic_checkpoint):
+    # 1e-6 and 1e-7 barely move a 2-epoch run: the choice sits at (or ties to) the top edge
+    out = tmp_path / "results.csv"
+    p = protocol(lrs=[1e-6, 1e-7], methods=["last"])
+    run_two_stage(p, out, [0], lambda m: [1], extend=2, progress=False)
+    rows = read_results(out)
+    seed0 = sorted(r["lr"] for r in rows if r["seed"] == 0)
+    assert len(seed0) > 2 and set(seed0) <= {1e-7, 1e-6, 1e-5, 1e-4, 1e-8, 1e-9}
+    assert edge_steps(rows, p, [0], extend=2) == {}
+    choice = chosen_lrs(rows, p, [0], extend=2)[("noise", "last")]
+    assert [r["lr"] for r in rows if r["seed"] == 1] == [choice]
+    again = run_two_stage(p, out, [0], lambda m: [1], extend=2, progress=False)
+    assert sum(s.ran for s in again) == 0
