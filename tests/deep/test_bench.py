@@ -125,3 +125,17 @@ def test_committed_table_is_what_the_committed_results_give(tmp_path):
     assert len(measured) == 11
     for cells in measured:
         assert cells in readme_rows, f"docs/fmnist.md lacks the row {cells}"
+
+
+def test_committed_converged_table_is_what_its_results_give(tmp_path):
+    """figures/fmnist-v2/table.md (issue #15's protocol; README and figures/README.md quote
+    it) is rebuilt from the committed CSVs: the table cannot drift from its data."""
+    committed = ROOT / "figures" / "fmnist-v2"
+    if not (committed / "n_target.csv").exists():
+        pytest.skip("the converged suite is not complete")
+    for name in ("results.csv", "curves.csv", "n_target.csv", "n_target_curves.csv"):
+        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    run = subprocess.run([sys.executable, "-m", "deep", "bench", "fmnist", "--summarize-only",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "table.md").read_text() == (committed / "table.md").read_text()

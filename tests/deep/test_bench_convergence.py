@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deep.bench import (SUITES, Suite, format_interval, grid_table, interval_table,
-                        markdown_table, protocol_lines)
+                        markdown_table, n_target_grid_table, protocol_lines)
 
 
 def _row(method, seed, test, lr=1e-3, best_epoch=5, epochs=15, shift="subpopulation",
@@ -53,6 +53,18 @@ def test_grid_table_marks_fractions_below_80_percent():
     assert "| fmnist-breeds | 80 / 100 |" in text
     selected[1]["best_epoch"] = 15
     assert "| fmnist-breeds | **60** / 100 |" in "\n".join(grid_table(rows, selected, 1000))
+
+
+def test_n_target_grid_table_has_one_row_per_size():
+    rows, selected = [], []
+    for n, chosen in ((100, 1e-2), (3000, 1e-4)):  # grid 1e-2..1e-4: 1e-4 is its edge
+        rows += [_row("all", 0, 0.8, lr=lr) | {"n_target": n} for lr in (1e-2, 1e-3, 1e-4)]
+        selected.append(_row("all", 0, 0.8, lr=chosen, best_epoch=15) | {"n_target": n})
+    text = "\n".join(n_target_grid_table(rows, selected))
+    assert "| n_target = 100 | **0** / **0** |" in text
+    assert "| n_target = 3000 | **0** / **0** |" in text
+    selected[0].update(lr=1e-3, best_epoch=3)
+    assert "| n_target = 100 | 100 / 100 |" in "\n".join(n_target_grid_table(rows, selected))
 
 
 def test_protocol_lines_read_the_stages_and_early_stopping_from_the_data():
