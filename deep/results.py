@@ -50,11 +50,19 @@ class ResultRow:
     test_per_class: int
     checkpoint: str
     start_stage: int | None = None
+    # Provenance and the settings added after the first committed tables; empty in rows
+    # read from a file with the older header (LEGACY_COLUMNS): unknown there.
+    patience: int | None = None
+    precision: str | None = None  # "float32", or "bf16-autocast" (--amp on CUDA)
+    device: str | None = None     # "cpu", "cuda", ... (the torch device type)
+    commit: str | None = None     # the code's git commit; "+dirty" if deep/ had edits
 
     KEY = ("benchmark", "shift", "method", "seed", "n_target", "lr")
-    # Settings that must agree between a finished row and the sweep that would skip it.
+    # Settings that must agree between a finished row and the sweep that would skip it
+    # (a legacy row's empty patience / precision is not compared: it is unknown).
     SETTINGS = ("arch", "epochs", "batch_size", "weight_decay", "select", "val_per_class",
-                "test_per_class", "checkpoint")
+                "test_per_class", "checkpoint", "patience", "precision")
+    PROVENANCE = ("patience", "precision", "device", "commit")
     STATUSES = ("ok", "diverged")
 
     @classmethod
@@ -92,6 +100,8 @@ class ResultRow:
 
 
 COLUMNS = ResultRow.columns()
+# The header before the provenance columns (the committed 4-epoch table has it): still read.
+LEGACY_COLUMNS = COLUMNS[:COLUMNS.index("patience")]
 KEY = ResultRow.KEY
 SETTINGS = ResultRow.SETTINGS
 
@@ -149,10 +159,12 @@ def read_results(path: str | Path) -> list[dict]:
                            "(no final newline); it was truncated")
     reader = csv.reader(io.StringIO(text))
     header = tuple(next(reader))
-    if header != COLUMNS:
+    if header not in (COLUMNS, LEGACY_COLUMNS):
         raise ResultsError(f"{path}: columns {list(header)} are not a deep sweep's "
                            f"{list(COLUMNS)}; write this sweep to another --out")
-    return [ResultRow.parse(values, f"{path}, line {reader.line_num}").to_dict()
+    missing = [""] * (len(COLUMNS) - len(header))  # a legacy file: provenance unknown
+    return [ResultRow.parse(values + missing if len(values) == len(header) else values,
+                            f"{path}, line {reader.line_num}").to_dict()
             for values in reader]
 
 

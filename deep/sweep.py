@@ -39,7 +39,7 @@ from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, get_benchmark
 from .errors import ConfigError, ResultsError, check_int
-from .files import atomic_write_text
+from .files import atomic_write_text, code_commit
 from .methods import method_names
 from .models import build_model
 from .models.staged import stages_of
@@ -154,7 +154,10 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     check_int("workers", workers)
     results = ResultsFile(out)
     checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
-    settings = _settings(protocol, checkpoint)
+    # what a finished row must agree on; precision only where this process knows the
+    # device the cells run on (another backend's workers may have other devices)
+    settings = _settings(protocol, checkpoint,
+                         None if executor is not None else precision(resolve_device(device), amp))
     cells = plan_cells(protocol)
     todo = [cell for cell in cells if cell.key not in results.done]
     for cell in cells:
@@ -164,7 +167,7 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         save_resolved_config(out, protocol, checkpoint)
     groups = _groups(todo, workers)
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
-                device=device, trust_checkpoint=trust_checkpoint, amp=amp)
+                device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
     bar = _progress(len(todo), progress, protocol.benchmark)
     diverged = 0
 
@@ -205,7 +208,9 @@ def execute_groups(groups: list[list[Cell]], spec: dict, record, workers: int = 
 
 def _check_same_settings(row: dict, settings: dict, cell: Cell, out) -> None:
     """A finished row may be skipped only if it ran with this sweep's settings."""
-    clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]}
+    # None on either side is unknown (a legacy row; precision on another backend): not compared
+    clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]
+             and not (k in ResultRow.PROVENANCE and None in (row[k], settings[k]))}
     # The same file may sit at another path on another machine: compare names only.
     if Path(str(row["checkpoint"])).name != Path(settings["checkpoint"]).name:
         clash["checkpoint"] = (row["checkpoint"], settings["checkpoint"])
@@ -244,10 +249,17 @@ def _progress(total, enabled, name):
     return tqdm(total=total, desc=f"sweep {name}", unit="cell")
 
 
-def _settings(protocol: Protocol, checkpoint: str) -> dict:
+def _settings(protocol: Protocol, checkpoint: str, precision: str | None) -> dict:
     """The row's SETTINGS columns: what a resumed sweep must agree on."""
-    values = {name: getattr(protocol, name) for name in SETTINGS if name != "checkpoint"}
-    return {**values, "weight_decay": float(protocol.weight_decay), "checkpoint": checkpoint}
+    values = {name: getattr(protocol, name) for name in SETTINGS
+              if name not in ("checkpoint", "precision")}
+    return {**values, "weight_decay": float(protocol.weight_decay), "checkpoint": checkpoint,
+            "precision": precision}
+
+
+def precision(device: str, amp: bool) -> str:
+    """What the forward passes compute in: `--amp` is bf16 autocast on CUDA only."""
+    return "bf16-autocast" if amp and torch.device(device).type == "cuda" else "float32"
 
 
 def _groups(cells: list[Cell], workers: int) -> list[list[Cell]]:
@@ -278,13 +290,14 @@ def _pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels:
 def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: str | None,
               cache_mb: float, device: str | None = None,
               trust_checkpoint: bool = False, pretrained: dict | None = None,
-              amp: bool = False) -> Iterator[dict]:
+              amp: bool = False, commit: str | None = None) -> Iterator[dict]:
     """Run cells that share one task; yield one row per cell.
 
     Picklable arguments only (cells, protocol, paths, numbers), so a worker process
     or a remote worker can call it with the `spec` that `run_sweep` builds.
     `pretrained`: the source weights (state dict) when the caller already holds them
-    (the Ray backend ships them through its object store); None: read `checkpoint`."""
+    (the Ray backend ships them through its object store); None: read `checkpoint`.
+    `commit`: the driver's code version (`files.code_commit`), written into every row."""
     first = cells[0]
     device = resolve_device(device)
     bench = get_benchmark(first.benchmark)
@@ -309,7 +322,8 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
     cache = PrefixCache(model, splits, cache_mb) if stages_of(model) is not None else None
     # (A model that is not staged trains without a cache; fit decides per run.)
     total_params = sum(p.numel() for p in model.parameters())
-    settings = _settings(protocol, checkpoint)
+    settings = {**_settings(protocol, checkpoint, precision(device, amp)),
+                "device": torch.device(device).type, "commit": commit}
     for cell in cells:
         model.load_state_dict(base_state)
         config = protocol.tuning.run_config(cell.lr, cell.seed, cache_mb=cache_mb, device=device,

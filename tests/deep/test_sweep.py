@@ -105,6 +105,43 @@ def test_resume_refuses_other_settings(tmp_path, synthetic_checkpoint):
         run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=2), out, progress=False)
 
 
+def test_rows_record_patience_precision_device_and_commit(tmp_path, synthetic_checkpoint):
+    from deep.files import code_commit
+
+    out = tmp_path / "r.csv"
+    run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1, patience=3), out,
+              progress=False, device="cpu", amp=True)  # amp is a no-op on the CPU
+    (row,) = read_results(out)
+    assert (row["patience"], row["precision"], row["device"]) == (3, "float32", "cpu")
+    assert row["commit"] == code_commit() and row["commit"]  # this test runs in a checkout
+    with pytest.raises(ValueError, match="other settings.*patience: file 3 vs now 4"):
+        run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1, patience=4), out,
+                  progress=False)
+
+
+def test_a_legacy_results_file_is_read_and_resumed_with_provenance_unknown(tmp_path,
+                                                                         synthetic_checkpoint):
+    from deep.results import LEGACY_COLUMNS
+
+    out = tmp_path / "r.csv"
+    protocol = small_protocol(methods=["last"], lrs=[1e-2], epochs=1)
+    run_sweep(protocol, out, progress=False)
+    # the file as a sweep before the provenance columns wrote it
+    lines = out.read_text().splitlines()
+    n = len(LEGACY_COLUMNS)
+    legacy = [",".join(line.split(",")[:n]) for line in lines]
+    assert legacy[0] == ",".join(LEGACY_COLUMNS)
+    out.write_text("\n".join(legacy) + "\n")
+    (old,) = read_results(out)
+    assert old["patience"] is None and old["commit"] is None and old["test_acc"] is not None
+    # resuming (other lrs, any patience) keeps the legacy row and writes the new header
+    summary = run_sweep(protocol.replace(lrs=[1e-2, 1e-3], patience=2), out, progress=False)
+    assert (summary.ran, summary.skipped) == (1, 1)
+    assert out.read_text().splitlines()[0] == ",".join(COLUMNS)
+    rows = read_results(out)
+    assert [r["patience"] for r in rows] == [None, 2]
+
+
 def test_quick_protocol():
     p = quick(load_protocol("synthetic"))
     assert p.shifts == ["noise"] and p.seeds == [0] and p.lrs == [1e-2] and p.epochs == 2
