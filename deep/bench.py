@@ -442,7 +442,8 @@ def plot_n_target(curves: dict, path_stem: Path) -> list[Path]:
     for method, points in sorted(curves.items(), key=lambda kv: kv[0] == "best block (val)"):
         ns = sorted(points)
         mean = [100 * points[n][0] for n in ns]
-        se = [0 if math.isnan(points[n][1]) else 100 * points[n][1] for n in ns]
+        half = [t_interval(points[n])[1] for n in ns]  # 95 % t interval over seeds
+        se = [0 if math.isnan(h) else 100 * h for h in half]
         # Drawn last and dashed: it often coincides with one block's curve.
         style = (dict(lw=2, color="black", ls="--", zorder=3) if method == "best block (val)"
                  else dict(lw=1.3))
@@ -451,7 +452,8 @@ def plot_n_target(curves: dict, path_stem: Path) -> list[Path]:
     ax.set_xscale("log")
     ax.set_xlabel("labelled target images n_target (log scale)")
     ax.set_ylabel("test accuracy minus full fine-tuning (points)")
-    ax.set_title("fmnist-c: surgical tuning vs full fine-tuning as the target set grows")
+    ax.set_title("fmnist-c: surgical tuning vs full fine-tuning as the target set grows\n"
+                 "(mean over seeds; bars: 95 % t interval of the paired difference)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path_stem)
@@ -537,12 +539,13 @@ def summarize(out_dir: Path, suite: Suite) -> list[Path]:
     if curves:
         sizes = sorted({n for pts in curves.values() for n in pts})
         lines += ["fmnist-c, test accuracy minus `all` (points) against n_target "
-                  f"({', '.join(suite.n_sweep_shifts)}):", "",
+                  f"({', '.join(suite.n_sweep_shifts)}): mean over seeds [95 % t interval of "
+                  "the paired difference]:", "",
                   "| method | " + " | ".join(str(n) for n in sizes) + " |",
                   "|---|" + "---|" * len(sizes)]
         for method, pts in curves.items():
-            lines.append(f"| {method} | " + " | ".join(format_stat(pts[n], signed=True) if n in pts
-                                                      else "-" for n in sizes) + " |")
+            lines.append(f"| {method} | " + " | ".join(format_interval(t_interval(pts[n]))
+                                                      if n in pts else "-" for n in sizes) + " |")
         lines += ["", *n_target_grid_table(sweep_rows, sweep_selected)]
     table = out_dir / "table.md"
     atomic_write_bytes(table, lambda f: f.write("\n".join(lines).encode()))
