@@ -77,19 +77,31 @@ def _searched(done: dict[float, float], protocol: Protocol, extend: int) -> list
     return grid
 
 
+def best_lr(means: dict[float, float]) -> float:
+    """The lr with the best metric; ties to the larger lr (as
+    `report.select_learning_rates`)."""
+    return max(means, key=lambda lr: (means[lr], lr))
+
+
+def _first_stage_choices(rows: list[dict], protocol: Protocol, lr_seeds: list[int],
+                         extend: int) -> dict[tuple, tuple[dict, list[float], float]]:
+    """(shift, method) -> (mean metric per lr finished, lrs searched, chosen lr), for the
+    pairs whose whole grid is finished."""
+    out = {}
+    for key, done in _first_stage_values(rows, protocol, lr_seeds, extend).items():
+        if all(lr in done for lr in protocol.lrs):
+            searched = _searched(done, protocol, extend)
+            out[key] = (done, searched, best_lr({lr: done[lr] for lr in searched}))
+    return out
+
+
 def chosen_lrs(rows: list[dict], protocol: Protocol, lr_seeds: list[int],
                extend: int = 0) -> dict[tuple, float]:
     """(shift, method) -> the lr with the best mean validation metric over `lr_seeds`
-    (ties: the larger lr, as `report.select_learning_rates`), among the protocol's grid
-    and the extension steps finished. Only (shift, method) pairs whose whole grid is
-    finished are chosen."""
-    choices = {}
-    for key, done in _first_stage_values(rows, protocol, lr_seeds, extend).items():
-        if not all(lr in done for lr in protocol.lrs):
-            continue
-        searched = _searched(done, protocol, extend)
-        choices[key] = max(searched, key=lambda lr: (done[lr], lr))
-    return choices
+    (ties: the larger lr), among the protocol's grid and the extension steps finished.
+    Only (shift, method) pairs whose whole grid is finished are chosen."""
+    return {key: choice for key, (_, _, choice)
+            in _first_stage_choices(rows, protocol, lr_seeds, extend).items()}
 
 
 def edge_steps(rows: list[dict], protocol: Protocol, lr_seeds: list[int],
@@ -98,11 +110,8 @@ def edge_steps(rows: list[dict], protocol: Protocol, lr_seeds: list[int],
     the largest or smallest lr searched and whose extension has a step left."""
     up, down = lr_ladder(protocol.lrs, extend)
     steps = {}
-    for key, done in _first_stage_values(rows, protocol, lr_seeds, extend).items():
-        if not all(lr in done for lr in protocol.lrs):
-            continue
-        searched = _searched(done, protocol, extend)
-        choice = max(searched, key=lambda lr: (done[lr], lr))
+    for key, (done, searched, choice) in _first_stage_choices(rows, protocol, lr_seeds,
+                                                               extend).items():
         ladder = up if choice == searched[-1] else down if choice == searched[0] else []
         beyond = [lr for lr in ladder if lr not in done]
         if len(searched) > 1 and beyond:
@@ -141,21 +150,13 @@ def run_two_stage(protocol: Protocol, out: str | Path, lr_seeds: list[int],
         steps = edge_steps(read_results(out), protocol, lr_seeds, extend)
         if not steps:
             break
-        for shift, lr, methods in _group(steps):
-            summaries.append(run_sweep(protocol.replace(shifts=[shift], methods=methods, lrs=[lr],
-                                                        seeds=lr_seeds),
-                                       out, on_row=on_row, **sweep_options))
+        # the steps, grouped as a second stage is, on the first-stage seeds
+        for step in second_stage(protocol, steps, lambda method: lr_seeds):
+            summaries.append(run_sweep(step, out, on_row=on_row, **sweep_options))
     choices = chosen_lrs(read_results(out), protocol, lr_seeds, extend)
     for stage2 in second_stage(protocol, choices, seeds_for):
         summaries.append(run_sweep(stage2, out, on_row=on_row, **sweep_options))
     return summaries
-
-
-def _group(steps: dict[tuple, float]) -> list[tuple[str, float, list[str]]]:
-    groups = defaultdict(list)
-    for (shift, method), lr in sorted(steps.items()):
-        groups[(shift, lr)].append(method)
-    return [(shift, lr, methods) for (shift, lr), methods in groups.items()]
 
 
 def drop_superseded(rows: list[dict], lr_seeds: list[int]) -> list[dict]:
@@ -176,7 +177,7 @@ def drop_superseded(rows: list[dict], lr_seeds: list[int]) -> list[dict]:
     for key, cells in first.items():
         complete = {lr: sum(v.values()) for lr, v in cells.items() if len(v) == len(lr_seeds)}
         if complete:
-            choice[key] = max(complete, key=lambda lr: (complete[lr], lr))
+            choice[key] = best_lr(complete)
             first_grid[key] = set(complete)
     later = defaultdict(set)  # a later seed that ran the whole first-stage grid chose itself
     for r in rows:
