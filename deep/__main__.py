@@ -110,6 +110,9 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="default: the benchmark protocol's")
     # One flag per PretrainConfig field; given flags override the protocol's [pretrain].
     add_flags(p, PretrainConfig)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read the --init file with full unpickling, which can run code from the "
+                   "file: only for a file you trust that safe loading refuses")
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="source-loader option overriding the protocol's (repeatable)")
 
@@ -133,7 +136,8 @@ def run_pretrain(args) -> int:
     resolved = {"benchmark": args.benchmark, "arch": arch,
                 "pretrain": dataclasses.asdict(config), "source_data": options}
     manifest = pretrain_to_file(args.benchmark, args.out, arch, config, options, args.data_dir,
-                                command=_command(args), resolved=resolved)
+                                command=_command(args), resolved=resolved,
+                                trust_checkpoint=args.trust_checkpoint)
     print(f"source test accuracy {100 * manifest['source_test_acc']:.2f}% "
           f"({manifest['seconds']:.0f} s); wrote {args.out} and its manifest")
     return 0

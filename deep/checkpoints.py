@@ -225,14 +225,15 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: st
     model.load_state_dict(state, strict=False)
 
 
-def load_backbone(model: nn.Module, path: str | Path) -> list[str]:
+def load_backbone(model: nn.Module, path: str | Path, trust_checkpoint: bool = False) -> list[str]:
     """Initialise `model` from a state dict file (ours or torchvision-layout) whose
     classifier may have another number of classes (e.g. ImageNet's 1000).
 
     Every tensor must fit except those of the final classifier (`fc.*`), which keep
     their fresh initialisation when their shape differs. Returns the names skipped.
+    The file is read safely unless `trust_checkpoint` (see `load_model`).
     """
-    state = load_torchvision_state(path)
+    state = load_torchvision_state(path, trust_checkpoint)
     expected = model.state_dict()
     skipped = sorted(k for k in state if k.startswith("fc.") and k in expected
                      and state[k].shape != expected[k].shape)

@@ -117,7 +117,7 @@ class PretrainConfig:
 
 
 def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None,
-             progress: bool = True, **overrides) -> nn.Module:
+             progress: bool = True, trust_checkpoint: bool = False, **overrides) -> nn.Module:
     """Train `arch` on `source.train`; returns the model (eval mode).
 
     `config` (default `PretrainConfig()`), with any of its fields overridden by keyword
@@ -125,6 +125,8 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     in `config.init` (ours or a torchvision-layout state dict; a classifier of another
     size is re-initialised), e.g. ImageNet ResNet-50 weights for Waterbirds and CelebA.
     Deterministic on CPU for a given seed (initialisation, order, augmentation).
+    `trust_checkpoint` reads `config.init` with full unpickling (trusted files only; it
+    is a safety switch, not a setting of the run, so it is not part of `config`).
     Raises ConfigError when the loss diverges (NaN/inf).
     """
     config = dataclasses.replace(config or PretrainConfig(), **overrides)
@@ -132,7 +134,7 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
         torch.manual_seed(config.seed)
         model = build_model(arch, source.num_classes, source.in_channels)
     if config.init is not None:
-        skipped = load_backbone(model, config.init)
+        skipped = load_backbone(model, config.init, trust_checkpoint)
         if skipped:
             print(f"init from {config.init}: classifier {', '.join(skipped)} re-initialised "
                   f"({source.num_classes} classes)")
@@ -161,12 +163,12 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
 def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
                      config: PretrainConfig | None = None, source_options: dict | None = None,
                      data_dir: str | Path | None = None, command: str | None = None,
-                     resolved: dict | None = None) -> dict:
+                     resolved: dict | None = None, trust_checkpoint: bool = False) -> dict:
     """Pretrain the source model of `benchmark`, save it and its manifest; return the manifest.
 
     `source_options` are the source loader's keywords (a protocol's resolved source
     data). `resolved` (the whole resolved configuration) is saved in the checkpoint's
-    meta and in the manifest under "config".
+    meta and in the manifest under "config". `trust_checkpoint`: see `pretrain`.
     """
     config = config or PretrainConfig()
     bench = get_benchmark(benchmark)
@@ -177,7 +179,7 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
     t0 = time.perf_counter()
     source = bench.load_source(Path(data_dir) if data_dir else None,
                                **loader_options(bench.load_source, benchmark, arch, options))
-    model = pretrain(source, arch, config)
+    model = pretrain(source, arch, config, trust_checkpoint=trust_checkpoint)
     acc = evaluate(model, source.test).acc
     seconds = time.perf_counter() - t0
     settings = dataclasses.asdict(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import json
 import os
 import subprocess
@@ -60,6 +61,26 @@ def test_pretrain_writes_checkpoint_and_manifest(tmp_path, capsys):
     assert json.loads(Path(f"{out}.json").read_text())["sha256"] == manifest["sha256"]
     model = load_model(out, "resnet26-w4", 4, 3)   # loads with torch.load(weights_only=True)
     assert model.fc.out_features == 4
+
+
+def test_pretrain_init_from_a_file_safe_loading_refuses_needs_trust(tmp_path, capsys):
+    """A weight file with a global outside the allowlist (as MEMO's numpy-scalar files were
+    before the allowlist): refused with a hint at the flag, loaded with --trust-checkpoint."""
+    torch.manual_seed(3)
+    init = build_model("resnet26-w4", 4, 3)
+    path = tmp_path / "init.pth"
+    torch.save({"net": init.state_dict(), "err_cls": fractions.Fraction(917, 10000)}, path)
+    argv = ["pretrain", "--benchmark", "synthetic", "--arch", "resnet26-w4", "--epochs", "1",
+            "--lr", "1e-9", "--init", str(path), "--out", str(tmp_path / "src.pt")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "fractions.Fraction" in err and "--trust-checkpoint" in err
+    assert not (tmp_path / "src.pt").exists()
+    assert main([*argv, "--trust-checkpoint"]) == 0
+    # started from the file: at lr 1e-9 one epoch leaves the first convolution where it was
+    model = load_model(tmp_path / "src.pt", "resnet26-w4", 4, 3)
+    assert torch.allclose(model.conv1.weight, init.conv1.weight, atol=1e-6)
+    assert not torch.allclose(model.conv1.weight, build_model("resnet26-w4", 4, 3).conv1.weight)
 
 
 def test_protocols_lists_synthetic(capsys):
