@@ -3,6 +3,8 @@ the protocol line read from the data, and the two-stage seeds of each method."""
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+
 import pytest
 
 from deep.bench import (SUITES, Suite, format_interval, grid_table, interval_table,
@@ -96,9 +98,48 @@ def test_second_stage_seeds_per_method():
     assert plain.seeds_for("auto-rgn") == [0, 1]
 
 
-def test_target_overrides_reach_only_their_benchmark():
+def test_breeds_split_sizes_reach_only_breeds():
     from deep.bench import main_protocols
     suite = SUITES["fmnist"]
     by_name = {p.benchmark: p for p in main_protocols(suite)}
     assert (by_name["fmnist-breeds"].val_per_class, by_name["fmnist-breeds"].test_per_class) == (50, 300)
     assert (by_name["fmnist-flip"].val_per_class, by_name["fmnist-flip"].test_per_class) == (10, 90)
+
+
+SETTINGS = ("epochs", "patience", "batch_size", "weight_decay", "select", "val_per_class",
+            "test_per_class", "arch")
+
+
+@pytest.mark.parametrize("results", ["results.csv", "n_target.csv"])
+def test_the_suites_protocols_are_the_ones_that_made_the_committed_table(results):
+    """The protocol files (which a plain `sweep` runs too) and the suite give every cell of
+    figures/fmnist-v2 the settings its row records, and the first-stage lr grid is the
+    one the table searched (its rows hold it plus edge extensions only)."""
+    from pathlib import Path
+    from deep.bench import main_protocols, n_sweep_protocols
+    from deep.sweep import read_results
+    suite = SUITES["fmnist"]
+    rows = read_results(Path(__file__).resolve().parents[2] / suite.out / results)
+    protocols = {p.benchmark: p for p in main_protocols(suite)} if results == "results.csv" \
+        else {("fmnist-c", p.n_target): p for p in n_sweep_protocols(suite)}
+    checked = 0
+    for row in rows:
+        key = row["benchmark"] if results == "results.csv" else (row["benchmark"], row["n_target"])
+        if key not in protocols:  # n_target.csv: the main table's own n_target
+            continue
+        p = protocols[key]
+        assert {k: getattr(p, k) for k in SETTINGS} == {k: row[k] for k in SETTINGS}, row
+        assert row["n_target"] == p.n_target and row["shift"] in p.shifts
+        assert row["method"] in p.methods
+        checked += 1
+    assert checked > 80
+    # the first stage (lr_seeds) ran the whole grid for every (shift, method), and more
+    # only where the grid was extended at an edge (then the grid plus the extension)
+    grid = {lr for p in protocols.values() for lr in p.lrs}
+    assert all(set(p.lrs) == grid for p in protocols.values())
+    searched = defaultdict(set)
+    for r in rows:
+        if r["seed"] in suite.lr_seeds:
+            searched[(r["benchmark"], r["shift"], r["method"], r["n_target"])].add(r["lr"])
+    assert all(lrs >= grid for lrs in searched.values())
+    assert Counter(frozenset(lrs) for lrs in searched.values()).most_common(1)[0][0] == grid

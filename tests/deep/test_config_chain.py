@@ -140,7 +140,7 @@ def test_pretrain_takes_the_protocols_pretrain_table_then_flags():
 def test_protocols_show_prints_resolved_values(capsys):
     assert main(["protocols", "--show", "fmnist-c"]) == 0
     out = capsys.readouterr().out
-    assert "  epochs = 4" in out and '"gaussian_noise"' in out
+    assert "  epochs = 25" in out and "  patience = 4" in out and '"gaussian_noise"' in out
     assert "pretrain = {epochs = 6," in out and "compile = true" in out
 
 
