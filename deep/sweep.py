@@ -154,10 +154,8 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     check_int("workers", workers)
     results = ResultsFile(out)
     checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
-    # what a finished row must agree on; precision only where this process knows the
-    # device the cells run on (another backend's workers may have other devices)
-    settings = _settings(protocol, checkpoint,
-                         None if executor is not None else precision(resolve_device(device), amp))
+    # what a finished row must agree on
+    settings = _settings(protocol, checkpoint, expected_precision(device, amp, executor is None))
     cells = plan_cells(protocol)
     todo = [cell for cell in cells if cell.key not in results.done]
     for cell in cells:
@@ -260,6 +258,17 @@ def _settings(protocol: Protocol, checkpoint: str, precision: str | None) -> dic
 def precision(device: str, amp: bool) -> str:
     """What the forward passes compute in: `--amp` is bf16 autocast on CUDA only."""
     return "bf16-autocast" if amp and torch.device(device).type == "cuda" else "float32"
+
+
+def expected_precision(device: str | None, amp: bool, on_this_host: bool) -> str | None:
+    """The precision the cells will run in, or None where this process cannot know it:
+    `--amp` with device "auto" on another backend's workers, which may or may not have
+    a GPU (then a resumed row's precision is not compared)."""
+    if not amp:
+        return "float32"
+    if on_this_host:
+        return precision(resolve_device(device), amp)
+    return None if device in (None, "auto") else precision(device, amp)
 
 
 def _groups(cells: list[Cell], workers: int) -> list[list[Cell]]:

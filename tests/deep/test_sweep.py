@@ -119,6 +119,35 @@ def test_rows_record_patience_precision_device_and_commit(tmp_path, synthetic_ch
                   progress=False)
 
 
+def test_resume_on_another_backend_still_checks_the_precision(tmp_path, synthetic_checkpoint):
+    """Without --amp every backend runs float32: a file of bf16 rows is not resumed by one."""
+    out = tmp_path / "r.csv"
+    protocol = small_protocol(methods=["last"], lrs=[1e-2], epochs=1)
+    run_sweep(protocol, out, progress=False)
+    text = out.read_text()
+    assert text.count(",float32,") == 1
+    out.write_text(text.replace(",float32,", ",bf16-autocast,"))
+
+    def executor(cells, spec, record):
+        raise AssertionError("nothing should run")
+
+    with pytest.raises(ValueError, match="precision: file 'bf16-autocast' vs now 'float32'"):
+        run_sweep(protocol, out, progress=False, executor=executor)
+    # with --amp and device auto, another backend's workers may or may not have a GPU:
+    # not compared, so the finished row is skipped
+    summary = run_sweep(protocol, out, progress=False, executor=executor, amp=True)
+    assert (summary.ran, summary.skipped) == (0, 1)
+
+
+def test_expected_precision():
+    from deep.sweep import expected_precision
+    assert expected_precision("auto", False, on_this_host=False) == "float32"
+    assert expected_precision("cuda", True, on_this_host=False) == "bf16-autocast"
+    assert expected_precision("cpu", True, on_this_host=False) == "float32"
+    assert expected_precision("auto", True, on_this_host=False) is None
+    assert expected_precision("cpu", True, on_this_host=True) == "float32"
+
+
 def test_a_legacy_results_file_is_read_and_resumed_with_provenance_unknown(tmp_path,
                                                                          synthetic_checkpoint):
     from deep.results import LEGACY_COLUMNS
