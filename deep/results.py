@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import types
 import typing
@@ -76,7 +77,8 @@ class ResultRow:
         if len(values) != len(names):
             raise ResultsError(f"{where}: {len(values)} fields, expected {len(names)} "
                                f"({', '.join(names)}); the row is truncated or malformed")
-        parsed = {name: _parse_value(text, _column_type(cls, name), name, where)
+        kinds = _column_types(cls)
+        parsed = {name: _parse_value(text, kinds[name], name, where)
                   for name, text in zip(names, values)}
         row = cls(**parsed)
         if row.status not in cls.STATUSES:
@@ -111,13 +113,18 @@ def row_key(row: dict) -> tuple:
     return tuple(row[k] if k != "lr" else float(row[k]) for k in KEY)
 
 
-def _column_type(cls, name: str) -> tuple[type, bool]:
-    """(base type, whether empty is allowed) of a column, from its annotation."""
-    hint = typing.get_type_hints(cls)[name]
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
+@functools.cache
+def _column_types(cls) -> dict[str, tuple[type, bool]]:
+    """Column -> (base type, whether empty is allowed), from the annotations; once per
+    class (evaluating the annotations took 10 ms a row: 7 s to read a 668-row file)."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            kinds[name] = next(a for a in args if a is not type(None)), True
+        else:
+            kinds[name] = hint, False
+    return kinds
 
 
 def _parse_value(text: str, kind: tuple[type, bool], name: str, where: str):

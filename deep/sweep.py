@@ -181,9 +181,9 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
             bar.update()
 
     try:
-        if executor is not None and todo:
+        if todo and executor is not None:
             executor(todo, spec, record)  # it groups the cells for its own resources
-        else:
+        elif todo:
             execute_groups(groups, spec, record, workers)
     finally:
         if bar is not None:

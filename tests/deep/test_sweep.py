@@ -98,6 +98,22 @@ def test_workers_give_the_same_rows(tmp_path, synthetic_checkpoint):
     assert len(two) == 4 and by_key(one) == by_key(two)
 
 
+def test_a_finished_sweep_resumes_without_starting_workers(tmp_path, synthetic_checkpoint,
+                                                            monkeypatch):
+    import deep.sweep
+    out = tmp_path / "r.csv"
+    protocol = small_protocol(methods=["last"], lrs=[1e-2], epochs=1)
+    run_sweep(protocol, out, progress=False)
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a sweep with nothing to run started workers")
+
+    monkeypatch.setattr(deep.sweep, "_run_parallel", no_workers)
+    monkeypatch.setattr(deep.sweep, "run_group", no_workers)
+    summary = run_sweep(protocol, out, progress=False, workers=2)
+    assert (summary.ran, summary.skipped) == (0, 1)
+
+
 def test_resume_refuses_other_settings(tmp_path, synthetic_checkpoint):
     out = tmp_path / "r.csv"
     run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1), out, progress=False)
