@@ -239,9 +239,12 @@ def _mean_over_minibatches(model: nn.Module, names: Sequence[str],
                            statistic) -> dict[str, float]:
     """Per tensor, `statistic(index, gradient)` of the mean cross-entropy's gradient on
     each minibatch, averaged over the minibatches. The tensors get requires_grad for
-    the duration (restored after); the model's mode is left as it is."""
+    the duration (restored after); the model's mode is left as it is, and so are its
+    buffers: in train mode the probes' forward passes would move batch-norm running
+    statistics, and a measurement must not change the model."""
     params = _parameters(model, names)
     flags = [p.requires_grad for p in params]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     for p in params:
         p.requires_grad_(True)
     try:
@@ -253,6 +256,9 @@ def _mean_over_minibatches(model: nn.Module, names: Sequence[str],
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
     return {n: t / len(minibatches) for n, t in zip(names, totals)}
 
 

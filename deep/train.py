@@ -318,6 +318,9 @@ class TrainingRun:
     def plan_epoch(self, epoch: int) -> EpochPlan:
         """Ask the method what to tune; set trainable flags, learning rates, the start stage."""
         lr = _scheduled_lr(self.config, epoch)
+        # The mode first: a method's plan may run the model (Auto-RGN's gradient probes),
+        # which must not depend on the mode the caller or the previous run left it in.
+        self.model.train(not self.config.freeze_bn)
         plan = self.method.plan(epoch, EpochContext(self.model, self.train, self.config))
         for name in plan.tuned:
             if name not in self.touched:
@@ -335,7 +338,6 @@ class TrainingRun:
         # Stages before `start` were never tuned in this run: their cached inputs hold.
         if self.cache is not None:
             self.start = self.cache.stages.first_stage(self.touched)
-        self.model.train(not self.config.freeze_bn)
         return plan
 
     def train_epoch(self, plan: EpochPlan) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -342,6 +343,34 @@ def test_auto_rgn_multipliers_match_hand_computation():
     assert rgn_multipliers({"a": 2.0, "b": 1.0, "c": math.inf}) == {"a": 1.0, "b": 0.5, "c": 1.0}
     raw = relative_gradient_norms(net, list(expected), batches)
     assert raw["3.bias"] == pytest.approx(hand["3.bias"], rel=1e-5)
+
+
+def test_gradient_probes_leave_batch_norm_statistics_alone(model, task):
+    """Auto-RGN's probes in train mode: batch statistics in the forward, but the running
+    statistics are the model's own afterwards (a measurement must not change the model)."""
+    model.train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    x, y, _ = next(task.train.batches(16))
+    relative_gradient_norms(model, ["conv1.weight", "fc.weight"], [(x, y)])
+    assert model.training
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+
+
+@pytest.mark.parametrize("method", ["auto-rgn", "auto-snr", "all"])
+def test_a_run_does_not_depend_on_the_mode_it_is_given_the_model_in(model, task, method):
+    """fit sets the mode from TrainConfig.freeze_bn before a method probes the model: a model
+    handed over in train mode (fresh from build_model) and one left in eval mode (by a
+    previous run of the task group) tune to the same weights."""
+    results = []
+    for mode in (True, False):
+        net = copy.deepcopy(model).train(mode)
+        result = fit(net, task.train, task.val, task.test, method,
+                     TrainConfig(lr=1e-2, epochs=2, seed=0), blocks_for(ARCH))
+        results.append((result.best_epoch, result.val.acc, result.test.acc,
+                        {n: p.detach().clone() for n, p in net.state_dict().items()}))
+    (e1, v1, t1, s1), (e2, v2, t2, s2) = results
+    assert (e1, v1, t1) == (e2, v2, t2)
+    assert all(torch.equal(s1[n], s2[n]) for n in s1)
 
 
 def test_auto_snr_per_example_statistics_match_a_loop(model, task):

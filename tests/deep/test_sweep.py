@@ -114,6 +114,25 @@ def test_a_finished_sweep_resumes_without_starting_workers(tmp_path, synthetic_c
     assert (summary.ran, summary.skipped) == (0, 1)
 
 
+def test_a_cells_row_does_not_depend_on_the_cells_before_it_in_its_group(synthetic_checkpoint):
+    """Every method, alone and after the others in one task group: the model is shared by
+    the group's cells, so anything a run leaves behind (mode, buffers, flags) would show
+    here. Auto-RGN once did (it probed the model in the mode the previous cell left it in)."""
+    from deep.blocks import blocks_for
+    from deep.methods import method_names
+    from deep.sweep import run_group
+    protocol = small_protocol(lrs=[1e-2], epochs=2)
+    protocol = protocol.replace(methods=method_names(blocks_for(protocol.arch)))
+    cells = plan_cells(protocol)
+    assert len({(c.shift, c.seed, c.n_target) for c in cells}) == 1  # one group
+    def rows(order):
+        return by_key(run_group(order, protocol, str(synthetic_checkpoint), None, 64))
+    alone = {}
+    for cell in cells:  # each the first (and only) cell of its group
+        alone.update(rows([cell]))
+    assert rows(cells[::-1]) == alone
+
+
 def test_resume_refuses_other_settings(tmp_path, synthetic_checkpoint):
     out = tmp_path / "r.csv"
     run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1), out, progress=False)
