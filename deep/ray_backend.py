@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -125,11 +126,21 @@ class RaySession:
                 "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) in "
                 "this shell") from None
         self.started = True
+        print(cluster_line(ray, self.address), file=sys.stderr, flush=True)
         return ray
 
     def __exit__(self, *exc):
         if self.started:
             import_ray().shutdown()
+
+
+def cluster_line(ray, address: str | None) -> str:
+    """What the sweep runs on, e.g. "ray: cluster at 10.0.0.1:6379: 4 nodes, 128 CPUs, 16 GPUs"."""
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    resources = ray.cluster_resources()
+    where = f"cluster at {address}" if address else "local instance"
+    return (f"ray: {where}: {nodes} node{'s' * (nodes != 1)}, {resources.get('CPU', 0):g} CPUs, "
+            f"{resources.get('GPU', 0):g} GPUs")
 
 
 def session_for(executor: "RayExecutor | None"):

@@ -290,6 +290,8 @@ class TestRayStartHead:
         rows = read_results(out)
         assert len(rows) == 6 and {row_key(r) for r in rows} == {c.key for c in plan_cells(protocol(LONG))}
         assert by_key(rows) == reference["long"]
+        # the driver says what it connected to
+        assert f"ray: cluster at {address}: 1 node, 2 CPUs, 0 GPUs" in done.stderr
 
     def test_a_data_dir_no_node_sees_is_one_line(self, tmp_path, ray_head):
         address, env = ray_head
