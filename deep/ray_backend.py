@@ -116,7 +116,10 @@ class RaySession:
             return ray
         try:
             if self.address is None:
-                ray.init(include_dashboard=False)
+                # "local": a new instance even where `ray start` left its address in
+                # /tmp/ray/ray_current_cluster (plain ray.init() would connect there, and
+                # wait on a cluster that is gone)
+                ray.init(address="local", include_dashboard=False)
             else:
                 ray.init(address=self.address)
         except ConnectionError as err:

@@ -222,6 +222,32 @@ def test_bad_options_are_named():
         RayOptions(cpus_per_task=0)
 
 
+def test_without_an_address_a_local_instance_starts_even_where_ray_start_left_one(
+        tmp_path, synthetic_cache):
+    """`ray start` leaves its address in <ray temp dir>/ray_current_cluster, and plain
+    ray.init() connects there: once that cluster is gone it waits (a CI run hung on it).
+    Without --ray-address the sweep starts its own instance, as its help says."""
+    marker = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
+    saved = marker.read_bytes() if marker.exists() else None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"127.0.0.1:{free_port()}")  # a cluster that is not there
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "deep", "sweep", "--benchmark", "synthetic", "--shifts", "noise",
+             "--methods", "last", "--lrs", "0.01", "--seeds", "0", "--epochs", "1",
+             "--n-target", "64", "--val-per-class", "10", "--test-per-class", "20",
+             "--no-progress", "--out", str(tmp_path / "r.csv"), "--backend", "ray"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=240)
+    finally:
+        if saved is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_bytes(saved)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ray: local instance: 1 node" in done.stderr and "ran 1 cells" in done.stdout
+
+
 # --- a cluster started with `ray start --head`, sweeps through the command line ---
 
 def free_port() -> int:
