@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import DeepError
+from ..errors import DeepError, check_int
 
 
 class DataError(DeepError):
@@ -256,8 +256,7 @@ def draw_splits(labels: torch.Tensor, num_classes: int, n_target: int, val_per_c
     """
     for name, value in (("n_target", n_target), ("val_per_class", val_per_class),
                         ("test_per_class", test_per_class)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise DataError(f"{name} must be a positive integer, got {value!r}")
+        check_int(name, value, error=DataError)
     g = seeded(seed)
     used = torch.zeros(len(labels), dtype=torch.bool)
     out = {}

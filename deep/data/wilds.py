@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from ..models.vit import CLIP_MEAN, CLIP_STD
 from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData,
                    class_balanced_indices, seeded, split_counts)
@@ -245,13 +245,9 @@ def draw_target(labels: torch.Tensor, pool: torch.Tensor, num_classes: int, n_ta
     `class_balanced_indices`); otherwise uniform over the pool, per-class counts times
     num_classes in total.
     """
-    for name, value in (("n_target", n_target), ("val_per_class", val_per_class)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(test_per_class, bool) or not isinstance(test_per_class, int) \
-            or test_per_class < 0:
-        raise ConfigError(f"test_per_class must be a non-negative integer (0 = the rest of the "
-                         f"split), got {test_per_class!r}")
+    check_int("n_target", n_target)
+    check_int("val_per_class", val_per_class)
+    check_int("test_per_class", test_per_class, minimum=0)  # 0: the rest of the split
     g = seeded(seed)
     used = ~pool
 

@@ -26,5 +26,5 @@ def test_draw_splits_are_disjoint_balanced_nested_and_seeded():
     assert torch.equal(small[2], test) and torch.equal(small[1], val)   # test/val fixed by seed
     assert set(small[0].tolist()) <= set(train.tolist())                # nested training sets
     assert not torch.equal(draw_splits(labels, 10, 30, 2, 5, seed=4, what="t")[2], test)
-    with pytest.raises(ValueError, match="val_per_class must be a positive integer"):
+    with pytest.raises(ValueError, match="val_per_class must be at least 1"):
         draw_splits(labels, 10, 30, 0, 5, seed=3, what="t")

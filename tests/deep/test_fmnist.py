@@ -257,7 +257,7 @@ def test_bad_arguments_raise(fake_dir):
     bench = get_benchmark("fmnist-c")
     with pytest.raises(ValueError, match="unknown shift 'frost'"):
         bench.load_task(fake_dir, "frost", **SMALL)
-    with pytest.raises(ValueError, match="n_target must be a positive integer"):
+    with pytest.raises(ValueError, match="n_target must be at least 1"):
         bench.load_task(fake_dir, "brightness", n_target=0, val_per_class=5, test_per_class=5)
     with pytest.raises(DataError, match="1000 examples left, 1001 requested"):
         bench.load_task(fake_dir, "brightness", n_target=100, val_per_class=5, test_per_class=1001)
