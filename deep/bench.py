@@ -58,7 +58,8 @@ class Suite:
 
     shifts: dict[str, list[str]]
     seeds: list[int]
-    # None here and below: each protocol's own (deep/configs/<benchmark>.toml)
+    # None (lrs, epochs, test_per_class, patience, methods): each protocol's own
+    # (deep/configs/<benchmark>.toml)
     lrs: list[float] | None = None
     epochs: int | None = None
     n_target: int = 1000

@@ -181,10 +181,11 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
             bar.update()
 
     try:
-        if todo and executor is not None:
-            executor(todo, spec, record)  # it groups the cells for its own resources
-        elif todo:
-            execute_groups(groups, spec, record, workers)
+        if todo:  # nothing to run: no workers, no Ray
+            if executor is not None:
+                executor(todo, spec, record)  # it groups the cells for its own resources
+            else:
+                execute_groups(groups, spec, record, workers)
     finally:
         if bar is not None:
             bar.close()

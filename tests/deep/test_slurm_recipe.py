@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from deep.sweep import read_results, row_key
+from tests.deep.test_ray_backend import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm_ray_sweep.sh"
@@ -34,18 +34,12 @@ def _idle_nodes() -> int:
     return sum(int(n) for n in out if n.isdigit())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _submit(tmp_path: Path, out: Path, name: str) -> str:
     """sbatch --wait the recipe on two nodes; returns the job's output."""
     bin_dir = str(Path(sys.executable).parent)   # python and ray of this environment
     env = {**os.environ, "PROJECT": str(ROOT), "VENV": str(Path(sys.prefix)),
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-           "RAY_PORT": str(_free_port()), "PYTHONPATH": str(ROOT)}
+           "RAY_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
     log = tmp_path / f"{name}.out"
     run = subprocess.run(["sbatch", "--wait", "--nodes=2", "--cpus-per-task=1",
                           "--time=10", f"--output={log}", str(SCRIPT), *SWEEP, "--out", str(out)],
