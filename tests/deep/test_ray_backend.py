@@ -117,6 +117,18 @@ def group_executions() -> int:
     return sum(1 for e in ray.timeline() if e.get("cat") == "task::run_group_task")
 
 
+def settled_group_executions(quiet: float = 3.0, limit: float = 60.0) -> int:
+    """`group_executions()` once it has not changed for `quiet` seconds: events of an
+    earlier test's tasks (a killed worker's among them) reach the timeline late."""
+    count, since, deadline = group_executions(), time.time(), time.time() + limit
+    while time.time() - since < quiet and time.time() < deadline:
+        time.sleep(0.5)
+        now = group_executions()
+        if now != count:
+            count, since = now, time.time()
+    return count
+
+
 # --- a local Ray instance in this process -----------------------------------------
 
 @pytest.fixture(scope="class")
@@ -162,7 +174,7 @@ class TestLocalRay:
             killer.join()
 
     def test_a_data_error_stops_the_sweep_without_retries(self, tmp_path):
-        before = group_executions()
+        before = settled_group_executions()
         bad = protocol({**SMALL, "shifts": ["noise"], "n_target": 100_000})
         with pytest.raises(TaskGroupError, match=r"failed on node .*n_target=100000 exceeds"):
             run_sweep(bad, tmp_path / "bad.csv", progress=False, executor=on_ray(max_retries=3))
