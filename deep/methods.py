@@ -18,7 +18,8 @@ base learning rate lr, and the architecture's blocks B_1..B_K in forward order
 
 Parameters that a method does not tune in an epoch get requires_grad=False and are
 left bitwise unchanged. Adam keeps its state across epochs (the public code
-rebuilds Adam every epoch for the automatic methods, resetting its moments).
+rebuilds Adam every epoch for both automatic methods, resetting its moments:
+`reset_optimizer=True` of `AutoRGN` and `AutoSNR`).
 """
 
 from __future__ import annotations
@@ -271,14 +272,14 @@ def rgn_multipliers(rgn: Mapping[str, float]) -> dict[str, float]:
     return {n: (v / top if math.isfinite(v) else 1.0) for n, v in rgn.items()}
 
 
-class AutoRGN(Method):
-    """Every non-batch-norm tensor, lr scaled per tensor by its normalised RGN each epoch.
+class AutomaticMethod(Method):
+    """What Auto-RGN and Auto-SNR share: the candidates (every tensor but those the
+    `exclude` rule names, see `excluded_parameter_names`), measured on `minibatches`
+    random training minibatches each epoch, and the optimizer switch.
 
-    `exclude="bn-name", reset_optimizer=True` is the public code's variant: it leaves out
-    every parameter named *bn* and rebuilds Adam each epoch (moments forgotten)."""
-
-    name = "auto-rgn"
-    per_tensor_lr = True
+    `reset_optimizer=True` starts the optimizer afresh every epoch (moments and step
+    counts forgotten), as the public code does for both methods by rebuilding Adam;
+    the default keeps one optimizer for the run."""
 
     def __init__(self, blocks: BlockMap | None = None, minibatches: int = 5,
                  exclude: str = "batchnorm", reset_optimizer: bool = False):
@@ -291,12 +292,26 @@ class AutoRGN(Method):
         excluded = excluded_parameter_names(self.model, self.exclude)
         return [n for n in self._names(ALL) if n not in excluded]
 
+    def epoch_plan(self, tuned: list[str], lr_scale: dict[str, float] | None = None) -> EpochPlan:
+        """The plan of one epoch, with this method's optimizer switch."""
+        return EpochPlan(tuned, lr_scale or {}, self.reset_optimizer)
+
+
+class AutoRGN(AutomaticMethod):
+    """Every non-batch-norm tensor, lr scaled per tensor by its normalised RGN each epoch.
+
+    `exclude="bn-name", reset_optimizer=True` is the public code's variant: it leaves out
+    every parameter named *bn* and rebuilds Adam each epoch (moments forgotten)."""
+
+    name = "auto-rgn"
+    per_tensor_lr = True
+
     def plan(self, epoch, ctx):
         names = self.candidates()
         rgn = relative_gradient_norms(self.model, names, ctx.minibatches(self.minibatches, epoch))
         scale = rgn_multipliers(rgn)
         self.last_multipliers = scale
-        return EpochPlan([n for n in names if scale[n] > 0], scale, self.reset_optimizer)
+        return self.epoch_plan([n for n in names if scale[n] > 0], scale)
 
 
 def per_example_gradient_moments(model: nn.Module, names: Sequence[str],
@@ -358,7 +373,7 @@ def eb_criterion(model: nn.Module, names: Sequence[str],
         (g * g / (torch.var(g, dim=0, keepdim=True) + eps)).mean().item()))
 
 
-class AutoSNR(Method):
+class AutoSNR(AutomaticMethod):
     """Tune, each epoch, the non-batch-norm tensors whose per-example gradient SNR passes
     a threshold.
 
@@ -376,8 +391,8 @@ class AutoSNR(Method):
     threshold 1/64, so nearly every tensor is tuned in every epoch and auto-snr
     behaves like `all` without batch-norm parameters; pass `threshold` to be stricter.
 
-    `statistic="eb-criterion", exclude="bn-name"` is the public code's variant
-    (`eb_criterion`, default threshold 0.95).
+    `statistic="eb-criterion", exclude="bn-name", reset_optimizer=True` is the public
+    code's variant (`eb_criterion`, default threshold 0.95, Adam rebuilt each epoch).
     """
 
     name = "auto-snr"
@@ -385,24 +400,18 @@ class AutoSNR(Method):
 
     def __init__(self, blocks: BlockMap | None = None, minibatches: int = 5,
                  threshold: float | None = None, chunk_size: int = 32,
-                 statistic: str = "per-example", exclude: str = "batchnorm"):
-        super().__init__(blocks)
+                 statistic: str = "per-example", exclude: str = "batchnorm",
+                 reset_optimizer: bool = False):
+        super().__init__(blocks, minibatches, exclude, reset_optimizer)
         if statistic not in self.STATISTICS:
             raise ConfigError(f"statistic must be one of {self.STATISTICS}, got {statistic!r}")
-        if exclude not in EXCLUSION_RULES:
-            raise ConfigError(f"exclude must be one of {EXCLUSION_RULES}, got {exclude!r}")
-        self.minibatches, self.threshold, self.chunk_size = minibatches, threshold, chunk_size
-        self.statistic, self.exclude = statistic, exclude
+        self.threshold, self.chunk_size, self.statistic = threshold, chunk_size, statistic
 
     def prepare(self, model, config):
         super().prepare(model, config)
         if not config.freeze_bn:
             raise ConfigError("auto-snr needs freeze_bn=True (per-example gradients through "
                              "batch norm in train mode are not defined)")
-
-    def candidates(self):
-        excluded = excluded_parameter_names(self.model, self.exclude)
-        return [n for n in self._names(ALL) if n not in excluded]
 
     def plan(self, epoch, ctx):
         names = self.candidates()
@@ -421,7 +430,7 @@ class AutoSNR(Method):
         default = 0.95 if self.statistic == "eb-criterion" else 1 / self.config.batch_size
         threshold = self.threshold if self.threshold is not None else default
         self.last_snr = snr
-        return EpochPlan([n for n in names if snr[n] >= threshold])
+        return self.epoch_plan([n for n in names if snr[n] >= threshold])
 
 
 @dataclass(frozen=True)

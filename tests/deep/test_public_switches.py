@@ -1,6 +1,6 @@
 """Switches that reproduce the public code's automatic methods (docs/reference-models.md):
-the "bn"-name exclusion rule, Adam rebuilt every epoch for Auto-RGN, and Auto-SNR's
-"eb-criterion" statistic."""
+the "bn"-name exclusion rule, Adam rebuilt every epoch for Auto-RGN and Auto-SNR, and
+Auto-SNR's "eb-criterion" statistic."""
 
 from __future__ import annotations
 
@@ -50,8 +50,18 @@ def _task(n=20, seed=0):
     return TensorSplit(torch.rand(n, 3, 32, 32, generator=g), torch.arange(n) % 10, name="t")
 
 
+# The public code's variants; Auto-SNR's threshold 0 tunes every candidate in both
+# epochs, so that each tensor's step count shows whether Adam restarted.
+PUBLIC_VARIANTS = {
+    "auto-rgn": lambda blocks, reset: AutoRGN(blocks, exclude="bn-name", reset_optimizer=reset),
+    "auto-snr": lambda blocks, reset: AutoSNR(blocks, statistic="eb-criterion", exclude="bn-name",
+                                              threshold=0.0, reset_optimizer=reset),
+}
+
+
 @pytest.mark.parametrize("reset", [False, True])
-def test_auto_rgn_reset_rebuilds_adam_every_epoch(monkeypatch, reset):
+@pytest.mark.parametrize("name", sorted(PUBLIC_VARIANTS))
+def test_reset_rebuilds_adam_every_epoch(monkeypatch, name, reset):
     """Adam's step count after 2 epochs of 2 steps: 2 when it restarts each epoch, else 4."""
     made = []
     real = train_module._optimizer
@@ -59,13 +69,14 @@ def test_auto_rgn_reset_rebuilds_adam_every_epoch(monkeypatch, reset):
                         lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     torch.manual_seed(0)
     model = build_model("resnet26-gn", 10)
-    method = AutoRGN(blocks_for("resnet26-gn"), exclude="bn-name", reset_optimizer=reset)
+    method = PUBLIC_VARIANTS[name](blocks_for("resnet26-gn"), reset)
     fit(model, _task(), _task(10, 1), None, method,
         TrainConfig(lr=1e-3, epochs=2, batch_size=10), blocks_for("resnet26-gn"))
     (optimizer,) = made
     steps = {float(s["step"]) for s in optimizer.state.values()}
     assert steps == {2.0 if reset else 4.0}
     tuned = {n for g in optimizer.param_groups for n in g["names"]}
+    assert len(optimizer.state) == len(tuned)  # every candidate was stepped in epoch 2
     assert not any("bn" in n for n in tuned)  # the GroupNorms sit out under the public rule
 
 
