@@ -19,11 +19,34 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import DeepError, check_int
+from ..errors import ConfigError, DeepError, check_int
 
 
 class DataError(DeepError):
     """Data is missing or malformed. The message names the file and the layout expected."""
+
+
+Normalization = tuple[Sequence[float], Sequence[float]]
+"""(mean, std) per channel, in the order the images' channels come."""
+
+
+def mean_std(normalization: Normalization | None, default: Normalization,
+             channels: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel: `normalization` checked, or the loader's `default` (None).
+
+    Loaders take a `normalization` option so that a model's own input normalisation
+    (`deep.normalization`) reaches them."""
+    if normalization is None:
+        normalization = default
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in normalization)
+    except (TypeError, ValueError):
+        raise ConfigError(f"normalization must be (mean, std), each {channels} numbers, got "
+                          f"{normalization!r}") from None
+    if len(mean) != channels or len(std) != channels or not all(v > 0 for v in std):
+        raise ConfigError(f"normalization must be (mean, std) with {channels} numbers each "
+                          f"and std > 0, got mean={mean}, std={std}")
+    return mean, std
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]

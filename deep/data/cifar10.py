@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from .base import Benchmark, DataError, ShiftTask, SourceData, TensorSplit, to_float_images
-from .base import draw_splits
+from .base import (Benchmark, DataError, Normalization, ShiftTask, SourceData, TensorSplit,
+                   draw_splits, mean_std, to_float_images)
 from .images import find_dir, require_file
 
 NUM_CLASSES = 10
@@ -39,8 +37,6 @@ SEVERITIES = 5
 # CIFAR-10 training-set channel statistics; source and target share them.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-Normalization = tuple[Sequence[float], Sequence[float]]
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
@@ -116,25 +112,10 @@ def read_cifar10c(data_dir, corruption: str, severity: int = 5) -> tuple[np.ndar
     return images[rows], y
 
 
-def mean_std(normalization: Normalization | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per RGB channel: the given ones, checked, or CIFAR-10's (None)."""
-    if normalization is None:
-        return CIFAR10_MEAN, CIFAR10_STD
-    try:
-        mean, std = (tuple(float(v) for v in part) for part in normalization)
-    except (TypeError, ValueError):
-        raise ConfigError(f"normalization must be (mean, std), each 3 numbers, got "
-                         f"{normalization!r}") from None
-    if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
-        raise ConfigError(f"normalization must be (mean, std) with 3 numbers each (RGB) and "
-                         f"std > 0, got mean={mean}, std={std}")
-    return mean, std
-
-
 def _tensor_splits(images: np.ndarray, labels: torch.Tensor, indices, name: str,
                    normalization: Normalization | None = None):
     """Only the chosen rows are read from (possibly memory-mapped) `images`."""
-    mean, std = mean_std(normalization)
+    mean, std = mean_std(normalization, (CIFAR10_MEAN, CIFAR10_STD))
     splits = []
     for split_name, idx in zip(("train", "val", "test"), indices):
         x = to_float_images(np.asarray(images[idx.numpy()]), mean, std)
@@ -226,7 +207,7 @@ def load_cifar10_source(data_dir, severity: int = 5,
     `severity` is CIFAR-10-C's option, accepted (and unused: source images are clean) so
     that a protocol's [data] table can be passed to load_task and load_source alike.
     """
-    mean, std = mean_std(normalization)
+    mean, std = mean_std(normalization, (CIFAR10_MEAN, CIFAR10_STD))
     splits = []
     for train in (True, False):
         images, labels = read_cifar10(data_dir, train)

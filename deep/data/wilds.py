@@ -44,8 +44,8 @@ import torch
 
 from ..errors import ConfigError, check_int
 from ..models.vit import CLIP_MEAN, CLIP_STD
-from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData,
-                   class_balanced_indices, seeded, split_counts)
+from .base import (Benchmark, DataError, FileSplit, Normalization, ShiftTask, SourceData,
+                   class_balanced_indices, mean_std, seeded, split_counts)
 from .images import ImageTransform, find_dir, require_file
 
 SHIFTS = ("ood-test", "ood-val")
@@ -297,19 +297,28 @@ def _pool(table: Table, shift: str, benchmark: str) -> torch.Tensor:
 
 def _load_task(benchmark: str, table: Table, layout: str, num_classes: int, shift: str,
                n_target: int, val_per_class: int, test_per_class: int, seed: int,
-               balanced: bool, resize: int | None, crop: int, num_workers: int) -> ShiftTask:
+               balanced: bool, resize: int | None, crop: int, num_workers: int,
+               normalization: Normalization | None) -> ShiftTask:
     idx = draw_target(table.labels, _pool(table, shift, benchmark), num_classes, n_target,
                       val_per_class, test_per_class, seed, balanced, f"{benchmark}/{shift}")
-    transform = ImageTransform(resize=resize, crop=crop, mean=CLIP_MEAN, std=CLIP_STD)
+    transform = _transform(resize, crop, normalization)
     splits = [_file_split(table, part, transform, num_workers, f"{benchmark}/{name}", layout)
               for name, part in zip(("train", "val", "test"), idx)]
     group_names = REGIONS if table.groups is not None else None
     return ShiftTask(benchmark, shift, num_classes, *splits, group_names=group_names)
 
 
+def _transform(resize: int | None, crop: int,
+               normalization: Normalization | None) -> ImageTransform:
+    # CLIP's statistics unless the model declares others (deep.normalization)
+    mean, std = mean_std(normalization, (CLIP_MEAN, CLIP_STD))
+    return ImageTransform(resize=resize, crop=crop, mean=mean, std=std)
+
+
 def _load_source(benchmark: str, table: Table, layout: str, num_classes: int,
-                 resize: int | None, crop: int, num_workers: int) -> SourceData:
-    transform = ImageTransform(resize=resize, crop=crop, mean=CLIP_MEAN, std=CLIP_STD)
+                 resize: int | None, crop: int, num_workers: int,
+                 normalization: Normalization | None) -> SourceData:
+    transform = _transform(resize, crop, normalization)
     train, test = (_file_split(table, torch.nonzero(table.splits[s]).flatten(), transform,
                                num_workers, f"{benchmark}/source-{s}", layout)
                    for s in ("train", "id_val"))
@@ -321,34 +330,38 @@ def _load_source(benchmark: str, table: Table, layout: str, num_classes: int,
 
 def load_camelyon17(data_dir, shift: str, n_target: int, val_per_class: int,
                     test_per_class: int, seed: int, resize: int | None = 224, crop: int = 224,
-                    num_workers: int = 0) -> ShiftTask:
+                    num_workers: int = 0,
+                    normalization: Normalization | None = None) -> ShiftTask:
     """Target task from hospital 2 ("ood-test") or 1 ("ood-val"), class balanced.
-    The 96-px patches are upsampled to `resize` (bilinear), then centre-cropped."""
+    The 96-px patches are upsampled to `resize` (bilinear), then centre-cropped;
+    `normalization` (mean, std): CLIP's when None."""
     return _load_task("camelyon17", read_camelyon17(data_dir), CAMELYON_LAYOUT, 2, shift,
                       n_target, val_per_class, test_per_class, seed, True, resize, crop,
-                      num_workers)
+                      num_workers, normalization)
 
 
 def load_camelyon17_source(data_dir, resize: int | None = 224, crop: int = 224,
-                           num_workers: int = 0) -> SourceData:
+                           num_workers: int = 0,
+                           normalization: Normalization | None = None) -> SourceData:
     return _load_source("camelyon17", read_camelyon17(data_dir), CAMELYON_LAYOUT, 2, resize,
-                        crop, num_workers)
+                        crop, num_workers, normalization)
 
 
 def load_fmow(data_dir, shift: str, n_target: int, val_per_class: int, test_per_class: int,
               seed: int, resize: int | None = 224, crop: int = 224,
-              num_workers: int = 0) -> ShiftTask:
+              num_workers: int = 0, normalization: Normalization | None = None) -> ShiftTask:
     """Target task from 2016 on ("ood-test") or 2013-2015 ("ood-val"), uniform draws,
-    regions as groups."""
+    regions as groups; `normalization` (mean, std): CLIP's when None."""
     return _load_task("fmow", read_fmow(data_dir), FMOW_LAYOUT, len(FMOW_CATEGORIES), shift,
                       n_target, val_per_class, test_per_class, seed, False, resize, crop,
-                      num_workers)
+                      num_workers, normalization)
 
 
 def load_fmow_source(data_dir, resize: int | None = 224, crop: int = 224,
-                     num_workers: int = 0) -> SourceData:
+                     num_workers: int = 0,
+                     normalization: Normalization | None = None) -> SourceData:
     return _load_source("fmow", read_fmow(data_dir), FMOW_LAYOUT, len(FMOW_CATEGORIES), resize,
-                        crop, num_workers)
+                        crop, num_workers, normalization)
 
 
 BENCHMARKS = {

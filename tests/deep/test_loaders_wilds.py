@@ -171,6 +171,7 @@ def test_camelyon17_sweeps_through_the_cli(camelyon, tmp_path):
     done = cli_sweep("camelyon17", camelyon, out, "--n-target", "4", "--val-per-class", "2",
                      "--test-per-class", "0")
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "normalised with" not in done.stderr, done.stderr[-2000:]
     rows = read_results(out)
     assert [r["method"] for r in rows] == ["embedding", "first3", "last3", "last", "all"]
     assert [r["start_stage"] for r in rows] == [0, 1, 4, 8, 0]
@@ -324,3 +325,24 @@ def test_images_of_the_wrong_size_for_the_vit_are_a_clear_cli_error(camelyon, tm
                      "--val-per-class", "2", "--data", "resize=40", "--data", "crop=40")
     assert done.returncode == 2 and "32x32" in done.stderr and "crop=32" in done.stderr
     assert "Traceback" not in done.stderr and read_results(out) == []
+
+
+def test_the_loaders_take_the_models_normalisation(camelyon):
+    """The CLIP ViT's statistics reach the loader without the 'takes no normalization'
+    warning, and another (mean, std) given to the loader is the one applied."""
+    import warnings
+    from deep.normalization import loader_options
+    bench = get_benchmark("camelyon17")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        options = loader_options(bench.load_task, "camelyon17", "clip-vit-tiny", SMALL)
+    assert options["normalization"] == (CLIP_MEAN, CLIP_STD)
+    clip = camelyon_task(camelyon)
+    half = bench.load_task(camelyon, "ood-test", n_target=6, val_per_class=2, test_per_class=0,
+                           seed=0, normalization=((0.5,) * 3, (0.5,) * 3), **SMALL)
+    x_clip, _, _ = next(clip.test.batches(8))
+    x_half, _, _ = next(half.test.batches(8))
+    assert torch.allclose(mean_rgb(x_clip), (x_half * 0.5 + 0.5).mean(dim=(2, 3)) * 255, atol=1e-3)
+    with pytest.raises(Exception, match="normalization must be"):
+        bench.load_task(camelyon, "ood-test", n_target=6, val_per_class=2, test_per_class=0,
+                        seed=0, normalization=((0.5,) * 2, (0.5,) * 2), **SMALL)
