@@ -22,34 +22,60 @@ from ..blocks import blocks_for
 from ..checkpoints import load_model
 from ..data import get_benchmark
 from ..errors import ConfigError
-from ..normalization import loader_options
+from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
 from ..sweep import resolve_checkpoint
 from .core import adapted_parameter_names, make_adapter, parse_blocks, run_stream
 from .protocol import AdaptProtocol
 from .results import AdaptResults, settings_json
 
-# Per-channel normalisation of each benchmark's images (module, mean name, std name):
-# MEMO's augmentations need pixels in [0, 1].
-_NORMALISATION = {
-    "fmnist": ("deep.data.fmnist", "MEAN", "STD"),
-    "cifar": ("deep.data.cifar10", "CIFAR10_MEAN", "CIFAR10_STD"),
-    "imagenet": ("deep.data.images", "IMAGENET_MEAN", "IMAGENET_STD"),
+# What each loader module normalises with when it gets no `normalization` option (its
+# own statistics; a loader without that option always uses them), as (module, mean
+# name, std name); None: not pixels (the synthetic benchmark's [-1, 1], mapped to
+# [0, 1]). Keyed by module, so every benchmark of a module (cifar10c-official) is known.
+_IMAGENET = ("deep.data.images", "IMAGENET_MEAN", "IMAGENET_STD")
+_LOADER_DEFAULTS = {
+    "deep.data.fmnist": ("deep.data.fmnist", "MEAN", "STD"),
+    "deep.data.cifar10": ("deep.data.cifar10", "CIFAR10_MEAN", "CIFAR10_STD"),
+    "deep.data.imagenet_c": _IMAGENET, "deep.data.breeds": _IMAGENET,
+    "deep.data.waterbirds": _IMAGENET, "deep.data.celeba": _IMAGENET,
+    "deep.data.wilds": ("deep.models.vit", "CLIP_MEAN", "CLIP_STD"),
+    "deep.data.synthetic": None,
 }
-_FAMILY = {"fmnist-c": "fmnist", "fmnist-breeds": "fmnist", "fmnist-flip": "fmnist",
-           "fmnist-spurious": "fmnist", "fmnist-blocknoise": "fmnist", "cifar10c": "cifar",
-           "cifar-flip": "cifar", "imagenet-c": "imagenet", "living17": "imagenet",
-           "entity30": "imagenet", "waterbirds": "imagenet", "celeba": "imagenet"}
 
 
-def pixel_normalisation(benchmark: str, channels: int) -> tuple[tuple, tuple]:
-    """(mean, std) that map the benchmark's images back to pixels in [0, 1]. The
-    synthetic benchmark's images are not pixels; [-1, 1] is mapped to [0, 1] there."""
-    family = _FAMILY.get(benchmark)
-    if family is None:
-        return (0.5,) * channels, (0.5,) * channels
-    module, mean, std = _NORMALISATION[family]
-    m = importlib.import_module(module)
-    return tuple(getattr(m, mean)), tuple(getattr(m, std))
+def stream_loader_options(protocol: AdaptProtocol) -> dict:
+    """The options the test stream is loaded with: the protocol's [data] plus the
+    architecture's own input normalisation when it declares one (e.g. resnet26-gn:
+    mean = std = 0.5), as the sweep loads its tasks."""
+    bench = get_benchmark(protocol.benchmark)
+    return loader_options(bench.load_task, bench.name, protocol.arch, protocol.data)
+
+
+def stream_normalisation(protocol: AdaptProtocol) -> tuple[tuple, tuple]:
+    """(mean, std) per channel the stream was normalised with, from the options it is
+    loaded with: their `normalization` when they have one, else the loader's default.
+    MEMO needs it to go back to pixels in [0, 1] and to return copies like the stream."""
+    given = stream_loader_options(protocol).get(NORMALIZATION_OPTION)
+    if given is not None:
+        mean, std = given
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    bench = get_benchmark(protocol.benchmark)
+    module = getattr(bench.load_task, "func", bench.load_task).__module__  # functools.partial too
+    if module not in _LOADER_DEFAULTS:
+        raise ConfigError(f"MEMO needs the (mean, std) the {bench.name} loader ({module}) "
+                          f"normalises with, to augment pixels in [0, 1]; add it to "
+                          f"deep.adapt.runner._LOADER_DEFAULTS")
+    if _LOADER_DEFAULTS[module] is None:
+        return (0.5,) * bench.in_channels, (0.5,) * bench.in_channels
+    source, mean, std = _LOADER_DEFAULTS[module]
+    constants = importlib.import_module(source)
+    return tuple(getattr(constants, mean)), tuple(getattr(constants, std))
+
+
+def memo_augmenter(protocol: AdaptProtocol) -> MemoAugmenter:
+    """MEMO's augmentations for the protocol's stream (its normalisation, its severity)."""
+    return MemoAugmenter(*stream_normalisation(protocol),
+                         severity=protocol.config("memo").severity)
 
 
 def stream_order(n: int, seed: int, images: int) -> torch.Tensor:
@@ -94,11 +120,8 @@ def load_test_split(protocol: AdaptProtocol, shift: str, seed: int, data_dir: st
     """(images, labels) of the seed's test split, drawn as the sweep draws it (test
     first, so it does not depend on the small n_target / validation sizes used here)."""
     bench = get_benchmark(protocol.benchmark)
-    # The architecture's own input normalisation (e.g. resnet26-gn: mean = std = 0.5), as the sweep.
     task = bench.load_task(Path(data_dir) if data_dir else None, shift, bench.num_classes, 1,
-                           protocol.test_per_class, seed,
-                           **loader_options(bench.load_task, bench.name, protocol.arch,
-                                            protocol.data))
+                           protocol.test_per_class, seed, **stream_loader_options(protocol))
     test = task.test
     if not hasattr(test, "images"):
         images, labels = zip(*[(x, y) for x, y, _ in test.batches(256)])
@@ -140,8 +163,7 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
     for method in protocol.methods:  # e.g. TENT on a block without normalisation: fail now
         for option in protocol.blocks_of(method):
             adapted_parameter_names(source, method, option, blocks_for(protocol.arch))
-    augmenter = MemoAugmenter(*pixel_normalisation(protocol.benchmark, bench.in_channels),
-                              severity=protocol.config("memo").severity)
+    augmenter = memo_augmenter(protocol) if "memo" in protocol.methods else None
     results = AdaptResults(out)
     ran = skipped = 0
     start = time.perf_counter()
