@@ -25,7 +25,7 @@ from torch import nn
 
 from .files import (CheckpointError, atomic_write_bytes, manifest_path, sha256_file,  # noqa: F401
                     verify_checkpoint, write_manifest)
-from .models import build_model, vit
+from .models import build_model, matches_any, same_network, vit
 
 FORMAT = "surgical-ft-checkpoint"
 VERSION = 1
@@ -225,22 +225,41 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: st
     model.load_state_dict(state, strict=False)
 
 
-def load_backbone(model: nn.Module, path: str | Path, trust_checkpoint: bool = False) -> list[str]:
-    """Initialise `model` from a state dict file (ours or torchvision-layout) whose
-    classifier may have another number of classes (e.g. ImageNet's 1000).
+def load_backbone(model: nn.Module, path: str | Path, trust_checkpoint: bool = False,
+                  head: tuple[str, ...] = ("fc",)) -> list[str]:
+    """Initialise `model` from a weight file (ours, torchvision layout, a CLIP state dict
+    for a CLIP ViT) whose classifier may have another number of classes (e.g.
+    ImageNet's 1000).
 
-    Every tensor must fit except those of the final classifier (`fc.*`), which keep
-    their fresh initialisation when their shape differs. Returns the names skipped.
-    The file is read safely unless `trust_checkpoint` (see `load_model`).
+    Every tensor must fit except those under the module prefixes `head` (the
+    architecture's `last` block), which keep their fresh initialisation when their
+    shape differs. Returns the names skipped. The file is read safely unless
+    `trust_checkpoint` (see `load_model`).
     """
-    state = load_torchvision_state(path, trust_checkpoint)
+    state = _state_for(model, _read_weights(Path(path), trust_checkpoint), str(path))
     expected = model.state_dict()
-    skipped = sorted(k for k in state if k.startswith("fc.") and k in expected
+    skipped = sorted(k for k in state if matches_any(k, head) and k in expected
                      and state[k].shape != expected[k].shape)
     kept = {k: v for k, v in state.items() if k not in skipped}
     kept.update({k: expected[k] for k in skipped})
     load_state_strict(model, kept, what=str(path))
     return skipped
+
+
+def _read_weights(path: Path, trust_checkpoint: bool) -> object:
+    """What a weight file holds, read once (some files are 150 MB)."""
+    # CLIP ViT hook (deep.models.vit): OpenAI's TorchScript .pt refused unless trusted
+    if vit.is_torchscript_archive(path):
+        return vit.torchscript_state(path, trust=trust_checkpoint)
+    return _torch_load(path, trust_checkpoint)
+
+
+def _state_for(model: nn.Module, raw: object, where: str) -> dict[str, torch.Tensor]:
+    """The state dict in `raw` as `model` names it."""
+    state = extract_state_dict(raw, where)
+    if isinstance(model, vit.CLIPImageClassifier):  # CLIP ViT hook: text tower dropped
+        state = vit.image_tower_state(state, model, where)
+    return state
 
 
 def _head(items: list[str], n: int = 8) -> str:
@@ -268,22 +287,16 @@ def load_model(checkpoint: str | Path, arch: str, num_classes: int, in_channels:
             torch.manual_seed(seed)
             return build_model(arch, num_classes, in_channels)
     path = Path(checkpoint)
-    # --- CLIP ViT hook (deep.models.vit): OpenAI's TorchScript .pt refused unless trusted
-    if vit.is_torchscript_archive(path):
-        raw = vit.torchscript_state(path, trust=trust_checkpoint)
-    else:
-        raw = _torch_load(path, trust_checkpoint)  # read once: some files are 150 MB
+    raw = _read_weights(path, trust_checkpoint)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         ckpt = _own_checkpoint(raw, path)
         found = (ckpt.arch, ckpt.num_classes, ckpt.in_channels)
-        if found != (arch, num_classes, in_channels):
+        if (same_network(ckpt.arch, arch), *found[1:]) != (True, num_classes, in_channels):
             raise CheckpointError(f"{path} holds arch={found[0]}, num_classes={found[1]}, "
                                   f"in_channels={found[2]}; the benchmark needs arch={arch}, "
                                   f"num_classes={num_classes}, in_channels={in_channels}")
+        ckpt.arch = arch  # the same network under the name whose blocks are wanted
         return ckpt.build()
     model = build_model(arch, num_classes, in_channels)
-    state = extract_state_dict(raw, str(path))
-    if isinstance(model, vit.CLIPImageClassifier):  # CLIP ViT hook: text tower dropped
-        state = vit.image_tower_state(state, model, str(path))
-    load_state_strict(model, state, what=f"{path}")
+    load_state_strict(model, _state_for(model, raw, str(path)), what=f"{path}")
     return model

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_state_strict, load_torchvision_state, save_checkpoint
-from .errors import DeepError
+from .errors import DeepError, check_int
 from .files import CheckpointError, sha256_file
 from .models.vit import (CONFIGS, build, image_tower_state, is_torchscript_archive, logit_scale,
                          set_zero_shot_head, torchscript_state)
@@ -41,21 +41,25 @@ def read_text_embeddings(path: str | Path) -> torch.Tensor:
     return value
 
 
-def read_clip_state(path: str | Path, trust_torchscript: bool = False) -> dict[str, torch.Tensor]:
+def read_clip_state(path: str | Path, trust_torchscript: bool = False,
+                    trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """A CLIP state dict from a file: plain (optionally under `state_dict`, `module.`
-    prefixes), ours, or a TorchScript archive when `trust_torchscript`."""
+    prefixes), ours, or a TorchScript archive when `trust_torchscript`. A plain file
+    that holds more than tensors is read with full unpickling only when
+    `trust_checkpoint` (see `deep.checkpoints.load_model`)."""
     if is_torchscript_archive(path):
         return torchscript_state(path, trust_torchscript)
-    return load_torchvision_state(path)
+    return load_torchvision_state(path, trust_checkpoint)
 
 
 def prepare_checkpoint(weights: str | Path, out: str | Path, num_classes: int,
                        arch: str = "clip-vit-b16", text_embeddings: str | Path | None = None,
-                       trust_torchscript: bool = False) -> Path:
+                       trust_torchscript: bool = False, trust_checkpoint: bool = False) -> Path:
     """Write a checkpoint of this toolkit (arch, num_classes, 3 channels) from CLIP
     weights, with a zero-shot head when `text_embeddings` is given (else a fresh head,
     seeded 0). Use it as --checkpoint, or as `pretrain --init` to train a source model."""
-    state = read_clip_state(weights, trust_torchscript)
+    check_int("num_classes", num_classes)
+    state = read_clip_state(weights, trust_torchscript, trust_checkpoint)
     model = build(arch, num_classes)
     load_state_strict(model, image_tower_state(state, model, str(weights)), what=str(weights))
     meta = {"source_weights": Path(weights).name, "source_sha256": sha256_file(weights)}
@@ -82,10 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                    "embeddings (torch.save); the head becomes CLIP's zero-shot classifier")
     p.add_argument("--trust-torchscript", action="store_true",
                    help="read a TorchScript archive (runs its code: trusted files only)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read a plain file that holds more than tensors with full unpickling "
+                   "(may run code: trusted files only)")
     args = parser.parse_args(argv)
     try:
         path = prepare_checkpoint(args.weights, args.out, args.num_classes, args.arch,
-                                  args.text_embeddings, args.trust_torchscript)
+                                  args.text_embeddings, args.trust_torchscript,
+                                  args.trust_checkpoint)
     except (DeepError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ from torch import nn
 from .checkpoints import load_backbone, save_checkpoint, write_manifest
 from .data import Benchmark, SourceData, get_benchmark
 from .errors import ConfigError, check_int
-from .models import build_model
+from .models import build_model, get_architecture
 from .normalization import loader_options
 from .train import TrainConfig, check_milestones, evaluate, fit
 
@@ -134,7 +134,8 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
         torch.manual_seed(config.seed)
         model = build_model(arch, source.num_classes, source.in_channels)
     if config.init is not None:
-        skipped = load_backbone(model, config.init, trust_checkpoint)
+        skipped = load_backbone(model, config.init, trust_checkpoint,
+                                head=get_architecture(arch).blocks.get("last", ("fc",)))
         if skipped:
             print(f"init from {config.init}: classifier {', '.join(skipped)} re-initialised "
                   f"({source.num_classes} classes)")

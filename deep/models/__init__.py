@@ -19,7 +19,7 @@ from . import vit  # noqa: F401  (CLIP ViTs: clip-vit-b16, clip-vit-b16-gelu, cl
 from . import gn_resnet, wide_resnet  # noqa: F401  (reference CIFAR models: resnet26-gn, wrn28-10)
 from .cifar_resnet import CifarResNet
 from .registry import (Architecture, architecture_names, block_order, get_architecture, matches,
-                       matches_any, register_architecture)
+                       matches_any, register_architecture, same_network)
 from .resnet import ResNet50
 from .staged import StagedModel, Stages, stages_of
 
@@ -36,4 +36,4 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
 
 __all__ = ["ARCHS", "Architecture", "CifarResNet", "ResNet50", "StagedModel", "Stages",
            "architecture_names", "block_order", "build_model", "get_architecture", "matches",
-           "matches_any", "register_architecture", "stages_of"]
+           "matches_any", "register_architecture", "same_network", "stages_of"]

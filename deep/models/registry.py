@@ -36,6 +36,9 @@ class Architecture:
         normalization: (mean, std) per input channel that the model's weights expect;
             None: the dataset's own normalisation.
         notes: one line shown to users (what the architecture is for).
+        network: the network whose weights this architecture takes, when it is another
+            registered architecture's under other blocks (`resnet50-public` is
+            `resnet50`); empty: its own. Checkpoints of either load into both.
     """
 
     name: str
@@ -43,6 +46,7 @@ class Architecture:
     blocks: Mapping[str, tuple[str, ...]]
     normalization: Normalization | None = None
     notes: str = ""
+    network: str = ""
 
     def __post_init__(self):
         if not self.name or not self.blocks:
@@ -99,6 +103,14 @@ def block_order(archs: Iterable[Architecture] | None = None) -> tuple[str, ...]:
                 order.insert(order.index(previous) + 1 if previous is not None else 0, option)
             previous = option
     return tuple(order)
+
+
+def same_network(a: str, b: str) -> bool:
+    """Whether architectures `a` and `b` are one network (same modules and weights),
+    perhaps under other blocks."""
+    def network(name: str) -> str:
+        return get_architecture(name).network or name
+    return network(a) == network(b)
 
 
 def matches(name: str, prefix: str) -> bool:

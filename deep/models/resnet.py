@@ -105,4 +105,5 @@ register_architecture(Architecture(
     "resnet50-public", build=lambda c, k: ResNet50(c, k),
     blocks={"first": ("conv1", "layer1"), "second": ("layer2",), "third": ("layer3",),
             "fourth": ("layer4",), "last": ("fc",)},
-    notes="ResNet-50 with the public code's blocks: first = conv1 + layer1, bn1 only in all"))
+    notes="ResNet-50 with the public code's blocks: first = conv1 + layer1, bn1 only in all",
+    network="resnet50"))

@@ -265,14 +265,15 @@ _register()
 
 def is_torchscript_archive(path: str | Path) -> bool:
     """Whether `path` is a TorchScript archive (OpenAI's released `.pt` files are): a zip
-    holding `constants.pkl` or a `code/` folder, which `torch.save` archives never have."""
+    holding `constants.pkl` or a `code/` folder under its root folder, which `torch.save`
+    archives never have (their root folder is named after the file, `code.pt` included)."""
     path = Path(path)
     if not path.is_file() or not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
             parts = name.split("/")
-            if parts[-1] == "constants.pkl" or "code" in parts[:-1]:
+            if parts[-1] == "constants.pkl" or "code" in parts[1:-1]:
                 return True
     return False
 

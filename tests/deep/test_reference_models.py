@@ -397,6 +397,25 @@ def test_resnet50_public_first_block_leaves_out_bn1():
     assert set(ours) - set(first) == {"bn1.weight", "bn1.bias"}
 
 
+def test_resnet50_checkpoints_load_under_either_block_layout(tmp_path):
+    """One network under two names: our checkpoint of either loads as the other (same
+    weights, the requested name's blocks); another network is still refused."""
+    from deep.checkpoints import CheckpointError, load_model, save_checkpoint
+    from deep.models import same_network
+    assert same_network("resnet50", "resnet50-public") and same_network("resnet50-public", "resnet50")
+    assert not same_network("resnet50", "resnet26") and not same_network("resnet26-gn", "resnet26")
+    torch.manual_seed(0)
+    model = build_model("resnet50", 4)
+    save_checkpoint(tmp_path / "r50.pt", model, "resnet50", 4, 3)
+    loaded = load_model(tmp_path / "r50.pt", "resnet50-public", 4, 3)
+    assert torch.equal(loaded.layer3[0].conv2.weight, model.layer3[0].conv2.weight)
+    save_checkpoint(tmp_path / "pub.pt", loaded, "resnet50-public", 4, 3)
+    assert torch.equal(load_model(tmp_path / "pub.pt", "resnet50", 4, 3).fc.weight, model.fc.weight)
+    save_checkpoint(tmp_path / "r26.pt", build_model("resnet26", 4), "resnet26", 4, 3)
+    with pytest.raises(CheckpointError, match="holds arch=resnet26"):
+        load_model(tmp_path / "r26.pt", "resnet26-gn", 4, 3)
+
+
 # The origins' recipes: TTT/MEMO (main.py, script_baseline.sh) and the WideResNet paper's.
 RECIPES = {
     "cifar10c": dict(epochs=150, lr=0.1, batch_size=128, weight_decay=5e-4, augment="crop-flip",

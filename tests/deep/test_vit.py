@@ -268,6 +268,36 @@ def test_torchscript_archive_is_refused_with_how_to_convert(torchscript_file, tm
     assert torch.equal(trusted.visual.proj, state["visual.proj"])
 
 
+@pytest.mark.parametrize("name", ["code.pt", "constants.pt", "code"])
+def test_a_plain_file_named_like_torchscript_parts_is_not_torchscript(tmp_path, name):
+    """torch.save names the archive's root folder after the file: code.pt holds code/data.pkl."""
+    path = tmp_path / name
+    torch.save(clip_like_state(), path)
+    assert not is_torchscript_archive(path)
+    assert torch.equal(load_model(path, TINY, 3, 3).visual.proj, clip_like_state()["visual.proj"])
+
+
+def test_init_from_clip_weights_or_a_vit_of_another_head_size(tmp_path):
+    """pretrain --init: a CLIP state dict (text tower dropped, fresh head) or our ViT
+    checkpoint with another number of classes (its head re-initialised, `head.*`)."""
+    from deep.checkpoints import load_backbone, save_checkpoint
+    from deep.models import get_architecture
+    head = get_architecture(TINY).blocks["last"]
+    state = clip_like_state()
+    torch.save(state, tmp_path / "clip.pt")
+    torch.manual_seed(1)
+    model = build_model(TINY, 5)
+    fresh = model.head.weight.detach().clone()
+    assert load_backbone(model, tmp_path / "clip.pt", head=head) == []
+    assert torch.equal(model.visual.proj, state["visual.proj"])
+    save_checkpoint(tmp_path / "two.pt", load_model(tmp_path / "clip.pt", TINY, 2, 3), TINY, 2, 3)
+    torch.manual_seed(1)
+    model = build_model(TINY, 5)
+    assert load_backbone(model, tmp_path / "two.pt", head=head) == ["head.bias", "head.weight"]
+    assert torch.equal(model.head.weight, fresh)
+    assert torch.equal(model.visual.proj, state["visual.proj"])
+
+
 def run_prepare(*args):
     return subprocess.run([sys.executable, "-m", "deep.clip", "prepare", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -328,3 +358,25 @@ def test_prepare_rejects_a_text_embeddings_file_of_the_wrong_kind(tmp_path):
                        "3", "--out", str(tmp_path / "zs.pt"), "--text-embeddings",
                        str(tmp_path / "text.pt"))
     assert done.returncode == 2 and "must hold one tensor" in done.stderr
+
+
+@pytest.mark.slow
+def test_prepare_checks_its_arguments_and_offers_the_flags_it_names(tmp_path):
+    import argparse
+    torch.save(clip_like_state(), tmp_path / "clip.pt")
+    out = tmp_path / "out.pt"
+    for n in ("0", "-3"):
+        done = run_prepare("--weights", str(tmp_path / "clip.pt"), "--arch", TINY,
+                           "--num-classes", n, "--out", str(out))
+        assert done.returncode == 2 and "num_classes must be at least 1" in done.stderr
+        assert "Traceback" not in done.stderr and not out.exists()
+    # a file holding more than tensors: refused, and the flag the message names works
+    torch.save({"state_dict": clip_like_state(), "args": argparse.Namespace(lr=1)},
+               tmp_path / "with_args.pt")
+    args = ("--weights", str(tmp_path / "with_args.pt"), "--arch", TINY, "--num-classes", "3",
+            "--out", str(out))
+    refused = run_prepare(*args)
+    assert refused.returncode == 2 and "--trust-checkpoint" in refused.stderr
+    done = run_prepare(*args, "--trust-checkpoint")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(load_model(out, TINY, 3, 3).visual.proj, clip_like_state()["visual.proj"])
