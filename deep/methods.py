@@ -10,7 +10,7 @@ base learning rate lr, and the architecture's blocks B_1..B_K in forward order
 | `first`, `second`, ... `last` | that block only, every epoch (surgical fine-tuning; `last` is the linear probe) |
 | `all` | every parameter, every epoch (full fine-tuning) |
 | `lp-ft` | epochs 1..floor(E/2): `last` only (linear probe); the remaining epochs: everything. One lr for both phases |
-| `gradual-first-last` | B_1 from epoch 1; block k (k = 0..K-1 in that order) joins at epoch 1 + floor(k E / K) and stays |
+| `gradual-first-last` | B_1 from epoch 1; block k (k = 0..K-1 in that order) joins at epoch 1 + floor(k E / K) and stays; the last block's stage tunes everything, parameters in no block included (as `all`) |
 | `gradual-last-first` | the same schedule in reverse order: B_K first, B_1 last (ULMFiT-style unfreezing) |
 | `l1sp` | everything, with loss + lambda * sum_i abs(theta_i - theta0_i) over all parameters; lambda = 1e-4 |
 | `auto-rgn` | every non-batch-norm tensor; at the start of each epoch, on 5 random training minibatches, RGN = norm(grad) / norm(theta) per tensor (mean over the minibatches), divided by its maximum, is that tensor's lr multiplier for the epoch. Batch-norm tensors are frozen |
@@ -103,9 +103,14 @@ class Method:
         earlier phase (lp-ft's linear probe) cannot end a run before its last phase."""
         return 1
 
-    def _names(self, options) -> list[str]:
-        if self.blocks is None and options != ALL:
+    def _require_blocks(self) -> BlockMap:
+        if not self.blocks:
             raise ConfigError(f"method {self.name!r} needs a block mapping (blocks=...)")
+        return self.blocks
+
+    def _names(self, options) -> list[str]:
+        if options != ALL:
+            self._require_blocks()
         return tuned_parameter_names(self.model, options, self.blocks or {})
 
 
@@ -147,7 +152,14 @@ def unfreeze_epochs(num_blocks: int, epochs: int) -> list[int]:
 
 
 class GradualUnfreezing(Method):
-    """Blocks join one by one in `order` ("first-last" or "last-first") and stay tuned."""
+    """Blocks join one by one in `order` ("first-last" or "last-first") and stay tuned;
+    the last stage is full fine-tuning (what `all` tunes).
+
+    The blocks need not cover the network: the final norm of `resnet26-gn` / `wrn28-10`
+    and `resnet50-public`'s `bn1` lie in no block (the public code's blocks), nor do a
+    CLIP ViT's middle transformer blocks, `ln_post` and `proj` (the paper's options).
+    Such parameters join with the last block, when everything is tuned, so that the
+    method ends where full fine-tuning does instead of never tuning them."""
 
     def __init__(self, order: str, blocks: BlockMap | None = None):
         super().__init__(blocks)
@@ -156,17 +168,22 @@ class GradualUnfreezing(Method):
         self.order, self.name = order, f"gradual-{order}"
 
     def candidates(self):
-        return self._names(list(self.blocks))
+        return self._names(ALL)
 
     def last_phase_start(self):
-        return max(unfreeze_epochs(len(self.blocks), self.config.epochs))
+        return max(self._joins().values())
 
-    def plan(self, epoch, ctx):
-        options = list(self.blocks)
+    def _joins(self) -> dict[str, int]:
+        """Block -> the epoch it joins, in the order they join."""
+        options = list(self._require_blocks())
         if self.order == "last-first":
             options.reverse()
-        joins = unfreeze_epochs(len(options), self.config.epochs)
-        return EpochPlan(self._names([o for o, e in zip(options, joins) if e <= epoch]))
+        return dict(zip(options, unfreeze_epochs(len(options), self.config.epochs)))
+
+    def plan(self, epoch, ctx):
+        if epoch >= self.last_phase_start():
+            return EpochPlan(self.candidates())
+        return EpochPlan(self._names([o for o, e in self._joins().items() if e <= epoch]))
 
 
 class L1SP(Method):
