@@ -46,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="TENT: images per batch (200)")
     p.add_argument("--batch-stats", choices=["blocks", "all"],
                    help="TENT: BatchNorm layers that use batch statistics")
+    p.add_argument("--arch", help="architecture (default: the protocol's); a --checkpoint of "
+                   "ours must hold this architecture")
     p.add_argument("--checkpoint", help="source model (default: the benchmark's own)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read --checkpoint with full unpickling, which can run code from the "
+                   "file: only for a file you trust that safe loading refuses")
     p.add_argument("--data-dir")
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="loader option overriding the protocol's [data] table (repeatable)")
@@ -77,7 +82,7 @@ def protocol_from_args(args) -> AdaptProtocol:
     if args.quick:
         protocol = protocol.replace(shifts=protocol.shifts[:1], seeds=protocol.seeds[:1])
     protocol = protocol.replace(
-        methods=args.method, shifts=args.shifts, seeds=args.seeds,
+        arch=args.arch, methods=args.method, shifts=args.shifts, seeds=args.seeds,
         test_per_class=args.test_per_class, checkpoint=args.checkpoint,
         data={**protocol.data, **dict(args.data)} if args.data else None)
     tables = {m: _method_table(protocol, m, args) for m in ("memo", "tent")}
@@ -94,7 +99,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     protocol = protocol_from_args(args)
     summary = run_adaptation(protocol, args.out, data_dir=args.data_dir, episodic=args.episodic,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, trust_checkpoint=args.trust_checkpoint)
     print(f"ran {summary.ran} streams, skipped {summary.skipped} already finished, in "
           f"{summary.seconds:.1f} s; results: {summary.out}")
     if args.report:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..models import get_architecture
 from ..protocol import read_protocol_file
 from .core import METHODS, MemoConfig, TentConfig
 
@@ -40,6 +41,7 @@ class AdaptProtocol:
     notes: str = ""
 
     def __post_init__(self):
+        get_architecture(self.arch)  # an unknown name fails here, listing the known ones
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ConfigError(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")

@@ -154,12 +154,15 @@ def check_protocol(protocol: AdaptProtocol) -> None:
 
 def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | None = None,
                    data_dir: str | None = None, episodic: bool = False,
-                   progress: bool = True) -> AdaptSummary:
-    """Every stream of the protocol not yet in `out`, seed by seed, shift by shift."""
+                   progress: bool = True, trust_checkpoint: bool = False) -> AdaptSummary:
+    """Every stream of the protocol not yet in `out`, seed by seed, shift by shift.
+    `trust_checkpoint`: read the checkpoint with full unpickling (it may run code); only
+    for a trusted file that safe loading refuses (see deep.checkpoints)."""
     check_protocol(protocol)
     bench = get_benchmark(protocol.benchmark)
     checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint or protocol.checkpoint, data_dir)
-    source = load_model(checkpoint, protocol.arch, bench.num_classes, bench.in_channels).eval()
+    source = load_model(checkpoint, protocol.arch, bench.num_classes, bench.in_channels,
+                        trust_checkpoint=trust_checkpoint).eval()
     for method in protocol.methods:  # e.g. TENT on a block without normalisation: fail now
         for option in protocol.blocks_of(method):
             adapted_parameter_names(source, method, option, blocks_for(protocol.arch))

@@ -3,12 +3,15 @@ deep.adapt.cli): MEMO's pixels, --arch, --trust-checkpoint, the cifar10c protoco
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import fractions
 
 import pytest
 import torch
 
 from deep.adapt.protocol import load_adapt_protocol
+from deep.adapt.results import read_adapt_results
 from deep.adapt.runner import load_test_split, memo_augmenter, run_adaptation
 from deep.augment_memo import MemoAugmenter
 from tests.deep.fixtures import writers
@@ -89,3 +92,41 @@ def test_memo_normalisation_of_fashion_mnist_gives_its_8_bit_pixels():
     pixels = (images * augmenter.std + augmenter.mean) * 255
     assert torch.allclose(pixels, pixels.round(), atol=1e-3)
     assert pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3 and pixels.max() > 200
+
+
+# --- --arch and --trust-checkpoint --------------------------------------------------------
+
+def parse(*argv):
+    from deep.adapt.cli import add_arguments, protocol_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return protocol_from_args(parser.parse_args(["--benchmark", "cifar10c", "--out", "r.csv", *argv]))
+
+
+def test_arch_flag_overrides_the_protocol_and_is_checked(capsys):
+    from deep.__main__ import main
+    assert parse("--arch", "wrn28-10").arch == "wrn28-10"
+    assert parse().arch == load_adapt_protocol("cifar10c").arch
+    with pytest.raises(ValueError, match="unknown arch 'resnet62'"):  # before any data is read
+        parse("--arch", "resnet62")
+    assert main(["adapt", "--benchmark", "cifar10c", "--out", "r.csv", "--arch", "resnet62"]) == 2
+    assert "unknown arch 'resnet62'; known: resnet26" in capsys.readouterr().err
+
+
+def test_trust_checkpoint_flag_reaches_the_checkpoint_loader(cifar_dir, tmp_path, capsys):
+    """A MEMO-layout file with a global that safe loading refuses: the error names the
+    flag, and the flag loads it."""
+    from deep.__main__ import main
+    from deep.models import build_model
+    state = build_model("resnet26-gn", 10).state_dict()
+    torch.save({"net": state, "err_cls": fractions.Fraction(917, 10000)}, tmp_path / "ckpt.pth")
+    out = tmp_path / "r.csv"
+    args = ["adapt", "--benchmark", "cifar10c", "--arch", "resnet26-gn", "--out", str(out),
+            "--checkpoint", str(tmp_path / "ckpt.pth"), "--data-dir", str(cifar_dir),
+            "--method", "tent", "--blocks", "none", "--shifts", "fog", "--seeds", "0",
+            "--test-per-class", "1", "--images", "2", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "fractions.Fraction" in err and "--trust-checkpoint" in err and not out.exists()
+    assert main(args + ["--trust-checkpoint"]) == 0
+    assert [r["blocks"] for r in read_adapt_results(out)] == ["none"]
