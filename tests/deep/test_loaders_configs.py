@@ -8,7 +8,7 @@ from deep.data import get_benchmark
 from deep.protocol import load_protocol
 
 PAPER = ("cifar10c", "cifar-flip", "imagenet-c", "living17", "entity30", "waterbirds", "celeba")
-ARCH = {"cifar10c": "resnet26-gn", "cifar-flip": "resnet26"}  # the others: resnet50
+ARCH = {"cifar10c": "resnet26-gn", "cifar-flip": "resnet26-gn"}  # the others: resnet50
 BLOCKS = {"resnet26": ["first", "second", "third", "last"],
           "resnet26-gn": ["first", "second", "third", "last"],
           "resnet50": ["first", "second", "third", "fourth", "last"]}
@@ -31,6 +31,13 @@ def test_protocol_is_consistent_with_its_benchmark(name):
     for loader in (benchmark.load_task, benchmark.load_source):
         if loader is not None:
             assert set(protocol.data) <= set(inspect.signature(loader).parameters), loader
+
+
+def test_cifar_flip_takes_the_cifar10c_source_model():
+    """docs/benchmarks.md passes one `pretrain --benchmark cifar10c` file to both sweeps."""
+    flip, c = load_protocol("cifar-flip"), load_protocol("cifar10c")
+    assert flip.arch == c.arch
+    assert get_benchmark("cifar-flip").num_classes == get_benchmark("cifar10c").num_classes
 
 
 def test_block_names_match_the_engine_registry():
