@@ -73,7 +73,8 @@ def find_dir(data_dir, names: Sequence[str], marker: str, layout: str, what: str
         raise DataError(f"{what}: no data directory given; pass --data-dir pointing at:\n{layout}")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataError(f"{what}: data directory {root} does not exist; expected:\n{layout}")
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"{what}: data directory {root} {problem}; expected:\n{layout}")
     for candidate in [root] + [root / name for name in names]:
         if (candidate / marker).exists():
             return candidate

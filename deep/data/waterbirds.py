@@ -42,7 +42,7 @@ def read_metadata(data_dir) -> tuple[Path, list[str], torch.Tensor, torch.Tensor
     root = find_dir(data_dir, ["waterbird_complete95_forest2water2"], "metadata.csv", LAYOUT,
                     "waterbirds")
     path = root / "metadata.csv"
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is not part of a name
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

@@ -130,7 +130,7 @@ def read_camelyon17(data_dir) -> Table:
                         CAMELYON_LAYOUT)
     path = root / "metadata.csv"
     files, values = [], []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is not part of a name
         reader = csv.DictReader(f)
         _check_header(reader, path, CAMELYON_COLUMNS, CAMELYON_LAYOUT, "camelyon17")
         for line, row in enumerate(reader, 2):
@@ -169,7 +169,7 @@ def _camelyon_row(row: dict, line: int, path: Path, values: list) -> str:
 def read_regions(path: Path) -> dict[str, str]:
     """country_code_mapping.csv: alpha-3 country code -> region."""
     require_file(path, FMOW_LAYOUT, "fmow")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is not part of a name
         reader = csv.DictReader(f)
         _check_header(reader, path, ("alpha-3", "region"), FMOW_LAYOUT, "fmow")
         return {row["alpha-3"]: row["region"] for row in reader}
@@ -193,7 +193,7 @@ def read_fmow(data_dir) -> Table:
     category_index = {c: i for i, c in enumerate(FMOW_CATEGORIES)}
     region_index = {r: i for i, r in enumerate(REGIONS)}
     files, values = [], []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is not part of a name
         reader = csv.DictReader(f)
         _check_header(reader, path, FMOW_COLUMNS, FMOW_LAYOUT, "fmow")
         for row_number, row in enumerate(reader):
@@ -239,9 +239,10 @@ def draw_target(labels: torch.Tensor, pool: torch.Tensor, num_classes: int, n_ta
     """Disjoint (train, val, test) indices from the examples where `pool` is True.
 
     Drawn in the order test, val, train from one generator seeded by `seed`, so the
-    test and validation sets of a seed do not depend on n_target and its training sets
-    are nested as n_target grows. test_per_class 0: the test set is every pool example
-    left after the validation and training draws. balanced: per class (as
+    validation set of a seed (and a test set of test_per_class > 0) does not depend on
+    n_target, and its training sets are nested as n_target grows. test_per_class 0: the
+    test set is every pool example left after the validation and training draws (so it
+    shrinks as n_target grows). balanced: per class (as
     `class_balanced_indices`); otherwise uniform over the pool, per-class counts times
     num_classes in total.
     """

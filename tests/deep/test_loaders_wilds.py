@@ -225,6 +225,19 @@ def test_no_dataset_folder_names_the_layout(tmp_path):
         camelyon_task(tmp_path)
     with pytest.raises(DataError, match="no data directory given"):
         camelyon_task(None)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="a_file is a file, not a folder"):
+        camelyon_task(tmp_path / "a_file")
+
+
+def test_metadata_saved_with_a_byte_order_mark_reads_the_same(fmow, camelyon):
+    """Spreadsheet tools write a UTF-8 BOM; pandas (WILDS' reader) ignores it, so do we."""
+    before = fmow_task(fmow).test.labels, camelyon_task(camelyon).test.labels
+    for path in (next(fmow.rglob("rgb_metadata.csv")), next(fmow.rglob("country_code_mapping.csv")),
+                 next(camelyon.rglob("metadata.csv"))):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    after = fmow_task(fmow).test.labels, camelyon_task(camelyon).test.labels
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 @pytest.mark.parametrize("old, new, message", [
