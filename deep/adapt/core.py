@@ -9,7 +9,10 @@ predict each image as it comes:
 - TENT (Wang et al. 2021, `DequanWang/tent`): for each batch, the mean entropy of the
   predictions is minimised over the affine parameters of the normalisation layers,
   with batch statistics in the forward pass; the batch's predictions are those of
-  the forward that computes the loss (before the step), as in TENT's code.
+  the forward that computes the loss (before the step), as in TENT's code. Batch
+  statistics are a BatchNorm notion: GroupNorm (resnet26-gn) and LayerNorm normalise
+  each image with its own statistics anyway, so there TENT minimises the entropy over
+  their affine parameters only, and `batch_stats` changes nothing.
 
 Surgical restriction: only the parameters of the named blocks (`deep.blocks`) are
 updated; for TENT, only the normalisation affine parameters inside them, and only
@@ -254,6 +257,16 @@ def _clone(state):
     return state
 
 
+def check_bn_prior(model: nn.Module, config: MemoConfig) -> None:
+    """MEMO's BN prior mixes BatchNorm running statistics with the input's: on a model
+    without BatchNorm (resnet26-gn) it would silently change nothing, so it is an error."""
+    if config.prior_strength != BN_EVAL and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(f"prior_strength {config.prior_strength:g} adapts BatchNorm statistics, "
+                          f"but the model has no BatchNorm layer (GroupNorm already normalises each "
+                          f"image with its own statistics): use prior_strength -1 (off)")
+
+
 class MemoAdapter(Adapter):
     """MEMO on one image at a time: `predict` takes a batch of exactly one image."""
 
@@ -333,6 +346,7 @@ def make_adapter(model: nn.Module, method: str, option: str, blocks: Mapping[str
             raise ConfigError(f"MEMO needs a MemoConfig, got {type(config).__name__}")
         if names and (augment is None or generator is None):
             raise ConfigError("MEMO needs an augment function and a torch.Generator")
+        check_bn_prior(model, config)
         return MemoAdapter(model, names, config, augment, generator, episodic)
     if not isinstance(config, TentConfig):
         raise ConfigError(f"TENT needs a TentConfig, got {type(config).__name__}")

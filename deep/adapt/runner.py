@@ -24,7 +24,8 @@ from ..data import get_benchmark
 from ..errors import ConfigError
 from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
 from ..sweep import resolve_checkpoint
-from .core import adapted_parameter_names, make_adapter, parse_blocks, run_stream
+from .core import (adapted_parameter_names, check_bn_prior, make_adapter, parse_blocks,
+                   run_stream)
 from .protocol import AdaptProtocol
 from .results import AdaptResults, settings_json
 
@@ -166,6 +167,8 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
     for method in protocol.methods:  # e.g. TENT on a block without normalisation: fail now
         for option in protocol.blocks_of(method):
             adapted_parameter_names(source, method, option, blocks_for(protocol.arch))
+    for config in protocol.configs("memo") if "memo" in protocol.methods else []:
+        check_bn_prior(source, config)
     augmenter = memo_augmenter(protocol) if "memo" in protocol.methods else None
     results = AdaptResults(out)
     ran = skipped = 0

@@ -10,10 +10,17 @@ import fractions
 import pytest
 import torch
 
+from deep.__main__ import main
+from deep.adapt import MemoConfig, TentConfig, make_adapter, run_stream
+from deep.adapt.cli import add_arguments, protocol_from_args
 from deep.adapt.protocol import load_adapt_protocol
 from deep.adapt.results import read_adapt_results
 from deep.adapt.runner import load_test_split, memo_augmenter, run_adaptation
 from deep.augment_memo import MemoAugmenter
+from deep.blocks import blocks_for
+from deep.checkpoints import save_checkpoint
+from deep.models import build_model
+from deep.protocol import load_protocol
 from tests.deep.fixtures import writers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,12 +63,14 @@ def test_memo_unnormalises_with_the_statistics_of_the_stream(cifar_dir, benchmar
     assert_fixture_pixels(images * augmenter.std + augmenter.mean, labels)
 
 
-@pytest.mark.parametrize("benchmark,shift,arch", [("cifar10c", "fog", "resnet26-gn"),
-                                                  ("cifar10c-official", "gaussian_noise", "resnet26")])
-def test_memo_run_augments_the_true_pixels(cifar_dir, monkeypatch, tmp_path, benchmark, shift, arch):
+@pytest.mark.parametrize("benchmark,shift,arch", [
+    ("cifar10c", "fog", "resnet26-gn"), ("cifar10c-official", "gaussian_noise", "resnet26")])
+def test_memo_run_augments_the_true_pixels(cifar_dir, monkeypatch, tmp_path, benchmark, shift,
+                                           arch):
     """End to end: the pixels MEMO's AugMix chains receive during a run."""
     seen = []
-    monkeypatch.setattr(MemoAugmenter, "augmix", lambda self, pixels, g: seen.append(pixels) or pixels)
+    monkeypatch.setattr(MemoAugmenter, "augmix",
+                        lambda self, pixels, generator: seen.append(pixels) or pixels)
     protocol = cifar_protocol(benchmark, shift, arch=arch, blocks=["last"])
     with pytest.warns(UserWarning, match="RANDOM INITIALISATION"):
         run_adaptation(protocol, tmp_path / "r.csv", checkpoint="none", data_dir=str(cifar_dir),
@@ -97,14 +106,13 @@ def test_memo_normalisation_of_fashion_mnist_gives_its_8_bit_pixels():
 # --- --arch and --trust-checkpoint --------------------------------------------------------
 
 def parse(*argv):
-    from deep.adapt.cli import add_arguments, protocol_from_args
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return protocol_from_args(parser.parse_args(["--benchmark", "cifar10c", "--out", "r.csv", *argv]))
+    args = parser.parse_args(["--benchmark", "cifar10c", "--out", "r.csv", *argv])
+    return protocol_from_args(args)
 
 
 def test_arch_flag_overrides_the_protocol_and_is_checked(capsys):
-    from deep.__main__ import main
     assert parse("--arch", "wrn28-10").arch == "wrn28-10"
     assert parse().arch == load_adapt_protocol("cifar10c").arch
     with pytest.raises(ValueError, match="unknown arch 'resnet62'"):  # before any data is read
@@ -116,8 +124,6 @@ def test_arch_flag_overrides_the_protocol_and_is_checked(capsys):
 def test_trust_checkpoint_flag_reaches_the_checkpoint_loader(cifar_dir, tmp_path, capsys):
     """A MEMO-layout file with a global that safe loading refuses: the error names the
     flag, and the flag loads it."""
-    from deep.__main__ import main
-    from deep.models import build_model
     state = build_model("resnet26-gn", 10).state_dict()
     torch.save({"net": state, "err_cls": fractions.Fraction(917, 10000)}, tmp_path / "ckpt.pth")
     out = tmp_path / "r.csv"
@@ -130,3 +136,59 @@ def test_trust_checkpoint_flag_reaches_the_checkpoint_loader(cifar_dir, tmp_path
     assert "fractions.Fraction" in err and "--trust-checkpoint" in err and not out.exists()
     assert main(args + ["--trust-checkpoint"]) == 0
     assert [r["blocks"] for r in read_adapt_results(out)] == ["none"]
+
+
+# --- cifar10c: MEMO's GroupNorm ResNet-26 -------------------------------------------------
+
+def test_cifar10c_protocol_adapts_the_model_pretrain_writes(cifar_dir, tmp_path):
+    """`python -m deep pretrain --benchmark cifar10c` writes the sweep protocol's arch
+    (the checkpoint adapt gets); the adapt protocol must use that arch or loading fails."""
+    arch = load_adapt_protocol("cifar10c").arch
+    assert arch == load_protocol("cifar10c").arch == "resnet26-gn"
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "source.pt", build_model(arch, 10), arch, 10, 3)
+    protocol = cifar_protocol(methods=["memo", "tent"], images=4,
+                              memo={"copies": 2, "blocks": ["none", "first"]},
+                              tent={**load_adapt_protocol("cifar10c").tent, "batch_size": 2})
+    run_adaptation(protocol, tmp_path / "r.csv", checkpoint=str(ckpt), data_dir=str(cifar_dir),
+                   progress=False)
+    rows = {(r["method"], r["blocks"]): r for r in read_adapt_results(tmp_path / "r.csv")}
+    assert set(rows) == {("memo", "none"), ("memo", "first"), ("tent", "none"), ("tent", "first"),
+                         ("tent", "first+second"), ("tent", "all")}
+    assert all(r["arch"] == "resnet26-gn" for r in rows.values())
+    tent = [rows["tent", b]["adapted_params"] for b in ("none", "first", "first+second", "all")]
+    assert tent[0] == 0 < tent[1] < tent[2] < tent[3]
+
+
+@pytest.mark.parametrize("option", ["first", "second", "first+second", "all"])
+def test_tent_on_groupnorm_updates_exactly_its_affine_parameters(option):
+    """GroupNorm normalises each image with its own statistics (there is no batch-statistics
+    switch to make): TENT then adapts the GroupNorm weights and biases of the blocks, all of
+    them, nothing else. Channels-last, as adapt_stream runs (GroupNorm's CPU backward
+    crashed on such inputs, see deep.models.gn_resnet)."""
+    torch.manual_seed(0)
+    model = build_model("resnet26-gn", 10).eval().to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = make_adapter(model, "tent", option, blocks_for("resnet26-gn"),
+                           TentConfig(batch_size=4))
+    images, labels = torch.rand(8, 3, 32, 32) * 2 - 1, torch.randint(10, (8,))
+    run_stream(adapter, images, labels, torch.arange(8), 4)
+    modules = dict(model.named_modules())
+    assert adapter.names and all(isinstance(modules[n.rsplit(".", 1)[0]], torch.nn.GroupNorm)
+                                 for n in adapter.names)
+    after = model.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == set(adapter.names)
+
+
+def test_memo_bn_prior_on_a_model_without_batchnorm_is_a_clear_error(tmp_path):
+    """The prior mixes BatchNorm running and input statistics: on a GroupNorm model it
+    would silently change nothing."""
+    model = build_model("resnet26-gn", 10)
+    with pytest.raises(ValueError, match="no BatchNorm.*prior_strength -1"):
+        make_adapter(model, "memo", "first", blocks_for("resnet26-gn"),
+                     MemoConfig(prior_strength=16), augment=MemoAugmenter((0.5,) * 3, (0.5,) * 3),
+                     generator=torch.Generator())
+    protocol = cifar_protocol(methods=["tent", "memo"], memo={"prior_strength": 16})
+    with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(ValueError, match="no BatchNorm"):
+        run_adaptation(protocol, tmp_path / "r.csv", checkpoint="none", progress=False)
+    assert not (tmp_path / "r.csv").exists()       # before any stream (and any data) ran
