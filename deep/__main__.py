@@ -17,6 +17,7 @@ import sys
 from .allocator import keep_freed_memory
 from .errors import ConfigError, DeepError
 from .flags import add_flags, flag_values
+from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
                        engine_default, load_protocol)
@@ -44,7 +45,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     add_flags(p, TargetData)
     add_flags(p, Tuning)
     p.add_argument("--arch", help="architecture (default: the protocol's), e.g. clip-vit-tiny "
-                   "for a smoke test of a CLIP protocol")
+                   f"for a smoke test of a CLIP protocol; one of {', '.join(architecture_names())}")
     p.add_argument("--checkpoint", help="source model: our checkpoint, another project's weight "
                    "file (torchvision ResNet-50, RobustBench WideResNet, TTT/MEMO ResNet-26), "
                    "or 'none' (random init, smoke tests only)")
@@ -107,7 +108,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True)
     p.add_argument("--out", required=True, help="checkpoint path; the manifest goes to <out>.json")
     p.add_argument("--data-dir")
-    p.add_argument("--arch", help="default: the benchmark protocol's")
+    p.add_argument("--arch", help="default: the benchmark protocol's; one of "
+                   f"{', '.join(architecture_names())}")
     # One flag per PretrainConfig field; given flags override the protocol's [pretrain].
     add_flags(p, PretrainConfig)
     p.add_argument("--trust-checkpoint", action="store_true",
