@@ -206,8 +206,10 @@ class MemoAugmenter:
     """B AugMix copies of a normalised image, returned normalised.
 
     Args:
-        mean, std: the per-channel normalisation of the benchmark's images, to go back
-            to pixels in [0, 1] (where the histogram operations are defined) and return.
+        mean, std: the per-channel normalisation the images were loaded with (the
+            architecture's own when it declares one: `deep.adapt.runner.
+            stream_normalisation`), to go back to pixels in [0, 1] (where the histogram
+            operations are defined) and return.
         severity: AugMix strength on the 0..10 scale (MEMO: 1).
         width: chains mixed per copy (MEMO/AugMix: 3); max_depth: operations per chain,
             drawn from 1..max_depth (3).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..models import architecture_names
 from ..protocol import data_option
 from .protocol import AdaptProtocol, load_adapt_protocol
 
@@ -46,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="TENT: images per batch (200)")
     p.add_argument("--batch-stats", choices=["blocks", "all"],
                    help="TENT: BatchNorm layers that use batch statistics")
-    p.add_argument("--arch", help="architecture (default: the protocol's); a --checkpoint of "
-                   "ours must hold this architecture")
+    p.add_argument("--arch", help="architecture (default: the protocol's; a --checkpoint of "
+                   f"ours must hold it), one of {', '.join(architecture_names())}")
     p.add_argument("--checkpoint", help="source model (default: the benchmark's own)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read --checkpoint with full unpickling, which can run code from the "
