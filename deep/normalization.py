@@ -17,6 +17,7 @@ import warnings
 from typing import Callable, Mapping
 
 from .errors import ConfigError
+from .data import get_benchmark
 from .models import get_architecture
 
 OPTION = "normalization"
@@ -26,24 +27,29 @@ def loader_options(loader: Callable, benchmark: str, arch: str, options: Mapping
     """`options` (a protocol's [data] table) plus `normalization=(mean, std)` when `arch`
     declares its own input normalisation.
 
-    A loader without a `normalization` parameter keeps its own and gets a warning
-    (right only if its own is the architecture's). Raises ConfigError when the options
+    A loader without a `normalization` parameter keeps its own statistics: silently when
+    they are the architecture's (`Benchmark.normalization`), else with a warning. Raises ConfigError when the options
     already set a normalisation other than the architecture's.
     """
     own = get_architecture(arch).normalization
     if own is None:
         return dict(options)
     if OPTION not in inspect.signature(loader).parameters:
+        if _same(get_benchmark(benchmark).normalization, own):
+            return dict(options)  # the loader's own statistics are the architecture's
         warnings.warn(f"{arch} expects inputs normalised with mean={own[0]}, std={own[1]}, but "
                       f"the {benchmark} loader takes no '{OPTION}' option: it normalises with "
                       f"its own statistics", stacklevel=2)
         return dict(options)
     given = options.get(OPTION)
-    if given is not None and _as_tuples(given) != _as_tuples(own):
+    if given is not None and not _same(given, own):
         raise ConfigError(f"data option {OPTION}={given!r} contradicts {arch}'s own input "
                           f"normalisation {own!r} (the weights expect the latter)")
     return {**options, OPTION: own}
 
 
-def _as_tuples(normalization) -> tuple:
-    return tuple(tuple(float(v) for v in part) for part in normalization)
+def _same(a, b) -> bool:
+    def as_tuples(normalization) -> tuple | None:
+        return None if normalization is None else tuple(tuple(float(v) for v in part)
+                                                        for part in normalization)
+    return as_tuples(a) == as_tuples(b)

@@ -8,7 +8,6 @@ own predictions. Streams are independent, so the run resumes stream by stream.
 from __future__ import annotations
 
 import copy
-import importlib
 import sys
 import time
 import zlib
@@ -29,21 +28,6 @@ from .core import (adapted_parameter_names, check_bn_prior, make_adapter, parse_
 from .protocol import AdaptProtocol
 from .results import AdaptResults, settings_json
 
-# What each loader module normalises with when it gets no `normalization` option (its
-# own statistics; a loader without that option always uses them), as (module, mean
-# name, std name); None: not pixels (the synthetic benchmark's [-1, 1], mapped to
-# [0, 1]). Keyed by module, so every benchmark of a module (cifar10c-official) is known.
-_IMAGENET = ("deep.data.images", "IMAGENET_MEAN", "IMAGENET_STD")
-_LOADER_DEFAULTS = {
-    "deep.data.fmnist": ("deep.data.fmnist", "MEAN", "STD"),
-    "deep.data.cifar10": ("deep.data.cifar10", "CIFAR10_MEAN", "CIFAR10_STD"),
-    "deep.data.imagenet_c": _IMAGENET, "deep.data.breeds": _IMAGENET,
-    "deep.data.waterbirds": _IMAGENET, "deep.data.celeba": _IMAGENET,
-    "deep.data.wilds": ("deep.models.vit", "CLIP_MEAN", "CLIP_STD"),
-    "deep.data.synthetic": None,
-}
-
-
 def stream_loader_options(protocol: AdaptProtocol) -> dict:
     """The options the test stream is loaded with: the protocol's [data] plus the
     architecture's own input normalisation when it declares one (e.g. resnet26-gn:
@@ -61,16 +45,12 @@ def stream_normalisation(protocol: AdaptProtocol) -> tuple[tuple, tuple]:
         mean, std = given
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     bench = get_benchmark(protocol.benchmark)
-    module = getattr(bench.load_task, "func", bench.load_task).__module__  # functools.partial too
-    if module not in _LOADER_DEFAULTS:
-        raise ConfigError(f"MEMO needs the (mean, std) the {bench.name} loader ({module}) "
-                          f"normalises with, to augment pixels in [0, 1]; add it to "
-                          f"deep.adapt.runner._LOADER_DEFAULTS")
-    if _LOADER_DEFAULTS[module] is None:
-        return (0.5,) * bench.in_channels, (0.5,) * bench.in_channels
-    source, mean, std = _LOADER_DEFAULTS[module]
-    constants = importlib.import_module(source)
-    return tuple(getattr(constants, mean)), tuple(getattr(constants, std))
+    if bench.normalization is None:
+        raise ConfigError(f"MEMO needs the (mean, std) the {bench.name} loader normalises "
+                          "pixels with, to augment pixels in [0, 1]: give its Benchmark a "
+                          "`normalization` (deep.data.base)")
+    mean, std = bench.normalization
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def memo_augmenter(protocol: AdaptProtocol) -> MemoAugmenter:

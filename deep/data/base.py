@@ -337,6 +337,9 @@ class Benchmark:
         source_recipe: optional pretraining settings (`deep.pretrain.PretrainConfig`
             fields) of a source model that the engine trains on the fly and caches
             (`deep.pretrain.cached_source_model`), for benchmarks small enough for that.
+        normalization: (mean, std) per channel the loaders map pixels in [0, 1] with
+            when given no `normalization` option (their own statistics); None: not
+            known (online MEMO, which augments pixels, then refuses the benchmark).
     """
 
     name: str
@@ -349,3 +352,4 @@ class Benchmark:
     has_groups: bool = False
     pretrained: Callable[..., Path] | None = None
     source_recipe: Mapping[str, object] | None = None
+    normalization: Normalization | None = None

@@ -54,7 +54,8 @@ import torch
 
 from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData,
                    class_balanced_indices, seeded, split_counts)
-from .images import ImageTransform, check_all_classes, list_images, require_file
+from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_all_classes, list_images,
+                     require_file)
 
 ROOT_WNID = "n00001740"
 INFO_FILES = ("dataset_class_info.json", "class_hierarchy.txt", "node_names.txt")
@@ -444,6 +445,7 @@ def load_breeds_source(name: str, data_dir, info_dir=None, split: str = "rand", 
 BENCHMARKS = {
     name: Benchmark(name=name, shifts=("subpopulation",), num_classes=recipe.num_superclasses,
                     in_channels=3, layout=LAYOUT, load_task=partial(load_breeds_task, name),
-                    load_source=partial(load_breeds_source, name))
+                    load_source=partial(load_breeds_source, name),
+                    normalization=(IMAGENET_MEAN, IMAGENET_STD))
     for name, recipe in RECIPES.items()
 }

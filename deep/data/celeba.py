@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .base import Benchmark, DataError, FileSplit, ShiftTask, SourceData
-from .images import ImageTransform, draw_group_splits, find_dir, require_file
+from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, draw_group_splits, find_dir,
+                     require_file)
 
 NUM_ATTRIBUTES = 40
 GROUP_NAMES = ("not_blond_female", "not_blond_male", "blond_female", "blond_male")
@@ -166,5 +167,5 @@ def load_celeba_source(data_dir, target_attribute: str = "Blond_Hair",
 BENCHMARKS = {
     "celeba": Benchmark(name="celeba", shifts=("group-balanced",), num_classes=2, in_channels=3,
                         layout=LAYOUT, load_task=load_celeba, load_source=load_celeba_source,
-                        has_groups=True),
+                        has_groups=True, normalization=(IMAGENET_MEAN, IMAGENET_STD)),
 }

@@ -234,14 +234,17 @@ BENCHMARKS = {
     "cifar10c": Benchmark(
         name="cifar10c", shifts=CORRUPTIONS + EXTRA_CORRUPTIONS, num_classes=NUM_CLASSES,
         in_channels=3, layout=LAYOUT_C + "\nsource data (pretraining): " + LAYOUT_BATCHES,
-        load_task=load_cifar10c, load_source=load_cifar10_source),
+        load_task=load_cifar10c, load_source=load_cifar10_source,
+        normalization=(CIFAR10_MEAN, CIFAR10_STD)),
     "cifar-flip": Benchmark(
         name="cifar-flip", shifts=("flip",), num_classes=NUM_CLASSES, in_channels=3,
-        layout=LAYOUT_BATCHES, load_task=load_cifar_flip, load_source=load_cifar10_source),
+        layout=LAYOUT_BATCHES, load_task=load_cifar_flip, load_source=load_cifar10_source,
+        normalization=(CIFAR10_MEAN, CIFAR10_STD)),
     # The same data as the public code runs it (its corruption list; protocol
     # cifar10c-official): a name of its own keeps its results apart from cifar10c's.
     "cifar10c-official": Benchmark(
         name="cifar10c-official", shifts=PUBLIC_CODE_CORRUPTIONS, num_classes=NUM_CLASSES,
         in_channels=3, layout=LAYOUT_C + "\nsource data (pretraining): " + LAYOUT_BATCHES,
-        load_task=load_cifar10c, load_source=load_cifar10_source),
+        load_task=load_cifar10c, load_source=load_cifar10_source,
+        normalization=(CIFAR10_MEAN, CIFAR10_STD)),
 }

@@ -512,17 +512,17 @@ def _pretrained(benchmark: str):
 
 BENCHMARKS = {
     "fmnist-c": Benchmark("fmnist-c", CORRUPTION_NAMES, NUM_CLASSES, 1, LAYOUT,
-                          load_fmnist_c, source_fmnist_c, pretrained=_pretrained("fmnist-c")),
+                          load_fmnist_c, source_fmnist_c, pretrained=_pretrained("fmnist-c"), normalization=(MEAN, STD)),
     "fmnist-breeds": Benchmark("fmnist-breeds", ("subpopulation",), len(SUPERCLASSES), 1, LAYOUT,
                                load_fmnist_breeds, source_fmnist_breeds,
-                               pretrained=_pretrained("fmnist-breeds")),
+                               pretrained=_pretrained("fmnist-breeds"), normalization=(MEAN, STD)),
     "fmnist-flip": Benchmark("fmnist-flip", ("flip",), NUM_CLASSES, 1, LAYOUT,
                              load_fmnist_flip, source_fmnist_flip,
-                             pretrained=_pretrained("fmnist-flip")),
+                             pretrained=_pretrained("fmnist-flip"), normalization=(MEAN, STD)),
     "fmnist-spurious": Benchmark("fmnist-spurious", SPURIOUS_SHIFTS, NUM_CLASSES, 1, LAYOUT,
                                  load_fmnist_spurious, source_fmnist_spurious, has_groups=True,
-                                 pretrained=_pretrained("fmnist-spurious")),
+                                 pretrained=_pretrained("fmnist-spurious"), normalization=(MEAN, STD)),
     "fmnist-blocknoise": Benchmark("fmnist-blocknoise", BLOCKNOISE_SHIFTS, NUM_CLASSES, 1, LAYOUT,
                                    load_fmnist_blocknoise, source_fmnist_blocknoise,
-                                   pretrained=_pretrained("fmnist-blocknoise")),
+                                   pretrained=_pretrained("fmnist-blocknoise"), normalization=(MEAN, STD)),
 }

@@ -23,7 +23,7 @@ import torch
 
 from .base import Benchmark, DataError, FileSplit, ShiftTask
 from .base import draw_splits
-from .images import ImageTransform, find_dir, list_images
+from .images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, find_dir, list_images
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
@@ -109,7 +109,8 @@ def load_imagenet_c(data_dir, shift: str, n_target: int, val_per_class: int,
 BENCHMARKS = {
     "imagenet-c": Benchmark(
         name="imagenet-c", shifts=CORRUPTIONS + EXTRA_CORRUPTIONS, num_classes=NUM_CLASSES,
-        in_channels=3, layout=LAYOUT, load_task=load_imagenet_c, load_source=None),
+        in_channels=3, layout=LAYOUT, load_task=load_imagenet_c, load_source=None,
+        normalization=(IMAGENET_MEAN, IMAGENET_STD)),
 }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .base import Benchmark, DataError, FileSplit, ShiftTask, SourceData
-from .images import ImageTransform, draw_group_splits, find_dir
+from .images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, draw_group_splits, find_dir
 
 COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
 GROUP_NAMES = ("landbird_land", "landbird_water", "waterbird_land", "waterbird_water")
@@ -117,5 +117,6 @@ def load_waterbirds_source(data_dir, resize: int | None = 256, crop: int = 224,
 BENCHMARKS = {
     "waterbirds": Benchmark(name="waterbirds", shifts=("group-balanced",), num_classes=2,
                             in_channels=3, layout=LAYOUT, load_task=load_waterbirds,
-                            load_source=load_waterbirds_source, has_groups=True),
+                            load_source=load_waterbirds_source, has_groups=True,
+                            normalization=(IMAGENET_MEAN, IMAGENET_STD)),
 }

@@ -368,8 +368,10 @@ def load_fmow_source(data_dir, resize: int | None = 224, crop: int = 224,
 BENCHMARKS = {
     "camelyon17": Benchmark(name="camelyon17", shifts=SHIFTS, num_classes=2, in_channels=3,
                             layout=CAMELYON_LAYOUT, load_task=load_camelyon17,
-                            load_source=load_camelyon17_source, has_groups=False),
+                            load_source=load_camelyon17_source, has_groups=False,
+                            normalization=(CLIP_MEAN, CLIP_STD)),
     "fmow": Benchmark(name="fmow", shifts=SHIFTS, num_classes=len(FMOW_CATEGORIES),
                       in_channels=3, layout=FMOW_LAYOUT, load_task=load_fmow,
-                      load_source=load_fmow_source, has_groups=True),
+                      load_source=load_fmow_source, has_groups=True,
+                      normalization=(CLIP_MEAN, CLIP_STD)),
 }

@@ -54,3 +54,24 @@ def test_reference_numbers():
     i = load_protocol("imagenet-c")
     assert (i.n_target, i.val_per_class, i.test_per_class, i.epochs) == (5000, 10, 10, 10)
     assert i.shifts == c.shifts and i.data["severity"] == 5
+
+
+def test_every_benchmark_declares_the_statistics_its_loader_normalises_with():
+    """Benchmark.normalization (what MEMO un-normalises with, and what spares a model of
+    the same statistics the loader warning) against each family's constants, which the
+    loader tests check pixel by pixel (test_loaders_*: un-normalised images = the files)."""
+    from deep.data import benchmark_names
+    from deep.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
+    from deep.data.fmnist import MEAN, STD
+    from deep.data.images import IMAGENET_MEAN, IMAGENET_STD
+    from deep.models.vit import CLIP_MEAN, CLIP_STD
+    imagenet, clip = (IMAGENET_MEAN, IMAGENET_STD), (CLIP_MEAN, CLIP_STD)
+    expected = {"cifar10c": (CIFAR10_MEAN, CIFAR10_STD), "cifar-flip": (CIFAR10_MEAN, CIFAR10_STD),
+                "cifar10c-official": (CIFAR10_MEAN, CIFAR10_STD), "imagenet-c": imagenet,
+                "living17": imagenet, "entity30": imagenet, "waterbirds": imagenet,
+                "celeba": imagenet, "camelyon17": clip, "fmow": clip,
+                "synthetic": ((0.5,) * 3, (0.5,) * 3),  # not pixels: [-1, 1] read as [0, 1]
+                **{name: (MEAN, STD) for name in benchmark_names() if name.startswith("fmnist-")}}
+    assert set(benchmark_names()) == set(expected)
+    for name, normalization in expected.items():
+        assert get_benchmark(name).normalization == normalization, name
