@@ -16,7 +16,7 @@ import sys
 
 from .allocator import keep_freed_memory
 from .errors import ConfigError, DeepError
-from .flags import add_flags, flag_values
+from .flags import add_flags, add_trust_checkpoint, flag_values
 from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
@@ -49,9 +49,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="source model: our checkpoint, another project's weight "
                    "file (torchvision ResNet-50, RobustBench WideResNet, TTT/MEMO ResNet-26), "
                    "or 'none' (random init, smoke tests only)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="read --checkpoint with full unpickling, which can run code from the "
-                   "file: only for a file you trust that safe loading refuses")
+    add_trust_checkpoint(p)
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
     p.add_argument("--device", default="auto",
                    help="auto (default: CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
@@ -112,9 +110,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                    f"{', '.join(architecture_names())}")
     # One flag per PretrainConfig field; given flags override the protocol's [pretrain].
     add_flags(p, PretrainConfig)
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="read the --init file with full unpickling, which can run code from the "
-                   "file: only for a file you trust that safe loading refuses")
+    add_trust_checkpoint(p, "the --init file")
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="source-loader option overriding the protocol's (repeatable)")
 

@@ -57,6 +57,13 @@ def flag_values(args: argparse.Namespace, config_class) -> dict:
     return out
 
 
+def add_trust_checkpoint(parser: argparse.ArgumentParser, what: str = "--checkpoint") -> None:
+    """--trust-checkpoint, the switch that the safe-loading errors name (deep.checkpoints)."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help=f"read {what} with full unpickling, which can run code from the "
+                        "file: only for a file you trust that safe loading refuses")
+
+
 def comma_list(kind=str):
     """An argparse type: `a,b,c` -> [kind(a), kind(b), kind(c)]."""
     def parse(text: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..flags import add_trust_checkpoint
 from ..models import architecture_names
 from ..protocol import data_option
 from .protocol import AdaptProtocol, load_adapt_protocol
@@ -50,9 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture (default: the protocol's; a --checkpoint of "
                    f"ours must hold it), one of {', '.join(architecture_names())}")
     p.add_argument("--checkpoint", help="source model (default: the benchmark's own)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="read --checkpoint with full unpickling, which can run code from the "
-                   "file: only for a file you trust that safe loading refuses")
+    add_trust_checkpoint(p)
     p.add_argument("--data-dir")
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="loader option overriding the protocol's [data] table (repeatable)")

@@ -20,10 +20,10 @@ RANKS = {
     "methods": 5, "prefix_cache": 5, "augment_memo": 5,
     "train": 6,
     "pretrain": 7,
-    "protocol": 8,
+    "protocol": 8, "flags": 8,  # flags: argparse helpers every command's parser uses
     "sweep": 9, "convergence": 9,  # convergence: issue #15 (curves.csv, summaries)
     "adapt": 9.5,  # online adaptation: reuses the sweep's checkpoint resolution; report reads its CSV
-    "report": 10, "flags": 10, "ray_backend": 10, "two_stage": 10,  # two_stage: issue #15
+    "report": 10, "ray_backend": 10, "two_stage": 10,  # two_stage: issue #15
     "bench": 11,
     "__main__": 12,
 }
