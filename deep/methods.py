@@ -356,8 +356,9 @@ def per_example_gradient_moments(model: nn.Module, names: Sequence[str],
         return F.cross_entropy(logits, y.unsqueeze(0))
 
     per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    s1 = {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in tuned.items()}
-    s2 = {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in tuned.items()}
+    # on the parameters' device: the per-example gradients are summed into these in place
+    s1 = {n: torch.zeros(t.shape, dtype=torch.float64, device=t.device) for n, t in tuned.items()}
+    s2 = {n: torch.zeros(t.shape, dtype=torch.float64, device=t.device) for n, t in tuned.items()}
     count = 0
     for x, y in minibatches:
         for i in range(0, len(x), chunk_size):

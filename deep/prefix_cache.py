@@ -203,25 +203,50 @@ class PrefixCache:
 
     @torch.no_grad()
     def _fill(self, name: str, stage: int) -> None:
-        """Compute and store the inputs of stages (s0, stage], s0 the latest stored stage."""
+        """Compute and store the inputs of stages (s0, stage], s0 the latest stored stage.
+
+        Which stages are kept is decided on the first batch, earlier stages first (a
+        stage's size is its per-example size times the split's length); each kept one
+        is written batch by batch into one tensor allocated at its final size, so
+        filling never holds more than the budget plus one batch's activations."""
         t0 = time.perf_counter()
         s0 = max((s for (n, s) in self._acts if n == name and 0 < s < stage), default=0)
-        outs: dict[int, list[torch.Tensor]] = {s: [] for s in range(s0 + 1, stage + 1)}
         with eval_mode(self.model):
-            for h in self._batches(name, s0):
+            batches = iter(self._batches(name, s0))
+            first = self.prepare(next(batches))
+            kept = self._reserve(name, first, s0, stage, len(self.splits[name]))
+            done = len(first)
+            for h in batches if kept else ():  # nothing fits: the caller recomputes from s0
                 h = self.prepare(h)
-                for s in range(s0, stage):
+                for s in range(s0, max(kept)):
                     h = self.stages.run(h, s, s + 1)
-                    outs[s + 1].append(h)
-        for s, parts in outs.items():
-            acts = self.stages.format_input(torch.cat(parts), s)
-            size = acts.numel() * acts.element_size()
-            if self.used + size <= self.budget:
-                self._acts[(name, s)] = acts
-                self.used += size
-            else:
-                self._too_big.add((name, s))
+                    if s + 1 in kept:
+                        kept[s + 1][done:done + len(h)].copy_(h)
+                done += len(h)
+        for s, acts in kept.items():
+            self._acts[(name, s)] = acts
         self.seconds += time.perf_counter() - t0
+
+    def _reserve(self, name: str, batch: torch.Tensor, s0: int, stage: int,
+                 n: int) -> dict[int, torch.Tensor]:
+        """Run the first batch through stages [s0, stage) and allocate, within the budget,
+        the inputs of stages (s0, stage] for all `n` examples of split `name` (each in its
+        stage's memory format), holding that batch's part; the stages that do not fit
+        are marked too big."""
+        kept = {}
+        h = batch
+        for s in range(s0, stage):
+            h = self.stages.run(h, s, s + 1)
+            size = h[:1].numel() * h.element_size() * n
+            if self.used + size > self.budget:
+                self._too_big.add((name, s + 1))
+                continue
+            fmt = self.stages.formats.get(s + 1)
+            layout = {"memory_format": fmt} if fmt is not None and h.ndim == 4 else {}
+            kept[s + 1] = torch.empty((n, *h.shape[1:]), dtype=h.dtype, device=h.device, **layout)
+            kept[s + 1][:len(h)].copy_(h)
+            self.used += size
+        return kept
 
 
 class eval_mode:

@@ -183,6 +183,33 @@ def test_cache_shared_across_runs_and_checked(model, task):
         fit(model, task.train, task.val, task.test, "last", TrainConfig(lr=1e-2, epochs=1), BLOCKS4, cache)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_cache_stores_what_a_plain_pass_computes(model, task, channels_last):
+    """Each stored stage input equals the stage outputs concatenated and laid out in the
+    stage's memory format (values and strides), batch boundaries included."""
+    cache = PrefixCache(model, {"train": task.train}, batch_size=7, channels_last=channels_last)
+    cache.inputs("train", 3)
+    x = torch.cat([xb for xb, _, _ in task.train.batches(7)])
+    with torch.no_grad():
+        for s in (1, 2, 3):
+            x = cache.stages.run(x, s - 1, s)
+            expected = cache.stages.format_input(x, s)
+            stored = cache._acts[("train", s)]
+            assert stored.stride() == expected.stride() and torch.equal(stored, expected), s
+
+
+def test_cache_fill_keeps_nothing_it_cannot_store(model, task):
+    """With no room at all, filling stops after the first batch (it used to run every
+    batch through every stage and hold all of it before checking the budget)."""
+    cache = PrefixCache(model, {"train": task.train}, budget_mb=0, batch_size=8)
+    runs = []
+    run = cache.stages.run
+    cache.stages.run = lambda x, start, stop=None: runs.append(len(x)) or run(x, start, stop)
+    stored, stage = cache.inputs("train", 3)
+    assert stage == 0 and cache.used == 0 and sum(runs) == 3 * 8  # one batch, 3 stages
+    assert {("train", s) for s in (1, 2, 3)} <= cache._too_big
+
+
 def test_cache_budget_falls_back_to_recomputing(model, task):
     splits = {"train": task.train, "val": task.val, "test": task.test}
     base = {k: v.clone() for k, v in model.state_dict().items()}

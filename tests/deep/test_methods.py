@@ -56,3 +56,17 @@ def test_gradual_unfreezing_moves_the_final_norm(name):
     assert result.history[-1]["tuned"] == sum(p.numel() for p in model.parameters())
     named = dict(model.named_parameters())
     assert before and all(not torch.equal(named[n], b) for n, b in before.items())
+
+
+def test_per_example_statistics_stay_on_the_parameters_device():
+    """Auto-SNR's float64 sums live where the gradients are (on CUDA a CPU sum fails:
+    'Expected all tensors to be on the same device'); the meta device stands in for a
+    GPU here: shapes and devices propagate, no numbers are computed."""
+    from deep.methods import per_example_gradient_moments
+    model = build_model("resnet26-w4", 4).eval().to("meta")
+    x = torch.empty(4, 3, 16, 16, device="meta")
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    mean, var, n = per_example_gradient_moments(model, ["fc.weight", "layer1.0.conv1.weight"],
+                                                [(x, y)])
+    assert n == 4
+    assert {t.device.type for t in (*mean.values(), *var.values())} == {"meta"}
