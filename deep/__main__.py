@@ -16,7 +16,7 @@ import sys
 
 from .allocator import keep_freed_memory
 from .errors import ConfigError, DeepError
-from .flags import add_flags, add_trust_checkpoint, flag_values
+from .flags import add_device, add_flags, add_trust_checkpoint, flag_values
 from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
@@ -51,8 +51,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "or 'none' (random init, smoke tests only)")
     add_trust_checkpoint(p)
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
-    p.add_argument("--device", default="auto",
-                   help="auto (default: CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+    add_device(p)
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast on CUDA (no effect on CPU); see docs/distributed.md")
     p.add_argument("--cache-mb", type=float, default=engine_default(TrainConfig, "cache_mb"),
@@ -111,6 +110,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     # One flag per PretrainConfig field; given flags override the protocol's [pretrain].
     add_flags(p, PretrainConfig)
     add_trust_checkpoint(p, "the --init file")
+    add_device(p)
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="source-loader option overriding the protocol's (repeatable)")
 
@@ -135,7 +135,7 @@ def run_pretrain(args) -> int:
                 "pretrain": dataclasses.asdict(config), "source_data": options}
     manifest = pretrain_to_file(args.benchmark, args.out, arch, config, options, args.data_dir,
                                 command=_command(args), resolved=resolved,
-                                trust_checkpoint=args.trust_checkpoint)
+                                trust_checkpoint=args.trust_checkpoint, device=args.device)
     print(f"source test accuracy {100 * manifest['source_test_acc']:.2f}% "
           f"({manifest['seconds']:.0f} s); wrote {args.out} and its manifest")
     return 0

@@ -64,6 +64,12 @@ def add_trust_checkpoint(parser: argparse.ArgumentParser, what: str = "--checkpo
                         "file: only for a file you trust that safe loading refuses")
 
 
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """--device, auto by default (`deep.train.resolve_device`)."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+
+
 def comma_list(kind=str):
     """An argparse type: `a,b,c` -> [kind(a), kind(b), kind(c)]."""
     def parse(text: str):

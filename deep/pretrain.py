@@ -33,7 +33,7 @@ from .data import Benchmark, SourceData, get_benchmark
 from .errors import ConfigError, check_int
 from .models import build_model, get_architecture
 from .normalization import loader_options
-from .train import TrainConfig, check_milestones, evaluate, fit
+from .train import TrainConfig, check_milestones, evaluate, fit, resolve_device
 
 AUGMENTATIONS = ("crop-flip", "crop", "none")
 
@@ -117,7 +117,8 @@ class PretrainConfig:
 
 
 def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None,
-             progress: bool = True, trust_checkpoint: bool = False, **overrides) -> nn.Module:
+             progress: bool = True, trust_checkpoint: bool = False, device: str | None = None,
+             **overrides) -> nn.Module:
     """Train `arch` on `source.train`; returns the model (eval mode).
 
     `config` (default `PretrainConfig()`), with any of its fields overridden by keyword
@@ -127,6 +128,8 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     Deterministic on CPU for a given seed (initialisation, order, augmentation).
     `trust_checkpoint` reads `config.init` with full unpickling (trusted files only; it
     is a safety switch, not a setting of the run, so it is not part of `config`).
+    `device`: where to train, "auto" meaning CUDA when present; None (the default, for
+    library callers): where the model is built, the CPU. The model stays there.
     Raises ConfigError when the loss diverges (NaN/inf).
     """
     config = dataclasses.replace(config or PretrainConfig(), **overrides)
@@ -150,8 +153,9 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
             bar.update()
 
     try:
-        result = fit(model, source.train, None, None, "all", config.train_config(),
-                     on_epoch=on_epoch)
+        train_config = dataclasses.replace(config.train_config(),
+                                           device=resolve_device(device) if device else None)
+        result = fit(model, source.train, None, None, "all", train_config, on_epoch=on_epoch)
     finally:
         if bar is not None:
             bar.close()
@@ -164,7 +168,8 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
 def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
                      config: PretrainConfig | None = None, source_options: dict | None = None,
                      data_dir: str | Path | None = None, command: str | None = None,
-                     resolved: dict | None = None, trust_checkpoint: bool = False) -> dict:
+                     resolved: dict | None = None, trust_checkpoint: bool = False,
+                     device: str | None = None) -> dict:
     """Pretrain the source model of `benchmark`, save it and its manifest; return the manifest.
 
     `source_options` are the source loader's keywords (a protocol's resolved source
@@ -180,12 +185,14 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
     t0 = time.perf_counter()
     source = bench.load_source(Path(data_dir) if data_dir else None,
                                **loader_options(bench.load_source, benchmark, arch, options))
-    model = pretrain(source, arch, config, trust_checkpoint=trust_checkpoint)
+    model = pretrain(source, arch, config, trust_checkpoint=trust_checkpoint, device=device)
     acc = evaluate(model, source.test).acc
+    model.cpu()  # the checkpoint loads on any machine
     seconds = time.perf_counter() - t0
     settings = dataclasses.asdict(config)
     fields = {"benchmark": benchmark, "source": source.benchmark, "arch": arch, **settings,
               "init": str(config.init) if config.init else None, "data": options,
+              "device": resolve_device(device) if device else "cpu",
               "source_test_acc": acc, "source_train_images": len(source.train),
               "source_test_images": len(source.test), "seconds": round(seconds, 1),
               "torch": torch.__version__, "config": resolved or {"pretrain": settings},

@@ -67,3 +67,24 @@ def test_committed_source_models_are_verified(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes() + b"tampered")
     with pytest.raises(ValueError, match="sha256"):
         find("resnet26-w4")
+
+
+def test_pretrain_device_auto_is_the_cpu_run_here_and_recorded(tmp_path, one_thread):
+    """--device auto (the CLI default) trains where CUDA is, else on the CPU: here the same
+    weights as the library default; the manifest says where it ran; the saved model is on
+    the CPU."""
+    import json
+    from deep.data import get_benchmark
+    from deep.pretrain import PretrainConfig, pretrain, pretrain_to_file
+    from deep.train import resolve_device
+    source = get_benchmark("synthetic").load_source(None)
+    config = PretrainConfig(epochs=1, batch_size=64, lr=0.05, augment="none")
+    plain = pretrain(source, "resnet26-w4", config, progress=False)
+    auto = pretrain(source, "resnet26-w4", config, progress=False, device="auto")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 auto.state_dict().values()))
+    pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w4", config, device="auto")
+    manifest = json.loads((tmp_path / "m.pt.json").read_text())
+    assert manifest["device"] == resolve_device("auto") == "cpu"
+    state = torch.load(tmp_path / "m.pt", weights_only=True)["state_dict"]
+    assert {t.device.type for t in state.values()} == {"cpu"}
