@@ -63,11 +63,17 @@ speed: $(STAMP)
 	$(PY) -m sims.speed
 	$(PY) -m deep.speed --count-work
 
-# The GPU path measured on this machine's GPU (needs CUDA torch: see TORCH above):
-# sims.speed and deep.speed on cuda and a short Ray sweep with fractional GPUs, one
-# table (docs/distributed.md).
-gpu-check: $(STAMP)
-	$(PY) scripts/gpu_check.py
+# The GPU path measured on this machine's GPU, one table (docs/distributed.md): a sweep
+# of every method (also under --amp), deep.speed and sims.speed on cuda, and Ray sweeps
+# at 1 and 0.25 GPU per task group where Ray is installed. Each step is a row, whatever
+# fails; the whole run keeps within --budget-s (540 s). It builds no venv and needs no
+# network: GPU_PYTHON is the venv's python if .venv exists, else python3. On a machine
+# whose python has CUDA torch already: `make gpu-check GPU_PYTHON=python3
+# GPU_CHECK_ARGS="--out gpu-check.md"`, or just `python3 scripts/gpu_check.py --out gpu-check.md`.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
