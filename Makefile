@@ -1,4 +1,4 @@
-# Every target bootstraps .venv on first use, so `make figures` and `make test`
+# Every target but gpu-check bootstraps .venv on first use, so `make figures` and `make test`
 # are the only set-up a fresh machine needs.
 #
 #   PYTHON=python3.11   the interpreter that creates the venv
