@@ -20,6 +20,10 @@ the sweep's local dispatch. What it keeps from the local backend, and how:
   object store, so the checkpoint file need not exist on the workers; only
   `--data-dir` must be visible on every node, which is checked before any task
   starts (the error names the node and the path).
+- Ray waits forever, without an error, on an address where nothing listens and on
+  a task no node can hold. The driver checks both before it waits: the head's port
+  answers, and some node has a task group's CPUs and GPUs. Option errors that need
+  no cluster are raised before Ray connects (or starts, which takes seconds).
 
 Ray is an optional dependency (`pip install -e ".[ray]"`); this module imports it
 only when a Ray sweep starts.
@@ -28,9 +32,11 @@ only when a Ray sweep starts.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +49,20 @@ from .sweep import _groups, _pretrained_state, row_key, run_group
 
 # Worker deaths Ray absorbs per task group before the sweep gives up.
 DEFAULT_MAX_RETRIES = 3
+# Ray counts resources in fixed point, in steps of 1/10,000 (RESOURCE_UNIT_SCALING):
+# shares are compared in those units, as its scheduler does (1 // 0.1 is 9 in floats).
+RESOURCE_UNITS = 10_000
+# Tries (a head that is just starting) and seconds each to reach HOST:PORT before the
+# address is called wrong: ray.init itself retries a dead address forever.
+CONNECT_TRIES = 3
+CONNECT_TIMEOUT_S = 2.0
+# The devices a Ray task runs on: Ray picks each task's GPU, so no index.
+RAY_DEVICES = ("auto", "cpu", "cuda")
+# Why a cluster that grows on demand (Ray's cluster launcher, KubeRay) may look too
+# small: the driver sizes the sweep by the nodes that are up when it starts.
+AUTOSCALING_HINT = ("an autoscaling cluster counts only the nodes that are up now: give the "
+                    "node type min_workers >= 1, or start the sweep once its nodes have joined "
+                    "(`ray status`)")
 
 
 class RayBackendError(DeepError):
@@ -60,11 +80,12 @@ class RayOptions:
     Attributes:
         address: None: the Ray this process is already connected to, else a new local
             instance; "auto": the cluster running on this machine (`ray start`);
-            "HOST:PORT": that cluster's head.
+            "HOST:PORT": that cluster's head (its GCS port; not a ray:// client address).
         gpus_per_task: GPUs reserved per task group; below 1 packs several small
-            groups on one GPU. None: 1 when the cluster has GPUs and the device is
-            not "cpu", else 0.
-        cpus_per_task: CPUs reserved per task group (also its torch threads).
+            groups on one GPU, above 1 a whole number (Ray's rule). None: 1 when the
+            cluster has GPUs and the device is not "cpu", else 0.
+        cpus_per_task: CPUs reserved per task group (also its torch threads); any
+            share, 1.5 too (Ray allows it for CPUs).
         max_retries: how often Ray re-runs a group whose worker died.
     """
 
@@ -74,20 +95,47 @@ class RayOptions:
     max_retries: int = DEFAULT_MAX_RETRIES
 
     def __post_init__(self):
-        if self.gpus_per_task is not None and not self.gpus_per_task >= 0:
-            raise RayBackendError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
-        if not self.cpus_per_task > 0:
-            raise RayBackendError(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
+        gpus, cpus = self.gpus_per_task, self.cpus_per_task
+        if gpus is not None:
+            if not gpus >= 0:
+                raise RayBackendError(f"--gpus-per-task must be >= 0, got {gpus}")
+            _check_quantity("--gpus-per-task", gpus)
+            if gpus > 1 and not float(gpus).is_integer():
+                raise RayBackendError(f"--gpus-per-task {gpus:g}: Ray reserves a share of one "
+                                      "GPU (0.5, 0.25, ...) or whole GPUs (1, 2, ...), "
+                                      "not a fraction above 1")
+        if not cpus > 0:
+            raise RayBackendError(f"--cpus-per-task must be > 0, got {cpus}")
+        _check_quantity("--cpus-per-task", cpus)
         if self.max_retries < 0:
             raise RayBackendError(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.address not in (None, "auto") and not _is_host_port(self.address):
-            raise RayBackendError(f"--ray-address must be 'auto' or HOST:PORT, "
-                                  f"got {self.address!r}")
+        if self.address is not None:
+            _check_address(self.address)
+
+
+def _check_quantity(flag: str, value: float) -> None:
+    # Ray's own errors for these come as tracebacks, once tasks are submitted.
+    if not math.isfinite(value):
+        raise RayBackendError(f"{flag} must be a finite number, got {value}")
+    if 0 < value < 1 / RESOURCE_UNITS:
+        raise RayBackendError(f"{flag} {value:g}: Ray counts resources in steps of "
+                              f"{1 / RESOURCE_UNITS:g}")
+
+
+def _check_address(address: str) -> None:
+    if "://" in address:  # Ray Client (ray://): another protocol and port, and ray[client]
+        raise RayBackendError(
+            f"--ray-address {address}: the sweep connects to a cluster's head directly, not "
+            "through Ray Client (ray://); give the head's address HOST:PORT (its GCS port, "
+            "6379 unless `ray start --head --port` said otherwise), or run the sweep on a "
+            "node of the cluster with --ray-address auto")
+    if address != "auto" and not _is_host_port(address):
+        raise RayBackendError(f"--ray-address must be 'auto' or HOST:PORT, got {address!r}")
 
 
 def _is_host_port(address: str) -> bool:
     host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit())
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def import_ray():
@@ -114,6 +162,8 @@ class RaySession:
         ray = import_ray()
         if ray.is_initialized():
             return ray
+        if self.address is not None:
+            check_reachable(self.address)
         try:
             if self.address is None:
                 # "local": a new instance even where `ray start` left its address in
@@ -124,10 +174,10 @@ class RaySession:
                 ray.init(address=self.address)
         except ConnectionError as err:
             raise RayBackendError(
-                f"cannot connect to the Ray cluster at {self.address}: {err}. Is `ray start` "
-                "running there? A cluster with token authentication (Ray's default) also needs "
-                "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) in "
-                "this shell") from None
+                f"cannot connect to the Ray cluster at {self.address}: {str(err).rstrip('.')}. "
+                "Is `ray start` running there? A cluster with token authentication (Ray's "
+                "default) also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
+                "~/.ray/auth_token) in this shell") from None
         self.started = True
         print(cluster_line(ray, self.address), file=sys.stderr, flush=True)
         return ray
@@ -135,6 +185,42 @@ class RaySession:
     def __exit__(self, *exc):
         if self.started:
             import_ray().shutdown()
+
+
+def check_reachable(address: str) -> None:
+    """Raise unless the head at `address` ("auto": the one Ray would pick) takes a TCP
+    connection: where nothing listens, ray.init logs "Failed to connect to GCS" every
+    half minute and never returns."""
+    target = _bootstrap_address(address)
+    if target is None:  # "auto" found no cluster: ray.init raises that itself
+        return
+    host, _, port = target.rpartition(":")
+    for attempt in range(CONNECT_TRIES):
+        if attempt:
+            time.sleep(1)
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S):
+                return
+        except OSError as err:
+            reason = err
+    shown = target if target == address else (f"{target} (where --ray-address auto points: "
+                                              "RAY_ADDRESS, or the last `ray start` here)")
+    raise RayBackendError(
+        f"no Ray head answers at {shown}: {reason}. Check that the head runs (`ray status` "
+        f"on it) and that {port} is its GCS port (`ray start --head` prints the address to "
+        "use; 6379 by default), and that no firewall blocks it")
+
+
+def _bootstrap_address(address: str) -> str | None:
+    """HOST:PORT that ray.init(address) dials; "auto" is resolved as Ray does (RAY_ADDRESS,
+    then what `ray start` left in /tmp/ray), None where it finds nothing."""
+    if address != "auto":
+        return address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+        return canonicalize_bootstrap_address("auto")
+    except Exception:  # no cluster (ray.init says so), or Ray's internals moved: no check
+        return None
 
 
 def cluster_line(ray, address: str | None) -> str:
@@ -153,6 +239,15 @@ def session_for(executor: "RayExecutor | None"):
 
 
 # --- resources --------------------------------------------------------------------
+
+def check_device(device: str | None, gpus_per_task: float | None) -> None:
+    """The errors of --device (and --gpus-per-task) that need no cluster, raised
+    before Ray connects or starts (seconds for a local instance)."""
+    if gpus_per_task is not None:
+        task_device(device, gpus_per_task)
+    elif (device or "auto") not in RAY_DEVICES:
+        task_device(device, 0)  # the error that names the device
+
 
 def task_device(device: str | None, gpus_per_task: float) -> str:
     """The device a task group runs on: Ray gives a task the GPUs it reserved (as
@@ -185,16 +280,48 @@ def concurrent_tasks(cluster: dict, cpus_per_task: float, gpus_per_task: float) 
     """How many task groups the cluster runs at once, which is how many groups the
     sweep needs (it splits tasks when there are fewer)."""
     cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
-    if cpus < cpus_per_task:
+    if _units(cpus) < _units(cpus_per_task):
         raise RayBackendError(f"the Ray cluster has {cpus:g} CPUs; a task group needs "
-                              f"--cpus-per-task {cpus_per_task:g}")
-    if gpus_per_task > 0 and gpus < gpus_per_task:
+                              f"--cpus-per-task {cpus_per_task:g} ({AUTOSCALING_HINT})")
+    if gpus_per_task > 0 and _units(gpus) < _units(gpus_per_task):
         raise RayBackendError(f"the Ray cluster has {gpus:g} GPUs; a task group needs "
-                              f"--gpus-per-task {gpus_per_task:g} (0 runs on CPUs)")
-    slots = int(cpus // cpus_per_task)
+                              f"--gpus-per-task {gpus_per_task:g} (0 runs on CPUs; "
+                              f"{AUTOSCALING_HINT})")
+    slots = _units(cpus) // _units(cpus_per_task)
     if gpus_per_task > 0:
-        slots = min(slots, int(gpus // gpus_per_task))
+        slots = min(slots, _units(gpus) // _units(gpus_per_task))
     return max(1, slots)
+
+
+def _units(quantity: float) -> int:
+    return round(quantity * RESOURCE_UNITS)
+
+
+def check_a_node_fits(nodes: list[dict], cpus_per_task: float, gpus_per_task: float) -> None:
+    """Raise unless a live node (of `ray.nodes()`) has a task group's CPUs and GPUs: a
+    task runs on one node, and Ray waits forever on one that no node can hold, even
+    where the cluster's totals would do."""
+    alive = [node for node in nodes if node.get("Alive")]
+    if any(_node_fits(node, cpus_per_task, gpus_per_task) for node in alive):
+        return
+    order = ("GPU", "CPU") if gpus_per_task > 0 else ("CPU", "GPU")
+    largest = max(alive, key=lambda n: tuple(n["Resources"].get(r, 0) for r in order),
+                  default={"Resources": {}, "NodeManagerAddress": "no node alive"})
+    have = largest["Resources"]
+    request = f"--cpus-per-task {cpus_per_task:g}"
+    if gpus_per_task > 0:
+        request += f" and --gpus-per-task {gpus_per_task:g}"
+    raise RayBackendError(
+        f"no node of the Ray cluster can hold a task group ({request}; a task runs on one "
+        f"node): the largest ({largest['NodeManagerAddress']}) has {have.get('CPU', 0):g} "
+        f"CPUs and {have.get('GPU', 0):g} GPUs. Ask for less per task group, or add bigger "
+        f"nodes ({AUTOSCALING_HINT})")
+
+
+def _node_fits(node: dict, cpus_per_task: float, gpus_per_task: float) -> bool:
+    resources = node["Resources"]
+    return (_units(resources.get("CPU", 0)) >= _units(cpus_per_task)
+            and _units(resources.get("GPU", 0)) >= _units(gpus_per_task))
 
 
 # --- the data folder on every node ------------------------------------------------
@@ -212,9 +339,8 @@ def check_data_dir(ray, data_dir: str, cpus_per_task: float, gpus_per_task: floa
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0)(_probe_data_dir)
-    nodes = [n for n in ray.nodes() if n.get("Alive")
-             and n["Resources"].get("CPU", 0) >= cpus_per_task
-             and n["Resources"].get("GPU", 0) >= gpus_per_task]
+    nodes = [n for n in ray.nodes()
+             if n.get("Alive") and _node_fits(n, cpus_per_task, gpus_per_task)]
     refs = {}
     for node in nodes:  # one probe pinned to each node
         on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
@@ -322,11 +448,13 @@ class RayExecutor:
 
     def __call__(self, cells: list, spec: dict, record: Callable[[dict], None]) -> None:
         options = self.options
+        check_device(spec.get("device"), options.gpus_per_task)
         with RaySession(options.address) as ray:
             cluster = ray.cluster_resources()
             gpus = resolve_gpus(options, spec.get("device"), cluster)
             spec = dict(spec, device=task_device(spec.get("device"), gpus))
             slots = concurrent_tasks(cluster, options.cpus_per_task, gpus)
+            check_a_node_fits(ray.nodes(), options.cpus_per_task, gpus)
             if spec.get("data_dir"):
                 spec["data_dir"] = os.path.abspath(spec["data_dir"])  # workers start elsewhere
                 check_data_dir(ray, spec["data_dir"], options.cpus_per_task, gpus)
@@ -353,7 +481,8 @@ def add_backend_arguments(parser) -> None:
                        help="local: processes on this machine (--workers); ray: one Ray task "
                             "per task group, on a local Ray or a cluster")
     group.add_argument("--ray-address", help="'auto' (the cluster `ray start` runs on this "
-                       "machine) or HOST:PORT of a head; default: start a local Ray")
+                       "machine) or HOST:PORT of a head (its GCS port, 6379 by default; not "
+                       "ray://); default: start a local Ray")
     group.add_argument("--gpus-per-task", type=float,
                        help="GPUs per task group, below 1 to share a GPU (default: 1 where "
                             "the cluster has GPUs and --device is not cpu, else 0)")

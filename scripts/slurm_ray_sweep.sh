@@ -10,7 +10,8 @@
 # override the #SBATCH lines. Submit from the project folder (or set PROJECT), which
 # must be visible to every node, as must --data-dir and --out; its environment is
 # $VENV (default .venv in the project; none: the python and ray on PATH). Submitting
-# the same command again resumes the sweep from its CSV.
+# the same command again resumes the sweep from its CSV. The script waits up to RAY_WAIT_S
+# seconds (300) for the Ray nodes, and stops with an error if the head does not start.
 #SBATCH --job-name=surgical-sweep
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -41,27 +42,51 @@ if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then gpus=(--num-gpus="$SLURM_GPUS_ON_NODE"
 srun --overlap --nodes=1 --ntasks=1 -w "$head" \
     ray start --head --node-ip-address="$head_ip" --port="$port" \
     --num-cpus="$cpus" ${gpus[@]+"${gpus[@]}"} --include-dashboard=false --block &
+head_step=$!
+wait_s=${RAY_WAIT_S:-300}
 
-wait_for_nodes() {  # until the cluster has $1 live nodes (at most 5 minutes)
-    python - "$address" "$1" <<'PY'
-import sys, time
+live_nodes() {  # how many nodes the cluster has now; 0 while the head does not answer
+    # The TCP check first: ray.init retries an address where nothing listens forever,
+    # and `timeout` bounds any other hang (a port that answers but is not Ray's).
+    local count
+    count=$(timeout 60 python - "$address" 2>/dev/null <<'PY'
+import socket, sys
 import ray
-address, want = sys.argv[1], int(sys.argv[2])
-deadline = time.time() + 300
-while True:
-    try:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        alive = sum(node["Alive"] for node in ray.nodes())
-        ray.shutdown()
-    except Exception:  # the head is not up yet
-        alive = 0
-    if alive >= want:
-        print(f"ray cluster at {address}: {alive} node(s)", flush=True)
-        break
-    if time.time() > deadline:
-        sys.exit(f"ray cluster at {address}: {alive} of {want} node(s) after 5 minutes")
-    time.sleep(5)
+host, port = sys.argv[1].rsplit(":", 1)
+try:
+    socket.create_connection((host, int(port)), timeout=2).close()
+except OSError:
+    sys.exit("nothing listens there yet")
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(sum(node["Alive"] for node in ray.nodes()), flush=True)
+ray.shutdown()
 PY
+    ) || true
+    count=${count##*$'\n'}
+    if [[ "$count" =~ ^[0-9]+$ ]]; then echo "$count"; else echo 0; fi
+}
+
+wait_for_nodes() {  # until the cluster has $1 live nodes (at most $wait_s seconds)
+    local want=$1 deadline=$((SECONDS + wait_s)) alive status
+    while true; do
+        if ! kill -0 "$head_step" 2>/dev/null; then  # `ray start --head --block` ended
+            status=0; wait "$head_step" || status=$?
+            echo "error: the Ray head on $head ($address) did not start or has stopped:" \
+                 "ray start --head exited with status $status (its output is above)" >&2
+            exit 1
+        fi
+        alive=$(live_nodes)
+        if [ "$alive" -ge "$want" ]; then
+            echo "ray cluster at $address: $alive node(s)"
+            return
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "error: ray cluster at $address: $alive of $want node(s) after" \
+                 "$wait_s s (RAY_WAIT_S); the output above of the ray start steps says why" >&2
+            exit 1
+        fi
+        sleep 5
+    done
 }
 
 wait_for_nodes 1

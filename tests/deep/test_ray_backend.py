@@ -1,14 +1,17 @@
 """The Ray backend against a real Ray runtime (no mocks).
 
-Two clusters, one after the other (2 cores here): a local instance started in this
-process (`ray.init(num_cpus=2)`), and a head started by `ray start --head` as a
-separate process that sweeps connect to with --ray-address. Every sweep is
-compared with the local backend's rows, bitwise.
+Three clusters, one after the other (2 cores here): a local instance started in this
+process (`ray.init(num_cpus=2)`), two small nodes (`ray.cluster_utils`) for a task no
+node holds, and a head started by `ray start --head` as a separate process that
+sweeps connect to with --ray-address. Every sweep is compared with the local
+backend's rows, bitwise. Where Ray would wait forever, a test bounds the wait and
+fails. The SLURM script's test stands in only for `srun` and `scontrol`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -26,7 +29,7 @@ import torch
 
 from deep.protocol import load_protocol
 from deep.ray_backend import (RayBackendError, RayExecutor, RayOptions, TaskGroupError,
-                               check_data_dir, concurrent_tasks, task_device)
+                               check_a_node_fits, check_data_dir, concurrent_tasks, task_device)
 from deep.sweep import COLUMNS, plan_cells, read_results, row_key, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a Ray task runs on one thread too
@@ -194,7 +197,9 @@ class TestLocalRay:
             check_data_dir(ray, missing, 1, 0)
 
     def test_resources_the_cluster_lacks_are_an_error(self, tmp_path):
-        with pytest.raises(RayBackendError, match="has 0 GPUs; a task group needs --gpus-per-task 0.5"):
+        # (on an autoscaling cluster the nodes may just not be up yet: the error says so)
+        with pytest.raises(RayBackendError, match="has 0 GPUs; a task group needs --gpus-per-task "
+                                                  "0.5 .*autoscaling cluster .*min_workers >= 1"):
             run_sweep(protocol(SMALL), tmp_path / "r.csv", progress=False,
                       executor=on_ray(gpus_per_task=0.5))
         with pytest.raises(RayBackendError, match="has 2 CPUs; a task group needs --cpus-per-task 4"):
@@ -207,6 +212,10 @@ def test_fractional_gpus_pack_task_groups():
     assert concurrent_tasks({"CPU": 16, "GPU": 8}, 2, 1) == 8
     assert concurrent_tasks({"CPU": 3, "GPU": 2}, 1, 0.5) == 3  # CPUs bind
     assert concurrent_tasks({"CPU": 2}, 1, 0) == 2
+    # in Ray's fixed point, not floats (1 // 0.1 == 9, 0.3 // 0.1 == 2)
+    assert concurrent_tasks({"CPU": 1}, 0.1, 0) == 10
+    assert concurrent_tasks({"CPU": 0.3}, 0.1, 0) == 3
+    assert concurrent_tasks({"CPU": 16, "GPU": 0.3}, 1, 0.1) == 3
     assert task_device("auto", 0.25) == "cuda" and task_device(None, 0) == "cpu"
     with pytest.raises(RayBackendError, match="--device cuda with --backend ray needs --gpus-per-task"):
         task_device("cuda", 0)
@@ -228,10 +237,67 @@ def test_ray_flags_need_the_ray_backend(tmp_path, capsys):
 def test_bad_options_are_named():
     with pytest.raises(RayBackendError, match="must be 'auto' or HOST:PORT, got 'localhost'"):
         RayOptions(address="localhost")
+    with pytest.raises(RayBackendError, match="must be 'auto' or HOST:PORT, got 'head:0'"):
+        RayOptions(address="head:0")
     with pytest.raises(RayBackendError, match="--gpus-per-task must be >= 0"):
         RayOptions(gpus_per_task=-1)
     with pytest.raises(RayBackendError, match="--cpus-per-task must be > 0"):
         RayOptions(cpus_per_task=0)
+
+
+def test_what_ray_refuses_later_is_refused_with_the_options():
+    """Ray raises these (as a traceback) only once a task is submitted, after it started."""
+    with pytest.raises(RayBackendError, match=r"--gpus-per-task 1.5: Ray reserves a share of one "
+                                              r"GPU \(0.5, 0.25, ...\) or whole GPUs"):
+        RayOptions(gpus_per_task=1.5)
+    with pytest.raises(RayBackendError, match="--gpus-per-task 1e-05: Ray counts resources in "
+                                              "steps of 0.0001"):
+        RayOptions(gpus_per_task=0.00001)
+    with pytest.raises(RayBackendError, match="--cpus-per-task must be a finite number, got inf"):
+        RayOptions(cpus_per_task=float("inf"))
+    RayOptions(gpus_per_task=2, cpus_per_task=1.5)  # whole GPUs; any share of CPUs (Ray's rules)
+    RayOptions(gpus_per_task=0.25, cpus_per_task=0.5)
+
+
+def test_a_ray_client_address_is_refused_with_what_to_give_instead():
+    # ray:// needs ray[client] and another port; the sweep connects to the GCS address
+    with pytest.raises(RayBackendError, match=r"--ray-address ray://head:10001: .*not through Ray "
+                                              r"Client .*HOST:PORT .*6379.*--ray-address auto"):
+        RayOptions(address="ray://head:10001")
+
+
+def test_option_errors_come_before_ray_connects(tmp_path):
+    """Errors of --device and --gpus-per-task need no cluster: they come before Ray
+    connects (or starts a local instance, seconds). An address where nothing listens
+    shows the order: connecting first would raise its error instead."""
+    cells = plan_cells(protocol(SMALL))
+    nowhere = f"127.0.0.1:{free_port()}"
+    for device, gpus, message in (
+            ("cpu", 1, "--device cpu with --gpus-per-task 1 reserves GPUs"),
+            ("cuda", 0, "--device cuda with --backend ray needs --gpus-per-task > 0"),
+            ("cuda:0", None, "--backend ray runs on --device auto, cpu or cuda .* got 'cuda:0'")):
+        executor = on_ray(address=nowhere, gpus_per_task=gpus)
+        with pytest.raises(RayBackendError, match=message):
+            executor(cells, {"device": device}, lambda row: None)
+    assert not ray.is_initialized()
+
+
+def test_no_node_that_holds_a_task_group_is_an_error():
+    def node(cpus, gpus, address, alive=True):
+        return {"Alive": alive, "NodeManagerAddress": address,
+                "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+    two_small = [node(1, 1, "10.0.0.1"), node(1, 1, "10.0.0.2"), node(64, 8, "10.0.0.9", False)]
+    check_a_node_fits(two_small, 1, 1)
+    check_a_node_fits(two_small, 0.5, 0.5)
+    with pytest.raises(RayBackendError, match=r"no node of the Ray cluster can hold a task group "
+                                              r"\(--cpus-per-task 2; a task runs on one node\): "
+                                              r"the largest \(10.0.0.1\) has 1 CPUs and 1 GPUs"):
+        check_a_node_fits(two_small, 2, 0)  # (the dead node does not count)
+    with pytest.raises(RayBackendError, match=r"\(--cpus-per-task 1 and --gpus-per-task 2; .*"
+                                              r"the largest \(10.0.0.8\) has 2 CPUs and 1 GPUs"):
+        check_a_node_fits([node(4, 0, "10.0.0.7"), node(2, 1, "10.0.0.8")], 1, 2)
+    check_a_node_fits([node(0.3, 0, "10.0.0.7")], 0.1 + 0.2, 0)  # Ray's fixed point, not floats
 
 
 def test_without_an_address_a_local_instance_starts_even_where_ray_start_left_one(
@@ -258,6 +324,131 @@ def test_without_an_address_a_local_instance_starts_even_where_ray_start_left_on
             marker.write_bytes(saved)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ray: local instance: 1 node" in done.stderr and "ran 1 cells" in done.stdout
+
+
+def finished_within(seconds: float, call) -> BaseException | None:
+    """What `call()` raised (None: nothing), failing the test if it has not returned
+    after `seconds`: Ray waits forever on what these tests check."""
+    outcome = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as err:  # handed to the test
+            outcome.append(err)
+
+    waiter = threading.Thread(target=run, daemon=True)
+    waiter.start()
+    waiter.join(seconds)
+    assert outcome, f"still waiting after {seconds} s: Ray would wait forever"
+    return outcome[0]
+
+
+def sweep_cli(*flags, env=None, timeout=120):
+    """`python -m deep sweep` of one synthetic cell with --backend ray and `flags`,
+    killed (with anything it started) if it runs past `timeout`."""
+    command = [sys.executable, "-m", "deep", "sweep", "--benchmark", "synthetic", "--shifts",
+               "noise", "--methods", "last", "--lrs", "0.01", "--seeds", "0", "--epochs", "1",
+               "--n-target", "64", "--val-per-class", "10", "--test-per-class", "20",
+               "--no-progress", "--backend", "ray", *flags]
+    return run_bounded(command, {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                 **(env or {})}, timeout)
+
+
+def run_bounded(command, env, timeout) -> subprocess.CompletedProcess:
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"{command[:4]} still running after {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def test_an_address_where_nothing_listens_is_an_error_not_a_wait(tmp_path):
+    """ray.init retries such an address forever ("Failed to connect to GCS" every 30 s)."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    done = sweep_cli("--out", str(tmp_path / "r.csv"), "--ray-address", nowhere, timeout=90)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (f"error: no Ray head answers at {nowhere}: [Errno 111] Connection refused. Check "
+            "that the head runs (`ray status` on it)") in done.stderr
+    # "auto" where it points to a cluster that is gone (here through RAY_ADDRESS, which wins
+    # over the address `ray start` left: deterministic while other Ray instances run)
+    done = sweep_cli("--out", str(tmp_path / "r.csv"), "--ray-address", "auto",
+                     env={"RAY_ADDRESS": nowhere}, timeout=90)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(r"error: no Ray head answers at \S+:\d+ \(where --ray-address auto points",
+                     done.stderr), done.stderr[-3000:]
+
+
+# --- two nodes of one CPU and one (declared) GPU each -----------------------------
+
+@pytest.fixture(scope="class")
+def two_small_nodes():
+    """Two real Ray nodes on this machine (ray.cluster_utils), this process connected.
+    Their GPU is declared only: nothing here runs on it."""
+    from ray.cluster_utils import Cluster
+
+    temp = short_temp_dir()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 1, "include_dashboard": False, "temp_dir": temp})
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        yield
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.usefixtures("two_small_nodes", "synthetic_checkpoint")
+class TestTwoSmallNodes:
+    """The cluster's totals (2 CPUs, 2 GPUs) hold a task group that no node holds:
+    Ray would wait forever for a node that can run it."""
+
+    @pytest.mark.parametrize("request_", [dict(cpus_per_task=2, gpus_per_task=0),
+                                          dict(cpus_per_task=1, gpus_per_task=2)])
+    def test_a_task_group_no_node_holds_is_an_error(self, tmp_path, request_):
+        error = finished_within(60, lambda: run_sweep(
+            protocol(SMALL), tmp_path / "r.csv", progress=False, executor=on_ray(**request_)))
+        assert isinstance(error, RayBackendError), error
+        assert "no node of the Ray cluster can hold a task group" in str(error)
+        assert "has 1 CPUs and 1 GPUs" in str(error)
+        assert read_results(tmp_path / "r.csv") == []
+
+
+# --- the SLURM script's wait for its Ray nodes -------------------------------------
+
+def test_the_slurm_script_stops_when_the_ray_head_does_not_start(tmp_path):
+    """scripts/slurm_ray_sweep.sh outside SLURM: `srun` and `scontrol` are stand-ins
+    that run the step here (one node, localhost); Ray is real. A head that fails to
+    start (here: a GPU count it refuses) must end the job with an error, not a wait."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    (bin_dir / "srun").write_text(  # drop srun's own options, run the command
+        "#!/bin/bash\nwhile [ $# -gt 0 ]; do case $1 in -w) shift 2;; -*) shift;; *) break;; "
+        "esac; done\nexec \"$@\"\n")
+    for shim in bin_dir.iterdir():
+        shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{RAY.parent}:{os.environ['PATH']}",
+           "PROJECT": str(ROOT), "VENV": str(RAY.parent.parent), "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_CPUS_PER_TASK": "1", "SLURM_GPUS_ON_NODE": "none", "RAY_PORT": str(free_port()),
+           "RAY_WAIT_S": "60"}
+    started = time.time()
+    done = run_bounded(["bash", str(ROOT / "scripts" / "slurm_ray_sweep.sh"), "--benchmark",
+                        "synthetic", "--quick", "--out", str(tmp_path / "r.csv")], env, 120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert ("error: the Ray head on localhost (" in done.stderr
+            and "did not start or has stopped: ray start --head exited with status 2"
+            in done.stderr), done.stderr[-3000:]
+    assert time.time() - started < 60  # no wait for a deadline: the head's step had ended
+    assert not (tmp_path / "r.csv").exists()
 
 
 # --- a cluster started with `ray start --head`, sweeps through the command line ---
