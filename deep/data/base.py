@@ -337,6 +337,9 @@ class Benchmark:
         source_recipe: optional pretraining settings (`deep.pretrain.PretrainConfig`
             fields) of a source model that the engine trains on the fly and caches
             (`deep.pretrain.cached_source_model`), for benchmarks small enough for that.
+        default_data_dir: optional () -> Path, the folder the loaders read when given no
+            data_dir (e.g. from an environment variable); a Ray sweep resolves it on
+            the driver, so every node reads the folder the driver would.
         normalization: (mean, std) per channel the loaders map pixels in [0, 1] with
             when given no `normalization` option (their own statistics); None: not
             known (online MEMO, which augments pixels, then refuses the benchmark).
@@ -353,3 +356,4 @@ class Benchmark:
     pretrained: Callable[..., Path] | None = None
     source_recipe: Mapping[str, object] | None = None
     normalization: Normalization | None = None
+    default_data_dir: Callable[[], Path] | None = None

@@ -510,19 +510,23 @@ def _pretrained(benchmark: str):
 
 # ----------------------------------------------------------------------------- registry
 
+def _benchmark(name: str, shifts, num_classes: int, load_task, load_source, **extra) -> Benchmark:
+    """A Fashion-MNIST benchmark: one grayscale channel, this module's statistics and
+    folder, its committed source model."""
+    return Benchmark(name, tuple(shifts), num_classes, 1, LAYOUT, load_task, load_source,
+                     pretrained=_pretrained(name), normalization=(MEAN, STD),
+                     default_data_dir=resolve_dir, **extra)
+
+
 BENCHMARKS = {
-    "fmnist-c": Benchmark("fmnist-c", CORRUPTION_NAMES, NUM_CLASSES, 1, LAYOUT,
-                          load_fmnist_c, source_fmnist_c, pretrained=_pretrained("fmnist-c"), normalization=(MEAN, STD)),
-    "fmnist-breeds": Benchmark("fmnist-breeds", ("subpopulation",), len(SUPERCLASSES), 1, LAYOUT,
-                               load_fmnist_breeds, source_fmnist_breeds,
-                               pretrained=_pretrained("fmnist-breeds"), normalization=(MEAN, STD)),
-    "fmnist-flip": Benchmark("fmnist-flip", ("flip",), NUM_CLASSES, 1, LAYOUT,
-                             load_fmnist_flip, source_fmnist_flip,
-                             pretrained=_pretrained("fmnist-flip"), normalization=(MEAN, STD)),
-    "fmnist-spurious": Benchmark("fmnist-spurious", SPURIOUS_SHIFTS, NUM_CLASSES, 1, LAYOUT,
-                                 load_fmnist_spurious, source_fmnist_spurious, has_groups=True,
-                                 pretrained=_pretrained("fmnist-spurious"), normalization=(MEAN, STD)),
-    "fmnist-blocknoise": Benchmark("fmnist-blocknoise", BLOCKNOISE_SHIFTS, NUM_CLASSES, 1, LAYOUT,
-                                   load_fmnist_blocknoise, source_fmnist_blocknoise,
-                                   pretrained=_pretrained("fmnist-blocknoise"), normalization=(MEAN, STD)),
+    "fmnist-c": _benchmark("fmnist-c", CORRUPTION_NAMES, NUM_CLASSES, load_fmnist_c,
+                           source_fmnist_c),
+    "fmnist-breeds": _benchmark("fmnist-breeds", ("subpopulation",), len(SUPERCLASSES),
+                                load_fmnist_breeds, source_fmnist_breeds),
+    "fmnist-flip": _benchmark("fmnist-flip", ("flip",), NUM_CLASSES, load_fmnist_flip,
+                              source_fmnist_flip),
+    "fmnist-spurious": _benchmark("fmnist-spurious", SPURIOUS_SHIFTS, NUM_CLASSES,
+                                  load_fmnist_spurious, source_fmnist_spurious, has_groups=True),
+    "fmnist-blocknoise": _benchmark("fmnist-blocknoise", BLOCKNOISE_SHIFTS, NUM_CLASSES,
+                                    load_fmnist_blocknoise, source_fmnist_blocknoise),
 }

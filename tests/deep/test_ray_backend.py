@@ -529,3 +529,15 @@ class TestRayStartHead:
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2
         assert f"error: --data-dir {tmp_path / 'nowhere'} is not a folder on node(s)" in done.stderr
+
+
+def test_the_driver_resolves_a_default_data_folder_for_the_nodes(monkeypatch, tmp_path):
+    """$FASHION_MNIST_DIR set in the driver's shell is not set on Ray's nodes: the driver
+    passes the folder it resolved (then checked on every node like --data-dir)."""
+    from deep.ray_backend import driver_data_dir
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    assert driver_data_dir("fmnist-c") == str(tmp_path)
+    monkeypatch.delenv("FASHION_MNIST_DIR")
+    assert driver_data_dir("fmnist-flip") == "/usr/share/datasets/fashion-mnist"
+    assert driver_data_dir("synthetic") is None  # generated in memory: no folder
+    assert driver_data_dir("cifar10c") is None   # --data-dir is required there
