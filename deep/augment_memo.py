@@ -66,13 +66,18 @@ def _quantised(x: torch.Tensor) -> torch.Tensor:
 
 
 def autocontrast(x: torch.Tensor) -> torch.Tensor:
-    """Stretch each channel's [min, max] to [0, 1] (a flat channel is left alone)."""
-    q = _quantised(x).float()
+    """Stretch each channel's 8-bit [min, max] to [0, 255] with PIL's lookup table,
+    int(level * scale + offset) with scale = 255 / (max - min), offset = -min * scale
+    (in float64, as PIL's Python floats, so the truncation matches level for level);
+    a flat channel is left alone."""
+    q = _quantised(x).double()
     lo = q.amin(dim=(1, 2), keepdim=True)
     hi = q.amax(dim=(1, 2), keepdim=True)
     span = hi - lo
-    stretched = (q - lo) / span.clamp(min=1)
-    return torch.where(span > 0, stretched, q / LEVELS)
+    # tensor / tensor: a number / tensor is computed through the reciprocal, one ulp off
+    scale = torch.full_like(span, LEVELS) / span.clamp(min=1)
+    stretched = torch.trunc(q * scale + (-lo * scale)).clamp(0, LEVELS)
+    return (torch.where(span > 0, stretched, q) / LEVELS).float()
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,13 @@ KEY = ResultRow.KEY
 SETTINGS = ResultRow.SETTINGS
 
 
+def same_checkpoint(recorded, now) -> bool:
+    """Whether a results row's source model is the one of this run. The same file may
+    sit at another path on another checkout or machine (committed results resumed
+    elsewhere), so only the file names are compared."""
+    return Path(str(recorded)).name == Path(str(now)).name
+
+
 def row_key(row: dict) -> tuple:
     """The cell a row (dict) belongs to; equal to `Cell.key` of the cell that made it."""
     return tuple(row[k] if k != "lr" else float(row[k]) for k in KEY)

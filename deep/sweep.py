@@ -47,7 +47,7 @@ from .normalization import loader_options
 from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
-                      row_key)
+                      row_key, same_checkpoint)
 from .train import DEFAULT_CACHE_MB, FitResult, PrefixCache, fit, resolve_device
 
 
@@ -211,7 +211,7 @@ def _check_same_settings(row: dict, settings: dict, cell: Cell, out) -> None:
     clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]
              and not (k in ResultRow.PROVENANCE and None in (row[k], settings[k]))}
     # The same file may sit at another path on another machine: compare names only.
-    if Path(str(row["checkpoint"])).name != Path(settings["checkpoint"]).name:
+    if not same_checkpoint(row["checkpoint"], settings["checkpoint"]):
         clash["checkpoint"] = (row["checkpoint"], settings["checkpoint"])
     if clash:
         detail = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())

@@ -48,11 +48,18 @@ class AdaptProtocol:
         for name in ("shifts", "methods", "blocks", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is empty: nothing to run")
-        if self.images < 0 or self.test_per_class < 1:
-            raise ConfigError(f"images must be >= 0 (0 = the whole test split) and "
-                             f"test_per_class >= 1; got {self.images}, {self.test_per_class}")
+        if self.test_per_class < 1:
+            raise ConfigError(f"test_per_class must be >= 1, got {self.test_per_class}")
+        _check_images("images", self.images)
         for method in METHODS:
             self.configs(method)  # unknown keys or bad values fail here, not mid-run
+            _check_images(f"[{method}] images", getattr(self, method).get("images", self.images))
+        # A TENT stream of one image is one batch of one: no batch statistics. Only for
+        # a method that runs (the CLI's --images reaches both tables).
+        if "tent" in self.methods and self.images_of("tent") == 1:
+            raise ConfigError("TENT needs streams of at least 2 images (a batch of one has no "
+                              "batch statistics); got images 1: use --images 0 (all) or >= 2, "
+                              "or --method memo")
 
     def replace(self, **overrides) -> "AdaptProtocol":
         """A copy with the given fields changed; None values are ignored (CLI defaults)."""
@@ -86,6 +93,14 @@ class AdaptProtocol:
 
     def images_of(self, method: str) -> int:
         return int(getattr(self, method).get("images", self.images))
+
+
+def _check_images(name: str, value) -> None:
+    """A stream length: an int >= 0 (0 = the whole test split). Checked where the protocol
+    is built, since a negative N would silently keep all but the last |N| images."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be a whole number >= 0 (the first N images of the "
+                          f"seeded stream; 0 = all of them), got {value!r}")
 
 
 def available() -> list[str]:

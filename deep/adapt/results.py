@@ -3,7 +3,10 @@
 Rows are appended by rewriting the whole file atomically
 (`checkpoints.atomic_write_bytes`), so an interrupted run leaves whole rows only and
 the same command resumes it, skipping the finished streams. A finished row whose
-settings differ from the run's is an error (write to another --out), never mixed.
+settings differ from the run's is an error (write to another --out), never mixed; the
+source model counts as the same when its file name is (`deep.results.same_checkpoint`:
+committed results resume from another checkout). The summary keeps streams of
+different lengths (`images`) apart: one table per (method, mode, lr, stream length).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write_bytes, save_figure
 from ..errors import ResultsError
+from ..files import atomic_write_bytes, save_figure
+from ..results import same_checkpoint
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
@@ -91,7 +95,7 @@ class AdaptResults:
         row = self.done.get(key)
         if row is None:
             return False
-        differ = {k: (row[k], settings[k]) for k in SETTINGS if _format(row[k]) != _format(settings[k])}
+        differ = {k: (row[k], settings[k]) for k in SETTINGS if not _same(k, row[k], settings[k])}
         if differ:
             raise ResultsError(f"{self.path} already holds {key} with other settings "
                              f"(found, now): {differ}; write this run to another --out")
@@ -112,6 +116,12 @@ class AdaptResults:
         atomic_write_bytes(self.path, lambda f: f.write(data))
 
 
+def _same(column: str, recorded, now) -> bool:
+    if column == "checkpoint":  # the same file at another path (another checkout) is the same
+        return same_checkpoint(recorded, now)
+    return _format(recorded) == _format(now)
+
+
 def settings_json(config) -> str:
     """A method config as sorted JSON, for the `settings` column."""
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
@@ -127,25 +137,27 @@ def _mean_se(values: list[float]) -> tuple[float, float, int]:
 
 
 def relative_table(rows: list[dict]) -> dict:
-    """{(method, episodic, lr): {"blocks": [...], "shifts": [..., "mean"], "none": {shift: stat},
-    "rel": {(shift, blocks): stat}}}: accuracy minus the no-adaptation accuracy on the
-    same stream (same shift, seed and images), paired by seed; "mean" averages each
-    seed's differences over the shifts that have them all. stat = (mean, se, seeds)."""
+    """{(method, episodic, lr, images): {"blocks": [...], "shifts": [..., "mean"],
+    "none": {shift: stat}, "rel": {(shift, blocks): stat}}}: accuracy minus the
+    no-adaptation accuracy on the same stream (same shift, seed and length), paired by
+    seed; "mean" averages each seed's differences over the shifts that have them all.
+    stat = (mean, se, seeds). Streams of different lengths never share a table: a
+    200-image and a 900-image stream are different measurements, not two seeds."""
     out = {}
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["method"], r["episodic"], r["lr"])].append(r)
+        groups[(r["method"], r["episodic"], r["lr"], r["images"])].append(r)
     for key, group in sorted(groups.items()):
-        acc = {(r["shift"], r["blocks"], r["seed"], r["images"]): r["test_acc"] for r in group}
+        acc = {(r["shift"], r["blocks"], r["seed"]): r["test_acc"] for r in group}
         blocks = list(dict.fromkeys(r["blocks"] for r in group if r["blocks"] != "none"))
         shifts = sorted({r["shift"] for r in group})
         diffs = defaultdict(dict)  # (shift, blocks) -> {seed: diff}
-        for (shift, b, seed, n), value in acc.items():
-            base = acc.get((shift, "none", seed, n))
+        for (shift, b, seed), value in acc.items():
+            base = acc.get((shift, "none", seed))
             if b != "none" and base is not None:
                 diffs[(shift, b)][seed] = value - base
         rel = {k: _mean_se(list(v.values())) for k, v in diffs.items()}
-        none = {s: _mean_se([v for (sh, b, _, _), v in acc.items() if sh == s and b == "none"])
+        none = {s: _mean_se([v for (sh, b, _), v in acc.items() if sh == s and b == "none"])
                 for s in shifts}
         if len(shifts) > 1:
             for b in blocks:
@@ -160,7 +172,7 @@ def relative_table(rows: list[dict]) -> dict:
 
 def _per_seed_none(acc: dict, shifts: list[str]) -> list[list[float]]:
     by_seed = defaultdict(dict)
-    for (shift, b, seed, _), v in acc.items():
+    for (shift, b, seed), v in acc.items():
         if b == "none":
             by_seed[seed][shift] = v
     return [[d[s] for s in shifts] for d in by_seed.values() if all(s in d for s in shifts)]
@@ -174,33 +186,41 @@ def _fmt(stat, signed=False) -> str:
     return text + (f" ± {100 * se:.1f}" if not math.isnan(se) else "")
 
 
+def _best(stats: dict) -> str:
+    """The block with the largest gain; "none" when no block beats no adaptation."""
+    done = [b for b, s in stats.items() if s[2] > 0]
+    if not done:
+        return "-"
+    best = max(done, key=lambda b: stats[b][0])
+    return best if stats[best][0] > 0 else "none"
+
+
 def markdown_table(rows: list[dict]) -> str:
     tables = relative_table(rows)
     lines = []
-    for (method, episodic, lr), t in tables.items():
+    for (method, episodic, lr, images), t in tables.items():
         mode = "episodic" if episodic else "online"
-        images = sorted({r["images"] for r in rows if r["method"] == method and r["episodic"] == episodic})
-        lines += [f"### {method.upper()}, {mode}, lr {lr:g} ({'/'.join(map(str, images))} images "
-                  "per stream): "
+        lines += [f"### {method.upper()}, {mode}, lr {lr:g} ({images} images per stream): "
                   "test accuracy relative to no adaptation (points)", "",
                   "| shift | none (%) | " + " | ".join(t["blocks"]) + " | best |",
                   "|---|---|" + "---|" * (len(t["blocks"]) + 1)]
         for shift in t["shifts"]:
             stats = {b: t["rel"].get((shift, b), (math.nan, math.nan, 0)) for b in t["blocks"]}
-            done = [b for b in t["blocks"] if stats[b][2] > 0]
-            best = max(done, key=lambda b: stats[b][0]) if done else "-"
+            best = _best(stats)
             cells = [_fmt(stats[b], signed=True) for b in t["blocks"]]
             label = f"**{shift}**" if shift == "mean" else shift
             lines.append(f"| {label} | {_fmt(t['none'].get(shift, (math.nan, math.nan, 0)))} | "
                          + " | ".join(cells) + f" | {best} |")
         lines.append("")
     lines.append("Mean ± standard error over seeds of (accuracy with adaptation restricted to "
-                 "the block) - (accuracy of the unadapted source model on the same stream).")
+                 "the block) - (accuracy of the unadapted source model on the same stream). "
+                 "best: the block with the largest mean gain; none when no block beats no "
+                 "adaptation.")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path_stem: Path) -> list[Path]:
-    """One panel per (method, mode, lr): bars per block of accuracy relative to no
+    """One panel per (method, mode, lr, stream length): bars per block of accuracy relative to no
     adaptation, averaged over shifts (the table's mean row), with standard errors."""
     import matplotlib
     matplotlib.use("Agg")
@@ -210,7 +230,7 @@ def plot(rows: list[dict], path_stem: Path) -> list[Path]:
     if not tables:
         return []
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.2), squeeze=False)
-    for ax, ((method, episodic, lr), t) in zip(axes.flat, tables.items()):
+    for ax, ((method, episodic, lr, images), t) in zip(axes.flat, tables.items()):
         shift = "mean" if "mean" in t["shifts"] else t["shifts"][0]
         stats = [t["rel"].get((shift, b), (math.nan, math.nan, 0)) for b in t["blocks"]]
         means = [100 * s[0] for s in stats]
@@ -218,7 +238,7 @@ def plot(rows: list[dict], path_stem: Path) -> list[Path]:
         ax.bar(range(len(stats)), means, yerr=errs, color="tab:blue", capsize=2)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(stats)), t["blocks"], rotation=45, ha="right", fontsize=8)
-        title = f"{method.upper()} {'episodic' if episodic else 'online'}, lr {lr:g}"
+        title = f"{method.upper()} {'episodic' if episodic else 'online'}, lr {lr:g}, {images} img"
         ax.set_title(title + ("" if shift == "mean" else f" ({shift})"), fontsize=9)
         ax.set_ylabel("points vs no adaptation", fontsize=8)
     fig.suptitle("online adaptation restricted to one block: accuracy relative to none",

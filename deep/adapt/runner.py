@@ -61,6 +61,8 @@ def memo_augmenter(protocol: AdaptProtocol) -> MemoAugmenter:
 
 def stream_order(n: int, seed: int, images: int) -> torch.Tensor:
     """The first `images` (0: all) of a permutation of range(n) drawn from `seed`."""
+    if images < 0:  # order[:-k] would keep all but the last k: never what was meant
+        raise ConfigError(f"images must be >= 0 (0 = all {n}), got {images}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     return order[:images] if images else order
 

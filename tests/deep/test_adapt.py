@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,8 +15,8 @@ from deep.adapt import (MemoConfig, TentConfig, adapted_parameter_names, make_ad
 from deep.adapt.protocol import AdaptProtocol, load_adapt_protocol
 from deep.adapt.results import is_adapt_results, read_adapt_results, relative_table
 from deep.adapt.runner import adapt_stream, run_adaptation, stream_order
-from deep.augment_memo import (GREY, MemoAugmenter, equalize, posterize, rotate, solarize,
-                               translate_x)
+from deep.augment_memo import (GREY, MemoAugmenter, autocontrast, equalize, posterize, rotate,
+                               solarize, translate_x)
 from deep.blocks import blocks_for
 from deep.models import build_model
 
@@ -268,6 +269,55 @@ def test_tent_on_the_first_block_undoes_an_input_shift_on_a_toy_problem():
     assert none < 0.75 and first - none > 0.2, (none, first)
 
 
+def _spurious_data(n, generator, spurious=1.0):
+    """Channel 0 carries a weak class signal, channel 2 a strong one that `spurious`
+    scales (source 1; the target flips and halves it)."""
+    y = torch.randint(2, (n,), generator=generator)
+    sign = 2.0 * (2 * y - 1)
+    x = torch.randn(n, 4, generator=generator)
+    x[:, 0] += 0.6 * sign
+    x[:, 2] += 1.5 * spurious * sign
+    return x.view(n, 4, 1, 1), y
+
+
+def _redraw_channel_2(image, copies, generator):
+    """A toy MEMO augmentation: copies of the image with channel 2 redrawn (scale 3)."""
+    out = image.expand(copies, *image.shape).clone()
+    out[:, 2] = 3.0 * torch.randn(copies, *image.shape[1:], generator=generator)
+    return out
+
+
+def test_online_memo_on_the_first_block_learns_the_invariance_its_augmentations_teach():
+    """Source: the model leans on channel 2, which agrees with the class. Target: channel
+    2 points the other way (half as strong), so the source model is mostly wrong. MEMO's
+    copies redraw channel 2: their marginal prediction is confident only if channel 2 is
+    ignored, so minimising its entropy online moves the first block off channel 2."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = _Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(150):
+        x, y = _spurious_data(128, g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    x, y = _spurious_data(400, g, spurious=-0.5)
+    blocks = {"first": ("conv", "bn"), "last": ("fc",)}
+
+    def accuracy(option):
+        adapter = make_adapter(copy.deepcopy(model), "memo", option, blocks,
+                               MemoConfig(copies=8, lr=0.2), False, _redraw_channel_2,
+                               torch.Generator().manual_seed(1))
+        return run_stream(adapter, x, y, torch.arange(400)).float().mean().item()
+
+    clean = _spurious_data(400, g)
+    assert (model(clean[0]).argmax(1) == clean[1]).float().mean() > 0.9   # a good source model
+    none, first = accuracy("none"), accuracy("first")
+    assert none < 0.4 and first - none > 0.3, (none, first)
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 def test_unknown_block_is_a_clear_error(small_model):
@@ -336,6 +386,25 @@ def test_histogram_operations():
     assert torch.equal(equalize(tiny), tiny)
 
 
+def test_autocontrast_rounds_to_8_bits_as_pil():
+    """PIL's table truncates level * scale + offset: with levels 44..235 the top level
+    maps to int(254.99999999999997) = 254, not 255; the levels stay 8-bit."""
+    ramp = torch.arange(44, 236).float().view(1, 1, -1) / 255
+    levels = autocontrast(ramp) * 255
+    assert torch.equal(levels, levels.round()) and levels.max().item() == 254
+    assert levels.min().item() == 0
+    flat = torch.full((1, 3, 3), 0.5)
+    assert torch.allclose(autocontrast(flat), torch.full_like(flat, 128 / 255))
+    pil = pytest.importorskip("PIL.ImageOps")
+    from PIL import Image
+    for lo in (0, 1, 44, 100, 254):
+        for hi in range(lo, 256, 3):
+            q = torch.arange(lo, hi + 1, dtype=torch.uint8).view(1, 1, -1)
+            ours = (autocontrast(q.float() / 255) * 255).round().to(torch.uint8)
+            theirs = torch.from_numpy(np.array(pil.autocontrast(Image.fromarray(q[0].numpy()))))
+            assert torch.equal(ours[0], theirs), (lo, hi)
+
+
 def test_geometric_operations_fill_with_grey_and_zero_is_identity():
     x = torch.rand(2, 10, 10, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(rotate(x, 0), x, atol=1e-6)
@@ -368,7 +437,8 @@ def test_run_resumes_and_refuses_other_settings(tmp_path, one_thread):
     with pytest.raises(ValueError, match="other settings"):
         run_adaptation(_tiny_protocol(tent={"batch_size": 2}), out, progress=False)
     table = relative_table(rows)
-    assert set(table) == {("tent", False, 0.001), ("memo", False, 0.01), ("memo", False, 0.001)}
+    assert set(table) == {("tent", False, 0.001, 6), ("memo", False, 0.01, 6),
+                          ("memo", False, 0.001, 6)}                # (method, episodic, lr, images)
 
 
 def test_protocol_files_load_with_the_methods_defaults():

@@ -1,0 +1,167 @@
+"""The adaptation results file and its summary, and what `python -m deep adapt` checks
+before any stream runs (deep.adapt.results, deep.adapt.protocol, deep.adapt.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import pytest
+import torch
+
+from deep.__main__ import main
+from deep.adapt.cli import QUICK_BLOCKS, QUICK_IMAGES, add_arguments
+from deep.adapt.protocol import AdaptProtocol
+from deep.adapt.results import AdaptResults, markdown_table, read_adapt_results, relative_table
+from deep.adapt.runner import run_adaptation, stream_order
+from deep.checkpoints import save_checkpoint
+from deep.errors import ConfigError, ResultsError
+from deep.models import build_model
+from deep.results import same_checkpoint
+
+ARCH = "resnet26-w4"
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:checkpoint 'none'")]
+
+
+def _protocol(**kw) -> AdaptProtocol:
+    fields = dict(benchmark="synthetic", arch=ARCH, shifts=["noise"], methods=["memo", "tent"],
+                  blocks=["none", "first"], seeds=[0], images=6, test_per_class=3,
+                  checkpoint="none", memo={"copies": 2, "lr": 0.01}, tent={"batch_size": 3})
+    return AdaptProtocol(**{**fields, **kw})
+
+
+def _row(images, blocks, acc, lr=0.0005, seed=0, shift="fog"):
+    return {"benchmark": "fmnist-c", "shift": shift, "method": "memo", "blocks": blocks,
+            "seed": seed, "episodic": False, "images": images, "lr": lr, "test_acc": acc,
+            "adapted_params": 0, "total_params": 10, "seconds": 1.0, "arch": "resnet26",
+            "checkpoint": "w.pt", "test_per_class": 90, "settings": "{}"}
+
+
+# --- the summary keeps stream lengths apart ---------------------------------------------------
+
+def test_streams_of_two_lengths_get_a_table_each(tmp_path):
+    """One seed, one shift, two stream lengths: 200 images (+10 points) and 900 (-10).
+    Pooled, the 900-image difference overwrote the 200-image one and `none` read
+    60 ± 10 "over seeds" with only one seed."""
+    results = AdaptResults(tmp_path / "r.csv")
+    for row in (_row(200, "none", 0.5), _row(200, "first", 0.6),
+                _row(900, "none", 0.7), _row(900, "first", 0.6)):
+        results.append(row)
+    rows = read_adapt_results(tmp_path / "r.csv")
+    table = relative_table(rows)
+    assert set(table) == {("memo", False, 0.0005, 200), ("memo", False, 0.0005, 900)}
+    short, full = table[("memo", False, 0.0005, 200)], table[("memo", False, 0.0005, 900)]
+    assert short["rel"][("fog", "first")][:1] == pytest.approx((0.1,))
+    assert full["rel"][("fog", "first")][:1] == pytest.approx((-0.1,))
+    assert short["none"]["fog"][0] == pytest.approx(0.5) and short["none"]["fog"][2] == 1
+    assert full["none"]["fog"][0] == pytest.approx(0.7) and full["none"]["fog"][2] == 1
+    text = markdown_table(rows)
+    assert "lr 0.0005 (200 images per stream)" in text
+    assert "lr 0.0005 (900 images per stream)" in text
+    assert "| fog | 50.0 | +10.0 | first |" in text
+    assert "| fog | 70.0 | -10.0 | none |" in text       # nothing beats no adaptation: best none
+
+
+def test_each_table_names_only_its_own_stream_length():
+    rows = [_row(200, "none", 0.5, lr=0.005), _row(200, "first", 0.4, lr=0.005),
+            _row(900, "none", 0.5), _row(900, "first", 0.55)]
+    text = markdown_table(rows)
+    assert "lr 0.005 (200 images per stream)" in text
+    assert "lr 0.0005 (900 images per stream)" in text
+    assert "200/900" not in text
+
+
+def test_best_is_none_when_no_block_beats_no_adaptation():
+    rows = [_row(200, "none", 0.5), _row(200, "first", 0.4), _row(200, "last", 0.5)]
+    assert "| fog | 50.0 | -10.0 | +0.0 | none |" in markdown_table(rows)
+    rows += [_row(200, "all", 0.52)]
+    assert "| fog | 50.0 | -10.0 | +0.0 | +2.0 | all |" in markdown_table(rows)
+
+
+# --- the source model is compared by file name -------------------------------------------------
+
+def _checkpoint(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    return save_checkpoint(path, build_model(ARCH, num_classes=4, in_channels=3), ARCH, 4, 3)
+
+
+def test_committed_results_resume_from_another_checkout(tmp_path):
+    """The CSV records the checkpoint's path; the same file name at another path (another
+    checkout, another machine) is the same source model, another file name is not."""
+    here = _checkpoint(tmp_path / "main" / "weights" / "src.pt")
+    out = tmp_path / "adapt.csv"
+    first = run_adaptation(_protocol(checkpoint=str(here)), out, progress=False)
+    assert first.ran == 4
+    there = tmp_path / "elsewhere" / "weights" / "src.pt"
+    there.parent.mkdir(parents=True)
+    shutil.copy(here, there)
+    again = run_adaptation(_protocol(checkpoint=str(there)), out, progress=False)
+    assert (again.ran, again.skipped) == (0, 4)
+    other = there.with_name("other.pt")
+    shutil.copy(here, other)
+    with pytest.raises(ResultsError, match="other settings.*checkpoint"):
+        run_adaptation(_protocol(checkpoint=str(other)), out, progress=False)
+
+
+def test_same_checkpoint_compares_file_names():
+    assert same_checkpoint("/work/main/deep/weights/a.pt", "/tmp/x/a.pt")
+    assert same_checkpoint("none", "none")
+    assert not same_checkpoint("/work/main/deep/weights/a.pt", "/work/main/deep/weights/b.pt")
+
+
+# --- stream lengths are checked where the protocol is built ----------------------------------
+
+@pytest.mark.parametrize("fields", [dict(images=-3), dict(memo={"copies": 2, "images": -1}),
+                                    dict(tent={"batch_size": 3, "images": -200}),
+                                    dict(images=2.5)])
+def test_a_negative_or_fractional_stream_length_is_a_clear_error(fields):
+    with pytest.raises(ConfigError, match="whole number >= 0"):
+        _protocol(**fields)
+
+
+def test_stream_order_refuses_a_negative_length():
+    with pytest.raises(ConfigError, match=">= 0"):
+        stream_order(10, 0, -2)      # order[:-2] would keep 8 of 10
+    assert len(stream_order(10, 0, 0)) == 10 and len(stream_order(10, 0, 3)) == 3
+
+
+def test_a_one_image_tent_stream_fails_before_any_stream_runs(tmp_path):
+    """MEMO runs first: the TENT error used to come after MEMO's streams were written."""
+    out = tmp_path / "adapt.csv"
+    with pytest.raises(ConfigError, match="TENT needs streams of at least 2 images"):
+        run_adaptation(_protocol(images=1), out, progress=False)
+    assert not out.exists()
+    # Without TENT a one-image stream is fine (the CLI's --images reaches both tables).
+    assert run_adaptation(_protocol(images=1, methods=["memo"]), out, progress=False).ran == 2
+
+
+def test_the_cli_checks_images_before_loading_anything(tmp_path, capsys):
+    out = tmp_path / "r.csv"
+    base = ["adapt", "--benchmark", "fmnist-c", "--out", str(out), "--no-progress"]
+    assert main(base + ["--images", "-5"]) == 2
+    assert "whole number >= 0" in capsys.readouterr().err
+    assert main(base + ["--images", "1", "--method", "memo,tent"]) == 2
+    assert "TENT needs streams of at least 2 images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --- --threads and --quick -----------------------------------------------------------------------
+
+def _parser():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def test_one_thread_by_default_and_a_readable_quick_help():
+    args = _parser().parse_args(["--benchmark", "fmnist-c", "--out", "r.csv"])
+    assert args.threads == 1
+    quick, = [a for a in _parser()._actions if "--quick" in a.option_strings]
+    text = quick.help
+    assert "{" not in text and "[" not in text                        # no raw dicts or lists
+    for method in QUICK_IMAGES:
+        assert f"{method.upper()} on the first {QUICK_IMAGES[method]} images" in text
+        assert ",".join(QUICK_BLOCKS[method]) in text
+    assert "once per learning rate" in text and "0.005 and 0.0005" in text
