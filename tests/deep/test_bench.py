@@ -48,9 +48,44 @@ def test_markdown_table_names_the_best_block_and_compares_with_the_pattern():
             rows.append(_row("fmnist-breeds", "subpopulation", method, seed, acc + 0.01 * seed))
     text, verdicts = markdown_table(rows, 1000)
     assert "| fmnist-breeds (feature) |" in text and "| second |" in text
-    (label, kind, expected, best, beats_all, rel), = verdicts
-    assert (kind, expected, best, beats_all) == ("feature", "second", "second", True)
-    assert rel[0] == pytest.approx(0.05)
+    (label, kind, expected, best, beats_all, rel, runner_up, margin), = verdicts
+    assert (kind, expected, best, beats_all, runner_up) == ("feature", "second", "second", True,
+                                                            "first")
+    assert rel[0] == pytest.approx(0.05) and margin[0] == pytest.approx(0.1)
+
+
+def test_a_block_is_called_best_only_when_it_is_ahead_of_the_next_one():
+    """Highest mean but the 95 % interval against the runner-up includes 0: 'highest
+    mean', not 'best block' nor 'as the paper's pattern predicts'."""
+    from deep.bench import verdict_lines
+    rows = []
+    for seed, (first, second) in enumerate([(0.71, 0.70), (0.70, 0.71), (0.72, 0.70)]):
+        for method, acc in [("first", first), ("second", second), ("third", 0.5),
+                            ("last", 0.4), ("all", 0.69)]:
+            rows.append(_row("fmnist-c", "fog", method, seed, acc))
+    _, verdicts = markdown_table(rows, 1000)
+    line, = verdict_lines(verdicts)
+    assert "highest mean **first**" in line and "vs second" in line
+    assert "not separated from second" in line and "as the paper's pattern predicts" not in line
+    # clearly ahead in every seed: called best, as predicted
+    rows = [r if r["method"] != "second" else {**r, "test_acc": r["test_acc"] - 0.05} for r in rows]
+    line, = verdict_lines(markdown_table(rows, 1000)[1])
+    assert "best block **first**" in line and "as the paper's pattern predicts" in line
+
+
+def test_average_ranks_use_seed_0_for_every_method():
+    """A 5-seed mean against single runs compares unequal things: ranks use seed 0."""
+    rows = []
+    for seed in range(3):
+        for method, acc in [("first", 0.6), ("all", 0.9 if seed else 0.5), ("lp-ft", 0.7),
+                            ("second", 0.5), ("third", 0.5), ("last", 0.5)]:
+            if method == "lp-ft" and seed:
+                continue
+            rows.append(_row("fmnist-flip", "flip", method, seed, acc))
+    text, _ = markdown_table(rows, 1000)
+    ranks_line = text.split("on seed 0")[1].split("\n")
+    header = next(l for l in ranks_line if l.startswith("| ") and "lp-ft" in l)
+    assert header.split("|")[1].strip() == "lp-ft"  # 0.7 beats all's seed-0 0.5 (mean 0.77)
 
 
 def test_the_full_suite_reuses_the_main_tables_cells_for_its_n_target():

@@ -32,12 +32,12 @@ def test_a_verdict_needs_the_interval_above_zero():
     rows = []
     for seed, diff in enumerate([0.02, 0.04, 0.06]):  # interval [-1.0, +9.0]: not a win
         rows += [_row("all", seed, 0.80), _row("second", seed, 0.80 + diff)]
-    (_, _, _, best, beats_all, _), = markdown_table(rows, 1000)[1]
+    (_, _, _, best, beats_all, *_), = markdown_table(rows, 1000)[1]
     assert (best, beats_all) == ("second", False)
     rows = []
     for seed, diff in enumerate([0.04, 0.05, 0.06]):  # [+1.5, +8.5]
         rows += [_row("all", seed, 0.80), _row("second", seed, 0.80 + diff)]
-    (_, _, _, best, beats_all, _), = markdown_table(rows, 1000)[1]
+    (_, _, _, best, beats_all, *_), = markdown_table(rows, 1000)[1]
     assert (best, beats_all) == ("second", True)
 
 
