@@ -240,21 +240,26 @@ def _toy_data(n, generator, offset=0.0):
     return x.view(n, 4, 1, 1), y
 
 
+def _train_toy(draw, steps: int = 150) -> nn.Module:
+    """The toy source model: Adam on `draw(128)` batches, seeded; returned in eval mode."""
+    torch.manual_seed(0)
+    model = _Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(steps):
+        x, y = draw(128)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
 def test_tent_on_the_first_block_undoes_an_input_shift_on_a_toy_problem():
     """Source: two Gaussian classes. Target: the same, moved along the class direction by
     +4 (twice the class separation): the source model calls almost everything class 1;
     TENT's batch statistics in the first block re-centre the features."""
-    torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = _Toy()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(150):
-        x, y = _toy_data(128, g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    model = _train_toy(lambda n: _toy_data(n, g))
     x, y = _toy_data(600, g, offset=4.0)
     blocks = {"first": ("conv", "bn"), "last": ("fc",)}
 
@@ -292,17 +297,8 @@ def test_online_memo_on_the_first_block_learns_the_invariance_its_augmentations_
     2 points the other way (half as strong), so the source model is mostly wrong. MEMO's
     copies redraw channel 2: their marginal prediction is confident only if channel 2 is
     ignored, so minimising its entropy online moves the first block off channel 2."""
-    torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = _Toy()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(150):
-        x, y = _spurious_data(128, g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    model = _train_toy(lambda n: _spurious_data(n, g))
     x, y = _spurious_data(400, g, spurious=-0.5)
     blocks = {"first": ("conv", "bn"), "last": ("fc",)}
 
