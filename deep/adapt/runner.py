@@ -20,6 +20,7 @@ from ..augment_memo import MemoAugmenter
 from ..blocks import blocks_for
 from ..checkpoints import load_model
 from ..data import get_benchmark
+from ..data.base import mean_std
 from ..errors import ConfigError
 from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
 from ..sweep import resolve_checkpoint
@@ -41,16 +42,12 @@ def stream_normalisation(protocol: AdaptProtocol) -> tuple[tuple, tuple]:
     loaded with: their `normalization` when they have one, else the loader's default.
     MEMO needs it to go back to pixels in [0, 1] and to return copies like the stream."""
     given = stream_loader_options(protocol).get(NORMALIZATION_OPTION)
-    if given is not None:
-        mean, std = given
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     bench = get_benchmark(protocol.benchmark)
-    if bench.normalization is None:
+    if given is None and bench.normalization is None:
         raise ConfigError(f"MEMO needs the (mean, std) the {bench.name} loader normalises "
                           "pixels with, to augment pixels in [0, 1]: give its Benchmark a "
                           "`normalization` (deep.data.base)")
-    mean, std = bench.normalization
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return mean_std(given, bench.normalization, bench.in_channels)
 
 
 def memo_augmenter(protocol: AdaptProtocol) -> MemoAugmenter:
