@@ -34,8 +34,8 @@ from .files import atomic_write_bytes
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, load_protocol
 from .ray_backend import add_backend_arguments, executor_from_args, session_for
-from .report import (METHOD_ORDER, bar_panel, format_stat, mean_se, save_figure,
-                     select_learning_rates)
+from .report import (METHOD_ORDER, bar_panel, format_stat, mean_se, metric_values,
+                     paired_difference, save_figure, select_learning_rates)
 from .report import summarize as summarize_tables
 from .sweep import read_results, run_sweep
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves, t_interval
@@ -188,18 +188,10 @@ def row_stats(selected: list[dict], benchmark: str, shifts: list[str], metric: s
             for m in table["methods"]}
 
 
-def paired_difference(selected: list[dict], benchmark: str, shifts: list[str], metric: str,
-                      n_target: int, a: str, b: str) -> tuple[float, float, int]:
-    """(mean, se, n) over the seeds both ran of method a minus method b, each seed's
-    metric averaged over `shifts` (a seed counts only if both ran every shift)."""
-    per = defaultdict(dict)
-    for r in selected:
-        if (r["benchmark"] == benchmark and r["n_target"] == n_target and r["shift"] in shifts
-                and r["method"] in (a, b) and r[metric] is not None):
-            per[(r["method"], r["seed"])][r["shift"]] = r[metric]
-    seeds = sorted({s for (_, s) in per if all(len(per[(m, s)]) == len(shifts) for m in (a, b))})
-    return mean_se([np.mean(list(per[(a, s)].values())) - np.mean(list(per[(b, s)].values()))
-                    for s in seeds])
+def blocks_by_mean(stats: dict[str, dict]) -> list[str]:
+    """The single blocks of a row that ran, highest mean accuracy first."""
+    blocks = [m for m in TABLE_BLOCKS if m in stats and stats[m]["abs"][2] > 0]
+    return sorted(blocks, key=lambda m: -stats[m]["abs"][0])
 
 
 def ranks(per_row: list[dict[str, dict]], methods: tuple[str, ...]) -> dict[str, float]:
@@ -227,8 +219,8 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
     rule = "|---|" + "---|" * (len(methods) + 1)
 
     def block_line(stats, label, kind):
-        blocks = [m for m in TABLE_BLOCKS if m in stats and stats[m]["abs"][2] > 0]
-        best = max(blocks, key=lambda m: stats[m]["abs"][0]) if blocks else "-"
+        ranked = blocks_by_mean(stats)
+        best = ranked[0] if ranked else "-"
         cells = ["-" if m not in stats else format_stat(stats[m]["rel"], signed=True)
                  if m != "all" else format_stat(stats[m]["abs"]) for m in methods]
         return f"| {label} ({kind}) | " + " | ".join(cells) + f" | {best} |", best
@@ -241,11 +233,13 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
         expected = EXPECTED.get(benchmark) or shifts[0]
         # "beats": the 95 % t interval of the paired difference lies above 0
         beats_all = best != "-" and _lower(t_interval(stats[best]["rel"])) > 0
-        runner_up = max((m for m in TABLE_BLOCKS if m in stats and m != best
-                         and stats[m]["abs"][2] > 0), key=lambda m: stats[m]["abs"][0],
-                        default=None)
-        margin = (paired_difference(selected, benchmark, shifts, "test_acc", n_target, best,
-                                    runner_up) if runner_up else None)
+        runner_up = (blocks_by_mean(stats)[1:] or [None])[0]
+        margin = None
+        if runner_up:
+            values = metric_values([r for r in selected if r["benchmark"] == benchmark
+                                    and r["n_target"] == n_target], "test_acc")
+            seeds = sorted({d for _, _, d in values})
+            margin = paired_difference(values, shifts, seeds, best, runner_up)
         verdicts.append((label, KIND[benchmark], expected, best, beats_all,
                          stats[best]["rel"] if best != "-" else None, runner_up, margin))
     spurious = [(label, b, s) for label, b, s in rows if b == "fmnist-spurious"]

@@ -69,6 +69,22 @@ def mean_se(values: list[float]) -> tuple[float, float, int]:
     return float(a.mean()), float(se), len(a)
 
 
+def metric_values(rows: list[dict], metric: str) -> dict[tuple, float]:
+    """{(shift, method, seed): value} of the rows that have `metric`."""
+    return {(r["shift"], r["method"], r["seed"]): r[metric] for r in rows
+            if r.get(metric) is not None}
+
+
+def paired_difference(values: dict[tuple, float], shifts: list[str], seeds: list[int],
+                      method: str, baseline: str = "all") -> tuple[float, float, int]:
+    """(mean, se, n) over seeds of metric(method) - metric(baseline), each seed's
+    differences averaged over `shifts`; a seed counts only where both have every shift.
+    `values` as `metric_values` gives them."""
+    return mean_se([np.mean([values[(s, method, d)] - values[(s, baseline, d)] for s in shifts])
+                    for d in seeds
+                    if all((s, m, d) in values for s in shifts for m in (method, baseline))])
+
+
 def summarize(selected: list[dict], metric: str) -> dict:
     """{(benchmark, n_target): {"shifts": [...], "methods": [...],
         "abs": {(shift, method): (mean, se, n)}, "rel": {(shift, method): (mean, se, n)}}}.
@@ -79,8 +95,7 @@ def summarize(selected: list[dict], metric: str) -> dict:
     for row in selected:
         by_table[(row["benchmark"], row["n_target"])].append(row)
     for key, rows in sorted(by_table.items()):
-        values = {(r["shift"], r["method"], r["seed"]): r[metric] for r in rows
-                  if r.get(metric) is not None}
+        values = metric_values(rows, metric)
         shifts = sorted({s for s, _, _ in values})
         methods = sorted({m for _, m, _ in values}, key=_method_key)
         seeds = sorted({d for _, _, d in values})
@@ -89,17 +104,12 @@ def summarize(selected: list[dict], metric: str) -> dict:
             for shift in shifts:
                 vals = [values[(shift, method, d)] for d in seeds if (shift, method, d) in values]
                 abs_[(shift, method)] = mean_se(vals)
-                diffs = [values[(shift, method, d)] - values[(shift, "all", d)] for d in seeds
-                         if (shift, method, d) in values and (shift, "all", d) in values]
-                rel[(shift, method)] = mean_se(diffs)
+                rel[(shift, method)] = paired_difference(values, [shift], seeds, method)
             if len(shifts) > 1:  # per seed, average over shifts that have every value
                 per_seed = [np.mean([values[(s, method, d)] for s in shifts]) for d in seeds
                             if all((s, method, d) in values for s in shifts)]
                 abs_[("mean", method)] = mean_se(per_seed)
-                per_seed = [np.mean([values[(s, method, d)] - values[(s, "all", d)] for s in shifts])
-                            for d in seeds
-                            if all((s, m, d) in values for s in shifts for m in (method, "all"))]
-                rel[("mean", method)] = mean_se(per_seed)
+                rel[("mean", method)] = paired_difference(values, shifts, seeds, method)
         if len(shifts) > 1:
             shifts = shifts + ["mean"]
         tables[key] = {"shifts": shifts, "methods": methods, "abs": abs_, "rel": rel}
