@@ -37,6 +37,7 @@ SEVERITIES = 5
 # CIFAR-10 training-set channel statistics; source and target share them.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+NORMALIZATION = (CIFAR10_MEAN, CIFAR10_STD)  # the loaders' default; each benchmark declares it
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
@@ -115,7 +116,7 @@ def read_cifar10c(data_dir, corruption: str, severity: int = 5) -> tuple[np.ndar
 def _tensor_splits(images: np.ndarray, labels: torch.Tensor, indices, name: str,
                    normalization: Normalization | None = None):
     """Only the chosen rows are read from (possibly memory-mapped) `images`."""
-    mean, std = mean_std(normalization, (CIFAR10_MEAN, CIFAR10_STD))
+    mean, std = mean_std(normalization, NORMALIZATION)
     splits = []
     for split_name, idx in zip(("train", "val", "test"), indices):
         x = to_float_images(np.asarray(images[idx.numpy()]), mean, std)
@@ -207,7 +208,7 @@ def load_cifar10_source(data_dir, severity: int = 5,
     `severity` is CIFAR-10-C's option, accepted (and unused: source images are clean) so
     that a protocol's [data] table can be passed to load_task and load_source alike.
     """
-    mean, std = mean_std(normalization, (CIFAR10_MEAN, CIFAR10_STD))
+    mean, std = mean_std(normalization, NORMALIZATION)
     splits = []
     for train in (True, False):
         images, labels = read_cifar10(data_dir, train)
@@ -235,16 +236,16 @@ BENCHMARKS = {
         name="cifar10c", shifts=CORRUPTIONS + EXTRA_CORRUPTIONS, num_classes=NUM_CLASSES,
         in_channels=3, layout=LAYOUT_C + "\nsource data (pretraining): " + LAYOUT_BATCHES,
         load_task=load_cifar10c, load_source=load_cifar10_source,
-        normalization=(CIFAR10_MEAN, CIFAR10_STD)),
+        normalization=NORMALIZATION),
     "cifar-flip": Benchmark(
         name="cifar-flip", shifts=("flip",), num_classes=NUM_CLASSES, in_channels=3,
         layout=LAYOUT_BATCHES, load_task=load_cifar_flip, load_source=load_cifar10_source,
-        normalization=(CIFAR10_MEAN, CIFAR10_STD)),
+        normalization=NORMALIZATION),
     # The same data as the public code runs it (its corruption list; protocol
     # cifar10c-official): a name of its own keeps its results apart from cifar10c's.
     "cifar10c-official": Benchmark(
         name="cifar10c-official", shifts=PUBLIC_CODE_CORRUPTIONS, num_classes=NUM_CLASSES,
         in_channels=3, layout=LAYOUT_C + "\nsource data (pretraining): " + LAYOUT_BATCHES,
         load_task=load_cifar10c, load_source=load_cifar10_source,
-        normalization=(CIFAR10_MEAN, CIFAR10_STD)),
+        normalization=NORMALIZATION),
 }

@@ -51,6 +51,8 @@ from .images import ImageTransform, find_dir, require_file
 SHIFTS = ("ood-test", "ood-val")
 CAMELYON_VERSION = "1.0"
 FMOW_VERSION = "1.1"
+# The loaders' default (CLIP's), which each benchmark declares as its own.
+NORMALIZATION = (CLIP_MEAN, CLIP_STD)
 CAMELYON_COLUMNS = ("patient", "node", "x_coord", "y_coord", "tumor", "slide", "center",
                     "split")
 FMOW_COLUMNS = ("split", "category", "country_code", "timestamp")
@@ -312,7 +314,7 @@ def _load_task(benchmark: str, table: Table, layout: str, num_classes: int, shif
 def _transform(resize: int | None, crop: int,
                normalization: Normalization | None) -> ImageTransform:
     # CLIP's statistics unless the model declares others (deep.normalization)
-    mean, std = mean_std(normalization, (CLIP_MEAN, CLIP_STD))
+    mean, std = mean_std(normalization, NORMALIZATION)
     return ImageTransform(resize=resize, crop=crop, mean=mean, std=std)
 
 
@@ -369,9 +371,9 @@ BENCHMARKS = {
     "camelyon17": Benchmark(name="camelyon17", shifts=SHIFTS, num_classes=2, in_channels=3,
                             layout=CAMELYON_LAYOUT, load_task=load_camelyon17,
                             load_source=load_camelyon17_source, has_groups=False,
-                            normalization=(CLIP_MEAN, CLIP_STD)),
+                            normalization=NORMALIZATION),
     "fmow": Benchmark(name="fmow", shifts=SHIFTS, num_classes=len(FMOW_CATEGORIES),
                       in_channels=3, layout=FMOW_LAYOUT, load_task=load_fmow,
                       load_source=load_fmow_source, has_groups=True,
-                      normalization=(CLIP_MEAN, CLIP_STD)),
+                      normalization=NORMALIZATION),
 }
