@@ -89,10 +89,11 @@ SUITES = {
     # Issue #15's protocol, sized for a 2-core machine with --workers 2 (docs/fmnist.md,
     # "Protocol and why", has each choice with its measured cost). The protocols' own
     # settings (the paper's lr grid, at most 25 epochs, early stopping after 4 without a
-    # better validation accuracy; fmnist-flip 50 and 8, its runs are slower), run in two stages: each (shift, method)'s lr chosen on seed 0 (the grid
-    # extended by up to two decades where that choice is at its edge); blocks and `all`
-    # on 5 seeds, LP-FT and Auto-RGN on seed 0 only (the other baselines left out);
-    # 6 corruptions (2 noise, 1 blur, 1 weather, 2 digital).
+    # better validation accuracy; fmnist-flip 50 and 8, its runs are slower), run in two
+    # stages: each (shift, method)'s lr chosen on seed 0 (the grid extended by up to two
+    # decades where that choice is at its edge); blocks and `all` on 5 seeds, LP-FT and
+    # Auto-RGN on seed 0 only (the other baselines left out); 6 corruptions (2 noise,
+    # 1 blur, 1 weather, 2 digital).
     # Benchmarks in order of cost, so the cheap ones are complete (and committed) first.
     "fmnist": Suite(
         shifts={"fmnist-flip": ["flip"], "fmnist-breeds": ["subpopulation"],

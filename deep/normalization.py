@@ -28,8 +28,9 @@ def loader_options(loader: Callable, benchmark: str, arch: str, options: Mapping
     declares its own input normalisation.
 
     A loader without a `normalization` parameter keeps its own statistics: silently when
-    they are the architecture's (`Benchmark.normalization`), else with a warning. Raises ConfigError when the options
-    already set a normalisation other than the architecture's.
+    they are the architecture's (`Benchmark.normalization`), else with a warning. Raises
+    ConfigError when the options already set a normalisation other than the
+    architecture's.
     """
     own = get_architecture(arch).normalization
     if own is None:

@@ -187,12 +187,13 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
                                **loader_options(bench.load_source, benchmark, arch, options))
     model = pretrain(source, arch, config, trust_checkpoint=trust_checkpoint, device=device)
     acc = evaluate(model, source.test).acc
+    trained_on = next(model.parameters()).device.type
     model.cpu()  # the checkpoint loads on any machine
     seconds = time.perf_counter() - t0
     settings = dataclasses.asdict(config)
     fields = {"benchmark": benchmark, "source": source.benchmark, "arch": arch, **settings,
               "init": str(config.init) if config.init else None, "data": options,
-              "device": resolve_device(device) if device else "cpu",
+              "device": trained_on,
               "source_test_acc": acc, "source_train_images": len(source.train),
               "source_test_images": len(source.test), "seconds": round(seconds, 1),
               "torch": torch.__version__, "config": resolved or {"pretrain": settings},

@@ -455,10 +455,9 @@ class RayExecutor:
             spec = dict(spec, device=task_device(spec.get("device"), gpus))
             slots = concurrent_tasks(cluster, options.cpus_per_task, gpus)
             check_a_node_fits(ray.nodes(), options.cpus_per_task, gpus)
-            if not spec.get("data_dir"):
-                spec["data_dir"] = driver_data_dir(spec["protocol"].benchmark)
-            if spec.get("data_dir"):
-                spec["data_dir"] = os.path.abspath(spec["data_dir"])  # workers start elsewhere
+            data_dir = spec.get("data_dir") or driver_data_dir(spec["protocol"].benchmark)
+            if data_dir:
+                spec["data_dir"] = os.path.abspath(data_dir)  # workers start elsewhere
                 check_data_dir(ray, spec["data_dir"], options.cpus_per_task, gpus)
             # As with local workers: with fewer tasks than slots, tasks are split.
             execute_groups_on_ray(ray, _groups(cells, slots), spec, record,
