@@ -58,6 +58,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
+sys.path.insert(0, str(ROOT))  # the project, uninstalled (deep.files needs only the stdlib)
+
+from deep.files import atomic_write_text, code_commit  # noqa: E402
 METHODS = ("first,second,third,last,all,lp-ft,gradual-first-last,gradual-last-first,"
            "l1sp,auto-rgn,auto-snr")
 METHOD_SWEEP = ["--benchmark", "synthetic", "--shifts", "noise,spurious", "--seeds", "0",
@@ -295,17 +298,8 @@ def environment(device: str) -> str:
     missing = [m for m in DEPENDENCIES if importlib.util.find_spec(m) is None]
     return (f"{now}, device: {name}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}), Ray {ray_version() or 'not installed'}, "
-            f"Python {platform.python_version()}, commit {commit()}"
+            f"Python {platform.python_version()}, commit {code_commit() or 'unknown'}"
             + (f", missing packages: {', '.join(missing)}" if missing else ""))
-
-
-def commit() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() or "unknown"
 
 
 def header(env_line: str, quick: bool) -> list[str]:
@@ -319,12 +313,6 @@ def table_line(row: Row) -> str:
     cells = [row.name, row.status, "" if row.seconds is None else f"{row.seconds:.1f}",
              row.memory, row.measured, f"`{row.command}`" if row.command else ""]
     return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --- the child: one step's process ------------------------------------------------
@@ -439,7 +427,7 @@ def emit(lines: list[str], out: Path | None, row: Row | None = None) -> None:
         lines.append(new[0])
     print("\n".join(new), flush=True)
     if out is not None:
-        write_atomically(out, "\n".join(lines) + "\n")
+        atomic_write_text(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
