@@ -12,7 +12,8 @@ at the top of the file (tests/deep/test_layering.py checks this):
     engine       pretrain -> train (the loop) -> methods, prefix_cache -> blocks,
                  checkpoints, normalization
     foundations  data (the benchmark registry) -> models (the architecture registry)
-    bottom       files (atomic writes, manifests) -> errors, allocator
+    bottom       files (atomic writes, manifests), stats (mean, se, t intervals over seeds)
+                 -> errors, allocator
 
 Data loaders never import the engine; the engine never imports the protocol or the CLI.
 Where to change what: a new architecture registers itself in its own `deep/models/`

@@ -30,15 +30,16 @@ from pathlib import Path
 import numpy as np
 
 from .blocks import blocks_for
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, save_figure
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, load_protocol
 from .ray_backend import add_backend_arguments, executor_from_args, session_for
-from .report import (METHOD_ORDER, bar_panel, format_stat, mean_se, metric_values,
-                     paired_difference, save_figure, select_learning_rates)
+from .report import (METHOD_ORDER, bar_panel, format_stat, metric_values, paired_difference,
+                     select_learning_rates)
 from .report import summarize as summarize_tables
 from .sweep import read_results, run_sweep
-from .convergence import CurvesFile, inside_grid, learning_curves, read_curves, t_interval
+from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
+from .stats import format_interval, lower_bound, mean_se, t_interval
 from .two_stage import drop_superseded, run_two_stage
 
 HELP = "run a whole benchmark suite (the Fashion-MNIST shifts) and write its table and plots"
@@ -233,7 +234,7 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
         lines.append(line)
         expected = EXPECTED.get(benchmark) or shifts[0]
         # "beats": the 95 % t interval of the paired difference lies above 0
-        beats_all = best != "-" and _lower(t_interval(stats[best]["rel"])) > 0
+        beats_all = best != "-" and lower_bound(t_interval(stats[best]["rel"])) > 0
         runner_up = (blocks_by_mean(stats)[1:] or [None])[0]
         margin = None
         if runner_up:
@@ -277,7 +278,7 @@ def verdict_lines(verdicts) -> list[str]:
     for label, kind, expected, best, beats_all, rel, runner_up, margin in verdicts:
         gain = format_interval(t_interval(rel)) if rel else "-"
         # "best" only when the 95 % interval against the next block lies above 0
-        ahead = margin is not None and _lower(t_interval(margin)) > 0
+        ahead = margin is not None and lower_bound(t_interval(margin)) > 0
         versus = (f"{format_interval(t_interval(margin))} points vs {runner_up}, "
                   if margin is not None else "")
         if best == expected:
@@ -290,22 +291,6 @@ def verdict_lines(verdicts) -> list[str]:
                    f"t intervals), {same}; {'it beats' if beats_all else 'it does not beat'} "
                    "full fine-tuning" + ("" if beats_all else " at 95 %") + ".")
     return out
-
-
-def _lower(interval) -> float:
-    mean, half, _ = interval
-    return mean - half if not math.isnan(half) else -math.inf
-
-
-def format_interval(interval, scale=100.0) -> str:
-    """(mean, half-width, n) as "+1.2 [-0.3, +2.7]" in points; "-" when n = 0;
-    the mean alone when there is no interval (one seed)."""
-    mean, half, n = interval
-    if n == 0:
-        return "-"
-    if math.isnan(half):
-        return f"{scale * mean:+.1f}"
-    return f"{scale * mean:+.1f} [{scale * (mean - half):+.1f}, {scale * (mean + half):+.1f}]"
 
 
 def interval_table(selected: list[dict], n_target: int) -> list[str]:

@@ -7,7 +7,6 @@
 - `inside_grid`: per (benchmark, method), the fraction of cells whose validation-chosen
   epoch is not the last allowed one and whose chosen learning rate is not the smallest
   or largest of the grid the cell's method was searched over (issue #15's criteria).
-- `t_interval`: a paired difference's (mean, se, n) as a 95 % t interval over seeds.
 - `learning_curves`: validation accuracy per epoch of each method at its chosen
   learning rate, mean over seeds and shifts, per panel (`deep.bench` plots them).
 """
@@ -16,11 +15,8 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections import defaultdict
 from pathlib import Path
-
-from scipy import stats
 
 from .errors import ResultsError
 from .files import atomic_write_text
@@ -125,15 +121,6 @@ def inside_grid(rows: list[dict], selected: list[dict]) -> dict[tuple, dict]:
         c[2] += min(grid) < float(r["lr"]) < max(grid)
     return {k: {"cells": n, "epoch_inside": e / n, "lr_inside": lr / n}
             for k, (n, e, lr) in counts.items()}
-
-
-def t_interval(stat: tuple[float, float, int], level: float = 0.95) -> tuple[float, float, int]:
-    """(mean, se, n) -> (mean, half-width of the `level` t interval over n seeds, n);
-    the half-width is nan for fewer than 2 seeds."""
-    mean, se, n = stat
-    if n < 2 or math.isnan(se):
-        return mean, math.nan, n
-    return mean, float(stats.t.ppf(0.5 + level / 2, n - 1) * se), n
 
 
 def learning_curves(curves: list[dict], selected: list[dict],

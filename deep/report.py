@@ -22,6 +22,7 @@ from .adapt.results import is_adapt_results, write_adapt_report
 from .files import atomic_write_bytes, save_figure
 from .methods import method_order
 from .models import block_order
+from .stats import mean_se
 from .sweep import read_results
 
 # Blocks of every registered architecture in forward order, then the method table's.
@@ -58,15 +59,6 @@ def select_learning_rates(rows: list[dict]) -> list[dict]:
 
 def _method_key(method: str):
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
-
-
-def mean_se(values: list[float]) -> tuple[float, float, int]:
-    """Mean, standard error (nan for one value), count."""
-    a = np.asarray(values, dtype=float)
-    if len(a) == 0:
-        return math.nan, math.nan, 0
-    se = a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else math.nan
-    return float(a.mean()), float(se), len(a)
 
 
 def metric_values(rows: list[dict], metric: str) -> dict[tuple, float]:

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import ResultsError
 from ..files import atomic_write_bytes, save_figure
 from ..results import same_checkpoint
+from ..stats import lower_bound, mean_se, t_interval
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
@@ -129,16 +130,10 @@ def settings_json(config) -> str:
 
 # --- summary -------------------------------------------------------------------------
 
-def _mean_se(values: list[float]) -> tuple[float, float, int]:
-    a = np.asarray(values, dtype=float)
-    if len(a) == 0:
-        return math.nan, math.nan, 0
-    return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan), len(a)
-
-
 def relative_table(rows: list[dict]) -> dict:
     """{(method, episodic, lr, images): {"blocks": [...], "shifts": [..., "mean"],
-    "none": {shift: stat}, "rel": {(shift, blocks): stat}}}: accuracy minus the
+    "none": {shift: stat}, "rel": {(shift, blocks): stat},
+    "per_seed": {(shift, blocks): {seed: difference}}}}: accuracy minus the
     no-adaptation accuracy on the same stream (same shift, seed and length), paired by
     seed; "mean" averages each seed's differences over the shifts that have them all.
     stat = (mean, se, seeds). Streams of different lengths never share a table: a
@@ -156,17 +151,18 @@ def relative_table(rows: list[dict]) -> dict:
             base = acc.get((shift, "none", seed))
             if b != "none" and base is not None:
                 diffs[(shift, b)][seed] = value - base
-        rel = {k: _mean_se(list(v.values())) for k, v in diffs.items()}
-        none = {s: _mean_se([v for (sh, b, _), v in acc.items() if sh == s and b == "none"])
+        none = {s: mean_se([v for (sh, b, _), v in acc.items() if sh == s and b == "none"])
                 for s in shifts}
         if len(shifts) > 1:
             for b in blocks:
                 seeds = set.intersection(*(set(diffs[(s, b)]) for s in shifts))
-                rel[("mean", b)] = _mean_se([np.mean([diffs[(s, b)][d] for s in shifts])
-                                             for d in sorted(seeds)])
-            none["mean"] = _mean_se([np.mean(v) for v in _per_seed_none(acc, shifts)])
+                diffs[("mean", b)] = {d: float(np.mean([diffs[(s, b)][d] for s in shifts]))
+                                      for d in sorted(seeds)}
+            none["mean"] = mean_se([np.mean(v) for v in _per_seed_none(acc, shifts)])
             shifts = shifts + ["mean"]
-        out[key] = {"blocks": blocks, "shifts": shifts, "none": none, "rel": rel}
+        rel = {k: mean_se(v.values()) for k, v in diffs.items()}
+        out[key] = {"blocks": blocks, "shifts": shifts, "none": none, "rel": rel,
+                    "per_seed": dict(diffs)}
     return out
 
 
@@ -186,13 +182,29 @@ def _fmt(stat, signed=False) -> str:
     return text + (f" ± {100 * se:.1f}" if not math.isnan(se) else "")
 
 
-def _best(stats: dict) -> str:
-    """The block with the largest gain; "none" when no block beats no adaptation."""
-    done = [b for b, s in stats.items() if s[2] > 0]
-    if not done:
+def best_block(table: dict, shift: str) -> str:
+    """The block with the largest mean gain over no adaptation on `shift`, named only as
+    far as the seeds separate it (95 % t intervals of differences paired by seed):
+    "first" when its gain lies above 0 and above the runner-up's; "first ≈ second" when
+    it beats no adaptation but not the runner-up; "(first)" when its mean gain is positive
+    but not separated from no adaptation (always so with one seed); "none" when no block's
+    mean gain is above 0; "-" when no block has a value."""
+    gains = {b: table["per_seed"][(shift, b)] for b in table["blocks"]
+             if table["per_seed"].get((shift, b))}
+    if not gains:
         return "-"
-    best = max(done, key=lambda b: stats[b][0])
-    return best if stats[best][0] > 0 else "none"
+    ranked = sorted(gains, key=lambda b: -np.mean(list(gains[b].values())))
+    best = ranked[0]
+    if np.mean(list(gains[best].values())) <= 0:
+        return "none"
+    if lower_bound(t_interval(mean_se(gains[best].values()))) <= 0:
+        return f"({best})"
+    if len(ranked) == 1:
+        return best
+    runner_up = ranked[1]
+    seeds = sorted(set(gains[best]) & set(gains[runner_up]))
+    margin = mean_se(gains[best][d] - gains[runner_up][d] for d in seeds)
+    return best if lower_bound(t_interval(margin)) > 0 else f"{best} ≈ {runner_up}"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -206,7 +218,7 @@ def markdown_table(rows: list[dict]) -> str:
                   "|---|---|" + "---|" * (len(t["blocks"]) + 1)]
         for shift in t["shifts"]:
             stats = {b: t["rel"].get((shift, b), (math.nan, math.nan, 0)) for b in t["blocks"]}
-            best = _best(stats)
+            best = best_block(t, shift)
             cells = [_fmt(stats[b], signed=True) for b in t["blocks"]]
             label = f"**{shift}**" if shift == "mean" else shift
             lines.append(f"| {label} | {_fmt(t['none'].get(shift, (math.nan, math.nan, 0)))} | "
@@ -214,8 +226,11 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append("")
     lines.append("Mean ± standard error over seeds of (accuracy with adaptation restricted to "
                  "the block) - (accuracy of the unadapted source model on the same stream). "
-                 "best: the block with the largest mean gain; none when no block beats no "
-                 "adaptation.")
+                 "best: the block with the largest mean gain, named as far as the seeds "
+                 "separate it (95 % t intervals, paired by seed): `first` beats no adaptation "
+                 "and the runner-up; `first ≈ second` beats no adaptation but is not separated "
+                 "from the runner-up; `(first)` has a positive mean gain not separated from no "
+                 "adaptation (always so with one seed); none: no block's mean gain is above 0.")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,8 @@ import torch
 from deep.__main__ import main
 from deep.adapt.cli import QUICK_BLOCKS, QUICK_IMAGES, add_arguments
 from deep.adapt.protocol import AdaptProtocol
-from deep.adapt.results import AdaptResults, markdown_table, read_adapt_results, relative_table
+from deep.adapt.results import (AdaptResults, best_block, markdown_table, read_adapt_results,
+                                relative_table)
 from deep.adapt.runner import run_adaptation, stream_order
 from deep.checkpoints import save_checkpoint
 from deep.errors import ConfigError, ResultsError
@@ -59,7 +60,7 @@ def test_streams_of_two_lengths_get_a_table_each(tmp_path):
     text = markdown_table(rows)
     assert "lr 0.0005 (200 images per stream)" in text
     assert "lr 0.0005 (900 images per stream)" in text
-    assert "| fog | 50.0 | +10.0 | first |" in text
+    assert "| fog | 50.0 | +10.0 | (first) |" in text    # one seed: never separated
     assert "| fog | 70.0 | -10.0 | none |" in text       # nothing beats no adaptation: best none
 
 
@@ -76,7 +77,48 @@ def test_best_is_none_when_no_block_beats_no_adaptation():
     rows = [_row(200, "none", 0.5), _row(200, "first", 0.4), _row(200, "last", 0.5)]
     assert "| fog | 50.0 | -10.0 | +0.0 | none |" in markdown_table(rows)
     rows += [_row(200, "all", 0.52)]
-    assert "| fog | 50.0 | -10.0 | +0.0 | +2.0 | all |" in markdown_table(rows)
+    assert "| fog | 50.0 | -10.0 | +0.0 | +2.0 | (all) |" in markdown_table(rows)
+
+
+def _seeds(blocks_acc: dict[str, list[float]], shift="fog") -> list[dict]:
+    """Rows for seeds 0, 1, 2, ...: blocks_acc[block][seed] is the stream's accuracy."""
+    return [_row(200, b, acc, seed=d, shift=shift) for b, accs in blocks_acc.items()
+            for d, acc in enumerate(accs)]
+
+
+def test_best_is_named_only_as_far_as_the_seeds_separate_it():
+    """Three seeds. `first` gains 10 +- 1 points, `last` 2 +- 1: separated from no
+    adaptation and from the runner-up, so `first`. With `last` at 9.5 +- 1 the two are
+    not separated at 95 %: `first ≈ last`. With gains of +3, -2, +2 the mean is positive
+    but the interval covers 0: `(first)`."""
+    none = [0.50, 0.52, 0.48]
+    rows = _seeds({"none": none, "first": [a + g for a, g in zip(none, (0.09, 0.10, 0.11))],
+                   "last": [a + g for a, g in zip(none, (0.01, 0.02, 0.03))]})
+    table = relative_table(rows)[("memo", False, 0.0005, 200)]
+    assert best_block(table, "fog") == "first"
+    rows = _seeds({"none": none, "first": [a + g for a, g in zip(none, (0.09, 0.10, 0.11))],
+                   "last": [a + g for a, g in zip(none, (0.105, 0.085, 0.095))]})
+    table = relative_table(rows)[("memo", False, 0.0005, 200)]
+    assert best_block(table, "fog") == "first ≈ last"
+    rows = _seeds({"none": none, "first": [a + g for a, g in zip(none, (0.03, -0.02, 0.02))],
+                   "last": [a - 0.01 for a in none]})
+    table = relative_table(rows)[("memo", False, 0.0005, 200)]
+    assert best_block(table, "fog") == "(first)"
+    assert "| fog | 50.0 ± 1.2 | +1.0 ± 1.5 | -1.0 ± 0.0 | (first) |" in markdown_table(rows)
+
+
+def test_best_of_the_mean_row_pairs_each_seed_over_shifts():
+    """Per shift `first` and `last` trade places, so neither is separated on a shift; over
+    the two shifts `first` gains 1 point more on every seed, which the paired mean row
+    separates (an unpaired comparison of the two means would not)."""
+    rows = []
+    for shift, (first, last) in {"fog": ((0.10, 0.12, 0.14), (0.05, 0.09, 0.13)),
+                                 "snow": ((0.06, 0.04, 0.02), (0.09, 0.05, 0.01))}.items():
+        rows += _seeds({"none": [0.5, 0.5, 0.5], "first": [0.5 + g for g in first],
+                        "last": [0.5 + g for g in last]}, shift=shift)
+    table = relative_table(rows)[("memo", False, 0.0005, 200)]
+    assert best_block(table, "mean") == "first"
+    assert best_block(table, "fog").endswith("≈ last") or best_block(table, "fog") == "(first)"
 
 
 # --- the source model is compared by file name -------------------------------------------------

@@ -7,8 +7,9 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from deep.bench import (SUITES, Suite, format_interval, grid_table, interval_table,
-                        markdown_table, n_target_grid_table, protocol_lines)
+from deep.bench import (SUITES, Suite, grid_table, interval_table, markdown_table,
+                        n_target_grid_table, protocol_lines)
+from deep.stats import format_interval
 
 
 def _row(method, seed, test, lr=1e-3, best_epoch=5, epochs=15, shift="subpopulation",

@@ -1,12 +1,12 @@
-"""deep.convergence: the curves file, the inside-the-grid fractions, t intervals and the
-learning-curve means (issue #15)."""
+"""deep.convergence: the curves file, the inside-the-grid fractions and the learning-curve
+means (issue #15); deep.stats' t intervals."""
 
 import math
 
 import pytest
 
-from deep.convergence import (CURVE_COLUMNS, CurvesFile, inside_grid, learning_curves,
-                              read_curves, t_interval)
+from deep.convergence import CURVE_COLUMNS, CurvesFile, inside_grid, learning_curves, read_curves
+from deep.stats import t_interval
 from deep.errors import ResultsError
 
 

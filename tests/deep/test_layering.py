@@ -13,7 +13,7 @@ DEEP = Path(__file__).resolve().parents[2] / "deep"
 # at the top (speed, calibrate, gallery, ...).
 RANKS = {
     "errors": 0, "allocator": 0,
-    "files": 1,
+    "files": 1, "stats": 1,  # stats: mean, se and t intervals over seeds for every table
     "models": 2, "results": 2,
     "data": 3,
     "blocks": 4, "checkpoints": 4, "normalization": 4,
