@@ -30,3 +30,11 @@ def check_int(name: str, value, minimum: int = 1, error: type[DeepError] = Confi
     if value < minimum:
         raise error(f"{name} must be at least {minimum}, got {value!r}")
     return int(value)
+
+
+def check_choice(name: str, value, choices, error: type[DeepError] = ConfigError):
+    """`value` if it is one of `choices`; else `error` naming `name`, what was given and
+    every valid choice (in the order `choices` lists them)."""
+    if value not in choices:
+        raise error(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, vmap
 
 from .blocks import ALL, BlockMap, tuned_parameter_names
 from .data.base import Split
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 
 if TYPE_CHECKING:  # the engine imports this module, never the other way round
     from .train import TrainConfig
@@ -161,10 +161,11 @@ class GradualUnfreezing(Method):
     Such parameters join with the last block, when everything is tuned, so that the
     method ends where full fine-tuning does instead of never tuning them."""
 
+    ORDERS = ("first-last", "last-first")
+
     def __init__(self, order: str, blocks: BlockMap | None = None):
         super().__init__(blocks)
-        if order not in ("first-last", "last-first"):
-            raise ConfigError(f"order must be 'first-last' or 'last-first', got {order!r}")
+        check_choice("order", order, self.ORDERS)
         self.order, self.name = order, f"gradual-{order}"
 
     def candidates(self):
@@ -234,7 +235,8 @@ def excluded_parameter_names(model: nn.Module, rule: str) -> set[str]:
         return batchnorm_parameter_names(model)
     if rule == "bn-name":
         return {n for n, _ in model.named_parameters() if "bn" in n}
-    raise ConfigError(f"exclude must be one of {EXCLUSION_RULES}, got {rule!r}")
+    check_choice("exclude", rule, EXCLUSION_RULES)
+    raise AssertionError(f"exclusion rule {rule!r} is listed but not implemented")
 
 
 def relative_gradient_norms(model: nn.Module, names: Sequence[str],
@@ -301,8 +303,7 @@ class AutomaticMethod(Method):
     def __init__(self, blocks: BlockMap | None = None, minibatches: int = 5,
                  exclude: str = "batchnorm", reset_optimizer: bool = False):
         super().__init__(blocks)
-        if exclude not in EXCLUSION_RULES:
-            raise ConfigError(f"exclude must be one of {EXCLUSION_RULES}, got {exclude!r}")
+        check_choice("exclude", exclude, EXCLUSION_RULES)
         self.minibatches, self.exclude, self.reset_optimizer = minibatches, exclude, reset_optimizer
 
     def candidates(self):
@@ -421,8 +422,7 @@ class AutoSNR(AutomaticMethod):
                  statistic: str = "per-example", exclude: str = "batchnorm",
                  reset_optimizer: bool = False):
         super().__init__(blocks, minibatches, exclude, reset_optimizer)
-        if statistic not in self.STATISTICS:
-            raise ConfigError(f"statistic must be one of {self.STATISTICS}, got {statistic!r}")
+        check_choice("statistic", statistic, self.STATISTICS)
         self.threshold, self.chunk_size, self.statistic = threshold, chunk_size, statistic
 
     def prepare(self, model, config):

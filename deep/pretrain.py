@@ -30,12 +30,13 @@ from torch import nn
 
 from .checkpoints import load_backbone, save_checkpoint, write_manifest
 from .data import Benchmark, SourceData, get_benchmark
-from .errors import ConfigError, check_int
+from .errors import ConfigError, check_choice, check_int
 from .models import build_model, get_architecture
 from .normalization import loader_options
-from .train import TrainConfig, check_milestones, evaluate, fit, resolve_device
+from .train import SCHEDULES, TrainConfig, check_milestones, evaluate, fit, resolve_device
 
 AUGMENTATIONS = ("crop-flip", "crop", "none")
+MOMENTA = ("nesterov", "plain")  # SGD momentum 0.9: Nesterov's or plain
 
 
 def random_crop_flip(pad: int = 4, flip: bool = True):
@@ -57,8 +58,7 @@ def random_crop_flip(pad: int = 4, flip: bool = True):
 
 
 def augmentation(name: str):
-    if name not in AUGMENTATIONS:
-        raise ConfigError(f"unknown augment {name!r}; known: {', '.join(AUGMENTATIONS)}")
+    check_choice("augment", name, AUGMENTATIONS)
     return {"crop-flip": random_crop_flip(flip=True), "crop": random_crop_flip(flip=False),
             "none": None}[name]
 
@@ -80,12 +80,12 @@ class PretrainConfig:
                                                         "choices": AUGMENTATIONS})
     schedule: str = field(default="cosine", metadata={
         "help": "lr schedule: cosine to 0, or step (x gamma after each milestone epoch)",
-        "choices": ("cosine", "step", "constant")})
+        "choices": SCHEDULES})
     milestones: list[int] = field(default_factory=list, metadata={
         "help": "epochs after which a step schedule multiplies the lr by gamma"})
     gamma: float = field(default=0.1, metadata={"help": "the step schedule's factor"})
     momentum: str = field(default="nesterov", metadata={
-        "help": "SGD momentum 0.9, Nesterov's or plain", "choices": ("nesterov", "plain")})
+        "help": "SGD momentum 0.9, Nesterov's or plain", "choices": MOMENTA})
     init: str | None = field(default=None, metadata={
         "help": "start from these weights (ours or a torchvision state dict, e.g. ImageNet "
                 "ResNet-50); a classifier of another size is re-initialised"})
@@ -98,12 +98,9 @@ class PretrainConfig:
             check_int(name, getattr(self, name))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTATIONS)}")
-        if self.momentum not in ("nesterov", "plain"):
-            raise ConfigError(f"momentum must be 'nesterov' or 'plain', got {self.momentum!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ConfigError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        check_choice("augment", self.augment, AUGMENTATIONS)
+        check_choice("momentum", self.momentum, MOMENTA)
+        check_choice("schedule", self.schedule, SCHEDULES)
         check_milestones(self.schedule, self.milestones, self.gamma)
 
     def train_config(self) -> TrainConfig:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from ..files import CheckpointError
 from .registry import Architecture, register_architecture
 from .staged import StagedModel
@@ -70,9 +70,7 @@ class ViTConfig:
             raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.layers < 3:
             raise ConfigError(f"layers must be >= 3 (first3 and last3 are blocks), got {self.layers}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, "
-                             f"got {self.activation!r}")
+        check_choice("activation", self.activation, sorted(ACTIVATIONS))
 
     @property
     def tokens(self) -> int:

@@ -88,3 +88,18 @@ def test_pretrain_device_auto_is_the_cpu_run_here_and_recorded(tmp_path, one_thr
     assert manifest["device"] == resolve_device("auto") == "cpu"
     state = torch.load(tmp_path / "m.pt", weights_only=True)["state_dict"]
     assert {t.device.type for t in state.values()} == {"cpu"}
+
+
+@pytest.mark.parametrize("field, bad, listed", [
+    ("momentum", "heavy-ball", "nesterov, plain"),
+    ("schedule", "linear", "constant, cosine, step"),
+    ("augment", "mixup", "crop-flip, crop, none"),
+])
+def test_a_bad_choice_names_every_valid_one(field, bad, listed):
+    """One check for every set of choices (deep.errors.check_choice): the message names
+    the field, what was given, and each valid choice; it is a ConfigError, which the
+    command line prints as one line."""
+    from deep.errors import ConfigError
+    from deep.pretrain import PretrainConfig
+    with pytest.raises(ConfigError, match=f"{field} must be one of {listed}; got '{bad}'"):
+        PretrainConfig(**{field: bad})
