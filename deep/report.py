@@ -22,7 +22,7 @@ from .adapt.results import is_adapt_results, write_adapt_report
 from .files import atomic_write_bytes, save_figure
 from .methods import method_order
 from .models import block_order
-from .stats import mean_se
+from .stats import format_stat, mean_se  # format_stat: also imported from here (bench)
 from .sweep import read_results
 
 # Blocks of every registered architecture in forward order, then the method table's.
@@ -106,15 +106,6 @@ def summarize(selected: list[dict], metric: str) -> dict:
             shifts = shifts + ["mean"]
         tables[key] = {"shifts": shifts, "methods": methods, "abs": abs_, "rel": rel}
     return tables
-
-
-def format_stat(stat, scale=100.0, signed=False) -> str:
-    """(mean, se, n) as "12.3 ± 0.4" (points; signed: "+1.2 ± 0.4"); "-" when n = 0."""
-    mean, se, n = stat
-    if n == 0:
-        return "-"
-    text = f"{scale * mean:+.1f}" if signed else f"{scale * mean:.1f}"
-    return text + (f" ± {scale * se:.1f}" if not math.isnan(se) else "")
 
 
 def markdown(tables: dict, metric: str) -> str:

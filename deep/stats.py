@@ -49,3 +49,13 @@ def format_interval(interval: tuple[float, float, int], scale: float = 100.0) ->
     if math.isnan(half):
         return f"{scale * mean:+.1f}"
     return f"{scale * mean:+.1f} [{scale * (mean - half):+.1f}, {scale * (mean + half):+.1f}]"
+
+
+def format_stat(stat: tuple[float, float, int], scale: float = 100.0, signed: bool = False) -> str:
+    """(mean, se, n) as "12.3 ± 0.4" (points; signed: "+1.2 ± 0.4"); "-" when n = 0;
+    the mean alone when there is no standard error (one seed)."""
+    mean, se, n = stat
+    if n == 0:
+        return "-"
+    text = f"{scale * mean:+.1f}" if signed else f"{scale * mean:.1f}"
+    return text + (f" ± {scale * se:.1f}" if not math.isnan(se) else "")

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ResultsError
 from ..files import atomic_write_bytes, save_figure
 from ..results import same_checkpoint
-from ..stats import lower_bound, mean_se, t_interval
+from ..stats import format_stat, lower_bound, mean_se, t_interval
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
@@ -174,14 +174,6 @@ def _per_seed_none(acc: dict, shifts: list[str]) -> list[list[float]]:
     return [[d[s] for s in shifts] for d in by_seed.values() if all(s in d for s in shifts)]
 
 
-def _fmt(stat, signed=False) -> str:
-    mean, se, n = stat
-    if n == 0:
-        return "-"
-    text = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
-    return text + (f" ± {100 * se:.1f}" if not math.isnan(se) else "")
-
-
 def best_block(table: dict, shift: str) -> str:
     """The block with the largest mean gain over no adaptation on `shift`, named only as
     far as the seeds separate it (95 % t intervals of differences paired by seed):
@@ -219,9 +211,9 @@ def markdown_table(rows: list[dict]) -> str:
         for shift in t["shifts"]:
             stats = {b: t["rel"].get((shift, b), (math.nan, math.nan, 0)) for b in t["blocks"]}
             best = best_block(t, shift)
-            cells = [_fmt(stats[b], signed=True) for b in t["blocks"]]
+            cells = [format_stat(stats[b], signed=True) for b in t["blocks"]]
             label = f"**{shift}**" if shift == "mean" else shift
-            lines.append(f"| {label} | {_fmt(t['none'].get(shift, (math.nan, math.nan, 0)))} | "
+            lines.append(f"| {label} | {format_stat(t['none'].get(shift, (math.nan, math.nan, 0)))} | "
                          + " | ".join(cells) + f" | {best} |")
         lines.append("")
     lines.append("Mean ± standard error over seeds of (accuracy with adaptation restricted to "
