@@ -1,4 +1,9 @@
-"""`python -m deep adapt`: the subcommand (HELP, add_arguments, run)."""
+"""`python -m deep adapt`: the subcommand (HELP, add_arguments, run).
+
+The methods, their flags (`deep.flags.add_flags` on the fields each row of
+`core.METHODS` names: type, help, choices and default from the config dataclass) and
+their --quick streams come from the method table.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,14 @@ import argparse
 import dataclasses
 
 from ..errors import ConfigError
-from ..flags import add_trust_checkpoint
+from ..flags import add_flags, add_trust_checkpoint, comma_list, flag_values
 from ..models import architecture_names
 from ..protocol import data_option
+from .core import METHODS
 from .protocol import AdaptProtocol, load_adapt_protocol
 
-HELP = "online unsupervised adaptation (MEMO, TENT) restricted to blocks, into a results CSV"
-
-QUICK_IMAGES = {"memo": 200, "tent": 600}   # TENT: three batches of 200, so updates show
-QUICK_BLOCKS = {"memo": ["none", "first", "last"], "tent": ["none", "first", "all"]}
+HELP = (f"online unsupervised adaptation ({', '.join(s.label for s in METHODS.values())}) "
+        "restricted to blocks, into a results CSV")
 # One torch thread unless --threads says otherwise: MEMO's per-image batches (32 copies of
 # one small image) are too small to split, and on a busy machine a second OpenMP thread
 # spins waiting for a core (see THREADS_HELP; deep.pretrain does the same for its model).
@@ -25,45 +29,66 @@ THREADS_HELP = ("torch threads (default 1; 0 = torch's own default, one per core
 
 
 def quick_help() -> str:
-    parts = [f"{m.upper()} on the first {n} images, blocks {','.join(QUICK_BLOCKS[m])}"
-             for m, n in QUICK_IMAGES.items()]
+    parts = [f"{s.label} on the first {s.quick_images} images, blocks {','.join(s.quick_blocks)}"
+             for s in METHODS.values()]
     return ("smoke test: the protocol's first shift and seed; " + "; ".join(parts)
             + "; MEMO once per learning rate of the protocol (fmnist-c: 0.005 and 0.0005, "
             "so 6 MEMO streams; --lr picks one). About a minute with one thread")
 
 
 def _list(kind=str):
-    def parse(text: str):
-        try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
-                                             f"got {text!r}") from None
-    return parse
+    """`a, b,c` -> [a, b, c]: `deep.flags.comma_list`, with the spaces around each value
+    dropped (`--blocks "none, first"` names the block `first`)."""
+    parse = comma_list(kind)
+    return lambda text: [v.strip() if isinstance(v, str) else v for v in parse(text)]
+
+
+def _one_image_at_a_time(spec) -> bool:
+    return spec.batch_size(spec.config()) == 1
+
+
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field that a row of the method table names in `flags`."""
+    owner: dict[str, str] = {}
+    for spec in METHODS.values():
+        taken = [f for f in spec.flags if f in owner]
+        if taken:
+            raise ConfigError(f"method {spec.name!r} flags field(s) {taken} that "
+                             f"{sorted({owner[f] for f in taken})} flag already: one flag would "
+                             "set both; give the field another name")
+        fields = {f.name for f in dataclasses.fields(spec.config)}
+        missing = set(spec.flags) - fields
+        if missing:
+            raise ConfigError(f"method {spec.name!r} flags {sorted(missing)}, which are not "
+                             f"fields of {spec.config.__name__}")
+        add_flags(p, spec.config, skip=fields - set(spec.flags))
+        owner |= {f: spec.name for f in spec.flags}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    names = list(METHODS)
+    batched = [s.label for s in METHODS.values() if not _one_image_at_a_time(s)]
+    units = [f"{'image' if _one_image_at_a_time(s) else 'batch'} ({s.label})"
+             for s in METHODS.values()]
     p.add_argument("--benchmark", required=True,
                    help="a benchmark with a protocol in deep/configs/adapt/ (fmnist-c, cifar10c)")
     p.add_argument("--out", required=True, help="results CSV (created or resumed)")
-    p.add_argument("--method", type=_list(), help="memo, tent or memo,tent (default: the protocol's)")
+    p.add_argument("--method", type=_list(), help=f"{', '.join(names)} or {','.join(names)} "
+                   "(default: the protocol's)")
     p.add_argument("--blocks", type=_list(), help="block options, e.g. none,first,first+second,"
                    "last,all ('none' = no adaptation, the baseline; default: the protocol's)")
     p.add_argument("--shifts", type=_list())
     p.add_argument("--seeds", type=_list(int))
     p.add_argument("--images", type=int, help="stream length: the first N >= 0 images of the "
-                   "seeded order of the test split (0 = all; TENT needs N != 1)")
+                   "seeded order of the test split (0 = all"
+                   + (f"; {' and '.join(batched)} need{'s' * (len(batched) == 1)} N != 1"
+                      if batched else "") + ")")
     p.add_argument("--test-per-class", type=int, help="size of the test split the stream is drawn from")
     p.add_argument("--episodic", action="store_true",
-                   help="reset the adapted parameters after each image (MEMO) or batch (TENT)")
+                   help=f"reset the adapted parameters after each {' or '.join(units)}")
     p.add_argument("--lr", type=_list(float), help="learning rate(s) of the chosen method(s), "
                    "e.g. 0.005 or 0.005,0.0005 (one stream per lr)")
-    p.add_argument("--copies", type=int, help="MEMO: augmented copies per image (32)")
-    p.add_argument("--prior-strength", type=float,
-                   help="MEMO: BN prior adaptation strength N (MEMO's ImageNet code: 16); -1 = off")
-    p.add_argument("--batch-size", type=int, help="TENT: images per batch (200)")
-    p.add_argument("--batch-stats", choices=["blocks", "all"],
-                   help="TENT: BatchNorm layers that use batch statistics")
+    add_method_flags(p)  # --copies, --prior-strength (MEMO), --batch-size, --batch-stats (TENT)
     p.add_argument("--arch", help="architecture (default: the protocol's; a --checkpoint of "
                    f"ours must hold it), one of {', '.join(architecture_names())}")
     p.add_argument("--checkpoint", help="source model (default: the benchmark's own)")
@@ -79,16 +104,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _method_table(protocol: AdaptProtocol, method: str, args) -> dict:
-    table = dict(getattr(protocol, method))
+    spec = METHODS[method]
+    table = protocol.settings_of(method)
     overrides = {"lr": args.lr, "blocks": args.blocks, "images": args.images}
-    if method == "memo":
-        overrides |= {"copies": args.copies, "prior_strength": args.prior_strength}
-    else:
-        overrides |= {"batch_size": args.batch_size, "batch_stats": args.batch_stats}
+    overrides |= {k: v for k, v in flag_values(args, spec.config).items() if k in spec.flags}
     if args.quick:
-        table["blocks"] = args.blocks or QUICK_BLOCKS[method]
+        table["blocks"] = args.blocks or list(spec.quick_blocks)
         images = args.images if args.images is not None else table.get("images", protocol.images)
-        overrides["images"] = min(images or QUICK_IMAGES[method], QUICK_IMAGES[method])
+        overrides["images"] = min(images or spec.quick_images, spec.quick_images)
     return table | {k: v for k, v in overrides.items() if v is not None}
 
 
@@ -100,8 +123,8 @@ def protocol_from_args(args) -> AdaptProtocol:
         arch=args.arch, methods=args.method, shifts=args.shifts, seeds=args.seeds,
         test_per_class=args.test_per_class, checkpoint=args.checkpoint,
         data={**protocol.data, **dict(args.data)} if args.data else None)
-    tables = {m: _method_table(protocol, m, args) for m in ("memo", "tent")}
-    return dataclasses.replace(protocol, **tables)  # re-validates the method settings
+    tables = {m: _method_table(protocol, m, args) for m in METHODS}
+    return dataclasses.replace(protocol, method_settings=tables)  # re-validates the settings
 
 
 def run(args) -> int:

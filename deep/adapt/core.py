@@ -24,14 +24,18 @@ stay bitwise those of the source model.
 Online: updates carry over from one image (batch) to the next. Episodic: the
 adapted parameters and the optimizer state are restored after each image (MEMO's
 own code) or batch.
+
+`METHODS` is the one table of methods: name -> `AdaptMethod` (config dataclass, what it
+adapts, adapter maker, ...). The protocol's tables, the command line's flags and the
+runner all read it; a method is added by adding a row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +44,11 @@ from torch import nn
 from ..blocks import ALL, matches, tuned_parameter_names
 from ..errors import ConfigError
 
-METHODS = ("memo", "tent")
 NONE = "none"               # the block option "no adaptation": the source model as is
 BN_EVAL = -1                # MEMO's prior strength meaning "running statistics only"
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.modules.instancenorm._InstanceNorm)
+BATCH_STATS = ("blocks", "all")   # TentConfig.batch_stats
 
 
 # --- losses ------------------------------------------------------------------------
@@ -105,15 +109,24 @@ def adapted_parameter_names(model: nn.Module, method: str, option: str,
     normalisation layers inside them. "none": nothing. Raises ConfigError for an
     unknown method or block, or a TENT block without normalisation parameters.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    spec = method_spec(method)
     options = parse_blocks(option)
     if not options:
         return []
     names = tuned_parameter_names(model, options, blocks)  # checks the options
-    if method == "memo":
-        return names
-    norms = {f"{name}.{p}" for name, m in norm_modules(model, block_prefixes_of(options, blocks))
+    return spec.parameters(model, option, names, block_prefixes_of(options, blocks))
+
+
+def _every_parameter(model: nn.Module, option: str, names: list[str],
+                     prefixes: Sequence[str] | None) -> list[str]:
+    """MEMO's choice: every parameter of the blocks."""
+    return names
+
+
+def _norm_affine_parameters(model: nn.Module, option: str, names: list[str],
+                            prefixes: Sequence[str] | None) -> list[str]:
+    """TENT's choice: the affine parameters of the normalisation layers in the blocks."""
+    norms = {f"{name}.{p}" for name, m in norm_modules(model, prefixes)
              for p, _ in m.named_parameters(recurse=False)}
     chosen = [n for n in names if n in norms]
     if not chosen:
@@ -165,10 +178,11 @@ class MemoConfig:
     turns on MEMO's BN adaptation (statistics N/(N+1) running + 1/(N+1) batch, in
     every BatchNorm layer, while adapting and predicting); -1: running statistics."""
 
-    copies: int = 32
+    copies: int = field(default=32, metadata={"help": "MEMO: augmented copies per image"})
     lr: float = 0.005
     steps: int = 1
-    prior_strength: float = BN_EVAL
+    prior_strength: float = field(default=BN_EVAL, metadata={
+        "help": "MEMO: BN prior adaptation strength N (MEMO's ImageNet code: 16); -1 = off"})
     severity: float = 1.0
 
     def __post_init__(self):
@@ -185,11 +199,12 @@ class TentConfig:
     batch_stats: "blocks" (BatchNorm layers inside the adapted blocks use batch
     statistics, the rest running ones) or "all" (every BatchNorm, as TENT)."""
 
-    batch_size: int = 200
+    batch_size: int = field(default=200, metadata={"help": "TENT: images per batch"})
     lr: float = 1e-3
     beta: float = 0.9
     steps: int = 1
-    batch_stats: str = "blocks"
+    batch_stats: str = field(default="blocks", metadata={
+        "help": "TENT: BatchNorm layers that use batch statistics", "choices": BATCH_STATS})
 
     def __post_init__(self):
         if self.batch_size < 2:
@@ -197,8 +212,9 @@ class TentConfig:
                              f"image are degenerate), got batch_size={self.batch_size}")
         if self.steps < 1 or not self.lr > 0:
             raise ConfigError(f"TENT needs steps >= 1 and lr > 0; got {self}")
-        if self.batch_stats not in ("blocks", "all"):
-            raise ConfigError(f"batch_stats must be 'blocks' or 'all', got {self.batch_stats!r}")
+        if self.batch_stats not in BATCH_STATS:
+            raise ConfigError(f"batch_stats must be {' or '.join(map(repr, BATCH_STATS))}, "
+                             f"got {self.batch_stats!r}")
 
 
 class Adapter:
@@ -336,23 +352,96 @@ class TentAdapter(Adapter):
         return logits.detach()
 
 
+def _make_memo(model, names, config, prefixes, episodic, augment, generator) -> MemoAdapter:
+    if names and (augment is None or generator is None):
+        raise ConfigError("MEMO needs an augment function and a torch.Generator")
+    check_bn_prior(model, config)
+    return MemoAdapter(model, names, config, augment, generator, episodic)
+
+
+def _make_tent(model, names, config, prefixes, episodic, augment, generator) -> TentAdapter:
+    return TentAdapter(model, names, config, prefixes, episodic)
+
+
+# --- the method table ----------------------------------------------------------------
+
+def _no_check(model: nn.Module, config) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class AdaptMethod:
+    """One row of the method table (as `deep.methods.MethodSpec` for fine-tuning).
+
+    Attributes:
+        name: the short name everywhere: `--method`, the protocol's [name] table, the
+            CSV's `method` column.
+        label: how help and messages write it ("MEMO").
+        config: its settings, a frozen dataclass with a default for every field and at
+            least `lr` (the CSV's `lr` column; `lr` may be a list in the protocol): the
+            protocol's [name] table holds its fields.
+        flags: the config fields that get a command-line flag, generated by
+            `deep.flags.add_flags` from the field (name, type, help and choices in its
+            metadata, default): `copies` -> `--copies`. Two methods may not flag the same
+            field name.
+        parameters: (model, option, names of the block option's parameters, module
+            prefixes of its blocks or None for all) -> the names it adapts.
+        make: (model, names, config, prefixes, episodic, augment, generator) -> Adapter.
+        batch_size: config -> images per prediction (1: one image at a time; more: a
+            batch, which a stream of one image cannot give).
+        augments: it takes MEMO's augmented copies (`deep.augment_memo`) at its config's
+            `severity`, drawn from a generator seeded by (seed, shift).
+        check_source: (source model, config) -> None, raising ConfigError before any
+            stream runs when the settings do not suit the model.
+        quick_images, quick_blocks: what `python -m deep adapt --quick` runs.
+    """
+
+    name: str
+    label: str
+    config: type
+    parameters: Callable[[nn.Module, str, list[str], Sequence[str] | None], list[str]]
+    make: Callable[..., Adapter]
+    batch_size: Callable[[Any], int]
+    flags: tuple[str, ...] = ()
+    augments: bool = False
+    check_source: Callable[[nn.Module, Any], None] = _no_check
+    quick_images: int = 200
+    quick_blocks: tuple[str, ...] = ("none", "first", "all")
+
+
+# The one method table: every list of adaptation methods (the protocol's tables, the
+# CLI's flags and help, the runner's batches) derives from it.
+METHODS: dict[str, AdaptMethod] = {spec.name: spec for spec in (
+    AdaptMethod("memo", "MEMO", MemoConfig, _every_parameter, _make_memo,
+                batch_size=lambda config: 1, flags=("copies", "prior_strength"), augments=True,
+                check_source=check_bn_prior, quick_images=200,
+                quick_blocks=("none", "first", "last")),
+    # TENT's quick stream: three batches of 200, so updates show.
+    AdaptMethod("tent", "TENT", TentConfig, _norm_affine_parameters, _make_tent,
+                batch_size=lambda config: config.batch_size, flags=("batch_size", "batch_stats"),
+                quick_images=600, quick_blocks=("none", "first", "all")),
+)}
+
+
+def method_spec(method: str) -> AdaptMethod:
+    """The table's row for `method`; ConfigError naming the known ones otherwise."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
 def make_adapter(model: nn.Module, method: str, option: str, blocks: Mapping[str, Sequence[str]],
                  config, episodic: bool = False, augment=None,
                  generator: torch.Generator | None = None) -> Adapter:
     """An adapter of `method` restricted to block option `option` ("none" adapts nothing)."""
+    spec = method_spec(method)
     names = adapted_parameter_names(model, method, option, blocks)
-    if method == "memo":
-        if not isinstance(config, MemoConfig):
-            raise ConfigError(f"MEMO needs a MemoConfig, got {type(config).__name__}")
-        if names and (augment is None or generator is None):
-            raise ConfigError("MEMO needs an augment function and a torch.Generator")
-        check_bn_prior(model, config)
-        return MemoAdapter(model, names, config, augment, generator, episodic)
-    if not isinstance(config, TentConfig):
-        raise ConfigError(f"TENT needs a TentConfig, got {type(config).__name__}")
+    if not isinstance(config, spec.config):
+        raise ConfigError(f"{spec.label} needs a {spec.config.__name__}, "
+                         f"got {type(config).__name__}")
     options = parse_blocks(option)
     prefixes = block_prefixes_of(options, blocks) if options else []
-    return TentAdapter(model, names, config, prefixes, episodic)
+    return spec.make(model, names, config, prefixes, episodic, augment, generator)
 
 
 def stream_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

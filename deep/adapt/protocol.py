@@ -3,9 +3,11 @@
 Top-level keys: arch, shifts, methods, blocks, seeds, images (stream length: the
 first `images` of the seeded order of the test split; 0 = all), test_per_class
 (size of the test split: for fmnist-c the same images as the sweep's test set of
-that seed), checkpoint (optional), notes. Tables: [memo] and [tent] (the method's
-settings, `MemoConfig` / `TentConfig` fields, `lr` a number or a list of them, plus optional `blocks` and `images`
-overriding the top-level ones for that method) and [data] (loader options).
+that seed), checkpoint (optional), notes. Tables: one per method of `core.METHODS`,
+[memo] and [tent] (the method's settings, the fields of its config dataclass,
+`MemoConfig` / `TentConfig`, `lr` a number or a list of them, plus optional `blocks` and
+`images` overriding the top-level ones for that method; `AdaptProtocol.method_settings`
+holds them by method name), and [data] (loader options).
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..models import get_architecture
 from ..protocol import read_protocol_file
-from .core import METHODS, MemoConfig, TentConfig
+from .core import METHODS, method_spec
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "adapt"
 _METHOD_KEYS = {"blocks", "images"}
-_CONFIGS = {"memo": MemoConfig, "tent": TentConfig}
 
 
 @dataclass
@@ -35,8 +36,7 @@ class AdaptProtocol:
     images: int = 0
     test_per_class: int = 90
     checkpoint: str | None = None
-    memo: dict = field(default_factory=dict)
-    tent: dict = field(default_factory=dict)
+    method_settings: dict[str, dict] = field(default_factory=dict)  # method -> its table
     data: dict = field(default_factory=dict)
     notes: str = ""
 
@@ -51,27 +51,68 @@ class AdaptProtocol:
         if self.test_per_class < 1:
             raise ConfigError(f"test_per_class must be >= 1, got {self.test_per_class}")
         _check_images("images", self.images)
+        clash = set(METHODS) & {f.name for f in dataclasses.fields(self)}
+        if clash:
+            raise ConfigError(f"method name(s) {sorted(clash)} are also protocol keys")
+        unknown = [m for m in self.method_settings if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"settings of unknown method(s) {unknown}; "
+                             f"known: {', '.join(METHODS)}")
+        for method, table in self.method_settings.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{method}] must be a table of settings, got {table!r}")
         for method in METHODS:
             self.configs(method)  # unknown keys or bad values fail here, not mid-run
-            _check_images(f"[{method}] images", getattr(self, method).get("images", self.images))
-        # A TENT stream of one image is one batch of one: no batch statistics. Only for
-        # a method that runs (the CLI's --images reaches both tables).
-        if "tent" in self.methods and self.images_of("tent") == 1:
-            raise ConfigError("TENT needs streams of at least 2 images (a batch of one has no "
-                              "batch statistics); got images 1: use --images 0 (all) or >= 2, "
-                              "or --method memo")
+            _check_images(f"[{method}] images", self.images_of(method))
+        # A stream of one image is one batch of one for a method that adapts on batches:
+        # no batch statistics. Only for a method that runs (the CLI's --images reaches
+        # every table).
+        one_at_a_time = [m for m in METHODS if self._batch_sizes(m) == {1}]
+        for method in self.methods:
+            if self.images_of(method) == 1 and self._batch_sizes(method) != {1}:
+                others = [m for m in one_at_a_time if m != method]
+                raise ConfigError(
+                    f"{method_spec(method).label} needs streams of at least 2 images (a batch of "
+                    "one has no batch statistics); got images 1: use --images 0 (all) or >= 2"
+                    + (f", or --method {' or '.join(others)}" if others else ""))
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "adaptation protocol") -> "AdaptProtocol":
+        """A protocol in the layout of its TOML file: the top-level keys, and one table per
+        method named after it ([memo], [tent]) instead of `method_settings`."""
+        raw = dict(raw)
+        tables = {m: raw.pop(m) for m in list(raw) if m in METHODS}
+        known = {f.name for f in dataclasses.fields(cls)} - {"method_settings"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: "
+                             f"{sorted(known | set(METHODS))}")
+        try:
+            return cls(**raw, method_settings=tables)
+        except TypeError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
     def replace(self, **overrides) -> "AdaptProtocol":
-        """A copy with the given fields changed; None values are ignored (CLI defaults)."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """A copy with the given fields changed, a method's name replacing its whole table
+        (`replace(memo={...})`); None values are ignored (CLI defaults)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        tables = {m: given.pop(m) for m in list(given) if m in METHODS}
+        if tables:
+            given["method_settings"] = {**self.method_settings, **tables}
+        return dataclasses.replace(self, **given)
+
+    def settings_of(self, method: str) -> dict:
+        """The method's table: its config fields plus `blocks` / `images` (may be empty)."""
+        method_spec(method)
+        return dict(self.method_settings.get(method, {}))
 
     def config(self, method: str):
-        """The method's MemoConfig / TentConfig (at its first learning rate)."""
+        """The method's config dataclass, e.g. MemoConfig (at its first learning rate)."""
         return self.configs(method)[0]
 
     def configs(self, method: str) -> list:
-        """One MemoConfig / TentConfig per learning rate (`lr` may be a list)."""
-        table = dict(getattr(self, method))
+        """One config per learning rate (`lr` may be a list)."""
+        table = self.settings_of(method)
         lrs = table.get("lr", [])
         if isinstance(lrs, list):
             if "lr" in table and not lrs:
@@ -80,19 +121,24 @@ class AdaptProtocol:
         return [self._config(method, table)]
 
     def _config(self, method: str, table: dict):
+        config_class = method_spec(method).config
         settings = {k: v for k, v in table.items() if k not in _METHOD_KEYS}
-        known = {f.name for f in dataclasses.fields(_CONFIGS[method])}
+        known = {f.name for f in dataclasses.fields(config_class)}
         unknown = set(settings) - known
         if unknown:
             raise ConfigError(f"[{method}]: unknown key(s) {sorted(unknown)}; known: "
                              f"{sorted(known | _METHOD_KEYS)}")
-        return _CONFIGS[method](**settings)
+        return config_class(**settings)
+
+    def _batch_sizes(self, method: str) -> set[int]:
+        spec = method_spec(method)
+        return {spec.batch_size(c) for c in self.configs(method)}
 
     def blocks_of(self, method: str) -> list[str]:
-        return list(getattr(self, method).get("blocks", self.blocks))
+        return list(self.settings_of(method).get("blocks", self.blocks))
 
     def images_of(self, method: str) -> int:
-        return int(getattr(self, method).get("images", self.images))
+        return self.settings_of(method).get("images", self.images)
 
 
 def _check_images(name: str, value) -> None:
@@ -109,11 +155,4 @@ def available() -> list[str]:
 
 def load_adapt_protocol(benchmark: str) -> AdaptProtocol:
     raw, path = read_protocol_file(CONFIG_DIR, benchmark, "adaptation protocol")
-    known = {f.name for f in dataclasses.fields(AdaptProtocol)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    try:
-        return AdaptProtocol(**raw)
-    except TypeError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    return AdaptProtocol.from_dict(raw, str(path))

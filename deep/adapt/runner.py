@@ -24,8 +24,7 @@ from ..data.base import mean_std
 from ..errors import ConfigError
 from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
 from ..sweep import resolve_checkpoint
-from .core import (adapted_parameter_names, check_bn_prior, make_adapter, parse_blocks,
-                   run_stream)
+from .core import METHODS, adapted_parameter_names, make_adapter, parse_blocks, run_stream
 from .protocol import AdaptProtocol
 from .results import AdaptResults, settings_json
 
@@ -50,10 +49,11 @@ def stream_normalisation(protocol: AdaptProtocol) -> tuple[tuple, tuple]:
     return mean_std(given, bench.normalization, bench.in_channels)
 
 
-def memo_augmenter(protocol: AdaptProtocol) -> MemoAugmenter:
-    """MEMO's augmentations for the protocol's stream (its normalisation, its severity)."""
+def memo_augmenter(protocol: AdaptProtocol, method: str = "memo") -> MemoAugmenter:
+    """MEMO's augmentations for the protocol's stream (its normalisation), at the severity
+    of `method`'s settings (a method of the table with `augments`)."""
     return MemoAugmenter(*stream_normalisation(protocol),
-                         severity=protocol.config("memo").severity)
+                         severity=protocol.config(method).severity)
 
 
 def stream_order(n: int, seed: int, images: int) -> torch.Tensor:
@@ -88,8 +88,7 @@ def adapt_stream(source: torch.nn.Module, arch: str, method: str, option: str, c
     start = time.perf_counter()
     adapter = make_adapter(model, method, option, blocks_for(arch), config, episodic,
                            augmenter, generator)
-    batch_size = 1 if method == "memo" else config.batch_size
-    correct = run_stream(adapter, images, labels, order, batch_size)
+    correct = run_stream(adapter, images, labels, order, METHODS[method].batch_size(config))
     params = dict(model.named_parameters())
     return StreamResult(float(correct.float().mean()), sum(params[n].numel() for n in adapter.names),
                         sum(p.numel() for p in params.values()), time.perf_counter() - start,
@@ -146,9 +145,11 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
     for method in protocol.methods:  # e.g. TENT on a block without normalisation: fail now
         for option in protocol.blocks_of(method):
             adapted_parameter_names(source, method, option, blocks_for(protocol.arch))
-    for config in protocol.configs("memo") if "memo" in protocol.methods else []:
-        check_bn_prior(source, config)
-    augmenter = memo_augmenter(protocol) if "memo" in protocol.methods else None
+    for method in protocol.methods:  # e.g. MEMO's BN prior on a model without BatchNorm
+        for config in protocol.configs(method):
+            METHODS[method].check_source(source, config)
+    augmenters = {m: memo_augmenter(protocol, m) for m in dict.fromkeys(protocol.methods)
+                  if METHODS[m].augments}
     results = AdaptResults(out)
     ran = skipped = 0
     start = time.perf_counter()
@@ -159,8 +160,9 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
                 for config in protocol.configs(method):
                     for option in protocol.blocks_of(method):
                         split = split or load_test_split(protocol, shift, seed, data_dir)
-                        done = _run_or_skip(results, protocol, checkpoint, source, augmenter, split,
-                                            shift, seed, method, config, option, episodic)
+                        done = _run_or_skip(results, protocol, checkpoint, source,
+                                            augmenters.get(method), split, shift, seed, method,
+                                            config, option, episodic)
                         ran, skipped = ran + (done is not None), skipped + (done is None)
                         if done is not None and progress:
                             print(f"[{time.perf_counter() - start:7.0f} s] {shift} seed {seed} "

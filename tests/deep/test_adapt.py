@@ -417,7 +417,7 @@ def _tiny_protocol(**kw) -> AdaptProtocol:
                   blocks=["none", "first"], seeds=[0], images=6, test_per_class=3,
                   checkpoint="none", memo={"copies": 2, "lr": [0.01, 0.001]},
                   tent={"batch_size": 3})
-    return AdaptProtocol(**{**fields, **kw})
+    return AdaptProtocol.from_dict({**fields, **kw})
 
 
 @pytest.mark.filterwarnings("ignore:checkpoint 'none'")

@@ -35,7 +35,7 @@ def cifar_protocol(benchmark="cifar10c", shift="fog", **kw):
     """The cifar10c protocol cut to one shift, seed and a few images of the fixture."""
     fields = dict(benchmark=benchmark, shifts=[shift], seeds=[0], test_per_class=1, images=2,
                   methods=["memo"], blocks=["none"], memo={"copies": 1, "lr": 0.005})
-    return dataclasses.replace(load_adapt_protocol("cifar10c"), **{**fields, **kw})
+    return load_adapt_protocol("cifar10c").replace(**{**fields, **kw})
 
 
 def assert_fixture_pixels(pixels: torch.Tensor, labels: torch.Tensor) -> None:
@@ -149,7 +149,7 @@ def test_cifar10c_protocol_adapts_the_model_pretrain_writes(cifar_dir, tmp_path)
     ckpt = save_checkpoint(tmp_path / "source.pt", build_model(arch, 10), arch, 10, 3)
     protocol = cifar_protocol(methods=["memo", "tent"], images=4,
                               memo={"copies": 2, "blocks": ["none", "first"]},
-                              tent={**load_adapt_protocol("cifar10c").tent, "batch_size": 2})
+                              tent={**load_adapt_protocol("cifar10c").settings_of("tent"), "batch_size": 2})
     run_adaptation(protocol, tmp_path / "r.csv", checkpoint=str(ckpt), data_dir=str(cifar_dir),
                    progress=False)
     rows = {(r["method"], r["blocks"]): r for r in read_adapt_results(tmp_path / "r.csv")}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from deep.__main__ import main
-from deep.adapt.cli import QUICK_BLOCKS, QUICK_IMAGES, add_arguments
+from deep.adapt.cli import add_arguments
+from deep.adapt.core import METHODS
 from deep.adapt.protocol import AdaptProtocol
 from deep.adapt.results import (AdaptResults, best_block, markdown_table, read_adapt_results,
                                 relative_table)
@@ -29,7 +30,7 @@ def _protocol(**kw) -> AdaptProtocol:
     fields = dict(benchmark="synthetic", arch=ARCH, shifts=["noise"], methods=["memo", "tent"],
                   blocks=["none", "first"], seeds=[0], images=6, test_per_class=3,
                   checkpoint="none", memo={"copies": 2, "lr": 0.01}, tent={"batch_size": 3})
-    return AdaptProtocol(**{**fields, **kw})
+    return AdaptProtocol.from_dict({**fields, **kw})
 
 
 def _row(images, blocks, acc, lr=0.0005, seed=0, shift="fog"):
@@ -203,7 +204,7 @@ def test_one_thread_by_default_and_a_readable_quick_help():
     quick, = [a for a in _parser()._actions if "--quick" in a.option_strings]
     text = quick.help
     assert "{" not in text and "[" not in text                        # no raw dicts or lists
-    for method in QUICK_IMAGES:
-        assert f"{method.upper()} on the first {QUICK_IMAGES[method]} images" in text
-        assert ",".join(QUICK_BLOCKS[method]) in text
+    for spec in METHODS.values():
+        assert f"{spec.label} on the first {spec.quick_images} images" in text
+        assert ",".join(spec.quick_blocks) in text
     assert "once per learning rate" in text and "0.005 and 0.0005" in text
