@@ -22,6 +22,7 @@ from .adapt.results import is_adapt_results, write_adapt_report
 from .files import atomic_write_bytes, save_figure
 from .methods import method_order
 from .models import block_order
+from .results import SELECT_WORST_GROUP, best_row, selection_metric
 from .stats import format_stat, mean_se  # format_stat: also imported from here (bench)
 from .sweep import read_results
 
@@ -30,31 +31,22 @@ SINGLE_BLOCKS = block_order()
 METHOD_ORDER = method_order(SINGLE_BLOCKS)
 
 
-def _val_metric(row: dict) -> float | None:
-    if row.get("select") == "worst_group_val_acc":
-        return row.get("val_worst_group_acc")
-    return row.get("val_acc")
-
-
 def test_metric_name(rows: list[dict]) -> str:
     """The reported metric: worst-group test accuracy when selection is worst-group."""
-    if rows and all(r.get("select") == "worst_group_val_acc" for r in rows):
+    if rows and all(r.get("select") == SELECT_WORST_GROUP for r in rows):
         return "worst_group_acc"
     return "test_acc"
 
 
 def select_learning_rates(rows: list[dict]) -> list[dict]:
-    """One row per (benchmark, shift, method, seed, n_target): the best lr by validation."""
-    best: dict[tuple, dict] = {}
+    """One row per (benchmark, shift, method, seed, n_target): the best lr by validation
+    (`results.best_row`); groups where no row has a metric are dropped."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        metric = _val_metric(row)
-        if metric is None or (isinstance(metric, float) and math.isnan(metric)):
-            continue
-        key = (row["benchmark"], row["shift"], row["method"], row["seed"], row["n_target"])
-        old = best.get(key)
-        if old is None or (metric, row["lr"]) > (_val_metric(old), old["lr"]):
-            best[key] = row
-    return list(best.values())
+        if selection_metric(row) is not None:
+            groups[(row["benchmark"], row["shift"], row["method"], row["seed"],
+                    row["n_target"])].append(row)
+    return [best_row(group) for group in groups.values()]
 
 
 def _method_key(method: str):
@@ -173,14 +165,18 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
     """Write report.md and relative_accuracy.{png,pdf} into `out_dir`; return the paths."""
     results_csv = Path(results_csv)
     if not results_csv.is_file():
-        raise ConfigError(f"results file not found: {results_csv}")
+        raise ConfigError(f"results file not found: {results_csv} (`python -m deep sweep ... "
+                          "--out FILE` writes one; `python -m deep bench` writes results.csv "
+                          "in its --out folder)")
     # --- issue #17: a `python -m deep adapt` CSV has its own columns and summary ---
     if is_adapt_results(results_csv):
         return write_adapt_report(results_csv, out_dir)
     # --- end of issue #17 branch ---
     rows = read_results(results_csv)
     if not rows:
-        raise ResultsError(f"{results_csv} holds no results yet")
+        raise ResultsError(f"{results_csv} holds no results yet: `python -m deep sweep ... "
+                           f"--out {results_csv}` (or `python -m deep bench`) adds a row per "
+                           "finished cell")
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = test_metric_name(rows)

@@ -6,6 +6,9 @@ fields, or holds a value that does not parse as its column's type stops the read
 with the file, the line number and what is wrong (a sweep killed mid-write can never
 leave such a row, see `ResultsFile`; a hand-edited or truncated copy can).
 Rows travel as plain dicts (`ResultRow.to_dict`), which the report and bench read.
+
+The learning-rate selection rule is written here once (`selection_metric`, `best_row`,
+`best_lr`): the report, the two-stage sweep and the scripts all pick by it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import csv
 import dataclasses
 import functools
 import io
+import math
 import types
 import typing
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +125,41 @@ def row_key(row: dict) -> tuple:
     return tuple(row[k] if k != "lr" else float(row[k]) for k in KEY)
 
 
+# --- selection: what picks a cell's epoch (train.fit) and its learning rate (here) ---
+
+SELECT_VAL_ACC = "val_acc"
+SELECT_WORST_GROUP = "worst_group_val_acc"
+SELECTION_RULES = (SELECT_VAL_ACC, SELECT_WORST_GROUP)  # a row's `select`, TrainConfig.select
+
+
+def selection_metric(row: dict) -> float | None:
+    """The validation metric that picks a row's learning rate: `val_worst_group_acc`
+    when its `select` is worst-group, else `val_acc`. None when the row has none (a cell
+    with no finished epoch) or it is NaN: such a row never wins."""
+    value = row.get("val_worst_group_acc" if row.get("select") == SELECT_WORST_GROUP
+                    else "val_acc")
+    return None if value is None or math.isnan(value) else value
+
+
+def _rank(metric: float, lr: float) -> tuple[float, float]:
+    """The order learning rates compete in: the better metric; on a tie, the larger lr."""
+    return (metric, float(lr))
+
+
+def best_lr(metrics: dict[float, float]) -> float:
+    """The lr of `metrics` ({lr: metric}, e.g. a mean over seeds) that wins: the best
+    metric, ties to the larger lr."""
+    return max(metrics, key=lambda lr: _rank(metrics[lr], lr))
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The winner among rows that compete for one lr choice (e.g. one benchmark, shift,
+    method, seed, n_target): the best `selection_metric`, ties to the larger lr (the first
+    such row if two share an lr). None if no row has a metric."""
+    scored = [row for row in rows if selection_metric(row) is not None]
+    return max(scored, key=lambda r: _rank(selection_metric(r), r["lr"]), default=None)
+
+
 @functools.cache
 def _column_types(cls) -> dict[str, tuple[type, bool]]:
     """Column -> (base type, whether empty is allowed), from the annotations; once per
@@ -200,7 +240,10 @@ class ResultsFile:
         self.rows = read_results(self.path)
         self.done = {row_key(r): r for r in self.rows}
         if len(self.done) != len(self.rows):
-            raise ResultsError(f"{self.path} holds duplicated cells; it was not written by a sweep")
+            twice = next(k for k, n in Counter(map(row_key, self.rows)).items() if n > 1)
+            raise ResultsError(f"{self.path} holds duplicated cells, e.g. {twice}, so a sweep "
+                               f"did not write it: keep one row per ({', '.join(KEY)}), "
+                               "or pass another --out")
         # A kill during a rewrite can leave the temp file behind (never the CSV itself).
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
             stale.unlink(missing_ok=True)

@@ -101,7 +101,9 @@ def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
     """--checkpoint if given, else the benchmark's own source model, else an error."""
     if checkpoint:
         if checkpoint != RANDOM_INIT and not Path(checkpoint).is_file():
-            raise ConfigError(f"checkpoint file not found: {checkpoint}")
+            raise ConfigError(f"checkpoint file not found: {checkpoint} (omit --checkpoint for "
+                              "the benchmark's own source model, if it has one, or pass "
+                              f"--checkpoint {RANDOM_INIT} to start from random weights)")
         return checkpoint
     if bench.pretrained is not None:
         return str(bench.pretrained(arch, Path(data_dir) if data_dir else None))

@@ -40,10 +40,10 @@ from .models.staged import guard_channels_last, stages_of, to_memory_format
 from .prefix_cache import (DEFAULT_CACHE_MB, FoldedConvBN, PrefixCache,  # noqa: F401
                            default_eval_batch_size, eval_mode, folded_view, refresh_folds,
                            to_device)
+from .results import SELECT_WORST_GROUP, SELECTION_RULES  # what picks the epoch (and the lr)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 SCHEDULES = ("constant", "cosine", "step")
-SELECTION_RULES = ("val_acc", "worst_group_val_acc")  # what picks the epoch (and the lr)
 
 
 @dataclass
@@ -273,9 +273,10 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
 def check_splits(train: Split, val: Split | None, config: TrainConfig) -> None:
     """The splits can be trained on and selected by `config.select`."""
     if len(train) == 0:
-        raise ConfigError("the training split is empty")
-    if config.select == "worst_group_val_acc" and val is not None and val.groups is None:
-        raise ConfigError("select='worst_group_val_acc' needs groups in the validation split")
+        raise ConfigError("the training split is empty: a fine-tuning run trains on n_target "
+                          "images; set n_target (--n-target) to at least 1")
+    if config.select == SELECT_WORST_GROUP and val is not None and val.groups is None:
+        raise ConfigError(f"select={SELECT_WORST_GROUP!r} needs groups in the validation split")
 
 
 class TrainingRun:
@@ -404,7 +405,8 @@ class TrainingRun:
             with autocast(next(self.model.parameters()).device, self.config.amp):
                 metrics = evaluate(self.model, self.val, self.config.eval_batch_size, self.cache,
                                    self.start, "val")
-            metric = metrics.acc if self.config.select == "val_acc" else metrics.worst_group_acc
+            metric = (metrics.worst_group_acc if self.config.select == SELECT_WORST_GROUP
+                      else metrics.acc)
             record.update(val_acc=metrics.acc, val_worst_group_acc=metrics.worst_group_acc)
             if metric > self.best_metric:
                 self.best_metric, self.best_epoch, self.best_val = metric, epoch, metrics

@@ -25,13 +25,8 @@ from typing import Callable
 
 from .errors import ConfigError
 from .protocol import Protocol
+from .results import best_lr, selection_metric
 from .sweep import SweepSummary, read_results, run_sweep
-
-
-def validation_metric(row: dict) -> float:
-    """The metric that picks a row's lr (its `select`); -inf when it has none."""
-    value = row["val_worst_group_acc"] if row["select"] == "worst_group_val_acc" else row["val_acc"]
-    return -math.inf if value is None or math.isnan(value) else value
 
 
 def lr_ladder(lrs: list[float], extend: int) -> tuple[list[float], list[float]]:
@@ -56,7 +51,9 @@ def _first_stage_values(rows: list[dict], protocol: Protocol, lr_seeds: list[int
         if (r["benchmark"] == protocol.benchmark and r["n_target"] == protocol.n_target
                 and r["seed"] in lr_seeds and r["method"] in protocol.methods
                 and r["shift"] in protocol.shifts and float(r["lr"]) in allowed):
-            values[(r["shift"], r["method"])][float(r["lr"])][r["seed"]] = validation_metric(r)
+            metric = selection_metric(r)  # a cell with none counts, and loses
+            values[(r["shift"], r["method"])][float(r["lr"])][r["seed"]] = \
+                -math.inf if metric is None else metric
     return {key: {lr: sum(per_seed.values()) / len(lr_seeds)
                   for lr, per_seed in cells.items() if len(per_seed) == len(lr_seeds)}
             for key, cells in values.items()}
@@ -75,12 +72,6 @@ def _searched(done: dict[float, float], protocol: Protocol, extend: int) -> list
             break
         grid.insert(0, lr)
     return grid
-
-
-def best_lr(means: dict[float, float]) -> float:
-    """The lr with the best metric; ties to the larger lr (as
-    `report.select_learning_rates`)."""
-    return max(means, key=lambda lr: (means[lr], lr))
 
 
 def _first_stage_choices(rows: list[dict], protocol: Protocol, lr_seeds: list[int],
@@ -170,8 +161,8 @@ def drop_superseded(rows: list[dict], lr_seeds: list[int]) -> list[dict]:
     first = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r["seed"] in lr_seeds:
-            metric = validation_metric(r)
-            if metric != -math.inf:
+            metric = selection_metric(r)
+            if metric is not None:
                 first[_pair(r)][float(r["lr"])][r["seed"]] = metric
     choice, first_grid = {}, {}
     for key, cells in first.items():

@@ -1,4 +1,7 @@
 import json, sys, glob, collections
+
+from deep.results import best_row
+
 rows = [json.loads(l) for f in sorted(sys.argv[1:]) for l in open(f)]
 print("per run: shift method lr | best epoch/ran | best val | test | cpu s/epoch")
 for r in rows:
@@ -7,11 +10,10 @@ for r in rows:
           f"{r['val_acc']:.3f} | {r['test_acc'] or 0:.3f} | {r['cpu_seconds']/len(c):.2f} | "
           + " ".join(f"{100*v:.0f}" for v in c))
 print("\nchosen lr per (shift, method):")
-best = {}
+by_pair = collections.defaultdict(list)
 for r in rows:
-    k = (r["shift"], r["method"])
-    if k not in best or (r["val_acc"], r["lr"]) > (best[k]["val_acc"], best[k]["lr"]):
-        best[k] = r
+    by_pair[(r["shift"], r["method"])].append(r)
+best = {k: best_row(rs) for k, rs in by_pair.items()}  # the report's rule (deep.results)
 for k, r in sorted(best.items()):
     print(k, f"lr {r['lr']:.0e} epoch {r['best_epoch']} val {r['val_acc']:.3f} test {r['test_acc']:.3f}")
 print("\npatience p: runs whose early-stopped choice differs from the full-run best (val points lost, max)")
