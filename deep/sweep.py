@@ -80,9 +80,7 @@ def check_protocol(protocol: Protocol, bench: Benchmark) -> None:
     bad = [m for m in protocol.methods if m not in known_methods]
     if bad:
         raise ConfigError(f"unknown method(s) {bad} for {protocol.arch}; known: {', '.join(known_methods)}")
-    bad = [s for s in protocol.shifts if s not in bench.shifts]
-    if bad:
-        raise ConfigError(f"unknown shift(s) {bad} of {bench.name}; known: {', '.join(bench.shifts)}")
+    bench.check_shifts(protocol.shifts)
     for name in ("shifts", "methods", "lrs", "seeds"):
         if not getattr(protocol, name):
             raise ConfigError(f"{name} is empty: nothing to run")

@@ -119,9 +119,7 @@ class AdaptSummary:
 def check_protocol(protocol: AdaptProtocol) -> None:
     """Unknown shifts or blocks fail before anything runs."""
     bench = get_benchmark(protocol.benchmark)
-    bad = [s for s in protocol.shifts if s not in bench.shifts]
-    if bad:
-        raise ConfigError(f"unknown shift(s) {bad} of {bench.name}; known: {', '.join(bench.shifts)}")
+    bench.check_shifts(protocol.shifts)
     known = blocks_for(protocol.arch)
     for method in protocol.methods:
         for option in protocol.blocks_of(method):

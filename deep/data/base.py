@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -183,6 +183,24 @@ class FileSplit(Split):
         g = self.groups[idx] if self.groups is not None else None
         return FileSplit([self.paths[i] for i in idx.tolist()], self.labels[idx], g,
                          self.transform, self.num_workers, self.name)
+
+
+def file_split(root: Path, files: Sequence[str], labels: torch.Tensor,
+               groups: torch.Tensor | None, idx: torch.Tensor, transform: Callable,
+               num_workers: int, name: str, listed_in: str, layout: str) -> FileSplit:
+    """The `FileSplit` of examples `idx` of a benchmark whose metadata lists one image
+    file per example (`files`, relative to `root`) with its label and group.
+
+    Every file is checked first: a missing one is a DataError naming the split, the
+    metadata file that lists it (`listed_in`) and the expected `layout`.
+    """
+    paths = [root / files[i] for i in idx.tolist()]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{name}: {len(missing)} image file(s) listed in {listed_in} are "
+                        f"missing, e.g. {missing[0]}; expected:\n{layout}")
+    return FileSplit(paths, labels[idx], groups[idx] if groups is not None else None,
+                     transform, num_workers=num_workers, name=name)
 
 
 @dataclass
@@ -357,3 +375,14 @@ class Benchmark:
     source_recipe: Mapping[str, object] | None = None
     normalization: Normalization | None = None
     default_data_dir: Callable[[], Path] | None = None
+
+    def check_shifts(self, shifts: str | Iterable[str]) -> None:
+        """ConfigError naming every shift (one name, or several) this benchmark does not
+        offer, and the shifts it does. The one check of a shift name: the sweep and the
+        adaptation runner call it before anything runs, a loader when called directly."""
+        if isinstance(shifts, str):
+            shifts = [shifts]
+        bad = [s for s in shifts if s not in self.shifts]
+        if bad:
+            raise ConfigError(f"unknown shift(s) {bad} of {self.name}; "
+                              f"known: {', '.join(self.shifts)}")

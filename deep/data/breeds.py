@@ -393,8 +393,7 @@ def load_breeds_task(name: str, data_dir, shift: str, n_target: int, val_per_cla
     the ImageNet train images of the target subclasses; test (test_per_class) from their
     ImageNet val images.
     """
-    if shift != "subpopulation":
-        raise ValueError(f"{name} has one shift, 'subpopulation'; got {shift!r}")
+    BENCHMARKS[name].check_shifts(shift)
     expected = expected_superclasses or RECIPES[name].num_superclasses
     root = _root(data_dir, name)
     names, _, target = _subclasses(root, name, info_dir, split, split_file, expected)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Benchmark, DataError, FileSplit, ShiftTask, SourceData
+from .base import Benchmark, DataError, ShiftTask, SourceData, file_split
 from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, draw_group_splits, find_dir,
                      require_file)
 
@@ -116,31 +116,19 @@ def read_celeba(data_dir, target_attribute: str, spurious_attribute: str):
     return image_dir, files, label, spurious, partition
 
 
-def _file_split(image_dir: Path, files, label, groups, idx, transform, num_workers,
-                name: str) -> FileSplit:
-    paths = [image_dir / files[i] for i in idx.tolist()]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"celeba: {len(missing)} image file(s) listed in list_attr_celeba.txt "
-                        f"are missing, e.g. {missing[0]}; expected:\n{LAYOUT}")
-    return FileSplit(paths, label[idx], groups[idx], transform, num_workers=num_workers,
-                     name=name)
-
-
 def load_celeba(data_dir, shift: str, n_target: int, val_per_class: int, test_per_class: int,
                 seed: int, target_attribute: str = "Blond_Hair", spurious_attribute: str = "Male",
                 resize: int | None = 224, crop: int = 224, num_workers: int = 0) -> ShiftTask:
     """Target task (shift "group-balanced"): train/val from partition 1, test from 2."""
-    if shift != "group-balanced":
-        raise ValueError(f"celeba has one shift, 'group-balanced'; got {shift!r}")
+    BENCHMARKS["celeba"].check_shifts(shift)
     image_dir, files, label, spurious, partition = read_celeba(
         data_dir, target_attribute, spurious_attribute)
     groups = 2 * label + spurious
     idx = draw_group_splits(groups, partition, n_target, val_per_class, test_per_class, seed,
                             "celeba")
     transform = ImageTransform(resize=resize, crop=crop)
-    splits = [_file_split(image_dir, files, label, groups, part, transform, num_workers,
-                          f"celeba/{name}")
+    splits = [file_split(image_dir, files, label, groups, part, transform, num_workers,
+                         f"celeba/{name}", "list_attr_celeba.txt", LAYOUT)
               for name, part in zip(("train", "val", "test"), idx)]
     names = GROUP_NAMES if (target_attribute, spurious_attribute) == ("Blond_Hair", "Male") else \
         tuple(f"{target_attribute}={a}_{spurious_attribute}={b}" for a in (0, 1) for b in (0, 1))
@@ -155,9 +143,9 @@ def load_celeba_source(data_dir, target_attribute: str = "Blond_Hair",
         data_dir, target_attribute, spurious_attribute)
     groups = 2 * label + spurious
     transform = ImageTransform(resize=resize, crop=crop)
-    train, test = (_file_split(image_dir, files, label, groups,
-                               torch.nonzero(partition == p).flatten(), transform, num_workers,
-                               f"celeba/source-{name}")
+    train, test = (file_split(image_dir, files, label, groups,
+                              torch.nonzero(partition == p).flatten(), transform, num_workers,
+                              f"celeba/source-{name}", "list_attr_celeba.txt", LAYOUT)
                    for p, name in ((0, "train"), (2, "test")))
     if len(train) == 0 or len(test) == 0:
         raise DataError("celeba: list_eval_partition.txt has no image in partition 0 or 2")

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .base import (Benchmark, DataError, Normalization, ShiftTask, SourceData, TensorSplit,
                    draw_splits, mean_std, to_float_images)
 from .images import find_dir, require_file
@@ -86,10 +87,10 @@ def read_cifar10c(data_dir, corruption: str, severity: int = 5) -> tuple[np.ndar
     """
     what = f"cifar10c/{corruption}"
     if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
-        raise ValueError(f"unknown CIFAR-10-C corruption {corruption!r}; known: "
-                         f"{', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
+        raise ConfigError(f"unknown CIFAR-10-C corruption {corruption!r}; known: "
+                          f"{', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
     if not 1 <= severity <= SEVERITIES:
-        raise ValueError(f"severity must be in 1..{SEVERITIES}, got {severity}")
+        raise ConfigError(f"severity must be in 1..{SEVERITIES}, got {severity}")
     root = find_dir(data_dir, ["CIFAR-10-C"], "labels.npy", LAYOUT_C, "cifar10c")
     images = _load_npy(require_file(root / f"{corruption}.npy", LAYOUT_C, what), what)
     labels = _load_npy(root / "labels.npy", what)
@@ -129,11 +130,21 @@ def load_cifar10c(data_dir, shift: str, n_target: int, val_per_class: int, test_
                   normalization: Normalization | None = None) -> ShiftTask:
     """CIFAR-10-C target task for one corruption (`shift`); `normalization`: see the
     module docstring."""
+    BENCHMARKS["cifar10c"].check_shifts(shift)
     images, labels = read_cifar10c(data_dir, shift, severity)
     idx = draw_splits(labels, NUM_CLASSES, n_target, val_per_class, test_per_class, seed,
                       f"cifar10c/{shift}")
     train, val, test = _tensor_splits(images, labels, idx, f"cifar10c/{shift}", normalization)
     return ShiftTask("cifar10c", shift, NUM_CLASSES, train, val, test)
+
+
+def load_cifar10c_official(data_dir, shift: str, n_target: int, val_per_class: int,
+                           test_per_class: int, seed: int, severity: int = 5,
+                           normalization: Normalization | None = None) -> ShiftTask:
+    """`load_cifar10c` limited to the corruptions the public code runs (cifar10c-official)."""
+    BENCHMARKS["cifar10c-official"].check_shifts(shift)
+    return load_cifar10c(data_dir, shift, n_target, val_per_class, test_per_class, seed,
+                         severity, normalization)
 
 
 # ---------------------------------------------------------------- CIFAR-10 batches
@@ -221,8 +232,7 @@ def load_cifar_flip(data_dir, shift: str, n_target: int, val_per_class: int,
                     test_per_class: int, seed: int,
                     normalization: Normalization | None = None) -> ShiftTask:
     """CIFAR-10 test images with labels y -> 9 - y (an output-level shift)."""
-    if shift != "flip":
-        raise ValueError(f"cifar-flip has one shift, 'flip'; got {shift!r}")
+    BENCHMARKS["cifar-flip"].check_shifts(shift)
     images, labels = read_cifar10(data_dir, train=False)
     flipped = (NUM_CLASSES - 1) - labels
     idx = draw_splits(flipped, NUM_CLASSES, n_target, val_per_class, test_per_class, seed,
@@ -246,6 +256,6 @@ BENCHMARKS = {
     "cifar10c-official": Benchmark(
         name="cifar10c-official", shifts=PUBLIC_CODE_CORRUPTIONS, num_classes=NUM_CLASSES,
         in_channels=3, layout=LAYOUT_C + "\nsource data (pretraining): " + LAYOUT_BATCHES,
-        load_task=load_cifar10c, load_source=load_cifar10_source,
+        load_task=load_cifar10c_official, load_source=load_cifar10_source,
         normalization=NORMALIZATION),
 }

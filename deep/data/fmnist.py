@@ -190,11 +190,6 @@ def _task(benchmark: str, shift: str, num_classes: int, images: np.ndarray, labe
                      perturb=perturb)
 
 
-def _check_shift(benchmark: str, shift: str, shifts: tuple[str, ...]) -> None:
-    if shift not in shifts:
-        raise DataError(f"{benchmark}: unknown shift {shift!r}; known: {', '.join(shifts)}")
-
-
 def _plain_source(data_dir=None) -> SourceData:
     """Plain Fashion-MNIST: the one source model of fmnist-c, fmnist-flip and fmnist-blocknoise."""
     data = load_fashion_mnist(data_dir)
@@ -236,7 +231,7 @@ def load_fmnist_c(data_dir=None, shift: str = "gaussian_noise", n_target: int = 
                   val_per_class: int = 10, test_per_class: int = 90, seed: int = 0, *,
                   severity: int = 5, corruption_seed: int = 0) -> ShiftTask:
     """Target: Fashion-MNIST test images with corruption `shift` at `severity` (default 5)."""
-    _check_shift("fmnist-c", shift, CORRUPTION_NAMES)
+    BENCHMARKS["fmnist-c"].check_shifts(shift)
     data = load_fashion_mnist(data_dir)
     images = _corrupted(data, shift, severity, corruption_seed)
     return _task("fmnist-c", shift, NUM_CLASSES, images, data.test_labels,
@@ -274,7 +269,7 @@ def _superclass_view(images: np.ndarray, labels: np.ndarray, side: int) -> tuple
 def load_fmnist_breeds(data_dir=None, shift: str = "subpopulation", n_target: int = 1000,
                        val_per_class: int = 10, test_per_class: int = 90, seed: int = 0) -> ShiftTask:
     """Target: test images of the target subclasses, labelled by superclass (3 classes)."""
-    _check_shift("fmnist-breeds", shift, ("subpopulation",))
+    BENCHMARKS["fmnist-breeds"].check_shifts(shift)
     data = load_fashion_mnist(data_dir)
     images, labels = _superclass_view(data.test_images, data.test_labels, side=1)
     return _task("fmnist-breeds", shift, len(SUPERCLASSES), images, labels,
@@ -296,7 +291,7 @@ def source_fmnist_breeds(data_dir=None) -> SourceData:
 def load_fmnist_flip(data_dir=None, shift: str = "flip", n_target: int = 1000,
                      val_per_class: int = 10, test_per_class: int = 90, seed: int = 0) -> ShiftTask:
     """Target: clean test images with labels y -> 9 - y."""
-    _check_shift("fmnist-flip", shift, ("flip",))
+    BENCHMARKS["fmnist-flip"].check_shifts(shift)
     data = load_fashion_mnist(data_dir)
     return _task("fmnist-flip", shift, NUM_CLASSES, data.test_images,
                  (NUM_CLASSES - 1) - data.test_labels, n_target, val_per_class, test_per_class, seed)
@@ -377,7 +372,7 @@ def load_fmnist_spurious(data_dir=None, shift: str = "balanced", n_target: int =
     `source_agreement` and `cue_seed` shape the source data only; they are accepted here
     so that one protocol `data` table can be passed to both loaders.
     """
-    _check_shift("fmnist-spurious", shift, SPURIOUS_SHIFTS)
+    BENCHMARKS["fmnist-spurious"].check_shifts(shift)
     agreement = {"balanced": 0.5, "reversed": 0.0}[shift]
     data = load_fashion_mnist(data_dir)
     train, val, test = draw_splits(torch.tensor(data.test_labels), NUM_CLASSES, n_target,
@@ -468,7 +463,7 @@ def load_fmnist_blocknoise(data_dir=None, shift: str = "first", n_target: int = 
     `noise_scale` (noise norm / parameter norm) defaults to NOISE_SCALES[shift]. The
     noise is fixed by `noise_seed`, not by the split seed, like a fixed corrupted set.
     """
-    _check_shift("fmnist-blocknoise", shift, BLOCKNOISE_SHIFTS)
+    BENCHMARKS["fmnist-blocknoise"].check_shifts(shift)
     perturb = block_perturbation(shift, arch, noise_scale, noise_seed)
     data = load_fashion_mnist(data_dir)
     return _task("fmnist-blocknoise", shift, NUM_CLASSES, data.test_images, data.test_labels,

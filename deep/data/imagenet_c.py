@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from .base import Benchmark, DataError, FileSplit, ShiftTask
 from .base import draw_splits
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, find_dir, list_images
@@ -49,8 +50,8 @@ weather.tar, extra.tar), extracted into one folder:
 def corruption_dir(data_dir, corruption: str) -> Path:
     """The folder holding `<severity>/<wnid>/` for `corruption`."""
     if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
-        raise ValueError(f"unknown ImageNet-C corruption {corruption!r}; known: "
-                         f"{', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
+        raise ConfigError(f"unknown ImageNet-C corruption {corruption!r}; known: "
+                          f"{', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
     group = next((g for g, members in GROUPS.items() if corruption in members), "extra")
     names = ["ImageNet-C", f"ImageNet-C/{group}", group, "extra", "ImageNet-C/extra"]
     return find_dir(data_dir, names, corruption, LAYOUT, f"imagenet-c/{corruption}") / corruption
@@ -62,7 +63,7 @@ def read_imagenet_c(data_dir, corruption: str, severity: int = 5,
     the sorted wnids present."""
     what = f"imagenet-c/{corruption}/{severity}"
     if not 1 <= severity <= 5:
-        raise ValueError(f"severity must be in 1..5, got {severity}")
+        raise ConfigError(f"severity must be in 1..5, got {severity}")
     folder = corruption_dir(data_dir, corruption) / str(severity)
     if not folder.is_dir():
         raise DataError(f"{what}: missing folder {folder}; expected:\n{LAYOUT}")
@@ -94,6 +95,7 @@ def load_imagenet_c(data_dir, shift: str, n_target: int, val_per_class: int,
     keeps the stored 224-px images as they are (the reference code only converts them to
     tensors); the ImageNet mean/std normalisation matches torchvision ResNet-50 weights.
     """
+    BENCHMARKS["imagenet-c"].check_shifts(shift)
     paths, labels, wnids = read_imagenet_c(data_dir, shift, severity, allow_subset)
     # draw over positions among the classes present, keep ImageNet indices as labels
     local = torch.searchsorted(torch.tensor(sorted(CLASS_INDEX[w] for w in wnids)), labels)

@@ -108,8 +108,7 @@ def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_
     disjoint parts of its "eval" pool (for `spurious` the two pools differ in
     how often the patch matches the label).
     """
-    if shift not in SHIFTS:
-        raise DataError(f"unknown shift {shift!r} of synthetic; known: {', '.join(SHIFTS)}")
+    BENCHMARKS[NAME].check_shifts(shift)
     if n_target < 1:
         raise DataError(f"synthetic/{shift}: n_target must be >= 1, got {n_target}")
     if n_target > NUM_CLASSES * POOL_PER_CLASS:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Benchmark, DataError, FileSplit, ShiftTask, SourceData
+from .base import Benchmark, DataError, ShiftTask, SourceData, file_split
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, draw_group_splits, find_dir
 
 COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
@@ -69,16 +69,6 @@ def read_metadata(data_dir) -> tuple[Path, list[str], torch.Tensor, torch.Tensor
     return root, files, y, place, split
 
 
-def _file_split(root: Path, files: list[str], y, groups, idx, transform, num_workers,
-                name: str) -> FileSplit:
-    paths = [root / files[i] for i in idx.tolist()]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"waterbirds: {len(missing)} image file(s) listed in metadata.csv are "
-                        f"missing, e.g. {missing[0]}; expected:\n{LAYOUT}")
-    return FileSplit(paths, y[idx], groups[idx], transform, num_workers=num_workers, name=name)
-
-
 def load_waterbirds(data_dir, shift: str, n_target: int, val_per_class: int,
                     test_per_class: int, seed: int, resize: int | None = 256, crop: int = 224,
                     num_workers: int = 0) -> ShiftTask:
@@ -87,15 +77,14 @@ def load_waterbirds(data_dir, shift: str, n_target: int, val_per_class: int,
     n_target is spread evenly over the 4 groups, val_per_class (and test_per_class,
     0 = the whole test split) evenly over each class's 2 groups.
     """
-    if shift != "group-balanced":
-        raise ValueError(f"waterbirds has one shift, 'group-balanced'; got {shift!r}")
+    BENCHMARKS["waterbirds"].check_shifts(shift)
     root, files, y, place, split = read_metadata(data_dir)
     groups = 2 * y + place
     idx = draw_group_splits(groups, split, n_target, val_per_class, test_per_class, seed,
                             "waterbirds")
     transform = ImageTransform(resize=resize, crop=crop)
-    splits = [_file_split(root, files, y, groups, part, transform, num_workers,
-                          f"waterbirds/{name}")
+    splits = [file_split(root, files, y, groups, part, transform, num_workers,
+                         f"waterbirds/{name}", "metadata.csv", LAYOUT)
               for name, part in zip(("train", "val", "test"), idx)]
     return ShiftTask("waterbirds", shift, 2, *splits, group_names=GROUP_NAMES)
 
@@ -106,8 +95,9 @@ def load_waterbirds_source(data_dir, resize: int | None = 256, crop: int = 224,
     root, files, y, place, split = read_metadata(data_dir)
     groups = 2 * y + place
     transform = ImageTransform(resize=resize, crop=crop)
-    train, test = (_file_split(root, files, y, groups, torch.nonzero(split == s).flatten(),
-                               transform, num_workers, f"waterbirds/source-{name}")
+    train, test = (file_split(root, files, y, groups, torch.nonzero(split == s).flatten(),
+                              transform, num_workers, f"waterbirds/source-{name}",
+                              "metadata.csv", LAYOUT)
                    for s, name in ((0, "train"), (2, "test")))
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"waterbirds: metadata.csv has no rows with split 0 (train) or 2 (test)")

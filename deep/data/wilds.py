@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, check_int
+from ..errors import check_int
 from ..models.vit import CLIP_MEAN, CLIP_STD
 from .base import (Benchmark, DataError, FileSplit, Normalization, ShiftTask, SourceData,
-                   class_balanced_indices, mean_std, seeded, split_counts)
+                   class_balanced_indices, file_split, mean_std, seeded, split_counts)
 from .images import ImageTransform, find_dir, require_file
 
 SHIFTS = ("ood-test", "ood-val")
@@ -276,21 +276,13 @@ def draw_target(labels: torch.Tensor, pool: torch.Tensor, num_classes: int, n_ta
 
 # --- tasks ------------------------------------------------------------------------
 
-def _file_split(table: Table, idx: torch.Tensor, transform, num_workers: int, name: str,
-                layout: str) -> FileSplit:
-    paths = [table.root / table.files[i] for i in idx.tolist()]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"{name}: {len(missing)} image file(s) listed in the metadata are "
-                        f"missing, e.g. {missing[0]}; expected:\n{layout}")
-    groups = table.groups[idx] if table.groups is not None else None
-    return FileSplit(paths, table.labels[idx], groups, transform, num_workers=num_workers,
-                     name=name)
+def _table_split(table: Table, idx: torch.Tensor, transform, num_workers: int, name: str,
+                 layout: str) -> FileSplit:
+    return file_split(table.root, table.files, table.labels, table.groups, idx, transform,
+                      num_workers, name, "the metadata", layout)
 
 
 def _pool(table: Table, shift: str, benchmark: str) -> torch.Tensor:
-    if shift not in SHIFTS:
-        raise ConfigError(f"unknown shift {shift!r} of {benchmark}; known: {', '.join(SHIFTS)}")
     pool = table.splits["test" if shift == "ood-test" else "val"]
     if not pool.any():
         raise DataError(f"{benchmark}: the metadata has no example in the WILDS "
@@ -305,7 +297,7 @@ def _load_task(benchmark: str, table: Table, layout: str, num_classes: int, shif
     idx = draw_target(table.labels, _pool(table, shift, benchmark), num_classes, n_target,
                       val_per_class, test_per_class, seed, balanced, f"{benchmark}/{shift}")
     transform = _transform(resize, crop, normalization)
-    splits = [_file_split(table, part, transform, num_workers, f"{benchmark}/{name}", layout)
+    splits = [_table_split(table, part, transform, num_workers, f"{benchmark}/{name}", layout)
               for name, part in zip(("train", "val", "test"), idx)]
     group_names = REGIONS if table.groups is not None else None
     return ShiftTask(benchmark, shift, num_classes, *splits, group_names=group_names)
@@ -322,8 +314,8 @@ def _load_source(benchmark: str, table: Table, layout: str, num_classes: int,
                  resize: int | None, crop: int, num_workers: int,
                  normalization: Normalization | None) -> SourceData:
     transform = _transform(resize, crop, normalization)
-    train, test = (_file_split(table, torch.nonzero(table.splits[s]).flatten(), transform,
-                               num_workers, f"{benchmark}/source-{s}", layout)
+    train, test = (_table_split(table, torch.nonzero(table.splits[s]).flatten(), transform,
+                                num_workers, f"{benchmark}/source-{s}", layout)
                    for s in ("train", "id_val"))
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{benchmark}: the metadata has no example in the WILDS train or "
@@ -338,6 +330,7 @@ def load_camelyon17(data_dir, shift: str, n_target: int, val_per_class: int,
     """Target task from hospital 2 ("ood-test") or 1 ("ood-val"), class balanced.
     The 96-px patches are upsampled to `resize` (bilinear), then centre-cropped;
     `normalization` (mean, std): CLIP's when None."""
+    BENCHMARKS["camelyon17"].check_shifts(shift)
     return _load_task("camelyon17", read_camelyon17(data_dir), CAMELYON_LAYOUT, 2, shift,
                       n_target, val_per_class, test_per_class, seed, True, resize, crop,
                       num_workers, normalization)
@@ -355,6 +348,7 @@ def load_fmow(data_dir, shift: str, n_target: int, val_per_class: int, test_per_
               num_workers: int = 0, normalization: Normalization | None = None) -> ShiftTask:
     """Target task from 2016 on ("ood-test") or 2013-2015 ("ood-val"), uniform draws,
     regions as groups; `normalization` (mean, std): CLIP's when None."""
+    BENCHMARKS["fmow"].check_shifts(shift)
     return _load_task("fmow", read_fmow(data_dir), FMOW_LAYOUT, len(FMOW_CATEGORIES), shift,
                       n_target, val_per_class, test_per_class, seed, False, resize, crop,
                       num_workers, normalization)

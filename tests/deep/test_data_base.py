@@ -28,3 +28,40 @@ def test_draw_splits_are_disjoint_balanced_nested_and_seeded():
     assert not torch.equal(draw_splits(labels, 10, 30, 2, 5, seed=4, what="t")[2], test)
     with pytest.raises(ValueError, match="val_per_class must be at least 1"):
         draw_splits(labels, 10, 30, 0, 5, seed=3, what="t")
+
+
+def test_file_split_takes_the_rows_files_labels_and_groups(tmp_path):
+    from PIL import Image
+    from deep.data.base import FileSplit, file_split
+    files = [f"a/{i}.png" for i in range(4)]
+    (tmp_path / "a").mkdir()
+    for i, name in enumerate(files):
+        Image.new("RGB", (2, 2), (60 * i, 0, 0)).save(tmp_path / name)
+    labels, groups = torch.tensor([0, 1, 0, 1]), torch.tensor([3, 2, 1, 0])
+    transform = lambda im: torch.tensor(im.getpixel((0, 0)), dtype=torch.float32)[:, None, None]
+    split = file_split(tmp_path, files, labels, groups, torch.tensor([3, 1]), transform, 0,
+                       "bench/train", "meta.csv", "LAYOUT")
+    assert isinstance(split, FileSplit) and split.name == "bench/train"
+    assert split.paths == [str(tmp_path / "a/3.png"), str(tmp_path / "a/1.png")]
+    assert split.labels.tolist() == [1, 1] and split.groups.tolist() == [0, 2]
+    (x, y, g), = split.batches(2)
+    assert x[:, 0, 0, 0].tolist() == [180.0, 60.0] and y.tolist() == [1, 1]
+    ungrouped = file_split(tmp_path, files, labels, None, torch.tensor([0]), transform, 0,
+                           "bench/val", "meta.csv", "LAYOUT")
+    assert ungrouped.groups is None and ungrouped.labels.tolist() == [0]
+
+
+def test_file_split_names_the_split_the_metadata_and_the_layout_of_missing_files(tmp_path):
+    from deep.data.base import file_split
+    (tmp_path / "there.png").write_bytes(b"")
+    files = ["there.png", "gone.png", "also-gone.png"]
+    with pytest.raises(DataError) as err:
+        file_split(tmp_path, files, torch.tensor([0, 1, 0]), None, torch.tensor([0, 1, 2]),
+                   None, 0, "bench/test", "meta.csv", "<data-dir>/meta.csv\n<data-dir>/*.png")
+    assert str(err.value) == (f"bench/test: 2 image file(s) listed in meta.csv are missing, "
+                              f"e.g. {tmp_path / 'gone.png'}; expected:\n"
+                              "<data-dir>/meta.csv\n<data-dir>/*.png")
+    # only the rows asked for are checked
+    split = file_split(tmp_path, files, torch.tensor([0, 1, 0]), None, torch.tensor([0]), None,
+                       0, "bench/test", "meta.csv", "")
+    assert len(split) == 1

@@ -17,6 +17,7 @@ import torch
 from deep.data import DataError, get_benchmark
 from deep.data import fmnist as F
 from deep.data.base import split_counts
+from deep.errors import ConfigError
 
 FMNIST_NAMES = ["fmnist-c", "fmnist-breeds", "fmnist-flip", "fmnist-spurious", "fmnist-blocknoise"]
 SMALL = dict(n_target=100, val_per_class=5, test_per_class=20)   # keeps the tests fast
@@ -255,13 +256,14 @@ def test_test_and_val_do_not_depend_on_n_target_and_train_sets_are_nested(fake_d
 
 def test_bad_arguments_raise(fake_dir):
     bench = get_benchmark("fmnist-c")
-    with pytest.raises(ValueError, match="unknown shift 'frost'"):
+    with pytest.raises(ConfigError, match=r"unknown shift\(s\) \['frost'\] of fmnist-c; known: "
+                                          "gaussian_noise, "):
         bench.load_task(fake_dir, "frost", **SMALL)
     with pytest.raises(ValueError, match="n_target must be at least 1"):
         bench.load_task(fake_dir, "brightness", n_target=0, val_per_class=5, test_per_class=5)
     with pytest.raises(DataError, match="1000 examples left, 1001 requested"):
         bench.load_task(fake_dir, "brightness", n_target=100, val_per_class=5, test_per_class=1001)
-    with pytest.raises(ValueError, match="unknown shift"):
+    with pytest.raises(ConfigError, match=r"unknown shift\(s\) \['fourth'\] of fmnist-blocknoise"):
         get_benchmark("fmnist-blocknoise").load_task(fake_dir, "fourth", **SMALL)
 
 

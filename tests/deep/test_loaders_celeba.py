@@ -1,6 +1,7 @@
 """CelebA on a fixture `celeba/{img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt}`."""
 
 import os
+import re
 from collections import Counter
 
 import pytest
@@ -120,7 +121,9 @@ def test_missing_and_corrupt_image(celeba):
     with pytest.raises(DataError, match="cannot decode image .*jpg"):
         list(task.train.batches(8))
     os.unlink(task.test.paths[0])
-    with pytest.raises(DataError, match="1 image file.* missing"):
+    with pytest.raises(DataError, match=r"celeba/test: 1 image file\(s\) listed in "
+                                         r"list_attr_celeba.txt are missing, e.g. "
+                                         f"{re.escape(task.test.paths[0])}; expected:\n"):
         load(celeba)
 
 

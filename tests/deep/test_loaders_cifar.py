@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from deep.data import DataError, get_benchmark
-from deep.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
+from deep.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, read_cifar10c
+from deep.errors import ConfigError
 from tests.deep.fixtures import writers
 
 
@@ -111,10 +112,17 @@ def test_missing_directory_and_files(tmp_path, cifar_dir):
 
 
 def test_unknown_corruption_and_severity(cifar_dir):
-    with pytest.raises(ValueError, match="unknown CIFAR-10-C corruption 'fogg'"):
+    with pytest.raises(ConfigError, match=r"unknown shift\(s\) \['fogg'\] of cifar10c; known: "):
         get_benchmark("cifar10c").load_task(cifar_dir, "fogg", 10, 1, 1, seed=0)
-    with pytest.raises(ValueError, match="severity"):
+    with pytest.raises(ConfigError, match="unknown CIFAR-10-C corruption 'fogg'"):
+        read_cifar10c(cifar_dir, "fogg")
+    with pytest.raises(ConfigError, match="severity must be in 1..5, got 6"):
         get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0, severity=6)
+    # the public code's benchmark offers its own corruptions only, though the file is there
+    with pytest.raises(ConfigError, match=r"\['fog'\] of cifar10c-official; known: defocus_blur"):
+        get_benchmark("cifar10c-official").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+    with pytest.raises(ConfigError, match=r"\['fogg'\] of cifar-flip; known: flip$"):
+        get_benchmark("cifar-flip").load_task(cifar_dir, "fogg", 10, 1, 1, seed=0)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -8,7 +8,8 @@ import torch
 
 from deep.data import DataError, get_benchmark
 from deep.data.images import IMAGENET_MEAN, IMAGENET_STD
-from deep.data.imagenet_c import IMAGENET_WNIDS
+from deep.data.imagenet_c import IMAGENET_WNIDS, read_imagenet_c
+from deep.errors import ConfigError
 from tests.deep.fixtures import writers
 
 WNIDS = writers.IMAGENET_C_WNIDS
@@ -84,8 +85,10 @@ def test_missing_data_and_bad_names(tmp_path, imagenet_c):
         load(None)
     with pytest.raises(DataError, match="does not exist"):
         load(tmp_path / "missing")
-    with pytest.raises(ValueError, match="unknown ImageNet-C corruption 'smog'"):
+    with pytest.raises(ConfigError, match=r"unknown shift\(s\) \['smog'\] of imagenet-c; known: "):
         get_benchmark("imagenet-c").load_task(imagenet_c, "smog", 6, 1, 2, seed=0)
+    with pytest.raises(ConfigError, match="unknown ImageNet-C corruption 'smog'"):
+        read_imagenet_c(imagenet_c, "smog")
     with pytest.raises(DataError, match="snow not found"):
         get_benchmark("imagenet-c").load_task(imagenet_c, "snow", 6, 1, 2, seed=0)
     shutil.rmtree(imagenet_c / "ImageNet-C" / "fog" / "5")

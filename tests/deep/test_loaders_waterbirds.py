@@ -1,6 +1,7 @@
 """Waterbirds on a fixture `waterbird_complete95_forest2water2/metadata.csv` + JPEGs."""
 
 import csv
+import re
 from collections import Counter
 
 import pytest
@@ -98,7 +99,9 @@ def test_missing_image_and_directory(waterbirds, tmp_path):
         load(tmp_path / "waterbird_complete95_forest2water2" / "001.Black_footed_Albatross")
     row = next(r for r in metadata(waterbirds).values() if r["split"] == "2")
     (waterbirds / "waterbird_complete95_forest2water2" / row["img_filename"]).unlink()
-    with pytest.raises(DataError, match="1 image file.* missing"):
+    with pytest.raises(DataError, match=r"waterbirds/test: 1 image file\(s\) listed in "
+                                         r"metadata.csv are missing, e.g. .*"
+                                         f"{re.escape(row['img_filename'])}; expected:\nWaterbirds \\("):
         load(waterbirds)
 
 

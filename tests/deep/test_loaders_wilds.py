@@ -12,6 +12,7 @@ import torch
 
 from deep.data import DataError, get_benchmark
 from deep.data.wilds import FMOW_CATEGORIES, read_fmow
+from deep.errors import ConfigError
 from deep.models.vit import CLIP_MEAN, CLIP_STD
 from deep.sweep import read_results
 from deep.train import accuracy
@@ -255,7 +256,9 @@ def test_missing_patch_is_named(camelyon):
     task = camelyon_task(camelyon)
     victim = Path(task.train.paths[0])
     victim.unlink()
-    with pytest.raises(DataError, match=f"missing, e.g. .*{victim.name}"):
+    with pytest.raises(DataError, match=f"camelyon17/train: 1 image file\\(s\\) listed in the "
+                                        f"metadata are missing, e.g. .*{victim.name}; "
+                                        "expected:\nCamelyon17-WILDS v1.0"):
         camelyon_task(camelyon)
 
 
@@ -293,9 +296,12 @@ def test_bad_data_through_the_cli_fails_without_a_row(tmp_path):
     assert read_results(out) == []
 
 
-def test_unknown_shift(camelyon):
-    with pytest.raises(ValueError, match="unknown shift 'hospital9'.*ood-test, ood-val"):
+def test_unknown_shift(camelyon, tmp_path):
+    message = r"unknown shift\(s\) \['hospital9'\] of {}; known: ood-test, ood-val$"
+    with pytest.raises(ConfigError, match=message.format("camelyon17")):
         camelyon_task(camelyon, shift="hospital9")
+    with pytest.raises(ConfigError, match=message.format("fmow")):  # before any data is read
+        fmow_task(tmp_path / "nothing", shift="hospital9")
 
 
 @pytest.mark.slow
