@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import rankdata
 
 from .blocks import blocks_for
 from .files import atomic_write_bytes, save_figure
@@ -197,13 +198,15 @@ def blocks_by_mean(stats: dict[str, dict]) -> list[str]:
 
 
 def ranks(per_row: list[dict[str, dict]], methods: tuple[str, ...]) -> dict[str, float]:
-    """Average rank (1 = best mean accuracy) of `methods` over the table's rows."""
+    """Average rank (1 = best mean accuracy) of `methods` over the table's rows; methods
+    with equal accuracy in a row share the mean of their ranks (two tied for first both
+    get 1.5), so a tie is never broken by the order the methods are listed in."""
     total = defaultdict(list)
     for stats in per_row:
         present = [m for m in methods if m in stats and stats[m]["abs"][2] > 0]
-        order = sorted(present, key=lambda m: -stats[m]["abs"][0])
-        for rank, m in enumerate(order, start=1):
-            total[m].append(rank)
+        row_ranks = rankdata([-stats[m]["abs"][0] for m in present], method="average")
+        for m, rank in zip(present, row_ranks):
+            total[m].append(float(rank))
     return {m: float(np.mean(v)) for m, v in total.items()}
 
 
@@ -394,13 +397,15 @@ def protocol_lines(rows: list[dict], curves: list[dict], n_target: int) -> list[
         lines.append(f"Two stages: the whole grid on seed(s) {grid_seeds}; the other seeds of each "
                      "(shift, method) at the learning rate those seeds chose by validation.")
     if curves:
+        def run(r):
+            return r["benchmark"], r["shift"], r["method"], r["seed"], r["n_target"], r["lr"]
         ran = defaultdict(int)
         for c in curves:
-            ran[(c["benchmark"], c["shift"], c["method"], c["seed"], c["n_target"], c["lr"])] += 1
-        cap = max(epochs)
-        stopped = sum(n < cap for n in ran.values())
+            ran[run(c)] += 1
+        cap = {run(r): r["epochs"] for r in rows}  # each run's own cap (protocols differ)
+        stopped = sum(n < cap.get(k, max(epochs)) for k, n in ran.items())
         lines.append(f"Early stopping on a validation plateau: {stopped} of {len(ran)} runs "
-                     f"stopped before epoch {cap} (curves.csv has every epoch run).")
+                     "stopped before their epoch cap (curves.csv has every epoch run).")
     return lines
 
 

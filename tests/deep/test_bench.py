@@ -40,6 +40,17 @@ def test_ranks_average_over_rows():
     assert ranks([stats(0.9, 0.8), stats(0.7, 0.8)], ("all", "auto-rgn")) == {"all": 1.5, "auto-rgn": 1.5}
 
 
+def test_tied_methods_share_their_ranks_whatever_the_listing_order():
+    """Two methods with equal accuracy in a row are tied, not ranked by list order: on
+    fmnist-v2 `all` and `lp-ft` score exactly the same on two rows, and breaking the tie by
+    order moved both by 0.14."""
+    three = lambda a, b, c: {"all": {"abs": (a, 0, 1)}, "lp-ft": {"abs": (b, 0, 1)},
+                             "first": {"abs": (c, 0, 1)}}
+    rows = [three(0.9, 0.9, 0.8), three(0.7, 0.9, 0.8)]
+    for order in (("all", "lp-ft", "first"), ("lp-ft", "all", "first")):
+        assert ranks(rows, order) == {"all": (1.5 + 3) / 2, "lp-ft": (1.5 + 1) / 2, "first": 2.5}
+
+
 def test_markdown_table_names_the_best_block_and_compares_with_the_pattern():
     rows = []
     for seed in (0, 1):

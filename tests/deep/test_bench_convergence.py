@@ -78,7 +78,9 @@ def test_protocol_lines_read_the_stages_and_early_stopping_from_the_data():
     lines = protocol_lines(rows, curves, 1000)
     assert lines[0].startswith("Seeds [0, 1], learning rates [0.01, 0.001]")
     assert "Two stages: the whole grid on seed(s) [0]" in lines[1]
-    assert "2 of 3 runs stopped before epoch 15" in lines[2]
+    assert "2 of 3 runs stopped before their epoch cap" in lines[2]
+    rows[0]["epochs"] = 20  # a run with a larger cap that ran 15 epochs stopped early too
+    assert "3 of 3 runs stopped" in protocol_lines(rows, curves, 1000)[2]
     assert len(protocol_lines(rows[:2], [], 1000)) == 1  # one stage, no curves
 
 
