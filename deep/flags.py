@@ -71,10 +71,11 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def comma_list(kind=str):
-    """An argparse type: `a,b,c` -> [kind(a), kind(b), kind(c)]."""
+    """An argparse type: `a,b,c` -> [kind(a), kind(b), kind(c)]; spaces around a value are
+    dropped (`--shifts "fog, snow"` names the shift `snow`), empty values skipped."""
     def parse(text: str):
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
                                              f"got {text!r}") from None

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .allocator import keep_freed_memory
-from .blocks import blocks_for, tuned_parameter_names
+from .blocks import ALL, blocks_for, tuned_parameter_names
 from .checkpoints import load_model, save_checkpoint
 from .data.base import ShiftTask, SourceData, TensorSplit, seeded
 from .data.synthetic import NUM_CLASSES, generate
@@ -201,8 +201,9 @@ def main(argv=None) -> int:
         "freed memory kept (deep.allocator)" if keep_freed_memory() else "platform defaults")
     lrs = [float(v) for v in args.lrs.split(",")]
     blocks = blocks_for(args.arch)
-    options = [*blocks, "all"]
-    batch_size, weight_decay, seed = 64, 1e-4, 0
+    options = [*blocks, ALL]
+    defaults = TrainConfig(lr=lrs[0], epochs=args.epochs)  # both loops: the engine's defaults
+    batch_size, weight_decay, seed = defaults.batch_size, defaults.weight_decay, defaults.seed
 
     print(f"# {args.arch}, {args.channels}x{args.size}x{args.size} images, train/val/test = "
           f"{args.n_train}/{args.n_val}/{args.n_test}, {args.epochs} epochs, lrs {lrs}, "

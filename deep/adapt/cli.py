@@ -36,13 +36,6 @@ def quick_help() -> str:
             "so 6 MEMO streams; --lr picks one). About a minute with one thread")
 
 
-def _list(kind=str):
-    """`a, b,c` -> [a, b, c]: `deep.flags.comma_list`, with the spaces around each value
-    dropped (`--blocks "none, first"` names the block `first`)."""
-    parse = comma_list(kind)
-    return lambda text: [v.strip() if isinstance(v, str) else v for v in parse(text)]
-
-
 def _one_image_at_a_time(spec) -> bool:
     return spec.batch_size(spec.config()) == 1
 
@@ -73,12 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True,
                    help="a benchmark with a protocol in deep/configs/adapt/ (fmnist-c, cifar10c)")
     p.add_argument("--out", required=True, help="results CSV (created or resumed)")
-    p.add_argument("--method", type=_list(), help=f"{', '.join(names)} or {','.join(names)} "
+    p.add_argument("--method", type=comma_list(), help=f"{', '.join(names)} or {','.join(names)} "
                    "(default: the protocol's)")
-    p.add_argument("--blocks", type=_list(), help="block options, e.g. none,first,first+second,"
+    p.add_argument("--blocks", type=comma_list(), help="block options, e.g. none,first,first+second,"
                    "last,all ('none' = no adaptation, the baseline; default: the protocol's)")
-    p.add_argument("--shifts", type=_list())
-    p.add_argument("--seeds", type=_list(int))
+    p.add_argument("--shifts", type=comma_list())
+    p.add_argument("--seeds", type=comma_list(int))
     p.add_argument("--images", type=int, help="stream length: the first N >= 0 images of the "
                    "seeded order of the test split (0 = all"
                    + (f"; {' and '.join(batched)} need{'s' * (len(batched) == 1)} N != 1"
@@ -86,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-per-class", type=int, help="size of the test split the stream is drawn from")
     p.add_argument("--episodic", action="store_true",
                    help=f"reset the adapted parameters after each {' or '.join(units)}")
-    p.add_argument("--lr", type=_list(float), help="learning rate(s) of the chosen method(s), "
+    p.add_argument("--lr", type=comma_list(float), help="learning rate(s) of the chosen method(s), "
                    "e.g. 0.005 or 0.005,0.0005 (one stream per lr)")
     add_method_flags(p)  # --copies, --prior-strength (MEMO), --batch-size, --batch-stats (TENT)
     p.add_argument("--arch", help="architecture (default: the protocol's; a --checkpoint of "

@@ -114,6 +114,15 @@ def test_flags_are_generated_from_the_fields():
     assert {f.name for f in dataclasses.fields(Tuning)} <= dests
 
 
+def test_comma_lists_drop_the_spaces_around_each_value():
+    """`--shifts "fog, snow"` names the shift `snow`, not ` snow` (which no benchmark has)."""
+    from deep.flags import comma_list
+    assert comma_list()("fog, snow ,, gaussian_noise") == ["fog", "snow", "gaussian_noise"]
+    assert comma_list(float)(" 0.1, 1e-3") == [0.1, 0.001]
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated float"):
+        comma_list(float)("0.1, fast")
+
+
 def cli_args(*argv):
     from deep.__main__ import add_pretrain_arguments, add_sweep_arguments
     parser = argparse.ArgumentParser()
