@@ -72,7 +72,7 @@ def _parse_curve(values: list[str], where: str) -> dict:
     return out
 
 
-def _curves_text(rows: list[dict]) -> str:
+def curves_text(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CURVE_COLUMNS)
@@ -96,8 +96,8 @@ class CurvesFile:
         # Written before the results row: a kill between the two reruns the cell, whose
         # new epochs then replace these (the same seed gives the same numbers on CPU).
         self.by_cell[row_key(row)] = curve_rows(row)
-        atomic_write_text(self.path, _curves_text([r for rows in self.by_cell.values()
-                                                   for r in rows]))
+        atomic_write_text(self.path, curves_text([r for rows in self.by_cell.values()
+                                                  for r in rows]))
 
 
 # --- summaries ----------------------------------------------------------------------

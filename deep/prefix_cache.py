@@ -162,6 +162,10 @@ class PrefixCache:
         state = self.model.state_dict()
         return all(torch.equal(state[k], v) for k, v in self._weights.items())
 
+    def stored_stages(self, name: str) -> list[int]:
+        """The stages whose inputs are kept for split `name` (0: the images), in order."""
+        return sorted(s for n, s in self._acts if n == name)
+
     def inputs(self, name: str, stage: int) -> tuple[torch.Tensor | None, int]:
         """(activations, s): the stored input of stage s <= `stage` for every example of
         split `name`, s as late as the budget allows. s == 0 means the images; None

@@ -45,7 +45,7 @@ import torch
 from .allocator import keep_freed_memory
 from .data import get_benchmark
 from .errors import DeepError
-from .sweep import _groups, _pretrained_state, row_key, run_group
+from .sweep import group_cells, pretrained_state, row_key, run_group
 
 # Worker deaths Ray absorbs per task group before the sweep gives up.
 DEFAULT_MAX_RETRIES = 3
@@ -460,7 +460,7 @@ class RayExecutor:
                 spec["data_dir"] = os.path.abspath(data_dir)  # workers start elsewhere
                 check_data_dir(ray, spec["data_dir"], options.cpus_per_task, gpus)
             # As with local workers: with fewer tasks than slots, tasks are split.
-            execute_groups_on_ray(ray, _groups(cells, slots), spec, record,
+            execute_groups_on_ray(ray, group_cells(cells, slots), spec, record,
                                   pretrained_weights(spec), options, gpus)
 
 
@@ -476,8 +476,8 @@ def pretrained_weights(spec: dict) -> dict:
     object store hands to every task, so workers need no checkpoint file)."""
     protocol = spec["protocol"]
     bench = get_benchmark(protocol.benchmark)
-    return _pretrained_state(spec["checkpoint"], protocol.arch, bench.num_classes,
-                             bench.in_channels, spec.get("trust_checkpoint", False))
+    return pretrained_state(spec["checkpoint"], protocol.arch, bench.num_classes,
+                            bench.in_channels, spec.get("trust_checkpoint", False))
 
 
 # --- command line -----------------------------------------------------------------

@@ -163,7 +163,7 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
             _check_same_settings(results.done[cell.key], settings, cell, out)
     if todo:
         save_resolved_config(out, protocol, checkpoint)
-    groups = _groups(todo, workers)
+    groups = group_cells(todo, workers)
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
                 device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
     bar = _progress(len(todo), progress, protocol.benchmark)
@@ -272,7 +272,7 @@ def expected_precision(device: str | None, amp: bool, on_this_host: bool) -> str
     return None if device in (None, "auto") else precision(device, amp)
 
 
-def _groups(cells: list[Cell], workers: int) -> list[list[Cell]]:
+def group_cells(cells: list[Cell], workers: int) -> list[list[Cell]]:
     """Cells grouped by task; with more workers than tasks, tasks are split (each part
     then builds its own prefix cache) so that every worker has work."""
     by_task: dict[tuple, list[Cell]] = {}
@@ -286,8 +286,8 @@ def _groups(cells: list[Cell], workers: int) -> list[list[Cell]]:
 
 
 @lru_cache(maxsize=4)
-def _pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels: int,
-                      trust_checkpoint: bool = False):
+def pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels: int,
+                     trust_checkpoint: bool = False):
     """The pretrained weights, read from disk once per process."""
     with warnings.catch_warnings():
         if checkpoint == RANDOM_INIT:
@@ -320,8 +320,8 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
                          f"the benchmark says {bench.num_classes}")
     model = build_model(protocol.arch, bench.num_classes, bench.in_channels)
     if pretrained is None:
-        pretrained = _pretrained_state(checkpoint, protocol.arch, bench.num_classes,
-                                       bench.in_channels, trust_checkpoint)
+        pretrained = pretrained_state(checkpoint, protocol.arch, bench.num_classes,
+                                      bench.in_channels, trust_checkpoint)
     model.load_state_dict(pretrained)
     if task.perturb is not None:
         task.perturb(model)

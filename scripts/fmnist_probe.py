@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from deep.protocol import load_protocol
-from deep.sweep import Cell, resolve_checkpoint, _pretrained_state
+from deep.sweep import Cell, resolve_checkpoint, pretrained_state
 from deep.data import get_benchmark
 from deep.normalization import loader_options
 from deep.models import build_model
@@ -34,7 +34,7 @@ t0 = time.perf_counter()
 task = bench.load_task(None, shift, n_target, protocol.val_per_class, protocol.test_per_class, seed,
                        **loader_options(bench.load_task, bench.name, protocol.arch, protocol.target_options))
 model = build_model(protocol.arch, bench.num_classes, bench.in_channels)
-model.load_state_dict(_pretrained_state(checkpoint, protocol.arch, bench.num_classes, bench.in_channels))
+model.load_state_dict(pretrained_state(checkpoint, protocol.arch, bench.num_classes, bench.in_channels))
 if task.perturb is not None:
     task.perturb(model)
 base = {k: v.clone() for k, v in model.state_dict().items()}

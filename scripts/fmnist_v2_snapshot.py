@@ -6,7 +6,7 @@ summaries are built from them in a temp dir and copied into the working tree."""
 import shutil, subprocess, sys, tempfile
 from pathlib import Path
 from deep.results import read_results, results_text
-from deep.convergence import read_curves, _curves_text
+from deep.convergence import read_curves, curves_text
 from deep.files import atomic_write_text
 
 done = sys.argv[1].split(",")          # completed benchmarks
@@ -15,7 +15,7 @@ tmp = Path(tempfile.mkdtemp())
 rows = [r for r in read_results(out / "results.csv") if r["benchmark"] in done]
 curves = [c for c in read_curves(out / "curves.csv") if c["benchmark"] in done]
 atomic_write_text(tmp / "results.csv", results_text(rows))
-atomic_write_text(tmp / "curves.csv", _curves_text(curves))
+atomic_write_text(tmp / "curves.csv", curves_text(curves))
 for name in ("n_target.csv", "n_target_curves.csv"):
     if (out / name).exists() and "n_target" in done:
         shutil.copy(out / name, tmp / name)

@@ -24,7 +24,7 @@ def measure(budget_mb: float) -> None:
     _, stage = cache.inputs("train", len(cache.stages) - 1)
     rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     print(f"budget {budget_mb:g} MB: kept {cache.used / 2**20:.1f} MB (stages "
-          f"{sorted(s for _, s in cache._acts)}), peak memory rose {rise:.0f} MB", flush=True)
+          f"{cache.stored_stages('train')}), peak memory rose {rise:.0f} MB", flush=True)
 
 
 if __name__ == "__main__":

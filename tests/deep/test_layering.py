@@ -93,3 +93,25 @@ def test_an_upward_import_is_found():
     assert deep_imports("from ..train import fit\n", ("data",)) == [("train", 1)]
     assert deep_imports("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                         "    from .train import TrainConfig\n", ()) == []
+
+
+def private_imports(text: str) -> list[tuple[str, int]]:
+    """(name, line) of every `_private` name imported from a deep module: a module's
+    private names are its own (make a name public before another module uses it)."""
+    return [(a.name, node.lineno) for node in ast.walk(ast.parse(text))
+            if isinstance(node, ast.ImportFrom)
+            and (node.level > 0 or (node.module or "").startswith("deep"))
+            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+
+
+@pytest.mark.parametrize("path", sorted([*DEEP.rglob("*.py"), *(DEEP.parent / "scripts").glob("*.py")]),
+                         ids=lambda p: str(p.relative_to(DEEP.parent)))
+def test_no_module_imports_another_modules_private_names(path):
+    assert not private_imports(path.read_text()), private_imports(path.read_text())
+
+
+def test_a_private_import_is_found():
+    """Planted: the Ray backend reaching into the sweep's private helpers (as it did)."""
+    assert private_imports("from .sweep import _groups, run_group\n") == [("_groups", 1)]
+    assert private_imports("from deep.convergence import read_curves, _curves_text\n") == [("_curves_text", 1)]
+    assert private_imports("from os import _exit\nfrom .sweep import __all__\n") == []
