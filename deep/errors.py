@@ -8,6 +8,8 @@ its traceback. They stay `ValueError`s so that callers who catch ValueError stil
 
 from __future__ import annotations
 
+import math
+
 
 class DeepError(ValueError):
     """Base class: bad input, with a message that names what was expected."""
@@ -37,4 +39,12 @@ def check_choice(name: str, value, choices, error: type[DeepError] = ConfigError
     every valid choice (in the order `choices` lists them)."""
     if value not in choices:
         raise error(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> float:
+    """`value` if it is a finite number above 0 (a learning rate, say); else `error`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            value > 0 and math.isfinite(value)):
+        raise error(f"{name} must be a positive number, got {value!r}")
     return value

@@ -15,7 +15,6 @@ the fly from its `source_recipe` (the synthetic benchmark) and caches it on disk
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shlex
 import sys
@@ -30,7 +29,7 @@ from torch import nn
 
 from .checkpoints import load_backbone, save_checkpoint, write_manifest
 from .data import Benchmark, SourceData, get_benchmark
-from .errors import ConfigError, check_choice, check_int
+from .errors import ConfigError, check_choice, check_int, check_positive
 from .models import build_model, get_architecture
 from .normalization import loader_options
 from .train import SCHEDULES, TrainConfig, check_milestones, evaluate, fit, resolve_device
@@ -96,8 +95,7 @@ class PretrainConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
             check_int(name, getattr(self, name))
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        check_positive("lr", self.lr)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("momentum", self.momentum, MOMENTA)
         check_choice("schedule", self.schedule, SCHEDULES)

@@ -18,12 +18,11 @@ of one loader only, and an optional `[pretrain]` table (`PretrainConfig` fields)
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, check_int
+from .errors import ConfigError, check_choice, check_int, check_positive
 from .pretrain import PretrainConfig
 from .train import SELECTION_RULES, TrainConfig
 
@@ -56,10 +55,11 @@ class Tuning:
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
             check_int(name, getattr(self, name))
-        if self.select not in SELECTION_RULES:
-            raise ConfigError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
-        if not self.lrs or not all(lr > 0 and math.isfinite(lr) for lr in self.lrs):
-            raise ConfigError(f"lrs must be a non-empty list of positive numbers, got {self.lrs}")
+        check_choice("select", self.select, SELECTION_RULES)
+        if not self.lrs:
+            raise ConfigError("lrs must be a non-empty list of positive numbers, got []")
+        for lr in self.lrs:
+            check_positive("every lr of lrs", lr)
 
     def run_config(self, lr: float, seed: int, **engine) -> TrainConfig:
         """The engine's settings of one cell; `engine` adds cache_mb, device, ..."""

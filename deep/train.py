@@ -34,7 +34,7 @@ from torch import nn
 
 from .blocks import set_trainable
 from .data.base import Split
-from .errors import ConfigError, check_int
+from .errors import ConfigError, check_choice, check_int, check_positive
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import guard_channels_last, stages_of, to_memory_format
 from .prefix_cache import (DEFAULT_CACHE_MB, FoldedConvBN, PrefixCache,  # noqa: F401
@@ -44,6 +44,7 @@ from .results import SELECT_WORST_GROUP, SELECTION_RULES  # what picks the epoch
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 SCHEDULES = ("constant", "cosine", "step")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -118,17 +119,13 @@ class TrainConfig:
     patience: int | None = None
 
     def __post_init__(self):
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        check_positive("lr", self.lr)
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
-        if self.select not in SELECTION_RULES:
-            raise ConfigError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_choice("select", self.select, SELECTION_RULES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         check_milestones(self.schedule, self.milestones, self.gamma)
 
 

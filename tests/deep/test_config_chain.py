@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -236,3 +237,21 @@ def test_manifests_hold_the_resolved_configuration(tmp_path, synthetic_checkpoin
     assert config["pretrain"] == dataclasses.asdict(PretrainConfig(epochs=1, augment="none"))
     assert (config["benchmark"], config["arch"], config["source_data"]) == \
         ("synthetic", "resnet26-w4", {})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TrainConfig(lr=0, epochs=1), "lr must be a positive number, got 0"),
+    (lambda: TrainConfig(lr=float("inf"), epochs=1), "lr must be a positive number, got inf"),
+    (lambda: TrainConfig(lr=1e-3, epochs=1, optimizer="rmsprop"),
+     "optimizer must be one of adam, sgd; got 'rmsprop'"),
+    (lambda: TrainConfig(lr=1e-3, epochs=1, select="test_acc"),
+     "select must be one of val_acc, worst_group_val_acc; got 'test_acc'"),
+    (lambda: Tuning(methods=["all"], epochs=1, lrs=[1e-3, -1e-2]), "every lr of lrs must be a positive number, got -0.01"),
+    (lambda: Tuning(methods=["all"], epochs=1, lrs=[]), "lrs must be a non-empty list"),
+    (lambda: Tuning(methods=["all"], epochs=1, lrs=[1e-3], select="val"), "select must be one of val_acc, worst_group_val_acc"),
+])
+def test_the_engine_and_the_protocol_check_settings_with_one_message(make, message):
+    """The protocol (Tuning) and the engine (TrainConfig) share deep.errors' checks, so the
+    same bad value gets the same ConfigError whichever layer sees it first."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make()
