@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch import nn
 
 from .allocator import keep_freed_memory
 from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, load_model
-from .data import Benchmark, get_benchmark
+from .data import Benchmark, ShiftTask, get_benchmark
 from .errors import ConfigError, ResultsError, check_int
 from .files import atomic_write_text, code_commit
 from .methods import method_names
@@ -297,6 +298,44 @@ def pretrained_state(checkpoint: str, arch: str, num_classes: int, in_channels: 
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@dataclass
+class PreparedTask:
+    """One task ready for its cells: the data, the source model (perturbed where the
+    benchmark says so) on its device, a copy of those weights to reset each cell to, and
+    the prefix cache of its frozen stages (None for a model that is not staged)."""
+    task: ShiftTask
+    model: nn.Module
+    base_state: dict
+    cache: PrefixCache | None
+
+
+def prepare_task(protocol: Protocol, benchmark: str, shift: str, n_target: int, seed: int,
+                 data_dir: str | None, checkpoint: str, cache_mb: float, device: str,
+                 trust_checkpoint: bool = False, pretrained: dict | None = None) -> PreparedTask:
+    """What every cell of one (benchmark, shift, n_target, seed) shares: see PreparedTask."""
+    bench = get_benchmark(benchmark)
+    task = bench.load_task(Path(data_dir) if data_dir else None, shift, n_target,
+                           protocol.val_per_class, protocol.test_per_class, seed,
+                           **loader_options(bench.load_task, bench.name, protocol.arch,
+                                            protocol.target_options))
+    if task.num_classes != bench.num_classes:
+        raise ConfigError(f"{bench.name}/{shift}: task has {task.num_classes} classes, "
+                         f"the benchmark says {bench.num_classes}")
+    model = build_model(protocol.arch, bench.num_classes, bench.in_channels)
+    if pretrained is None:
+        pretrained = pretrained_state(checkpoint, protocol.arch, bench.num_classes,
+                                      bench.in_channels, trust_checkpoint)
+    model.load_state_dict(pretrained)
+    if task.perturb is not None:
+        task.perturb(model)
+    model.to(device)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    splits = {"train": task.train, "val": task.val, "test": task.test}
+    # A model that is not staged trains without a cache; fit decides per run.
+    cache = PrefixCache(model, splits, cache_mb) if stages_of(model) is not None else None
+    return PreparedTask(task, model, base_state, cache)
+
+
 def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: str | None,
               cache_mb: float, device: str | None = None,
               trust_checkpoint: bool = False, pretrained: dict | None = None,
@@ -310,27 +349,11 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
     `commit`: the driver's code version (`files.code_commit`), written into every row."""
     first = cells[0]
     device = resolve_device(device)
-    bench = get_benchmark(first.benchmark)
-    task = bench.load_task(Path(data_dir) if data_dir else None, first.shift, first.n_target,
-                           protocol.val_per_class, protocol.test_per_class, first.seed,
-                           **loader_options(bench.load_task, bench.name, protocol.arch,
-                                            protocol.target_options))
-    if task.num_classes != bench.num_classes:
-        raise ConfigError(f"{bench.name}/{first.shift}: task has {task.num_classes} classes, "
-                         f"the benchmark says {bench.num_classes}")
-    model = build_model(protocol.arch, bench.num_classes, bench.in_channels)
-    if pretrained is None:
-        pretrained = pretrained_state(checkpoint, protocol.arch, bench.num_classes,
-                                      bench.in_channels, trust_checkpoint)
-    model.load_state_dict(pretrained)
-    if task.perturb is not None:
-        task.perturb(model)
-    model.to(device)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare_task(protocol, first.benchmark, first.shift, first.n_target, first.seed,
+                            data_dir, checkpoint, cache_mb, device, trust_checkpoint, pretrained)
+    task, model, base_state, cache = (prepared.task, prepared.model, prepared.base_state,
+                                      prepared.cache)
     blocks = blocks_for(protocol.arch)
-    splits = {"train": task.train, "val": task.val, "test": task.test}
-    cache = PrefixCache(model, splits, cache_mb) if stages_of(model) is not None else None
-    # (A model that is not staged trains without a cache; fit decides per run.)
     total_params = sum(p.numel() for p in model.parameters())
     settings = {**_settings(protocol, checkpoint, precision(device, amp)),
                 "device": torch.device(device).type, "commit": commit}

@@ -8,13 +8,10 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from deep.protocol import load_protocol
-from deep.sweep import Cell, resolve_checkpoint, pretrained_state
+from deep.sweep import prepare_task, resolve_checkpoint
 from deep.data import get_benchmark
-from deep.normalization import loader_options
-from deep.models import build_model
-from deep.models.staged import stages_of
 from deep.blocks import blocks_for
-from deep.train import PrefixCache, fit
+from deep.train import fit
 
 if len(sys.argv) < 7:
     sys.exit("usage: python scripts/fmnist_probe.py BENCHMARK SHIFT OUT.jsonl EPOCHS LR,LR,.. METHOD,METHOD,.. [SEED] [N_TARGET]")
@@ -31,16 +28,9 @@ protocol = load_protocol(benchmark).replace(epochs=epochs, lrs=lrs, methods=meth
 bench = get_benchmark(benchmark)
 checkpoint = resolve_checkpoint(bench, protocol.arch, None, None)
 t0 = time.perf_counter()
-task = bench.load_task(None, shift, n_target, protocol.val_per_class, protocol.test_per_class, seed,
-                       **loader_options(bench.load_task, bench.name, protocol.arch, protocol.target_options))
-model = build_model(protocol.arch, bench.num_classes, bench.in_channels)
-model.load_state_dict(pretrained_state(checkpoint, protocol.arch, bench.num_classes, bench.in_channels))
-if task.perturb is not None:
-    task.perturb(model)
-base = {k: v.clone() for k, v in model.state_dict().items()}
+prepared = prepare_task(protocol, benchmark, shift, n_target, seed, None, checkpoint, 2048, "cpu")
+task, model, base, cache = prepared.task, prepared.model, prepared.base_state, prepared.cache
 blocks = blocks_for(protocol.arch)
-cache = PrefixCache(model, {"train": task.train, "val": task.val, "test": task.test}, 2048) \
-    if stages_of(model) is not None else None
 print(f"setup {time.perf_counter()-t0:.1f}s", flush=True)
 for method in methods:
     for lr in lrs:
