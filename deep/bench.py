@@ -223,41 +223,47 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
     header = "| benchmark (shift kind) | " + " | ".join(methods) + " | best block |"
     rule = "|---|" + "---|" * (len(methods) + 1)
 
-    def block_line(stats, label, kind):
+    def leader(stats, benchmark, shifts, metric):
+        """(best block by mean, runner-up, paired margin best - runner-up over seeds)."""
         ranked = blocks_by_mean(stats)
-        best = ranked[0] if ranked else "-"
+        if len(ranked) < 2:
+            return (ranked or ["-"])[0], None, None
+        values = metric_values([r for r in selected if r["benchmark"] == benchmark
+                                and r["n_target"] == n_target], metric)
+        seeds = sorted({d for _, _, d in values})
+        return ranked[0], ranked[1], paired_difference(values, shifts, seeds, *ranked[:2])
+
+    def block_line(stats, label, benchmark, shifts, metric="test_acc"):
+        best, runner_up, margin = leader(stats, benchmark, shifts, metric)
+        # named alone only when the 95 % interval against the next block lies above 0
+        shown = (best if margin is None or lower_bound(t_interval(margin)) > 0
+                 else f"{best} ≈ {runner_up}")
         cells = ["-" if m not in stats else format_stat(stats[m]["rel"], signed=True)
                  if m != "all" else format_stat(stats[m]["abs"]) for m in methods]
-        return f"| {label} ({kind}) | " + " | ".join(cells) + f" | {best} |", best
+        return f"| {label} ({KIND[benchmark]}) | " + " | ".join(cells) + f" | {shown} |"
 
     lines += ["Test accuracy relative to full fine-tuning (`all`, whose own accuracy is shown), "
-              "in points: mean ± standard error over seeds.", "", header, rule]
+              "in points: mean ± standard error over seeds. best block: the highest mean, "
+              "named alone when the 95 % t interval of its paired difference to the next "
+              "block lies above 0, else `first ≈ second`.", "", header, rule]
     for (label, benchmark, shifts), stats in zip(rows, per_row):
-        line, best = block_line(stats, label, KIND[benchmark])
-        lines.append(line)
+        lines.append(block_line(stats, label, benchmark, shifts))
+        best, runner_up, margin = leader(stats, benchmark, shifts, "test_acc")
         expected = EXPECTED.get(benchmark) or shifts[0]
         # "beats": the 95 % t interval of the paired difference lies above 0
         beats_all = best != "-" and lower_bound(t_interval(stats[best]["rel"])) > 0
-        runner_up = (blocks_by_mean(stats)[1:] or [None])[0]
-        margin = None
-        if runner_up:
-            values = metric_values([r for r in selected if r["benchmark"] == benchmark
-                                    and r["n_target"] == n_target], "test_acc")
-            seeds = sorted({d for _, _, d in values})
-            margin = paired_difference(values, shifts, seeds, best, runner_up)
         verdicts.append((label, KIND[benchmark], expected, best, beats_all,
                          stats[best]["rel"] if best != "-" else None, runner_up, margin))
     spurious = [(label, b, s) for label, b, s in rows if b == "fmnist-spurious"]
     for label, benchmark, shifts in spurious:
         stats = row_stats(selected, benchmark, shifts, "worst_group_acc", n_target)
-        line, _ = block_line(stats, label + ", worst group", KIND[benchmark])
-        lines.append(line)
+        lines.append(block_line(stats, label + ", worst group", benchmark, shifts,
+                                "worst_group_acc"))
     # A mean over corruptions can hide which block wins each one, so show each.
     for label, benchmark, shifts in rows:
         for shift in shifts if len(shifts) > 1 else []:
             stats = row_stats(selected, benchmark, [shift], "test_acc", n_target)
-            line, _ = block_line(stats, f"{benchmark}: {shift}", KIND[benchmark])
-            lines.append(line)
+            lines.append(block_line(stats, f"{benchmark}: {shift}", benchmark, [shift]))
     lines += ["", "Absolute test accuracy (%):", "",
               "| benchmark | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for (label, _, _), stats in zip(rows, per_row):

@@ -42,6 +42,20 @@ def test_a_verdict_needs_the_interval_above_zero():
     assert (best, beats_all) == ("second", True)
 
 
+def test_the_best_block_column_names_a_block_alone_only_when_it_is_separated():
+    """`second` ahead of `first` by 1, 2, 3 points over three seeds: interval [-0.5, +4.5],
+    so the column reads `second ≈ first`; by 3, 4, 5 points ([+1.5, +6.5]) it reads
+    `second`. Before, the column named the highest mean whatever the seeds said."""
+    def table(gaps):
+        rows = []
+        for seed, gap in enumerate(gaps):
+            rows += [_row("all", seed, 0.80), _row("first", seed, 0.80 + 0.01 * seed),
+                     _row("second", seed, 0.80 + 0.01 * seed + gap)]
+        return markdown_table(rows, 1000)[0]
+    assert "| second ≈ first |" in table([0.01, 0.02, 0.03])
+    assert "| second |" in table([0.03, 0.04, 0.05])
+
+
 def test_format_interval():
     assert format_interval((0.012, 0.02, 5)) == "+1.2 [-0.8, +3.2]"
     assert format_interval((0.012, float("nan"), 1)) == "+1.2"
