@@ -35,12 +35,12 @@ from .files import atomic_write_bytes, save_figure
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, load_protocol
 from .ray_backend import add_backend_arguments, executor_from_args, session_for
-from .report import (METHOD_ORDER, bar_panel, format_stat, metric_values, paired_difference,
+from .report import (METHOD_ORDER, bar_panel, metric_values, paired_difference,
                      select_learning_rates)
 from .report import summarize as summarize_tables
 from .sweep import read_results, run_sweep
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
-from .stats import format_interval, lower_bound, mean_se, t_interval
+from .stats import above_zero, format_interval, format_stat, mean_se, t_interval
 from .two_stage import drop_superseded, run_two_stage
 
 HELP = "run a whole benchmark suite (the Fashion-MNIST shifts) and write its table and plots"
@@ -233,11 +233,10 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
         seeds = sorted({d for _, _, d in values})
         return ranked[0], ranked[1], paired_difference(values, shifts, seeds, *ranked[:2])
 
-    def block_line(stats, label, benchmark, shifts, metric="test_acc"):
-        best, runner_up, margin = leader(stats, benchmark, shifts, metric)
+    def block_line(stats, label, benchmark, lead):
+        best, runner_up, margin = lead
         # named alone only when the 95 % interval against the next block lies above 0
-        shown = (best if margin is None or lower_bound(t_interval(margin)) > 0
-                 else f"{best} ≈ {runner_up}")
+        shown = best if margin is None or above_zero(margin) else f"{best} ≈ {runner_up}"
         cells = ["-" if m not in stats else format_stat(stats[m]["rel"], signed=True)
                  if m != "all" else format_stat(stats[m]["abs"]) for m in methods]
         return f"| {label} ({KIND[benchmark]}) | " + " | ".join(cells) + f" | {shown} |"
@@ -247,23 +246,24 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
               "named alone when the 95 % t interval of its paired difference to the next "
               "block lies above 0, else `first ≈ second`.", "", header, rule]
     for (label, benchmark, shifts), stats in zip(rows, per_row):
-        lines.append(block_line(stats, label, benchmark, shifts))
-        best, runner_up, margin = leader(stats, benchmark, shifts, "test_acc")
+        best, runner_up, margin = lead = leader(stats, benchmark, shifts, "test_acc")
+        lines.append(block_line(stats, label, benchmark, lead))
         expected = EXPECTED.get(benchmark) or shifts[0]
         # "beats": the 95 % t interval of the paired difference lies above 0
-        beats_all = best != "-" and lower_bound(t_interval(stats[best]["rel"])) > 0
+        beats_all = best != "-" and above_zero(stats[best]["rel"])
         verdicts.append((label, KIND[benchmark], expected, best, beats_all,
                          stats[best]["rel"] if best != "-" else None, runner_up, margin))
     spurious = [(label, b, s) for label, b, s in rows if b == "fmnist-spurious"]
     for label, benchmark, shifts in spurious:
         stats = row_stats(selected, benchmark, shifts, "worst_group_acc", n_target)
-        lines.append(block_line(stats, label + ", worst group", benchmark, shifts,
-                                "worst_group_acc"))
+        lines.append(block_line(stats, label + ", worst group", benchmark,
+                                leader(stats, benchmark, shifts, "worst_group_acc")))
     # A mean over corruptions can hide which block wins each one, so show each.
     for label, benchmark, shifts in rows:
         for shift in shifts if len(shifts) > 1 else []:
             stats = row_stats(selected, benchmark, [shift], "test_acc", n_target)
-            lines.append(block_line(stats, f"{benchmark}: {shift}", benchmark, [shift]))
+            lines.append(block_line(stats, f"{benchmark}: {shift}", benchmark,
+                                    leader(stats, benchmark, [shift], "test_acc")))
     lines += ["", "Absolute test accuracy (%):", "",
               "| benchmark | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for (label, _, _), stats in zip(rows, per_row):
@@ -287,7 +287,7 @@ def verdict_lines(verdicts) -> list[str]:
     for label, kind, expected, best, beats_all, rel, runner_up, margin in verdicts:
         gain = format_interval(t_interval(rel)) if rel else "-"
         # "best" only when the 95 % interval against the next block lies above 0
-        ahead = margin is not None and lower_bound(t_interval(margin)) > 0
+        ahead = margin is not None and above_zero(margin)
         versus = (f"{format_interval(t_interval(margin))} points vs {runner_up}, "
                   if margin is not None else "")
         if best == expected:

@@ -23,7 +23,7 @@ from .files import atomic_write_bytes, save_figure
 from .methods import method_order
 from .models import block_order
 from .results import SELECT_WORST_GROUP, best_row, selection_metric
-from .stats import format_stat, mean_se  # format_stat: also imported from here (bench)
+from .stats import format_stat, mean_se
 from .sweep import read_results
 
 # Blocks of every registered architecture in forward order, then the method table's.

@@ -40,6 +40,12 @@ def lower_bound(interval: tuple[float, float, int]) -> float:
     return mean - half if not math.isnan(half) else -math.inf
 
 
+def above_zero(stat: tuple[float, float, int], level: float = 0.95) -> bool:
+    """Whether the `level` t interval of `stat` (mean, se, n) lies above 0: the one rule
+    behind every "beats" and "best" in the tables (never true for fewer than 2 seeds)."""
+    return lower_bound(t_interval(stat, level)) > 0
+
+
 def format_interval(interval: tuple[float, float, int], scale: float = 100.0) -> str:
     """(mean, half-width, n) as "+1.2 [-0.3, +2.7]" in points; "-" when n = 0;
     the mean alone when there is no interval (one seed)."""

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import ALL, matches, tuned_parameter_names
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 
 NONE = "none"               # the block option "no adaptation": the source model as is
 BN_EVAL = -1                # MEMO's prior strength meaning "running statistics only"
@@ -212,9 +212,7 @@ class TentConfig:
                              f"image are degenerate), got batch_size={self.batch_size}")
         if self.steps < 1 or not self.lr > 0:
             raise ConfigError(f"TENT needs steps >= 1 and lr > 0; got {self}")
-        if self.batch_stats not in BATCH_STATS:
-            raise ConfigError(f"batch_stats must be {' or '.join(map(repr, BATCH_STATS))}, "
-                             f"got {self.batch_stats!r}")
+        check_choice("batch_stats", self.batch_stats, BATCH_STATS)
 
 
 class Adapter:

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ResultsError
 from ..files import atomic_write_bytes, save_figure
 from ..results import same_checkpoint
-from ..stats import format_stat, lower_bound, mean_se, t_interval
+from ..stats import above_zero, format_stat, mean_se
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
@@ -185,18 +185,18 @@ def best_block(table: dict, shift: str) -> str:
              if table["per_seed"].get((shift, b))}
     if not gains:
         return "-"
-    ranked = sorted(gains, key=lambda b: -np.mean(list(gains[b].values())))
+    ranked = sorted(gains, key=lambda b: -table["rel"][(shift, b)][0])
     best = ranked[0]
-    if np.mean(list(gains[best].values())) <= 0:
+    if table["rel"][(shift, best)][0] <= 0:
         return "none"
-    if lower_bound(t_interval(mean_se(gains[best].values()))) <= 0:
+    if not above_zero(table["rel"][(shift, best)]):
         return f"({best})"
     if len(ranked) == 1:
         return best
     runner_up = ranked[1]
     seeds = sorted(set(gains[best]) & set(gains[runner_up]))
     margin = mean_se(gains[best][d] - gains[runner_up][d] for d in seeds)
-    return best if lower_bound(t_interval(margin)) > 0 else f"{best} ≈ {runner_up}"
+    return best if above_zero(margin) else f"{best} ≈ {runner_up}"
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -95,3 +95,10 @@ def test_learning_curves_average_the_chosen_lr_over_runs_that_reached_each_epoch
 def CurvesFileRows(r):
     from deep.convergence import curve_rows
     return curve_rows(r)
+
+
+def test_above_zero_is_the_interval_rule_and_never_true_for_one_seed():
+    from deep.stats import above_zero
+    assert above_zero((0.05, 0.01, 5))            # half-width 2.776 * 0.01 = 0.028 < 0.05
+    assert not above_zero((0.02, 0.01, 3))        # half-width 4.303 * 0.01 = 0.043 > 0.02
+    assert not above_zero((0.5, math.nan, 1))     # one seed: no interval, no claim
