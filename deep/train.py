@@ -36,7 +36,7 @@ from .blocks import set_trainable
 from .data.base import Split
 from .errors import ConfigError, check_choice, check_int, check_positive
 from .methods import EpochContext, EpochPlan, Method, get_method
-from .models.staged import guard_channels_last, stages_of, to_memory_format
+from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
 from .prefix_cache import (DEFAULT_CACHE_MB, FoldedConvBN, PrefixCache,  # noqa: F401
                            default_eval_batch_size, eval_mode, folded_view, refresh_folds,
                            to_device)
@@ -291,7 +291,11 @@ class TrainingRun:
         candidates = method.candidates()
         self.cache = _usable_cache(model, train, val, test, config, cache)
         self.memory_format = self._layout()
-        self.forward = torch.compile(model) if config.compile and self.cache is None else model
+        # Always, not only where the engine picks channels-last: a caller's channels-last
+        # images or weights reach the same oneDNN kernels (deep.models.staged).
+        guard_channels_last(model)
+        self.forward = (torch.compile(model, options=compile_options(model))
+                        if config.compile and self.cache is None else model)
         self.optimizer = _optimizer(self.named, candidates, config, per_tensor=method.per_tensor_lr)
         self.group_of = {n: i for i, g in enumerate(self.optimizer.param_groups) for n in g["names"]}
         self.generator = torch.Generator().manual_seed(int(config.seed))
@@ -309,7 +313,6 @@ class TrainingRun:
         """Channels-last for the whole model when asked and no cache sets it per stage."""
         if self.cache is None and self.config.channels_last is True:
             self.model.to(memory_format=torch.channels_last)
-            guard_channels_last(self.model)
             return torch.channels_last
         return None
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..blocks import ALL, matches, tuned_parameter_names
 from ..errors import ConfigError, check_choice
+from ..models.staged import guard_channels_last
 
 NONE = "none"               # the block option "no adaptation": the source model as is
 BN_EVAL = -1                # MEMO's prior strength meaning "running statistics only"
@@ -439,6 +440,7 @@ def make_adapter(model: nn.Module, method: str, option: str, blocks: Mapping[str
                          f"got {type(config).__name__}")
     options = parse_blocks(option)
     prefixes = block_prefixes_of(options, blocks) if options else []
+    guard_channels_last(model)  # a oneDNN AVX2 bug (deep.models.staged): any layout given
     return spec.make(model, names, config, prefixes, episodic, augment, generator)
 
 

@@ -136,7 +136,7 @@ def nchw_if_unsafe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Strides, not `is_contiguous()`: a tensor with size-1 dims can be "contiguous" in both
     formats while holding channels-last strides, and oneDNN follows the strides."""
-    if x.ndim == 4 and channels_last_unsafe(module):
+    if x.ndim == 4 and x.device.type == "cpu" and channels_last_unsafe(module):
         return plain_strides(x)
     return x
 
@@ -175,10 +175,11 @@ def _group_norm_hook(module: nn.Module, args: tuple) -> tuple:
 
 def guard_channels_last(model: nn.Module) -> int:
     """Make every `channels_last_unsafe` convolution of `model` run on NCHW inputs and
-    weights, and every GroupNorm on NCHW inputs where `group_norm_unsafe` (forward
-    pre-hooks; the same numbers, only the layout changes). Idempotent; returns how many
-    modules are guarded. The engine calls this wherever it lays activations out
-    channels-last."""
+    weights on the CPU, and every GroupNorm on NCHW inputs where `group_norm_unsafe`
+    (forward pre-hooks; the same numbers, only the layout changes). Idempotent; returns
+    how many modules are guarded. The engine calls this on every model it trains or
+    adapts, whatever layout it picks itself: a caller's channels-last images or weights
+    reach the same kernels. Under `torch.compile`, see `compile_options`."""
     count = 0
     for module in model.modules():
         if channels_last_unsafe(module) and plain_strides(module.weight) is not module.weight:
@@ -195,6 +196,18 @@ def guard_channels_last(model: nn.Module) -> int:
                 module._nchw_guard = True
             count += 1
     return count
+
+
+def compile_options(model: nn.Module) -> dict | None:
+    """`torch.compile` options for `model`: Inductor's layout optimisation off when the
+    model has a `channels_last_unsafe` convolution on the CPU. Inductor lays every
+    convolution out channels-last on its own, past the hooks of `guard_channels_last`
+    (the compiled weight gradient of `Conv2d(4, 8, 1, stride=2)` aborted on AVX2 kernels
+    with it on, completed with it off: tests/deep/test_onednn_guard.py)."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and any(channels_last_unsafe(m) for m in model.modules()):
+        return {"layout_optimization": False}
+    return None
 
 
 def stages_of(model: nn.Module, runner: nn.Module | None = None) -> Stages | None:

@@ -71,11 +71,12 @@ print("done")
 _SHAPE = re.compile(r"ic(\d+)oc\d+_ih\d+oh\d+kh(\d+)sh(\d+)\w*_iw\d+ow\d+kw(\d+)sw(\d+)")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("isa", ["SSE41", "AVX2", "DEFAULT"])
-def test_engine_never_runs_the_faulty_kernel_shape(isa):
+def faulty_kernel_runs(script: str, isa: str) -> list[str]:
+    """Run `script` (it prints "done" at the end) under oneDNN's log on `isa`; the logged
+    weight gradients of 1x1 strided convolutions with input channels not a multiple of 8
+    on a channels-last source, after checking the script did run such a convolution."""
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "ONEDNN_MAX_CPU_ISA": isa, "MALLOC_CHECK_": "3"}
-    done = subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and done.stdout.rstrip().endswith("done"), done.stderr[-2000:]
     weight_grads = [line for line in done.stdout.splitlines()
@@ -90,7 +91,56 @@ def test_engine_never_runs_the_faulty_kernel_shape(isa):
             strided_1x1.append((ic, "src:f32::blocked:acdb" in line, line))
     # resnet26-w4's second stage starts with a 4 -> 8 1x1 stride-2 downsample.
     assert any(ic % 8 for ic, _, _ in strided_1x1), "the run never hit the shape it should test"
-    bad = [line for ic, cl, line in strided_1x1 if ic % 8 and cl]
+    return [line for ic, cl, line in strided_1x1 if ic % 8 and cl]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["SSE41", "AVX2", "DEFAULT"])
+def test_engine_never_runs_the_faulty_kernel_shape(isa):
+    bad = faulty_kernel_runs(_RUN, isa)
+    assert not bad, f"{len(bad)} channels-last 1x1 strided weight gradients, e.g. {bad[0]}"
+
+
+_CALLER_LAYOUTS_RUN = """
+import torch
+from torch import nn
+from deep.adapt.core import MemoConfig, make_adapter, run_stream
+from deep.augment_memo import MemoAugmenter
+from deep.data.base import TensorSplit
+from deep.train import TrainConfig, fit
+torch.manual_seed(0)
+torch.set_num_threads(1)
+def net():  # a caller's model with the convolution the bug hits (4 -> 8, 1x1, stride 2)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+ALL = {"all": ("0", "2", "6")}
+cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+split = lambda n, f=lambda t: t: TensorSplit(f(torch.randn(n, 3, 12, 12)), torch.arange(n) % 4)
+train, val = split(64), split(16)
+# torch.compile: Inductor picks channels-last convolutions on its own.
+fit(net(), train, val, val, "all", TrainConfig(lr=1e-2, epochs=1, compile=True, use_cache=False), ALL)
+# The caller's channels-last images, the engine's own layout off, with and without the cache.
+for cache in (False, True):
+    fit(net(), split(64, cl), val, val, "all",
+        TrainConfig(lr=1e-2, epochs=1, channels_last=False, use_cache=cache), ALL)
+# The caller's model already channels-last.
+fit(net().to(memory_format=torch.channels_last), train, val, val, "all",
+    TrainConfig(lr=1e-2, epochs=1, channels_last=False, use_cache=False), ALL)
+# Online adaptation (MEMO updates every weight of the block) on a channels-last model.
+adapter = make_adapter(net().to(memory_format=torch.channels_last), "memo", "all", ALL,
+                       MemoConfig(copies=8), augment=MemoAugmenter([0.5] * 3, [0.25] * 3),
+                       generator=torch.Generator().manual_seed(0))
+run_stream(adapter, torch.rand(4, 3, 12, 12), torch.arange(4) % 4, torch.arange(4))
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_caller_layouts_compile_and_adaptation_never_run_the_faulty_kernel_shape():
+    """Where the layout is not the engine's choice: a caller's channels-last images or
+    model, torch.compile (Inductor's layout optimisation), MEMO's updates."""
+    bad = faulty_kernel_runs(_CALLER_LAYOUTS_RUN, "AVX2")
     assert not bad, f"{len(bad)} channels-last 1x1 strided weight gradients, e.g. {bad[0]}"
 
 
