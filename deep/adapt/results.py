@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ResultsError
 from ..files import atomic_write_bytes, save_figure
 from ..results import same_checkpoint
-from ..stats import above_zero, format_stat, mean_se
+from ..stats import above_zero, format_interval, format_stat, mean_se, t_interval
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
@@ -174,6 +174,20 @@ def _per_seed_none(acc: dict, shifts: list[str]) -> list[list[float]]:
     return [[d[s] for s in shifts] for d in by_seed.values() if all(s in d for s in shifts)]
 
 
+def block_differences(table: dict, shift: str) -> list[tuple[str, str, tuple]]:
+    """(a, b, (mean, se, seeds)) for every pair of blocks with values on `shift`, `a` the
+    one with the larger mean gain: a - b, paired by seed (so (a - none) - (b - none))."""
+    gains = {b: table["per_seed"][(shift, b)] for b in table["blocks"]
+             if table["per_seed"].get((shift, b))}
+    ranked = sorted(gains, key=lambda b: -table["rel"][(shift, b)][0])
+    pairs = []
+    for i, a in enumerate(ranked):
+        for b in ranked[i + 1:]:
+            seeds = sorted(set(gains[a]) & set(gains[b]))
+            pairs.append((a, b, mean_se(gains[a][d] - gains[b][d] for d in seeds)))
+    return pairs
+
+
 def best_block(table: dict, shift: str) -> str:
     """The block with the largest mean gain over no adaptation on `shift`, named only as
     far as the seeds separate it (95 % t intervals of differences paired by seed):
@@ -181,22 +195,35 @@ def best_block(table: dict, shift: str) -> str:
     it beats no adaptation but not the runner-up; "(first)" when its mean gain is positive
     but not separated from no adaptation (always so with one seed); "none" when no block's
     mean gain is above 0; "-" when no block has a value."""
-    gains = {b: table["per_seed"][(shift, b)] for b in table["blocks"]
-             if table["per_seed"].get((shift, b))}
-    if not gains:
+    pairs = block_differences(table, shift)
+    ranked = [pairs[0][0], pairs[0][1]] if pairs else [
+        b for b in table["blocks"] if table["per_seed"].get((shift, b))]
+    if not ranked:
         return "-"
-    ranked = sorted(gains, key=lambda b: -table["rel"][(shift, b)][0])
     best = ranked[0]
     if table["rel"][(shift, best)][0] <= 0:
         return "none"
     if not above_zero(table["rel"][(shift, best)]):
         return f"({best})"
-    if len(ranked) == 1:
+    if not pairs:
         return best
-    runner_up = ranked[1]
-    seeds = sorted(set(gains[best]) & set(gains[runner_up]))
-    margin = mean_se(gains[best][d] - gains[runner_up][d] for d in seeds)
+    runner_up, margin = pairs[0][1], pairs[0][2]  # the first pair: best - runner-up
     return best if above_zero(margin) else f"{best} ≈ {runner_up}"
+
+
+def differences_line(table: dict) -> str | None:
+    """One line naming each pair of blocks' paired difference on the table's mean row (or
+    its one shift) with its 95 % t interval, separated pairs first; None with one seed."""
+    shift = "mean" if "mean" in table["shifts"] else table["shifts"][0]
+    pairs = [(a, b, stat) for a, b, stat in block_differences(table, shift) if stat[2] >= 2]
+    if not pairs:
+        return None
+    pairs.sort(key=lambda p: not above_zero(p[2]))  # stable: by mean gain within each part
+    cells = [f"`{a}` - `{b}` {format_interval(t_interval(stat))}{' *' if above_zero(stat) else ''}"
+             for a, b, stat in pairs]
+    where = "the mean row" if shift == "mean" else shift
+    return (f"Between blocks ({where}; 95 % t intervals of the seed-paired difference, "
+            f"* where it lies above 0): " + ", ".join(cells) + ".")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -216,6 +243,9 @@ def markdown_table(rows: list[dict]) -> str:
             lines.append(f"| {label} | {format_stat(t['none'].get(shift, (math.nan, math.nan, 0)))} | "
                          + " | ".join(cells) + f" | {best} |")
         lines.append("")
+        between = differences_line(t)
+        if between:
+            lines += [between, ""]
     lines.append("Mean ± standard error over seeds of (accuracy with adaptation restricted to "
                  "the block) - (accuracy of the unadapted source model on the same stream). "
                  "best: the block with the largest mean gain, named as far as the seeds "

@@ -108,6 +108,23 @@ def test_best_is_named_only_as_far_as_the_seeds_separate_it():
     assert "| fog | 50.0 ± 1.2 | +1.0 ± 1.5 | -1.0 ± 0.0 | (first) |" in markdown_table(rows)
 
 
+def test_each_pair_of_blocks_gets_its_paired_interval():
+    """Gains per seed (points): first 9, 10, 11; last 10, 8, 11; all 0, 0, 3. first - all:
+    9, 10, 8, mean 9, s.e. 1/sqrt(3), t(2, 0.975) = 4.303: [+6.5, +11.5], separated;
+    last - all: 10, 8, 8: [+5.8, +11.5], separated; first - last: -1, 2, 0: [-3.5, +4.1],
+    not, so listed after the separated pairs although first has the larger mean. With one
+    seed there is no interval and no line."""
+    none = [0.50, 0.52, 0.48]
+    rows = _seeds({"none": none, "first": [a + g for a, g in zip(none, (0.09, 0.10, 0.11))],
+                   "last": [a + g for a, g in zip(none, (0.10, 0.08, 0.11))],
+                   "all": [a + g for a, g in zip(none, (0.00, 0.00, 0.03))]})
+    line = next(x for x in markdown_table(rows).splitlines() if x.startswith("Between blocks"))
+    assert line.startswith("Between blocks (fog;")
+    assert line.endswith(": `first` - `all` +9.0 [+6.5, +11.5] *, `last` - `all` +8.7 "
+                         "[+5.8, +11.5] *, `first` - `last` +0.3 [-3.5, +4.1].")
+    assert "Between blocks" not in markdown_table([r for r in rows if r["seed"] == 0])
+
+
 def test_best_of_the_mean_row_pairs_each_seed_over_shifts():
     """Per shift `first` and `last` trade places, so neither is separated on a shift; over
     the two shifts `first` gains 1 point more on every seed, which the paired mean row
