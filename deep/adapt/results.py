@@ -284,6 +284,11 @@ def plot(rows: list[dict], path_stem: Path) -> list[Path]:
     return save_figure(fig, path_stem)
 
 
+def report_text(name: str, rows: list[dict]) -> str:
+    """The table.md of the results file `name` holding `rows`."""
+    return f"# Online adaptation results of {name}\n\n" + markdown_table(rows) + f"\n{len(rows)} streams.\n"
+
+
 def write_adapt_report(results_csv: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """table.md and relative_accuracy.{png,pdf} from an adaptation results CSV."""
     results_csv = Path(results_csv)
@@ -292,7 +297,6 @@ def write_adapt_report(results_csv: str | Path, out_dir: str | Path | None = Non
         raise ResultsError(f"{results_csv} holds no results yet")
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
     table = out_dir / "table.md"
-    text = (f"# Online adaptation results of {results_csv.name}\n\n" + markdown_table(rows)
-            + f"\n{len(rows)} streams.\n")
+    text = report_text(results_csv.name, rows)
     atomic_write_bytes(table, lambda f: f.write(text.encode()))
     return [table, *plot(rows, out_dir / "relative_accuracy")]

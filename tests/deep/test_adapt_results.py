@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from deep.adapt.cli import add_arguments
 from deep.adapt.core import METHODS
 from deep.adapt.protocol import AdaptProtocol
 from deep.adapt.results import (AdaptResults, best_block, markdown_table, read_adapt_results,
-                                relative_table)
+                                relative_table, report_text)
 from deep.adapt.runner import run_adaptation, stream_order
 from deep.checkpoints import save_checkpoint
 from deep.errors import ConfigError, ResultsError
@@ -137,6 +138,17 @@ def test_best_of_the_mean_row_pairs_each_seed_over_shifts():
     table = relative_table(rows)[("memo", False, 0.0005, 200)]
     assert best_block(table, "mean") == "first"
     assert best_block(table, "fog").endswith("≈ last") or best_block(table, "fog") == "(first)"
+
+
+@pytest.mark.parametrize("csv, table", [
+    ("results.csv", "table.md"), ("memo-bn-prior.csv", "memo-bn-prior/table.md"),
+    ("memo-full-stream.csv", "memo-full-stream/table.md")])
+def test_committed_tables_are_what_their_results_give(csv, table):
+    """The committed online-adaptation tables (README and docs quote them) regenerate
+    from their CSVs: `python -m deep report figures/fmnist-adapt/<csv> --out ...`."""
+    root = Path(__file__).resolve().parents[2] / "figures" / "fmnist-adapt"
+    rows = read_adapt_results(root / csv)
+    assert (root / table).read_text() == report_text(csv, rows)
 
 
 # --- the source model is compared by file name -------------------------------------------------
