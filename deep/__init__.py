@@ -4,14 +4,15 @@ Imports flow one way, top to bottom; a module imports only from the layers below
 at the top of the file (tests/deep/test_layering.py checks this):
 
     CLI          __main__, bench, report, ray_backend, speed, calibrate, gallery
-    runs         adapt (online MEMO/TENT) -> sweep (cells, resume, workers), results (the row schema)
+    runs         adapt (online MEMO/TENT) -> sweep (cells, resume, workers),
                  convergence (per-epoch curves; issue #15), two_stage (lr grid on
                  some seeds, the rest at the chosen lr; above sweep)
     config       protocol (TOML -> Tuning, TargetData, PretrainConfig, data options), flags
                  (command-line flags from those fields, for every command's parser)
     engine       pretrain -> train (the loop) -> methods, prefix_cache -> blocks,
                  checkpoints, normalization
-    foundations  data (the benchmark registry) -> models (the architecture registry)
+    foundations  data (the benchmark registry) -> models (the architecture registry),
+                 results (the row schema and the lr/epoch selection rule the loop uses)
     bottom       files (atomic writes, manifests), stats (mean, se, t intervals over seeds)
                  -> errors, allocator
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import torch
+
 from ..errors import ConfigError
 from ..flags import add_flags, add_trust_checkpoint, comma_list, flag_values
 from ..models import architecture_names
 from ..protocol import data_option
 from .core import METHODS
 from .protocol import AdaptProtocol, load_adapt_protocol
+from .results import write_adapt_report
+from .runner import run_adaptation
 
 HELP = (f"online unsupervised adaptation ({', '.join(s.label for s in METHODS.values())}) "
         "restricted to blocks, into a results CSV")
@@ -121,11 +125,6 @@ def protocol_from_args(args) -> AdaptProtocol:
 
 
 def run(args) -> int:
-    import torch
-
-    from .results import write_adapt_report
-    from .runner import run_adaptation
-
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     if args.threads:

@@ -24,7 +24,7 @@ def test_speed_benchmark_matches_the_numpy_loop_and_ends_with_the_ratio():
     assert gap < 1e-10
     float32 = [line for line in lines if line.startswith("float32")]
     assert float32 and all("compiled" not in line for line in lines if line.startswith("float"))
-    # float32 against float64: 2e-7 measured on this workload (README: 1e-6 (v), 5e-6 (B)
+    # float32 against float64: 2e-7 measured on this workload (docs/performance.md: 1e-6 (v), 5e-6 (B)
     # on the benchmark's).
     for line in float32:
         gaps = re.search(r"v ([\d.e+-]+), B ([\d.e+-]+)", line)
