@@ -345,12 +345,17 @@ def n_target_grid_table(rows: list[dict], selected: list[dict]) -> list[str]:
                             "n_target and method")
 
 
+def _table_order(methods) -> list[str]:
+    """`methods` in the order the tables list them (unknown names last, by name)."""
+    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER
+                                          else len(METHOD_ORDER), m))
+
+
 def _fractions_table(by_row: dict[str, dict], first_column: str, title: str) -> list[str]:
     """The two fractions of `inside_grid` as a markdown table, below 80 % in bold."""
     if not by_row:
         return []
-    methods = sorted({m for row in by_row.values() for m in row},
-                     key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    methods = _table_order({m for row in by_row.values() for m in row})
     lines = [f"{title}, the % of cells whose validation-chosen "
              "epoch is before the last allowed epoch / whose chosen learning rate is neither "
              "the grid's smallest nor its largest (issue #15 asks for 80 % of each; below "
@@ -371,6 +376,19 @@ def _fractions_table(by_row: dict[str, dict], first_column: str, title: str) -> 
     return lines + [""]
 
 
+def _epochs_text(rows: list[dict]) -> str:
+    """The epoch caps, worded so that the cap reads as fixed and only the epoch as chosen:
+    the most common cap, then the benchmarks whose rows have another one."""
+    caps = defaultdict(set)
+    for r in rows:
+        caps[r["epochs"]].add(r["benchmark"])
+    if len(caps) == 1:  # the older 4-epoch table's wording (its committed table.md says so)
+        return f"{next(iter(caps))} epochs (picked by validation)"
+    common = max(caps, key=lambda c: (sum(r["epochs"] == c for r in rows), -c))
+    others = "; ".join(f"{c} on {', '.join(sorted(caps[c]))}" for c in sorted(caps) if c != common)
+    return f"the epoch picked by validation within a cap of {common} epochs ({others})"
+
+
 def protocol_lines(rows: list[dict], curves: list[dict], n_target: int) -> list[str]:
     """What the CSV holds, read from its rows: seeds, lr grid, epochs; the two stages
     and early stopping when the data show them."""
@@ -387,7 +405,7 @@ def protocol_lines(rows: list[dict], curves: list[dict], n_target: int) -> list[
     grid = sorted((lr for lr, n in counts.items() if 2 * n > len(searched)), reverse=True)
     epochs = sorted({r["epochs"] for r in rows})
     lines = [f"Seeds {seeds}, learning rates {grid} (picked per cell by validation), "
-             f"{epochs[0] if len(epochs) == 1 else epochs} epochs (picked by validation), "
+             f"{_epochs_text(rows)}, "
              f"n_target = {n_target}."]
     extended = {k: sorted(g - set(grid), reverse=True) for k, g in sorted(grids.items())
                 if len(g) > 1 and g - set(grid)}
@@ -503,32 +521,70 @@ def plot_relative(selected: list[dict], n_target: int, path_stem: Path) -> list[
     return save_figure(fig, path_stem)
 
 
-def plot_learning_curves(panels: dict, methods: list[str], path_stem: Path) -> list[Path]:
-    """One panel per row of `learning_curves`, one line per method in `methods`."""
+CURVE_SHARE = 0.5  # a mean curve is drawn only where at least this share of its runs still go
+
+
+def learning_curve_panels(epoch_curves: list[dict], selected: list[dict], n_target: int) -> dict:
+    """`learning_curves` of every method in the selected rows at `n_target`, one panel per
+    benchmark, each method's mean only at the epochs that at least half its runs reached."""
+    return learning_curves(epoch_curves, selected, lambda r: f"{r['benchmark']} ({KIND[r['benchmark']]})"
+                           if r["n_target"] == n_target and r["benchmark"] in KIND else None,
+                           min_share=CURVE_SHARE)
+
+
+def curve_lines(panels: dict) -> dict[str, list[dict]]:
+    """panel -> one line per method it holds (all of them, in the table's order): the
+    method, its points in %, and a style whose label gives the number of runs averaged
+    (they differ: lp-ft and auto-rgn may run on fewer seeds). Colours are fixed per
+    method across panels; `all` is thick black, single blocks solid, the others dashed."""
+    methods = _table_order({m for lines in panels.values() for m in lines})
+    colour = {m: f"C{i}" for i, m in enumerate(m for m in methods if m != "all")}
+    out = {}
+    for panel, lines in panels.items():
+        out[panel] = [dict(method=m, x=[p[0] for p in lines[m]], y=[100 * p[1] for p in lines[m]],
+                           style=dict(label=_curve_label(m, max(p[2] for p in lines[m])),
+                                      **_curve_style(m, colour)))
+                      for m in methods if m in lines]
+    return out
+
+
+def _curve_label(method: str, runs: int) -> str:
+    return f"{method} ({runs} run{'' if runs == 1 else 's'})"
+
+
+def _curve_style(method: str, colour: dict) -> dict:
+    if method == "all":
+        return dict(color="black", lw=2, ls="-", marker="o")
+    dashed = method not in TABLE_BLOCKS
+    return dict(color=colour[method], lw=1.3, ls="--" if dashed else "-",
+                marker="s" if dashed else "o")
+
+
+def plot_learning_curves(panels: dict, path_stem: Path) -> list[Path]:
+    """One panel per row of `learning_curves`, the lines of `curve_lines`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = min(3, max(len(panels), 1))
     nrows = math.ceil(max(len(panels), 1) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    for ax, (panel, lines) in zip(axes.flat, panels.items()):
-        for method in [m for m in methods if m in lines]:
-            points = lines[method]
-            style = dict(color="black", lw=2) if method == "all" else dict(lw=1.3)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (panel, lines) in zip(axes.flat, curve_lines(panels).items()):
+        for line in lines:
             # markers: a one-epoch curve (the quick suite) is a point, not a line
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=method,
-                    marker="o", ms=3, **style)
+            ax.plot(line["x"], line["y"], ms=2.5, **line["style"])
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("validation accuracy (%)", fontsize=8)
+        # per panel: the run counts differ; see-through, as it may sit on a curve
+        ax.legend(fontsize=6, framealpha=0.5)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    if panels:
-        axes.flat[0].legend(fontsize=7)
-    fig.suptitle("validation accuracy per epoch at each method's chosen learning rate\n"
-                 "(mean over the seeds and shifts still running at that epoch)", fontsize=9)
+    fig.suptitle("validation accuracy per epoch at each method's chosen learning rate: mean over "
+                 "its (shift, seed) runs (legend: how many),\ndrawn only at the epochs that at "
+                 f"least {100 * CURVE_SHARE:.0f} % of those runs reached (early stopping ends the others; "
+                 "nothing is filled in for them)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
@@ -546,9 +602,8 @@ def summarize(out_dir: Path, suite: Suite) -> list[Path]:
     if curves:
         paths += plot_n_target(curves, out_dir / "n_target")
     if epoch_curves:
-        panels = learning_curves(epoch_curves, main, lambda r: f"{r['benchmark']} ({KIND[r['benchmark']]})"
-                                 if r["n_target"] == suite.n_target and r["benchmark"] in KIND else None)
-        paths += plot_learning_curves(panels, [*TABLE_BLOCKS, "all"], out_dir / "learning_curves")
+        panels = learning_curve_panels(epoch_curves, main, suite.n_target)
+        paths += plot_learning_curves(panels, out_dir / "learning_curves")
     lines = ["# Fashion-MNIST suite: measured", "",
              " ".join(protocol_lines(rows, epoch_curves, suite.n_target)), "",
              text, *interval_table(main, suite.n_target), *grid_table(rows, main, suite.n_target),
