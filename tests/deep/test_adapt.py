@@ -102,12 +102,38 @@ def test_marginal_entropy_rejects_a_single_vector():
 
 # --- exactly the named blocks change ---------------------------------------------------
 
-@pytest.mark.parametrize("method,option", [("memo", "first"), ("memo", "last"),
-                                           ("memo", "second+third"), ("tent", "first"),
-                                           ("tent", "first+second"), ("tent", "all")])
+def inside_blocks(name: str, option: str) -> bool:
+    """Whether module or parameter `name` lies under the prefixes of `option`'s blocks
+    (BLOCKS, e.g. conv1, bn1 and layer1 for "first"; "all": everything)."""
+    if option == "all":
+        return True
+    prefixes = [p for block in option.split("+") for p in BLOCKS[block]]
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def expected_names(model: nn.Module, method: str, option: str) -> set[str]:
+    """What `method` must adapt for `option`: every parameter of the blocks (MEMO), the
+    weight and bias of the BatchNorm layers in them (TENT)."""
+    if method == "memo":
+        return {n for n, _ in model.named_parameters() if inside_blocks(n, option)}
+    return {f"{name}.{p}" for name, m in model.named_modules()
+            if isinstance(m, nn.BatchNorm2d) and inside_blocks(name, option)
+            for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("method,option", [
+    ("memo", "first"), ("memo", "last"), ("memo", "first+second"), ("memo", "second+third"),
+    ("memo", "all"), ("tent", "first"), ("tent", "first+second"), ("tent", "all")])
 def test_only_the_named_blocks_change_and_buffers_never(small_model, stream, method, option):
     before = {k: v.clone() for k, v in small_model.state_dict().items()}
     adapter = memo(small_model, option) if method == "memo" else tent(small_model, option)
+    outside = [n for n in adapter.names if not inside_blocks(n, option)]
+    assert not outside, f"{method} {option} adapts tensors outside its blocks: {outside}"
+    assert len(adapter.names) == len(set(adapter.names))
+    expected = expected_names(small_model, method, option)
+    assert set(adapter.names) == expected, (
+        f"{method} {option}: missing {sorted(expected - set(adapter.names))}, "
+        f"extra {sorted(set(adapter.names) - expected)}")
     run_stream(adapter, *stream, torch.arange(6), 1 if method == "memo" else 3)
     changed = changed_entries(before, small_model)
     assert changed == set(adapter.names)      # every adapted tensor moved, nothing else did

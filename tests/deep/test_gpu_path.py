@@ -62,11 +62,62 @@ def test_to_device_leaves_cpu_batches_alone():
     assert to_device(x, "cpu") is x  # no pinned copy when nothing goes to a GPU
 
 
+def spy_on_copies(monkeypatch, pin=None, copy=None):
+    """Lists of the tensors pinned, (tensor pinned, its pinned copy), and of the copies
+    made, (tensor copied, was it pinned then, args, kwargs). `pin` and `copy` stand in
+    for `Tensor.pin_memory` and `Tensor.to` (default: the real ones)."""
+    pinned, copies = [], []
+    real_pin, real_to = torch.Tensor.pin_memory, torch.Tensor.to
+
+    def pin_memory(self, *args, **kwargs):
+        out = (pin or real_pin)(self, *args, **kwargs)
+        pinned.append((self, out))
+        return out
+
+    def to(self, *args, **kwargs):
+        copies.append((self, self.is_pinned(), args, kwargs))
+        return (copy or real_to)(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return pinned, copies
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
+def test_a_cpu_batch_bound_for_a_gpu_is_pinned_before_its_copy(monkeypatch, device):
+    """The decision, on any machine: pinning and the copy are stand-ins here (the CPU
+    copy of the batch, the batch itself), so no GPU is needed."""
+    pinned, copies = spy_on_copies(monkeypatch, pin=lambda self: self.clone(),
+                                   copy=lambda self, *args, **kwargs: self)
+    x = torch.randn(4, 3)
+    moved = to_device(x, device)
+    assert len(pinned) == 1 and pinned[0][0] is x, "the batch was not pinned"
+    assert len(copies) == 1 and copies[0][0] is pinned[0][1] and moved is pinned[0][1], \
+        "the copy to the GPU must leave from the pinned tensor"
+    assert copies[0][2:] == ((torch.device(device),), {"non_blocking": True})
+    pinned.clear()
+    assert to_device(x, torch.device("cpu")) is x and pinned == []  # nothing for the CPU
+
+
 @CUDA
-def test_cuda_batches_are_copied_from_pinned_memory():
+def test_cuda_batches_are_copied_from_pinned_memory(monkeypatch):
+    pinned, copies = spy_on_copies(monkeypatch)
     x = torch.randn(64, 3, 16, 16)
     y = to_device(x, "cuda")
     assert y.device.type == "cuda" and torch.equal(y.cpu(), x) and not x.is_pinned()
+    assert len(pinned) == 1 and pinned[0][0] is x and pinned[0][1].is_pinned(), \
+        "the batch was not pinned"
+    copied, was_pinned, _, kwargs = copies[0]  # (y.cpu() may copy back too)
+    assert copied is pinned[0][1] and was_pinned, "the copy left from pageable memory"
+    assert kwargs == {"non_blocking": True}
+    # a batch already pinned is copied as it is, not pinned again
+    pinned.clear()
+    copies.clear()
+    z = torch.randn(8, 3).pin_memory()
+    pinned.clear()
+    assert torch.equal(to_device(z, "cuda").cpu(), z) and pinned == [], "pinned twice"
+    copied, was_pinned, _, kwargs = copies[0]
+    assert copied is z and was_pinned and kwargs == {"non_blocking": True}
 
 
 @CUDA

@@ -152,6 +152,36 @@ class TestLocalRay:
         # resuming a finished sweep runs nothing (and starts no task)
         assert run_sweep(protocol(SMALL), out, progress=False, executor=on_ray()).ran == 0
 
+    def test_workers_need_no_checkpoint_file(self, tmp_path, reference, monkeypatch,
+                                             synthetic_checkpoint):
+        """The weights travel through Ray's object store: the driver reads the file, and
+        it is gone (as on a node that does not hold it) before any task is submitted.
+        The sweep must still give the local backend's rows."""
+        import deep.ray_backend as backend
+
+        checkpoint = tmp_path / "driver-only" / Path(synthetic_checkpoint).name
+        checkpoint.parent.mkdir()  # a path of its own: no process has it cached
+        shutil.copyfile(synthetic_checkpoint, checkpoint)
+        submit, submitted = backend.execute_groups_on_ray, []
+
+        def without_the_file(*args, **kwargs):
+            checkpoint.unlink()  # the driver's reading is done: the tasks come next
+            submitted.append(kwargs.get("pretrained", args[4] if len(args) > 4 else None))
+            return submit(*args, **kwargs)
+
+        monkeypatch.setattr(backend, "execute_groups_on_ray", without_the_file)
+        out = tmp_path / "ray.csv"
+        summary = run_sweep(protocol(SMALL), out, checkpoint=str(checkpoint), progress=False,
+                            executor=on_ray())
+        assert len(submitted) == 1 and isinstance(submitted[0], dict) and not checkpoint.exists()
+        rows = read_results(out)
+        assert summary.ran == 4 and {r["checkpoint"] for r in rows} == {str(checkpoint)}
+        # the same rows as the local backend's, but for the path of the file read
+        column = COMPARED.index("checkpoint")
+        same = {key: values[:column] + values[column + 1:] for key, values in by_key(rows).items()}
+        assert same == {key: values[:column] + values[column + 1:]
+                        for key, values in reference["small"].items()}
+
     def test_a_killed_worker_is_retried_and_each_cell_written_once(self, tmp_path, reference):
         out = tmp_path / "ray.csv"
         killed = []
