@@ -114,6 +114,18 @@ def save_figure(fig, path_stem: Path) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def code_commit() -> str | None:
     """The git commit of the code that runs (the repository holding this package), with
     "+dirty" when tracked files under deep/ or configs/ differ from it; None outside a

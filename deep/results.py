@@ -62,13 +62,17 @@ class ResultRow:
     precision: str | None = None  # "float32", or "bf16-autocast" (--amp on CUDA)
     device: str | None = None     # "cpu", "cuda", ... (the torch device type)
     commit: str | None = None     # the code's git commit; "+dirty" if deep/ had edits
+    # Where the cell ran (the CPU model and the ISA torch dispatches to, or the GPU, and the
+    # torch build): the same seed gives the same numbers on the same kind of machine only;
+    # another CPU picks other kernels (docs/fmnist.md#same-seed-same-numbers).
+    machine: str | None = None
 
     KEY = ("benchmark", "shift", "method", "seed", "n_target", "lr")
     # Settings that must agree between a finished row and the sweep that would skip it
     # (a legacy row's empty patience / precision is not compared: it is unknown).
     SETTINGS = ("arch", "epochs", "batch_size", "weight_decay", "select", "val_per_class",
                 "test_per_class", "checkpoint", "patience", "precision")
-    PROVENANCE = ("patience", "precision", "device", "commit")
+    PROVENANCE = ("patience", "precision", "device", "commit", "machine")
     STATUSES = ("ok", "diverged")
 
     @classmethod
@@ -107,8 +111,10 @@ class ResultRow:
 
 
 COLUMNS = ResultRow.columns()
-# The header before the provenance columns (the committed 4-epoch table has it): still read.
+# Older headers, still read (their missing columns empty): before the provenance columns
+# (the committed 4-epoch table), and before `machine` (the committed converged tables).
 LEGACY_COLUMNS = COLUMNS[:COLUMNS.index("patience")]
+OLDER_HEADERS = (LEGACY_COLUMNS, COLUMNS[:COLUMNS.index("machine")])
 KEY = ResultRow.KEY
 SETTINGS = ResultRow.SETTINGS
 
@@ -213,7 +219,7 @@ def read_results(path: str | Path) -> list[dict]:
                            "(no final newline); it was truncated")
     reader = csv.reader(io.StringIO(text))
     header = tuple(next(reader))
-    if header not in (COLUMNS, LEGACY_COLUMNS):
+    if header != COLUMNS and header not in OLDER_HEADERS:
         raise ResultsError(f"{path}: columns {list(header)} are not a deep sweep's "
                            f"{list(COLUMNS)}; write this sweep to another --out")
     missing = [""] * (len(COLUMNS) - len(header))  # a legacy file: provenance unknown

@@ -40,7 +40,7 @@ from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, ShiftTask, get_benchmark
 from .errors import ConfigError, ResultsError, check_int
-from .files import atomic_write_text, code_commit
+from .files import atomic_write_text, code_commit, cpu_model
 from .methods import method_names
 from .models import build_model
 from .models.staged import stages_of
@@ -356,7 +356,7 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
     blocks = blocks_for(protocol.arch)
     total_params = sum(p.numel() for p in model.parameters())
     settings = {**_settings(protocol, checkpoint, precision(device, amp)),
-                "device": torch.device(device).type, "commit": commit}
+                "device": torch.device(device).type, "commit": commit, "machine": machine(device)}
     for cell in cells:
         model.load_state_dict(base_state)
         config = protocol.tuning.run_config(cell.lr, cell.seed, cache_mb=cache_mb, device=device,
@@ -364,6 +364,22 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
         result = fit(model, task.train, task.val, task.test, cell.method, config, blocks, cache)
         # The per-epoch records travel with the row (the CSV keeps only its columns).
         yield {**result_row(cell, result, total_params, settings), "history": result.history}
+
+
+def machine(device: str) -> str:
+    """Where cells on `device` run, for the `machine` column: the GPU's name, or the CPU
+    model with the instruction set torch dispatches to and the torch threads of this
+    process, and the torch build. Rows agree bit for bit only between runs on the same
+    kind of machine (on CPU: the same threads; docs/fmnist.md#same-seed-same-numbers)."""
+    if torch.device(device).type == "cuda":
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        threads = torch.get_num_threads()
+        where = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
+                 f"{threads} thread{'s' if threads > 1 else ''}")
+        capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        where += f", ONEDNN_MAX_CPU_ISA={capped}" if capped else ""
+    return f"{where}; torch {torch.__version__}"
 
 
 def result_row(cell: Cell, result: FitResult, total_params: int, settings: dict) -> dict:

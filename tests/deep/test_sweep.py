@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import os
 import signal
 import subprocess
@@ -15,7 +17,8 @@ import torch
 
 from deep.data import synthetic
 from deep.protocol import load_protocol
-from deep.sweep import COLUMNS, plan_cells, quick, read_results, row_key, run_sweep
+from deep.files import cpu_model
+from deep.sweep import COLUMNS, machine, plan_cells, quick, read_results, row_key, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,6 +207,33 @@ def test_a_legacy_results_file_is_read_and_resumed_with_provenance_unknown(tmp_p
     assert out.read_text().splitlines()[0] == ",".join(COLUMNS)
     rows = read_results(out)
     assert [r["patience"] for r in rows] == [None, 2]
+
+
+def test_rows_record_the_machine_and_files_without_that_column_resume(tmp_path, monkeypatch,
+                                                                     synthetic_checkpoint):
+    """Rows agree bit for bit only on the same kind of machine, so each names its own.
+    The committed converged tables predate the column: read with it empty, resumed."""
+    out = tmp_path / "r.csv"
+    protocol = small_protocol(methods=["last"], lrs=[1e-2], epochs=1)
+    run_sweep(protocol, out, progress=False)
+    (row,) = read_results(out)
+    assert row["machine"] == machine("cpu")
+    assert row["machine"].startswith(cpu_model() + ", ")
+    assert row["machine"].endswith(f"; torch {torch.__version__}")
+    assert f", {torch.get_num_threads()} thread" in row["machine"]
+    with monkeypatch.context() as env:
+        env.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+        assert "ONEDNN_MAX_CPU_ISA=SSE41" in machine("cpu")
+    older = [fields[:-1] for fields in csv.reader(io.StringIO(out.read_text()))]
+    assert older[0] == list(COLUMNS[:-1]) and COLUMNS[-1] == "machine"
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(older)
+    out.write_text(buffer.getvalue())
+    (old,) = read_results(out)
+    assert old["machine"] is None and old["commit"] == row["commit"]
+    summary = run_sweep(protocol.replace(lrs=[1e-2, 1e-3]), out, progress=False)
+    assert (summary.ran, summary.skipped) == (1, 1)
+    assert [r["machine"] for r in read_results(out)] == [None, row["machine"]]
 
 
 def test_quick_protocol():
