@@ -151,6 +151,36 @@ def work_table(options, checkpoint, arch, task, lr, timed, total_speedup, run_ar
     return lines
 
 
+def is_convolution(op: str) -> bool:
+    """Whether a profiler op name is a convolution kernel, forward or backward
+    (aten::mkldnn_convolution, aten::convolution_backward, ...)."""
+    return "conv" in op.lower()
+
+
+def convolution_share(fn) -> tuple[float, float]:
+    """(seconds of CPU time, the share of it in convolution ops) of `fn()`, by the self
+    times of torch.profiler's ops (nested ops are not counted twice)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if is_convolution(e.key))
+    return total / 1e6, conv / total if total else float("nan")
+
+
+def profile_table(options, checkpoint, arch, task, lr, run_args) -> list[str]:
+    """Ours once more per option (one lr) under torch.profiler: where its time goes."""
+    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1])
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = PrefixCache(model, {"train": task.train, "val": task.val, "test": task.test})
+    lines = [f"{'option':>8} | {'profiled s':>10} {'in convolutions':>15}"]
+    for option in options:
+        seconds, share = convolution_share(
+            lambda: ours_run(model, base_state, cache, blocks_for(arch), task, option, lr, *run_args))
+        lines.append(f"{option:>8} | {seconds:10.2f} {100 * share:14.1f}%")
+    return lines
+
+
 def timing_table(rows, options, setup) -> tuple[list[str], dict, float]:
     """Per-option and total seconds and ratios of the timed pass.
 
@@ -194,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--count-work", action="store_true",
                    help="afterwards, count each loop's convolution/matmul FLOPs (one more pass of "
                         "both loops at the first lr) and print work ratios beside the speedups")
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, run ours once more per option (first lr, CPU) under "
+                        "torch.profiler and print the share of its time in convolution kernels")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,6 +286,11 @@ def main(argv=None) -> int:
                   f"lr {lrs[0]:g}; both lrs do the same work), against the measured speedups")
             for line in work_table(options, checkpoint, args.arch, task, lrs[0], timed, speedup,
                                    run_args, args.device):
+                print(line, flush=True)
+        if args.profile:
+            print(f"\n# profile: ours per option (lr {lrs[0]:g}, CPU), CPU time by op self "
+                  f"times (torch.profiler; slower than the timed pass), share in convolutions")
+            for line in profile_table(options, checkpoint, args.arch, task, lrs[0], run_args):
                 print(line, flush=True)
     ok = worst_gap <= args.tolerance
     print(f"accuracy check: largest test-accuracy gap {worst_gap:.2f} points "

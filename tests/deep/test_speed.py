@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from deep import speed
 
 TINY = ["--arch", "resnet26-w4", "--n-train", "64", "--n-val", "16", "--n-test", "32",
-        "--epochs", "2", "--lrs", "1e-3", "--count-work"]
+        "--epochs", "2", "--lrs", "1e-3", "--count-work", "--profile"]
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,26 @@ def test_count_flops_counts_weight_gradients_only_for_tuned_weights():
 
     assert speed.count_flops(lambda: step(False)) == forward
     assert speed.count_flops(lambda: step(True)) == 2 * forward  # + weight gradient only
+
+
+def test_profile_reports_each_options_convolution_share(tiny_run):
+    _, lines = tiny_run
+    start = next(i for i, line in enumerate(lines) if line.startswith("# profile:"))
+    shares = {}
+    for line in lines[start + 2:]:
+        m = re.match(r"\s*(\S+) \|\s+([\d.]+)\s+([\d.]+)%", line)
+        if not m:
+            break
+        shares[m.group(1)] = float(m.group(3))
+    assert set(shares) == {"first", "second", "third", "last", "all"}
+    assert all(0 < v <= 100 for v in shares.values())
+
+
+def test_convolution_share_is_measured_from_the_ops_that_ran():
+    x, conv, w = torch.randn(8, 8, 32, 32), torch.nn.Conv2d(8, 8, 3), torch.randn(256, 256)
+    _, conv_only = speed.convolution_share(lambda: conv(x).sum().backward())
+    _, matmul_only = speed.convolution_share(lambda: [w @ w for _ in range(20)])
+    assert conv_only > 0.5 and matmul_only == 0
+    assert speed.is_convolution("aten::mkldnn_convolution")
+    assert speed.is_convolution("aten::convolution_backward")
+    assert not speed.is_convolution("aten::addmm") and not speed.is_convolution("aten::native_batch_norm")
