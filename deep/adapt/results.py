@@ -195,19 +195,18 @@ def best_block(table: dict, shift: str) -> str:
     it beats no adaptation but not the runner-up; "(first)" when its mean gain is positive
     but not separated from no adaptation (always so with one seed); "none" when no block's
     mean gain is above 0; "-" when no block has a value."""
-    pairs = block_differences(table, shift)
-    ranked = [pairs[0][0], pairs[0][1]] if pairs else [
-        b for b in table["blocks"] if table["per_seed"].get((shift, b))]
-    if not ranked:
+    pairs = block_differences(table, shift)  # ranked by mean gain: pairs[0] is best - runner-up
+    with_values = [b for b in table["blocks"] if table["per_seed"].get((shift, b))]
+    if not with_values:
         return "-"
-    best = ranked[0]
+    best = pairs[0][0] if pairs else with_values[0]
     if table["rel"][(shift, best)][0] <= 0:
         return "none"
     if not above_zero(table["rel"][(shift, best)]):
         return f"({best})"
     if not pairs:
         return best
-    runner_up, margin = pairs[0][1], pairs[0][2]  # the first pair: best - runner-up
+    runner_up, margin = pairs[0][1], pairs[0][2]
     return best if above_zero(margin) else f"{best} ≈ {runner_up}"
 
 
