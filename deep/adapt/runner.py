@@ -23,7 +23,7 @@ from ..data import get_benchmark
 from ..data.base import mean_std
 from ..errors import ConfigError
 from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
-from ..sweep import resolve_checkpoint
+from ..sweep import machine, resolve_checkpoint
 from .core import METHODS, adapted_parameter_names, make_adapter, parse_blocks, run_stream
 from .protocol import AdaptProtocol
 from .results import AdaptResults, settings_json
@@ -184,5 +184,6 @@ def _run_or_skip(results: AdaptResults, protocol: AdaptProtocol, checkpoint: str
     r = adapt_stream(source, protocol.arch, method, option, config, *split, order, augmenter,
                      augment_generator(seed, shift), episodic)
     results.append({**row, "test_acc": r.test_acc, "adapted_params": r.adapted_params,
-                    "total_params": r.total_params, "seconds": round(r.seconds, 2), **settings})
+                    "total_params": r.total_params, "seconds": round(r.seconds, 2), **settings,
+                    "machine": machine("cpu")})
     return r

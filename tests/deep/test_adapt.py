@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import math
 
 import numpy as np
@@ -18,6 +20,7 @@ from deep.adapt.runner import adapt_stream, run_adaptation, stream_order
 from deep.augment_memo import (GREY, MemoAugmenter, autocontrast, equalize, posterize, rotate,
                                solarize, translate_x)
 from deep.blocks import blocks_for
+from deep.sweep import machine
 from deep.models import build_model
 
 ARCH = "resnet26-w4"
@@ -456,6 +459,17 @@ def test_run_resumes_and_refuses_other_settings(tmp_path, one_thread):
     again = run_adaptation(_tiny_protocol(), out, progress=False)
     assert (again.ran, again.skipped) == (0, 6)
     assert read_adapt_results(out) == rows
+    assert {r["machine"] for r in rows} == {machine("cpu")}   # where each stream ran
+    # a file from before the machine column: read with it empty, resumed, rewritten
+    older = [fields[:-1] for fields in csv.reader(io.StringIO(out.read_text()))][:-1]
+    assert older[0][-1] == "settings"
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(older)  # the last stream left out
+    out.write_text(buffer.getvalue())
+    assert is_adapt_results(out) and {r["machine"] for r in read_adapt_results(out)} == {None}
+    again = run_adaptation(_tiny_protocol(), out, progress=False)
+    assert (again.ran, again.skipped) == (1, 5)
+    assert [r["machine"] for r in read_adapt_results(out)] == [None] * 5 + [machine("cpu")]
     with pytest.raises(ValueError, match="other settings"):
         run_adaptation(_tiny_protocol(tent={"batch_size": 2}), out, progress=False)
     table = relative_table(rows)
