@@ -162,7 +162,7 @@ def row(**changes):
                 worst_group_acc=None, tuned_params=3, total_params=4, seconds=1.5, arch="a",
                 epochs=1, batch_size=8, weight_decay=0.0001, select="val_acc", val_per_class=1,
                 test_per_class=1, checkpoint="c.pt", start_stage=0, patience=4, precision="float32",
-                device="cpu", commit="0123abcd+dirty")
+                device="cpu", commit="0123abcd+dirty", machine="Some CPU, AVX2, 1 thread; torch 2.13.0")
     return {**base, **changes}
 
 
@@ -175,7 +175,8 @@ def test_results_round_trip_and_column_order(tmp_path):
 
 @pytest.mark.parametrize("mangle,message", [
     (lambda t: t[:-40], r"r.csv, line 3: the file ends in the middle of a row"),
-    (lambda t: t.replace(",cpu,0123abcd+dirty\n", ",cpu\n", 1), r"r.csv, line 2: 27 fields, expected 28"),
+    (lambda t: t.replace(',"Some CPU, AVX2, 1 thread; torch 2.13.0"\n', "\n", 1),
+     r"r.csv, line 2: 28 fields, expected 29"),
     (lambda t: t.replace(",0.25,", ",0.2x5,", 1), r"line 2: column 'test_acc' holds '0.2x5', "
                                                   r"which is not a float"),
     (lambda t: t.replace(",all,0,", ",all,,", 1), r"line 2: column 'seed' is empty; it needs a int"),
