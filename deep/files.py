@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -113,7 +114,7 @@ def save_figure(fig, path_stem: Path) -> list[Path]:
     return paths
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
     try:
@@ -122,10 +123,10 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.lru_cache(maxsize=1)
 def code_commit() -> str | None:
     """The git commit of the code that runs (the repository holding this package), with
     "+dirty" when tracked files under deep/ or configs/ differ from it; None outside a
