@@ -109,6 +109,14 @@ def reference_run(checkpoint, arch, task, option, lr, epochs, batch_size, weight
     return history[best][1], history[best][0]
 
 
+def ours_setup(checkpoint, arch, task, device="cpu"):
+    """Ours' one-off work for a task: (model, weights to reset each run to, prefix cache)."""
+    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1]).to(device)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, base_state, PrefixCache(model, {"train": task.train, "val": task.val,
+                                                  "test": task.test})
+
+
 def ours_run(model, base_state, cache, blocks, task, option, lr, epochs, batch_size, weight_decay,
              seed):
     """One (option, lr) with our engine from the weights read once; returns the test acc."""
@@ -130,9 +138,7 @@ def work_table(options, checkpoint, arch, task, lr, timed, total_speedup, run_ar
     """Rerun both loops (one lr) counting FLOPs; lines comparing work and time ratios.
 
     `timed` maps option -> (reference seconds, ours seconds) of the timed pass."""
-    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1]).to(device)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    cache = PrefixCache(model, {"train": task.train, "val": task.val, "test": task.test})
+    model, base_state, cache = ours_setup(checkpoint, arch, task, device)
     lines = [f"{'option':>8} | {'ref GFLOP':>10} {'ours GFLOP':>10} {'work ratio':>10} | "
              f"{'speedup':>7} {'speedup / work ratio':>20}"]
     total_ref = total_ours = 0
@@ -170,9 +176,7 @@ def convolution_share(fn) -> tuple[float, float]:
 
 def profile_table(options, checkpoint, arch, task, lr, run_args) -> list[str]:
     """Ours once more per option (one lr) under torch.profiler: where its time goes."""
-    model = load_model(checkpoint, arch, task.num_classes, task.train.images.shape[1])
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    cache = PrefixCache(model, {"train": task.train, "val": task.val, "test": task.test})
+    model, base_state, cache = ours_setup(checkpoint, arch, task)
     lines = [f"{'option':>8} | {'profiled s':>10} {'in convolutions':>15}"]
     for option in options:
         seconds, share = convolution_share(
@@ -257,10 +261,7 @@ def main(argv=None) -> int:
 
         # Ours: weights read once, one cache for the task, every run from the same state.
         with Clock() as setup:
-            ours_model = load_model(checkpoint, args.arch, NUM_CLASSES, args.channels)
-            ours_model.to(args.device)
-            base_state = {k: v.clone() for k, v in ours_model.state_dict().items()}
-            cache = PrefixCache(ours_model, {"train": task.train, "val": task.val, "test": task.test})
+            ours_model, base_state, cache = ours_setup(checkpoint, args.arch, task, args.device)
         rows, worst_gap = [], 0.0
         run_args = (args.epochs, batch_size, weight_decay, seed)
         print(f"{'option':>8} {'lr':>7} | {'ref s':>7} {'ours s':>7} | {'ref acc':>7} {'ours acc':>8}")

@@ -28,16 +28,22 @@ def tiny_run():
     return rc, out.getvalue().splitlines()
 
 
-def _work_rows(lines):
-    """option -> (reference GFLOP, ours GFLOP) from the work table."""
-    start = next(i for i, line in enumerate(lines) if line.startswith("# work:"))
+def _table_rows(lines, title, row_pattern):
+    """option -> its two numbers, from the table under the line starting with `title`
+    (after its header line), up to the first line `row_pattern` does not match."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
     rows = {}
     for line in lines[start + 2:]:
-        m = re.match(r"\s*(\S+) \|\s+([\d.]+)\s+([\d.]+)\s", line)
+        m = re.match(row_pattern, line)
         if not m:
             break
         rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
     return rows
+
+
+def _work_rows(lines):
+    """option -> (reference GFLOP, ours GFLOP) from the work table."""
+    return _table_rows(lines, "# work:", r"\s*(\S+) \|\s+([\d.]+)\s+([\d.]+)\s")
 
 
 def test_both_loops_agree_and_the_last_line_is_the_total(tiny_run):
@@ -81,13 +87,8 @@ def test_count_flops_counts_weight_gradients_only_for_tuned_weights():
 
 def test_profile_reports_each_options_convolution_share(tiny_run):
     _, lines = tiny_run
-    start = next(i for i, line in enumerate(lines) if line.startswith("# profile:"))
-    shares = {}
-    for line in lines[start + 2:]:
-        m = re.match(r"\s*(\S+) \|\s+([\d.]+)\s+([\d.]+)%", line)
-        if not m:
-            break
-        shares[m.group(1)] = float(m.group(3))
+    shares = {option: share for option, (_, share) in _table_rows(
+        lines, "# profile:", r"\s*(\S+) \|\s+([\d.]+)\s+([\d.]+)%").items()}
     assert set(shares) == {"first", "second", "third", "last", "all"}
     assert all(0 < v <= 100 for v in shares.values())
 
