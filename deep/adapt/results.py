@@ -29,9 +29,9 @@ from ..stats import above_zero, format_interval, format_stat, mean_se, t_interva
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
            "settings", "machine")
-# Files written before the `machine` column (where the stream ran: `deep.sweep.machine`)
-# are still read, with it empty, and resumed.
-OLDER_COLUMNS = COLUMNS[:-1]
+# The headers read: files written before the `machine` column (where the stream ran:
+# `deep.sweep.machine`) are still read, with it empty, and resumed.
+HEADERS = (COLUMNS, COLUMNS[:-1])
 KEY = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr")
 SETTINGS = ("arch", "checkpoint", "test_per_class", "settings")
 _INT = {"seed", "images", "adapted_params", "total_params", "test_per_class"}
@@ -45,7 +45,7 @@ def is_adapt_results(path: str | Path) -> bool:
         return False
     with open(path, newline="") as f:
         header = next(csv.reader(f), None)
-    return tuple(header or ()) in (COLUMNS, OLDER_COLUMNS)
+    return tuple(header or ()) in HEADERS
 
 
 def _parse(row: dict) -> dict:
@@ -76,7 +76,7 @@ def read_adapt_results(path: str | Path) -> list[dict]:
     if not path.exists() or not path.read_text().strip():
         return []
     reader = csv.DictReader(io.StringIO(path.read_text()))
-    if tuple(reader.fieldnames or ()) not in (COLUMNS, OLDER_COLUMNS):
+    if tuple(reader.fieldnames or ()) not in HEADERS:
         raise ResultsError(f"{path}: columns {reader.fieldnames} are not a `deep adapt` results "
                          f"file's {list(COLUMNS)}; write to another --out")
     try:
