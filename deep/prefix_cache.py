@@ -15,6 +15,7 @@ Both change speed, never numbers; `deep.train.fit` uses them when it can.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Mapping
@@ -29,6 +30,21 @@ from .models.staged import (StagedModel, Stages, channels_last_unsafe, guard_cha
 
 
 DEFAULT_CACHE_MB = 2048  # memory budget of the stored activations, per process
+
+# Where `amp` (bf16 autocast) acts; on other devices an amp run is the float32 run, bit
+# for bit. (A test adds "cpu" here to check the amp path without a GPU.)
+AMP_DEVICE_TYPES = ("cuda",)
+
+
+def amp_active(device: torch.device | str, amp: bool) -> bool:
+    return amp and torch.device(device).type in AMP_DEVICE_TYPES
+
+
+def autocast(device: torch.device | str, amp: bool):
+    """bf16 autocast where `amp_active`; nothing elsewhere."""
+    if amp_active(device, amp):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # --- batch norm folded into convolutions ------------------------------------------
@@ -124,15 +140,17 @@ class PrefixCache:
             `default_eval_batch_size`).
         fold_bn: run the stages with BN folded into the convs (`folded_view`).
         channels_last: True, False, "first" (first stage only) or None (see TrainConfig).
+        amp: fill under bf16 autocast (`autocast`), as the runs that read it compute
+            their forward passes; must equal their `TrainConfig.amp`.
     """
 
     def __init__(self, model: nn.Module, splits: Mapping[str, Split],
                  budget_mb: float = DEFAULT_CACHE_MB,
                  batch_size: int | None = None, fold_bn: bool = True,
-                 channels_last: bool | str | None = None):
+                 channels_last: bool | str | None = None, amp: bool = False):
         if stages_of(model) is None:
             raise TypeError(f"{type(model).__name__} is not staged; it cannot use a prefix cache")
-        self.model, self.splits = model, dict(splits)
+        self.model, self.splits, self.amp = model, dict(splits), amp
         self.runner = (folded_view(model) if fold_bn else None) or model
         self.stages: Stages = stages_of(model, self.runner)
         self.device = next(model.parameters()).device
@@ -215,7 +233,7 @@ class PrefixCache:
         filling never holds more than the budget plus one batch's activations."""
         t0 = time.perf_counter()
         s0 = max((s for (n, s) in self._acts if n == name and 0 < s < stage), default=0)
-        with eval_mode(self.model):
+        with eval_mode(self.model), autocast(self.device, self.amp):
             batches = iter(self._batches(name, s0))
             first = self.prepare(next(batches))
             kept = self._reserve(name, first, s0, stage, len(self.splits[name]))

@@ -49,7 +49,7 @@ from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
                       row_key, same_checkpoint)
-from .train import DEFAULT_CACHE_MB, FitResult, PrefixCache, fit, resolve_device
+from .train import DEFAULT_CACHE_MB, FitResult, PrefixCache, amp_active, fit, resolve_device
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def _settings(protocol: Protocol, checkpoint: str, precision: str | None) -> dic
 
 def precision(device: str, amp: bool) -> str:
     """What the forward passes compute in: `--amp` is bf16 autocast on CUDA only."""
-    return "bf16-autocast" if amp and torch.device(device).type == "cuda" else "float32"
+    return "bf16-autocast" if amp_active(device, amp) else "float32"
 
 
 def expected_precision(device: str | None, amp: bool, on_this_host: bool) -> str | None:
@@ -311,7 +311,8 @@ class PreparedTask:
 
 def prepare_task(protocol: Protocol, benchmark: str, shift: str, n_target: int, seed: int,
                  data_dir: str | None, checkpoint: str, cache_mb: float, device: str,
-                 trust_checkpoint: bool = False, pretrained: dict | None = None) -> PreparedTask:
+                 trust_checkpoint: bool = False, pretrained: dict | None = None,
+                 amp: bool = False) -> PreparedTask:
     """What every cell of one (benchmark, shift, n_target, seed) shares: see PreparedTask."""
     bench = get_benchmark(benchmark)
     task = bench.load_task(Path(data_dir) if data_dir else None, shift, n_target,
@@ -332,7 +333,7 @@ def prepare_task(protocol: Protocol, benchmark: str, shift: str, n_target: int, 
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     splits = {"train": task.train, "val": task.val, "test": task.test}
     # A model that is not staged trains without a cache; fit decides per run.
-    cache = PrefixCache(model, splits, cache_mb) if stages_of(model) is not None else None
+    cache = PrefixCache(model, splits, cache_mb, amp=amp) if stages_of(model) is not None else None
     return PreparedTask(task, model, base_state, cache)
 
 
@@ -350,7 +351,8 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
     first = cells[0]
     device = resolve_device(device)
     prepared = prepare_task(protocol, first.benchmark, first.shift, first.n_target, first.seed,
-                            data_dir, checkpoint, cache_mb, device, trust_checkpoint, pretrained)
+                            data_dir, checkpoint, cache_mb, device, trust_checkpoint, pretrained,
+                            amp)
     task, model, base_state, cache = (prepared.task, prepared.model, prepared.base_state,
                                       prepared.cache)
     blocks = blocks_for(protocol.arch)

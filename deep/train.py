@@ -22,7 +22,6 @@ What makes it fast, by construction:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ from .errors import ConfigError, check_choice, check_int, check_positive
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
 from .prefix_cache import (DEFAULT_CACHE_MB, FoldedConvBN, PrefixCache,  # noqa: F401
-                           default_eval_batch_size, eval_mode, folded_view, refresh_folds,
-                           to_device)
+                           amp_active, autocast, default_eval_batch_size, eval_mode, folded_view,
+                           refresh_folds, to_device)
 from .results import SELECT_WORST_GROUP, SELECTION_RULES  # what picks the epoch (and the lr)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -218,14 +217,6 @@ def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def autocast(device: torch.device | str, amp: bool):
-    """bf16 autocast on CUDA when `amp`; nothing on other devices (a CPU run with
-    amp=True is the float32 run, bit for bit)."""
-    if amp and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # --- the loop ---------------------------------------------------------------------
@@ -461,6 +452,9 @@ def _usable_cache(model, train, val, test, config, cache):
         for name, split in splits.items():
             if split is not None and cache.splits.get(name) is not split:
                 raise ConfigError(f"the prefix cache was built for another {name} split")
+        if cache.amp != config.amp:
+            raise ConfigError(f"the prefix cache was built with amp={cache.amp}, the run has "
+                              f"amp={config.amp}: build it with PrefixCache(..., amp={config.amp})")
         if not cache.matches_model():
             raise ConfigError("the prefix cache was built on other weights than the model holds "
                              "now; reload the weights it was built on before each run, or rebuild it")
@@ -468,7 +462,8 @@ def _usable_cache(model, train, val, test, config, cache):
     if stages_of(model) is None:
         return None
     return PrefixCache(model, {k: v for k, v in splits.items() if v is not None},
-                       config.cache_mb, config.eval_batch_size, config.fold_bn, config.channels_last)
+                       config.cache_mb, config.eval_batch_size, config.fold_bn, config.channels_last,
+                       amp=config.amp)
 
 
 def _optimizer(named, candidates, config, per_tensor):
