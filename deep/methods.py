@@ -9,6 +9,7 @@ base learning rate lr, and the architecture's blocks B_1..B_K in forward order
 |---|---|
 | `first`, `second`, ... `last` | that block only, every epoch (surgical fine-tuning; `last` is the linear probe) |
 | `all` | every parameter, every epoch (full fine-tuning) |
+| `none` | nothing: the source model on the target's splits, evaluated once (the "no tuning" baseline) |
 | `lp-ft` | epochs 1..floor(E/2): `last` only (linear probe); the remaining epochs: everything. One lr for both phases |
 | `gradual-first-last` | B_1 from epoch 1; block k (k = 0..K-1 in that order) joins at epoch 1 + floor(k E / K) and stays; the last block's stage tunes everything, parameters in no block included (as `all`) |
 | `gradual-last-first` | the same schedule in reverse order: B_K first, B_1 last (ULMFiT-style unfreezing) |
@@ -126,6 +127,19 @@ class Surgical(Method):
 
     def plan(self, epoch, ctx):
         return EpochPlan(self.candidates())
+
+
+class NoTuning(Method):
+    """Nothing tuned: the source model evaluated on the target's splits (the paper's
+    "no tuning" row). `fit` evaluates it once; the learning rate and epochs change nothing."""
+
+    name = "none"
+
+    def candidates(self):
+        return []
+
+    def plan(self, epoch, ctx):
+        return EpochPlan([])
 
 
 class LinearProbeThenFinetune(Method):
@@ -471,6 +485,7 @@ class MethodSpec:
 # blocks; the single-block methods (`first`, ...) come from the blocks themselves.
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("all", lambda blocks: Surgical(ALL, blocks)),
+    MethodSpec("none", NoTuning),
     MethodSpec("lp-ft", LinearProbeThenFinetune, needs_blocks=True),
     MethodSpec("gradual-first-last", lambda blocks: GradualUnfreezing("first-last", blocks),
                needs_blocks=True),

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import load_backbone, save_checkpoint, write_manifest
+from .checkpoints import RANDOM_INIT, load_backbone, save_checkpoint, write_manifest
 from .data import Benchmark, SourceData, get_benchmark
 from .errors import ConfigError, check_choice, check_int, check_positive
 from .models import build_model, get_architecture
@@ -87,7 +87,8 @@ class PretrainConfig:
         "help": "SGD momentum 0.9, Nesterov's or plain", "choices": MOMENTA})
     init: str | None = field(default=None, metadata={
         "help": "start from these weights (ours or a torchvision state dict, e.g. ImageNet "
-                "ResNet-50); a classifier of another size is re-initialised"})
+                "ResNet-50); a classifier of another size is re-initialised. 'none': random "
+                "weights, also for an architecture that needs weights (CLIP)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training forward (worth it on long runs only; "
                 "compiling takes tens of seconds)"})
@@ -128,6 +129,13 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     Raises ConfigError when the loss diverges (NaN/inf).
     """
     config = dataclasses.replace(config or PretrainConfig(), **overrides)
+    if config.init is None and get_architecture(arch).needs_init:
+        raise ConfigError(f"{arch} starts from CLIP's weights, not from random ones: pass "
+                          f"--init FILE (python -m deep.clip prepare writes one; see "
+                          f"docs/vit-wilds.md), or --init {RANDOM_INIT} to train it from "
+                          f"random weights anyway")
+    if config.init == RANDOM_INIT:
+        config = dataclasses.replace(config, init=None)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = build_model(arch, source.num_classes, source.in_channels)

@@ -252,7 +252,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
         record = run.select(epoch, plan, losses)
         if on_epoch is not None:
             on_epoch(record)
-        if run.plateaued(epoch):
+        if run.plateaued(epoch) or run.optimizer is None:  # None: nothing can ever be tuned
             break
     test_metrics = run.restore_best_and_test()
     return run.result(test_metrics, time.perf_counter() - t0)
@@ -287,8 +287,11 @@ class TrainingRun:
         guard_channels_last(model)
         self.forward = (torch.compile(model, options=compile_options(model))
                         if config.compile and self.cache is None else model)
-        self.optimizer = _optimizer(self.named, candidates, config, per_tensor=method.per_tensor_lr)
-        self.group_of = {n: i for i, g in enumerate(self.optimizer.param_groups) for n in g["names"]}
+        # No candidates (`none`): no optimizer, and `fit` evaluates once.
+        self.optimizer = (_optimizer(self.named, candidates, config, method.per_tensor_lr)
+                          if candidates else None)
+        self.group_of = {n: i for i, g in enumerate(getattr(self.optimizer, "param_groups", []))
+                         for n in g["names"]}
         self.generator = torch.Generator().manual_seed(int(config.seed))
         self.aug_generator = torch.Generator().manual_seed(int(config.seed) + 1)
         self.touched: set[str] = set()                 # tuned in at least one epoch
@@ -321,15 +324,16 @@ class TrainingRun:
         set_trainable(self.model, plan.tuned)
         if self.cache is not None:
             refresh_folds(self.cache.runner)
+            # Stages before `start` were never tuned in this run: their cached inputs hold.
+            self.start = self.cache.stages.first_stage(self.touched)
+        if self.optimizer is None:
+            return plan
         if plan.reset_optimizer:  # a fresh optimizer: moments and step counts forgotten
             self.optimizer.state.clear()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for name, scale in plan.lr_scale.items():
             self.optimizer.param_groups[self.group_of[name]]["lr"] = lr * scale
-        # Stages before `start` were never tuned in this run: their cached inputs hold.
-        if self.cache is not None:
-            self.start = self.cache.stages.first_stage(self.touched)
         return plan
 
     def train_epoch(self, plan: EpochPlan) -> list[float]:

@@ -39,6 +39,9 @@ class Architecture:
         network: the network whose weights this architecture takes, when it is another
             registered architecture's under other blocks (`resnet50-public` is
             `resnet50`); empty: its own. Checkpoints of either load into both.
+        needs_init: the network means something only from weights this toolkit cannot
+            train (CLIP's): `pretrain` refuses to start it from random weights unless
+            told to (`init="none"`).
     """
 
     name: str
@@ -47,6 +50,7 @@ class Architecture:
     normalization: Normalization | None = None
     notes: str = ""
     network: str = ""
+    needs_init: bool = False
 
     def __post_init__(self):
         if not self.name or not self.blocks:

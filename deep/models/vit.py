@@ -253,7 +253,7 @@ def _register() -> None:
         register_architecture(Architecture(
             name, build=lambda c, k, name=name: build(name, c, k),
             blocks=block_options(config.layers), normalization=(CLIP_MEAN, CLIP_STD),
-            notes=notes[name]))
+            notes=notes[name], needs_init=name != "clip-vit-tiny"))
 
 
 _register()

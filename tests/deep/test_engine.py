@@ -112,6 +112,27 @@ def test_frozen_parameters_bitwise_unchanged(model, task, method):
         assert result.tuned_params == total
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_none_evaluates_the_source_model_once_and_changes_nothing(synthetic_checkpoint, task,
+                                                                  use_cache):
+    """`none` (the "no tuning" row): no training step, one evaluation, every weight
+    bitwise unchanged, and the accuracies of a hand evaluation of the source model."""
+    model = load_model(synthetic_checkpoint, ARCH, 4, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(model, task.train, task.val, task.test, "none",
+                 TrainConfig(lr=1e-2, epochs=3, use_cache=use_cache), BLOCKS4)
+    assert (result.status, result.best_epoch, len(result.history)) == ("ok", 1, 1)
+    assert result.losses == [] and result.tuned_params == 0
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    model.eval()
+    with torch.no_grad():
+        for split, metrics in ((task.val, result.val), (task.test, result.test)):
+            preds = torch.cat([model(x).argmax(1) for x, _, _ in split.batches(50)])
+            assert metrics.acc == pytest.approx((preds == split.labels).float().mean().item())
+    assert 0.3 < result.test.acc < 0.95  # a shifted target: neither chance nor solved
+
+
 @pytest.mark.parametrize("method", ["second", "third", "last", "gradual-last-first", "lp-ft"])
 def test_cached_prefix_matches_recomputing(synthetic_checkpoint, task, method):
     """Same losses with and without the cache (folding and channels-last off on both sides,
@@ -441,4 +462,4 @@ def test_every_method_runs(model, task):
         result = fit(model, task.train, task.val, task.test, name,
                      TrainConfig(lr=1e-3, epochs=2), BLOCKS4)
         assert result.status == "ok" and 0 <= result.test.acc <= 1, name
-        assert result.tuned_params > 0, name
+        assert (result.tuned_params == 0) == (name == "none"), name

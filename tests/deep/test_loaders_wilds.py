@@ -174,8 +174,9 @@ def test_camelyon17_sweeps_through_the_cli(camelyon, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "normalised with" not in done.stderr, done.stderr[-2000:]
     rows = read_results(out)
-    assert [r["method"] for r in rows] == ["embedding", "first3", "last3", "last", "all"]
-    assert [r["start_stage"] for r in rows] == [0, 1, 4, 8, 0]
+    assert [r["method"] for r in rows] == ["none", "embedding", "first3", "last3", "last", "all"]
+    assert [r["start_stage"] for r in rows] == [9, 0, 1, 4, 8, 0]
+    assert [r["tuned_params"] for r in rows][0] == 0  # none: the source model as it is
     for r in rows:
         assert r["status"] == "ok" and r["arch"] == "clip-vit-tiny" and r["shift"] == "ood-test"
         assert 0 <= r["test_acc"] <= 1 and r["worst_group_acc"] is None
@@ -184,11 +185,13 @@ def test_camelyon17_sweeps_through_the_cli(camelyon, tmp_path):
 @pytest.mark.slow
 def test_fmow_sweeps_through_the_cli_selecting_by_worst_region(fmow, tmp_path):
     out = tmp_path / "results.csv"
-    done = cli_sweep("fmow", fmow, out, "--methods", "last3,last", "--n-target", "8",
-                     "--val-per-class", "1", "--test-per-class", "0")
+    done = cli_sweep("fmow", fmow, out, "--methods", "none,last3,last", "--n-target", "8",
+                     "--val-per-class", "1", "--test-per-class", "0", "--lrs", "0.001,0.0001")
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_results(out)
-    assert [r["method"] for r in rows] == ["last3", "last"]
+    assert [r["method"] for r in rows] == ["none"] * 2 + ["last3"] * 2 + ["last"] * 2
+    none = [(r["val_worst_group_acc"], r["worst_group_acc"], r["test_acc"]) for r in rows[:2]]
+    assert none[0] == none[1]  # nothing trained: the same numbers at every lr
     for r in rows:
         assert r["select"] == "worst_group_val_acc" and r["status"] == "ok"
         assert r["val_worst_group_acc"] is not None and 0 <= r["worst_group_acc"] <= 1
@@ -199,7 +202,10 @@ def test_the_full_protocols_run_a_clip_vit():
     for name in ("camelyon17", "fmow"):
         protocol = load_protocol(name)
         assert protocol.arch == "clip-vit-b16"
-        assert protocol.methods == ["embedding", "first3", "last3", "last", "all"]
+        assert protocol.methods == ["none", "embedding", "first3", "last3", "last", "all"]
+        # The source fine-tuning the docs describe, so `pretrain --init FILE` needs no flags.
+        assert (protocol.pretrain.epochs, protocol.pretrain.lr, protocol.pretrain.batch_size,
+                protocol.pretrain.augment) == (3, 1e-3, 64, "none")
     assert load_protocol("fmow").select == "worst_group_val_acc"
 
 

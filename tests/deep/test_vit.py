@@ -298,6 +298,30 @@ def test_init_from_clip_weights_or_a_vit_of_another_head_size(tmp_path):
     assert torch.equal(model.visual.proj, state["visual.proj"])
 
 
+def test_pretrain_refuses_random_weights_for_clip_unless_told(monkeypatch):
+    """ViT-B/16 means CLIP's weights: `pretrain` without `init` is an error that names the
+    flags; `init="none"` trains from random weights on purpose."""
+    import dataclasses
+
+    import deep.pretrain
+    from deep.data.base import SourceData
+    from deep.errors import ConfigError
+    from deep.models import get_architecture
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 2)
+    source = SourceData("camelyon17", 2, 3, split, split)
+    with pytest.raises(ConfigError, match="clip-vit-b16 starts from CLIP's weights.*--init FILE"
+                                          ".*--init none"):
+        deep.pretrain.pretrain(source, "clip-vit-b16", progress=False)
+    needs_init = dataclasses.replace(get_architecture(TINY), needs_init=True)
+    monkeypatch.setattr(deep.pretrain, "get_architecture", lambda name: needs_init)
+    with pytest.raises(ConfigError, match="--init none"):
+        deep.pretrain.pretrain(source, TINY, progress=False, epochs=1)
+    model = deep.pretrain.pretrain(source, TINY, progress=False, epochs=1, batch_size=4,
+                                   augment="none", init="none")
+    assert isinstance(model, CLIPImageClassifier)
+
+
 def run_prepare(*args):
     return subprocess.run([sys.executable, "-m", "deep.clip", "prepare", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
