@@ -61,7 +61,7 @@ SCRIPT = Path(__file__).resolve()
 sys.path.insert(0, str(ROOT))  # the project, uninstalled (deep.files needs only the stdlib)
 
 from deep.files import atomic_write_text, code_commit  # noqa: E402
-METHODS = ("first,second,third,last,all,lp-ft,gradual-first-last,gradual-last-first,"
+METHODS = ("first,second,third,last,all,none,lp-ft,gradual-first-last,gradual-last-first,"
            "l1sp,auto-rgn,auto-snr")
 METHOD_SWEEP = ["--benchmark", "synthetic", "--shifts", "noise,spurious", "--seeds", "0",
                 "--methods", METHODS, "--lrs", "0.01", "--epochs", "1", "--n-target", "64",
@@ -122,7 +122,8 @@ def plan(args, folder: Path) -> list[Step]:
         child_step("sweep, every method", "deep.__main__",
                    [*sweep, "--out", str(folder / "methods.csv")], 150, read_sweep),
         child_step("sweep, every method, --amp", "deep.__main__",
-                   [*sweep, "--amp", "--out", str(folder / "methods-amp.csv")], 90, read_sweep,
+                   [*sweep, "--amp", "--out", str(folder / "methods-amp.csv")], 90,
+                   amp_reader(folder / "methods.csv", folder / "methods-amp.csv"),
                    skip=amp_skip),
         child_step("deep.speed", "deep.speed",
                    ["--device", args.device, *(QUICK_DEEP if q else [])], 200, read_deep_speed),
@@ -179,6 +180,32 @@ def read_sweep(text: str) -> tuple[str, bool]:
     cells, diverged, seconds = int(found[-1][0]), found[-1][1], float(found[-1][2])
     rate = cells / seconds if seconds > 0 else float("nan")
     return f"{cells} cells ({diverged} diverged) in {seconds:.1f} s: {rate:.2f} cells/s", True
+
+
+def amp_reader(float32_csv: Path, amp_csv: Path):
+    """read_sweep, plus what bf16 autocast did to accuracy: the amp run's test accuracy
+    against the float32 run's, cell by cell (same cells, same seed)."""
+    def read(text: str) -> tuple[str, bool]:
+        measured, ok = read_sweep(text)
+        return "; ".join(p for p in (measured, accuracy_change(float32_csv, amp_csv)) if p), ok
+    return read
+
+
+def accuracy_change(float32_csv: Path, amp_csv: Path) -> str:
+    """"test accuracy, amp - float32: mean ..., largest ... points over N cells"."""
+    def accuracies(path):
+        if not path.is_file():
+            return {}
+        with path.open(newline="") as f:
+            return {(r["shift"], r["method"], r["lr"], r["seed"]): float(r["test_acc"])
+                    for r in csv.DictReader(f) if r.get("test_acc")}
+    base, amp = accuracies(float32_csv), accuracies(amp_csv)
+    diffs = [100 * (amp[k] - base[k]) for k in base.keys() & amp.keys()]
+    if not diffs:
+        return ""
+    largest = max(diffs, key=abs)
+    return (f"test accuracy, amp - float32: mean {sum(diffs) / len(diffs):+.2f}, largest "
+            f"{largest:+.2f} points over {len(diffs)} cells")
 
 
 def read_ray_sweep(text: str) -> tuple[str, bool]:

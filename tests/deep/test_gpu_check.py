@@ -78,10 +78,10 @@ def test_quick_run_prints_one_table(tmp_path, synthetic_checkpoint):
     ran = [r for r in rows if r[1] != "skipped"]
     assert all(r[1] == "ok" and float(r[2]) > 0 for r in ran), rows
     methods = by_name["sweep, every method"]
-    for method in ("lp-ft", "gradual-first-last", "l1sp", "auto-rgn", "auto-snr"):
+    for method in ("none", "lp-ft", "gradual-first-last", "l1sp", "auto-rgn", "auto-snr"):
         assert method in methods[5]
     assert "--device cpu" in methods[5] and "--out OUT.csv" in methods[5]
-    assert methods[4].startswith("11 cells (0 diverged) in ")
+    assert methods[4].startswith("12 cells (0 diverged) in ")
     assert "python -m deep.speed --device cpu" in by_name["deep.speed"][5]
     assert by_name["deep.speed"][4].startswith("total speedup ")
     assert "python -m sims.speed --device cpu" in by_name["sims.speed"][5]
@@ -171,3 +171,19 @@ def test_the_sweep_covers_every_method_class(gpu_check, tmp_path):
         assert argv[argv.index("--device") + 1] == "cuda:1"
         assert not steps[name].skip
     assert "--amp" in steps["sweep, every method, --amp"].argv
+
+
+def test_the_amp_row_reports_its_accuracy_change_cell_by_cell(gpu_check, tmp_path):
+    """bf16's accuracy effect is measured where it runs: the amp sweep's test accuracy
+    against the float32 sweep's, matched by cell (an unmatched cell is left out)."""
+    header = "benchmark,shift,method,lr,seed,test_acc\n"
+    (tmp_path / "f.csv").write_text(header + "s,noise,first,0.01,0,0.50\n"
+                                    "s,noise,last,0.01,0,0.70\ns,flip,all,0.01,0,0.90\n")
+    (tmp_path / "a.csv").write_text(header + "s,noise,last,0.01,0,0.72\n"
+                                    "s,noise,first,0.01,0,0.47\ns,flip,last,0.01,0,0.10\n")
+    read = gpu_check.amp_reader(tmp_path / "f.csv", tmp_path / "a.csv")
+    measured, ok = read("ran 3 cells (0 diverged) in 2.0 s\n")
+    assert ok and measured.startswith("3 cells (0 diverged) in 2.0 s")
+    assert measured.endswith("test accuracy, amp - float32: mean -0.50, largest -3.00 points "
+                             "over 2 cells")
+    assert gpu_check.accuracy_change(tmp_path / "f.csv", tmp_path / "missing.csv") == ""
