@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .registry import matches_any
 
 
@@ -153,7 +154,19 @@ def plain_strides(x: torch.Tensor) -> torch.Tensor:
 
 
 def _nchw_input_hook(module: nn.Module, args: tuple) -> tuple:
+    if args[0].device.type == "cpu" and plain_strides(module.weight) is not module.weight:
+        _plain_weight(module)  # the layout changed after guarding (model.to(channels_last))
     return (nchw_if_unsafe(module, args[0]), *args[1:])
+
+
+def _plain_weight(module: nn.Module) -> None:
+    """Give a guarded convolution's weight plain strides again, before it runs."""
+    if not isinstance(module.weight, nn.Parameter):  # a torch.func call's tensor: not ours
+        raise ConfigError(f"a {tuple(module.weight.shape)} convolution weight with "
+                          "channels-last strides reaches oneDNN's faulty AVX2 kernel "
+                          "(docs/troubleshooting.md): pass it with plain (NCHW) strides")
+    with torch.no_grad():
+        module.weight.data = plain_strides(module.weight.data)
 
 
 # torch's CPU GroupNorm backward (not oneDNN; every ISA, torch 2.13.0) segfaults when its
@@ -185,7 +198,8 @@ def guard_channels_last(model: nn.Module) -> int:
         if channels_last_unsafe(module) and plain_strides(module.weight) is not module.weight:
             # PyTorch runs oneDNN channels-last when the input *or the weight* is; after
             # `model.to(memory_format=torch.channels_last)` a 1x1 weight has such strides.
-            # (Done here, not in the hook: functorch transforms forbid `.data` writes.)
+            # Done here first (functorch transforms forbid `.data` writes inside them); the
+            # hook redoes it if the layout changes after guarding.
             with torch.no_grad():
                 module.weight.data = plain_strides(module.weight.data)
         hook = (_nchw_input_hook if channels_last_unsafe(module)

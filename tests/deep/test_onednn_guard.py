@@ -51,6 +51,17 @@ def test_guard_changes_layout_only_not_numbers():
     torch.testing.assert_close(conv.weight.grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_a_layout_change_after_guarding_is_undone_before_the_convolution_runs():
+    """guard, then `model.to(memory_format=torch.channels_last)` (a caller's loop): the
+    weight gets channels-last strides again, and the hook restores plain ones."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False))
+    guard_channels_last(model)
+    model.to(memory_format=torch.channels_last)
+    assert model[0].weight.stride() == (4, 1, 4, 4)
+    model(torch.randn(2, 4, 6, 6)).sum().backward()
+    assert model[0].weight.stride() == (4, 1, 1, 1) and model[0].weight.grad is not None
+
+
 _RUN = """
 import torch
 from deep.blocks import blocks_for
@@ -107,6 +118,7 @@ from torch import nn
 from deep.adapt.core import MemoConfig, make_adapter, run_stream
 from deep.augment_memo import MemoAugmenter
 from deep.data.base import TensorSplit
+from deep.models.staged import guard_channels_last
 from deep.train import TrainConfig, fit
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -132,6 +144,12 @@ adapter = make_adapter(net().to(memory_format=torch.channels_last), "memo", "all
                        MemoConfig(copies=8), augment=MemoAugmenter([0.5] * 3, [0.25] * 3),
                        generator=torch.Generator().manual_seed(0))
 run_stream(adapter, torch.rand(4, 3, 12, 12), torch.arange(4) % 4, torch.arange(4))
+# The caller's own loop, guarded as docs/troubleshooting.md says, then made channels-last.
+model = net()
+guard_channels_last(model)
+model.to(memory_format=torch.channels_last)
+for x, y, _ in split(64, cl).batches(16):
+    nn.functional.cross_entropy(model(x), y).backward()
 print("done")
 """
 
