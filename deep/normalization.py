@@ -21,17 +21,34 @@ from .data import get_benchmark
 from .models import get_architecture
 
 OPTION = "normalization"
+# What a loader takes as arguments of its own, never as a data option.
+TASK_ARGUMENTS = ("data_dir", "shift", "n_target", "val_per_class", "test_per_class", "seed")
+
+
+def check_data_options(loader: Callable, benchmark: str, options: Mapping) -> None:
+    """Every data option (`--data KEY=VALUE`, a protocol's [data] table) is one `loader`
+    takes; else a ConfigError naming the unknown keys and the known ones."""
+    params = inspect.signature(loader).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [name for name in params if name not in TASK_ARGUMENTS]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown data option(s) {unknown} for the {benchmark} loader; "
+                          f"known: {', '.join(known) or 'none'} (--data KEY=VALUE, or the "
+                          f"protocol's [data] table)")
 
 
 def loader_options(loader: Callable, benchmark: str, arch: str, options: Mapping) -> dict:
     """`options` (a protocol's [data] table) plus `normalization=(mean, std)` when `arch`
-    declares its own input normalisation.
+    declares its own input normalisation. Unknown options: see `check_data_options`.
 
     A loader without a `normalization` parameter keeps its own statistics: silently when
     they are the architecture's (`Benchmark.normalization`), else with a warning. Raises
     ConfigError when the options already set a normalisation other than the
     architecture's.
     """
+    check_data_options(loader, benchmark, options)
     own = get_architecture(arch).normalization
     if own is None:
         return dict(options)

@@ -201,6 +201,13 @@ def _format(value) -> str:
     return str(value)
 
 
+def check_not_a_directory(path: Path) -> None:
+    """A results file given as a folder (`--out runs/`) is an error that says what to give."""
+    if path.is_dir():
+        raise ResultsError(f"{path} is a folder; a results file is expected "
+                           f"(e.g. {path / 'results.csv'})")
+
+
 def read_results(path: str | Path) -> list[dict]:
     """Rows of a results CSV as dicts, values parsed (ints, floats; empty -> None).
 
@@ -209,6 +216,7 @@ def read_results(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
+    check_not_a_directory(path)
     text = path.read_text()
     if not text.strip():
         return []

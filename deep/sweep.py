@@ -44,7 +44,7 @@ from .files import atomic_write_text, code_commit, cpu_model
 from .methods import method_names
 from .models import build_model
 from .models.staged import stages_of
-from .normalization import loader_options
+from .normalization import check_data_options, loader_options
 from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
@@ -82,6 +82,7 @@ def check_protocol(protocol: Protocol, bench: Benchmark) -> None:
     if bad:
         raise ConfigError(f"unknown method(s) {bad} for {protocol.arch}; known: {', '.join(known_methods)}")
     bench.check_shifts(protocol.shifts)
+    check_data_options(bench.load_task, bench.name, protocol.target_options)
     for name in ("shifts", "methods", "lrs", "seeds"):
         if not getattr(protocol, name):
             raise ConfigError(f"{name} is empty: nothing to run")
@@ -228,10 +229,12 @@ def config_path(out: str | Path) -> Path:
 
 def save_resolved_config(out: str | Path, protocol: Protocol, checkpoint: str) -> Path:
     """Add this sweep's resolved configuration to `<out>.config.json` (once per distinct
-    configuration; several protocols may write into one results file)."""
+    configuration; several protocols may write into one results file). A results file
+    that is gone or empty starts the list afresh: it describes the rows that exist."""
     path = config_path(out)
     entry = {**protocol.resolved(), "checkpoint": checkpoint}
-    known = json.loads(path.read_text())["configurations"] if path.is_file() else []
+    rows_exist = Path(out).is_file() and bool(read_results(out))
+    known = json.loads(path.read_text())["configurations"] if rows_exist and path.is_file() else []
     if entry not in known:
         known.append(entry)
         atomic_write_text(path, json.dumps({"configurations": known}, indent=2) + "\n")

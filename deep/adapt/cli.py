@@ -120,7 +120,9 @@ def protocol_from_args(args) -> AdaptProtocol:
         arch=args.arch, methods=args.method, shifts=args.shifts, seeds=args.seeds,
         test_per_class=args.test_per_class, checkpoint=args.checkpoint,
         data={**protocol.data, **dict(args.data)} if args.data else None)
-    tables = {m: _method_table(protocol, m, args) for m in METHODS}
+    # The flags reach the methods that run; the others keep their tables.
+    tables = {m: _method_table(protocol, m, args) if m in protocol.methods
+              else protocol.settings_of(m) for m in METHODS}
     return dataclasses.replace(protocol, method_settings=tables)  # re-validates the settings
 
 

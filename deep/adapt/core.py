@@ -81,6 +81,9 @@ def parse_blocks(option: str) -> list[str]:
     parts = [p.strip() for p in option.split("+")]
     if not option.strip() or any(not p for p in parts):
         raise ConfigError(f"expected a block option like 'first' or 'first+second', got {option!r}")
+    repeated = sorted({p for p in parts if parts.count(p) > 1})
+    if repeated:
+        raise ConfigError(f"block(s) {repeated} repeated in {option!r}: name each block once")
     if NONE in parts:
         if len(parts) > 1:
             raise ConfigError(f"'none' cannot be combined with other blocks: {option!r}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..models import get_architecture
 from ..protocol import read_protocol_file
-from .core import METHODS, method_spec
+from .core import METHODS, method_spec, parse_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "adapt"
 _METHOD_KEYS = {"blocks", "images"}
@@ -64,6 +64,7 @@ class AdaptProtocol:
         for method in METHODS:
             self.configs(method)  # unknown keys or bad values fail here, not mid-run
             _check_images(f"[{method}] images", self.images_of(method))
+            _check_blocks(f"[{method}] blocks", self.blocks_of(method))
         # A stream of one image is one batch of one for a method that adapts on batches:
         # no batch statistics. Only for a method that runs (the CLI's --images reaches
         # every table).
@@ -139,6 +140,19 @@ class AdaptProtocol:
 
     def images_of(self, method: str) -> int:
         return self.settings_of(method).get("images", self.images)
+
+
+def _check_blocks(name: str, options: list[str]) -> None:
+    """Block options to run: at least one, each well formed, none listed twice (in any
+    order of its parts: first+second is second+first)."""
+    if not options:
+        raise ConfigError(f"{name} is empty: nothing to run (e.g. --blocks none,first)")
+    seen = {}
+    for option in options:
+        parts = frozenset(parse_blocks(option))
+        if parts in seen:
+            raise ConfigError(f"{name}: {option!r} repeats {seen[parts]!r}; list each once")
+        seen[parts] = option
 
 
 def _check_images(name: str, value) -> None:

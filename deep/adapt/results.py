@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ResultsError
 from ..files import atomic_write_bytes, save_figure
-from ..results import same_checkpoint
+from ..results import check_not_a_directory, same_checkpoint
 from ..stats import above_zero, format_interval, format_stat, mean_se, t_interval
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
@@ -73,6 +73,8 @@ def row_key(row: dict) -> tuple:
 
 def read_adapt_results(path: str | Path) -> list[dict]:
     path = Path(path)
+    if path.exists():
+        check_not_a_directory(path)
     if not path.exists() or not path.read_text().strip():
         return []
     reader = csv.DictReader(io.StringIO(path.read_text()))

@@ -4,6 +4,7 @@ before any stream runs (deep.adapt.results, deep.adapt.protocol, deep.adapt.cli)
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from pathlib import Path
 
@@ -217,6 +218,25 @@ def test_the_cli_checks_images_before_loading_anything(tmp_path, capsys):
     assert main(base + ["--images", "1", "--method", "memo,tent"]) == 2
     assert "TENT needs streams of at least 2 images" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--blocks", ""], r"\[memo\] blocks is empty: nothing to run"),
+    (["--blocks", "first+first"], r"block\(s\) \['first'\] repeated in 'first\+first'"),
+    (["--blocks", "first+second,second+first"], r"'second\+first' repeats 'first\+second'"),
+    (["--method", "tent", "--lr", "nan"], r"TENT needs .*lr > 0"),   # not MEMO's table
+    (["--data", "foo=1"], r"unknown data option\(s\) \['foo'\] for the fmnist-c loader"),
+    ([], r"is a folder; a results file is expected"),
+])
+def test_the_cli_refuses_bad_blocks_lrs_data_and_out_before_running(tmp_path, capsys, extra,
+                                                                    message):
+    out = tmp_path / "r.csv"
+    if not extra:
+        out.mkdir()
+    base = ["adapt", "--benchmark", "fmnist-c", "--out", str(out), "--no-progress"]
+    assert main(base + extra) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert out.is_dir() if not extra else not out.exists()
 
 
 # --- --threads and --quick -----------------------------------------------------------------------

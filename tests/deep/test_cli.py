@@ -104,14 +104,20 @@ def _bad_checkpoint(tmp_path):
     (["--test-per-class", "1000"], "exceeds the 400 per class available"),
     (["--checkpoint", "missing.pt"], "checkpoint file not found: missing.pt"),
     ("bad-checkpoint", "missing keys (1): fc.weight; unexpected keys (1): classifier.weight"),
+    (["--data", "foo=1"], "unknown data option(s) ['foo'] for the synthetic loader; known: none"),
+    ("out-folder", "is a folder; a results file is expected"),
 ])
 def test_bad_input_exits_with_a_message(tmp_path, synthetic_cache, capsys, args, message):
+    out = tmp_path / "r.csv"
     if args == "bad-checkpoint":
         args = ["--checkpoint", _bad_checkpoint(tmp_path)]
-    code = main(["sweep", *SMALL, "--out", str(tmp_path / "r.csv"), *args])
+    if args == "out-folder":
+        args = []
+        out.mkdir()
+    code = main(["sweep", *SMALL, "--out", str(out), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
-    assert not (tmp_path / "r.csv").exists()
+    assert out.is_dir() if not args else not out.exists()
 
 
 def test_unknown_benchmark_and_report_of_missing_file(tmp_path, capsys):

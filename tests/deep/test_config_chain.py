@@ -204,6 +204,26 @@ def test_cli_reports_a_truncated_results_file_not_a_settings_clash(tmp_path, cap
     assert "line 3: the file ends in the middle of a row" in err and "other settings" not in err
 
 
+def test_the_config_json_describes_the_rows_that_exist(tmp_path, synthetic_cache):
+    """A second configuration into the same results file is added beside the first; a
+    results file deleted by hand takes its configurations with it."""
+    out = tmp_path / "r.csv"
+    small = ["sweep", "--benchmark", "synthetic", "--shifts", "noise", "--methods", "last",
+             "--epochs", "1", "--n-target", "16", "--val-per-class", "2",
+             "--test-per-class", "2", "--no-progress", "--out", str(out)]
+
+    def seeds():
+        path = tmp_path / "r.csv.config.json"
+        return [c["seeds"] for c in json.loads(path.read_text())["configurations"]]
+
+    assert main([*small, "--lrs", "0.01", "--seeds", "0"]) == 0
+    assert main([*small, "--lrs", "0.01", "--seeds", "1"]) == 0
+    assert seeds() == [[0], [1]]
+    out.unlink()
+    assert main([*small, "--lrs", "0.01", "--seeds", "2"]) == 0
+    assert seeds() == [[2]]
+
+
 # --- the CLI's error types --------------------------------------------------------
 
 def test_cli_catches_only_the_projects_errors(monkeypatch, capsys):
