@@ -37,3 +37,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def real_fmnist():
+    """The folder of the real Fashion-MNIST files; the test is skipped without them, and
+    fails instead under REQUIRE_FMNIST=1 (CI installs them: a skip there would hide it)."""
+    from deep.data import fmnist as F
+    folder = F.resolve_dir(None)
+    present = all(any((folder / (stem + ext)).is_file() for ext in (".gz", ""))
+                  for stem, _ in F.FILES.values())
+    if not present:
+        if os.environ.get("REQUIRE_FMNIST") == "1":
+            pytest.fail(f"REQUIRE_FMNIST=1 but the Fashion-MNIST files are not in {folder}")
+        pytest.skip(f"Fashion-MNIST files not in {folder}: apt-get install dataset-fashion-mnist "
+                    f"or set {F.ENV_VAR} (REQUIRE_FMNIST=1 makes this a failure)")
+    return folder

@@ -491,11 +491,8 @@ def test_protocol_files_load_with_the_methods_defaults():
         _tiny_protocol(memo={"copiez": 2})
 
 
-def test_cli_end_to_end_and_report(tmp_path, one_thread):
+def test_cli_end_to_end_and_report(tmp_path, one_thread, real_fmnist):
     from deep.__main__ import main
-    from deep.data.fmnist import DEFAULT_DIR
-    if not DEFAULT_DIR.is_dir():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     out = tmp_path / "r.csv"
     args = ["adapt", "--benchmark", "fmnist-c", "--out", str(out), "--method", "memo,tent",
             "--blocks", "none,first", "--shifts", "fog", "--seeds", "0", "--images", "6",

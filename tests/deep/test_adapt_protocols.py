@@ -91,10 +91,7 @@ def test_memo_normalisation_of_a_loader_without_the_option(recwarn):
     assert torch.allclose(augmenter.std.flatten(), torch.tensor(IMAGENET_STD))
 
 
-def test_memo_normalisation_of_fashion_mnist_gives_its_8_bit_pixels():
-    from deep.data.fmnist import DEFAULT_DIR
-    if not DEFAULT_DIR.is_dir():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_memo_normalisation_of_fashion_mnist_gives_its_8_bit_pixels(real_fmnist):
     protocol = dataclasses.replace(load_adapt_protocol("fmnist-c"), test_per_class=2)
     images, _ = load_test_split(protocol, "fog", 0, None)
     augmenter = memo_augmenter(protocol)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from deep.bench import SUITES, main_protocols, markdown_table, n_sweep_protocols, n_target_rows, ranks
-from deep.data.fmnist import resolve_dir, source_checkpoint
+from deep.data.fmnist import source_checkpoint
 from deep.sweep import read_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,20 +108,8 @@ def test_the_full_suite_reuses_the_main_tables_cells_for_its_n_target():
     assert all(p.methods == suite.methods and p.seeds == suite.seeds for p in protocols)  # issue #15
 
 
-def _have_fmnist() -> bool:
-    try:
-        resolve_dir(None)
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.slow
-def test_quick_bench_runs_end_to_end(tmp_path):
-    if not _have_fmnist():
-        if os.environ.get("REQUIRE_FMNIST") == "1":
-            pytest.fail("Fashion-MNIST is missing (apt-get install dataset-fashion-mnist)")
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_quick_bench_runs_end_to_end(tmp_path, real_fmnist):
     assert source_checkpoint("fmnist-c").exists(), "the committed source model is missing"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "deep", "bench", "fmnist", "--quick",

@@ -7,7 +7,6 @@ are tested when present (REQUIRE_FMNIST=1 turns a skip into a failure).
 """
 
 import gzip
-import os
 import struct
 
 import numpy as np
@@ -81,20 +80,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- real files
 
-def real_dir_or_skip():
-    folder = F.resolve_dir(None)
-    present = all(any((folder / (stem + ext)).is_file() for ext in (".gz", ""))
-                  for stem, _ in F.FILES.values())
-    if not present:
-        if os.environ.get("REQUIRE_FMNIST") == "1":
-            pytest.fail(f"REQUIRE_FMNIST=1 but the Fashion-MNIST files are not in {folder}")
-        pytest.skip(f"Fashion-MNIST files not in {folder}: apt-get install dataset-fashion-mnist "
-                    f"or set {F.ENV_VAR} (REQUIRE_FMNIST=1 makes this a failure)")
-    return folder
-
-
-def test_real_files_load_with_the_published_counts_and_statistics():
-    real_dir_or_skip()
+def test_real_files_load_with_the_published_counts_and_statistics(real_fmnist):
     data = F.load_fashion_mnist()
     assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
     assert data.train_images.dtype == np.uint8 and data.train_labels.dtype == np.int64
@@ -110,8 +96,7 @@ def test_real_files_load_with_the_published_counts_and_statistics():
     assert not data.train_images.flags.writeable               # shared, so read-only
 
 
-def test_real_fmnist_c_task_is_class_balanced():
-    real_dir_or_skip()
+def test_real_fmnist_c_task_is_class_balanced(real_fmnist):
     task = get_benchmark("fmnist-c").load_task(None, "contrast", 1000, 10, 90, seed=0)
     assert (len(task.train), len(task.val), len(task.test)) == (1000, 100, 900)
     assert torch.bincount(task.train.labels).tolist() == [100] * 10

@@ -52,13 +52,19 @@ def deep_imports(text: str, package: tuple[str, ...]) -> list[tuple[str, int]]:
         if id(node) in skipped:
             continue
         if isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                if (node.module or "").startswith("deep."):
-                    out.append((node.module.split(".")[1], node.lineno))
-                continue
-            parts = [*package[:len(package) - (node.level - 1)],
-                     *(node.module.split(".") if node.module else [node.names[0].name])]
-            out.append((parts[0], node.lineno))
+            if node.level == 0:  # absolute: `from deep.x import y` or `from deep import x, y`
+                module = (node.module or "").split(".")
+                if module[0] != "deep":
+                    continue
+                base = []
+            else:
+                base = list(package[:len(package) - (node.level - 1)])
+                module = node.module.split(".") if node.module else []
+            path = [*base, *module[1:]] if node.level == 0 else [*base, *module]
+            if path:  # `from deep.x import ...` or `from .x import ...`: module x
+                out.append((path[0], node.lineno))
+            else:  # `from deep import x, y` or `from . import x, y`: every name a module
+                out += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.Import):
             out += [(a.name.split(".")[1], node.lineno) for a in node.names
                     if a.name.startswith("deep.")]
@@ -91,6 +97,12 @@ def test_an_upward_import_is_found():
     assert deep_imports(text, ()) == [("sweep", 2)]
     assert rank("sweep") > rank("train")
     assert deep_imports("from ..train import fit\n", ("data",)) == [("train", 1)]
+    assert deep_imports("from deep import sweep\n", ()) == [("sweep", 1)]
+    assert deep_imports("from .. import files, sweep\n", ("data",)) == [("files", 1),
+                                                                         ("sweep", 1)]
+    assert deep_imports("from . import base, fmnist\n", ("data",)) == [("data", 1)]
+    assert deep_imports("import deep.sweep\nfrom deep.train import fit\n", ()) == [
+        ("sweep", 1), ("train", 2)]
     assert deep_imports("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                         "    from .train import TrainConfig\n", ()) == []
 

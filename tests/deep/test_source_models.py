@@ -16,7 +16,6 @@ REQUIRE_FMNIST=1, which makes their absence a failure (CI).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -30,18 +29,6 @@ from deep.normalization import loader_options
 WEIGHTS = sorted(F.WEIGHTS_DIR.glob("*.pt"))
 TOLERANCE = 0.001           # 0.1 point of accuracy
 BATCH = 256
-
-
-def real_fashion_mnist_or_skip() -> None:
-    folder = F.resolve_dir(None)
-    present = all(any((folder / (stem + ext)).is_file() for ext in (".gz", ""))
-                  for stem, _ in F.FILES.values())
-    if present:
-        return
-    if os.environ.get("REQUIRE_FMNIST") == "1":
-        pytest.fail(f"REQUIRE_FMNIST=1 but the Fashion-MNIST files are not in {folder}")
-    pytest.skip(f"Fashion-MNIST files not in {folder}: apt-get install dataset-fashion-mnist "
-                f"or set {F.ENV_VAR} (REQUIRE_FMNIST=1 makes this a failure)")
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -65,8 +52,8 @@ def test_every_benchmark_source_model_is_committed_with_its_manifest():
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", WEIGHTS, ids=lambda p: p.stem)
 def test_source_model_scores_its_manifest_accuracy_on_the_real_test_images(checkpoint: Path,
-                                                                           one_thread):
-    real_fashion_mnist_or_skip()
+                                                                           one_thread,
+                                                                           real_fmnist):
     manifest = verify_checkpoint(checkpoint)
     assert manifest == json.loads(Path(f"{checkpoint}.json").read_text())
     bench = get_benchmark(manifest["benchmark"])
