@@ -16,7 +16,7 @@ import sys
 
 from .allocator import keep_freed_memory
 from .errors import ConfigError, DeepError
-from .flags import add_device, add_flags, add_trust_checkpoint, flag_values
+from .flags import add_device, add_flags, add_run_options, add_trust_checkpoint, flag_values
 from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
@@ -50,12 +50,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "file (torchvision ResNet-50, RobustBench WideResNet, TTT/MEMO ResNet-26), "
                    "or 'none' (random init, smoke tests only)")
     add_trust_checkpoint(p)
-    p.add_argument("--workers", type=int, default=1, help="parallel processes")
-    add_device(p)
-    p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast on CUDA (no effect on CPU); see docs/distributed.md")
-    p.add_argument("--cache-mb", type=float, default=engine_default(TrainConfig, "cache_mb"),
-                   help="memory budget of the frozen-prefix activation cache per process")
+    p.add_argument("--workers", type=int, help="parallel processes on this machine (default 1; "
+                   "not with --backend ray, which places task groups itself)")
+    add_run_options(p, engine_default(TrainConfig, "cache_mb"))
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="target-loader option overriding the protocol's (repeatable), "
                         "e.g. --data num_workers=8")
@@ -77,7 +74,8 @@ def sweep_protocol(args) -> Protocol:
 
 def run_sweep_command(args) -> int:
     summary = run_sweep(sweep_protocol(args), args.out, checkpoint=args.checkpoint,
-                        data_dir=args.data_dir, workers=args.workers, cache_mb=args.cache_mb,
+                        data_dir=args.data_dir, workers=1 if args.workers is None else args.workers,
+                        cache_mb=args.cache_mb,
                         progress=not args.no_progress, device=args.device,
                         trust_checkpoint=args.trust_checkpoint,
                         executor=executor_from_args(args), amp=args.amp)

@@ -38,7 +38,8 @@ from .ray_backend import add_backend_arguments, executor_from_args, session_for
 from .report import (METHOD_ORDER, bar_panel, metric_values, paired_difference,
                      select_learning_rates)
 from .report import summarize as summarize_tables
-from .sweep import read_results, run_sweep
+from .flags import add_run_options
+from .sweep import DEFAULT_CACHE_MB, read_results, run_sweep
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
 from .stats import above_zero, format_interval, format_stat, mean_se, t_interval
 from .two_stage import drop_superseded, run_two_stage
@@ -632,13 +633,15 @@ def add_arguments(p) -> None:
                    "runs/fmnist-quick with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="pipeline smoke test: 1 seed, 1 epoch, 200 target images")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    p.add_argument("--workers", type=int, help="parallel processes on this machine (default 2; "
+                   "not with --backend ray)")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $FASHION_MNIST_DIR, "
                    "then /usr/share/datasets/fashion-mnist)")
     p.add_argument("--summarize-only", action="store_true",
                    help="only rebuild table.md and the plots from the CSVs")
     p.add_argument("--no-progress", action="store_true")
-    add_backend_arguments(p)  # --backend ray: the suite's sweeps as Ray tasks (--workers unused)
+    add_run_options(p, DEFAULT_CACHE_MB)  # --device cpu reproduces the committed CPU tables
+    add_backend_arguments(p)  # --backend ray: the suite's sweeps as Ray tasks
 
 
 def run_benchmark(protocol: Protocol, suite: Suite, results: Path, curves: CurvesFile,
@@ -668,7 +671,9 @@ def run(args) -> int:
         with session_for(executor):  # one Ray connection for all the suite's sweeps
             for protocol, results, curves in jobs:
                 run_benchmark(protocol, suite, out_dir / results, CurvesFile(out_dir / curves),
-                              data_dir=args.data_dir, workers=args.workers,
+                              data_dir=args.data_dir,
+                              workers=2 if args.workers is None else args.workers,
+                              device=args.device, amp=args.amp, cache_mb=args.cache_mb,
                               progress=not args.no_progress, executor=executor)
     for path in summarize(out_dir, suite):
         print(path)

@@ -70,6 +70,15 @@ def add_device(parser: argparse.ArgumentParser) -> None:
                         help="auto (default: CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
 
 
+def add_run_options(parser: argparse.ArgumentParser, cache_mb: float) -> None:
+    """--device, --amp and --cache-mb: where and how a sweep's cells run (sweep, bench)."""
+    add_device(parser)
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast on CUDA (no effect on CPU); see docs/distributed.md")
+    parser.add_argument("--cache-mb", type=float, default=cache_mb,
+                        help="memory budget of the frozen-prefix activation cache per process")
+
+
 def comma_list(kind=str):
     """An argparse type: `a,b,c` -> [kind(a), kind(b), kind(c)]; spaces around a value are
     dropped (`--shifts "fog, snow"` names the shift `snow`), empty values skipped."""

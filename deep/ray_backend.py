@@ -367,6 +367,11 @@ def run_group_task(cells, spec: dict, pretrained: dict, threads: int):
     except (ValueError, OSError) as err:  # bad data or options: no use retrying
         raise TaskGroupError(f"task group {_describe(cells)} failed on node {_node_name()}: "
                              f"{err}") from err
+    except torch.cuda.OutOfMemoryError as err:  # likeliest with --gpus-per-task below 1
+        raise TaskGroupError(f"task group {_describe(cells)} ran out of GPU memory on node "
+                             f"{_node_name()}: give each task group a larger GPU share "
+                             f"(--gpus-per-task) or a smaller prefix cache (--cache-mb); "
+                             f"{err}") from err
 
 
 def _describe(group) -> str:
@@ -516,5 +521,9 @@ def options_from_args(args) -> RayOptions | None:
             raise RayBackendError(f"{', '.join(given)} given without --backend ray "
                                   "(they configure the Ray backend)")
         return None
+    if getattr(args, "workers", None) is not None:
+        raise RayBackendError("--workers starts processes on this machine; with --backend ray, "
+                              "Ray places the task groups on its nodes: drop --workers (a task "
+                              "group's share is --cpus-per-task / --gpus-per-task)")
     return RayOptions(address=args.ray_address, gpus_per_task=args.gpus_per_task,
                       cpus_per_task=args.cpus_per_task)

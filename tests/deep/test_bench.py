@@ -108,6 +108,25 @@ def test_the_full_suite_reuses_the_main_tables_cells_for_its_n_target():
     assert all(p.methods == suite.methods and p.seeds == suite.seeds for p in protocols)  # issue #15
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ([], {"device": "auto", "amp": False, "workers": 2}),
+    (["--device", "cpu", "--amp", "--cache-mb", "64", "--workers", "1"],
+     {"device": "cpu", "amp": True, "cache_mb": 64.0, "workers": 1}),
+])
+def test_bench_passes_device_amp_and_cache_to_every_sweep(tmp_path, monkeypatch, flags,
+                                                          expected):
+    """`make deep` pins --device cpu (the committed rows ran there); the flags reach
+    every sweep of the suite."""
+    import deep.bench
+    from deep.__main__ import main
+    calls = []
+    monkeypatch.setattr(deep.bench, "run_benchmark",
+                        lambda protocol, suite, results, curves, **options: calls.append(options))
+    monkeypatch.setattr(deep.bench, "summarize", lambda out_dir, suite: [])
+    assert main(["bench", "fmnist", "--quick", "--out", str(tmp_path), *flags]) == 0
+    assert calls and all(options.items() >= expected.items() for options in calls)
+
+
 @pytest.mark.slow
 def test_quick_bench_runs_end_to_end(tmp_path, real_fmnist):
     assert source_checkpoint("fmnist-c").exists(), "the committed source model is missing"

@@ -265,6 +265,35 @@ def test_ray_flags_need_the_ray_backend(tmp_path, capsys):
     assert "error: --ray-address given without --backend ray" in capsys.readouterr().err
 
 
+def test_local_workers_are_refused_with_the_ray_backend(tmp_path, capsys):
+    """--workers would be silently ignored under Ray: an error, before Ray starts."""
+    from deep.__main__ import main
+
+    assert main(["sweep", "--benchmark", "synthetic", "--out", str(tmp_path / "r.csv"),
+                 "--backend", "ray", "--workers", "2"]) == 2
+    assert "error: --workers starts processes on this machine" in capsys.readouterr().err
+    assert main(["bench", "fmnist", "--quick", "--out", str(tmp_path), "--no-progress",
+                 "--backend", "ray", "--workers", "4"]) == 2
+    assert "drop --workers" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_running_out_of_gpu_memory_names_the_node_and_the_remedy(monkeypatch):
+    """A task group's CUDA out-of-memory error (a RuntimeError, so not retried and not
+    wrapped as a data error) reaches the driver as a TaskGroupError naming the node."""
+    import deep.ray_backend as backend
+
+    def out_of_memory(cells, **spec):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield  # a generator, as run_group is
+
+    monkeypatch.setattr(backend, "run_group", out_of_memory)
+    cells = plan_cells(load_protocol("synthetic"))[:2]
+    with pytest.raises(TaskGroupError, match=r"ran out of GPU memory on node \S+: give each task "
+                                             r"group a larger GPU share \(--gpus-per-task\)"):
+        list(backend.run_group_task(cells, {}, {}, threads=1))
+
+
 def test_bad_options_are_named():
     with pytest.raises(RayBackendError, match="must be 'auto' or HOST:PORT, got 'localhost'"):
         RayOptions(address="localhost")
