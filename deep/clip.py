@@ -22,8 +22,8 @@ import torch
 from .checkpoints import load_state_strict, load_torchvision_state, save_checkpoint
 from .errors import DeepError, check_int
 from .files import CheckpointError, sha256_file
-from .models.vit import (CONFIGS, build, image_tower_state, is_torchscript_archive, logit_scale,
-                         set_zero_shot_head, torchscript_state)
+from .models.vit import (CONFIGS, HEAD, build, image_tower_state, is_torchscript_archive,
+                         logit_scale, set_zero_shot_head, torchscript_state)
 
 
 def read_text_embeddings(path: str | Path) -> torch.Tensor:
@@ -60,6 +60,8 @@ def prepare_checkpoint(weights: str | Path, out: str | Path, num_classes: int,
     seeded 0). Use it as --checkpoint, or as `pretrain --init` to train a source model."""
     check_int("num_classes", num_classes)
     state = read_clip_state(weights, trust_torchscript, trust_checkpoint)
+    if text_embeddings is not None:  # the zero-shot head replaces any head the file has
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
     model = build(arch, num_classes)
     load_state_strict(model, image_tower_state(state, model, str(weights)), what=str(weights))
     meta = {"source_weights": Path(weights).name, "source_sha256": sha256_file(weights)}

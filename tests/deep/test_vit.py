@@ -327,6 +327,23 @@ def run_prepare(*args):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def test_a_zero_shot_head_replaces_a_head_of_another_size(tmp_path):
+    """Text embeddings for 2 classes on a file whose head has 5: the file's head is
+    dropped (it used to fail on its shape although the zero-shot head replaces it)."""
+    from deep.clip import prepare_checkpoint
+    state = {**clip_like_state(), "head.weight": torch.randn(5, 16), "head.bias": torch.zeros(5)}
+    torch.save(state, tmp_path / "five.pt")
+    embeddings = torch.randn(2, 16, generator=torch.Generator().manual_seed(3))
+    torch.save(embeddings, tmp_path / "text.pt")
+    out = prepare_checkpoint(tmp_path / "five.pt", tmp_path / "two.pt", 2, TINY,
+                             text_embeddings=tmp_path / "text.pt")
+    model = load_model(out, TINY, 2, 3)
+    assert model.head.weight.shape == (2, 16)
+    # The head is CLIP's zero-shot head: its rows point along the class embeddings.
+    cosine = F.normalize(model.head.weight, dim=1) @ F.normalize(embeddings, dim=1).T
+    assert torch.allclose(cosine.diagonal(), torch.ones(2), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_prepare_converts_torchscript_with_a_zero_shot_head(torchscript_file, tmp_path):
     """The zero-shot head reproduces CLIP's logits: logit_scale * cos(image, class text)."""
