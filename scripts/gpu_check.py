@@ -78,6 +78,7 @@ QUICK_RAY_SWEEP = ["--benchmark", "synthetic", "--shifts", "noise,flip", "--seed
 QUICK_SIMS = ["--runs", "8", "--steps", "50", "--loop-runs", "2", "--no-compile"]
 QUICK_DEEP = ["--n-train", "64", "--n-val", "20", "--n-test", "40", "--epochs", "1",
               "--lrs", "1e-3", "--size", "16", "--tolerance", "100"]
+QUICK_VIT = ["--arch", "clip-vit-tiny", "--batch", "2", "--repeats", "1"]
 DEPENDENCIES = ("numpy", "scipy", "matplotlib", "seaborn", "sympy", "tqdm", "PIL")
 MIN_STEP_S = 5       # a step is not started with less of the budget left
 TAIL_LINES = 8       # output lines a failed row shows
@@ -115,6 +116,7 @@ def plan(args, folder: Path) -> list[Step]:
     q = args.quick
     amp_skip = "" if args.device.startswith("cuda") else "--amp needs CUDA"
     sweep = ["sweep", *(QUICK_METHOD_SWEEP if q else METHOD_SWEEP), "--device", args.device]
+    vit = ["--device", args.device, *(QUICK_VIT if q else [])]
     source = child_step("source model", "source-model", [], 120, read_source)
     source.shown = "python -c 'deep.pretrain.cached_source_model(synthetic, resnet26-w4)'"
     steps = [
@@ -124,6 +126,9 @@ def plan(args, folder: Path) -> list[Step]:
         child_step("sweep, every method, --amp", "deep.__main__",
                    [*sweep, "--amp", "--out", str(folder / "methods-amp.csv")], 90,
                    amp_reader(folder / "methods.csv", folder / "methods-amp.csv"),
+                   skip=amp_skip),
+        child_step("ViT-B/16 cost", "deep.vit_cost", vit, 60, read_vit_cost),
+        child_step("ViT-B/16 cost, --amp", "deep.vit_cost", [*vit, "--amp"], 60, read_vit_cost,
                    skip=amp_skip),
         child_step("deep.speed", "deep.speed",
                    ["--device", args.device, *(QUICK_DEEP if q else [])], 200, read_deep_speed),
@@ -214,6 +219,15 @@ def read_ray_sweep(text: str) -> tuple[str, bool]:
     cluster = last(r"^gpu-check: ray cluster: (.*)$", text)
     extra = f" (sweep time: Ray start, {start} s, not included; {cluster})" if start else ""
     return measured + extra, ok
+
+
+def read_vit_cost(text: str) -> tuple[str, bool]:
+    forward = last(r"^forward \(inference\): (\S+) s/image", text)
+    train = last(r"^forward\+backward, all parameters: (\S+) s/image$", text)
+    if forward is None or train is None:
+        return "", False
+    return (f"forward {1 / float(forward):.1f} images/s, forward+backward (all parameters) "
+            f"{1 / float(train):.1f} images/s"), True
 
 
 def read_deep_speed(text: str) -> tuple[str, bool]:

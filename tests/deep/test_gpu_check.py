@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,8 +71,8 @@ def test_quick_run_prints_one_table(tmp_path, synthetic_checkpoint):
     ray_name = ("Ray sweep, 0 GPU per task group" if importlib.util.find_spec("ray")
                 else "Ray sweep")
     assert [r[0] for r in rows] == ["source model", "sweep, every method",
-                                    "sweep, every method, --amp", "deep.speed", "sims.speed",
-                                    ray_name]
+                                    "sweep, every method, --amp", "ViT-B/16 cost",
+                                    "ViT-B/16 cost, --amp", "deep.speed", "sims.speed", ray_name]
     by_name = {r[0]: r for r in rows}
     assert by_name["sweep, every method, --amp"][1:] == ["skipped", "", "", "--amp needs CUDA",
                                                          by_name["sweep, every method, --amp"][5]]
@@ -82,6 +83,10 @@ def test_quick_run_prints_one_table(tmp_path, synthetic_checkpoint):
         assert method in methods[5]
     assert "--device cpu" in methods[5] and "--out OUT.csv" in methods[5]
     assert methods[4].startswith("12 cells (0 diverged) in ")
+    assert by_name["ViT-B/16 cost, --amp"][1] == "skipped"
+    assert re.fullmatch(r"forward [\d.]+ images/s, forward\+backward \(all parameters\) "
+                        r"[\d.]+ images/s", by_name["ViT-B/16 cost"][4])
+    assert "python -m deep.vit_cost --device cpu --arch clip-vit-tiny" in by_name["ViT-B/16 cost"][5]
     assert "python -m deep.speed --device cpu" in by_name["deep.speed"][5]
     assert by_name["deep.speed"][4].startswith("total speedup ")
     assert "python -m sims.speed --device cpu" in by_name["sims.speed"][5]
