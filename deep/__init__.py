@@ -3,7 +3,7 @@
 Imports flow one way, top to bottom; a module imports only from the layers below it,
 at the top of the file (tests/deep/test_layering.py checks this):
 
-    CLI          __main__, bench, report, ray_backend, speed, calibrate, gallery
+    CLI          __main__, bench, report, ray_backend, speed, vit_cost, calibrate, gallery
     runs         adapt (online MEMO/TENT) -> sweep (cells, resume, workers),
                  convergence (per-epoch curves; issue #15), two_stage (lr grid on
                  some seeds, the rest at the chosen lr; above sweep)

@@ -23,7 +23,7 @@ from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_o
                        engine_default, load_protocol)
 from .ray_backend import add_backend_arguments, executor_from_args
 from .report import write_report
-from .sweep import quick, run_sweep
+from .sweep import DEFAULT_WORKERS, quick, run_sweep
 from .train import TrainConfig
 
 MODULE_COMMANDS = {"bench": "deep.bench", "adapt": "deep.adapt"}
@@ -50,8 +50,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "file (torchvision ResNet-50, RobustBench WideResNet, TTT/MEMO ResNet-26), "
                    "or 'none' (random init, smoke tests only)")
     add_trust_checkpoint(p)
-    p.add_argument("--workers", type=int, help="parallel processes on this machine (default 1; "
-                   "not with --backend ray, which places task groups itself)")
+    p.add_argument("--workers", type=int, help="parallel processes on this machine (default "
+                   f"{DEFAULT_WORKERS}; not with --backend ray, which places task groups itself)")
     add_run_options(p, engine_default(TrainConfig, "cache_mb"))
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="target-loader option overriding the protocol's (repeatable), "
@@ -74,7 +74,8 @@ def sweep_protocol(args) -> Protocol:
 
 def run_sweep_command(args) -> int:
     summary = run_sweep(sweep_protocol(args), args.out, checkpoint=args.checkpoint,
-                        data_dir=args.data_dir, workers=1 if args.workers is None else args.workers,
+                        data_dir=args.data_dir,
+                        workers=DEFAULT_WORKERS if args.workers is None else args.workers,
                         cache_mb=args.cache_mb,
                         progress=not args.no_progress, device=args.device,
                         trust_checkpoint=args.trust_checkpoint,

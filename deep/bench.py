@@ -33,13 +33,14 @@ from scipy.stats import rankdata
 from .blocks import blocks_for
 from .files import atomic_write_bytes, save_figure
 from .methods import GENERIC_METHODS
-from .protocol import Protocol, load_protocol
+from .protocol import Protocol, engine_default, load_protocol
 from .ray_backend import add_backend_arguments, executor_from_args, session_for
 from .report import (METHOD_ORDER, bar_panel, metric_values, paired_difference,
                      select_learning_rates)
 from .report import summarize as summarize_tables
 from .flags import add_run_options
-from .sweep import DEFAULT_CACHE_MB, read_results, run_sweep
+from .sweep import read_results, run_sweep
+from .train import TrainConfig
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
 from .stats import above_zero, format_interval, format_stat, mean_se, t_interval
 from .two_stage import drop_superseded, run_two_stage
@@ -48,6 +49,7 @@ HELP = "run a whole benchmark suite (the Fashion-MNIST shifts) and write its tab
 
 TABLE_BLOCKS = tuple(blocks_for("resnet26"))  # the suite tunes resnet26: its single blocks
 SINGLE_RUN = GENERIC_METHODS  # the methods that are one run each, not one block
+WORKERS = 2  # local processes: the suite is sized for a 2-core machine
 KIND = {"fmnist-c": "input", "fmnist-breeds": "feature", "fmnist-flip": "output",
         "fmnist-spurious": "output", "fmnist-blocknoise": "one block"}
 # The block the paper's pattern predicts for each row of the table.
@@ -633,14 +635,15 @@ def add_arguments(p) -> None:
                    "runs/fmnist-quick with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="pipeline smoke test: 1 seed, 1 epoch, 200 target images")
-    p.add_argument("--workers", type=int, help="parallel processes on this machine (default 2; "
-                   "not with --backend ray)")
+    p.add_argument("--workers", type=int, help="parallel processes on this machine (default "
+                   f"{WORKERS}; not with --backend ray)")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $FASHION_MNIST_DIR, "
                    "then /usr/share/datasets/fashion-mnist)")
     p.add_argument("--summarize-only", action="store_true",
                    help="only rebuild table.md and the plots from the CSVs")
     p.add_argument("--no-progress", action="store_true")
-    add_run_options(p, DEFAULT_CACHE_MB)  # --device cpu reproduces the committed CPU tables
+    # --device cpu: the device of the committed tables (make deep pins it)
+    add_run_options(p, engine_default(TrainConfig, "cache_mb"))
     add_backend_arguments(p)  # --backend ray: the suite's sweeps as Ray tasks
 
 
@@ -672,7 +675,7 @@ def run(args) -> int:
             for protocol, results, curves in jobs:
                 run_benchmark(protocol, suite, out_dir / results, CurvesFile(out_dir / curves),
                               data_dir=args.data_dir,
-                              workers=2 if args.workers is None else args.workers,
+                              workers=WORKERS if args.workers is None else args.workers,
                               device=args.device, amp=args.amp, cache_mb=args.cache_mb,
                               progress=not args.no_progress, executor=executor)
     for path in summarize(out_dir, suite):

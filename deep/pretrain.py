@@ -112,6 +112,16 @@ class PretrainConfig:
                            compile=self.compile, channels_last=True if self.compile else None)
 
 
+def check_init(arch: str, config: PretrainConfig) -> None:
+    """An architecture that means CLIP's weights (`needs_init`) starts from a file, or
+    from random weights only when told (`init="none"`)."""
+    if config.init is None and get_architecture(arch).needs_init:
+        raise ConfigError(f"{arch} starts from CLIP's weights, not from random ones: pass "
+                          f"--init FILE (python -m deep.clip prepare writes one; see "
+                          f"docs/vit-wilds.md), or --init {RANDOM_INIT} to train it from "
+                          f"random weights anyway")
+
+
 def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None,
              progress: bool = True, trust_checkpoint: bool = False, device: str | None = None,
              **overrides) -> nn.Module:
@@ -129,11 +139,7 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     Raises ConfigError when the loss diverges (NaN/inf).
     """
     config = dataclasses.replace(config or PretrainConfig(), **overrides)
-    if config.init is None and get_architecture(arch).needs_init:
-        raise ConfigError(f"{arch} starts from CLIP's weights, not from random ones: pass "
-                          f"--init FILE (python -m deep.clip prepare writes one; see "
-                          f"docs/vit-wilds.md), or --init {RANDOM_INIT} to train it from "
-                          f"random weights anyway")
+    check_init(arch, config)
     if config.init == RANDOM_INIT:
         config = dataclasses.replace(config, init=None)
     with torch.random.fork_rng():
@@ -180,6 +186,7 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
     meta and in the manifest under "config". `trust_checkpoint`: see `pretrain`.
     """
     config = config or PretrainConfig()
+    check_init(arch, config)  # before the source data is read
     bench = get_benchmark(benchmark)
     if bench.load_source is None:
         raise ConfigError(f"benchmark {benchmark!r} has no source data to pretrain on "

@@ -51,6 +51,8 @@ from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_resul
                       row_key, same_checkpoint)
 from .train import DEFAULT_CACHE_MB, FitResult, PrefixCache, amp_active, fit, resolve_device
 
+DEFAULT_WORKERS = 1  # local processes (--workers); Ray places task groups itself
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -126,7 +128,8 @@ class SweepSummary:
 
 
 def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None,
-              data_dir: str | None = None, workers: int = 1, cache_mb: float = DEFAULT_CACHE_MB,
+              data_dir: str | None = None, workers: int = DEFAULT_WORKERS,
+              cache_mb: float = DEFAULT_CACHE_MB,
               progress: bool = True, device: str | None = None,
               trust_checkpoint: bool = False, executor=None, amp: bool = False,
               on_row=None) -> SweepSummary:
@@ -164,7 +167,7 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         if cell.key in results.done:
             _check_same_settings(results.done[cell.key], settings, cell, out)
     if todo:
-        save_resolved_config(out, protocol, checkpoint)
+        save_resolved_config(out, protocol, checkpoint, rows_exist=bool(results.rows))
     groups = group_cells(todo, workers)
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
                 device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
@@ -227,13 +230,14 @@ def config_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".config.json")
 
 
-def save_resolved_config(out: str | Path, protocol: Protocol, checkpoint: str) -> Path:
+def save_resolved_config(out: str | Path, protocol: Protocol, checkpoint: str,
+                         rows_exist: bool) -> Path:
     """Add this sweep's resolved configuration to `<out>.config.json` (once per distinct
-    configuration; several protocols may write into one results file). A results file
-    that is gone or empty starts the list afresh: it describes the rows that exist."""
+    configuration; several protocols may write into one results file). Without rows in
+    the results file (gone, or empty) the list starts afresh: it describes the rows that
+    exist."""
     path = config_path(out)
     entry = {**protocol.resolved(), "checkpoint": checkpoint}
-    rows_exist = Path(out).is_file() and bool(read_results(out))
     known = json.loads(path.read_text())["configurations"] if rows_exist and path.is_file() else []
     if entry not in known:
         known.append(entry)

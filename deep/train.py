@@ -456,7 +456,7 @@ def _usable_cache(model, train, val, test, config, cache):
         for name, split in splits.items():
             if split is not None and cache.splits.get(name) is not split:
                 raise ConfigError(f"the prefix cache was built for another {name} split")
-        if cache.amp != config.amp:
+        if amp_active(cache.device, cache.amp) != amp_active(cache.device, config.amp):
             raise ConfigError(f"the prefix cache was built with amp={cache.amp}, the run has "
                               f"amp={config.amp}: build it with PrefixCache(..., amp={config.amp})")
         if not cache.matches_model():

@@ -66,8 +66,8 @@ class AdaptProtocol:
             _check_images(f"[{method}] images", self.images_of(method))
             _check_blocks(f"[{method}] blocks", self.blocks_of(method))
         # A stream of one image is one batch of one for a method that adapts on batches:
-        # no batch statistics. Only for a method that runs (the CLI's --images reaches
-        # every table).
+        # no batch statistics. Only for a method that runs (a protocol file may give a
+        # method it does not run a length of 1).
         one_at_a_time = [m for m in METHODS if self._batch_sizes(m) == {1}]
         for method in self.methods:
             if self.images_of(method) == 1 and self._batch_sizes(method) != {1}:

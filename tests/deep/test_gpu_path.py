@@ -97,6 +97,15 @@ def test_a_cache_built_without_amp_is_refused_by_an_amp_run(amp_on_cpu, syntheti
             amp=True), blocks_for(ARCH), cache)
 
 
+def test_on_the_cpu_amp_changes_nothing_so_any_cache_serves(synthetic_checkpoint, task):
+    """Where amp is inactive (the CPU) a cache built without it serves an amp run."""
+    model = load_model(synthetic_checkpoint, ARCH, 4, 3)
+    cache = PrefixCache(model, {"train": task.train, "val": task.val, "test": task.test})
+    result = fit(model, task.train, task.val, task.test, "last",
+                 TrainConfig(lr=1e-2, epochs=1, amp=True), blocks_for(ARCH), cache)
+    assert result.status == "ok" and result.start_stage > 0
+
+
 def test_device_auto():
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(None) == resolve_device("auto")

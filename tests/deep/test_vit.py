@@ -313,6 +313,9 @@ def test_pretrain_refuses_random_weights_for_clip_unless_told(monkeypatch):
     with pytest.raises(ConfigError, match="clip-vit-b16 starts from CLIP's weights.*--init FILE"
                                           ".*--init none"):
         deep.pretrain.pretrain(source, "clip-vit-b16", progress=False)
+    # From the command's entry point, before any data is looked for (there is none here).
+    with pytest.raises(ConfigError, match="clip-vit-b16 starts from CLIP's weights"):
+        deep.pretrain.pretrain_to_file("camelyon17", "unused.pt", "clip-vit-b16")
     needs_init = dataclasses.replace(get_architecture(TINY), needs_init=True)
     monkeypatch.setattr(deep.pretrain, "get_architecture", lambda name: needs_init)
     with pytest.raises(ConfigError, match="--init none"):
