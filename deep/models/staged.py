@@ -142,25 +142,28 @@ def nchw_if_unsafe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def plain_strides(x: torch.Tensor) -> torch.Tensor:
-    """`x`, or a (differentiable) copy of it, with row-major (NCHW) strides."""
+def has_plain_strides(x: torch.Tensor) -> bool:
+    """Whether `x` has row-major (NCHW) strides."""
     expected, step = [], 1
     for size in reversed(x.shape):
         expected.append(step)
         step *= max(size, 1)
-    if tuple(x.stride()) == tuple(reversed(expected)):
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
+    return tuple(x.stride()) == tuple(reversed(expected))
+
+
+def plain_strides(x: torch.Tensor) -> torch.Tensor:
+    """`x`, or a (differentiable) copy of it, with row-major (NCHW) strides."""
+    return x if has_plain_strides(x) else x.clone(memory_format=torch.contiguous_format)
 
 
 def _nchw_input_hook(module: nn.Module, args: tuple) -> tuple:
-    if args[0].device.type == "cpu" and plain_strides(module.weight) is not module.weight:
+    if args[0].device.type == "cpu" and not has_plain_strides(module.weight):
         _plain_weight(module)  # the layout changed after guarding (model.to(channels_last))
     return (nchw_if_unsafe(module, args[0]), *args[1:])
 
 
 def _plain_weight(module: nn.Module) -> None:
-    """Give a guarded convolution's weight plain strides again, before it runs."""
+    """Give a guarded convolution's weight plain strides (again, from its hook)."""
     if not isinstance(module.weight, nn.Parameter):  # a torch.func call's tensor: not ours
         raise ConfigError(f"a {tuple(module.weight.shape)} convolution weight with "
                           "channels-last strides reaches oneDNN's faulty AVX2 kernel "
@@ -178,7 +181,7 @@ def group_norm_unsafe(norm: nn.Module, x: torch.Tensor) -> bool:
     return (isinstance(norm, nn.GroupNorm) and x.device.type == "cpu" and x.ndim == 4
             and torch.is_grad_enabled() and not x.requires_grad
             and any(p.requires_grad for p in norm.parameters())
-            and plain_strides(x) is not x)
+            and not has_plain_strides(x))
 
 
 def _group_norm_hook(module: nn.Module, args: tuple) -> tuple:
@@ -195,13 +198,12 @@ def guard_channels_last(model: nn.Module) -> int:
     reach the same kernels. Under `torch.compile`, see `compile_options`."""
     count = 0
     for module in model.modules():
-        if channels_last_unsafe(module) and plain_strides(module.weight) is not module.weight:
+        if channels_last_unsafe(module) and not has_plain_strides(module.weight):
             # PyTorch runs oneDNN channels-last when the input *or the weight* is; after
             # `model.to(memory_format=torch.channels_last)` a 1x1 weight has such strides.
             # Done here first (functorch transforms forbid `.data` writes inside them); the
             # hook redoes it if the layout changes after guarding.
-            with torch.no_grad():
-                module.weight.data = plain_strides(module.weight.data)
+            _plain_weight(module)
         hook = (_nchw_input_hook if channels_last_unsafe(module)
                 else _group_norm_hook if isinstance(module, nn.GroupNorm) else None)
         if hook is not None:
