@@ -290,8 +290,8 @@ class TrainingRun:
         # No candidates (`none`): no optimizer, and `fit` evaluates once.
         self.optimizer = (_optimizer(self.named, candidates, config, method.per_tensor_lr)
                           if candidates else None)
-        self.group_of = {n: i for i, g in enumerate(getattr(self.optimizer, "param_groups", []))
-                         for n in g["names"]}
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        self.group_of = {n: i for i, g in enumerate(groups) for n in g["names"]}
         self.generator = torch.Generator().manual_seed(int(config.seed))
         self.aug_generator = torch.Generator().manual_seed(int(config.seed) + 1)
         self.touched: set[str] = set()                 # tuned in at least one epoch

@@ -32,20 +32,18 @@ def forward_flops(arch: str, num_classes: int = 2) -> int:
     `scaled_dot_product_attention` is not among the counted ones: 4 % of ViT-B/16's
     forward); the CUDA kernels are counted."""
     c = CONFIGS[arch]
-    patches = (c.image_size // c.patch_size) ** 2
-    n, d = patches + 1, c.width
-    embedding = 2 * patches * d * 3 * c.patch_size ** 2
-    block = 2 * n * d * 3 * d + attention_flops(arch) // c.layers + 2 * n * d * d \
-        + 2 * 2 * n * d * c.mlp_width
-    return embedding + c.layers * block + 2 * d * c.output_dim + 2 * c.output_dim * num_classes
+    n, d = c.tokens, c.width
+    embedding = 2 * (n - 1) * d * 3 * c.patch_size ** 2  # every token but the class token
+    linear = 2 * n * d * (3 * d + d + 2 * c.mlp_width)  # per block: qkv, out_proj, c_fc, c_proj
+    head = 2 * d * c.output_dim + 2 * c.output_dim * num_classes
+    return embedding + c.layers * linear + attention_flops(arch) + head
 
 
 def attention_flops(arch: str) -> int:
     """The attention matmuls of one forward pass: per block and head, q k^T and (.) v,
     each tokens x tokens x head width multiply-adds."""
     c = CONFIGS[arch]
-    n = (c.image_size // c.patch_size) ** 2 + 1
-    return c.layers * c.heads * 2 * (2 * n * n * (c.width // c.heads))
+    return c.layers * c.heads * 2 * (2 * c.tokens ** 2 * (c.width // c.heads))
 
 
 def synchronize(device: str) -> None:

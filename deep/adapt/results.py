@@ -73,11 +73,11 @@ def row_key(row: dict) -> tuple:
 
 def read_adapt_results(path: str | Path) -> list[dict]:
     path = Path(path)
-    if path.exists():
-        check_not_a_directory(path)
-    if not path.exists() or not path.read_text().strip():
+    check_not_a_directory(path)
+    text = path.read_text() if path.exists() else ""
+    if not text.strip():
         return []
-    reader = csv.DictReader(io.StringIO(path.read_text()))
+    reader = csv.DictReader(io.StringIO(text))
     if tuple(reader.fieldnames or ()) not in HEADERS:
         raise ResultsError(f"{path}: columns {reader.fieldnames} are not a `deep adapt` results "
                          f"file's {list(COLUMNS)}; write to another --out")
