@@ -26,8 +26,14 @@ $(STAMP): pyproject.toml
 figures: $(STAMP)
 	$(PY) -m sims figures
 
+# One pytest worker per core, at most 8 (pytest-xdist). tests/conftest.py gives each worker
+# its share of the cores and keeps every file that starts Ray on one worker.
+# JOBS=0 runs the tests in this process, one after another.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
+PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The deep engine's tests again on oneDNN's AVX2 kernels, which CPUs without AVX-512 (AMD EPYC
 # before Zen 4, Intel with AVX2 or AVX-VNNI only) run and ONEDNN_MAX_CPU_ISA=AVX2 selects anywhere
@@ -36,7 +42,7 @@ ENGINE_TESTS := tests/deep/test_engine.py tests/deep/test_engine_checkpoints.py 
 	tests/deep/test_sweep.py tests/deep/test_cli.py tests/deep/test_onednn_guard.py \
 	tests/deep/test_pretrain_options.py
 test-avx2: $(STAMP)
-	ONEDNN_MAX_CPU_ISA=AVX2 MALLOC_CHECK_=3 $(PY) -m pytest -q $(ENGINE_TESTS)
+	ONEDNN_MAX_CPU_ISA=AVX2 MALLOC_CHECK_=3 $(PYTEST) $(ENGINE_TESTS)
 
 # The three Fashion-MNIST source models (committed in deep/weights/ with their
 # manifests; docs/fmnist.md has the measured time). Each protocol's [pretrain]

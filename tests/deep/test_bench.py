@@ -109,7 +109,7 @@ def test_the_full_suite_reuses_the_main_tables_cells_for_its_n_target():
 
 
 @pytest.mark.parametrize("flags, expected", [
-    ([], {"device": "auto", "amp": False, "workers": 2}),
+    ([], {"device": "auto", "amp": False, "workers": 1}),  # the quick suite's one worker
     (["--device", "cpu", "--amp", "--cache-mb", "64", "--workers", "1"],
      {"device": "cpu", "amp": True, "cache_mb": 64.0, "workers": 1}),
 ])
@@ -131,9 +131,9 @@ def test_bench_passes_device_amp_and_cache_to_every_sweep(tmp_path, monkeypatch,
 def test_quick_bench_runs_end_to_end(tmp_path, real_fmnist):
     assert source_checkpoint("fmnist-c").exists(), "the committed source model is missing"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "deep", "bench", "fmnist", "--quick",
-                          "--out", str(tmp_path), "--no-progress"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "deep", "bench", "fmnist", "--quick", "--out",
+               str(tmp_path), "--no-progress"]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     quick = SUITES["fmnist-quick"]
     rows = read_results(tmp_path / "results.csv")
@@ -149,9 +149,8 @@ def test_quick_bench_runs_end_to_end(tmp_path, real_fmnist):
     for stem in ("relative_accuracy", "n_target"):
         assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
     # a rerun resumes: nothing left to run
-    again = subprocess.run([sys.executable, "-m", "deep", "bench", "fmnist", "--quick",
-                            "--out", str(tmp_path), "--no-progress"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode == 0 and "ran 0," in again.stdout
     assert read_results(tmp_path / "results.csv") == rows
 
