@@ -42,7 +42,7 @@ ENGINE_TESTS := tests/deep/test_engine.py tests/deep/test_engine_checkpoints.py 
 	tests/deep/test_sweep.py tests/deep/test_cli.py tests/deep/test_onednn_guard.py \
 	tests/deep/test_pretrain_options.py
 test-avx2: $(STAMP)
-	ONEDNN_MAX_CPU_ISA=AVX2 MALLOC_CHECK_=3 $(PYTEST) $(ENGINE_TESTS)
+	ONEDNN_MAX_CPU_ISA=AVX2 MALLOC_CHECK_=3 $(PYTEST) -m 'not pins_isa' $(ENGINE_TESTS)
 
 # The three Fashion-MNIST source models (committed in deep/weights/ with their
 # manifests; docs/fmnist.md has the measured time). Each protocol's [pretrain]

@@ -106,6 +106,7 @@ def faulty_kernel_runs(script: str, isa: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.pins_isa
 @pytest.mark.parametrize("isa", ["SSE41", "AVX2", "DEFAULT"])
 def test_engine_never_runs_the_faulty_kernel_shape(isa):
     bad = faulty_kernel_runs(_RUN, isa)
@@ -155,6 +156,7 @@ print("done")
 
 
 @pytest.mark.slow
+@pytest.mark.pins_isa
 def test_caller_layouts_compile_and_adaptation_never_run_the_faulty_kernel_shape():
     """Where the layout is not the engine's choice: a caller's channels-last images or
     model, torch.compile (Inductor's layout optimisation), MEMO's updates."""
@@ -228,6 +230,7 @@ print("done")
 
 
 @pytest.mark.slow
+@pytest.mark.pins_isa
 def test_every_engine_configuration_completes_on_avx2_kernels():
     """Methods x engine configurations (cache, BN folding, channels-last everywhere / first
     stage / off, BN in train mode) on the model with the unsafe convolution and on a
