@@ -18,7 +18,8 @@ RAY_FILES = {"test_ray_backend.py", "test_slurm_recipe.py", "test_gpu_check.py"}
 
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _threads = max(1, (_cores or 1) // _workers)
     torch.set_num_threads(_threads)
     os.environ["OMP_NUM_THREADS"] = str(_threads)  # subprocesses the tests start
 
