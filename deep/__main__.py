@@ -14,6 +14,7 @@ import json
 import shlex
 import sys
 
+from .adapt.protocol import available as adapt_protocols, load_adapt_protocol
 from .allocator import keep_freed_memory
 from .errors import ConfigError, DeepError
 from .flags import add_device, add_flags, add_run_options, add_trust_checkpoint, flag_values
@@ -142,15 +143,23 @@ def run_pretrain(args) -> int:
 
 # --- protocols --------------------------------------------------------------------
 
+ADAPT_PREFIX = "adapt/"  # `protocols --show adapt/fmnist-c`: deep/configs/adapt/fmnist-c.toml
+
+
 def add_protocols_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("names", nargs="*", help="show these in full (default: list all)")
+    p.add_argument("names", nargs="*", help="show these in full (default: list all; "
+                   f"{ADAPT_PREFIX}NAME for an online adaptation protocol)")
     p.add_argument("--show", metavar="NAME", action="append",
                    help="print every resolved value of protocol NAME (repeatable)")
 
 
 def run_protocols(args) -> int:
     shown = [*(args.names or []), *(args.show or [])]
-    for name in shown or available_protocols():
+    names = shown or [*available_protocols(), *(ADAPT_PREFIX + n for n in adapt_protocols())]
+    for name in names:
+        if name.startswith(ADAPT_PREFIX):
+            _print_adapt_protocol(name, full=bool(shown))
+            continue
         pr = load_protocol(name)
         print(f"{name}: {pr.arch}, {len(pr.shifts)} shift(s), {len(pr.methods)} methods, "
               f"{len(pr.lrs)} lrs, {len(pr.seeds)} seed(s), n_target={pr.n_target}, "
@@ -159,6 +168,22 @@ def run_protocols(args) -> int:
             print(resolved_text(pr))
             print("  " + pr.notes.replace("\n", "\n  "))
     return 0
+
+
+def _print_adapt_protocol(name: str, full: bool) -> None:
+    """One line for an online adaptation protocol (`python -m deep adapt`); with `full`
+    every value, each method's settings as its config resolves them."""
+    pr = load_adapt_protocol(name.removeprefix(ADAPT_PREFIX))
+    print(f"{name}: {pr.arch}, {len(pr.shifts)} shift(s), methods {','.join(pr.methods)}, "
+          f"blocks {','.join(pr.blocks)}, {len(pr.seeds)} seed(s) (python -m deep adapt)")
+    if full:
+        values = {f.name: getattr(pr, f.name) for f in dataclasses.fields(pr)
+                  if f.name not in ("method_settings", "notes")}
+        for method in pr.methods:  # its table as it resolves: one config per lr
+            values[method] = {"images": pr.images_of(method), "blocks": pr.blocks_of(method),
+                              "configs": [dataclasses.asdict(c) for c in pr.configs(method)]}
+        print("\n".join(f"  {key} = {json.dumps(value)}" for key, value in values.items()))
+        print("  " + pr.notes.replace("\n", "\n  "))
 
 
 def resolved_text(protocol: Protocol) -> str:

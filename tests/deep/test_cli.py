@@ -88,6 +88,22 @@ def test_protocols_lists_synthetic(capsys):
     assert "synthetic: resnet26-w4" in capsys.readouterr().out
 
 
+def test_protocols_lists_and_shows_the_adaptation_protocols(capsys):
+    assert main(["protocols"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(l.startswith("adapt/fmnist-c: resnet26, 3 shift(s), methods tent,memo, blocks "
+                            "none,first,") for l in out)
+    assert any(l.startswith("adapt/cifar10c: resnet26-gn, 15 shift(s)") for l in out)
+    assert main(["protocols", "--show", "adapt/fmnist-c"]) == 0
+    shown = capsys.readouterr().out
+    memo = json.loads(shown.split("\n  memo = ")[1].split("\n")[0])
+    # deep/configs/adapt/fmnist-c.toml: [memo] images 200, lr [0.005, 0.0005]
+    assert memo["images"] == 200 and [c["lr"] for c in memo["configs"]] == [0.005, 0.0005]
+    assert "MEMO's CIFAR-10 settings" in shown
+    assert main(["protocols", "adapt/nope"]) == 2
+    assert "no adaptation protocol for benchmark 'nope'" in capsys.readouterr().err
+
+
 def _bad_checkpoint(tmp_path):
     state = build_model("resnet26-w4", 4).state_dict()
     state["classifier.weight"] = state.pop("fc.weight")
