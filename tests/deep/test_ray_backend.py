@@ -10,6 +10,7 @@ fails. The SLURM script's test stands in only for `srun` and `scontrol`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
@@ -221,6 +222,31 @@ class TestLocalRay:
             time.sleep(0.2)
         time.sleep(2)  # retries, had there been any, ran before the error reached us
         assert group_executions() - before == 1  # ran once: an error is not retried
+
+    def test_a_failing_group_stops_the_groups_still_running(self, tmp_path, monkeypatch):
+        """A task group that fails cancels the others: the sweep stops with its error, and
+        a healthy group (a minute of work) is not left running on the cluster."""
+        import deep.ray_backend as backend
+
+        submit = backend.execute_groups_on_ray
+
+        def with_a_failing_group_first(ray_, groups, spec, record, *rest):
+            bad = [dataclasses.replace(groups[0][0], shift="no-such-shift")]
+            return submit(ray_, [bad, *groups], spec, record, *rest)
+
+        monkeypatch.setattr(backend, "execute_groups_on_ray", with_a_failing_group_first)
+        with pytest.raises(TaskGroupError, match=r"synthetic/no-such-shift seed 0 .*"
+                                                 r"unknown shift\(s\) \['no-such-shift'\]"):
+            run_sweep(protocol({**LONG, "epochs": 40}), tmp_path / "ray.csv", progress=False,
+                      executor=on_ray())
+        # A cancelled worker is killed within a moment; one left alone runs on for a minute
+        # (or starts only now, its worker having been slower to start than the failing one's).
+        failed_at, seen = time.time(), []
+        while time.time() - failed_at < 8:
+            time.sleep(0.2)
+            if time.time() - failed_at > 3:
+                seen += own_ray_workers("run_group_task")
+        assert not seen, "the healthy task group still runs after the sweep failed"
 
     def test_a_data_dir_missing_on_a_node_is_named(self, tmp_path):
         check_data_dir(ray, str(tmp_path), 1, 0)  # visible: no error
