@@ -119,7 +119,8 @@ SUITES = {
         n_sweep_shifts=["gaussian_noise"], n_sweep_sizes=[100, 300],
         n_sweep_methods=["first", "all"],
         # Its sweeps are a few seconds each: a second process, which starts and loads the
-        # data for each of them, costs more than it saves (75 s against 111 s on 2 cores).
+        # data for each of them, costs more than it saves (`time python -m deep bench fmnist
+        # --quick --no-progress [--workers 2]`, 2-core Xeon: 74-78 s, 103-111 s with two).
         workers=1),
 }
 
