@@ -641,7 +641,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true",
                    help="pipeline smoke test: 1 seed, 1 epoch, 200 target images")
     p.add_argument("--workers", type=int, help="parallel processes on this machine (default "
-                   f"{WORKERS}, 1 with --quick; not with --backend ray)")
+                   f"{SUITES['fmnist'].workers}, {SUITES['fmnist-quick'].workers} with --quick; "
+                   "not with --backend ray)")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $FASHION_MNIST_DIR, "
                    "then /usr/share/datasets/fashion-mnist)")
     p.add_argument("--summarize-only", action="store_true",
