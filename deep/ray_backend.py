@@ -56,6 +56,10 @@ RESOURCE_UNITS = 10_000
 # address is called wrong: ray.init itself retries a dead address forever.
 CONNECT_TRIES = 3
 CONNECT_TIMEOUT_S = 2.0
+# When the sweep stops: seconds between cancels of a task group that runs on, and
+# how long to keep cancelling before the error is raised anyway.
+CANCEL_CHECK_S = 1.0
+CANCEL_PATIENCE_S = 60.0
 # The devices a Ray task runs on: Ray picks each task's GPU, so no index.
 RAY_DEVICES = ("auto", "cpu", "cuda")
 # Why a cluster that grows on demand (Ray's cluster launcher, KubeRay) may look too
@@ -406,9 +410,29 @@ def execute_groups_on_ray(ray, groups: list, spec: dict, record: Callable[[dict]
             for generator in ready:
                 _take_next(ray, generator, running, written, record)
     except BaseException:
-        for generator in running:  # stop the other groups instead of letting them run on
-            ray.cancel(generator, force=True)
+        stop_groups(ray, list(running))  # instead of letting them run on
         raise
+
+
+def stop_groups(ray, generators: list, patience_s: float = CANCEL_PATIENCE_S) -> None:
+    """Cancel the task groups and return once each has ended (or after `patience_s`).
+
+    Ray can lose a cancel that reaches a task while it is being handed to a worker
+    (ray-project/ray#24359, #52703), and the group then runs to its end. So the
+    driver cancels again until every task reports an end: cancelled, failed or done.
+    """
+    deadline = time.monotonic() + patience_s
+    while generators and time.monotonic() < deadline:
+        for generator in generators:
+            ray.cancel(generator, force=True)
+        ready, generators = ray.wait(generators, num_returns=len(generators),
+                                     timeout=CANCEL_CHECK_S)
+        for generator in ready:
+            try:
+                ray.get(next(generator))  # its row is dropped: the cell reruns on resume
+            except Exception:  # noqa: BLE001 (StopIteration, cancelled, killed: it ended)
+                continue
+            generators.append(generator)  # it delivered a row: the cancel was lost
 
 
 def _lost_worker_errors() -> tuple:
