@@ -27,6 +27,8 @@ from pathlib import Path
 from .errors import ResultsError
 from .files import atomic_write_text
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
 
 @dataclass(frozen=True)
 class ResultRow:
@@ -124,6 +126,16 @@ def same_checkpoint(recorded, now) -> bool:
     sit at another path on another checkout or machine (committed results resumed
     elsewhere), so only the file names are compared."""
     return Path(str(recorded)).name == Path(str(now)).name
+
+
+def recorded_checkpoint(path: str) -> str:
+    """How a results row names its source model: a file inside this checkout (the
+    committed models in deep/weights/) relative to it, so that committed results name
+    no machine's folders; any other path as given."""
+    try:
+        return Path(path).resolve().relative_to(CHECKOUT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def row_key(row: dict) -> tuple:

@@ -48,7 +48,7 @@ from .normalization import check_data_options, loader_options
 from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
-                      row_key, same_checkpoint)
+                      recorded_checkpoint, row_key, same_checkpoint)
 from .train import DEFAULT_CACHE_MB, FitResult, PrefixCache, amp_active, fit, resolve_device
 
 DEFAULT_WORKERS = 1  # local processes (--workers); Ray places task groups itself
@@ -237,7 +237,7 @@ def save_resolved_config(out: str | Path, protocol: Protocol, checkpoint: str,
     the results file (gone, or empty) the list starts afresh: it describes the rows that
     exist."""
     path = config_path(out)
-    entry = {**protocol.resolved(), "checkpoint": checkpoint}
+    entry = {**protocol.resolved(), "checkpoint": recorded_checkpoint(checkpoint)}
     known = json.loads(path.read_text())["configurations"] if rows_exist and path.is_file() else []
     if entry not in known:
         known.append(entry)
@@ -260,8 +260,8 @@ def _settings(protocol: Protocol, checkpoint: str, precision: str | None) -> dic
     """The row's SETTINGS columns: what a resumed sweep must agree on."""
     values = {name: getattr(protocol, name) for name in SETTINGS
               if name not in ("checkpoint", "precision")}
-    return {**values, "weight_decay": float(protocol.weight_decay), "checkpoint": checkpoint,
-            "precision": precision}
+    return {**values, "weight_decay": float(protocol.weight_decay),
+            "checkpoint": recorded_checkpoint(checkpoint), "precision": precision}
 
 
 def precision(device: str, amp: bool) -> str:

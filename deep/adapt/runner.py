@@ -23,6 +23,7 @@ from ..data import get_benchmark
 from ..data.base import mean_std
 from ..errors import ConfigError
 from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
+from ..results import recorded_checkpoint
 from ..sweep import machine, resolve_checkpoint
 from .core import METHODS, adapted_parameter_names, make_adapter, parse_blocks, run_stream
 from .protocol import AdaptProtocol
@@ -177,7 +178,7 @@ def _run_or_skip(results: AdaptResults, protocol: AdaptProtocol, checkpoint: str
     order = stream_order(len(split[1]), seed, protocol.images_of(method))
     row = {"benchmark": protocol.benchmark, "shift": shift, "method": method, "blocks": option,
            "seed": seed, "episodic": episodic, "images": len(order), "lr": float(config.lr)}
-    settings = {"arch": protocol.arch, "checkpoint": checkpoint,
+    settings = {"arch": protocol.arch, "checkpoint": recorded_checkpoint(checkpoint),
                 "test_per_class": protocol.test_per_class, "settings": settings_json(config)}
     if results.finished(tuple(row.values()), settings):
         return None

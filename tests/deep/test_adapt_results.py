@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import deep
 from deep.__main__ import main
 from deep.adapt.cli import add_arguments
 from deep.adapt.core import METHODS
@@ -21,7 +22,7 @@ from deep.adapt.runner import run_adaptation, stream_order
 from deep.checkpoints import save_checkpoint
 from deep.errors import ConfigError, ResultsError
 from deep.models import build_model
-from deep.results import same_checkpoint
+from deep.results import recorded_checkpoint, same_checkpoint
 
 ARCH = "resnet26-w4"
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -182,6 +183,14 @@ def test_same_checkpoint_compares_file_names():
     assert same_checkpoint("/work/main/deep/weights/a.pt", "/tmp/x/a.pt")
     assert same_checkpoint("none", "none")
     assert not same_checkpoint("/work/main/deep/weights/a.pt", "/work/main/deep/weights/b.pt")
+
+
+def test_a_row_names_a_model_in_the_checkout_relative_to_it(tmp_path):
+    """Committed results name deep/weights/..., not the folders of the machine that ran them."""
+    checkout = Path(deep.__file__).resolve().parents[1]
+    assert recorded_checkpoint(str(checkout / "deep" / "weights" / "a.pt")) == "deep/weights/a.pt"
+    assert recorded_checkpoint(str(tmp_path / "a.pt")) == str(tmp_path / "a.pt")
+    assert recorded_checkpoint("none") == "none"
 
 
 # --- stream lengths are checked where the protocol is built ----------------------------------
