@@ -1,19 +1,23 @@
-"""Settings for a parallel run (`pytest -n N`, pytest-xdist; `make test` uses one worker per
-core). Without -n these hooks change nothing.
+"""Settings for a parallel run (`pytest -n N --dist loadgroup`, pytest-xdist; `make test`
+uses one worker per core). Without -n these hooks change nothing.
 
 - Each worker gets its share of the cores: N workers each running torch on every core
   would oversubscribe the CPU and run slower than one.
-- Tests are grouped by file (run with `--dist loadgroup`), so a module's fixtures are built
-  once; every file that starts Ray shares one group, since two Ray clusters on one host
-  would compete for its ports and CPUs and a test's time bounds assume it has the host.
+- Every test is a unit of work on its own, but the tests of the files that start Ray
+  (RAY_FILES) are one unit, run by one worker one after another: two Ray clusters on one
+  host would compete for its ports and CPUs, and a test's time bounds assume it has the
+  host. xdist's own `xdist_group` marker cannot do this: pytest 9.2 ignores the node id
+  that xdist 3.8 rewrites for it, so the scheduler below groups by file name instead.
 """
 from __future__ import annotations
 
 import os
+from pathlib import PurePosixPath
 
 import pytest
 import torch
 
+# A new test file that starts Ray (ray.init, `ray start`, a Ray sweep) belongs here.
 RAY_FILES = {"test_ray_backend.py", "test_slurm_recipe.py", "test_gpu_check.py"}
 
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -24,7 +28,23 @@ if _workers > 1:
     os.environ["OMP_NUM_THREADS"] = str(_threads)  # subprocesses the tests start
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: "ray" for the Ray files, else the test itself."""
+    return "ray" if PurePosixPath(nodeid.split("::", 1)[0]).name in RAY_FILES else nodeid
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist not installed: tests run in one process
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class _RayTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "loadgroup":
+            return _RayTestsTogether(config, log)
+        return None
