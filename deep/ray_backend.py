@@ -433,6 +433,9 @@ def stop_groups(ray, generators: list, patience_s: float = CANCEL_PATIENCE_S) ->
             except Exception:  # noqa: BLE001 (StopIteration, cancelled, killed: it ended)
                 continue
             generators.append(generator)  # it delivered a row: the cancel was lost
+    if generators:
+        print(f"warning: {len(generators)} task group(s) still ran {patience_s:g} s after the "
+              "sweep stopped; `ray list tasks` on the cluster shows them", file=sys.stderr)
 
 
 def _lost_worker_errors() -> tuple:

@@ -30,7 +30,8 @@ import torch
 
 from deep.protocol import load_protocol
 from deep.ray_backend import (RayBackendError, RayExecutor, RayOptions, TaskGroupError,
-                               check_a_node_fits, check_data_dir, concurrent_tasks, task_device)
+                               check_a_node_fits, check_data_dir, concurrent_tasks, stop_groups,
+                               task_device)
 from deep.sweep import COLUMNS, plan_cells, read_results, row_key, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a Ray task runs on one thread too
@@ -648,3 +649,45 @@ def test_the_driver_resolves_a_default_data_folder_for_the_nodes(monkeypatch, tm
     assert driver_data_dir("fmnist-flip") == "/usr/share/datasets/fashion-mnist"
     assert driver_data_dir("synthetic") is None  # generated in memory: no folder
     assert driver_data_dir("cifar10c") is None   # --data-dir is required there
+
+
+# --- stopping task groups, against a stand-in for Ray ------------------------------------
+
+class Group:
+    """A task group that ignores its first `lost` cancels (delivering a row each time it is
+    asked meanwhile), then ends."""
+
+    def __init__(self, lost: int):
+        self.lost, self.cancels = lost, 0
+
+    def __next__(self):
+        return self
+
+
+class StandInRay:
+    def cancel(self, group, force):
+        assert force
+        group.cancels += 1
+
+    def wait(self, groups, num_returns, timeout):
+        time.sleep(0.01)
+        return list(groups), []
+
+    def get(self, group):
+        if group.cancels > group.lost:
+            raise RuntimeError("cancelled")  # what ray.get raises for a cancelled task
+        return {"a": "row"}
+
+
+def test_stopping_cancels_each_group_until_it_ends(capsys):
+    groups = [Group(lost=0), Group(lost=3)]
+    stop_groups(StandInRay(), list(groups))
+    assert [g.cancels for g in groups] == [1, 4]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_group_that_will_not_stop_is_named_after_the_patience(capsys):
+    started = time.monotonic()
+    stop_groups(StandInRay(), [Group(lost=0), Group(lost=10**9)], patience_s=0.5)
+    assert time.monotonic() - started < 5
+    assert "warning: 1 task group(s) still ran 0.5 s after the sweep stopped" in capsys.readouterr().err
