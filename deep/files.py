@@ -21,6 +21,9 @@ from pathlib import Path
 
 from .errors import DeepError
 
+# The folder that holds this package: the repository in a git checkout.
+CHECKOUT = Path(__file__).resolve().parents[1]
+
 
 class CheckpointError(DeepError):
     """A checkpoint file is missing, corrupt, or does not fit the model."""
@@ -131,14 +134,13 @@ def code_commit() -> str | None:
     """The git commit of the code that runs (the repository holding this package), with
     "+dirty" when tracked files under deep/ or configs/ differ from it; None outside a
     git checkout (an installed copy) or without git. Recorded in every results row."""
-    root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=CHECKOUT, text=True,
                              capture_output=True, timeout=10)
         if sha.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "deep", "configs"], cwd=root, text=True, capture_output=True,
+                                "deep", "configs"], cwd=CHECKOUT, text=True, capture_output=True,
                                timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None

@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ResultsError
-from .files import atomic_write_text
-
-CHECKOUT = Path(__file__).resolve().parents[1]
+from .files import CHECKOUT, atomic_write_text
 
 
 @dataclass(frozen=True)
