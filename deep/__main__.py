@@ -166,7 +166,7 @@ def run_protocols(args) -> int:
               f"epochs={pr.epochs}, select={pr.select}")
         if shown:
             print(resolved_text(pr))
-            print("  " + pr.notes.replace("\n", "\n  "))
+            print(indented(pr.notes))
     return 0
 
 
@@ -183,7 +183,12 @@ def _print_adapt_protocol(name: str, full: bool) -> None:
             values[method] = {"images": pr.images_of(method), "blocks": pr.blocks_of(method),
                               "configs": [dataclasses.asdict(c) for c in pr.configs(method)]}
         print("\n".join(f"  {key} = {json.dumps(value)}" for key, value in values.items()))
-        print("  " + pr.notes.replace("\n", "\n  "))
+        print(indented(pr.notes))
+
+
+def indented(text: str) -> str:
+    """`text` with every line indented two spaces (a protocol's notes under its values)."""
+    return "  " + text.replace("\n", "\n  ")
 
 
 def resolved_text(protocol: Protocol) -> str:
