@@ -107,11 +107,19 @@ def make_figures(settings, out="figures", only=None, resume=False, log=print, si
         for name in todo:
             progress.set_description(f"simulating {name}")
             tables = experiments.EXPERIMENTS[name](settings, progress)
+            # Forget the old settings before replacing any CSV: an interruption between two
+            # of this experiment's CSVs must not let --resume keep a mix of old and new.
+            if recorded.pop(name, None) is not None:
+                _atomic(recorded_path,
+                        lambda p: Path(p).write_text(json.dumps(recorded, indent=1)))
             for table_name, table in tables.items():
                 write_csv(table, out / f"{table_name}.csv")
                 written.append(out / f"{table_name}.csv")
             recorded[name] = settings.as_dict()
             _atomic(recorded_path, lambda p: Path(p).write_text(json.dumps(recorded, indent=1)))
+    # An experiment makes the tables of several figures (F2, F3, F6 share one): redraw every
+    # figure whose CSV was just rewritten, so no PNG is left beside a CSV it was not drawn from.
+    figures += [f for f in SOURCES if SOURCES[f] in todo and f not in figures]
     for figure_name in tqdm(figures, desc="drawing", unit="figure"):
         tables = {t: pd.read_csv(out / f"{t}.csv") for t in plots.FIGURES[figure_name]}
         paths = [out / f"{figure_name}.png", out / f"{figure_name}.pdf"]

@@ -11,6 +11,7 @@ from sims.figures import SETTINGS_FILE, SOURCES, make_figures, resolve_only, wri
 # seaborn's heatmap calls a matplotlib method that matplotlib plans to deprecate.
 pytestmark = pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")
 TINY = experiments.Settings(draws=3, steps=20, device="cpu")
+SMALLEST = experiments.Settings(draws=2, steps=2, device="cpu")   # for the pipeline's logic
 COLUMNS = {
     "f1_t1_curves": {"activation", "method", "step", "mean", "se", "log10_mean", "log10_se",
                      "draws", "lr_halved"},
@@ -99,6 +100,38 @@ def test_resume_reuses_matching_csvs_only(tmp_path):
     changed = experiments.Settings(draws=4, steps=20, device="cpu")
     make_figures(changed, tmp_path, only="f4", resume=True, log=lines.append)
     assert pd.read_csv(tmp_path / "f4_t1_event.csv").draws.max() == 4
+
+
+def test_only_redraws_every_figure_whose_csv_it_rewrote(tmp_path):
+    """F2, F3 and F6 share one experiment: asking for F2 rewrites all three CSVs, so all
+    three figures are redrawn (a PNG never sits beside a CSV it was not drawn from)."""
+    written = make_figures(SMALLEST, tmp_path, only="f2", log=lambda line: None)
+    for figure in ("f2_loss_vs_n", "f3_best_layer", "f6_auto_rgn"):
+        assert tmp_path / f"{figure}.csv" in written and tmp_path / f"{figure}.png" in written
+    assert not (tmp_path / "f4_t1_event.png").exists()
+
+
+def test_an_interrupted_experiment_is_not_resumed_from_a_mix_of_csvs(tmp_path, monkeypatch):
+    """Interrupted after the first of an experiment's CSVs was replaced, --resume with the
+    old settings must rerun it, not keep one new CSV beside old ones."""
+    import sims.figures as figures
+    make_figures(SMALLEST, tmp_path, only="f2", log=lambda line: None)
+    changed = experiments.Settings(draws=3, steps=2, device="cpu")
+    calls = []
+
+    def fails_on_the_second(table, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write_csv(table, path)
+    monkeypatch.setattr(figures, "write_csv", fails_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_figures(changed, tmp_path, only="f2", log=lambda line: None)
+    monkeypatch.undo()
+    assert "shifts" not in json.loads((tmp_path / SETTINGS_FILE).read_text())
+    make_figures(SMALLEST, tmp_path, only="f2", resume=True, log=lambda line: None)
+    for figure in ("f2_loss_vs_n", "f3_best_layer"):
+        assert pd.read_csv(tmp_path / f"{figure}.csv").draws.max() == SMALLEST.draws, figure
 
 
 def test_bad_input_is_refused(tmp_path, capsys):
