@@ -24,7 +24,7 @@ import torch
 
 import theory
 
-from .simulator import Batch, gradients, simulate, start_curvature
+from .simulator import Batch, gradients, resolve_device, simulate, start_curvature
 
 METHODS = ("first", "last", "all", "lp-ft")
 ACTIVATIONS = ("linear", "relu")
@@ -75,6 +75,9 @@ class Settings:
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a nonnegative integer, got {self.seed!r}")
+        if self.dtype not in ("float64", "float32"):
+            raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
+        resolve_device(self.device)             # a bad device fails here, before any work
 
     def as_dict(self):
         return dataclasses.asdict(self)

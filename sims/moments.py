@@ -14,6 +14,8 @@ from functools import cached_property
 
 import torch
 
+from theory.network import check_activation
+
 
 def relu_kernel(Ba, Bb, cov):
     """E[relu(Ba x) relu(Bb x)^T], x ~ N(0, cov): shape (..., ka, kb).
@@ -33,6 +35,8 @@ def relu_kernel(Ba, Bb, cov):
 
 def cross_moment(Ba, activation_a, Bb, activation_b, cov):
     """E[phi_a(Ba x) phi_b(Bb x)^T], x ~ N(0, cov): shape (..., ka, kb); broadcasts."""
+    check_activation(activation_a)
+    check_activation(activation_b)
     if activation_a == activation_b == "relu":
         return relu_kernel(Ba, Bb, cov)
     linear = Ba @ cov @ Bb.transpose(-1, -2)

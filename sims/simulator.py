@@ -146,9 +146,14 @@ class Batch:
         tunes = _per_run(tune, R, "tune")
         for t in tunes:
             check_tune(t)
-        rates = np.array(_per_run(lr, R, "lr"), dtype=np.float64)
-        if not np.all(np.isfinite(rates) & (rates > 0)):
-            raise ValueError(f"lr must be positive and finite, got {rates[~(rates > 0)][:3]}...")
+        rates = _per_run(lr, R, "lr")
+        if not all(isinstance(r, (int, float, np.integer, np.floating))
+                   and not isinstance(r, bool) for r in rates):
+            raise ValueError(f"lr must be one positive number or one per run, got {lr!r}")
+        rates = np.array(rates, dtype=np.float64)
+        bad = ~(np.isfinite(rates) & (rates > 0))
+        if bad.any():
+            raise ValueError(f"lr must be positive and finite, got {rates[bad][:3]}...")
         checked = [check_sample(net, X, y)
                    for net, (X, y) in zip(nets, samples)]
         k, n_max = max(net.k for net in nets), max(X.shape[0] for X, _ in checked)
@@ -177,6 +182,8 @@ class Batch:
 
 def _per_run(value, R, name):
     """`value` repeated R times, or checked to have R entries."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0:
+        value = value.item()
     if isinstance(value, (str, int, float, np.floating, np.integer)):
         return [value] * R
     values = list(value)
@@ -280,8 +287,10 @@ def simulate(batch, steps, record=None, exact=True, keep_path=False, on_divergen
         raise ValueError(f"batch must be a sims.Batch, got {type(batch).__name__}")
     R, device = len(batch), batch.device
     steps = np.array(_per_run(steps, R, "steps"))
-    if steps.dtype.kind not in "iu" or np.any(steps < 0):
-        raise ValueError(f"steps must be nonnegative integers, got {steps[:5]}...")
+    if steps.shape != (R,) or steps.dtype.kind not in "iu" or np.any(steps < 0):
+        raise ValueError(f"steps must be nonnegative integers (one, or one per run), "
+                         f"got {steps[:5]}...")
+    steps = steps.astype(np.int64)             # 2 * steps below must not wrap (uint8: 200)
     lp_ft = np.array([t == "lp-ft" for t in batch.tune])
     totals = np.where(lp_ft, 2 * steps, steps)
     grid = _record_grid(record, int(totals.max()))
@@ -641,6 +650,8 @@ def _stepped(batch, v, B, offset, length, boundary, before, after, recorder, run
 def gradients(batch, v=None, B=None):
     """dL/dv (R, k) and dL/dB (R, k, d) of every run's sample loss at (v, B), by default
     at the pretrained point (what Auto-RGN looks at)."""
+    if not isinstance(batch, Batch):
+        raise ValueError(f"batch must be a sims.Batch, got {type(batch).__name__}")
     v = batch.v if v is None else v
     B = batch.B if B is None else B
     Z = batch.X @ B.transpose(1, 2)                                          # (R, n, k)

@@ -92,14 +92,25 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (a usage error, not a traceback, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sims.speed", description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=512)
-    parser.add_argument("--d", type=int, default=64)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--loop-runs", type=int, default=16,
+    parser.add_argument("--runs", type=positive_int, default=512)
+    parser.add_argument("--d", type=positive_int, default=64)
+    parser.add_argument("--k", type=positive_int, default=32)
+    parser.add_argument("--n", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=2000)
+    parser.add_argument("--loop-runs", type=positive_int, default=16,
                         help="runs the numpy loop is timed on (then extrapolated)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", default="1",
@@ -108,10 +119,17 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile configurations (eager only)")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     R, d, k, n, steps = args.runs, args.d, args.k, args.n, args.steps
     if not 1 <= args.loop_runs <= R:
         parser.error(f"--loop-runs must be in 1..{R}")
+    try:
+        thread_options = [positive_int(t) for t in args.threads.split(",")]
+    except argparse.ArgumentTypeError:
+        parser.error(f"--threads must be comma-separated positive integers, got {args.threads!r}")
     print(f"workload: {R} runs of full fine-tuning (linear), d = {d}, k = {k}, n = {n}, "
           f"{steps} steps; device {device}; torch {torch.__version__}")
 
@@ -132,10 +150,6 @@ def main(argv=None):
     sim_macs = (4 * n * k + n * n + k) * R * steps
     print(f"flops counted: loop {2 * n * k * d + 3 * n * k + 2 * k * d} and simulator "
           f"{4 * n * k + n * n + k} multiply-adds per run and step")
-    try:
-        thread_options = [int(t) for t in args.threads.split(",")]
-    except ValueError:
-        parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
     if device.type != "cpu":
         thread_options = [torch.get_num_threads()]
     peaks = {}

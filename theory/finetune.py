@@ -92,8 +92,8 @@ def finetune_path(net, X, y, tune, steps, lr, every=1):
     if every is not None and (isinstance(every, bool) or not isinstance(every, (int, np.integer))
                               or every < 1):
         raise ValueError(f"every must be a positive integer, got {every!r}")
-    if not (isinstance(lr, (int, float, np.floating, np.integer)) and np.isfinite(lr)
-            and lr > 0):
+    if not (isinstance(lr, (int, float, np.floating, np.integer)) and not isinstance(lr, bool)
+            and np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
     n, relu = X.shape[0], net.activation == "relu"
@@ -165,7 +165,10 @@ def gradient_flow(net, X, y, tune, time=np.inf):
     if tune not in ("first", "last"):
         raise ValueError(f"tune={tune!r} has no closed-form gradient flow; "
                          "use tune='first' or 'last', or finetune() for the others")
-    time = float(time)
+    try:
+        time = float(time)
+    except (TypeError, ValueError):
+        time = float("nan")                     # refused just below, naming `time`
     if not time >= 0:
         raise ValueError(f"time must be >= 0 (or inf), got {time!r}")
     n = X.shape[0]

@@ -14,7 +14,7 @@ components.
 """
 import numpy as np
 
-from .network import TwoLayer, as_array
+from .network import TwoLayer, as_array, check_activation
 
 # Relative tolerances for accepting a covariance as symmetric and PSD: loose enough for
 # matrices built in floating point (A A^T, projections), tight enough to catch real errors.
@@ -95,9 +95,7 @@ class GaussianMixture:
         """Draw n points. Returns (X, component): X shape (n, d), component shape (n,) int,
         the index of the Gaussian each row came from. Deterministic given `rng`."""
         n = check_count(n, "n")
-        if not isinstance(rng, np.random.Generator):
-            raise ValueError(f"rng must be a numpy Generator (np.random.default_rng(seed)), "
-                             f"got {type(rng).__name__}")
+        check_rng(rng)
         component = rng.choice(len(self.weights), size=n, p=self.weights)
         Z = rng.standard_normal((n, self.d))
         return np.einsum("nab,nb->na", self._roots[component], Z), component
@@ -110,6 +108,12 @@ def check_count(n, name):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
     return int(n)
+
+
+def check_rng(rng):
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy Generator (np.random.default_rng(seed)), "
+                         f"got {type(rng).__name__}")
 
 
 def as_mixture(dist, d=None, name="cov"):
@@ -143,6 +147,8 @@ def cross_moment(Ba, activation_a, Bb, activation_b, cov):
 
     Ba (..., ka, d), Bb (..., kb, d), cov (..., d, d); activations "linear" or "relu".
     """
+    check_activation(activation_a)
+    check_activation(activation_b)
     linear = Ba @ cov @ np.swapaxes(Bb, -1, -2)
     if activation_a == activation_b == "linear":
         return linear

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from .gaussian import GaussianMixture, as_mixture, check_count, population_loss
+from .gaussian import GaussianMixture, as_mixture, check_count, check_rng, population_loss
 from .network import TwoLayer, as_array, check_activation
 
 KINDS = ("input", "label", "new-directions")
@@ -207,7 +207,10 @@ def random_input_perturbation(rng, d, k, activation="linear", max_stretch=2.0):
     """A random P1 problem: random teacher (= pretrained), x_src ~ N(0, I), and
     A = U diag(s) V^T with U, V uniformly random orthogonal and s log-uniform in
     [1 / max_stretch, max_stretch] (so A is invertible with cond(A) <= max_stretch^2)."""
-    check_count(d, "d"), check_count(k, "k")
+    check_rng(rng), check_count(d, "d"), check_count(k, "k")
+    if isinstance(max_stretch, bool) or not (isinstance(max_stretch, (int, float, np.number))
+                                             and 1 <= max_stretch < np.inf):
+        raise ValueError(f"max_stretch must be a finite number >= 1, got {max_stretch!r}")
     teacher = _random_teacher(rng, d, k, activation)
     s = np.exp(rng.uniform(-np.log(max_stretch), np.log(max_stretch), d))
     A = _random_orthogonal(rng, d) @ np.diag(s) @ _random_orthogonal(rng, d).T
@@ -217,7 +220,7 @@ def random_input_perturbation(rng, d, k, activation="linear", max_stretch=2.0):
 def random_label_perturbation(rng, d, k, activation="linear", t=-1.0):
     """A random P2 problem: random teacher (= pretrained), x ~ N(0, I), y_tgt = t y_src.
     For relu the teacher's head is nonnegative, so y_src >= 0 (the case of P2's bound)."""
-    check_count(d, "d"), check_count(k, "k")
+    check_rng(rng), check_count(d, "d"), check_count(k, "k")
     teacher = _random_teacher(rng, d, k, activation, nonnegative_head=activation == "relu")
     return label_perturbation(teacher, t)
 
@@ -233,7 +236,7 @@ def random_new_directions(rng, ds, m, k, p, activation="linear", init_T_scale=0.
     (source fit still exact; see `new_directions(blind_to_T=False)`: needed for relu to
     learn T at all). It is recorded in params["init_T_scale"].
     """
-    check_count(ds, "ds"), check_count(m, "m"), check_count(k, "k")
+    check_rng(rng), check_count(ds, "ds"), check_count(m, "m"), check_count(k, "k")
     if not init_T_scale >= 0:
         raise ValueError(f"init_T_scale must be >= 0, got {init_T_scale!r}")
     d = ds + m
@@ -277,5 +280,6 @@ def t1_event_probability(ds, m, p, n):
 def t1_event(component, ds, m):
     """Whether a drawn target sample satisfies the T1 condition; `component` (n,) is the
     mixture index from `problem.target.sample` (1 = new direction)."""
+    check_count(ds, "ds"), check_count(m, "m")
     n_new = int(np.sum(np.asarray(component) == 1))
     return n_new >= m and len(component) - n_new < ds

@@ -84,3 +84,13 @@ def test_target_select_keeps_the_chosen_runs():
     assert isinstance(picked, Target)
     torch.testing.assert_close(picked.loss(batch.v[index], batch.B[index], "relu"),
                                batch.targets["t"].loss(batch.v, batch.B, "relu")[index])
+
+
+def test_an_unknown_activation_is_refused_not_read_as_half_linear():
+    """Any name but "linear" and "relu" once fell through to the mixed case (linear / 2)."""
+    B, cov = np.eye(2), np.eye(2)
+    for a, b in (("tanh", "tanh"), ("relu", "gelu"), ("Linear", "linear")):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            theory.cross_moment(B, a, B, b, cov)
+        with pytest.raises(ValueError, match="activation must be one of"):
+            cross_moment(torch.eye(2), a, torch.eye(2), b, torch.eye(2))

@@ -189,6 +189,9 @@ BAD_BUILDS = {
     "zero lr": (dict(lr=0.0), "lr must be positive"),
     "nan lr": (dict(lr=float("nan")), "lr must be positive"),
     "lr count": (dict(lr=[0.1, 0.2, 0.3]), "lr has 3 entries"),
+    "nested lr": (dict(lr=[[0.1], [0.2]]), "lr must be one positive number or one per run"),
+    "text lr": (dict(lr="0.1"), "lr must be one positive number or one per run"),
+    "infinite lr": (dict(lr=[0.1, float("inf")]), r"lr must be positive and finite, got \[inf\]"),
     "sample count": (dict(samples="one"), "samples has 1 entries"),
     "bad dtype": (dict(dtype="float16"), "dtype must be"),
     "bad device": (dict(device="tpu"), "device must be"),
@@ -227,6 +230,8 @@ def test_bad_simulate_arguments_are_refused():
             (lambda: simulate(batch, -1), "steps must be nonnegative"),
             (lambda: simulate(batch, 2.5), "steps must be nonnegative"),
             (lambda: simulate(batch, [10, 10, 10]), "steps has 3 entries"),
+            (lambda: simulate(batch, [[10], [10]]), "steps must be nonnegative integers"),
+            (lambda: gradients("batch"), "batch must be a sims.Batch"),
             (lambda: simulate(batch, 10, record=0), "record must be a positive"),
             (lambda: simulate(batch, 10, record=[[1]]), "record must be None"),
             (lambda: simulate(batch, 10, on_divergence="ignore"), "on_divergence"),
@@ -274,3 +279,17 @@ def test_compiled_linear_steps_equal_eager():
         np.testing.assert_allclose(fused.v, eager.v, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(fused.B, eager.B, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(fused.loss["target"], eager.loss["target"], rtol=1e-10)
+
+
+def test_zero_dimensional_and_small_integer_arguments_mean_what_they_say():
+    """A 0-d array or tensor is one value for every run; steps in uint8 must not wrap when
+    lp-ft doubles them (200 + 200 read as 144 before)."""
+    rng = np.random.default_rng(0)
+    probs = problems("linear", 2, rng)
+    samples = [p.sample_target(4, rng) for p in probs]
+    plain = Batch.from_problems(probs, samples, "lp-ft", 0.1, device="cpu")
+    for lr in (np.array(0.1), torch.tensor(0.1, dtype=torch.float64)):
+        batch = Batch.from_problems(probs, samples, "lp-ft", lr, device="cpu")
+        assert torch.equal(batch.lr, plain.lr)
+    result = simulate(plain, np.uint8(200), record=[0, 400])
+    assert result.total_steps.tolist() == [400, 400] and result.step.tolist() == [0, 400]

@@ -31,6 +31,16 @@ def test_speed_benchmark_matches_the_numpy_loop_and_ends_with_the_ratio():
         assert gaps and max(float(gaps.group(1)), float(gaps.group(2))) < 1e-5, line
 
 
-def test_bad_loop_runs_is_refused():
-    with pytest.raises(SystemExit), redirect_stdout(io.StringIO()):
-        speed.main(["--runs", "4", "--loop-runs", "5", "--no-compile"])
+@pytest.mark.parametrize("flags, message", [
+    (["--runs", "4", "--loop-runs", "5"], "--loop-runs must be in 1..4"),
+    (["--steps", "0"], "expected a positive integer, got '0'"),
+    (["--n", "-1"], "expected a positive integer, got '-1'"),
+    (["--threads", "0"], "--threads must be comma-separated positive integers"),
+    (["--device", "tpu"], "device must be 'auto', 'cpu' or 'cuda"),
+])
+def test_bad_flags_are_usage_errors_before_any_work(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        speed.main(flags + ["--no-compile"])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "workload" not in captured.out

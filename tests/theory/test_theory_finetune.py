@@ -161,6 +161,7 @@ def test_diverging_lr_raises_naming_lr(tune):
     (dict(steps=2.5), "steps"),
     (dict(lr=-0.1), "lr"),
     (dict(lr=float("nan")), "lr"),
+    (dict(lr=True), "lr"),
     (dict(y=np.ones(5)), "y"),
     (dict(y=np.full(6, np.nan)), "y"),
     (dict(X=np.ones((6, 4))), "X"),
@@ -181,5 +182,6 @@ def test_gradient_flow_refuses_what_has_no_closed_form():
         gradient_flow(net, X, y, "first")
     with pytest.raises(ValueError, match="tune"):
         gradient_flow(net, X, y, "all")
-    with pytest.raises(ValueError, match="time"):
-        gradient_flow(net, X, y, "last", time=-1.0)
+    for time in (-1.0, None, "abc"):
+        with pytest.raises(ValueError, match="time must be >= 0"):
+            gradient_flow(net, X, y, "last", time=time)

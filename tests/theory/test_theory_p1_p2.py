@@ -3,6 +3,7 @@ favours the last layer), on the spec's instances and on random ones."""
 import numpy as np
 import pytest
 
+import theory
 from theory import (GaussianMixture, TwoLayer, best_last_layer_loss, finetune, gradient_flow,
                     input_perturbation, label_perturbation, new_directions, p1_instance,
                     p2_instance, population_loss, random_input_perturbation,
@@ -240,3 +241,15 @@ def test_bad_constructions_name_the_argument():
         new_directions(wide, 2, 0.5, pretrained=TwoLayer([1.0], [[1.0, 0.0, 5.0]]))
     with pytest.raises(ValueError, match="activation"):
         p1_instance("gelu")
+    rng = np.random.default_rng(0)
+    for stretch in (0, -2.0, float("nan"), float("inf"), 0.5):
+        with pytest.raises(ValueError, match="max_stretch must be a finite number >= 1"):
+            random_input_perturbation(rng, 4, 2, max_stretch=stretch)
+    for make in (lambda: random_input_perturbation(0, 4, 2),
+                 lambda: random_label_perturbation(0, 4, 2),
+                 lambda: theory.random_new_directions(0, ds=3, m=1, k=2, p=0.5)):
+        with pytest.raises(ValueError, match="rng must be a numpy Generator"):
+            make()
+    for ds, m in ((0, 1), (-1, 1), (3, 0)):
+        with pytest.raises(ValueError, match="ds|m"):
+            theory.t1_event([0, 1, 1], ds=ds, m=m)
