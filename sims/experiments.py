@@ -158,13 +158,18 @@ def _mean_se(values):
 
 def _summary(values, **columns):
     """Rows of a curve table: for each record point (axis 1 of `values`, draws on axis 0),
-    the mean and standard error of the values and of log10(max(values, FLOOR))."""
+    the mean and standard error of the values and of log10(max(values, FLOOR)), and the
+    fraction of draws below ZERO (the geometric mean alone can hide draws that have not
+    converged yet)."""
     mean, se, count = _mean_se(values)
     log_mean, log_se, _ = _mean_se(np.log10(np.maximum(values, FLOOR)))
+    values = np.asarray(values, dtype=np.float64)
+    fraction_zero = np.sum(values < ZERO, axis=0) / count
     steps = columns.pop("steps")
     return [dict(columns, step=int(step), mean=m, se=e, log10_mean=lm, log10_se=le,
-                 draws=int(c))
-            for step, m, e, lm, le, c in zip(steps, mean, se, log_mean, log_se, count)]
+                 fraction_zero=z, draws=int(c))
+            for step, m, e, lm, le, z, c in zip(steps, mean, se, log_mean, log_se,
+                                                fraction_zero, count)]
 
 
 def _numpy(tensor):
@@ -189,7 +194,7 @@ def t1_curves(settings, progress=None):
 
     first, last and all take 2 * steps steps; lp-ft takes steps + steps.
     Returns {"f1_t1_curves": DataFrame(activation, method, step, mean, se, log10_mean,
-    log10_se, draws)}.
+    log10_se, fraction_zero, draws)}.
     """
     rows = []
     for activation in ACTIVATIONS:
@@ -395,7 +400,7 @@ def forgetting(settings, progress=None):
     the same E[y^2]) and on the new directions T, and the target loss.
 
     Returns {"f5_forgetting": DataFrame(method, quantity, step, mean, se, log10_mean,
-    log10_se, draws)}.
+    log10_se, fraction_zero, draws)}.
     """
     rng = _rng(settings, "forgetting")
     problems, samples, unseen, new = [], [], [], []

@@ -111,12 +111,12 @@ def make_figures(settings, out="figures", only=None, resume=False, log=print, si
             # of this experiment's CSVs must not let --resume keep a mix of old and new.
             if recorded.pop(name, None) is not None:
                 _atomic(recorded_path,
-                        lambda p: Path(p).write_text(json.dumps(recorded, indent=1)))
+                        lambda p: Path(p).write_text(json.dumps(recorded, indent=1, sort_keys=True)))
             for table_name, table in tables.items():
                 write_csv(table, out / f"{table_name}.csv")
                 written.append(out / f"{table_name}.csv")
             recorded[name] = settings.as_dict()
-            _atomic(recorded_path, lambda p: Path(p).write_text(json.dumps(recorded, indent=1)))
+            _atomic(recorded_path, lambda p: Path(p).write_text(json.dumps(recorded, indent=1, sort_keys=True)))
     # An experiment makes the tables of several figures (F2, F3, F6 share one): redraw every
     # figure whose CSV was just rewritten, so no PNG is left beside a CSV it was not drawn from.
     figures += [f for f in SOURCES if SOURCES[f] in todo and f not in figures]

@@ -14,7 +14,7 @@ TINY = experiments.Settings(draws=3, steps=20, device="cpu")
 SMALLEST = experiments.Settings(draws=2, steps=2, device="cpu")   # for the pipeline's logic
 COLUMNS = {
     "f1_t1_curves": {"activation", "method", "step", "mean", "se", "log10_mean", "log10_se",
-                     "draws", "lr_halved"},
+                     "fraction_zero", "draws", "lr_halved"},
     "f2_loss_vs_n": {"activation", "kind", "method", "n", "mean", "se", "draws", "train_mean",
                      "lr_halved"},
     "f3_best_layer": {"activation", "kind", "method", "n", "mean", "se", "relative_to_all",
@@ -22,7 +22,7 @@ COLUMNS = {
     "f4_t1_event": {"n", "exact", "event_frequency", "frequency", "se", "draws", "first_zero",
                     "full_positive", "full_unconverged", "lr_halved"},
     "f5_forgetting": {"method", "quantity", "step", "mean", "se", "log10_mean", "log10_se",
-                      "draws", "lr_halved"},
+                      "fraction_zero", "draws", "lr_halved"},
     "f6_auto_rgn": {"activation", "kind", "draw", "n", "rgn_first", "rgn_last", "loss_first",
                     "loss_last", "loss_all", "loss_lp_ft", "rgn_points_to", "best_layer",
                     "agree"},
@@ -74,6 +74,10 @@ def test_tables_hold_what_the_theory_says(tiny_run):
     assert unseen[(unseen.method == "all")].sort_values("step")["mean"].iloc[-1] > 1e-8
     drift = f5[f5.quantity.str.startswith("head drift") & (f5.method == "first")]
     assert drift["mean"].abs().max() == 0.0
+    assert (drift.fraction_zero == 1.0).all() and (unseen[unseen.method == "first"]
+                                                   .fraction_zero == 1.0).all()
+    moved = f5[f5.quantity.str.startswith("head drift") & (f5.method == "all")].sort_values("step")
+    assert moved.fraction_zero.iloc[0] == 1.0 and moved.fraction_zero.iloc[-1] == 0.0
     f6 = pd.read_csv(out / "f6_auto_rgn.csv")
     assert (f6.agree == (f6.rgn_points_to == f6.best_layer)).all()
 
