@@ -13,6 +13,8 @@ for a model passes it on with `loader_options`, so the loader normalises with it
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 import warnings
 from typing import Callable, Mapping
 
@@ -37,6 +39,33 @@ def check_data_options(loader: Callable, benchmark: str, options: Mapping) -> No
         raise ConfigError(f"unknown data option(s) {unknown} for the {benchmark} loader; "
                           f"known: {', '.join(known) or 'none'} (--data KEY=VALUE, or the "
                           f"protocol's [data] table)")
+    hints = inspect.signature(loader, eval_str=True).parameters
+    for name, value in options.items():
+        expected = _simple_types(hints[name].annotation)
+        if expected and not _fits(value, expected):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+            raise ConfigError(f"data option {name}={value!r}: the {benchmark} loader expects "
+                              f"{names} (--data {name}=VALUE, or the protocol's [data] table)")
+
+
+def _simple_types(annotation) -> tuple:
+    """The types an annotation such as `int`, `float | None`, `str` allows; () for any other
+    annotation (a tuple of sequences, none at all), which the loader checks itself."""
+    simple = (int, float, str, bool, type(None))
+    if annotation in simple:
+        return (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        parts = typing.get_args(annotation)
+        return parts if all(part in simple for part in parts) else ()
+    return ()
+
+
+def _fits(value, expected: tuple) -> bool:
+    if isinstance(value, bool):                  # True is an int to Python, not to a user
+        return bool in expected
+    if isinstance(value, int) and float in expected:
+        return True
+    return isinstance(value, tuple(expected))
 
 
 def loader_options(loader: Callable, benchmark: str, arch: str, options: Mapping) -> dict:

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData,
                    class_balanced_indices, seeded, split_counts)
 from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_all_classes, list_images,
@@ -287,9 +288,9 @@ def breeds_split(info_dir: Path, name: str, split: str = "rand"):
     one entry per superclass, superclasses in wnid order (= label order).
     """
     if name not in RECIPES:
-        raise ValueError(f"unknown BREEDS dataset {name!r}; known: {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown BREEDS dataset {name!r}; known: {', '.join(RECIPES)}")
     if split not in ("rand", "good", "bad"):
-        raise ValueError(f"split must be 'rand', 'good' or 'bad', got {split!r}")
+        raise ConfigError(f"split must be 'rand', 'good' or 'bad', got {split!r}")
     recipe = RECIPES[name]
     hierarchy = Hierarchy(Path(info_dir))
     rng = np.random.RandomState(2)
@@ -324,6 +325,12 @@ def _read_split_file(path: Path) -> tuple[list[str], list[list[str]], list[list[
     names = raw.get("names") or [f"superclass {i}" for i in range(len(source))]
     if len(names) != len(source):
         raise DataError(f"{what}: 'names' has {len(names)} entries, expected {len(source)}")
+    for side, groups in (("source", source), ("target", target)):
+        listed = [w for g in groups for w in g]
+        repeated = sorted({w for w in listed if listed.count(w) > 1})
+        if repeated:   # one image folder would be read twice, under two labels
+            raise DataError(f"{what}: subclasses listed more than once in '{side}' (each "
+                            f"belongs to one superclass): {repeated}")
     overlap = {w for g in source for w in g} & {w for g in target for w in g}
     if overlap:
         raise DataError(f"{what}: subclasses in both source and target: {sorted(overlap)}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .base import Benchmark, DataError, ShiftTask, SourceData, file_split
 from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, draw_group_splits, find_dir,
                      require_file)
@@ -106,7 +107,7 @@ def read_celeba(data_dir, target_attribute: str, spurious_attribute: str):
     names, files, table = read_attributes(root / "list_attr_celeba.txt")
     for attribute in (target_attribute, spurious_attribute):
         if attribute not in names:
-            raise ValueError(f"unknown CelebA attribute {attribute!r}; known: {', '.join(names)}")
+            raise ConfigError(f"unknown CelebA attribute {attribute!r}; known: {', '.join(names)}")
     partition = read_partition(root / "list_eval_partition.txt", files)
     label = (table[:, names.index(target_attribute)] == 1).long()
     spurious = (table[:, names.index(spurious_attribute)] == 1).long()

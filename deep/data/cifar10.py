@@ -89,8 +89,9 @@ def read_cifar10c(data_dir, corruption: str, severity: int = 5) -> tuple[np.ndar
     if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
         raise ConfigError(f"unknown CIFAR-10-C corruption {corruption!r}; known: "
                           f"{', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
-    if not 1 <= severity <= SEVERITIES:
-        raise ConfigError(f"severity must be in 1..{SEVERITIES}, got {severity}")
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
+            or not 1 <= severity <= SEVERITIES:
+        raise ConfigError(f"severity must be an integer in 1..{SEVERITIES}, got {severity!r}")
     root = find_dir(data_dir, ["CIFAR-10-C"], "labels.npy", LAYOUT_C, "cifar10c")
     images = _load_npy(require_file(root / f"{corruption}.npy", LAYOUT_C, what), what)
     labels = _load_npy(root / "labels.npy", what)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..files import verify_checkpoint
 from ..models import get_architecture, matches_any
 from .base import (Benchmark, DataError, ShiftTask, SourceData, TensorSplit,
@@ -220,6 +221,9 @@ def corrupted_test_images(data_dir=None, corruption: str = "gaussian_noise", sev
 
 @functools.lru_cache(maxsize=32)
 def _corrupted(data: FashionMNIST, corruption: str, severity: int, corruption_seed: int) -> np.ndarray:
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
+            or not 1 <= severity <= 5:
+        raise ConfigError(f"fmnist-c: severity must be an integer in 1..5, got {severity!r}")
     rng = np.random.default_rng([int(corruption_seed), zlib.crc32(corruption.encode()), int(severity)])
     out = corrupt(data.test_images / 255.0, corruption, severity, rng)
     out = np.rint(out * 255.0).astype(np.uint8)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .base import DataError, class_balanced_indices, seeded, split_counts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,7 +37,7 @@ class ImageTransform:
     def __init__(self, resize: int | None = 256, crop: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         if resize is not None and resize < crop:
-            raise ValueError(f"resize must be at least crop ({crop}), got {resize}")
+            raise ConfigError(f"resize must be at least crop ({crop}), got {resize}")
         self.resize, self.crop = resize, crop
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)

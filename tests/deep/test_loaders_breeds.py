@@ -125,6 +125,12 @@ def test_split_file_overrides_the_construction(imagenet, tmp_path):
     path.write_text(json.dumps(split))
     with pytest.raises(DataError, match="both source and target.*n01000011"):
         load_task(imagenet, split_file=str(path))
+    # One wnid under two target superclasses: its images would appear twice, once per label.
+    split["target"][0].pop()
+    split["target"][1].append("n01000013")
+    path.write_text(json.dumps(split))
+    with pytest.raises(DataError, match="more than once in 'target'.*n01000013"):
+        load_task(imagenet, split_file=str(path))
 
 
 def test_superclass_count_is_checked(imagenet):

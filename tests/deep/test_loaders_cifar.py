@@ -116,7 +116,7 @@ def test_unknown_corruption_and_severity(cifar_dir):
         get_benchmark("cifar10c").load_task(cifar_dir, "fogg", 10, 1, 1, seed=0)
     with pytest.raises(ConfigError, match="unknown CIFAR-10-C corruption 'fogg'"):
         read_cifar10c(cifar_dir, "fogg")
-    with pytest.raises(ConfigError, match="severity must be in 1..5, got 6"):
+    with pytest.raises(ConfigError, match="severity must be an integer in 1..5, got 6"):
         get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0, severity=6)
     # the public code's benchmark offers its own corruptions only, though the file is there
     with pytest.raises(ConfigError, match=r"\['fog'\] of cifar10c-official; known: defocus_blur"):

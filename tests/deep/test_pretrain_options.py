@@ -28,6 +28,46 @@ def test_data_option_without_equals_is_rejected():
         data_option("num_workers")
 
 
+@pytest.mark.parametrize("benchmark,options,message", [
+    ("cifar10c", {"severity": "five"}, "severity='five': the cifar10c loader expects int"),
+    ("cifar10c", {"severity": 2.0}, "expects int"),
+    ("imagenet-c", {"allow_subset": "yes"}, "expects bool"),
+    ("waterbirds", {"resize": "none"}, "expects int or null"),
+    ("fmnist-c", {"severity": True}, "expects int"),
+    ("fmnist-spurious", {"source_agreement": "high"}, "expects float"),
+    ("living17", {"split": 3}, "expects str"),
+])
+def test_data_option_values_of_the_wrong_type_are_refused_before_loading(benchmark, options,
+                                                                          message):
+    from deep.data import get_benchmark
+    from deep.errors import ConfigError
+    from deep.normalization import check_data_options
+    loader = get_benchmark(benchmark).load_task
+    with pytest.raises(ConfigError, match=message):
+        check_data_options(loader, benchmark, options)
+
+
+def test_data_option_values_of_the_right_type_pass():
+    from deep.data import get_benchmark
+    from deep.normalization import check_data_options
+    for benchmark, options in [("cifar10c", {"severity": 3}), ("waterbirds", {"resize": 256}),
+                               ("fmnist-spurious", {"source_agreement": 1}),
+                               ("fmnist-blocknoise", {"noise_scale": 0.5}),
+                               ("cifar10c", {"normalization": [[0.5] * 3, [0.5] * 3]}),
+                               ("living17", {"split_file": "s.json", "split": "good"})]:
+        check_data_options(get_benchmark(benchmark).load_task, benchmark, options)
+
+
+def test_out_of_range_data_options_are_configuration_errors(tmp_path):
+    """Reached through the CLI these must print one `error:` line (exit 2), not a traceback."""
+    from deep.data.images import ImageTransform
+    from deep.errors import ConfigError
+    with pytest.raises(ConfigError, match="resize must be at least crop"):
+        ImageTransform(resize=30, crop=32)
+    with pytest.raises(ConfigError, match="severity must be an integer in 1..5, got 9"):
+        fmnist._corrupted(None, "fog", 9, 0)
+
+
 def test_init_keeps_the_backbone_and_reinitialises_a_classifier_of_another_size(tmp_path):
     torch.manual_seed(0)
     imagenet = build_model("resnet26-w4", 1000)
