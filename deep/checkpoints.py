@@ -104,6 +104,12 @@ def _torch_load(path: Path, trust_checkpoint: bool = False) -> object:
     """torch.load on CPU, safe unless `trust_checkpoint` (which may run code from the file)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    protocol = _plain_pickle_protocol(path)
+    if protocol is not None:   # torch.load cannot read these, trusted or not
+        raise CheckpointError(
+            f"checkpoint {path} is a plain pickle (protocol {protocol}), not a torch.save file. "
+            f"If you trust it (unpickling runs whatever the file asks), read it with "
+            f"pickle.load and re-save the state dict with torch.save(state_dict, path)")
     try:
         if trust_checkpoint:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -117,9 +123,25 @@ def _torch_load(path: Path, trust_checkpoint: bool = False) -> object:
                 f"admit (it admits tensors, plain containers and numpy scalars). Load it only "
                 f"if you trust the file, with {TRUST_HINT}: that runs whatever the file asks "
                 f"while unpickling") from None
+        if "Unsupported operand" in str(err):   # torch's safe unpickler reads protocol 2 only
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} is in torch's legacy format with a pickle protocol that "
+                f"safe loading cannot read. Load it only if you trust the file, with "
+                f"{TRUST_HINT}, or re-save it with torch.save(...) (zip format)") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     except Exception as err:  # torch raises many types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+
+
+def _plain_pickle_protocol(path: Path) -> int | None:
+    """The protocol of a file written by pickle.dump (protocol >= 3); None for anything else.
+    torch.save writes zip archives, or in its legacy format a pickled magic number first."""
+    with open(path, "rb") as f:
+        start = f.read(32)
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:]
+    if len(start) < 2 or start[0] != 0x80 or start[1] < 3 or magic in start:
+        return None
+    return start[1]
 
 
 def _refused_globals(path: Path, err: Exception) -> list[str]:
@@ -150,6 +172,15 @@ def _own_checkpoint(raw: object, path: Path) -> Checkpoint:
     missing = {"arch", "num_classes", "in_channels", "state_dict"} - set(raw)
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)}")
+    counts = {k: raw[k] for k in ("num_classes", "in_channels")}
+    if (not isinstance(raw["arch"], str) or not _is_state_dict(raw["state_dict"])
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                       for v in counts.values())):
+        raise CheckpointError(f"{path}: malformed {FORMAT} file: expected arch (a name), "
+                              f"num_classes and in_channels (positive integers) and state_dict "
+                              f"(name -> tensor); got arch={raw['arch']!r}, num_classes="
+                              f"{counts['num_classes']!r}, in_channels={counts['in_channels']!r}"
+                              f", state_dict of type {type(raw['state_dict']).__name__}")
     return Checkpoint(raw["arch"], int(raw["num_classes"]), int(raw["in_channels"]),
                       raw["state_dict"], raw.get("meta", {}))
 
@@ -171,6 +202,8 @@ def extract_state_dict(raw: object, where: str = "checkpoint") -> dict[str, torc
     """
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         return raw["state_dict"]
+    if isinstance(raw, nn.Module):   # torch.save(model): readable only when trusted
+        raw = raw.state_dict()
     if isinstance(raw, dict) and not _is_state_dict(raw):
         wrapped = [k for k in STATE_DICT_KEYS if _is_state_dict(raw.get(k))]
         if not wrapped:
@@ -213,7 +246,12 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: st
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
+    # float64 weights load as float32 (a cast); integer weights, or NaN/inf, are not weights.
+    values = [f"{k}: {state[k].dtype}" for k in expected if k in state
+              and expected[k].is_floating_point() and not state[k].is_floating_point()]
+    values += [f"{k}: NaN or inf" for k in expected if k in state
+               and state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if missing or unexpected or shapes or values:
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_head(missing)}")
@@ -221,6 +259,8 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: st
             parts.append(f"unexpected keys ({len(unexpected)}): {_head(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {_head(shapes)}")
+        if values:
+            parts.append(f"bad values ({len(values)}): {_head(values)}")
         raise CheckpointError(f"{what} does not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
 

@@ -28,6 +28,7 @@ Weight files: `python -m deep.clip prepare --help` (deep/clip.py) turns a CLIP s
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOWER = "visual."
 HEAD = "head"
+# The first name component of the text tower's keys in OpenAI's and open_clip's files
+# (with the scalars beside it; OpenAI's TorchScript archives also hold input_resolution,
+# context_length, vocab_size), which a CLIP file holds and an image model ignores.
+TEXT_TOWER = ("transformer", "token_embedding", "positional_embedding", "ln_final",
+              "text_projection", "logit_scale", "logit_bias", "attn_mask", "text",
+              "input_resolution", "context_length", "vocab_size")
 DEFAULT_LOGIT_SCALE = 100.0  # exp of CLIP's trained logit_scale (clamped at 100)
 
 
@@ -314,6 +321,17 @@ def image_tower_state(state: dict[str, torch.Tensor], model: CLIPImageClassifier
         raise CheckpointError(f"{what} holds no CLIP image tower (no key starts with "
                          f"{IMAGE_TOWER!r}; first keys: {sample or 'none'})")
     heads = {k: v for k, v in state.items() if k.startswith(HEAD + ".")}
+    if not heads:
+        # A fine-tuned classifier saved under another name (fc.*, classifier.*) would be
+        # dropped silently and the `none` row would score a random head: say so.
+        other = sorted(k for k in state if not k.startswith(IMAGE_TOWER)
+                       and not k.split(".")[0] in TEXT_TOWER)
+        if other:
+            warnings.warn(f"{what}: keys outside CLIP's image and text towers were ignored "
+                          f"({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}); the "
+                          f"model gets a fresh head seeded with 0. If they are a "
+                          f"classification head, rename them to {HEAD}.weight and "
+                          f"{HEAD}.bias", stacklevel=3)
     tower.update(heads or seeded_head_state(model))
     return tower
 

@@ -175,3 +175,67 @@ def test_cifar_batches_in_python2_layout_still_load(tmp_path):
     assert b"numpy.core.multiarray\n_reconstruct" in batch.read_bytes()
     source = get_benchmark("cifar10c").load_source(tmp_path)
     assert len(source.test) == 40
+
+
+def test_a_whole_model_pickle_loads_when_trusted(tmp_path):
+    """torch.save(model): refused by default; once trusted, its weights are used (the hint
+    to trust it must not lead to a second refusal)."""
+    torch.manual_seed(0)
+    model = build_model("resnet26-w4", 4, 1)
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(UnsafeCheckpointError, match="--trust-checkpoint"):
+        load_model(tmp_path / "whole.pt", "resnet26-w4", 4, 1)
+    loaded = load_model(tmp_path / "whole.pt", "resnet26-w4", 4, 1, trust_checkpoint=True)
+    assert _same_weights(loaded, model.state_dict())
+
+
+def test_a_plain_pickle_is_named_as_such(tmp_path):
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump(state, f, protocol=4)
+    for trust in (False, True):     # torch.load reads neither way ("invalid magic number")
+        with pytest.raises(CheckpointError, match=r"plain pickle \(protocol 4\).*torch\.save"):
+            load_model(tmp_path / "plain.pkl", "resnet26-w4", 4, 1, trust_checkpoint=trust)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda s: s.__setitem__("fc.weight", s["fc.weight"].long()), r"fc\.weight: torch\.int64"),
+    (lambda s: s["conv1.weight"].view(-1)[0].fill_(float("nan")), r"conv1\.weight: NaN or inf"),
+])
+def test_weights_that_are_not_weights_are_refused(tmp_path, spoil, message):
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    spoil(state)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad values.*" + message):
+        load_model(tmp_path / "bad.pt", "resnet26-w4", 4, 1)
+
+
+def test_float64_weights_load_as_a_cast(tmp_path):
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    torch.save({k: v.double() if v.is_floating_point() else v for k, v in state.items()},
+               tmp_path / "double.pt")
+    model = load_model(tmp_path / "double.pt", "resnet26-w4", 4, 1)
+    assert _same_weights(model, state)
+
+
+@pytest.mark.parametrize("field, value", [("num_classes", "ten"), ("state_dict", None),
+                                          ("arch", 7), ("in_channels", True)])
+def test_a_malformed_own_format_file_is_named(tmp_path, field, value):
+    from deep.checkpoints import save_checkpoint
+    save_checkpoint(tmp_path / "own.pt", build_model("resnet26-w4", 4, 1), "resnet26-w4", 4, 1)
+    raw = torch.load(tmp_path / "own.pt", weights_only=True)
+    raw[field] = value
+    torch.save(raw, tmp_path / "own.pt")
+    with pytest.raises(CheckpointError, match="malformed"):
+        load_model(tmp_path / "own.pt", "resnet26-w4", 4, 1)
+
+
+def test_legacy_torch_files_of_any_protocol_are_not_taken_for_plain_pickles(tmp_path):
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    torch.save(state, tmp_path / "legacy4.pt", _use_new_zipfile_serialization=False,
+               pickle_protocol=4)
+    # torch's safe unpickler reads no protocol-4 file; trusted, it is a torch file as any.
+    with pytest.raises(UnsafeCheckpointError, match="legacy format.*--trust-checkpoint"):
+        load_model(tmp_path / "legacy4.pt", "resnet26-w4", 4, 1)
+    model = load_model(tmp_path / "legacy4.pt", "resnet26-w4", 4, 1, trust_checkpoint=True)
+    assert _same_weights(model, state)

@@ -225,6 +225,21 @@ def test_open_clip_state_dict_loads_its_image_tower(tmp_path):
     assert torch.equal(again.head.weight, model.head.weight)
 
 
+def test_a_head_under_another_name_is_not_dropped_silently(tmp_path):
+    """A fine-tuned CLIP classifier saved as fc.* would otherwise score a random head."""
+    import warnings
+    state = clip_like_state()
+    torch.save(state, tmp_path / "clip.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # CLIP's own keys: no warning
+        load_model(tmp_path / "clip.pt", TINY, 3, 3)
+    state.update({"fc.weight": torch.randn(3, 16), "fc.bias": torch.zeros(3)})
+    torch.save(state, tmp_path / "finetuned.pt")
+    with pytest.warns(UserWarning, match=r"ignored \(fc\.bias, fc\.weight\).*rename them to "
+                                         r"head\.weight and head\.bias"):
+        load_model(tmp_path / "finetuned.pt", TINY, 3, 3)
+
+
 def test_a_file_without_image_tower_is_refused(tmp_path):
     path = tmp_path / "text_only.pt"
     torch.save({k: v for k, v in clip_like_state().items() if not k.startswith("visual.")}, path)
