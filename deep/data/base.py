@@ -148,6 +148,8 @@ class _FileDataset(torch.utils.data.Dataset):
             raise DataError(f"image file missing: {path}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise DataError(f"cannot decode image {path}: {err}") from None
+        except DataError as err:          # the transform's (an image too small): which file
+            raise DataError(f"{path}: {err}") from None
 
 
 class FileSplit(Split):
@@ -173,10 +175,17 @@ class FileSplit(Split):
         dataset = torch.utils.data.Subset(_FileDataset(self.paths, self.transform), order.tolist())
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                              num_workers=self.num_workers)
-        for start, x in zip(range(0, len(order), batch_size), loader):
-            idx = order[start:start + batch_size]
-            g = self.groups[idx] if self.groups is not None else None
-            yield x, self.labels[idx], g
+        try:
+            for start, x in zip(range(0, len(order), batch_size), loader):
+                idx = order[start:start + batch_size]
+                g = self.groups[idx] if self.groups is not None else None
+                yield x, self.labels[idx], g
+        except DataError as err:
+            if not self.num_workers:
+                raise
+            # A worker's error arrives as "Caught DataError in DataLoader worker process 0.
+            # Original Traceback ...": keep the one line that says which file and why.
+            raise DataError(str(err).rstrip().rsplit("DataError: ", 1)[-1]) from None
 
     def subset(self, indices):
         idx = _as_index(indices)

@@ -76,6 +76,11 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
         raise DataError(f"celeba: {path} holds a non-integer attribute value")
     table = torch.from_numpy(flat.reshape(count, NUM_ATTRIBUTES))
     files = [f[0] for f in rows]
+    if len(set(files)) != len(files):      # the image would be drawn twice
+        seen: set[str] = set()
+        repeated = next(f for f in files if f in seen or seen.add(f))
+        raise DataError(f"celeba: {path} lists {repeated} more than once "
+                        f"(line {files.index(repeated, files.index(repeated) + 1) + 3})")
     if ((table != 1) & (table != -1)).any():
         bad = int(torch.nonzero((table != 1) & (table != -1))[0, 0]) + 3
         raise DataError(f"celeba: attribute values in {path} must be +1 or -1 (line {bad})")

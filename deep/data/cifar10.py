@@ -73,10 +73,15 @@ CIFAR-10 python version (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"{what}: cannot read {path} as a .npy array ({err}); the file may be "
                         f"truncated or corrupt. Expected:\n{LAYOUT_C}") from None
+    if not isinstance(array, np.ndarray):      # np.load reads a .npz archive whatever its name
+        array.close()
+        raise DataError(f"{what}: {path} is a .npz archive, not a .npy array. Expected:\n"
+                        f"{LAYOUT_C}")
+    return array
 
 
 def read_cifar10c(data_dir, corruption: str, severity: int = 5) -> tuple[np.ndarray, torch.Tensor]:

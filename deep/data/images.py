@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from .base import DataError, class_balanced_indices, seeded, split_counts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -129,6 +129,9 @@ def draw_group_splits(groups: torch.Tensor, partition: torch.Tensor, n_target: i
             0 = every image of `test_partition`.
     Returns: disjoint int64 index tensors (train, val, test) into `groups`.
     """
+    check_int("n_target", n_target)
+    check_int("val_per_class", val_per_class)
+    check_int("test_per_class", test_per_class, minimum=0)  # 0: every test image
     g = seeded(seed)
     target_pool = partition == target_partition
     test_pool = partition == test_partition

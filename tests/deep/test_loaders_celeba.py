@@ -92,6 +92,11 @@ def test_truncated_or_malformed_attribute_file(celeba):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"must be \+1 or -1 \(line 6\)"):
         load(celeba)
+    lines = text.splitlines()
+    lines[6] = lines[4].split()[0] + " " + lines[6].split(maxsplit=1)[1]   # line 7 = line 5's file
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"lists {lines[4].split()[0]} more than once \(line 7\)"):
+        load(celeba)
 
 
 def test_partition_file_problems(celeba):

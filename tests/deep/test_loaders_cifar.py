@@ -155,6 +155,15 @@ def test_truncated_npy(cifar_dir):
         get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
 
 
+def test_an_npz_archive_under_an_npy_name_is_named(cifar_dir):
+    path = cifar_dir / "CIFAR-10-C" / "fog.npy"
+    images = np.load(path)
+    with open(path, "wb") as f:
+        np.savez(f, images=images)
+    with pytest.raises(DataError, match="fog.npy is a .npz archive, not a .npy array"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+
+
 def test_too_few_images_for_the_requested_splits(cifar_dir):
     with pytest.raises(DataError, match=r"class 0 has \d+ examples left, \d+ requested"):
         get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 3, seed=0)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from deep.data import DataError
+from deep.errors import ConfigError
 from deep.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
 MEAN = np.array(IMAGENET_MEAN).reshape(3, 1, 1)
@@ -52,10 +53,28 @@ def test_no_resize_keeps_a_224_image_exactly():
 def test_bad_sizes():
     with pytest.raises(DataError, match="smaller than the 224-px crop"):
         ImageTransform(resize=None, crop=224)(Image.new("RGB", (200, 300)))
-    with pytest.raises(ValueError, match="resize must be at least crop"):
+    with pytest.raises(ConfigError, match="resize must be at least crop"):
         ImageTransform(resize=200, crop=224)
 
 
 def test_transform_pickles_for_dataloader_workers():
     t = pickle.loads(pickle.dumps(ImageTransform(resize=36, crop=32)))
     assert t(Image.new("RGB", (50, 40), (255, 0, 0))).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_bad_image_is_named_in_one_line_with_or_without_workers(tmp_path, num_workers):
+    """A worker's DataError reaches the user as the same one line (which file, why), not
+    torch's "Caught DataError in DataLoader worker process 0 ... Original Traceback"."""
+    from deep.data.base import FileSplit
+    good, small, broken = tmp_path / "good.png", tmp_path / "small.png", tmp_path / "broken.png"
+    Image.new("RGB", (40, 40)).save(good)
+    Image.new("RGB", (20, 20)).save(small)
+    broken.write_bytes(b"not a png")
+    for bad, message in ((small, "small.png: image of 20x20 px is smaller than the 32-px crop"),
+                         (broken, "cannot decode image .*broken.png")):
+        split = FileSplit([good, bad], torch.tensor([0, 1]), None,
+                          ImageTransform(resize=None, crop=32), num_workers=num_workers)
+        with pytest.raises(DataError, match=message) as error:
+            list(split.batches(1))
+        assert "Traceback" not in str(error.value) and "\n" not in str(error.value)

@@ -74,6 +74,19 @@ def test_not_enough_of_a_group(waterbirds):
         get_benchmark("waterbirds").load_task(waterbirds, "group-balanced", 28, 2, 0, seed=0)
 
 
+@pytest.mark.parametrize("counts, message", [
+    ((8, 4, -1), "test_per_class must be at least 0, got -1"),
+    ((8, -2, 0), "val_per_class must be at least 1, got -2"),
+    ((8.0, 4, 0), "n_target must be an integer, got 8.0"),
+])
+def test_bad_draw_counts_are_refused_not_sliced(waterbirds, counts, message):
+    """pool[:-1] would have kept all but one test image."""
+    from deep.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        get_benchmark("waterbirds").load_task(waterbirds, "group-balanced", *counts, seed=0,
+                                              resize=36, crop=32)
+
+
 def rewrite(root, edit):
     path = root / "waterbird_complete95_forest2water2" / "metadata.csv"
     lines = path.read_text().splitlines()
