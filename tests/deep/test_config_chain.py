@@ -147,6 +147,13 @@ def test_pretrain_takes_the_protocols_pretrain_table_then_flags():
     assert options == {"severity": 5, "corruption_seed": 0}
 
 
+def test_the_synthetic_protocol_records_how_its_cached_source_model_is_trained():
+    """A sweep without --checkpoint uses the model `cached_source_model` trains from the
+    benchmark's recipe; the protocol (shown, and saved beside the results) must say so."""
+    from deep.data.synthetic import SOURCE_RECIPE
+    assert load_protocol("synthetic").pretrain == PretrainConfig(**SOURCE_RECIPE)
+
+
 def test_protocols_show_prints_resolved_values(capsys):
     assert main(["protocols", "--show", "fmnist-c"]) == 0
     out = capsys.readouterr().out
