@@ -58,7 +58,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="target-loader option overriding the protocol's (repeatable), "
                         "e.g. --data num_workers=8")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: first shift and seed, middle lr, <= 2 epochs")
+                   help="smoke test: first shift and seed, middle lr, <= 2 epochs (flags given "
+                        "beside it, e.g. --seeds, still override it)")
     p.add_argument("--no-progress", action="store_true")
     add_backend_arguments(p)  # --backend ray, --ray-address, --gpus-per-task, --cpus-per-task
 

@@ -42,6 +42,14 @@ def check_choice(name: str, value, choices, error: type[DeepError] = ConfigError
     return value
 
 
+def check_nonnegative(name: str, value, error: type[DeepError] = ConfigError) -> float:
+    """`value` if it is a finite number >= 0 (a weight decay, say); else `error`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            value >= 0 and math.isfinite(value)):
+        raise error(f"{name} must be a number >= 0, got {value!r}")
+    return value
+
+
 def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> float:
     """`value` if it is a finite number above 0 (a learning rate, say); else `error`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

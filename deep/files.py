@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .errors import DeepError
+from .errors import ConfigError, DeepError
 
 # The folder that holds this package: the repository in a git checkout.
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,29 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output(path: str | Path, what: str = "--out", folder: bool = False) -> Path:
+    """`path` if results can be written there (a file, or with `folder` a folder, whose
+    parent folders are created now); else a ConfigError before any work is done, rather
+    than an OSError once it is."""
+    path = Path(path).expanduser()
+    if path.is_dir() != folder and path.exists():
+        kind = "a folder" if path.is_dir() else "a file"
+        raise ConfigError(f"{what} {path} is {kind}; {'a folder' if folder else 'a file'} is "
+                          "expected")
+    directory = path if folder else path.parent
+    blocking = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"{what} {path}: {blocking} is a file, not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{what} {path}: cannot write in {directory} "
+                          f"({err.strerror or err})") from None
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

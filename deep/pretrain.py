@@ -29,7 +29,8 @@ from torch import nn
 
 from .checkpoints import RANDOM_INIT, load_backbone, save_checkpoint, write_manifest
 from .data import Benchmark, SourceData, get_benchmark
-from .errors import ConfigError, check_choice, check_int, check_positive
+from .errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
+from .files import check_output
 from .models import build_model, get_architecture
 from .normalization import loader_options
 from .train import SCHEDULES, TrainConfig, check_milestones, evaluate, fit, resolve_device
@@ -97,6 +98,8 @@ class PretrainConfig:
         for name in ("epochs", "batch_size"):
             check_int(name, getattr(self, name))
         check_positive("lr", self.lr)
+        check_nonnegative("weight_decay", self.weight_decay)
+        check_int("seed", self.seed, minimum=0)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("momentum", self.momentum, MOMENTA)
         check_choice("schedule", self.schedule, SCHEDULES)
@@ -187,6 +190,7 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
     """
     config = config or PretrainConfig()
     check_init(arch, config)  # before the source data is read
+    check_output(out)         # and before hours of training
     bench = get_benchmark(benchmark)
     if bench.load_source is None:
         raise ConfigError(f"benchmark {benchmark!r} has no source data to pretrain on "

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ConfigError, ResultsError
 from .adapt.results import is_adapt_results, write_adapt_report
-from .files import atomic_write_bytes, save_figure
+from .files import atomic_write_bytes, check_output, save_figure
 from .methods import method_order
 from .models import block_order
 from .results import SELECT_WORST_GROUP, best_row, selection_metric
@@ -178,7 +178,7 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
                            f"--out {results_csv}` (or `python -m deep bench`) adds a row per "
                            "finished cell")
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output(out_dir, "report folder", folder=True)
     metric = test_metric_name(rows)
     selected = select_learning_rates(rows)
     tables = summarize(selected, metric)

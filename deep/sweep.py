@@ -39,8 +39,8 @@ from .allocator import keep_freed_memory
 from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, ShiftTask, get_benchmark
-from .errors import ConfigError, ResultsError, check_int
-from .files import atomic_write_text, code_commit, cpu_model
+from .errors import ConfigError, ResultsError, check_int, check_nonnegative
+from .files import atomic_write_text, check_output, code_commit, cpu_model, sha256_file
 from .methods import method_names
 from .models import build_model
 from .models.staged import stages_of
@@ -86,8 +86,14 @@ def check_protocol(protocol: Protocol, bench: Benchmark) -> None:
     bench.check_shifts(protocol.shifts)
     check_data_options(bench.load_task, bench.name, protocol.target_options)
     for name in ("shifts", "methods", "lrs", "seeds"):
-        if not getattr(protocol, name):
+        values = getattr(protocol, name)
+        if not values:
             raise ConfigError(f"{name} is empty: nothing to run")
+        seen = [float(v) for v in values] if name == "lrs" else list(values)
+        twice = [v for i, v in enumerate(seen) if v in seen[:i]]
+        if twice:
+            raise ConfigError(f"{name} lists {twice[0]!r} more than once ({values}); "
+                              "name each value once")
 
 
 def quick(protocol: Protocol) -> Protocol:
@@ -157,17 +163,26 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     bench = get_benchmark(protocol.benchmark)
     check_protocol(protocol, bench)
     check_int("workers", workers)
-    results = ResultsFile(out)
+    check_nonnegative("cache_mb", cache_mb)
+    if executor is None:
+        resolve_device(device)      # before any data loads; another backend's nodes may differ
+    results = ResultsFile(check_output(out))
     checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
     # what a finished row must agree on
     settings = _settings(protocol, checkpoint, expected_precision(device, amp, executor is None))
     cells = plan_cells(protocol)
     todo = [cell for cell in cells if cell.key not in results.done]
-    for cell in cells:
-        if cell.key in results.done:
-            _check_same_settings(results.done[cell.key], settings, cell, out)
+    # Every row of this benchmark, not only the cells skipped: new cells beside rows that
+    # ran otherwise would make the report pick learning rates across two protocols. The
+    # configurations recorded beside the file say more than the rows (data options, the
+    # checkpoint's contents), so they are compared first.
+    entry = resolved_entry(protocol, checkpoint)
+    check_same_configuration(out, entry, rows_exist=bool(results.rows))
+    for row in results.rows:
+        if row["benchmark"] == protocol.benchmark:
+            _check_same_settings(row, settings, out)
     if todo:
-        save_resolved_config(out, protocol, checkpoint, rows_exist=bool(results.rows))
+        save_resolved_config(out, entry, rows_exist=bool(results.rows))
     groups = group_cells(todo, workers)
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
                 device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
@@ -210,8 +225,8 @@ def execute_groups(groups: list[list[Cell]], spec: dict, record, workers: int = 
         _run_parallel(groups, spec, workers, record)
 
 
-def _check_same_settings(row: dict, settings: dict, cell: Cell, out) -> None:
-    """A finished row may be skipped only if it ran with this sweep's settings."""
+def _check_same_settings(row: dict, settings: dict, out) -> None:
+    """A row of this sweep's benchmark must have run with this sweep's settings."""
     # None on either side is unknown (a legacy row; precision on another backend): not compared
     clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]
              and not (k in ResultRow.PROVENANCE and None in (row[k], settings[k]))}
@@ -220,8 +235,8 @@ def _check_same_settings(row: dict, settings: dict, cell: Cell, out) -> None:
         clash["checkpoint"] = (row["checkpoint"], settings["checkpoint"])
     if clash:
         detail = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
-        raise ResultsError(f"{out} already holds cell {cell.key} with other settings ({detail}); "
-                           "write this sweep to another --out")
+        raise ResultsError(f"{out} already holds cell {row_key(row)} with other settings "
+                           f"({detail}); write this sweep to another --out")
 
 
 def config_path(out: str | Path) -> Path:
@@ -230,15 +245,68 @@ def config_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".config.json")
 
 
-def save_resolved_config(out: str | Path, protocol: Protocol, checkpoint: str,
-                         rows_exist: bool) -> Path:
-    """Add this sweep's resolved configuration to `<out>.config.json` (once per distinct
-    configuration; several protocols may write into one results file). Without rows in
-    the results file (gone, or empty) the list starts afresh: it describes the rows that
-    exist."""
-    path = config_path(out)
+# What two sweeps into one results file may change: the grid. The rest must agree for a
+# benchmark (training settings, data options, the source model), or one table would mix
+# protocols. The source model is compared by its file (name, or contents where both sweeps
+# recorded a checksum), not by the [pretrain] table that may or may not have made it.
+GRID = ("methods", "lrs", "seeds", "shifts", "n_target")
+SOURCE_MODEL = ("pretrain", "source_data", "checkpoint", "checkpoint_sha256")
+
+
+def resolved_entry(protocol: Protocol, checkpoint: str) -> dict:
+    """This sweep's resolved configuration, as saved in `<out>.config.json`."""
     entry = {**protocol.resolved(), "checkpoint": recorded_checkpoint(checkpoint)}
-    known = json.loads(path.read_text())["configurations"] if rows_exist and path.is_file() else []
+    if checkpoint != RANDOM_INIT:
+        entry["checkpoint_sha256"] = sha256_file(checkpoint)
+    return entry
+
+
+def read_configurations(out: str | Path) -> list[dict]:
+    """The configurations recorded beside a results file (none if there is no such file)."""
+    path = config_path(out)
+    if not path.is_file():
+        return []
+    try:
+        known = json.loads(path.read_text())["configurations"]
+        if not isinstance(known, list) or not all(isinstance(c, dict) for c in known):
+            raise TypeError("'configurations' is not a list of tables")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ResultsError(f"{path} is not a sweep's configuration record ({err}); fix it, or "
+                           f"remove it to describe the rows of {out} afresh") from None
+    return known
+
+
+def check_same_configuration(out: str | Path, entry: dict, rows_exist: bool) -> None:
+    """ResultsError unless every configuration recorded beside `out` for this benchmark
+    differs from `entry` in its grid only (see GRID)."""
+    if not rows_exist:
+        return
+    for known in read_configurations(out):
+        if known.get("benchmark") != entry["benchmark"]:
+            continue
+        shared = (entry.keys() & known.keys()) - set(GRID) - set(SOURCE_MODEL)
+        clash = {k: (known[k], entry[k]) for k in sorted(shared) if known[k] != entry[k]}
+        was, now = known.get("checkpoint_sha256"), entry.get("checkpoint_sha256")
+        if was is None or now is None:     # an older record, or random init: names only
+            if not same_checkpoint(known.get("checkpoint"), entry["checkpoint"]):
+                clash["checkpoint"] = (known.get("checkpoint"), entry["checkpoint"])
+        elif was != now:
+            clash["checkpoint"] = (f"{known['checkpoint']} (sha256 {was[:12]})",
+                                   f"{entry['checkpoint']} (sha256 {now[:12]})")
+        if clash:
+            detail = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
+            raise ResultsError(f"{out} holds {entry['benchmark']} rows of a sweep with other "
+                               f"settings ({detail}; recorded in {config_path(out)}); write "
+                               "this sweep to another --out")
+
+
+def save_resolved_config(out: str | Path, entry: dict, rows_exist: bool) -> Path:
+    """Add this sweep's resolved configuration (`resolved_entry`) to `<out>.config.json`
+    (once per distinct configuration; several sweeps may write into one results file).
+    Without rows in the results file (gone, or empty) the list starts afresh: it
+    describes the rows that exist."""
+    path = config_path(out)
+    known = read_configurations(out) if rows_exist else []
     if entry not in known:
         known.append(entry)
         atomic_write_text(path, json.dumps({"configurations": known}, indent=2) + "\n")

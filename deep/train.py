@@ -33,7 +33,7 @@ from torch import nn
 
 from .blocks import set_trainable
 from .data.base import Split
-from .errors import ConfigError, check_choice, check_int, check_positive
+from .errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
 from .prefix_cache import (DEFAULT_CACHE_MB, FoldedConvBN, PrefixCache,  # noqa: F401
@@ -119,6 +119,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_positive("lr", self.lr)
+        check_nonnegative("weight_decay", self.weight_decay)
+        check_nonnegative("cache_mb", self.cache_mb)
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
@@ -216,6 +218,16 @@ def resolve_device(device: str | None) -> str:
     """`device`, with "auto" (or None) meaning CUDA when this process sees a GPU, else the CPU."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+        raise ConfigError(f"device {device!r} was asked for, but this process sees no CUDA GPU "
+                          f"(torch {torch.__version__}: {build}); use --device auto or cpu")
     return device
 
 

@@ -22,6 +22,7 @@ from ..checkpoints import load_model
 from ..data import get_benchmark
 from ..data.base import mean_std
 from ..errors import ConfigError
+from ..files import check_output
 from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
 from ..results import recorded_checkpoint
 from ..sweep import machine, resolve_checkpoint
@@ -149,7 +150,7 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
             METHODS[method].check_source(source, config)
     augmenters = {m: memo_augmenter(protocol, m) for m in dict.fromkeys(protocol.methods)
                   if METHODS[m].augments}
-    results = AdaptResults(out)
+    results = AdaptResults(check_output(out))
     ran = skipped = 0
     start = time.perf_counter()
     for seed in protocol.seeds:

@@ -235,7 +235,7 @@ def test_the_cli_checks_images_before_loading_anything(tmp_path, capsys):
     (["--blocks", "first+second,second+first"], r"'second\+first' repeats 'first\+second'"),
     (["--method", "tent", "--lr", "nan"], r"TENT needs .*lr > 0"),   # not MEMO's table
     (["--data", "foo=1"], r"unknown data option\(s\) \['foo'\] for the fmnist-c loader"),
-    ([], r"is a folder; a results file is expected"),
+    ([], r"is a folder; a file is expected"),
 ])
 def test_the_cli_refuses_bad_blocks_lrs_data_and_out_before_running(tmp_path, capsys, extra,
                                                                     message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fractions
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,7 @@ def _bad_checkpoint(tmp_path):
     (["--checkpoint", "missing.pt"], "checkpoint file not found: missing.pt"),
     ("bad-checkpoint", "missing keys (1): fc.weight; unexpected keys (1): classifier.weight"),
     (["--data", "foo=1"], "unknown data option(s) ['foo'] for the synthetic loader; known: none"),
-    ("out-folder", "is a folder; a results file is expected"),
+    ("out-folder", "is a folder; a file is expected"),
 ])
 def test_bad_input_exits_with_a_message(tmp_path, synthetic_cache, capsys, args, message):
     out = tmp_path / "r.csv"
@@ -141,3 +142,34 @@ def test_unknown_benchmark_and_report_of_missing_file(tmp_path, capsys):
     assert "no protocol for benchmark 'mnist'" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "none.csv")]) == 2
     assert "results file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, out, message", [
+    ("sweep", "a-file/r.csv", "a-file is a file, not a folder"),
+    ("sweep", "folder", "folder is a folder; a file is expected"),
+    ("pretrain", "folder", "folder is a folder; a file is expected"),
+    ("report", "a-file", "report folder .*a-file is a file; a folder is expected"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, command,
+                                                                    out, message):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    args = {"sweep": ["sweep", "--benchmark", "synthetic", "--quick", "--out"],
+            "pretrain": ["pretrain", "--benchmark", "synthetic", "--out"],
+            "report": ["report", str(ROOT / "figures" / "fmnist-v2" / "results.csv"), "--out"]}
+    assert main([*args[command], str(tmp_path / out)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--weight-decay", "-1"], "weight_decay must be a number >= 0, got -1.0"),
+    (["--seeds", "-1"], "every seed of seeds must be at least 0, got -1"),
+    (["--seeds", "99999999999999999999"], "every seed of seeds must be below 2**63"),
+    (["--cache-mb", "-5"], "cache_mb must be a number >= 0, got -5.0"),
+])
+def test_bad_engine_settings_are_one_line_errors(tmp_path, capsys, flags, message):
+    assert main(["sweep", "--benchmark", "synthetic", "--quick", "--out",
+                 str(tmp_path / "r.csv"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()

@@ -262,7 +262,9 @@ def test_manifests_hold_the_resolved_configuration(tmp_path, synthetic_checkpoin
     assert main(["pretrain", "--benchmark", "synthetic", "--arch", "resnet26-w4", "--epochs", "1",
                  "--augment", "none", "--out", str(out)]) == 0
     config = verify_checkpoint(out)["config"]
-    assert config["pretrain"] == dataclasses.asdict(PretrainConfig(epochs=1, augment="none"))
+    # the synthetic protocol's [pretrain] table (= SOURCE_RECIPE), then the flags
+    assert config["pretrain"] == dataclasses.asdict(PretrainConfig(**{**SOURCE_RECIPE,
+                                                                      "epochs": 1}))
     assert (config["benchmark"], config["arch"], config["source_data"]) == \
         ("synthetic", "resnet26-w4", {})
 

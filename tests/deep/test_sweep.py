@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from deep.data import synthetic
+from deep.errors import ConfigError, ResultsError
 from deep.protocol import load_protocol
 from deep.files import cpu_model
 from deep.sweep import COLUMNS, machine, plan_cells, quick, read_results, row_key, run_sweep
@@ -143,6 +146,75 @@ def test_resume_refuses_other_settings(tmp_path, synthetic_checkpoint):
         run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=2), out, progress=False)
 
 
+def test_new_cells_beside_rows_of_other_settings_are_refused(tmp_path, synthetic_checkpoint):
+    """No cell of the second sweep is skipped, yet its rows would share a table (and the
+    report's learning-rate choice) with rows of another protocol."""
+    out = tmp_path / "r.csv"
+    run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1), out, progress=False)
+    other = small_protocol(methods=["first"], lrs=[1e-3], epochs=2)
+    with pytest.raises(ResultsError, match="synthetic rows of a sweep with other settings "
+                                           r"\(epochs: file 1 vs now 2; recorded in"):
+        run_sweep(other, out, progress=False)
+    (tmp_path / "r.csv.config.json").unlink()       # then the rows themselves are compared
+    with pytest.raises(ResultsError, match="already holds cell .*'last'.*epochs: file 1 vs now 2"):
+        run_sweep(other, out, progress=False)
+    assert len(read_results(out)) == 1
+
+
+def entry(**changes):
+    base = {"benchmark": "fmnist-c", "arch": "resnet26", "epochs": 25, "patience": None,
+            "target_data": {"severity": 5}, "lrs": [0.1], "seeds": [0], "methods": ["all"],
+            "shifts": ["fog"], "n_target": 1000, "pretrain": {"epochs": 6},
+            "checkpoint": "deep/weights/fmnist-resnet26.pt", "checkpoint_sha256": "a" * 64}
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize("now, clash", [
+    (entry(target_data={"severity": 1}), "target_data: file {'severity': 5} vs now {'severity': 1}"),
+    (entry(patience=1), "patience: file None vs now 1"),
+    (entry(checkpoint="elsewhere/fmnist-resnet26.pt", checkpoint_sha256="b" * 64),
+     "checkpoint: file 'deep/weights/fmnist-resnet26.pt (sha256 aaaaaaaaaaaa)' vs now "
+     "'elsewhere/fmnist-resnet26.pt (sha256 bbbbbbbbbbbb)'"),
+    (entry(checkpoint="other.pt", checkpoint_sha256=None), "checkpoint: file"),
+])
+def test_a_recorded_configuration_of_the_benchmark_must_match_but_for_the_grid(tmp_path, now,
+                                                                               clash):
+    from deep.sweep import check_same_configuration, config_path
+    out = tmp_path / "r.csv"
+    config_path(out).write_text(json.dumps({"configurations": [entry()]}))
+    with pytest.raises(ResultsError, match=re.escape(clash)):
+        check_same_configuration(out, now, rows_exist=True)
+    # what may differ: the grid, the [pretrain] table, the checkpoint's path (same contents),
+    # another benchmark's settings; and nothing is compared once the rows are gone
+    for fine in (entry(lrs=[1e-3], seeds=[1, 2], methods=["first"], shifts=["snow"],
+                       n_target=100, pretrain={"epochs": 30}),
+                 entry(checkpoint="/elsewhere/fmnist-resnet26.pt"),
+                 entry(benchmark="fmnist-flip", epochs=50)):
+        check_same_configuration(out, fine, rows_exist=True)
+    check_same_configuration(out, now, rows_exist=False)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"configurations": [1]}'])
+def test_a_damaged_configuration_record_is_named(tmp_path, synthetic_checkpoint, text):
+    out = tmp_path / "r.csv"
+    run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1), out, progress=False)
+    (tmp_path / "r.csv.config.json").write_text(text)
+    with pytest.raises(ResultsError, match="r.csv.config.json is not a sweep's configuration "
+                                           "record.*remove it"):
+        run_sweep(small_protocol(methods=["last"], lrs=[1e-2, 1e-3], epochs=1), out,
+                  progress=False)
+
+
+@pytest.mark.parametrize("name, values, shown", [("lrs", [1e-2, 0.01], "0.01"),
+                                                 ("methods", ["last", "last"], "'last'"),
+                                                 ("seeds", [0, 0], "0")])
+def test_a_value_listed_twice_is_refused_before_running(tmp_path, synthetic_checkpoint, name,
+                                                        values, shown):
+    with pytest.raises(ConfigError, match=f"{name} lists {re.escape(shown)} more than once"):
+        run_sweep(small_protocol(**{name: values}), tmp_path / "r.csv", progress=False)
+    assert not (tmp_path / "r.csv").exists()
+
+
 def test_rows_record_patience_precision_device_and_commit(tmp_path, synthetic_checkpoint):
     from deep.files import code_commit
 
@@ -199,6 +271,7 @@ def test_a_legacy_results_file_is_read_and_resumed_with_provenance_unknown(tmp_p
     legacy = [",".join(line.split(",")[:n]) for line in lines]
     assert legacy[0] == ",".join(LEGACY_COLUMNS)
     out.write_text("\n".join(legacy) + "\n")
+    (tmp_path / "r.csv.config.json").unlink()     # sweeps of that time wrote none
     (old,) = read_results(out)
     assert old["patience"] is None and old["commit"] is None and old["test_acc"] is not None
     # resuming (other lrs, any patience) keeps the legacy row and writes the new header
