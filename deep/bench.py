@@ -42,6 +42,7 @@ from .flags import add_run_options
 from .sweep import read_results, run_sweep
 from .train import TrainConfig
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
+from .errors import ResultsError
 from .stats import above_zero, format_interval, format_stat, mean_se, t_interval
 from .two_stage import drop_superseded, run_two_stage
 
@@ -515,6 +516,8 @@ def plot_relative(selected: list[dict], n_target: int, path_stem: Path) -> list[
         if benchmark == "fmnist-spurious":
             panels.append((label + ", worst group",
                            row_stats(selected, benchmark, shifts, "worst_group_acc", n_target)))
+    if not panels:
+        return []
     cols = min(4, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.9 * cols, 3.1 * nrows), squeeze=False)
@@ -523,8 +526,8 @@ def plot_relative(selected: list[dict], n_target: int, path_stem: Path) -> list[
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("Fashion-MNIST suite: test accuracy relative to full fine-tuning\n"
-                 "(blue: one block tuned; grey: baselines; bars: 95 % t interval over seeds)",
-                 fontsize=9)
+                 "(blue: one block tuned; grey: baselines; bars: 95 % t interval over seeds, "
+                 "none where one seed ran)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
@@ -600,6 +603,10 @@ def plot_learning_curves(panels: dict, path_stem: Path) -> list[Path]:
 def summarize(out_dir: Path, suite: Suite) -> list[Path]:
     """table.md and the plots from the CSVs in `out_dir`."""
     rows = read_results(out_dir / "results.csv")
+    if not rows:
+        raise ResultsError(f"no results in {out_dir / 'results.csv'} to summarise: run "
+                           f"`python -m deep bench fmnist --out {out_dir}` (without "
+                           "--summarize-only) first")
     main = select_learning_rates(drop_superseded(rows, suite.lr_seeds or []))
     epoch_curves = read_curves(out_dir / "curves.csv")
     text, verdicts = markdown_table(main, suite.n_target)

@@ -32,7 +32,8 @@ METHOD_ORDER = method_order(SINGLE_BLOCKS)
 
 
 def test_metric_name(rows: list[dict]) -> str:
-    """The reported metric: worst-group test accuracy when selection is worst-group."""
+    """The reported metric of one table: worst-group test accuracy when its rows were
+    selected by worst-group validation accuracy."""
     if rows and all(r.get("select") == SELECT_WORST_GROUP for r in rows):
         return "worst_group_acc"
     return "test_acc"
@@ -69,17 +70,19 @@ def paired_difference(values: dict[tuple, float], shifts: list[str], seeds: list
                     if all((s, m, d) in values for s in shifts for m in (method, baseline))])
 
 
-def summarize(selected: list[dict], metric: str) -> dict:
-    """{(benchmark, n_target): {"shifts": [...], "methods": [...],
+def summarize(selected: list[dict], metric: str | None = None) -> dict:
+    """{(benchmark, n_target): {"metric": ..., "shifts": [...], "methods": [...],
         "abs": {(shift, method): (mean, se, n)}, "rel": {(shift, method): (mean, se, n)}}}.
-    "rel" is metric(method) - metric(all) paired by seed; the shift "mean" averages
-    each seed's values over the shifts first."""
+    Each table reports `metric`, or by default its own (`test_metric_name`). "rel" is metric(method) -
+    metric(all) paired by seed; the shift "mean" averages each seed's values over the
+    shifts first."""
     tables = {}
     by_table = defaultdict(list)
     for row in selected:
         by_table[(row["benchmark"], row["n_target"])].append(row)
     for key, rows in sorted(by_table.items()):
-        values = metric_values(rows, metric)
+        table_metric = metric or test_metric_name(rows)
+        values = metric_values(rows, table_metric)
         shifts = sorted({s for s, _, _ in values})
         methods = sorted({m for _, m, _ in values}, key=_method_key)
         seeds = sorted({d for _, _, d in values})
@@ -96,16 +99,21 @@ def summarize(selected: list[dict], metric: str) -> dict:
                 rel[("mean", method)] = paired_difference(values, shifts, seeds, method)
         if len(shifts) > 1:
             shifts = shifts + ["mean"]
-        tables[key] = {"shifts": shifts, "methods": methods, "abs": abs_, "rel": rel}
+        tables[key] = {"metric": table_metric, "shifts": shifts, "methods": methods, "abs": abs_,
+                       "rel": rel}
     return tables
 
 
-def markdown(tables: dict, metric: str) -> str:
-    label = "worst-group test accuracy" if metric == "worst_group_acc" else "test accuracy"
+def metric_label(metric: str) -> str:
+    return "worst-group test accuracy" if metric == "worst_group_acc" else "test accuracy"
+
+
+def markdown(tables: dict) -> str:
     lines = []
     for (benchmark, n_target), t in tables.items():
+        label = metric_label(t["metric"])
         for kind, title in (("abs", f"{label} (%)"), ("rel", f"{label} relative to `all` (points)")):
-            if kind == "rel" and "all" not in t["methods"]:
+            if kind == "rel" and ("all" not in t["methods"] or t["methods"] == ["all"]):
                 continue
             methods = [m for m in t["methods"] if kind == "abs" or m != "all"]
             lines += [f"### {benchmark}, n_target = {n_target}: {title}", "",
@@ -121,14 +129,15 @@ def markdown(tables: dict, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_relative(tables: dict, metric: str, path_stem: Path) -> list[Path]:
-    """Bar chart of accuracy relative to `all` per method, one panel per shift (PNG + PDF)."""
+def plot_relative(tables: dict, path_stem: Path) -> list[Path]:
+    """Bar chart of accuracy relative to `all` per method, one panel per shift (PNG + PDF);
+    none (and [] returned) when no table has `all` and another method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(key, shift) for key, t in tables.items() if "all" in t["methods"]
-              for shift in t["shifts"]]
+    panels = [(key, shift) for key, t in tables.items()
+              if "all" in t["methods"] and len(t["methods"]) > 1 for shift in t["shifts"]]
     if not panels:
         return []
     cols = min(4, len(panels))
@@ -138,11 +147,17 @@ def plot_relative(tables: dict, metric: str, path_stem: Path) -> list[Path]:
         t = tables[(benchmark, n_target)]
         methods = [m for m in t["methods"] if m != "all"]
         bar_panel(ax, {m: t["rel"].get((shift, m), (math.nan, math.nan, 0)) for m in methods},
-                  f"{benchmark} / {shift}" + (f" (n={n_target})" if len(tables) > 1 else ""))
+                  f"{benchmark} / {shift}" + (f" (n={n_target})" if len(tables) > 1 else "")
+                  + (" (worst group)" if t["metric"] == "worst_group_acc" else ""))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(("worst-group " if metric == "worst_group_acc" else "")
-                 + "test accuracy relative to full fine-tuning", fontsize=10)
+    metrics = {tables[key]["metric"] for key, _ in panels}
+    one_seed = any(math.isnan(t["rel"].get((shift, m), (0, math.nan))[1])
+                   for key, shift in panels for t in [tables[key]] for m in t["methods"]
+                   if m != "all")
+    fig.suptitle((metric_label(metrics.pop()) if len(metrics) == 1 else "test accuracy")
+                 + " relative to full fine-tuning, mean ± s.e. over seeds"
+                 + ("\n(no error bar: one seed)" if one_seed else ""), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
@@ -152,9 +167,14 @@ def bar_panel(ax, rel: dict, title: str) -> None:
     `all` (fractions), drawn in points; single blocks blue, other methods grey."""
     methods = list(rel)
     means = [100 * rel[m][0] for m in methods]
-    errs = [0 if math.isnan(rel[m][1]) else 100 * rel[m][1] for m in methods]
+    # A single seed has no interval: no bar at all, rather than a cap that reads as zero spread.
+    errs = [100 * rel[m][1] for m in methods]
     colours = ["tab:blue" if m in SINGLE_BLOCKS else "tab:gray" for m in methods]
-    ax.bar(range(len(methods)), means, yerr=errs, color=colours, capsize=2)
+    ax.bar(range(len(methods)), means, color=colours)
+    spread = [i for i, e in enumerate(errs) if not math.isnan(e)]
+    if spread:
+        ax.errorbar(spread, [means[i] for i in spread], yerr=[errs[i] for i in spread],
+                    fmt="none", ecolor="black", elinewidth=1, capsize=2)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
     ax.set_title(title, fontsize=9)
@@ -179,12 +199,19 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
                            "finished cell")
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
     check_output(out_dir, "report folder", folder=True)
-    metric = test_metric_name(rows)
     selected = select_learning_rates(rows)
-    tables = summarize(selected, metric)
-    text = f"# Results of {results_csv.name}\n\n" + markdown(tables, metric)
+    tables = summarize(selected)
+    text = f"# Results of {results_csv.name}\n\n" + markdown(tables)
+    if not selected:
+        text += ("\nNo cell has a validation metric (no run finished an epoch), so no "
+                 "learning rate could be chosen and there is nothing to tabulate.\n")
     diverged = sum(r["status"] == "diverged" for r in rows)
     text += f"\n{len(rows)} cells, {diverged} diverged.\n"
+    plots = plot_relative(tables, out_dir / "relative_accuracy")
+    if not plots:
+        text += "\nNo plot: it shows each method relative to `all`, and no table has both.\n"
+        for stale in (out_dir / "relative_accuracy.png", out_dir / "relative_accuracy.pdf"):
+            stale.unlink(missing_ok=True)      # an older report's plot would show other data
     report = out_dir / "report.md"
     report.write_text(text)
-    return [report, *plot_relative(tables, metric, out_dir / "relative_accuracy")]
+    return [report, *plots]

@@ -227,7 +227,11 @@ def read_results(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     check_not_a_directory(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not a text file, so not a results CSV (a sweep's --out "
+                           "is one)") from None
     if not text.strip():
         return []
     if not text.endswith("\n"):

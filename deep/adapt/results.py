@@ -43,8 +43,11 @@ def is_adapt_results(path: str | Path) -> bool:
     path = Path(path)
     if not path.is_file():
         return False
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), None)
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    except (UnicodeDecodeError, csv.Error):   # not a text CSV: not ours (read_results says so)
+        return False
     return tuple(header or ()) in HEADERS
 
 

@@ -1,0 +1,82 @@
+"""`deep.report` on hand-made results files: one metric per table, tables and plots that
+say what they cannot show (no `all`, only `all`, one seed, no validation metric)."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import pytest
+
+from deep.errors import ResultsError
+from deep.report import bar_panel, write_report
+from deep.results import ResultRow, results_text
+
+matplotlib.use("Agg")
+
+
+def row(benchmark="synthetic", shift="noise", method="all", seed=0, lr=0.01, test=0.5,
+        worst=0.25, select="val_acc", val=0.5):
+    return ResultRow(benchmark=benchmark, shift=shift, method=method, seed=seed, n_target=100,
+                     lr=lr, status="ok", best_epoch=1, val_acc=val, val_worst_group_acc=val,
+                     test_acc=test, worst_group_acc=worst, tuned_params=10, total_params=100,
+                     seconds=1.0, arch="resnet26-w4", epochs=2, batch_size=64,
+                     weight_decay=1e-4, select=select, val_per_class=10, test_per_class=20,
+                     checkpoint="none").to_dict()
+
+
+def report_of(tmp_path, rows):
+    csv = tmp_path / "r.csv"
+    csv.write_text(results_text(rows))
+    paths = write_report(csv, tmp_path / "rep")
+    return (tmp_path / "rep" / "report.md").read_text(), paths
+
+
+def test_each_table_reports_the_metric_its_rows_were_selected_by(tmp_path):
+    """A worst-group sweep beside an average-accuracy one: each table its own metric."""
+    rows = [row(method=m, seed=s, test=0.8 + 0.01 * s, worst=0.1 * (m == "all"))
+            for m in ("all", "last") for s in (0, 1)]
+    rows += [row(benchmark="waterbirds", method=m, seed=s, test=0.9, worst=0.3 + 0.1 * (m == "last"),
+                 select="worst_group_val_acc") for m in ("all", "last") for s in (0, 1)]
+    text, _ = report_of(tmp_path, rows)
+    assert "### synthetic, n_target = 100: test accuracy (%)" in text
+    assert "### waterbirds, n_target = 100: worst-group test accuracy (%)" in text
+    waterbirds = text[text.index("### waterbirds, n_target = 100: worst-group test accuracy (%)"):]
+    assert "| noise | 40.0 ± 0.0 | 30.0 ± 0.0 |" in waterbirds     # last, all
+
+
+def test_only_all_gives_no_empty_relative_table_and_no_plot(tmp_path):
+    text, paths = report_of(tmp_path, [row(seed=s) for s in (0, 1)])
+    assert "relative to `all` (points)" not in text and "| shift |  |" not in text
+    assert "No plot" in text and len(paths) == 1
+
+
+def test_a_report_without_all_removes_an_older_plot(tmp_path):
+    _, paths = report_of(tmp_path, [row(method=m, seed=s) for m in ("all", "last") for s in (0, 1)])
+    assert (tmp_path / "rep" / "relative_accuracy.png") in paths
+    text, paths = report_of(tmp_path, [row(method="last", seed=s) for s in (0, 1)])
+    assert not (tmp_path / "rep" / "relative_accuracy.png").exists()
+    assert not (tmp_path / "rep" / "relative_accuracy.pdf").exists() and "No plot" in text
+
+
+def test_no_validation_metric_is_said_not_left_blank(tmp_path):
+    text, _ = report_of(tmp_path, [row(val=None, seed=s) for s in (0, 1)])
+    assert "No cell has a validation metric" in text
+
+
+def test_one_seed_draws_no_error_bar(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+    fig, ax = plt.subplots()
+    bar_panel(ax, {"first": (0.01, math.nan, 1), "last": (0.02, math.nan, 1)}, "one seed")
+    assert not any(isinstance(c, ErrorbarContainer) for c in ax.containers)
+    bar_panel(ax, {"first": (0.01, 0.005, 3), "last": (0.02, math.nan, 1)}, "mixed")
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and len(bars[0].lines[2][0].get_segments()) == 1   # first only
+    plt.close(fig)
+
+
+def test_a_binary_file_is_not_read_as_results(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x80\x02\xff\xfe")
+    with pytest.raises(ResultsError, match="model.pt is not a text file"):
+        write_report(tmp_path / "model.pt", tmp_path / "rep")
