@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     except DeepError as err:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every finished row or file is already written, atomically
+        print(f"\ninterrupted; `python -m deep {args.command}` with the same arguments "
+              "resumes where this one stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

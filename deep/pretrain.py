@@ -239,6 +239,8 @@ def cached_source_model(bench: Benchmark, arch: str) -> Path:
     path = cache_dir() / f"{bench.name}-{arch}-{zlib.crc32(stamp.encode()):08x}.pt"
     if path.is_file():
         return path
+    print(f"training {bench.name}'s source model for {arch} (first use; cached as {path})",
+          file=sys.stderr, flush=True)
     source = bench.load_source(None)
     config = PretrainConfig(**recipe)
     threads = torch.get_num_threads()
@@ -246,7 +248,7 @@ def cached_source_model(bench: Benchmark, arch: str) -> Path:
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
-            model = pretrain(source, arch, config, progress=False)
+            model = pretrain(source, arch, config, progress=sys.stderr.isatty())
         acc = evaluate(model, source.test).acc
     finally:
         torch.set_num_threads(threads)

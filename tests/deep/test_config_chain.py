@@ -249,6 +249,13 @@ def test_cli_catches_only_the_projects_errors(monkeypatch, capsys):
         main(["protocols"])
     assert issubclass(ConfigError, DeepError) and issubclass(DeepError, ValueError)
 
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.COMMANDS, "protocols", ("p", cli.add_protocols_arguments, interrupted))
+    assert main(["protocols"]) == 130      # Ctrl-C: how to resume, not a traceback
+    assert "interrupted; `python -m deep protocols` with the same arguments resumes" in \
+        capsys.readouterr().err
+
 
 # --- the resolved configuration in manifests --------------------------------------
 
