@@ -3,7 +3,8 @@
 Rows are appended by rewriting the whole file atomically
 (`checkpoints.atomic_write_bytes`), so an interrupted run leaves whole rows only and
 the same command resumes it, skipping the finished streams. A finished row whose
-settings differ from the run's is an error (write to another --out), never mixed; the
+settings differ from the run's is an error (write to another --out), never mixed, and so is
+a new stream beside rows of its method that ran with other settings (only lr may differ); the
 source model counts as the same when its file name is (`deep.results.same_checkpoint`:
 committed results resume from another checkout). The summary keeps streams of
 different lengths (`images`) apart: one table per (method, mode, lr, stream length).
@@ -104,12 +105,28 @@ class AdaptResults:
         """Whether stream `key` is done with these settings; an error if done with others."""
         row = self.done.get(key)
         if row is None:
+            # A new stream beside rows of the same method that ran otherwise (more copies,
+            # another checkpoint) would share their table: refused too. Only lr may differ,
+            # and what the key holds (blocks, seed, stream length, episodic).
+            benchmark, method = key[0], key[2]
+            for other in self.rows:
+                if (other["benchmark"], other["method"]) == (benchmark, method):
+                    self._check(row_key(other), other, settings, ignore_lr=True)
             return False
-        differ = {k: (row[k], settings[k]) for k in SETTINGS if not _same(k, row[k], settings[k])}
+        self._check(key, row, settings)
+        return True
+
+    def _check(self, key: tuple, row: dict, settings: dict, ignore_lr: bool = False) -> None:
+        def value(k, source):
+            if k == "settings" and ignore_lr:
+                return json.dumps({n: v for n, v in json.loads(source[k]).items() if n != "lr"},
+                                  sort_keys=True)
+            return source[k]
+        differ = {k: (value(k, row), value(k, settings)) for k in SETTINGS
+                  if not _same(k, value(k, row), value(k, settings))}
         if differ:
             raise ResultsError(f"{self.path} already holds {key} with other settings "
-                             f"(found, now): {differ}; write this run to another --out")
-        return True
+                               f"(found, now): {differ}; write this run to another --out")
 
     def append(self, row: dict) -> None:
         key = row_key(row)

@@ -472,6 +472,14 @@ def test_run_resumes_and_refuses_other_settings(tmp_path, one_thread):
     assert [r["machine"] for r in read_adapt_results(out)] == [None] * 5 + [machine("cpu")]
     with pytest.raises(ValueError, match="other settings"):
         run_adaptation(_tiny_protocol(tent={"batch_size": 2}), out, progress=False)
+    # new streams (seed 1, another lr) beside rows that ran otherwise: refused too, since
+    # they would share a table; another lr with the same settings is fine
+    with pytest.raises(ValueError, match=r'other settings.*"copies": 4'):
+        run_adaptation(_tiny_protocol(methods=["memo"], seeds=[1],
+                                      memo={"copies": 4, "lr": [0.01]}), out, progress=False)
+    assert run_adaptation(_tiny_protocol(methods=["memo"], blocks=["first"],
+                                         memo={"copies": 2, "lr": [0.1]}), out,
+                          progress=False).ran == 1
     table = relative_table(rows)
     assert set(table) == {("tent", False, 0.001, 6), ("memo", False, 0.01, 6),
                           ("memo", False, 0.001, 6)}                # (method, episodic, lr, images)
