@@ -123,7 +123,7 @@ def _torch_load(path: Path, trust_checkpoint: bool = False) -> object:
                 f"admit (it admits tensors, plain containers and numpy scalars). Load it only "
                 f"if you trust the file, with {TRUST_HINT}: that runs whatever the file asks "
                 f"while unpickling") from None
-        if "Unsupported operand" in str(err):   # torch's safe unpickler reads protocol 2 only
+        if _pickle_protocol(path) not in (None, 2):   # torch's safe unpickler reads protocol 2 only
             raise UnsafeCheckpointError(
                 f"checkpoint {path} is in torch's legacy format with a pickle protocol that "
                 f"safe loading cannot read. Load it only if you trust the file, with "
@@ -133,13 +133,21 @@ def _torch_load(path: Path, trust_checkpoint: bool = False) -> object:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
 
 
-def _plain_pickle_protocol(path: Path) -> int | None:
-    """The protocol of a file written by pickle.dump (protocol >= 3); None for anything else.
-    torch.save writes zip archives, or in its legacy format a pickled magic number first."""
+def _pickle_protocol(path: Path) -> int | None:
+    """The pickle protocol of a torch file in the legacy format (which starts with its
+    pickled magic number); None for anything else (zip archives, other files)."""
     with open(path, "rb") as f:
         start = f.read(32)
     magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:]
-    if len(start) < 2 or start[0] != 0x80 or start[1] < 3 or magic in start:
+    return start[1] if len(start) > 2 and start[0] == 0x80 and magic in start else None
+
+
+def _plain_pickle_protocol(path: Path) -> int | None:
+    """The protocol of a file written by pickle.dump (protocol >= 3; torch.save never
+    writes one without its magic number first); None for anything else."""
+    with open(path, "rb") as f:
+        start = f.read(32)
+    if len(start) < 2 or start[0] != 0x80 or start[1] < 3 or _pickle_protocol(path):
         return None
     return start[1]
 

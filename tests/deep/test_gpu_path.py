@@ -109,7 +109,14 @@ def test_on_the_cpu_amp_changes_nothing_so_any_cache_serves(synthetic_checkpoint
 def test_device_auto():
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(None) == resolve_device("auto")
-    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:1") == "cuda:1"
+    else:   # asked for, not there: said before any work, not a torch assertion later
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
 
 
 def test_to_device_leaves_cpu_batches_alone():
