@@ -22,7 +22,7 @@ the sweep's local dispatch. What it keeps from the local backend, and how:
   starts (the error names the node and the path).
 - Ray waits forever, without an error, on an address where nothing listens and on
   a task no node can hold. The driver checks both before it waits: the head's port
-  answers, and some node has a task group's CPUs and GPUs. Option errors that need
+  answers as a gRPC server does, and some node has a task group's CPUs and GPUs. Option errors that need
   no cluster are raised before Ray connects (or starts, which takes seconds).
 
 Ray is an optional dependency (`pip install -e ".[ray]"`); this module imports it
@@ -193,8 +193,9 @@ class RaySession:
 
 def check_reachable(address: str) -> None:
     """Raise unless the head at `address` ("auto": the one Ray would pick) takes a TCP
-    connection: where nothing listens, ray.init logs "Failed to connect to GCS" every
-    half minute and never returns."""
+    connection and answers as a gRPC server: where nothing listens, or something other
+    than Ray's GCS does (the dashboard's port), ray.init logs "Failed to connect to GCS"
+    every half minute and never returns."""
     target = _bootstrap_address(address)
     if target is None:  # "auto" found no cluster: ray.init raises that itself
         return
@@ -203,16 +204,54 @@ def check_reachable(address: str) -> None:
         if attempt:
             time.sleep(1)
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S):
-                return
+            with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S) as conn:
+                reply = _http2_reply(conn)
+            break
         except OSError as err:
             reason = err
-    shown = target if target == address else (f"{target} (where --ray-address auto points: "
-                                              "RAY_ADDRESS, or the last `ray start` here)")
-    raise RayBackendError(
-        f"no Ray head answers at {shown}: {reason}. Check that the head runs (`ray status` "
-        f"on it) and that {port} is its GCS port (`ray start --head` prints the address to "
-        "use; 6379 by default), and that no firewall blocks it")
+    else:
+        raise RayBackendError(
+            f"no Ray head answers at {_shown(address, target)}: {reason}. Check that the head "
+            f"runs (`ray status` on it) and that {port} is its GCS port (`ray start --head` "
+            "prints the address to use; 6379 by default), and that no firewall blocks it")
+    if not _is_http2_settings(reply):
+        # e.g. the dashboard (8265, HTTP/1.1): ray.init would wait on it forever too
+        raw = reply.decode("ascii", "replace").splitlines()[0].strip() if reply.strip() else ""
+        said = f"it answered {raw!r}" if raw else "it sent nothing back"
+        raise RayBackendError(
+            f"{_shown(address, target)} takes connections but is not a Ray head's GCS port "
+            f"(which speaks gRPC; {said}). Give the address `ray start --head` printed "
+            "(port 6379 by default), not the dashboard's (8265) or another service's")
+
+
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers
+# with its own SETTINGS frame (9-byte header, type 0x4), whatever its authentication.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _http2_reply(conn: socket.socket) -> bytes:
+    """The first bytes a server sends back to the HTTP/2 preface (b"" when it sends none
+    within CONNECT_TIMEOUT_S, or closes)."""
+    conn.sendall(HTTP2_PREFACE)
+    reply = b""
+    try:
+        while len(reply) < 9:
+            chunk = conn.recv(9 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return reply
+
+
+def _is_http2_settings(reply: bytes) -> bool:
+    return len(reply) == 9 and reply[3] == 0x4
+
+
+def _shown(address: str, target: str) -> str:
+    return target if target == address else (f"{target} (where --ray-address auto points: "
+                                             "RAY_ADDRESS, or the last `ray start` here)")
 
 
 def _bootstrap_address(address: str) -> str | None:

@@ -30,8 +30,8 @@ import torch
 
 from deep.protocol import load_protocol
 from deep.ray_backend import (RayBackendError, RayExecutor, RayOptions, TaskGroupError,
-                               check_a_node_fits, check_data_dir, concurrent_tasks, stop_groups,
-                               task_device)
+                               check_a_node_fits, check_data_dir, check_reachable,
+                               concurrent_tasks, stop_groups, task_device)
 from deep.sweep import COLUMNS, plan_cells, read_results, row_key, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a Ray task runs on one thread too
@@ -490,6 +490,34 @@ def test_an_address_where_nothing_listens_is_an_error_not_a_wait(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert re.search(r"error: no Ray head answers at \S+:\d+ \(where --ray-address auto points",
                      done.stderr), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("greeting, said", [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "it answered 'HTTP/1.1'"),  # e.g. the dashboard
+    (None, "it sent nothing back")])
+def test_an_address_where_something_else_listens_is_an_error_not_a_wait(greeting, said):
+    """A port that takes connections but is not Ray's GCS (the dashboard's 8265): ray.init
+    would wait on it forever, as on a dead one."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        conn, _ = server.accept()
+        accepted.append(conn)
+        conn.recv(64)
+        if greeting is not None:
+            conn.sendall(greeting)
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    started = time.monotonic()
+    with pytest.raises(RayBackendError) as error:
+        check_reachable(address)
+    assert time.monotonic() - started < 10
+    assert str(error.value) == (
+        f"{address} takes connections but is not a Ray head's GCS port (which speaks gRPC; "
+        f"{said}). Give the address `ray start --head` printed (port 6379 by default), not "
+        "the dashboard's (8265) or another service's")
+    server.close()
 
 
 # --- two nodes of one CPU and one (declared) GPU each -----------------------------
