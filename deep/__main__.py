@@ -16,7 +16,7 @@ import sys
 
 from .adapt.protocol import available as adapt_protocols, load_adapt_protocol
 from .allocator import keep_freed_memory
-from .errors import ConfigError, DeepError
+from .errors import ConfigError, exit_status
 from .flags import add_device, add_flags, add_run_options, add_trust_checkpoint, flag_values
 from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
@@ -239,11 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the exact command, for manifests
     keep_freed_memory()  # see deep.allocator: fewer page faults per training step
-    try:
-        return commands[args.command][2](args) or 0
-    except DeepError as err:  # bad input; anything else is a bug and keeps its traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    try:  # bad input is one `error:` line; anything else is a bug and keeps its traceback
+        return exit_status(lambda: commands[args.command][2](args))
     except KeyboardInterrupt:  # every finished row or file is already written, atomically
         print(f"\ninterrupted; `python -m deep {args.command}` with the same arguments "
               "resumes where this one stopped", file=sys.stderr)

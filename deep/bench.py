@@ -31,7 +31,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from .blocks import blocks_for
-from .files import atomic_write_bytes, save_figure
+from .files import atomic_write_bytes, check_output, save_figure
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, engine_default, load_protocol
 from .ray_backend import add_backend_arguments, executor_from_args, session_for
@@ -40,9 +40,9 @@ from .report import (METHOD_ORDER, bar_panel, metric_values, paired_difference,
 from .report import summarize as summarize_tables
 from .flags import add_run_options
 from .sweep import read_results, run_sweep
-from .train import TrainConfig
+from .train import TrainConfig, resolve_device
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
-from .errors import ResultsError
+from .errors import ResultsError, check_int
 from .stats import above_zero, format_interval, format_stat, mean_se, t_interval
 from .two_stage import drop_superseded, run_two_stage
 
@@ -679,16 +679,21 @@ def run(args) -> int:
     name = args.suite + ("-quick" if args.quick else "")
     suite = SUITES[name]
     out_dir = Path(args.out or ("runs/fmnist-quick" if args.quick else suite.out))
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not args.summarize_only:
         jobs = [(p, "results.csv", "curves.csv") for p in main_protocols(suite)]
         jobs += [(p, "n_target.csv", "n_target_curves.csv") for p in n_sweep_protocols(suite)]
+        # every flag checked before the folder is made or Ray starts
         executor = executor_from_args(args)
+        workers = check_int("--workers", suite.workers if args.workers is None else args.workers)
+        if executor is None:
+            resolve_device(args.device)
+        else:
+            executor.check_options(args.device)
+        check_output(out_dir, "--out", folder=True)
         with session_for(executor):  # one Ray connection for all the suite's sweeps
             for protocol, results, curves in jobs:
                 run_benchmark(protocol, suite, out_dir / results, CurvesFile(out_dir / curves),
-                              data_dir=args.data_dir,
-                              workers=suite.workers if args.workers is None else args.workers,
+                              data_dir=args.data_dir, workers=workers,
                               device=args.device, amp=args.amp, cache_mb=args.cache_mb,
                               progress=not args.no_progress, executor=executor)
     for path in summarize(out_dir, suite):

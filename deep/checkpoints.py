@@ -100,16 +100,19 @@ def numpy_safe_globals() -> list:
     return allowed
 
 
-def _torch_load(path: Path, trust_checkpoint: bool = False) -> object:
-    """torch.load on CPU, safe unless `trust_checkpoint` (which may run code from the file)."""
+def read_torch_file(path: Path, trust_checkpoint: bool = False, what: str = "checkpoint") -> object:
+    """torch.load on CPU, safe unless `trust_checkpoint` (which may run code from the file).
+    `what` names the file in errors ("checkpoint", "class text embeddings", ...)."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointError(f"{what} file not found: {path}")
     protocol = _plain_pickle_protocol(path)
     if protocol is not None:   # torch.load cannot read these, trusted or not
         raise CheckpointError(
-            f"checkpoint {path} is a plain pickle (protocol {protocol}), not a torch.save file. "
+            f"{what} {path} is a plain pickle (protocol {protocol}), not a torch.save file. "
             f"If you trust it (unpickling runs whatever the file asks), read it with "
             f"pickle.load and re-save the state dict with torch.save(state_dict, path)")
+    _check_torch_format(path, what)
     try:
         if trust_checkpoint:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -119,18 +122,41 @@ def _torch_load(path: Path, trust_checkpoint: bool = False) -> object:
         refused = _refused_globals(path, err)
         if refused:
             raise UnsafeCheckpointError(
-                f"checkpoint {path} refers to {', '.join(refused)}, which safe loading does not "
+                f"{what} {path} refers to {', '.join(refused)}, which safe loading does not "
                 f"admit (it admits tensors, plain containers and numpy scalars). Load it only "
                 f"if you trust the file, with {TRUST_HINT}: that runs whatever the file asks "
                 f"while unpickling") from None
         if _pickle_protocol(path) not in (None, 2):   # torch's safe unpickler reads protocol 2 only
             raise UnsafeCheckpointError(
-                f"checkpoint {path} is in torch's legacy format with a pickle protocol that "
+                f"{what} {path} is in torch's legacy format with a pickle protocol that "
                 f"safe loading cannot read. Load it only if you trust the file, with "
                 f"{TRUST_HINT}, or re-save it with torch.save(...) (zip format)") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        raise CheckpointError(f"cannot read {what} {path}: {_torch_reason(err)}") from None
     except Exception as err:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        raise CheckpointError(f"cannot read {what} {path}: {_torch_reason(err)}") from None
+
+
+def _check_torch_format(path: Path, what: str) -> None:
+    """torch.save writes a zip archive, or (before torch 1.6, or with
+    _use_new_zipfile_serialization=False) a pickle that starts with its PROTO opcode:
+    anything else is no torch file at all, trusted or not."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if not start:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted download?")
+    if not (start.startswith(b"PK\x03\x04") or start[0] == 0x80):
+        raise CheckpointError(f"{what} {path} is not a file written by torch.save (neither "
+                              f"a zip archive nor a pickle; it starts with {start!r})")
+
+
+def _torch_reason(err: Exception) -> str:
+    """torch's reason in one line: the unpickler's own words where the message has them
+    (its advice to retry with weights_only=False is this module's --trust-checkpoint
+    hint, given only where it helps), else the first line."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error: (.*)", text)
+    line = found.group(1) if found else (text.strip().splitlines() or [""])[0]
+    return line.strip() or type(err).__name__
 
 
 def _pickle_protocol(path: Path) -> int | None:
@@ -170,7 +196,7 @@ def _refused_globals(path: Path, err: Exception) -> list[str]:
 def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> Checkpoint:
     """Read a checkpoint in our format (see the module docstring)."""
     path = Path(path)
-    return _own_checkpoint(_torch_load(path, trust_checkpoint), path)
+    return _own_checkpoint(read_torch_file(path, trust_checkpoint), path)
 
 
 def _own_checkpoint(raw: object, path: Path) -> Checkpoint:
@@ -197,7 +223,7 @@ def load_torchvision_state(path: str | Path, trust_checkpoint: bool = False) -> 
     """The state dict in a weight file of this or another project (see `extract_state_dict`:
     torchvision, RobustBench, TTT/MEMO layouts), read safely unless `trust_checkpoint`."""
     path = Path(path)
-    return extract_state_dict(_torch_load(path, trust_checkpoint), str(path))
+    return extract_state_dict(read_torch_file(path, trust_checkpoint), str(path))
 
 
 def extract_state_dict(raw: object, where: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -299,7 +325,7 @@ def _read_weights(path: Path, trust_checkpoint: bool) -> object:
     # CLIP ViT hook (deep.models.vit): OpenAI's TorchScript .pt refused unless trusted
     if vit.is_torchscript_archive(path):
         return vit.torchscript_state(path, trust=trust_checkpoint)
-    return _torch_load(path, trust_checkpoint)
+    return read_torch_file(path, trust_checkpoint)
 
 
 def _state_for(model: nn.Module, raw: object, where: str) -> dict[str, torch.Tensor]:

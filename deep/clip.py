@@ -14,30 +14,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 from pathlib import Path
 
 import torch
 
-from .checkpoints import load_state_strict, load_torchvision_state, save_checkpoint
-from .errors import DeepError, check_int
-from .files import CheckpointError, sha256_file
-from .models.vit import (CONFIGS, HEAD, build, image_tower_state, is_torchscript_archive,
-                         logit_scale, set_zero_shot_head, torchscript_state)
+from .checkpoints import (load_state_strict, load_torchvision_state, read_torch_file,
+                          save_checkpoint)
+from .errors import check_choice, check_int, exit_status
+from .files import CheckpointError, check_output, sha256_file
+from .models.vit import (CONFIGS, HEAD, IMAGE_TOWER, build, image_tower_state,
+                         is_torchscript_archive, logit_scale, set_zero_shot_head,
+                         torchscript_state)
 
 
 def read_text_embeddings(path: str | Path) -> torch.Tensor:
     """A tensor [num_classes, embedding] saved with torch.save (read with weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"class text embeddings file not found: {path}")
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        raise CheckpointError(f"cannot read class text embeddings {path}: {err}") from None
+    value = read_torch_file(path, what="class text embeddings")
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"{path} must hold one tensor [num_classes, embedding] "
-                         f"(torch.save(tensor, path)), got {type(value).__name__}")
+                              f"(torch.save(tensor, path)), got {type(value).__name__}")
     return value
 
 
@@ -48,28 +43,59 @@ def read_clip_state(path: str | Path, trust_torchscript: bool = False,
     that holds more than tensors is read with full unpickling only when
     `trust_checkpoint` (see `deep.checkpoints.load_model`)."""
     if is_torchscript_archive(path):
-        return torchscript_state(path, trust_torchscript)
+        if not trust_torchscript:  # (the sweep's refusal names --trust-checkpoint, its switch)
+            raise CheckpointError(
+                f"{path} is a TorchScript archive (as OpenAI's CLIP .pt files are). Reading one "
+                "runs code stored inside it, so it is refused by default: if you trust the "
+                "file, add --trust-torchscript, or use open_clip's plain state dict of the "
+                "same weights instead")
+        return torchscript_state(path, trust=True)
     return load_torchvision_state(path, trust_checkpoint)
+
+
+def check_arch_fits(state: dict[str, torch.Tensor], arch: str, num_classes: int,
+                    what: str) -> None:
+    """A file whose image tower is another configuration's (ViT-B/16 weights with
+    --arch clip-vit-tiny, say) names that configuration, instead of every key's shape."""
+    def tower_shapes(name: str) -> dict:
+        with torch.device("meta"):  # shapes only: no memory, no init
+            model = build(name, num_classes)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if k.startswith(IMAGE_TOWER)}
+    given = {k: tuple(v.shape) for k, v in state.items() if k.startswith(IMAGE_TOWER)}
+    if not given or given == tower_shapes(arch):
+        return
+    fits = [name for name in sorted(CONFIGS) if name != arch and given == tower_shapes(name)]
+    if fits:
+        raise CheckpointError(f"{what} holds the image tower of {' or '.join(fits)}, not of "
+                              f"{arch}: give --arch {fits[0]}")
 
 
 def prepare_checkpoint(weights: str | Path, out: str | Path, num_classes: int,
                        arch: str = "clip-vit-b16", text_embeddings: str | Path | None = None,
                        trust_torchscript: bool = False, trust_checkpoint: bool = False) -> Path:
     """Write a checkpoint of this toolkit (arch, num_classes, 3 channels) from CLIP
-    weights, with a zero-shot head when `text_embeddings` is given (else a fresh head,
-    seeded 0). Use it as --checkpoint, or as `pretrain --init` to train a source model."""
+    weights, with a zero-shot head when `text_embeddings` is given (else the file's own
+    `head.*`, or a fresh head seeded 0). Use it as --checkpoint, or as `pretrain --init`
+    to train a source model."""
     check_int("num_classes", num_classes)
+    check_choice("arch", arch, sorted(CONFIGS))
+    out = check_output(out)
     state = read_clip_state(weights, trust_torchscript, trust_checkpoint)
-    if text_embeddings is not None:  # the zero-shot head replaces any head the file has
+    embeddings = None if text_embeddings is None else read_text_embeddings(text_embeddings)
+    if embeddings is not None:  # the zero-shot head replaces any head the file has
         state = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
+    check_arch_fits(state, arch, num_classes, str(weights))
     model = build(arch, num_classes)
     load_state_strict(model, image_tower_state(state, model, str(weights)), what=str(weights))
     meta = {"source_weights": Path(weights).name, "source_sha256": sha256_file(weights)}
-    if text_embeddings is not None:
+    if embeddings is not None:
         scale = logit_scale(state)
-        set_zero_shot_head(model, read_text_embeddings(text_embeddings), scale)
+        set_zero_shot_head(model, embeddings, scale)
         meta.update(head="zero-shot", text_embeddings=Path(text_embeddings).name,
                     logit_scale=scale)
+    elif any(k.startswith(HEAD + ".") for k in state):
+        meta["head"] = "from the weights file"
     else:
         meta["head"] = "random (seed 0)"
     return save_checkpoint(out, model, arch, num_classes, 3, meta=meta)
@@ -92,15 +118,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="read a plain file that holds more than tensors with full unpickling "
                    "(may run code: trusted files only)")
     args = parser.parse_args(argv)
-    try:
+
+    def prepare() -> None:
         path = prepare_checkpoint(args.weights, args.out, args.num_classes, args.arch,
                                   args.text_embeddings, args.trust_torchscript,
                                   args.trust_checkpoint)
-    except (DeepError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+        print(f"wrote {path}")
+    return exit_status(prepare)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ its traceback. They stay `ValueError`s so that callers who catch ValueError stil
 from __future__ import annotations
 
 import math
+import sys
+from typing import Callable
 
 
 class DeepError(ValueError):
@@ -56,3 +58,13 @@ def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> fl
             value > 0 and math.isfinite(value)):
         raise error(f"{name} must be a positive number, got {value!r}")
     return value
+
+
+def exit_status(command: Callable[[], int | None]) -> int:
+    """Run a command-line tool's body: bad input (a DeepError) is printed as one
+    `error: <message>` line, status 2; any other exception is a bug and keeps its traceback."""
+    try:
+        return command() or 0
+    except DeepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -17,6 +17,8 @@ import dataclasses
 import types
 import typing
 
+from .errors import check_nonnegative, check_positive
+
 
 def add_flags(parser: argparse.ArgumentParser, config_class, skip=(), defaults=None) -> None:
     """Add one flag per field of `config_class`, except those in `skip`.
@@ -89,6 +91,40 @@ def comma_list(kind=str):
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
                                              f"got {text!r}") from None
     return parse
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (`--batch 0` is a usage error, not a
+    ZeroDivisionError later)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        return check_nonnegative("value", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+
+
+def positive_floats(text: str) -> list[float]:
+    """An argparse type: `a,b,c` of finite numbers above 0 (learning rates)."""
+    try:
+        values = [check_positive("value", float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive numbers, got {text!r}")
+    return values
 
 
 def _base_type(kind) -> tuple[type, bool]:

@@ -517,9 +517,14 @@ class RayExecutor:
     def __init__(self, options: RayOptions):
         self.options = options
 
+    def check_options(self, device: str | None) -> None:
+        """The errors of --device and --gpus-per-task that need no cluster (Ray starts or
+        connects in seconds; a bench suite checks before it does)."""
+        check_device(device, self.options.gpus_per_task)
+
     def __call__(self, cells: list, spec: dict, record: Callable[[dict], None]) -> None:
         options = self.options
-        check_device(spec.get("device"), options.gpus_per_task)
+        self.check_options(spec.get("device"))
         with RaySession(options.address) as ray:
             cluster = ray.cluster_resources()
             gpus = resolve_gpus(options, spec.get("device"), cluster)

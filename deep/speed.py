@@ -42,12 +42,15 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .allocator import keep_freed_memory
+from .errors import ConfigError, exit_status
+from .flags import at_least, nonnegative_float, positive_floats
 from .blocks import ALL, blocks_for, tuned_parameter_names
 from .checkpoints import load_model, save_checkpoint
 from .data.base import ShiftTask, SourceData, TensorSplit, seeded
 from .data.synthetic import NUM_CLASSES, generate
+from .models.vit import CONFIGS as VIT_CONFIGS
 from .pretrain import pretrain
-from .train import PrefixCache, TrainConfig, accuracy, fit
+from .train import PrefixCache, TrainConfig, accuracy, fit, resolve_device
 
 
 def make_data(size: int, channels: int, n_source: int, n_train: int, n_val: int,
@@ -207,24 +210,34 @@ def timing_table(rows, options, setup) -> tuple[list[str], dict, float]:
     return lines, timed, total_ref / total_ours
 
 
+def check_input_size(arch: str, size: int) -> None:
+    """A ViT takes images of exactly its configured side."""
+    vit = VIT_CONFIGS.get(arch)
+    if vit is not None and size != vit.image_size:
+        raise ConfigError(f"--arch {arch} takes images of {vit.image_size}x{vit.image_size} px; "
+                          f"give --size {vit.image_size}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m deep.speed", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="resnet26")
-    p.add_argument("--size", type=int, default=28, help="image side in pixels")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--n-val", type=int, default=100)
-    p.add_argument("--n-test", type=int, default=900)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lrs", default="1e-3,1e-4")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--size", type=at_least(1), default=28, help="image side in pixels")
+    p.add_argument("--channels", type=at_least(1), default=1)
+    p.add_argument("--n-train", type=at_least(1), default=1000)
+    p.add_argument("--n-val", type=at_least(1), default=100)
+    p.add_argument("--n-test", type=at_least(1), default=900)
+    p.add_argument("--epochs", type=at_least(1), default=3)
+    p.add_argument("--lrs", type=positive_floats, default=[1e-3, 1e-4],
+                   help="learning rates, comma-separated (default 1e-3,1e-4)")
+    p.add_argument("--threads", type=at_least(1), default=1,
                    help="torch threads for both loops (default 1: on a shared 2-core machine, "
                         "2-thread OpenMP runs stall whenever another process holds a core)")
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's malloc defaults (every freed activation unmapped), for both loops")
     p.add_argument("--device", default="cpu",
                    help="where both loops run: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--tolerance", type=float, default=0.5, help="max test-accuracy gap, points")
+    p.add_argument("--tolerance", type=nonnegative_float, default=0.5,
+                   help="max test-accuracy gap, points")
     p.add_argument("--count-work", action="store_true",
                    help="afterwards, count each loop's convolution/matmul FLOPs (one more pass of "
                         "both loops at the first lr) and print work ratios beside the speedups")
@@ -232,13 +245,19 @@ def main(argv=None) -> int:
                    help="afterwards, run ours once more per option (first lr, CPU) under "
                         "torch.profiler and print the share of its time in convolution kernels")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    malloc = "glibc defaults" if args.default_malloc else (
-        "freed memory kept (deep.allocator)" if keep_freed_memory() else "platform defaults")
-    lrs = [float(v) for v in args.lrs.split(",")]
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    # every bad value fails here, before the source model is trained
+    resolve_device(args.device)
     blocks = blocks_for(args.arch)
     options = [*blocks, ALL]
+    check_input_size(args.arch, args.size)
+    torch.set_num_threads(args.threads)
+    malloc = "glibc defaults" if args.default_malloc else (
+        "freed memory kept (deep.allocator)" if keep_freed_memory() else "platform defaults")
+    lrs = args.lrs
     defaults = TrainConfig(lr=lrs[0], epochs=args.epochs)  # both loops: the engine's defaults
     batch_size, weight_decay, seed = defaults.batch_size, defaults.weight_decay, defaults.seed
 

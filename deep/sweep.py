@@ -181,16 +181,19 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     for row in results.rows:
         if row["benchmark"] == protocol.benchmark:
             _check_same_settings(row, settings, out)
-    if todo:
-        save_resolved_config(out, entry, rows_exist=bool(results.rows))
     groups = group_cells(todo, workers)
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
                 device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
     bar = _progress(len(todo), progress, protocol.benchmark)
-    diverged = 0
+    diverged, rows_exist, configuration_saved = 0, bool(results.rows), False
 
     def record(row):
-        nonlocal diverged
+        nonlocal diverged, configuration_saved
+        if not configuration_saved:
+            # with the first new row: a sweep stopped before any cell ran (a bad option
+            # found on a node, a missing data folder) leaves no file behind
+            save_resolved_config(out, entry, rows_exist=rows_exist)
+            configuration_saved = True
         if on_row is not None:
             on_row(row)
         results.append(row)

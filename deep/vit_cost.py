@@ -1,6 +1,6 @@
 """What one image costs a CLIP ViT: forward FLOPs, inference and training seconds.
 
-    python -m deep.vit_cost                          # ViT-B/16 on the CPU (docs/vit-wilds.md)
+    python -m deep.vit_cost                          # ViT-B/16 on the CPU, 1 thread (docs/vit-wilds.md)
     python -m deep.vit_cost --device cuda [--amp]    # on a GPU (make gpu-check runs both)
 
 The numbers behind docs/vit-wilds.md's cost of the full WILDS protocols: per image,
@@ -17,7 +17,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .flags import add_device
+from .errors import exit_status
+from .flags import add_device, at_least
 from .models import build_model
 from .models.vit import CONFIGS
 from .prefix_cache import autocast
@@ -95,12 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="clip-vit-b16", choices=sorted(CONFIGS))
     add_device(p)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as in sweeps)")
-    p.add_argument("--batch", type=int, default=8, help="images per timed batch")
-    p.add_argument("--repeats", type=int, default=2, help="timed batches (the best counts)")
+    p.add_argument("--batch", type=at_least(1), default=8, help="images per timed batch")
+    p.add_argument("--repeats", type=at_least(1), default=2,
+                   help="timed batches (the best counts)")
+    p.add_argument("--threads", type=at_least(1), default=1,
+                   help="torch CPU threads (default 1, as deep.speed: on a shared machine "
+                        "multi-thread timings stall whenever another process holds a core)")
     args = p.parse_args(argv)
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    r = measure(args.arch, device, args.amp, args.batch, args.repeats)
-    print(f"# {args.arch}, device {device}, amp {args.amp}, batch {args.batch}, "
+    torch.set_num_threads(args.threads)
+    amp = args.amp and device.startswith("cuda")
+    shown_amp = "on" if amp else ("off (--amp acts on CUDA only)" if args.amp else "off")
+    r = measure(args.arch, device, amp, args.batch, args.repeats)
+    print(f"# {args.arch}, device {device}, amp {shown_amp}, batch {args.batch}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     missed = r["gflops"] - r["counted_gflops"]
     print(f"forward FLOPs per image: {r['gflops']:.4g} G (closed form; torch's flop counter "
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "kernel it does not count)" if missed > 0
                                                  else ")"))
     print(f"forward (inference): {r['forward_s']:.4g} s/image, "
-          f"{r['gflops'] / r['forward_s']:.1f} GFLOP/s")
+          f"{r['gflops'] / r['forward_s']:.4g} GFLOP/s")
     print(f"forward+backward, all parameters: {r['train_s']:.4g} s/image")
     return 0
 

@@ -40,6 +40,7 @@ import datetime
 import importlib
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import re
@@ -54,7 +55,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
+try:
+    import torch
+except ImportError:  # e.g. the system python3 of a machine whose torch lives in a venv
+    print(f"error: {sys.executable} has no torch: run this script with the python that has "
+          "CUDA torch installed (e.g. `.venv/bin/python scripts/gpu_check.py`, or `make "
+          "gpu-check GPU_PYTHON=...`)", file=sys.stderr)
+    sys.exit(2)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
@@ -405,15 +412,44 @@ def source_model(args: list[str]) -> int:
 
 # --- main -------------------------------------------------------------------------
 
+def device_name(text: str) -> str:
+    """An argparse type: cpu, cuda or cuda:N (checked here, not in every step's row)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a time budget, a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def gpu_share(text: str) -> float:
+    """An argparse type: a task's share of one GPU, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share of one GPU in (0, 1], got {text!r}")
+    return value
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python3 scripts/gpu_check.py",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda",
+    p.add_argument("--device", type=device_name, default="cuda",
                    help="cuda (default), cuda:N, or cpu for a smoke test")
-    p.add_argument("--budget-s", type=float, default=540,
+    p.add_argument("--budget-s", type=seconds, default=540,
                    help="wall seconds for the whole run (default 540, for a 600 s command "
                         "limit); a step gets at most what is left")
-    p.add_argument("--gpus-per-task", type=float, default=0.25,
+    p.add_argument("--gpus-per-task", type=gpu_share, default=0.25,
                    help="the fractional share of the second Ray sweep (default 0.25)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray sweeps")
     p.add_argument("--quick", action="store_true", help="tiny workloads: tests the script only")

@@ -59,8 +59,23 @@ def test_missing_or_corrupt_files(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope.pt", "resnet26", 10, 3)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        load_model(tmp_path / "junk.pt", "resnet26", 10, 3)
+    for trusted in (False, True):  # one line, the same whether trusted or not
+        with pytest.raises(CheckpointError) as err:
+            load_model(tmp_path / "junk.pt", "resnet26", 10, 3, trust_checkpoint=trusted)
+        assert str(err.value) == (f"checkpoint {tmp_path / 'junk.pt'} is not a file written by "
+                                  "torch.save (neither a zip archive nor a pickle; it starts "
+                                  "with b'not ')")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt is empty \(0 bytes\)"):
+        load_model(tmp_path / "empty.pt", "resnet26", 10, 3)
+    # a torch file cut short: torch's reason, on one line
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(3)}, good)
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "cut.pt", "resnet26", 10, 3)
+    assert str(err.value).startswith(f"cannot read checkpoint {tmp_path / 'cut.pt'}: ")
+    assert "\n" not in str(err.value)
 
 
 def test_random_init_warns_and_is_seeded():

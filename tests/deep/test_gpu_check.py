@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -192,3 +193,28 @@ def test_the_amp_row_reports_its_accuracy_change_cell_by_cell(gpu_check, tmp_pat
     assert measured.endswith("test accuracy, amp - float32: mean -0.50, largest -3.00 points "
                              "over 2 cells")
     assert gpu_check.accuracy_change(tmp_path / "f.csv", tmp_path / "missing.csv") == ""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "bogus"], "argument --device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    (["--budget-s", "0"], "argument --budget-s: expected a number of seconds above 0, got '0'"),
+    (["--gpus-per-task", "1.5"], "argument --gpus-per-task: expected a share of one GPU in (0, 1]"),
+])
+def test_bad_flags_stop_it_before_any_step(gpu_check, capsys, flags, message):
+    """Rather than a row per step, each failing on the same bad value."""
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(flags)
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and message in captured.err and captured.out == ""
+
+
+def test_a_python_without_torch_is_told_which_python_to_use(tmp_path):
+    """`python3 scripts/gpu_check.py` where python3 lacks torch (it lives in a venv)."""
+    blocker = tmp_path / "torch.py"   # shadows the real torch: importing it fails
+    blocker.write_text("raise ImportError('no torch here')\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"],
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and "has no torch" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -390,6 +390,25 @@ def test_option_errors_come_before_ray_connects(tmp_path):
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--backend", "ray", "--device", "cuda:1"], "--backend ray runs on --device auto, cpu or cuda"),
+    (["--backend", "ray", "--device", "cpu", "--gpus-per-task", "0.5"],
+     "--device cpu with --gpus-per-task 0.5 reserves GPUs"),
+    (["--backend", "ray", "--cpus-per-task", "0"], "--cpus-per-task"),
+    (["--backend", "ray", "--workers", "2"], "drop --workers"),
+    (["--device", "bogus"], "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["--workers", "0"], "--workers must be at least 1"),
+])
+def test_bench_checks_its_flags_before_it_makes_a_folder_or_starts_ray(tmp_path, capsys,
+                                                                        flags, message):
+    from deep.__main__ import main
+
+    out = tmp_path / "suite"
+    assert main(["bench", "fmnist", "--quick", "--out", str(out), "--no-progress", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not ray.is_initialized()
+
+
 def test_no_node_that_holds_a_task_group_is_an_error():
     def node(cpus, gpus, address, alive=True):
         return {"Alive": alive, "NodeManagerAddress": address,

@@ -101,3 +101,32 @@ def test_convolution_share_is_measured_from_the_ops_that_ran():
     assert speed.is_convolution("aten::mkldnn_convolution")
     assert speed.is_convolution("aten::convolution_backward")
     assert not speed.is_convolution("aten::addmm") and not speed.is_convolution("aten::native_batch_norm")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
+    (["--lrs", "1e-3,-1"], "argument --lrs: expected comma-separated positive numbers"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+    (["--tolerance", "nan"], "argument --tolerance: expected a number >= 0, got 'nan'"),
+])
+def test_bad_flags_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        speed.main(flags)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--arch", "nope"], "error: unknown arch 'nope'; known: resnet26,"),
+    (["--device", "bogus"], "error: device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["--arch", "clip-vit-tiny", "--size", "8"],
+     "error: --arch clip-vit-tiny takes images of 32x32 px; give --size 32"),
+])
+def test_bad_values_are_one_line_before_any_training(flags, message, capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert speed.main(flags) == 2
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1
+    assert "source model" not in captured.out  # nothing was pretrained

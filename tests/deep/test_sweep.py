@@ -313,3 +313,15 @@ def test_quick_protocol():
     p = quick(load_protocol("synthetic"))
     assert p.shifts == ["noise"] and p.seeds == [0] and p.lrs == [1e-2] and p.epochs == 2
     assert p.methods == load_protocol("synthetic").methods
+
+
+def test_a_sweep_stopped_before_its_first_row_leaves_no_file(tmp_path, capsys):
+    """The resolved configuration is written with the first row: a sweep that stops before
+    (here: a data folder the loader cannot read) leaves neither results nor config.json."""
+    from deep.__main__ import main
+
+    assert main(["sweep", "--benchmark", "fmnist-c", "--data-dir", str(tmp_path / "nowhere"),
+                 "--quick", "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "r.csv")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

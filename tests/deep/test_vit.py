@@ -372,6 +372,9 @@ def test_prepare_converts_torchscript_with_a_zero_shot_head(torchscript_file, tm
     refused = run_prepare("--weights", str(path), "--arch", TINY, "--num-classes", "3",
                           "--out", str(out), "--text-embeddings", str(tmp_path / "text.pt"))
     assert refused.returncode == 2 and "TorchScript" in refused.stderr and not out.exists()
+    # the switch it names is this command's (--trust-checkpoint does not read TorchScript)
+    assert "add --trust-torchscript" in refused.stderr
+    assert "--trust-checkpoint" not in refused.stderr
     done = run_prepare("--weights", str(path), "--arch", TINY, "--num-classes", "3",
                        "--out", str(out), "--text-embeddings", str(tmp_path / "text.pt"),
                        "--trust-torchscript")
@@ -439,3 +442,46 @@ def test_prepare_checks_its_arguments_and_offers_the_flags_it_names(tmp_path):
     done = run_prepare(*args, "--trust-checkpoint")
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.equal(load_model(out, TINY, 3, 3).visual.proj, clip_like_state()["visual.proj"])
+
+
+def test_prepare_records_which_head_it_wrote(tmp_path):
+    """The manifest says where the head came from: the file's own head.*, or a fresh one."""
+    from deep.clip import prepare_checkpoint
+    from deep.checkpoints import load_checkpoint
+    with_head = {**clip_like_state(), "head.weight": torch.randn(3, 16), "head.bias": torch.ones(3)}
+    torch.save(with_head, tmp_path / "with_head.pt")
+    torch.save(clip_like_state(), tmp_path / "clip.pt")
+    kept = load_checkpoint(prepare_checkpoint(tmp_path / "with_head.pt", tmp_path / "a.pt", 3, TINY))
+    assert kept.meta["head"] == "from the weights file"
+    assert torch.equal(kept.state_dict["head.bias"], torch.ones(3))
+    fresh = load_checkpoint(prepare_checkpoint(tmp_path / "clip.pt", tmp_path / "b.pt", 3, TINY))
+    assert fresh.meta["head"] == "random (seed 0)"
+
+
+def test_prepare_names_bad_files_and_the_flag_that_helps(tmp_path, capsys):
+    from deep.clip import main
+    torch.save(clip_like_state(), tmp_path / "clip.pt")
+    (tmp_path / "junk.bin").write_bytes(b"not weights at all")
+    (tmp_path / "empty.bin").write_bytes(b"")
+
+    def error(*args):
+        assert main(["prepare", "--num-classes", "3", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err  # one line
+        return err
+
+    out = str(tmp_path / "out.pt")
+    assert "junk.bin is not a file written by torch.save" in error(
+        "--weights", str(tmp_path / "junk.bin"), "--arch", TINY, "--out", out)
+    assert "class text embeddings" in error(
+        "--weights", str(tmp_path / "clip.pt"), "--arch", TINY, "--out", out,
+        "--text-embeddings", str(tmp_path / "junk.bin"))
+    assert "empty.bin is empty (0 bytes)" in error(
+        "--weights", str(tmp_path / "empty.bin"), "--arch", TINY, "--out", out)
+    # ViT-tiny weights with the default --arch: the configuration they fit is named
+    assert "holds the image tower of clip-vit-tiny, not of clip-vit-b16: give --arch " \
+           "clip-vit-tiny" in error("--weights", str(tmp_path / "clip.pt"), "--out", out)
+    # --out is checked before the weights are read, and named as --out
+    assert f"--out {tmp_path} is a folder; a file is expected" in error(
+        "--weights", str(tmp_path / "clip.pt"), "--arch", TINY, "--out", str(tmp_path))
+    assert not (tmp_path / "out.pt").exists()

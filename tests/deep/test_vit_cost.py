@@ -46,11 +46,37 @@ def test_closed_form_equals_the_count_with_attention_as_plain_matmuls(arch, monk
     assert forward_flops(arch) == counter.get_total_flops()
 
 
-def test_the_command_prints_what_gpu_check_reads(capsys):
+@pytest.fixture
+def keep_threads():
+    """main sets torch's thread count (--threads, default 1): restored afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_command_prints_what_gpu_check_reads(capsys, keep_threads):
     assert main(["--arch", "clip-vit-tiny", "--device", "cpu", "--batch", "2",
-                 "--repeats", "1"]) == 0
+                 "--repeats", "1", "--amp"]) == 0
     out = capsys.readouterr().out
+    assert "device cpu, amp off (--amp acts on CUDA only), batch 2" in out
+    assert "1 CPU threads" in out
     assert "forward FLOPs per image: 0.002926 G (closed form" in out
     forward = re.search(r"^forward \(inference\): (\S+) s/image", out, re.MULTILINE)
     train = re.search(r"^forward\+backward, all parameters: (\S+) s/image$", out, re.MULTILINE)
     assert float(forward.group(1)) > 0 and float(train.group(1)) > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch", "0"], "argument --batch: expected an integer >= 1, got '0'"),
+    (["--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
+    (["--threads", "-1"], "argument --threads: expected an integer >= 1, got '-1'"),
+])
+def test_bad_counts_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(flags)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_device_is_one_line(capsys, keep_threads):
+    assert main(["--device", "bogus"]) == 2
+    assert capsys.readouterr().err == "error: device must be auto, cpu, cuda or cuda:N, got 'bogus'\n"
