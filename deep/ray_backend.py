@@ -197,7 +197,7 @@ def check_reachable(address: str) -> None:
     than Ray's GCS does (the dashboard's port), ray.init logs "Failed to connect to GCS"
     every half minute and never returns."""
     target = _bootstrap_address(address)
-    if target is None:  # "auto" found no cluster: ray.init raises that itself
+    if target is None:  # Ray's internals moved: ray.init reports what it finds
         return
     host, _, port = target.rpartition(":")
     for attempt in range(CONNECT_TRIES):
@@ -261,8 +261,16 @@ def _bootstrap_address(address: str) -> str | None:
         return address
     try:
         from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # Ray's internals moved: no check
+        return None
+    try:
         return canonicalize_bootstrap_address("auto")
-    except Exception:  # no cluster (ray.init says so), or Ray's internals moved: no check
+    except ConnectionError:
+        raise RayBackendError(
+            "--ray-address auto found no running Ray cluster (RAY_ADDRESS is not set, and no "
+            "`ray start` ran on this machine): start one with `ray start --head` and give "
+            "its HOST:PORT, or drop --ray-address to start a local instance") from None
+    except Exception:  # noqa: BLE001 (Ray's internals changed: ray.init reports)
         return None
 
 
@@ -521,6 +529,14 @@ class RayExecutor:
         """The errors of --device and --gpus-per-task that need no cluster (Ray starts or
         connects in seconds; a bench suite checks before it does)."""
         check_device(device, self.options.gpus_per_task)
+        gpus = self.options.gpus_per_task or 0
+        if (self.options.address is None and gpus > 0 and not torch.cuda.is_available()
+                and not import_ray().is_initialized()):
+            # a new local instance has this machine's GPUs: it would start, then find none
+            raise RayBackendError(
+                f"--gpus-per-task {gpus:g} on a local Ray instance, but torch sees no CUDA GPU "
+                "on this machine: drop --gpus-per-task (tasks run on the CPUs), or give "
+                "--ray-address of a cluster with GPUs")
 
     def __call__(self, cells: list, spec: dict, record: Callable[[dict], None]) -> None:
         options = self.options

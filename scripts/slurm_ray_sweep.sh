@@ -24,13 +24,23 @@ cd "$PROJECT"
 VENV=${VENV:-.venv}                                  # the same environment on every node
 if [ -f "$VENV/bin/activate" ]; then source "$VENV/bin/activate"; fi
 
+# The python of every step must have Ray and this project: said once, not as a wait on
+# nodes that never come.
+if ! python -c "import ray, deep" 2>/dev/null; then
+    echo "error: $(command -v python || echo python) cannot import ray and deep (this project);" \
+         "activate the environment that has them (VENV=$VENV, from $PROJECT; pip install -e" \
+         "'.[ray]')" >&2
+    exit 1
+fi
+
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 head=${nodes[0]}
 head_ip=$(srun --nodes=1 --ntasks=1 -w "$head" hostname --ip-address | awk '{print $1}')
 port=${RAY_PORT:-6379}
 address="$head_ip:$port"
 export RAY_AUTH_MODE=token                             # one token per job, seen by every step
-export RAY_AUTH_TOKEN=$(python -c "import secrets; print(secrets.token_hex(32))")
+token=$(python -c "import secrets; print(secrets.token_hex(32))")  # (set -e: stops on failure)
+export RAY_AUTH_TOKEN=$token
 cpus=${SLURM_CPUS_PER_TASK:-1}
 # GPUs: Ray counts those the step sees (CUDA_VISIBLE_DEVICES); SLURM_GPUS_ON_NODE says
 # how many were allocated, so a site whose steps hide them still gets the right count.

@@ -395,6 +395,9 @@ def test_option_errors_come_before_ray_connects(tmp_path):
     (["--backend", "ray", "--device", "cpu", "--gpus-per-task", "0.5"],
      "--device cpu with --gpus-per-task 0.5 reserves GPUs"),
     (["--backend", "ray", "--cpus-per-task", "0"], "--cpus-per-task"),
+    pytest.param(["--backend", "ray", "--gpus-per-task", "1"],
+                 "--gpus-per-task 1 on a local Ray instance, but torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     (["--backend", "ray", "--workers", "2"], "drop --workers"),
     (["--device", "bogus"], "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
     (["--workers", "0"], "--workers must be at least 1"),
@@ -511,6 +514,19 @@ def test_an_address_where_nothing_listens_is_an_error_not_a_wait(tmp_path):
                      done.stderr), done.stderr[-3000:]
 
 
+def test_auto_without_a_cluster_says_what_to_do(tmp_path, monkeypatch):
+    """--ray-address auto with neither RAY_ADDRESS nor a `ray start` on this machine (whose
+    address Ray keeps under its temp dir): our flags in the message, not Ray's."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    with pytest.raises(RayBackendError) as error:
+        check_reachable("auto")
+    assert str(error.value) == (
+        "--ray-address auto found no running Ray cluster (RAY_ADDRESS is not set, and no "
+        "`ray start` ran on this machine): start one with `ray start --head` and give its "
+        "HOST:PORT, or drop --ray-address to start a local instance")
+
+
 @pytest.mark.parametrize("greeting, said", [
     (b"HTTP/1.1 400 Bad Request\r\n\r\n", "it answered 'HTTP/1.1'"),  # e.g. the dashboard
     (None, "it sent nothing back")])
@@ -604,6 +620,27 @@ def test_the_slurm_script_stops_when_the_ray_head_does_not_start(tmp_path):
             in done.stderr), done.stderr[-3000:]
     assert time.time() - started < 60  # no wait for a deadline: the head's step had ended
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_the_slurm_script_names_a_python_without_ray(tmp_path):
+    """A job whose environment lacks Ray (VENV wrong, not activated) stops at once with
+    what to do, instead of waiting RAY_WAIT_S for nodes that cannot start."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    (bin_dir / "srun").write_text("#!/bin/bash\nexit 99\n")  # never reached
+    (bin_dir / "python").write_text(  # a python without the project or Ray
+        "#!/bin/bash\nexec /usr/bin/env -u PYTHONPATH python3 -S \"$@\"\n")
+    for shim in bin_dir.iterdir():
+        shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "PROJECT": str(tmp_path),
+           "VENV": str(tmp_path / "no-venv"), "SLURM_JOB_NODELIST": "localhost"}
+    started = time.time()
+    done = run_bounded(["bash", str(ROOT / "scripts" / "slurm_ray_sweep.sh"), "--benchmark",
+                        "synthetic", "--quick", "--out", str(tmp_path / "r.csv")], env, 60)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"error: {bin_dir / 'python'} cannot import ray and deep (this project)" in done.stderr
+    assert time.time() - started < 30
 
 
 # --- a cluster started with `ray start --head`, sweeps through the command line ---
