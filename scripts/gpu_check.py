@@ -419,26 +419,17 @@ def device_name(text: str) -> str:
     return text
 
 
-def seconds(text: str) -> float:
-    """An argparse type: a time budget, a finite number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
-    return value
-
-
-def gpu_share(text: str) -> float:
-    """An argparse type: a task's share of one GPU, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a share of one GPU in (0, 1], got {text!r}")
-    return value
+def number_in(low: float, high: float, expected: str):
+    """An argparse type: a number in (low, high], else "expected <expected>"."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value <= high:  # (NaN fails both)
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
 def parse_args(argv):
@@ -446,10 +437,12 @@ def parse_args(argv):
                                 description=__doc__.split("\n")[0])
     p.add_argument("--device", type=device_name, default="cuda",
                    help="cuda (default), cuda:N, or cpu for a smoke test")
-    p.add_argument("--budget-s", type=seconds, default=540,
+    p.add_argument("--budget-s", type=number_in(0, math.inf, "a number of seconds above 0"),
+                   default=540,
                    help="wall seconds for the whole run (default 540, for a 600 s command "
                         "limit); a step gets at most what is left")
-    p.add_argument("--gpus-per-task", type=gpu_share, default=0.25,
+    p.add_argument("--gpus-per-task", type=number_in(0, 1, "a share of one GPU in (0, 1]"),
+                   default=0.25,
                    help="the fractional share of the second Ray sweep (default 0.25)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray sweeps")
     p.add_argument("--quick", action="store_true", help="tiny workloads: tests the script only")
