@@ -516,3 +516,67 @@ def test_cli_end_to_end_and_report(tmp_path, one_thread, real_fmnist):
     assert (tmp_path / "rep" / "relative_accuracy.png").stat().st_size > 0
     assert main(args[:-1] + ["--blocks", "last", "--method", "tent"]) == 2   # clear error, exit 2
     assert math.isfinite(rows[0]["seconds"])
+
+
+# --- BatchNorm statistics: MEMO's prior, TENT's scope -----------------------------------------
+
+def test_memo_bn_prior_weights_running_statistics_by_the_prior():
+    """Guards MEMO's BN prior (N = 16, prior N/(N+1)): statistics are prior * running +
+    (1 - prior) * the batch's (unbiased variance), not the weights swapped."""
+    from deep.adapt.core import _prior_forward
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(1.0)
+        bn.running_var.fill_(4.0)
+        bn.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.3, 0.7]))
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    p = 16 / 17
+    # by hand: per-channel mean and unbiased variance over (N, H, W)
+    flat = x.transpose(0, 1).reshape(3, -1)
+    batch_mean = flat.sum(1) / flat.shape[1]
+    batch_var = ((flat - batch_mean[:, None]) ** 2).sum(1) / (flat.shape[1] - 1)
+    mean = p * torch.ones(3) + (1 - p) * batch_mean
+    var = p * 4.0 * torch.ones(3) + (1 - p) * batch_var
+    shape = (1, 3, 1, 1)
+    expected = ((x - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+                * bn.weight.detach().view(shape) + bn.bias.detach().view(shape))
+    with torch.no_grad():
+        got = _prior_forward(bn, p, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bn.running_mean, torch.ones(3))            # no buffer is written
+
+
+@pytest.mark.parametrize("batch_stats, expected", [("blocks", {"1": True, "3": False}),
+                                                   ("all", {"1": True, "3": True})])
+def test_tent_batch_stats_all_normalises_every_batchnorm_with_the_batch(batch_stats, expected):
+    """Guards TentConfig.batch_stats: "blocks" gives batch statistics only to the BatchNorm
+    layers of the adapted blocks (the rest keep running ones); "all" to every one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4), nn.Flatten(1)).eval()
+    with torch.no_grad():
+        for bn in (model[1], model[3]):   # running statistics far from any batch's
+            bn.running_mean.fill_(3.0)
+            bn.running_var.fill_(9.0)
+    blocks = {"first": ("0", "1"), "last": ("2", "3")}
+    adapter = make_adapter(model, "tent", "first", blocks,
+                           TentConfig(batch_size=4, batch_stats=batch_stats), False)
+    assert adapter.names == ["1.weight", "1.bias"]
+    uses_batch = {}
+
+    def record(name):
+        def hook(m, inputs, out):
+            x = inputs[0]
+            batch = nn.functional.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+            running = nn.functional.batch_norm(x, m.running_mean, m.running_var, m.weight,
+                                               m.bias, False, 0.0, m.eps)
+            assert torch.allclose(out, batch) != torch.allclose(out, running)
+            uses_batch[name] = torch.allclose(out, batch)
+        return hook
+
+    for name in ("1", "3"):
+        getattr(model, name).register_forward_hook(record(name))
+    adapter.predict(torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(0)))
+    assert uses_batch == expected

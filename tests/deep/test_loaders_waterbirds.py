@@ -123,3 +123,17 @@ def test_corrupt_jpeg(waterbirds):
     writers.corrupt_jpeg(task.val.paths[0])
     with pytest.raises(DataError, match="cannot decode image"):
         list(task.val.batches(4))
+
+
+def test_an_odd_val_per_class_gives_each_class_exactly_that_many_images():
+    """Guards draw_group_splits' validation shares: with val_per_class odd, each class gets
+    exactly val_per_class images, the larger half from its first group (2y + 0)."""
+    from deep.data.images import draw_group_splits
+    groups = torch.arange(400) % 4                     # group = 2 * label + spurious
+    partition = torch.where(torch.arange(400) < 300, 1, 2)
+    train, val, test = draw_group_splits(groups, partition, n_target=8, val_per_class=3,
+                                         test_per_class=4, seed=0, what="toy")
+    assert Counter(groups[val].tolist()) == {0: 2, 1: 1, 2: 2, 3: 1}
+    assert Counter((groups[val] // 2).tolist()) == {0: 3, 1: 3}
+    assert (partition[val] == 1).all() and not set(val.tolist()) & set(train.tolist())
+    assert Counter(groups[test].tolist()) == {g: 2 for g in range(4)}

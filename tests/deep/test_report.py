@@ -80,3 +80,22 @@ def test_a_binary_file_is_not_read_as_results(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x80\x02\xff\xfe")
     with pytest.raises(ResultsError, match="model.pt is not a text file"):
         write_report(tmp_path / "model.pt", tmp_path / "rep")
+
+
+def test_paired_difference_is_method_minus_all_per_seed_with_a_t_interval():
+    """Guards the sign of the relative table: metric(method) - metric(all), paired by seed
+    (fractions; the table prints points), its interval from the per-seed differences."""
+    import numpy as np
+    from scipy import stats
+    from deep.report import metric_values, paired_difference
+    from deep.stats import t_interval
+    rows = [row(method="last", seed=0, test=0.8), row(method="last", seed=1, test=0.85),
+            row(method="all", seed=0, test=0.7), row(method="all", seed=1, test=0.7)]
+    stat = paired_difference(metric_values(rows, "test_acc"), ["noise"], [0, 1], "last")
+    diffs = np.array([0.1, 0.15])
+    se = diffs.std(ddof=1) / math.sqrt(2)
+    assert stat == (pytest.approx(0.125), pytest.approx(se), 2)
+    mean, half, n = t_interval(stat)
+    assert (mean - half, mean + half) == (
+        pytest.approx(0.125 - stats.t.ppf(0.975, 1) * se),
+        pytest.approx(0.125 + stats.t.ppf(0.975, 1) * se))

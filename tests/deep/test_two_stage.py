@@ -139,3 +139,12 @@ def test_run_two_stage_extends_the_grid_before_the_second_stage(tmp_path, synthe
     assert [r["lr"] for r in rows if r["seed"] == 1] == [choice]
     again = run_two_stage(p, out, [0], lambda m: [1], extend=2, progress=False)
     assert sum(s.ran for s in again) == 0
+
+
+def test_chosen_lr_ignores_a_finished_step_beyond_a_gap_in_the_extension():
+    """Guards that the choice is made over the contiguous searched grid, not over every lr
+    done: a row two steps up (1.0) with the step between (1e-1) missing is not chosen."""
+    p = protocol()
+    rows = [row("last", 1e-3, 0, 0.5), row("last", 1e-2, 0, 0.6),
+            row("last", 1.0, 0, 0.9)]                    # two steps up, 1e-1 missing
+    assert chosen_lrs(rows, p, [0], extend=2) == {("noise", "last"): 1e-2}
