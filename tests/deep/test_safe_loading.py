@@ -239,3 +239,31 @@ def test_legacy_torch_files_of_any_protocol_are_not_taken_for_plain_pickles(tmp_
         load_model(tmp_path / "legacy4.pt", "resnet26-w4", 4, 1)
     model = load_model(tmp_path / "legacy4.pt", "resnet26-w4", 4, 1, trust_checkpoint=True)
     assert _same_weights(model, state)
+
+
+def test_stacked_prefixes_are_all_removed(tmp_path):
+    """DataParallel around a wrapper model: `module.model.` before every key."""
+    from deep.checkpoints import extract_state_dict
+    weight = torch.ones(2, 2)
+    assert extract_state_dict({"module.model.fc.weight": weight}) == {"fc.weight": weight}
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    torch.save({"state_dict": {"module.model." + k: v for k, v in state.items()}},
+               tmp_path / "wrapped.pt")
+    assert _same_weights(load_model(tmp_path / "wrapped.pt", "resnet26-w4", 4, 1), state)
+
+
+def test_infinite_weights_and_same_size_misshapen_ones_are_named(tmp_path):
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    state["conv1.weight"].view(-1)[0].fill_(float("-inf"))
+    torch.save(state, tmp_path / "inf.pt")
+    with pytest.raises(CheckpointError, match=r"bad values.*conv1\.weight: NaN or inf"):
+        load_model(tmp_path / "inf.pt", "resnet26-w4", 4, 1)
+    # the same number of values in another shape: named as a shape mismatch, not left to
+    # torch's copy (which would refuse it without naming the file)
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    shape = tuple(state["conv1.weight"].shape)
+    state["conv1.weight"] = state["conv1.weight"].reshape(shape[1], shape[0], *shape[2:])
+    assert shape[0] != shape[1]
+    torch.save(state, tmp_path / "shape.pt")
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): conv1\.weight"):
+        load_model(tmp_path / "shape.pt", "resnet26-w4", 4, 1)

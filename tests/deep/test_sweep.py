@@ -325,3 +325,49 @@ def test_a_sweep_stopped_before_its_first_row_leaves_no_file(tmp_path, capsys):
                  "--out", str(tmp_path / "r.csv")]) == 2
     assert "nowhere" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", range(1, 11))
+def test_grouping_for_workers_keeps_every_cell_once(workers):
+    """More workers than tasks split a task's cells into parts: every cell still runs
+    exactly once, in as many groups as there are workers (or cells)."""
+    from deep.sweep import group_cells
+    cells = plan_cells(small_protocol(methods=["first", "second", "third", "last"]))
+    assert len(cells) == 8 and len({(c.shift, c.seed, c.n_target) for c in cells}) == 1
+    groups = group_cells(cells, workers)
+    assert sorted(c.key for g in groups for c in g) == sorted(c.key for c in cells)
+    assert len(groups) == min(workers, len(cells))
+
+
+def test_a_file_holding_a_cell_twice_is_refused(tmp_path, synthetic_checkpoint):
+    from deep.results import ResultsFile
+    out = tmp_path / "r.csv"
+    run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1), out, progress=False)
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join([*lines, lines[1]]) + "\n")
+    with pytest.raises(ResultsError, match="holds duplicated cells"):
+        ResultsFile(out)
+
+
+def test_a_checkpoint_is_recognised_by_its_file_name_wherever_it_sits():
+    """Committed results resumed on another checkout name the same file elsewhere."""
+    from deep.results import same_checkpoint
+    assert same_checkpoint("/a/deep/weights/fmnist-resnet26.pt", "/b/fmnist-resnet26.pt")
+    assert same_checkpoint("deep/weights/x.pt", Path("/elsewhere/x.pt"))
+    assert not same_checkpoint("weights/a.pt", "weights/b.pt")
+
+
+def test_rows_of_another_checkpoint_are_refused_without_a_configuration_record(
+        tmp_path, synthetic_checkpoint):
+    """Legacy results files have no config.json: the rows' own checkpoint column guards
+    the resume then."""
+    import shutil
+    out = tmp_path / "r.csv"
+    protocol = small_protocol(methods=["last"], lrs=[1e-2], epochs=1)
+    first, second = tmp_path / "A.pt", tmp_path / "B.pt"
+    for path in (first, second):
+        shutil.copy(synthetic_checkpoint, path)
+    run_sweep(protocol, out, checkpoint=str(first), progress=False)
+    (tmp_path / "r.csv.config.json").unlink()
+    with pytest.raises(ResultsError, match=r"checkpoint: file '.*A\.pt' vs now '.*B\.pt'"):
+        run_sweep(protocol.replace(lrs=[1e-3]), out, checkpoint=str(second), progress=False)
