@@ -149,5 +149,6 @@ def learning_curves(curves: list[dict], selected: list[dict], panel_of,
     out = defaultdict(dict)
     for (panel, method), per_epoch in sums.items():
         out[panel][method] = [(e, sum(v) / len(v), len(v)) for e, v in sorted(per_epoch.items())
-                              if len(v) >= min_share * runs[(panel, method)]]
+                              # a share, not min_share * runs: 0.28 * 25 is 7.000000000000001
+                              if len(v) / runs[(panel, method)] >= min_share]
     return dict(out)

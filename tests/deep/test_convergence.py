@@ -39,6 +39,15 @@ def test_inside_grid_is_per_benchmark_and_method():
     assert out[("b", "first")] == {"cells": 1, "epoch_inside": 1.0, "lr_inside": 1.0}
 
 
+def test_inside_grid_takes_each_shifts_own_lr_grid():
+    """Guards the grid being per (benchmark, shift, method, n_target), not pooled over
+    shifts: shift a searched {0.1, 0.01} and b {0.01, 0.001}; 0.01 is at the edge of each
+    shift's grid although it lies inside the pooled {0.1, 0.01, 0.001}."""
+    rows = [row(lr=lr, shift="a") for lr in (0.1, 0.01)] + [row(lr=lr, shift="b") for lr in (0.01, 0.001)]
+    selected = [row(lr=0.01, shift="a"), row(lr=0.01, shift="b")]
+    out = inside_grid(rows, selected)
+    assert out == {("b", "first"): {"cells": 2, "epoch_inside": 1.0, "lr_inside": 0.0}}
+
 def test_t_interval_uses_the_t_quantile_with_n_minus_one_degrees_of_freedom():
     # Student t, 4 degrees of freedom, two-sided 95 %: 2.7764 (any t table).
     mean, half, n = t_interval((0.02, 0.01, 5))
@@ -102,3 +111,26 @@ def test_above_zero_is_the_interval_rule_and_never_true_for_one_seed():
     assert above_zero((0.05, 0.01, 5))            # half-width 2.776 * 0.01 = 0.028 < 0.05
     assert not above_zero((0.02, 0.01, 3))        # half-width 4.303 * 0.01 = 0.043 > 0.02
     assert not above_zero((0.5, math.nan, 1))     # one seed: no interval, no claim
+
+
+def test_learning_curves_keep_an_epoch_reached_by_exactly_min_share_of_the_runs():
+    """Guards `>=` on min_share: with min_share 0.5 (deep.bench.CURVE_SHARE) and 4 runs,
+    the last epoch, reached by exactly 2 of them, is kept; the one reached by 1 is not."""
+    lengths = {0: 2, 1: 2, 2: 3, 3: 4}
+    curves = []
+    for seed, n in lengths.items():
+        curves += CurvesFileRows(row(seed=seed, history=[0.5] * n))
+    selected = [row(seed=seed) for seed in lengths]
+    got = learning_curves(curves, selected, panel_of=lambda r: "panel", min_share=0.5)["panel"]["first"]
+    assert [(e, n) for e, _, n in got] == [(1, 4), (2, 4), (3, 2)]
+
+
+def test_a_decimal_min_share_is_not_lost_to_rounding():
+    """0.28 of 25 runs is 7 runs, though 0.28 * 25 is 7.000000000000001 in floats."""
+    lengths = {seed: (3 if seed < 7 else 2) for seed in range(25)}
+    curves = []
+    for seed, n in lengths.items():
+        curves += CurvesFileRows(row(seed=seed, history=[0.5] * n))
+    selected = [row(seed=seed) for seed in lengths]
+    got = learning_curves(curves, selected, panel_of=lambda r: "panel", min_share=0.28)["panel"]["first"]
+    assert [(e, n) for e, _, n in got] == [(1, 25), (2, 25), (3, 7)]

@@ -429,3 +429,41 @@ def test_protocol_matches_the_benchmark_and_its_data_options_are_accepted(name, 
         assert bench.load_source(fake_dir, **protocol.data).num_classes == bench.num_classes
     with pytest.raises(TypeError):
         bench.load_task(fake_dir, shift, 10, 1, 1, 0, no_such_option=1)
+
+
+def test_blocknoise_perturbation_is_fixed_by_noise_seed_not_by_the_split_seed(fake_dir):
+    """Guards load_fmnist_blocknoise seeding the noise with `noise_seed`: tasks of two split
+    seeds share one perturbation (like a fixed corrupted set); another noise_seed changes it."""
+    import copy
+    models = pytest.importorskip("deep.models")
+    bench = get_benchmark("fmnist-blocknoise")
+    base = models.build_model("resnet26", 10, in_channels=1).eval()
+
+    def perturbed(seed, noise_seed):
+        task = bench.load_task(fake_dir, "last", seed=seed, noise_seed=noise_seed, **SMALL)
+        model = copy.deepcopy(base)
+        task.perturb(model)
+        return model.state_dict()
+
+    first, second = perturbed(seed=0, noise_seed=0), perturbed(seed=1, noise_seed=0)
+    assert not torch.equal(first["fc.weight"], base.state_dict()["fc.weight"])   # it does perturb
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = perturbed(seed=0, noise_seed=1)
+    assert not torch.equal(first["fc.weight"], other["fc.weight"])
+
+
+def test_draw_cues_rounds_the_running_count_to_nearest():
+    """Guards draw_cues rounding floor(agreement * running count + 1/2), not down: with 3
+    images per class at agreement 0.5, class 0 agrees for floor(1.5 + .5) = 2 and class 1
+    for floor(3 + .5) - 2 = 1 (rounding down would give 1 and 2)."""
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    cues = F.draw_cues(labels, 0.5, torch.Generator().manual_seed(0))
+    agree = cues == F.attribute(labels)
+    assert [int(agree[labels == c].sum()) for c in (0, 1)] == [2, 1]
+
+
+def test_fmnist_c_severity_zero_raises_config_error(fake_dir):
+    """Guards the early severity check of fmnist-c: severity 0 is a ConfigError naming the
+    option, not whatever the corruption itself makes of it."""
+    with pytest.raises(ConfigError, match="fmnist-c: severity"):
+        F.corrupted_test_images(fake_dir, "brightness", severity=0)

@@ -174,3 +174,20 @@ def test_published_shape_loads_with_the_default_checks(tmp_path):
         task = get_benchmark(name).load_task(root, "subpopulation", classes, 1, 1, seed=0)
         assert task.num_classes == classes == get_benchmark(name).num_classes
         assert sorted(task.train.labels.tolist()) == list(range(classes))
+
+
+def test_train_and_val_are_disjoint_when_the_pool_is_used_up(imagenet, info_dir):
+    """Guards drawing the validation images with `exclude=used`: with 11 of each superclass's
+    12 target train images in train and 1 in val, val must be exactly the image train left
+    (drawn from the whole pool, it would mostly repeat a training image)."""
+    _, _, _, target = breeds_split(info_dir, "living17", "rand")
+    pool = {str(p) for wnids in target for wnid in wnids for p in (imagenet / "train" / wnid).iterdir()}
+    assert len(pool) == 2 * 2 * 6
+    for seed in range(5):
+        task = get_benchmark("living17").load_task(imagenet, "subpopulation", n_target=22,
+                                                   val_per_class=1, test_per_class=1, seed=seed,
+                                                   expected_superclasses=2, resize=36, crop=32)
+        train, val = set(map(str, task.train.paths)), set(map(str, task.val.paths))
+        assert (len(train), len(val)) == (22, 2)
+        assert not train & val, seed
+        assert train | val == pool, seed

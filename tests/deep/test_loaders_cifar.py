@@ -185,3 +185,14 @@ def test_bad_cifar_batches(cifar_dir):
                                          b"labels": [0] * 40}, protocol=2))
     with pytest.raises(DataError, match=r"\(n, 3072\)"):
         get_benchmark("cifar-flip").load_task(cifar_dir, "flip", 10, 1, 1, seed=0)
+
+
+@pytest.mark.parametrize("severity", [1, 3])
+def test_read_cifar10c_takes_exactly_one_severity_block(cifar_dir, severity):
+    """Guards the slice of read_cifar10c: a severity below 5 is its own block of n / 5 rows,
+    in order, with no image of the next severity (red = 40 * severity in the fixture)."""
+    images, labels = read_cifar10c(cifar_dir, "fog", severity)
+    n = len(np.load(cifar_dir / "CIFAR-10-C" / "fog.npy", mmap_mode="r"))
+    assert len(images) == len(labels) == n // 5
+    assert (np.asarray(images[:, 0, 0, 0]) == 40 * severity).all()
+    assert np.asarray(images[:, 0, 0, 1]).tolist() == list(range(n // 5))   # rows 0.. of the block

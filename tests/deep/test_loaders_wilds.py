@@ -371,3 +371,22 @@ def test_the_loaders_take_the_models_normalisation(camelyon):
     with pytest.raises(Exception, match="normalization must be"):
         bench.load_task(camelyon, "ood-test", n_target=6, val_per_class=2, test_per_class=0,
                         seed=0, normalization=((0.5,) * 2, (0.5,) * 2), **SMALL)
+
+
+def test_fmow_split_years_at_their_boundaries(tmp_path):
+    """Guards the year rules of read_fmow at the edges: train/ID before 2013, OOD val
+    2013-2015 (both ends included), OOD test from 2016 (included); masks pairwise disjoint."""
+    expected = {("train", 2012): "train", ("val", 2012): "id_val", ("test", 2012): "id_test",
+                ("val", 2013): "val", ("val", 2015): "val", ("test", 2016): "test",
+                ("train", 2013): None, ("test", 2013): None, ("test", 2015): None,
+                ("val", 2016): None}
+    w.write_fmow(tmp_path, rows={kind: 1 for kind in expected}, size=(8, 8))
+    rows = w.read_csv(tmp_path / w.FMOW_DIR / "rgb_metadata.csv")   # no seq rows: row i is file i
+    table = read_fmow(tmp_path)
+    masks = torch.stack(list(table.splits.values()))
+    assert int(masks.sum(0).max()) <= 1   # no example in two splits
+    names = list(table.splits)
+    for i, row in enumerate(rows):
+        kind = (row["split"], int(row["timestamp"][:4]))
+        got = names[int(masks[:, i].nonzero())] if masks[:, i].any() else None
+        assert got == expected[kind], kind
