@@ -189,3 +189,13 @@ def test_memo_bn_prior_on_a_model_without_batchnorm_is_a_clear_error(tmp_path):
     with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(ValueError, match="no BatchNorm"):
         run_adaptation(protocol, tmp_path / "r.csv", checkpoint="none", progress=False)
     assert not (tmp_path / "r.csv").exists()       # before any stream (and any data) ran
+
+
+def test_a_data_flag_overrides_the_protocols_data_table():
+    """--data KEY=VALUE beats the protocol's [data] for that key and keeps the others."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    file_data = load_adapt_protocol("fmnist-c").data
+    assert file_data.get("severity") == 5
+    args = parser.parse_args(["--benchmark", "fmnist-c", "--out", "r.csv", "--data", "severity=3"])
+    assert protocol_from_args(args).data == {**file_data, "severity": 3}

@@ -83,6 +83,9 @@ def test_protocol_sections_tables_and_flat_attributes():
     assert p.epochs == 2 and p.tuning.epochs == 2 and p.shifts == ["a"]
     assert p.source_options == {"shared": 1, "only_source": 2}
     assert p.target_options == {"shared": 3}
+    # a side's own table wins over the shared [data] on that side only
+    both = protocol_from_dict({**raw, "source_data": {"shared": 2}, "target_data": {}})
+    assert both.source_options == {"shared": 2} and both.target_options == {"shared": 1}
     assert p.pretrain == PretrainConfig(epochs=5)
     q = p.replace(epochs=3, n_target=20, arch="resnet50", lrs=None)
     assert (q.epochs, q.n_target, q.arch, q.lrs, p.epochs) == (3, 20, "resnet50", [0.1], 2)

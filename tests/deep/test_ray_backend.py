@@ -286,6 +286,19 @@ class TestLocalRay:
                       executor=on_ray(cpus_per_task=4))
 
 
+def test_gpus_per_task_default_to_one_where_gpus_exist_and_may_be_used():
+    from deep.ray_backend import resolve_gpus
+    gpus = {"CPU": 8, "GPU": 2}
+    assert resolve_gpus(RayOptions(), "auto", gpus) == 1.0
+    assert resolve_gpus(RayOptions(), None, gpus) == 1.0
+    assert resolve_gpus(RayOptions(), "cpu", gpus) == 0.0      # --device cpu: none reserved
+    assert resolve_gpus(RayOptions(), "auto", {"CPU": 8}) == 0.0
+    assert resolve_gpus(RayOptions(gpus_per_task=0.5), "auto", {"CPU": 8}) == 0.5
+    assert task_device("cpu", 0) == "cpu" and task_device("auto", 0.5) == "cuda"
+    with pytest.raises(RayBackendError, match="--device cpu with --gpus-per-task 0.5"):
+        task_device("cpu", 0.5)
+
+
 def test_fractional_gpus_pack_task_groups():
     assert concurrent_tasks({"CPU": 16, "GPU": 1}, 1, 0.25) == 4  # four groups share the GPU
     assert concurrent_tasks({"CPU": 16, "GPU": 8}, 2, 1) == 8

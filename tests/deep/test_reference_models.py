@@ -482,3 +482,26 @@ def test_pretrain_produces_each_reference_model(tmp_path, monkeypatch, benchmark
     assert manifest["arch"] == arch and manifest["epochs"] == 1
     assert set(seen) == {pixel_stats}
     assert isinstance(load_model(out, arch, 10, 3), type(build_model(arch, 10)))
+
+
+@pytest.mark.parametrize("cin, width, stride", [(32, 8, 1), (16, 8, 2)])
+def test_resnet50_bottleneck_by_hand(cin, width, stride):
+    """torchvision's Bottleneck: 1x1, 3x3 (the stride), 1x1 with BN and ReLU, plus the
+    input (or its 1x1 strided projection when the shape changes), then ReLU."""
+    from deep.models.resnet import Bottleneck
+    torch.manual_seed(0)
+    block = Bottleneck(cin, width, stride).eval()
+    _randomise(block)
+    x = torch.randn(2, cin, 6, 6)
+    h = torch.relu(batch_norm_by_hand(F.conv2d(x, block.conv1.weight), block.bn1))
+    h = torch.relu(batch_norm_by_hand(F.conv2d(h, block.conv2.weight, stride=stride, padding=1),
+                                      block.bn2))
+    h = batch_norm_by_hand(F.conv2d(h, block.conv3.weight), block.bn3)
+    if block.downsample is None:
+        assert cin == 4 * width and stride == 1
+        shortcut = x
+    else:
+        conv, bn = block.downsample
+        shortcut = batch_norm_by_hand(F.conv2d(x, conv.weight, stride=stride), bn)
+    with torch.no_grad():
+        assert torch.allclose(block(x), torch.relu(h + shortcut), atol=1e-5)
