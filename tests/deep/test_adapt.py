@@ -580,3 +580,17 @@ def test_tent_batch_stats_all_normalises_every_batchnorm_with_the_batch(batch_st
         getattr(model, name).register_forward_hook(record(name))
     adapter.predict(torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(0)))
     assert uses_batch == expected
+
+
+def test_autocontrast_stretches_each_rgb_channel_on_its_own_as_pil():
+    """Channels of different ranges (and one flat): each is stretched to its own
+    [min, max], as PIL's ImageOps.autocontrast does on an RGB image."""
+    ops = pytest.importorskip("PIL.ImageOps")
+    from PIL import Image
+    levels = torch.stack([torch.linspace(50, 100, 16).round(), torch.linspace(0, 255, 16).round(),
+                          torch.full((16,), 128.0)]).view(3, 4, 4)
+    image = Image.fromarray(levels.permute(1, 2, 0).to(torch.uint8).numpy(), "RGB")
+    expected = torch.tensor(np.asarray(ops.autocontrast(image))).permute(2, 0, 1).float()
+    got = autocontrast(levels / 255) * 255
+    assert torch.equal(got.round(), expected)
+    assert got[0].min() == 0 and got[0].max() >= 254 and torch.equal(got[2], levels[2])

@@ -266,3 +266,13 @@ def test_one_thread_by_default_and_a_readable_quick_help():
         assert f"{spec.label} on the first {spec.quick_images} images" in text
         assert ",".join(spec.quick_blocks) in text
     assert "once per learning rate" in text and "0.005 and 0.0005" in text
+
+
+def test_the_mean_over_shifts_takes_only_the_seeds_every_shift_has():
+    """Seed 1 ran fog only: its fog difference must not enter the mean over shifts."""
+    rows = [_row(900, "none", 0.5, seed=0, shift="fog"), _row(900, "first", 0.6, seed=0, shift="fog"),
+            _row(900, "none", 0.5, seed=0, shift="snow"), _row(900, "first", 0.7, seed=0, shift="snow"),
+            _row(900, "none", 0.5, seed=1, shift="fog"), _row(900, "first", 0.9, seed=1, shift="fog")]
+    (table,) = relative_table(rows).values()
+    assert table["per_seed"][("mean", "first")] == pytest.approx({0: 0.15})
+    assert table["per_seed"][("fog", "first")] == pytest.approx({0: 0.1, 1: 0.4})

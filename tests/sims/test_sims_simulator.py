@@ -293,3 +293,20 @@ def test_zero_dimensional_and_small_integer_arguments_mean_what_they_say():
         assert torch.equal(batch.lr, plain.lr)
     result = simulate(plain, np.uint8(200), record=[0, 400])
     assert result.total_steps.tolist() == [400, 400] and result.step.tolist() == [0, 400]
+
+
+def test_diverging_runs_are_rerun_at_the_first_halved_rate_that_does_not_diverge():
+    """experiments._simulate halves a diverging run's step size until it converges: the
+    count of halvings is the smallest j whose lr / 2**j does not diverge (found here by
+    running each rate directly), and the run's results are that rate's."""
+    from sims.experiments import _simulate
+    probs, samples, _, _ = case("linear", [5, 5], [], seed=7)
+    batch = Batch.from_problems(probs, samples, "all", [0.05, 50.0], device="cpu")
+    result, halved = _simulate(batch, 200, record=20)
+    one = batch.select(torch.tensor([1]))
+    j = next(j for j in range(20) if not simulate(
+        dataclasses.replace(one, lr=one.lr / 2 ** j), 200, record=20,
+        on_divergence="nan").diverged.any())
+    assert j > 1 and halved.tolist() == [0, j] and not result.diverged.any()
+    direct = simulate(dataclasses.replace(one, lr=one.lr / 2 ** j), 200, record=20)
+    np.testing.assert_array_equal(result.loss["target"][1], direct.loss["target"][0])
