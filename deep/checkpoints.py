@@ -106,13 +106,15 @@ def read_torch_file(path: Path, trust_checkpoint: bool = False, what: str = "che
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} file not found: {path}")
-    protocol = _plain_pickle_protocol(path)
+    with open(path, "rb") as f:
+        start = f.read(32)  # enough to tell a zip archive, torch's legacy pickle, a plain one
+    protocol = _plain_pickle_protocol(start)
     if protocol is not None:   # torch.load cannot read these, trusted or not
         raise CheckpointError(
             f"{what} {path} is a plain pickle (protocol {protocol}), not a torch.save file. "
             f"If you trust it (unpickling runs whatever the file asks), read it with "
             f"pickle.load and re-save the state dict with torch.save(state_dict, path)")
-    _check_torch_format(path, what)
+    _check_torch_format(start, path, what)
     try:
         if trust_checkpoint:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -126,7 +128,7 @@ def read_torch_file(path: Path, trust_checkpoint: bool = False, what: str = "che
                 f"admit (it admits tensors, plain containers and numpy scalars). Load it only "
                 f"if you trust the file, with {TRUST_HINT}: that runs whatever the file asks "
                 f"while unpickling") from None
-        if _pickle_protocol(path) not in (None, 2):   # torch's safe unpickler reads protocol 2 only
+        if _pickle_protocol(start) not in (None, 2):   # torch's safe unpickler reads protocol 2 only
             raise UnsafeCheckpointError(
                 f"{what} {path} is in torch's legacy format with a pickle protocol that "
                 f"safe loading cannot read. Load it only if you trust the file, with "
@@ -136,17 +138,15 @@ def read_torch_file(path: Path, trust_checkpoint: bool = False, what: str = "che
         raise CheckpointError(f"cannot read {what} {path}: {_torch_reason(err)}") from None
 
 
-def _check_torch_format(path: Path, what: str) -> None:
+def _check_torch_format(start: bytes, path: Path, what: str) -> None:
     """torch.save writes a zip archive, or (before torch 1.6, or with
     _use_new_zipfile_serialization=False) a pickle that starts with its PROTO opcode:
-    anything else is no torch file at all, trusted or not."""
-    with open(path, "rb") as f:
-        start = f.read(4)
+    anything else (`start`: the file's first bytes) is no torch file at all, trusted or not."""
     if not start:
         raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted download?")
     if not (start.startswith(b"PK\x03\x04") or start[0] == 0x80):
         raise CheckpointError(f"{what} {path} is not a file written by torch.save (neither "
-                              f"a zip archive nor a pickle; it starts with {start!r})")
+                              f"a zip archive nor a pickle; it starts with {start[:4]!r})")
 
 
 def _torch_reason(err: Exception) -> str:
@@ -159,21 +159,19 @@ def _torch_reason(err: Exception) -> str:
     return line.strip() or type(err).__name__
 
 
-def _pickle_protocol(path: Path) -> int | None:
+def _pickle_protocol(start: bytes) -> int | None:
     """The pickle protocol of a torch file in the legacy format (which starts with its
-    pickled magic number); None for anything else (zip archives, other files)."""
-    with open(path, "rb") as f:
-        start = f.read(32)
+    pickled magic number), from the file's first bytes; None for anything else (zip
+    archives, other files)."""
     magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:]
     return start[1] if len(start) > 2 and start[0] == 0x80 and magic in start else None
 
 
-def _plain_pickle_protocol(path: Path) -> int | None:
+def _plain_pickle_protocol(start: bytes) -> int | None:
     """The protocol of a file written by pickle.dump (protocol >= 3; torch.save never
-    writes one without its magic number first); None for anything else."""
-    with open(path, "rb") as f:
-        start = f.read(32)
-    if len(start) < 2 or start[0] != 0x80 or start[1] < 3 or _pickle_protocol(path):
+    writes one without its magic number first), from its first bytes; None for anything
+    else."""
+    if len(start) < 2 or start[0] != 0x80 or start[1] < 3 or _pickle_protocol(start):
         return None
     return start[1]
 
