@@ -176,8 +176,8 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     # ran otherwise would make the report pick learning rates across two protocols. The
     # configurations recorded beside the file say more than the rows (data options, the
     # checkpoint's contents), so they are compared first.
-    entry = resolved_entry(protocol, checkpoint)
-    check_same_configuration(out, entry, rows_exist=bool(results.rows))
+    entry, rows_exist = resolved_entry(protocol, checkpoint), bool(results.rows)
+    check_same_configuration(out, entry, rows_exist=rows_exist)
     for row in results.rows:
         if row["benchmark"] == protocol.benchmark:
             _check_same_settings(row, settings, out)
@@ -185,7 +185,7 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
                 device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
     bar = _progress(len(todo), progress, protocol.benchmark)
-    diverged, rows_exist, configuration_saved = 0, bool(results.rows), False
+    diverged, configuration_saved = 0, False
 
     def record(row):
         nonlocal diverged, configuration_saved
@@ -237,9 +237,13 @@ def _check_same_settings(row: dict, settings: dict, out) -> None:
     if not same_checkpoint(row["checkpoint"], settings["checkpoint"]):
         clash["checkpoint"] = (row["checkpoint"], settings["checkpoint"])
     if clash:
-        detail = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
         raise ResultsError(f"{out} already holds cell {row_key(row)} with other settings "
-                           f"({detail}); write this sweep to another --out")
+                           f"({_clash_text(clash)}); write this sweep to another --out")
+
+
+def _clash_text(clash: dict) -> str:
+    """{setting: (in the file, now)} as "epochs: file 1 vs now 2, ..."."""
+    return ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
 
 
 def config_path(out: str | Path) -> Path:
@@ -297,9 +301,8 @@ def check_same_configuration(out: str | Path, entry: dict, rows_exist: bool) -> 
             clash["checkpoint"] = (f"{known['checkpoint']} (sha256 {was[:12]})",
                                    f"{entry['checkpoint']} (sha256 {now[:12]})")
         if clash:
-            detail = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
             raise ResultsError(f"{out} holds {entry['benchmark']} rows of a sweep with other "
-                               f"settings ({detail}; recorded in {config_path(out)}); write "
+                               f"settings ({_clash_text(clash)}; recorded in {config_path(out)}); write "
                                "this sweep to another --out")
 
 
