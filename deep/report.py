@@ -108,12 +108,17 @@ def metric_label(metric: str) -> str:
     return "worst-group test accuracy" if metric == "worst_group_acc" else "test accuracy"
 
 
+def has_relative(table: dict) -> bool:
+    """Whether a table can be shown relative to `all`: it has `all` and another method."""
+    return "all" in table["methods"] and len(table["methods"]) > 1
+
+
 def markdown(tables: dict) -> str:
     lines = []
     for (benchmark, n_target), t in tables.items():
         label = metric_label(t["metric"])
         for kind, title in (("abs", f"{label} (%)"), ("rel", f"{label} relative to `all` (points)")):
-            if kind == "rel" and ("all" not in t["methods"] or t["methods"] == ["all"]):
+            if kind == "rel" and not has_relative(t):
                 continue
             methods = [m for m in t["methods"] if kind == "abs" or m != "all"]
             lines += [f"### {benchmark}, n_target = {n_target}: {title}", "",
@@ -137,7 +142,7 @@ def plot_relative(tables: dict, path_stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     panels = [(key, shift) for key, t in tables.items()
-              if "all" in t["methods"] and len(t["methods"]) > 1 for shift in t["shifts"]]
+              if has_relative(t) for shift in t["shifts"]]
     if not panels:
         return []
     cols = min(4, len(panels))
