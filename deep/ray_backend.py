@@ -538,6 +538,12 @@ class RayExecutor:
                 "on this machine: drop --gpus-per-task (tasks run on the CPUs), or give "
                 "--ray-address of a cluster with GPUs")
 
+    def session(self, device: str | None) -> "RaySession":
+        """The connection `run_sweep` holds around the sweep, made after the option checks
+        (`__call__` then finds Ray connected and leaves it so)."""
+        self.check_options(device)
+        return RaySession(self.options.address)
+
     def __call__(self, cells: list, spec: dict, record: Callable[[dict], None]) -> None:
         options = self.options
         self.check_options(spec.get("device"))

@@ -20,6 +20,7 @@ entry a worker (local or remote) calls, yielding one row (dict) per cell.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -184,8 +185,7 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     groups = group_cells(todo, workers)
     spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
                 device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
-    bar = _progress(len(todo), progress, protocol.benchmark)
-    diverged, configuration_saved = 0, False
+    bar, diverged, configuration_saved = None, 0, False
 
     def record(row):
         nonlocal diverged, configuration_saved
@@ -205,10 +205,13 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
 
     try:
         if todo:  # nothing to run: no workers, no Ray
-            if executor is not None:
-                executor(todo, spec, record)  # it groups the cells for its own resources
-            else:
-                execute_groups(groups, spec, record, workers)
+            with _session(executor, device):
+                # after Ray has connected (or failed to): the bar counts cells, not set-up
+                bar = _progress(len(todo), progress, protocol.benchmark)
+                if executor is not None:
+                    executor(todo, spec, record)  # it groups the cells for its own resources
+                else:
+                    execute_groups(groups, spec, record, workers)
     finally:
         if bar is not None:
             bar.close()
@@ -321,6 +324,13 @@ def save_resolved_config(out: str | Path, entry: dict, rows_exist: bool) -> Path
 
 def _pct(x):
     return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _session(executor, device):
+    """The executor's connection for the sweep, where it has one (Ray's: checks the options,
+    then connects or starts a local instance); nothing for local processes."""
+    session = getattr(executor, "session", None)
+    return contextlib.nullcontext() if session is None else session(device)
 
 
 def _progress(total, enabled, name):

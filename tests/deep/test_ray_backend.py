@@ -457,7 +457,7 @@ def test_without_an_address_a_local_instance_starts_even_where_ray_start_left_on
             [sys.executable, "-m", "deep", "sweep", "--benchmark", "synthetic", "--shifts", "noise",
              "--methods", "last", "--lrs", "0.01", "--seeds", "0", "--epochs", "1",
              "--n-target", "64", "--val-per-class", "10", "--test-per-class", "20",
-             "--no-progress", "--out", str(tmp_path / "r.csv"), "--backend", "ray"],
+             "--out", str(tmp_path / "r.csv"), "--backend", "ray"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
             capture_output=True, text=True, timeout=240)
     finally:
@@ -467,6 +467,9 @@ def test_without_an_address_a_local_instance_starts_even_where_ray_start_left_on
             marker.write_bytes(saved)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ray: local instance: 1 node" in done.stderr and "ran 1 cells" in done.stdout
+    # the progress bar starts once Ray is up: its wait is set-up, not the first cell
+    assert done.stderr.index("ray: local instance") < done.stderr.index("sweep synthetic:"), \
+        done.stderr[-3000:]
 
 
 def finished_within(seconds: float, call) -> BaseException | None:
