@@ -15,6 +15,7 @@ REQUIRE_FMNIST=1, which makes their absence a failure (CI).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,6 +48,22 @@ def test_every_benchmark_source_model_is_committed_with_its_manifest():
     assert {p.name for p in WEIGHTS} == expected
     for checkpoint in WEIGHTS:              # sha256 against the manifest; no data needed
         assert verify_checkpoint(checkpoint)["file"] == checkpoint.name
+
+
+def test_each_manifest_records_the_protocol_its_benchmarks_pretrain_with():
+    """A protocol's [pretrain] table or source data changed without retraining (and
+    rewriting the manifest) would credit the committed weights to settings that never
+    made them: `make pretrain` must rebuild the same files."""
+    from deep.protocol import load_protocol
+    for checkpoint in WEIGHTS:  # the benchmark `make pretrain` names (fmnist-flip shares fmnist-c's)
+        manifest = verify_checkpoint(checkpoint)
+        benchmark, protocol = manifest["benchmark"], load_protocol(manifest["benchmark"])
+        assert F.source_checkpoint(benchmark) == checkpoint
+        assert manifest["config"]["pretrain"] == dataclasses.asdict(protocol.pretrain), benchmark
+        assert manifest["config"]["source_data"] == manifest["data"] == protocol.source_options
+        assert manifest["config"]["arch"] == manifest["arch"] == protocol.arch
+        for name in ("epochs", "lr", "seed", "batch_size", "weight_decay", "augment", "compile"):
+            assert manifest[name] == manifest["config"]["pretrain"][name], (benchmark, name)
 
 
 @pytest.mark.slow
