@@ -43,7 +43,7 @@ from .data import Benchmark, ShiftTask, get_benchmark
 from .errors import ConfigError, ResultsError, check_int, check_nonnegative
 from .files import atomic_write_text, check_output, code_commit, cpu_model, sha256_file
 from .methods import method_names
-from .models import build_model
+from .models import build_model, get_architecture
 from .models.staged import stages_of
 from .normalization import check_data_options, loader_options
 from .pretrain import cached_source_model
@@ -118,9 +118,13 @@ def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
         return str(bench.pretrained(arch, Path(data_dir) if data_dir else None))
     if bench.source_recipe is not None:
         return str(cached_source_model(bench, arch))
-    raise ConfigError(f"benchmark {bench.name!r} needs --checkpoint PATH (a source model, e.g. from "
-                     f"`python -m deep pretrain --benchmark {bench.name} --out PATH`), or "
-                     "--checkpoint none for a random-init smoke test")
+    if get_architecture(arch).needs_init:  # CLIP: pretrain itself starts from a prepared file
+        source = (f"a {arch} checkpoint from CLIP's weights: `python -m deep.clip prepare --weights "
+                  f"FILE --num-classes N --out PATH`, docs/vit-wilds.md")
+    else:
+        source = f"a source model, e.g. from `python -m deep pretrain --benchmark {bench.name} --out PATH`"
+    raise ConfigError(f"benchmark {bench.name!r} needs --checkpoint PATH ({source}), or "
+                      "--checkpoint none for a random-init smoke test")
 
 
 # --- running ----------------------------------------------------------------------

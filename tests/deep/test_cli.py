@@ -137,6 +137,19 @@ def test_bad_input_exits_with_a_message(tmp_path, synthetic_cache, capsys, args,
     assert out.is_dir() if not args else not out.exists()
 
 
+@pytest.mark.parametrize("benchmark,source", [
+    ("celeba", "`python -m deep pretrain --benchmark celeba --out PATH`"),
+    # CLIP's pretrain refuses to start without --init: the first step is deep.clip's
+    ("camelyon17", "`python -m deep.clip prepare --weights FILE --num-classes N --out PATH`"),
+])
+def test_a_benchmark_without_its_own_source_model_says_where_one_comes_from(
+        tmp_path, capsys, benchmark, source):
+    assert main(["sweep", "--benchmark", benchmark, "--quick", "--out", str(tmp_path / "r.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"benchmark {benchmark!r} needs --checkpoint PATH" in err and source in err, err
+    assert not (tmp_path / "r.csv").exists()
+
+
 def test_unknown_benchmark_and_report_of_missing_file(tmp_path, capsys):
     assert main(["sweep", "--benchmark", "mnist", "--out", str(tmp_path / "r.csv")]) == 2
     assert "no protocol for benchmark 'mnist'" in capsys.readouterr().err
