@@ -13,6 +13,14 @@ fields of `Tuning` and `TargetData`, flat, as `python -m deep protocols --show N
 prints them), a `[data]` table of loader options that both the source and the
 target loader accept, optional `[source_data]` / `[target_data]` tables for options
 of one loader only, and an optional `[pretrain]` table (`PretrainConfig` fields).
+
+What a protocol does not set: the tuning optimiser and its schedule (Adam at a constant
+rate, the paper's; `deep.methods` changes them per method), BatchNorm statistics frozen
+(`TrainConfig.freeze_bn`, the paper's; the public code's train mode is a Python switch,
+docs/reference-models.md), and the settings for speed, which move numbers at rounding
+level at most (`fold_bn`, `eval_batch_size`, `channels_last`; `--cache-mb` is a flag). They
+are the engine's, fixed by the code commit every results row records; a study that varies
+one calls `deep.train.fit` itself.
 """
 
 from __future__ import annotations
