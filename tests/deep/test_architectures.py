@@ -1,0 +1,91 @@
+"""Every registered architecture keeps the promises the engine builds on, checked on the
+registry itself (`architecture_names()`), so a new architecture is held to them without
+adding its name anywhere:
+
+- each block's prefixes name parameters of the built network (a typo would tune nothing);
+- blocks come in forward order (gradual unfreezing and the report's plots rely on it);
+- a staged network's stages own every parameter, and running them one by one gives the
+  network's own output (the prefix cache runs them that way);
+- every (conv, batch norm) pair it lists for folding is one where the norm takes the conv's
+  output directly: the folded network gives the same output as the network, with batch-norm
+  statistics and affine parameters far from their initial values (a pair listed wrongly,
+  e.g. a norm after the ReLU, passes every test at the initial statistics).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deep.models import architecture_names, build_model, get_architecture
+from deep.models.registry import matches_any
+from deep.models.staged import StagedModel, stages_of
+from deep.prefix_cache import folded_view
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CLASSES, CHANNELS = 5, 3
+
+
+@pytest.fixture(scope="module", params=architecture_names())
+def built(request):
+    """(architecture, network in eval mode with random BN statistics, a batch of inputs)."""
+    arch = get_architecture(request.param)
+    torch.manual_seed(0)
+    model = arch.build(CLASSES, CHANNELS).eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.2, 3)
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 2)
+                module.bias.uniform_(-1, 1)
+    config = getattr(model, "config", None)
+    size = getattr(config, "image_size", 32)
+    images = torch.randn(2, CHANNELS, size, size, generator=torch.Generator().manual_seed(1))
+    return arch, model, images
+
+
+def test_every_block_names_parameters_of_the_network(built):
+    arch, model, _ = built
+    names = [n for n, _ in model.named_parameters()]
+    for option, prefixes in arch.blocks.items():
+        for prefix in prefixes:
+            assert any(matches_any(n, (prefix,)) for n in names), \
+                f"{arch.name}: block {option!r} prefix {prefix!r} matches no parameter"
+
+
+def test_blocks_come_in_forward_order(built):
+    arch, model, _ = built
+    stages = stages_of(model)
+    if stages is None:
+        pytest.skip(f"{arch.name} is not staged")
+    first_stage = [min(stages.param_stage[n] for n, _ in model.named_parameters()
+                       if matches_any(n, prefixes)) for prefixes in arch.blocks.values()]
+    assert first_stage == sorted(first_stage), (arch.name, dict(zip(arch.blocks, first_stage)))
+
+
+def test_stages_own_every_parameter_and_compose_to_the_network(built):
+    arch, model, images = built
+    stages = stages_of(model)
+    if stages is None:
+        pytest.skip(f"{arch.name} is not staged")
+    assert set(stages.param_stage) == {n for n, _ in model.named_parameters()}
+    with torch.no_grad():
+        whole = model(images)
+        x = images
+        for index in range(len(stages)):
+            x = stages.run(x, index, index + 1)
+    assert torch.allclose(x, whole, rtol=1e-5, atol=1e-5), arch.name
+
+
+def test_the_folded_network_computes_the_network(built):
+    arch, model, images = built
+    view = folded_view(model)
+    if view is None:
+        assert not (isinstance(model, StagedModel) and model.conv_bn_pairs())
+        pytest.skip(f"{arch.name} lists no (conv, BN) pairs")
+    with torch.no_grad():
+        expected, folded = model(images), view(images)
+    scale = expected.abs().max().item()
+    assert (folded - expected).abs().max().item() <= 1e-4 * max(scale, 1.0), arch.name
