@@ -65,11 +65,14 @@ except ImportError:  # e.g. the system python3 of a machine whose torch lives in
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
-sys.path.insert(0, str(ROOT))  # the project, uninstalled (deep.files needs only the stdlib)
+sys.path.insert(0, str(ROOT))  # the project, also where it is not installed in this python
 
+from deep.blocks import blocks_for  # noqa: E402
 from deep.files import atomic_write_text, code_commit  # noqa: E402
-METHODS = ("first,second,third,last,all,none,lp-ft,gradual-first-last,gradual-last-first,"
-           "l1sp,auto-rgn,auto-snr")
+from deep.methods import method_names  # noqa: E402
+
+# every method the synthetic benchmark's network (resnet26-w4) has: a new one is in the check
+METHODS = ",".join(method_names(blocks_for("resnet26-w4")))
 METHOD_SWEEP = ["--benchmark", "synthetic", "--shifts", "noise,spurious", "--seeds", "0",
                 "--methods", METHODS, "--lrs", "0.01", "--epochs", "1", "--n-target", "64",
                 "--val-per-class", "10", "--test-per-class", "25", "--no-progress"]

@@ -58,7 +58,7 @@ def test_without_a_gpu_it_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_prints_one_table(tmp_path, synthetic_checkpoint):
+def test_quick_run_prints_one_table(gpu_check, tmp_path, synthetic_checkpoint):
     out = tmp_path / "table.md"
     done = run_script("--device", "cpu", "--quick", "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -83,7 +83,7 @@ def test_quick_run_prints_one_table(tmp_path, synthetic_checkpoint):
     for method in ("none", "lp-ft", "gradual-first-last", "l1sp", "auto-rgn", "auto-snr"):
         assert method in methods[5]
     assert "--device cpu" in methods[5] and "--out OUT.csv" in methods[5]
-    assert methods[4].startswith("12 cells (0 diverged) in ")
+    assert methods[4].startswith(f"{len(gpu_check.METHODS.split(','))} cells (0 diverged) in ")
     assert by_name["ViT-B/16 cost, --amp"][1] == "skipped"
     assert re.fullmatch(r"forward [\d.]+ images/s, forward\+backward \(all parameters\) "
                         r"[\d.]+ images/s", by_name["ViT-B/16 cost"][4])
