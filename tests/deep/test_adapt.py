@@ -16,7 +16,8 @@ from deep.adapt import (MemoConfig, TentConfig, adapted_parameter_names, make_ad
                         marginal_entropy, parse_blocks, run_stream, stream_batches)
 from deep.adapt.protocol import AdaptProtocol, load_adapt_protocol
 from deep.adapt.results import is_adapt_results, read_adapt_results, relative_table
-from deep.adapt.runner import adapt_stream, run_adaptation, stream_order
+from deep.adapt.runner import (adapt_stream, augment_generator, load_test_split, run_adaptation,
+                               stream_order)
 from deep.augment_memo import (GREY, MemoAugmenter, autocontrast, equalize, posterize, rotate,
                                solarize, translate_x)
 from deep.blocks import blocks_for
@@ -235,6 +236,22 @@ def test_same_seed_same_stream_same_numbers(small_model, stream, one_thread):
     assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
     assert torch.equal(stream_order(100, 3, 10), stream_order(100, 3, 10))
     assert not torch.equal(stream_order(100, 3, 0), stream_order(100, 4, 0))
+
+
+def test_a_shorter_stream_is_the_start_of_the_full_one():
+    """`images=k` streams the first k images of the seed's permutation, so runs with more
+    images extend runs with fewer."""
+    full = stream_order(50, 3, 0)
+    assert sorted(full.tolist()) == list(range(50))
+    for k in (1, 10, 49):
+        assert torch.equal(stream_order(50, 3, k), full[:k])
+
+
+def test_memo_augmentation_draws_are_fixed_by_seed_and_shift():
+    draw = lambda seed, shift: torch.rand(8, generator=augment_generator(seed, shift))
+    assert torch.equal(draw(0, "fog"), draw(0, "fog"))
+    assert not torch.equal(draw(0, "fog"), draw(0, "snow"))
+    assert not torch.equal(draw(0, "fog"), draw(1, "fog"))
 
 
 def test_adapt_stream_leaves_the_source_model_alone(small_model, stream):
@@ -483,6 +500,24 @@ def test_run_resumes_and_refuses_other_settings(tmp_path, one_thread):
     table = relative_table(rows)
     assert set(table) == {("tent", False, 0.001, 6), ("memo", False, 0.01, 6),
                           ("memo", False, 0.001, 6)}                # (method, episodic, lr, images)
+
+
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_each_shifts_streams_run_on_that_shifts_test_split(tmp_path, monkeypatch, one_thread):
+    """With two shifts, the streams of the second adapt on the second shift's images and
+    labels, not on the split loaded for the first."""
+    seen = []
+    def recording(source, arch, method, option, config, images, labels, *rest, **kw):
+        seen.append((images.clone(), labels.clone()))
+        return adapt_stream(source, arch, method, option, config, images, labels, *rest, **kw)
+    monkeypatch.setattr("deep.adapt.runner.adapt_stream", recording)
+    protocol = _tiny_protocol(shifts=["noise", "flip"], methods=["tent"])
+    assert run_adaptation(protocol, tmp_path / "a.csv", progress=False).ran == 4
+    splits = {shift: load_test_split(protocol, shift, 0, None) for shift in ("noise", "flip")}
+    assert not torch.equal(splits["noise"][0], splits["flip"][0])
+    expected = [splits["noise"]] * 2 + [splits["flip"]] * 2   # blocks none, first per shift
+    for (images, labels), (want_images, want_labels) in zip(seen, expected, strict=True):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
 
 
 def test_protocol_files_load_with_the_methods_defaults():

@@ -283,3 +283,76 @@ def test_unknown_name_and_missing_generator_raise():
             corrupt(garments(2), name, 5, None)
         with pytest.raises(ValueError, match="numpy Generator"):
             corrupt(garments(2), name, 5, 42)
+
+
+# ----------------------------------------------------------------------------- recipe details
+
+def test_defocus_blur_reflects_at_the_border_without_repeating_the_edge_pixel():
+    # cv2.filter2D's default border (BORDER_REFLECT_101) is numpy's pad mode "reflect":
+    # the row outside the image repeats row 1, not row 0. A hand convolution of the padded
+    # image with the disk kernel; a bright second row shows the difference at the edge.
+    x = np.zeros((1, 28, 28))
+    x[0, 1, :] = 1.0
+    x[0, :, 1] = 1.0
+    kernel = C.disk_kernel(1.5 * 28 / 32, 0.1)
+    r = kernel.shape[0] // 2
+    padded = np.pad(x[0], r, mode="reflect")
+    expected = np.zeros((28, 28))
+    for i in range(28):
+        for j in range(28):
+            expected[i, j] = (padded[i:i + 2 * r + 1, j:j + 2 * r + 1] * kernel[::-1, ::-1]).sum()
+    np.testing.assert_allclose(C.defocus_blur(x, 5)[0], np.clip(expected, 0, 1), atol=1e-6)
+
+
+def test_zoom_blur_zooms_like_the_recipes_scipy_zoom():
+    # The recipe's clipped_zoom: crop the central ceil(28 / z) pixels, scipy.ndimage.zoom
+    # them by z (order 1, corners aligned), trim back to 28 around the centre; zoom_blur
+    # averages the image and its zooms by 1.00, 1.01, ... below the severity's top factor.
+    from scipy import ndimage
+
+    def clipped_zoom(img, z):
+        ch = int(np.ceil(28 / z))
+        top = (28 - ch) // 2
+        out = ndimage.zoom(img[top:top + ch, top:top + ch], z, order=1)
+        trim = (out.shape[0] - 28) // 2
+        return out[trim:trim + 28, trim:trim + 28]
+
+    x = garments(3)
+    for severity in (1, 5):
+        factors = np.arange(1.0, C.PARAMS["zoom_blur"][severity - 1], 0.01)
+        expected = np.stack([(img + sum(clipped_zoom(img, z) for z in factors)) / (len(factors) + 1)
+                             for img in x])
+        np.testing.assert_allclose(C.zoom_blur(x, severity), np.clip(expected, 0, 1), atol=1e-6)
+
+
+def test_elastic_warp_mirrors_the_image_at_its_border_instead_of_repeating_the_edge():
+    # Severity 1 is the random affine warp alone (alpha = sigma = 0). On an image that is 1
+    # on its outermost ring and 0 inside, samples from outside the image read the zeros
+    # inside the ring when mirrored without repeating the edge (cv2.warpAffine's default);
+    # with the edge repeated every such sample reads 1, and the mass grows far beyond the
+    # ring's own (measured: mean 63 mirrored, 147 with the edge repeated; the ring is 108).
+    ring = np.zeros((32, 28, 28))
+    ring[:, 0, :] = ring[:, -1, :] = ring[:, :, 0] = ring[:, :, -1] = 1.0
+    y = C.elastic_transform(ring, 1, np.random.default_rng(0)).astype(np.float64)
+    assert y.sum(axis=(1, 2)).mean() < ring[0].sum()
+
+
+def test_glass_blur_truncates_the_first_blur_to_8_bits():
+    # A constant image stays constant through both blurs and the pixel shuffles, so what is
+    # left is the recipe's truncation of the middle image: floor(255 c) / 255.
+    c = 0.5 + 0.3 / 255                      # 127.8 on the 8-bit scale
+    y = C.glass_blur(mid_grey(4, c), 5, np.random.default_rng(0))
+    np.testing.assert_allclose(y, np.float32(127 / 255), atol=1e-7)
+
+
+def test_motion_blur_leaves_a_dot_its_first_tap_weight():
+    # ImageMagick's weights exp(-i^2 / (2 sigma^2)), i = 0 .. 2 ceil(radius), normalised: the
+    # dot's own pixel is reached only by tap 0, whatever the direction, so it keeps w_0.
+    x = np.zeros((16, 28, 28))
+    x[:, 14, 14] = 1.0
+    for severity in (1, 5):
+        radius, sigma = C.PARAMS["motion_blur"][severity - 1]
+        taps = np.arange(2 * int(np.ceil(radius)) + 1)
+        w0 = 1 / np.exp(-taps ** 2 / (2 * sigma ** 2)).sum()
+        y = C.motion_blur(x, severity, np.random.default_rng(severity))
+        np.testing.assert_allclose(y[:, 14, 14], w0, rtol=1e-6)

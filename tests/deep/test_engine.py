@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deep.blocks import block_options, block_prefixes, blocks_by_arch, blocks_for, tuned_parameter_names
+from deep.blocks import (block_options, block_prefixes, blocks_by_arch, blocks_for, set_trainable,
+                         tuned_parameter_names)
 from deep.checkpoints import load_model
 from deep.data import get_benchmark
 from deep.methods import (AutoRGN, AutoSNR, get_method, gradient_snr, method_names,
@@ -55,6 +56,18 @@ def test_registry_options_and_prefixes():
         m = build_model(arch, 3)
         owned = [n for o in blocks for n in tuned_parameter_names(m, o, blocks)]
         assert sorted(owned) == sorted(n for n, _ in m.named_parameters())
+
+
+def test_set_trainable_returns_the_number_of_entries_it_tunes():
+    """Exactly the named parameters require grad, and the count is their entries, not
+    the model's (here the head: 4 classes x its input width, plus 4 biases)."""
+    model = build_model(ARCH, 4, 3)
+    head = tuned_parameter_names(model, "last", BLOCKS4)
+    count = set_trainable(model, head)
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if p.requires_grad} == set(head)
+    weight = next(p for n, p in params.items() if n in head and p.ndim == 2)
+    assert count == 4 * weight.shape[1] + 4 < sum(p.numel() for p in params.values())
 
 
 class TinyNet(nn.Module):
@@ -168,6 +181,45 @@ def test_folded_view_same_function_and_gradients(model, task):
         assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-5 * g.abs().max()), name
     with torch.no_grad():
         assert torch.allclose(model(x), view(x), atol=1e-5)
+
+
+def _conv_and_frozen_bn(conv_bias: bool):
+    """A 3x3 conv and an eval-mode BN with non-trivial affine parameters and statistics."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1, bias=conv_bias), nn.BatchNorm2d(5).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return conv, bn
+
+
+def test_a_fold_is_its_conv_then_batch_norm_also_for_a_conv_with_a_bias():
+    """The fold is bn(conv(x)) for any conv: a conv bias b passes through BN as b * s."""
+    from deep.prefix_cache import FoldedConvBN
+    conv, bn = _conv_and_frozen_bn(conv_bias=True)
+    x = torch.randn(2, 3, 8, 8)
+    shape = (1, -1, 1, 1)
+    with torch.no_grad():
+        h = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        normalised = (h - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape)
+                                                                    + bn.eps)
+        expected = normalised * bn.weight.view(shape) + bn.bias.view(shape)
+        assert torch.allclose(FoldedConvBN(conv, bn)(x), expected, atol=1e-5)
+
+
+def test_a_fold_whose_batch_norm_bias_alone_is_tuned_passes_that_bias_its_gradient():
+    """Only beta requires grad: the fold must not precompute itself as frozen. The output is
+    linear in beta with slope 1 at every position, so d(sum)/d(beta_c) = n * h * w."""
+    from deep.prefix_cache import FoldedConvBN
+    conv, bn = _conv_and_frozen_bn(conv_bias=False)
+    conv.weight.requires_grad_(False)
+    bn.weight.requires_grad_(False)
+    fold = FoldedConvBN(conv, bn)
+    fold.fix_if_frozen()
+    fold(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert torch.allclose(bn.bias.grad, torch.full((5,), 2 * 8 * 8.0))
 
 
 @pytest.mark.parametrize("method", ["second", "gradual-first-last"])

@@ -411,6 +411,42 @@ def test_blocknoise_task_perturbs_only_its_block_of_resnet26(fake_dir, block, pr
     assert changed and all(k.split(".")[0] in prefixes for k in changed)
 
 
+def test_calibration_perturbs_the_unperturbed_model_each_time_on_the_last_test_images(
+        monkeypatch):
+    """`python -m deep.calibrate`: every (block, scale, noise seed) starts again from the
+    source weights (perturbations never pile up) and is scored on the last `images` test
+    images. The source model is a 1-weight stand-in whose "accuracy" is its weight."""
+    from types import SimpleNamespace
+
+    from deep import calibrate
+    from deep.data.base import TensorSplit
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    test = TensorSplit(torch.arange(10.0).view(10, 1, 1, 1), torch.zeros(10, dtype=torch.long))
+    bench = SimpleNamespace(pretrained=lambda arch, data_dir: "source.pt", num_classes=1,
+                            in_channels=1, load_source=lambda data_dir: SimpleNamespace(test=test))
+    monkeypatch.setattr(calibrate, "get_benchmark", lambda name: bench)
+    monkeypatch.setattr(calibrate, "load_model", lambda *args, **kwargs: model)
+
+    def perturbation(block, arch, scale, seed):
+        def perturb(net):
+            with torch.no_grad():
+                net.weight += scale * (1 + seed)
+        return perturb
+    monkeypatch.setattr(calibrate, "block_perturbation", perturbation)
+    scored = []
+
+    def evaluate(net, split):
+        scored.append(split.images.flatten().tolist())
+        return SimpleNamespace(acc=net.weight.item())
+    monkeypatch.setattr(calibrate, "evaluate", evaluate)
+    table = calibrate.blocknoise_accuracy([0.5, 2.0], images=4, seeds=(0, 1))
+    assert table.pop(("none", 0.0)) == 0.0
+    assert table == {(block, scale): 1.5 * scale            # mean of scale x 1 and scale x 2
+                     for block in F.BLOCKNOISE_SHIFTS for scale in (0.5, 2.0)}
+    assert scored == [[6.0, 7.0, 8.0, 9.0]] * (1 + 2 * 2 * len(F.BLOCKNOISE_SHIFTS))
+
+
 # ----------------------------------------------------------------------------- protocols
 
 @pytest.mark.parametrize("name", FMNIST_NAMES)

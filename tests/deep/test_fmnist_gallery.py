@@ -32,3 +32,11 @@ def test_gallery_writes_a_png(fake_dir, tmp_path):
 def test_gallery_rejects_unknown_corruptions(fake_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown corruption"):
         gallery.make_gallery(tmp_path / "x.png", fake_dir, ["frost"])
+
+
+def test_pixels_undo_the_fashion_mnist_normalisation():
+    """The panels show what is tuned on: normalised images back to pixels / 255."""
+    import torch
+    raw = np.random.default_rng(0).integers(0, 256, (3, 28, 28))
+    normalised = torch.tensor((raw / 255.0 - F.MEAN[0]) / F.STD[0], dtype=torch.float32)[:, None]
+    np.testing.assert_allclose(gallery._pixels(normalised), raw / 255.0, atol=1e-6)

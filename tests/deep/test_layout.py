@@ -59,3 +59,27 @@ def test_evaluation_batch_size_does_not_change_predictions():
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory() is True
     assert keep_freed_memory() is True  # idempotent
+
+
+def test_keep_freed_memory_sets_glibcs_three_thresholds_and_retries_after_a_refusal(monkeypatch):
+    """mallopt(M_MMAP_THRESHOLD = -3, 32 MiB), (M_TRIM_THRESHOLD = -1, 1 GiB), (M_TOP_PAD =
+    -2, 64 MiB), by <malloc.h>'s numbers; a libc that refuses (mallopt returns 0) leaves the
+    setting not applied, so the next call tries again rather than claiming success."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from deep import allocator
+    calls, libc_accepts = [], {"now": False}
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return int(libc_accepts["now"])
+    monkeypatch.setattr(allocator, "_applied", False)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    assert keep_freed_memory() is False
+    libc_accepts["now"] = True
+    calls.clear()
+    assert keep_freed_memory() is True
+    assert calls == [(-3, 32 * 2**20), (-1, 2**30), (-2, 64 * 2**20)]
+    assert keep_freed_memory() is True and len(calls) == 3   # applied: not set again

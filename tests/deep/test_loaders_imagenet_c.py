@@ -69,6 +69,22 @@ def test_grouped_download_layout(imagenet_c):
     assert "/weather/fog/5/" in load(imagenet_c).train.paths[0]
 
 
+# What each tar file of the download (zenodo.org/record/2235448) extracts.
+DOWNLOAD = {"noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+            "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+            "weather": ("snow", "frost", "fog", "brightness"),
+            "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+            "extra": ("gaussian_blur", "saturate", "spatter", "speckle_noise")}
+
+
+@pytest.mark.parametrize("tar, corruption", [(t, c) for t, cs in DOWNLOAD.items() for c in cs])
+def test_every_corruption_is_found_in_the_folder_of_its_tar_file(tmp_path, tar, corruption):
+    from deep.data.imagenet_c import corruption_dir
+    folder = tmp_path / "ImageNet-C" / tar / corruption
+    folder.mkdir(parents=True)
+    assert corruption_dir(tmp_path, corruption) == folder
+
+
 def test_requires_all_1000_classes_by_default(imagenet_c):
     with pytest.raises(DataError, match="found 3 class folders.*expected 1000.*allow_subset"):
         get_benchmark("imagenet-c").load_task(imagenet_c, "fog", 6, 1, 2, seed=0)

@@ -50,6 +50,15 @@ def test_no_resize_keeps_a_224_image_exactly():
     assert np.allclose(out.numpy(), expected, atol=1e-6)
 
 
+def test_an_odd_margin_is_split_as_torchvision_rounds_it():
+    """CenterCrop starts at int(round(margin / 2)), Python's rounding: a 3-px margin puts
+    2 px above the crop (round(1.5) = 2), a 7-px one 4 px left of it (round(3.5) = 4)."""
+    image = np.random.default_rng(0).integers(0, 256, (227, 231, 3), dtype=np.uint8)  # h, w
+    out = ImageTransform(resize=None, crop=224)(Image.fromarray(image))
+    expected = (image[2:226, 4:228].transpose(2, 0, 1) / 255.0 - MEAN) / STD
+    assert np.allclose(out.numpy(), expected, atol=1e-6)
+
+
 def test_bad_sizes():
     with pytest.raises(DataError, match="smaller than the 224-px crop"):
         ImageTransform(resize=None, crop=224)(Image.new("RGB", (200, 300)))

@@ -92,6 +92,20 @@ def test_group_norm_resnet_has_only_group_norms_of_8_groups():
     assert not list(model.buffers())  # nothing but weights: no running statistics
 
 
+def test_group_norm_resnet_convs_start_from_the_originals_fan_out_initialisation():
+    """The TTT code draws conv weights from N(0, 2 / (k * k * out_channels)): fan-out. It
+    differs from fan-in where the width changes (the 3 -> 16 stem, the 16 -> 32 and
+    32 -> 64 first convs), by a factor of 2.3 or 1.4 in the standard deviation."""
+    torch.manual_seed(0)
+    model = build_model("resnet26-gn", 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 25
+    for conv in convs:
+        k = conv.kernel_size[0]
+        expected = math.sqrt(2 / (k * k * conv.out_channels))
+        assert abs(conv.weight.std().item() / expected - 1) < 0.1, conv
+
+
 # ------------------------------------------------------------------ one block by hand
 
 def _randomise(module: nn.Module, seed: int = 0) -> None:

@@ -240,6 +240,18 @@ def test_a_head_under_another_name_is_not_dropped_silently(tmp_path):
         load_model(tmp_path / "finetuned.pt", TINY, 3, 3)
 
 
+def test_only_a_configuration_with_the_files_shapes_is_suggested_as_its_arch():
+    """A 12-block tower of another width has the keys of both ViT-B/16 variants but the
+    shapes of neither: no configuration fits, so none is named (the strict load then names
+    the mismatched shapes). A tower that is a known configuration's is named."""
+    from deep.clip import check_arch_fits
+    other = ViTConfig(image_size=32, patch_size=8, width=32, layers=12, heads=2, mlp_width=64,
+                      output_dim=16)
+    check_arch_fits(CLIPImageClassifier(other, 2).state_dict(), "clip-vit-b16", 2, "f.pt")
+    with pytest.raises(CheckpointError, match="image tower of clip-vit-tiny, not of clip-vit-b16"):
+        check_arch_fits(build_model(TINY, 2).state_dict(), "clip-vit-b16", 2, "f.pt")
+
+
 def test_a_file_without_image_tower_is_refused(tmp_path):
     path = tmp_path / "text_only.pt"
     torch.save({k: v for k, v in clip_like_state().items() if not k.startswith("visual.")}, path)

@@ -158,6 +158,18 @@ def test_best_last_layer_with_singular_features():
     assert np.allclose(best_last_layer(net, teacher, cov).v, [1.0, 1.0, 0.0])
 
 
+def test_best_last_layer_loss_of_features_that_fit_is_never_negative():
+    # A loss is >= 0. When the net's own features fit the teacher (net = teacher), the
+    # formula E[y^2] - c^T G^+ c cancels to rounding, below 0 for about half of these draws.
+    rng = np.random.default_rng(0)
+    for activation in ("linear", "relu"):
+        for _ in range(20):
+            teacher = TwoLayer(rng.standard_normal(3), rng.standard_normal((3, 4)), activation)
+            cov = random_cov(rng, 4)
+            scale = population_loss(TwoLayer([0.0], np.zeros((1, 4))), teacher, cov)
+            assert 0 <= best_last_layer_loss(teacher, teacher, cov) < 1e-12 * scale
+
+
 @pytest.mark.parametrize("cov, match", [
     (np.array([[1.0, 0.5], [0.0, 1.0]]), "symmetric"),
     (np.array([[1.0, 2.0], [2.0, 1.0]]), "positive semi-definite"),

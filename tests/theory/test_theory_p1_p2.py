@@ -217,6 +217,17 @@ def test_random_draws_are_reproducible_and_different_across_seeds():
     assert not np.allclose(a.params["A"], c.params["A"])
 
 
+def test_random_input_perturbations_stretch_and_shrink_log_uniformly():
+    """A = U diag(s) V^T with log s uniform on [-log 2, log 2]: singular values within
+    [1/2, 2], half of them below 1, log s with mean 0 and variance (log 2)^2 / 3."""
+    log_s = np.log(np.concatenate([
+        np.linalg.svd(random_input_perturbation(np.random.default_rng(seed), 5, 3).params["A"],
+                      compute_uv=False) for seed in range(200)]))
+    assert np.all(np.abs(log_s) <= np.log(2) + 1e-12)
+    assert abs(np.mean(log_s < 0) - 0.5) < 0.05
+    assert abs(log_s.mean()) < 0.03 and abs(log_s.var() / (np.log(2) ** 2 / 3) - 1) < 0.1
+
+
 def test_bad_constructions_name_the_argument():
     teacher = TwoLayer([1.0], [[1.0, 0.0]])
     with pytest.raises(ValueError, match="A"):
