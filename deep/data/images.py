@@ -136,17 +136,19 @@ def draw_group_splits(groups: torch.Tensor, partition: torch.Tensor, n_target: i
     target_pool = partition == target_partition
     test_pool = partition == test_partition
     check_all_classes(groups[target_pool], 4, f"{what} (groups of split {target_partition})")
-    used = ~target_pool
-    train = class_balanced_indices(groups, split_counts(n_target, 4), g, exclude=used,
-                                   what=f"{what} (train split, per group)")
-    used[train] = True
-    per_group = split_counts(val_per_class, 2) * 2  # group 2y + s gets the s-th share
-    val = class_balanced_indices(groups, per_group, g, exclude=used,
-                                 what=f"{what} (val split, per group)")
+    # Drawn test, val, then train (as `draw_splits`): a seed's test and validation images
+    # do not depend on n_target, and its training sets are nested as n_target grows.
     if test_per_class == 0:
         test = torch.nonzero(test_pool).flatten()
     else:
         check_all_classes(groups[test_pool], 4, f"{what} (groups of split {test_partition})")
         test = class_balanced_indices(groups, split_counts(test_per_class, 2) * 2, g,
                                       exclude=~test_pool, what=f"{what} (test split, per group)")
+    used = ~target_pool
+    per_group = split_counts(val_per_class, 2) * 2  # group 2y + s gets the s-th share
+    val = class_balanced_indices(groups, per_group, g, exclude=used,
+                                 what=f"{what} (val split, per group)")
+    used[val] = True
+    train = class_balanced_indices(groups, split_counts(n_target, 4), g, exclude=used,
+                                   what=f"{what} (train split, per group)")
     return train, val, test

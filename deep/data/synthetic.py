@@ -117,15 +117,18 @@ def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_
     if val_per_class + test_per_class > POOL_PER_CLASS:
         raise DataError(f"synthetic/{shift}: val_per_class + test_per_class = "
                         f"{val_per_class + test_per_class} exceeds the {POOL_PER_CLASS} per class available")
+    # test, val, then train, as `draw_splits`: a seed's test and validation images do not
+    # depend on n_target (an n_target sweep, or an adaptation stream, scores on one test set)
     g = seeded(seed)
     train_pool, eval_pool = _pool(shift, "train"), _pool(shift, "eval")
+    test_idx = class_balanced_indices(eval_pool.labels, test_per_class, g,
+                                      what=f"synthetic/{shift} test")
+    used = torch.zeros(len(eval_pool), dtype=torch.bool)
+    used[test_idx] = True
+    val_idx = class_balanced_indices(eval_pool.labels, val_per_class, g, exclude=used,
+                                     what=f"synthetic/{shift} val")
     train_idx = class_balanced_indices(train_pool.labels, split_counts(n_target, NUM_CLASSES), g,
                                        what=f"synthetic/{shift} train")
-    val_idx = class_balanced_indices(eval_pool.labels, val_per_class, g, what=f"synthetic/{shift} val")
-    used = torch.zeros(len(eval_pool), dtype=torch.bool)
-    used[val_idx] = True
-    test_idx = class_balanced_indices(eval_pool.labels, test_per_class, g, exclude=used,
-                                      what=f"synthetic/{shift} test")
     groups = (tuple(f"y={y},patch {'matches' if m else 'differs'}"
                     for y in range(NUM_CLASSES) for m in (0, 1)) if shift == "spurious" else None)
     return ShiftTask(NAME, shift, NUM_CLASSES, train_pool.subset(train_idx),

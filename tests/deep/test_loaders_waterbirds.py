@@ -47,6 +47,18 @@ def test_group_balanced_splits_from_the_official_partitions(waterbirds):
                                                                                 2: 2, 3: 2}
 
 
+@pytest.mark.parametrize("test_per_class", [0, 4])
+def test_a_seeds_test_and_validation_images_do_not_depend_on_n_target(waterbirds, test_per_class):
+    """Drawn test, val, then train: an n_target sweep scores every size on one test set,
+    and its training sets are nested."""
+    task = lambda n: get_benchmark("waterbirds").load_task(
+        waterbirds, "group-balanced", n_target=n, val_per_class=2, test_per_class=test_per_class,
+        seed=1, resize=36, crop=32)
+    small, large = task(4), task(16)
+    assert small.test.paths == large.test.paths and small.val.paths == large.val.paths
+    assert set(small.train.paths) < set(large.train.paths)
+
+
 def test_images_match_their_rows(waterbirds):
     """The decoded picture is the one the row describes (colour encodes y and place)."""
     x, y, g = next(load(waterbirds).test.batches(24))
@@ -70,7 +82,8 @@ def test_source_is_the_training_split(waterbirds):
 
 
 def test_not_enough_of_a_group(waterbirds):
-    with pytest.raises(DataError, match="train split, per group.*class 0 has 6 examples left, 7"):
+    # 6 images of group 0 in the target partition; validation (drawn first) took 1
+    with pytest.raises(DataError, match="train split, per group.*class 0 has 5 examples left, 7"):
         get_benchmark("waterbirds").load_task(waterbirds, "group-balanced", 28, 2, 0, seed=0)
 
 
@@ -137,3 +150,14 @@ def test_an_odd_val_per_class_gives_each_class_exactly_that_many_images():
     assert Counter((groups[val] // 2).tolist()) == {0: 3, 1: 3}
     assert (partition[val] == 1).all() and not set(val.tolist()) & set(train.tolist())
     assert Counter(groups[test].tolist()) == {g: 2 for g in range(4)}
+
+
+def test_a_drawn_test_split_comes_from_the_test_partition(waterbirds):
+    """With test_per_class > 0 the test images are drawn from the official test split
+    (partition 2), apart from the training and validation images of partition 1."""
+    rows = metadata(waterbirds)
+    task = load(waterbirds, test_per_class=4)
+    partition = lambda split: {rows[p.split("waterbird_complete95_forest2water2/")[1]]["split"]
+                               for p in split.paths}
+    assert partition(task.test) == {"2"} and partition(task.train) == partition(task.val) == {"1"}
+    assert not set(task.test.paths) & (set(task.train.paths) | set(task.val.paths))
