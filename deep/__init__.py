@@ -18,7 +18,11 @@ at the top of the file (tests/deep/test_layering.py checks this):
 
 Data loaders never import the engine; the engine never imports the protocol or the CLI.
 Where to change what: a new architecture registers itself in its own `deep/models/`
-module; a new benchmark lists itself in `deep/data/`; a new method is one row of
-`deep.methods.METHODS`; a default lives once, in `TrainConfig`, `PretrainConfig` or a
-protocol file, and every command-line flag is generated from those fields.
+module, imported by `deep/models/__init__.py` (tests/deep/test_architectures.py then
+checks its blocks, stages and BN folding); a new benchmark is a module of `deep/data/`
+that lists it in its `BENCHMARKS`, plus one line of `deep.data._MODULES` and a protocol
+file `deep/configs/NAME.toml`; a new method is one row of `deep.methods.METHODS` (it runs
+where `--methods` or a protocol's `methods` names it); a default lives once, in
+`TrainConfig`, `PretrainConfig` or a protocol file, and every command-line flag is
+generated from those fields.
 """

@@ -41,6 +41,7 @@ def add_flags(parser: argparse.ArgumentParser, config_class, skip=(), defaults=N
         if base is bool:
             parser.add_argument(flag, action="store_true", default=None, help=options["help"])
         elif is_list:
+            options["help"] = (options["help"] or "") + "; comma-separated or space-separated"
             parser.add_argument(flag, nargs="+", type=comma_list(base), **options)
         else:
             parser.add_argument(flag, type=base, **options)

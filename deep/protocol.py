@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
+from .methods import GENERIC_METHODS
 from .pretrain import PretrainConfig
 from .train import SELECTION_RULES, TrainConfig
 
@@ -46,7 +47,10 @@ def engine_default(config_class, name: str):
 class Tuning:
     """The fine-tuning grid and the loop settings every cell of it shares."""
 
-    methods: list[str] = field(metadata={"help": "method names (see deep.methods)"})
+    methods: list[str] = field(metadata={
+        "help": "the architecture's blocks (resnet26: first, second, third, last; an unknown "
+                "name is refused with the architecture's list) and "
+                + ", ".join(GENERIC_METHODS) + " (README's methods table)"})
     epochs: int = field(metadata={"help": "training epochs per (method, lr)"})
     lrs: list[float] = field(metadata={"help": "learning-rate grid"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds to run"})

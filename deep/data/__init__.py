@@ -1,8 +1,10 @@
 """Benchmark registry.
 
 Each benchmark lives in a data module that lists it in `BENCHMARKS`
-(a dict name -> `Benchmark`). Modules are imported only when asked for, so a
-benchmark's optional dependencies never slow down or break the others.
+(a dict name -> `Benchmark`), and in `_MODULES` below (name -> that module). Modules are
+imported only when asked for, so a benchmark's optional dependencies never slow down or
+break the others. Its protocol (grid, split sizes, data options) is
+`deep/configs/NAME.toml`.
 """
 
 from __future__ import annotations

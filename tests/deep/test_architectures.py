@@ -82,9 +82,9 @@ def test_stages_own_every_parameter_and_compose_to_the_network(built):
 def test_the_folded_network_computes_the_network(built):
     arch, model, images = built
     view = folded_view(model)
-    if view is None:
+    if view is None:  # nothing to fold (GroupNorm, LayerNorm): the loop runs the network itself
         assert not (isinstance(model, StagedModel) and model.conv_bn_pairs())
-        pytest.skip(f"{arch.name} lists no (conv, BN) pairs")
+        return
     with torch.no_grad():
         expected, folded = model(images), view(images)
     scale = expected.abs().max().item()

@@ -72,6 +72,8 @@ def test_every_benchmark_declares_the_statistics_its_loader_normalises_with():
                 "celeba": imagenet, "camelyon17": clip, "fmow": clip,
                 "synthetic": ((0.5,) * 3, (0.5,) * 3),  # not pixels: [-1, 1] read as [0, 1]
                 **{name: (MEAN, STD) for name in benchmark_names() if name.startswith("fmnist-")}}
-    assert set(benchmark_names()) == set(expected)
+    assert set(benchmark_names()) == set(expected), (
+        f"a benchmark without its normalisation here: {set(benchmark_names()) ^ set(expected)}; "
+        "add it to `expected` with the constants its loader normalises with")
     for name, normalization in expected.items():
         assert get_benchmark(name).normalization == normalization, name
