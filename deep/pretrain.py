@@ -15,6 +15,7 @@ the fly from its `source_recipe` (the synthetic benchmark) and caches it on disk
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import shlex
 import sys
@@ -224,6 +225,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SURGICAL_FT_CACHE", Path.home() / ".cache" / "surgical-ft"))
 
 
+def source_model_path(bench: Benchmark, arch: str) -> Path:
+    """Where `cached_source_model` keeps `bench`'s model for `arch`: named by the recipe
+    and by the code of the benchmark's data module and the network's module."""
+    stamp = "-".join(f"{k}{v}" for k, v in sorted(bench.source_recipe.items()))
+    stamp += _code_stamp(bench, arch)
+    return cache_dir() / f"{bench.name}-{arch}-{zlib.crc32(stamp.encode()):08x}.pt"
+
+
+def _code_stamp(bench: Benchmark, arch: str) -> str:
+    """The source code of the modules that define the benchmark's images and the network,
+    so that editing either trains a new cached model: a model of the old code with the
+    same shapes would otherwise load without a word."""
+    modules = {inspect.getmodule(bench.load_source), inspect.getmodule(get_architecture(arch).build)}
+    return "".join(sorted(inspect.getsource(m) for m in modules if m is not None))
+
+
 def cached_source_model(bench: Benchmark, arch: str) -> Path:
     """Path of `bench`'s source model for `arch`, pretrained now with the benchmark's
     `source_recipe` (PretrainConfig fields) if it is not cached yet.
@@ -235,8 +252,7 @@ def cached_source_model(bench: Benchmark, arch: str) -> Path:
     if bench.source_recipe is None:
         raise ConfigError(f"benchmark {bench.name!r} has no recipe for an on-the-fly source model")
     recipe = dict(bench.source_recipe)
-    stamp = "-".join(f"{k}{v}" for k, v in sorted(recipe.items()))
-    path = cache_dir() / f"{bench.name}-{arch}-{zlib.crc32(stamp.encode()):08x}.pt"
+    path = source_model_path(bench, arch)
     if path.is_file():
         return path
     print(f"training {bench.name}'s source model for {arch} (first use; cached as {path})",

@@ -157,6 +157,29 @@ def test_the_synthetic_protocol_records_how_its_cached_source_model_is_trained()
     assert load_protocol("synthetic").pretrain == PretrainConfig(**SOURCE_RECIPE)
 
 
+def test_the_cached_source_model_is_retrained_when_its_network_or_data_code_changes(monkeypatch):
+    """The cache is named by the recipe and by the code of the data module and the network's
+    module: an edit to either (a BN moved, a generator changed, shapes kept) must not reuse
+    a model the old code trained."""
+    import inspect
+
+    from deep import pretrain
+    from deep.data import get_benchmark
+    bench = get_benchmark("synthetic")
+    path = pretrain.source_model_path(bench, "resnet26-w4")
+    assert path == pretrain.source_model_path(bench, "resnet26-w4")
+    assert path != pretrain.source_model_path(bench, "resnet26-w8")
+    getsource = inspect.getsource
+    for edited in ("deep.models.cifar_resnet", "deep.data.synthetic"):
+        monkeypatch.setattr(pretrain.inspect, "getsource", lambda m, e=edited: getsource(m) + (
+            "# edited" if m.__name__ == e else ""))
+        assert pretrain.source_model_path(bench, "resnet26-w4") != path, edited
+        monkeypatch.setattr(pretrain.inspect, "getsource", getsource)
+    monkeypatch.setattr(pretrain.inspect, "getsource", lambda m: getsource(m) + (
+        "# edited" if m.__name__ == "deep.models.vit" else ""))   # not this network's module
+    assert pretrain.source_model_path(bench, "resnet26-w4") == path
+
+
 def test_protocols_show_prints_resolved_values(capsys):
     assert main(["protocols", "--show", "fmnist-c"]) == 0
     out = capsys.readouterr().out
