@@ -130,3 +130,22 @@ def test_bad_values_are_one_line_before_any_training(flags, message, capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith(message) and captured.err.count("\n") == 1
     assert "source model" not in captured.out  # nothing was pretrained
+
+
+def test_thread_scaling_prints_a_time_per_thread_count(capsys):
+    """scripts/thread_scaling.py, which docs/troubleshooting.md quotes: one line per count."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "scripts" / "thread_scaling.py"
+    spec = importlib.util.spec_from_file_location("thread_scaling", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--arch", "resnet26-w4", "--size", "16", "--batch", "4",
+                            "--threads", "1,2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.fullmatch(r"resnet26-w4, 4 images of 16 px, (\d) thread\(s\): [\d.]+ s per "
+                         r"forward\+backward", line).group(1) for line in lines] == ["1", "2"]
