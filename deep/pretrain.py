@@ -34,7 +34,8 @@ from .errors import ConfigError, check_choice, check_int, check_nonnegative, che
 from .files import check_output
 from .models import build_model, get_architecture
 from .normalization import loader_options
-from .train import SCHEDULES, TrainConfig, check_milestones, evaluate, fit, resolve_device
+from .train import (SCHEDULES, RunStateFile, TrainConfig, check_milestones, evaluate, fit,
+                    resolve_device)
 
 AUGMENTATIONS = ("crop-flip", "crop", "none")
 MOMENTA = ("nesterov", "plain")  # SGD momentum 0.9: Nesterov's or plain
@@ -128,7 +129,7 @@ def check_init(arch: str, config: PretrainConfig) -> None:
 
 def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None,
              progress: bool = True, trust_checkpoint: bool = False, device: str | None = None,
-             **overrides) -> nn.Module:
+             state_file: str | Path | None = None, **overrides) -> nn.Module:
     """Train `arch` on `source.train`; returns the model (eval mode).
 
     `config` (default `PretrainConfig()`), with any of its fields overridden by keyword
@@ -140,6 +141,9 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     is a safety switch, not a setting of the run, so it is not part of `config`).
     `device`: where to train, "auto" meaning CUDA when present; None (the default, for
     library callers): where the model is built, the CPU. The model stays there.
+    `state_file`: the run's state is saved there after every epoch, and a run that finds
+    it (stopped, killed) continues after its last epoch with the same numbers; a file of
+    other settings is refused. The caller deletes it once the model is safe.
     Raises ConfigError when the loss diverges (NaN/inf).
     """
     config = dataclasses.replace(config or PretrainConfig(), **overrides)
@@ -155,6 +159,13 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
         if skipped:
             print(f"init from {config.init}: classifier {', '.join(skipped)} re-initialised "
                   f"({source.num_classes} classes)")
+    saved = None
+    if state_file is not None:
+        saved = RunStateFile(Path(state_file), {
+            "arch": arch, "source": source.benchmark, "train_images": len(source.train),
+            "num_classes": source.num_classes, "pretrain": dataclasses.asdict(config)})
+        if saved.path.is_file():
+            print(f"continuing the stopped run saved in {saved.path}", file=sys.stderr, flush=True)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -163,12 +174,13 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     def on_epoch(record):
         if bar is not None:
             bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-            bar.update()
+            bar.update(record["epoch"] - bar.n)  # a continued run starts past epoch 1
 
     try:
         train_config = dataclasses.replace(config.train_config(),
                                            device=resolve_device(device) if device else None)
-        result = fit(model, source.train, None, None, "all", train_config, on_epoch=on_epoch)
+        result = fit(model, source.train, None, None, "all", train_config, on_epoch=on_epoch,
+                     state_file=saved)
     finally:
         if bar is not None:
             bar.close()
@@ -200,7 +212,10 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
     t0 = time.perf_counter()
     source = bench.load_source(Path(data_dir) if data_dir else None,
                                **loader_options(bench.load_source, benchmark, arch, options))
-    model = pretrain(source, arch, config, trust_checkpoint=trust_checkpoint, device=device)
+    # after every epoch, so that a stopped or killed run continues there when rerun
+    state_file = state_path(out)
+    model = pretrain(source, arch, config, trust_checkpoint=trust_checkpoint, device=device,
+                     state_file=state_file)
     acc = evaluate(model, source.test).acc
     trained_on = next(model.parameters()).device.type
     model.cpu()  # the checkpoint loads on any machine
@@ -215,7 +230,13 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
               "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
     save_checkpoint(out, model, arch, source.num_classes, source.in_channels, meta=fields)
     write_manifest(out, **fields)
+    state_file.unlink(missing_ok=True)
     return {"checkpoint": str(out), **fields}
+
+
+def state_path(out: str | Path) -> Path:
+    """Where `pretrain_to_file` keeps the run's state until the checkpoint is written."""
+    return Path(f"{out}.state")
 
 
 # --- source models trained on the fly (the synthetic benchmark) ----------------------

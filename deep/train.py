@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -34,6 +35,7 @@ from torch import nn
 from .blocks import set_trainable
 from .data.base import Split
 from .errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
+from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
 from .prefix_cache import (DEFAULT_CACHE_MB, FoldedConvBN, PrefixCache,  # noqa: F401
@@ -233,10 +235,48 @@ def resolve_device(device: str | None) -> str:
 
 # --- the loop ---------------------------------------------------------------------
 
+@dataclass
+class RunStateFile:
+    """Where `fit` keeps a run's state after every epoch, so that a stopped run continues
+    from its last finished epoch (pretraining: hours to days for the paper's recipes).
+
+    Attributes:
+        path: the file, rewritten atomically after each epoch; the caller deletes it
+            once the run's result is safe.
+        key: what the run must agree on to continue from the file (its settings, JSON-like
+            values); a file of another run is refused, never silently continued.
+    """
+
+    path: Path
+    key: dict
+
+    def load(self) -> dict | None:
+        """The saved state, None when there is none; refuses another run's file."""
+        if not Path(self.path).is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 (a truncated or foreign file: say which)
+            raise ConfigError(f"{self.path} is not a readable run state ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); delete it to "
+                              "start the run over") from None
+        if state.get("key") != self.key:
+            theirs = state.get("key") or {}
+            differ = sorted(k for k in set(theirs) | set(self.key) if theirs.get(k) != self.key.get(k))
+            raise ConfigError(f"{self.path} holds a stopped run with other settings ({', '.join(differ)}"
+                              f"); rerun with the settings it started with, or delete it to "
+                              "start over")
+        return state
+
+    def save(self, state: dict) -> None:
+        atomic_write_bytes(self.path, lambda f: torch.save({**state, "key": self.key}, f))
+
+
 def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
         method: str | Method, config: TrainConfig,
         blocks: Mapping[str, Sequence[str]] | None = None, cache: PrefixCache | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None,
+        state_file: RunStateFile | None = None) -> FitResult:
     """Tune `model` in place with `method`; leave it at the best validation epoch.
 
     Args:
@@ -250,18 +290,31 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
             on this model's current weights; share one across the runs of a task.
             When None, `fit` builds its own if it can.
         on_epoch: called with each epoch's record (progress bars).
+        state_file: pretraining only (val None, the `all` method): the run's state is
+            saved there after every epoch, and a run that finds the file continues after
+            its last epoch, with the numbers of a run never stopped (on CPU, bit for bit).
     """
     t0 = time.perf_counter()
     method = get_method(method, blocks) if isinstance(method, str) else method
     check_splits(train, val, config)
     run = TrainingRun(model, train, val, test, method, config, cache)
-    for epoch in range(1, config.epochs + 1):
+    first = 1
+    if state_file is not None:
+        if val is not None or method.name != "all":
+            # a run with validation or a method of its own keeps state this file does not hold
+            raise ConfigError("a run state file is for pretraining (no validation split, "
+                              f"method 'all'); got method {method.name!r}"
+                              + (" with a validation split" if val is not None else ""))
+        first = run.load_state(state_file.load()) + 1
+    for epoch in range(first, config.epochs + 1):
         plan = run.plan_epoch(epoch)
         losses = run.train_epoch(plan)
         if not all(math.isfinite(x) for x in losses):
             run.status = "diverged"  # the selection covers the epochs completed before
             break
         record = run.select(epoch, plan, losses)
+        if state_file is not None:
+            state_file.save(run.state(epoch))
         if on_epoch is not None:
             on_epoch(record)
         if run.plateaued(epoch) or run.optimizer is None:  # None: nothing can ever be tuned
@@ -421,6 +474,27 @@ class TrainingRun:
                                             self.config.freeze_bn)
         self.history.append(record)
         return record
+
+    def state(self, epoch: int) -> dict:
+        """What continuing after `epoch` needs (pretraining's: see `fit`'s state_file)."""
+        return {"epoch": epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "aug_generator": self.aug_generator.get_state(),
+                "losses": self.losses, "history": self.history, "touched": sorted(self.touched)}
+
+    def load_state(self, state: dict | None) -> int:
+        """Continue from `state` (None: from the start); returns its last finished epoch."""
+        if state is None:
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.aug_generator.set_state(state["aug_generator"])
+        self.losses, self.history = list(state["losses"]), list(state["history"])
+        self.touched = set(state["touched"])
+        self.best_epoch = state["epoch"]
+        return state["epoch"]
 
     def plateaued(self, epoch: int) -> bool:
         """Early stopping: `config.patience` epochs since the best validation epoch, or

@@ -1,0 +1,125 @@
+"""Pretraining resumes: the run's state is saved after every epoch (`<out>.state`), and a run
+stopped or killed mid-way continues after its last finished epoch with the numbers of a run
+never stopped (CPU, bit for bit: weights, BN statistics, optimizer moments, minibatch order
+and augmentation draws all carried). A state file of other settings is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deep.data import get_benchmark
+from deep.errors import ConfigError
+from deep.pretrain import PretrainConfig, pretrain, state_path
+from deep.train import TrainingRun
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
+# augmentation on: its generator is part of what a continued run must carry
+CONFIG = PretrainConfig(epochs=3, lr=0.05, batch_size=64, augment="crop-flip", seed=3)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return get_benchmark("synthetic").load_source(None)
+
+
+class Stop(Exception):
+    pass
+
+
+def stopped_during_epoch(epoch: int, monkeypatch):
+    """Make TrainingRun.train_epoch raise when it starts `epoch` (a run killed there)."""
+    original, calls = TrainingRun.train_epoch, []
+
+    def train_epoch(self, plan):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise Stop
+        return original(self, plan)
+    monkeypatch.setattr(TrainingRun, "train_epoch", train_epoch)
+
+
+def test_a_stopped_run_continues_to_the_weights_of_one_never_stopped(source, tmp_path, monkeypatch):
+    whole = pretrain(source, "resnet26-w4", CONFIG, progress=False)
+    state = tmp_path / "m.pt.state"
+    with monkeypatch.context() as patch:
+        stopped_during_epoch(3, patch)
+        with pytest.raises(Stop):
+            pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 2 and len(saved["history"]) == 2
+    epochs = []
+    monkeypatch.setattr(TrainingRun, "train_epoch",
+                        lambda self, plan, f=TrainingRun.train_epoch: epochs.append(1) or f(self, plan))
+    continued = pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
+    assert len(epochs) == 1, "only epoch 3 runs again"
+    for (name, a), (_, b) in zip(whole.state_dict().items(), continued.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name   # weights and BN running statistics
+    assert torch.load(state, weights_only=True)["epoch"] == 3
+
+
+def test_a_state_file_of_other_settings_is_refused(source, tmp_path, monkeypatch):
+    state = tmp_path / "m.pt.state"
+    with monkeypatch.context() as patch:
+        stopped_during_epoch(2, patch)
+        with pytest.raises(Stop):
+            pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
+    with pytest.raises(ConfigError, match=r"m.pt.state holds a stopped run with other settings "
+                                          r"\(pretrain\); rerun with the settings it started with, "
+                                          r"or delete it"):
+        pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state, lr=0.1)
+    with pytest.raises(ConfigError, match=r"other settings \(arch, pretrain\)"):
+        pretrain(source, "resnet26-w8", CONFIG, progress=False, state_file=state, epochs=4)
+    state.write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="m.pt.state is not a readable run state .*delete it"):
+        pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
+
+
+def test_a_state_file_is_for_pretraining_only(source):
+    from deep.blocks import blocks_for
+    from deep.models import build_model
+    from deep.train import RunStateFile, TrainConfig, fit
+    task = get_benchmark("synthetic").load_task(None, "noise", 16, 2, 2, 0)
+    with pytest.raises(ConfigError, match="a run state file is for pretraining .*'first' with a "
+                                          "validation split"):
+        fit(build_model("resnet26-w4", 4), task.train, task.val, None, "first",
+            TrainConfig(lr=0.01, epochs=1), blocks_for("resnet26-w4"),
+            state_file=RunStateFile(Path("unused"), {}))
+
+
+def test_the_command_killed_mid_run_resumes_and_leaves_no_state_behind(tmp_path):
+    """`python -m deep pretrain` killed with SIGKILL after an epoch: rerun, it continues
+    (saying so) and, done, removes the state file; the checkpoint is the uninterrupted one's."""
+    out, reference = tmp_path / "m.pt", tmp_path / "ref.pt"
+    flags = ["--benchmark", "synthetic", "--epochs", "3", "--lr", "0.05", "--augment", "crop-flip"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "deep", "pretrain", *flags, "--device", "cpu"]
+    done = subprocess.run([*command, "--out", str(reference)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = subprocess.Popen([*command, "--out", str(out)], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state_path(out).exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    assert run.poll() is None, "the run ended before it could be killed"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not out.exists() and state_path(out).exists()
+    done = subprocess.run([*command, "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"continuing the stopped run saved in {state_path(out)}" in done.stderr
+    assert not state_path(out).exists()
+    from deep.checkpoints import load_checkpoint
+    a, b = load_checkpoint(out).state_dict, load_checkpoint(reference).state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
