@@ -258,7 +258,8 @@ def _code_stamp(bench: Benchmark, arch: str) -> str:
     """The source code of the modules that define the benchmark's images and the network,
     so that editing either trains a new cached model: a model of the old code with the
     same shapes would otherwise load without a word."""
-    modules = {inspect.getmodule(bench.load_source), inspect.getmodule(get_architecture(arch).build)}
+    modules = {inspect.getmodule(bench.load_source),
+               inspect.getmodule(get_architecture(arch).build)}
     return "".join(sorted(inspect.getsource(m) for m in modules if m is not None))
 
 

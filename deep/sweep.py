@@ -122,7 +122,8 @@ def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
         source = (f"a {arch} checkpoint from CLIP's weights: `python -m deep.clip prepare --weights "
                   f"FILE --num-classes N --out PATH`, docs/vit-wilds.md")
     else:
-        source = f"a source model, e.g. from `python -m deep pretrain --benchmark {bench.name} --out PATH`"
+        source = (f"a source model, e.g. from `python -m deep pretrain --benchmark {bench.name} "
+                  "--out PATH`")
     raise ConfigError(f"benchmark {bench.name!r} needs --checkpoint PATH ({source}), or "
                       "--checkpoint none for a random-init smoke test")
 
