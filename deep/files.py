@@ -1,4 +1,5 @@
-"""Files that must never be half written, and manifests that say what a file holds.
+"""Files that must never be half written, one writer per output (`sole_writer`), and
+manifests that say what a file holds.
 
 Bottom layer (no model, no data): the engine, the sweep, the reports and the data
 loaders all write through `atomic_write_bytes`, and loaders check committed source
@@ -10,11 +11,14 @@ records its sha256, its size and how it was made (the resolved configuration).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -70,6 +74,51 @@ def check_output(path: str | Path, what: str = "--out", folder: bool = False) ->
         raise ConfigError(f"{what} {path}: cannot write in {directory} "
                           f"({err.strerror or err})") from None
     return path
+
+
+@contextlib.contextmanager
+def sole_writer(path: str | Path, what: str = "--out"):
+    """Hold `path` for this process while it writes it: a second process that would write
+    the same file (a sweep, an adaptation run, a pretraining) is refused at once, rather
+    than each rewriting the file with its own rows and losing the other's.
+
+    The lock is `flock` on `.<name>.lock` beside the file, so it goes with the process even
+    when that is killed (a stale lock file is taken over); the file is removed on exit.
+    On entry, the temp files a killed writer left beside `path` are removed."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{what} {path} is being written by {holder}; wait for it to "
+                              f"finish, or write to another {what}") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break  # the lock file still at its path: ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed by its last holder while we opened it: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        remove_stale_temps(path)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def remove_stale_temps(path: str | Path) -> None:
+    """Remove the temp files `atomic_write_bytes` leaves beside `path` (and beside the
+    files named `<path>.*`, e.g. a manifest or a run state) when a writer is killed."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 import shlex
 import sys
@@ -28,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import RANDOM_INIT, load_backbone, save_checkpoint, write_manifest
+from .checkpoints import (RANDOM_INIT, CheckpointError, load_backbone, save_checkpoint,
+                          manifest_path, verify_checkpoint, write_manifest)
 from .data import Benchmark, SourceData, get_benchmark
 from .errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
-from .files import check_output
+from .files import check_output, sole_writer
 from .models import build_model, get_architecture
 from .normalization import loader_options
 from .train import (SCHEDULES, RunStateFile, TrainConfig, check_milestones, evaluate, fit,
@@ -164,8 +166,10 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
         saved = RunStateFile(Path(state_file), {
             "arch": arch, "source": source.benchmark, "train_images": len(source.train),
             "num_classes": source.num_classes, "pretrain": dataclasses.asdict(config)})
-        if saved.path.is_file():
-            print(f"continuing the stopped run saved in {saved.path}", file=sys.stderr, flush=True)
+        state = saved.load()  # another run's file is refused here, before any work
+        if state is not None:
+            print(f"continuing the stopped run saved in {saved.path} after epoch "
+                  f"{state['epoch']} of {config.epochs}", file=sys.stderr, flush=True)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -200,18 +204,47 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
     `source_options` are the source loader's keywords (a protocol's resolved source
     data). `resolved` (the whole resolved configuration) is saved in the checkpoint's
     meta and in the manifest under "config". `trust_checkpoint`: see `pretrain`.
+    Rerun after a stop, it continues the run (`<out>.state`); rerun after it finished, it
+    returns the manifest of `out` when that records these settings (a job requeued after
+    its end repeats no work); delete `out` to train again.
     """
     config = config or PretrainConfig()
     check_init(arch, config)  # before the source data is read
-    check_output(out)         # and before hours of training
+    out = check_output(out)   # and before hours of training
     bench = get_benchmark(benchmark)
     if bench.load_source is None:
         raise ConfigError(f"benchmark {benchmark!r} has no source data to pretrain on "
                           "(its source model comes from elsewhere)")
     options = dict(source_options or {})
+    resolved = resolved or {"pretrain": dataclasses.asdict(config)}
+    with sole_writer(out):  # one pretraining per --out
+        done = _finished(out, resolved, options)
+        if done is not None:
+            print(f"{out} is already trained with these settings (its manifest says so); "
+                  "delete it to train again", file=sys.stderr, flush=True)
+            return {"checkpoint": str(out), **done}
+        return _pretrain_to_file(bench, out, arch, config, options, data_dir, command,
+                                 resolved, trust_checkpoint, device)
+
+
+def _finished(out: Path, resolved: dict, options: dict) -> dict | None:
+    """The manifest of `out` if it is a finished pretraining of these settings, else None."""
+    if not out.is_file():
+        return None
+    try:
+        manifest = verify_checkpoint(out)
+    except CheckpointError:  # no manifest, or a file it does not describe: train anew
+        return None
+    same = manifest.get("config") == resolved and manifest.get("data") == options
+    return manifest if same else None
+
+
+def _pretrain_to_file(bench: Benchmark, out: Path, arch: str, config: PretrainConfig,
+                      options: dict, data_dir, command, resolved: dict, trust_checkpoint: bool,
+                      device: str | None) -> dict:
     t0 = time.perf_counter()
     source = bench.load_source(Path(data_dir) if data_dir else None,
-                               **loader_options(bench.load_source, benchmark, arch, options))
+                               **loader_options(bench.load_source, bench.name, arch, options))
     # after every epoch, so that a stopped or killed run continues there when rerun
     state_file = state_path(out)
     model = pretrain(source, arch, config, trust_checkpoint=trust_checkpoint, device=device,
@@ -221,17 +254,17 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
     model.cpu()  # the checkpoint loads on any machine
     seconds = time.perf_counter() - t0
     settings = dataclasses.asdict(config)
-    fields = {"benchmark": benchmark, "source": source.benchmark, "arch": arch, **settings,
+    fields = {"benchmark": bench.name, "source": source.benchmark, "arch": arch, **settings,
               "init": str(config.init) if config.init else None, "data": options,
               "device": trained_on,
               "source_test_acc": acc, "source_train_images": len(source.train),
               "source_test_images": len(source.test), "seconds": round(seconds, 1),
-              "torch": torch.__version__, "config": resolved or {"pretrain": settings},
+              "torch": torch.__version__, "config": resolved,
               "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
     save_checkpoint(out, model, arch, source.num_classes, source.in_channels, meta=fields)
-    write_manifest(out, **fields)
+    manifest = json.loads(write_manifest(out, **fields).read_text())
     state_file.unlink(missing_ok=True)
-    return {"checkpoint": str(out), **fields}
+    return {"checkpoint": str(out), **manifest}
 
 
 def state_path(out: str | Path) -> Path:
@@ -275,7 +308,7 @@ def cached_source_model(bench: Benchmark, arch: str) -> Path:
         raise ConfigError(f"benchmark {bench.name!r} has no recipe for an on-the-fly source model")
     recipe = dict(bench.source_recipe)
     path = source_model_path(bench, arch)
-    if path.is_file():
+    if path.is_file() and manifest_path(path).is_file():  # written last: the model is whole
         return path
     print(f"training {bench.name}'s source model for {arch} (first use; cached as {path})",
           file=sys.stderr, flush=True)

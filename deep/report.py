@@ -218,5 +218,5 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
         for stale in (out_dir / "relative_accuracy.png", out_dir / "relative_accuracy.pdf"):
             stale.unlink(missing_ok=True)      # an older report's plot would show other data
     report = out_dir / "report.md"
-    report.write_text(text)
+    atomic_write_bytes(report, lambda f: f.write(text.encode()))
     return [report, *plots]

@@ -272,9 +272,6 @@ class ResultsFile:
             raise ResultsError(f"{self.path} holds duplicated cells, e.g. {twice}, so a sweep "
                                f"did not write it: keep one row per ({', '.join(KEY)}), "
                                "or pass another --out")
-        # A kill during a rewrite can leave the temp file behind (never the CSV itself).
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
 
     def append(self, row: dict) -> None:
         key = row_key(row)

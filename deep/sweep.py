@@ -25,6 +25,7 @@ import json
 import math
 import os
 import queue
+import signal
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -41,7 +42,7 @@ from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, ShiftTask, get_benchmark
 from .errors import ConfigError, ResultsError, check_int, check_nonnegative
-from .files import atomic_write_text, check_output, code_commit, cpu_model, sha256_file
+from .files import atomic_write_text, check_output, code_commit, cpu_model, sha256_file, sole_writer
 from .methods import method_names
 from .models import build_model, get_architecture
 from .models.staged import stages_of
@@ -172,56 +173,58 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     check_nonnegative("cache_mb", cache_mb)
     if executor is None:
         resolve_device(device)      # before any data loads; another backend's nodes may differ
-    results = ResultsFile(check_output(out))
-    checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
-    # what a finished row must agree on
-    settings = _settings(protocol, checkpoint, expected_precision(device, amp, executor is None))
-    cells = plan_cells(protocol)
-    todo = [cell for cell in cells if cell.key not in results.done]
-    # Every row of this benchmark, not only the cells skipped: new cells beside rows that
-    # ran otherwise would make the report pick learning rates across two protocols. The
-    # configurations recorded beside the file say more than the rows (data options, the
-    # checkpoint's contents), so they are compared first.
-    entry, rows_exist = resolved_entry(protocol, checkpoint), bool(results.rows)
-    check_same_configuration(out, entry, rows_exist=rows_exist)
-    for row in results.rows:
-        if row["benchmark"] == protocol.benchmark:
-            _check_same_settings(row, settings, out)
-    groups = group_cells(todo, workers)
-    spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
-                device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
-    bar, diverged, configuration_saved = None, 0, False
+    # one writer per results file: a second sweep into it is refused (deep.files.sole_writer)
+    with sole_writer(check_output(out)):
+        results = ResultsFile(out)
+        checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
+        # what a finished row must agree on
+        settings = _settings(protocol, checkpoint, expected_precision(device, amp, executor is None))
+        cells = plan_cells(protocol)
+        todo = [cell for cell in cells if cell.key not in results.done]
+        # Every row of this benchmark, not only the cells skipped: new cells beside rows that
+        # ran otherwise would make the report pick learning rates across two protocols. The
+        # configurations recorded beside the file say more than the rows (data options, the
+        # checkpoint's contents), so they are compared first.
+        entry, rows_exist = resolved_entry(protocol, checkpoint), bool(results.rows)
+        check_same_configuration(out, entry, rows_exist=rows_exist)
+        for row in results.rows:
+            if row["benchmark"] == protocol.benchmark:
+                _check_same_settings(row, settings, out)
+        groups = group_cells(todo, workers)
+        spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
+                    device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
+        bar, diverged, configuration_saved = None, 0, False
 
-    def record(row):
-        nonlocal diverged, configuration_saved
-        if not configuration_saved:
-            # with the first new row: a sweep stopped before any cell ran (a bad option
-            # found on a node, a missing data folder) leaves no file behind
-            save_resolved_config(out, entry, rows_exist=rows_exist)
-            configuration_saved = True
-        if on_row is not None:
-            on_row(row)
-        results.append(row)
-        diverged += row["status"] == "diverged"
-        if bar is not None:
-            bar.set_postfix_str(f"{row['shift']} {row['method']} lr={row['lr']:g} "
-                                f"val={_pct(row['val_acc'])} test={_pct(row['test_acc'])}")
-            bar.update()
+        def record(row):
+            nonlocal diverged, configuration_saved
+            if not configuration_saved:
+                # with the first new row: a sweep stopped before any cell ran (a bad option
+                # found on a node, a missing data folder) leaves no file behind
+                save_resolved_config(out, entry, rows_exist=rows_exist)
+                configuration_saved = True
+            if on_row is not None:
+                on_row(row)
+            results.append(row)
+            diverged += row["status"] == "diverged"
+            if bar is not None:
+                bar.set_postfix_str(f"{row['shift']} {row['method']} lr={row['lr']:g} "
+                                    f"val={_pct(row['val_acc'])} test={_pct(row['test_acc'])}")
+                bar.update()
 
-    try:
-        if todo:  # nothing to run: no workers, no Ray
-            with _session(executor, device):
-                # after Ray has connected (or failed to): the bar counts cells, not set-up
-                bar = _progress(len(todo), progress, protocol.benchmark)
-                if executor is not None:
-                    executor(todo, spec, record)  # it groups the cells for its own resources
-                else:
-                    execute_groups(groups, spec, record, workers)
-    finally:
-        if bar is not None:
-            bar.close()
-    return SweepSummary(len(todo), len(cells) - len(todo), diverged,
-                        time.perf_counter() - t0, Path(out))
+        try:
+            if todo:  # nothing to run: no workers, no Ray
+                with _session(executor, device):
+                    # after Ray has connected (or failed to): the bar counts cells, not set-up
+                    bar = _progress(len(todo), progress, protocol.benchmark)
+                    if executor is not None:
+                        executor(todo, spec, record)  # it groups the cells for its own resources
+                    else:
+                        execute_groups(groups, spec, record, workers)
+        finally:
+            if bar is not None:
+                bar.close()
+        return SweepSummary(len(todo), len(cells) - len(todo), diverged,
+                            time.perf_counter() - t0, Path(out))
 
 
 def execute_groups(groups: list[list[Cell]], spec: dict, record, workers: int = 1) -> None:
@@ -502,8 +505,23 @@ _PARENT = None
 def _init_worker(rows, threads: int, parent: int) -> None:
     global _ROWS, _PARENT
     _ROWS, _PARENT = rows, parent
+    _die_with_parent()
     torch.set_num_threads(threads)
     keep_freed_memory()  # spawned workers start with the default allocator settings
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this worker when the sweep's process dies (a killed
+    sweep's workers would otherwise run on, competing with its rerun, until their cell
+    ends and `_worker` notices); elsewhere `_worker`'s check after each cell remains."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _PARENT:  # the parent died before the call: nobody will signal
+        os._exit(1)
 
 
 def _worker(group: list[Cell], spec: dict) -> int:

@@ -249,9 +249,13 @@ class RunStateFile:
 
     path: Path
     key: dict
+    _loaded: dict | None = field(default=None, init=False, repr=False)
 
     def load(self) -> dict | None:
-        """The saved state, None when there is none; refuses another run's file."""
+        """The saved state, None when there is none; refuses another run's file. Read
+        once: the caller may look before `fit` continues from it."""
+        if self._loaded is not None:
+            return self._loaded
         if not Path(self.path).is_file():
             return None
         try:
@@ -266,6 +270,7 @@ class RunStateFile:
             raise ConfigError(f"{self.path} holds a stopped run with other settings ({', '.join(differ)}"
                               f"); rerun with the settings it started with, or delete it to "
                               "start over")
+        self._loaded = state
         return state
 
     def save(self, state: dict) -> None:

@@ -22,7 +22,7 @@ from ..checkpoints import load_model
 from ..data import get_benchmark
 from ..data.base import mean_std
 from ..errors import ConfigError
-from ..files import check_output
+from ..files import check_output, sole_writer
 from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
 from ..results import recorded_checkpoint
 from ..sweep import machine, resolve_checkpoint
@@ -150,7 +150,15 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
             METHODS[method].check_source(source, config)
     augmenters = {m: memo_augmenter(protocol, m) for m in dict.fromkeys(protocol.methods)
                   if METHODS[m].augments}
-    results = AdaptResults(check_output(out))
+    with sole_writer(check_output(out)):  # one writer per results file
+        return _run_streams(protocol, AdaptResults(out), checkpoint, source, augmenters,
+                            data_dir, episodic, progress)
+
+
+def _run_streams(protocol: AdaptProtocol, results: AdaptResults, checkpoint: str, source,
+                 augmenters: dict, data_dir: str | None, episodic: bool,
+                 progress: bool) -> AdaptSummary:
+    """The streams of `run_adaptation`, each skipped if `results` holds it."""
     ran = skipped = 0
     start = time.perf_counter()
     for seed in protocol.seeds:
@@ -169,7 +177,7 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
                                   f"{method} lr {config.lr:g} {option}: {100 * done.test_acc:.1f}% "
                                   f"on {done.images} images ({done.seconds:.0f} s)",
                                   file=sys.stderr, flush=True)
-    return AdaptSummary(ran, skipped, time.perf_counter() - start, Path(out))
+    return AdaptSummary(ran, skipped, time.perf_counter() - start, results.path)
 
 
 def _run_or_skip(results: AdaptResults, protocol: AdaptProtocol, checkpoint: str, source, augmenter,

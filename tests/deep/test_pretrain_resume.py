@@ -123,3 +123,25 @@ def test_the_command_killed_mid_run_resumes_and_leaves_no_state_behind(tmp_path)
     from deep.checkpoints import load_checkpoint
     a, b = load_checkpoint(out).state_dict, load_checkpoint(reference).state_dict
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_pretraining_rerun_repeats_no_work(tmp_path, monkeypatch, capsys):
+    """A job requeued after its end (or `make pretrain` run twice) returns the finished
+    model when its manifest records the same settings; other settings train anew."""
+    from deep import pretrain as module
+    out = tmp_path / "m.pt"
+    config = PretrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none")
+    first = module.pretrain_to_file("synthetic", out, "resnet26-w4", config)
+    trained, original = [], module.pretrain
+    monkeypatch.setattr(module, "pretrain", lambda *a, **k: trained.append(1) or original(*a, **k))
+    again = module.pretrain_to_file("synthetic", out, "resnet26-w4", config)
+    assert not trained and again["sha256"] == first["sha256"]
+    assert f"{out} is already trained with these settings" in capsys.readouterr().err
+    other = module.pretrain_to_file("synthetic", out, "resnet26-w4",
+                                    PretrainConfig(epochs=1, lr=0.02, batch_size=64, augment="none"))
+    assert trained == [1] and other["lr"] == 0.02
+    stale = tmp_path / ".m.pt.state.x1y2.tmp"   # a killed state write's temp file
+    stale.write_bytes(b"0" * 100)
+    out.with_suffix(".pt.json").unlink()      # no manifest: not a finished run
+    module.pretrain_to_file("synthetic", out, "resnet26-w4", config)
+    assert trained == [1, 1] and not stale.exists()

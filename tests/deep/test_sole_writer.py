@@ -1,0 +1,107 @@
+"""One writer per output: a second sweep, adaptation run or pretraining into the same file
+is refused at once (two writers each rewrote the CSV with their own rows, and the later
+one's rows were all that was left, silently), and a killed writer's lock and temp files
+stand in no one's way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deep.errors import ConfigError
+from deep.files import sole_writer
+from deep.protocol import load_protocol
+from deep.sweep import quick
+from deep.sweep import read_results, run_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+HELD = r"is being written by process \d+ on .*; wait for it to finish, or write to another --out"
+
+
+def small_protocol():
+    return quick(load_protocol("synthetic")).replace(lrs=[0.01], methods=["last"])
+
+
+def test_a_second_sweep_into_the_same_file_is_refused(tmp_path, synthetic_checkpoint):
+    out = tmp_path / "r.csv"
+    with sole_writer(out):  # another sweep, running
+        with pytest.raises(ConfigError, match=f"--out {out} {HELD}"):
+            run_sweep(small_protocol(), out, progress=False)
+    assert not out.exists()
+    assert run_sweep(small_protocol(), out, progress=False).ran == 1   # the lock went with it
+    assert len(read_results(out)) == 1 and not list(tmp_path.glob(".*.lock"))
+
+
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_a_second_adaptation_run_into_the_same_file_is_refused(tmp_path, one_thread):
+    from tests.deep.test_adapt import _tiny_protocol
+    from deep.adapt.runner import run_adaptation
+    out = tmp_path / "a.csv"
+    with sole_writer(out):
+        with pytest.raises(ConfigError, match=HELD):
+            run_adaptation(_tiny_protocol(methods=["tent"]), out, progress=False)
+    assert not out.exists()
+
+
+def test_a_killed_writers_lock_and_temp_files_are_taken_over(tmp_path):
+    """A writer killed with SIGKILL leaves its lock file (no lock: flock went with it)
+    and perhaps a temp file of an atomic write; the next writer takes both over."""
+    out = tmp_path / "r.csv"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from deep.files import sole_writer\n"
+         f"with sole_writer({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match=rf"process {holder.pid} on "):
+        with sole_writer(out):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    stale = tmp_path / ".r.csv.abc123.tmp"
+    stale.write_text("half a row")
+    assert (tmp_path / ".r.csv.lock").exists()
+    with sole_writer(out):
+        assert not stale.exists()
+    assert not (tmp_path / ".r.csv.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_sweeps_workers_stop_with_it(tmp_path, synthetic_checkpoint):
+    """--workers 2: the workers die with the sweep's process (Linux: PR_SET_PDEATHSIG), not
+    after their cell (here tens of seconds), so a rerun does not share the CPU with them."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    out = tmp_path / "r.csv"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "deep", "sweep", "--benchmark", "synthetic", "--shifts", "noise,flip",
+         "--methods", "all", "--lrs", "0.01", "--seeds", "0", "--epochs", "200", "--patience", "200",
+         "--workers", "2", "--no-progress", "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers():
+        children = Path(f"/proc/{sweep.pid}/task/{sweep.pid}/children")
+        return children.read_text().split() if children.exists() else []
+    deadline = time.time() + 120
+    while len(workers()) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    found = [int(p) for p in workers()]
+    assert found, "the sweep started no workers"
+    time.sleep(3)  # the workers are inside their cells (200 epochs each)
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in found):
+        time.sleep(0.05)
+    alive = [pid for pid in found if Path(f"/proc/{pid}").exists()
+             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the killed sweep"
+    assert not out.exists()
