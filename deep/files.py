@@ -21,6 +21,7 @@ import platform
 import socket
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 from .errors import ConfigError, DeepError
@@ -96,6 +97,13 @@ def sole_writer(path: str | Path, what: str = "--out"):
             os.close(fd)
             raise ConfigError(f"{what} {path} is being written by {holder}; wait for it to "
                               f"finish, or write to another {what}") from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            os.close(fd)
+            warnings.warn(f"cannot lock {lock} ({err.strerror or err}): make sure no other "
+                          f"process writes {path} meanwhile", stacklevel=3)
+            remove_stale_temps(path)
+            yield path
+            return
         try:
             if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                 break  # the lock file still at its path: ours
