@@ -173,58 +173,80 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     check_nonnegative("cache_mb", cache_mb)
     if executor is None:
         resolve_device(device)      # before any data loads; another backend's nodes may differ
+    out = check_output(out)  # "~" expanded: the CSV, its lock and its configuration agree
     # one writer per results file: a second sweep into it is refused (deep.files.sole_writer)
-    with sole_writer(check_output(out)):
+    with sole_writer(out):
         results = ResultsFile(out)
         checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
-        # what a finished row must agree on
-        settings = _settings(protocol, checkpoint, expected_precision(device, amp, executor is None))
+        entry = _check_resumable(results, protocol, checkpoint,
+                                 expected_precision(device, amp, executor is None))
         cells = plan_cells(protocol)
         todo = [cell for cell in cells if cell.key not in results.done]
-        # Every row of this benchmark, not only the cells skipped: new cells beside rows that
-        # ran otherwise would make the report pick learning rates across two protocols. The
-        # configurations recorded beside the file say more than the rows (data options, the
-        # checkpoint's contents), so they are compared first.
-        entry, rows_exist = resolved_entry(protocol, checkpoint), bool(results.rows)
-        check_same_configuration(out, entry, rows_exist=rows_exist)
-        for row in results.rows:
-            if row["benchmark"] == protocol.benchmark:
-                _check_same_settings(row, settings, out)
-        groups = group_cells(todo, workers)
         spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
                     device=device, trust_checkpoint=trust_checkpoint, amp=amp, commit=code_commit())
-        bar, diverged, configuration_saved = None, 0, False
-
-        def record(row):
-            nonlocal diverged, configuration_saved
-            if not configuration_saved:
-                # with the first new row: a sweep stopped before any cell ran (a bad option
-                # found on a node, a missing data folder) leaves no file behind
-                save_resolved_config(out, entry, rows_exist=rows_exist)
-                configuration_saved = True
-            if on_row is not None:
-                on_row(row)
-            results.append(row)
-            diverged += row["status"] == "diverged"
-            if bar is not None:
-                bar.set_postfix_str(f"{row['shift']} {row['method']} lr={row['lr']:g} "
-                                    f"val={_pct(row['val_acc'])} test={_pct(row['test_acc'])}")
-                bar.update()
-
-        try:
-            if todo:  # nothing to run: no workers, no Ray
-                with _session(executor, device):
-                    # after Ray has connected (or failed to): the bar counts cells, not set-up
-                    bar = _progress(len(todo), progress, protocol.benchmark)
+        writer = _RowWriter(results, entry, on_row)
+        if todo:  # nothing to run: no workers, no Ray
+            with _session(executor, device):
+                # after Ray has connected (or failed to): the bar counts cells, not set-up
+                with writer.progress(len(todo), progress, protocol.benchmark):
                     if executor is not None:
-                        executor(todo, spec, record)  # it groups the cells for its own resources
+                        executor(todo, spec, writer.record)  # it groups cells for its resources
                     else:
-                        execute_groups(groups, spec, record, workers)
+                        execute_groups(group_cells(todo, workers), spec, writer.record, workers)
+        return SweepSummary(len(todo), len(cells) - len(todo), writer.diverged,
+                            time.perf_counter() - t0, out)
+
+
+def _check_resumable(results: ResultsFile, protocol: Protocol, checkpoint: str,
+                     precision: str | None) -> dict:
+    """Refuse to add this sweep's cells to a file of another protocol; returns the resolved
+    configuration entry to record beside it.
+
+    Every row of this benchmark counts, not only the cells skipped: new cells beside rows
+    that ran otherwise would make the report pick learning rates across two protocols. The
+    configurations recorded beside the file say more than the rows (data options, the
+    checkpoint's contents), so they are compared first."""
+    entry = resolved_entry(protocol, checkpoint)
+    check_same_configuration(results.path, entry, rows_exist=bool(results.rows))
+    settings = _settings(protocol, checkpoint, precision)  # what a finished row must agree on
+    for row in results.rows:
+        if row["benchmark"] == protocol.benchmark:
+            _check_same_settings(row, settings, results.path)
+    return entry
+
+
+class _RowWriter:
+    """Writes each finished cell's row (this process alone writes the results file), with
+    the resolved configuration beside the file and a progress bar."""
+
+    def __init__(self, results: ResultsFile, entry: dict, on_row=None):
+        self.results, self.entry, self.on_row = results, entry, on_row
+        self.rows_exist = bool(results.rows)
+        self.configuration_saved, self.diverged, self.bar = False, 0, None
+
+    @contextlib.contextmanager
+    def progress(self, total: int, enabled: bool, name: str):
+        self.bar = _progress(total, enabled, name)
+        try:
+            yield
         finally:
-            if bar is not None:
-                bar.close()
-        return SweepSummary(len(todo), len(cells) - len(todo), diverged,
-                            time.perf_counter() - t0, Path(out))
+            if self.bar is not None:
+                self.bar.close()
+
+    def record(self, row: dict) -> None:
+        if not self.configuration_saved:
+            # with the first new row: a sweep stopped before any cell ran (a bad option
+            # found on a node, a missing data folder) leaves no file behind
+            save_resolved_config(self.results.path, self.entry, rows_exist=self.rows_exist)
+            self.configuration_saved = True
+        if self.on_row is not None:
+            self.on_row(row)
+        self.results.append(row)
+        self.diverged += row["status"] == "diverged"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{row['shift']} {row['method']} lr={row['lr']:g} "
+                                     f"val={_pct(row['val_acc'])} test={_pct(row['test_acc'])}")
+            self.bar.update()
 
 
 def execute_groups(groups: list[list[Cell]], spec: dict, record, workers: int = 1) -> None:

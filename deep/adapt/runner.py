@@ -150,7 +150,8 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
             METHODS[method].check_source(source, config)
     augmenters = {m: memo_augmenter(protocol, m) for m in dict.fromkeys(protocol.methods)
                   if METHODS[m].augments}
-    with sole_writer(check_output(out)):  # one writer per results file
+    out = check_output(out)
+    with sole_writer(out):  # one writer per results file
         return _run_streams(protocol, AdaptResults(out), checkpoint, source, augmenters,
                             data_dir, episodic, progress)
 

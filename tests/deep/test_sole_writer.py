@@ -116,3 +116,14 @@ def test_a_file_system_without_locks_warns_and_writes(tmp_path, monkeypatch):
         with sole_writer(tmp_path / "r.csv") as path:
             path.write_text("rows")
     assert (tmp_path / "r.csv").read_text() == "rows"
+
+
+def test_an_out_given_with_a_tilde_is_one_file_for_rows_lock_and_configuration(
+        tmp_path, monkeypatch, synthetic_checkpoint):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    summary = run_sweep(small_protocol(), "~/runs/r.csv", progress=False)
+    assert summary.out == tmp_path / "runs" / "r.csv"
+    assert len(read_results(tmp_path / "runs" / "r.csv")) == 1
+    assert (tmp_path / "runs" / "r.csv.config.json").is_file()
+    assert not (tmp_path / "~").exists()
