@@ -31,7 +31,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from .blocks import blocks_for
-from .files import atomic_write_bytes, check_output, save_figure
+from .files import atomic_write_bytes, check_output, save_figure, sole_writer
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, engine_default, load_protocol
 from .ray_backend import add_backend_arguments, executor_from_args, session_for
@@ -689,13 +689,15 @@ def run(args) -> int:
             resolve_device(args.device)
         else:
             executor.check_options(args.device)
-        check_output(out_dir, "--out", folder=True)
+        out_dir = check_output(out_dir, "--out", folder=True)  # "~" expanded once
         with session_for(executor):  # one Ray connection for all the suite's sweeps
             for protocol, results, curves in jobs:
-                run_benchmark(protocol, suite, out_dir / results, CurvesFile(out_dir / curves),
-                              data_dir=args.data_dir, workers=workers,
-                              device=args.device, amp=args.amp, cache_mb=args.cache_mb,
-                              progress=not args.no_progress, executor=executor)
+                # held across the two stages, and before the curves file is read
+                with sole_writer(out_dir / results):
+                    run_benchmark(protocol, suite, out_dir / results, CurvesFile(out_dir / curves),
+                                  data_dir=args.data_dir, workers=workers,
+                                  device=args.device, amp=args.amp, cache_mb=args.cache_mb,
+                                  progress=not args.no_progress, executor=executor)
     for path in summarize(out_dir, suite):
         print(path)
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -59,6 +60,8 @@ def check_output(path: str | Path, what: str = "--out", folder: bool = False) ->
     parent folders are created now); else a ConfigError before any work is done, rather
     than an OSError once it is."""
     path = Path(path).expanduser()
+    if path.is_symlink():  # write the file it names: an atomic rename would replace the link
+        path = Path(os.path.realpath(path))
     if path.is_dir() != folder and path.exists():
         kind = "a folder" if path.is_dir() else "a file"
         raise ConfigError(f"{what} {path} is {kind}; {'a folder' if folder else 'a file'} is "
@@ -77,19 +80,51 @@ def check_output(path: str | Path, what: str = "--out", folder: bool = False) ->
     return path
 
 
+_HELD: set[str] = set()  # the outputs this process holds (a two-stage sweep's inner sweeps)
+
+
 @contextlib.contextmanager
 def sole_writer(path: str | Path, what: str = "--out"):
     """Hold `path` for this process while it writes it: a second process that would write
     the same file (a sweep, an adaptation run, a pretraining) is refused at once, rather
     than each rewriting the file with its own rows and losing the other's.
 
-    The lock is `flock` on `.<name>.lock` beside the file, so it goes with the process even
-    when that is killed (a stale lock file is taken over); the file is removed on exit.
-    On entry, the temp files a killed writer left beside `path` are removed."""
+    The lock is `flock` on `.<name>.lock` beside the file (beside its target, for a
+    symlink), so it goes with the process even when that is killed (a stale lock file is
+    taken over); the file is removed on exit. Re-entrant within a process. On entry, the
+    temp files a killed writer left beside `path` are removed."""
     path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
+    real = os.path.realpath(path)
+    if real in _HELD:
+        yield path
+        return
+    lock = Path(real).with_name(f".{Path(real).name}.lock")
+    fd = _take_lock(lock, path, what)
+    if fd is None:  # a file system without locks: warned
+        remove_stale_temps(path)
+        yield path
+        return
+    _HELD.add(real)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        remove_stale_temps(path)
+        yield path
+    finally:
+        _HELD.discard(real)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _take_lock(lock: Path, path: Path, what: str) -> int | None:
+    """An open descriptor of `lock` holding its flock; None where locks are unsupported."""
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a symlink planted at the lock's name is not written through
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise ConfigError(f"{what} {path}: cannot create its lock file {lock} "
+                              f"({err.strerror or err})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,33 +135,30 @@ def sole_writer(path: str | Path, what: str = "--out"):
         except OSError as err:  # a file system without locks (some network mounts)
             os.close(fd)
             warnings.warn(f"cannot lock {lock} ({err.strerror or err}): make sure no other "
-                          f"process writes {path} meanwhile", stacklevel=3)
-            remove_stale_temps(path)
-            yield path
-            return
+                          f"process writes {path} meanwhile", stacklevel=4)
+            return None
         try:
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break  # the lock file still at its path: ours
+            if os.fstat(fd).st_ino == os.lstat(lock).st_ino:
+                return fd  # the lock file still at its path: ours
         except FileNotFoundError:
             pass
         os.close(fd)  # removed by its last holder while we opened it: take the new one
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
-        remove_stale_temps(path)
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
+
+
+# The files written beside an output, whose temp files a killed writer may leave.
+SIBLINGS = ("", ".json", ".state", ".config.json")
 
 
 def remove_stale_temps(path: str | Path) -> None:
-    """Remove the temp files `atomic_write_bytes` leaves beside `path` (and beside the
-    files named `<path>.*`, e.g. a manifest or a run state) when a writer is killed."""
+    """Remove the temp files `atomic_write_bytes` leaves beside `path` (and beside its
+    manifest, run state and configuration record) when a writer is killed; another
+    output's temps (`model.pt.v2`'s beside `model.pt`) are not matched."""
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    for sibling in SIBLINGS:
+        # mkstemp's names: .<name>.<8 random characters>.tmp
+        pattern = f".{glob.escape(path.name + sibling)}.{'[a-z0-9_]' * 8}.tmp"
+        for stale in path.parent.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -15,6 +15,7 @@ the fly from its `source_recipe` (the synthetic benchmark) and caches it on disk
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -131,7 +132,8 @@ def check_init(arch: str, config: PretrainConfig) -> None:
 
 def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None,
              progress: bool = True, trust_checkpoint: bool = False, device: str | None = None,
-             state_file: str | Path | None = None, **overrides) -> nn.Module:
+             state_file: str | Path | None = None, data_key: dict | None = None,
+             **overrides) -> nn.Module:
     """Train `arch` on `source.train`; returns the model (eval mode).
 
     `config` (default `PretrainConfig()`), with any of its fields overridden by keyword
@@ -145,7 +147,8 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     library callers): where the model is built, the CPU. The model stays there.
     `state_file`: the run's state is saved there after every epoch, and a run that finds
     it (stopped, killed) continues after its last epoch with the same numbers; a file of
-    other settings is refused. The caller deletes it once the model is safe.
+    other settings or data is refused (`data_key`: what else names the data, e.g. the
+    loader options). The caller deletes it once the model is safe.
     Raises ConfigError when the loss diverges (NaN/inf).
     """
     config = dataclasses.replace(config or PretrainConfig(), **overrides)
@@ -155,21 +158,23 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = build_model(arch, source.num_classes, source.in_channels)
-    if config.init is not None:
+    saved = state = None
+    if state_file is not None:
+        # compile changes speed (and rounding), not the run: not part of what must agree
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "compile"}
+        saved = RunStateFile(Path(state_file), {
+            "arch": arch, "source": source.benchmark, "num_classes": source.num_classes,
+            "data": source_fingerprint(source), **(data_key or {}), "pretrain": settings})
+        state = saved.load()  # another run's file is refused here, before any work
+        if state is not None:
+            print(f"continuing the stopped run saved in {saved.path} after epoch "
+                  f"{state['epoch']} of {config.epochs}", file=sys.stderr, flush=True)
+    if config.init is not None and state is None:  # a continued run's weights are the state's
         skipped = load_backbone(model, config.init, trust_checkpoint,
                                 head=get_architecture(arch).blocks.get("last", ("fc",)))
         if skipped:
             print(f"init from {config.init}: classifier {', '.join(skipped)} re-initialised "
                   f"({source.num_classes} classes)")
-    saved = None
-    if state_file is not None:
-        saved = RunStateFile(Path(state_file), {
-            "arch": arch, "source": source.benchmark, "train_images": len(source.train),
-            "num_classes": source.num_classes, "pretrain": dataclasses.asdict(config)})
-        state = saved.load()  # another run's file is refused here, before any work
-        if state is not None:
-            print(f"continuing the stopped run saved in {saved.path} after epoch "
-                  f"{state['epoch']} of {config.epochs}", file=sys.stderr, flush=True)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -189,9 +194,24 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
         if bar is not None:
             bar.close()
     if result.status != "ok":
+        if saved is not None:  # a rerun at a smaller lr starts over, not from this run
+            saved.path.unlink(missing_ok=True)
         raise ConfigError(f"pretraining diverged (NaN/inf loss) at lr={config.lr}; "
                           "try a smaller --lr")
     return model.eval()
+
+
+def source_fingerprint(source: SourceData) -> str:
+    """A checksum of the training split's labels and its first images (or file paths), so
+    that a stopped run is not continued on other data of the same size."""
+    train = source.train
+    digest = hashlib.sha256(f"{len(train)}".encode())
+    digest.update(train.labels.numpy().tobytes())
+    images = getattr(train, "images", None)
+    if images is not None:
+        digest.update(images[:16].contiguous().numpy().tobytes())
+    digest.update("\n".join(map(str, getattr(train, "paths", None) or [])).encode())
+    return digest.hexdigest()[:16]
 
 
 def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
@@ -216,9 +236,10 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
         raise ConfigError(f"benchmark {benchmark!r} has no source data to pretrain on "
                           "(its source model comes from elsewhere)")
     options = dict(source_options or {})
-    resolved = resolved or {"pretrain": dataclasses.asdict(config)}
+    resolved = resolved or {"benchmark": benchmark, "arch": arch,
+                            "pretrain": dataclasses.asdict(config)}
     with sole_writer(out):  # one pretraining per --out
-        done = _finished(out, resolved, options)
+        done = _finished(out, benchmark, arch, resolved, options)
         if done is not None:
             print(f"{out} is already trained with these settings (its manifest says so); "
                   "delete it to train again", file=sys.stderr, flush=True)
@@ -227,7 +248,8 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
                                  resolved, trust_checkpoint, device)
 
 
-def _finished(out: Path, resolved: dict, options: dict) -> dict | None:
+def _finished(out: Path, benchmark: str, arch: str, resolved: dict,
+              options: dict) -> dict | None:
     """The manifest of `out` if it is a finished pretraining of these settings, else None."""
     if not out.is_file():
         return None
@@ -235,7 +257,8 @@ def _finished(out: Path, resolved: dict, options: dict) -> dict | None:
         manifest = verify_checkpoint(out)
     except CheckpointError:  # no manifest, or a file it does not describe: train anew
         return None
-    same = manifest.get("config") == resolved and manifest.get("data") == options
+    same = (manifest.get("config") == resolved and manifest.get("data") == options
+            and manifest.get("arch") == arch and manifest.get("benchmark") == benchmark)
     return manifest if same else None
 
 
@@ -248,7 +271,7 @@ def _pretrain_to_file(bench: Benchmark, out: Path, arch: str, config: PretrainCo
     # after every epoch, so that a stopped or killed run continues there when rerun
     state_file = state_path(out)
     model = pretrain(source, arch, config, trust_checkpoint=trust_checkpoint, device=device,
-                     state_file=state_file)
+                     state_file=state_file, data_key={"options": options})
     acc = evaluate(model, source.test).acc
     trained_on = next(model.parameters()).device.type
     model.cpu()  # the checkpoint loads on any machine

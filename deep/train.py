@@ -22,6 +22,7 @@ What makes it fast, by construction:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -251,11 +252,20 @@ class RunStateFile:
     key: dict
     _loaded: dict | None = field(default=None, init=False, repr=False)
 
+    FIELDS = ("epoch", "model", "optimizer", "generator", "aug_generator", "losses", "history",
+              "touched")
+
+    def __post_init__(self):
+        # as JSON would hold it (a Path as its text): what is saved is what is compared
+        self.key = json.loads(json.dumps(self.key, default=str))
+
     def load(self) -> dict | None:
         """The saved state, None when there is none; refuses another run's file. Read
         once: the caller may look before `fit` continues from it."""
         if self._loaded is not None:
             return self._loaded
+        if Path(self.path).is_dir():
+            raise ConfigError(f"{self.path} is a folder, not a run state file: move it away")
         if not Path(self.path).is_file():
             return None
         try:
@@ -264,17 +274,28 @@ class RunStateFile:
             raise ConfigError(f"{self.path} is not a readable run state ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); delete it to "
                               "start the run over") from None
-        if state.get("key") != self.key:
-            theirs = state.get("key") or {}
-            differ = sorted(k for k in set(theirs) | set(self.key) if theirs.get(k) != self.key.get(k))
-            raise ConfigError(f"{self.path} holds a stopped run with other settings ({', '.join(differ)}"
-                              f"); rerun with the settings it started with, or delete it to "
+        missing = [f for f in (*self.FIELDS, "key") if not isinstance(state, dict) or f not in state]
+        if missing:
+            raise ConfigError(f"{self.path} is not a run state of this version (no "
+                              f"{', '.join(missing)}); delete it to start the run over")
+        if state["key"] != self.key:
+            differ = "; ".join(_differences(state["key"], self.key))
+            raise ConfigError(f"{self.path} holds a stopped run with other settings ({differ}); "
+                              "rerun with the settings it started with, or delete it to "
                               "start over")
         self._loaded = state
         return state
 
     def save(self, state: dict) -> None:
         atomic_write_bytes(self.path, lambda f: torch.save({**state, "key": self.key}, f))
+
+
+def _differences(saved, now, prefix: str = "") -> list[str]:
+    """"name: file A vs now B" for each leaf that differs between two JSON-like dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in _differences(saved.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if saved == now else [f"{prefix.rstrip('.')}: file {saved!r} vs now {now!r}"]
 
 
 def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,

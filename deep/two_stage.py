@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ConfigError
+from .files import check_output, sole_writer
 from .protocol import Protocol
 from .results import best_lr, selection_metric
 from .sweep import SweepSummary, read_results, run_sweep
@@ -136,6 +137,12 @@ def run_two_stage(protocol: Protocol, out: str | Path, lr_seeds: list[int],
     if any(overlap.values()):
         raise ConfigError(f"second-stage seeds must leave out the first stage's {lr_seeds}; "
                           f"got {({m: s for m, s in overlap.items() if s})}")
+    out = check_output(out)  # "~" expanded: read_results below reads the file run_sweep writes
+    with sole_writer(out):   # one writer from stage 1 to stage 2 (run_sweep's is the same)
+        return _two_stages(protocol, out, lr_seeds, seeds_for, on_row, extend, sweep_options)
+
+
+def _two_stages(protocol, out, lr_seeds, seeds_for, on_row, extend, sweep_options):
     summaries = [run_sweep(protocol.replace(seeds=lr_seeds), out, on_row=on_row, **sweep_options)]
     for _ in range(2 * extend):  # each round adds one step to every pair at an edge
         steps = edge_steps(read_results(out), protocol, lr_seeds, extend)

@@ -74,11 +74,16 @@ def test_a_state_file_of_other_settings_is_refused(source, tmp_path, monkeypatch
         with pytest.raises(Stop):
             pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
     with pytest.raises(ConfigError, match=r"m.pt.state holds a stopped run with other settings "
-                                          r"\(pretrain\); rerun with the settings it started with, "
-                                          r"or delete it"):
+                                          r"\(pretrain.lr: file 0.05 vs now 0.1\); rerun with the "
+                                          r"settings it started with, or delete it"):
         pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state, lr=0.1)
-    with pytest.raises(ConfigError, match=r"other settings \(arch, pretrain\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(arch: file 'resnet26-w4' vs now "
+                                          r"'resnet26-w8'; pretrain.epochs: file 3 vs now 4\)"):
         pretrain(source, "resnet26-w8", CONFIG, progress=False, state_file=state, epochs=4)
+    with pytest.raises(ConfigError, match=r"other settings \(data: file '[0-9a-f]{16}' vs now"):
+        other = get_benchmark("synthetic").load_source(None)   # same size, other labels
+        other.train.labels = other.train.labels.flip(0)
+        pretrain(other, "resnet26-w4", CONFIG, progress=False, state_file=state)
     state.write_bytes(b"not a torch file")
     with pytest.raises(ConfigError, match="m.pt.state is not a readable run state .*delete it"):
         pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
@@ -140,8 +145,23 @@ def test_a_finished_pretraining_rerun_repeats_no_work(tmp_path, monkeypatch, cap
     other = module.pretrain_to_file("synthetic", out, "resnet26-w4",
                                     PretrainConfig(epochs=1, lr=0.02, batch_size=64, augment="none"))
     assert trained == [1] and other["lr"] == 0.02
-    stale = tmp_path / ".m.pt.state.x1y2.tmp"   # a killed state write's temp file
+    stale = tmp_path / ".m.pt.state.x1y2z3w4.tmp"   # a killed state write's temp file
     stale.write_bytes(b"0" * 100)
     out.with_suffix(".pt.json").unlink()      # no manifest: not a finished run
     module.pretrain_to_file("synthetic", out, "resnet26-w4", config)
     assert trained == [1, 1] and not stale.exists()
+
+
+def test_a_finished_model_of_another_arch_is_not_taken_for_this_one(tmp_path, capsys):
+    from deep.pretrain import pretrain_to_file
+    config = PretrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none")
+    pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w4", config)
+    again = pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w8", config)
+    assert again["arch"] == "resnet26-w8" and "already trained" not in capsys.readouterr().err
+
+
+def test_a_diverged_run_leaves_no_state_to_refuse_the_smaller_lr(source, tmp_path):
+    state = tmp_path / "m.pt.state"
+    with pytest.raises(ConfigError, match="diverged .* try a smaller --lr"):
+        pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state, lr=1e6)
+    assert not state.exists()

@@ -5,6 +5,7 @@ stand in no one's way."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,13 +25,28 @@ ROOT = Path(__file__).resolve().parents[2]
 HELD = r"is being written by process \d+ on .*; wait for it to finish, or write to another --out"
 
 
+@contextlib.contextmanager
+def held_elsewhere(path):
+    """`path` held by another process (sole_writer is re-entrant within one)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from deep.files import sole_writer\n"
+         f"with sole_writer({str(path)!r}):\n    print('held', flush=True); time.sleep(120)"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def small_protocol():
     return quick(load_protocol("synthetic")).replace(lrs=[0.01], methods=["last"])
 
 
 def test_a_second_sweep_into_the_same_file_is_refused(tmp_path, synthetic_checkpoint):
     out = tmp_path / "r.csv"
-    with sole_writer(out):  # another sweep, running
+    with held_elsewhere(out):  # another sweep, running
         with pytest.raises(ConfigError, match=f"--out {out} {HELD}"):
             run_sweep(small_protocol(), out, progress=False)
     assert not out.exists()
@@ -43,7 +59,7 @@ def test_a_second_adaptation_run_into_the_same_file_is_refused(tmp_path, one_thr
     from tests.deep.test_adapt import _tiny_protocol
     from deep.adapt.runner import run_adaptation
     out = tmp_path / "a.csv"
-    with sole_writer(out):
+    with held_elsewhere(out):
         with pytest.raises(ConfigError, match=HELD):
             run_adaptation(_tiny_protocol(methods=["tent"]), out, progress=False)
     assert not out.exists()
@@ -63,7 +79,7 @@ def test_a_killed_writers_lock_and_temp_files_are_taken_over(tmp_path):
             pass
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    stale = tmp_path / ".r.csv.abc123.tmp"
+    stale = tmp_path / ".r.csv.abc12345.tmp"
     stale.write_text("half a row")
     assert (tmp_path / ".r.csv.lock").exists()
     with sole_writer(out):
@@ -127,3 +143,47 @@ def test_an_out_given_with_a_tilde_is_one_file_for_rows_lock_and_configuration(
     assert len(read_results(tmp_path / "runs" / "r.csv")) == 1
     assert (tmp_path / "runs" / "r.csv.config.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_a_symlinked_out_is_held_and_written_at_its_target(tmp_path):
+    from deep.files import atomic_write_text, check_output
+    target, link = tmp_path / "s1.csv", tmp_path / "link.csv"
+    target.write_text("old")
+    link.symlink_to(target)
+    with held_elsewhere(target):
+        with pytest.raises(ConfigError, match=HELD):
+            with sole_writer(check_output(link)):
+                pass
+    with sole_writer(check_output(link)) as path:
+        atomic_write_text(path, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_a_symlink_planted_at_the_lock_name_is_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".r.csv.lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match="cannot create its lock file"):
+        with sole_writer(tmp_path / "r.csv"):
+            pass
+    assert victim.read_text() == "precious"
+
+
+def test_stale_temps_of_this_output_only_are_removed(tmp_path):
+    ours = [tmp_path / n for n in (".m.pt.a1b2c3d4.tmp", ".m.pt.json.a1b2c3d4.tmp",
+                                   ".m.pt.state.a1b2c3d4.tmp")]
+    theirs = [tmp_path / n for n in (".m.pt.v2.a1b2c3d4.tmp", ".mXpt.a1b2c3d4.tmp")]
+    for f in ours + theirs:
+        f.write_text("x")
+    with sole_writer(tmp_path / "m.pt"):
+        pass
+    assert not any(f.exists() for f in ours) and all(f.exists() for f in theirs)
+
+
+def test_a_process_holding_an_output_may_open_it_again(tmp_path):
+    """A two-stage sweep holds its file across stages; each stage's sweep opens it again."""
+    with sole_writer(tmp_path / "r.csv"):
+        with sole_writer(tmp_path / "r.csv"):
+            pass
+        assert (tmp_path / ".r.csv.lock").exists()   # still the outer holder's
+    assert not (tmp_path / ".r.csv.lock").exists()
