@@ -104,8 +104,9 @@ def run_report(args) -> int:
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True)
-    p.add_argument("--out", required=True, help="checkpoint path; the manifest goes to <out>.json, the run's state "
-                        "to <out>.state after every epoch (rerun the command to continue a "
+    p.add_argument("--out", required=True,
+                   help="checkpoint path; the manifest goes to <out>.json, the run's state to "
+                        "<out>.state after every epoch (rerun the command to continue a "
                         "stopped run)")
     p.add_argument("--data-dir")
     p.add_argument("--arch", help="default: the benchmark protocol's; one of "

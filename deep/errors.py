@@ -60,6 +60,12 @@ def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> fl
     return value
 
 
+def clash_text(clash: dict, sep: str = ", ") -> str:
+    """{setting: (recorded, now)} as "epochs: file 1 vs now 2, ...": how a refused resume
+    names what differs."""
+    return sep.join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
+
+
 def exit_status(command: Callable[[], int | None]) -> int:
     """Run a command-line tool's body: bad input (a DeepError) is printed as one
     `error: <message>` line, status 2; any other exception is a bug and keeps its traceback."""

@@ -99,22 +99,20 @@ def sole_writer(path: str | Path, what: str = "--out"):
         yield path
         return
     lock = Path(real).with_name(f".{Path(real).name}.lock")
-    fd = _take_lock(lock, path, what)
-    if fd is None:  # a file system without locks: warned
-        remove_stale_temps(path)
-        yield path
-        return
-    _HELD.add(real)
-    try:
+    fd = _take_lock(lock, path, what)  # None: a file system without locks (warned)
+    if fd is not None:
+        _HELD.add(real)
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+    try:
         remove_stale_temps(path)
         yield path
     finally:
-        _HELD.discard(real)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
+        if fd is not None:
+            _HELD.discard(real)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            os.close(fd)
 
 
 def _take_lock(lock: Path, path: Path, what: str) -> int | None:

@@ -41,7 +41,7 @@ from .allocator import keep_freed_memory
 from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, ShiftTask, get_benchmark
-from .errors import ConfigError, ResultsError, check_int, check_nonnegative
+from .errors import ConfigError, ResultsError, check_int, check_nonnegative, clash_text
 from .files import atomic_write_text, check_output, code_commit, cpu_model, sha256_file, sole_writer
 from .methods import method_names
 from .models import build_model, get_architecture
@@ -271,12 +271,7 @@ def _check_same_settings(row: dict, settings: dict, out) -> None:
         clash["checkpoint"] = (row["checkpoint"], settings["checkpoint"])
     if clash:
         raise ResultsError(f"{out} already holds cell {row_key(row)} with other settings "
-                           f"({_clash_text(clash)}); write this sweep to another --out")
-
-
-def _clash_text(clash: dict) -> str:
-    """{setting: (in the file, now)} as "epochs: file 1 vs now 2, ..."."""
-    return ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
+                           f"({clash_text(clash)}); write this sweep to another --out")
 
 
 def config_path(out: str | Path) -> Path:
@@ -335,7 +330,7 @@ def check_same_configuration(out: str | Path, entry: dict, rows_exist: bool) -> 
                                    f"{entry['checkpoint']} (sha256 {now[:12]})")
         if clash:
             raise ResultsError(f"{out} holds {entry['benchmark']} rows of a sweep with other "
-                               f"settings ({_clash_text(clash)}; recorded in {config_path(out)}); write "
+                               f"settings ({clash_text(clash)}; recorded in {config_path(out)}); write "
                                "this sweep to another --out")
 
 

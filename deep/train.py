@@ -35,7 +35,8 @@ from torch import nn
 
 from .blocks import set_trainable
 from .data.base import Split
-from .errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
+from .errors import (ConfigError, check_choice, check_int, check_nonnegative, check_positive,
+                     clash_text)
 from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
@@ -279,7 +280,7 @@ class RunStateFile:
             raise ConfigError(f"{self.path} is not a run state of this version (no "
                               f"{', '.join(missing)}); delete it to start the run over")
         if state["key"] != self.key:
-            differ = "; ".join(_differences(state["key"], self.key))
+            differ = clash_text(_differences(state["key"], self.key), sep="; ")
             raise ConfigError(f"{self.path} holds a stopped run with other settings ({differ}); "
                               "rerun with the settings it started with, or delete it to "
                               "start over")
@@ -290,12 +291,12 @@ class RunStateFile:
         atomic_write_bytes(self.path, lambda f: torch.save({**state, "key": self.key}, f))
 
 
-def _differences(saved, now, prefix: str = "") -> list[str]:
-    """"name: file A vs now B" for each leaf that differs between two JSON-like dicts."""
+def _differences(saved, now, prefix: str = "") -> dict:
+    """{dotted name: (saved, now)} for each leaf that differs between two JSON-like dicts."""
     if isinstance(saved, dict) and isinstance(now, dict):
-        return [d for k in sorted(set(saved) | set(now), key=str)
-                for d in _differences(saved.get(k), now.get(k), f"{prefix}{k}.")]
-    return [] if saved == now else [f"{prefix.rstrip('.')}: file {saved!r} vs now {now!r}"]
+        return {name: pair for k in sorted(set(saved) | set(now), key=str)
+                for name, pair in _differences(saved.get(k), now.get(k), f"{prefix}{k}.").items()}
+    return {} if saved == now else {prefix.rstrip("."): (saved, now)}
 
 
 def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,

@@ -113,24 +113,24 @@ def test_above_zero_is_the_interval_rule_and_never_true_for_one_seed():
     assert not above_zero((0.5, math.nan, 1))     # one seed: no interval, no claim
 
 
-def test_learning_curves_keep_an_epoch_reached_by_exactly_min_share_of_the_runs():
-    """Guards `>=` on min_share: with min_share 0.5 (deep.bench.CURVE_SHARE) and 4 runs,
-    the last epoch, reached by exactly 2 of them, is kept; the one reached by 1 is not."""
-    lengths = {0: 2, 1: 2, 2: 3, 3: 4}
+def curve_of_runs(lengths: dict, min_share: float) -> list:
+    """`first`'s learning curve over runs (one per seed) of `lengths[seed]` epochs each."""
     curves = []
     for seed, n in lengths.items():
         curves += CurvesFileRows(row(seed=seed, history=[0.5] * n))
     selected = [row(seed=seed) for seed in lengths]
-    got = learning_curves(curves, selected, panel_of=lambda r: "panel", min_share=0.5)["panel"]["first"]
+    return learning_curves(curves, selected, panel_of=lambda r: "panel",
+                           min_share=min_share)["panel"]["first"]
+
+
+def test_learning_curves_keep_an_epoch_reached_by_exactly_min_share_of_the_runs():
+    """Guards `>=` on min_share: with min_share 0.5 (deep.bench.CURVE_SHARE) and 4 runs,
+    the last epoch, reached by exactly 2 of them, is kept; the one reached by 1 is not."""
+    got = curve_of_runs({0: 2, 1: 2, 2: 3, 3: 4}, min_share=0.5)
     assert [(e, n) for e, _, n in got] == [(1, 4), (2, 4), (3, 2)]
 
 
 def test_a_decimal_min_share_is_not_lost_to_rounding():
     """0.28 of 25 runs is 7 runs, though 0.28 * 25 is 7.000000000000001 in floats."""
-    lengths = {seed: (3 if seed < 7 else 2) for seed in range(25)}
-    curves = []
-    for seed, n in lengths.items():
-        curves += CurvesFileRows(row(seed=seed, history=[0.5] * n))
-    selected = [row(seed=seed) for seed in lengths]
-    got = learning_curves(curves, selected, panel_of=lambda r: "panel", min_share=0.28)["panel"]["first"]
+    got = curve_of_runs({seed: (3 if seed < 7 else 2) for seed in range(25)}, min_share=0.28)
     assert [(e, n) for e, _, n in got] == [(1, 25), (2, 25), (3, 7)]
