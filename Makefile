@@ -35,13 +35,13 @@ PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 test: $(STAMP)
 	$(PYTEST)
 
-# The deep engine's tests (with adaptation, reference models, ViT) again on oneDNN's AVX2 kernels, which CPUs without AVX-512 (AMD EPYC
+# The deep engine's tests (with adaptation, reference models, ViT, the speed scripts) again on oneDNN's AVX2 kernels, which CPUs without AVX-512 (AMD EPYC
 # before Zen 4, Intel with AVX2 or AVX-VNNI only) run and ONEDNN_MAX_CPU_ISA=AVX2 selects anywhere
 # (docs/troubleshooting.md). MALLOC_CHECK_=3: glibc aborts at the first heap inconsistency.
 ENGINE_TESTS := tests/deep/test_engine.py tests/deep/test_engine_schedules.py tests/deep/test_engine_checkpoints.py \
 	tests/deep/test_sweep.py tests/deep/test_cli.py tests/deep/test_onednn_guard.py \
 	tests/deep/test_pretrain_options.py tests/deep/test_adapt.py tests/deep/test_reference_models.py \
-	tests/deep/test_vit.py
+	tests/deep/test_vit.py tests/deep/test_speed.py
 test-avx2: $(STAMP)
 	ONEDNN_MAX_CPU_ISA=AVX2 MALLOC_CHECK_=3 $(PYTEST) -m 'not pins_isa' $(ENGINE_TESTS)
 
