@@ -79,7 +79,7 @@ CAMELYON_LAYOUT = f"""\
 Camelyon17-WILDS v{CAMELYON_VERSION} (as `wilds` downloads it, or
 https://worksheets.codalab.org/bundles/0xe45e15f39fb54e9d9e919556af67aabe), extracted:
   <data-dir>/camelyon17_v{CAMELYON_VERSION}/   (or <data-dir> itself)
-    RELEASE_v{CAMELYON_VERSION}.txt     marks a complete download
+    RELEASE_v{CAMELYON_VERSION}.txt     WILDS' version file (in the archive)
     metadata.csv         an unnamed index column, then
                          patient,node,x_coord,y_coord,tumor,slide,center,split
     patches/patient_<P>_node_<N>/patch_patient_<P>_node_<N>_x_<X>_y_<Y>.png   (96 x 96)"""
@@ -88,7 +88,7 @@ FMOW_LAYOUT = f"""\
 FMoW-WILDS v{FMOW_VERSION} (as `wilds` downloads it, or
 https://worksheets.codalab.org/bundles/0xaec91eb7c9d548ebb15e1b5e60f966ab), extracted:
   <data-dir>/fmow_v{FMOW_VERSION}/   (or <data-dir> itself)
-    RELEASE_v{FMOW_VERSION}.txt          marks a complete download
+    RELEASE_v{FMOW_VERSION}.txt          WILDS' version file (in the archive)
     rgb_metadata.csv          split,img_filename,img_path,spatial_reference,epsg,category,
                               visible,img_width,img_height,country_code,cloud_cover,
                               timestamp,lat,lon (split train/val/test/seq)
@@ -112,9 +112,11 @@ def dataset_root(data_dir, name: str, version: str, marker: str, layout: str) ->
     root = find_dir(data_dir, [f"{name}_v{version}"], marker, layout, name)
     release = root / f"RELEASE_v{version}.txt"
     if not release.is_file():
+        # The archive ships this file and `wilds` takes its presence for "downloaded";
+        # its absence means another version or an extraction that did not get that far.
         raise DataError(f"{name}: {release} is missing: the download is incomplete or of "
-                        f"another version (WILDS writes it once the archive is fully "
-                        f"extracted); expected:\n{layout}")
+                        f"another version (the v{version} archive holds it); "
+                        f"expected:\n{layout}")
     return root
 
 
