@@ -1,0 +1,58 @@
+"""scripts/fmnist_reproduce.py reruns committed cells with the settings their rows record
+and says, cell by cell, whether the numbers are the same bit for bit."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from deep.protocol import load_protocol
+from deep.sweep import run_sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def script():
+    spec = importlib.util.spec_from_file_location("fmnist_reproduce", ROOT / "scripts/fmnist_reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def committed(tmp_path, synthetic_checkpoint):
+    """A results file made with settings other than the synthetic protocol's defaults (so a
+    rerun that took today's protocol instead of the row's settings would differ)."""
+    protocol = load_protocol("synthetic").replace(
+        shifts=["noise"], methods=["first", "all"], lrs=[1e-2], seeds=[0], epochs=2,
+        n_target=64, val_per_class=10, test_per_class=20, patience=1)
+    assert protocol.resolved() != load_protocol("synthetic").resolved()
+    out = tmp_path / "committed.csv"
+    run_sweep(protocol, out, workers=1, progress=False, device="cpu")
+    return out
+
+
+def test_a_rerun_of_committed_cells_is_identical(committed, tmp_path, capsys):
+    rc = script().main(["--results", str(committed), "--cells", "2", "--threads", "1",
+                        "--out", str(tmp_path / "rerun.csv")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "identical: 2 of 2" in out and "DIFFERS" not in out
+
+
+def test_a_cell_that_differs_is_named_with_its_metric_and_fails(committed, tmp_path, capsys):
+    rows = list(csv.DictReader(committed.open()))
+    rows[1]["test_acc"] = str(float(rows[1]["test_acc"]) + 1e-6)  # one value off in the last digits
+    with committed.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    rc = script().main(["--results", str(committed), "--cells", "2", "--threads", "1",
+                        "--out", str(tmp_path / "rerun.csv")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "identical: 1 of 2" in out
+    line, = [l for l in out.splitlines() if "DIFFERS" in l]
+    assert f"'{rows[1]['method']}'" in line and "'test_acc'" in line
