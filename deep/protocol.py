@@ -188,7 +188,10 @@ def read_protocol_file(config_dir: Path, benchmark: str,
         raise ConfigError(f"no {what} for benchmark {benchmark!r} ({path} missing); "
                           f"known: {', '.join(known) or 'none'}")
     with open(path, "rb") as f:
-        raw = tomllib.load(f)
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from None
     raw.setdefault("benchmark", benchmark)
     if raw["benchmark"] != benchmark:
         raise ConfigError(f"{path}: benchmark = {raw['benchmark']!r} does not match the file name")
@@ -211,16 +214,39 @@ def protocol_from_dict(raw: dict, where: str = "protocol") -> Protocol:
     missing = [k for k in ("benchmark", "arch") if k not in raw]
     if missing:
         raise ConfigError(f"{where}: missing key(s) {missing}")
+    _check_shapes(raw, tables, where)
     sections = {}
     try:
         for section, cls in SECTIONS.items():
             sections[section] = cls(**{k: v for k, v in raw.items() if FLAT.get(k) == section})
         pretrain = PretrainConfig(**raw.get("pretrain", {}))
-    except TypeError as err:  # a missing or unknown field of one section
+    except TypeError as err:  # a missing field of one section
+        raise ConfigError(f"{where}: {err}") from None
+    except ConfigError as err:  # a value a section refuses: say which file holds it
         raise ConfigError(f"{where}: {err}") from None
     return Protocol(raw["benchmark"], raw["arch"], **sections,
                     **{t: dict(raw.get(t, {})) for t in tables if t != "pretrain"},
                     pretrain=pretrain, notes=raw.get("notes", ""))
+
+
+def _check_shapes(raw: dict, tables: tuple[str, ...], where: str) -> None:
+    """Lists where a field is a list, tables where a table is, known [pretrain] keys: a
+    scalar `lrs = 0.1` would otherwise fail inside the code, and `shifts = "noise"` be
+    read as five one-letter shifts."""
+    fields = {f.name: f for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    for name, value in raw.items():
+        if name in fields and str(fields[name].type).startswith("list") and not isinstance(value, list):
+            raise ConfigError(f"{where}: {name} must be a list, e.g. {name} = [{value!r}], "
+                              f"got {value!r}")
+    for table in tables:
+        if table in raw and not isinstance(raw[table], dict):
+            raise ConfigError(f"{where}: {table} must be a table ([{table}] with key = value "
+                              f"lines), got {raw[table]!r}")
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = set(raw.get("pretrain", {})) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in [pretrain]; "
+                          f"known: {sorted(known)}")
 
 
 def data_option(text: str) -> tuple[str, object]:

@@ -16,7 +16,7 @@ from deep.methods import GENERIC_METHODS, METHODS, get_method, method_names
 from deep.models import (Architecture, architecture_names, block_order, build_model,
                          get_architecture, register_architecture)
 from deep.pretrain import PretrainConfig
-from deep.protocol import TargetData, Tuning, load_protocol, protocol_from_dict
+from deep.protocol import TargetData, Tuning, load_protocol, protocol_from_dict, read_protocol_file
 from deep.results import COLUMNS, ResultRow, read_results, results_text
 from deep.train import TrainConfig
 
@@ -98,8 +98,27 @@ def test_protocol_sections_tables_and_flat_attributes():
         p.replace(nope=1)
     with pytest.raises(ConfigError, match="n_target must be at least 1, got 0"):
         p.replace(n_target=0)
-    with pytest.raises(ConfigError, match="unexpected keyword argument 'depth'"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['depth'\] in \[pretrain\]; known: \["):
         protocol_from_dict({**raw, "pretrain": {"depth": 3}})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lrs = 0.1", r"lrs must be a list, e\.g\. lrs = \[0\.1\], got 0\.1"),
+    ('shifts = "noise"', r"shifts must be a list.*got 'noise'"),   # not five 1-letter shifts
+    ('methods = "all"', r"methods must be a list"),
+    ("data = 3", r"data must be a table"),
+    ('epochs = "six"', r"epochs must be an integer, got 'six'"),
+    ("lrs = [0.1", r"is not valid TOML: "),
+])
+def test_a_malformed_protocol_file_is_named_with_what_it_should_hold(tmp_path, text, message):
+    key = text.split("=")[0].strip()
+    lines = ['arch = "resnet26"', 'methods = ["all"]', "epochs = 2", "lrs = [0.1]",
+             'shifts = ["a"]', "n_target = 10", "val_per_class = 1", "test_per_class = 0"]
+    body = [line for line in lines if line.split("=")[0].strip() != key] + [text]
+    (tmp_path / "x.toml").write_text("\n".join(body) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "x.toml")) + r".*" + message):
+        raw, path = read_protocol_file(tmp_path, "x")
+        protocol_from_dict(raw, str(path))
 
 
 def test_flags_are_generated_from_the_fields():
