@@ -8,6 +8,10 @@ for a model passes it on with `loader_options`, so the loader normalises with it
 
     task = bench.load_task(data_dir, shift, ..., **loader_options(bench.load_task,
                                                                   bench.name, arch, data))
+
+The same call gives a loader that takes an `arch` parameter (fmnist-blocknoise, whose shift
+is noise on one block of the model) the architecture being run, so that the block's
+modules are this network's and not its default's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .data import get_benchmark
 from .models import get_architecture
 
 OPTION = "normalization"
+ARCH_OPTION = "arch"
 # What a loader takes as arguments of its own, never as a data option.
 TASK_ARGUMENTS = ("data_dir", "shift", "n_target", "val_per_class", "test_per_class", "seed")
 
@@ -70,7 +75,7 @@ def _fits(value, expected: tuple) -> bool:
 
 def loader_options(loader: Callable, benchmark: str, arch: str, options: Mapping) -> dict:
     """`options` (a protocol's [data] table) plus `normalization=(mean, std)` when `arch`
-    declares its own input normalisation. Unknown options: see `check_data_options`.
+    declares its own input normalisation, and `arch` for a loader that takes it. Unknown options: see `check_data_options`.
 
     A loader without a `normalization` parameter keeps its own statistics: silently when
     they are the architecture's (`Benchmark.normalization`), else with a warning. Raises
@@ -78,6 +83,7 @@ def loader_options(loader: Callable, benchmark: str, arch: str, options: Mapping
     architecture's.
     """
     check_data_options(loader, benchmark, options)
+    options = _with_arch(loader, benchmark, arch, options)
     own = get_architecture(arch).normalization
     if own is None:
         return dict(options)
@@ -93,6 +99,18 @@ def loader_options(loader: Callable, benchmark: str, arch: str, options: Mapping
         raise ConfigError(f"data option {OPTION}={given!r} contradicts {arch}'s own input "
                           f"normalisation {own!r} (the weights expect the latter)")
     return {**options, OPTION: own}
+
+
+def _with_arch(loader: Callable, benchmark: str, arch: str, options: Mapping) -> Mapping:
+    """`options` plus arch=`arch` for a loader that takes the model's architecture."""
+    if ARCH_OPTION not in inspect.signature(loader).parameters:
+        return options
+    given = options.get(ARCH_OPTION)
+    if given is not None and given != arch:
+        raise ConfigError(f"data option {ARCH_OPTION}={given!r} contradicts the architecture "
+                          f"being run, {arch!r} (the {benchmark} loader takes it from --arch; "
+                          f"leave the data option out)")
+    return {**options, ARCH_OPTION: arch}
 
 
 def _same(a, b) -> bool:

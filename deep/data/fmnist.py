@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int, check_positive
 from ..files import verify_checkpoint
 from ..models import get_architecture, matches_any
 from .base import (Benchmark, DataError, ShiftTask, SourceData, TensorSplit,
@@ -224,6 +224,7 @@ def _corrupted(data: FashionMNIST, corruption: str, severity: int, corruption_se
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
             or not 1 <= severity <= 5:
         raise ConfigError(f"fmnist-c: severity must be an integer in 1..5, got {severity!r}")
+    check_int("fmnist-c: corruption_seed", corruption_seed, minimum=0)
     rng = np.random.default_rng([int(corruption_seed), zlib.crc32(corruption.encode()), int(severity)])
     out = corrupt(data.test_images / 255.0, corruption, severity, rng)
     out = np.rint(out * 255.0).astype(np.uint8)
@@ -377,6 +378,7 @@ def load_fmnist_spurious(data_dir=None, shift: str = "balanced", n_target: int =
     so that one protocol `data` table can be passed to both loaders.
     """
     BENCHMARKS["fmnist-spurious"].check_shifts(shift)
+    _check_cue_options(source_agreement, cue_seed)  # unused here, but a bad value is still wrong
     agreement = {"balanced": 0.5, "reversed": 0.0}[shift]
     data = load_fashion_mnist(data_dir)
     train, val, test = draw_splits(torch.tensor(data.test_labels), NUM_CLASSES, n_target,
@@ -387,10 +389,19 @@ def load_fmnist_spurious(data_dir=None, shift: str = "balanced", n_target: int =
     return ShiftTask("fmnist-spurious", shift, NUM_CLASSES, *splits, group_names=GROUP_NAMES)
 
 
+def _check_cue_options(source_agreement, cue_seed) -> None:
+    if isinstance(source_agreement, bool) or not isinstance(source_agreement, (int, float)) \
+            or not 0 <= source_agreement <= 1:
+        raise ConfigError(f"fmnist-spurious: source_agreement must be a fraction in [0, 1], "
+                          f"got {source_agreement!r}")
+    check_int("fmnist-spurious: cue_seed", cue_seed, minimum=0)
+
+
 def source_fmnist_spurious(data_dir=None, *, source_agreement: float = 0.95,
                            cue_seed: int = 0) -> SourceData:
     """Source: training images whose mark agrees with A(y) for `source_agreement` of each
     class; its test split has the same correlation (in-distribution accuracy)."""
+    _check_cue_options(source_agreement, cue_seed)
     data = load_fashion_mnist(data_dir)
     generator = seeded(cue_seed)
     train = _spurious_split(data.train_images, data.train_labels, torch.arange(len(data.train_labels)),
@@ -425,8 +436,7 @@ def perturb_parameters(model: torch.nn.Module, prefixes, scale: float, seed: int
     are left alone. Returns the names of the perturbed tensors; raises ValueError
     when no parameter matches.
     """
-    if not scale > 0:
-        raise DataError(f"noise scale must be positive, got {scale!r}")
+    check_positive("noise scale", scale, error=DataError)
     prefixes = tuple(prefixes)
     touched = []
     with torch.no_grad():
@@ -446,14 +456,21 @@ def perturb_parameters(model: torch.nn.Module, prefixes, scale: float, seed: int
 def block_perturbation(block: str, arch: str = "resnet26", scale: float | None = None, seed: int = 0):
     """The `ShiftTask.perturb` of fmnist-blocknoise: noise on the parameters of `block` of `arch`.
 
-    `scale` None takes the block's default from NOISE_SCALES.
+    `scale` None takes the block's default from NOISE_SCALES (calibrated on the resnet26
+    source model; for another architecture pass the scale you calibrated). The sweep
+    passes the architecture it runs (`deep.normalization.loader_options`).
     """
     scale = NOISE_SCALES[block] if scale is None else scale
-    if not scale > 0:
-        raise DataError(f"noise_scale must be positive, got {scale!r}")
+    check_positive("fmnist-blocknoise: noise_scale", scale)
+    check_int("fmnist-blocknoise: noise_seed", seed, minimum=0)
+    try:
+        prefixes = get_architecture(arch).prefixes(block)
+    except ConfigError as err:
+        raise ConfigError(f"fmnist-blocknoise: shift {block!r} perturbs the model's block "
+                          f"{block!r}, and {arch} has none ({err})") from None
 
     def perturb(model: torch.nn.Module) -> None:
-        perturb_parameters(model, get_architecture(arch).prefixes(block), scale, seed)
+        perturb_parameters(model, prefixes, scale, seed)
     perturb.__qualname__ = f"block_perturbation({block!r}, {arch!r}, scale={scale}, seed={seed})"
     return perturb
 

@@ -503,3 +503,43 @@ def test_fmnist_c_severity_zero_raises_config_error(fake_dir):
     option, not whatever the corruption itself makes of it."""
     with pytest.raises(ConfigError, match="fmnist-c: severity"):
         F.corrupted_test_images(fake_dir, "brightness", severity=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*expects inputs normalised")  # not the point here
+@pytest.mark.parametrize("arch, first_block", [("resnet50-public", ("conv1", "layer1")),
+                                               ("wrn28-10", ("conv1", "block1"))])
+def test_blocknoise_perturbs_the_block_of_the_architecture_being_run(fake_dir, arch, first_block):
+    """The loader_options a sweep passes give the loader the sweep's --arch: resnet26's
+    `first` (conv1, bn1, layer1) would take WRN's final `bn1`, and resnet50-public's `bn1`,
+    which neither network counts in its first block."""
+    from deep.models import build_model
+    from deep.normalization import loader_options
+    bench = get_benchmark("fmnist-blocknoise")
+    options = loader_options(bench.load_task, bench.name, arch, {})
+    assert options["arch"] == arch
+    task = bench.load_task(fake_dir, "first", seed=0, **SMALL, **options)
+    model = build_model(arch, 10, in_channels=1).eval()
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    task.perturb(model)
+    changed = {k.split(".")[0] for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert changed == set(first_block)
+    with pytest.raises(ConfigError, match=r"data option arch='resnet26' contradicts .* 'wrn28-10'"):
+        loader_options(bench.load_task, bench.name, "wrn28-10", {"arch": "resnet26"})
+    with pytest.raises(ConfigError, match=r"shift 'first' perturbs the model's block 'first', "
+                                          r"and clip-vit-tiny has none .*known: embedding"):
+        bench.load_task(fake_dir, "first", seed=0, **SMALL,
+                        **loader_options(bench.load_task, bench.name, "clip-vit-tiny", {}))
+
+
+@pytest.mark.parametrize("name, shift, option, message", [
+    ("fmnist-blocknoise", "first", {"noise_scale": float("inf")}, "noise_scale must be a positive number"),
+    ("fmnist-blocknoise", "first", {"noise_seed": -1}, "noise_seed must be at least 0"),
+    ("fmnist-c", "brightness", {"corruption_seed": -1}, "corruption_seed must be at least 0"),
+    # the target loader takes the source's options only to share one [data] table; a bad
+    # one is still refused, not saved in the results' configuration as if it had been used
+    ("fmnist-spurious", "balanced", {"source_agreement": 5}, r"source_agreement must be a fraction in \[0, 1\]"),
+    ("fmnist-spurious", "balanced", {"cue_seed": -7}, "cue_seed must be at least 0"),
+])
+def test_bad_loader_options_are_refused_by_name(fake_dir, name, shift, option, message):
+    with pytest.raises(ConfigError, match=f"{name}: {message}"):
+        get_benchmark(name).load_task(fake_dir, shift, seed=0, **SMALL, **option)
