@@ -42,7 +42,7 @@ from .flags import add_run_options
 from .sweep import read_results, run_sweep
 from .train import TrainConfig, resolve_device
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
-from .errors import ResultsError, check_int
+from .errors import ConfigError, ResultsError, check_int
 from .stats import above_zero, format_interval, format_stat, mean_se, t_interval
 from .two_stage import drop_superseded, run_two_stage
 
@@ -600,6 +600,19 @@ def plot_learning_curves(panels: dict, path_stem: Path) -> list[Path]:
     return save_figure(fig, path_stem)
 
 
+def _check_made_by(rows: list[dict], suite: Suite, path: Path) -> None:
+    """The table is drawn at the suite's n_target: rows of another suite (a --quick run's,
+    or the full suite's summarised with --quick) would give an empty or wrong table."""
+    made = sorted({r["n_target"] for r in rows})
+    if suite.n_target in made:
+        return
+    fits = [name for name, other in SUITES.items() if other.n_target in made]
+    hint = (f"; they fit the {fits[0]!r} suite: " + ("add --quick" if fits[0].endswith("-quick")
+                                                      else "leave out --quick")) if fits else ""
+    raise ResultsError(f"{path} holds rows at n_target {made}, and this suite's table is at "
+                       f"n_target {suite.n_target}{hint}")
+
+
 def summarize(out_dir: Path, suite: Suite) -> list[Path]:
     """table.md and the plots from the CSVs in `out_dir`."""
     rows = read_results(out_dir / "results.csv")
@@ -607,6 +620,7 @@ def summarize(out_dir: Path, suite: Suite) -> list[Path]:
         raise ResultsError(f"no results in {out_dir / 'results.csv'} to summarise: run "
                            f"`python -m deep bench fmnist --out {out_dir}` (without "
                            "--summarize-only) first")
+    _check_made_by(rows, suite, out_dir / "results.csv")
     main = select_learning_rates(drop_superseded(rows, suite.lr_seeds or []))
     epoch_curves = read_curves(out_dir / "curves.csv")
     text, verdicts = markdown_table(main, suite.n_target)
@@ -658,6 +672,14 @@ def add_arguments(p) -> None:
     # --device cpu: the device of the committed tables (make deep pins it)
     add_run_options(p, engine_default(TrainConfig, "cache_mb"))
     add_backend_arguments(p)  # --backend ray: the suite's sweeps as Ray tasks
+    # what --summarize-only refuses when changed from these (it runs nothing)
+    p.set_defaults(run_option_defaults={dest: p.get_default(dest) for dest in RUN_OPTIONS})
+
+
+RUN_OPTIONS = {"workers": "--workers", "data_dir": "--data-dir", "device": "--device",
+               "amp": "--amp", "cache_mb": "--cache-mb", "backend": "--backend",
+               "ray_address": "--ray-address", "gpus_per_task": "--gpus-per-task",
+               "cpus_per_task": "--cpus-per-task"}
 
 
 def run_benchmark(protocol: Protocol, suite: Suite, results: Path, curves: CurvesFile,
@@ -679,7 +701,14 @@ def run(args) -> int:
     name = args.suite + ("-quick" if args.quick else "")
     suite = SUITES[name]
     out_dir = Path(args.out or ("runs/fmnist-quick" if args.quick else suite.out))
-    if not args.summarize_only:
+    if args.summarize_only:
+        given = [flag for dest, flag in RUN_OPTIONS.items()
+                 if getattr(args, dest) != args.run_option_defaults[dest]]
+        if given:
+            raise ConfigError(f"--summarize-only runs nothing, so {', '.join(given)} would have "
+                              f"no effect: leave {'it' if len(given) == 1 else 'them'} out, or "
+                              "drop --summarize-only")
+    else:
         jobs = [(p, "results.csv", "curves.csv") for p in main_protocols(suite)]
         jobs += [(p, "n_target.csv", "n_target_curves.csv") for p in n_sweep_protocols(suite)]
         # every flag checked before the folder is made or Ray starts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,22 @@ def test_committed_converged_table_is_what_its_results_give(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "table.md").read_text() == (committed / "table.md").read_text()
+
+
+def test_summarize_only_refuses_another_suites_results_and_run_options(tmp_path, capsys):
+    """The full suite's CSVs summarised with --quick drew an empty table at n_target 200
+    over the committed one; run options given with --summarize-only were silently unused."""
+    from deep.__main__ import main
+    for name in ("results.csv", "curves.csv", "n_target.csv", "n_target_curves.csv"):
+        (tmp_path / name).write_bytes((ROOT / "figures" / "fmnist-v2" / name).read_bytes())
+    (tmp_path / "table.md").write_text("kept")
+    assert main(["bench", "fmnist", "--summarize-only", "--quick", "--out", str(tmp_path)]) == 2
+    assert re.search(r"holds rows at n_target \[1000\], and this suite's table is at n_target "
+                     r"200; they fit the 'fmnist' suite: leave out --quick", capsys.readouterr().err)
+    assert (tmp_path / "table.md").read_text() == "kept"
+    for flags, named in ((["--workers", "3"], "--workers"), (["--device", "cuda", "--amp"], "--device, --amp"),
+                         (["--cache-mb", "nan"], "--cache-mb"),
+                         (["--backend", "ray", "--gpus-per-task", "-1"], "--backend, --gpus-per-task")):
+        assert main(["bench", "fmnist", "--summarize-only", "--out", str(tmp_path), *flags]) == 2
+        assert f"--summarize-only runs nothing, so {named} would have no effect" in capsys.readouterr().err
+    assert (tmp_path / "table.md").read_text() == "kept"
