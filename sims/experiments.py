@@ -51,6 +51,10 @@ ZERO = 1e-8                         # F4: a loss below ZERO * E[y^2] counts as ~
 # Losses decay exponentially, so the curves of F1 and F5 also average log10(loss); an
 # exact fit scores ~1e-32 in float64, and FLOOR keeps an exact 0 finite.
 FLOOR = 1e-32
+# F5's curves: the methods compared and the quantities tracked (the `quantity` column).
+FORGETTING_METHODS = ("first", "all")
+FORGETTING_QUANTITIES = ("head drift |v - v_src| / |v_src|", "error on unseen old directions",
+                         "error on new directions", "target loss")
 
 
 @dataclass(frozen=True)
@@ -411,20 +415,18 @@ def forgetting(settings, progress=None):
         samples.append((X, y))
         unseen.append((problem.target_teacher, _unseen_old_cov(X, component, DS)))
         new.append((problem.target_teacher, problem.target.covs[1]))
-    methods = ("first", "all")
+    methods = FORGETTING_METHODS
     batch = _batch(_repeat(problems, 2), _repeat(samples, 2), list(methods) * len(problems),
                    2 * settings.steps, settings,
                    {"unseen old": _repeat(unseen, 2), "new": _repeat(new, 2)})
     result, halved = _simulate(batch, 2 * settings.steps, record=_log_grid(2 * settings.steps),
                                keep_path=True)
     energy = {name: target.label_energy()[:, None] for name, target in batch.targets.items()}
-    quantities = {
-        "head drift |v - v_src| / |v_src|":
-            (result.path_v - batch.v[:, None]).norm(dim=2) / batch.v.norm(dim=1)[:, None],
-        "error on unseen old directions": result.loss["unseen old"] / energy["unseen old"],
-        "error on new directions": result.loss["new"] / energy["new"],
-        "target loss": result.loss["target"] / energy["target"],
-    }
+    quantities = dict(zip(FORGETTING_QUANTITIES, (
+        (result.path_v - batch.v[:, None]).norm(dim=2) / batch.v.norm(dim=1)[:, None],
+        result.loss["unseen old"] / energy["unseen old"],
+        result.loss["new"] / energy["new"],
+        result.loss["target"] / energy["target"])))
     rows = []
     for quantity, values in quantities.items():
         values = _numpy(values)
