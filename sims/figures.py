@@ -8,12 +8,15 @@ experiments whose CSVs exist and were made with the same settings (recorded in
 `<out>/sims_settings.json`), so a long `--draws` run that was interrupted picks up where it
 stopped.
 """
+import itertools
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -24,6 +27,45 @@ from . import experiments, plots
 SOURCES = {"f1_t1_curves": "t1_curves", "f2_loss_vs_n": "shifts", "f3_best_layer": "shifts",
            "f4_t1_event": "t1_event", "f5_forgetting": "forgetting", "f6_auto_rgn": "shifts"}
 SETTINGS_FILE = "sims_settings.json"
+
+
+@dataclass(frozen=True)
+class Table:
+    """What a figure reads from one CSV table, so that `read_table` can refuse a table it
+    would draw wrong. groups: the columns that name a curve, bar or cell, each with the
+    values it must take (every combination must be there); grid: the column along a curve
+    (every group must have the same values of it; None: one row per group); numbers: the
+    columns that must be finite numbers; flags: the columns that must be True or False."""
+    groups: dict
+    grid: str = None
+    numbers: tuple = ()
+    flags: tuple = ()
+
+    def columns(self):
+        return list(dict.fromkeys([*self.groups, *[self.grid] * bool(self.grid),
+                                   *self.numbers, *self.flags]))
+
+
+_E = experiments
+_SHIFT_GROUPS = {"activation": _E.ACTIVATIONS, "kind": tuple(_E.SHIFTS), "method": _E.METHODS}
+TABLES = {
+    "f1_t1_curves": Table({"activation": _E.ACTIVATIONS, "method": _E.METHODS}, "step",
+                          ("step", "log10_mean", "log10_se", "draws")),
+    "f2_loss_vs_n": Table({**_SHIFT_GROUPS, "n": _E.N_GRID}, None,
+                          ("n", "mean", "se", "draws")),
+    "f3_best_layer": Table({**_SHIFT_GROUPS, "n": (_E.N_BEST,)}, None,
+                           ("n", "relative_to_all", "relative_se")),
+    "f4_t1_event": Table({"n": _E.N_EVENT}, None,
+                         ("n", "exact", "event_frequency", "frequency", "se", "draws",
+                          "full_unconverged")),
+    "f5_forgetting": Table({"method": _E.FORGETTING_METHODS,
+                            "quantity": _E.FORGETTING_QUANTITIES}, "step",
+                           ("step", "mean", "se", "log10_mean", "log10_se", "draws")),
+    "f6_auto_rgn": Table({"activation": _E.ACTIVATIONS, "kind": tuple(_E.SHIFTS),
+                          "n": (_E.N_BEST,)}, "draw",
+                         ("n", "draw", "rgn_first", "rgn_last", "loss_first", "loss_last"),
+                         ("agree",)),
+}
 
 
 def _atomic(path, write):
@@ -77,6 +119,101 @@ def resolve_only(only):
     return list(dict.fromkeys(chosen))
 
 
+def read_table(path, name):
+    """The CSV table `name` (a key of TABLES) from `path`, checked against what its figure
+    reads; a ValueError naming the file, and the line and column where it can, otherwise.
+    Numeric columns come back as numbers and flag columns as bool."""
+    spec = TABLES[name]
+    try:
+        table = _read_csv(path)
+        _check_columns(table, spec)
+        table = _parse(table, spec)
+        _check_groups(table, spec)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}; to rewrite it, run `python -m sims figures "
+                         f"--only {name.split('_')[0]} --out {Path(path).parent}`") from None
+    return table
+
+
+def _read_csv(path):
+    """The CSV as written; rows keep their index, so a row's line in the file is index + 2
+    (blank lines hold no data and are dropped, after counting)."""
+    try:
+        table = pd.read_csv(path, skip_blank_lines=False)
+    except (OSError, ValueError) as error:    # pandas' parse errors are ValueErrors
+        raise ValueError(f"not readable as a CSV table ({str(error).strip()})") from None
+    return table.dropna(how="all")
+
+
+def _check_columns(table, spec):
+    missing = [c for c in spec.columns() if c not in table.columns]
+    if missing:
+        raise ValueError(f"missing column(s) {missing}; expected a table with the columns "
+                         f"{spec.columns()} (this one has {list(table.columns)})")
+    if table.empty:
+        raise ValueError("no data rows below the header")
+
+
+def _parse(table, spec):
+    """Numbers and flags converted, or a ValueError naming the first bad cell."""
+    table = table.copy()
+    for column in spec.numbers:
+        values = pd.to_numeric(table[column], errors="coerce")
+        _refuse_cells(table, column, ~np.isfinite(values.astype(np.float64)), "a finite number")
+        table[column] = values
+    for column in spec.flags:
+        flags = table[column].map(lambda v: {"True": True, "False": False}.get(str(v)))
+        _refuse_cells(table, column, flags.isna(), "True or False")
+        table[column] = flags.astype(bool)
+    return table
+
+
+def _refuse_cells(table, column, bad, expected):
+    if bad.any():
+        rows = table.index[bad]
+        more = f" (and {len(rows) - 1} more lines)" if len(rows) > 1 else ""
+        raise ValueError(f"line {rows[0] + 2}, column {column!r}: "
+                         f"{_cell(table[column][rows[0]])} is not {expected}{more}")
+
+
+def _cell(value):
+    return "an empty cell" if pd.isna(value) else repr(str(value))
+
+
+def _check_groups(table, spec):
+    """Every group value allowed, no group (and grid point) twice, none missing."""
+    for column, allowed in spec.groups.items():
+        _refuse_cells(table, column, ~table[column].isin(allowed),
+                      f"one of {list(allowed)}")
+    keys = list(spec.groups) + [spec.grid] * bool(spec.grid)
+    repeated = table.index[table.duplicated(keys)]
+    if len(repeated):
+        raise ValueError(f"line {repeated[0] + 2} repeats the {', '.join(keys)} of an "
+                         "earlier line")
+    present = set(table[list(spec.groups)].itertuples(index=False, name=None))
+    absent = [g for g in itertools.product(*spec.groups.values()) if g not in present]
+    if absent:
+        more = f" (and {len(absent) - 1} more groups)" if len(absent) > 1 else ""
+        raise ValueError(f"no rows for {_group(spec.groups, absent[0])}{more}")
+    if spec.grid:
+        _check_grid(table, spec)
+
+
+def _check_grid(table, spec):
+    everywhere = set(table[spec.grid])
+    for group, part in table.groupby(list(spec.groups), sort=False):
+        lacking = sorted(everywhere - set(part[spec.grid]))
+        if lacking:
+            raise ValueError(f"no row for {_group(spec.groups, group)} at {spec.grid} = "
+                             f"{', '.join(str(v) for v in lacking[:5])}"
+                             f"{' ...' * (len(lacking) > 5)} (other groups have rows there)")
+
+
+def _group(columns, values):
+    return ", ".join(f"{c} = {repr(str(v)) if isinstance(v, str) else v}"
+                     for c, v in zip(columns, values))
+
+
 def make_figures(settings, out="figures", only=None, resume=False, log=print, simulate=True):
     """Run the experiments behind the chosen figures and write CSV, PNG and PDF to `out`.
 
@@ -121,7 +258,7 @@ def make_figures(settings, out="figures", only=None, resume=False, log=print, si
     # figure whose CSV was just rewritten, so no PNG is left beside a CSV it was not drawn from.
     figures += [f for f in SOURCES if SOURCES[f] in todo and f not in figures]
     for figure_name in tqdm(figures, desc="drawing", unit="figure"):
-        tables = {t: pd.read_csv(out / f"{t}.csv") for t in plots.FIGURES[figure_name]}
+        tables = {t: read_table(out / f"{t}.csv", t) for t in plots.FIGURES[figure_name]}
         paths = [out / f"{figure_name}.png", out / f"{figure_name}.pdf"]
         save_figure(plots.draw(figure_name, tables), paths)
         written += paths

@@ -1,0 +1,133 @@
+"""`python -m sims plot` and `figures` on bad input: a clear error (exit 2) naming the file
+and what is wrong, never a figure drawn from a broken table, never a traceback.
+
+The tables are small hand-made ones in the format the experiments write (their columns,
+written by `write_csv`), so nothing is simulated."""
+import itertools
+
+import pandas as pd
+import pytest
+
+from sims import experiments
+from sims.__main__ import main
+from sims.figures import TABLES, read_table, write_csv
+from sims.plots import FIGURES
+
+STEPS = (0, 1, 2, 4)
+
+
+def f1_table():
+    """F1's table as `t1_curves` writes it, on a 4-step grid."""
+    rows = [dict(activation=a, method=m, lr_halved=0, step=s, mean=0.5 / (s + 1), se=0.01,
+                 log10_mean=-0.3 - s, log10_se=0.02, fraction_zero=0.0, draws=2)
+            for a, m, s in itertools.product(experiments.ACTIVATIONS, experiments.METHODS,
+                                             STEPS)]
+    return pd.DataFrame(rows)
+
+
+def f2_table():
+    """F2's table as `shifts` writes it."""
+    rows = [dict(activation=a, kind=k, method=m, n=n, mean=1.0 / n, se=0.1 / n, draws=2,
+                 train_mean=1e-30, lr_halved=0)
+            for a, k, m, n in itertools.product(experiments.ACTIVATIONS, experiments.SHIFTS,
+                                                experiments.METHODS, experiments.N_GRID)]
+    return pd.DataFrame(rows)
+
+
+def f4_table():
+    """F4's table as `t1_event` writes it."""
+    n = list(experiments.N_EVENT)
+    return pd.DataFrame(dict(n=n, exact=[0.5] * len(n), event_frequency=0.5, frequency=0.5,
+                             se=0.35, draws=2, first_zero=0.5, full_positive=1.0,
+                             full_unconverged=0.0, lr_halved=0))
+
+
+def lines_of(table, tmp_path):
+    """The CSV lines `write_csv` writes for `table` (header first)."""
+    write_csv(table, tmp_path / "made.csv")
+    return (tmp_path / "made.csv").read_text().splitlines(keepends=True)
+
+
+def plot(tmp_path, name, lines, capsys):
+    """Write `lines` as the CSV of figure `name`, run `sims plot --only name`; return the
+    exit status and stderr."""
+    (tmp_path / f"{name}.csv").write_text("".join(lines))
+    status = main(["plot", "--only", name.split("_")[0], "--out", str(tmp_path)])
+    return status, capsys.readouterr().err
+
+
+def test_every_figure_table_has_a_check():
+    assert set(TABLES) == {table for tables in FIGURES.values() for table in tables}
+
+
+def test_well_formed_tables_are_read_back_as_numbers(tmp_path, capsys):
+    for name, table in (("f1_t1_curves", f1_table()), ("f2_loss_vs_n", f2_table())):
+        write_csv(table, tmp_path / f"{name}.csv")
+        back = read_table(tmp_path / f"{name}.csv", name)
+        assert len(back) == len(table) and back["mean"].dtype == "float64", name
+    # A blank line holds no data: accepted, and it does not shift the lines named below.
+    lines = lines_of(f4_table(), tmp_path)
+    status, err = plot(tmp_path, "f4_t1_event", lines[:3] + ["\n"] + lines[3:], capsys)
+    assert status == 0 and "error" not in err, err
+    assert (tmp_path / "f4_t1_event.png").exists()
+
+
+def _replace(line, column, value, header):
+    cells = line.rstrip("\n").split(",")
+    cells[header.rstrip("\n").split(",").index(column)] = value
+    return ",".join(cells) + "\n"
+
+
+F2_BROKEN = {
+    # what is done to F2's CSV lines -> what the error must say
+    "a garbage row": (lambda lines: lines[:4] + ["garbage,row\n"] + lines[4:],
+                      ["line 5, column 'n': an empty cell is not a finite number"]),
+    "abc in mean": (lambda lines: lines[:6] + [_replace(lines[6], "mean", "abc", lines[0])]
+                    + lines[7:], ["line 7, column 'mean': 'abc' is not a finite number"]),
+    "inf in se": (lambda lines: lines[:-1] + [_replace(lines[-1], "se", "inf", lines[0])],
+                  [f"line {len(f2_table()) + 1}, column 'se': 'inf' is not a finite number"]),
+    "a deleted group": (lambda lines: [line for line in lines
+                                       if not line.startswith("relu,label,first,")],
+                        ["no rows for activation = 'relu', kind = 'label', "
+                         "method = 'first', n = 2 (and 4 more groups)"]),
+    "a deleted row": (lambda lines: lines[:9] + lines[10:],
+                      ["no rows for activation = 'linear', kind = 'input', "
+                       "method = 'last', n = 16"]),
+    "a repeated row": (lambda lines: lines[:3] + lines[2:],
+                       ["line 4 repeats the activation, kind, method, n of an earlier line"]),
+    "an unknown method": (lambda lines: lines[:2] + [lines[2].replace(",first,", ",best,")]
+                          + lines[3:], ["line 3, column 'method': 'best' is not one of "
+                                        "['first', 'last', 'all', 'lp-ft']"]),
+    "a foreign CSV": (lambda lines: ["a,b\n", "1,2\n"],
+                      ["missing column(s) ['activation', 'kind', 'method', 'n', 'mean', 'se', "
+                       "'draws']", "this one has ['a', 'b']"]),
+    "an empty file": (lambda lines: [], ["not readable as a CSV table (No columns to parse"]),
+    "only the header": (lambda lines: lines[:1], ["no data rows below the header"]),
+    "a row with extra cells": (lambda lines: lines[:4] + ["a,b,c,d,e,f,g,h,i,j\n"] + lines[4:],
+                               ["Expected 9 fields in line 5, saw 10"]),
+}
+
+
+@pytest.mark.parametrize("broken", list(F2_BROKEN))
+def test_plot_refuses_a_broken_table_naming_file_line_and_column(broken, tmp_path, capsys):
+    change, expected = F2_BROKEN[broken]
+    status, err = plot(tmp_path, "f2_loss_vs_n", change(lines_of(f2_table(), tmp_path)),
+                       capsys)
+    assert status == 2, broken
+    assert f"error: {tmp_path / 'f2_loss_vs_n.csv'}: " in err, err
+    for phrase in expected:
+        assert phrase in err, (broken, err)
+    assert f"python -m sims figures --only f2 --out {tmp_path}" in err
+    assert not (tmp_path / "f2_loss_vs_n.png").exists()
+
+
+def test_plot_refuses_a_curve_with_a_missing_step(tmp_path, capsys):
+    lines = lines_of(f1_table(), tmp_path)
+    status, err = plot(tmp_path, "f1_t1_curves", lines[:3] + lines[4:], capsys)
+    assert status == 2
+    assert ("no row for activation = 'linear', method = 'first' at step = 2 (other groups "
+            "have rows there)") in err
+    foreign = ["a,b\n", "1,2\n"]
+    status, err = plot(tmp_path, "f1_t1_curves", foreign, capsys)
+    assert status == 2 and "missing column(s) ['activation', 'method', 'step'" in err
+
