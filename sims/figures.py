@@ -119,6 +119,25 @@ def resolve_only(only):
     return list(dict.fromkeys(chosen))
 
 
+def output_folder(out):
+    """`out` as a Path to a writable folder, created if missing; else a ValueError that
+    names --out."""
+    out = Path(out)
+    expected = "expected a folder (created if missing) for the CSVs and figures"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"--out {out} is a file, not a folder; {expected}: pass another "
+                         "path") from None
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create that folder ({error.strerror}); "
+                         f"{expected}: pass a path you can write to") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write into that folder; {expected}: pass a "
+                         "path you can write to")
+    return out
+
+
 def read_table(path, name):
     """The CSV table `name` (a key of TABLES) from `path`, checked against what its figure
     reads; a ValueError naming the file, and the line and column where it can, otherwise.
@@ -226,8 +245,7 @@ def make_figures(settings, out="figures", only=None, resume=False, log=print, si
         simulate: False only redraws from the CSVs already in `out`.
     Returns: the list of paths written.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     figures = resolve_only(only)
     needed = list(dict.fromkeys(SOURCES[f] for f in figures))
     recorded_path = out / SETTINGS_FILE

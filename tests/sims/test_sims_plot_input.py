@@ -131,3 +131,16 @@ def test_plot_refuses_a_curve_with_a_missing_step(tmp_path, capsys):
     status, err = plot(tmp_path, "f1_t1_curves", foreign, capsys)
     assert status == 2 and "missing column(s) ['activation', 'method', 'step'" in err
 
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    fast = ["--draws", "2", "--steps", "2", "--device", "cpu", "--only", "f4"]
+    for argv in (["plot", "--out", str(file)], ["figures", *fast, "--out", str(file)]):
+        assert main(argv) == 2, argv
+        assert (f"error: --out {file} is a file, not a folder; expected a folder (created if "
+                "missing)") in capsys.readouterr().err
+    assert main(["plot", "--out", str(file / "sub")]) == 2
+    assert f"--out {file / 'sub'}: cannot create that folder (Not a directory)" in \
+        capsys.readouterr().err
+    assert file.read_text() == "not a folder"
