@@ -5,6 +5,9 @@
                            [--resume]
     python -m sims plot [--out figures] [--only ...]     redraw from the CSVs only
     python -m sims.speed                                  the speed benchmark
+
+Bad input (an option, an --out that is not a folder, a CSV that does not hold what its
+figure reads) ends with exit status 2 and one `error:` line naming it.
 """
 import argparse
 import sys
