@@ -179,9 +179,7 @@ class VisionTransformer(nn.Module):
         """Images -> tokens (b, 1 + patches, width) after ln_pre."""
         size = self.config.image_size
         if x.ndim != 4 or tuple(x.shape[-2:]) != (size, size):
-            raise ConfigError(f"this ViT takes images of {size}x{size} px (b, C, {size}, {size}); "
-                             f"got shape {tuple(x.shape)}: set the loader's crop to {size} "
-                             f"(e.g. --data crop={size} --data resize={size})")
+            raise ConfigError(image_size_error(self.config, tuple(x.shape)))
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (b, patches, width), row-major patches
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
@@ -193,6 +191,33 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.transformer(self.embed(x)))
+
+
+def image_size_error(config: ViTConfig, shape: tuple[int, ...]) -> str:
+    """Why a ViT refuses input of `shape`, and the ways out that exist. The model cannot
+    see the loader, so the crop/resize options are offered only for loaders that have
+    them; a ViT of another size is a new entry of CONFIGS (every registered ViT has a
+    fixed image size and patch grid)."""
+    size, grid = config.image_size, config.image_size // config.patch_size
+    expected = f"this ViT takes images of {size}x{size} px, shape (batch, channels, {size}, {size})"
+    if len(shape) != 4:
+        return (f"{expected}; got a tensor of shape {shape}, not a batch of images "
+                f"(batch, channels, height, width)")
+    h, w = shape[-2:]
+    registered = ", ".join(f"{name} {c.image_size} px" for name, c in CONFIGS.items())
+    loader = (f"if the benchmark's loader has crop and resize options (image-folder loaders "
+              f"such as waterbirds' do; in-memory ones such as synthetic's and Fashion-MNIST's "
+              f"do not, and --data with an option the loader lacks is refused with the list of "
+              f"those it has), pass --data crop={size} --data resize={size}")
+    if h != w:
+        return (f"{expected}; got {h}x{w} px images (shape {shape}), and every ViT here takes "
+                f"square images ({registered}). To fix: {loader}")
+    return (f"{expected}; got {h}x{w} px images (shape {shape}). To fix: {loader}; otherwise "
+            f"use an architecture built for {h}x{w} px: every registered ViT has a fixed image "
+            f"size ({registered}), so pick a non-ViT --arch, or add ViTConfig(image_size={h}, "
+            f"patch_size=P), P dividing {h}, under a new name to CONFIGS and to _register's "
+            f"notes in deep/models/vit.py (a checkpoint of this arch, e.g. CLIP's weights, "
+            f"fits only its {grid}x{grid} patch grid)")
 
 
 class CLIPImageClassifier(StagedModel):

@@ -191,9 +191,47 @@ def test_prefix_cache_gives_the_numbers_of_a_full_forward(method, start):
     assert (cached.val.acc, cached.test.acc) == (plain.val.acc, plain.test.acc)
 
 
-def test_wrong_image_size_says_which_crop():
-    with pytest.raises(ValueError, match="32x32.*crop=32"):
-        build_model(TINY, 3)(torch.randn(1, 3, 224, 224))
+def test_wrong_image_size_names_both_sizes_and_only_fixes_that_exist():
+    """The synthetic benchmark's 16-px images into the 32-px tiny ViT: the error states both
+    sizes, offers --data crop/resize only for loaders that have them (synthetic's has none,
+    waterbirds' has), and each fix it names works when followed."""
+    import dataclasses
+
+    from PIL import Image
+
+    from deep.data import get_benchmark, synthetic
+    from deep.data.images import ImageTransform
+    from deep.errors import ConfigError
+    from deep.normalization import check_data_options
+    images = torch.randn(2, 3, synthetic.SIZE, synthetic.SIZE)
+    with pytest.raises(ConfigError) as err:
+        build_model(TINY, 3)(images)
+    message = str(err.value)
+    assert "takes images of 32x32 px" in message and "got 16x16 px images" in message
+    # The crop/resize advice is conditional: the synthetic loader has no such option ...
+    assert "if the benchmark's loader has crop and resize options" in message
+    advice = message.index("--data crop=32 --data resize=32")
+    assert message.index("if the benchmark's loader") < advice
+    with pytest.raises(ConfigError, match="known: none"):
+        check_data_options(get_benchmark("synthetic").load_task, "synthetic", {"crop": 32})
+    # ... an image-folder loader has it, and its transform then gives what the ViT takes.
+    check_data_options(get_benchmark("waterbirds").load_task, "waterbirds",
+                       {"crop": 32, "resize": 32})
+    picture = Image.fromarray(torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8).numpy())
+    assert build_model(TINY, 3)(ImageTransform(resize=32, crop=32)(picture)[None]).shape == (1, 3)
+    # The other way out: every registered ViT is listed with its fixed size, and a config
+    # for 16 px with a patch size dividing 16 takes the synthetic images.
+    for name, config in CONFIGS.items():
+        assert f"{name} {config.image_size} px" in message
+    assert "ViTConfig(image_size=16, patch_size=P), P dividing 16" in message
+    sixteen = dataclasses.replace(CONFIGS[TINY], image_size=16)
+    assert CLIPImageClassifier(sixteen, 4)(images).shape == (2, 4)
+
+
+def test_input_that_is_not_a_batch_of_images_is_named_as_such():
+    with pytest.raises(ValueError,
+                       match=r"takes images of 32x32 px.*got a tensor of shape \(3, 32, 32\)"):
+        build_model(TINY, 3)(torch.randn(3, 32, 32))
 
 
 # --- weight files -----------------------------------------------------------------
