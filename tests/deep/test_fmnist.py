@@ -447,6 +447,60 @@ def test_calibration_perturbs_the_unperturbed_model_each_time_on_the_last_test_i
     assert scored == [[6.0, 7.0, 8.0, 9.0]] * (1 + 2 * 2 * len(F.BLOCKNOISE_SHIFTS))
 
 
+@pytest.fixture
+def calibrate_on_ten_images(monkeypatch):
+    """deep.calibrate with a 10-image test split and a stand-in model; `loaded` records
+    whether the model was loaded (a refused value must be refused before that)."""
+    from types import SimpleNamespace
+
+    from deep import calibrate
+    from deep.data.base import TensorSplit
+    test = TensorSplit(torch.zeros(10, 1, 1, 1), torch.zeros(10, dtype=torch.long))
+    bench = SimpleNamespace(pretrained=lambda arch, data_dir: "source.pt", num_classes=1,
+                            in_channels=1, load_source=lambda data_dir: SimpleNamespace(test=test))
+    loaded = []
+    monkeypatch.setattr(calibrate, "get_benchmark", lambda name: bench)
+    monkeypatch.setattr(calibrate, "load_model",
+                        lambda *args, **kwargs: loaded.append(1) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(calibrate, "block_perturbation", lambda *args: lambda net: None)
+    monkeypatch.setattr(calibrate, "evaluate", lambda net, split: SimpleNamespace(acc=len(split)))
+    return calibrate, loaded
+
+
+def test_calibration_refuses_more_images_than_the_test_split_holds(calibrate_on_ten_images,
+                                                                   capsys):
+    """15 of 10 images would wrap round to negative indices and count 5 images twice."""
+    calibrate, loaded = calibrate_on_ten_images
+    assert calibrate.blocknoise_accuracy([1.0], images=10)[("none", 0.0)] == 10
+    loaded.clear()
+    with pytest.raises(ConfigError, match="images .*at most 10, the number of test images.*got 15"):
+        calibrate.blocknoise_accuracy([1.0], images=15)
+    for bad in (dict(images=0), dict(scales=[0.0]), dict(scales=[float("nan")]),
+                dict(scales=[1.0], seeds=())):
+        with pytest.raises(ConfigError):
+            calibrate.blocknoise_accuracy(**{"scales": [1.0], **bad})
+    assert not loaded
+    assert calibrate.main(["--images", "15"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: images (--images) must be at most 10") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scales", "abc"], "--scales: expected comma-separated positive numbers, got 'abc'"),
+    (["--scales", "1,-2"], "--scales: expected comma-separated positive numbers"),
+    (["--images", "0"], "--images: expected an integer >= 1, got '0'"),
+    (["--images", "-5"], "--images: expected an integer >= 1, got '-5'"),
+    (["--images", "many"], "--images: expected an integer, got 'many'")])
+def test_calibration_command_line_refuses_bad_values_without_a_traceback(
+        calibrate_on_ten_images, capsys, argv, message):
+    calibrate, loaded = calibrate_on_ten_images
+    with pytest.raises(SystemExit) as exit_:
+        calibrate.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert not loaded
+
+
 # ----------------------------------------------------------------------------- protocols
 
 @pytest.mark.parametrize("name", FMNIST_NAMES)
