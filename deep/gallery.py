@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from deep.data import fmnist as F
-from deep.errors import ConfigError
+from deep.errors import ConfigError, exit_status
+from deep.files import check_output
+from deep.flags import comma_list
 
 SHOW_CLASSES = (0, 3, 7, 8)       # T-shirt/top, Dress, Sneaker, Bag: one row each in the fmnist-c panel
 PER_SIDE = 4                      # breeds: images per superclass and side
@@ -142,16 +144,39 @@ def panel_blocknoise(fig, data_dir, width: int) -> None:
                   f"weights (noise norm / weight norm: {scales})")
 
 
+def check_png(out: str | Path, what: str = "out") -> Path:
+    """`out` if a PNG file can be written there (a .png name, not a folder, its folder
+    writable); else a ConfigError before anything is drawn."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{what} {out} is a folder; give the PNG file to write, e.g. "
+                          f"{path / 'fmnist_targets.png'}")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"{what} {out}: the gallery is a PNG image, so give a file name "
+                          f"ending in .png (e.g. figures/fmnist_targets.png)")
+    return check_output(path, what)
+
+
+def check_corruptions(corruptions) -> list[str]:
+    """The fmnist-c corruptions to show (None: all); an unknown name is a ConfigError."""
+    corruptions = list(F.CORRUPTION_NAMES if corruptions is None else corruptions)
+    unknown = sorted(set(corruptions) - set(F.CORRUPTION_NAMES), key=str)
+    if unknown:
+        raise ConfigError(f"unknown corruption(s) {unknown}; known: "
+                          f"{', '.join(F.CORRUPTION_NAMES)}")
+    return corruptions
+
+
 def make_gallery(out: str | Path, data_dir=None, corruptions=None) -> Path:
     """Draw the five panels into one PNG at `out`; returns its path."""
+    corruptions = check_corruptions(corruptions)
+    F.load_fashion_mnist(data_dir)   # a missing or broken data folder fails before out is made
+    out = check_png(out)
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    corruptions = list(F.CORRUPTION_NAMES if corruptions is None else corruptions)
-    unknown = set(corruptions) - set(F.CORRUPTION_NAMES)
-    if unknown:
-        raise ConfigError(f"unknown corruption(s) {sorted(unknown)}; known: {', '.join(F.CORRUPTION_NAMES)}")
     width = max(len(corruptions) + 1, 2 * STRIP, 10)   # images across the widest panel
     heights = [panel_height(len(SHOW_CLASSES), titled_rows=False), panel_height(len(F.SUPERCLASSES)),
                panel_height(1), panel_height(2), panel_height(1)]
@@ -162,8 +187,6 @@ def make_gallery(out: str | Path, data_dir=None, corruptions=None) -> Path:
     panel_flip(panels[2], data_dir, width)
     panel_spurious(panels[3], data_dir, width)
     panel_blocknoise(panels[4], data_dir, width)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -171,18 +194,29 @@ def make_gallery(out: str | Path, data_dir=None, corruptions=None) -> Path:
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deep.gallery", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="figures/fmnist_targets.png", help="PNG to write")
     parser.add_argument("--data-dir", default=None,
                         help=f"folder with the Fashion-MNIST IDX files (default ${F.ENV_VAR}, "
                              f"then {F.DEFAULT_DIR})")
-    parser.add_argument("--corruptions", default=None,
+    parser.add_argument("--corruptions", type=comma_list(), default=None,
                         help="comma-separated subset of the fmnist-c corruptions (default: all 15)")
     args = parser.parse_args(argv)
-    corruptions = args.corruptions.split(",") if args.corruptions else None
-    print(make_gallery(args.out, args.data_dir, corruptions))
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.corruptions == []:
+        raise ConfigError(f"--corruptions names no corruption; give a comma-separated subset "
+                          f"of {', '.join(F.CORRUPTION_NAMES)}, or leave it out for all of them")
+    # every bad value fails here, before anything is drawn or a folder made
+    check_corruptions(args.corruptions)
+    F.load_fashion_mnist(args.data_dir)
+    check_png(args.out, "--out")
+    print(make_gallery(args.out, args.data_dir, args.corruptions))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ from PIL import Image
 
 from deep import gallery
 from deep.data import fmnist as F
+from deep.errors import ConfigError
 from tests.deep.test_fmnist import write_fake
 
 
@@ -19,9 +20,16 @@ def fake_dir(tmp_path_factory):
         return write_fake(tmp_path_factory.mktemp("fashion"))
 
 
-def test_gallery_writes_a_png(fake_dir, tmp_path):
-    out = gallery.make_gallery(tmp_path / "sub" / "g.png", fake_dir, ["brightness", "contrast"])
-    assert out == tmp_path / "sub" / "g.png"
+def data_dir_flag(fake_dir) -> list[str]:
+    return [] if fake_dir is None else ["--data-dir", str(fake_dir)]
+
+
+def test_gallery_writes_a_png(fake_dir, tmp_path, capsys):
+    """`python -m deep.gallery` end to end (the only test here that draws)."""
+    out = tmp_path / "sub" / "g.png"
+    argv = ["--out", str(out), "--corruptions", "brightness, contrast", *data_dir_flag(fake_dir)]
+    assert gallery.main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(out)
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 1000 and im.size[1] > 1000
         pixels = np.asarray(im.convert("L"))
@@ -32,6 +40,38 @@ def test_gallery_writes_a_png(fake_dir, tmp_path):
 def test_gallery_rejects_unknown_corruptions(fake_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown corruption"):
         gallery.make_gallery(tmp_path / "x.png", fake_dir, ["frost"])
+
+
+def test_gallery_refuses_a_folder_as_out_before_drawing(fake_dir, tmp_path, monkeypatch):
+    """It used to draw the whole picture, then fail renaming it onto the folder
+    (IsADirectoryError), leaving <folder>.tmp.png beside it."""
+    monkeypatch.setattr(gallery, "panel_c", lambda *args: pytest.fail("drew before checking"))
+    with pytest.raises(ConfigError, match="is a folder; give the PNG file to write, e.g. "):
+        gallery.make_gallery(tmp_path, fake_dir, ["brightness"])
+    assert list(tmp_path.parent.glob(tmp_path.name + ".tmp*")) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--corruptions", "nope", "--out", "{tmp}/new/g.png"],
+     "unknown corruption(s) ['nope']; known: gaussian_noise"),
+    (["--corruptions", ","], "--corruptions names no corruption; give a comma-separated subset"),
+    (["--data-dir", "{tmp}/missing"], "Fashion-MNIST folder {tmp}/missing does not exist"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder; give the PNG file to write"),
+    (["--out", "{tmp}/g.jpg"], "--out {tmp}/g.jpg: the gallery is a PNG image"),
+    (["--out", "{tmp}/a_file/g.png"], "{tmp}/a_file is a file, not a folder")])
+def test_gallery_command_line_reports_bad_input_in_one_line(fake_dir, tmp_path, monkeypatch,
+                                                            capsys, argv, message):
+    """User errors: `error: <message>`, status 2, no traceback, nothing drawn or written."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(gallery, "panel_c", lambda *args: pytest.fail("drew before checking"))
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--data-dir" not in argv:
+        argv += data_dir_flag(fake_dir)
+    assert gallery.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_pixels_undo_the_fashion_mnist_normalisation():
