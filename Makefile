@@ -51,7 +51,8 @@ test-avx2: $(STAMP)
 # manifests; docs/fmnist.md has the measured time). Each protocol's [pretrain]
 # table holds its settings. The benchmarks check each file's sha256 against its
 # manifest before use. A model whose manifest records the settings it would train with
-# is kept (delete the .pt to train it again); a stopped run continues (<out>.state).
+# is kept, one of other settings is refused (delete the .pt to train it again); a stopped run
+# continues (<out>.state).
 WEIGHTS := deep/weights
 pretrain: $(STAMP)
 	$(PY) -m deep pretrain --benchmark fmnist-c --out $(WEIGHTS)/fmnist-resnet26.pt

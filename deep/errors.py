@@ -60,6 +60,14 @@ def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> fl
     return value
 
 
+def differences(saved, now, prefix: str = "") -> dict:
+    """{dotted name: (saved, now)} for each leaf that differs between two JSON-like dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return {name: pair for k in sorted(set(saved) | set(now), key=str)
+                for name, pair in differences(saved.get(k), now.get(k), f"{prefix}{k}.").items()}
+    return {} if saved == now else {prefix.rstrip("."): (saved, now)}
+
+
 def clash_text(clash: dict, sep: str = ", ") -> str:
     """{setting: (recorded, now)} as "epochs: file 1 vs now 2, ...": how a refused resume
     names what differs."""

@@ -33,7 +33,8 @@ from torch import nn
 from .checkpoints import (RANDOM_INIT, CheckpointError, load_backbone, save_checkpoint,
                           manifest_path, verify_checkpoint, write_manifest)
 from .data import Benchmark, SourceData, get_benchmark
-from .errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
+from .errors import (ConfigError, check_choice, check_int, check_nonnegative, check_positive,
+                     clash_text, differences)
 from .files import check_output, sole_writer
 from .models import build_model, get_architecture
 from .normalization import loader_options
@@ -88,7 +89,7 @@ class PretrainConfig:
         "choices": SCHEDULES})
     milestones: list[int] = field(default_factory=list, metadata={
         "help": "epochs after which a step schedule multiplies the lr by gamma"})
-    gamma: float = field(default=0.1, metadata={"help": "the step schedule's factor"})
+    gamma: float = field(default=TrainConfig.gamma, metadata={"help": "the step schedule's factor"})
     momentum: str = field(default="nesterov", metadata={
         "help": "SGD momentum 0.9, Nesterov's or plain", "choices": MOMENTA})
     init: str | None = field(default=None, metadata={
@@ -108,7 +109,7 @@ class PretrainConfig:
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("momentum", self.momentum, MOMENTA)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_milestones(self.schedule, self.milestones, self.gamma)
+        check_milestones(self.schedule, self.milestones, self.gamma, self.epochs)
 
     def train_config(self) -> TrainConfig:
         """The engine's settings: all parameters, BN in train mode, SGD, this schedule."""
@@ -226,7 +227,8 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
     meta and in the manifest under "config". `trust_checkpoint`: see `pretrain`.
     Rerun after a stop, it continues the run (`<out>.state`); rerun after it finished, it
     returns the manifest of `out` when that records these settings (a job requeued after
-    its end repeats no work); delete `out` to train again.
+    its end repeats no work) and refuses other settings (a finished model is not
+    overwritten); delete `out` to train again.
     """
     config = config or PretrainConfig()
     check_init(arch, config)  # before the source data is read
@@ -250,16 +252,25 @@ def pretrain_to_file(benchmark: str, out: str | Path, arch: str,
 
 def _finished(out: Path, benchmark: str, arch: str, resolved: dict,
               options: dict) -> dict | None:
-    """The manifest of `out` if it is a finished pretraining of these settings, else None."""
+    """The manifest of `out` if it is a finished pretraining of these settings; None if
+    there is none (no file, no manifest, or a file the manifest does not describe: a run
+    stopped between writing the two); a ConfigError naming what differs if it is a
+    finished pretraining of other settings."""
     if not out.is_file():
         return None
     try:
         manifest = verify_checkpoint(out)
     except CheckpointError:  # no manifest, or a file it does not describe: train anew
         return None
-    same = (manifest.get("config") == resolved and manifest.get("data") == options
-            and manifest.get("arch") == arch and manifest.get("benchmark") == benchmark)
-    return manifest if same else None
+    recorded = {"benchmark": manifest.get("benchmark"), "arch": manifest.get("arch"),
+                "data": manifest.get("data"), "config": manifest.get("config")}
+    clash = differences(recorded, {"benchmark": benchmark, "arch": arch, "data": options,
+                                   "config": resolved})
+    if clash:
+        raise ConfigError(f"{out} holds a finished model trained with other settings "
+                          f"({clash_text(clash, sep='; ')}); delete it (and {out}.json) to "
+                          "train it again with these, or choose another --out")
+    return manifest
 
 
 def _pretrain_to_file(bench: Benchmark, out: Path, arch: str, config: PretrainConfig,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -36,7 +37,7 @@ from torch import nn
 from .blocks import set_trainable
 from .data.base import Split
 from .errors import (ConfigError, check_choice, check_int, check_nonnegative, check_positive,
-                     clash_text)
+                     clash_text, differences)
 from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
@@ -131,7 +132,7 @@ class TrainConfig:
         check_choice("select", self.select, SELECTION_RULES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_milestones(self.schedule, self.milestones, self.gamma)
+        check_milestones(self.schedule, self.milestones, self.gamma, self.epochs)
 
 
 @dataclass
@@ -280,7 +281,7 @@ class RunStateFile:
             raise ConfigError(f"{self.path} is not a run state of this version (no "
                               f"{', '.join(missing)}); delete it to start the run over")
         if state["key"] != self.key:
-            differ = clash_text(_differences(state["key"], self.key), sep="; ")
+            differ = clash_text(differences(state["key"], self.key), sep="; ")
             raise ConfigError(f"{self.path} holds a stopped run with other settings ({differ}); "
                               "rerun with the settings it started with, or delete it to "
                               "start over")
@@ -289,14 +290,6 @@ class RunStateFile:
 
     def save(self, state: dict) -> None:
         atomic_write_bytes(self.path, lambda f: torch.save({**state, "key": self.key}, f))
-
-
-def _differences(saved, now, prefix: str = "") -> dict:
-    """{dotted name: (saved, now)} for each leaf that differs between two JSON-like dicts."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return {name: pair for k in sorted(set(saved) | set(now), key=str)
-                for name, pair in _differences(saved.get(k), now.get(k), f"{prefix}{k}.").items()}
-    return {} if saved == now else {prefix.rstrip("."): (saved, now)}
 
 
 def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
@@ -606,20 +599,27 @@ def _scheduled_lr(config: TrainConfig, epoch: int) -> float:
     return config.lr
 
 
-def check_milestones(schedule: str, milestones, gamma: float) -> None:
-    """A "step" schedule needs increasing positive milestones and 0 < gamma; the
-    others take none."""
+def check_milestones(schedule: str, milestones, gamma: float, epochs: int) -> None:
+    """A "step" schedule needs increasing positive milestones and a finite gamma > 0 (a
+    milestone not below `epochs`, which never lowers the rate, is warned about); the others
+    take neither (a gamma other than the default would be silently unused)."""
     milestones = list(milestones)
+    check_positive("gamma", gamma)
     if schedule != "step":
         if milestones:
             raise ConfigError(f"milestones {milestones} need schedule 'step', got {schedule!r}")
+        if gamma != TrainConfig.gamma:
+            raise ConfigError(f"gamma {gamma} is the step schedule's factor and needs schedule "
+                              f"'step', got {schedule!r}")
         return
     if not milestones or any(not isinstance(m, int) or m < 1 for m in milestones) \
             or milestones != sorted(set(milestones)):
         raise ConfigError(f"schedule 'step' needs increasing positive integer milestones "
                           f"(epochs), got {milestones}")
-    if not 0 < gamma:
-        raise ConfigError(f"gamma must be positive, got {gamma}")
+    late = [m for m in milestones if m >= epochs]
+    if late:  # a warning, not an error: a short smoke run of a long protocol is legitimate
+        warnings.warn(f"milestone(s) {late} not below epochs ({epochs}) never lower the rate "
+                      "(it drops after each milestone epoch)", stacklevel=3)
 
 
 def _snapshot(model, named, touched, freeze_bn):

@@ -17,6 +17,7 @@ import torch
 
 from deep.data import get_benchmark
 from deep.errors import ConfigError
+from deep.files import verify_checkpoint
 from deep.pretrain import PretrainConfig, pretrain, state_path
 from deep.train import TrainingRun
 
@@ -132,7 +133,7 @@ def test_the_command_killed_mid_run_resumes_and_leaves_no_state_behind(tmp_path)
 
 def test_a_finished_pretraining_rerun_repeats_no_work(tmp_path, monkeypatch, capsys):
     """A job requeued after its end (or `make pretrain` run twice) returns the finished
-    model when its manifest records the same settings; other settings train anew."""
+    model when its manifest records the same settings; other settings are refused."""
     from deep import pretrain as module
     out = tmp_path / "m.pt"
     config = PretrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none")
@@ -142,22 +143,27 @@ def test_a_finished_pretraining_rerun_repeats_no_work(tmp_path, monkeypatch, cap
     again = module.pretrain_to_file("synthetic", out, "resnet26-w4", config)
     assert not trained and again["sha256"] == first["sha256"]
     assert f"{out} is already trained with these settings" in capsys.readouterr().err
-    other = module.pretrain_to_file("synthetic", out, "resnet26-w4",
-                                    PretrainConfig(epochs=1, lr=0.02, batch_size=64, augment="none"))
-    assert trained == [1] and other["lr"] == 0.02
+    # other settings: refused, naming what differs; the finished model is kept
+    with pytest.raises(ConfigError, match=r"holds a finished model trained with other settings "
+                                          r"\(config\.pretrain\.lr: file 0\.05 vs now 0\.02\); delete it"):
+        module.pretrain_to_file("synthetic", out, "resnet26-w4",
+                                PretrainConfig(epochs=1, lr=0.02, batch_size=64, augment="none"))
+    assert not trained and verify_checkpoint(out)["sha256"] == first["sha256"]
     stale = tmp_path / ".m.pt.state.x1y2z3w4.tmp"   # a killed state write's temp file
     stale.write_bytes(b"0" * 100)
     out.with_suffix(".pt.json").unlink()      # no manifest: not a finished run
     module.pretrain_to_file("synthetic", out, "resnet26-w4", config)
-    assert trained == [1, 1] and not stale.exists()
+    assert trained == [1] and not stale.exists()
 
 
 def test_a_finished_model_of_another_arch_is_not_taken_for_this_one(tmp_path, capsys):
     from deep.pretrain import pretrain_to_file
     config = PretrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none")
     pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w4", config)
-    again = pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w8", config)
-    assert again["arch"] == "resnet26-w8" and "already trained" not in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"other settings \(arch: file 'resnet26-w4' vs now "
+                                          r"'resnet26-w8'.*\)"):
+        pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w8", config)
+    assert "already trained" not in capsys.readouterr().err
 
 
 def test_a_diverged_run_leaves_no_state_to_refuse_the_smaller_lr(source, tmp_path):

@@ -8,6 +8,7 @@ networks (layer widths, strides, module names), not from our model code.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 
 from deep.blocks import blocks_for, tuned_parameter_names
 from deep.data.base import TensorSplit
+from deep.errors import ConfigError
+from deep.pretrain import PretrainConfig
 from deep.models import build_model, get_architecture
 from deep.models.gn_resnet import PreActBlock
 from deep.models.wide_resnet import BasicBlock, WideResNet
@@ -465,6 +468,23 @@ def test_step_schedule_and_plain_momentum():
                 dict(schedule="step", milestones=[5, 3]), dict(momentum="heavy")):
         with pytest.raises(ValueError):
             PretrainConfig(**bad)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(gamma=float("nan")), "gamma must be a positive number, got nan"),
+    (dict(schedule="step", milestones=[2], gamma=float("inf")), "gamma must be a positive number"),
+    (dict(schedule="step", milestones=[2], gamma=-1.0), "gamma must be a positive number"),
+    # the cosine schedule has no factor: a gamma given to it would be silently unused
+    (dict(gamma=0.5), "gamma 0.5 is the step schedule's factor and needs schedule 'step', got 'cosine'"),
+])
+def test_a_gamma_that_cannot_act_is_refused(settings, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PretrainConfig(epochs=5, **settings)
+
+
+def test_a_milestone_the_run_never_reaches_is_warned_about():
+    with pytest.warns(UserWarning, match=r"milestone\(s\) \[5, 9\] not below epochs \(5\) never lower"):
+        PretrainConfig(epochs=5, schedule="step", milestones=[2, 5, 9])
 
 
 @pytest.mark.parametrize("benchmark, arch, pixel_stats", [
