@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import ALL, matches, tuned_parameter_names
-from ..errors import ConfigError, check_choice
+from ..errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
 from ..models.staged import guard_channels_last
 
 NONE = "none"               # the block option "no adaptation": the source model as is
@@ -190,10 +190,11 @@ class MemoConfig:
     severity: float = 1.0
 
     def __post_init__(self):
-        if self.copies < 1 or self.steps < 1 or not self.lr > 0:
-            raise ConfigError(f"MEMO needs copies >= 1, steps >= 1, lr > 0; got {self}")
-        if self.prior_strength != BN_EVAL and self.prior_strength < 0:
-            raise ConfigError(f"prior_strength must be >= 0 or -1 (off), got {self.prior_strength}")
+        check_int("MEMO copies", self.copies)
+        check_int("MEMO steps", self.steps)
+        check_positive("MEMO lr", self.lr)      # finite: an lr of inf or nan is no lr
+        if self.prior_strength != BN_EVAL:      # N/(N+1) of nan or inf: not a mixture
+            check_nonnegative("MEMO prior_strength (or -1: off)", self.prior_strength)
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,8 @@ class TentConfig:
         if self.batch_size < 2:
             raise ConfigError(f"TENT needs batches of at least 2 images (batch statistics of one "
                              f"image are degenerate), got batch_size={self.batch_size}")
-        if self.steps < 1 or not self.lr > 0:
-            raise ConfigError(f"TENT needs steps >= 1 and lr > 0; got {self}")
+        check_int("TENT steps", self.steps)
+        check_positive("TENT lr", self.lr)
         check_choice("batch_stats", self.batch_stats, BATCH_STATS)
 
 

@@ -13,12 +13,12 @@ import torch
 
 import deep
 from deep.__main__ import main
-from deep.adapt.cli import add_arguments
+from deep.adapt.cli import add_arguments, protocol_from_args
 from deep.adapt.core import METHODS
 from deep.adapt.protocol import AdaptProtocol
 from deep.adapt.results import (AdaptResults, best_block, markdown_table, read_adapt_results,
                                 relative_table, report_text)
-from deep.adapt.runner import run_adaptation, stream_order
+from deep.adapt.runner import augment_generator, run_adaptation, stream_order
 from deep.checkpoints import save_checkpoint
 from deep.errors import ConfigError, ResultsError
 from deep.models import build_model
@@ -233,7 +233,7 @@ def test_the_cli_checks_images_before_loading_anything(tmp_path, capsys):
     (["--blocks", ""], r"\[memo\] blocks is empty: nothing to run"),
     (["--blocks", "first+first"], r"block\(s\) \['first'\] repeated in 'first\+first'"),
     (["--blocks", "first+second,second+first"], r"'second\+first' repeats 'first\+second'"),
-    (["--method", "tent", "--lr", "nan"], r"TENT needs .*lr > 0"),   # not MEMO's table
+    (["--method", "tent", "--lr", "nan"], r"TENT lr must be a positive number, got nan"),
     (["--data", "foo=1"], r"unknown data option\(s\) \['foo'\] for the fmnist-c loader"),
     ([], r"is a folder; a file is expected"),
 ])
@@ -246,6 +246,42 @@ def test_the_cli_refuses_bad_blocks_lrs_data_and_out_before_running(tmp_path, ca
     assert main(base + extra) == 2
     assert re.search(message, capsys.readouterr().err)
     assert out.is_dir() if not extra else not out.exists()
+
+
+# --- numbers that are not finite, repeated values, flags of a method that does not run ---------
+
+def _refused(tmp_path, capsys, extra) -> str:
+    """`adapt` with `extra` on fmnist-c: exit 2, one `error:` line, no results file. The
+    checkpoint does not exist, so that a value not refused stops there too, not after
+    running the protocol."""
+    out = tmp_path / "r.csv"
+    assert main(["adapt", "--benchmark", "fmnist-c", "--out", str(out), "--no-progress",
+                 "--checkpoint", str(tmp_path / "missing.pt"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_prior_strength_that_is_not_a_finite_number_is_refused(tmp_path, capsys, value):
+    """nan passed `prior_strength < 0`, and N/(N+1) of nan or inf is no mixture of statistics."""
+    with pytest.raises(ConfigError, match=r"prior_strength \(or -1: off\) must be a number >= 0"):
+        METHODS["memo"].config(prior_strength=float(value))
+    err = _refused(tmp_path, capsys, ["--method", "memo", "--prior-strength", value])
+    assert f"prior_strength (or -1: off) must be a number >= 0, got {value}" in err
+    for fine in (-1, 0, 16):
+        assert METHODS["memo"].config(prior_strength=fine).prior_strength == fine
+
+
+@pytest.mark.parametrize("method", ["memo", "tent"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_an_lr_that_is_not_a_finite_positive_number_is_refused(tmp_path, capsys, method, value):
+    """As the sweep's lrs: a finite number above 0 (inf passed `not lr > 0`)."""
+    label = METHODS[method].label
+    with pytest.raises(ConfigError, match=f"{label} lr must be a positive number, got {value}"):
+        METHODS[method].config(lr=float(value))
+    err = _refused(tmp_path, capsys, ["--method", method, "--lr", f"0.001,{value}"])
+    assert f"{label} lr must be a positive number, got {value}" in err
 
 
 # --- --threads and --quick -----------------------------------------------------------------------
