@@ -68,8 +68,11 @@ def stream_order(n: int, seed: int, images: int) -> torch.Tensor:
 
 def augment_generator(seed: int, shift: str) -> torch.Generator:
     """MEMO's augmentation draws: fixed by (seed, shift), the same for every block option,
-    so the block options of one stream see the same augmented copies."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(shift.encode()))
+    so the block options of one stream see the same augmented copies. Taken modulo 2**63,
+    which torch's seed fits: every seed below 2**63 runs (the same draws as before for
+    seeds below 2**43, where the sum never reached 2**63)."""
+    return torch.Generator().manual_seed(
+        (int(seed) * 1_000_003 + zlib.crc32(shift.encode())) % 2**63)
 
 
 @dataclass

@@ -284,6 +284,38 @@ def test_an_lr_that_is_not_a_finite_positive_number_is_refused(tmp_path, capsys,
     assert f"{label} lr must be a positive number, got {value}" in err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "0,0"], "seeds lists 0 more than once ([0, 0]); name each value once"),
+    (["--method", "tent,tent"], "methods lists 'tent' more than once"),
+    (["--method", "tent", "--lr", "0.001,1e-3"], "[tent] lr lists 0.001 more than once"),
+    (["--lr", "0.001,0.001"], "[memo] lr lists 0.001 more than once"),
+    (["--shifts", "fog,fog"], "shifts lists 'fog' more than once"),
+    (["--seeds", "-1"], "every seed of seeds must be at least 0, got -1"),
+    (["--seeds", str(2**63)], "every seed of seeds must be below 2**63"),
+])
+def test_repeated_values_and_negative_seeds_are_refused_as_the_sweep_does(tmp_path, capsys,
+                                                                          extra, message):
+    """`--seeds 0,0` on a fresh file used to print "ran 2 streams, skipped 2 already
+    finished": the second copy of each stream found the first one's row."""
+    assert message in _refused(tmp_path, capsys, extra)
+
+
+def test_a_repeated_value_in_a_protocol_is_refused_too():
+    for fields, message in [(dict(seeds=[0, 0]), "seeds lists 0 more than once"),
+                            (dict(shifts=["noise", "noise"]), "shifts lists 'noise'"),
+                            (dict(methods=["memo", "memo"]), "methods lists 'memo'"),
+                            (dict(memo={"lr": [0.01, 0.01]}), r"\[memo\] lr lists 0.01"),
+                            (dict(seeds=[-2]), "every seed of seeds must be at least 0")]:
+        with pytest.raises(ConfigError, match=message):
+            _protocol(**fields)
+
+
+def test_every_seed_below_2_63_draws_memo_augmentations():
+    """The largest seed the protocol takes overflowed torch's seed once multiplied."""
+    a, b = (torch.rand(3, generator=augment_generator(2**63 - 1, s)) for s in ("fog", "snow"))
+    assert not torch.equal(a, b)
+
+
 # --- --threads and --quick -----------------------------------------------------------------------
 
 def _parser():
