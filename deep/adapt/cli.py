@@ -112,6 +112,24 @@ def _method_table(protocol: AdaptProtocol, method: str, args) -> dict:
     return table | {k: v for k, v in overrides.items() if v is not None}
 
 
+def check_flags_of_methods_run(protocol: AdaptProtocol, args) -> None:
+    """A method's own flag (--copies, --batch-size, ...) given on the command line for a
+    method that does not run would change nothing and be recorded nowhere: an error.
+    The flags default to None, so only what the user typed counts, never the protocol's
+    tables (which hold every method's settings, run or not)."""
+    for method, spec in METHODS.items():
+        if method in protocol.methods:
+            continue
+        given = [f for f in spec.flags if f in flag_values(args, spec.config)]
+        if given:
+            flags = " ".join("--" + f.replace("_", "-") for f in given)
+            raise ConfigError(
+                f"{flags} {'is an option' if len(given) == 1 else 'are options'} of "
+                f"{spec.label}, which does not run here (methods: {','.join(protocol.methods)}): "
+                f"add {method} to --method (e.g. --method {','.join([*protocol.methods, method])}) "
+                f"or drop {flags}")
+
+
 def protocol_from_args(args) -> AdaptProtocol:
     protocol = load_adapt_protocol(args.benchmark)
     if args.quick:
@@ -120,6 +138,7 @@ def protocol_from_args(args) -> AdaptProtocol:
         arch=args.arch, methods=args.method, shifts=args.shifts, seeds=args.seeds,
         test_per_class=args.test_per_class, checkpoint=args.checkpoint,
         data={**protocol.data, **dict(args.data)} if args.data else None)
+    check_flags_of_methods_run(protocol, args)
     # The flags reach the methods that run; the others keep their tables.
     tables = {m: _method_table(protocol, m, args) if m in protocol.methods
               else protocol.settings_of(m) for m in METHODS}

@@ -316,6 +316,38 @@ def test_every_seed_below_2_63_draws_memo_augmentations():
     assert not torch.equal(a, b)
 
 
+def _cli_protocol(*argv):
+    return protocol_from_args(_parser().parse_args(["--benchmark", "fmnist-c", "--out", "r.csv",
+                                                    *argv]))
+
+
+@pytest.mark.parametrize("extra, flag, label, method", [
+    (["--method", "tent", "--copies", "4"], "--copies", "MEMO", "memo"),
+    (["--method", "tent", "--prior-strength", "16"], "--prior-strength", "MEMO", "memo"),
+    (["--method", "memo", "--batch-size", "50"], "--batch-size", "TENT", "tent"),
+    (["--method", "memo", "--batch-stats", "all"], "--batch-stats", "TENT", "tent"),
+])
+def test_a_flag_of_a_method_that_does_not_run_is_refused(tmp_path, capsys, extra, flag, label,
+                                                         method):
+    """It used to be dropped in silence (exit 0, recorded nowhere)."""
+    err = _refused(tmp_path, capsys, extra)
+    assert f"{flag} is an option of {label}, which does not run here" in err
+    assert f"add {method} to --method" in err
+    # Both methods running: the flags of both apply.
+    both = _cli_protocol("--method", "memo,tent", *extra[2:])
+    assert both.methods == ["memo", "tent"]
+
+
+def test_flags_of_both_methods_reach_them_and_the_protocols_own_tables_are_no_flags():
+    both = _cli_protocol("--method", "tent,memo", "--copies", "4", "--prior-strength", "16",
+                         "--batch-size", "50", "--batch-stats", "all")
+    assert (both.config("memo").copies, both.config("memo").prior_strength) == (4, 16)
+    assert (both.config("tent").batch_size, both.config("tent").batch_stats) == (50, "all")
+    # The protocol file's [memo] copies / prior_strength are not flags given by the user.
+    assert _cli_protocol("--method", "tent").methods == ["tent"]
+    assert _cli_protocol("--method", "memo").methods == ["memo"]
+
+
 # --- --threads and --quick -----------------------------------------------------------------------
 
 def _parser():
