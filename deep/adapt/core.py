@@ -217,6 +217,10 @@ class TentConfig:
                              f"image are degenerate), got batch_size={self.batch_size}")
         check_int("TENT steps", self.steps)
         check_positive("TENT lr", self.lr)
+        # Adam's first-moment decay (the second is TENT's 0.999): outside [0, 1) Adam refuses it
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) \
+                or not 0 <= self.beta < 1:
+            raise ConfigError(f"TENT beta must be a number in [0, 1), got {self.beta!r}")
         check_choice("batch_stats", self.batch_stats, BATCH_STATS)
 
 

@@ -284,6 +284,13 @@ def test_an_lr_that_is_not_a_finite_positive_number_is_refused(tmp_path, capsys,
     assert f"{label} lr must be a positive number, got {value}" in err
 
 
+@pytest.mark.parametrize("beta", [1.0, -0.1, float("nan"), "0.9"])
+def test_a_tent_beta_adam_would_refuse_is_refused_by_name(beta):
+    """beta is a protocol-file key ([tent] beta = ...); Adam raised its own ValueError."""
+    with pytest.raises(ConfigError, match=r"TENT beta must be a number in \[0, 1\)"):
+        METHODS["tent"].config(beta=beta)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--seeds", "0,0"], "seeds lists 0 more than once ([0, 0]); name each value once"),
     (["--method", "tent,tent"], "methods lists 'tent' more than once"),
