@@ -530,13 +530,19 @@ class RayExecutor:
         connects in seconds; a bench suite checks before it does)."""
         check_device(device, self.options.gpus_per_task)
         gpus = self.options.gpus_per_task or 0
-        if (self.options.address is None and gpus > 0 and not torch.cuda.is_available()
-                and not import_ray().is_initialized()):
-            # a new local instance has this machine's GPUs: it would start, then find none
+        if self.options.address is not None or torch.cuda.is_available() \
+                or import_ray().is_initialized():
+            return
+        # a new local instance has this machine's GPUs: it would start, then find none
+        if gpus > 0:
             raise RayBackendError(
                 f"--gpus-per-task {gpus:g} on a local Ray instance, but torch sees no CUDA GPU "
                 "on this machine: drop --gpus-per-task (tasks run on the CPUs), or give "
                 "--ray-address of a cluster with GPUs")
+        if device is not None and device.startswith("cuda"):
+            raise RayBackendError(
+                f"--device {device} on a local Ray instance, but torch sees no CUDA GPU on this "
+                "machine: use --device cpu or auto, or give --ray-address of a cluster with GPUs")
 
     def session(self, device: str | None) -> "RaySession":
         """The connection `run_sweep` holds around the sweep, made after the option checks

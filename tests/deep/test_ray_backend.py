@@ -411,6 +411,10 @@ def test_option_errors_come_before_ray_connects(tmp_path):
     pytest.param(["--backend", "ray", "--gpus-per-task", "1"],
                  "--gpus-per-task 1 on a local Ray instance, but torch sees no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
+    # before: Ray started, then asked for --gpus-per-task, which then found no GPU
+    pytest.param(["--backend", "ray", "--device", "cuda"],
+                 "--device cuda on a local Ray instance, but torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     (["--backend", "ray", "--workers", "2"], "drop --workers"),
     (["--device", "bogus"], "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
     (["--workers", "0"], "--workers must be at least 1"),
