@@ -615,6 +615,9 @@ def _check_made_by(rows: list[dict], suite: Suite, path: Path) -> None:
 
 def summarize(out_dir: Path, suite: Suite) -> list[Path]:
     """table.md and the plots from the CSVs in `out_dir`."""
+    if out_dir.is_file():
+        raise ConfigError(f"--out {out_dir} is a file; bench's --out is the suite's folder "
+                          "(it holds results.csv, table.md and the plots)")
     rows = read_results(out_dir / "results.csv")
     if not rows:
         raise ResultsError(f"no results in {out_dir / 'results.csv'} to summarise: run "

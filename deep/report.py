@@ -190,7 +190,8 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
     """Write report.md and relative_accuracy.{png,pdf} into `out_dir`; return the paths."""
     results_csv = Path(results_csv)
     if not results_csv.is_file():
-        raise ConfigError(f"results file not found: {results_csv} (`python -m deep sweep ... "
+        what = "is a folder, not a file" if results_csv.is_dir() else "not found"
+        raise ConfigError(f"results file {what}: {results_csv} (`python -m deep sweep ... "
                           "--out FILE` writes one; `python -m deep bench` writes results.csv "
                           "in its --out folder)")
     # --- issue #17: a `python -m deep adapt` CSV has its own columns and summary ---

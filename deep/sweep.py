@@ -111,7 +111,8 @@ def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
     """--checkpoint if given, else the benchmark's own source model, else an error."""
     if checkpoint:
         if checkpoint != RANDOM_INIT and not Path(checkpoint).is_file():
-            raise ConfigError(f"checkpoint file not found: {checkpoint} (omit --checkpoint for "
+            what = "is a folder, not a file" if Path(checkpoint).is_dir() else "file not found"
+            raise ConfigError(f"checkpoint {what}: {checkpoint} (omit --checkpoint for "
                               "the benchmark's own source model, if it has one, or pass "
                               f"--checkpoint {RANDOM_INIT} to start from random weights)")
         return checkpoint

@@ -349,7 +349,8 @@ def check_splits(train: Split, val: Split | None, config: TrainConfig) -> None:
         raise ConfigError("the training split is empty: a fine-tuning run trains on n_target "
                           "images; set n_target (--n-target) to at least 1")
     if config.select == SELECT_WORST_GROUP and val is not None and val.groups is None:
-        raise ConfigError(f"select={SELECT_WORST_GROUP!r} needs groups in the validation split")
+        raise ConfigError(f"select={SELECT_WORST_GROUP!r} (--select) needs groups in the "
+                          "validation split, and this data has none: use --select val_acc")
 
 
 class TrainingRun:

@@ -242,7 +242,10 @@ class ShiftTask:
         for name in ("train", "val", "test"):
             split = getattr(self, name)
             if len(split) == 0:
-                raise DataError(f"{self.benchmark}/{self.shift}: the {name} split is empty")
+                hint = ("n_target (--n-target)" if name == "train"
+                        else f"{name}_per_class (--{name}-per-class)")
+                raise DataError(f"{self.benchmark}/{self.shift}: the {name} split is empty: "
+                                f"set {hint} to at least 1")
             labels = split.labels
             if labels.min() < 0 or labels.max() >= self.num_classes:
                 raise DataError(f"{self.benchmark}/{self.shift}: {name} labels must lie in "

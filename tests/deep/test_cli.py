@@ -120,6 +120,10 @@ def _bad_checkpoint(tmp_path):
     (["--n-target", "100000"], "n_target=100000 exceeds the 1600 target training images"),
     (["--test-per-class", "1000"], "exceeds the 400 per class available"),
     (["--checkpoint", "missing.pt"], "checkpoint file not found: missing.pt"),
+    (["--checkpoint", "."], "checkpoint is a folder, not a file: ."),
+    (["--val-per-class", "0"], "the val split is empty: set val_per_class (--val-per-class) to at least 1"),
+    (["--select", "worst_group_val_acc"], "(--select) needs groups in the validation split, and "
+                                          "this data has none: use --select val_acc"),
     ("bad-checkpoint", "missing keys (1): fc.weight; unexpected keys (1): classifier.weight"),
     (["--data", "foo=1"], "unknown data option(s) ['foo'] for the synthetic loader; known: none"),
     ("out-folder", "is a folder; a file is expected"),
@@ -155,6 +159,11 @@ def test_unknown_benchmark_and_report_of_missing_file(tmp_path, capsys):
     assert "no protocol for benchmark 'mnist'" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "none.csv")]) == 2
     assert "results file not found" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"results file is a folder, not a file: {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "fmnist", "--summarize-only", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; bench's --out is the suite's folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, out, message", [
