@@ -227,7 +227,7 @@ def resolve_device(device: str | None) -> str:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
         kind = None
-    if kind not in ("cpu", "cuda"):
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and device != "cpu"):  # "cpu:3" means nothing
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"

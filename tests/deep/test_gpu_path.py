@@ -115,8 +115,9 @@ def test_device_auto():
     else:   # asked for, not there: said before any work, not a torch assertion later
         with pytest.raises(ConfigError, match="sees no CUDA GPU"):
             resolve_device("cuda:1")
-    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
-        resolve_device("gpu")
+    for bad in ("gpu", "cpu:3"):   # a CPU index would be accepted by torch and mean nothing
+        with pytest.raises(ConfigError, match=f"device must be auto, cpu, cuda or cuda:N, got '{bad}'"):
+            resolve_device(bad)
 
 
 def test_to_device_leaves_cpu_batches_alone():
