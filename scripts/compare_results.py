@@ -12,6 +12,9 @@ from deep.results import read_results, row_key
 
 METRICS = ("status", "best_epoch", "val_acc", "val_worst_group_acc", "test_acc", "worst_group_acc")
 
+if len(sys.argv) != 3 or sys.argv[1] in ("-h", "--help"):
+    print(__doc__)
+    sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
 old = {row_key(r): r for r in read_results(sys.argv[1])}
 new = {row_key(r): r for r in read_results(sys.argv[2])}
 shared = sorted(set(old) & set(new), key=str)

@@ -14,6 +14,9 @@ from collections import defaultdict
 from deep.protocol import load_protocol
 from deep.sweep import run_sweep
 
+if len(sys.argv) != 3 or sys.argv[1] in ("-h", "--help"):
+    print(__doc__)
+    sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
 methods, out = sys.argv[1].split(","), sys.argv[2]
 cells = defaultdict(set)
 for row in csv.DictReader(open("figures/fmnist/results.csv")):

@@ -28,7 +28,9 @@ def measure(budget_mb: float) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+    elif len(sys.argv) == 3 and sys.argv[1] == "--one":
         measure(float(sys.argv[2]))
     else:
         for budget in sys.argv[1:] or ["1", "4096"]:
