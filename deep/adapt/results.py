@@ -252,6 +252,22 @@ def differences_line(table: dict) -> str | None:
             f"* where it lies above 0): " + ", ".join(cells) + ".")
 
 
+def interval_lines(table: dict) -> list[str]:
+    """The table's gains again as 95 % t intervals over seeds (paired with no adaptation
+    on the same stream), one row per shift; [] with one seed everywhere."""
+    if all(table["rel"].get((s, b), (0, 0, 0))[2] < 2 for s in table["shifts"] for b in table["blocks"]):
+        return []
+    lines = ["95 % t intervals of the same gains (seed-paired with no adaptation):", "",
+             "| shift | " + " | ".join(table["blocks"]) + " |",
+             "|---|" + "---|" * len(table["blocks"])]
+    for shift in table["shifts"]:
+        cells = [format_interval(t_interval(table["rel"].get((shift, b), (math.nan, math.nan, 0))))
+                 for b in table["blocks"]]
+        label = f"**{shift}**" if shift == "mean" else shift
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown_table(rows: list[dict]) -> str:
     tables = relative_table(rows)
     lines = []
@@ -269,6 +285,7 @@ def markdown_table(rows: list[dict]) -> str:
             lines.append(f"| {label} | {format_stat(t['none'].get(shift, (math.nan, math.nan, 0)))} | "
                          + " | ".join(cells) + f" | {best} |")
         lines.append("")
+        lines += interval_lines(t)
         between = differences_line(t)
         if between:
             lines += [between, ""]

@@ -128,6 +128,20 @@ def test_each_pair_of_blocks_gets_its_paired_interval():
     assert "Between blocks" not in markdown_table([r for r in rows if r["seed"] == 0])
 
 
+def test_each_gain_gets_its_interval_against_no_adaptation():
+    """Gains of `all` per seed (points): 0, 0, 3: mean 1.0, s.e. 1 (sd sqrt(3) over
+    sqrt(3)), t(2, 0.975) = 4.303: [-3.3, +5.3]; `first` 9, 10, 11: mean 10, s.e.
+    1/sqrt(3): [+7.5, +12.5]. One seed: no interval table (there is no interval)."""
+    none = [0.50, 0.52, 0.48]
+    rows = _seeds({"none": none, "first": [a + g for a, g in zip(none, (0.09, 0.10, 0.11))],
+                   "all": [a + g for a, g in zip(none, (0.00, 0.00, 0.03))]})
+    lines = markdown_table(rows).splitlines()
+    start = lines.index("95 % t intervals of the same gains (seed-paired with no adaptation):")
+    assert lines[start + 2:start + 5] == ["| shift | first | all |", "|---|---|---|",
+                                          "| fog | +10.0 [+7.5, +12.5] | +1.0 [-3.3, +5.3] |"]
+    assert "95 % t intervals of the same gains" not in markdown_table([r for r in rows if r["seed"] == 0])
+
+
 def test_best_of_the_mean_row_pairs_each_seed_over_shifts():
     """Per shift `first` and `last` trade places, so neither is separated on a shift; over
     the two shifts `first` gains 1 point more on every seed, which the paired mean row
