@@ -23,7 +23,7 @@ from .files import atomic_write_bytes, check_output, save_figure
 from .methods import method_order
 from .models import block_order
 from .results import SELECT_WORST_GROUP, best_row, selection_metric
-from .stats import format_stat, mean_se
+from .stats import format_interval, format_stat, mean_se, t_interval
 from .sweep import read_results
 
 # Blocks of every registered architecture in forward order, then the method table's.
@@ -113,6 +113,21 @@ def has_relative(table: dict) -> bool:
     return "all" in table["methods"] and len(table["methods"]) > 1
 
 
+def _interval_lines(table: dict, methods: list[str]) -> list[str]:
+    """The relative table again as 95 % t intervals of the seed-paired differences; [] when
+    no cell has two seeds."""
+    stats = {(s, m): table["rel"].get((s, m), (math.nan, math.nan, 0))
+             for s in table["shifts"] for m in methods}
+    if all(stat[2] < 2 for stat in stats.values()):
+        return []
+    lines = ["95 % t intervals of the same differences (paired by seed):", "",
+             "| shift | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for shift in table["shifts"]:
+        lines.append(f"| {shift} | " + " | ".join(
+            format_interval(t_interval(stats[(shift, m)])) for m in methods) + " |")
+    return lines + [""]
+
+
 def markdown(tables: dict) -> str:
     lines = []
     for (benchmark, n_target), t in tables.items():
@@ -129,6 +144,8 @@ def markdown(tables: dict) -> str:
                                      signed=kind == "rel") for m in methods]
                 lines.append(f"| {shift} | " + " | ".join(cells) + " |")
             lines.append("")
+            if kind == "rel":
+                lines += _interval_lines(t, methods)
     lines.append("Mean ± standard error over seeds; each (shift, method, seed) at the learning "
                  "rate with the best validation metric, and the epoch chosen by validation.")
     return "\n".join(lines) + "\n"

@@ -99,3 +99,16 @@ def test_paired_difference_is_method_minus_all_per_seed_with_a_t_interval():
     assert (mean - half, mean + half) == (
         pytest.approx(0.125 - stats.t.ppf(0.975, 1) * se),
         pytest.approx(0.125 + stats.t.ppf(0.975, 1) * se))
+
+
+def test_the_report_prints_each_difference_to_all_with_its_interval(tmp_path):
+    """last - all per seed: 10, 15, 20 points; mean 15, s.e. 5/sqrt(3), t(2, 0.975) = 4.303:
+    [+2.6, +27.4]. One seed: the interval table is left out (there is no interval)."""
+    rows = [row(method=m, seed=s, test=t) for s, (a, b) in enumerate([(0.8, 0.7), (0.85, 0.7), (0.9, 0.7)])
+            for m, t in (("last", a), ("all", b))]
+    text, _ = report_of(tmp_path, rows)
+    lines = text.splitlines()
+    start = lines.index("95 % t intervals of the same differences (paired by seed):")
+    assert lines[start + 2:start + 5] == ["| shift | last |", "|---|---|", "| noise | +15.0 [+2.6, +27.4] |"]
+    text, _ = report_of(tmp_path, [r for r in rows if r["seed"] == 0])
+    assert "95 % t intervals" not in text
