@@ -620,7 +620,7 @@ def check_milestones(schedule: str, milestones, gamma: float, epochs: int) -> No
     late = [m for m in milestones if m >= epochs]
     if late:  # a warning, not an error: a short smoke run of a long protocol is legitimate
         warnings.warn(f"milestone(s) {late} not below epochs ({epochs}) never lower the rate "
-                      "(it drops after each milestone epoch)", stacklevel=3)
+                      "(it drops after each milestone epoch)", stacklevel=4)  # the config's caller
 
 
 def _snapshot(model, named, touched, freeze_bn):
