@@ -60,6 +60,17 @@ def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> fl
     return value
 
 
+def check_each_once(name: str, values, key=None) -> None:
+    """Each value of the list `name` once (compared as `key(value)` when given, e.g.
+    float for learning rates): a repeated one would run the same cells twice, the second
+    time as "already finished". Else a ConfigError naming the first repeat."""
+    seen = [key(v) for v in values] if key else list(values)
+    twice = [v for i, v in enumerate(seen) if v in seen[:i]]
+    if twice:
+        raise ConfigError(f"{name} lists {twice[0]!r} more than once ({values}); "
+                          "name each value once")
+
+
 def differences(saved, now, prefix: str = "") -> dict:
     """{dotted name: (saved, now)} for each leaf that differs between two JSON-like dicts."""
     if isinstance(saved, dict) and isinstance(now, dict):

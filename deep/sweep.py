@@ -41,7 +41,8 @@ from .allocator import keep_freed_memory
 from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, ShiftTask, get_benchmark
-from .errors import ConfigError, ResultsError, check_int, check_nonnegative, clash_text
+from .errors import (ConfigError, ResultsError, check_each_once, check_int, check_nonnegative,
+                     clash_text)
 from .files import atomic_write_text, check_output, code_commit, cpu_model, sha256_file, sole_writer
 from .methods import method_names
 from .models import build_model, get_architecture
@@ -91,11 +92,7 @@ def check_protocol(protocol: Protocol, bench: Benchmark) -> None:
         values = getattr(protocol, name)
         if not values:
             raise ConfigError(f"{name} is empty: nothing to run")
-        seen = [float(v) for v in values] if name == "lrs" else list(values)
-        twice = [v for i, v in enumerate(seen) if v in seen[:i]]
-        if twice:
-            raise ConfigError(f"{name} lists {twice[0]!r} more than once ({values}); "
-                              "name each value once")
+        check_each_once(name, values, float if name == "lrs" else None)
 
 
 def quick(protocol: Protocol) -> Protocol:

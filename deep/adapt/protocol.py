@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, check_each_once, check_int
 from ..models import get_architecture
 from ..protocol import read_protocol_file
 from .core import METHODS, method_spec, parse_blocks
@@ -52,7 +52,7 @@ class AdaptProtocol:
             if check_int("every seed of seeds", seed, minimum=0) >= 2**63:
                 raise ConfigError(f"every seed of seeds must be below 2**63, got {seed}")
         for name in ("shifts", "methods", "seeds"):   # blocks: _check_blocks, per method
-            _check_once(name, getattr(self, name))
+            check_each_once(name, getattr(self, name))
         if self.test_per_class < 1:
             raise ConfigError(f"test_per_class must be >= 1, got {self.test_per_class}")
         _check_images("images", self.images)
@@ -123,7 +123,8 @@ class AdaptProtocol:
         if isinstance(lrs, list):
             if "lr" in table and not lrs:
                 raise ConfigError(f"[{method}]: lr is an empty list")
-            _check_once(f"[{method}] lr", lrs, float)
+            if _all_numbers(lrs):  # else the config's own check names the bad value
+                check_each_once(f"[{method}] lr", lrs, float)
             return [self._config(method, {**table, "lr": lr} if lrs else table) for lr in lrs or [None]]
         return [self._config(method, table)]
 
@@ -161,17 +162,12 @@ def _check_blocks(name: str, options: list[str]) -> None:
         seen[parts] = option
 
 
-def _check_once(name: str, values: list, key=None) -> None:
-    """Each value once, in the sweep's words (`deep.sweep.check_protocol`): a repeated
-    value would run the same streams twice, the second time as "already finished"."""
+def _all_numbers(values: list) -> bool:
     try:
-        seen = [key(v) for v in values] if key else list(values)
+        [float(v) for v in values]
     except (TypeError, ValueError):
-        return  # not numbers: the config's own check names them
-    twice = [v for i, v in enumerate(seen) if v in seen[:i]]
-    if twice:
-        raise ConfigError(f"{name} lists {twice[0]!r} more than once ({values}); "
-                          "name each value once")
+        return False
+    return True
 
 
 def _check_images(name: str, value) -> None:
