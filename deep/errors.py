@@ -60,6 +60,14 @@ def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> fl
     return value
 
 
+def check_seeds(seeds) -> None:
+    """Every seed an integer in [0, 2**63) (what torch's generators take); else a
+    ConfigError naming the first that is not."""
+    for seed in seeds:
+        if check_int("every seed of seeds", seed, minimum=0) >= 2**63:
+            raise ConfigError(f"every seed of seeds must be below 2**63, got {seed}")
+
+
 def check_each_once(name: str, values, key=None) -> None:
     """Each value of the list `name` once (compared as `key(value)` when given, e.g.
     float for learning rates): a repeated one would run the same cells twice, the second

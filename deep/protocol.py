@@ -30,7 +30,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
+from .errors import (ConfigError, check_choice, check_int, check_nonnegative, check_positive,
+                     check_seeds)
 from .methods import GENERIC_METHODS
 from .pretrain import PretrainConfig
 from .train import SELECTION_RULES, TrainConfig
@@ -71,9 +72,7 @@ class Tuning:
         check_nonnegative("weight_decay", self.weight_decay)
         if self.patience is not None:
             check_int("patience", self.patience)
-        for seed in self.seeds:
-            if check_int("every seed of seeds", seed, minimum=0) >= 2**63:
-                raise ConfigError(f"every seed of seeds must be below 2**63, got {seed}")
+        check_seeds(self.seeds)
         if not self.lrs:
             raise ConfigError("lrs must be a non-empty list of positive numbers, got []")
         for lr in self.lrs:

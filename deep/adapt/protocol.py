@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, check_each_once, check_int
+from ..errors import ConfigError, check_each_once, check_seeds
 from ..models import get_architecture
 from ..protocol import read_protocol_file
 from .core import METHODS, method_spec, parse_blocks
@@ -48,9 +48,7 @@ class AdaptProtocol:
         for name in ("shifts", "methods", "blocks", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is empty: nothing to run")
-        for seed in self.seeds:  # as the sweep's protocol (deep.protocol.Tuning)
-            if check_int("every seed of seeds", seed, minimum=0) >= 2**63:
-                raise ConfigError(f"every seed of seeds must be below 2**63, got {seed}")
+        check_seeds(self.seeds)
         for name in ("shifts", "methods", "seeds"):   # blocks: _check_blocks, per method
             check_each_once(name, getattr(self, name))
         if self.test_per_class < 1:
