@@ -23,7 +23,7 @@ from .files import atomic_write_bytes, check_output, save_figure
 from .methods import method_order
 from .models import block_order
 from .results import SELECT_WORST_GROUP, best_row, selection_metric
-from .stats import format_interval, format_stat, mean_se, t_interval
+from .stats import NO_STAT, format_stat, interval_table, mean_se
 from .sweep import read_results
 
 # Blocks of every registered architecture in forward order, then the method table's.
@@ -113,21 +113,6 @@ def has_relative(table: dict) -> bool:
     return "all" in table["methods"] and len(table["methods"]) > 1
 
 
-def _interval_lines(table: dict, methods: list[str]) -> list[str]:
-    """The relative table again as 95 % t intervals of the seed-paired differences; [] when
-    no cell has two seeds."""
-    stats = {(s, m): table["rel"].get((s, m), (math.nan, math.nan, 0))
-             for s in table["shifts"] for m in methods}
-    if all(stat[2] < 2 for stat in stats.values()):
-        return []
-    lines = ["95 % t intervals of the same differences (paired by seed):", "",
-             "| shift | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for shift in table["shifts"]:
-        lines.append(f"| {shift} | " + " | ".join(
-            format_interval(t_interval(stats[(shift, m)])) for m in methods) + " |")
-    return lines + [""]
-
-
 def markdown(tables: dict) -> str:
     lines = []
     for (benchmark, n_target), t in tables.items():
@@ -140,12 +125,14 @@ def markdown(tables: dict) -> str:
                       "| shift | " + " | ".join(methods) + " |",
                       "|---|" + "---|" * len(methods)]
             for shift in t["shifts"]:
-                cells = [format_stat(t[kind].get((shift, m), (math.nan, math.nan, 0)),
+                cells = [format_stat(t[kind].get((shift, m), NO_STAT),
                                      signed=kind == "rel") for m in methods]
                 lines.append(f"| {shift} | " + " | ".join(cells) + " |")
             lines.append("")
-            if kind == "rel":
-                lines += _interval_lines(t, methods)
+            if kind == "rel":  # the same differences as intervals
+                lines += interval_table("95 % t intervals of the same differences (paired by seed):",
+                                        t["shifts"], methods,
+                                        lambda s, m: t["rel"].get((s, m), NO_STAT))
     lines.append("Mean ± standard error over seeds; each (shift, method, seed) at the learning "
                  "rate with the best validation metric, and the epoch chosen by validation.")
     return "\n".join(lines) + "\n"
@@ -168,7 +155,7 @@ def plot_relative(tables: dict, path_stem: Path) -> list[Path]:
     for ax, ((benchmark, n_target), shift) in zip(axes.flat, panels):
         t = tables[(benchmark, n_target)]
         methods = [m for m in t["methods"] if m != "all"]
-        bar_panel(ax, {m: t["rel"].get((shift, m), (math.nan, math.nan, 0)) for m in methods},
+        bar_panel(ax, {m: t["rel"].get((shift, m), NO_STAT) for m in methods},
                   f"{benchmark} / {shift}" + (f" (n={n_target})" if len(tables) > 1 else "")
                   + (" (worst group)" if t["metric"] == "worst_group_acc" else ""))
     for ax in list(axes.flat)[len(panels):]:

@@ -65,3 +65,21 @@ def format_stat(stat: tuple[float, float, int], scale: float = 100.0, signed: bo
         return "-"
     text = f"{scale * mean:+.1f}" if signed else f"{scale * mean:.1f}"
     return text + (f" ± {scale * se:.1f}" if not math.isnan(se) else "")
+
+
+NO_STAT = (math.nan, math.nan, 0)  # a cell without values
+
+
+def interval_table(title: str, rows: list[str], columns: list[str], stat, label=str) -> list[str]:
+    """`title`, then a markdown table of 95 % t intervals with one line per entry of
+    `rows` (shown as `label(row)`) and one column per entry of `columns`; `stat(row,
+    column)` gives each cell's (mean, se, n). [] when no cell has two seeds (there is no
+    interval to show)."""
+    cells = {(r, c): stat(r, c) for r in rows for c in columns}
+    if all(s[2] < 2 for s in cells.values()):
+        return []
+    lines = [title, "", "| shift | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append(f"| {label(r)} | " + " | ".join(format_interval(t_interval(cells[(r, c)]))
+                                                   for c in columns) + " |")
+    return lines + [""]

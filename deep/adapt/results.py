@@ -25,7 +25,8 @@ import numpy as np
 from ..errors import ResultsError
 from ..files import atomic_write_bytes, save_figure
 from ..results import check_not_a_directory, same_checkpoint
-from ..stats import above_zero, format_interval, format_stat, mean_se, t_interval
+from ..stats import (NO_STAT, above_zero, format_interval, format_stat, interval_table, mean_se,
+                     t_interval)
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
@@ -252,22 +253,6 @@ def differences_line(table: dict) -> str | None:
             f"* where it lies above 0): " + ", ".join(cells) + ".")
 
 
-def interval_lines(table: dict) -> list[str]:
-    """The table's gains again as 95 % t intervals over seeds (paired with no adaptation
-    on the same stream), one row per shift; [] with one seed everywhere."""
-    if all(table["rel"].get((s, b), (0, 0, 0))[2] < 2 for s in table["shifts"] for b in table["blocks"]):
-        return []
-    lines = ["95 % t intervals of the same gains (seed-paired with no adaptation):", "",
-             "| shift | " + " | ".join(table["blocks"]) + " |",
-             "|---|" + "---|" * len(table["blocks"])]
-    for shift in table["shifts"]:
-        cells = [format_interval(t_interval(table["rel"].get((shift, b), (math.nan, math.nan, 0))))
-                 for b in table["blocks"]]
-        label = f"**{shift}**" if shift == "mean" else shift
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
 def markdown_table(rows: list[dict]) -> str:
     tables = relative_table(rows)
     lines = []
@@ -278,14 +263,17 @@ def markdown_table(rows: list[dict]) -> str:
                   "| shift | none (%) | " + " | ".join(t["blocks"]) + " | best |",
                   "|---|---|" + "---|" * (len(t["blocks"]) + 1)]
         for shift in t["shifts"]:
-            stats = {b: t["rel"].get((shift, b), (math.nan, math.nan, 0)) for b in t["blocks"]}
+            stats = {b: t["rel"].get((shift, b), NO_STAT) for b in t["blocks"]}
             best = best_block(t, shift)
             cells = [format_stat(stats[b], signed=True) for b in t["blocks"]]
             label = f"**{shift}**" if shift == "mean" else shift
-            lines.append(f"| {label} | {format_stat(t['none'].get(shift, (math.nan, math.nan, 0)))} | "
+            lines.append(f"| {label} | {format_stat(t['none'].get(shift, NO_STAT))} | "
                          + " | ".join(cells) + f" | {best} |")
         lines.append("")
-        lines += interval_lines(t)
+        lines += interval_table("95 % t intervals of the same gains (seed-paired with no adaptation):",
+                                t["shifts"], t["blocks"],
+                                lambda s, b: t["rel"].get((s, b), NO_STAT),
+                                label=lambda s: f"**{s}**" if s == "mean" else s)
         between = differences_line(t)
         if between:
             lines += [between, ""]
@@ -312,7 +300,7 @@ def plot(rows: list[dict], path_stem: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.2), squeeze=False)
     for ax, ((method, episodic, lr, images), t) in zip(axes.flat, tables.items()):
         shift = "mean" if "mean" in t["shifts"] else t["shifts"][0]
-        stats = [t["rel"].get((shift, b), (math.nan, math.nan, 0)) for b in t["blocks"]]
+        stats = [t["rel"].get((shift, b), NO_STAT) for b in t["blocks"]]
         means = [100 * s[0] for s in stats]
         errs = [0 if math.isnan(s[1]) else 100 * s[1] for s in stats]
         ax.bar(range(len(stats)), means, yerr=errs, color="tab:blue", capsize=2)
