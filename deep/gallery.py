@@ -167,11 +167,12 @@ def check_corruptions(corruptions) -> list[str]:
     return corruptions
 
 
-def make_gallery(out: str | Path, data_dir=None, corruptions=None) -> Path:
-    """Draw the five panels into one PNG at `out`; returns its path."""
+def make_gallery(out: str | Path, data_dir=None, corruptions=None, what: str = "out") -> Path:
+    """Draw the five panels into one PNG at `out`; returns its path. Every bad value fails
+    first, before anything is drawn or a folder made (`what` names `out` in the error)."""
     corruptions = check_corruptions(corruptions)
     F.load_fashion_mnist(data_dir)   # a missing or broken data folder fails before out is made
-    out = check_png(out)
+    out = check_png(out, what)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -210,11 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if args.corruptions == []:
         raise ConfigError(f"--corruptions names no corruption; give a comma-separated subset "
                           f"of {', '.join(F.CORRUPTION_NAMES)}, or leave it out for all of them")
-    # every bad value fails here, before anything is drawn or a folder made
-    check_corruptions(args.corruptions)
-    F.load_fashion_mnist(args.data_dir)
-    check_png(args.out, "--out")
-    print(make_gallery(args.out, args.data_dir, args.corruptions))
+    print(make_gallery(args.out, args.data_dir, args.corruptions, what="--out"))
     return 0
 
 
