@@ -547,6 +547,35 @@ def _worker(group: list[Cell], spec: dict) -> int:
     return len(group)
 
 
+ROW_WAIT_S = 300  # how long the driver waits for rows its finished workers sent
+
+
+def _collect(pending: set, rows, record, wait_s: float = ROW_WAIT_S) -> None:
+    """Record the rows that the futures in `pending` put on `rows`; each future returns how
+    many it put. Re-raises a worker's error."""
+    received, sent = 0, 0
+    while pending:
+        try:
+            record(rows.get(timeout=0.2))
+            received += 1
+            continue
+        except queue.Empty:
+            pass
+        for f in [f for f in pending if f.done()]:
+            pending.discard(f)
+            sent += f.result()  # re-raises a worker's error here
+    # A worker's rows travel through the queue's feeder thread, apart from its future's
+    # result: wait for every row the finished groups sent, not for a quiet moment.
+    while received < sent:
+        try:
+            record(rows.get(timeout=wait_s))
+        except queue.Empty:
+            raise RuntimeError(f"{sent - received} of the sweep's rows never arrived from its "
+                               f"workers within {wait_s} s; rerun the command to run those "
+                               "cells again") from None
+        received += 1
+
+
 def _run_parallel(groups, spec, workers, record) -> None:
     import multiprocessing as mp
 
@@ -556,21 +585,7 @@ def _run_parallel(groups, spec, workers, record) -> None:
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                initargs=(rows, threads, os.getpid()))
     try:
-        pending = {pool.submit(_worker, g, spec) for g in groups}
-        while pending:
-            try:
-                record(rows.get(timeout=0.2))
-                continue
-            except queue.Empty:
-                pass
-            for f in [f for f in pending if f.done()]:
-                pending.discard(f)
-                f.result()  # re-raises a worker's error here
-        while True:  # rows put just before the last future finished
-            try:
-                record(rows.get(timeout=0.5))
-            except queue.Empty:
-                break
+        _collect({pool.submit(_worker, g, spec) for g in groups}, rows, record)
     except BaseException:
         # Stop the workers this sweep started instead of waiting for their groups.
         for process in list(getattr(pool, "_processes", {}).values()):

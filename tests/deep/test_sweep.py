@@ -371,3 +371,33 @@ def test_rows_of_another_checkpoint_are_refused_without_a_configuration_record(
     (tmp_path / "r.csv.config.json").unlink()
     with pytest.raises(ResultsError, match=r"checkpoint: file '.*A\.pt' vs now '.*B\.pt'"):
         run_sweep(protocol.replace(lrs=[1e-3]), out, checkpoint=str(second), progress=False)
+
+
+def test_the_driver_waits_for_rows_that_arrive_after_their_group_finished():
+    # A worker's rows reach the driver through the queue's feeder thread, apart from its
+    # future's result; under load they can come later than the future. The driver must wait
+    # for every row the finished groups sent (it once gave up after a quiet half second).
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from deep.sweep import _collect
+
+    rows = queue.Queue()
+
+    def group(i):  # puts its two rows 1.5 s after it has returned
+        threading.Timer(1.5, lambda: [rows.put((i, k)) for k in range(2)]).start()
+        return 2
+
+    got = []
+    with ThreadPoolExecutor(2) as pool:
+        _collect({pool.submit(group, i) for i in range(2)}, rows, got.append)
+    assert sorted(got) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_rows_that_never_arrive_stop_the_sweep_with_a_message():
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+    from deep.sweep import _collect
+
+    with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError, match="1 of the sweep's rows"):
+        _collect({pool.submit(lambda: 1)}, queue.Queue(), print, wait_s=0.3)
