@@ -31,7 +31,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from .blocks import blocks_for
-from .files import atomic_write_bytes, check_output, save_figure, sole_writer
+from .files import atomic_write_bytes, check_output, remove_stale_temps, save_figure, sole_writer
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, engine_default, load_protocol
 from .ray_backend import add_backend_arguments, executor_from_args, session_for
@@ -618,6 +618,11 @@ def summarize(out_dir: Path, suite: Suite) -> list[Path]:
     if out_dir.is_file():
         raise ConfigError(f"--out {out_dir} is a file; bench's --out is the suite's folder "
                           "(it holds results.csv, table.md and the plots)")
+    with sole_writer(out_dir / "table.md"):  # one summary at a time; a killed one's temps go
+        return _summarize(out_dir, suite)
+
+
+def _summarize(out_dir: Path, suite: Suite) -> list[Path]:
     rows = read_results(out_dir / "results.csv")
     if not rows:
         raise ResultsError(f"no results in {out_dir / 'results.csv'} to summarise: run "
@@ -726,6 +731,7 @@ def run(args) -> int:
             for protocol, results, curves in jobs:
                 # held across the two stages, and before the curves file is read
                 with sole_writer(out_dir / results):
+                    remove_stale_temps(out_dir / curves)  # a killed run's (the lock is held)
                     run_benchmark(protocol, suite, out_dir / results, CurvesFile(out_dir / curves),
                                   data_dir=args.data_dir, workers=workers,
                                   device=args.device, amp=args.amp, cache_mb=args.cache_mb,

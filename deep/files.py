@@ -147,12 +147,13 @@ def _take_lock(lock: Path, path: Path, what: str) -> int | None:
 SIBLINGS = ("", ".json", ".state", ".config.json")
 
 
-def remove_stale_temps(path: str | Path) -> None:
+def remove_stale_temps(path: str | Path, siblings: tuple[str, ...] = SIBLINGS) -> None:
     """Remove the temp files `atomic_write_bytes` leaves beside `path` (and beside its
     manifest, run state and configuration record) when a writer is killed; another
-    output's temps (`model.pt.v2`'s beside `model.pt`) are not matched."""
+    output's temps (`model.pt.v2`'s beside `model.pt`) are not matched. Call it only as
+    the sole writer of `path` (`sole_writer`): another writer's temp is not stale."""
     path = Path(path)
-    for sibling in SIBLINGS:
+    for sibling in siblings:
         # mkstemp's names: .<name>.<8 random characters>.tmp
         pattern = f".{glob.escape(path.name + sibling)}.{'[a-z0-9_]' * 8}.tmp"
         for stale in path.parent.glob(pattern):
@@ -213,12 +214,14 @@ def verify_checkpoint(checkpoint: str | Path, manifest: str | Path | None = None
 
 def save_figure(fig, path_stem: Path) -> list[Path]:
     """`fig` as <stem>.png and <stem>.pdf, each written atomically (the PDF without its
-    creation date, so the same data give the same bytes); closes the figure."""
+    creation date, so the same data give the same bytes); closes the figure. The caller
+    holds the folder's `sole_writer`: the temps a killed writer left of these files go."""
     import matplotlib.pyplot as plt
 
     paths = []
     for suffix in (".png", ".pdf"):
         path = Path(path_stem).with_suffix(suffix)
+        remove_stale_temps(path, siblings=("",))
         metadata = {"CreationDate": None} if suffix == ".pdf" else None
         atomic_write_bytes(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=150,
                                                        metadata=metadata))

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ConfigError, ResultsError
 from .adapt.results import is_adapt_results, write_adapt_report
-from .files import atomic_write_bytes, check_output, save_figure
+from .files import atomic_write_bytes, check_output, save_figure, sole_writer
 from .methods import method_order
 from .models import block_order
 from .results import SELECT_WORST_GROUP, best_row, selection_metric
@@ -209,6 +209,11 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
                            "finished cell")
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
     check_output(out_dir, "report folder", folder=True)
+    with sole_writer(out_dir / "report.md", "report folder"):  # a killed report's temps go
+        return _write_report(rows, results_csv, out_dir)
+
+
+def _write_report(rows: list[dict], results_csv: Path, out_dir: Path) -> list[Path]:
     selected = select_learning_rates(rows)
     tables = summarize(selected)
     text = f"# Results of {results_csv.name}\n\n" + markdown(tables)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ResultsError
-from ..files import atomic_write_bytes, save_figure
+from ..files import atomic_write_bytes, check_output, save_figure, sole_writer
 from ..results import check_not_a_directory, same_checkpoint
 from ..stats import (NO_STAT, above_zero, format_interval, format_stat, interval_table, mean_se,
                      t_interval)
@@ -326,8 +326,10 @@ def write_adapt_report(results_csv: str | Path, out_dir: str | Path | None = Non
     rows = read_adapt_results(results_csv)
     if not rows:
         raise ResultsError(f"{results_csv} holds no results yet")
-    out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
+    out_dir = check_output(Path(out_dir) if out_dir else
+                           results_csv.with_name(results_csv.stem + "_report"), "report folder", folder=True)
     table = out_dir / "table.md"
     text = report_text(results_csv.name, rows)
-    atomic_write_bytes(table, lambda f: f.write(text.encode()))
-    return [table, *plot(rows, out_dir / "relative_accuracy")]
+    with sole_writer(table, "report folder"):  # one report at a time; a killed one's temps go
+        atomic_write_bytes(table, lambda f: f.write(text.encode()))
+        return [table, *plot(rows, out_dir / "relative_accuracy")]

@@ -187,3 +187,62 @@ def test_a_process_holding_an_output_may_open_it_again(tmp_path):
             pass
         assert (tmp_path / ".r.csv.lock").exists()   # still the outer holder's
     assert not (tmp_path / ".r.csv.lock").exists()
+
+
+# --- summaries and reports: a killed writer's temp files go with the next one -------------
+
+ROOT = Path(__file__).resolve().parents[2]
+STALE = "a1b2c3d4"  # mkstemp's eight random characters
+
+
+def _plant(folder, *names):
+    paths = [folder / f".{name}.{STALE}.tmp" for name in names]
+    for p in paths:
+        p.write_text("half a file")
+    return paths
+
+
+def _copy_committed(folder, source, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes((ROOT / "figures" / source / name).read_bytes())
+
+
+def test_a_bench_summary_removes_a_killed_summarys_temps_and_only_those(tmp_path):
+    from deep.bench import SUITES, summarize
+    _copy_committed(tmp_path, "fmnist-v2", "results.csv", "curves.csv", "n_target.csv",
+                    "n_target_curves.csv")
+    stale = _plant(tmp_path, "table.md", "relative_accuracy.png", "learning_curves.pdf",
+                   "n_target.png")
+    others = _plant(tmp_path, "results.csv", "notes.md")   # not the summary's to remove
+    summarize(tmp_path, SUITES["fmnist"])
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+def test_a_bench_run_removes_a_killed_runs_curves_temps(tmp_path, monkeypatch):
+    import deep.bench
+    from deep.__main__ import main
+    monkeypatch.setattr(deep.bench, "run_benchmark", lambda *a, **k: None)   # no training
+    monkeypatch.setattr(deep.bench, "summarize", lambda *a, **k: [])
+    stale = _plant(tmp_path, "curves.csv", "n_target_curves.csv")
+    assert main(["bench", "fmnist", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert not any(p.exists() for p in stale)
+
+
+def test_a_report_removes_a_killed_reports_temps(tmp_path):
+    from deep.report import write_report
+    _copy_committed(tmp_path, "fmnist-v2", "results.csv")
+    (tmp_path / "rep").mkdir()
+    stale = _plant(tmp_path / "rep", "report.md", "relative_accuracy.png", "relative_accuracy.pdf")
+    others = _plant(tmp_path / "rep", "mine.png")
+    write_report(tmp_path / "results.csv", tmp_path / "rep")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+def test_an_adaptation_report_removes_a_killed_reports_temps(tmp_path):
+    from deep.adapt import write_adapt_report
+    _copy_committed(tmp_path, "fmnist-adapt", "results.csv")
+    (tmp_path / "rep").mkdir()
+    stale = _plant(tmp_path / "rep", "table.md", "relative_accuracy.png", "relative_accuracy.pdf")
+    write_adapt_report(tmp_path / "results.csv", tmp_path / "rep")
+    assert not any(p.exists() for p in stale)
