@@ -175,6 +175,8 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     # one writer per results file: a second sweep into it is refused (deep.files.sole_writer)
     with sole_writer(out):
         results = ResultsFile(out)
+        # other settings are refused before the source model is resolved (it may be trained)
+        check_same_configuration(out, protocol.resolved(), bool(results.rows), source_model=False)
         checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
         entry = _check_resumable(results, protocol, checkpoint,
                                  expected_precision(device, amp, executor is None))
@@ -309,9 +311,11 @@ def read_configurations(out: str | Path) -> list[dict]:
     return known
 
 
-def check_same_configuration(out: str | Path, entry: dict, rows_exist: bool) -> None:
+def check_same_configuration(out: str | Path, entry: dict, rows_exist: bool,
+                             source_model: bool = True) -> None:
     """ResultsError unless every configuration recorded beside `out` for this benchmark
-    differs from `entry` in its grid only (see GRID)."""
+    differs from `entry` in its grid only (see GRID). `source_model=False` leaves the
+    checkpoint out (a check before it is resolved, which may train one)."""
     if not rows_exist:
         return
     for known in read_configurations(out):
@@ -319,17 +323,23 @@ def check_same_configuration(out: str | Path, entry: dict, rows_exist: bool) -> 
             continue
         shared = (entry.keys() & known.keys()) - set(GRID) - set(SOURCE_MODEL)
         clash = {k: (known[k], entry[k]) for k in sorted(shared) if known[k] != entry[k]}
-        was, now = known.get("checkpoint_sha256"), entry.get("checkpoint_sha256")
-        if was is None or now is None:     # an older record, or random init: names only
-            if not same_checkpoint(known.get("checkpoint"), entry["checkpoint"]):
-                clash["checkpoint"] = (known.get("checkpoint"), entry["checkpoint"])
-        elif was != now:
-            clash["checkpoint"] = (f"{known['checkpoint']} (sha256 {was[:12]})",
-                                   f"{entry['checkpoint']} (sha256 {now[:12]})")
+        if source_model:
+            clash.update(_source_model_clash(known, entry))
         if clash:
             raise ResultsError(f"{out} holds {entry['benchmark']} rows of a sweep with other "
                                f"settings ({clash_text(clash)}; recorded in {config_path(out)}); write "
                                "this sweep to another --out")
+
+
+def _source_model_clash(known: dict, entry: dict) -> dict:
+    was, now = known.get("checkpoint_sha256"), entry.get("checkpoint_sha256")
+    if was is None or now is None:     # an older record, or random init: names only
+        if not same_checkpoint(known.get("checkpoint"), entry["checkpoint"]):
+            return {"checkpoint": (known.get("checkpoint"), entry["checkpoint"])}
+    elif was != now:
+        return {"checkpoint": (f"{known['checkpoint']} (sha256 {was[:12]})",
+                               f"{entry['checkpoint']} (sha256 {now[:12]})")}
+    return {}
 
 
 def save_resolved_config(out: str | Path, entry: dict, rows_exist: bool) -> Path:

@@ -401,3 +401,19 @@ def test_rows_that_never_arrive_stop_the_sweep_with_a_message():
 
     with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError, match="1 of the sweep's rows"):
         _collect({pool.submit(lambda: 1)}, queue.Queue(), print, wait_s=0.3)
+
+
+def test_other_settings_are_refused_before_the_source_model_is_resolved(tmp_path, synthetic_checkpoint,
+                                                                       monkeypatch):
+    # Resolving may train a source model (synthetic's, for a new --arch): minutes of work
+    # for a sweep that is then refused for its other settings.
+    import deep.sweep
+    out = tmp_path / "r.csv"
+    run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1), out, progress=False)
+
+    def resolve(*args):
+        raise AssertionError("the source model was resolved before the settings were compared")
+    monkeypatch.setattr(deep.sweep, "resolve_checkpoint", resolve)
+    with pytest.raises(ResultsError, match=r"arch: file 'resnet26-w4' vs now 'resnet26-w8'"):
+        run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1, arch="resnet26-w8"), out,
+                  progress=False)
