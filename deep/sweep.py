@@ -188,7 +188,7 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         if todo:  # nothing to run: no workers, no Ray
             with _session(executor, device):
                 # after Ray has connected (or failed to): the bar counts cells, not set-up
-                with writer.progress(len(todo), progress, protocol.benchmark):
+                with writer.progress(len(todo), progress, protocol.benchmark, len(cells) - len(todo)):
                     if executor is not None:
                         executor(todo, spec, writer.record)  # it groups cells for its resources
                     else:
@@ -225,8 +225,8 @@ class _RowWriter:
         self.configuration_saved, self.diverged, self.bar = False, 0, None
 
     @contextlib.contextmanager
-    def progress(self, total: int, enabled: bool, name: str):
-        self.bar = _progress(total, enabled, name)
+    def progress(self, total: int, enabled: bool, name: str, done: int = 0):
+        self.bar = _progress(total, enabled, name, done)
         try:
             yield
         finally:
@@ -366,11 +366,13 @@ def _session(executor, device):
     return contextlib.nullcontext() if session is None else session(device)
 
 
-def _progress(total, enabled, name):
+def _progress(total, enabled, name, done=0):
     if not enabled or total == 0:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc=f"sweep {name}", unit="cell")
+    # a resumed sweep says so from its first line, not only in its closing summary
+    resumed = f" (resumed: {done} done before)" if done else ""
+    return tqdm(total=total, desc=f"sweep {name}{resumed}", unit="cell")
 
 
 def _settings(protocol: Protocol, checkpoint: str, precision: str | None) -> dict:

@@ -417,3 +417,11 @@ def test_other_settings_are_refused_before_the_source_model_is_resolved(tmp_path
     with pytest.raises(ResultsError, match=r"arch: file 'resnet26-w4' vs now 'resnet26-w8'"):
         run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1, arch="resnet26-w8"), out,
                   progress=False)
+
+
+def test_a_resumed_sweep_says_so_on_its_progress_line(tmp_path, synthetic_checkpoint, capsys):
+    out = tmp_path / "r.csv"
+    run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=1), out, progress=True)
+    assert "resumed" not in capsys.readouterr().err
+    run_sweep(small_protocol(methods=["last", "all"], lrs=[1e-2], epochs=1), out, progress=True)
+    assert "sweep synthetic (resumed: 1 done before)" in capsys.readouterr().err
