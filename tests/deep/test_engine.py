@@ -16,6 +16,7 @@ from deep.blocks import (block_options, block_prefixes, blocks_by_arch, blocks_f
                          tuned_parameter_names)
 from deep.checkpoints import load_model
 from deep.data import get_benchmark
+from deep.data.base import TensorSplit
 from deep.methods import (AutoRGN, AutoSNR, get_method, gradient_snr, method_names,
                           per_example_gradient_moments, relative_gradient_norms,
                           rgn_multipliers, unfreeze_epochs)
@@ -309,6 +310,60 @@ def test_test_accuracy_is_the_one_at_the_best_validation_epoch(synthetic_checkpo
                 "first", TrainConfig(lr=1e-2, epochs=full.best_epoch), BLOCKS4)
     assert short.best_epoch == full.best_epoch
     assert short.test.acc == full.test.acc
+
+
+def scripted_validation(monkeypatch, scores):
+    """Make `fit`'s validation return `scores` in turn (the test split is still measured),
+    so that which epoch is best is chosen by the test, not by the data."""
+    import deep.train as engine
+    real, scores = engine.evaluate, iter(scores)
+
+    def evaluate_scripted(model, split, *args, **kw):
+        name = kw.get("name", args[3] if len(args) > 3 else None)
+        return engine.Metrics(next(scores)) if name == "val" else real(model, split, *args, **kw)
+    monkeypatch.setattr(engine, "evaluate", evaluate_scripted)
+
+
+def random_splits(n_train=32, n_val=16):
+    g = torch.Generator().manual_seed(0)
+    def split(n):
+        return TensorSplit(torch.randn(n, 3, 16, 16, generator=g), torch.arange(n) % 4)
+    return split(n_train), split(n_val)
+
+
+def test_lp_ft_best_at_the_probe_epoch_restores_the_body_tuned_only_later(monkeypatch):
+    """Guards `_restore`: parameters first tuned after the best epoch (lp-ft's body, tuned
+    from epoch 2 on) go back to their values before the fit, not kept as epoch 2 left them."""
+    scripted_validation(monkeypatch, [0.9, 0.1])     # epoch 1 (the linear probe) is best
+    torch.manual_seed(0)
+    model = build_model(ARCH, 4, 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train, val = random_splits()
+    result = fit(model, train, val, None, "lp-ft", TrainConfig(lr=1e-2, epochs=2, seed=0),
+                 BLOCKS4)
+    assert result.best_epoch == 1
+    body = [n for n in before if not n.startswith("fc.")]
+    moved = [n for n in body if not torch.equal(model.get_parameter(n), before[n])]
+    assert len(body) > 2 and moved == []
+
+
+def test_unfrozen_bn_statistics_are_restored_to_the_best_epochs(monkeypatch):
+    """Guards `_snapshot` with freeze_bn=False: BN running statistics move while training,
+    so the best epoch's are saved and restored. Best epoch 1 of 2 ends with exactly the
+    buffers of a 1-epoch run from the same start and seed."""
+    torch.manual_seed(0)
+    source = build_model(ARCH, 4, 3)
+    train, val = random_splits()
+    config = dict(lr=1e-2, seed=0, freeze_bn=False)
+    one = copy.deepcopy(source)
+    fit(one, train, val, None, "all", TrainConfig(epochs=1, **config), BLOCKS4)
+    scripted_validation(monkeypatch, [0.9, 0.1])
+    two = copy.deepcopy(source)
+    result = fit(two, train, val, None, "all", TrainConfig(epochs=2, **config), BLOCKS4)
+    assert result.best_epoch == 1
+    want = dict(one.named_buffers())   # epoch 1 moved them (else the check would be vacuous)
+    assert any(not torch.equal(b, dict(source.named_buffers())[n]) for n, b in want.items())
+    assert [n for n, b in two.named_buffers() if not torch.equal(b, want[n])] == []
 
 
 def test_nan_loss_marks_the_run_diverged(model, task):
