@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from deep.models import architecture_names, build_model, get_architecture
-from deep.models.registry import matches_any
+from deep.models.registry import matches, matches_any
 from deep.models.staged import StagedModel, stages_of
 from deep.prefix_cache import folded_view
 
@@ -53,6 +53,15 @@ def test_every_block_names_parameters_of_the_network(built):
         for prefix in prefixes:
             assert any(matches_any(n, (prefix,)) for n in names), \
                 f"{arch.name}: block {option!r} prefix {prefix!r} matches no parameter"
+
+
+def test_a_prefix_matches_whole_module_names_only():
+    """"layer1" owns "layer1.0.conv1.weight" but not "layer10.weight": a bare startswith
+    would hand a network's 10th+ layer (or ViT block) to the option naming the 1st."""
+    assert matches("layer1.0.conv1.weight", "layer1") and matches("layer1", "layer1")
+    assert not matches("layer10.weight", "layer1")
+    assert not matches("visual.transformer.resblocks.11.ln_1.bias",
+                       "visual.transformer.resblocks.1")
 
 
 def test_blocks_come_in_forward_order(built):

@@ -17,7 +17,7 @@ from deep.data.base import TensorSplit
 from deep.models import build_model
 from deep.models.staged import Stages
 from deep.models.vit import (CONFIGS, CLIPImageClassifier, VisionTransformer, ViTConfig,
-                             is_torchscript_archive, set_zero_shot_head)
+                             block_options, is_torchscript_archive, set_zero_shot_head)
 from deep.train import TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,6 +157,17 @@ def test_block_options_are_the_papers():
     assert {n.split(".")[3] for n in names["last3"]} == {"3", "4", "5"}
     assert names["last"] == ["head.weight", "head.bias"]
     assert len(names["first3"]) == len(names["last3"]) == 36
+
+
+def test_first3_of_a_12_block_vit_tunes_no_block_10_or_11():
+    """ViT-B/16 has 12 blocks: "first3"'s prefix "...resblocks.1" must not also take blocks
+    10 and 11 (a prefix matches whole module names). Checked on a narrow 12-block ViT."""
+    config = ViTConfig(image_size=32, patch_size=8, width=32, layers=12, heads=2, mlp_width=128,
+                       output_dim=16)
+    names = tuned_parameter_names(CLIPImageClassifier(config, 3), "first3",
+                                  block_options(config.layers))
+    assert {n.split(".")[3] for n in names} == {"0", "1", "2"}
+    assert len(names) == 3 * 12          # 12 parameter tensors per block
 
 
 def test_stages_run_the_same_function_as_forward():
