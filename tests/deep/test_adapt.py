@@ -219,6 +219,47 @@ def test_tent_predicts_with_the_forward_before_its_step(small_model, stream):
     assert not torch.equal(a.predict(x), b.predict(x))      # the second sees different steps
 
 
+def bn_net() -> nn.Sequential:
+    """A small BatchNorm network; blocks "first" = conv + BN, "last" = the linear head."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+BN_NET_BLOCKS = {"first": ("0", "1"), "last": ("5",)}
+
+
+def test_a_tent_step_lowers_the_entropy_of_its_batch():
+    """Guards the sign of TENT's loss: one step minimises the mean softmax entropy, so on
+    the batch it adapted to the entropy goes down (both measured with batch statistics in
+    the adapted BatchNorm, as TENT's forward uses them)."""
+    from deep.adapt.core import _batch_stat_forward, patched_batchnorm, softmax_entropy
+    model = bn_net()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    adapter = make_adapter(model, "tent", "first", BN_NET_BLOCKS,
+                           TentConfig(batch_size=16, lr=0.1), False)
+    before = softmax_entropy(adapter.predict(x)).mean().item()   # the forward before its step
+    with torch.no_grad(), patched_batchnorm([model[1]], _batch_stat_forward):
+        after = softmax_entropy(model(x)).mean().item()
+    # the step lowers it by about 0.01 here (1.602 -> 1.592); float32 noise is ~1e-6
+    assert after < before - 1e-3, (before, after)
+
+
+def test_tent_uses_the_configured_adam_beta():
+    """TentConfig.beta is Adam's first-moment decay (the second stays TENT's 0.999). Adam's
+    first step is the same for every beta (bias correction), the second is not."""
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    params = {}
+    for beta in (0.5, 0.9):
+        adapter = make_adapter(bn_net(), "tent", "first", BN_NET_BLOCKS,
+                               TentConfig(batch_size=16, lr=1e-2, beta=beta), False)
+        assert adapter.optimizer.param_groups[0]["betas"] == (beta, 0.999)
+        adapter.predict(x)
+        adapter.predict(x)
+        params[beta] = torch.cat([p.detach().flatten() for p in adapter.params])
+    assert not torch.allclose(params[0.5], params[0.9], rtol=0, atol=1e-6)
+
+
 # --- determinism ------------------------------------------------------------------------------
 
 def test_same_seed_same_stream_same_numbers(small_model, stream, one_thread):
@@ -581,6 +622,30 @@ def test_memo_bn_prior_weights_running_statistics_by_the_prior():
         got = _prior_forward(bn, p, x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(bn.running_mean, torch.ones(3))            # no buffer is written
+
+
+def test_memo_with_a_bn_prior_predicts_under_the_prior_statistics():
+    """Guards MemoAdapter's use of the prior: prior_strength N = 16 means weight N/(N+1) on
+    the running statistics (not 1/(N+1)), and the final prediction of the image is made
+    with those mixed statistics too (not the running ones alone), after its step."""
+    from deep.adapt.core import _prior_forward, patched_batchnorm
+    model = bn_net()
+    with torch.no_grad():   # running statistics far from the image's, so the prior shows
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(2.0)
+    def jitter(img, n, g):
+        return img.expand(n, *img.shape) + 0.1 * torch.randn(n, *img.shape, generator=g)
+    adapter = make_adapter(model, "memo", "last", BN_NET_BLOCKS,
+                           MemoConfig(copies=4, prior_strength=16), False, jitter,
+                           torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    head = model[5].weight.detach().clone()
+    got = adapter.predict(x)                      # online: the adapted head stays
+    assert not torch.equal(model[5].weight, head)
+    with torch.no_grad(), patched_batchnorm(model.modules(),
+                                            lambda m, t: _prior_forward(m, 16 / 17, t)):
+        expected = model(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch_stats, expected", [("blocks", {"1": True, "3": False}),
