@@ -561,6 +561,25 @@ def test_each_shifts_streams_run_on_that_shifts_test_split(tmp_path, monkeypatch
         assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
 
 
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_each_seeds_streams_run_in_that_seeds_order(tmp_path, monkeypatch, one_thread):
+    """The runner streams seed s's images in the order of a permutation drawn from s
+    (`stream_order`: torch.randperm with a generator seeded by s, first `images` of it),
+    so two seeds see different orders, not seed 0's every time."""
+    orders = []
+    def recording(source, arch, method, option, config, images, labels, order, *rest, **kw):
+        orders.append((len(labels), order.clone()))
+        return adapt_stream(source, arch, method, option, config, images, labels, order,
+                            *rest, **kw)
+    monkeypatch.setattr("deep.adapt.runner.adapt_stream", recording)
+    protocol = _tiny_protocol(methods=["tent"], blocks=["none"], seeds=[0, 1])
+    assert run_adaptation(protocol, tmp_path / "a.csv", progress=False).ran == 2
+    for seed, (n, order) in enumerate(orders):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(order, perm[:6]), seed         # protocol images = 6
+    assert not torch.equal(orders[0][1], orders[1][1])
+
+
 def test_protocol_files_load_with_the_methods_defaults():
     fm = load_adapt_protocol("fmnist-c")
     assert fm.config("memo").copies == 32 and 0.005 in [c.lr for c in fm.configs("memo")]
