@@ -18,6 +18,7 @@ from deep.adapt.protocol import AdaptProtocol, load_adapt_protocol
 from deep.adapt.results import is_adapt_results, read_adapt_results, relative_table
 from deep.adapt.runner import (adapt_stream, augment_generator, load_test_split, run_adaptation,
                                stream_order)
+from deep import augment_memo
 from deep.augment_memo import (GREY, MemoAugmenter, autocontrast, equalize, posterize, rotate,
                                solarize, translate_x)
 from deep.blocks import blocks_for
@@ -453,6 +454,38 @@ def test_augmentations_work_on_grayscale_and_rgb_and_are_seeded(channels, side):
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     with pytest.raises(ValueError, match="one image of shape"):
         aug(image[None], 2, torch.Generator())
+
+
+def test_augmix_chains_have_1_to_max_depth_operations(monkeypatch):
+    """Each of the `width` (3) chains applies 1..max_depth (3) operations, so a copy takes
+    3..9: counted over 300 copies with a counting identity as the only operation (all-1 and
+    all-3 chains each come with probability 1/27 per copy)."""
+    calls = []
+    monkeypatch.setitem(augment_memo.OPERATIONS, "count", lambda x, g, s: calls.append(1) or x)
+    aug = MemoAugmenter((0.5,), (0.25,))
+    aug.names = ["count"]
+    image, g = torch.rand(1, 12, 12), torch.Generator().manual_seed(0)
+    per_copy = set()
+    for _ in range(300):
+        calls.clear()
+        aug.augmix(image, g)
+        per_copy.add(len(calls))
+    assert per_copy == set(range(3, 10))
+
+
+def test_augmix_chains_start_from_the_cropped_image(monkeypatch):
+    """AugMix mixes chains applied to the crop-flipped image with that image itself: with
+    identity operations (any Dirichlet weights, any keep) the copy is the crop-flipped
+    image, drawn as `crop_flip` draws it from an identically seeded generator."""
+    monkeypatch.setitem(augment_memo.OPERATIONS, "identity", lambda x, g, s: x)
+    aug = MemoAugmenter((0.5,), (0.25,))
+    aug.names = ["identity"]
+    image = torch.rand(1, 12, 12, generator=torch.Generator().manual_seed(0))
+    for seed in range(5):
+        expected = augment_memo.crop_flip(image, torch.Generator().manual_seed(seed),
+                                          aug.padding, aug.flip)
+        got = aug.augmix(image, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_histogram_operations():
