@@ -7,7 +7,8 @@
     python -m sims.speed                                  the speed benchmark
 
 Bad input (an option, an --out that is not a folder, a CSV that does not hold what its
-figure reads) ends with exit status 2 and one `error:` line naming it.
+figure reads) ends with exit status 2 and one `error:` line naming it, as does a second
+run into an --out that another run is writing (it names the other run's pid).
 """
 import argparse
 import sys

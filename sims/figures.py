@@ -7,10 +7,20 @@ an interrupted run never leaves a half-written CSV or image. `resume=True` skips
 experiments whose CSVs exist and were made with the same settings (recorded in
 `<out>/sims_settings.json`), so a long `--draws` run that was interrupted picks up where it
 stopped.
+
+One run at a time writes an output folder: `make_figures` holds `hold_folder(out)` (a
+`flock` on `<out>/.sims.lock`, released when the process ends, even by SIGKILL) for the
+whole run, so a second `figures` or `plot` into the same folder is refused (`FolderBusy`)
+instead of both rewriting `sims_settings.json` and the CSVs. Under the lock, the temporary
+files a killed run left beside the outputs are removed.
 """
+import contextlib
+import fcntl
+import glob
 import itertools
 import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +37,7 @@ from . import experiments, plots
 SOURCES = {"f1_t1_curves": "t1_curves", "f2_loss_vs_n": "shifts", "f3_best_layer": "shifts",
            "f4_t1_event": "t1_event", "f5_forgetting": "forgetting", "f6_auto_rgn": "shifts"}
 SETTINGS_FILE = "sims_settings.json"
+LOCK_FILE = ".sims.lock"
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,8 @@ TABLES = {
 
 
 def _atomic(path, write):
-    """Call write(temporary path), then rename it onto `path`."""
+    """Call write(temporary path), then rename it onto `path`. The temporary file is
+    `.<stem>.<8 random characters><suffix>` (`_stale_temps` finds those a kill left)."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
                                          suffix=path.suffix)
@@ -83,6 +95,73 @@ def _atomic(path, write):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _stale_temps(path):
+    """The temporary files `_atomic` made for `path` and did not rename or remove: those
+    of a killed run. Only mkstemp's names (8 characters of [a-z0-9_]) for this path."""
+    path = Path(path)
+    pattern = f".{glob.escape(path.stem)}.{'[a-z0-9_]' * 8}{glob.escape(path.suffix)}"
+    return sorted(path.parent.glob(pattern))
+
+
+def outputs(out):
+    """Every file `make_figures` may write in `out`: each figure's CSV, PNG and PDF, and
+    the settings record."""
+    out = Path(out)
+    return [out / f"{figure}{suffix}" for figure in SOURCES
+            for suffix in (".csv", ".png", ".pdf")] + [out / SETTINGS_FILE]
+
+
+class FolderBusy(ValueError):
+    """Another process holds the output folder (see `hold_folder`)."""
+
+
+@contextlib.contextmanager
+def hold_folder(out):
+    """Hold the output folder `out` (which must exist) for this process while it writes
+    it; a second holder, in this process or another, gets `FolderBusy` at once.
+
+    The lock is `flock` on `<out>/.sims.lock`, which goes with the process even when it is
+    killed (a lock file left by a killed run is taken over); the file records the holder's
+    pid for the refusal and is removed on exit. On entry, the temporary files a killed run
+    left beside the outputs are removed (no writer can be using them: we hold the lock)."""
+    out = Path(out)
+    lock = out / LOCK_FILE
+    while True:
+        try:        # O_NOFOLLOW: a symlink planted at the lock's name is not written through
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise ValueError(f"--out {out}: cannot create the lock file {lock} "
+                             f"({error.strerror or error})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderBusy(f"--out {out} is being written by {holder} (lock {lock}); "
+                             "wait for it to finish, or pass another --out") from None
+        except OSError as error:     # a file system without locks (some network mounts)
+            os.close(fd)
+            raise ValueError(f"--out {out}: cannot lock {lock} ({error.strerror or error}); "
+                             "pass an --out on a local file system") from None
+        try:
+            if os.fstat(fd).st_ino == os.lstat(lock).st_ino:
+                break                # the lock file still at its path: ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)                 # removed by its last holder while we opened it: again
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        for path in outputs(out):
+            for stale in _stale_temps(path):
+                stale.unlink(missing_ok=True)
+        yield out
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 def write_csv(table, path):
@@ -244,9 +323,15 @@ def make_figures(settings, out="figures", only=None, resume=False, log=print, si
         log: where to print the summary line.
         simulate: False only redraws from the CSVs already in `out`.
     Returns: the list of paths written.
+    Raises: `FolderBusy` while another run writes `out`.
     """
     out = output_folder(out)
     figures = resolve_only(only)
+    with hold_folder(out):
+        return _make_figures(settings, out, figures, resume, log, simulate)
+
+
+def _make_figures(settings, out, figures, resume, log, simulate):
     needed = list(dict.fromkeys(SOURCES[f] for f in figures))
     recorded_path = out / SETTINGS_FILE
     recorded = json.loads(recorded_path.read_text()) if recorded_path.exists() else {}

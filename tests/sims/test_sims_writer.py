@@ -1,0 +1,78 @@
+"""One writer per output folder, a killed run's leftovers: `python -m sims figures` in real
+processes (found by a kill -9 audit of the figure pipeline)."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sims import experiments
+from sims.figures import LOCK_FILE, FolderBusy, hold_folder, make_figures
+
+pytestmark = pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")
+ROOT = Path(__file__).resolve().parents[2]
+SMALLEST = experiments.Settings(draws=2, steps=2, device="cpu")
+F4 = ["figures", "--only", "f4", "--draws", "2", "--steps", "2", "--device", "cpu"]
+
+
+def python(code, *args, **kwargs):
+    """`python -c code args` from the repository root, with one thread, as a Popen."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+def test_a_killed_runs_temp_files_are_removed_and_nothing_else(tmp_path):
+    """SIGKILLed just before renaming a CSV into place, a run leaves its temporary file
+    (and its lock file); the next run into the folder removes that temp file, those of
+    every other output of ours, and no other file."""
+    killed = python("""
+        import os, runpy, signal, sys
+        replace = os.replace
+        def kill_before_the_csv(source, target, *args, **kwargs):
+            if str(target).endswith("f4_t1_event.csv"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return replace(source, target, *args, **kwargs)
+        os.replace = kill_before_the_csv
+        sys.argv = ["sims", *sys.argv[1:]]
+        runpy.run_module("sims", run_name="__main__", alter_sys=True)
+        """, *F4, "--out", tmp_path)
+    _, err = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, err
+    left = sorted(p.name for p in tmp_path.glob(".f4_t1_event.*.csv"))
+    assert len(left) == 1, list(tmp_path.iterdir())     # what the kill leaves
+    # Another killed run's temps, made as `_atomic` makes them, beside other outputs.
+    stale = [Path(tempfile.mkstemp(dir=tmp_path, prefix=f".{stem}.", suffix=suffix)[1])
+             for stem, suffix in (("f2_loss_vs_n", ".png"), ("sims_settings", ".json"))]
+    others = ["notes.txt", ".other.abcdefgh.png", ".f2_loss_vs_n.abcdefghi.png",
+              "f2_loss_vs_n.abcdefgh.png", ".f4_t1_event.abcdefgh.txt", ".f4_t1_event.csv.bak",
+              ".f4_t1_event.ABCDEFGH.csv"]
+    for name in others:
+        (tmp_path / name).write_text(name)
+    make_figures(SMALLEST, tmp_path, only="f4", log=lambda line: None)
+    assert not any(p.exists() for p in [tmp_path / left[0], *stale])
+    for name in others:
+        assert (tmp_path / name).read_text() == name, name
+    hidden = {p.name for p in tmp_path.glob(".*")}
+    assert hidden == {n for n in others if n.startswith(".")}, hidden   # lock file gone too
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
+    with hold_folder(tmp_path):
+        second = python("import sys; from sims.__main__ import main; sys.exit(main(sys.argv[1:]))",
+                        *F4, "--out", tmp_path)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2, (out, err)
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert f"--out {tmp_path} is being written by process {os.getpid()}" in err, err
+        assert not list(tmp_path.glob("*.csv")), "the refused run wrote"
+        with pytest.raises(FolderBusy, match=f"process {os.getpid()}"):   # `plot` too
+            make_figures(SMALLEST, tmp_path, only="f4", simulate=False)
+    assert not (tmp_path / LOCK_FILE).exists()
+    make_figures(SMALLEST, tmp_path, only="f4", log=lambda line: None)   # free again
