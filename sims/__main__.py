@@ -8,7 +8,8 @@
 
 Bad input (an option, an --out that is not a folder, a CSV that does not hold what its
 figure reads) ends with exit status 2 and one `error:` line naming it, as does a second
-run into an --out that another run is writing (it names the other run's pid).
+run into an --out that another run is writing (it names the other run's pid). Ctrl-C ends
+with exit status 130 and one line saying how to resume.
 """
 import argparse
 import sys
@@ -56,6 +57,12 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # every finished CSV and figure is already written, atomically
+        again = ("`python -m sims plot` with the same arguments redraws them"
+                 if args.command == "plot" else
+                 "rerun the same command with --resume to keep the finished experiments")
+        print(f"\ninterrupted; {again}", file=sys.stderr)
+        return 130
     return 0
 
 

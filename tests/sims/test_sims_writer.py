@@ -1,5 +1,5 @@
-"""One writer per output folder, a killed run's leftovers: `python -m sims figures` in real
-processes (found by a kill -9 audit of the figure pipeline)."""
+"""One writer per output folder, a killed run's leftovers, Ctrl-C: `python -m sims figures`
+in real processes (found by a kill -9 audit of the figure pipeline)."""
 import os
 import signal
 import subprocess
@@ -76,3 +76,33 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
             make_figures(SMALLEST, tmp_path, only="f4", simulate=False)
     assert not (tmp_path / LOCK_FILE).exists()
     make_figures(SMALLEST, tmp_path, only="f4", log=lambda line: None)   # free again
+
+
+def test_ctrl_c_ends_with_status_130_and_one_line(tmp_path):
+    """SIGINT while an experiment runs: exit status 130, no traceback, a line saying how to
+    resume; the folder is free again. The experiment is replaced by one that says it
+    started and sleeps, so the signal always lands mid-run."""
+    run = python("""
+        import runpy, signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # even if pytest ignores it
+        from sims import experiments
+        def sleeps(settings, progress=None):
+            print("started", file=sys.stderr, flush=True)
+            time.sleep(120)
+        experiments.EXPERIMENTS["t1_event"] = sleeps
+        sys.argv = ["sims", *sys.argv[1:]]
+        runpy.run_module("sims", run_name="__main__", alter_sys=True)
+        """, *F4, "--out", tmp_path)
+    try:
+        for line in run.stderr:
+            if line.strip().endswith("started"):
+                break
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == ("interrupted; rerun the same command with "
+                                            "--resume to keep the finished experiments"), err
+    assert not (tmp_path / LOCK_FILE).exists()
