@@ -6,7 +6,8 @@ Every file is written atomically (a temporary file in the same folder, then a re
 an interrupted run never leaves a half-written CSV or image. `resume=True` skips the
 experiments whose CSVs exist and were made with the same settings (recorded in
 `<out>/sims_settings.json`), so a long `--draws` run that was interrupted picks up where it
-stopped.
+stopped; an experiment recorded with other settings is run again, and `log` gets a line
+naming what changed.
 
 One run at a time writes an output folder: `make_figures` holds `hold_folder(out)` (a
 `flock` on `<out>/.sims.lock`, released when the process ends, even by SIGKILL) for the
@@ -312,6 +313,20 @@ def _group(columns, values):
                      for c, v in zip(columns, values))
 
 
+def _recomputing(name, recorded, now):
+    """The line `--resume` prints for experiment `name`, whose CSVs were made with the
+    settings `recorded` and are remade with `now`, e.g.
+    "f4 (t1_event): recorded draws 8, now 16: recomputing"."""
+    figures = ", ".join(f.split("_")[0] for f in SOURCES if SOURCES[f] == name)
+    changed = [key for key in dict.fromkeys([*recorded, *now]) if recorded.get(key) != now.get(key)]
+    if not changed:     # the CSVs are missing, not the settings changed
+        return f"{figures} ({name}): a CSV is missing: recomputing"
+    before = ", ".join(f"{key} {recorded.get(key)}" for key in changed)
+    after = ", ".join(f"{now.get(key)}" if len(changed) == 1 else f"{key} {now.get(key)}"
+                      for key in changed)
+    return f"{figures} ({name}): recorded {before}, now {after}: recomputing"
+
+
 def make_figures(settings, out="figures", only=None, resume=False, log=print, simulate=True):
     """Run the experiments behind the chosen figures and write CSV, PNG and PDF to `out`.
 
@@ -319,8 +334,10 @@ def make_figures(settings, out="figures", only=None, resume=False, log=print, si
         settings: `experiments.Settings`.
         out: output folder (created if missing).
         only: figures to make (see `resolve_only`); default all six.
-        resume: reuse the CSVs of experiments already run with the same settings.
-        log: where to print the summary line.
+        resume: reuse the CSVs of experiments already run with the same settings; an
+            experiment recorded with other settings is run again, and `log` gets a line
+            naming what changed.
+        log: where to print the summary line (and --resume's lines).
         simulate: False only redraws from the CSVs already in `out`.
     Returns: the list of paths written.
     Raises: `FolderBusy` while another run writes `out`.
@@ -338,6 +355,10 @@ def _make_figures(settings, out, figures, resume, log, simulate):
     todo = [name for name in needed if simulate
             and not (resume and recorded.get(name) == settings.as_dict()
                      and all((out / f"{f}.csv").exists() for f in SOURCES if SOURCES[f] == name))]
+    if resume:
+        for name in todo:
+            if recorded.get(name) is not None:
+                log(_recomputing(name, recorded[name], settings.as_dict()))
     missing = [f for f in figures if not simulate and not (out / f"{f}.csv").exists()]
     if missing:
         raise FileNotFoundError(f"no CSV for {missing} in {out}/; run `python -m sims figures`")

@@ -102,8 +102,11 @@ def test_resume_reuses_matching_csvs_only(tmp_path):
     assert (tmp_path / "f4_t1_event.csv").stat().st_mtime_ns == before
     assert "existing CSVs" in lines[-1]
     changed = experiments.Settings(draws=4, steps=20, device="cpu")
+    assert not any("recomputing" in line for line in lines)
     make_figures(changed, tmp_path, only="f4", resume=True, log=lines.append)
     assert pd.read_csv(tmp_path / "f4_t1_event.csv").draws.max() == 4
+    # Recomputed, as documented, and said so: the user sees what changed.
+    assert "f4 (t1_event): recorded draws 3, now 4: recomputing" in lines
 
 
 def test_only_redraws_every_figure_whose_csv_it_rewrote(tmp_path):
