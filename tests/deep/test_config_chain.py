@@ -10,7 +10,7 @@ import re
 import pytest
 
 from deep.__main__ import main, pretrain_settings, sweep_protocol
-from deep.errors import ConfigError, DeepError, ResultsError
+from deep.errors import ConfigError, DeepError, ResultsError, differences
 from deep.flags import add_flags, flag_values
 from deep.methods import GENERIC_METHODS, METHODS, get_method, method_names
 from deep.models import (Architecture, architecture_names, block_order, build_model,
@@ -337,3 +337,13 @@ def test_the_engine_and_the_protocol_check_settings_with_one_message(make, messa
     same bad value gets the same ConfigError whichever layer sees it first."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         make()
+
+
+def test_differences_names_a_setting_present_on_one_side_only():
+    """A resume compares the saved key with the current one by `differences`: a setting
+    added (or dropped) since the save must count as a difference, with None on the side
+    that lacks it, else a changed run would resume an unrelated checkpoint."""
+    assert differences({"a": 1}, {"a": 1, "b": 2}) == {"b": (None, 2)}
+    assert differences({"a": 1, "b": 2}, {"a": 1}) == {"b": (2, None)}
+    assert differences({"o": {"x": 1}}, {"o": {"x": 1, "y": [3]}}) == {"o.y": (None, [3])}
+    assert differences({"a": 1}, {"a": 1}) == {}
