@@ -148,3 +148,15 @@ def test_chosen_lr_ignores_a_finished_step_beyond_a_gap_in_the_extension():
     rows = [row("last", 1e-3, 0, 0.5), row("last", 1e-2, 0, 0.6),
             row("last", 1.0, 0, 0.9)]                    # two steps up, 1e-1 missing
     assert chosen_lrs(rows, p, [0], extend=2) == {("noise", "last"): 1e-2}
+
+
+def test_drop_superseded_ignores_an_lr_not_every_first_stage_seed_finished():
+    """The table's later rows must sit at the lr chosen_lrs picks, which compares only lrs
+    that every first-stage seed finished: 1.0 ran on seed 0 alone (0.9) and must not beat
+    0.1 (0.4 on seeds 0 and 1), else seed 3's row at 0.1 is dropped and seed 2's kept."""
+    first = [row("last", 1.0, 0, 0.9), row("last", 0.1, 0, 0.4), row("last", 0.1, 1, 0.4)]
+    later = [row("last", 1.0, 2, 0.1), row("last", 0.1, 3, 0.2)]
+    p = protocol(lrs=[0.1], methods=["last"])
+    assert chosen_lrs(first, p, [0, 1]) == {("noise", "last"): 0.1}
+    kept = drop_superseded(first + later, [0, 1])
+    assert {(r["seed"], r["lr"]) for r in kept if r["seed"] >= 2} == {(3, 0.1)}
