@@ -112,3 +112,14 @@ def test_every_caller_picks_by_the_one_rule(caller, tmp_path, capsys, monkeypatc
     # Change the rule in deep.results alone: a caller with its own copy does not follow.
     monkeypatch.setattr(deep.results, "_rank", lambda metric, lr: (metric, -float(lr)))
     assert call() == TIES_TO_THE_SMALLER
+
+
+def test_the_report_selects_an_lr_per_n_target():
+    """A sweep over several target sizes picks the lr separately for each n_target: pooled,
+    the n_target=8 rows would take 1e-1 (0.9 beats every n_target=32 value) and the
+    n_target=32 table would lose its row, or report 1e-1 for 32 targets."""
+    rows = [row("last", 1e-3, 0.6), row("last", 1e-1, 0.5),
+            {**row("last", 1e-3, 0.3), "n_target": 8}, {**row("last", 1e-1, 0.9), "n_target": 8}]
+    chosen = {r["n_target"]: r["lr"] for r in select_learning_rates(rows)}
+    assert chosen == {32: 1e-3, 8: 1e-1}
+    assert len(select_learning_rates(rows)) == 2
