@@ -112,3 +112,19 @@ def test_the_report_prints_each_difference_to_all_with_its_interval(tmp_path):
     assert lines[start + 2:start + 5] == ["| shift | last |", "|---|---|", "| noise | +15.0 [+2.6, +27.4] |"]
     text, _ = report_of(tmp_path, [r for r in rows if r["seed"] == 0])
     assert "95 % t intervals" not in text
+
+
+def test_the_mean_row_averages_only_the_seeds_that_have_every_shift():
+    """The shift "mean" compares methods over the same seeds in the absolute and the
+    relative table: `last` seed 1 lacks shift b, so both average seed 0 alone, where
+    last's mean over shifts a (0.6) and b (0.8) is 0.7. Averaging seed 1's lone shift a
+    (0.2) in as well would give 0.45 over 2 seeds in the absolute table only."""
+    from deep.report import summarize
+    rows = [row(method="all", shift=s, seed=d) for s in "ab" for d in (0, 1)] + \
+           [row(method="last", shift="a", seed=0, test=0.6),
+            row(method="last", shift="b", seed=0, test=0.8),
+            row(method="last", shift="a", seed=1, test=0.2)]          # seed 1 lacks b
+    table = summarize(rows)[("synthetic", 100)]
+    mean, _, n = table["abs"][("mean", "last")]
+    assert (mean, n) == (pytest.approx(0.7, abs=1e-12), 1)
+    assert table["rel"][("mean", "last")][2] == n
