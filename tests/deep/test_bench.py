@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deep.bench import SUITES, main_protocols, markdown_table, n_sweep_protocols, n_target_rows, ranks
@@ -211,3 +212,23 @@ def test_summarize_only_refuses_another_suites_results_and_run_options(tmp_path,
         assert main(["bench", "fmnist", "--summarize-only", "--out", str(tmp_path), *flags]) == 2
         assert f"--summarize-only runs nothing, so {named} would have no effect" in capsys.readouterr().err
     assert (tmp_path / "table.md").read_text() == "kept"
+
+
+def test_the_worst_group_line_weighs_the_best_block_by_worst_group_accuracy():
+    """fmnist-spurious's ", worst group" line ranks the blocks by worst-group accuracy, so
+    its margin to the runner-up must be the worst-group one too. Here every block ties on
+    test accuracy (a test-accuracy margin is 0: `last ≈ third`), while `last` leads `third`
+    on worst-group accuracy in every seed, by 0.10, 0.11, 0.11: a 95 % t interval of
+    0.1067 ± 4.303 * 0.0033 = [0.092, 0.121], above 0, so `last` is named alone."""
+    from scipy import stats
+    worst = {"first": (0.30, 0.30, 0.30), "second": (0.40, 0.40, 0.41), "third": (0.50, 0.51, 0.50),
+             "last": (0.60, 0.62, 0.61), "all": (0.45, 0.45, 0.45)}
+    rows = [_row("fmnist-spurious", "balanced", m, seed, 0.7, worst=w[seed])
+            for m, w in worst.items() for seed in range(3)]
+    diffs = np.subtract(worst["last"], worst["third"])
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    assert (diffs.mean() - half, diffs.mean() + half) == (pytest.approx(0.0923, abs=1e-4),
+                                                          pytest.approx(0.1210, abs=1e-4))
+    text, _ = markdown_table(rows, 1000)
+    line, = [l for l in text.splitlines() if l.startswith("| fmnist-spurious, worst group")]
+    assert line.split("|")[-2].strip() == "last"          # the best-block column
