@@ -43,9 +43,18 @@ def test_a_rerun_of_committed_cells_is_identical(committed, tmp_path, capsys):
     assert rc == 0 and "identical: 2 of 2" in out and "DIFFERS" not in out
 
 
-def test_a_cell_that_differs_is_named_with_its_metric_and_fails(committed, tmp_path, capsys):
+# Every measured column the script compares: a rerun whose best epoch (say) moved must
+# not be called identical.
+COMPARED = ("status", "best_epoch", "val_acc", "val_worst_group_acc", "test_acc", "worst_group_acc")
+OFF = {"status": lambda v: "diverged", "best_epoch": lambda v: str(int(v) + 1)}
+
+
+@pytest.mark.parametrize("metric", COMPARED)
+def test_a_cell_that_differs_is_named_with_its_metric_and_fails(committed, tmp_path, capsys,
+                                                                metric):
     rows = list(csv.DictReader(committed.open()))
-    rows[1]["test_acc"] = str(float(rows[1]["test_acc"]) + 1e-6)  # one value off in the last digits
+    value = rows[1][metric]  # one value off in the last digits (an empty one: set)
+    rows[1][metric] = OFF.get(metric, lambda v: str(float(v) + 1e-6) if v else "0.5")(value)
     with committed.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -55,4 +64,5 @@ def test_a_cell_that_differs_is_named_with_its_metric_and_fails(committed, tmp_p
     out = capsys.readouterr().out
     assert rc == 1 and "identical: 1 of 2" in out
     line, = [l for l in out.splitlines() if "DIFFERS" in l]
-    assert f"'{rows[1]['method']}'" in line and "'test_acc'" in line
+    assert f"'{rows[1]['method']}'" in line and f"'{metric}'" in line
+
