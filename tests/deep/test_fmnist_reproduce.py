@@ -66,3 +66,18 @@ def test_a_cell_that_differs_is_named_with_its_metric_and_fails(committed, tmp_p
     line, = [l for l in out.splitlines() if "DIFFERS" in l]
     assert f"'{rows[1]['method']}'" in line and f"'{metric}'" in line
 
+
+def test_the_rerun_takes_every_setting_its_row_records():
+    """A committed row made with other settings than today's protocol file is rerun with
+    the row's: epochs, patience, batch size, weight decay, selection and split sizes (the
+    list is written out here, not taken from the script, so a setting it drops is seen)."""
+    base = load_protocol("synthetic")
+    recorded = dict(epochs=base.epochs + 5, patience=(base.patience or 0) + 2,
+                    batch_size=base.batch_size * 2, weight_decay=base.weight_decay + 1e-3,
+                    select="worst_group_val_acc", val_per_class=base.val_per_class + 1,
+                    test_per_class=base.test_per_class + 1)
+    assert all(getattr(base, k) != v for k, v in recorded.items())
+    row = dict(benchmark="synthetic", arch=base.arch, method="all", shift=base.shifts[0],
+               seed=3, lr=0.01, n_target=64, **recorded)
+    p = script().protocol_for(row)
+    assert {k: getattr(p, k) for k in recorded} == recorded
