@@ -390,3 +390,17 @@ def test_fmow_split_years_at_their_boundaries(tmp_path):
         kind = (row["split"], int(row["timestamp"][:4]))
         got = names[int(masks[:, i].nonzero())] if masks[:, i].any() else None
         assert got == expected[kind], kind
+
+
+def test_a_balanced_draw_from_the_whole_pool_is_the_reference_protocols_draw():
+    """draw_target keeps draw_splits' order (test, then val, then train, from one
+    generator): over a pool of every example, balanced, it gives the same indices, so the
+    WILDS splits follow the reference protocol and a seed's test set does not depend on
+    val_per_class."""
+    from deep.data.base import draw_splits
+    from deep.data.wilds import draw_target
+    labels = torch.arange(300) % 3
+    ours = draw_target(labels, torch.ones(300, dtype=torch.bool), 3, 12, 5, 7, 4, True, "x")
+    reference = draw_splits(labels, 3, 12, 5, 7, 4, "x")
+    assert [len(s) for s in ours] == [12, 15, 21]
+    assert [s.tolist() for s in ours] == [s.tolist() for s in reference]
