@@ -288,6 +288,24 @@ def test_fmnist_flip_labels_are_nine_minus_the_original(fake_dir):
         np.testing.assert_array_equal(split.labels.numpy(), 9 - original)
 
 
+def test_fmnist_breeds_superclasses_are_the_ones_docs_fmnist_md_lists():
+    """docs/fmnist.md states which subclasses the source model sees and which are the
+    target's; the paragraph is parsed here, so a swap in the code (Shirt to the source
+    side, say) or in the doc is caught."""
+    import re
+    from pathlib import Path
+    doc = " ".join((Path(__file__).resolve().parents[2] / "docs/fmnist.md").read_text().split())
+    listed = re.search(r"\(source subclasses \| target subclasses\): (.*?)\. Bag", doc).group(1)
+    documented = {}
+    for entry in listed.split("; "):
+        name, sides = entry.split(" = ")
+        documented[name] = tuple({c.strip() for c in side.split(", ")} for side in sides.split(" | "))
+    assert documented["top"] == ({"T-shirt/top", "Pullover"}, {"Shirt", "Coat"})  # the parse
+    in_code = {name: tuple({F.CLASS_NAMES[i] for i in side} for side in sides)
+               for name, sides in F.SUPERCLASSES.items()}
+    assert in_code == documented
+
+
 def test_fmnist_breeds_uses_disjoint_subclasses_of_the_same_superclasses(fake_dir):
     source_sub = [set(s) for s, _ in F.SUPERCLASSES.values()]
     target_sub = [set(t) for _, t in F.SUPERCLASSES.values()]
