@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from theory import (GaussianMixture, TwoLayer, best_last_layer, best_last_layer_loss,
-                    check_cov, cross_moment, population_loss, relu_kernel)
+                    check_cov, cross_moment, feature_moments, population_loss, relu_kernel)
 
 N_MC = 200_000
 Z_TOL = 5.0   # standard errors
@@ -147,6 +147,23 @@ def test_best_last_layer_vs_large_sample_least_squares(activation):
     v_hat = np.linalg.lstsq(net.features(X), teacher(X), rcond=None)[0]
     assert np.allclose(v_hat, best.v, atol=0.02)
     assert np.isclose(population_loss(best.replace(v=v_hat), teacher, cov), loss, rtol=1e-2)
+
+
+def test_best_last_layer_loss_on_a_mixture_is_the_loss_of_its_head():
+    """On a mixture every moment is weighted by its component's weight, E[y^2] too: the
+    formula E[y^2] - c^T G^+ c equals the population loss of the head it returns (rtol
+    1e-10, rounding only), and E[y^2] is the loss of the zero head. An unweighted E[y^2]
+    (sum_i E_i[y^2] for sum_i w_i E_i[y^2]) breaks both."""
+    rng = np.random.default_rng(0)
+    mixture = GaussianMixture([0.3, 0.7], [random_cov(rng, 4), random_cov(rng, 4)])
+    net = TwoLayer(rng.standard_normal(3), rng.standard_normal((3, 4)), "relu")
+    teacher = TwoLayer(rng.standard_normal(2), rng.standard_normal((2, 4)), "relu")
+    loss = best_last_layer_loss(net, teacher, mixture)
+    assert np.isclose(loss, population_loss(best_last_layer(net, teacher, mixture), teacher,
+                                            mixture), rtol=1e-10)
+    _, _, y2 = feature_moments(net, teacher, mixture)
+    assert np.isclose(y2, population_loss(net.replace(v=np.zeros(3)), teacher, mixture),
+                      rtol=1e-12)
 
 
 def test_best_last_layer_with_singular_features():
