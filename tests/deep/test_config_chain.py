@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import re
+import threading
 
 import pytest
 
@@ -17,7 +18,7 @@ from deep.models import (Architecture, architecture_names, block_order, build_mo
                          get_architecture, register_architecture)
 from deep.pretrain import PretrainConfig
 from deep.protocol import TargetData, Tuning, load_protocol, protocol_from_dict, read_protocol_file
-from deep.results import COLUMNS, ResultRow, read_results, results_text
+from deep.results import COLUMNS, ResultRow, ResultsFile, read_results, results_text
 from deep.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,6 +224,44 @@ def test_results_round_trip_and_column_order(tmp_path):
     path.write_text(results_text([row(), row(seed=1, val_acc=None, status="diverged")]))
     assert path.read_text().splitlines()[0] == ",".join(COLUMNS) == ",".join(ResultRow.columns())
     assert read_results(path) == [row(), row(seed=1, val_acc=None, status="diverged")]
+
+
+def test_a_reader_never_sees_the_results_file_partly_written(tmp_path):
+    """report and bench read a sweep's CSV while it runs: each append must replace the
+    file whole (write aside, rename), never truncate it and write in place, or a reader
+    meets an empty or half-written file and stops with a "malformed row" error."""
+    path = tmp_path / "r.csv"
+    results = ResultsFile(path)
+    results.append(row(seed=0))
+    # A reader that opened the file before an append goes on reading the old file, whole.
+    with open(path, "rb") as opened_before:
+        results.append(row(seed=1))
+        assert opened_before.read() == results_text([row(seed=0)]).encode(), \
+            "the file changed under a reader that had it open"
+    # A reader polling during appends sees each time a complete file of no fewer rows.
+    seen, bad, stop = [2], [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                n = len(read_results(path))
+            except (ResultsError, OSError) as e:
+                bad.append(repr(e))
+                continue
+            if n < seen[-1]:
+                bad.append(f"{n} rows after {seen[-1]}")
+            seen.append(n)
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        for seed in range(2, 40):
+            results.append(row(seed=seed))
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+    assert not bad, bad[:3]
+    assert len(read_results(path)) == 40
 
 
 @pytest.mark.parametrize("mangle,message", [
