@@ -64,7 +64,7 @@ def compare(old: Path, new: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("old", type=Path)
     p.add_argument("new", type=Path)
     p.add_argument("--tolerance", type=float, default=1e-6,

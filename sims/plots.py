@@ -186,9 +186,10 @@ def _f5(table):
 def _f6(table):
     """Auto-RGN's pick against the better single layer, per draw, and agreement rates."""
     clip = 6.0
-    table = table.assign(
-        rgn=np.clip(np.log10(table.rgn_first / table.rgn_last), -clip, clip),
-        gain=np.clip(np.log10(table.loss_last / table.loss_first), -clip, clip))
+    with np.errstate(divide="ignore"):  # log10 of a zero ratio (an exact fit): -inf, clipped
+        table = table.assign(
+            rgn=np.clip(np.log10(table.rgn_first / table.rgn_last), -clip, clip),
+            gain=np.clip(np.log10(table.loss_last / table.loss_first), -clip, clip))
     kinds = list(dict.fromkeys(table.kind))
     palette = dict(zip(kinds, sns.color_palette("deep", len(kinds))))
     activations = list(dict.fromkeys(table.activation))

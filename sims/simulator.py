@@ -58,7 +58,7 @@ def resolve_device(device="auto"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for but CUDA is not available here; "
-                         "use device='auto' or 'cpu'")
+                         "use device='auto' or 'cpu' (on the command line: --device auto or cpu)")
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
     return resolved
