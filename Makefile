@@ -59,8 +59,8 @@ pretrain: $(STAMP)
 	$(PY) -m deep pretrain --benchmark fmnist-breeds --out $(WEIGHTS)/fmnist-breeds-resnet26.pt
 	$(PY) -m deep pretrain --benchmark fmnist-spurious --out $(WEIGHTS)/fmnist-spurious-resnet26.pt
 
-# The Fashion-MNIST suite under its converged protocol (figures/fmnist-v2/; about two
-# hours on 2 cores; docs/fmnist.md "Protocol and why"; the older 4-epoch table stays in figures/fmnist/)
+# The Fashion-MNIST suite under its converged protocol (figures/fmnist-v2/; about 85
+# minutes on 2 cores; docs/fmnist.md "Protocol and why"; the older 4-epoch table stays in figures/fmnist/)
 # and its smoke version (runs/fmnist-quick/; numbers meaningless). Both resume. The
 # committed rows ran on the CPU: --device cpu keeps a GPU machine from mixing in its own.
 deep: $(STAMP)
