@@ -361,7 +361,10 @@ def _make_figures(settings, out, figures, resume, log, simulate):
                 log(_recomputing(name, recorded[name], settings.as_dict()))
     missing = [f for f in figures if not simulate and not (out / f"{f}.csv").exists()]
     if missing:
-        raise FileNotFoundError(f"no CSV for {missing} in {out}/; run `python -m sims figures`")
+        present = [f.split("_")[0] for f in figures if f not in missing]
+        hint = f", or draw only those there with --only {','.join(present)}" if present else ""
+        raise FileNotFoundError(f"no CSV for {missing} in {out}/; run `python -m sims figures`"
+                                f"{hint}")
     start, written = time.perf_counter(), []
     total = sum(experiments.units(name) for name in todo)
     with tqdm(total=total, desc="simulating", unit="batch", disable=total == 0) as progress:

@@ -144,3 +144,12 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     assert f"--out {file / 'sub'}: cannot create that folder (Not a directory)" in \
         capsys.readouterr().err
     assert file.read_text() == "not a folder"
+
+
+def test_plot_of_a_partial_folder_draws_nothing_and_names_the_only_that_would(tmp_path, capsys):
+    write_csv(f4_table(), tmp_path / "f4_t1_event.csv")
+    assert main(["plot", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no CSV for ['f1_t1_curves', 'f2_loss_vs_n'" in err and "--only f4" in err
+    assert not list(tmp_path.glob("*.png"))   # checked before any figure is drawn
+    assert main(["plot", "--out", str(tmp_path), "--only", "f4"]) == 0
