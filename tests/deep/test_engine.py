@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deep.blocks import (block_options, block_prefixes, blocks_by_arch, blocks_for, set_trainable,
+from deep.blocks import (ALL, block_options, block_prefixes, blocks_by_arch, blocks_for, set_trainable,
                          tuned_parameter_names)
 from deep.checkpoints import load_model
 from deep.data import get_benchmark
 from deep.data.base import TensorSplit
-from deep.methods import (AutoRGN, AutoSNR, get_method, gradient_snr, method_names,
+from deep.methods import (AutoRGN, AutoSNR, EpochPlan, Method, get_method, gradient_snr, method_names,
                           per_example_gradient_moments, relative_gradient_norms,
                           rgn_multipliers, unfreeze_epochs)
 from deep.models import build_model
@@ -299,6 +299,58 @@ def test_cache_budget_falls_back_to_recomputing(model, task):
     assert np.allclose(r_tiny.losses, r_big.losses, atol=1e-5)
 
 
+def test_cache_budget_is_in_mib_and_charges_every_stage_it_stores(model, task):
+    # Guards a budget read as MB (10**6 bytes) and a store not added to `used`.
+    probe = PrefixCache(model, {"train": task.train}, fold_bn=False, channels_last=False)
+    with torch.no_grad():
+        h1 = probe.stages.run(task.train.images[:1], 0, 1)
+    stage1 = h1.numel() * h1.element_size() * len(task.train)   # bytes of stage 1's inputs
+    cache = PrefixCache(model, {"train": task.train}, budget_mb=1.01 * stage1 / 2**20,
+                        fold_bn=False, channels_last=False)
+    cache.inputs("train", 3)
+    assert cache.budget == int(1.01 * stage1) and ("train", 1) in cache._acts
+    stored = [t for (_, s), t in cache._acts.items() if s > 0]
+    assert cache.used == sum(t.numel() * t.element_size() for t in stored) <= cache.budget
+
+
+def test_cache_fills_in_eval_mode_and_leaves_a_training_model_in_training(model, task):
+    # Guards a fill in the model's own (train) mode: batch statistics, running stats updated.
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = PrefixCache(model, {"train": task.train}, fold_bn=False, channels_last=False)
+    acts, stage = cache.inputs("train", 1)
+    assert stage == 1 and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        expected = cache.stages.run(task.train.images, 0, 1)
+    assert torch.allclose(acts, expected, atol=1e-5, rtol=0)
+
+
+class LastThenFirstThenLast(Method):
+    """Epoch 1 caches the head's input from the pretrained body, epoch 2 moves the first
+    block, epoch 3 tunes the head again on the moved body."""
+    name = "last-first-last"
+
+    def candidates(self):
+        return self._names(ALL)
+
+    def plan(self, epoch, ctx):
+        return EpochPlan(self._names("first" if epoch == 2 else "last"))
+
+
+def test_cache_is_not_read_past_a_block_tuned_in_an_earlier_epoch(model, task):
+    # Guards a start stage taken from this epoch's plan: epoch 3 would read epoch 1's stale input.
+    losses = []
+    for use_cache in (True, False):
+        config = TrainConfig(lr=1e-2, epochs=3, use_cache=use_cache, fold_bn=False,
+                             channels_last=False)
+        result = fit(copy.deepcopy(model), task.train, task.val, task.test,
+                     LastThenFirstThenLast(BLOCKS4), config, BLOCKS4)
+        losses.append(result.losses)
+    assert np.allclose(losses[0], losses[1], atol=1e-5, rtol=0)
+
+
 def test_test_accuracy_is_the_one_at_the_best_validation_epoch(synthetic_checkpoint, task):
     config = TrainConfig(lr=1e-2, epochs=4)
     full = fit(load_model(synthetic_checkpoint, ARCH, 4, 3), task.train, task.val, task.test,
@@ -433,6 +485,18 @@ def test_l1sp_penalty_is_l1_distance_to_pretrained(model):
     assert method.penalty(model).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_l1sp_penalty_counts_a_moved_first_block_parameter(model):
+    # Guards anchoring only the head: the distance of a moved body weight would count 0.
+    method = get_method("l1sp", BLOCKS4)
+    method.prepare(model, TrainConfig(lr=1e-3, epochs=1))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        model.conv1.weight.add_(0.5)
+    expected = 1e-4 * 0.5 * model.conv1.weight.numel()
+    assert method.penalty(model).item() == pytest.approx(expected, rel=1e-5)
+
+
 class _Ctx:
     def __init__(self, batches):
         self.batches = batches
@@ -560,6 +624,20 @@ def test_auto_snr_selects_by_threshold(model, task):
         assert bool(plan.tuned) == expect_all
     with pytest.raises(ValueError, match="freeze_bn"):
         AutoSNR().prepare(model, TrainConfig(lr=1e-3, epochs=1, freeze_bn=False))
+
+
+def test_auto_snr_default_threshold_is_one_over_the_batch_size_and_tunes_a_tie(model,
+                                                                                monkeypatch):
+    # Guards another default threshold and a strict `>` at the tie (SNR exactly 1/32).
+    import deep.methods as methods
+    method = AutoSNR(BLOCKS4)
+    method.prepare(model, TrainConfig(lr=1e-3, epochs=1, batch_size=32))
+    names = method.candidates()
+    snr = {n: [0.99 / 32, 1 / 32, 1.01 / 32][i % 3] for i, n in enumerate(names)}
+    monkeypatch.setattr(methods, "per_example_gradient_moments", lambda *a, **k: (None, None, 0))
+    monkeypatch.setattr(methods, "gradient_snr", lambda mean, var: snr)
+    plan = method.plan(1, _Ctx([]))
+    assert set(plan.tuned) == {n for i, n in enumerate(names) if i % 3 != 0}   # at or above
 
 
 def test_every_method_runs(model, task):
