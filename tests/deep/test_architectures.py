@@ -21,7 +21,7 @@ from torch import nn
 from deep.models import architecture_names, build_model, get_architecture
 from deep.models.registry import matches, matches_any
 from deep.models.staged import StagedModel, stages_of
-from deep.prefix_cache import folded_view
+from deep.prefix_cache import FoldedConvBN, folded_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES, CHANNELS = 5, 3
@@ -98,3 +98,16 @@ def test_the_folded_network_computes_the_network(built):
         expected, folded = model(images), view(images)
     scale = expected.abs().max().item()
     assert (folded - expected).abs().max().item() <= 1e-4 * max(scale, 1.0), arch.name
+
+
+@pytest.mark.parametrize("arch", ["resnet26-w4", "resnet50"])
+def test_a_resnets_folded_view_leaves_no_batch_norm_unfolded(arch):
+    # Guards conv_bn_pairs missing the downsample pair or a bottleneck's conv3/bn3 (the
+    # output stays right: an unfolded norm just runs on its own, slower).
+    model = build_model(arch, CLASSES, CHANNELS).eval()
+    view = folded_view(model)
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, FoldedConvBN) for m in view.modules()) == norms
+    alone = [n for n, m in view.named_modules()
+             if isinstance(m, nn.BatchNorm2d) and not n.endswith(".bn")]
+    assert not alone, alone[:3]

@@ -170,6 +170,23 @@ def test_pretrain_takes_the_protocols_pretrain_table_then_flags():
     assert options == {"severity": 5, "corruption_seed": 0}
 
 
+def test_pretrain_data_flag_overrides_the_protocols_data_table():
+    # Guards a merge in the wrong order: fmnist-c.toml's severity 5 would win over --data.
+    _, _, options = pretrain_settings(cli_args(
+        "pretrain", "--benchmark", "fmnist-c", "--out", "x.pt", "--data", "severity=3"))
+    assert options == {"severity": 3, "corruption_seed": 0}
+
+
+def test_sweep_data_flag_overrides_the_files_target_data(tmp_path, monkeypatch):
+    # Guards a merge in the wrong order: the file's [target_data] would win over --data.
+    import deep.protocol as protocol_module
+    text = (protocol_module.CONFIG_DIR / "synthetic.toml").read_text()
+    (tmp_path / "synthetic.toml").write_text(text + "\n[target_data]\nextra = 1\nkept = 5\n")
+    monkeypatch.setattr(protocol_module, "CONFIG_DIR", tmp_path)
+    args = cli_args("sweep", "--benchmark", "synthetic", "--out", "x.csv", "--data", "extra=2")
+    assert sweep_protocol(args).target_options == {"extra": 2, "kept": 5}
+
+
 def test_the_synthetic_protocol_records_how_its_cached_source_model_is_trained():
     """A sweep without --checkpoint uses the model `cached_source_model` trains from the
     benchmark's recipe; the protocol (shown, and saved beside the results) must say so."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deep.data.base import DataError, class_balanced_indices, draw_splits, seeded
+from deep.data.base import DataError, class_balanced_indices, draw_splits, seeded, split_counts
 
 
 def test_per_class_counts_line_up_with_class_indices_even_when_a_class_is_absent():
@@ -28,6 +28,22 @@ def test_draw_splits_are_disjoint_balanced_nested_and_seeded():
     assert not torch.equal(draw_splits(labels, 10, 30, 2, 5, seed=4, what="t")[2], test)
     with pytest.raises(ValueError, match="val_per_class must be at least 1"):
         draw_splits(labels, 10, 30, 0, 5, seed=3, what="t")
+
+
+def test_split_counts_give_the_remainder_to_the_first_classes():
+    # Guards the remainder going to the last classes (the docstring's rule; 13 = 10 + 3).
+    assert split_counts(7, 3) == [3, 2, 2]
+    labels = torch.arange(10).repeat(50)
+    train, _, _ = draw_splits(labels, 10, 13, 1, 1, seed=0, what="t")
+    assert torch.bincount(labels[train], minlength=10).tolist() == [2, 2, 2] + [1] * 7
+
+
+def test_a_seeds_test_set_does_not_depend_on_val_per_class():
+    # Guards drawing val before test: another val_per_class would change the test images.
+    labels = torch.arange(10).repeat(50)
+    a = draw_splits(labels, 10, 30, 2, 5, seed=3, what="t")
+    b = draw_splits(labels, 10, 30, 7, 5, seed=3, what="t")
+    assert torch.equal(a[2], b[2])
 
 
 def test_file_split_takes_the_rows_files_labels_and_groups(tmp_path):

@@ -46,6 +46,13 @@ def test_splits_labels_and_severity(imagenet_c):
     assert len(set(seen)) == len(seen) == 15
 
 
+def test_the_requested_severity_is_the_folder_read(imagenet_c):
+    # Guards a loader that reads the default severity 5 whatever is asked.
+    task = load(imagenet_c, severity=3)
+    for split in (task.train, task.val, task.test):
+        assert {path.split("/")[-3] for path in split.paths} == {"3"}
+
+
 def test_images_are_decoded_to_normalised_224px(imagenet_c):
     x, y, g = next(load(imagenet_c).test.batches(6))
     assert x.shape == (6, 3, 224, 224) and x.dtype == torch.float32 and g is None
