@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -795,3 +796,17 @@ def test_a_group_that_will_not_stop_is_named_after_the_patience(capsys):
     stop_groups(StandInRay(), [Group(lost=0), Group(lost=10**9)], patience_s=0.5)
     assert time.monotonic() - started < 5
     assert "warning: 1 task group(s) still ran 0.5 s after the sweep stopped" in capsys.readouterr().err
+
+
+def test_a_row_a_retried_group_delivers_again_is_recorded_once():
+    # Guards recording every delivery: a retried group re-runs cells Ray already delivered.
+    from deep.ray_backend import _take_next
+    from deep.results import KEY
+    row = dict.fromkeys(KEY, 0)
+    group = iter([row, dict(row)])
+    running = {group: [types.SimpleNamespace(key=row_key(row))]}
+    stand_in = types.SimpleNamespace(get=lambda delivered: delivered)
+    recorded, written = [], set()
+    for _ in range(2):
+        _take_next(stand_in, group, running, written, recorded.append)
+    assert recorded == [row]

@@ -109,6 +109,16 @@ def test_resume_reuses_matching_csvs_only(tmp_path):
     assert "f4 (t1_event): recorded draws 3, now 4: recomputing" in lines
 
 
+def test_resume_recomputes_an_experiment_one_of_whose_csvs_is_missing(tmp_path):
+    # Guards --resume trusting the recorded settings alone: F3's CSV would stay missing.
+    make_figures(SMALLEST, tmp_path, only="f2", log=lambda line: None)
+    (tmp_path / "f3_best_layer.csv").unlink()
+    lines = []
+    make_figures(SMALLEST, tmp_path, only="f2", resume=True, log=lines.append)
+    assert (tmp_path / "f3_best_layer.csv").exists()
+    assert "f2, f3, f6 (shifts): a CSV is missing: recomputing" in lines
+
+
 def test_only_redraws_every_figure_whose_csv_it_rewrote(tmp_path):
     """F2, F3 and F6 share one experiment: asking for F2 rewrites all three CSVs, so all
     three figures are redrawn (a PNG never sits beside a CSV it was not drawn from)."""
