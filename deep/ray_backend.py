@@ -177,11 +177,17 @@ class RaySession:
             else:
                 ray.init(address=self.address)
         except ConnectionError as err:
+            if self.address is None:
+                raise RayBackendError(_local_start_failed(err)) from None
             raise RayBackendError(
                 f"cannot connect to the Ray cluster at {self.address}: {str(err).rstrip('.')}. "
                 "Is `ray start` running there? A cluster with token authentication (Ray's "
                 "default) also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
                 "~/.ray/auth_token) in this shell") from None
+        except Exception as err:  # noqa: BLE001 - Ray raises bare Exceptions when a node fails to start
+            if self.address is not None:
+                raise
+            raise RayBackendError(_local_start_failed(err)) from None
         self.started = True
         print(cluster_line(ray, self.address), file=sys.stderr, flush=True)
         return ray
@@ -189,6 +195,16 @@ class RaySession:
     def __exit__(self, *exc):
         if self.started:
             import_ray().shutdown()
+
+
+def _local_start_failed(err: Exception) -> str:
+    # Another Ray on the machine (or a clean-up of /tmp/ray) is the usual cause: seen on a
+    # shared machine as a start-up timeout or a worker log file gone missing.
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"the local Ray instance did not start: {reason.rstrip('.')}. "
+            "On a machine shared with other Ray users, give this run a Ray folder of its own "
+            "(RAY_TMPDIR=$HOME/ray-tmp) and rerun: the sweep resumes where it stopped "
+            "(docs/troubleshooting.md)")
 
 
 def check_reachable(address: str) -> None:

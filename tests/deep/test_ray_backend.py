@@ -810,3 +810,21 @@ def test_a_row_a_retried_group_delivers_again_is_recorded_once():
     for _ in range(2):
         _take_next(stand_in, group, running, written, recorded.append)
     assert recorded == [row]
+
+
+@pytest.mark.parametrize("failure", [Exception("The current node timed out during startup."),
+                                     ConnectionError("GCS did not answer")])
+def test_a_local_ray_that_does_not_start_is_one_error_that_says_what_to_do(monkeypatch, failure):
+    # Seen on a shared machine: another Ray's /tmp/ray got in the way and the sweep ended
+    # in a traceback (or in "cannot connect to the Ray cluster at None").
+    import ray
+    from deep.ray_backend import RaySession
+
+    def fail(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fail)
+    with pytest.raises(RayBackendError, match=r"the local Ray instance did not start: "
+                                              + str(failure).rstrip(".") + r"\. .*RAY_TMPDIR"):
+        with RaySession():
+            pass
