@@ -123,3 +123,12 @@ def test_the_report_selects_an_lr_per_n_target():
     chosen = {r["n_target"]: r["lr"] for r in select_learning_rates(rows)}
     assert chosen == {32: 1e-3, 8: 1e-1}
     assert len(select_learning_rates(rows)) == 2
+
+
+def test_the_report_selects_an_lr_per_seed_and_per_shift():
+    # guards: select_learning_rates pooling seeds, or shifts, into one choice of lr
+    rows = [row("last", 1e-3, 0.6), row("last", 1e-1, 0.5),
+            row("last", 1e-3, 0.3, seed=1), row("last", 1e-1, 0.9, seed=1),
+            {**row("last", 1e-3, 0.2), "shift": "blur"}, {**row("last", 1e-1, 0.1), "shift": "blur"}]
+    chosen = {(r["shift"], r["seed"]): r["lr"] for r in select_learning_rates(rows)}
+    assert chosen == {("noise", 0): 1e-3, ("noise", 1): 1e-1, ("blur", 0): 1e-3}
