@@ -70,6 +70,22 @@ def test_ours_does_less_work_the_later_the_tuned_block(tiny_run):
     assert rows["all"][1] < rows["all"][0]
 
 
+
+def test_the_work_ratio_is_ref_over_ours_and_the_total_row_sums_every_option(tiny_run):
+    # guards: the ratio printed as ours / ref; the total row counting the last option only
+    start = next(i for i, line in enumerate(tiny_run[1]) if line.startswith("# work:"))
+    rows = {}
+    for line in tiny_run[1][start + 2:start + 8]:
+        name, ref, ours, ratio = re.match(r"\s*(\S+) \|\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x",
+                                          line).groups()
+        rows[name] = (float(ref), float(ours), float(ratio))
+    half = 0.005                                  # GFLOP and ratios are printed to 2 decimals
+    for name, (ref, ours, ratio) in rows.items():
+        assert (ref - half) / (ours + half) - half <= ratio <= (ref + half) / (ours - half) + half, name
+    options = [rows[o] for o in ("first", "second", "third", "last", "all")]
+    for column in (0, 1):
+        assert abs(rows["total"][column] - sum(r[column] for r in options)) <= 6 * half
+
 def test_count_flops_counts_weight_gradients_only_for_tuned_weights():
     x = torch.randn(2, 3, 8, 8)
     weight = torch.randn(4, 3, 3, 3)
