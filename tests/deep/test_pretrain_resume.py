@@ -90,6 +90,16 @@ def test_a_state_file_of_other_settings_is_refused(source, tmp_path, monkeypatch
         pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
 
 
+def test_a_state_file_of_another_seed_is_refused(source, tmp_path, monkeypatch):
+    # guards: the state's settings leaving out the seed (seed 3's run continued as seed 4's)
+    state = tmp_path / "m.pt.state"
+    with monkeypatch.context() as patch:
+        stopped_during_epoch(2, patch)
+        with pytest.raises(Stop):
+            pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
+    with pytest.raises(ConfigError, match=r"other settings \(pretrain.seed: file 3 vs now 4\)"):
+        pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state, seed=4)
+
 def test_a_state_file_is_for_pretraining_only(source):
     from deep.blocks import blocks_for
     from deep.models import build_model
@@ -166,8 +176,32 @@ def test_a_finished_model_of_another_arch_is_not_taken_for_this_one(tmp_path, ca
     assert "already trained" not in capsys.readouterr().err
 
 
+def test_a_finished_model_on_other_data_options_is_not_taken_for_this_one(tmp_path, capsys):
+    # guards: `_finished` not comparing the data options the finished model was trained on
+    from deep.pretrain import pretrain_to_file
+    config = PretrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none")
+    pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w4", config)
+    with pytest.raises(ConfigError, match=r"other settings \(data\.n_train: .*\)"):
+        pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w4", config,
+                         source_options={"n_train": 32})
+    assert "already trained" not in capsys.readouterr().err
+
 def test_a_diverged_run_leaves_no_state_to_refuse_the_smaller_lr(source, tmp_path):
     state = tmp_path / "m.pt.state"
     with pytest.raises(ConfigError, match="diverged .* try a smaller --lr"):
         pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state, lr=1e6)
     assert not state.exists()
+
+
+def test_a_run_diverging_after_a_saved_epoch_removes_its_state(source, tmp_path, monkeypatch):
+    # guards: a diverged run keeping the state of its earlier epochs (a smaller lr then refused)
+    state, original, calls = tmp_path / "m.pt.state", TrainingRun.train_epoch, []
+
+    def train_epoch(self, plan):           # epoch 2's loss is NaN, after epoch 1 was saved
+        calls.append(state.exists())
+        losses = original(self, plan)
+        return [float("nan")] * len(losses) if len(calls) == 2 else losses
+    monkeypatch.setattr(TrainingRun, "train_epoch", train_epoch)
+    with pytest.raises(ConfigError, match="diverged .* try a smaller --lr"):
+        pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
+    assert calls == [False, True] and not state.exists()
