@@ -613,6 +613,29 @@ def test_each_seeds_streams_run_in_that_seeds_order(tmp_path, monkeypatch, one_t
     assert not torch.equal(orders[0][1], orders[1][1])
 
 
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_an_episodic_run_adapts_its_streams_episodically(tmp_path, monkeypatch, one_thread):
+    # guards: the runner recording episodic=True while adapting the stream online
+    seen = []
+    def recording(*args, **kw):
+        seen.append(args[-1])                    # adapt_stream's last argument: episodic
+        return adapt_stream(*args, **kw)
+    monkeypatch.setattr("deep.adapt.runner.adapt_stream", recording)
+    out = tmp_path / "a.csv"
+    protocol = _tiny_protocol(methods=["tent"], blocks=["first"])
+    assert run_adaptation(protocol, out, episodic=True, progress=False).ran == 1
+    assert seen == [True] and [r["episodic"] for r in read_adapt_results(out)] == [True]
+
+
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_a_row_counts_the_images_streamed_when_the_protocol_takes_all(tmp_path, one_thread):
+    # guards: the row's `images` taking the protocol's 0 (= all) instead of the count streamed
+    out = tmp_path / "a.csv"
+    protocol = _tiny_protocol(methods=["tent"], blocks=["none"], images=0)
+    assert run_adaptation(protocol, out, progress=False).ran == 1
+    n = len(load_test_split(protocol, "noise", 0, None)[1])
+    assert n > 6 and [r["images"] for r in read_adapt_results(out)] == [n]
+
 def test_protocol_files_load_with_the_methods_defaults():
     fm = load_adapt_protocol("fmnist-c")
     assert fm.config("memo").copies == 32 and 0.005 in [c.lr for c in fm.configs("memo")]
