@@ -310,3 +310,12 @@ def test_diverging_runs_are_rerun_at_the_first_halved_rate_that_does_not_diverge
     assert j > 1 and halved.tolist() == [0, j] and not result.diverged.any()
     direct = simulate(dataclasses.replace(one, lr=one.lr / 2 ** j), 200, record=20)
     np.testing.assert_array_equal(result.loss["target"][1], direct.loss["target"][0])
+
+
+def test_an_int_record_interval_also_records_the_last_step():
+    # guards: record=every dropping the last step when `every` does not divide the total
+    probs, samples, _, _ = case("linear", [5, 5], [], seed=1)
+    batch = Batch.from_problems(probs, samples, ["all", "lp-ft"], 0.05, device="cpu")
+    result = simulate(batch, 10, record=3)           # lp-ft takes 10 + 10 steps
+    assert result.step.tolist() == [0, 3, 6, 9, 12, 15, 18, 20]
+    assert result.total_steps.tolist() == [10, 20]
