@@ -294,3 +294,33 @@ def test_the_committed_f3_holds_the_readmes_three_percent():
     assert len(rows) == 4 and {r["draws"] for r in rows} == {"200"}
     ratios = [float(r["relative_to_all"]) for r in rows]
     assert all(abs(ratio - 1) < 0.03 for ratio in ratios), ratios
+
+
+def test_the_runs_table_at_zero_steps_holds_the_pretrained_nets_losses_over_e_y2(monkeypatch):
+    # guards: F2's train loss not 1/n sum (f - y)^2 / E[y^2] (e.g. the simulator's 1/(2n) kept)
+    from sims import simulator
+    monkeypatch.setattr(experiments, "simulate", lambda batch, steps, **kw:
+                        simulator.simulate(batch, 0, **kw))      # every run stops at its start
+    rng = np.random.default_rng(5)
+    problems = [experiments.SHIFTS["input"](rng, "linear") for _ in range(2)]
+    draws = {"input": [(p, p.sample_target(N_BEST, rng)) for p in problems]}
+    runs, _ = experiments._shift_batch(SETTINGS, "linear", N_BEST, ["input"], draws)
+    for row in runs:
+        problem, (X, y) = draws["input"][row["draw"]]
+        train = np.mean((problem.pretrained(X) - y) ** 2) / label_energy(problem)
+        target = problem.target_loss(problem.pretrained) / label_energy(problem)
+        assert row["train_loss"] == pytest.approx(train, rel=1e-9)
+        assert row["loss"] == pytest.approx(target, rel=1e-9)
+
+
+def test_every_tag_of_a_draw_stream_changes_its_draws():
+    # guards: `_rng` hashing only the first tag (linear and relu, or two shifts, drawn alike)
+    def first(*tags, settings=SETTINGS):
+        return experiments._rng(settings, *tags).random(4)
+    base = first("shifts", "linear", "input")
+    assert np.array_equal(base, first("shifts", "linear", "input"))
+    for other in [("t1_curves", "linear", "input"), ("shifts", "relu", "input"),
+                  ("shifts", "linear", "label")]:
+        assert not np.array_equal(base, first(*other)), other
+    assert not np.array_equal(base, first("shifts", "linear", "input",
+                                          settings=dataclasses.replace(SETTINGS, seed=1)))
