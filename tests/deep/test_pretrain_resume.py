@@ -205,3 +205,24 @@ def test_a_run_diverging_after_a_saved_epoch_removes_its_state(source, tmp_path,
     with pytest.raises(ConfigError, match="diverged .* try a smaller --lr"):
         pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
     assert calls == [False, True] and not state.exists()
+
+
+def test_a_continued_run_takes_its_weights_from_the_state_not_the_init_file(source, tmp_path,
+                                                                            monkeypatch):
+    # guards: a continued run reading `init` again (it fails once the init file is gone)
+    from deep.models import build_model
+    torch.manual_seed(0)
+    init = tmp_path / "init.pth"
+    torch.save(build_model("resnet26-w4", source.num_classes).state_dict(), init)
+    config = PretrainConfig(epochs=2, lr=0.05, batch_size=64, augment="none", init=str(init))
+    whole = pretrain(source, "resnet26-w4", config, progress=False)
+    state = tmp_path / "m.pt.state"
+    with monkeypatch.context() as patch:
+        stopped_during_epoch(2, patch)
+        with pytest.raises(Stop):
+            pretrain(source, "resnet26-w4", config, progress=False, state_file=state)
+    init.unlink()
+    continued = pretrain(source, "resnet26-w4", config, progress=False, state_file=state)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), continued.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
