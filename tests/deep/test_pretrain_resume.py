@@ -48,6 +48,15 @@ def stopped_during_epoch(epoch: int, monkeypatch):
     monkeypatch.setattr(TrainingRun, "train_epoch", train_epoch)
 
 
+def stopped_run(source, state, monkeypatch, config=CONFIG):
+    """Leave in `state` the run state of a pretraining killed as its epoch 2 started."""
+    with monkeypatch.context() as patch:
+        stopped_during_epoch(2, patch)
+        with pytest.raises(Stop):
+            pretrain(source, "resnet26-w4", config, progress=False, state_file=state)
+    return state
+
+
 def test_a_stopped_run_continues_to_the_weights_of_one_never_stopped(source, tmp_path, monkeypatch):
     whole = pretrain(source, "resnet26-w4", CONFIG, progress=False)
     state = tmp_path / "m.pt.state"
@@ -69,11 +78,7 @@ def test_a_stopped_run_continues_to_the_weights_of_one_never_stopped(source, tmp
 
 
 def test_a_state_file_of_other_settings_is_refused(source, tmp_path, monkeypatch):
-    state = tmp_path / "m.pt.state"
-    with monkeypatch.context() as patch:
-        stopped_during_epoch(2, patch)
-        with pytest.raises(Stop):
-            pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
+    state = stopped_run(source, tmp_path / "m.pt.state", monkeypatch)
     with pytest.raises(ConfigError, match=r"m.pt.state holds a stopped run with other settings "
                                           r"\(pretrain.lr: file 0.05 vs now 0.1\); rerun with the "
                                           r"settings it started with, or delete it"):
@@ -92,13 +97,10 @@ def test_a_state_file_of_other_settings_is_refused(source, tmp_path, monkeypatch
 
 def test_a_state_file_of_another_seed_is_refused(source, tmp_path, monkeypatch):
     # guards: the state's settings leaving out the seed (seed 3's run continued as seed 4's)
-    state = tmp_path / "m.pt.state"
-    with monkeypatch.context() as patch:
-        stopped_during_epoch(2, patch)
-        with pytest.raises(Stop):
-            pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state)
+    state = stopped_run(source, tmp_path / "m.pt.state", monkeypatch)
     with pytest.raises(ConfigError, match=r"other settings \(pretrain.seed: file 3 vs now 4\)"):
         pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state, seed=4)
+
 
 def test_a_state_file_is_for_pretraining_only(source):
     from deep.blocks import blocks_for
@@ -216,11 +218,7 @@ def test_a_continued_run_takes_its_weights_from_the_state_not_the_init_file(sour
     torch.save(build_model("resnet26-w4", source.num_classes).state_dict(), init)
     config = PretrainConfig(epochs=2, lr=0.05, batch_size=64, augment="none", init=str(init))
     whole = pretrain(source, "resnet26-w4", config, progress=False)
-    state = tmp_path / "m.pt.state"
-    with monkeypatch.context() as patch:
-        stopped_during_epoch(2, patch)
-        with pytest.raises(Stop):
-            pretrain(source, "resnet26-w4", config, progress=False, state_file=state)
+    state = stopped_run(source, tmp_path / "m.pt.state", monkeypatch, config)
     init.unlink()
     continued = pretrain(source, "resnet26-w4", config, progress=False, state_file=state)
     for (name, a), (_, b) in zip(whole.state_dict().items(), continued.state_dict().items(),
