@@ -176,18 +176,16 @@ class RaySession:
                 ray.init(address="local", include_dashboard=False)
             else:
                 ray.init(address=self.address)
-        except ConnectionError as err:
+        except Exception as err:  # noqa: BLE001 - Ray raises bare Exceptions when a node fails to start
             if self.address is None:
                 raise RayBackendError(_local_start_failed(err)) from None
+            if not isinstance(err, ConnectionError):
+                raise
             raise RayBackendError(
                 f"cannot connect to the Ray cluster at {self.address}: {str(err).rstrip('.')}. "
                 "Is `ray start` running there? A cluster with token authentication (Ray's "
                 "default) also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
                 "~/.ray/auth_token) in this shell") from None
-        except Exception as err:  # noqa: BLE001 - Ray raises bare Exceptions when a node fails to start
-            if self.address is not None:
-                raise
-            raise RayBackendError(_local_start_failed(err)) from None
         self.started = True
         print(cluster_line(ray, self.address), file=sys.stderr, flush=True)
         return ray
