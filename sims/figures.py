@@ -184,6 +184,11 @@ def save_figure(figure, paths):
         plt.close(figure)
 
 
+def short_name(figure):
+    """A figure's name as --only takes it: "f4" for "f4_t1_event"."""
+    return figure.split("_")[0]
+
+
 def resolve_only(only):
     """Figure names from e.g. "f1,f4" or ["f2_loss_vs_n"]; None means all."""
     if only is None:
@@ -191,7 +196,7 @@ def resolve_only(only):
     names = only.split(",") if isinstance(only, str) else list(only)
     chosen = []
     for name in names:
-        matches = [f for f in SOURCES if f == name.strip() or f.split("_")[0] == name.strip()]
+        matches = [f for f in SOURCES if name.strip() in (f, short_name(f))]
         if not matches:
             raise ValueError(f"unknown figure {name!r}; expected f1..f6 or one of "
                              f"{list(SOURCES)}")
@@ -230,7 +235,7 @@ def read_table(path, name):
         _check_groups(table, spec)
     except ValueError as error:
         raise ValueError(f"{path}: {error}; to rewrite it, run `python -m sims figures "
-                         f"--only {name.split('_')[0]} --out {Path(path).parent}`") from None
+                         f"--only {short_name(name)} --out {Path(path).parent}`") from None
     return table
 
 
@@ -317,7 +322,7 @@ def _recomputing(name, recorded, now):
     """The line `--resume` prints for experiment `name`, whose CSVs were made with the
     settings `recorded` and are remade with `now`, e.g.
     "f4 (t1_event): recorded draws 8, now 16: recomputing"."""
-    figures = ", ".join(f.split("_")[0] for f in SOURCES if SOURCES[f] == name)
+    figures = ", ".join(short_name(f) for f in SOURCES if SOURCES[f] == name)
     changed = [key for key in dict.fromkeys([*recorded, *now]) if recorded.get(key) != now.get(key)]
     if not changed:     # the CSVs are missing, not the settings changed
         return f"{figures} ({name}): a CSV is missing: recomputing"
@@ -361,7 +366,7 @@ def _make_figures(settings, out, figures, resume, log, simulate):
                 log(_recomputing(name, recorded[name], settings.as_dict()))
     missing = [f for f in figures if not simulate and not (out / f"{f}.csv").exists()]
     if missing:
-        present = [f.split("_")[0] for f in figures if f not in missing]
+        present = [short_name(f) for f in figures if f not in missing]
         hint = f", or draw only those there with --only {','.join(present)}" if present else ""
         raise FileNotFoundError(f"no CSV for {missing} in {out}/; run `python -m sims figures`"
                                 f"{hint}")
