@@ -700,9 +700,13 @@ def run_benchmark(protocol: Protocol, suite: Suite, results: Path, curves: Curve
                                   **sweep_options)
     else:
         summaries = [run_sweep(protocol, results, on_row=curves.record, **sweep_options)]
-    print(f"{protocol.benchmark} n_target={protocol.n_target}: ran {sum(s.ran for s in summaries)}, "
-          f"skipped {sum(s.skipped for s in summaries)}, "
-          f"{sum(s.seconds for s in summaries):.0f} s: complete in {results}", flush=True)
+    # the file's rows, not the plans' skipped cells: a two-stage rerun does not plan the lr
+    # steps it added before again, so "skipped" would undercount a finished file
+    rows = sum(r["benchmark"] == protocol.benchmark and r["n_target"] == protocol.n_target
+               for r in read_results(results))
+    print(f"{protocol.benchmark} n_target={protocol.n_target}: ran {sum(s.ran for s in summaries)} "
+          f"cells in {sum(s.seconds for s in summaries):.0f} s; complete: {rows} rows in {results}",
+          flush=True)
 
 
 def run(args) -> int:

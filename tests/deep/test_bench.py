@@ -153,7 +153,9 @@ def test_quick_bench_runs_end_to_end(tmp_path, real_fmnist):
     # a rerun resumes: nothing left to run
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
-    assert again.returncode == 0 and "ran 0," in again.stdout
+    assert again.returncode == 0 and "fmnist-c n_target=" in again.stdout
+    assert "ran 0 cells" in again.stdout
+    assert f"{sum(r['benchmark'] == 'fmnist-c' for r in rows)} rows in" in again.stdout
     assert read_results(tmp_path / "results.csv") == rows
 
 

@@ -160,3 +160,20 @@ def test_drop_superseded_ignores_an_lr_not_every_first_stage_seed_finished():
     assert chosen_lrs(first, p, [0, 1]) == {("noise", "last"): 0.1}
     kept = drop_superseded(first + later, [0, 1])
     assert {(r["seed"], r["lr"]) for r in kept if r["seed"] >= 2} == {(3, 0.1)}
+
+
+def test_bench_closing_line_counts_the_files_rows_not_this_plans(tmp_path, synthetic_checkpoint,
+                                                                capsys):
+    """A rerun of a finished two-stage benchmark plans no lr step it added before, so its
+    plans skip fewer cells than the file holds: the line names the file's rows."""
+    from deep.bench import Suite, run_benchmark
+    out = tmp_path / "results.csv"
+    p = protocol(lrs=[1e-6, 1e-7], methods=["last"])
+    suite = Suite(shifts={"synthetic": ["noise"]}, seeds=[0, 1], lr_seeds=[0], extend_lr_grid=2)
+    for _ in range(2):
+        run_benchmark(p, suite, out, CurvesFile(tmp_path / "curves.csv"), progress=False)
+    rows = read_results(out)
+    assert len(rows) > 3  # the grid grew beyond its 2 rates
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("synthetic n_target=32: ran 0 cells in ")
+    assert last.endswith(f"complete: {len(rows)} rows in {out}")
