@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -42,3 +43,18 @@ def test_every_data_file_the_packages_hold_is_shipped():
 def test_the_pattern_check_refuses_a_file_in_a_subfolder():
     assert shipped("deep/configs/fmnist-c.toml", {"deep": ["configs/*.toml"]})
     assert not shipped("deep/configs/adapt/fmnist-c.toml", {"deep": ["configs/*.toml"]})
+
+
+def test_a_test_file_runs_alone_with_the_pytest_command():
+    """`pytest tests/theory/test_theory_t1.py` (the console script, which does not put the
+    checkout on sys.path as `python -m pytest` does) imported tests/theory as the package
+    `theory` and tests/ fixtures failed as `No module named 'tests'`: 25 files errored
+    alone. pyproject.toml's `pythonpath` puts the checkout first. `-P` keeps Python from
+    adding the working directory, as the console script does not add it."""
+    files = ["tests/theory/test_theory_t1.py", "tests/sims/test_sims_speed.py",
+             "tests/deep/test_loaders_celeba.py"]
+    run = subprocess.run([sys.executable, "-P", "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", *files], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert "error" not in run.stdout.splitlines()[-1]
