@@ -103,7 +103,8 @@ def positive_int(text):
     return value
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The flags, checked: (args, device, thread counts); a bad flag is a usage error."""
     parser = argparse.ArgumentParser(prog="python -m sims.speed", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=positive_int, default=512)
     parser.add_argument("--d", type=positive_int, default=64)
@@ -123,35 +124,47 @@ def main(argv=None):
         device = resolve_device(args.device)
     except ValueError as error:
         parser.error(str(error))
-    R, d, k, n, steps = args.runs, args.d, args.k, args.n, args.steps
-    if not 1 <= args.loop_runs <= R:
-        parser.error(f"--loop-runs must be in 1..{R}")
+    if not 1 <= args.loop_runs <= args.runs:
+        parser.error(f"--loop-runs must be in 1..{args.runs}")
     try:
-        thread_options = [positive_int(t) for t in args.threads.split(",")]
+        threads = [positive_int(t) for t in args.threads.split(",")]
     except argparse.ArgumentTypeError:
         parser.error(f"--threads must be comma-separated positive integers, got {args.threads!r}")
-    print(f"workload: {R} runs of full fine-tuning (linear), d = {d}, k = {k}, n = {n}, "
-          f"{steps} steps; device {device}; torch {torch.__version__}")
+    if device.type != "cpu":
+        threads = [torch.get_num_threads()]
+    return args, device, threads
 
-    nets, samples, lr = make_workload(R, d, k, n)
+
+def loop_multiply_adds(n, k, d):
+    """Multiply-adds of a step of the numpy loop (its two n k d products dominate)."""
+    return 2 * n * k * d + 3 * n * k + 2 * k * d
+
+
+def simulator_multiply_adds(n, k):
+    """A step of the simulator in sample coordinates (sims/simulator.py)."""
+    return 4 * n * k + n * n + k
+
+
+def time_loop(nets, samples, lr, steps, loop_runs, runs):
+    """The numpy loop on one core, timed on `loop_runs` runs and extrapolated to `runs`:
+    (seconds, the timed runs' results). Prints its line."""
     torch.set_num_threads(1)
-    loop_runs = range(args.loop_runs)
-    loop_results = []
+    results = []
 
     def loop():
-        loop_results[:] = [numpy_loop(nets[i], *samples[i], steps, lr[i]) for i in loop_runs]
-    loop_seconds = best_time(loop, 3) * R / args.loop_runs
-    loop_macs = (2 * n * k * d + 3 * n * k + 2 * k * d) * R * steps
-    print(f"numpy loop, one run at a time (1 core): timed on {args.loop_runs} runs (best of 3), "
-          f"extrapolated to {R}: {loop_seconds:.2f} s "
-          f"({loop_seconds / (R * steps) * 1e6:.1f} us a step, "
-          f"{2 * loop_macs / loop_seconds / 1e9:.1f} GFLOP/s)")
+        results[:] = [numpy_loop(nets[i], *samples[i], steps, lr[i]) for i in range(loop_runs)]
+    seconds = best_time(loop, 3) * runs / loop_runs
+    (n, d), k = samples[0][0].shape, nets[0].v.shape[0]
+    macs = loop_multiply_adds(n, k, d) * runs * steps
+    print(f"numpy loop, one run at a time (1 core): timed on {loop_runs} runs (best of 3), "
+          f"extrapolated to {runs}: {seconds:.2f} s "
+          f"({seconds / (runs * steps) * 1e6:.1f} us a step, "
+          f"{2 * macs / seconds / 1e9:.1f} GFLOP/s)")
+    return seconds, results
 
-    sim_macs = (4 * n * k + n * n + k) * R * steps
-    print(f"flops counted: loop {2 * n * k * d + 3 * n * k + 2 * k * d} and simulator "
-          f"{4 * n * k + n * n + k} multiply-adds per run and step")
-    if device.type != "cpu":
-        thread_options = [torch.get_num_threads()]
+
+def measure_limits(thread_options, device):
+    """(bmm peak, bandwidth on 64 MB, on 4 MB) per (dtype, threads), each printed."""
     peaks = {}
     for dtype in (torch.float64, torch.float32):
         for threads in thread_options:
@@ -162,6 +175,55 @@ def main(argv=None):
             print(f"limits, {str(dtype)[6:]}, {threads} thread(s): torch.bmm peak "
                   f"{gflops:.0f} GFLOP/s; streaming add {dram:.0f} GB/s (64 MB arrays), "
                   f"{cache:.0f} GB/s (4 MB arrays)")
+    return peaks
+
+
+class CompileUnavailable(Exception):
+    """The warm-up failed: torch.compile without a C++ compiler, ... (the error's type)."""
+
+
+def time_simulator(batch, steps, compiled, device):
+    """(seconds, result) of `simulate` after a warm-up, and the warm-up's seconds (which
+    include compiling); CompileUnavailable where the warm-up fails."""
+    result = None
+
+    def run():
+        nonlocal result
+        result = simulate(batch, steps, compile=compiled)
+        _sync(device)
+    warm = time.perf_counter()
+    try:
+        simulate(batch, 2 * 16, compile=compiled)                   # warm-up (compiles)
+    except Exception as error:
+        raise CompileUnavailable(type(error).__name__) from error
+    warm = time.perf_counter() - warm
+    return best_time(run, 2), result, warm
+
+
+def relative_gap(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+LEGEND = ("GFLOP/s: the simulator's own flops over its time; % bmm: of the bmm peak (same "
+          "dtype and threads).\nGB/s: its minimal memory traffic (each state tensor read "
+          "and written once a step) over its time; % bw: of the streaming add on 4 MB arrays "
+          "(its working set is 2.5-5 MB), the bound that binds a matrix-vector algorithm.\n"
+          "eff GFLOP/s: the flops of the textbook step that the numpy loop does (2ndk + ...), "
+          "for the same result, over the simulator's time; % bmm: of the bmm peak.")
+
+
+def main(argv=None):
+    args, device, thread_options = parse_args(argv)
+    R, d, k, n, steps = args.runs, args.d, args.k, args.n, args.steps
+    print(f"workload: {R} runs of full fine-tuning (linear), d = {d}, k = {k}, n = {n}, "
+          f"{steps} steps; device {device}; torch {torch.__version__}")
+    nets, samples, lr = make_workload(R, d, k, n)
+    loop_seconds, loop_results = time_loop(nets, samples, lr, steps, args.loop_runs, R)
+    loop_macs = loop_multiply_adds(n, k, d) * R * steps
+    sim_macs = simulator_multiply_adds(n, k) * R * steps
+    print(f"flops counted: loop {loop_multiply_adds(n, k, d)} and simulator "
+          f"{simulator_multiply_adds(n, k)} multiply-adds per run and step")
+    peaks = measure_limits(thread_options, device)
 
     print(f"{'simulator':<34}{'seconds':>8}{'ratio':>7}{'GFLOP/s':>9}{'% bmm':>7}"
           f"{'GB/s':>7}{'% bw':>6}{'eff GFLOP/s':>12}{'% bmm':>7}  error")
@@ -173,47 +235,32 @@ def main(argv=None):
     for dtype, threads, compiled in configs:
         torch.set_num_threads(threads)
         batch = Batch.build(nets, samples, "all", lr, dtype=dtype, device=device)
-        bytes_per_step = (4 * n * k + n * n + 2 * n + 2 * k) * batch.v.element_size() * R
-        result = None
-
-        def run():
-            nonlocal result
-            result = simulate(batch, steps, compile=compiled)
-            _sync(device)
-        warm = time.perf_counter()
         try:
-            simulate(batch, 2 * 16, compile=compiled)                   # warm-up (compiles)
-        except Exception as error:                                       # no C++ compiler, ...
-            print(f"{'(compile unavailable: ' + type(error).__name__ + ')':<34}")
+            seconds, result, warm = time_simulator(batch, steps, compiled, device)
+        except CompileUnavailable as error:
+            print(f"{'(compile unavailable: ' + str(error) + ')':<34}")
             continue
-        warm = time.perf_counter() - warm
-        seconds = best_time(run, 2)
         v, B = result.v.double().cpu().numpy(), result.B.double().cpu().numpy()
-        if reference is None:
+        if reference is None:  # the first row, float64 eager, against the loop
             reference = (v, B)
-            gap = max(np.abs(v[i] - loop_results[i][0]).max() / np.abs(loop_results[i][0]).max()
-                      for i in loop_runs)
+            gap = max(relative_gap(v[i], loop_results[i][0]) for i in range(args.loop_runs))
             error = f"v vs numpy loop {gap:.1e}"
         else:
-            error = (f"vs float64 eager: v {np.abs(v - reference[0]).max() / np.abs(reference[0]).max():.1e}"
-                     f", B {np.abs(B - reference[1]).max() / np.abs(reference[1]).max():.1e}")
+            error = (f"vs float64 eager: v {relative_gap(v, reference[0]):.1e}"
+                     f", B {relative_gap(B, reference[1]):.1e}")
         if compiled:
             error += f"; compiling took {warm:.0f} s"
         gflops, dram, cache = peaks[dtype, threads]
         achieved = 2 * sim_macs / seconds / 1e9
         effective = 2 * loop_macs / seconds / 1e9
+        bytes_per_step = (4 * n * k + n * n + 2 * n + 2 * k) * batch.v.element_size() * R
         traffic = bytes_per_step * steps / seconds / 1e9
         ratios[dtype, threads, compiled] = loop_seconds / seconds
         name = f"{str(dtype)[6:]}, {threads} thread(s){', compiled' if compiled else ''}"
         print(f"{name:<34}{seconds:>8.3f}{loop_seconds / seconds:>7.1f}{achieved:>9.1f}"
               f"{100 * achieved / gflops:>6.1f}%{traffic:>7.1f}{100 * traffic / cache:>5.0f}%"
               f"{effective:>12.1f}{100 * effective / gflops:>6.0f}%  {error}")
-    print("GFLOP/s: the simulator's own flops over its time; % bmm: of the bmm peak (same "
-          "dtype and threads).\nGB/s: its minimal memory traffic (each state tensor read "
-          "and written once a step) over its time; % bw: of the streaming add on 4 MB arrays "
-          "(its working set is 2.5-5 MB), the bound that binds a matrix-vector algorithm.\n"
-          "eff GFLOP/s: the flops of the textbook step that the numpy loop does (2ndk + ...), "
-          "for the same result, over the simulator's time; % bmm: of the bmm peak.")
+    print(LEGEND)
     one = thread_options[0]
     headline = ratios.get((torch.float32, one, True), ratios.get((torch.float32, one, False)))
     print(f"headline: float32{', compiled' if (torch.float32, one, True) in ratios else ''}, "
