@@ -398,7 +398,7 @@ def load_breeds_task(name: str, data_dir, shift: str, n_target: int, val_per_cla
 
     train (n_target, class balanced) and val (val_per_class) are drawn disjointly from
     the ImageNet train images of the target subclasses; test (test_per_class) from their
-    ImageNet val images.
+    ImageNet val images. Drawn test, val, then train from one generator seeded by `seed`.
     """
     BENCHMARKS[name].check_shifts(shift)
     expected = expected_superclasses or RECIPES[name].num_superclasses
@@ -409,14 +409,15 @@ def load_breeds_task(name: str, data_dir, shift: str, n_target: int, val_per_cla
     test_paths, test_labels = _images(root, "val", target, name)
     check_all_classes(pool_labels, num_classes, f"{name} target train images")
     check_all_classes(test_labels, num_classes, f"{name} target val images")
+    # Drawn test, val, then train (as `draw_splits`): a seed's test and validation images
+    # do not depend on n_target, and its training sets are nested as n_target grows.
     g = seeded(seed)
-    train = class_balanced_indices(pool_labels, split_counts(n_target, num_classes), g,
-                                   what=f"{name} (train split)")
-    used = torch.zeros(len(pool_labels), dtype=torch.bool)
-    used[train] = True
-    val = class_balanced_indices(pool_labels, val_per_class, g, exclude=used,
-                                 what=f"{name} (val split)")
     test = class_balanced_indices(test_labels, test_per_class, g, what=f"{name} (test split)")
+    val = class_balanced_indices(pool_labels, val_per_class, g, what=f"{name} (val split)")
+    used = torch.zeros(len(pool_labels), dtype=torch.bool)
+    used[val] = True
+    train = class_balanced_indices(pool_labels, split_counts(n_target, num_classes), g,
+                                   exclude=used, what=f"{name} (train split)")
     transform = ImageTransform(resize=resize, crop=crop)
 
     def split_of(paths, labels, idx, part):

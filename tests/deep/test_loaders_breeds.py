@@ -177,9 +177,9 @@ def test_published_shape_loads_with_the_default_checks(tmp_path):
 
 
 def test_train_and_val_are_disjoint_when_the_pool_is_used_up(imagenet, info_dir):
-    """Guards drawing the validation images with `exclude=used`: with 11 of each superclass's
-    12 target train images in train and 1 in val, val must be exactly the image train left
-    (drawn from the whole pool, it would mostly repeat a training image)."""
+    """Guards drawing the training images with `exclude=used`: with 11 of each superclass's
+    12 target train images in train and 1 in val, train must be exactly the images val left
+    (drawn from the whole pool, it would mostly repeat the validation image)."""
     _, _, _, target = breeds_split(info_dir, "living17", "rand")
     pool = {str(p) for wnids in target for wnid in wnids for p in (imagenet / "train" / wnid).iterdir()}
     assert len(pool) == 2 * 2 * 6
@@ -191,3 +191,21 @@ def test_train_and_val_are_disjoint_when_the_pool_is_used_up(imagenet, info_dir)
         assert (len(train), len(val)) == (22, 2)
         assert not train & val, seed
         assert train | val == pool, seed
+
+
+def test_a_seeds_test_and_validation_images_do_not_depend_on_n_target(imagenet):
+    """Drawn test, val, then train (as `draw_splits` and the other loaders): an n_target
+    sweep scores every size on one test set, and its training sets are nested."""
+    task = lambda n: get_benchmark("living17").load_task(
+        imagenet, "subpopulation", n_target=n, val_per_class=2, test_per_class=3, seed=1,
+        expected_superclasses=2, resize=36, crop=32)
+    small, large = task(4), task(16)
+    assert small.test.paths == large.test.paths and small.val.paths == large.val.paths
+    assert set(small.train.paths) < set(large.train.paths)
+
+
+def test_the_seed_draws_the_test_images_too(imagenet):
+    """Guards a test draw from a generator of its own: each seed is a replicate, with its
+    own test images (3 of each superclass's 6 ImageNet-val images here)."""
+    tests = {tuple(load_task(imagenet, seed=seed).test.paths) for seed in range(4)}
+    assert len(tests) > 1
