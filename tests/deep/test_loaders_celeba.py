@@ -71,6 +71,19 @@ def test_source_is_partition_0(celeba):
     assert len(source.test) == 24
 
 
+def test_source_test_split_is_partition_2_and_train_partition_0(celeba):
+    """Guards the source test split read from partition 1 (the fixture's partitions 1 and
+    2 are the same size, so a count alone cannot tell them apart)."""
+    facts = truth(celeba)
+    source = get_benchmark("celeba").load_source(celeba, resize=32, crop=32)
+    for split, partition in ((source.train, 0), (source.test, 2)):
+        files = [path.rsplit("/", 1)[1] for path in split.paths]
+        assert sorted(files) == sorted(f for f, (p, _, _) in facts.items() if p == partition)
+        for f, y, group in zip(files, split.labels.tolist(), split.groups.tolist()):
+            _, blond, male = facts[f]
+            assert y == blond and group == 2 * blond + male
+
+
 def test_attribute_file_parsing(celeba):
     names, files, table = read_attributes(celeba / "celeba" / "list_attr_celeba.txt")
     assert len(names) == 40 and names[9] == "Blond_Hair" and names[20] == "Male"

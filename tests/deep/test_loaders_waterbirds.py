@@ -81,6 +81,18 @@ def test_source_is_the_training_split(waterbirds):
     assert len(source.test) == 24 and source.num_classes == 2
 
 
+def test_source_test_split_is_split_2_and_train_split_0(waterbirds):
+    """Guards the source test split read from split 1 (the fixture's splits 1 and 2 are
+    the same size, so a count alone cannot tell them apart)."""
+    rows = metadata(waterbirds)
+    source = get_benchmark("waterbirds").load_source(waterbirds, resize=36, crop=32)
+    for split, partition in ((source.train, "0"), (source.test, "2")):
+        files = [p.split("waterbird_complete95_forest2water2/")[1] for p in split.paths]
+        assert sorted(files) == sorted(f for f, r in rows.items() if r["split"] == partition)
+        for f, y, group in zip(files, split.labels.tolist(), split.groups.tolist()):
+            assert y == int(rows[f]["y"]) and group == 2 * int(rows[f]["y"]) + int(rows[f]["place"])
+
+
 def test_not_enough_of_a_group(waterbirds):
     # 6 images of group 0 in the target partition; validation (drawn first) took 1
     with pytest.raises(DataError, match="train split, per group.*class 0 has 5 examples left, 7"):
@@ -115,6 +127,13 @@ def test_missing_column(waterbirds):
 def test_out_of_range_label(waterbirds):
     rewrite(waterbirds, lambda lines: lines[:3] + [lines[3].replace(",0,0,", ",2,0,", 1)] + lines[4:])
     with pytest.raises(DataError, match="line 4 of .*metadata.csv: y and place must be 0/1"):
+        load(waterbirds)
+
+
+def test_out_of_range_place(waterbirds):
+    """Guards the place check: place 2 would make group 2y + 2, another group's index."""
+    rewrite(waterbirds, lambda lines: lines[:3] + [lines[3].replace(",0,0,0,", ",0,0,2,", 1)] + lines[4:])
+    with pytest.raises(DataError, match="line 4 of .*metadata.csv: y and place must be 0/1.*place=2"):
         load(waterbirds)
 
 
