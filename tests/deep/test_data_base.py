@@ -81,3 +81,33 @@ def test_file_split_names_the_split_the_metadata_and_the_layout_of_missing_files
     split = file_split(tmp_path, files, torch.tensor([0, 1, 0]), None, torch.tensor([0]), None,
                        0, "bench/test", "meta.csv", "")
     assert len(split) == 1
+
+
+def test_to_float_images_maps_each_pixel_by_hand():
+    """uint8 (n, H, W, C) -> (n, C, H, W) with out[i, c, h, w] = (a[i, h, w, c] / 255 - m[c]) / s[c].
+    Square images: a rows/columns swap keeps the shape, so only the values can catch it."""
+    import numpy as np
+    from deep.data.base import to_float_images
+    rgb = np.random.default_rng(0).integers(0, 256, size=(2, 5, 5, 3), dtype=np.uint8)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.4, 0.8)
+    out = to_float_images(rgb, mean, std)
+    assert out.shape == (2, 3, 5, 5) and out.dtype == torch.float32
+    for i in range(2):
+        for c in range(3):
+            for h in range(5):
+                for w in range(5):
+                    expected = (rgb[i, h, w, c] / 255 - mean[c]) / std[c]
+                    assert abs(out[i, c, h, w].item() - expected) < 1e-5, (i, c, h, w)
+    grey = rgb[..., 0]
+    out = to_float_images(grey, (0.3,), (0.6,))
+    assert out.shape == (2, 1, 5, 5)
+    assert abs(out[1, 0, 3, 1].item() - (grey[1, 3, 1] / 255 - 0.3) / 0.6) < 1e-5
+
+
+def test_a_task_refuses_a_label_equal_to_num_classes():
+    """Guards `>=` in ShiftTask's label check: label 2 of a 2-class task is out of range."""
+    from deep.data.base import ShiftTask, TensorSplit
+    split = lambda labels: TensorSplit(torch.zeros(len(labels), 1, 2, 2), torch.tensor(labels))
+    ShiftTask("b", "s", 2, split([0, 1]), split([1]), split([0]))
+    with pytest.raises(DataError, match=r"b/s: val labels must lie in \[0, 2\), got \[1, 2\]"):
+        ShiftTask("b", "s", 2, split([0, 1]), split([1, 2]), split([0]))

@@ -196,3 +196,24 @@ def test_read_cifar10c_takes_exactly_one_severity_block(cifar_dir, severity):
     assert len(images) == len(labels) == n // 5
     assert (np.asarray(images[:, 0, 0, 0]) == 40 * severity).all()
     assert np.asarray(images[:, 0, 0, 1]).tolist() == list(range(n // 5))   # rows 0.. of the block
+
+
+def test_cifar10c_images_keep_their_orientation_and_the_cifar10_statistics(cifar_dir):
+    """Guards what the constant-plane fixture cannot see: rows and columns swapped on the
+    way to (C, H, W), and the normalisation constants themselves (the other tests
+    un-normalise with the module's own). Here red = row, green = column, and the values
+    are the CIFAR-10 training-set statistics, mean (0.4914, 0.4822, 0.4465), std (0.2470,
+    0.2435, 0.2616), written out."""
+    images = np.load(cifar_dir / "CIFAR-10-C" / "fog.npy")
+    images[:, :, :, 0] = np.arange(32)[:, None]
+    images[:, :, :, 1] = 4 * np.arange(32)[None, :]
+    np.save(cifar_dir / "CIFAR-10-C" / "fog.npy", images)
+    train = get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0).train
+    x = train.images
+    rows = torch.arange(32, dtype=torch.float32)[:, None].expand(32, 32)
+    red = (rows / 255 - 0.4914) / 0.2470
+    green = (4 * rows.T / 255 - 0.4822) / 0.2435
+    blue = (20 * train.labels.float() / 255 - 0.4465) / 0.2616            # blue = 20 * label
+    assert torch.allclose(x[:, 0], red.expand_as(x[:, 0]), atol=1e-5)
+    assert torch.allclose(x[:, 1], green.expand_as(x[:, 1]), atol=1e-5)
+    assert torch.allclose(x[:, 2], blue[:, None, None].expand_as(x[:, 2]), atol=1e-5)

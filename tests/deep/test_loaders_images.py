@@ -87,3 +87,23 @@ def test_a_bad_image_is_named_in_one_line_with_or_without_workers(tmp_path, num_
         with pytest.raises(DataError, match=message) as error:
             list(split.batches(1))
         assert "Traceback" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_normalisation_is_imagenets_per_channel_mean_and_std_in_rgb_order():
+    """Guards the constants themselves (the other tests un-normalise with the same ones):
+    torchvision's ImageNet statistics, mean (0.485, 0.456, 0.406), std (0.229, 0.224,
+    0.225), red first."""
+    out = ImageTransform(resize=None, crop=4)(Image.new("RGB", (4, 4), (51, 102, 204)))
+    expected = [(51 / 255 - 0.485) / 0.229, (102 / 255 - 0.456) / 0.224, (204 / 255 - 0.406) / 0.225]
+    for channel, value in enumerate(expected):
+        assert torch.allclose(out[channel], torch.tensor(value), atol=1e-5), channel
+
+
+def test_list_images_takes_jpeg_jpg_and_png_in_any_case_and_nothing_else(tmp_path):
+    from deep.data.images import list_images
+    names = ["a.JPEG", "b.jpg", "c.png", "d.PNG", "e.txt", "f.jpeg.bak", "g.gif"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "h.png").mkdir()                       # a folder is not an image
+    assert [p.name for p in list_images(tmp_path, "LAYOUT", "t")] == ["a.JPEG", "b.jpg", "c.png",
+                                                                       "d.PNG"]
