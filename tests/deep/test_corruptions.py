@@ -6,8 +6,11 @@ the implementation: noise levels against their distributions, blurs against the
 energy they must remove, contrast against its factor, and so on.
 """
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from deep.data import corruptions as C
 from deep.data.corruptions import CORRUPTIONS, RANDOM, corrupt
@@ -356,3 +359,44 @@ def test_motion_blur_leaves_a_dot_its_first_tap_weight():
         w0 = 1 / np.exp(-taps ** 2 / (2 * sigma ** 2)).sum()
         y = C.motion_blur(x, severity, np.random.default_rng(severity))
         np.testing.assert_allclose(y[:, 14, 14], w0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- every severity
+
+# Severities 1..5 of Hendrycks' make_cifar_c.py (the pixel-scale parameters, kept as they are).
+PUBLISHED = {"gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+             "shot_noise": (500, 250, 100, 75, 50),
+             "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+             "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
+             "brightness": (0.05, 0.10, 0.15, 0.20, 0.30),
+             "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+             "jpeg_compression": (80, 65, 58, 50, 40)}
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_every_severity_uses_the_published_parameter(severity):
+    """Guards the parameter table row by row (the tests above look at severity 5, or only
+    compare 1 with 5): each severity's effect is measured and compared with its
+    make_cifar_c.py value."""
+    c = {name: values[severity - 1] for name, values in PUBLISHED.items()}
+    rng = lambda: np.random.default_rng(severity)
+    noise = C.gaussian_noise(mid_grey(32), severity, rng()) - 0.5
+    assert abs(noise.std() - c["gaussian_noise"]) < 0.003
+    shot = C.shot_noise(mid_grey(32), severity, rng()).astype(np.float64)
+    assert abs(shot.var() / (0.5 / c["shot_noise"]) - 1) < 0.06      # Poisson(0.5 c) / c
+    hit = (C.impulse_noise(mid_grey(32), severity, rng()) != np.float32(0.5)).mean()
+    assert abs(hit - c["impulse_noise"]) < 0.004
+    speckle = C.speckle_noise(mid_grey(32), severity, rng())
+    assert abs(speckle.std() - 0.5 * c["speckle_noise"]) < 0.003
+    np.testing.assert_allclose(C.brightness(mid_grey(2, 0.25), severity), 0.25 + c["brightness"],
+                               atol=1e-6)
+    x = garments()
+    y = C.contrast(x, severity).astype(np.float64)
+    np.testing.assert_allclose(y.std(axis=(1, 2)), c["contrast"] * x.std(axis=(1, 2)), rtol=1e-5)
+    pixels = np.rint(x * 255).astype(np.uint8)
+    expected = []
+    for image in pixels:                                        # PIL at the published quality
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=c["jpeg_compression"])
+        expected.append(np.asarray(Image.open(buffer).convert("L"), dtype=np.float64) / 255)
+    np.testing.assert_allclose(C.jpeg_compression(x, severity), np.stack(expected), atol=1e-6)
