@@ -134,3 +134,23 @@ def test_a_decimal_min_share_is_not_lost_to_rounding():
     """0.28 of 25 runs is 7 runs, though 0.28 * 25 is 7.000000000000001 in floats."""
     got = curve_of_runs({seed: (3 if seed < 7 else 2) for seed in range(25)}, min_share=0.28)
     assert [(e, n) for e, _, n in got] == [(1, 25), (2, 25), (3, 7)]
+
+
+def test_above_zero_needs_the_lower_end_strictly_above_zero():
+    """Guards `>` in above_zero: identical differences on every seed (se 0) of 0 give the
+    interval [0, 0], which does not lie above 0 (two equal methods must not "beat")."""
+    from deep.stats import above_zero
+    assert not above_zero((0.0, 0.0, 3))
+    assert above_zero((0.01, 0.0, 3))
+
+
+def test_interval_table_shows_each_cell_with_two_seeds_as_an_interval():
+    """Guards interval_table's "no cell has two seeds" rule: one single-seed cell does not
+    drop the table (the cell shows its mean alone); only all of them do."""
+    from deep.stats import interval_table
+    cells = {("a", "x"): (0.02, 0.01, 5), ("b", "x"): (0.03, math.nan, 1)}
+    lines = interval_table("T", ["a", "b"], ["x"], lambda r, c: cells[(r, c)])
+    # half-width t(0.975, 4) * 0.01 = 2.776 points (any t table): [-0.8, +4.8]
+    assert lines == ["T", "", "| shift | x |", "|---|---|", "| a | +2.0 [-0.8, +4.8] |",
+                     "| b | +3.0 |", ""]
+    assert interval_table("T", ["b"], ["x"], lambda r, c: cells[(r, c)]) == []
