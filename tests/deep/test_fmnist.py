@@ -271,6 +271,26 @@ def test_fmnist_c_is_a_fixed_corrupted_copy_of_the_test_images(fake_dir):
     assert np.abs(mild - clean).mean() < np.abs(noisy - clean).mean()   # sigma 0.04 < 0.10
 
 
+def test_fmnist_c_rounds_to_the_nearest_uint8(fake_dir):
+    """Guards np.rint before the uint8 cast: brightness at severity 1 adds 0.05 * 255 = 12.75
+    levels, stored as +13 (truncation would store +12) where it does not reach 255."""
+    data = F.load_fashion_mnist(fake_dir)
+    bright = F.corrupted_test_images(fake_dir, "brightness", severity=1)
+    expected = np.minimum(data.test_images.astype(int) + 13, 255)
+    np.testing.assert_array_equal(bright, expected)
+
+
+def test_each_corruption_draws_its_own_noise(fake_dir):
+    """Guards the corruption's name in the noise seed: gaussian_noise (x + 0.10 z) and
+    speckle_noise (x + 0.20 x z) at severity 5 would otherwise share z, and their
+    changes to the same pixels would be almost perfectly correlated."""
+    clean = F.load_fashion_mnist(fake_dir).test_images[:2000].astype(float)
+    gauss = F.corrupted_test_images(fake_dir, "gaussian_noise")[:2000] - clean
+    speckle = F.corrupted_test_images(fake_dir, "speckle_noise")[:2000] - clean
+    mid = (clean > 60) & (clean < 190)                  # away from clipping at 0 and 255
+    assert abs(np.corrcoef(gauss[mid], speckle[mid])[0, 1]) < 0.05
+
+
 def test_fmnist_c_source_is_the_training_set(fake_dir):
     source = get_benchmark("fmnist-c").load_source(fake_dir)
     assert source.benchmark == "fmnist" and source.num_classes == 10 and source.in_channels == 1
@@ -367,6 +387,16 @@ def test_fmnist_spurious_mark_tracks_the_label_in_the_source_only(fake_dir):
     # The marks sit on the images that fmnist-c and fmnist-blocknoise draw for the same seed.
     clean = get_benchmark("fmnist-blocknoise").load_task(fake_dir, "first", seed=0, **SMALL)
     np.testing.assert_array_equal(source_index(balanced.test.images), source_index(clean.test.images))
+
+
+def test_which_images_carry_the_agreeing_mark_is_drawn_per_seed(fake_dir):
+    """Guards the cue generator seeded by the split seed: with one generator for every seed,
+    the class-sorted splits of two seeds (same class counts) would put the top mark at the
+    same positions, seed after seed."""
+    bench = get_benchmark("fmnist-spurious")
+    groups = [bench.load_task(fake_dir, "balanced", seed=seed, **SMALL).train.groups
+              for seed in (0, 1)]
+    assert not torch.equal(*groups)
 
 
 def test_draw_cues_rejects_bad_agreement():
