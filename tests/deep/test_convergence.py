@@ -154,3 +154,18 @@ def test_interval_table_shows_each_cell_with_two_seeds_as_an_interval():
     assert lines == ["T", "", "| shift | x |", "|---|---|", "| a | +2.0 [-0.8, +4.8] |",
                      "| b | +3.0 |", ""]
     assert interval_table("T", ["b"], ["x"], lambda r, c: cells[(r, c)]) == []
+
+
+def test_curves_file_keeps_every_float_exactly(tmp_path):
+    """Guards the floats' repr in the curves file: a rounded lr (10^-3.5 = 0.000316227766...)
+    would no longer match its results row's key, and the cell's curve would drop out of
+    `learning_curves` without a word."""
+    path = tmp_path / "curves.csv"
+    r = row(lr=10 ** -3.5, history=[1 / 3, 2 / 3])
+    r["history"][0]["train_loss"] = 1 / 7
+    CurvesFile(path).record(r)
+    back = read_curves(path)
+    assert [(c["lr"], c["val_acc"]) for c in back] == [(10 ** -3.5, 1 / 3), (10 ** -3.5, 2 / 3)]
+    assert back[0]["train_loss"] == 1 / 7
+    got = learning_curves(back, [row(lr=10 ** -3.5)], panel_of=lambda r: "panel")
+    assert [(e, n) for e, _, n in got["panel"]["first"]] == [(1, 1), (2, 1)]
