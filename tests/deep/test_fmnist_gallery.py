@@ -80,3 +80,30 @@ def test_pixels_undo_the_fashion_mnist_normalisation():
     raw = np.random.default_rng(0).integers(0, 256, (3, 28, 28))
     normalised = torch.tensor((raw / 255.0 - F.MEAN[0]) / F.STD[0], dtype=torch.float32)[:, None]
     np.testing.assert_allclose(gallery._pixels(normalised), raw / 255.0, atol=1e-6)
+
+
+def test_flip_panel_names_each_image_by_its_original_class(fake_dir):
+    """Guards the fmnist-flip titles: "<class of the picture>\\nlabel y -> 9 - y", y the
+    picture's label in the test labels file (naming the flipped label would call a T-shirt
+    an ankle boot), one image of each of the 10 original classes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(12, 2))
+    try:
+        gallery.panel_flip(fig, fake_dir, width=10)
+        shown = [(ax.get_title(), ax.get_images()[0].get_array()) for ax in fig.axes
+                 if ax.get_title()]
+    finally:
+        plt.close(fig)
+    data = F.load_fashion_mnist(fake_dir)
+    label_of = {image.tobytes(): int(y) for image, y in zip(data.test_images, data.test_labels)}
+    originals = []
+    for title, picture in shown:
+        name, line = title.split("\n")
+        original, flipped = (int(v) for v in line.removeprefix("label ").split(" -> "))
+        pixels = np.rint(np.asarray(picture) * 255).astype(np.uint8)
+        assert label_of[pixels.tobytes()] == original, title
+        assert flipped == 9 - original and name == F.CLASS_NAMES[original], title
+        originals.append(original)
+    assert sorted(originals) == list(range(10))
