@@ -111,3 +111,29 @@ def test_a_task_refuses_a_label_equal_to_num_classes():
     ShiftTask("b", "s", 2, split([0, 1]), split([1]), split([0]))
     with pytest.raises(DataError, match=r"b/s: val labels must lie in \[0, 2\), got \[1, 2\]"):
         ShiftTask("b", "s", 2, split([0, 1]), split([1, 2]), split([0]))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_shuffled_file_batches_keep_each_image_with_its_label_and_group(tmp_path, num_workers):
+    """Guards labels and groups indexed by the shuffled order, like the images: image i is
+    red 40 i with label i and group 5 - i, and every example of every batch must agree."""
+    from PIL import Image
+    from deep.data.base import FileSplit
+    paths = [tmp_path / f"{i}.png" for i in range(6)]
+    for i, path in enumerate(paths):
+        Image.new("RGB", (2, 2), (40 * i, 0, 0)).save(path)
+    transform = _RedPixel()
+    split = FileSplit(paths, torch.arange(6), 5 - torch.arange(6), transform, num_workers)
+    seen = []
+    for x, y, g in split.batches(4, shuffle=True, generator=seeded(0)):
+        red = (x[:, 0, 0, 0] / 40).round().long()
+        assert torch.equal(red, y) and torch.equal(g, 5 - y)
+        seen += y.tolist()
+    assert seen == torch.randperm(6, generator=seeded(0)).tolist() != list(range(6))
+
+
+class _RedPixel:
+    """The red value of pixel (0, 0) as a (1, 1, 1) tensor (a class: workers pickle it)."""
+
+    def __call__(self, image):
+        return torch.tensor(float(image.getpixel((0, 0))[0]))[None, None, None]
