@@ -133,3 +133,15 @@ def test_corrupt_jpeg_fails_naming_the_file(imagenet_c):
     with pytest.raises(DataError, match=f"cannot decode image {bad}"):
         for _ in task.train.batches(4):
             pass
+
+
+def test_one_missing_class_folder_of_1000_is_refused_and_named(tmp_path):
+    """Guards the class-count check at its edge: 999 of the 1000 folders (n02085620,
+    ImageNet class 151, left out) is a partial download, refused before any image is read."""
+    folder = tmp_path / "ImageNet-C" / "fog" / "5"
+    for wnid in IMAGENET_WNIDS:
+        if wnid != "n02085620":
+            (folder / wnid).mkdir(parents=True)
+    with pytest.raises(DataError, match=r"found 999 class folders .*expected 1000 \(missing e\.g\. "
+                                        r"n02085620\)"):
+        read_imagenet_c(tmp_path, "fog")
