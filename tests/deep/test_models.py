@@ -109,3 +109,95 @@ def test_stage_ownership_covers_every_parameter():
         assert set(stages.param_stage) == {n for n, _ in model.named_parameters()}
         assert stages.param_stage["fc.weight"] == len(stages) - 1
         assert stages.param_stage["conv1.weight"] == 0
+
+
+# ------------------------------------------------------------------ functions by hand
+
+def _randomised_norms(module, seed=0):
+    """Batch norms with statistics and affine parameters away from their initial 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return module
+
+
+def _bn(x, bn):
+    shape = (1, -1, 1, 1)
+    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+            * bn.weight.view(shape) + bn.bias.view(shape))
+
+
+def test_resnet50_stem_by_hand():
+    """conv1 7x7 stride 2 padding 3 -> bn1 -> relu -> max pool 3x3 stride 2 padding 1:
+    a 64x64 image reaches layer1 as a 16x16 map."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = _randomised_norms(build_model("resnet50", 3)).eval()
+    seen = {}
+    model.layer1.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].clone()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        h = torch.relu(_bn(F.conv2d(x, model.conv1.weight, stride=2, padding=3), model.bn1))
+        expected = F.max_pool2d(h, 3, stride=2, padding=1)
+    assert expected.shape == (2, 64, 16, 16)
+    assert seen["x"].shape == expected.shape
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin, cout, stride", [(16, 16, 1), (16, 32, 2)])
+def test_cifar_basic_block_by_hand(cin, cout, stride):
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut), the shortcut a strided 1x1 conv
+    + BN where the shape changes: the ReLU comes after the sum."""
+    import torch.nn.functional as F
+    from deep.models.cifar_resnet import BasicBlock
+    torch.manual_seed(0)
+    block = _randomised_norms(BasicBlock(cin, cout, stride)).eval()
+    x = torch.randn(2, cin, 8, 8)
+    h = torch.relu(_bn(F.conv2d(x, block.conv1.weight, stride=stride, padding=1), block.bn1))
+    h = _bn(F.conv2d(h, block.conv2.weight, padding=1), block.bn2)
+    if stride == 1 and cin == cout:
+        assert block.downsample is None
+        shortcut = x
+    else:
+        conv, bn = block.downsample
+        shortcut = _bn(F.conv2d(x, conv.weight, stride=stride), bn)
+    with torch.no_grad():
+        assert torch.allclose(block(x), torch.relu(h + shortcut), atol=1e-5)
+
+
+@pytest.mark.parametrize("in_channels, size", [(3, 32), (1, 28)])
+def test_cifar_resnet26_stage_resolutions(in_channels, size):
+    """The CIFAR ResNet keeps full resolution in layer1 and halves it in layer2 and layer3
+    (32 -> 32, 16, 8 maps; 28 -> 28, 14, 7), widths w, 2w, 4w."""
+    model = build_model("resnet26-w4", 10, in_channels).eval()
+    shapes = {}
+    for name in ("layer1", "layer2", "layer3"):
+        getattr(model, name).register_forward_hook(
+            lambda m, i, out, name=name: shapes.update({name: tuple(out.shape)}))
+    with torch.no_grad():
+        model(torch.randn(2, in_channels, size, size))
+    half, quarter = (size + 1) // 2, (size + 3) // 4
+    assert shapes == {"layer1": (2, 4, size, size), "layer2": (2, 8, half, half),
+                      "layer3": (2, 16, quarter, quarter)}
+
+
+@pytest.mark.parametrize("arch", ["resnet26", "resnet50"])
+def test_convs_start_from_torchvisions_fan_out_initialisation(arch):
+    """torchvision's ResNet init: kaiming_normal_(mode="fan_out", nonlinearity="relu"),
+    std = sqrt(2 / (k * k * out_channels)). Fan-in differs wherever the width changes
+    (the stem: 3 -> 16 or 64 channels; every 1x1 bottleneck conv of ResNet-50)."""
+    import math
+    torch.manual_seed(0)
+    model = build_model(arch, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        k = conv.kernel_size[0]
+        expected = math.sqrt(2 / (k * k * conv.out_channels))
+        assert abs(conv.weight.std().item() / expected - 1) < 0.1, conv
