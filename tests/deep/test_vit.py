@@ -144,6 +144,21 @@ def test_gelu_variant_differs_only_in_the_activation():
         assert torch.allclose(quick(x), gelu(x))
 
 
+
+@pytest.mark.parametrize("arch, activation", [
+    ("clip-vit-b16", lambda x: x * torch.sigmoid(1.702 * x)),            # OpenAI's QuickGELU
+    ("clip-vit-b16-gelu", lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))),  # exact GELU
+])
+def test_each_b16_variant_has_its_published_activation(arch, activation):
+    """open_clip's non-OpenAI ViT-B-16 uses nn.GELU (the erf form, not the tanh
+    approximation), OpenAI's QuickGELU; built on the meta device (no weights needed)."""
+    with torch.device("meta"):
+        model = build_model(arch, 2)
+    x = torch.linspace(-4, 4, 81, dtype=torch.float64)
+    for block in model.visual.transformer.resblocks:
+        assert torch.allclose(block.mlp.activation(x), activation(x), atol=1e-12, rtol=0)
+
+
 def test_block_options_are_the_papers():
     blocks = blocks_for("clip-vit-b16")
     assert list(blocks) == ["embedding", "first3", "last3", "last"]
@@ -460,6 +475,15 @@ def test_zero_shot_head_uses_the_files_logit_scale(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     head = load_model(tmp_path / "zs.pt", TINY, 3, 3).head.weight
     assert torch.allclose(head.norm(dim=1), torch.full((3,), 50.0), atol=1e-4)
+
+
+def test_logit_scale_is_the_exp_of_the_stored_value_clamped_at_100():
+    """CLIP stores log(scale) and clamps the scale at 100 (OpenAI's training code); a
+    file without it gets 100."""
+    from deep.models.vit import logit_scale
+    assert logit_scale({"logit_scale": torch.tensor(math.log(50.0))}) == pytest.approx(50.0)
+    assert logit_scale({"logit_scale": torch.tensor(math.log(1000.0))}) == 100.0
+    assert logit_scale({}) == 100.0
 
 
 @pytest.mark.parametrize("embeddings, message", [
