@@ -7,6 +7,7 @@ from __future__ import annotations
 import fractions
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,29 @@ def test_prefix_collision_is_an_error():
     state = {"module.fc.weight": torch.zeros(1), "fc.weight": torch.ones(1)}
     with pytest.raises(CheckpointError, match="both become 'fc.weight'"):
         extract_state_dict(state)
+
+
+def test_prefixes_are_removed_from_every_key_whatever_the_first_key_holds():
+    """Each key loses its own prefixes: a file whose first entry lacks `module.` still
+    has it removed from the others."""
+    bias, weight, conv = torch.zeros(2), torch.ones(2, 2), torch.ones(1, 1, 3, 3)
+    out = extract_state_dict({"fc.bias": bias, "module.fc.weight": weight,
+                              "model.conv1.weight": conv})
+    assert list(out) == ["fc.bias", "fc.weight", "conv1.weight"]
+    assert out["fc.bias"] is bias and out["fc.weight"] is weight and out["conv1.weight"] is conv
+
+
+@pytest.mark.parametrize("dropped", ["fc.bias", "bn1.running_var", "layer1.0.bn1.running_mean"])
+def test_a_file_missing_a_weight_or_a_statistic_is_refused(tmp_path, dropped):
+    """Only num_batches_tracked may be absent (old torchvision files): a missing weight or
+    running statistic would otherwise keep its fresh value (0, 1) without a word."""
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    assert _same_weights(load_model(tmp_path / "old.pt", "resnet26-w4", 4, 1), state)
+    torch.save({k: v for k, v in state.items() if k != dropped}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=rf"missing keys \(1\): {re.escape(dropped)}$"):
+        load_model(tmp_path / "w.pt", "resnet26-w4", 4, 1)
 
 
 def test_wrong_architecture_names_the_keys(tmp_path):
