@@ -111,3 +111,13 @@ def test_a_resnets_folded_view_leaves_no_batch_norm_unfolded(arch):
     alone = [n for n, m in view.named_modules()
              if isinstance(m, nn.BatchNorm2d) and not n.endswith(".bn")]
     assert not alone, alone[:3]
+
+
+def test_set_trainable_refuses_a_name_that_is_no_parameter():
+    """A misspelt name would otherwise freeze the whole network and tune nothing."""
+    from deep.blocks import set_trainable
+    model = build_model("resnet26-w4", CLASSES, CHANNELS)
+    with pytest.raises(ValueError, match=r"no such parameter\(s\): \['fc\.weights'\]"):
+        set_trainable(model, ["fc.bias", "fc.weights"])
+    assert set_trainable(model, ["fc.bias"]) == CLASSES
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.bias"]
