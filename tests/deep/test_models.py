@@ -128,7 +128,8 @@ def _randomised_norms(module, seed=0):
 
 def _bn(x, bn):
     shape = (1, -1, 1, 1)
-    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+    # torchvision's nn.BatchNorm2d default eps, not the module's own
+    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + 1e-5)
             * bn.weight.view(shape) + bn.bias.view(shape))
 
 

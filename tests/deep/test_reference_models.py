@@ -124,9 +124,14 @@ def _randomise(module: nn.Module, seed: int = 0) -> None:
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
 
 
+# The originals build nn.BatchNorm2d and nn.GroupNorm with torch's default eps: the hand
+# computations use that number, not the module's own eps (a wrong one would pass unseen).
+EPS = 1e-5
+
+
 def batch_norm_by_hand(x, bn):
     shape = (1, -1, 1, 1)
-    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + EPS)
             * bn.weight.view(shape) + bn.bias.view(shape))
 
 
@@ -135,7 +140,7 @@ def group_norm_by_hand(x, gn):
     groups = x.reshape(n, 8, c // 8 * h * w)
     mean = groups.mean(-1, keepdim=True)
     var = ((groups - mean) ** 2).mean(-1, keepdim=True)  # biased, as normalisation uses
-    normed = ((groups - mean) / torch.sqrt(var + gn.eps)).reshape(n, c, h, w)
+    normed = ((groups - mean) / torch.sqrt(var + EPS)).reshape(n, c, h, w)
     return normed * gn.weight.view(1, -1, 1, 1) + gn.bias.view(1, -1, 1, 1)
 
 
