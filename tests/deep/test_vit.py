@@ -2,6 +2,7 @@
 and the prefix cache, and weight files (CLIP state dicts, TorchScript, zero-shot head)."""
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,19 @@ def test_a_head_under_another_name_is_not_dropped_silently(tmp_path):
     with pytest.warns(UserWarning, match=r"ignored \(fc\.bias, fc\.weight\).*rename them to "
                                          r"head\.weight and head\.bias"):
         load_model(tmp_path / "finetuned.pt", TINY, 3, 3)
+
+
+
+@pytest.mark.parametrize("key", ["transformer_head.weight", "text_classifier.weight",
+                                 "logit_scale_head.weight"])
+def test_a_text_tower_name_is_matched_whole_not_as_a_prefix(key):
+    """`transformer.*` is the text tower; `transformer_head.*` is not, and is warned about
+    (it may be a classification head) rather than dropped silently."""
+    from deep.models.vit import image_tower_state
+    state = {**clip_like_state(), key: torch.randn(3, 16)}
+    with pytest.warns(UserWarning, match=rf"ignored \({re.escape(key)}\)"):
+        tower = image_tower_state(state, build_model(TINY, 3))
+    assert key not in tower and "transformer.resblocks.0.attn.in_proj_weight" not in tower
 
 
 def test_only_a_configuration_with_the_files_shapes_is_suggested_as_its_arch():
