@@ -202,3 +202,19 @@ def test_convs_start_from_torchvisions_fan_out_initialisation(arch):
         k = conv.kernel_size[0]
         expected = math.sqrt(2 / (k * k * conv.out_channels))
         assert abs(conv.weight.std().item() / expected - 1) < 0.1, conv
+
+
+@pytest.mark.parametrize("arch, size, last, grid", [("resnet50", 64, "layer4", 2),
+                                                    ("resnet26-w4", 32, "layer3", 8)])
+def test_resnet_head_averages_the_last_map(arch, size, last, grid):
+    """Global average pooling of the last stage's map, then fc (max pooling, or any
+    other reduction, gives other logits)."""
+    torch.manual_seed(0)
+    model = _randomised_norms(build_model(arch, 5)).eval()
+    seen = {}
+    getattr(model, last).register_forward_hook(lambda m, i, out: seen.update(out=out.clone()))
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, size, size))
+    assert seen["out"].shape[-2:] == (grid, grid)
+    expected = seen["out"].mean(dim=(2, 3)) @ model.fc.weight.T + model.fc.bias
+    assert torch.allclose(logits, expected, atol=1e-5)
