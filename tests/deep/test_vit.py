@@ -288,6 +288,11 @@ def test_open_clip_state_dict_loads_its_image_tower(tmp_path):
     # the head is fresh but seeded: the same file gives the same network
     again = load_model(path, TINY, 3, 3)
     assert torch.equal(again.head.weight, model.head.weight)
+    # seeded with 0, as documented: nn.Linear's own init right after manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        head = nn.Linear(CONFIGS[TINY].output_dim, 3)
+    assert torch.equal(model.head.weight, head.weight) and torch.equal(model.head.bias, head.bias)
 
 
 def test_a_head_under_another_name_is_not_dropped_silently(tmp_path):
