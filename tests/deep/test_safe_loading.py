@@ -254,6 +254,18 @@ def test_a_malformed_own_format_file_is_named(tmp_path, field, value):
         load_model(tmp_path / "own.pt", "resnet26-w4", 4, 1)
 
 
+
+def test_an_own_format_file_missing_a_weight_is_refused(tmp_path):
+    """Our own format is held to the same strict load as other projects' files."""
+    from deep.checkpoints import save_checkpoint
+    save_checkpoint(tmp_path / "own.pt", build_model("resnet26-w4", 4, 1), "resnet26-w4", 4, 1)
+    raw = torch.load(tmp_path / "own.pt", weights_only=True)
+    del raw["state_dict"]["layer2.0.bn1.running_var"]
+    torch.save(raw, tmp_path / "own.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): layer2\.0\.bn1\.running_var"):
+        load_model(tmp_path / "own.pt", "resnet26-w4", 4, 1)
+
+
 def test_legacy_torch_files_of_any_protocol_are_not_taken_for_plain_pickles(tmp_path):
     state = build_model("resnet26-w4", 4, 1).state_dict()
     torch.save(state, tmp_path / "legacy4.pt", _use_new_zipfile_serialization=False,
