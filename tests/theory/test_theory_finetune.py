@@ -185,3 +185,24 @@ def test_gradient_flow_refuses_what_has_no_closed_form():
     for time in (-1.0, None, "abc"):
         with pytest.raises(ValueError, match="time must be >= 0"):
             gradient_flow(net, X, y, "last", time=time)
+
+
+def test_divergence_is_judged_against_E_y2_not_only_against_a_near_zero_start():
+    # A near-exact fit (train loss ~1e-20) stepped at lr 2.2 / curvature: the error along
+    # the top curvature direction grows 1.2-fold a step, the loss 1e10-fold within 65
+    # steps, yet after 100 steps it is still far below DIVERGENCE_FACTOR * |y|^2 / (2n),
+    # the scale the docstrings name (max(start, |y|^2 / (2n))): not a divergence.
+    rng = np.random.default_rng(11)
+    net, X, _ = problem(rng, n=6, d=5, k=3)
+    y = net(X) + 1e-9 * rng.standard_normal(6)
+    H, n = net.features(X), 6
+    lr = 2.2 / hessian_bound(net, X, "last")
+    v = net.v.copy()
+    for _ in range(100):                                      # the same steps, by hand
+        v = v - lr * H.T @ (H @ v - y) / n
+    start, end = train_loss(net.v, net.B, "linear", X, y), train_loss(v, net.B, "linear", X, y)
+    assert start < 1e-17 and end > 1e10 * start and end < 1e-3 * (y @ y / (2 * n))
+    tuned = finetune(net, X, y, "last", steps=100, lr=lr)
+    assert np.allclose(tuned.v, v, rtol=1e-9, atol=0) and np.array_equal(tuned.B, net.B)
+    with pytest.raises(ValueError, match="lr"):               # run on, it does diverge
+        finetune(net, X, y, "last", steps=400, lr=lr)

@@ -211,3 +211,19 @@ def test_relu_with_exactly_blind_first_layer_cannot_learn_T_but_a_small_init_can
     X, y = free.sample_target(40, np.random.default_rng(1))
     tuned = finetune(free.pretrained, X, y, "first", steps=3000, lr=0.05)
     assert free.target_loss(tuned) < 0.05 * free.target_loss(free.pretrained)
+
+
+def test_init_T_scale_draws_the_T_columns_as_centred_normals_of_that_scale():
+    # random_new_directions' docstring: T columns are N(0, init_T_scale^2) entries. 400
+    # draws x k = 4 units x m = 2 columns = 3200 entries: the mean is within 5 s.e. of 0
+    # (s.e. 0.1 / sqrt(3200) = 0.0018), the standard deviation within 5 % of 0.1, and about
+    # half are negative (binomial s.e. 0.009; 0.45..0.55 is 5.7 s.e.).
+    rng = np.random.default_rng(12)
+    for activation in ("linear", "relu"):
+        entries = np.concatenate([
+            random_new_directions(rng, ds=3, m=2, k=4, p=0.5, activation=activation,
+                                  init_T_scale=0.1).pretrained.B[:, 3:].ravel()
+            for _ in range(400)])
+        assert abs(entries.mean()) < 5 * 0.1 / np.sqrt(len(entries)), activation
+        assert entries.std() == pytest.approx(0.1, rel=0.05), activation
+        assert 0.45 < np.mean(entries < 0) < 0.55, activation
