@@ -319,3 +319,77 @@ def test_an_int_record_interval_also_records_the_last_step():
     result = simulate(batch, 10, record=3)           # lp-ft takes 10 + 10 steps
     assert result.step.tolist() == [0, 3, 6, 9, 12, 15, 18, 20]
     assert result.total_steps.tolist() == [10, 20]
+
+
+def test_a_rerun_at_a_halved_rate_also_replaces_the_kept_path():
+    # experiments._simulate with keep_path (F5's head drift): the halved run's recorded
+    # parameters are those of theory.finetune_path at the rate it ended with, not the
+    # NaN of its diverged first try.
+    from sims.experiments import _simulate
+    probs, samples, _, _ = case("linear", [5, 5], [], seed=7)
+    batch = Batch.from_problems(probs, samples, "all", [0.05, 50.0], device="cpu")
+    result, halved = _simulate(batch, 200, record=20, keep_path=True)
+    assert halved[1] > 0
+    for i in range(2):
+        lr = batch.lr[i].item() / 2 ** halved[i]
+        path = theory.finetune_path(probs[i].pretrained, *samples[i], "all", 200, lr, every=20)
+        assert result.step.tolist() == path.step.tolist()
+        k = probs[i].pretrained.k                          # the batch pads to the widest
+        assert rel_error(result.path_v[i, :, :k], path.v) < REL, i
+        assert rel_error(result.path_B[i, :, :k], path.B) < REL, i
+
+
+def test_relu_gradients_take_relu_prime_of_zero_as_zero():
+    # A relu T1 problem blind to T (B_src P_T = 0): new-direction samples reach every unit
+    # with pre-activation exactly 0, where relu' = 0 (as in theory and torch), so dL/dB has
+    # exactly zero T columns; the old-direction columns match a numpy hand computation.
+    problem = theory.random_new_directions(np.random.default_rng(3), 4, 2, 3, 0.5, "relu")
+    rng = np.random.default_rng(4)
+    while True:
+        X, component = problem.target.sample(8, rng)
+        if 0 < component.sum() < 8:
+            break
+    y = problem.target_teacher(X)
+    batch = Batch.from_problems([problem], [(X, y)], "all", 0.1, device="cpu")
+    _, grad_B = gradients(batch)
+    net = problem.pretrained
+    Z = X @ net.B.T
+    assert np.sum(Z == 0) >= 3 * component.sum()            # the ties are really there
+    r = np.maximum(Z, 0) @ net.v - y
+    expected = np.zeros((net.k, 6))
+    for i in range(8):                                       # a loop over samples, by hand
+        for j in range(net.k):
+            if Z[i, j] > 0:
+                expected[j] += r[i] * net.v[j] * X[i] / 8
+    assert np.all(grad_B[0, :, 4:].numpy() == 0)
+    np.testing.assert_allclose(grad_B[0].numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_a_padded_runs_divergence_scale_is_its_own_y2_over_2n():
+    # guards: |y|^2 / (2n) taken with the batch's largest n. Run 1 (n = 3, padded to 12)
+    # starts at a near-exact fit and is stepped at lr 2.2 / curvature, so its loss grows
+    # 1.44-fold a step; after s steps it lies between DIVERGENCE_FACTOR |y|^2 / 24 and
+    # DIVERGENCE_FACTOR |y|^2 / 6: not a divergence by its own scale (theory agrees).
+    from theory.finetune import DIVERGENCE_FACTOR
+    rng = np.random.default_rng(13)
+    net = theory.TwoLayer(rng.standard_normal(3), rng.standard_normal((3, 5)) / np.sqrt(5))
+    X = rng.standard_normal((3, 5))
+    y = net(X) + 1e-9 * rng.standard_normal(3)
+    H = net.features(X)
+    lr = 2.2 / np.linalg.eigvalsh(H.T @ H / 3).max()
+    scale = DIVERGENCE_FACTOR * (y @ y) / 6
+    v, losses = net.v.copy(), []
+    for _ in range(400):                                     # the same steps, by hand
+        v = v - lr * H.T @ (H @ v - y) / 3
+        losses.append(np.sum((H @ v - y) ** 2) / 6)
+    s = next(s for s, loss in enumerate(losses, 1) if scale / 4 < loss < scale)
+    tuned = theory.finetune(net, X, y, "last", s, lr)        # no divergence for theory
+    other_X = rng.standard_normal((12, 5))
+    batch = Batch.build([net, net], [(other_X, other_X @ net.effective_weights()), (X, y)],
+                        "last", [0.01, lr], device="cpu")
+    result = simulate(batch, s)
+    assert not result.diverged.any()
+    # The simulator solves "last" in closed form; the ~1e15-fold growth amplifies rounding
+    # in either computation to ~1e-6 relative.
+    assert rel_error(result.v[1], tuned.v) < 1e-4
+    assert result.final_train_loss[1].item() == pytest.approx(losses[s - 1], rel=1e-4)
