@@ -324,3 +324,153 @@ def test_every_tag_of_a_draw_stream_changes_its_draws():
         assert not np.array_equal(base, first(*other)), other
     assert not np.array_equal(base, first("shifts", "linear", "input",
                                           settings=dataclasses.replace(SETTINGS, seed=1)))
+
+
+# ---- the tables' statistics, on hand-made numbers ---------------------------------------
+
+def test_curve_rows_hold_mean_standard_error_and_fractions_by_hand():
+    # guards: `_mean_se` with ddof=0; its NaN handling. Three draws at step 0, two (and a
+    # NaN: a diverged run) at step 5.
+    import statistics
+    values = np.array([[0.5, 1e-9], [0.2, np.nan], [0.8, 4e-10]])
+    rows = experiments._summary(values, method="first", steps=[0, 5])
+    for row, column in zip(rows, ([0.5, 0.2, 0.8], [1e-9, 4e-10])):
+        n = len(column)
+        assert row["draws"] == n
+        assert row["mean"] == pytest.approx(statistics.fmean(column), rel=1e-12)
+        assert row["se"] == pytest.approx(statistics.stdev(column) / n**0.5, rel=1e-12)
+        logs = [np.log10(c) for c in column]
+        assert row["log10_mean"] == pytest.approx(statistics.fmean(logs), rel=1e-12)
+        assert row["log10_se"] == pytest.approx(statistics.stdev(logs) / n**0.5, rel=1e-12)
+        assert row["fraction_zero"] == sum(c < experiments.ZERO for c in column) / n
+    assert [r["step"] for r in rows] == [0, 5] and rows[0]["method"] == "first"
+
+
+def test_f3_relative_se_is_the_delta_method_standard_error_of_a_ratio_of_paired_means():
+    # guards: the covariance term's sign or a stray 1/sqrt(draws) in `_best_layer`. Paired
+    # losses with known moments: a = 2 + 0.5 z1, b = 2 + 0.5 (0.9 z1 + sqrt(0.19) z2), so
+    # the delta method gives se(mean a / mean b) = sqrt((0.25 - 2 * 0.9 * 0.25 + 0.25) / N) / 2
+    # (0.0018 at N = 4000; with the covariance's sign flipped it would be 4.4 times larger).
+    # The sample estimate is within 10 % of it (its own relative error is ~2 %).
+    rng = np.random.default_rng(0)
+    N = 4000
+    z1, z2 = rng.standard_normal((2, N))
+    losses = {"first": 2 + 0.5 * z1, "all": 2 + 0.5 * (0.9 * z1 + np.sqrt(0.19) * z2),
+              "last": 3 + z2, "lp-ft": 1 + 0 * z1}
+    import pandas as pd
+    runs = pd.DataFrame([dict(activation="linear", kind="input", draw=i, n=N_BEST,
+                              method=m, loss=losses[m][i])
+                         for m in experiments.METHODS for i in range(N)])
+    table = experiments._best_layer(runs).set_index("method")
+    first = table.loc["first"]
+    assert first.relative_to_all == pytest.approx(losses["first"].mean()
+                                                  / losses["all"].mean(), rel=1e-12)
+    assert first.relative_se == pytest.approx(np.sqrt(0.05 / N) / 2, rel=0.1)
+    assert first.se == pytest.approx(losses["first"].std(ddof=1) / np.sqrt(N), rel=1e-12)
+    assert table.loc["all"].relative_to_all == 1 and table.loc["all"].relative_se < 1e-12
+    assert first.draws == N
+
+
+def test_f2_rows_are_per_group_means_of_the_runs_table_by_hand():
+    # guards: F2's `train_mean` taken from the target-loss column (or a column misplaced)
+    import pandas as pd
+    rng = np.random.default_rng(1)
+    runs = pd.DataFrame([dict(activation=a, kind=k, draw=i, n=n, method=m,
+                              loss=rng.uniform(0.1, 1), train_loss=rng.uniform(1e-9, 1e-8),
+                              lr_halved=bool(rng.random() < 0.3))
+                         for a in experiments.ACTIVATIONS for k in ("input", "label")
+                         for n in (2, 8) for i in range(5) for m in experiments.METHODS])
+    table = experiments._loss_vs_n(runs)
+    assert len(table) == 2 * 2 * 2 * 4
+    for row in table.itertuples():
+        group = [r for r in runs.itertuples() if (r.activation, r.kind, r.method, r.n)
+                 == (row.activation, row.kind, row.method, row.n)]
+        losses = [r.loss for r in group]
+        assert row.mean == pytest.approx(sum(losses) / 5, rel=1e-12)
+        assert row.se == pytest.approx(np.std(losses, ddof=1) / np.sqrt(5), rel=1e-12)
+        assert row.train_mean == pytest.approx(sum(r.train_loss for r in group) / 5, rel=1e-12)
+        assert row.lr_halved == sum(r.lr_halved for r in group) and row.draws == 5
+
+
+def test_f5_head_drift_and_unseen_old_error_equal_numpy_on_the_same_draws(f5):
+    # guards: the drift not divided by |v_src|; U missing one unseen old direction (or
+    # holding a seen one). The draws of `forgetting`, redrawn from its generator stream,
+    # fine-tuned in full with theory.finetune at the experiment's step size (0.5 / the
+    # start curvature; no run needed halving); U = the old directions orthogonal to the
+    # old samples, from scipy's null_space.
+    from scipy.linalg import null_space
+    rng = experiments._rng(SETTINGS, "forgetting")
+    drift, unseen = [], []
+    for _ in range(SETTINGS.draws):
+        problem = theory.random_new_directions(rng, DS, D - DS, K, P)
+        while True:
+            X, component = problem.target.sample(N_T1, rng)
+            if theory.t1_event(component, DS, D - DS):
+                break
+        net, y = problem.pretrained, problem.target_teacher(X)
+        curvature = max((net.v @ net.v) * np.linalg.eigvalsh(X.T @ X / N_T1)[-1],
+                        np.linalg.eigvalsh((X @ net.B.T).T @ (X @ net.B.T) / N_T1)[-1])
+        end = theory.finetune(net, X, y, "all", 2 * SETTINGS.steps,
+                              experiments.LR_FRACTION / curvature)
+        drift.append(np.linalg.norm(end.v - net.v) / np.linalg.norm(net.v))
+        basis = null_space(X[component == 0, :DS])                  # (DS, DS - n_S)
+        assert basis.shape[1] == DS - np.sum(component == 0)
+        cov_U = np.zeros((D, D))
+        cov_U[:DS, :DS] = basis @ basis.T
+        teacher = problem.target_teacher
+        unseen.append(theory.population_loss(end, teacher, cov_U)
+                      / theory.population_loss(net.replace(v=np.zeros(K)), teacher, cov_U))
+    for quantity, values in (("head drift", drift), ("error on unseen old", unseen)):
+        full = f5_curve(f5, quantity, "all")
+        assert (full.lr_halved == 0).all()
+        assert full["mean"].iloc[-1] == pytest.approx(np.mean(values), rel=1e-6), quantity
+        assert full["se"].iloc[-1] == pytest.approx(
+            np.std(values, ddof=1) / np.sqrt(len(values)), rel=1e-5), quantity
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", experiments.ACTIVATIONS)
+def test_f6_lp_ft_steps_at_the_larger_curvature_before_and_after_probing(f6, activation):
+    # guards: lp-ft's step size from the smaller curvature. LP-FT's final loss on the first
+    # two draws of each shift, redone with theory.finetune: probe at 0.5 / the start
+    # curvature, then lp-ft at 0.5 / max(start curvature, curvature with the probed head).
+    def curvature(net, X):
+        H = np.maximum(X @ net.B.T, 0) if net.activation == "relu" else X @ net.B.T
+        return max((net.v @ net.v) * np.linalg.eigvalsh(X.T @ X / len(X))[-1],
+                   np.linalg.eigvalsh(H.T @ H / len(X))[-1])
+    grew = 0
+    for kind, make in experiments.SHIFTS.items():
+        rng = experiments._rng(SETTINGS, "shifts", activation, kind)
+        for draw in range(2):
+            problem = make(rng, activation)
+            X, y = problem.sample_target(max(N_GRID), rng)
+            X, y, net = X[:N_BEST], y[:N_BEST], problem.pretrained
+            start = curvature(net, X)
+            probed = theory.finetune(net, X, y, "last", SETTINGS.steps,
+                                     experiments.LR_FRACTION / start)
+            after = curvature(probed, X)
+            grew += after > 1.01 * start
+            lr = experiments.LR_FRACTION / max(start, after)
+            loss = problem.target_loss(theory.finetune(net, X, y, "lp-ft", SETTINGS.steps, lr))
+            row = f6[(f6.activation == activation) & (f6.kind == kind) & (f6.draw == draw)]
+            assert row.loss_lp_ft.iloc[0] == pytest.approx(loss / label_energy(problem),
+                                                           rel=1e-6, abs=1e-20), (kind, draw)
+    assert grew > 0         # the probe does raise the curvature in some of these draws
+
+
+def test_f4_counts_no_unconverged_spanning_sample_below_d_points():
+    # guards: `spans` without its n_T >= m half. Fewer than d = 10 points cannot span R^d,
+    # so F4's full_unconverged is exactly 0 for n < 10 whatever full fine-tuning does. The
+    # seed-0 draws (16 per n) hold an n = 8 sample with all 8 points old (n_S = ds, n_T = 0:
+    # redrawn here from the experiment's stream), the case such a bug would count.
+    settings = experiments.Settings(draws=16, steps=2, seed=0, device="cpu")
+    rng = experiments._rng(settings, "t1_event")
+    all_old = []
+    for n in experiments.N_EVENT:
+        for _ in range(settings.draws):
+            problem = theory.random_new_directions(rng, DS, D - DS, K, P)
+            _, component = problem.target.sample(n, rng)
+            all_old.append(n < D and n - component.sum() >= DS)
+    assert any(all_old)
+    f4 = experiments.t1_event(settings)["f4_t1_event"]
+    assert (f4[f4.n < D].full_unconverged == 0).all()

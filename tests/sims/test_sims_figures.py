@@ -171,3 +171,12 @@ def test_written_files_get_the_usual_permissions(tiny_run):
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "f4_t1_event.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_csvs_keep_twelve_significant_digits(tmp_path):
+    # guards: a coarser float format (the tables' losses span 1e-32..1)
+    import numpy as np
+    values = [1 / 3, 2e-31 / 3, 123456.789012345, -np.pi]
+    write_csv(pd.DataFrame(dict(x=values)), tmp_path / "t.csv")
+    back = pd.read_csv(tmp_path / "t.csv").x.to_numpy()
+    np.testing.assert_allclose(back, values, rtol=1e-11, atol=0)
