@@ -1,10 +1,11 @@
 """`python -m sims plot` and `figures` on bad input: a clear error (exit 2) naming the file
-and what is wrong, never a figure drawn from a broken table, never a traceback.
+and what is wrong, never a figure drawn from a broken table, never a traceback; and, from well-formed tables, what each figure draws.
 
 The tables are small hand-made ones in the format the experiments write (their columns,
 written by `write_csv`), so nothing is simulated."""
 import itertools
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -153,3 +154,100 @@ def test_plot_of_a_partial_folder_draws_nothing_and_names_the_only_that_would(tm
     assert "no CSV for ['f1_t1_curves', 'f2_loss_vs_n'" in err and "--only f4" in err
     assert not list(tmp_path.glob("*.png"))   # checked before any figure is drawn
     assert main(["plot", "--out", str(tmp_path), "--only", "f4"]) == 0
+
+
+# ---- what the figures show: drawn from hand-made tables, read back from the artists ------
+
+def drawn(name, table):
+    """The figure `name` drawn from `table` as `sims plot` draws it (read back from CSV)."""
+    import matplotlib.pyplot as plt
+    from sims import plots
+    figure = plots.draw(name, {name: table})
+    axes = figure.axes
+    plt.close(figure)
+    return axes
+
+
+def test_f1_marks_lp_fts_switch_half_way_through_its_steps():
+    # guards: the switch line at lp-ft's last step. lp-ft takes `steps` probing steps, then
+    # `steps` of full fine-tuning: on a 0..40 grid it switches at step 20.
+    steps = (0, 1, 10, 20, 30, 40)
+    table = pd.DataFrame([dict(activation=a, method=m, step=s, log10_mean=-s / 10,
+                               log10_se=0.1, draws=2)
+                          for a, m, s in itertools.product(experiments.ACTIVATIONS,
+                                                           experiments.METHODS, steps)])
+    for ax in drawn("f1_t1_curves", table)[:2]:
+        vertical = [line.get_xdata()[0] for line in ax.get_lines()
+                    if len(set(line.get_xdata())) == 1]
+        assert vertical == [20]
+
+
+def test_f2_plots_each_panels_mean_final_loss_against_n():
+    # guards: another column (train_mean) drawn as the loss
+    table = f2_table()
+    table["mean"] = [0.5 + 0.01 * i for i in range(len(table))]
+    from sims.plots import LABELS
+    axes = drawn("f2_loss_vs_n", table)
+    panels = {ax.get_title(): ax for ax in axes}
+    for (activation, kind, method), rows in table.groupby(["activation", "kind", "method"]):
+        ax = panels[f"{kind} · {activation}"]
+        bars = [c for c in ax.containers if c.get_label() == LABELS[method]]
+        assert len(bars) == 1
+        np.testing.assert_array_equal(bars[0].lines[0].get_xdata(), rows.n)
+        np.testing.assert_array_equal(bars[0].lines[0].get_ydata(), rows["mean"])
+
+
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")
+def test_f3_cells_sit_under_their_methods_labels():
+    # guards: tick labels in another order than the heatmap's columns. Each cell's colour
+    # value is log10(relative_to_all) of the method its column's label names.
+    from sims.plots import SHORT_LABELS
+    rows = [dict(activation=a, kind=k, method=m, n=experiments.N_BEST,
+                 relative_to_all=10.0 ** (i + 0.1 * j), relative_se=0.01)
+            for a in experiments.ACTIVATIONS for j, k in enumerate(experiments.SHIFTS)
+            for i, m in enumerate(experiments.METHODS)]
+    table = pd.DataFrame(rows)
+    method_of = {label: m for m, label in SHORT_LABELS.items()}
+    for ax, activation in zip(drawn("f3_best_layer", table), experiments.ACTIVATIONS):
+        methods = [method_of[t.get_text()] for t in ax.get_xticklabels()]
+        kinds = [t.get_text() for t in ax.get_yticklabels()]
+        assert sorted(methods) == sorted(experiments.METHODS)
+        cells = np.asarray(ax.collections[0].get_array()).reshape(len(kinds), len(methods))
+        for r, kind in enumerate(kinds):
+            for c, method in enumerate(methods):
+                i, j = experiments.METHODS.index(method), list(experiments.SHIFTS).index(kind)
+                assert cells[r, c] == pytest.approx(i + 0.1 * j, abs=1e-12), (kind, method)
+
+
+def test_f4_plots_each_column_under_its_own_label():
+    # guards: a column plotted under another's label (the gray event frequency, the blue
+    # simulated outcome, the exact black curve)
+    n = np.array(experiments.N_EVENT)
+    table = f4_table().assign(exact=n / 40, event_frequency=n / 50, frequency=n / 60,
+                              first_zero=n / 70)
+    ax = drawn("f4_t1_event", table)[0]
+    series = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers
+              if hasattr(c, "lines")}
+    np.testing.assert_array_equal(series["event frequency in the draws"], n / 50)
+    np.testing.assert_array_equal(
+        series["simulated: first layer ~0 and full fine-tuning > 0"], n / 60)
+    exact = [line for line in ax.get_lines() if line.get_label().startswith("P(T1 event)")]
+    np.testing.assert_array_equal(exact[0].get_ydata(), n / 40)
+
+
+def test_f6_scatter_puts_rgn_ratio_on_x_and_loss_gain_on_y():
+    # guards: the gain's ratio inverted (y > 0 must mean the first layer is better)
+    rng = np.random.default_rng(0)
+    rows = [dict(activation=a, kind=k, draw=d, n=experiments.N_BEST,
+                 rgn_first=10.0 ** rng.uniform(-2, 2), rgn_last=1.0,
+                 loss_first=10.0 ** rng.uniform(-3, 0), loss_last=0.1, agree=True)
+            for a in experiments.ACTIVATIONS for k in experiments.SHIFTS for d in range(3)]
+    table = pd.DataFrame(rows)
+    axes = drawn("f6_auto_rgn", table)
+    for ax, activation in zip(axes, experiments.ACTIVATIONS):
+        part = table[table.activation == activation]
+        points = np.concatenate([np.asarray(c.get_offsets()) for c in ax.collections
+                                 if len(c.get_offsets()) == len(part)])
+        expected = np.c_[np.log10(part.rgn_first), -1 - np.log10(part.loss_first)]
+        np.testing.assert_allclose(np.sort(points, axis=0), np.sort(expected, axis=0),
+                                   rtol=1e-12)
