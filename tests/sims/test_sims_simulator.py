@@ -393,3 +393,18 @@ def test_a_padded_runs_divergence_scale_is_its_own_y2_over_2n():
     # in either computation to ~1e-6 relative.
     assert rel_error(result.v[1], tuned.v) < 1e-4
     assert result.final_train_loss[1].item() == pytest.approx(losses[s - 1], rel=1e-4)
+
+
+def test_first_layer_tuning_of_a_zero_head_leaves_B_in_place():
+    # With v = 0 the first layer's gradient v r^T X / n is 0: B never moves (theory's
+    # gradient_flow says so; finetune steps it). The closed form must not divide by |v|^2.
+    rng = np.random.default_rng(14)
+    net = theory.TwoLayer(np.zeros(3), rng.standard_normal((3, 5)))
+    X = rng.standard_normal((4, 5))
+    y = X @ rng.standard_normal(5)
+    batch = Batch.build([net, net], [(X, y), (X, y)], "first", 0.1, device="cpu")
+    for exact in (True, False):
+        result = simulate(batch, 50, record=10, exact=exact)
+        assert not result.diverged.any() and torch.equal(result.B[0], batch.B[0]), exact
+        np.testing.assert_allclose(result.train_loss[0], np.full(6, y @ y / 8), rtol=1e-14)
+    assert np.array_equal(theory.finetune(net, X, y, "first", 50, 0.1).B, net.B)
