@@ -458,19 +458,32 @@ def test_f6_lp_ft_steps_at_the_larger_curvature_before_and_after_probing(f6, act
     assert grew > 0         # the probe does raise the curvature in some of these draws
 
 
-def test_f4_counts_no_unconverged_spanning_sample_below_d_points():
-    # guards: `spans` without its n_T >= m half. Fewer than d = 10 points cannot span R^d,
-    # so F4's full_unconverged is exactly 0 for n < 10 whatever full fine-tuning does. The
-    # seed-0 draws (16 per n) hold an n = 8 sample with all 8 points old (n_S = ds, n_T = 0:
-    # redrawn here from the experiment's stream), the case such a bug would count.
-    settings = experiments.Settings(draws=16, steps=2, seed=0, device="cpu")
+def test_f4_columns_follow_claim_t1_on_the_redrawn_samples():
+    # guards: first_zero and full_positive read from each other's runs; `spans` without
+    # its n_T >= m half. The seed-0 samples (16 per n), redrawn from the experiment's
+    # stream, give per n the fractions the columns are bounded by: under the T1 event full
+    # fine-tuning stays above 0 (claim T1), so full_positive >= the event's frequency;
+    # without m new samples first-layer tuning cannot fit T, so first_zero <= P(n_T >= m);
+    # full_unconverged counts spanning samples only, and fewer than d = 10 points span
+    # nothing. The draws hold an n = 8 sample of 8 old points, the case a `spans` without
+    # n_T >= m would count.
+    settings = experiments.Settings(draws=16, steps=20, seed=0, device="cpu")
     rng = experiments._rng(settings, "t1_event")
-    all_old = []
+    event, enough_new, spans, all_old = [], [], [], []
     for n in experiments.N_EVENT:
         for _ in range(settings.draws):
             problem = theory.random_new_directions(rng, DS, D - DS, K, P)
             _, component = problem.target.sample(n, rng)
-            all_old.append(n < D and n - component.sum() >= DS)
+            n_new = int(component.sum())
+            event.append(theory.t1_event(component, DS, D - DS))
+            enough_new.append(n_new >= D - DS)
+            spans.append(n_new >= D - DS and n - n_new >= DS)
+            all_old.append(n < D and n - n_new >= DS)
     assert any(all_old)
+    per_n = lambda flags: np.reshape(flags, (len(experiments.N_EVENT), -1)).mean(axis=1)
     f4 = experiments.t1_event(settings)["f4_t1_event"]
+    np.testing.assert_array_equal(f4.event_frequency, per_n(event))
+    assert (f4.full_positive >= per_n(event)).all()
+    assert (f4.first_zero <= per_n(enough_new)).all()
+    assert (f4.full_unconverged <= per_n(spans)).all()
     assert (f4[f4.n < D].full_unconverged == 0).all()
