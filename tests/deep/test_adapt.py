@@ -427,6 +427,45 @@ def test_tent_on_a_block_without_normalisation_is_a_clear_error(small_model):
         adapted_parameter_names(small_model, "tent", "last", BLOCKS)
 
 
+def test_memo_draws_new_copies_for_each_of_its_steps(small_model, stream):
+    """MEMO's code augments afresh at every step (`for iteration in range(niter)`): with
+    steps=2 the second SGD step is on new copies. Checked against a hand loop: softmax
+    mean over the copies, its entropy, p - lr * grad on the last block, twice."""
+    x = stream[0][:1]
+    reference = copy.deepcopy(small_model).eval()
+    config = MemoConfig(copies=4, lr=0.05, steps=2)
+    calls = []
+
+    def counting(image, copies, generator):
+        calls.append(copies)
+        return augmenter()(image, copies, generator)
+
+    adapter = make_adapter(small_model, "memo", "last", BLOCKS, config, False, counting,
+                           torch.Generator().manual_seed(3))
+    got = adapter.predict(x)
+    assert calls == [4, 4]                     # one draw of 4 copies per step
+    g = torch.Generator().manual_seed(3)
+    params = [p for n, p in reference.named_parameters() if n.startswith("fc.")]
+    for _ in range(2):
+        copies = augmenter()(x[0], 4, g)       # fresh copies at each step
+        p_bar = reference(copies).softmax(1).mean(0)
+        loss = -(p_bar * p_bar.log()).sum()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, grad in zip(params, grads):
+                p -= 0.05 * grad
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_trailing_batch_of_two_or_more_images_stays_a_batch_of_its_own():
+    """Only a trailing single image joins the batch before it (it has no batch
+    statistics); a trailing batch of 2 or more is its own batch, as TENT's loader gives it."""
+    assert [len(b) for b in stream_batches(torch.arange(8), 3)] == [3, 3, 2]
+    assert [len(b) for b in stream_batches(torch.arange(450), 200)] == [200, 200, 50]
+    assert [len(b) for b in stream_batches(torch.arange(401), 200)] == [200, 201]
+
+
 def test_memo_takes_one_image_at_a_time(small_model, stream):
     with pytest.raises(ValueError, match="one image at a time"):
         memo(small_model, "last").predict(stream[0][:2])
