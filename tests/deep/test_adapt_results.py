@@ -167,6 +167,41 @@ def test_committed_tables_are_what_their_results_give(csv, table):
     assert (root / table).read_text() == report_text(csv, rows)
 
 
+# --- a resumed stream must agree on every setting; floats come back exactly -------------------
+
+_KEY = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr")
+_SETTINGS = {"arch": "resnet26", "checkpoint": "w.pt", "test_per_class": 90, "settings": "{}"}
+
+
+@pytest.mark.parametrize("column,other", [("test_per_class", 45), ("arch", "resnet50"),
+                                          ("settings", '{"copies": 4}')])
+def test_a_finished_stream_of_other_settings_is_refused_not_skipped(tmp_path, column, other):
+    """A stream finished on a test split of 90 images per class is not the same stream on
+    45 per class: skipping it would mix two test sets in one table."""
+    path = tmp_path / "r.csv"
+    row = _row(200, "first", 0.6)
+    AdaptResults(path).append(row)
+    key = tuple(row[k] for k in _KEY)
+    assert AdaptResults(path).finished(key, dict(_SETTINGS))
+    with pytest.raises(ResultsError, match=f"other settings.*{column}"):
+        AdaptResults(path).finished(key, {**_SETTINGS, column: other})
+    new_seed = tuple(row[k] if k != "seed" else 1 for k in _KEY)   # a new stream beside it
+    with pytest.raises(ResultsError, match=f"other settings.*{column}"):
+        AdaptResults(path).finished(new_seed, {**_SETTINGS, column: other})
+
+
+def test_floats_come_back_from_the_file_exactly_and_the_stream_is_found_again(tmp_path):
+    """An lr of 1/3000 and an accuracy of 300/900 are written so that they read back as the
+    same floats: a rounded lr would no longer match the run's key, and the stream would run
+    again as a second row."""
+    path = tmp_path / "r.csv"
+    row = _row(900, "first", 300 / 900, lr=1 / 3000)
+    AdaptResults(path).append(row)
+    back = read_adapt_results(path)[0]
+    assert back["lr"] == 1 / 3000 and back["test_acc"] == 300 / 900
+    assert AdaptResults(path).finished(tuple(row[k] for k in _KEY), dict(_SETTINGS))
+
+
 # --- the source model is compared by file name -------------------------------------------------
 
 def _checkpoint(path):
