@@ -418,6 +418,80 @@ def test_unfrozen_bn_statistics_are_restored_to_the_best_epochs(monkeypatch):
     assert [n for n, b in two.named_buffers() if not torch.equal(b, want[n])] == []
 
 
+def _linear_problem(n_train=8, seed=0):
+    """A linear classifier on 12 inputs (3 x 2 x 2 images) and its train / val splits."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    def split(n):
+        return TensorSplit(torch.randn(n, 3, 2, 2, generator=g), torch.arange(n) % 3)
+    return net, split(n_train), split(6)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_weight_decay_is_added_to_the_gradient_of_the_first_step(optimizer):
+    """One step on one batch, weight decay 0.5 (torch's L2 style: g + wd * theta), against
+    the first step by hand: Adam's is lr * g / (|g| + 1e-8) (bias-corrected moments of one
+    step), SGD's with Nesterov momentum 0.9 is lr * 1.9 g."""
+    net, train, val = _linear_problem()
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    x, y = train.images, train.labels
+    loss = F.cross_entropy(net(x), y)
+    names = list(start)
+    grads = torch.autograd.grad(loss, [net.get_parameter(n) for n in names])
+    lr, wd = 0.1, 0.5
+    want = {}
+    for n, grad in zip(names, grads):
+        g = grad + wd * start[n]
+        step = g / (g.abs() + 1e-8) if optimizer == "adam" else 1.9 * g
+        want[n] = start[n] - lr * step
+    result = fit(net, train, val, None, "all", TrainConfig(lr=lr, epochs=1, batch_size=len(train),
+                 weight_decay=wd, optimizer=optimizer))
+    assert result.best_epoch == 1 and len(result.losses) == 1
+    for n in names:
+        torch.testing.assert_close(net.get_parameter(n).detach(), want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_an_epochs_train_loss_is_the_mean_of_its_step_losses():
+    """10 images in batches of 4: 3 steps an epoch (4, 4, 2); each epoch's record holds the
+    mean of its own 3 step losses, not the last one."""
+    net, train, val = _linear_problem(n_train=10)
+    result = fit(net, train, val, None, "all", TrainConfig(lr=0.5, epochs=2, batch_size=4))
+    assert len(result.losses) == 6 and len(result.history) == 2
+    for epoch, record in enumerate(result.history):
+        steps = result.losses[3 * epoch:3 * epoch + 3]
+        assert record["epoch"] == epoch + 1
+        assert record["train_loss"] == pytest.approx(sum(steps) / 3, rel=1e-12)
+    assert result.history[0]["train_loss"] != pytest.approx(result.losses[2])
+
+
+def test_an_epoch_that_tunes_nothing_still_draws_its_minibatch_order():
+    """A method may tune nothing in an epoch (an automatic method above its threshold); the
+    next epoch's minibatches are then the ones it would have had anyway: the second
+    permutation drawn from the run's seed, by hand here."""
+    class NothingFirst(Method):
+        name = "nothing-first"
+
+        def candidates(self):
+            return [n for n, _ in self.model.named_parameters()]
+
+        def plan(self, epoch, ctx):
+            return EpochPlan([] if epoch == 1 else self.candidates())
+
+    net, train, val = _linear_problem(n_train=10)
+    seen = []
+    net[1].register_forward_pre_hook(   # the head: also reached from cached inputs
+        lambda module, args: None if torch.is_inference_mode_enabled() else seen.append(args[0]))
+    fit(net, train, val, None, NothingFirst(), TrainConfig(lr=0.1, epochs=2, batch_size=4, seed=7))
+    g = torch.Generator().manual_seed(7)
+    torch.randperm(10, generator=g)                      # epoch 1's order, not trained on
+    second = torch.randperm(10, generator=g)
+    want = [train.images[idx].flatten(1) for idx in second.split(4)]
+    assert len(seen) == len(want) and all(torch.equal(a, b) for a, b in zip(seen, want))
+
+
 def test_nan_loss_marks_the_run_diverged(model, task):
     bad = task.train.subset(range(len(task.train)))
     bad.images[5] = float("nan")
