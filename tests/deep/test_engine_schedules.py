@@ -102,6 +102,30 @@ class LastFirstLast(Method):
         return EpochPlan(self._names("first" if epoch == 2 else "last"))
 
 
+def test_auto_rgn_measures_each_epoch_on_minibatches_of_its_own(monkeypatch):
+    """Each epoch's gradient probes draw their own random training minibatches (the public
+    code takes the next ones from its loader), not epoch 1's again and again."""
+    import deep.methods as methods_module
+    seen = []
+    real = methods_module.relative_gradient_norms
+
+    def recording(model, names, minibatches):
+        seen.append([x.clone() for x, _ in minibatches])
+        return real(model, names, minibatches)
+
+    monkeypatch.setattr(methods_module, "relative_gradient_norms", recording)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    train = TensorSplit(torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+                        torch.arange(40) % 4)
+    fit(model, train, random_split(8, seed=2), None, AutoRGN(),
+        TrainConfig(lr=1e-3, epochs=3, batch_size=4, use_cache=False))
+    assert len(seen) == 3 and all(len(s) == 5 for s in seen)   # 5 minibatches an epoch
+    images = [torch.cat(s) for s in seen]
+    assert all(any(torch.equal(x, t) for t in train.images) for x in images[0])  # training images
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+
+
 def test_a_cache_stays_right_when_the_tuned_set_moves_back(synthetic_checkpoint):
     """After epoch 2 tuned the first block, epoch 3's inputs to the last block must come
     from the tuned first block, not from activations cached in epoch 1."""
