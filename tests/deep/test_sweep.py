@@ -373,6 +373,38 @@ def test_rows_of_another_checkpoint_are_refused_without_a_configuration_record(
         run_sweep(protocol.replace(lrs=[1e-3]), out, checkpoint=str(second), progress=False)
 
 
+@pytest.mark.parametrize("setting,other", [("weight_decay", 1e-3), ("epochs", 2),
+                                           ("batch_size", 16)])
+def test_rows_of_other_training_settings_are_refused_without_a_configuration_record(
+        tmp_path, synthetic_checkpoint, setting, other):
+    """Without config.json (a legacy file) the rows' own settings columns guard the resume:
+    a new lr beside rows trained with another weight decay, epoch count or batch size would
+    make the report choose learning rates across two protocols."""
+    out = tmp_path / "r.csv"
+    protocol = small_protocol(methods=["last"], lrs=[1e-2], epochs=1)
+    run_sweep(protocol, out, checkpoint=synthetic_checkpoint, progress=False)
+    (tmp_path / "r.csv.config.json").unlink()
+    with pytest.raises(ResultsError, match=f"other settings \\({setting}: file"):
+        run_sweep(protocol.replace(lrs=[1e-3], **{setting: other}), out,
+                  checkpoint=synthetic_checkpoint, progress=False)
+
+
+def test_a_row_takes_validation_metrics_from_the_validation_split_and_test_from_test():
+    """Four different numbers in, each in its own column (worst-group test accuracy is the
+    report's metric under worst-group selection: it must not be the validation one)."""
+    from deep.sweep import Cell, result_row
+    from deep.train import FitResult, Metrics
+    result = FitResult("ok", 2, Metrics(0.61, 0.42, {0: 0.42, 1: 0.8}),
+                       Metrics(0.73, 0.35, {0: 0.35, 1: 0.9}), tuned_params=7)
+    settings = dict(arch="resnet26-w4", epochs=2, batch_size=64, weight_decay=1e-4,
+                    select="worst_group_val_acc", val_per_class=10, test_per_class=20,
+                    checkpoint="none", patience=None, precision="float32")
+    row = result_row(Cell("synthetic", "spurious", "last", 0.01, 0, 64), result, 100, settings)
+    assert (row["val_acc"], row["val_worst_group_acc"]) == (0.61, 0.42)
+    assert (row["test_acc"], row["worst_group_acc"]) == (0.73, 0.35)
+    assert (row["best_epoch"], row["tuned_params"], row["total_params"]) == (2, 7, 100)
+
+
 def test_the_driver_waits_for_rows_that_arrive_after_their_group_finished():
     # A worker's rows reach the driver through the queue's feeder thread, apart from its
     # future's result; under load they can come later than the future. The driver must wait
