@@ -117,6 +117,16 @@ def test_a_method_in_the_table_reaches_the_command_line(echo):
         parser().parse_args(["--benchmark", "b", "--out", "o", "--tone", "loud"])
 
 
+def test_quick_caps_the_stream_at_the_methods_quick_length_and_keeps_a_shorter_one(echo):
+    """--quick runs at most the method's quick_images (ECHO: 4); a shorter --images is kept,
+    --images 0 (all) and a longer one are cut to 4; --blocks given with it is kept."""
+    for given, want in ((None, 4), ("0", 4), ("2", 2), ("50", 4)):
+        argv = ["--quick", "--method", "echo"] + (["--images", given] if given else [])
+        assert cli_protocol(*argv).images_of("echo") == want, given
+    assert cli_protocol("--quick", "--method", "echo", "--blocks", "first").blocks_of("echo") \
+        == ["first"]
+
+
 def test_a_method_in_the_table_reaches_the_protocol(echo):
     protocol = tiny(echo={"repeats": 2, "lr": [0.1, 0.2], "blocks": ["first"]})
     assert [c.lr for c in protocol.configs("echo")] == [0.1, 0.2]
