@@ -527,6 +527,18 @@ def test_augmix_chains_start_from_the_cropped_image(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+def test_an_operations_strength_is_uniform_between_0_1_and_the_severity_over_10():
+    """AugMix's sample_level: U(0.1, severity) on the 0..10 scale, as a fraction of 10 (MEMO's
+    severity 1: strengths 0.01 to 0.1, never 0). The same uniform draws, mapped by hand."""
+    for severity in (1.0, 3.0):
+        draws = torch.rand(200, generator=torch.Generator().manual_seed(4)).tolist()
+        g = torch.Generator().manual_seed(4)
+        got = [augment_memo._level(g, severity) for _ in range(200)]
+        want = [(0.1 + (severity - 0.1) * u) / 10 for u in draws]
+        assert got == pytest.approx(want, rel=1e-6)
+        assert min(got) >= 0.01 and max(got) <= severity / 10
+
+
 def test_histogram_operations():
     levels = torch.arange(256).view(1, 16, 16)
     ramp = levels.float() / 255
