@@ -246,3 +246,20 @@ def test_an_adaptation_report_removes_a_killed_reports_temps(tmp_path):
     stale = _plant(tmp_path / "rep", "table.md", "relative_accuracy.png", "relative_accuracy.pdf")
     write_adapt_report(tmp_path / "results.csv", tmp_path / "rep")
     assert not any(p.exists() for p in stale)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_an_atomically_written_file_gets_the_mode_a_plain_open_gives(tmp_path, umask):
+    """mkstemp makes its temp file private (0600); the renamed output must read as a file
+    written with open() would (0666 less the umask), or a results CSV or checkpoint written
+    on a shared machine is unreadable to the group it was meant for."""
+    from deep.files import atomic_write_bytes
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "r.csv", lambda f: f.write(b"x\n"))
+        with open(tmp_path / "plain.csv", "w") as f:
+            f.write("x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "r.csv").stat().st_mode & 0o777 == (tmp_path / "plain.csv").stat().st_mode & 0o777
