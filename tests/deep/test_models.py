@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deep.models import ARCHS, build_model, stages_of
+from tests.deep.fixtures.by_hand import batch_norm_by_hand, randomise_norms
 
 
 def expected_resnet50_shapes(num_classes=1000):
@@ -113,38 +114,19 @@ def test_stage_ownership_covers_every_parameter():
 
 # ------------------------------------------------------------------ functions by hand
 
-def _randomised_norms(module, seed=0):
-    """Batch norms with statistics and affine parameters away from their initial 0 and 1."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-    return module
-
-
-def _bn(x, bn):
-    shape = (1, -1, 1, 1)
-    # torchvision's nn.BatchNorm2d default eps, not the module's own
-    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + 1e-5)
-            * bn.weight.view(shape) + bn.bias.view(shape))
-
-
 def test_resnet50_stem_by_hand():
     """conv1 7x7 stride 2 padding 3 -> bn1 -> relu -> max pool 3x3 stride 2 padding 1:
     a 64x64 image reaches layer1 as a 16x16 map."""
     import torch.nn.functional as F
     torch.manual_seed(0)
-    model = _randomised_norms(build_model("resnet50", 3)).eval()
+    model = randomise_norms(build_model("resnet50", 3)).eval()
     seen = {}
     model.layer1.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].clone()))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         model(x)
-        h = torch.relu(_bn(F.conv2d(x, model.conv1.weight, stride=2, padding=3), model.bn1))
+        h = torch.relu(batch_norm_by_hand(F.conv2d(x, model.conv1.weight, stride=2, padding=3),
+                                          model.bn1))
         expected = F.max_pool2d(h, 3, stride=2, padding=1)
     assert expected.shape == (2, 64, 16, 16)
     assert seen["x"].shape == expected.shape
@@ -158,16 +140,17 @@ def test_cifar_basic_block_by_hand(cin, cout, stride):
     import torch.nn.functional as F
     from deep.models.cifar_resnet import BasicBlock
     torch.manual_seed(0)
-    block = _randomised_norms(BasicBlock(cin, cout, stride)).eval()
+    block = randomise_norms(BasicBlock(cin, cout, stride)).eval()
     x = torch.randn(2, cin, 8, 8)
-    h = torch.relu(_bn(F.conv2d(x, block.conv1.weight, stride=stride, padding=1), block.bn1))
-    h = _bn(F.conv2d(h, block.conv2.weight, padding=1), block.bn2)
+    h = torch.relu(batch_norm_by_hand(F.conv2d(x, block.conv1.weight, stride=stride, padding=1),
+                                      block.bn1))
+    h = batch_norm_by_hand(F.conv2d(h, block.conv2.weight, padding=1), block.bn2)
     if stride == 1 and cin == cout:
         assert block.downsample is None
         shortcut = x
     else:
         conv, bn = block.downsample
-        shortcut = _bn(F.conv2d(x, conv.weight, stride=stride), bn)
+        shortcut = batch_norm_by_hand(F.conv2d(x, conv.weight, stride=stride), bn)
     with torch.no_grad():
         assert torch.allclose(block(x), torch.relu(h + shortcut), atol=1e-5)
 
@@ -210,7 +193,7 @@ def test_resnet_head_averages_the_last_map(arch, size, last, grid):
     """Global average pooling of the last stage's map, then fc (max pooling, or any
     other reduction, gives other logits)."""
     torch.manual_seed(0)
-    model = _randomised_norms(build_model(arch, 5)).eval()
+    model = randomise_norms(build_model(arch, 5)).eval()
     seen = {}
     getattr(model, last).register_forward_hook(lambda m, i, out: seen.update(out=out.clone()))
     with torch.no_grad():

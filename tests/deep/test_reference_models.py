@@ -24,6 +24,7 @@ from deep.models.gn_resnet import PreActBlock
 from deep.models.wide_resnet import BasicBlock, WideResNet
 from deep.prefix_cache import PrefixCache, folded_view
 from deep.train import TrainConfig, fit
+from tests.deep.fixtures.by_hand import batch_norm_by_hand, group_norm_by_hand, randomise_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,44 +112,11 @@ def test_group_norm_resnet_convs_start_from_the_originals_fan_out_initialisation
 
 # ------------------------------------------------------------------ one block by hand
 
-def _randomise(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial norm parameters and running statistics (fresh ones are 1 and 0)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            with torch.no_grad():
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-
-
-# The originals build nn.BatchNorm2d and nn.GroupNorm with torch's default eps: the hand
-# computations use that number, not the module's own eps (a wrong one would pass unseen).
-EPS = 1e-5
-
-
-def batch_norm_by_hand(x, bn):
-    shape = (1, -1, 1, 1)
-    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + EPS)
-            * bn.weight.view(shape) + bn.bias.view(shape))
-
-
-def group_norm_by_hand(x, gn):
-    n, c, h, w = x.shape
-    groups = x.reshape(n, 8, c // 8 * h * w)
-    mean = groups.mean(-1, keepdim=True)
-    var = ((groups - mean) ** 2).mean(-1, keepdim=True)  # biased, as normalisation uses
-    normed = ((groups - mean) / torch.sqrt(var + EPS)).reshape(n, c, h, w)
-    return normed * gn.weight.view(1, -1, 1, 1) + gn.bias.view(1, -1, 1, 1)
-
-
 @pytest.mark.parametrize("cin, cout, stride", [(160, 160, 1), (160, 320, 2), (16, 160, 1)])
 def test_wide_resnet_block_by_hand(cin, cout, stride):
     torch.manual_seed(0)
     block = BasicBlock(cin, cout, stride).eval()
-    _randomise(block)
+    randomise_norms(block)
     x = torch.randn(2, cin, 8, 8)
     active = torch.relu(batch_norm_by_hand(x, block.bn1))
     h = F.conv2d(active, block.conv1.weight, stride=stride, padding=1)
@@ -164,7 +132,7 @@ def test_wide_resnet_block_by_hand(cin, cout, stride):
 def test_group_norm_block_by_hand(cin, cout, stride):
     torch.manual_seed(0)
     block = PreActBlock(cin, cout, stride)
-    _randomise(block)
+    randomise_norms(block)
     x = torch.randn(2, cin, 8, 8)
     h = F.conv2d(torch.relu(group_norm_by_hand(x, block.bn1)), block.conv1.weight,
                  stride=stride, padding=1)
@@ -183,7 +151,7 @@ def test_head_by_hand(arch):
     """The end of the network: final norm, relu, mean over the 8x8 map, fc."""
     torch.manual_seed(0)
     model = build_model(arch, 10).eval()
-    _randomise(model)
+    randomise_norms(model)
     last_stage, norm = (model.block3, model.bn1) if arch == "wrn28-10" else (model.layer3, model.bn)
     features = {}
     last_stage.register_forward_hook(lambda m, i, out: features.update(out=out.clone()))
@@ -225,7 +193,7 @@ def test_wide_resnet_folding_is_the_same_function():
     """Folded pairs: each block's conv1 -> bn2, and the stem conv -> block1's first bn1."""
     torch.manual_seed(0)
     model = WideResNet(10, depth=10, widen_factor=2).eval()  # same code, small
-    _randomise(model)
+    randomise_norms(model)
     pairs = model.conv_bn_pairs()
     assert ("conv1", "block1.layer.0.bn1") in pairs and ("block2.layer.0.conv1",
                                                          "block2.layer.0.bn2") in pairs
@@ -530,7 +498,7 @@ def test_resnet50_bottleneck_by_hand(cin, width, stride):
     from deep.models.resnet import Bottleneck
     torch.manual_seed(0)
     block = Bottleneck(cin, width, stride).eval()
-    _randomise(block)
+    randomise_norms(block)
     x = torch.randn(2, cin, 6, 6)
     h = torch.relu(batch_norm_by_hand(F.conv2d(x, block.conv1.weight), block.bn1))
     h = torch.relu(batch_norm_by_hand(F.conv2d(h, block.conv2.weight, stride=stride, padding=1),
