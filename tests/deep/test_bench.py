@@ -37,6 +37,18 @@ def test_n_target_rows_pair_by_seed_and_pick_the_block_by_validation():
     assert curves["best block (val)"][100][0] == pytest.approx(((0.75 - 0.70) + (0.70 - 0.76)) / 2)
 
 
+def test_the_val_chosen_block_is_chosen_on_validation_averaged_over_every_shift():
+    """Per seed, the block with the best validation accuracy over all the shifts of the
+    sweep: `first` wins fog's validation, `second` the mean of fog's and snow's."""
+    rows = []
+    for shift, (v_first, v_second) in [("fog", (0.9, 0.8)), ("snow", (0.1, 0.5))]:
+        rows += [_row("fmnist-c", shift, "first", 0, 0.60, val=v_first, n=100),
+                 _row("fmnist-c", shift, "second", 0, 0.70, val=v_second, n=100),
+                 _row("fmnist-c", shift, "all", 0, 0.50, n=100)]
+    curves = n_target_rows(rows)
+    assert curves["best block (val)"][100][0] == pytest.approx(0.70 - 0.50)
+
+
 def test_ranks_average_over_rows():
     stats = lambda a, b: {"all": {"abs": (a, 0, 3)}, "auto-rgn": {"abs": (b, 0, 3)}}
     assert ranks([stats(0.9, 0.8), stats(0.7, 0.8)], ("all", "auto-rgn")) == {"all": 1.5, "auto-rgn": 1.5}
@@ -108,6 +120,26 @@ def test_the_full_suite_reuses_the_main_tables_cells_for_its_n_target():
     protocols = main_protocols(suite)
     assert {p.benchmark for p in protocols} == set(suite.shifts)
     assert all(p.methods == suite.methods and p.seeds == suite.seeds for p in protocols)  # issue #15
+
+
+def test_the_n_target_sweep_runs_the_main_tables_size_when_the_main_table_lacks_its_shifts():
+    """The main table's cells stand in for the sweep's at its n_target only when the main
+    table ran the sweep's shifts; otherwise that size is run like any other."""
+    from deep.bench import Suite
+    suite = Suite(shifts={"fmnist-c": ["fog"]}, seeds=[0], n_target=1000,
+                  n_sweep_shifts=["gaussian_noise"], n_sweep_sizes=[100, 1000])
+    assert [p.n_target for p in n_sweep_protocols(suite)] == [100, 1000]
+    suite.shifts["fmnist-c"].append("gaussian_noise")
+    assert [p.n_target for p in n_sweep_protocols(suite)] == [100]
+
+
+def test_the_quick_n_target_sweep_takes_the_suites_test_split_size():
+    """--quick's 20 test images per class reach the n_target sweep as well as the main
+    table (the fmnist-c protocol's own is larger)."""
+    suite = SUITES["fmnist-quick"]
+    assert suite.test_per_class == 20
+    assert [p.test_per_class for p in n_sweep_protocols(suite)] == [20, 20]
+    assert all(p.test_per_class == 20 for p in main_protocols(suite))
 
 
 @pytest.mark.parametrize("flags, expected", [
