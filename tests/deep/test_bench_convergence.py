@@ -107,6 +107,17 @@ def test_protocol_lines_name_the_pairs_whose_grid_was_extended():
                         "fmnist-breeds subpopulation `last` +[0.1].")
 
 
+def test_an_lr_that_exactly_half_the_searched_pairs_ran_is_an_extension_not_the_grid():
+    """The grid is the lrs that more than half of the searched pairs ran: with two pairs,
+    one extended to 0.1, 0.1 is that pair's extension (1 of 2 is not a majority)."""
+    rows = [_row("all", 0, 0.8, lr=lr) for lr in (1e-2, 1e-3)]
+    rows += [_row("last", 0, 0.8, lr=lr) for lr in (1e-1, 1e-2, 1e-3)]
+    lines = protocol_lines(rows, [], 1000)
+    assert lines[0].startswith("Seeds [0], learning rates [0.01, 0.001] ")
+    assert lines[1] == ("The grid was extended where the first stage's choice sat at its edge: "
+                        "fmnist-breeds subpopulation `last` +[0.1].")
+
+
 def test_second_stage_seeds_per_method():
     suite = SUITES["fmnist"]
     assert suite.seeds_for("all") == [1, 2, 3, 4] and suite.seeds_for("first") == [1, 2, 3, 4]
