@@ -41,6 +41,27 @@ def test_chosen_lr_is_the_best_mean_over_first_stage_seeds_ties_to_the_larger():
     assert chosen_lrs(worst, p, [0]) == {("noise", "last"): 1e-3}
 
 
+def test_only_the_protocols_shifts_methods_benchmark_and_size_are_chosen_for():
+    """A results file shared with other runs holds rows of other shifts, methods, target
+    sizes and benchmarks: none of them gets a choice (and so no second stage)."""
+    p = protocol(shifts=["noise"], methods=["last"])
+    mine = [row("last", 1e-2, 0, 0.9), row("last", 1e-3, 0, 0.5)]
+    others = ([row("last", lr, 0, 0.5, shift="flip") for lr in (1e-2, 1e-3)]
+              + [row("all", lr, 0, 0.5) for lr in (1e-2, 1e-3)]
+              + [row("last", lr, 0, 0.5) | {"n_target": 64} for lr in (1e-2, 1e-3)]
+              + [row("last", lr, 0, 0.5) | {"benchmark": "fmnist-c"} for lr in (1e-2, 1e-3)])
+    assert chosen_lrs(mine + others, p, [0]) == {("noise", "last"): 1e-2}
+    assert edge_steps(mine + others, p, [0], extend=1) == {("noise", "last"): 1e-1}
+
+
+def test_a_one_lr_grid_is_not_extended():
+    """A grid of one lr is a fixed lr, not a search: its choice is not at an edge."""
+    p = protocol(lrs=[1e-2])
+    rows = [row("last", 1e-2, 0, 0.9)]
+    assert edge_steps(rows, p, [0], extend=2) == {}
+    assert chosen_lrs(rows, p, [0], extend=2) == {("noise", "last"): 1e-2}
+
+
 def test_second_stage_groups_methods_by_shift_lr_and_seeds():
     p = protocol(methods=["first", "last", "all"])
     choices = {("noise", "first"): 1e-3, ("noise", "all"): 1e-3, ("noise", "last"): 1e-2}
