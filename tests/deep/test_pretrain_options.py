@@ -94,6 +94,37 @@ def test_augmentation_pads_with_edge_pixels_not_the_mean():
     assert out.shape == x.shape and torch.equal(out, x)
 
 
+def _crops(image, pad):
+    """(dy, dx, flipped) -> the crop of `image` (H, W) padded by repeating its edge, by index."""
+    h, w = image.shape
+    out = {}
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            rows = [min(max(i + dy - pad, 0), h - 1) for i in range(h)]
+            cols = [min(max(j + dx - pad, 0), w - 1) for j in range(w)]
+            crop = image[rows][:, cols]
+            out[(dy, dx, False)] = crop
+            out[(dy, dx, True)] = crop[:, list(range(w - 1, -1, -1))]
+    return out
+
+
+@pytest.mark.parametrize("name, flips", [("crop-flip", True), ("crop", False)])
+def test_augmentation_draws_every_offset_and_flips_left_right_only_when_asked(name, flips):
+    """Pretraining's augmentation: a crop at one of the (2 pad + 1)^2 offsets, each drawn,
+    mirrored left-right (never upside down) for about half the images with crop-flip and
+    for none with crop."""
+    from deep.pretrain import augmentation
+    image = torch.arange(144.0).reshape(12, 12)  # every crop and mirror distinct
+    crops = {crop.numpy().tobytes(): key for key, crop in _crops(image, pad=4).items()}
+    assert len(crops) == 2 * 9 * 9
+    x = image.expand(2000, 1, 12, 12).clone()
+    out = augmentation(name)(x, torch.Generator().manual_seed(0))
+    seen = [crops[img.numpy().tobytes()] for img in out[:, 0]]  # KeyError: not a crop
+    assert {(dy, dx) for dy, dx, _ in seen} == {(dy, dx) for dy in range(9) for dx in range(9)}
+    flipped = sum(f for _, _, f in seen) / len(seen)
+    assert 0.45 < flipped < 0.55 if flips else flipped == 0
+
+
 def test_committed_source_models_are_verified(tmp_path, monkeypatch):
     monkeypatch.setattr(fmnist, "WEIGHTS_DIR", tmp_path)
     find = fmnist.BENCHMARKS["fmnist-flip"].pretrained
