@@ -103,6 +103,18 @@ def test_protocol_sections_tables_and_flat_attributes():
         protocol_from_dict({**raw, "pretrain": {"depth": 3}})
 
 
+def test_the_resolved_configuration_records_each_loaders_own_options():
+    """`resolved()` (saved beside the rows, compared on resume) holds the source loader's
+    options under source_data and the target loader's under target_data."""
+    raw = {"benchmark": "x", "arch": "resnet26", "shifts": ["a"], "methods": ["all"],
+           "n_target": 10, "val_per_class": 1, "test_per_class": 0, "epochs": 2, "lrs": [0.1],
+           "data": {"shared": 1, "both": 0}, "source_data": {"both": 2, "s": 5},
+           "target_data": {"both": 3, "t": 6}}
+    resolved = protocol_from_dict(raw).resolved()
+    assert resolved["source_data"] == {"shared": 1, "both": 2, "s": 5}
+    assert resolved["target_data"] == {"shared": 1, "both": 3, "t": 6}
+
+
 @pytest.mark.parametrize("text, message", [
     ("lrs = 0.1", r"lrs must be a list, e\.g\. lrs = \[0\.1\], got 0\.1"),
     ('shifts = "noise"', r"shifts must be a list.*got 'noise'"),   # not five 1-letter shifts
