@@ -229,6 +229,28 @@ def test_committed_converged_table_is_what_its_results_give(tmp_path):
     assert (tmp_path / "table.md").read_text() == (committed / "table.md").read_text()
 
 
+def test_a_superseded_row_of_the_n_target_sweep_is_left_out_of_its_table(tmp_path):
+    """A later seed's row at an lr the first stage did not choose (left by a choice that
+    an extension moved) is dropped from the n_target table as from the main one: with a
+    validation accuracy of 0.99 and a test accuracy of 0 it would otherwise be selected."""
+    committed = ROOT / "figures" / "fmnist-v2"
+    if not (committed / "n_target.csv").exists():
+        pytest.skip("the converged suite is not complete")
+    for name in ("results.csv", "curves.csv", "n_target.csv", "n_target_curves.csv"):
+        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    lines = (committed / "n_target.csv").read_text().splitlines()
+    chosen = next(line for line in lines if line.startswith("fmnist-c,gaussian_noise,first,1,100,0.001,"))
+    cells = chosen.split(",")
+    assert cells[5:9] == ["0.001", "ok", "5", "0.8799999952316284"]  # lr, status, epoch, val
+    cells[5], cells[8], cells[10] = "0.01", "0.99", "0.0"  # an lr seed 0 searched, not chose
+    with open(tmp_path / "n_target.csv", "a") as f:
+        f.write(",".join(cells) + "\n")
+    run = subprocess.run([sys.executable, "-m", "deep", "bench", "fmnist", "--summarize-only",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "table.md").read_text() == (committed / "table.md").read_text()
+
+
 def test_summarize_only_refuses_another_suites_results_and_run_options(tmp_path, capsys):
     """The full suite's CSVs summarised with --quick drew an empty table at n_target 200
     over the committed one; run options given with --summarize-only were silently unused."""
