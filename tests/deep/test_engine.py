@@ -257,6 +257,23 @@ def test_cache_shared_across_runs_and_checked(model, task):
         fit(model, task.train, task.val, task.test, "last", TrainConfig(lr=1e-2, epochs=1), BLOCKS4, cache)
 
 
+def test_a_cache_refuses_a_model_whose_batch_norm_statistics_alone_changed(model, task):
+    """The frozen prefix's output depends on its batch norms' running statistics (a run
+    with freeze_bn=False moves them): a change of those alone makes the cache stale."""
+    cache = PrefixCache(model, {"train": task.train, "val": task.val, "test": task.test})
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, task.train, task.val, task.test, "last", TrainConfig(lr=1e-2, epochs=1), BLOCKS4, cache)
+    model.load_state_dict(base)
+    fit(model, task.train, task.val, task.test, "last", TrainConfig(lr=1e-2, epochs=1), BLOCKS4, cache)
+    model.load_state_dict(base)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    with torch.no_grad():
+        norms[0].running_mean.add_(0.5)  # weights and biases untouched
+    with pytest.raises(ValueError, match="other weights"):
+        fit(model, task.train, task.val, task.test, "last", TrainConfig(lr=1e-2, epochs=1), BLOCKS4, cache)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_cache_stores_what_a_plain_pass_computes(model, task, channels_last):
     """Each stored stage input equals the stage outputs concatenated and laid out in the
