@@ -168,6 +168,37 @@ def test_a_finished_pretraining_rerun_repeats_no_work(tmp_path, monkeypatch, cap
     assert trained == [1] and not stale.exists()
 
 
+def test_the_state_outlives_a_run_stopped_before_its_manifest_is_written(tmp_path, monkeypatch):
+    """A model file without its manifest is not a finished run: the state that lets a
+    rerun continue is removed only once the manifest is written."""
+    from deep import pretrain as module
+    out = tmp_path / "m.pt"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.pretrain_to_file("synthetic", out, "resnet26-w4",
+                                PretrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none"))
+    assert out.is_file() and not out.with_suffix(".pt.json").exists()
+    assert state_path(out).is_file()
+
+
+def test_the_data_fingerprint_reads_more_than_the_first_image():
+    """A stopped run is continued only on the same data: two training splits of one size
+    and one labelling that differ in their second image have other fingerprints."""
+    from types import SimpleNamespace
+    from deep.data.base import TensorSplit
+    from deep.pretrain import source_fingerprint
+    images, labels = torch.zeros(20, 1, 4, 4), torch.arange(20) % 2
+    other = images.clone()
+    other[1, 0, 2, 2] = 1.0
+    prints = [source_fingerprint(SimpleNamespace(train=TensorSplit(x, labels)))
+              for x in (images, images.clone(), other)]
+    assert prints[0] == prints[1] != prints[2]
+
+
 def test_a_finished_model_of_another_arch_is_not_taken_for_this_one(tmp_path, capsys):
     from deep.pretrain import pretrain_to_file
     config = PretrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none")
