@@ -122,6 +122,7 @@ def test_the_resolved_configuration_records_each_loaders_own_options():
     ("data = 3", r"data must be a table"),
     ('epochs = "six"', r"epochs must be an integer, got 'six'"),
     ("lrs = [0.1", r"is not valid TOML: "),
+    ('benchmark = "y"', r"benchmark = 'y' does not match the file name"),  # a copy left unedited
 ])
 def test_a_malformed_protocol_file_is_named_with_what_it_should_hold(tmp_path, text, message):
     key = text.split("=")[0].strip()
