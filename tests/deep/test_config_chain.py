@@ -181,6 +181,10 @@ def test_pretrain_takes_the_protocols_pretrain_table_then_flags():
     assert arch == "resnet26" and config.lr == 0.05
     assert config.epochs == load_protocol("fmnist-c").pretrain.epochs == 6 and config.compile
     assert options == {"severity": 5, "corruption_seed": 0}
+    # --arch wins over the protocol's arch
+    arch, _, _ = pretrain_settings(cli_args(
+        "pretrain", "--benchmark", "fmnist-c", "--out", "x.pt", "--arch", "resnet26-w4"))
+    assert arch == "resnet26-w4"
 
 
 def test_pretrain_data_flag_overrides_the_protocols_data_table():
