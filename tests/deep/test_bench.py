@@ -161,6 +161,16 @@ def test_bench_passes_device_amp_and_cache_to_every_sweep(tmp_path, monkeypatch,
     assert calls and all(options.items() >= expected.items() for options in calls)
 
 
+def test_bench_refuses_workers_0_instead_of_taking_the_suites_default(tmp_path, monkeypatch, capsys):
+    import deep.bench
+    from deep.__main__ import main
+    calls = []
+    monkeypatch.setattr(deep.bench, "run_benchmark", lambda *args, **options: calls.append(options))
+    monkeypatch.setattr(deep.bench, "summarize", lambda out_dir, suite: [])
+    assert main(["bench", "fmnist", "--quick", "--out", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err and not calls
+
+
 @pytest.mark.slow
 def test_quick_bench_runs_end_to_end(tmp_path, real_fmnist):
     assert source_checkpoint("fmnist-c").exists(), "the committed source model is missing"
