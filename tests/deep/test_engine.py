@@ -330,6 +330,18 @@ def test_cache_budget_is_in_mib_and_charges_every_stage_it_stores(model, task):
     assert cache.used == sum(t.numel() * t.element_size() for t in stored) <= cache.budget
 
 
+def test_a_later_fill_starts_from_the_latest_stored_stage_and_charges_only_new_ones(model, task):
+    """Asking for stage 3 after stages 1 and 2 are stored computes from stage 2: stage 2
+    is not stored (and charged to the budget) a second time."""
+    cache = PrefixCache(model, {"train": task.train}, fold_bn=False, channels_last=False)
+    cache.inputs("train", 2)
+    kept = cache._acts[("train", 2)]
+    cache.inputs("train", 3)
+    assert cache.stored_stages("train") == [1, 2, 3] and cache._acts[("train", 2)] is kept
+    stored = [t for (_, s), t in cache._acts.items() if s > 0]
+    assert cache.used == sum(t.numel() * t.element_size() for t in stored)
+
+
 def test_cache_fills_in_eval_mode_and_leaves_a_training_model_in_training(model, task):
     # Guards a fill in the model's own (train) mode: batch statistics, running stats updated.
     model.train()
