@@ -102,6 +102,16 @@ def test_a_state_file_of_another_seed_is_refused(source, tmp_path, monkeypatch):
         pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state, seed=4)
 
 
+def test_a_state_file_of_another_init_is_refused(source, tmp_path, monkeypatch):
+    # guards: the state's settings leaving out `init` (a run from random weights continued
+    # as one from a file, whose weights a continued run never reads)
+    state = stopped_run(source, tmp_path / "m.pt.state", monkeypatch)
+    with pytest.raises(ConfigError, match=r"other settings \(pretrain.init: file None vs now "
+                                          r"'[^']*init.pt'\)"):
+        pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state,
+                 init=str(tmp_path / "init.pt"))
+
+
 def test_a_state_file_is_for_pretraining_only(source):
     from deep.blocks import blocks_for
     from deep.models import build_model
