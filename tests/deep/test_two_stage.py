@@ -98,6 +98,9 @@ def test_run_two_stage_writes_grid_on_seed_0_then_seed_1_at_the_choice(tmp_path,
 def test_second_stage_seeds_must_leave_out_the_first_stage():
     with pytest.raises(ConfigError, match="leave out the first stage"):
         run_two_stage(protocol(), "unused.csv", [0], lambda m: [0, 1])
+    # one method's overlap is enough (its first-stage seed would run twice), named alone
+    with pytest.raises(ConfigError, match=r"leave out the first stage's \[0\]; got \{'all': \[0\]\}"):
+        run_two_stage(protocol(), "unused.csv", [0], lambda m: [0, 1] if m == "all" else [1])
 
 
 def test_lr_ladder_steps_at_the_grids_ratio_and_rounds_to_the_decade():
