@@ -204,6 +204,27 @@ def test_sweep_data_flag_overrides_the_files_target_data(tmp_path, monkeypatch):
     assert sweep_protocol(args).target_options == {"extra": 2, "kept": 5}
 
 
+def test_pretrain_takes_the_protocols_source_data_and_not_its_target_data(tmp_path, monkeypatch):
+    # guards: the source loader given [data] alone (its [source_data] options dropped)
+    import deep.protocol as protocol_module
+    text = (protocol_module.CONFIG_DIR / "synthetic.toml").read_text()
+    (tmp_path / "synthetic.toml").write_text(
+        text + "\n[source_data]\nsource_only = 2\n[target_data]\ntarget_only = 3\n")
+    monkeypatch.setattr(protocol_module, "CONFIG_DIR", tmp_path)
+    _, _, options = pretrain_settings(cli_args("pretrain", "--benchmark", "synthetic", "--out", "x.pt"))
+    assert options == {"source_only": 2}
+
+
+def test_pretrain_passes_its_device_flag_on(monkeypatch, capsys):
+    import deep.__main__ as cli
+    from deep.__main__ import main
+    calls = []
+    monkeypatch.setattr(cli, "pretrain_to_file", lambda *a, **k: calls.append(k) or
+                        {"source_test_acc": 0.5, "seconds": 1.0})
+    assert main(["pretrain", "--benchmark", "synthetic", "--out", "x.pt", "--device", "cuda:1"]) == 0
+    assert calls[0]["device"] == "cuda:1"
+
+
 def test_the_synthetic_protocol_records_how_its_cached_source_model_is_trained():
     """A sweep without --checkpoint uses the model `cached_source_model` trains from the
     benchmark's recipe; the protocol (shown, and saved beside the results) must say so."""
