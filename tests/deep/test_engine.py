@@ -342,6 +342,15 @@ def test_a_later_fill_starts_from_the_latest_stored_stage_and_charges_only_new_o
     assert cache.used == sum(t.numel() * t.element_size() for t in stored)
 
 
+def test_a_later_stage_is_filled_though_an_earlier_one_is_stored(model, task):
+    """`inputs` gives the latest stage the budget allows: stage 1 stored first does not
+    stop stage 3 from being filled and returned."""
+    cache = PrefixCache(model, {"train": task.train}, fold_bn=False, channels_last=False)
+    assert cache.inputs("train", 1)[1] == 1
+    acts, stage = cache.inputs("train", 3)
+    assert stage == 3 and acts is cache._acts[("train", 3)]
+
+
 def test_cache_fills_in_eval_mode_and_leaves_a_training_model_in_training(model, task):
     # Guards a fill in the model's own (train) mode: batch statistics, running stats updated.
     model.train()
