@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deep.models import ARCHS, build_model, stages_of
-from tests.deep.fixtures.by_hand import batch_norm_by_hand, randomise_norms
+from tests.deep.fixtures.by_hand import batch_norm_by_hand, randomise_norms, shortcut_by_hand
 
 
 def expected_resnet50_shapes(num_classes=1000):
@@ -145,12 +145,8 @@ def test_cifar_basic_block_by_hand(cin, cout, stride):
     h = torch.relu(batch_norm_by_hand(F.conv2d(x, block.conv1.weight, stride=stride, padding=1),
                                       block.bn1))
     h = batch_norm_by_hand(F.conv2d(h, block.conv2.weight, padding=1), block.bn2)
-    if stride == 1 and cin == cout:
-        assert block.downsample is None
-        shortcut = x
-    else:
-        conv, bn = block.downsample
-        shortcut = batch_norm_by_hand(F.conv2d(x, conv.weight, stride=stride), bn)
+    assert (block.downsample is None) == (stride == 1 and cin == cout)
+    shortcut = shortcut_by_hand(x, block.downsample, stride)
     with torch.no_grad():
         assert torch.allclose(block(x), torch.relu(h + shortcut), atol=1e-5)
 

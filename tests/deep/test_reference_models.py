@@ -24,7 +24,8 @@ from deep.models.gn_resnet import PreActBlock
 from deep.models.wide_resnet import BasicBlock, WideResNet
 from deep.prefix_cache import PrefixCache, folded_view
 from deep.train import TrainConfig, fit
-from tests.deep.fixtures.by_hand import batch_norm_by_hand, group_norm_by_hand, randomise_norms
+from tests.deep.fixtures.by_hand import (batch_norm_by_hand, group_norm_by_hand, randomise_norms,
+                                         shortcut_by_hand)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -504,11 +505,7 @@ def test_resnet50_bottleneck_by_hand(cin, width, stride):
     h = torch.relu(batch_norm_by_hand(F.conv2d(h, block.conv2.weight, stride=stride, padding=1),
                                       block.bn2))
     h = batch_norm_by_hand(F.conv2d(h, block.conv3.weight), block.bn3)
-    if block.downsample is None:
-        assert cin == 4 * width and stride == 1
-        shortcut = x
-    else:
-        conv, bn = block.downsample
-        shortcut = batch_norm_by_hand(F.conv2d(x, conv.weight, stride=stride), bn)
+    assert (block.downsample is None) == (cin == 4 * width and stride == 1)
+    shortcut = shortcut_by_hand(x, block.downsample, stride)
     with torch.no_grad():
         assert torch.allclose(block(x), torch.relu(h + shortcut), atol=1e-5)
