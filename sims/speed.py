@@ -145,17 +145,16 @@ def simulator_multiply_adds(n, k):
     return 4 * n * k + n * n + k
 
 
-def time_loop(nets, samples, lr, steps, loop_runs, runs):
-    """The numpy loop on one core, timed on `loop_runs` runs and extrapolated to `runs`:
-    (seconds, the timed runs' results). Prints its line."""
+def time_loop(nets, samples, lr, steps, loop_runs, runs, macs):
+    """The numpy loop on one core, timed on `loop_runs` runs and extrapolated to `runs`
+    (whose steps do `macs` multiply-adds in all): (seconds, the timed runs' results).
+    Prints its line."""
     torch.set_num_threads(1)
     results = []
 
     def loop():
         results[:] = [numpy_loop(nets[i], *samples[i], steps, lr[i]) for i in range(loop_runs)]
     seconds = best_time(loop, 3) * runs / loop_runs
-    (n, d), k = samples[0][0].shape, nets[0].v.shape[0]
-    macs = loop_multiply_adds(n, k, d) * runs * steps
     print(f"numpy loop, one run at a time (1 core): timed on {loop_runs} runs (best of 3), "
           f"extrapolated to {runs}: {seconds:.2f} s "
           f"({seconds / (runs * steps) * 1e6:.1f} us a step, "
@@ -218,8 +217,8 @@ def main(argv=None):
     print(f"workload: {R} runs of full fine-tuning (linear), d = {d}, k = {k}, n = {n}, "
           f"{steps} steps; device {device}; torch {torch.__version__}")
     nets, samples, lr = make_workload(R, d, k, n)
-    loop_seconds, loop_results = time_loop(nets, samples, lr, steps, args.loop_runs, R)
     loop_macs = loop_multiply_adds(n, k, d) * R * steps
+    loop_seconds, loop_results = time_loop(nets, samples, lr, steps, args.loop_runs, R, loop_macs)
     sim_macs = simulator_multiply_adds(n, k) * R * steps
     print(f"flops counted: loop {loop_multiply_adds(n, k, d)} and simulator "
           f"{simulator_multiply_adds(n, k)} multiply-adds per run and step")
