@@ -141,7 +141,8 @@ def run_pretrain(args) -> int:
                                 command=_command(args), resolved=resolved,
                                 trust_checkpoint=args.trust_checkpoint, device=args.device)
     print(f"source test accuracy {100 * manifest['source_test_acc']:.2f}% "
-          f"({manifest['seconds']:.0f} s of training, as its manifest records); {args.out} and its manifest")
+          f"({manifest['seconds']:.0f} s of training, as its manifest records); "
+          f"{args.out} and its manifest")
     return 0
 
 
