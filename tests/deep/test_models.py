@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from deep.models import ARCHS, build_model, stages_of
-from tests.deep.fixtures.by_hand import batch_norm_by_hand, randomise_norms, shortcut_by_hand
+from tests.deep.fixtures.by_hand import (assert_fan_out_init, batch_norm_by_hand, randomise_norms,
+                                         shortcut_by_hand)
 
 
 def expected_resnet50_shapes(num_classes=1000):
@@ -172,15 +173,8 @@ def test_convs_start_from_torchvisions_fan_out_initialisation(arch):
     """torchvision's ResNet init: kaiming_normal_(mode="fan_out", nonlinearity="relu"),
     std = sqrt(2 / (k * k * out_channels)). Fan-in differs wherever the width changes
     (the stem: 3 -> 16 or 64 channels; every 1x1 bottleneck conv of ResNet-50)."""
-    import math
     torch.manual_seed(0)
-    model = build_model(arch, 10)
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs
-    for conv in convs:
-        k = conv.kernel_size[0]
-        expected = math.sqrt(2 / (k * k * conv.out_channels))
-        assert abs(conv.weight.std().item() / expected - 1) < 0.1, conv
+    assert_fan_out_init(build_model(arch, 10))
 
 
 @pytest.mark.parametrize("arch, size, last, grid", [("resnet50", 64, "layer4", 2),

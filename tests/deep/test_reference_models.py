@@ -24,8 +24,8 @@ from deep.models.gn_resnet import PreActBlock
 from deep.models.wide_resnet import BasicBlock, WideResNet
 from deep.prefix_cache import PrefixCache, folded_view
 from deep.train import TrainConfig, fit
-from tests.deep.fixtures.by_hand import (batch_norm_by_hand, group_norm_by_hand, randomise_norms,
-                                         shortcut_by_hand)
+from tests.deep.fixtures.by_hand import (assert_fan_out_init, batch_norm_by_hand, group_norm_by_hand,
+                                         randomise_norms, shortcut_by_hand)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,13 +102,7 @@ def test_group_norm_resnet_convs_start_from_the_originals_fan_out_initialisation
     differs from fan-in where the width changes (the 3 -> 16 stem, the 16 -> 32 and
     32 -> 64 first convs), by a factor of 2.3 or 1.4 in the standard deviation."""
     torch.manual_seed(0)
-    model = build_model("resnet26-gn", 10)
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convs) == 25
-    for conv in convs:
-        k = conv.kernel_size[0]
-        expected = math.sqrt(2 / (k * k * conv.out_channels))
-        assert abs(conv.weight.std().item() / expected - 1) < 0.1, conv
+    assert len(assert_fan_out_init(build_model("resnet26-gn", 10))) == 25
 
 
 # ------------------------------------------------------------------ one block by hand
