@@ -254,7 +254,6 @@ def test_a_malformed_own_format_file_is_named(tmp_path, field, value):
         load_model(tmp_path / "own.pt", "resnet26-w4", 4, 1)
 
 
-
 def test_an_own_format_file_missing_a_weight_is_refused(tmp_path):
     """Our own format is held to the same strict load as other projects' files."""
     from deep.checkpoints import save_checkpoint

@@ -70,7 +70,6 @@ def test_ours_does_less_work_the_later_the_tuned_block(tiny_run):
     assert rows["all"][1] < rows["all"][0]
 
 
-
 def test_the_work_ratio_is_ref_over_ours_and_the_total_row_sums_every_option(tiny_run):
     # guards: the ratio printed as ours / ref; the total row counting the last option only
     start = next(i for i, line in enumerate(tiny_run[1]) if line.startswith("# work:"))

@@ -145,7 +145,6 @@ def test_gelu_variant_differs_only_in_the_activation():
         assert torch.allclose(quick(x), gelu(x))
 
 
-
 @pytest.mark.parametrize("arch, activation", [
     ("clip-vit-b16", lambda x: x * torch.sigmoid(1.702 * x)),            # OpenAI's QuickGELU
     ("clip-vit-b16-gelu", lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))),  # exact GELU
@@ -308,7 +307,6 @@ def test_a_head_under_another_name_is_not_dropped_silently(tmp_path):
     with pytest.warns(UserWarning, match=r"ignored \(fc\.bias, fc\.weight\).*rename them to "
                                          r"head\.weight and head\.bias"):
         load_model(tmp_path / "finetuned.pt", TINY, 3, 3)
-
 
 
 @pytest.mark.parametrize("key", ["transformer_head.weight", "text_classifier.weight",
