@@ -224,71 +224,91 @@ def markdown_table(selected: list[dict], n_target: int) -> tuple[str, list]:
     rows = table_rows([r for r in selected if r["n_target"] == n_target])
     if not rows:
         return "", []
-    per_row, lines, verdicts = [], [], []
-    for label, benchmark, shifts in rows:
-        per_row.append(row_stats(selected, benchmark, shifts, "test_acc", n_target))
+    per_row = [row_stats(selected, benchmark, shifts, "test_acc", n_target)
+               for _, benchmark, shifts in rows]
     # every row's methods, in the first row's order (a benchmark still running may lack some)
     methods = list(dict.fromkeys(m for stats in per_row for m in stats))
-    header = "| benchmark (shift kind) | " + " | ".join(methods) + " | best block |"
-    rule = "|---|" + "---|" * (len(methods) + 1)
+    relative, verdicts = _relative_table(selected, n_target, rows, per_row, methods)
+    lines = [*relative, *_absolute_table(rows, per_row, methods),
+             *_rank_table(selected, rows, n_target)]
+    return "\n".join(lines) + "\n", verdicts
 
-    def leader(stats, benchmark, shifts, metric):
-        """(best block by mean, runner-up, paired margin best - runner-up over seeds)."""
-        ranked = blocks_by_mean(stats)
-        if len(ranked) < 2:
-            return (ranked or ["-"])[0], None, None
-        values = metric_values([r for r in selected if r["benchmark"] == benchmark
-                                and r["n_target"] == n_target], metric)
-        seeds = sorted({d for _, _, d in values})
-        return ranked[0], ranked[1], paired_difference(values, shifts, seeds, *ranked[:2])
 
-    def block_line(stats, label, benchmark, lead):
-        best, runner_up, margin = lead
-        # named alone only when the 95 % interval against the next block lies above 0
-        shown = best if margin is None or above_zero(margin) else f"{best} ≈ {runner_up}"
-        cells = ["-" if m not in stats else format_stat(stats[m]["rel"], signed=True)
-                 if m != "all" else format_stat(stats[m]["abs"]) for m in methods]
-        return f"| {label} ({KIND[benchmark]}) | " + " | ".join(cells) + f" | {shown} |"
+def _relative_table(selected, n_target, rows, per_row, methods) -> tuple[list[str], list]:
+    """The table relative to `all`: a line per benchmark (with its verdict), the spurious
+    benchmark's worst group, and each shift of a benchmark with several."""
+    def line(label, benchmark, shifts, metric, stats):
+        lead = _leader(selected, n_target, stats, benchmark, shifts, metric)
+        return _block_line(methods, stats, label, benchmark, lead), lead
 
-    lines += ["Test accuracy relative to full fine-tuning (`all`, whose own accuracy is shown), "
-              "in points: mean ± standard error over seeds. best block: the highest mean, "
-              "named alone when the 95 % t interval of its paired difference to the next "
-              "block lies above 0, else `first ≈ second`.", "", header, rule]
+    lines = ["Test accuracy relative to full fine-tuning (`all`, whose own accuracy is shown), "
+             "in points: mean ± standard error over seeds. best block: the highest mean, "
+             "named alone when the 95 % t interval of its paired difference to the next "
+             "block lies above 0, else `first ≈ second`.", "",
+             "| benchmark (shift kind) | " + " | ".join(methods) + " | best block |",
+             "|---|" + "---|" * (len(methods) + 1)]
+    verdicts = []
     for (label, benchmark, shifts), stats in zip(rows, per_row):
-        best, runner_up, margin = lead = leader(stats, benchmark, shifts, "test_acc")
-        lines.append(block_line(stats, label, benchmark, lead))
+        text, (best, runner_up, margin) = line(label, benchmark, shifts, "test_acc", stats)
+        lines.append(text)
         expected = EXPECTED.get(benchmark) or shifts[0]
         # "beats": the 95 % t interval of the paired difference lies above 0
         beats_all = best != "-" and above_zero(stats[best]["rel"])
         verdicts.append((label, KIND[benchmark], expected, best, beats_all,
                          stats[best]["rel"] if best != "-" else None, runner_up, margin))
-    spurious = [(label, b, s) for label, b, s in rows if b == "fmnist-spurious"]
-    for label, benchmark, shifts in spurious:
-        stats = row_stats(selected, benchmark, shifts, "worst_group_acc", n_target)
-        lines.append(block_line(stats, label + ", worst group", benchmark,
-                                leader(stats, benchmark, shifts, "worst_group_acc")))
+    for label, benchmark, shifts in rows:
+        if benchmark == "fmnist-spurious":
+            stats = row_stats(selected, benchmark, shifts, "worst_group_acc", n_target)
+            lines.append(line(label + ", worst group", benchmark, shifts, "worst_group_acc",
+                              stats)[0])
     # A mean over corruptions can hide which block wins each one, so show each.
     for label, benchmark, shifts in rows:
         for shift in shifts if len(shifts) > 1 else []:
             stats = row_stats(selected, benchmark, [shift], "test_acc", n_target)
-            lines.append(block_line(stats, f"{benchmark}: {shift}", benchmark,
-                                    leader(stats, benchmark, [shift], "test_acc")))
-    lines += ["", "Absolute test accuracy (%):", "",
-              "| benchmark | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+            lines.append(line(f"{benchmark}: {shift}", benchmark, [shift], "test_acc", stats)[0])
+    return lines, verdicts
+
+
+def _leader(selected, n_target, stats, benchmark, shifts, metric):
+    """(best block by mean, runner-up, paired margin best - runner-up over seeds)."""
+    ranked = blocks_by_mean(stats)
+    if len(ranked) < 2:
+        return (ranked or ["-"])[0], None, None
+    values = metric_values([r for r in selected if r["benchmark"] == benchmark
+                            and r["n_target"] == n_target], metric)
+    seeds = sorted({d for _, _, d in values})
+    return ranked[0], ranked[1], paired_difference(values, shifts, seeds, *ranked[:2])
+
+
+def _block_line(methods, stats, label, benchmark, lead) -> str:
+    best, runner_up, margin = lead
+    # named alone only when the 95 % interval against the next block lies above 0
+    shown = best if margin is None or above_zero(margin) else f"{best} ≈ {runner_up}"
+    cells = ["-" if m not in stats else format_stat(stats[m]["rel"], signed=True)
+             if m != "all" else format_stat(stats[m]["abs"]) for m in methods]
+    return f"| {label} ({KIND[benchmark]}) | " + " | ".join(cells) + f" | {shown} |"
+
+
+def _absolute_table(rows, per_row, methods) -> list[str]:
+    lines = ["", "Absolute test accuracy (%):", "",
+             "| benchmark | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for (label, _, _), stats in zip(rows, per_row):
-        lines.append(f"| {label} | " + " | ".join(format_stat(stats[m]["abs"]) if m in stats else "-"
-                                                 for m in methods) + " |")
+        lines.append(f"| {label} | " + " | ".join(format_stat(stats[m]["abs"]) if m in stats
+                                                 else "-" for m in methods) + " |")
+    return lines
+
+
+def _rank_table(selected, rows, n_target) -> list[str]:
     # Ranked on seed 0, the one seed every method ran: a 5-seed mean against one run
     # would compare unequal things.
     seed0 = [row_stats([r for r in selected if r["seed"] == 0], benchmark, shifts, "test_acc",
                        n_target) for _, benchmark, shifts in rows]
     avg = dict(sorted(ranks(seed0, SINGLE_RUN).items(), key=lambda kv: kv[1]))
-    lines += ["", "Average rank of the single-run methods over the rows above, on seed 0 (the "
-              "seed every method ran; 1 = best; the paper reports Auto-RGN 1.29, full "
-              "fine-tuning 2.71):", "",
-              "| " + " | ".join(avg) + " |", "|" + "---|" * len(avg),
-              "| " + " | ".join(f"{v:.2f}" for v in avg.values()) + " |"]
-    return "\n".join(lines) + "\n", verdicts
+    return ["", "Average rank of the single-run methods over the rows above, on seed 0 (the "
+            "seed every method ran; 1 = best; the paper reports Auto-RGN 1.29, full "
+            "fine-tuning 2.71):", "",
+            "| " + " | ".join(avg) + " |", "|" + "---|" * len(avg),
+            "| " + " | ".join(f"{v:.2f}" for v in avg.values()) + " |"]
 
 
 def verdict_lines(verdicts) -> list[str]:
