@@ -159,23 +159,9 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = build_model(arch, source.num_classes, source.in_channels)
-    saved = state = None
-    if state_file is not None:
-        # compile changes speed (and rounding), not the run: not part of what must agree
-        settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "compile"}
-        saved = RunStateFile(Path(state_file), {
-            "arch": arch, "source": source.benchmark, "num_classes": source.num_classes,
-            "data": source_fingerprint(source), **(data_key or {}), "pretrain": settings})
-        state = saved.load()  # another run's file is refused here, before any work
-        if state is not None:
-            print(f"continuing the stopped run saved in {saved.path} after epoch "
-                  f"{state['epoch']} of {config.epochs}", file=sys.stderr, flush=True)
+    saved, state = _run_state(state_file, source, arch, config, data_key)
     if config.init is not None and state is None:  # a continued run's weights are the state's
-        skipped = load_backbone(model, config.init, trust_checkpoint,
-                                head=get_architecture(arch).blocks.get("last", ("fc",)))
-        if skipped:
-            print(f"init from {config.init}: classifier {', '.join(skipped)} re-initialised "
-                  f"({source.num_classes} classes)")
+        _load_init(model, source, arch, config, trust_checkpoint)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -200,6 +186,33 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
         raise ConfigError(f"pretraining diverged (NaN/inf loss) at lr={config.lr}; "
                           "try a smaller --lr")
     return model.eval()
+
+
+def _run_state(state_file, source: SourceData, arch: str, config: PretrainConfig,
+               data_key: dict | None) -> tuple[RunStateFile | None, dict | None]:
+    """(the run's state file, the state a stopped run left in it) or (None, None)."""
+    if state_file is None:
+        return None, None
+    # compile changes speed (and rounding), not the run: not part of what must agree
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "compile"}
+    saved = RunStateFile(Path(state_file), {
+        "arch": arch, "source": source.benchmark, "num_classes": source.num_classes,
+        "data": source_fingerprint(source), **(data_key or {}), "pretrain": settings})
+    state = saved.load()  # another run's file is refused here, before any work
+    if state is not None:
+        print(f"continuing the stopped run saved in {saved.path} after epoch "
+              f"{state['epoch']} of {config.epochs}", file=sys.stderr, flush=True)
+    return saved, state
+
+
+def _load_init(model: nn.Module, source: SourceData, arch: str, config: PretrainConfig,
+               trust_checkpoint: bool) -> None:
+    """`config.init`'s weights into `model`; a classifier of another size is left as built."""
+    skipped = load_backbone(model, config.init, trust_checkpoint,
+                            head=get_architecture(arch).blocks.get("last", ("fc",)))
+    if skipped:
+        print(f"init from {config.init}: classifier {', '.join(skipped)} re-initialised "
+              f"({source.num_classes} classes)")
 
 
 def source_fingerprint(source: SourceData) -> str:
