@@ -248,6 +248,32 @@ def main(argv=None) -> int:
     return exit_status(lambda: run(args))
 
 
+def source_model(source, arch: str) -> torch.nn.Module:
+    """The source model both loops start from: 2 epochs on the clean images."""
+    with Clock() as c:
+        model = pretrain(source, arch, epochs=2, lr=0.05, seed=0, batch_size=64,
+                         augment="none", progress=False)
+    source_acc = accuracy(torch.cat([model(x).argmax(1) for x, _, _ in source.test.batches(256)]),
+                          source.test.labels).acc
+    print(f"# source model: 2 epochs of pretraining on 1000 clean images ({c.wall:.0f} s), "
+          f"source test accuracy {100 * source_acc:.1f}%")
+    return model
+
+
+def time_cell(checkpoint, args, task, option: str, lr: float, run_args: tuple, ours_state):
+    """One (option, lr) run by each loop, timed, and its line of the table; returns the two
+    clocks and their test-accuracy gap in points."""
+    ours_model, base_state, cache, blocks = ours_state
+    with Clock() as ref:
+        ref_acc, _ = reference_run(checkpoint, args.arch, task, option, lr, *run_args,
+                                   device=args.device)
+    with Clock() as ours:
+        ours_acc = ours_run(ours_model, base_state, cache, blocks, task, option, lr, *run_args)
+    print(f"{option:>8} {lr:>7g} | {ref.wall:7.2f} {ours.wall:7.2f} | "
+          f"{100 * ref_acc:7.2f} {100 * ours_acc:8.2f}", flush=True)
+    return ref, ours, abs(ours_acc - ref_acc) * 100
+
+
 def run(args: argparse.Namespace) -> int:
     # every bad value fails here, before the source model is trained
     resolve_device(args.device)
@@ -267,13 +293,7 @@ def run(args: argparse.Namespace) -> int:
           f"torch {torch.__version__}, "
           f"malloc for both loops: {malloc}")
     source, task = make_data(args.size, args.channels, 1000, args.n_train, args.n_val, args.n_test)
-    with Clock() as c:
-        model = pretrain(source, args.arch, epochs=2, lr=0.05, seed=0, batch_size=64,
-                         augment="none", progress=False)
-    source_acc = accuracy(torch.cat([model(x).argmax(1) for x, _, _ in source.test.batches(256)]),
-                          source.test.labels).acc
-    print(f"# source model: 2 epochs of pretraining on 1000 clean images ({c.wall:.0f} s), "
-          f"source test accuracy {100 * source_acc:.1f}%")
+    model = source_model(source, args.arch)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "source.pt"
         save_checkpoint(checkpoint, model, args.arch, NUM_CLASSES, args.channels)
@@ -281,21 +301,15 @@ def run(args: argparse.Namespace) -> int:
         # Ours: weights read once, one cache for the task, every run from the same state.
         with Clock() as setup:
             ours_model, base_state, cache = ours_setup(checkpoint, args.arch, task, args.device)
-        rows, worst_gap = [], 0.0
         run_args = (args.epochs, batch_size, weight_decay, seed)
+        rows, worst_gap = [], 0.0
         print(f"{'option':>8} {'lr':>7} | {'ref s':>7} {'ours s':>7} | {'ref acc':>7} {'ours acc':>8}")
         for option in options:
             for lr in lrs:
-                with Clock() as ref:
-                    ref_acc, _ = reference_run(checkpoint, args.arch, task, option, lr, *run_args,
-                                               device=args.device)
-                with Clock() as ours:
-                    ours_acc = ours_run(ours_model, base_state, cache, blocks, task, option, lr,
-                                        *run_args)
-                worst_gap = max(worst_gap, abs(ours_acc - ref_acc) * 100)
+                ref, ours, gap = time_cell(checkpoint, args, task, option, lr, run_args,
+                                           (ours_model, base_state, cache, blocks))
+                worst_gap = max(worst_gap, gap)
                 rows.append((option, lr, ref, ours))
-                print(f"{option:>8} {lr:>7g} | {ref.wall:7.2f} {ours.wall:7.2f} | "
-                      f"{100 * ref_acc:7.2f} {100 * ours_acc:8.2f}", flush=True)
 
         print(f"\n# ours includes filling the prefix cache ({cache.seconds:.2f} s, counted in the "
               f"run that needed it) and {setup.wall:.2f} s of setup (added to the total)")
