@@ -121,9 +121,13 @@ def test_an_lr_that_exactly_half_the_searched_pairs_ran_is_an_extension_not_the_
 def test_second_stage_seeds_per_method():
     suite = SUITES["fmnist"]
     assert suite.seeds_for("all") == [1, 2, 3, 4] and suite.seeds_for("first") == [1, 2, 3, 4]
-    assert suite.seeds_for("auto-rgn") == []  # baselines: seed 0 only (its grid)
+    assert suite.seeds_for("auto-rgn") == suite.seeds_for("lp-ft") == [1, 2, 3, 4]
     plain = Suite(shifts={}, seeds=[0, 1], lrs=[1e-3], epochs=1)
     assert plain.seeds_for("auto-rgn") == [0, 1]
+    # baselines on fewer seeds than the blocks: their first stage's seed is left out
+    fewer = Suite(shifts={}, seeds=[0, 1, 2], lrs=[1e-3], epochs=1, lr_seeds=[0],
+                  baseline_seeds=[0, 1])
+    assert fewer.seeds_for("auto-rgn") == [1] and fewer.seeds_for("second") == [1, 2]
 
 
 def test_breeds_split_sizes_reach_only_breeds():
