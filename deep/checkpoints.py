@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import check_seed
 from .files import (CheckpointError, atomic_write_bytes, manifest_path, sha256_file,  # noqa: F401
                     verify_checkpoint, write_manifest)
 from .models import build_model, matches_any, same_network, vit
@@ -353,6 +354,7 @@ def load_model(checkpoint: str | Path, arch: str, num_classes: int, in_channels:
             for files whose source you trust and that safe loading refuses.
     """
     if str(checkpoint) == RANDOM_INIT:
+        check_seed("seed", seed)
         warnings.warn("checkpoint 'none': RANDOM INITIALISATION, results mean nothing "
                       "(use only for smoke tests)", stacklevel=2)
         with torch.random.fork_rng():

@@ -60,12 +60,22 @@ def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> fl
     return value
 
 
+def check_seed(name: str, value, error: type[DeepError] = ConfigError, bits: int = 63) -> int:
+    """`value` as an int if it is an integer in [0, 2**bits); else `error` naming `name`.
+    The one check of a seed: torch's generators take [0, 2**64) and wrap or overflow
+    outside it, int() would turn 1.5 into 1; 63 bits leave room for the streams derived
+    as seed + 1 (augmentation)."""
+    seed = check_int(name, value, minimum=0, error=error)
+    if seed >= 2**bits:
+        raise error(f"{name} must be below 2**{bits}, got {seed}")
+    return seed
+
+
 def check_seeds(seeds) -> None:
     """Every seed an integer in [0, 2**63) (what torch's generators take); else a
     ConfigError naming the first that is not."""
     for seed in seeds:
-        if check_int("every seed of seeds", seed, minimum=0) >= 2**63:
-            raise ConfigError(f"every seed of seeds must be below 2**63, got {seed}")
+        check_seed("every seed of seeds", seed)
 
 
 def check_each_once(name: str, values, key=None) -> None:

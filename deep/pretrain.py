@@ -34,7 +34,7 @@ from .checkpoints import (RANDOM_INIT, CheckpointError, load_backbone, save_chec
                           manifest_path, verify_checkpoint, write_manifest)
 from .data import Benchmark, SourceData, get_benchmark
 from .errors import (ConfigError, check_choice, check_int, check_nonnegative, check_positive,
-                     clash_text, differences)
+                     check_seed, clash_text, differences)
 from .files import check_output, sole_writer
 from .models import build_model, get_architecture
 from .normalization import loader_options
@@ -105,7 +105,7 @@ class PretrainConfig:
             check_int(name, getattr(self, name))
         check_positive("lr", self.lr)
         check_nonnegative("weight_decay", self.weight_decay)
-        check_int("seed", self.seed, minimum=0)
+        check_seed("seed", self.seed)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("momentum", self.momentum, MOMENTA)
         check_choice("schedule", self.schedule, SCHEDULES)

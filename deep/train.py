@@ -37,7 +37,7 @@ from torch import nn
 from .blocks import set_trainable
 from .data.base import Split
 from .errors import (ConfigError, check_choice, check_int, check_nonnegative, check_positive,
-                     clash_text, differences)
+                     check_seed, clash_text, differences)
 from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
@@ -126,6 +126,7 @@ class TrainConfig:
         check_positive("lr", self.lr)
         check_nonnegative("weight_decay", self.weight_decay)
         check_nonnegative("cache_mb", self.cache_mb)
+        check_seed("seed", self.seed)
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))

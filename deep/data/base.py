@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DeepError, check_int
+from ..errors import ConfigError, DeepError, check_int, check_seed
 
 
 class DataError(DeepError):
@@ -329,7 +329,9 @@ def split_counts(total: int, num_classes: int) -> list[int]:
 
 
 def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed))
+    """A generator seeded by `seed`, an integer in [0, 2**64) (a DataError otherwise: a
+    float would be truncated, a negative seed wrap around)."""
+    return torch.Generator().manual_seed(check_seed("seed", seed, error=DataError, bits=64))
 
 
 def to_float_images(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -433,6 +433,35 @@ def test_the_engine_and_the_protocol_check_settings_with_one_message(make, messa
         make()
 
 
+@pytest.mark.parametrize("seed, message", [
+    (-1, "seed must be at least 0, got -1"),
+    (1.5, "seed must be an integer, got 1.5"),
+    ("0", "seed must be an integer, got '0'"),
+    (2**64, "seed must be below 2**63, got 18446744073709551616"),
+])
+def test_every_seed_is_checked_by_one_rule_wherever_it_is_given(seed, message):
+    """A seed torch's generators cannot take (2**64 overflows, -1 wraps around) or that
+    int() would change (1.5 -> 1) is refused by deep.errors.check_seed where a config is
+    made, not as a traceback at the first generator, nor silently run as another seed."""
+    from deep.checkpoints import load_model
+    from deep.data.base import DataError, seeded
+    for make in (lambda: TrainConfig(lr=1e-3, epochs=1, seed=seed),
+                 lambda: PretrainConfig(seed=seed),
+                 lambda: load_model("none", "resnet26-w4", 4, 3, seed=seed)):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            make()
+    # the loaders' generators: torch's whole range, 2**64 the first value out of it
+    with pytest.raises(DataError, match=re.escape(message.replace("2**63", "2**64"))):
+        seeded(seed)
+
+
+def test_a_pretrain_seed_out_of_range_is_one_line(tmp_path, capsys):
+    assert main(["pretrain", "--benchmark", "synthetic", "--out", str(tmp_path / "m.pt"),
+                 "--seed", "99999999999999999999"]) == 2
+    assert "error: seed must be below 2**63, got 99999999999999999999" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_differences_names_a_setting_present_on_one_side_only():
     """A resume compares the saved key with the current one by `differences`: a setting
     added (or dropped) since the save must count as a difference, with None on the side
