@@ -288,6 +288,8 @@ def class_balanced_indices(labels: torch.Tensor, per_class: int | Sequence[int],
     available = torch.ones(len(labels), dtype=torch.bool) if exclude is None else ~exclude
     chosen = []
     for c, count in zip(classes, counts):
+        # a negative count would slice off the pool's last images: a split silently wrong
+        check_int(f"{what}: the count of class {c}", count, minimum=0, error=DataError)
         pool = torch.nonzero((labels == c) & available).flatten()
         if len(pool) < count:
             raise DataError(f"{what}: class {c} has {len(pool)} examples left, {count} requested")

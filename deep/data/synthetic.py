@@ -26,6 +26,7 @@ import zlib
 
 import torch
 
+from ..errors import check_int
 from .base import (Benchmark, DataError, ShiftTask, SourceData, TensorSplit,
                    class_balanced_indices, seeded, split_counts)
 
@@ -109,8 +110,10 @@ def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_
     how often the patch matches the label).
     """
     BENCHMARKS[NAME].check_shifts(shift)
-    if n_target < 1:
-        raise DataError(f"synthetic/{shift}: n_target must be >= 1, got {n_target}")
+    check_int("n_target", n_target, error=DataError)
+    # 0 passes here: ShiftTask says which flag makes the split non-empty
+    for name, value in (("val_per_class", val_per_class), ("test_per_class", test_per_class)):
+        check_int(name, value, minimum=0, error=DataError)
     if n_target > NUM_CLASSES * POOL_PER_CLASS:
         raise DataError(f"synthetic/{shift}: n_target={n_target} exceeds the "
                         f"{NUM_CLASSES * POOL_PER_CLASS} target training images available")

@@ -16,6 +16,12 @@ def test_per_class_counts_line_up_with_class_indices_even_when_a_class_is_absent
     assert labels[idx].tolist() == [0, 0, 2]
 
 
+def test_a_negative_count_is_refused_not_sliced_from_the_end():
+    labels = torch.arange(2).repeat(5)
+    with pytest.raises(DataError, match="t: the count of class 1 must be at least 0, got -1"):
+        class_balanced_indices(labels, [2, -1], seeded(0), what="t")
+
+
 def test_draw_splits_are_disjoint_balanced_nested_and_seeded():
     labels = torch.arange(10).repeat(50)                 # 10 classes x 50 images
     small = draw_splits(labels, 10, 30, 2, 5, seed=3, what="t")

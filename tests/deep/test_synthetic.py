@@ -8,9 +8,10 @@ orientation and phase; the corner patch of `spurious` is 2 x the colour of its c
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from deep.data import get_benchmark
+from deep.data import DataError, get_benchmark
 from deep.data.synthetic import _palette
 
 BENCH = get_benchmark("synthetic")
@@ -96,3 +97,16 @@ def test_a_seeds_test_and_validation_images_do_not_depend_on_n_target():
     assert _rows_within(small.train.images, large.train.images)
     other_seed = BENCH.load_task(None, "noise", n_target=4, val_per_class=10, test_per_class=50, seed=4)
     assert not torch.equal(small.test.images, other_seed.test.images)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"val_per_class": -1}, "val_per_class must be at least 0, got -1"),
+    ({"test_per_class": -5}, "test_per_class must be at least 0, got -5"),
+    ({"n_target": 2.5}, "n_target must be an integer, got 2.5"),
+    ({"n_target": "8"}, "n_target must be an integer, got '8'"),
+])
+def test_a_split_size_that_is_not_a_count_is_refused(sizes, message):
+    """val_per_class=-1 used to give a validation split one image short of the pool per
+    class (a slice [:-1]), without a word; a float or a string n_target a TypeError."""
+    with pytest.raises(DataError, match=message):
+        BENCH.load_task(None, "noise", **{"n_target": 8, **sizes})
