@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import check_int
 from . import cifar_resnet, resnet  # noqa: F401  (each registers its architectures)
 from . import vit  # noqa: F401  (CLIP ViTs: clip-vit-b16, clip-vit-b16-gelu, clip-vit-tiny)
 from . import gn_resnet, wide_resnet  # noqa: F401  (reference CIFAR models: resnet26-gn, wrn28-10)
@@ -29,9 +29,7 @@ ARCHS = architecture_names()  # the built-in ones; architecture_names() also see
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A freshly initialised network (random weights; load a checkpoint for real work)."""
     spec = get_architecture(arch)
-    if num_classes < 1 or in_channels < 1:
-        raise ConfigError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
-    return spec.build(num_classes, in_channels)
+    return spec.build(check_int("num_classes", num_classes), check_int("in_channels", in_channels))
 
 
 __all__ = ["ARCHS", "Architecture", "CifarResNet", "ResNet50", "StagedModel", "Stages",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -102,6 +104,20 @@ def test_build_model_rejects_unknown_arch():
     with pytest.raises(ValueError, match="unknown arch 'resnet18'.*resnet26"):
         build_model("resnet18", 10)
     assert "resnet50" in ARCHS
+
+
+@pytest.mark.parametrize("num_classes, in_channels, message", [
+    (0, 3, "num_classes must be at least 1, got 0"),
+    (2.5, 3, "num_classes must be an integer, got 2.5"),
+    ("10", 3, "num_classes must be an integer, got '10'"),
+    (10, 0, "in_channels must be at least 1, got 0"),
+    (10, 3.0, "in_channels must be an integer, got 3.0"),
+])
+def test_build_model_names_a_size_that_is_not_a_count(num_classes, in_channels, message):
+    """A float or a string used to reach the network's layers: a TypeError from torch.empty
+    or from `<`, naming neither argument."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_model("resnet26-w4", num_classes, in_channels)
 
 
 def test_stage_ownership_covers_every_parameter():
