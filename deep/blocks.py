@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .models import architecture_names, get_architecture, matches, matches_any
+from .models.registry import check_prefixes
 
 ALL = "all"
 BlockMap = Mapping[str, Sequence[str]]
@@ -68,7 +69,7 @@ def tuned_parameter_names(model: nn.Module, options: str | Iterable[str],
     for option in options:
         if option not in blocks:
             raise ConfigError(f"unknown block {option!r}; known: {', '.join([*blocks, ALL])}")
-        prefixes += list(blocks[option])
+        prefixes += check_prefixes(option, blocks[option])
     for prefix in prefixes:
         if not any(matches(n, prefix) for n in names):
             sample = sorted({n.split(".")[0] for n in names})

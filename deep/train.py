@@ -127,10 +127,13 @@ class TrainConfig:
         check_nonnegative("weight_decay", self.weight_decay)
         check_nonnegative("cache_mb", self.cache_mb)
         check_seed("seed", self.seed)
+        if self.device is not None:  # "gpu" here, not a RuntimeError from model.to in fit
+            resolve_device(self.device)
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
         check_choice("select", self.select, SELECTION_RULES)
+        check_choice("channels_last", self.channels_last, (True, False, "first", None))
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_milestones(self.schedule, self.milestones, self.gamma, self.epochs)
@@ -199,7 +202,8 @@ def predict(model: nn.Module, split: Split, batch_size: int | None = None,
     (the input of split `name`). batch_size None: `default_eval_batch_size`.
     """
     device = next(model.parameters()).device
-    batch_size = batch_size or default_eval_batch_size(device)
+    batch_size = (default_eval_batch_size(device) if batch_size is None
+                  else check_int("batch_size", batch_size))
     with eval_mode(model):
         if cache is not None and name is not None:
             source, stage = cache.inputs(name, start)
@@ -316,6 +320,9 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
             its last epoch, with the numbers of a run never stopped (on CPU, bit for bit).
     """
     t0 = time.perf_counter()
+    if not isinstance(config, TrainConfig):  # a dict would fail as an AttributeError
+        raise ConfigError(f"config must be a TrainConfig, e.g. TrainConfig(lr=1e-3, epochs=10), "
+                          f"got {type(config).__name__}")
     method = get_method(method, blocks) if isinstance(method, str) else method
     check_splits(train, val, config)
     run = TrainingRun(model, train, val, test, method, config, cache)
@@ -363,7 +370,7 @@ class TrainingRun:
         self.model, self.train, self.val, self.test = model, train, val, test
         self.method, self.config = method, config
         if config.device is not None:
-            model.to(config.device)
+            model.to(resolve_device(config.device))  # "auto" too, as TrainConfig documents
         method.prepare(model, config)
         self.named = dict(model.named_parameters())
         candidates = method.candidates()

@@ -56,12 +56,9 @@ class Architecture:
         if not self.name or not self.blocks:
             raise ConfigError(f"an architecture needs a name and at least one block, got "
                               f"name={self.name!r}, blocks={dict(self.blocks)!r}")
-        for option, prefixes in self.blocks.items():
-            if not prefixes or not all(isinstance(p, str) and p for p in prefixes):
-                raise ConfigError(f"{self.name}: block {option!r} needs a tuple of module-name "
-                                  f"prefixes, got {prefixes!r}")
         # A frozen copy: nobody can change the registered blocks through this object.
-        object.__setattr__(self, "blocks", {k: tuple(v) for k, v in self.blocks.items()})
+        object.__setattr__(self, "blocks", {k: check_prefixes(k, v, f"{self.name}: ")
+                                            for k, v in self.blocks.items()})
 
     def prefixes(self, option: str) -> tuple[str, ...]:
         """Module-name prefixes of block `option`; an unknown one lists the known blocks."""
@@ -72,6 +69,19 @@ class Architecture:
 
 
 _REGISTRY: dict[str, Architecture] = {}
+
+
+def check_prefixes(option: str, prefixes, owner: str = "") -> tuple[str, ...]:
+    """The module-name prefixes of block `option` as a tuple, if they are a non-empty
+    sequence of non-empty strings; else a ConfigError. A bare string is refused: read
+    as a sequence it would be its letters ("fc" -> "f", "c")."""
+    if isinstance(prefixes, str) or not prefixes or not all(isinstance(p, str) and p
+                                                            for p in prefixes):
+        hint = (f" (one prefix is a tuple of one: ({prefixes!r},))"
+                if isinstance(prefixes, str) and prefixes else "")
+        raise ConfigError(f"{owner}block {option!r} needs a tuple of module-name prefixes, "
+                          f"got {prefixes!r}{hint}")
+    return tuple(prefixes)
 
 
 def register_architecture(arch: Architecture) -> Architecture:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import numpy as np
@@ -93,6 +94,10 @@ def test_user_mapping_on_any_module(task):
         tuned_parameter_names(net, "middle", blocks)
     with pytest.raises(ValueError, match="prefix 'classifier' matches no parameter.*features, head"):
         tuned_parameter_names(net, "head", {"head": ("classifier",)})
+    # a bare string would be read as its letters: "head" -> prefixes h, e, a, d
+    with pytest.raises(ValueError, match=r"block 'head' needs a tuple of module-name prefixes, "
+                                         r"got 'head' \(one prefix is a tuple of one: \('head',\)\)"):
+        tuned_parameter_names(net, "head", {"head": "head"})
     before = {k: v.clone() for k, v in net.state_dict().items()}
     result = fit(net, task.train, task.val, task.test, "stem", TrainConfig(lr=1e-2, epochs=2), blocks)
     after = net.state_dict()
@@ -760,3 +765,36 @@ def test_every_method_runs(model, task):
                      TrainConfig(lr=1e-3, epochs=2), BLOCKS4)
         assert result.status == "ok" and 0 <= result.test.acc <= 1, name
         assert (result.tuned_params == 0) == (name == "none"), name
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TrainConfig(lr=1e-2, epochs=1, device="gpu"),
+     "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (lambda: TrainConfig(lr=1e-2, epochs=1, channels_last="yes"),
+     "channels_last must be one of True, False, first, None; got 'yes'"),
+])
+def test_train_config_refuses_a_device_or_layout_it_cannot_run_on(make, message):
+    """Refused where the config is made, not at fit as torch's RuntimeError ("Expected one
+    of cpu, cuda, ... device type at start of device string: gpu")."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_fit_takes_device_auto_as_train_config_documents(task):
+    net = TinyNet()
+    result = fit(net, task.train, task.val, task.test, "head",
+                 TrainConfig(lr=1e-2, epochs=1, device="auto"), {"head": ("head",)})
+    assert result.status == "ok"
+
+
+def test_evaluate_refuses_a_batch_size_that_is_not_a_count_and_fit_a_config_that_is_not_one(task):
+    """batch_size=0 used to mean the default (`or`), -1 to end in torch.cat's "expected a
+    non-empty list of Tensors"; a dict config an AttributeError."""
+    net = TinyNet()
+    for bad, message in ((0, "batch_size must be at least 1, got 0"),
+                         (-1, "batch_size must be at least 1, got -1"),
+                         (8.0, "batch_size must be an integer, got 8.0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate(net, task.test, batch_size=bad)
+    with pytest.raises(ValueError, match=r"config must be a TrainConfig, e.g. TrainConfig\(lr="):
+        fit(net, task.train, task.val, task.test, "all", {"lr": 1e-2, "epochs": 1})
