@@ -17,7 +17,7 @@ import dataclasses
 import types
 import typing
 
-from .errors import check_nonnegative, check_positive
+from .errors import ConfigError, check_each_once, check_nonnegative, check_positive
 
 
 def add_flags(parser: argparse.ArgumentParser, config_class, skip=(), defaults=None) -> None:
@@ -125,6 +125,10 @@ def positive_floats(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated positive numbers, got {text!r}")
+    try:  # a repeat would run (and time, or score) the same setting twice
+        check_each_once(repr(text), values)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return values
 
 

@@ -52,6 +52,10 @@ def generate(labels: torch.Tensor, subpopulation: int, generator: torch.Generato
              noise: float = 0.3, size: int = SIZE, channels: int = CHANNELS) -> torch.Tensor:
     """Images (n, channels, size, size) float32 for int64 `labels` (n,) in [0, 4), from
     subpopulation 0 (A) or 1 (B). channels <= 3."""
+    check_int("channels", channels, error=DataError)
+    if channels > CHANNELS:  # the palette has 3 colour channels; more would be copies of none
+        raise DataError(f"channels must be at most {CHANNELS} (the gratings' colour channels), "
+                        f"got {channels}")
     n = len(labels)
     coords = torch.arange(size, dtype=torch.float32) / size
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")

@@ -118,11 +118,17 @@ def test_convolution_share_is_measured_from_the_ops_that_ran():
     assert not speed.is_convolution("aten::addmm") and not speed.is_convolution("aten::native_batch_norm")
 
 
+# without the check under test, seconds of benchmark (not minutes) before the test fails
+SMALLEST = ["--arch", "resnet26-w4", "--size", "8", "--n-train", "8", "--n-val", "4",
+            "--n-test", "4", "--epochs", "1"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
     (["--lrs", "1e-3,-1"], "argument --lrs: expected comma-separated positive numbers"),
     (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
     (["--tolerance", "nan"], "argument --tolerance: expected a number >= 0, got 'nan'"),
+    ([*SMALLEST, "--lrs", "1e-3,0.001"], "argument --lrs: '1e-3,0.001' lists 0.001 more than once"),
 ])
 def test_bad_flags_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -135,6 +141,10 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
     (["--device", "bogus"], "error: device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
     (["--arch", "clip-vit-tiny", "--size", "8"],
      "error: --arch clip-vit-tiny takes images of 32x32 px; give --size 32"),
+    # the synthetic gratings have 3 colour channels: 5 was conv2d's RuntimeError (3-channel
+    # images into a 5-channel network) once the source model began to train
+    ([*SMALLEST, "--channels", "5"],
+     "error: channels must be at most 3 (the gratings' colour channels), got 5"),
 ])
 def test_bad_values_are_one_line_before_any_training(flags, message, capsys):
     threads = torch.get_num_threads()
