@@ -114,9 +114,9 @@ def parse_args(argv):
     parser.add_argument("--loop-runs", type=positive_int, default=16,
                         help="runs the numpy loop is timed on (then extrapolated)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", default="1",
+    parser.add_argument("--threads",
                         help="comma-separated torch CPU thread counts to time (default 1, "
-                             "the same one core as the loop)")
+                             "the same one core as the loop; CPU only)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile configurations (eager only)")
     args = parser.parse_args(argv)
@@ -127,10 +127,13 @@ def parse_args(argv):
     if not 1 <= args.loop_runs <= args.runs:
         parser.error(f"--loop-runs must be in 1..{args.runs}")
     try:
-        threads = [positive_int(t) for t in args.threads.split(",")]
+        threads = [positive_int(t) for t in (args.threads or "1").split(",")]
     except argparse.ArgumentTypeError:
         parser.error(f"--threads must be comma-separated positive integers, got {args.threads!r}")
     if device.type != "cpu":
+        if args.threads is not None:  # it would time the GPU once, at torch's thread count
+            parser.error(f"--threads times torch CPU thread counts, and this run is on {device}: "
+                         "drop --threads, or time the CPU with --device cpu")
         threads = [torch.get_num_threads()]
     return args, device, threads
 

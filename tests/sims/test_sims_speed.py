@@ -8,6 +8,7 @@ import re
 from contextlib import redirect_stdout
 
 import pytest
+import torch
 
 from sims import speed
 
@@ -44,3 +45,16 @@ def test_bad_flags_are_usage_errors_before_any_work(flags, message, capsys):
     assert exit_.value.code == 2
     captured = capsys.readouterr()
     assert message in captured.err and "workload" not in captured.out
+
+
+def test_threads_on_a_gpu_is_a_usage_error_not_silently_dropped(monkeypatch, capsys):
+    """On a GPU the thread counts were replaced by torch's own, without a word: a run asked
+    for 1,2,4 threads timed one configuration. The device is faked: no GPU is needed."""
+    monkeypatch.setattr(speed, "resolve_device", lambda device: torch.device("cuda"))
+    with pytest.raises(SystemExit) as exit_:
+        speed.parse_args(["--device", "cuda", "--threads", "1,2"])
+    assert exit_.value.code == 2
+    assert "--threads times torch CPU thread counts, and this run is on cuda" in capsys.readouterr().err
+    assert speed.parse_args(["--device", "cuda"])[2] == [torch.get_num_threads()]
+    monkeypatch.setattr(speed, "resolve_device", lambda device: torch.device("cpu"))
+    assert speed.parse_args([])[2] == [1] and speed.parse_args(["--threads", "1,2"])[2] == [1, 2]
