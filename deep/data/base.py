@@ -330,6 +330,14 @@ def split_counts(total: int, num_classes: int) -> list[int]:
     return [base + (c < extra) for c in range(num_classes)]
 
 
+def folder_problem(path: Path) -> str | None:
+    """None if `path` is a folder; else what is wrong with it, worded for a data-folder
+    error ("data directory X does not exist" is wrong about a file)."""
+    if path.is_dir():
+        return None
+    return "is a file, not a folder" if path.exists() else "does not exist"
+
+
 def seeded(seed: int) -> torch.Generator:
     """A generator seeded by `seed`, an integer in [0, 2**64) (a DataError otherwise: a
     float would be truncated, a negative seed wrap around)."""

@@ -54,7 +54,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData,
-                   class_balanced_indices, seeded, split_counts)
+                   class_balanced_indices, folder_problem, seeded, split_counts)
 from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_all_classes, list_images,
                      require_file)
 
@@ -355,8 +355,9 @@ def _root(data_dir, name: str) -> Path:
     if data_dir is None:
         raise DataError(f"{name}: no data directory given; pass --data-dir pointing at:\n{LAYOUT}")
     root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{name}: data directory {root} does not exist; expected:\n{LAYOUT}")
+    problem = folder_problem(root)
+    if problem:
+        raise DataError(f"{name}: data directory {root} {problem}; expected:\n{LAYOUT}")
     return root
 
 

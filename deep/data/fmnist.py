@@ -36,7 +36,7 @@ from ..errors import ConfigError, check_int, check_positive
 from ..files import verify_checkpoint
 from ..models import get_architecture, matches_any
 from .base import (Benchmark, DataError, ShiftTask, SourceData, TensorSplit,
-                   draw_splits, seeded, to_float_images)
+                   draw_splits, folder_problem, seeded, to_float_images)
 from .corruptions import CORRUPTIONS, corrupt
 
 # ----------------------------------------------------------------------------- files
@@ -84,15 +84,16 @@ class FashionMNIST:
 def resolve_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """`data_dir` if given, else $FASHION_MNIST_DIR if set, else the Debian package's folder."""
     if data_dir is not None:
-        return Path(data_dir)
+        return Path(data_dir).expanduser()  # as the other loaders' folders
     if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR])
+        return Path(os.environ[ENV_VAR]).expanduser()
     return DEFAULT_DIR
 
 
 def _find(folder: Path, stem: str, how_found: str) -> Path:
-    if not folder.is_dir():
-        raise DataError(f"Fashion-MNIST folder {folder} does not exist ({how_found}); it should hold "
+    problem = folder_problem(folder)
+    if problem:
+        raise DataError(f"Fashion-MNIST folder {folder} {problem} ({how_found}); it should hold "
                         f"{LAYOUT}. {HOW_TO_GET}")
     for name in (stem + ".gz", stem):
         if (folder / name).is_file():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, check_int
-from .base import DataError, class_balanced_indices, seeded, split_counts
+from .base import DataError, class_balanced_indices, folder_problem, seeded, split_counts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,8 +73,8 @@ def find_dir(data_dir, names: Sequence[str], marker: str, layout: str, what: str
     if data_dir is None:
         raise DataError(f"{what}: no data directory given; pass --data-dir pointing at:\n{layout}")
     root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        problem = "is a file, not a folder" if root.exists() else "does not exist"
+    problem = folder_problem(root)
+    if problem:
         raise DataError(f"{what}: data directory {root} {problem}; expected:\n{layout}")
     for candidate in [root] + [root / name for name in names]:
         if (candidate / marker).exists():

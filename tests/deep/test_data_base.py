@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deep.data import benchmark_names, get_benchmark
 from deep.data.base import DataError, class_balanced_indices, draw_splits, seeded, split_counts
 
 
@@ -143,3 +144,12 @@ class _RedPixel:
 
     def __call__(self, image):
         return torch.tensor(float(image.getpixel((0, 0))[0]))[None, None, None]
+
+
+@pytest.mark.parametrize("benchmark", [b for b in benchmark_names() if b != "synthetic"])
+def test_a_file_given_as_the_data_folder_is_named_as_a_file(tmp_path, benchmark):
+    """The Fashion-MNIST and BREEDS loaders said such a folder "does not exist"."""
+    (tmp_path / "a-file").write_text("x")
+    bench = get_benchmark(benchmark)
+    with pytest.raises(DataError, match=f"{tmp_path}/a-file is a file, not a folder"):
+        bench.load_task(tmp_path / "a-file", bench.shifts[0], 4, 1, 1, 0)

@@ -134,6 +134,10 @@ def test_missing_folder_and_missing_file_name_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist") as err:
         F.load_fashion_mnist(tmp_path / "nowhere")
     assert "apt-get install dataset-fashion-mnist" in str(err.value)
+    # "~" is the home folder, as for the other loaders (it was read as a folder named ~)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DataError, match=f"folder {tmp_path}/nowhere does not exist"):
+        F.load_fashion_mnist("~/nowhere")
     folder = tmp_path / "three"
     folder.mkdir()
     write_idx(folder / "train-images-idx3-ubyte", 2051, (0, 28, 28), b"")
