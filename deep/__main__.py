@@ -16,6 +16,7 @@ import sys
 
 from .adapt.protocol import available as adapt_protocols, load_adapt_protocol
 from .allocator import keep_freed_memory
+from .data import get_benchmark
 from .errors import ConfigError, exit_status
 from .flags import add_device, add_flags, add_run_options, add_trust_checkpoint, flag_values
 from .models import architecture_names
@@ -124,6 +125,8 @@ def pretrain_settings(args) -> tuple[str, PretrainConfig, dict]:
     then the protocol's [pretrain] and source data (if the benchmark has a protocol),
     then the flags given."""
     protocol = load_protocol(args.benchmark) if args.benchmark in available_protocols() else None
+    if protocol is None:  # an unknown name is that, not a benchmark that lacks an --arch
+        get_benchmark(args.benchmark)
     arch = args.arch or (protocol.arch if protocol is not None else None)
     if arch is None:
         raise ConfigError(f"benchmark {args.benchmark!r} has no protocol; pass --arch")

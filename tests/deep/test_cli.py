@@ -157,6 +157,9 @@ def test_a_benchmark_without_its_own_source_model_says_where_one_comes_from(
 def test_unknown_benchmark_and_report_of_missing_file(tmp_path, capsys):
     assert main(["sweep", "--benchmark", "mnist", "--out", str(tmp_path / "r.csv")]) == 2
     assert "no protocol for benchmark 'mnist'" in capsys.readouterr().err
+    # pretrain said "has no protocol; pass --arch", and with --arch "unknown benchmark"
+    assert main(["pretrain", "--benchmark", "mnist", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "unknown benchmark 'mnist'; known: camelyon17," in capsys.readouterr().err
     assert main(["report", str(tmp_path / "none.csv")]) == 2
     assert "results file not found" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
