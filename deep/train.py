@@ -135,6 +135,7 @@ class TrainConfig:
         check_choice("select", self.select, SELECTION_RULES)
         check_choice("channels_last", self.channels_last, (True, False, "first", None))
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_momentum(self.optimizer, self.momentum, self.nesterov)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_milestones(self.schedule, self.milestones, self.gamma, self.epochs)
 
@@ -606,6 +607,20 @@ def _scheduled_lr(config: TrainConfig, epoch: int) -> float:
     if config.schedule == "step":  # epoch is 1-based: milestone m lowers epochs m+1, ...
         return config.lr * config.gamma ** sum(epoch > m for m in config.milestones)
     return config.lr
+
+
+def check_momentum(optimizer: str, momentum: float, nesterov: bool) -> None:
+    """SGD's momentum is a number in [0, 1) (torch refuses a negative one only at the first
+    fit, and 1 or more diverges); Adam takes neither it nor `nesterov`, so a value other
+    than the default would be silently unused (as check_milestones says of gamma)."""
+    if optimizer != "sgd":
+        if momentum != TrainConfig.momentum or nesterov is not TrainConfig.nesterov:
+            raise ConfigError(f"momentum={momentum}, nesterov={nesterov} are SGD's and need "
+                              f"optimizer 'sgd', got {optimizer!r}")
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+            or not 0 <= momentum < 1:
+        raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}")
 
 
 def check_milestones(schedule: str, milestones, gamma: float, epochs: int) -> None:

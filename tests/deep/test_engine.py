@@ -772,8 +772,17 @@ def test_every_method_runs(model, task):
      "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (lambda: TrainConfig(lr=1e-2, epochs=1, channels_last="yes"),
      "channels_last must be one of True, False, first, None; got 'yes'"),
+    # Adam has no momentum: 0.5 was silently unused; SGD's a torch ValueError at fit
+    (lambda: TrainConfig(lr=1e-2, epochs=1, momentum=0.5),
+     "momentum=0.5, nesterov=True are SGD's and need optimizer 'sgd', got 'adam'"),
+    (lambda: TrainConfig(lr=1e-2, epochs=1, nesterov=False),
+     "momentum=0.9, nesterov=False are SGD's and need optimizer 'sgd', got 'adam'"),
+    (lambda: TrainConfig(lr=1e-2, epochs=1, optimizer="sgd", momentum=-1.0),
+     "momentum must be a number in [0, 1), got -1.0"),
+    (lambda: TrainConfig(lr=1e-2, epochs=1, optimizer="sgd", momentum=float("nan")),
+     "momentum must be a number in [0, 1), got nan"),
 ])
-def test_train_config_refuses_a_device_or_layout_it_cannot_run_on(make, message):
+def test_train_config_refuses_a_setting_it_cannot_run_with(make, message):
     """Refused where the config is made, not at fit as torch's RuntimeError ("Expected one
     of cpu, cuda, ... device type at start of device string: gpu")."""
     with pytest.raises(ValueError, match=re.escape(message)):
