@@ -127,8 +127,8 @@ class TrainConfig:
         check_nonnegative("weight_decay", self.weight_decay)
         check_nonnegative("cache_mb", self.cache_mb)
         check_seed("seed", self.seed)
-        if self.device is not None:  # "gpu" here, not a RuntimeError from model.to in fit
-            resolve_device(self.device)
+        # "gpu" here, not a RuntimeError from model.to in fit; "cuda" without a GPU at fit
+        check_device_name(self.device)
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
@@ -225,16 +225,26 @@ def evaluate(model: nn.Module, split: Split, batch_size: int | None = None,
     return accuracy(preds, split.labels, split.groups)
 
 
-def resolve_device(device: str | None) -> str:
-    """`device`, with "auto" (or None) meaning CUDA when this process sees a GPU, else the CPU."""
+def check_device_name(device: str | None) -> str:
+    """The kind of `device` ("auto", "cpu" or "cuda"), if it is one of auto, cpu, cuda or
+    cuda:N (or None, auto); else a ConfigError. Whether this process has that device is
+    `resolve_device`'s question: a CPU head node may describe a GPU worker's run."""
     if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "auto"
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
         kind = None
     if kind not in ("cpu", "cuda") or (kind == "cpu" and device != "cpu"):  # "cpu:3" means nothing
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return kind
+
+
+def resolve_device(device: str | None) -> str:
+    """`device`, with "auto" (or None) meaning CUDA when this process sees a GPU, else the CPU."""
+    kind = check_device_name(device)
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
         raise ConfigError(f"device {device!r} was asked for, but this process sees no CUDA GPU "

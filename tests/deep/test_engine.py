@@ -789,6 +789,15 @@ def test_train_config_refuses_a_setting_it_cannot_run_with(make, message):
         make()
 
 
+def test_train_config_names_cuda_without_a_gpu_and_fit_says_there_is_none(task, monkeypatch):
+    """A config is data: a CPU head node builds the configs its GPU workers run. Only fit,
+    where the model must move, needs the device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = TrainConfig(lr=1e-2, epochs=1, device="cuda:1")
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        fit(TinyNet(), task.train, task.val, task.test, "head", config, {"head": ("head",)})
+
+
 def test_fit_takes_device_auto_as_train_config_documents(task):
     net = TinyNet()
     result = fit(net, task.train, task.val, task.test, "head",
