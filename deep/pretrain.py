@@ -165,12 +165,15 @@ def pretrain(source: SourceData, arch: str, config: PretrainConfig | None = None
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=config.epochs, desc=f"pretrain {arch} on {source.benchmark}", unit="epoch")
+        # a continued run starts at its saved epoch: counting from 0 showed 0/N for its
+        # first epoch, then a jump that threw off the bar's rate and time left
+        bar = tqdm(total=config.epochs, initial=state["epoch"] if state else 0,
+                   desc=f"pretrain {arch} on {source.benchmark}", unit="epoch")
 
     def on_epoch(record):
         if bar is not None:
             bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-            bar.update(record["epoch"] - bar.n)  # a continued run starts past epoch 1
+            bar.update(record["epoch"] - bar.n)
 
     try:
         train_config = dataclasses.replace(config.train_config(),

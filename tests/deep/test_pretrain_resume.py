@@ -5,6 +5,7 @@ and augmentation draws all carried). A state file of other settings is refused."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deep.data import get_benchmark
+from deep.data import SourceData, TensorSplit, get_benchmark
 from deep.errors import ConfigError
 from deep.files import verify_checkpoint
 from deep.pretrain import PretrainConfig, pretrain, state_path
@@ -75,6 +76,39 @@ def test_a_stopped_run_continues_to_the_weights_of_one_never_stopped(source, tmp
                                  strict=True):
         assert torch.equal(a, b), name   # weights and BN running statistics
     assert torch.load(state, weights_only=True)["epoch"] == 3
+
+
+class Bar:
+    """Stands in for tqdm: keeps the count the bar starts at and reaches."""
+    made = []
+
+    def __init__(self, total, initial=0, **kwargs):
+        self.start = self.n = initial
+        Bar.made.append(self)
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_continued_runs_progress_bar_starts_at_its_saved_epoch(source, tmp_path, monkeypatch):
+    """`pretrain` rerun after a stop showed 0/N during its first epoch, then jumped,
+    which threw off the bar's rate and time left. Two small images keep it fast."""
+    tiny = SourceData("synthetic", source.num_classes, source.in_channels,
+                      TensorSplit(source.train.images[:2], source.train.labels[:2]),
+                      source.test)
+    config = dataclasses.replace(CONFIG, batch_size=2, augment="none")
+    state = stopped_run(tiny, tmp_path / "m.pt.state", monkeypatch, config)  # saved epoch 1
+    monkeypatch.setattr("tqdm.tqdm", Bar)
+    Bar.made.clear()
+    pretrain(tiny, "resnet26-w4", config, progress=True, state_file=state)
+    [bar] = Bar.made
+    assert (bar.start, bar.n) == (1, config.epochs)
 
 
 def test_a_state_file_of_other_settings_is_refused(source, tmp_path, monkeypatch):
