@@ -164,6 +164,7 @@ def _run_streams(protocol: AdaptProtocol, results: AdaptResults, checkpoint: str
                  progress: bool) -> AdaptSummary:
     """The streams of `run_adaptation`, each skipped if `results` holds it."""
     ran = skipped = 0
+    total = stream_count(protocol)
     start = time.perf_counter()
     for seed in protocol.seeds:
         for shift in protocol.shifts:
@@ -177,11 +178,21 @@ def _run_streams(protocol: AdaptProtocol, results: AdaptResults, checkpoint: str
                                             config, option, episodic)
                         ran, skipped = ran + (done is not None), skipped + (done is None)
                         if done is not None and progress:
-                            print(f"[{time.perf_counter() - start:7.0f} s] {shift} seed {seed} "
+                            # k/N: a whole protocol runs for an hour or more, and a
+                            # resumed one says here how many streams were already done
+                            print(f"[{time.perf_counter() - start:7.0f} s] "
+                                  f"{ran + skipped}/{total} {shift} seed {seed} "
                                   f"{method} lr {config.lr:g} {option}: {100 * done.test_acc:.1f}% "
                                   f"on {done.images} images ({done.seconds:.0f} s)",
                                   file=sys.stderr, flush=True)
     return AdaptSummary(ran, skipped, time.perf_counter() - start, results.path)
+
+
+def stream_count(protocol: AdaptProtocol) -> int:
+    """How many streams `run_adaptation` goes through, run or skipped."""
+    per_shift = sum(len(protocol.configs(m)) * len(protocol.blocks_of(m))
+                     for m in protocol.methods)
+    return len(protocol.seeds) * len(protocol.shifts) * per_shift
 
 
 def _run_or_skip(results: AdaptResults, protocol: AdaptProtocol, checkpoint: str, source, augmenter,

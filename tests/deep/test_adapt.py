@@ -592,6 +592,19 @@ def _tiny_protocol(**kw) -> AdaptProtocol:
 
 
 @pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_each_stream_line_counts_the_streams_done_and_to_do(tmp_path, one_thread, capsys):
+    """A whole protocol runs for an hour or more: each line says k/N, and a resumed run
+    counts the streams already in the file (here the three `none` ones)."""
+    out = tmp_path / "adapt.csv"
+    run_adaptation(_tiny_protocol(blocks=["none"]), out)
+    assert [line.split()[3] for line in capsys.readouterr().err.splitlines()] == \
+        ["1/3", "2/3", "3/3"]
+    run_adaptation(_tiny_protocol(), out)      # tent, memo lr 0.01, memo lr 0.001: none, first
+    assert [line.split()[3] for line in capsys.readouterr().err.splitlines()] == \
+        ["2/6", "4/6", "6/6"]
+
+
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
 def test_run_resumes_and_refuses_other_settings(tmp_path, one_thread):
     out = tmp_path / "adapt.csv"
     first = run_adaptation(_tiny_protocol(), out, progress=False)
