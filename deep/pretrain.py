@@ -365,7 +365,8 @@ def cached_source_model(bench: Benchmark, arch: str) -> Path:
     source = bench.load_source(None)
     config = PretrainConfig(**recipe)
     threads = torch.get_num_threads()
-    # One thread: the same weights on every machine, and no OpenMP stalls on a busy CPU.
+    # One thread: the same weights from run to run on one kind of CPU (other CPUs run other
+    # kernels: docs/troubleshooting.md), and no OpenMP stalls on a busy CPU.
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
