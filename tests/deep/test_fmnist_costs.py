@@ -32,4 +32,4 @@ def test_the_costs_docs_fmnist_quotes_are_the_scripts(capsys):
     assert f"fmnist-c is {fmnist_c} of its {total} worker-seconds" in doc
     scaled, hours = re.search(r"instead of 6: ([\d,]+) worker-seconds.* = ([\d.]+) hours", out).groups()
     assert f"about {hours} hours of wall time" in doc
-    assert abs(int(scaled.replace(",", "")) - 13_950) <= 50   # the doc's "about 13,950"
+    assert f"15 corruptions: about {scaled})" in doc
