@@ -18,6 +18,7 @@ from deep.blocks import (ALL, block_options, block_prefixes, blocks_by_arch, blo
 from deep.checkpoints import load_model
 from deep.data import get_benchmark
 from deep.data.base import TensorSplit
+from deep.errors import ConfigError
 from deep.methods import (AutoRGN, AutoSNR, EpochPlan, Method, get_method, gradient_snr, method_names,
                           per_example_gradient_moments, relative_gradient_norms,
                           rgn_multipliers, unfreeze_epochs)
