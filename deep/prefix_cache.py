@@ -25,11 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.base import Split, TensorSplit
+from .errors import check_choice
 from .models.staged import (StagedModel, Stages, channels_last_unsafe, guard_channels_last,
                             plain_strides, stages_of)
 
 
 DEFAULT_CACHE_MB = 2048  # memory budget of the stored activations, per process
+# True: every stage channels-last; "first": the first stage only; None: True on the CPU
+CHANNELS_LAST_CHOICES = (True, False, "first", None)
 
 # Where `amp` (bf16 autocast) acts; on other devices an amp run is the float32 run, bit
 # for bit. (A test adds "cpu" here to check the amp path without a GPU.)
@@ -154,10 +157,9 @@ class PrefixCache:
         self.runner = (folded_view(model) if fold_bn else None) or model
         self.stages: Stages = stages_of(model, self.runner)
         self.device = next(model.parameters()).device
+        check_choice("channels_last", channels_last, CHANNELS_LAST_CHOICES)
         if channels_last is None:
             channels_last = self.device.type == "cpu"
-        if channels_last not in (True, False, "first"):
-            raise ValueError(f"channels_last must be True, False, 'first' or None, got {channels_last!r}")
         cl_stages = range(len(self.stages)) if channels_last is True else [0] if channels_last else []
         self.stages.formats = {s: (torch.channels_last if s in cl_stages else torch.contiguous_format)
                                for s in range(len(self.stages))} if channels_last else {}

@@ -41,9 +41,10 @@ from .errors import (ConfigError, check_choice, check_int, check_nonnegative, ch
 from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
-from .prefix_cache import (DEFAULT_CACHE_MB, FoldedConvBN, PrefixCache,  # noqa: F401
-                           amp_active, autocast, default_eval_batch_size, eval_mode, folded_view,
-                           refresh_folds, to_device)
+from .prefix_cache import (CHANNELS_LAST_CHOICES, DEFAULT_CACHE_MB,  # noqa: F401
+                           FoldedConvBN, PrefixCache, amp_active, autocast,
+                           default_eval_batch_size, eval_mode, folded_view, refresh_folds,
+                           to_device)
 from .results import SELECT_WORST_GROUP, SELECTION_RULES  # what picks the epoch (and the lr)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -133,7 +134,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
         check_choice("select", self.select, SELECTION_RULES)
-        check_choice("channels_last", self.channels_last, (True, False, "first", None))
+        check_choice("channels_last", self.channels_last, CHANNELS_LAST_CHOICES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_momentum(self.optimizer, self.momentum, self.nesterov)
         check_choice("schedule", self.schedule, SCHEDULES)
