@@ -74,8 +74,18 @@ def _balanced_labels(per_class: int) -> torch.Tensor:
     return torch.arange(NUM_CLASSES).repeat_interleave(per_class)
 
 
+def _no_folder(data_dir) -> None:
+    """A folder given to the synthetic benchmark is a mistake (the user meant their own
+    data); reading nothing from it would report synthetic numbers as if they were theirs."""
+    if data_dir is not None:
+        raise DataError(f"{NAME} is generated in memory and reads no folder, but was given "
+                        f"{str(data_dir)!r}: drop --data-dir, or name the benchmark of that "
+                        "data (python -m deep protocols lists them)")
+
+
 def load_source(data_dir=None) -> SourceData:
     """Subpopulation A, clean: 1200 training and 400 test images."""
+    _no_folder(data_dir)
     g = seeded(7)
     train_y = _balanced_labels(SOURCE_TRAIN_PER_CLASS)
     test_y = _balanced_labels(SOURCE_TEST_PER_CLASS)
@@ -113,6 +123,7 @@ def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_
     disjoint parts of its "eval" pool (for `spurious` the two pools differ in
     how often the patch matches the label).
     """
+    _no_folder(data_dir)
     BENCHMARKS[NAME].check_shifts(shift)
     check_int("n_target", n_target, error=DataError)
     # 0 passes here: ShiftTask says which flag makes the split non-empty

@@ -192,6 +192,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     (["--seeds", "-1"], "every seed of seeds must be at least 0, got -1"),
     (["--seeds", "99999999999999999999"], "every seed of seeds must be below 2**63"),
     (["--cache-mb", "-5"], "cache_mb must be a number >= 0, got -5.0"),
+    (["--data-dir", "."], "synthetic is generated in memory and reads no folder"),
 ])
 def test_bad_engine_settings_are_one_line_errors(tmp_path, capsys, flags, message):
     assert main(["sweep", "--benchmark", "synthetic", "--quick", "--out",

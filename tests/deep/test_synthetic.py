@@ -110,3 +110,13 @@ def test_a_split_size_that_is_not_a_count_is_refused(sizes, message):
     class (a slice [:-1]), without a word; a float or a string n_target a TypeError."""
     with pytest.raises(DataError, match=message):
         BENCH.load_task(None, "noise", **{"n_target": 8, **sizes})
+
+
+def test_a_data_folder_is_refused_not_ignored(tmp_path):
+    """`--data-dir my_data --benchmark synthetic` used to report synthetic numbers as if the
+    folder had been read."""
+    for load in (lambda: BENCH.load_task(tmp_path, "noise", n_target=8),
+                 lambda: BENCH.load_source(tmp_path)):
+        with pytest.raises(DataError, match="synthetic is generated in memory and reads no "
+                                            "folder.*drop --data-dir"):
+            load()
