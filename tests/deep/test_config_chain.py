@@ -262,6 +262,13 @@ def test_protocols_show_prints_resolved_values(capsys):
     assert "pretrain = {epochs = 6," in out and "compile = true" in out
 
 
+@pytest.mark.parametrize("name", ["../configs/fmnist-c", "adapt/../fmnist-c", ".hidden"])
+def test_a_protocol_is_named_not_given_as_a_path(capsys, name):
+    """`--show ../x` used to read deep/configs/../x.toml, a file outside the configs."""
+    assert main(["protocols", "--show", name]) == 2
+    assert "named by their benchmark (e.g. fmnist-c), not a path" in capsys.readouterr().err
+
+
 # --- results schema ---------------------------------------------------------------
 
 def row(**changes):
