@@ -1,0 +1,76 @@
+"""scripts/fmnist_cap_check.py finds the rows whose chosen run ended at the epoch cap and
+reruns them at the cap, at a longer cap and beside the baseline, on this machine."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from deep.protocol import load_protocol
+from deep.results import read_results
+from deep.sweep import run_sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def script():
+    spec = importlib.util.spec_from_file_location("fmnist_cap_check",
+                                                  ROOT / "scripts/fmnist_cap_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(method, seed, best_epoch, epochs=25, lr=1e-3, val=0.5):
+    return dict(benchmark="b", shift="s", method=method, seed=seed, n_target=100, lr=lr,
+                best_epoch=best_epoch, epochs=epochs, val_acc=val, select="val_acc")
+
+
+def test_a_row_is_picked_when_one_seed_ends_at_its_cap_and_only_then():
+    s = script()
+    selected = [row("all", 0, 24), row("all", 1, 10), row("lp-ft", 0, 25), row("lp-ft", 1, 3),
+                row("last", 0, 49, epochs=50), row("first", 0, 50, epochs=50)]
+    assert s.rows_at_cap(selected) == [("b", "s", "first", 100), ("b", "s", "lp-ft", 100)]
+
+
+@pytest.fixture
+def committed(tmp_path, synthetic_checkpoint):
+    """A results file whose `first` runs end at their 2-epoch cap (no early stopping, and
+    the synthetic task still learns at epoch 2) beside `all`."""
+    protocol = load_protocol("synthetic").replace(
+        shifts=["noise"], methods=["first", "all"], lrs=[1e-2], seeds=[0, 1], epochs=2,
+        n_target=64, val_per_class=10, test_per_class=20, patience=None)
+    out = tmp_path / "committed.csv"
+    run_sweep(protocol, out, workers=1, progress=False, device="cpu")
+    return out
+
+
+def test_the_capped_row_reruns_at_both_caps_and_beside_the_baseline(committed, tmp_path, capsys):
+    rows = read_results(committed)
+    capped = {(r["method"], r["seed"]) for r in rows if r["best_epoch"] == r["epochs"]}
+    assert ("first", 0) in capped or ("first", 1) in capped  # else the fixture tests nothing
+    out_dir = tmp_path / "check"
+    rc = script().main(["--results", str(committed), "--out-dir", str(out_dir), "--factor", "2",
+                        "--workers", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    at_cap, longer = read_results(out_dir / "epochs-2.csv"), read_results(out_dir / "epochs-4.csv")
+    ran = {(r["method"], r["seed"], r["epochs"]) for r in at_cap + longer}
+    capped_methods = {m for m, _ in capped}
+    expected = {(m, s, e) for m in capped_methods for s in (0, 1) for e in (2, 4)}
+    assert ran == expected | {("all", s, 2) for s in (0, 1)}
+    # the rerun at the cap is the committed run again (same machine, same seed)
+    again = {(r["method"], r["seed"]): r["test_acc"] for r in at_cap}
+    assert all(again[(r["method"], r["seed"])] == r["test_acc"] for r in rows)
+    assert "first, cap 4 - first, cap 2:" in out and "first, cap 2 - all, cap 2:" in out
+    # a second call finds every run done and only prints
+    rc = script().main(["--results", str(committed), "--out-dir", str(out_dir), "--workers", "1"])
+    assert rc == 0 and len(read_results(out_dir / "epochs-4.csv")) == len(longer)
+
+
+def test_bad_flags_are_refused():
+    with pytest.raises(SystemExit, match="--factor must be at least 2"):
+        script().main(["--factor", "1"])
