@@ -42,6 +42,7 @@ from .flags import add_run_options
 from .sweep import read_results, run_sweep
 from .train import TrainConfig, resolve_device
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
+from .data.base import folder_problem
 from .errors import ConfigError, ResultsError, check_int
 from .stats import above_zero, format_interval, format_stat, mean_se, t_interval
 from .two_stage import drop_superseded, run_two_stage
@@ -729,6 +730,15 @@ def run_benchmark(protocol: Protocol, suite: Suite, results: Path, curves: Curve
           flush=True)
 
 
+def check_data_folder(data_dir: str | None) -> None:
+    """A --data-dir that is not a folder is refused before --out is made (the first sweep
+    would find it, after an empty results folder was left behind)."""
+    problem = data_dir and folder_problem(Path(data_dir).expanduser())
+    if problem:
+        raise ConfigError(f"--data-dir {data_dir} {problem}; give the folder that holds the "
+                          "Fashion-MNIST files (docs/benchmarks.md)")
+
+
 def run(args) -> int:
     name = args.suite + ("-quick" if args.quick else "")
     suite = SUITES[name]
@@ -748,7 +758,8 @@ def run(args) -> int:
         workers = check_int("--workers", suite.workers if args.workers is None else args.workers)
         if executor is None:
             resolve_device(args.device)
-        else:
+            check_data_folder(args.data_dir)
+        else:  # the folder is the nodes' to see (checked on each when Ray connects)
             executor.check_options(args.device)
         out_dir = check_output(out_dir, "--out", folder=True)  # "~" expanded once
         with session_for(executor):  # one Ray connection for all the suite's sweeps

@@ -183,6 +183,22 @@ def test_bench_refuses_workers_0_instead_of_taking_the_suites_default(tmp_path, 
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err and not calls
 
 
+@pytest.mark.parametrize("make, problem", [(lambda p: p / "nowhere", "does not exist"),
+                                            (lambda p: p / "file", "is a file, not a folder")])
+def test_bench_refuses_a_data_dir_that_is_not_a_folder_before_making_out(tmp_path, monkeypatch,
+                                                                          capsys, make, problem):
+    """The first sweep used to find it, after an empty --out folder had been made."""
+    import deep.bench
+    from deep.__main__ import main
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(deep.bench, "run_benchmark", lambda *args, **options: None)
+    out = tmp_path / "out"
+    assert main(["bench", "fmnist", "--quick", "--out", str(out), "--data-dir",
+                 str(make(tmp_path))]) == 2
+    assert f"{problem}; give the folder that holds the Fashion-MNIST" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_quick_bench_runs_end_to_end(tmp_path, real_fmnist):
     assert source_checkpoint("fmnist-c").exists(), "the committed source model is missing"
