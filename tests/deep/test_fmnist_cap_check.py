@@ -74,3 +74,27 @@ def test_the_capped_row_reruns_at_both_caps_and_beside_the_baseline(committed, t
 def test_bad_flags_are_refused():
     with pytest.raises(SystemExit, match="--factor must be at least 2"):
         script().main(["--factor", "1"])
+
+
+def test_the_docs_quote_the_committed_cap_check():
+    """docs/fmnist.md's intervals are what the committed reruns give (recomputed here with
+    the script's own functions, from figures/fmnist-v2/cap-check/, no training)."""
+    s = script()
+    doc = " ".join((ROOT / "docs" / "fmnist.md").read_text().split())
+    folder = ROOT / "figures" / "fmnist-v2" / "cap-check"
+    quoted = {("fmnist-breeds", "subpopulation"): ("-0.7 [-2.0, +0.6]", "+0.0 [-1.0, +1.0]",
+                                                   "-0.7 [-2.3, +0.9]"),
+              ("fmnist-c", "fog"): ("+1.3 [-0.9, +3.5]", "-0.5 [-3.7, +2.6]",
+                                    "+0.8 [-0.9, +2.5]")}
+    for (benchmark, shift), (longer_vs_cap, cap_vs_all, longer_vs_all) in quoted.items():
+        key = (benchmark, shift, "lp-ft", 1000)
+        cap = s.measured(folder / "epochs-25.csv", key, "lp-ft", 25)
+        longer = s.measured(folder / "epochs-50.csv", key, "lp-ft", 50)
+        base = s.measured(folder / "epochs-25.csv", key, "all", 25)
+        assert len(cap) == len(longer) == len(base) == 5
+        assert all(r["best_epoch"] < 50 for r in longer.values())
+        assert s.paired(longer, cap, "test_acc") == longer_vs_cap
+        assert s.paired(cap, base, "test_acc") == cap_vs_all
+        assert s.paired(longer, base, "test_acc") == longer_vs_all
+        for value in (longer_vs_cap, cap_vs_all, longer_vs_all):
+            assert value in doc, value
