@@ -8,7 +8,9 @@ its chosen learning rate, three ways: at the cap, at `factor` times the cap (sam
 and the baseline method (`all`) at its own chosen rates and cap. All three run on this
 machine, since another CPU picks other kernels (docs/fmnist.md, "Same seed, same numbers").
 Prints each seed's best epoch and test metric, and paired differences over seeds (95 % t
-intervals): longer cap minus cap, and each minus the baseline. Runs go to
+intervals): longer cap minus cap, and each minus the baseline; last, each rerun at its
+committed run's own settings beside that run, bit for bit ("identical to the committed rows:
+k of N"; on another kind of CPU some differ by design). Runs go to
 DIR/epochs-<E>.csv, resumed like any sweep; the committed ones (figures/fmnist-v2/cap-check/)
 print without running anything.
 """
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script b
 from fmnist_reproduce import protocol_for  # noqa: E402  (the row's own settings)
 
 from deep.report import select_learning_rates, test_metric_name  # noqa: E402
-from deep.results import read_results  # noqa: E402
+from deep.results import read_results, row_key  # noqa: E402
 from deep.stats import format_interval, mean_se, t_interval  # noqa: E402
 from deep.sweep import machine, run_sweep  # noqa: E402
 
@@ -91,6 +93,26 @@ def report(key: tuple, runs: dict[str, dict[int, dict]], metric: str) -> list[st
     return lines + [""]
 
 
+COMPARED = ("status", "best_epoch", "val_acc", "test_acc")
+
+
+def against_committed(reruns: list[dict], committed: list[dict]) -> list[str]:
+    """The reruns at a committed run's own settings beside that run: "same" (bit for bit in
+    COMPARED) or what differs, then "identical to the committed rows: k of N". On another
+    kind of CPU some differ by design (docs/fmnist.md, "Same seed, same numbers")."""
+    known = {row_key(r): r for r in committed}
+    lines, same = [], 0
+    unique = {(row_key(r), r["epochs"]): r for r in reruns}  # a baseline serves two rows
+    pairs = [(known[key], r) for (key, epochs), r in unique.items()
+             if key in known and known[key]["epochs"] == epochs]
+    for old, new in pairs:
+        differ = {m: (old[m], new[m]) for m in COMPARED if old[m] != new[m]}
+        same += not differ
+        lines.append(("same    " if not differ else "differs ") + " ".join(map(str, row_key(new)))
+                     + (f": {differ}" if differ else ""))
+    return lines + [f"identical to the committed rows: {same} of {len(pairs)}"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +136,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"this machine: {machine('cpu')}")
-    lines = []
+    lines, reruns = [], []
     for key in keys:
         method, metric = key[2], test_metric_name([r for r in selected if r["benchmark"] == key[0]])
         ours, theirs = chosen(selected, key, method), chosen(selected, key, args.baseline)
@@ -133,8 +155,9 @@ def main(argv=None) -> int:
         for label, (by_seed, epochs) in plan.items():
             out = rerun(by_seed, epochs, out_dir, args.workers)
             runs[label] = measured(out, key, next(iter(by_seed.values()))["method"], epochs)
+            reruns += runs[label].values()
         lines += report(key, runs, metric)
-    print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(lines + against_committed(reruns, rows)))
     return 0
 
 

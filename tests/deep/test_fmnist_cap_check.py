@@ -66,9 +66,23 @@ def test_the_capped_row_reruns_at_both_caps_and_beside_the_baseline(committed, t
     again = {(r["method"], r["seed"]): r["test_acc"] for r in at_cap}
     assert all(again[(r["method"], r["seed"])] == r["test_acc"] for r in rows)
     assert "first, cap 4 - first, cap 2:" in out and "first, cap 2 - all, cap 2:" in out
+    # the reruns at the committed cap are the committed runs (same machine): all identical
+    assert f"identical to the committed rows: {len(at_cap)} of {len(at_cap)}" in out
     # a second call finds every run done and only prints
     rc = script().main(["--results", str(committed), "--out-dir", str(out_dir), "--workers", "1"])
     assert rc == 0 and len(read_results(out_dir / "epochs-4.csv")) == len(longer)
+
+
+def test_a_rerun_that_differs_from_its_committed_run_is_named_with_what_differs():
+    def full(**changes):
+        return {**row("all", 0, 5), "status": "ok", "test_acc": 0.5, **changes}
+    committed = [full(), full(seed=1), full(seed=2)]
+    reruns = [full(), full(seed=1, best_epoch=6, test_acc=0.25),
+              full(seed=2, epochs=50)]  # another cap: not a rerun of the committed run
+    lines = script().against_committed(reruns, committed)
+    assert lines[0].startswith("same ") and lines[1].startswith("differs ")
+    assert "'best_epoch': (5, 6)" in lines[1] and "'test_acc': (0.5, 0.25)" in lines[1]
+    assert lines[-1] == "identical to the committed rows: 1 of 2"
 
 
 def test_bad_flags_are_refused():
