@@ -18,7 +18,8 @@ from .adapt.protocol import available as adapt_protocols, load_adapt_protocol
 from .allocator import keep_freed_memory
 from .data import get_benchmark
 from .errors import ConfigError, exit_status
-from .flags import add_device, add_flags, add_run_options, add_trust_checkpoint, flag_values
+from .flags import (add_device, add_flags, add_run_options, add_trust_checkpoint,
+                    check_trust_has_a_file, flag_values)
 from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
@@ -76,6 +77,7 @@ def sweep_protocol(args) -> Protocol:
 
 
 def run_sweep_command(args) -> int:
+    check_trust_has_a_file(args.trust_checkpoint, args.checkpoint, "--checkpoint")
     summary = run_sweep(sweep_protocol(args), args.out, checkpoint=args.checkpoint,
                         data_dir=args.data_dir,
                         workers=DEFAULT_WORKERS if args.workers is None else args.workers,
@@ -138,6 +140,7 @@ def pretrain_settings(args) -> tuple[str, PretrainConfig, dict]:
 
 def run_pretrain(args) -> int:
     arch, config, options = pretrain_settings(args)
+    check_trust_has_a_file(args.trust_checkpoint, config.init, "--init")
     resolved = {"benchmark": args.benchmark, "arch": arch,
                 "pretrain": dataclasses.asdict(config), "source_data": options}
     manifest = pretrain_to_file(args.benchmark, args.out, arch, config, options, args.data_dir,

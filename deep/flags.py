@@ -17,6 +17,7 @@ import dataclasses
 import types
 import typing
 
+from .checkpoints import RANDOM_INIT
 from .errors import ConfigError, check_each_once, check_nonnegative, check_positive
 
 
@@ -65,6 +66,14 @@ def add_trust_checkpoint(parser: argparse.ArgumentParser, what: str = "--checkpo
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help=f"read {what} with full unpickling, which can run code from the "
                         "file: only for a file you trust that safe loading refuses")
+
+
+def check_trust_has_a_file(trust: bool, source: str | None, flag: str) -> None:
+    """--trust-checkpoint beside `flag none` (random init) trusts nothing: refused like
+    any flag without effect (the user may have meant to name a file)."""
+    if trust and source == RANDOM_INIT:
+        raise ConfigError(f"--trust-checkpoint has no effect with {flag} {RANDOM_INIT} (a random "
+                          "init reads no file): drop one of the two")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

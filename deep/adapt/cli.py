@@ -13,7 +13,8 @@ import dataclasses
 import torch
 
 from ..errors import ConfigError
-from ..flags import add_flags, add_trust_checkpoint, comma_list, flag_values
+from ..flags import (add_flags, add_trust_checkpoint, check_trust_has_a_file, comma_list,
+                     flag_values)
 from ..models import architecture_names
 from ..protocol import data_option
 from .core import METHODS
@@ -151,6 +152,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     protocol = protocol_from_args(args)
+    check_trust_has_a_file(args.trust_checkpoint, protocol.checkpoint, "--checkpoint")
     summary = run_adaptation(protocol, args.out, data_dir=args.data_dir, episodic=args.episodic,
                              progress=not args.no_progress, trust_checkpoint=args.trust_checkpoint)
     print(f"ran {summary.ran} streams, skipped {summary.skipped} already finished, in "

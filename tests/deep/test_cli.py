@@ -64,6 +64,21 @@ def test_pretrain_writes_checkpoint_and_manifest(tmp_path, capsys):
     assert model.fc.out_features == 4
 
 
+@pytest.mark.parametrize("command", [
+    ["sweep", "--benchmark", "synthetic", "--quick", "--checkpoint", "none", "--out", "r.csv"],
+    ["pretrain", "--benchmark", "synthetic", "--init", "none", "--out", "src.pt"],
+    ["adapt", "--benchmark", "fmnist-c", "--quick", "--checkpoint", "none", "--out", "a.csv"],
+])
+def test_trust_checkpoint_beside_a_random_init_is_refused(tmp_path, capsys, monkeypatch, command):
+    """It trusts no file; it used to be accepted without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--trust-checkpoint"]) == 2
+    flag = "--init" if command[0] == "pretrain" else "--checkpoint"
+    assert (f"--trust-checkpoint has no effect with {flag} none (a random init reads no file)"
+            in capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
+
+
 def test_pretrain_init_from_a_file_safe_loading_refuses_needs_trust(tmp_path, capsys):
     """A weight file with a global outside the allowlist (as MEMO's numpy-scalar files were
     before the allowlist): refused with a hint at the flag, loaded with --trust-checkpoint."""
