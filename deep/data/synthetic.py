@@ -123,8 +123,8 @@ def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_
     disjoint parts of its "eval" pool (for `spurious` the two pools differ in
     how often the patch matches the label).
     """
+    BENCHMARKS[NAME].check_shifts(shift)  # first, as every loader does
     _no_folder(data_dir)
-    BENCHMARKS[NAME].check_shifts(shift)
     check_int("n_target", n_target, error=DataError)
     # 0 passes here: ShiftTask says which flag makes the split non-empty
     for name, value in (("val_per_class", val_per_class), ("test_per_class", test_per_class)):
