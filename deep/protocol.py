@@ -181,11 +181,11 @@ def read_protocol_file(config_dir: Path, benchmark: str,
                        what: str = "protocol") -> tuple[dict, Path]:
     """(table, path) of `config_dir`/<benchmark>.toml, its `benchmark` key filled in and
     checked against the file name (fine-tuning and adaptation protocols alike)."""
-    path = config_dir / f"{benchmark}.toml"
     if Path(benchmark).name != benchmark or benchmark.startswith("."):
         # a name, not a path: `../x` would read a file outside the configs folder
         raise ConfigError(f"{what}s are named by their benchmark (e.g. fmnist-c), not a path; "
                           f"got {benchmark!r}")
+    path = config_dir / f"{benchmark}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in config_dir.glob("*.toml"))
         raise ConfigError(f"no {what} for benchmark {benchmark!r} ({path} missing); "

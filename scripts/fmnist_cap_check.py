@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script below
-from fmnist_reproduce import protocol_for  # noqa: E402  (the row's own settings)
+from fmnist_reproduce import differences, protocol_for  # noqa: E402  (shared with the rerun check)
 
 from deep.report import select_learning_rates, test_metric_name  # noqa: E402
 from deep.results import read_results, row_key  # noqa: E402
@@ -32,19 +32,21 @@ from deep.sweep import machine, run_sweep  # noqa: E402
 COMMITTED = "figures/fmnist-v2/results.csv"
 
 
+def table_row(r: dict) -> tuple:
+    """The table row a run belongs to: (benchmark, shift, method, n_target)."""
+    return r["benchmark"], r["shift"], r["method"], r["n_target"]
+
+
 def rows_at_cap(selected: list[dict]) -> list[tuple]:
-    """(benchmark, shift, method, n_target) of every row where a seed's chosen run ended at
-    its cap (best epoch = last allowed epoch), sorted."""
-    return sorted({(r["benchmark"], r["shift"], r["method"], r["n_target"])
-                   for r in selected if r["best_epoch"] >= r["epochs"]}, key=str)
+    """`table_row` of every row where a seed's chosen run ended at its cap (best epoch =
+    last allowed epoch), sorted."""
+    return sorted({table_row(r) for r in selected if r["best_epoch"] >= r["epochs"]}, key=str)
 
 
-def chosen(selected: list[dict], key: tuple, method: str) -> dict[int, dict]:
-    """seed -> the chosen row of `method` in the row `key` (benchmark, shift, _, n_target)."""
-    benchmark, shift, _, n_target = key
-    wanted = (benchmark, shift, method, n_target)
-    return {r["seed"]: r for r in selected
-            if (r["benchmark"], r["shift"], r["method"], r["n_target"]) == wanted}
+def of_method(rows: list[dict], key: tuple, method: str) -> dict[int, dict]:
+    """seed -> the run of `method` among `rows` in the table row `key`, whatever its method."""
+    wanted = (*key[:2], method, key[3])
+    return {r["seed"]: r for r in rows if table_row(r) == wanted}
 
 
 def rerun(by_seed: dict[int, dict], epochs: int, out_dir: Path, workers: int) -> Path:
@@ -65,10 +67,7 @@ def rerun(by_seed: dict[int, dict], epochs: int, out_dir: Path, workers: int) ->
 
 def measured(out: Path, key: tuple, method: str, epochs: int) -> dict[int, dict]:
     """seed -> the rerun row of `method` in row `key` with cap `epochs`, from `out`."""
-    benchmark, shift, _, n_target = key
-    return {r["seed"]: r for r in read_results(out)
-            if (r["benchmark"], r["shift"], r["method"], r["n_target"], r["epochs"])
-            == (benchmark, shift, method, n_target, epochs)}
+    return of_method([r for r in read_results(out) if r["epochs"] == epochs], key, method)
 
 
 def paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> str:
@@ -93,20 +92,18 @@ def report(key: tuple, runs: dict[str, dict[int, dict]], metric: str) -> list[st
     return lines + [""]
 
 
-COMPARED = ("status", "best_epoch", "val_acc", "test_acc")
-
-
 def against_committed(reruns: list[dict], committed: list[dict]) -> list[str]:
     """The reruns at a committed run's own settings beside that run: "same" (bit for bit in
-    COMPARED) or what differs, then "identical to the committed rows: k of N". On another
-    kind of CPU some differ by design (docs/fmnist.md, "Same seed, same numbers")."""
+    every metric fmnist_reproduce compares) or what differs, then "identical to the
+    committed rows: k of N". On another kind of CPU some differ by design (docs/fmnist.md,
+    "Same seed, same numbers")."""
     known = {row_key(r): r for r in committed}
     lines, same = [], 0
     unique = {(row_key(r), r["epochs"]): r for r in reruns}  # a baseline serves two rows
     pairs = [(known[key], r) for (key, epochs), r in unique.items()
              if key in known and known[key]["epochs"] == epochs]
     for old, new in pairs:
-        differ = {m: (old[m], new[m]) for m in COMPARED if old[m] != new[m]}
+        differ = differences(old, new)
         same += not differ
         lines.append(("same    " if not differ else "differs ") + " ".join(map(str, row_key(new)))
                      + (f": {differ}" if differ else ""))
@@ -139,7 +136,7 @@ def main(argv=None) -> int:
     lines, reruns = [], []
     for key in keys:
         method, metric = key[2], test_metric_name([r for r in selected if r["benchmark"] == key[0]])
-        ours, theirs = chosen(selected, key, method), chosen(selected, key, args.baseline)
+        ours, theirs = of_method(selected, key, method), of_method(selected, key, args.baseline)
         if not theirs:
             raise SystemExit(f"{args.results}: row {key} has no {args.baseline!r} runs to "
                              "compare with (--baseline names another method)")

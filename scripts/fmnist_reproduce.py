@@ -29,6 +29,11 @@ ROW_SETTINGS = ("epochs", "batch_size", "weight_decay", "select", "val_per_class
                 "test_per_class", "patience")
 
 
+def differences(old: dict, new: dict) -> dict:
+    """{metric: (old, new)} for each of METRICS where the two rows differ (bit for bit)."""
+    return {m: (old.get(m), new.get(m)) for m in METRICS if old.get(m) != new.get(m)}
+
+
 def draw_cells(rows: list[dict], n: int, seed: int) -> list[dict]:
     """n distinct cells, the same for the same seed and files, taken from the benchmarks in
     turn (fmnist-c has most of the rows; a plain sample would seldom reach the others)."""
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
     same = 0
     for row in cells:
         new = rerun[row_key(row)]
-        differ = {m: (row[m], new[m]) for m in METRICS if row[m] != new[m]}
+        differ = differences(row, new)
         same += not differ
         print(("  same   " if not differ else "  DIFFERS") + f" {row_key(row)} "
               f"(committed at {row.get('commit') or 'unknown commit'})"
