@@ -26,7 +26,7 @@ from torch import nn
 from .errors import check_seed
 from .files import (CheckpointError, atomic_write_bytes, manifest_path, sha256_file,  # noqa: F401
                     verify_checkpoint, write_manifest)
-from .models import build_model, matches_any, same_network, vit
+from .models import architecture_names, build_model, matches_any, same_network, vit
 
 FORMAT = "surgical-ft-checkpoint"
 VERSION = 1
@@ -105,6 +105,8 @@ def read_torch_file(path: Path, trust_checkpoint: bool = False, what: str = "che
     """torch.load on CPU, safe unless `trust_checkpoint` (which may run code from the file).
     `what` names the file in errors ("checkpoint", "class text embeddings", ...)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise CheckpointError(f"{what} file not found: {path}")
     with open(path, "rb") as f:
@@ -145,9 +147,14 @@ def _check_torch_format(start: bytes, path: Path, what: str) -> None:
     anything else (`start`: the file's first bytes) is no torch file at all, trusted or not."""
     if not start:
         raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted download?")
-    if not (start.startswith(b"PK\x03\x04") or start[0] == 0x80):
-        raise CheckpointError(f"{what} {path} is not a file written by torch.save (neither "
-                              f"a zip archive nor a pickle; it starts with {start[:4]!r})")
+    if start.startswith(b"PK\x03\x04") or start[0] == 0x80:
+        return
+    if start[8:10] == b'{"':  # safetensors: an 8-byte header length, then its JSON header
+        raise CheckpointError(f"{what} {path} is a safetensors file, not one written by "
+                              f"torch.save: convert it with safetensors.torch.load_file, then "
+                              f"torch.save(state_dict, 'weights.pt')")
+    raise CheckpointError(f"{what} {path} is not a file written by torch.save (neither "
+                          f"a zip archive nor a pickle; it starts with {start[:4]!r})")
 
 
 def _torch_reason(err: Exception) -> str:
@@ -218,11 +225,26 @@ def _own_checkpoint(raw: object, path: Path) -> Checkpoint:
                       raw["state_dict"], raw.get("meta", {}))
 
 
-def load_torchvision_state(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+def load_torchvision_state(path: str | Path, trust_checkpoint: bool = False,
+                           arch: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict in a weight file of this or another project (see `extract_state_dict`:
-    torchvision, RobustBench, TTT/MEMO layouts), read safely unless `trust_checkpoint`."""
+    torchvision, RobustBench, TTT/MEMO layouts), read safely unless `trust_checkpoint`.
+    A file of ours for another network than `arch` is refused (`check_recorded_arch`)."""
     path = Path(path)
-    return extract_state_dict(read_torch_file(path, trust_checkpoint), str(path))
+    raw = read_torch_file(path, trust_checkpoint)
+    check_recorded_arch(raw, arch, str(path))
+    return extract_state_dict(raw, str(path))
+
+
+def check_recorded_arch(raw: object, arch: str | None, where: str) -> None:
+    """A file of ours names its network: refuse it for another one, even when every tensor
+    fits (clip-vit-b16-gelu's weights would run with QuickGELU in clip-vit-b16)."""
+    if arch is None or not (isinstance(raw, dict) and raw.get("format") == FORMAT):
+        return
+    recorded = raw.get("arch")
+    if isinstance(recorded, str) and recorded in architecture_names() \
+            and not same_network(recorded, arch):
+        raise CheckpointError(f"{where} holds arch={recorded}, not {arch}: give --arch {recorded}")
 
 
 def extract_state_dict(raw: object, where: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -299,7 +321,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: st
 
 
 def load_backbone(model: nn.Module, path: str | Path, trust_checkpoint: bool = False,
-                  head: tuple[str, ...] = ("fc",)) -> list[str]:
+                  head: tuple[str, ...] = ("fc",), arch: str | None = None) -> list[str]:
     """Initialise `model` from a weight file (ours, torchvision layout, a CLIP state dict
     for a CLIP ViT) whose classifier may have another number of classes (e.g.
     ImageNet's 1000).
@@ -307,9 +329,12 @@ def load_backbone(model: nn.Module, path: str | Path, trust_checkpoint: bool = F
     Every tensor must fit except those under the module prefixes `head` (the
     architecture's `last` block), which keep their fresh initialisation when their
     shape differs. Returns the names skipped. The file is read safely unless
-    `trust_checkpoint` (see `load_model`).
+    `trust_checkpoint` (see `load_model`). A file of ours for another network than
+    `arch` (the name `model` was built from) is refused.
     """
-    state = _state_for(model, _read_weights(Path(path), trust_checkpoint), str(path))
+    raw = _read_weights(Path(path), trust_checkpoint)
+    check_recorded_arch(raw, arch, str(path))
+    state = _state_for(model, raw, str(path))
     expected = model.state_dict()
     skipped = sorted(k for k in state if matches_any(k, head) and k in expected
                      and state[k].shape != expected[k].shape)

@@ -22,13 +22,16 @@ from .checkpoints import (load_state_strict, load_torchvision_state, read_torch_
                           save_checkpoint)
 from .errors import check_choice, check_int, exit_status
 from .files import CheckpointError, check_output, sha256_file
-from .models.vit import (CONFIGS, HEAD, IMAGE_TOWER, build, image_tower_state,
+from .models.vit import (CONFIGS, HEAD, build, image_tower_state,
                          is_torchscript_archive, logit_scale, set_zero_shot_head,
                          torchscript_state)
 
 
 def read_text_embeddings(path: str | Path) -> torch.Tensor:
     """A tensor [num_classes, embedding] saved with torch.save (read with weights_only)."""
+    if is_torchscript_archive(path):  # torch's own refusal is a page of advice
+        raise CheckpointError(f"class text embeddings {path} is a TorchScript archive (a model?), "
+                              f"not a tensor: save the embeddings with torch.save(tensor, path)")
     value = read_torch_file(path, what="class text embeddings")
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"{path} must hold one tensor [num_classes, embedding] "
@@ -37,11 +40,13 @@ def read_text_embeddings(path: str | Path) -> torch.Tensor:
 
 
 def read_clip_state(path: str | Path, trust_torchscript: bool = False,
-                    trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+                    trust_checkpoint: bool = False, arch: str | None = None
+                    ) -> dict[str, torch.Tensor]:
     """A CLIP state dict from a file: plain (optionally under `state_dict`, `module.`
-    prefixes), ours, or a TorchScript archive when `trust_torchscript`. A plain file
-    that holds more than tensors is read with full unpickling only when
-    `trust_checkpoint` (see `deep.checkpoints.load_model`)."""
+    prefixes), ours (refused when it records another network than `arch`), or a
+    TorchScript archive when `trust_torchscript`. A plain file that holds more than
+    tensors is read with full unpickling only when `trust_checkpoint` (see
+    `deep.checkpoints.load_model`)."""
     if is_torchscript_archive(path):
         if not trust_torchscript:  # (the sweep's refusal names --trust-checkpoint, its switch)
             raise CheckpointError(
@@ -50,25 +55,7 @@ def read_clip_state(path: str | Path, trust_torchscript: bool = False,
                 "file, add --trust-torchscript, or use open_clip's plain state dict of the "
                 "same weights instead")
         return torchscript_state(path, trust=True)
-    return load_torchvision_state(path, trust_checkpoint)
-
-
-def check_arch_fits(state: dict[str, torch.Tensor], arch: str, num_classes: int,
-                    what: str) -> None:
-    """A file whose image tower is another configuration's (ViT-B/16 weights with
-    --arch clip-vit-tiny, say) names that configuration, instead of every key's shape."""
-    def tower_shapes(name: str) -> dict:
-        with torch.device("meta"):  # shapes only: no memory, no init
-            model = build(name, num_classes)
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()
-                if k.startswith(IMAGE_TOWER)}
-    given = {k: tuple(v.shape) for k, v in state.items() if k.startswith(IMAGE_TOWER)}
-    if not given or given == tower_shapes(arch):
-        return
-    fits = [name for name in sorted(CONFIGS) if name != arch and given == tower_shapes(name)]
-    if fits:
-        raise CheckpointError(f"{what} holds the image tower of {' or '.join(fits)}, not of "
-                              f"{arch}: give --arch {fits[0]}")
+    return load_torchvision_state(path, trust_checkpoint, arch)
 
 
 def prepare_checkpoint(weights: str | Path, out: str | Path, num_classes: int,
@@ -81,11 +68,13 @@ def prepare_checkpoint(weights: str | Path, out: str | Path, num_classes: int,
     check_int("num_classes", num_classes)
     check_choice("arch", arch, sorted(CONFIGS))
     out = check_output(out)
-    state = read_clip_state(weights, trust_torchscript, trust_checkpoint)
+    if out.resolve() == Path(weights).expanduser().resolve():
+        raise CheckpointError(f"--out {out} is the --weights file: writing the checkpoint would "
+                              f"replace the weights it is made from; choose another --out")
+    state = read_clip_state(weights, trust_torchscript, trust_checkpoint, arch)
     embeddings = None if text_embeddings is None else read_text_embeddings(text_embeddings)
     if embeddings is not None:  # the zero-shot head replaces any head the file has
         state = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
-    check_arch_fits(state, arch, num_classes, str(weights))
     model = build(arch, num_classes)
     load_state_strict(model, image_tower_state(state, model, str(weights)), what=str(weights))
     meta = {"source_weights": Path(weights).name, "source_sha256": sha256_file(weights)}

@@ -48,9 +48,14 @@ def check_data_options(loader: Callable, benchmark: str, options: Mapping) -> No
     for name, value in options.items():
         expected = _simple_types(hints[name].annotation)
         if expected and not _fits(value, expected):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+            # None has no spelling in TOML (--data, [data] tables): only its default gives it
+            names = " or ".join(t.__name__ for t in expected if t is not type(None))
+            default = hints[name].default
+            unset = (f"; leave it out for its default, {default!r}"
+                     if default is not inspect.Parameter.empty else "")
             raise ConfigError(f"data option {name}={value!r}: the {benchmark} loader expects "
-                              f"{names} (--data {name}=VALUE, or the protocol's [data] table)")
+                              f"{names} (--data {name}=VALUE, or the protocol's [data] "
+                              f"table){unset}")
 
 
 def _simple_types(annotation) -> tuple:

@@ -212,7 +212,7 @@ def _load_init(model: nn.Module, source: SourceData, arch: str, config: Pretrain
                trust_checkpoint: bool) -> None:
     """`config.init`'s weights into `model`; a classifier of another size is left as built."""
     skipped = load_backbone(model, config.init, trust_checkpoint,
-                            head=get_architecture(arch).blocks.get("last", ("fc",)))
+                            head=get_architecture(arch).blocks.get("last", ("fc",)), arch=arch)
     if skipped:
         print(f"init from {config.init}: classifier {', '.join(skipped)} re-initialised "
               f"({source.num_classes} classes)")

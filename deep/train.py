@@ -371,6 +371,11 @@ def check_splits(train: Split, val: Split | None, config: TrainConfig) -> None:
     if config.select == SELECT_WORST_GROUP and val is not None and val.groups is None:
         raise ConfigError(f"select={SELECT_WORST_GROUP!r} (--select) needs groups in the "
                           "validation split, and this data has none: use --select val_acc")
+    if config.select == SELECT_WORST_GROUP and val is not None and not (val.groups >= 0).any():
+        # (a negative id is in no group: FMoW's region "Other")
+        raise ConfigError(f"select={SELECT_WORST_GROUP!r} (--select) needs validation examples "
+                          f"in a group, and every one of the {len(val)} is in none (group id "
+                          "< 0): use --select val_acc, or a larger validation split")
 
 
 class TrainingRun:

@@ -167,6 +167,7 @@ class FileSplit(Split):
                  groups: torch.Tensor | None, transform: Callable, num_workers: int = 0,
                  name: str = "split"):
         _check_labels(labels, groups, len(paths), name)
+        check_int("num_workers", num_workers, minimum=0)
         self.paths, self.labels, self.groups = list(map(str, paths)), labels, groups
         self.transform, self.num_workers, self.name = transform, num_workers, name
 

@@ -36,7 +36,8 @@ class ImageTransform:
 
     def __init__(self, resize: int | None = 256, crop: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        if resize is not None and resize < crop:
+        check_int("crop", crop)  # (what --data crop=0 or -32 would hand to PIL)
+        if resize is not None and check_int("resize", resize) < crop:
             raise ConfigError(f"resize must be at least crop ({crop}), got {resize}")
         self.resize, self.crop = resize, crop
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)

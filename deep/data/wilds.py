@@ -171,12 +171,22 @@ def _camelyon_row(row: dict, line: int, path: Path, values: list) -> str:
 # --- FMoW -------------------------------------------------------------------------
 
 def read_regions(path: Path) -> dict[str, str]:
-    """country_code_mapping.csv: alpha-3 country code -> region."""
+    """country_code_mapping.csv: alpha-3 country code -> region (one of REGIONS, or
+    OTHER_REGION; a blank region, as Antarctica's, is "Other" too). Another name is
+    refused: it would put its countries in no region, out of the worst-region accuracy."""
     require_file(path, FMOW_LAYOUT, "fmow")
     with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is not part of a name
         reader = csv.DictReader(f)
         _check_header(reader, path, ("alpha-3", "region"), FMOW_LAYOUT, "fmow")
-        return {row["alpha-3"]: row["region"] for row in reader}
+        regions = {}
+        for line, row in enumerate(reader, start=2):
+            region = (row["region"] or "").strip() or OTHER_REGION
+            if region not in (*REGIONS, OTHER_REGION):
+                raise DataError(f"fmow: line {line} of {path}: region {row['region']!r} is not "
+                                f"one of WILDS' {', '.join(REGIONS)} (or {OTHER_REGION}, or "
+                                f"blank)")
+            regions[row["alpha-3"]] = region
+        return regions
 
 
 def parse_timestamp(text: str, line: int, path: Path) -> datetime:

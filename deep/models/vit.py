@@ -338,13 +338,15 @@ def image_tower_state(state: dict[str, torch.Tensor], model: CLIPImageClassifier
     without a head (CLIP's own) gets a fresh head seeded with 0, so the same file always
     gives the same network.
 
-    Raises CheckpointError when the file holds no image tower at all.
+    Raises CheckpointError when the file holds no image tower at all, or another
+    configuration's (named, instead of every key's shape).
     """
     tower = {k: v for k, v in state.items() if k.startswith(IMAGE_TOWER)}
     if not tower:
         sample = ", ".join(sorted(state)[:5])
         raise CheckpointError(f"{what} holds no CLIP image tower (no key starts with "
                          f"{IMAGE_TOWER!r}; first keys: {sample or 'none'})")
+    _check_configuration(tower, model, what)
     heads = {k: v for k, v in state.items() if k.startswith(HEAD + ".")}
     if not heads:
         # A fine-tuned classifier saved under another name (fc.*, classifier.*) would be
@@ -359,6 +361,25 @@ def image_tower_state(state: dict[str, torch.Tensor], model: CLIPImageClassifier
                           f"{HEAD}.bias", stacklevel=3)
     tower.update(heads or seeded_head_state(model))
     return tower
+
+
+def _check_configuration(tower: dict[str, torch.Tensor], model: CLIPImageClassifier,
+                         what: str) -> None:
+    """A file whose image tower is another configuration's (ViT-B/16 weights for
+    clip-vit-tiny, say) names that configuration; one that fits none is left to the
+    strict load, which names the shapes."""
+    def shapes(config: ViTConfig) -> dict:
+        with torch.device("meta"):  # shapes only: no memory, no init
+            visual = VisionTransformer(config, model.visual.conv1.in_channels)
+        return {IMAGE_TOWER + k: tuple(v.shape) for k, v in visual.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in tower.items()}
+    if given == shapes(model.config):
+        return
+    fits = [name for name, config in sorted(CONFIGS.items()) if given == shapes(config)]
+    if fits:
+        ours = [name for name, config in sorted(CONFIGS.items()) if config == model.config]
+        raise CheckpointError(f"{what} holds the image tower of {' or '.join(fits)}, not of "
+                              f"{' or '.join(ours) or 'this model'}: give --arch {fits[0]}")
 
 
 def seeded_head_state(model: CLIPImageClassifier, seed: int = 0) -> dict[str, torch.Tensor]:

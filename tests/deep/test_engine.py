@@ -554,6 +554,11 @@ def test_worst_group_selection_and_metrics(model):
     plain = get_benchmark("synthetic").load_task(None, "noise", 40, 5, 5, seed=0)
     with pytest.raises(ValueError, match="needs groups"):
         fit(model, plain.train, plain.val, plain.test, "last", config, BLOCKS4)
+    # groups, but every validation example in none (FMoW's "Other" alone): no metric to
+    # select by, refused before training instead of a TypeError comparing None at epoch 1
+    outside = TensorSplit(task.val.images, task.val.labels, torch.full_like(task.val.labels, -1))
+    with pytest.raises(ConfigError, match=r"every one of the \d+ is in none \(group id < 0\)"):
+        fit(model, task.train, outside, task.test, "last", config, BLOCKS4)
 
 
 def test_evaluate_counts_groups():

@@ -286,6 +286,23 @@ def test_fmow_without_country_mapping_is_an_error(fmow):
         fmow_task(fmow)
 
 
+def test_a_region_wilds_does_not_have_is_refused_and_a_blank_one_is_other(fmow):
+    """A region name outside WILDS' five would put its countries in no region (out of the
+    worst-region accuracy, and with none left, nothing to select by): refused, naming
+    the line. A blank region (Antarctica's in the real file) is "Other"."""
+    mapping = fmow / w.FMOW_DIR / "country_code_mapping.csv"
+    text = mapping.read_text()
+    rewrite(mapping, ",Europe,", ",Europa,")
+    with pytest.raises(DataError, match=r"line \d+ of .*country_code_mapping.csv: region "
+                                        r"'Europa' is not one of WILDS' Asia, Europe"):
+        fmow_task(fmow)
+    mapping.write_text(text)
+    rewrite(mapping, ",Europe,", ",,")
+    task = fmow_task(fmow)
+    groups = torch.cat([task.train.groups, task.val.groups, task.test.groups])
+    assert 1 not in groups.tolist() and -1 in groups.tolist()  # France's rows are "Other"
+
+
 def test_too_small_a_split_says_how_many_are_left(fmow):
     with pytest.raises(DataError, match=r"fmow/ood-test \(train split\): 34 examples left, "
                                          r"40 requested"):

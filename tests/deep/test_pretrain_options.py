@@ -32,7 +32,9 @@ def test_data_option_without_equals_is_rejected():
     ("cifar10c", {"severity": "five"}, "severity='five': the cifar10c loader expects int"),
     ("cifar10c", {"severity": 2.0}, "expects int"),
     ("imagenet-c", {"allow_subset": "yes"}, "expects bool"),
-    ("waterbirds", {"resize": "none"}, "expects int or null"),
+    # None cannot be written in TOML: the refusal does not offer it, it names the default
+    ("waterbirds", {"resize": "none"}, r"expects int \(--data resize=VALUE, or the protocol's "
+                                       r"\[data\] table\); leave it out for its default, 256$"),
     ("fmnist-c", {"severity": True}, "expects int"),
     ("fmnist-spurious", {"source_agreement": "high"}, "expects float"),
     ("living17", {"split": 3}, "expects str"),
@@ -64,6 +66,16 @@ def test_out_of_range_data_options_are_configuration_errors(tmp_path):
     from deep.errors import ConfigError
     with pytest.raises(ConfigError, match="resize must be at least crop"):
         ImageTransform(resize=30, crop=32)
+    # zero or negative sizes and worker counts: named, not PIL's or DataLoader's error later
+    with pytest.raises(ConfigError, match="crop must be at least 1, got 0"):
+        ImageTransform(resize=0, crop=0)
+    with pytest.raises(ConfigError, match="crop must be at least 1, got -32"):
+        ImageTransform(resize=64, crop=-32)
+    with pytest.raises(ConfigError, match="resize must be at least 1, got -5"):
+        ImageTransform(resize=-5, crop=32)
+    from deep.data.base import FileSplit
+    with pytest.raises(ConfigError, match="num_workers must be at least 0, got -1"):
+        FileSplit(["a.png"], torch.tensor([0]), None, ImageTransform(), num_workers=-1)
     with pytest.raises(ConfigError, match="severity must be an integer in 1..5, got 9"):
         fmnist._corrupted(None, "fog", 9, 0)
 

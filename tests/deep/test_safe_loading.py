@@ -222,6 +222,19 @@ def test_a_plain_pickle_is_named_as_such(tmp_path):
             load_model(tmp_path / "plain.pkl", "resnet26-w4", 4, 1, trust_checkpoint=trust)
 
 
+def test_a_safetensors_file_is_named_with_how_to_convert_it(tmp_path):
+    """The safetensors layout, written by hand from its specification: an 8-byte
+    little-endian header length, a JSON header, then the raw bytes."""
+    import json
+    import struct
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(header)) + header
+                                             + struct.pack("<2f", 1.0, 2.0))
+    with pytest.raises(CheckpointError, match=r"w\.safetensors is a safetensors file.*"
+                                              r"safetensors\.torch\.load_file, then torch\.save"):
+        load_torchvision_state(tmp_path / "w.safetensors")
+
+
 @pytest.mark.parametrize("spoil, message", [
     (lambda s: s.__setitem__("fc.weight", s["fc.weight"].long()), r"fc\.weight: torch\.int64"),
     (lambda s: s["conv1.weight"].view(-1)[0].fill_(float("nan")), r"conv1\.weight: NaN or inf"),

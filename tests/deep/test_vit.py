@@ -325,12 +325,56 @@ def test_only_a_configuration_with_the_files_shapes_is_suggested_as_its_arch():
     """A 12-block tower of another width has the keys of both ViT-B/16 variants but the
     shapes of neither: no configuration fits, so none is named (the strict load then names
     the mismatched shapes). A tower that is a known configuration's is named."""
-    from deep.clip import check_arch_fits
+    from deep.models.vit import image_tower_state
     other = ViTConfig(image_size=32, patch_size=8, width=32, layers=12, heads=2, mlp_width=64,
                       output_dim=16)
-    check_arch_fits(CLIPImageClassifier(other, 2).state_dict(), "clip-vit-b16", 2, "f.pt")
-    with pytest.raises(CheckpointError, match="image tower of clip-vit-tiny, not of clip-vit-b16"):
-        check_arch_fits(build_model(TINY, 2).state_dict(), "clip-vit-b16", 2, "f.pt")
+    with torch.device("meta"):
+        b16 = build_model("clip-vit-b16", 2)
+    image_tower_state(CLIPImageClassifier(other, 2).state_dict(), b16, "f.pt")  # none named
+    with pytest.raises(CheckpointError, match="image tower of clip-vit-tiny, not of clip-vit-b16: "
+                                              "give --arch clip-vit-tiny"):
+        image_tower_state(build_model(TINY, 2).state_dict(), b16, "f.pt")
+
+
+def test_another_vits_weights_are_named_wherever_they_are_loaded(tmp_path):
+    """ViT-tiny weights for a ViT-B/16, as `sweep --checkpoint` and `pretrain --init` read
+    them: the configuration they fit is named, not 150 mismatched keys."""
+    from deep.checkpoints import load_backbone
+    torch.save(clip_like_state(), tmp_path / "clip.pt")
+    with pytest.raises(CheckpointError, match="clip.pt holds the image tower of clip-vit-tiny"):
+        load_model(tmp_path / "clip.pt", "clip-vit-b16", 2, 3)
+    with pytest.raises(CheckpointError, match="clip.pt holds the image tower of clip-vit-tiny"):
+        load_backbone(build_model("clip-vit-b16", 2), tmp_path / "clip.pt", head=("head",))
+
+
+def test_a_checkpoint_of_ours_is_refused_for_another_network_whose_tensors_fit(tmp_path):
+    """clip-vit-b16-gelu's weights have clip-vit-b16's keys and shapes, but run with another
+    activation: our file records its arch, and `pretrain --init` and `deep.clip prepare`
+    refuse it for another network as `sweep --checkpoint` does (the tiny network, recorded
+    under the GELU name, stands in for 86M parameters)."""
+    from deep.checkpoints import load_backbone, save_checkpoint
+    from deep.clip import prepare_checkpoint
+    save_checkpoint(tmp_path / "gelu.pt", build_model(TINY, 2), "clip-vit-b16-gelu", 2, 3)
+    refused = "gelu.pt holds arch=clip-vit-b16-gelu, not clip-vit-tiny: give --arch clip-vit-b16-gelu"
+    with pytest.raises(CheckpointError, match=refused):
+        load_backbone(build_model(TINY, 2), tmp_path / "gelu.pt", head=("head",), arch=TINY)
+    with pytest.raises(CheckpointError, match=refused):
+        prepare_checkpoint(tmp_path / "gelu.pt", tmp_path / "out.pt", 2, TINY)
+    assert not (tmp_path / "out.pt").exists()
+    # the same network under another name is one network: accepted
+    save_checkpoint(tmp_path / "tiny.pt", build_model(TINY, 2), TINY, 2, 3)
+    assert load_backbone(build_model(TINY, 2), tmp_path / "tiny.pt", arch=TINY) == []
+
+
+def test_pretrain_init_refuses_a_checkpoint_of_ours_for_another_network(tmp_path):
+    from deep.checkpoints import save_checkpoint
+    from deep.data.base import SourceData
+    from deep.pretrain import pretrain
+    save_checkpoint(tmp_path / "gelu.pt", build_model(TINY, 2), "clip-vit-b16-gelu", 2, 3)
+    split = TensorSplit(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
+    source = SourceData("camelyon17", 2, 3, split, split)
+    with pytest.raises(CheckpointError, match="holds arch=clip-vit-b16-gelu, not clip-vit-tiny"):
+        pretrain(source, TINY, init=str(tmp_path / "gelu.pt"), epochs=1, progress=False)
 
 
 def test_a_file_without_image_tower_is_refused(tmp_path):
@@ -587,3 +631,23 @@ def test_prepare_names_bad_files_and_the_flag_that_helps(tmp_path, capsys):
     assert f"--out {tmp_path} is a folder; a file is expected" in error(
         "--weights", str(tmp_path / "clip.pt"), "--arch", TINY, "--out", str(tmp_path))
     assert not (tmp_path / "out.pt").exists()
+    # a folder as --weights is named as one; --out the --weights file is refused, unread
+    assert f"checkpoint {tmp_path} is a folder, not a file" in error(
+        "--weights", str(tmp_path), "--arch", TINY, "--out", out)
+    before = (tmp_path / "clip.pt").read_bytes()
+    assert "is the --weights file: writing the checkpoint would replace" in error(
+        "--weights", str(tmp_path / "clip.pt"), "--arch", TINY, "--out", str(tmp_path / "clip.pt"))
+    assert (tmp_path / "clip.pt").read_bytes() == before
+
+
+def test_a_torchscript_file_as_text_embeddings_is_named_in_one_line(torchscript_file, tmp_path,
+                                                                     capsys):
+    from deep.clip import main
+    path, state = torchscript_file
+    torch.save(state, tmp_path / "clip.pt")
+    assert main(["prepare", "--num-classes", "3", "--weights", str(tmp_path / "clip.pt"),
+                 "--arch", TINY, "--out", str(tmp_path / "out.pt"),
+                 "--text-embeddings", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: class text embeddings") and err.count("\n") == 1, err
+    assert "is a TorchScript archive (a model?), not a tensor" in err
