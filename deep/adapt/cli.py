@@ -28,9 +28,10 @@ HELP = (f"online unsupervised adaptation ({', '.join(s.label for s in METHODS.va
 # one small image) are too small to split, and on a busy machine a second OpenMP thread
 # spins waiting for a core (see THREADS_HELP; deep.pretrain does the same for its model).
 DEFAULT_THREADS = 1
-THREADS_HELP = ("torch threads (default 1; 0 = torch's own default, one per core). One is "
-                "faster for MEMO on CPU: `first` on 30 fmnist-c images took 2.3 s with 1 "
-                "thread and 7.4 s with 2 on a 2-core machine (far worse under load)")
+THREADS_HELP = ("torch threads (default 1; 0 = torch's own default, one per core). MEMO's "
+                "steps are small: a second thread gives about 1.25x on an idle machine and "
+                "costs several times that when another process holds a core "
+                "(docs/online-adaptation.md, Cost)")
 
 
 def quick_help() -> str:
@@ -38,7 +39,8 @@ def quick_help() -> str:
              for s in METHODS.values()]
     return ("smoke test: the protocol's first shift and seed; " + "; ".join(parts)
             + "; MEMO once per learning rate of the protocol (fmnist-c: 0.005 and 0.0005, "
-            "so 6 MEMO streams; --lr picks one). About a minute with one thread")
+            "so 6 MEMO streams; --lr sets the learning rate of every method that runs). About a "
+            "minute with one thread")
 
 
 def _one_image_at_a_time(spec) -> bool:

@@ -88,7 +88,18 @@ def parse_blocks(option: str) -> list[str]:
         if len(parts) > 1:
             raise ConfigError(f"'none' cannot be combined with other blocks: {option!r}")
         return []
+    if ALL in parts and len(parts) > 1:
+        raise ConfigError(f"'all' already holds every block: give it alone, not {option!r}")
     return parts
+
+
+def canonical_blocks(option: str, order: Sequence[str]) -> str:
+    """The one spelling of a block option, its parts in the architecture's block order
+    (`order`, e.g. first, second, third, last): "second + first" -> "first+second", so
+    that one stream is one row and one column of the table whatever the spelling."""
+    rank = {block: i for i, block in enumerate(order)}
+    parts = parse_blocks(option)
+    return "+".join(sorted(parts, key=lambda p: rank.get(p, len(rank)))) or NONE
 
 
 def norm_modules(model: nn.Module, prefixes: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
@@ -118,6 +129,13 @@ def adapted_parameter_names(model: nn.Module, method: str, option: str,
     if not options:
         return []
     names = tuned_parameter_names(model, options, blocks)  # checks the options
+    if len(options) > 1:  # each part adapts something (TENT: `last` holds no norm layer)
+        for part in options:
+            try:
+                spec.parameters(model, part, tuned_parameter_names(model, [part], blocks),
+                                block_prefixes_of([part], blocks))
+            except ConfigError as err:
+                raise ConfigError(f"in {option!r}: {err}") from None
     return spec.parameters(model, option, names, block_prefixes_of(options, blocks))
 
 

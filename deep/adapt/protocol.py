@@ -19,7 +19,8 @@ from pathlib import Path
 from ..errors import ConfigError, check_each_once, check_seeds
 from ..models import get_architecture
 from ..protocol import read_protocol_file
-from .core import METHODS, method_spec, parse_blocks
+from ..blocks import blocks_for
+from .core import METHODS, canonical_blocks, method_spec, parse_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "adapt"
 _METHOD_KEYS = {"blocks", "images"}
@@ -67,7 +68,7 @@ class AdaptProtocol:
         for method in METHODS:
             self.configs(method)  # unknown keys or bad values fail here, not mid-run
             _check_images(f"[{method}] images", self.images_of(method))
-            _check_blocks(f"[{method}] blocks", self.blocks_of(method))
+            _check_blocks(f"[{method}] blocks", self.settings_of(method).get("blocks", self.blocks))
         # A stream of one image is one batch of one for a method that adapts on batches:
         # no batch statistics. Only for a method that runs (a protocol file may give a
         # method it does not run a length of 1).
@@ -141,7 +142,10 @@ class AdaptProtocol:
         return {spec.batch_size(c) for c in self.configs(method)}
 
     def blocks_of(self, method: str) -> list[str]:
-        return list(self.settings_of(method).get("blocks", self.blocks))
+        """The method's block options, each in its one spelling (`canonical_blocks`)."""
+        order = list(blocks_for(self.arch))
+        return [canonical_blocks(option, order)
+                for option in self.settings_of(method).get("blocks", self.blocks)]
 
     def images_of(self, method: str) -> int:
         return self.settings_of(method).get("images", self.images)

@@ -6,8 +6,12 @@ the same command resumes it, skipping the finished streams. A finished row whose
 settings differ from the run's is an error (write to another --out), never mixed, and so is
 a new stream beside rows of its method that ran with other settings (only lr may differ); the
 source model counts as the same when its file name is (`deep.results.same_checkpoint`:
-committed results resume from another checkout). The summary keeps streams of
-different lengths (`images`) apart: one table per (method, mode, lr, stream length).
+committed results resume from another checkout). Settings compare as values, not
+text: a protocol's `prior_strength = -1` and the flag's -1.0 are one setting. The loader
+options (`data`, e.g. the corruption severity) are settings too; rows written before that
+column existed are read with them unknown, and not compared. The summary keeps streams
+of different lengths (`images`) apart: one table per (method, mode, lr, stream length),
+and one section per benchmark when a file holds several.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from ..stats import (NO_STAT, above_zero, format_interval, format_stat, interval
 
 COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr", "test_acc",
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
-           "settings", "machine")
-# The headers read: files written before the `machine` column (where the stream ran:
-# `deep.sweep.machine`) are still read, with it empty, and resumed.
-HEADERS = (COLUMNS, COLUMNS[:-1])
+           "settings", "data", "machine")
+# The headers read: files written before the `data` column (the loader options) or the
+# `machine` column (where the stream ran: `deep.sweep.machine`) are still read, with
+# them empty, and resumed.
+_BEFORE_DATA = tuple(c for c in COLUMNS if c != "data")
+HEADERS = (COLUMNS, _BEFORE_DATA, _BEFORE_DATA[:-1])
 KEY = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images", "lr")
-SETTINGS = ("arch", "checkpoint", "test_per_class", "settings")
+SETTINGS = ("arch", "checkpoint", "test_per_class", "settings", "data")
+JSON_SETTINGS = ("settings", "data")  # compared as values (numbers as numbers)
 _INT = {"seed", "images", "adapted_params", "total_params", "test_per_class"}
 _FLOAT = {"lr", "test_acc", "seconds"}
 
@@ -61,6 +68,7 @@ def _parse(row: dict) -> dict:
         out[k] = float(row[k])
     out["episodic"] = row["episodic"] == "true"
     out["machine"] = row.get("machine") or None
+    out["data"] = row.get("data") or None
     return out
 
 
@@ -79,7 +87,11 @@ def row_key(row: dict) -> tuple:
 def read_adapt_results(path: str | Path) -> list[dict]:
     path = Path(path)
     check_not_a_directory(path)
-    text = path.read_text() if path.exists() else ""
+    try:
+        text = path.read_text() if path.exists() else ""
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not a text file, so not a `deep adapt` results CSV; "
+                           "write to another --out") from None
     if not text.strip():
         return []
     reader = csv.DictReader(io.StringIO(text))
@@ -106,16 +118,20 @@ class AdaptResults:
         """Whether stream `key` is done with these settings; an error if done with others."""
         row = self.done.get(key)
         if row is None:
-            # A new stream beside rows of the same method that ran otherwise (more copies,
-            # another checkpoint) would share their table: refused too. Only lr may differ,
-            # and what the key holds (blocks, seed, stream length, episodic).
-            benchmark, method = key[0], key[2]
-            for other in self.rows:
-                if (other["benchmark"], other["method"]) == (benchmark, method):
-                    self._check(row_key(other), other, settings, ignore_lr=True)
+            self.check_method(key[0], key[2], settings)
             return False
         self._check(key, row, settings)
         return True
+
+    def check_method(self, benchmark: str, method: str, settings: dict) -> None:
+        """An error unless every row of `method` on `benchmark` ran with `settings` but
+        for its learning rate: a new stream beside rows that ran otherwise (more copies,
+        another checkpoint, other data options) would share their table. Only lr may
+        differ, and what the key holds (blocks, seed, stream length, episodic). Called
+        for each method before any stream runs, and again for each new stream."""
+        for other in self.rows:
+            if (other["benchmark"], other["method"]) == (benchmark, method):
+                self._check(row_key(other), other, settings, ignore_lr=True)
 
     def _check(self, key: tuple, row: dict, settings: dict, ignore_lr: bool = False) -> None:
         def value(k, source):
@@ -123,6 +139,8 @@ class AdaptResults:
                 return json.dumps({n: v for n, v in json.loads(source[k]).items() if n != "lr"},
                                   sort_keys=True)
             return source[k]
+        if row.get("data") is None:  # written before the column: unknown, not compared
+            settings = {**settings, "data": None}
         differ = {k: (value(k, row), value(k, settings)) for k in SETTINGS
                   if not _same(k, value(k, row), value(k, settings))}
         if differ:
@@ -133,7 +151,7 @@ class AdaptResults:
         key = row_key(row)
         if key in self.done:
             raise ResultsError(f"stream {key} is already in {self.path}")
-        row = {"machine": None, **row}  # unknown unless the caller says
+        row = {"machine": None, "data": None, **row}  # unknown unless the caller says
         self.rows.append(row)
         self.done[key] = row
         buffer = io.StringIO()
@@ -148,12 +166,31 @@ class AdaptResults:
 def _same(column: str, recorded, now) -> bool:
     if column == "checkpoint":  # the same file at another path (another checkout) is the same
         return same_checkpoint(recorded, now)
+    if column in JSON_SETTINGS and recorded is not None and now is not None:
+        return _values(json.loads(recorded)) == _values(json.loads(now))
     return _format(recorded) == _format(now)
+
+
+def _values(value):
+    """JSON values with every number a float (TOML's -1 is the flag's -1.0), booleans kept
+    apart from numbers."""
+    if isinstance(value, dict):
+        return {k: _values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_values(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("number", float(value))
+    return value
 
 
 def settings_json(config) -> str:
     """A method config as sorted JSON, for the `settings` column."""
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def data_json(options: dict) -> str:
+    """The loader options (a protocol's [data] table with --data), for the `data` column."""
+    return json.dumps(options, sort_keys=True)
 
 
 # --- summary -------------------------------------------------------------------------
@@ -165,7 +202,12 @@ def relative_table(rows: list[dict]) -> dict:
     no-adaptation accuracy on the same stream (same shift, seed and length), paired by
     seed; "mean" averages each seed's differences over the shifts that have them all.
     stat = (mean, se, seeds). Streams of different lengths never share a table: a
-    200-image and a 900-image stream are different measurements, not two seeds."""
+    200-image and a 900-image stream are different measurements, not two seeds. The rows
+    are of one benchmark (`by_benchmark` splits a file's)."""
+    benchmarks = sorted({r["benchmark"] for r in rows})
+    if len(benchmarks) > 1:
+        raise ResultsError(f"rows of {len(benchmarks)} benchmarks ({', '.join(benchmarks)}) in "
+                           "one table: split them with by_benchmark")
     out = {}
     groups = defaultdict(list)
     for r in rows:
@@ -253,10 +295,36 @@ def differences_line(table: dict) -> str | None:
             f"* where it lies above 0): " + ", ".join(cells) + ".")
 
 
+def by_benchmark(rows: list[dict]) -> dict[str, list[dict]]:
+    """A file's rows by benchmark (sorted): their tables never mix."""
+    parts = defaultdict(list)
+    for r in rows:
+        parts[r["benchmark"]].append(r)
+    return dict(sorted(parts.items()))
+
+
 def markdown_table(rows: list[dict]) -> str:
-    tables = relative_table(rows)
+    """The tables of `rows`; one section per benchmark when they hold several."""
+    parts = by_benchmark(rows)
     lines = []
-    for (method, episodic, lr, images), t in tables.items():
+    for benchmark, part in parts.items():
+        if len(parts) > 1:
+            lines += [f"## {benchmark}", ""]
+        lines += _benchmark_tables(part)
+    lines.append("Mean ± standard error over seeds of (accuracy with adaptation restricted to "
+                 "the block) - (accuracy of the unadapted source model on the same stream). "
+                 "best: the block with the largest mean gain, named as far as the seeds "
+                 "separate it (95 % t intervals, paired by seed): `first` beats no adaptation "
+                 "and the runner-up; `first ≈ second` beats no adaptation but is not separated "
+                 "from the runner-up; `(first)` has a positive mean gain not separated from no "
+                 "adaptation (always so with one seed); none: no block's mean gain is above 0.")
+    return "\n".join(lines) + "\n"
+
+
+def _benchmark_tables(rows: list[dict]) -> list[str]:
+    """The markdown lines of one benchmark's tables."""
+    lines = []
+    for (method, episodic, lr, images), t in relative_table(rows).items():
         mode = "episodic" if episodic else "online"
         lines += [f"### {method.upper()}, {mode}, lr {lr:g} ({images} images per stream): "
                   "test accuracy relative to no adaptation (points)", "",
@@ -270,6 +338,11 @@ def markdown_table(rows: list[dict]) -> str:
             lines.append(f"| {label} | {format_stat(t['none'].get(shift, NO_STAT))} | "
                          + " | ".join(cells) + f" | {best} |")
         lines.append("")
+        if not any(t["per_seed"].values()):
+            lines += ["No gain to show: these streams have no `none` stream (the unadapted "
+                      "model on the same shift and seed) beside them; run `--blocks none` with "
+                      "the same settings.", ""]
+            continue
         lines += interval_table("95 % t intervals of the same gains (seed-paired with no adaptation):",
                                 t["shifts"], t["blocks"],
                                 lambda s, b: t["rel"].get((s, b), NO_STAT),
@@ -277,28 +350,23 @@ def markdown_table(rows: list[dict]) -> str:
         between = differences_line(t)
         if between:
             lines += [between, ""]
-    lines.append("Mean ± standard error over seeds of (accuracy with adaptation restricted to "
-                 "the block) - (accuracy of the unadapted source model on the same stream). "
-                 "best: the block with the largest mean gain, named as far as the seeds "
-                 "separate it (95 % t intervals, paired by seed): `first` beats no adaptation "
-                 "and the runner-up; `first ≈ second` beats no adaptation but is not separated "
-                 "from the runner-up; `(first)` has a positive mean gain not separated from no "
-                 "adaptation (always so with one seed); none: no block's mean gain is above 0.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(rows: list[dict], path_stem: Path) -> list[Path]:
-    """One panel per (method, mode, lr, stream length): bars per block of accuracy relative to no
+    """One panel per (benchmark, method, mode, lr, stream length): bars per block of accuracy relative to no
     adaptation, averaged over shifts (the table's mean row), with standard errors."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tables = relative_table(rows)
+    parts = by_benchmark(rows)
+    tables = [(benchmark, key, t) for benchmark, part in parts.items()
+              for key, t in relative_table(part).items()]
     if not tables:
         return []
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.2), squeeze=False)
-    for ax, ((method, episodic, lr, images), t) in zip(axes.flat, tables.items()):
+    for ax, (benchmark, (method, episodic, lr, images), t) in zip(axes.flat, tables):
         shift = "mean" if "mean" in t["shifts"] else t["shifts"][0]
         stats = [t["rel"].get((shift, b), NO_STAT) for b in t["blocks"]]
         means = [100 * s[0] for s in stats]
@@ -307,6 +375,7 @@ def plot(rows: list[dict], path_stem: Path) -> list[Path]:
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(stats)), t["blocks"], rotation=45, ha="right", fontsize=8)
         title = f"{method.upper()} {'episodic' if episodic else 'online'}, lr {lr:g}, {images} img"
+        title = f"{benchmark}: {title}" if len(parts) > 1 else title
         ax.set_title(title + ("" if shift == "mean" else f" ({shift})"), fontsize=9)
         ax.set_ylabel("points vs no adaptation", fontsize=8)
     fig.suptitle("online adaptation restricted to one block: accuracy relative to none",

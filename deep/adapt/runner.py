@@ -28,7 +28,8 @@ from ..results import recorded_checkpoint
 from ..sweep import machine, resolve_checkpoint
 from .core import METHODS, adapted_parameter_names, make_adapter, parse_blocks, run_stream
 from .protocol import AdaptProtocol
-from .results import AdaptResults, settings_json
+from .results import AdaptResults, data_json, settings_json
+
 
 def stream_loader_options(protocol: AdaptProtocol) -> dict:
     """The options the test stream is loaded with: the protocol's [data] plus the
@@ -163,6 +164,11 @@ def _run_streams(protocol: AdaptProtocol, results: AdaptResults, checkpoint: str
                  augmenters: dict, data_dir: str | None, episodic: bool,
                  progress: bool) -> AdaptSummary:
     """The streams of `run_adaptation`, each skipped if `results` holds it."""
+    for method in protocol.methods:  # other settings in the file: refused before any stream
+        for config in protocol.configs(method):
+            results.check_method(protocol.benchmark, method,
+                                 stream_settings(protocol, checkpoint, config))
+    mode = "episodic" if episodic else "online"
     ran = skipped = 0
     total = stream_count(protocol)
     start = time.perf_counter()
@@ -182,7 +188,7 @@ def _run_streams(protocol: AdaptProtocol, results: AdaptResults, checkpoint: str
                             # resumed one says here how many streams were already done
                             print(f"[{time.perf_counter() - start:7.0f} s] "
                                   f"{ran + skipped}/{total} {shift} seed {seed} "
-                                  f"{method} lr {config.lr:g} {option}: {100 * done.test_acc:.1f}% "
+                                  f"{method} {mode} lr {config.lr:g} {option}: {100 * done.test_acc:.1f}% "
                                   f"on {done.images} images ({done.seconds:.0f} s)",
                                   file=sys.stderr, flush=True)
     return AdaptSummary(ran, skipped, time.perf_counter() - start, results.path)
@@ -195,6 +201,13 @@ def stream_count(protocol: AdaptProtocol) -> int:
     return len(protocol.seeds) * len(protocol.shifts) * per_shift
 
 
+def stream_settings(protocol: AdaptProtocol, checkpoint: str, config) -> dict:
+    """A stream's SETTINGS columns: what a resumed run must agree on."""
+    return {"arch": protocol.arch, "checkpoint": recorded_checkpoint(checkpoint),
+            "test_per_class": protocol.test_per_class, "settings": settings_json(config),
+            "data": data_json(protocol.data)}
+
+
 def _run_or_skip(results: AdaptResults, protocol: AdaptProtocol, checkpoint: str, source, augmenter,
                  split, shift: str, seed: int, method: str, config, option: str,
                  episodic: bool) -> StreamResult | None:
@@ -202,8 +215,7 @@ def _run_or_skip(results: AdaptResults, protocol: AdaptProtocol, checkpoint: str
     order = stream_order(len(split[1]), seed, protocol.images_of(method))
     row = {"benchmark": protocol.benchmark, "shift": shift, "method": method, "blocks": option,
            "seed": seed, "episodic": episodic, "images": len(order), "lr": float(config.lr)}
-    settings = {"arch": protocol.arch, "checkpoint": recorded_checkpoint(checkpoint),
-                "test_per_class": protocol.test_per_class, "settings": settings_json(config)}
+    settings = stream_settings(protocol, checkpoint, config)
     if results.finished(tuple(row.values()), settings):
         return None
     r = adapt_stream(source, protocol.arch, method, option, config, *split, order, augmenter,

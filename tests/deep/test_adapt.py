@@ -615,8 +615,9 @@ def test_run_resumes_and_refuses_other_settings(tmp_path, one_thread):
     assert (again.ran, again.skipped) == (0, 6)
     assert read_adapt_results(out) == rows
     assert {r["machine"] for r in rows} == {machine("cpu")}   # where each stream ran
-    # a file from before the machine column: read with it empty, resumed, rewritten
-    older = [fields[:-1] for fields in csv.reader(io.StringIO(out.read_text()))][:-1]
+    assert {r["data"] for r in rows} == {"{}"}                # the loader options (none here)
+    # a file from before the data and machine columns: read with them empty, resumed, rewritten
+    older = [fields[:-2] for fields in csv.reader(io.StringIO(out.read_text()))][:-1]
     assert older[0][-1] == "settings"
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(older)  # the last stream left out
@@ -625,6 +626,7 @@ def test_run_resumes_and_refuses_other_settings(tmp_path, one_thread):
     again = run_adaptation(_tiny_protocol(), out, progress=False)
     assert (again.ran, again.skipped) == (1, 5)
     assert [r["machine"] for r in read_adapt_results(out)] == [None] * 5 + [machine("cpu")]
+    assert [r["data"] for r in read_adapt_results(out)] == [None] * 5 + ["{}"]
     with pytest.raises(ValueError, match="other settings"):
         run_adaptation(_tiny_protocol(tent={"batch_size": 2}), out, progress=False)
     # new streams (seed 1, another lr) beside rows that ran otherwise: refused too, since
@@ -714,7 +716,7 @@ def test_protocol_files_load_with_the_methods_defaults():
         _tiny_protocol(memo={"copiez": 2})
 
 
-def test_cli_end_to_end_and_report(tmp_path, one_thread, real_fmnist):
+def test_cli_end_to_end_and_report(tmp_path, one_thread, real_fmnist, capsys):
     from deep.__main__ import main
     out = tmp_path / "r.csv"
     args = ["adapt", "--benchmark", "fmnist-c", "--out", str(out), "--method", "memo,tent",
@@ -731,6 +733,12 @@ def test_cli_end_to_end_and_report(tmp_path, one_thread, real_fmnist):
     assert (tmp_path / "rep" / "relative_accuracy.png").stat().st_size > 0
     assert main(args[:-1] + ["--blocks", "last", "--method", "tent"]) == 2   # clear error, exit 2
     assert math.isfinite(rows[0]["seconds"])
+    # the protocol's own value given as a flag (-1.0 against the file's -1) is no other setting
+    assert main(args + ["--prior-strength", "-1"]) == 0 and read_adapt_results(out) == rows
+    # another severity is another stream: refused, not skipped as finished or added beside
+    capsys.readouterr()
+    assert main(args + ["--data", "severity=3"]) == 2
+    assert "other settings" in capsys.readouterr().err and read_adapt_results(out) == rows
 
 
 # --- BatchNorm statistics: MEMO's prior, TENT's scope -----------------------------------------

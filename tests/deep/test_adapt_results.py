@@ -432,3 +432,104 @@ def test_the_mean_over_shifts_takes_only_the_seeds_every_shift_has():
     (table,) = relative_table(rows).values()
     assert table["per_seed"][("mean", "first")] == pytest.approx({0: 0.15})
     assert table["per_seed"][("fog", "first")] == pytest.approx({0: 0.1, 1: 0.4})
+
+
+# --- the second audit: data options, spellings, value-equal settings, early refusal ------------
+
+def test_a_stream_of_other_data_options_is_refused_and_a_legacy_row_is_not_compared(tmp_path):
+    """`--data severity=3` beside rows of severity 5 is another stream (it was skipped as
+    finished, or added to their table); a row written before the `data` column has them
+    unknown: resumed, not refused."""
+    path = tmp_path / "r.csv"
+    five = '{"corruption_seed": 0, "severity": 5}'
+    row = {**_row(200, "first", 0.6), "data": five}
+    AdaptResults(path).append(row)
+    key = tuple(row[k] for k in _KEY)
+    assert AdaptResults(path).finished(key, {**_SETTINGS, "data": five})
+    three = '{"corruption_seed": 0, "severity": 3}'
+    with pytest.raises(ResultsError, match="other settings.*'data'.*severity\": 3"):
+        AdaptResults(path).finished(key, {**_SETTINGS, "data": three})
+    with pytest.raises(ResultsError, match="other settings.*'data'"):
+        AdaptResults(path).check_method("fmnist-c", "memo", {**_SETTINGS, "data": three})
+    legacy = tmp_path / "legacy.csv"
+    AdaptResults(legacy).append(_row(200, "first", 0.6))        # no data: unknown
+    assert read_adapt_results(legacy)[0]["data"] is None
+    assert AdaptResults(legacy).finished(key, {**_SETTINGS, "data": three})
+
+
+def test_settings_compare_as_values_so_a_flags_float_matches_a_protocols_int(tmp_path):
+    """The protocol's `prior_strength = -1` (TOML int) and `--prior-strength -1` (float)
+    are one setting; -1 and 1, or true and 1, are not."""
+    path = tmp_path / "r.csv"
+    row = {**_row(200, "first", 0.6), "settings": '{"copies": 32, "prior_strength": -1}',
+           "data": '{"severity": 5}'}
+    AdaptResults(path).append(row)
+    key = tuple(row[k] for k in _KEY)
+    same = {**_SETTINGS, "settings": '{"copies": 32.0, "prior_strength": -1.0}',
+            "data": '{"severity": 5.0}'}
+    assert AdaptResults(path).finished(key, same)
+    for other in ('{"copies": 32, "prior_strength": 1}', '{"copies": true, "prior_strength": -1}'):
+        with pytest.raises(ResultsError, match="other settings"):
+            AdaptResults(path).finished(key, {**same, "settings": other})
+
+
+def test_other_settings_are_refused_before_any_stream_runs(tmp_path):
+    """TENT runs before MEMO: a MEMO setting that differs from the file's MEMO rows was
+    found only at MEMO's first stream, after TENT's streams had run and been written."""
+    out = tmp_path / "adapt.csv"
+    run_adaptation(_protocol(methods=["memo"]), out, progress=False)
+    before = out.read_bytes()
+    with pytest.raises(ResultsError, match="other settings"):
+        run_adaptation(_protocol(methods=["tent", "memo"], memo={"copies": 4, "lr": 0.01}), out,
+                       progress=False)
+    assert out.read_bytes() == before
+
+
+def test_one_block_option_is_one_stream_whatever_its_spelling(tmp_path):
+    out = tmp_path / "adapt.csv"
+    assert run_adaptation(_protocol(methods=["memo"], blocks=["none", "first+second"]), out,
+                          progress=False).ran == 2
+    again = run_adaptation(_protocol(methods=["memo"], blocks=["second + first"]), out,
+                           progress=False)
+    assert (again.ran, again.skipped) == (0, 1)
+    assert [r["blocks"] for r in read_adapt_results(out)] == ["none", "first+second"]
+
+
+@pytest.mark.parametrize("blocks, message", [
+    (["first+all"], "'all' already holds every block: give it alone, not 'first\\+all'"),
+    (["first+last"], "in 'first\\+last': block option 'last' holds no normalisation layer"),
+])
+def test_a_union_with_all_or_with_a_part_tent_cannot_adapt_is_refused(tmp_path, blocks, message):
+    """first+all ran as `all` under another name; TENT's first+last ran as `first`,
+    dropping `last`, which on its own is refused."""
+    with pytest.raises(ConfigError, match=message):
+        run_adaptation(_protocol(methods=["tent"], blocks=blocks), tmp_path / "a.csv",
+                       progress=False)
+    assert not (tmp_path / "a.csv").exists()
+
+
+def test_a_binary_file_as_out_is_named_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "bin.csv").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ResultsError, match="bin.csv is not a text file"):
+        read_adapt_results(tmp_path / "bin.csv")
+
+
+def test_a_file_of_two_benchmarks_gets_a_section_each_and_no_table_mixes_them():
+    """TENT rows of two benchmarks with the same lr and stream length overwrote each other
+    in one table, under a footer that counted them all."""
+    rows = [_row(900, "none", 0.5), _row(900, "first", 0.6),
+            {**_row(900, "none", 0.3), "benchmark": "cifar10c"},
+            {**_row(900, "first", 0.2), "benchmark": "cifar10c"}]
+    text = markdown_table(rows)
+    cifar, fmnist = text.index("## cifar10c"), text.index("## fmnist-c")
+    assert cifar < fmnist
+    assert "| fog | 30.0 | -10.0 |" in text[cifar:fmnist] and "| fog | 50.0 | +10.0 |" in text[fmnist:]
+    with pytest.raises(ResultsError, match="rows of 2 benchmarks"):
+        relative_table(rows)
+    assert "## fmnist-c" not in markdown_table(rows[:2])   # one benchmark: no section heading
+
+
+def test_a_table_without_a_none_stream_says_so():
+    text = markdown_table([_row(900, "first", 0.6, seed=s) for s in (0, 1)])
+    assert "No gain to show: these streams have no `none` stream" in text
+    assert "95 % t intervals of the same gains" not in text
