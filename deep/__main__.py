@@ -93,7 +93,7 @@ def run_sweep_command(args) -> int:
 # --- report -----------------------------------------------------------------------
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", help="results CSV of a sweep")
+    p.add_argument("results", help="results CSV of `sweep`, `bench` or `adapt`")
     p.add_argument("--out", help="output folder (default: <results>_report/)")
 
 

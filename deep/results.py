@@ -242,8 +242,10 @@ def read_results(path: str | Path) -> list[dict]:
     reader = csv.reader(io.StringIO(text))
     header = tuple(next(reader))
     if header != COLUMNS and header not in OLDER_HEADERS:
-        raise ResultsError(f"{path}: columns {list(header)} are not a deep sweep's "
-                           f"{list(COLUMNS)}; write this sweep to another --out")
+        raise ResultsError(f"{path}: columns {list(header)} are not a results CSV's of "
+                           f"`deep sweep` or `bench` ({', '.join(COLUMNS[:4])}, ... "
+                           f"{len(COLUMNS)} columns) nor of `deep adapt`: not a file to report "
+                           "on, nor one a sweep may write into (give another --out)")
     missing = [""] * (len(COLUMNS) - len(header))  # a legacy file: provenance unknown
     return [ResultRow.parse(values + missing if len(values) == len(header) else values,
                             f"{path}, line {reader.line_num}").to_dict()
