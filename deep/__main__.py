@@ -18,8 +18,8 @@ from .adapt.protocol import available as adapt_protocols, load_adapt_protocol
 from .allocator import keep_freed_memory
 from .data import get_benchmark
 from .errors import ConfigError, exit_status
-from .flags import (add_device, add_flags, add_run_options, add_trust_checkpoint,
-                    check_trust_has_a_file, flag_values)
+from .flags import (add_device, add_flags, add_run_options, add_threads, add_trust_checkpoint,
+                    check_trust_has_a_file, flag_values, set_threads)
 from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
@@ -72,8 +72,8 @@ def sweep_protocol(args) -> Protocol:
     if args.quick:
         protocol = quick(protocol)
     target_data = {**protocol.target_data, **dict(args.data)} if args.data else None
-    return protocol.replace(**flag_values(args, TargetData), **flag_values(args, Tuning),
-                            arch=args.arch, target_data=target_data)
+    return protocol.replace(arch=args.arch, target_data=target_data).override(
+        {**flag_values(args, TargetData), **flag_values(args, Tuning)})
 
 
 def run_sweep_command(args) -> int:
@@ -118,6 +118,9 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     add_flags(p, PretrainConfig)
     add_trust_checkpoint(p, "the --init file")
     add_device(p)
+    add_threads(p, 0, "torch threads on CPU (default 0: torch's, one per core). The thread "
+                "count changes the order of sums: the cached synthetic source model trains with "
+                "1, so --threads 1 reproduces it bit for bit; the manifest records the count")
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="source-loader option overriding the protocol's (repeatable)")
 
@@ -139,8 +142,9 @@ def pretrain_settings(args) -> tuple[str, PretrainConfig, dict]:
 
 
 def run_pretrain(args) -> int:
+    set_threads(args.threads)
     arch, config, options = pretrain_settings(args)
-    check_trust_has_a_file(args.trust_checkpoint, config.init, "--init")
+    check_trust_has_a_file(args.trust_checkpoint, config.init, "--init", unset_reads_nothing=True)
     resolved = {"benchmark": args.benchmark, "arch": arch,
                 "pretrain": dataclasses.asdict(config), "source_data": options}
     manifest = pretrain_to_file(args.benchmark, args.out, arch, config, options, args.data_dir,

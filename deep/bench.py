@@ -639,16 +639,25 @@ def summarize(out_dir: Path, suite: Suite) -> list[Path]:
     if out_dir.is_file():
         raise ConfigError(f"--out {out_dir} is a file; bench's --out is the suite's folder "
                           "(it holds results.csv, table.md and the plots)")
+    if not out_dir.is_dir():
+        raise ResultsError(f"no results to summarise: {out_dir} does not exist; run "
+                           f"`{_run_command(suite, out_dir)}` (without --summarize-only) first")
     with sole_writer(out_dir / "table.md"):  # one summary at a time; a killed one's temps go
         return _summarize(out_dir, suite)
+
+
+def _run_command(suite: Suite, out_dir: Path) -> str:
+    """The command that runs `suite` into `out_dir` (--quick for the quick suite)."""
+    name = next(k for k, v in SUITES.items() if v is suite)
+    quick = " --quick" if name.endswith("-quick") else ""
+    return f"python -m deep bench {name.removesuffix('-quick')}{quick} --out {out_dir}"
 
 
 def _summarize(out_dir: Path, suite: Suite) -> list[Path]:
     rows = read_results(out_dir / "results.csv")
     if not rows:
         raise ResultsError(f"no results in {out_dir / 'results.csv'} to summarise: run "
-                           f"`python -m deep bench fmnist --out {out_dir}` (without "
-                           "--summarize-only) first")
+                           f"`{_run_command(suite, out_dir)}` (without --summarize-only) first")
     _check_made_by(rows, suite, out_dir / "results.csv")
     main = select_learning_rates(drop_superseded(rows, suite.lr_seeds or []))
     epoch_curves = read_curves(out_dir / "curves.csv")
@@ -736,7 +745,7 @@ def check_data_folder(data_dir: str | None) -> None:
     problem = data_dir and folder_problem(Path(data_dir).expanduser())
     if problem:
         raise ConfigError(f"--data-dir {data_dir} {problem}; give the folder that holds the "
-                          "Fashion-MNIST files (docs/benchmarks.md)")
+                          "Fashion-MNIST files (docs/fmnist.md)")
 
 
 def run(args) -> int:

@@ -25,6 +25,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError, DeepError
 
 # The folder that holds this package: the repository in a git checkout.
@@ -240,6 +242,22 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(device: str) -> str:
+    """Where cells on `device` run, for the `machine` column: the GPU's name, or the CPU
+    model with the instruction set torch dispatches to and the torch threads of this
+    process, and the torch build. Rows agree bit for bit only between runs on the same
+    kind of machine (on CPU: the same threads; docs/fmnist.md#same-seed-same-numbers)."""
+    if torch.device(device).type == "cuda":
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        threads = torch.get_num_threads()
+        where = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
+                 f"{threads} thread{'s' if threads > 1 else ''}")
+        capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        where += f", ONEDNN_MAX_CPU_ISA={capped}" if capped else ""
+    return f"{where}; torch {torch.__version__}"
 
 
 @functools.lru_cache(maxsize=1)

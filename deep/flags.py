@@ -1,13 +1,16 @@
 """Command-line flags generated from configuration dataclasses (the CLI layer).
 
 One flag per field, named after it (`n_target` -> `--n-target`), typed by its
-annotation, with the help text and choices of its metadata. A flag's default is
-None, so a value not given on the command line leaves the protocol's in place:
+annotation, with the help text and choices of its metadata. A flag not given on the
+command line is absent from the parsed arguments, so it leaves the protocol's value in
+place; one given sets it, back to a default too:
 
     add_flags(parser, Tuning)                # --methods, --epochs, --lrs, ...
     overrides = flag_values(args, Tuning)    # {"epochs": 2} for `--epochs 2`
 
-Lists take `a,b,c` and/or several arguments; a bool field is a switch.
+Lists take `a,b,c` and/or several arguments; a bool field is a switch with its
+`--no-` form (`--compile`, `--no-compile`); a number that may be None takes `none`
+(`--patience none`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import dataclasses
 import types
 import typing
+
+import torch
 
 from .checkpoints import RANDOM_INIT
 from .errors import ConfigError, check_each_once, check_nonnegative, check_positive
@@ -34,28 +39,32 @@ def add_flags(parser: argparse.ArgumentParser, config_class, skip=(), defaults=N
         help_text = f.metadata.get("help", "")
         if shown is not None:  # what applies when neither the flag nor a protocol sets it
             help_text += f" (built-in default: {_show(shown)})"
-        options = dict(help=help_text.strip() or None, default=None)
+        # not given: no attribute at all, so that a given `none` (None) is told apart
+        options = dict(help=help_text.strip() or None, default=argparse.SUPPRESS)
         if "choices" in f.metadata:
             options["choices"] = list(f.metadata["choices"])
         flag = "--" + f.name.replace("_", "-")
         base, is_list = _base_type(kind)
         if base is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=options["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         elif is_list:
             options["help"] = (options["help"] or "") + "; comma-separated or space-separated"
             parser.add_argument(flag, nargs="+", type=comma_list(base), **options)
+        elif _optional(kind) and base is not str:  # (a str field's "none" is its own word)
+            parser.add_argument(flag, type=or_none(base), **options)
         else:
             parser.add_argument(flag, type=base, **options)
 
 
 def flag_values(args: argparse.Namespace, config_class) -> dict:
-    """{field: value} for the fields of `config_class` given on the command line."""
+    """{field: value} for the fields of `config_class` given on the command line (None
+    for a given `none`)."""
     out = {}
     for f in dataclasses.fields(config_class):
-        value = getattr(args, f.name, None)
-        if value is None:
+        if not hasattr(args, f.name):
             continue
-        if _base_type(typing.get_type_hints(config_class)[f.name])[1]:
+        value = getattr(args, f.name)
+        if value is not None and _base_type(typing.get_type_hints(config_class)[f.name])[1]:
             value = [v for group in value for v in group]  # nargs="+" of comma lists
         out[f.name] = value
     return out
@@ -68,12 +77,34 @@ def add_trust_checkpoint(parser: argparse.ArgumentParser, what: str = "--checkpo
                         "file: only for a file you trust that safe loading refuses")
 
 
-def check_trust_has_a_file(trust: bool, source: str | None, flag: str) -> None:
+def check_trust_has_a_file(trust: bool, source: str | None, flag: str,
+                           unset_reads_nothing: bool = False) -> None:
     """--trust-checkpoint beside `flag none` (random init) trusts nothing: refused like
-    any flag without effect (the user may have meant to name a file)."""
+    any flag without effect (the user may have meant to name a file); so is it without
+    `flag` at all where that reads no file (`unset_reads_nothing`: pretrain's --init;
+    a sweep without --checkpoint reads the benchmark's own)."""
     if trust and source == RANDOM_INIT:
         raise ConfigError(f"--trust-checkpoint has no effect with {flag} {RANDOM_INIT} (a random "
                           "init reads no file): drop one of the two")
+    if trust and source is None and unset_reads_nothing:
+        raise ConfigError(f"--trust-checkpoint has no effect without {flag} FILE (no file is "
+                          f"read): drop it, or name the file with {flag}")
+
+
+def add_threads(parser: argparse.ArgumentParser, default: int, help: str) -> None:
+    """--threads: torch threads of this process (0 = torch's default, one per core)."""
+    parser.add_argument("--threads", type=int, default=default, help=help)
+
+
+def set_threads(threads: int) -> None:
+    """Apply --threads: torch.set_num_threads(threads) unless 0 (torch's default). On CPU
+    the thread count changes the order of sums, so it is part of "same seed, same numbers"
+    (`deep.sweep.machine` records it)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"--threads must be an integer >= 0 (0 = torch's default, one per "
+                          f"core), got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +119,8 @@ def add_run_options(parser: argparse.ArgumentParser, cache_mb: float) -> None:
     parser.add_argument("--amp", action="store_true",
                         help="bf16 autocast on CUDA (no effect on CPU); see docs/distributed.md")
     parser.add_argument("--cache-mb", type=float, default=cache_mb,
-                        help="memory budget of the frozen-prefix activation cache per process")
+                        help="memory budget of the frozen-prefix activation cache per process, "
+                        f"in MiB (default {cache_mb:g})")
 
 
 def comma_list(kind=str):
@@ -141,6 +173,20 @@ def positive_floats(text: str) -> list[float]:
     return values
 
 
+def or_none(kind):
+    """An argparse type: `none` -> None, else `kind(text)` (`--patience none`)."""
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+    parse.__name__ = f"{kind.__name__} or none"   # argparse's "invalid ... value" names it
+    return parse
+
+
+def _optional(kind) -> bool:
+    """Whether an annotation admits None (`int | None`)."""
+    return ((isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union)
+            and type(None) in typing.get_args(kind))
+
+
 def _base_type(kind) -> tuple[type, bool]:
     """(element type, is a list) of an annotation: int, str | None, list[float], ..."""
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
@@ -159,4 +205,6 @@ def _default(f: dataclasses.Field):
 
 
 def _show(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)

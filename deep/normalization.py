@@ -32,6 +32,11 @@ ARCH_OPTION = "arch"
 TASK_ARGUMENTS = ("data_dir", "shift", "n_target", "val_per_class", "test_per_class", "seed")
 
 
+# Loader options that change how fast data loads, never what it is (decoding processes):
+# a run resumed with more of them is the same run (deep.sweep, deep.adapt compare the rest).
+SPEED_ONLY_DATA_OPTIONS = ("num_workers",)
+
+
 def check_data_options(loader: Callable, benchmark: str, options: Mapping) -> None:
     """Every data option (`--data KEY=VALUE`, a protocol's [data] table) is one `loader`
     takes; else a ConfigError naming the unknown keys and the known ones."""

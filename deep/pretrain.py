@@ -35,7 +35,7 @@ from .checkpoints import (RANDOM_INIT, CheckpointError, load_backbone, save_chec
 from .data import Benchmark, SourceData, get_benchmark
 from .errors import (ConfigError, check_choice, check_int, check_nonnegative, check_positive,
                      check_seed, clash_text, differences)
-from .files import check_output, sole_writer
+from .files import check_output, machine, sole_writer
 from .models import build_model, get_architecture
 from .normalization import loader_options
 from .train import (SCHEDULES, RunStateFile, TrainConfig, check_milestones, evaluate, fit,
@@ -110,6 +110,10 @@ class PretrainConfig:
         check_choice("momentum", self.momentum, MOMENTA)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_milestones(self.schedule, self.milestones, self.gamma, self.epochs)
+        if self.init is not None and not isinstance(self.init, str):
+            raise ConfigError(f"init must be a weight file's path, or 'none', got {self.init!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
 
     def train_config(self) -> TrainConfig:
         """The engine's settings: all parameters, BN in train mode, SGD, this schedule."""
@@ -306,7 +310,7 @@ def _pretrain_to_file(bench: Benchmark, out: Path, arch: str, config: PretrainCo
     settings = dataclasses.asdict(config)
     fields = {"benchmark": bench.name, "source": source.benchmark, "arch": arch, **settings,
               "init": str(config.init) if config.init else None, "data": options,
-              "device": trained_on,
+              "device": trained_on, "machine": machine(trained_on),
               "source_test_acc": acc, "source_train_images": len(source.train),
               "source_test_images": len(source.test), "seconds": round(seconds, 1),
               "torch": torch.__version__, "config": resolved,

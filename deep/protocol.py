@@ -63,7 +63,8 @@ class Tuning:
                         metadata={"help": "what picks (lr, epoch)", "choices": SELECTION_RULES})
     patience: int | None = field(default=engine_default(TrainConfig, "patience"),
                                  metadata={"help": "early stopping: epochs without a better "
-                                           "validation metric before a run stops (none: all)"})
+                                           "validation metric before a run stops (none: run "
+                                           "every epoch, also over a protocol's value)"})
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
@@ -149,8 +150,13 @@ class Protocol:
 
     def replace(self, **overrides) -> "Protocol":
         """A copy with the given fields changed, section fields by their own names
-        (`replace(epochs=2, shifts=[...])`); None values are ignored (flags not given)."""
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        (`replace(epochs=2, shifts=[...])`); None values are ignored (flags not given,
+        a suite's "each protocol's own"). `override` sets None too."""
+        return self.override({k: v for k, v in overrides.items() if v is not None})
+
+    def override(self, overrides: dict) -> "Protocol":
+        """A copy with every field of `overrides` set as given, None included (the
+        flags given on the command line: `--patience none` turns early stopping off)."""
         own = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - own - set(FLAT)
         if unknown:
@@ -217,6 +223,10 @@ def protocol_from_dict(raw: dict, where: str = "protocol") -> Protocol:
     missing = [k for k in ("benchmark", "arch") if k not in raw]
     if missing:
         raise ConfigError(f"{where}: missing key(s) {missing}")
+    for name in ("benchmark", "arch", "notes"):
+        if name in raw and not isinstance(raw[name], str):
+            raise ConfigError(f"{where}: {name} must be a string, e.g. {name} = \"...\", got "
+                              f"{raw[name]!r}")
     _check_shapes(raw, tables, where)
     sections = {}
     try:

@@ -22,9 +22,8 @@ from .adapt.results import is_adapt_results, write_adapt_report
 from .files import atomic_write_bytes, check_output, save_figure, sole_writer
 from .methods import method_order
 from .models import block_order
-from .results import SELECT_WORST_GROUP, best_row, selection_metric
+from .results import SELECT_WORST_GROUP, ResultsFile, best_row, selection_metric
 from .stats import NO_STAT, format_stat, interval_table, mean_se
-from .sweep import read_results
 
 # Blocks of every registered architecture in forward order, then the method table's.
 SINGLE_BLOCKS = block_order()
@@ -202,7 +201,7 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
     if is_adapt_results(results_csv):
         return write_adapt_report(results_csv, out_dir)
     # --- end of issue #17 branch ---
-    rows = read_results(results_csv)
+    rows = ResultsFile(results_csv).rows  # (a file with a cell twice is refused, as a sweep does)
     if not rows:
         raise ResultsError(f"{results_csv} holds no results yet: `python -m deep sweep ... "
                            f"--out {results_csv}` (or `python -m deep bench`) adds a row per "

@@ -43,11 +43,12 @@ from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, ShiftTask, get_benchmark
 from .errors import (ConfigError, ResultsError, check_each_once, check_int, check_nonnegative,
                      clash_text)
-from .files import atomic_write_text, check_output, code_commit, cpu_model, sha256_file, sole_writer
+from .files import (atomic_write_text, check_output, code_commit, machine,  # noqa: F401 (deep.sweep.machine)
+                    sha256_file, sole_writer)
 from .methods import method_names
 from .models import build_model, get_architecture
 from .models.staged import stages_of
-from .normalization import check_data_options, loader_options
+from .normalization import SPEED_ONLY_DATA_OPTIONS, check_data_options, loader_options
 from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
@@ -177,9 +178,10 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         results = ResultsFile(out)
         # other settings are refused before the source model is resolved (it may be trained)
         check_same_configuration(out, protocol.resolved(), bool(results.rows), source_model=False)
+        own_model = checkpoint is None  # the benchmark's: its [pretrain] table describes it
         checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
         entry = _check_resumable(results, protocol, checkpoint,
-                                 expected_precision(device, amp, executor is None))
+                                 expected_precision(device, amp, executor is None), own_model)
         cells = plan_cells(protocol)
         todo = [cell for cell in cells if cell.key not in results.done]
         spec = dict(protocol=protocol, checkpoint=checkpoint, data_dir=data_dir, cache_mb=cache_mb,
@@ -198,7 +200,7 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
 
 
 def _check_resumable(results: ResultsFile, protocol: Protocol, checkpoint: str,
-                     precision: str | None) -> dict:
+                     precision: str | None, own_model: bool = True) -> dict:
     """Refuse to add this sweep's cells to a file of another protocol; returns the resolved
     configuration entry to record beside it.
 
@@ -206,7 +208,7 @@ def _check_resumable(results: ResultsFile, protocol: Protocol, checkpoint: str,
     that ran otherwise would make the report pick learning rates across two protocols. The
     configurations recorded beside the file say more than the rows (data options, the
     checkpoint's contents), so they are compared first."""
-    entry = resolved_entry(protocol, checkpoint)
+    entry = resolved_entry(protocol, checkpoint, own_model)
     check_same_configuration(results.path, entry, rows_exist=bool(results.rows))
     settings = _settings(protocol, checkpoint, precision)  # what a finished row must agree on
     for row in results.rows:
@@ -288,9 +290,14 @@ GRID = ("methods", "lrs", "seeds", "shifts", "n_target")
 SOURCE_MODEL = ("pretrain", "source_data", "checkpoint", "checkpoint_sha256")
 
 
-def resolved_entry(protocol: Protocol, checkpoint: str) -> dict:
-    """This sweep's resolved configuration, as saved in `<out>.config.json`."""
+def resolved_entry(protocol: Protocol, checkpoint: str, own_model: bool = True) -> dict:
+    """This sweep's resolved configuration, as saved in `<out>.config.json`. The
+    protocol's [pretrain] table and source data describe the benchmark's own source
+    model only (`own_model`): beside a --checkpoint of the user's they are left out,
+    since they did not make it (its file and sha256 say what it is)."""
     entry = {**protocol.resolved(), "checkpoint": recorded_checkpoint(checkpoint)}
+    if not own_model:
+        entry = {k: v for k, v in entry.items() if k not in ("pretrain", "source_data")}
     if checkpoint != RANDOM_INIT:
         entry["checkpoint_sha256"] = sha256_file(checkpoint)
     return entry
@@ -322,13 +329,22 @@ def check_same_configuration(out: str | Path, entry: dict, rows_exist: bool,
         if known.get("benchmark") != entry["benchmark"]:
             continue
         shared = (entry.keys() & known.keys()) - set(GRID) - set(SOURCE_MODEL)
-        clash = {k: (known[k], entry[k]) for k in sorted(shared) if known[k] != entry[k]}
+        clash = {k: (known[k], entry[k]) for k in sorted(shared)
+                 if _numbers_part(k, known[k]) != _numbers_part(k, entry[k])}
         if source_model:
             clash.update(_source_model_clash(known, entry))
         if clash:
             raise ResultsError(f"{out} holds {entry['benchmark']} rows of a sweep with other "
                                f"settings ({clash_text(clash)}; recorded in {config_path(out)}); write "
                                "this sweep to another --out")
+
+
+def _numbers_part(key: str, value):
+    """What of a recorded setting can change the numbers: a data table without its
+    speed-only options."""
+    if key in ("source_data", "target_data") and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in SPEED_ONLY_DATA_OPTIONS}
+    return value
 
 
 def _source_model_clash(known: dict, entry: dict) -> dict:
@@ -492,22 +508,6 @@ def run_group(cells: list[Cell], protocol: Protocol, checkpoint: str, data_dir: 
         result = fit(model, task.train, task.val, task.test, cell.method, config, blocks, cache)
         # The per-epoch records travel with the row (the CSV keeps only its columns).
         yield {**result_row(cell, result, total_params, settings), "history": result.history}
-
-
-def machine(device: str) -> str:
-    """Where cells on `device` run, for the `machine` column: the GPU's name, or the CPU
-    model with the instruction set torch dispatches to and the torch threads of this
-    process, and the torch build. Rows agree bit for bit only between runs on the same
-    kind of machine (on CPU: the same threads; docs/fmnist.md#same-seed-same-numbers)."""
-    if torch.device(device).type == "cuda":
-        where = torch.cuda.get_device_name(torch.device(device))
-    else:
-        threads = torch.get_num_threads()
-        where = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
-                 f"{threads} thread{'s' if threads > 1 else ''}")
-        capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
-        where += f", ONEDNN_MAX_CPU_ISA={capped}" if capped else ""
-    return f"{where}; torch {torch.__version__}"
 
 
 def result_row(cell: Cell, result: FitResult, total_params: int, settings: dict) -> dict:

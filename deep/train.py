@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -643,11 +643,15 @@ def check_milestones(schedule: str, milestones, gamma: float, epochs: int) -> No
     """A "step" schedule needs increasing positive milestones and a finite gamma > 0 (a
     milestone not below `epochs`, which never lowers the rate, is warned about); the others
     take neither (a gamma other than the default would be silently unused)."""
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
+        raise ConfigError(f"milestones must be a list of epochs, e.g. [75, 125], got "
+                          f"{milestones!r}")
     milestones = list(milestones)
     check_positive("gamma", gamma)
     if schedule != "step":
         if milestones:
-            raise ConfigError(f"milestones {milestones} need schedule 'step', got {schedule!r}")
+            raise ConfigError(f"milestones {milestones} need schedule 'step', got {schedule!r} "
+                              "(to clear a protocol's: --milestones '', or milestones = [])")
         if gamma != TrainConfig.gamma:
             raise ConfigError(f"gamma {gamma} is the step schedule's factor and needs schedule "
                               f"'step', got {schedule!r}")

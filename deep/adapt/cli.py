@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import torch
-
 from ..errors import ConfigError
-from ..flags import (add_flags, add_trust_checkpoint, check_trust_has_a_file, comma_list,
-                     flag_values)
+from ..flags import (add_flags, add_threads, add_trust_checkpoint, check_trust_has_a_file,
+                     comma_list, flag_values, set_threads)
 from ..models import architecture_names
 from ..protocol import data_option
 from .core import METHODS
@@ -96,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="loader option overriding the protocol's [data] table (repeatable)")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
+    add_threads(p, DEFAULT_THREADS, THREADS_HELP)
     p.add_argument("--report", action="store_true",
                    help="also write table.md and the plot next to the CSV (<out>_report/)")
     p.add_argument("--quick", action="store_true", help=quick_help())
@@ -149,10 +147,7 @@ def protocol_from_args(args) -> AdaptProtocol:
 
 
 def run(args) -> int:
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     protocol = protocol_from_args(args)
     check_trust_has_a_file(args.trust_checkpoint, protocol.checkpoint, "--checkpoint")
     summary = run_adaptation(protocol, args.out, data_dir=args.data_dir, episodic=args.episodic,

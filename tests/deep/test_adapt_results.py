@@ -412,6 +412,13 @@ def _parser():
     return parser
 
 
+@pytest.mark.parametrize("command", ["adapt", "pretrain"])
+def test_threads_below_0_are_refused_by_name(command, capsys):
+    args = ["--benchmark", "fmnist-c", "--out", "x.csv" if command == "adapt" else "x.pt"]
+    assert main([command, *args, "--threads", "-1"]) == 2
+    assert "--threads must be an integer >= 0" in capsys.readouterr().err
+
+
 def test_one_thread_by_default_and_a_readable_quick_help():
     args = _parser().parse_args(["--benchmark", "fmnist-c", "--out", "r.csv"])
     assert args.threads == 1
@@ -446,6 +453,8 @@ def test_a_stream_of_other_data_options_is_refused_and_a_legacy_row_is_not_compa
     AdaptResults(path).append(row)
     key = tuple(row[k] for k in _KEY)
     assert AdaptResults(path).finished(key, {**_SETTINGS, "data": five})
+    more_workers = '{"corruption_seed": 0, "num_workers": 4, "severity": 5}'  # speed only
+    assert AdaptResults(path).finished(key, {**_SETTINGS, "data": more_workers})
     three = '{"corruption_seed": 0, "severity": 3}'
     with pytest.raises(ResultsError, match="other settings.*'data'.*severity\": 3"):
         AdaptResults(path).finished(key, {**_SETTINGS, "data": three})

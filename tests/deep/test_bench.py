@@ -195,8 +195,24 @@ def test_bench_refuses_a_data_dir_that_is_not_a_folder_before_making_out(tmp_pat
     out = tmp_path / "out"
     assert main(["bench", "fmnist", "--quick", "--out", str(out), "--data-dir",
                  str(make(tmp_path))]) == 2
-    assert f"{problem}; give the folder that holds the Fashion-MNIST" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{problem}; give the folder that holds the Fashion-MNIST" in err
+    assert "(docs/fmnist.md)" in err and (ROOT / "docs" / "fmnist.md").is_file()
     assert not out.exists()
+
+
+@pytest.mark.parametrize("quick", [[], ["--quick"]])
+def test_summarize_only_without_results_names_the_command_that_makes_them(tmp_path, capsys,
+                                                                           quick):
+    """A missing folder was named by its lock file; the hint for the quick suite dropped
+    --quick (the full suite runs for hours)."""
+    from deep.__main__ import main
+    command = f"`python -m deep bench fmnist{' --quick' if quick else ''} --out "
+    for out, problem in ((tmp_path / "missing", "does not exist"), (tmp_path, "no results in")):
+        assert main(["bench", "fmnist", "--summarize-only", *quick, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and command + str(out) + "`" in err and "lock" not in err, err
+    assert not (tmp_path / "missing").exists()
 
 
 @pytest.mark.slow

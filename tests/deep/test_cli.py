@@ -79,6 +79,17 @@ def test_trust_checkpoint_beside_a_random_init_is_refused(tmp_path, capsys, monk
     assert not any(tmp_path.iterdir())
 
 
+def test_trust_checkpoint_without_an_init_file_is_refused_by_pretrain(tmp_path, capsys,
+                                                                     monkeypatch):
+    """pretrain without --init reads no file: --trust-checkpoint was accepted silently."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--benchmark", "synthetic", "--out", "src.pt",
+                 "--trust-checkpoint"]) == 2
+    assert ("--trust-checkpoint has no effect without --init FILE (no file is read)"
+            in capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
+
+
 def test_pretrain_init_from_a_file_safe_loading_refuses_needs_trust(tmp_path, capsys):
     """A weight file with a global outside the allowlist (as MEMO's numpy-scalar files were
     before the allowlist): refused with a hint at the flag, loaded with --trust-checkpoint."""

@@ -123,6 +123,12 @@ def test_the_resolved_configuration_records_each_loaders_own_options():
     ('epochs = "six"', r"epochs must be an integer, got 'six'"),
     ("lrs = [0.1", r"is not valid TOML: "),
     ('benchmark = "y"', r"benchmark = 'y' does not match the file name"),  # a copy left unedited
+    # were tracebacks (a list as a registry key, an int as a path) or accepted
+    ('arch = ["resnet26"]', r"arch must be a string, e\.g\. arch = \"\.\.\.\", got \['resnet26'\]"),
+    ("pretrain = {init = 5}", r"init must be a weight file's path, or 'none', got 5"),
+    ('pretrain = {compile = "yes"}', r"compile must be true or false, got 'yes'"),
+    ('pretrain = {schedule = "step", milestones = 5}', r"milestones must be a list of epochs, "
+                                                       r"e\.g\. \[75, 125\], got 5"),
 ])
 def test_a_malformed_protocol_file_is_named_with_what_it_should_hold(tmp_path, text, message):
     key = text.split("=")[0].strip()
@@ -185,6 +191,27 @@ def test_pretrain_takes_the_protocols_pretrain_table_then_flags():
     arch, _, _ = pretrain_settings(cli_args(
         "pretrain", "--benchmark", "fmnist-c", "--out", "x.pt", "--arch", "resnet26-w4"))
     assert arch == "resnet26-w4"
+
+
+def test_a_flag_puts_back_a_value_the_file_changed_none_and_false_included():
+    """fmnist-c.toml stops early (patience 4) and compiles its pretraining (compile =
+    true): `--patience none` and `--no-compile` undo them; a flag not given keeps the
+    file's value, and `--init none` stays the word that means random initialisation."""
+    def sweep(*flags):
+        return sweep_protocol(cli_args("sweep", "--benchmark", "fmnist-c", "--out", "x.csv",
+                                       *flags))
+    assert sweep().patience == 4 and sweep("--patience", "none").patience is None
+    assert sweep("--quick", "--patience", "NONE").patience is None
+    assert sweep("--patience", "2").patience == 2
+
+    def pretrain(*flags):
+        return pretrain_settings(cli_args("pretrain", "--benchmark", "fmnist-c", "--out", "x.pt",
+                                          *flags))[1]
+    assert pretrain().compile and not pretrain("--no-compile").compile
+    assert pretrain("--compile").compile and pretrain().init is None
+    assert pretrain("--init", "none").init == "none"
+    with pytest.raises(SystemExit):
+        cli_args("sweep", "--benchmark", "fmnist-c", "--out", "x.csv", "--patience", "some")
 
 
 def test_pretrain_data_flag_overrides_the_protocols_data_table():

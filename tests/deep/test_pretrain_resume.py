@@ -194,6 +194,8 @@ def test_a_finished_pretraining_rerun_repeats_no_work(tmp_path, monkeypatch, cap
     out = tmp_path / "m.pt"
     config = PretrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none")
     first = module.pretrain_to_file("synthetic", out, "resnet26-w4", config)
+    from deep.files import machine
+    assert first["machine"] == machine("cpu")  # CPU, instruction set, threads: bitwise provenance
     trained, original = [], module.pretrain
     monkeypatch.setattr(module, "pretrain", lambda *a, **k: trained.append(1) or original(*a, **k))
     again = module.pretrain_to_file("synthetic", out, "resnet26-w4", config)

@@ -82,6 +82,21 @@ def test_a_binary_file_is_not_read_as_results(tmp_path):
         write_report(tmp_path / "model.pt", tmp_path / "rep")
 
 
+def test_a_file_with_a_cell_twice_is_refused_as_a_sweep_refuses_it(tmp_path):
+    """The report took the first copy silently; `sweep` refuses the same file."""
+    with pytest.raises(ResultsError, match="holds duplicated cells"):
+        report_of(tmp_path, [row(), row(method="first"), row(test=0.7)])
+    assert not (tmp_path / "rep").exists()
+
+
+def test_an_adapt_file_with_a_stream_twice_is_refused_too(tmp_path):
+    from deep.adapt.results import COLUMNS
+    line = ("fmnist-c,fog,memo,none,0,false,200,0.005,0.5,0,10,1.0,resnet26,w.pt,90,{},,")
+    (tmp_path / "a.csv").write_text(",".join(COLUMNS) + "\n" + line + "\n" + line + "\n")
+    with pytest.raises(ResultsError, match="duplicated streams"):
+        write_report(tmp_path / "a.csv", tmp_path / "rep")
+
+
 def test_paired_difference_is_method_minus_all_per_seed_with_a_t_interval():
     """Guards the sign of the relative table: metric(method) - metric(all), paired by seed
     (fractions; the table prints points), its interval from the per-seed differences."""

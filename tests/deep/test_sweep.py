@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,21 @@ def test_resume_refuses_other_settings(tmp_path, synthetic_checkpoint):
         run_sweep(small_protocol(methods=["last"], lrs=[1e-2], epochs=2), out, progress=False)
 
 
+def test_the_pretrain_table_is_recorded_only_for_the_benchmarks_own_source_model(
+        tmp_path, synthetic_checkpoint):
+    """A --checkpoint of the user's (trained for 30 epochs, say) was recorded beside the
+    protocol's [pretrain] table (6 epochs), which did not make it."""
+    protocol = small_protocol(methods=["last"], lrs=[1e-2], epochs=1)
+    run_sweep(protocol, tmp_path / "own.csv", progress=False)
+    (own,) = json.loads((tmp_path / "own.csv.config.json").read_text())["configurations"]
+    assert own["pretrain"]["epochs"] == protocol.pretrain.epochs and "source_data" in own
+    shutil.copy(synthetic_checkpoint, tmp_path / "mine.pt")
+    run_sweep(protocol, tmp_path / "mine.csv", checkpoint=str(tmp_path / "mine.pt"), progress=False)
+    (mine,) = json.loads((tmp_path / "mine.csv.config.json").read_text())["configurations"]
+    assert "pretrain" not in mine and "source_data" not in mine
+    assert mine["checkpoint"].endswith("mine.pt") and len(mine["checkpoint_sha256"]) == 64
+
+
 def test_new_cells_beside_rows_of_other_settings_are_refused(tmp_path, synthetic_checkpoint):
     """No cell of the second sweep is skipped, yet its rows would share a table (and the
     report's learning-rate choice) with rows of another protocol."""
@@ -171,6 +187,8 @@ def entry(**changes):
 
 @pytest.mark.parametrize("now, clash", [
     (entry(target_data={"severity": 1}), "target_data: file {'severity': 5} vs now {'severity': 1}"),
+    (entry(target_data={"severity": 1, "num_workers": 8}), "target_data: file {'severity': 5} vs "
+                                                           "now {'severity': 1, 'num_workers': 8}"),
     (entry(patience=1), "patience: file None vs now 1"),
     (entry(checkpoint="elsewhere/fmnist-resnet26.pt", checkpoint_sha256="b" * 64),
      "checkpoint: file 'deep/weights/fmnist-resnet26.pt (sha256 aaaaaaaaaaaa)' vs now "
@@ -186,10 +204,12 @@ def test_a_recorded_configuration_of_the_benchmark_must_match_but_for_the_grid(t
         check_same_configuration(out, now, rows_exist=True)
     # what may differ: the grid, the [pretrain] table, the checkpoint's path (same contents),
     # another benchmark's settings; and nothing is compared once the rows are gone
+    # and how many processes decode the images (docs/benchmarks.md recommends more)
     for fine in (entry(lrs=[1e-3], seeds=[1, 2], methods=["first"], shifts=["snow"],
                        n_target=100, pretrain={"epochs": 30}),
                  entry(checkpoint="/elsewhere/fmnist-resnet26.pt"),
-                 entry(benchmark="fmnist-flip", epochs=50)):
+                 entry(benchmark="fmnist-flip", epochs=50),
+                 entry(target_data={"severity": 5, "num_workers": 8})):
         check_same_configuration(out, fine, rows_exist=True)
     check_same_configuration(out, now, rows_exist=False)
 
