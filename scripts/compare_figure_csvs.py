@@ -6,10 +6,12 @@ shows most in exact fits (losses at ~1e-30 of E[y^2], all digits rounding noise)
 F1-F6 CSV in both folders: the rows and columns that differ, and the largest difference
 relative to its column's scale (the largest magnitude in that column of OLD), so a loss of
 1e-30 against 3e-30 counts as the rounding it is; log10 columns in decades instead, and
-only in rows whose geometric mean is above rounding level (log10_mean above
-log10(sims.experiments.ZERO) = -8 in either file; below it every digit is rounding). Exit status 1 when a CSV is missing, changed
-shape or labels, or differs by more than --tolerance of a column's scale (--log-tolerance
-decades).
+only in rows whose geometric mean is above rounding level and made of no draw at it
+(log10_mean above log10(sims.experiments.ZERO) = -8 and fraction_zero 0 in both files: a
+geometric mean over draws of which some are exact fits carries their rounding digits,
+weighted by how many they are; the arithmetic mean and fraction_zero are still compared).
+Exit status 1 when a folder or CSV is missing, a CSV changed shape or labels, or differs by
+more than --tolerance of a column's scale (--log-tolerance decades).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def compare(old: Path, new: Path) -> dict:
     header = a[0]
     for x, y in zip(a[1:], b[1:]):
         differing += x != y
-        rounding = "log10_mean" in header and all(
-            float(row[header.index("log10_mean")]) < ROUNDING_LOG10 for row in (x, y))
+        rounding = "log10_mean" in header and any(
+            float(row[header.index("log10_mean")]) < ROUNDING_LOG10
+            or ("fraction_zero" in header and float(row[header.index("fraction_zero")]) > 0)
+            for row in (x, y))
         for name, u, v in zip(header, x, y):
             if u == v:
                 continue
@@ -72,6 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("--log-tolerance", type=float, default=0.01,
                    help="largest difference of a log10 column that passes, in decades (0.01)")
     args = p.parse_args(argv)
+    for folder in (args.old, args.new):
+        if not folder.is_dir():
+            print(f"{folder} is not a folder of figure CSVs (python -m sims figures --out "
+                  f"FOLDER writes one)")
+            return 1
     bad = False
     for old in sorted(args.old.glob("f[1-6]_*.csv")):
         new = args.new / old.name

@@ -72,6 +72,21 @@ class Target:
         return (tv @ cross_moment(tB, act, tB, act, self.covs)
                 @ tv.transpose(-1, -2))[..., 0, 0]
 
+    def _check_nets(self, v, B) -> None:
+        """v (R, k) and B (R, k, d) of this target's R runs, dtype and d: torch would
+        broadcast a head of one run over all of them (run 0's head with run 1's B)."""
+        runs, d = self.teacher_B.shape[0], self.teacher_B.shape[-1]
+        if not (isinstance(v, torch.Tensor) and isinstance(B, torch.Tensor)):
+            raise ValueError(f"v and B must be torch tensors, got {type(v).__name__} and "
+                             f"{type(B).__name__}")
+        if (v.ndim != 2 or B.ndim != 3 or v.shape[0] != runs or B.shape[0] != runs
+                or B.shape[1] != v.shape[1] or B.shape[2] != d):
+            raise ValueError(f"expected v (R, k) and B (R, k, d) with R = {runs} runs and d = "
+                             f"{d}, got v {tuple(v.shape)} and B {tuple(B.shape)}")
+        if v.dtype != self.covs.dtype or B.dtype != self.covs.dtype:
+            raise ValueError(f"v and B must be {self.covs.dtype} like the target, got "
+                             f"{v.dtype} and {B.dtype}")
+
     def label_energy(self):
         """E[y^2] per run, shape (R,): the loss of predicting 0."""
         return (self.weights * self._teacher_moments).sum(-1).clamp(min=0)
@@ -82,6 +97,7 @@ class Target:
         Linear net and teacher use the direct form (w - w*)^T cov (w - w*), which has no
         cancellation (an exact fit scores ~1e-32, not ~1e-16), as in `theory`.
         """
+        self._check_nets(v, B)
         if activation == self.teacher_activation == "linear":
             diff = (B.transpose(1, 2) @ v[..., None]
                     - self.teacher_B.transpose(1, 2) @ self.teacher_v[..., None])  # (R, d, 1)

@@ -98,16 +98,18 @@ def input_perturbation(teacher, A, cov=None, pretrained=None):
     Args:
         teacher: source teacher `TwoLayer` (d inputs).
         A: (d, d) invertible matrix.
-        cov: source covariance (d, d); default identity.
+        cov: source covariance (d, d), or a `GaussianMixture`; default identity.
         pretrained: a net with zero source loss; default: a copy of the teacher.
     The target teacher is x -> teacher(A^{-1} x), so B_src A^{-1} with v_src fits it exactly.
+    The target distribution is that of A x_src: each component N(0, S_j) becomes
+    N(0, A S_j A^T), with its weight.
     """
     teacher = _check_teacher(teacher)
     A = as_array(A, "A", 2, shape=(teacher.d, teacher.d))
     if np.linalg.cond(A) > 1e12:
         raise ValueError(f"A must be invertible; its condition number is {np.linalg.cond(A):.3g}")
     source = as_mixture(np.eye(teacher.d) if cov is None else cov, teacher.d)
-    target = GaussianMixture.gaussian(A @ source.covs[0] @ A.T)
+    target = GaussianMixture(source.weights, A @ source.covs @ A.T)
     A_inv = np.linalg.inv(A)
     return ShiftProblem(
         "input", source, target, teacher, teacher.replace(B=teacher.B @ A_inv),

@@ -94,3 +94,22 @@ def test_an_unknown_activation_is_refused_not_read_as_half_linear():
             theory.cross_moment(B, a, B, b, cov)
         with pytest.raises(ValueError, match="activation must be one of"):
             cross_moment(torch.eye(2), a, torch.eye(2), b, torch.eye(2))
+
+
+def test_a_head_of_another_run_count_or_shape_is_refused_not_broadcast():
+    """v of 1 run with B of 2: torch broadcast run 0's head over both, scoring run 1 with
+    run 0's head (0.68 where its loss is 1.69); wrong d, dtype or numpy are named too."""
+    rng = np.random.default_rng(2)
+    nets, targets = nets_and_targets(rng, "relu", "relu")
+    samples = [(np.zeros((1, net.d)), np.zeros(1)) for net in nets]
+    batch = Batch.build(nets, samples, "last", 0.1, {"t": targets}, device="cpu")
+    target, v, B = batch.targets["t"], batch.v, batch.B
+    R, d = B.shape[0], B.shape[2]
+    for bad_v, bad_B in ((v[:1], B), (v, B[:, :, :d - 1]), (v[:, :1], B), (v[..., None], B)):
+        with pytest.raises(ValueError, match=f"expected v \\(R, k\\) and B \\(R, k, d\\) with "
+                                             f"R = {R} runs and d = {d}"):
+            target.loss(bad_v, bad_B, "relu")
+    with pytest.raises(ValueError, match="must be torch.float64 like the target"):
+        target.loss(v.float(), B.float(), "relu")
+    with pytest.raises(ValueError, match="must be torch tensors, got ndarray"):
+        target.loss(v.numpy(), B, "relu")

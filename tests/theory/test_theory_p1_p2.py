@@ -211,6 +211,22 @@ def test_problems_sample_deterministically_and_label_with_their_teachers():
     assert np.allclose(problem.target.covs[0], A @ A.T)
 
 
+def test_p1_over_a_mixture_maps_every_component_by_A():
+    """A x for x from a two-component mixture: the target's second moment, by Monte Carlo
+    over A x_src (5 standard errors), is A E[x x^T] A^T; only the first component was
+    mapped before (diag(4, 0) here instead of diag(2, 2))."""
+    mix = GaussianMixture([0.5, 0.5], np.stack([np.diag([1.0, 0.0]), np.diag([0.0, 4.0])]))
+    A = np.diag([2.0, 1.0])
+    problem = input_perturbation(TwoLayer([1.0], [[1.0, 0.5]]), A, cov=mix)
+    assert np.allclose(problem.target.weights, [0.5, 0.5])
+    moment = np.einsum("j,jab->ab", problem.target.weights, problem.target.covs)
+    X = mix.sample(200_000, np.random.default_rng(0))[0] @ A.T
+    outer = X[:, :, None] * X[:, None, :]
+    se = outer.std(axis=0) / np.sqrt(len(X))
+    assert np.all(np.abs(outer.mean(axis=0) - moment) <= 5 * se + 1e-12)
+    assert np.allclose(moment, np.diag([2.0, 2.0]))
+
+
 def test_random_draws_are_reproducible_and_different_across_seeds():
     a, b, c = random_p1(5, "linear"), random_p1(5, "linear"), random_p1(6, "linear")
     assert np.array_equal(a.params["A"], b.params["A"])
