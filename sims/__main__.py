@@ -28,7 +28,9 @@ def main(argv=None):
     figures.add_argument("--draws", type=int, default=defaults.draws,
                          help=f"random draws per curve point (default {defaults.draws})")
     figures.add_argument("--steps", type=int, default=defaults.steps,
-                         help=f"gradient steps per phase (default {defaults.steps})")
+                         help=f"the step budget S (default {defaults.steps}): F2, F3, F6 run "
+                              "S steps per phase (lp-ft: S + S), F1 and F5 2 S, F4 10 S (all) "
+                              "and 1000 S (first, exact)")
     figures.add_argument("--seed", type=int, default=defaults.seed)
     figures.add_argument("--device", default=defaults.device, help="auto | cpu | cuda[:i]")
     figures.add_argument("--dtype", default=defaults.dtype, choices=["float64", "float32"])

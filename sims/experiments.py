@@ -62,8 +62,9 @@ class Settings:
     """What a `python -m sims figures` run uses (README: "Simulations").
 
     draws: random draws (problem and sample) per curve point, >= 2.
-    steps: gradient steps (per phase for lp-ft) of the shift runs (F2, F3, F6) and F4;
-        F1 and F5 run 2 * steps in total for every method (lp-ft: steps + steps).
+    steps: gradient steps (per phase for lp-ft) of the shift runs (F2, F3, F6); F1 and
+        F5 run 2 * steps in total for every method (lp-ft: steps + steps); F4 runs
+        10 * steps (full fine-tuning) and 1000 * steps (first layer, exact).
     seed, dtype ("float64" | "float32"), device ("auto" | "cpu" | "cuda").
     """
     draws: int = 200

@@ -16,6 +16,7 @@ instead of both rewriting `sims_settings.json` and the CSVs. Under the lock, the
 files a killed run left beside the outputs are removed.
 """
 import contextlib
+import dataclasses
 import fcntl
 import glob
 import itertools
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from . import experiments, plots
+from .simulator import resolve_device
 
 # Figure -> the experiment that makes its table.
 SOURCES = {"f1_t1_curves": "t1_curves", "f2_loss_vs_n": "shifts", "f3_best_layer": "shifts",
@@ -347,8 +348,13 @@ def make_figures(settings, out="figures", only=None, resume=False, log=print, si
     Returns: the list of paths written.
     Raises: `FolderBusy` while another run writes `out`.
     """
+    if not simulate and not Path(out).exists():  # nothing to redraw: leave no empty folder
+        raise FileNotFoundError(f"--out {out} does not exist, so it holds no CSVs to redraw; "
+                                f"run `python -m sims figures --out {out}` first")
     out = output_folder(out)
     figures = resolve_only(only)
+    if settings.device == "auto":  # recorded as where it ran: --resume on a GPU redoes CPU CSVs
+        settings = dataclasses.replace(settings, device=resolve_device("auto").type)
     with hold_folder(out):
         return _make_figures(settings, out, figures, resume, log, simulate)
 
@@ -368,8 +374,8 @@ def _make_figures(settings, out, figures, resume, log, simulate):
     if missing:
         present = [short_name(f) for f in figures if f not in missing]
         hint = f", or draw only those there with --only {','.join(present)}" if present else ""
-        raise FileNotFoundError(f"no CSV for {missing} in {out}/; run `python -m sims figures`"
-                                f"{hint}")
+        raise FileNotFoundError(f"no CSV for {missing} in {out}/; run `python -m sims figures "
+                                f"--out {out}`{hint}")
     start, written = time.perf_counter(), []
     total = sum(experiments.units(name) for name in todo)
     with tqdm(total=total, desc="simulating", unit="batch", disable=total == 0) as progress:
@@ -394,9 +400,7 @@ def _make_figures(settings, out, figures, resume, log, simulate):
         paths = [out / f"{figure_name}.png", out / f"{figure_name}.pdf"]
         save_figure(plots.draw(figure_name, tables), paths)
         written += paths
-    device = settings.device if settings.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    what = (f"{settings.draws} draws, {settings.steps} steps, {settings.dtype}, {device}"
+    what = (f"{settings.draws} draws, {settings.steps} steps, {settings.dtype}, {settings.device}"
             if todo else "drawn from existing CSVs")
     log(f"wrote {len(written)} files to {out}/ in {time.perf_counter() - start:.0f} s ({what})")
     return written

@@ -149,7 +149,10 @@ class Batch:
         rates = _per_run(lr, R, "lr")
         if not all(isinstance(r, (int, float, np.integer, np.floating))
                    and not isinstance(r, bool) for r in rates):
-            raise ValueError(f"lr must be one positive number or one per run, got {lr!r}")
+            bad = next(r for r in rates if isinstance(r, bool)
+                       or not isinstance(r, (int, float, np.integer, np.floating)))
+            raise ValueError(f"lr must be one positive number or one per run, got {bad!r} "
+                             f"among {len(rates)}")
         rates = np.array(rates, dtype=np.float64)
         bad = ~(np.isfinite(rates) & (rates > 0))
         if bad.any():
@@ -182,8 +185,9 @@ class Batch:
 
 def _per_run(value, R, name):
     """`value` repeated R times, or checked to have R entries."""
-    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0:
-        value = value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        # numbers, not 0-d arrays (`start_curvature` returns a tensor of learning rates)
+        value = value.item() if value.ndim == 0 else value.tolist()
     if isinstance(value, (str, int, float, np.floating, np.integer)):
         return [value] * R
     values = list(value)

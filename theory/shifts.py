@@ -283,5 +283,9 @@ def t1_event(component, ds, m):
     """Whether a drawn target sample satisfies the T1 condition; `component` (n,) is the
     mixture index from `problem.target.sample` (1 = new direction)."""
     check_count(ds, "ds"), check_count(m, "m")
-    n_new = int(np.sum(np.asarray(component) == 1))
+    component = np.asarray(component)
+    if component.ndim != 1 or not np.isin(component, (0, 1)).all():
+        raise ValueError(f"component must be a 1-d array of mixture indices 0 (old) and 1 (new "
+                         f"direction), got {component.tolist()!r}")
+    n_new = int(np.sum(component == 1))
     return n_new >= m and len(component) - n_new < ds

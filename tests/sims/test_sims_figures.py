@@ -3,6 +3,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from sims import experiments
 from sims.__main__ import main
@@ -180,3 +181,17 @@ def test_csvs_keep_twelve_significant_digits(tmp_path):
     write_csv(pd.DataFrame(dict(x=values)), tmp_path / "t.csv")
     back = pd.read_csv(tmp_path / "t.csv").x.to_numpy()
     np.testing.assert_allclose(back, values, rtol=1e-11, atol=0)
+
+
+def test_auto_is_recorded_as_the_device_it_ran_on(tmp_path):
+    """sims_settings.json said "auto": --resume on a GPU kept CSVs a CPU made (other digits),
+    and `--device cpu --resume` redid identical ones."""
+    import dataclasses
+    settings = dataclasses.replace(TINY, device="auto")
+    make_figures(settings, tmp_path, only="f4", log=lambda line: None)
+    ran_on = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["t1_event"]["device"] == ran_on
+    lines = []
+    make_figures(dataclasses.replace(TINY, device=ran_on), tmp_path, only="f4", resume=True,
+                 log=lines.append)
+    assert lines and "drawn from existing CSVs" in lines[-1]      # nothing simulated again

@@ -141,10 +141,19 @@ def test_out_must_be_a_folder(tmp_path, capsys):
         assert main(argv) == 2, argv
         assert (f"error: --out {file} is a file, not a folder; expected a folder (created if "
                 "missing)") in capsys.readouterr().err
-    assert main(["plot", "--out", str(file / "sub")]) == 2
+    assert main(["figures", *fast, "--out", str(file / "sub")]) == 2
     assert f"--out {file / 'sub'}: cannot create that folder (Not a directory)" in \
         capsys.readouterr().err
     assert file.read_text() == "not a folder"
+
+
+def test_plot_into_a_missing_folder_makes_none_and_names_the_command_for_it(tmp_path, capsys):
+    """It made an empty folder, then said to run `python -m sims figures` without --out."""
+    missing = tmp_path / "missing"
+    assert main(["plot", "--out", str(missing)]) == 2
+    assert (f"--out {missing} does not exist, so it holds no CSVs to redraw; run `python -m "
+            f"sims figures --out {missing}` first") in capsys.readouterr().err
+    assert not missing.exists()
 
 
 def test_plot_of_a_partial_folder_draws_nothing_and_names_the_only_that_would(tmp_path, capsys):

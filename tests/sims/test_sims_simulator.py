@@ -220,6 +220,21 @@ def test_bad_batches_are_refused_with_a_clear_error(name):
         Batch.from_problems(**args)
 
 
+def test_learning_rates_as_a_tensor_or_array_are_one_per_run():
+    """`start_curvature` returns a tensor: a 1-d tensor of learning rates was refused (with
+    all its values in the message) where a list of the same numbers was taken."""
+    rng = np.random.default_rng(0)
+    probs = problems("linear", 3, rng)
+    samples = [p.sample_target(4, rng) for p in probs]
+    rates = [0.1, 0.05, 0.02]
+    want = Batch.from_problems(probs, samples, "all", rates, device="cpu").lr
+    for given in (torch.tensor(rates, dtype=torch.float64), np.array(rates)):
+        got = Batch.from_problems(probs, samples, "all", given, device="cpu").lr
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"lr has 2 entries; the batch has 3 runs"):
+        Batch.from_problems(probs, samples, "all", torch.tensor(rates[:2]), device="cpu")
+
+
 def test_bad_simulate_arguments_are_refused():
     rng = np.random.default_rng(0)
     probs = problems("linear", 2, rng)

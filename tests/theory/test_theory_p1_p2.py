@@ -280,3 +280,7 @@ def test_bad_constructions_name_the_argument():
     for ds, m in ((0, 1), (-1, 1), (3, 0)):
         with pytest.raises(ValueError, match="ds|m"):
             theory.t1_event([0, 1, 1], ds=ds, m=m)
+    # a mixture index other than 0 and 1 (a component that does not exist) was counted as old
+    for component in ([0, 2, 2], [[0, 1]], [0.5, 1]):
+        with pytest.raises(ValueError, match="component must be a 1-d array of mixture indices"):
+            theory.t1_event(component, ds=8, m=2)
