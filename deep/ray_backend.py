@@ -292,9 +292,20 @@ def cluster_line(ray, address: str | None) -> str:
     """What the sweep runs on, e.g. "ray: cluster at 10.0.0.1:6379: 4 nodes, 128 CPUs, 16 GPUs"."""
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     resources = ray.cluster_resources()
+    if address == "auto":  # say where it pointed
+        address = _connected_address(ray) or address
     where = f"cluster at {address}" if address else "local instance"
     return (f"ray: {where}: {nodes} node{'s' * (nodes != 1)}, {resources.get('CPU', 0):g} CPUs, "
             f"{resources.get('GPU', 0):g} GPUs")
+
+
+def _connected_address(ray) -> str | None:
+    """HOST:PORT of the cluster this driver is connected to (what --ray-address auto
+    resolved to); None where Ray does not say."""
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 (Ray's API moved: the address as given)
+        return None
 
 
 def session_for(executor: "RayExecutor | None"):
@@ -338,6 +349,9 @@ def resolve_gpus(options: RayOptions, device: str | None, cluster: dict) -> floa
     """--gpus-per-task, defaulting to one GPU per task where GPUs exist and may be used."""
     if options.gpus_per_task is not None:
         return float(options.gpus_per_task)
+    if device == "cuda" and cluster.get("GPU", 0) <= 0:  # not a flag the user left out
+        raise RayBackendError("--device cuda, but the Ray cluster has 0 GPUs: run with "
+                              f"--device auto or cpu, or add nodes with GPUs ({AUTOSCALING_HINT})")
     return 1.0 if cluster.get("GPU", 0) > 0 and device != "cpu" else 0.0
 
 
@@ -399,24 +413,29 @@ def _probe_data_dir(path: str) -> tuple[str, bool]:
     return _node_name(), os.path.isdir(path)
 
 
-def check_data_dir(ray, data_dir: str, cpus_per_task: float, gpus_per_task: float) -> None:
-    """Raise naming every node that may run a task group but cannot see `data_dir`."""
+def check_data_dir(ray, data_dir: str, cpus_per_task: float, gpus_per_task: float,
+                   what: str = "--data-dir") -> None:
+    """Raise naming every node that may run a task group but cannot see `data_dir`
+    (`what`: how to name it, the flag or the default folder the driver resolved)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0)(_probe_data_dir)
     nodes = [n for n in ray.nodes()
              if n.get("Alive") and _node_fits(n, cpus_per_task, gpus_per_task)]
     refs = {}
-    for node in nodes:  # one probe pinned to each node
+    for node in nodes:  # one probe pinned to each node (by id: nodes may share an address)
         on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        refs[node["NodeManagerAddress"]] = probe.options(scheduling_strategy=on_node).remote(data_dir)
+        refs[node["NodeID"]] = (node["NodeManagerAddress"],
+                                probe.options(scheduling_strategy=on_node).remote(data_dir))
     missing = []
-    for address, ref in refs.items():
+    shared = len({address for address, _ in refs.values()}) < len(refs)
+    for node_id, (address, ref) in refs.items():
         host, visible = ray.get(ref)
-        if not visible:
-            missing.append(f"{host} ({address})")
+        if not visible:  # several nodes at one address (one host): their ids tell them apart
+            where = f"{address}, node {node_id[:8]}" if shared else address
+            missing.append(f"{host} ({where})")
     if missing:
-        raise RayBackendError(f"--data-dir {data_dir} is not a folder on node(s) "
+        raise RayBackendError(f"{what} {data_dir} is not a folder on node(s) "
                               f"{', '.join(missing)}; every node that runs task groups must see "
                               "the data at the same path (a shared file system, or a copy)")
 
@@ -427,6 +446,13 @@ def run_group_task(cells, spec: dict, pretrained: dict, threads: int):
     """A Ray generator task: run one task group, yield each cell's row as it finishes."""
     torch.set_num_threads(threads)
     keep_freed_memory()
+    if spec.get("device") == "cuda" and not torch.cuda.is_available():
+        # Ray gave this task a GPU the node advertises, but its torch cannot use one
+        raise TaskGroupError(f"task group {_describe(cells)} was given a GPU on node "
+                             f"{_node_name()}, but torch there sees none (torch "
+                             f"{torch.__version__}): run with --gpus-per-task 0 (or --device "
+                             "cpu), or give that node a CUDA build of torch, or start it "
+                             "without --num-gpus")
     try:
         yield from run_group(cells, **spec, pretrained=pretrained)
     except (ValueError, OSError) as err:  # bad data or options: no use retrying
@@ -573,10 +599,12 @@ class RayExecutor:
             spec = dict(spec, device=task_device(spec.get("device"), gpus))
             slots = concurrent_tasks(cluster, options.cpus_per_task, gpus)
             check_a_node_fits(ray.nodes(), options.cpus_per_task, gpus)
-            data_dir = spec.get("data_dir") or driver_data_dir(spec["protocol"].benchmark)
+            benchmark = spec["protocol"].benchmark
+            data_dir = spec.get("data_dir") or driver_data_dir(benchmark)
+            what = "--data-dir" if spec.get("data_dir") else f"{benchmark}'s default data folder"
             if data_dir:
                 spec["data_dir"] = os.path.abspath(data_dir)  # workers start elsewhere
-                check_data_dir(ray, spec["data_dir"], options.cpus_per_task, gpus)
+                check_data_dir(ray, spec["data_dir"], options.cpus_per_task, gpus, what)
             # As with local workers: with fewer tasks than slots, tasks are split.
             execute_groups_on_ray(ray, group_cells(cells, slots), spec, record,
                                   pretrained_weights(spec), options, gpus)

@@ -168,6 +168,8 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     t0 = time.perf_counter()
     bench = get_benchmark(protocol.benchmark)
     check_protocol(protocol, bench)
+    if bench.check_data_dir is not None:  # before a Ray cluster starts or a model trains
+        bench.check_data_dir(data_dir)
     check_int("workers", workers)
     check_nonnegative("cache_mb", cache_mb)
     if executor is None:

@@ -18,10 +18,12 @@ Steps, most telling first:
 2. a sweep of the synthetic benchmark over every method (single blocks, all, lp-ft,
    gradual unfreezing, l1sp, auto-rgn, auto-snr), 1 epoch, few images: cells per second;
 3. the same sweep under --amp (bf16 autocast; CUDA only);
-4. `python -m deep.speed`: our engine against a reference-style loop, both on the
+4. `python -m deep.vit_cost`: CLIP ViT-B/16 forward and backward cost, then under
+   --amp (CUDA only);
+5. `python -m deep.speed`: our engine against a reference-style loop, both on the
    device (`total speedup` and its accuracy check);
-5. `python -m sims.speed`: the batched simulator against the numpy loop (`speedup`);
-6. where Ray is installed (and not --no-ray): the Ray sweep at 1 GPU per task group,
+6. `python -m sims.speed`: the batched simulator against the numpy loop (`speedup`);
+7. where Ray is installed (and not --no-ray): the Ray sweep at 1 GPU per task group,
    then at --gpus-per-task; Ray's start-up is timed apart and left out of cells/s.
 
 Each step runs as `python -u scripts/gpu_check.py --child MODULE ARGS...`: MODULE's

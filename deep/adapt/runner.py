@@ -143,6 +143,8 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
     for a trusted file that safe loading refuses (see deep.checkpoints)."""
     check_protocol(protocol)
     bench = get_benchmark(protocol.benchmark)
+    if bench.check_data_dir is not None:  # before the source model is resolved (or trained)
+        bench.check_data_dir(data_dir)
     checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint or protocol.checkpoint, data_dir)
     source = load_model(checkpoint, protocol.arch, bench.num_classes, bench.in_channels,
                         trust_checkpoint=trust_checkpoint).eval()

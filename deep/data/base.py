@@ -386,6 +386,9 @@ class Benchmark:
         normalization: (mean, std) per channel the loaders map pixels in [0, 1] with
             when given no `normalization` option (their own statistics); None: not
             known (online MEMO, which augments pixels, then refuses the benchmark).
+        check_data_dir: optional (data_dir) -> None raising when no folder can be right
+            (synthetic: any folder); commands call it before anything starts (a Ray
+            cluster, a source model), the loaders again when called directly.
     """
 
     name: str
@@ -400,6 +403,7 @@ class Benchmark:
     source_recipe: Mapping[str, object] | None = None
     normalization: Normalization | None = None
     default_data_dir: Callable[[], Path] | None = None
+    check_data_dir: Callable[[Path | str | None], None] | None = None
 
     def check_shifts(self, shifts: str | Iterable[str]) -> None:
         """ConfigError naming every shift (one name, or several) this benchmark does not

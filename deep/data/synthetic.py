@@ -155,7 +155,7 @@ def load_task(data_dir=None, shift: str = "noise", n_target: int = 200, val_per_
 
 BENCHMARKS = {
     NAME: Benchmark(NAME, SHIFTS, NUM_CLASSES, CHANNELS, LAYOUT, load_task, load_source,
-                    has_groups=True, source_recipe=SOURCE_RECIPE,
+                    has_groups=True, source_recipe=SOURCE_RECIPE, check_data_dir=_no_folder,
                     # not pixels: values around [-1, 1], read as [0, 1] by pixel augmentations
                     normalization=((0.5,) * CHANNELS, (0.5,) * CHANNELS)),
 }

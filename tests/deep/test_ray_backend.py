@@ -298,6 +298,22 @@ def test_gpus_per_task_default_to_one_where_gpus_exist_and_may_be_used():
     assert task_device("cpu", 0) == "cpu" and task_device("auto", 0.5) == "cuda"
     with pytest.raises(RayBackendError, match="--device cpu with --gpus-per-task 0.5"):
         task_device("cpu", 0.5)
+    # --device cuda on a cluster without GPUs: said so, not "needs --gpus-per-task > 0", a
+    # flag the user never gave
+    with pytest.raises(RayBackendError, match="--device cuda, but the Ray cluster has 0 GPUs"):
+        resolve_gpus(RayOptions(), "cuda", {"CPU": 8})
+    assert resolve_gpus(RayOptions(), "cuda", gpus) == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_a_gpu_ray_gives_on_a_node_whose_torch_sees_none_names_the_ray_remedy():
+    """`ray start --num-gpus 1` on a node with a CPU build of torch: the task said to use
+    --device auto, which the user had used; the remedy under Ray is --gpus-per-task 0."""
+    from deep.ray_backend import TaskGroupError, run_group_task
+    cells = plan_cells(protocol(SMALL))[:1]
+    with pytest.raises(TaskGroupError, match=r"was given a GPU on node .*, but torch there "
+                                             r"sees none .*--gpus-per-task 0 \(or --device cpu\)"):
+        next(run_group_task(cells, {"device": "cuda"}, {}, 1))
 
 
 def test_fractional_gpus_pack_task_groups():
@@ -402,6 +418,13 @@ def test_option_errors_come_before_ray_connects(tmp_path):
         with pytest.raises(RayBackendError, match=message):
             executor(cells, {"device": device}, lambda row: None)
     assert not ray.is_initialized()
+    # a data folder given to the synthetic benchmark (which reads none): a task's error,
+    # found after Ray had connected (or started), before
+    from deep.data import DataError
+    with pytest.raises(DataError, match="synthetic is generated in memory and reads no folder"):
+        run_sweep(protocol(SMALL), tmp_path / "r.csv", data_dir=str(tmp_path), progress=False,
+                  executor=on_ray(address=nowhere))
+    assert not ray.is_initialized() and not (tmp_path / "r.csv").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -446,6 +469,61 @@ def test_no_node_that_holds_a_task_group_is_an_error():
                                               r"the largest \(10.0.0.8\) has 2 CPUs and 1 GPUs"):
         check_a_node_fits([node(4, 0, "10.0.0.7"), node(2, 1, "10.0.0.8")], 1, 2)
     check_a_node_fits([node(0.3, 0, "10.0.0.7")], 0.1 + 0.2, 0)  # Ray's fixed point, not floats
+
+
+def test_every_node_is_probed_for_the_data_also_nodes_that_share_an_address():
+    """Two nodes on one host (two `slurmd`s, host-network containers, `ray start` twice)
+    share an address: keyed by it, only the last was probed, and a node without the
+    folder went unnoticed until its task group failed. Ray stands in by a fake here that
+    answers each probe by the node it is pinned to."""
+    ids = {"a" * 56: True, "b" * 56: False}       # node b cannot see the folder
+
+    class Probe:
+        def options(self, scheduling_strategy):
+            self.node = scheduling_strategy.node_id
+            return self
+
+        def remote(self, data_dir):
+            return ("host", ids[self.node])
+
+    class FakeRay:
+        def nodes(self):
+            return [{"Alive": True, "NodeID": node, "NodeManagerAddress": "10.0.0.1",
+                     "Resources": {"CPU": 2}} for node in ids]
+
+        def remote(self, **options):
+            return lambda function: Probe()
+
+        def get(self, ref):
+            return ref
+
+    with pytest.raises(RayBackendError, match=r"is not a folder on node\(s\) host \(10.0.0.1, "
+                                              r"node bbbbbbbb\);"):
+        check_data_dir(FakeRay(), "/data", 1, 0)
+    ids["b" * 56] = True
+    check_data_dir(FakeRay(), "/data", 1, 0)
+
+
+def test_the_cluster_line_says_where_auto_pointed():
+    """It printed "ray: cluster at auto: ..."."""
+    from deep.ray_backend import cluster_line
+
+    class Context:
+        gcs_address = "10.0.0.5:6379"
+
+    class FakeRay:
+        def nodes(self):
+            return [{"Alive": True}, {"Alive": False}]
+
+        def cluster_resources(self):
+            return {"CPU": 8.0}
+
+        def get_runtime_context(self):
+            return Context()
+
+    assert cluster_line(FakeRay(), "auto") == "ray: cluster at 10.0.0.5:6379: 1 node, 8 CPUs, 0 GPUs"
+    assert cluster_line(FakeRay(), "head:6380").startswith("ray: cluster at head:6380: ")
+    assert cluster_line(FakeRay(), None).startswith("ray: local instance: ")
 
 
 def test_without_an_address_a_local_instance_starts_even_where_ray_start_left_one(
@@ -737,9 +815,12 @@ class TestRayStartHead:
 
     def test_a_data_dir_no_node_sees_is_one_line(self, tmp_path, ray_head):
         address, env = ray_head
-        done = subprocess.run(sweep_command(tmp_path / "r.csv", address, "--data-dir",
-                                            str(tmp_path / "nowhere")),
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        # (a benchmark that reads a folder: synthetic refuses any, before Ray connects)
+        command = [sys.executable, "-m", "deep", "sweep", "--benchmark", "fmnist-c", "--quick",
+                   "--no-progress", "--out", str(tmp_path / "r.csv"), "--backend", "ray",
+                   "--ray-address", address, "--data-dir", str(tmp_path / "nowhere")]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
         assert done.returncode == 2
         assert f"error: --data-dir {tmp_path / 'nowhere'} is not a folder on node(s)" in done.stderr
 

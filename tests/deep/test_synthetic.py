@@ -112,11 +112,18 @@ def test_a_split_size_that_is_not_a_count_is_refused(sizes, message):
         BENCH.load_task(None, "noise", **{"n_target": 8, **sizes})
 
 
-def test_a_data_folder_is_refused_not_ignored(tmp_path):
+def test_a_data_folder_is_refused_not_ignored(tmp_path, monkeypatch):
     """`--data-dir my_data --benchmark synthetic` used to report synthetic numbers as if the
-    folder had been read."""
+    folder had been read. `adapt` refuses it before the source model is resolved (which
+    may train one)."""
+    from deep.adapt.protocol import AdaptProtocol
+    from deep.adapt.runner import run_adaptation
+    monkeypatch.setattr("deep.adapt.runner.resolve_checkpoint",
+                        lambda *a, **k: pytest.fail("resolved a model before the check"))
+    adapt = AdaptProtocol("synthetic", "resnet26-w4", ["noise"], ["tent"], ["none"], [0])
     for load in (lambda: BENCH.load_task(tmp_path, "noise", n_target=8),
-                 lambda: BENCH.load_source(tmp_path)):
+                 lambda: BENCH.load_source(tmp_path), lambda: BENCH.check_data_dir(tmp_path),
+                 lambda: run_adaptation(adapt, tmp_path / "a.csv", data_dir=str(tmp_path))):
         with pytest.raises(DataError, match="synthetic is generated in memory and reads no "
                                             "folder.*drop --data-dir"):
             load()
