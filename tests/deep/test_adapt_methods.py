@@ -102,7 +102,7 @@ def test_a_method_in_the_table_reaches_the_command_line(echo):
     assert "batch (ECHO)" in action(p, "--episodic").help and "ECHO" in action(p, "--images").help
     assert "ECHO on the first 4 images, blocks none,second" in action(p, "--quick").help
     tone = action(p, "--tone")
-    assert tone.choices == ["low", "high"] and tone.default is None
+    assert tone.choices == ["low", "high"] and tone.default is argparse.SUPPRESS  # absent unless given
     assert tone.help == "ECHO: its tone (built-in default: low)"
     protocol = cli_protocol("--method", "echo", "--repeats", "5", "--batch", "4", "--lr", "0.2,0.3",
                             "--images", "8")
@@ -180,7 +180,7 @@ def test_method_flags_are_the_flagged_config_fields_with_their_dataclass_default
                 assert flag not in p.format_help() or f.name == "lr"   # --lr: every method's
                 continue
             a = action(p, flag)
-            assert a.default is None                   # the protocol's value stays unless given
+            assert a.default is argparse.SUPPRESS      # the protocol's value stays unless given
             assert a.help.endswith(f"(built-in default: {f.default})")
             assert a.help.startswith(f"{spec.label}: ")
     assert action(p, "--batch-stats").choices == list(core.BATCH_STATS)
