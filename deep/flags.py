@@ -99,7 +99,7 @@ def add_threads(parser: argparse.ArgumentParser, default: int, help: str) -> Non
 def set_threads(threads: int) -> None:
     """Apply --threads: torch.set_num_threads(threads) unless 0 (torch's default). On CPU
     the thread count changes the order of sums, so it is part of "same seed, same numbers"
-    (`deep.sweep.machine` records it)."""
+    (`deep.files.machine` records it)."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ConfigError(f"--threads must be an integer >= 0 (0 = torch's default, one per "
                           f"core), got {threads!r}")

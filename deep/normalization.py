@@ -37,6 +37,11 @@ TASK_ARGUMENTS = ("data_dir", "shift", "n_target", "val_per_class", "test_per_cl
 SPEED_ONLY_DATA_OPTIONS = ("num_workers",)
 
 
+def numbers_part(options: Mapping) -> dict:
+    """Loader options without the speed-only ones: what can change the numbers."""
+    return {k: v for k, v in options.items() if k not in SPEED_ONLY_DATA_OPTIONS}
+
+
 def check_data_options(loader: Callable, benchmark: str, options: Mapping) -> None:
     """Every data option (`--data KEY=VALUE`, a protocol's [data] table) is one `loader`
     takes; else a ConfigError naming the unknown keys and the known ones."""

@@ -43,12 +43,12 @@ from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, ShiftTask, get_benchmark
 from .errors import (ConfigError, ResultsError, check_each_once, check_int, check_nonnegative,
                      clash_text)
-from .files import (atomic_write_text, check_output, code_commit, machine,  # noqa: F401 (deep.sweep.machine)
-                    sha256_file, sole_writer)
+from .files import (atomic_write_text, check_output, code_commit, machine, sha256_file,
+                    sole_writer)
 from .methods import method_names
 from .models import build_model, get_architecture
 from .models.staged import stages_of
-from .normalization import SPEED_ONLY_DATA_OPTIONS, check_data_options, loader_options
+from .normalization import check_data_options, loader_options, numbers_part
 from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
@@ -345,7 +345,7 @@ def _numbers_part(key: str, value):
     """What of a recorded setting can change the numbers: a data table without its
     speed-only options."""
     if key in ("source_data", "target_data") and isinstance(value, dict):
-        return {k: v for k, v in value.items() if k not in SPEED_ONLY_DATA_OPTIONS}
+        return numbers_part(value)
     return value
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ResultsError
 from ..files import atomic_write_bytes, check_output, save_figure, sole_writer
-from ..normalization import SPEED_ONLY_DATA_OPTIONS
+from ..normalization import numbers_part
 from ..results import check_not_a_directory, same_checkpoint
 from ..stats import (NO_STAT, above_zero, format_interval, format_stat, interval_table, mean_se,
                      t_interval)
@@ -37,7 +37,7 @@ COLUMNS = ("benchmark", "shift", "method", "blocks", "seed", "episodic", "images
            "adapted_params", "total_params", "seconds", "arch", "checkpoint", "test_per_class",
            "settings", "data", "machine")
 # The headers read: files written before the `data` column (the loader options) or the
-# `machine` column (where the stream ran: `deep.sweep.machine`) are still read, with
+# `machine` column (where the stream ran: `deep.files.machine`) are still read, with
 # them empty, and resumed.
 _BEFORE_DATA = tuple(c for c in COLUMNS if c != "data")
 HEADERS = (COLUMNS, _BEFORE_DATA, _BEFORE_DATA[:-1])
@@ -139,9 +139,7 @@ class AdaptResults:
             if k == "settings" and ignore_lr:
                 return json.dumps({n: v for n, v in json.loads(source[k]).items() if n != "lr"},
                                   sort_keys=True)
-            return source[k]
-        if row.get("data") is None:  # written before the column: unknown, not compared
-            settings = {**settings, "data": None}
+            return source.get(k)  # (a caller's settings may leave out `data`: unknown)
         differ = {k: (value(k, row), value(k, settings)) for k in SETTINGS
                   if not _same(k, value(k, row), value(k, settings))}
         if differ:
@@ -167,11 +165,12 @@ class AdaptResults:
 def _same(column: str, recorded, now) -> bool:
     if column == "checkpoint":  # the same file at another path (another checkout) is the same
         return same_checkpoint(recorded, now)
+    if column == "data" and recorded is None:  # written before the column: unknown
+        return True
     if column in JSON_SETTINGS and recorded is not None and now is not None:
         recorded, now = json.loads(recorded), json.loads(now)
         if column == "data":  # how many processes decode the images changes no number
-            recorded, now = ({k: v for k, v in d.items() if k not in SPEED_ONLY_DATA_OPTIONS}
-                             for d in (recorded, now))
+            recorded, now = numbers_part(recorded), numbers_part(now)
         return _values(recorded) == _values(now)
     return _format(recorded) == _format(now)
 

@@ -25,7 +25,8 @@ from ..errors import ConfigError
 from ..files import check_output, sole_writer
 from ..normalization import OPTION as NORMALIZATION_OPTION, loader_options
 from ..results import recorded_checkpoint
-from ..sweep import machine, resolve_checkpoint
+from ..files import machine
+from ..sweep import resolve_checkpoint
 from .core import METHODS, adapted_parameter_names, make_adapter, parse_blocks, run_stream
 from .protocol import AdaptProtocol
 from .results import AdaptResults, data_json, settings_json
