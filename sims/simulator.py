@@ -167,6 +167,9 @@ class Batch:
             X[i, :len(Xi)], y[i, :len(yi)] = Xi, yi
         sizes = [len(Xi) for Xi, _ in checked]
         as_tensor = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
+        if targets is not None and not isinstance(targets, dict):
+            raise ValueError("targets must be a dict {name: R (teacher, cov or GaussianMixture) "
+                             f"pairs}}, got {type(targets).__name__}")
         stacked = {name: _stack_target(pairs, R, d, name, dtype, device)
                    for name, pairs in (targets or {}).items()}
         return cls(as_tensor(v), as_tensor(B), as_tensor(X), as_tensor(y),
@@ -198,7 +201,10 @@ def _per_run(value, R, name):
 
 def _stack_target(pairs, R, d, name, dtype, device):
     """R (teacher, distribution) pairs as one `Target`, padded to common kt and J."""
-    pairs = list(pairs)
+    pairs = list(pairs) if isinstance(pairs, (list, tuple)) else None
+    if pairs is None or not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
+        raise ValueError(f"targets[{name!r}] must be a list of R (teacher, cov or "
+                         "GaussianMixture) pairs, one per run")
     if len(pairs) != R:
         raise ValueError(f"targets[{name!r}] has {len(pairs)} entries; the batch has {R} runs")
     teachers = [teacher for teacher, _ in pairs]

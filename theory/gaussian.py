@@ -110,6 +110,18 @@ def check_count(n, name):
     return int(n)
 
 
+def is_real(x):
+    """A real scalar (not a bool, a string or None), so a check can name the argument
+    instead of leaving float() to fail with "could not convert string to float"."""
+    return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
+
+
+def check_probability(p, name="p"):
+    if not is_real(p) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
 def check_rng(rng):
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy Generator (np.random.default_rng(seed)), "

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from .gaussian import GaussianMixture, as_mixture, check_count, check_rng, population_loss
+from .gaussian import (GaussianMixture, as_mixture, check_count, check_probability, check_rng,
+                       is_real, population_loss)
 from .network import TwoLayer, as_array, check_activation
 
 KINDS = ("input", "label", "new-directions")
@@ -151,9 +152,7 @@ def new_directions(teacher, ds, p, pretrained=None, blind_to_T=True):
     d = teacher.d
     if isinstance(ds, bool) or not isinstance(ds, (int, np.integer)) or not 1 <= ds < d:
         raise ValueError(f"ds must be an integer with 1 <= ds < d = {d}, got {ds!r}")
-    p = float(p)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    p = check_probability(p)
     P_S = np.diag((np.arange(d) < ds).astype(float))
     P_T = np.eye(d) - P_S
     source = GaussianMixture.gaussian(P_S)
@@ -239,7 +238,7 @@ def random_new_directions(rng, ds, m, k, p, activation="linear", init_T_scale=0.
     learn T at all). It is recorded in params["init_T_scale"].
     """
     check_rng(rng), check_count(ds, "ds"), check_count(m, "m"), check_count(k, "k")
-    if not init_T_scale >= 0:
+    if not is_real(init_T_scale) or not init_T_scale >= 0:
         raise ValueError(f"init_T_scale must be >= 0, got {init_T_scale!r}")
     d = ds + m
     P_S = np.diag((np.arange(d) < ds).astype(float))
@@ -271,12 +270,11 @@ def t1_event_probability(ds, m, p, n):
     old ones to span S (n_S < ds), the condition of claim T1."""
     for name, value in (("ds", ds), ("m", m), ("n", n)):
         check_count(value, name)
-    if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    p = check_probability(p)
     lowest = max(m, n - ds + 1)          # smallest n_T satisfying both conditions
     if lowest > n:
         return 0.0
-    return float(stats.binom.sf(lowest - 1, n, 1.0 - float(p)))
+    return float(stats.binom.sf(lowest - 1, n, 1.0 - p))
 
 
 def t1_event(component, ds, m):

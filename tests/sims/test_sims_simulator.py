@@ -241,6 +241,7 @@ def test_bad_simulate_arguments_are_refused():
     batch = Batch.from_problems(probs, [p.sample_target(4, rng) for p in probs], "all", 0.1,
                                 device="cpu")
     relu = theory.random_input_perturbation(rng, 6, 2, "relu")
+    nets, samples = [p.pretrained for p in probs], [p.sample_target(4, rng) for p in probs]
     for call, message in [
             (lambda: simulate(batch, -1), "steps must be nonnegative"),
             (lambda: simulate(batch, 2.5), "steps must be nonnegative"),
@@ -254,7 +255,15 @@ def test_bad_simulate_arguments_are_refused():
             (lambda: Batch.from_problems([probs[0], relu], [p.sample_target(3, rng) for p in
                                                             (probs[0], relu)], "all", 0.1),
              "every net in a batch needs activation"),
-            (lambda: Batch.build([], [], "all", 0.1), "nets is empty")]:
+            (lambda: Batch.build([], [], "all", 0.1), "nets is empty"),
+            # a list, or a name mapped to ShiftProblems: "'list' object has no attribute 'items'",
+            # "'ShiftProblem' object is not iterable"
+            (lambda: Batch.build(nets, samples, "all", 0.1, targets=[probs[0]]),
+             "targets must be a dict"),
+            (lambda: Batch.build(nets, samples, "all", 0.1, targets={"t": probs}),
+             r"targets\['t'\] must be a list of R \(teacher, cov or GaussianMixture\) pairs"),
+            (lambda: Batch.build(nets, samples, "all", 0.1, targets={"t": probs[0]}),
+             r"targets\['t'\] must be a list of R")]:
         with pytest.raises(ValueError, match=message):
             call()
 

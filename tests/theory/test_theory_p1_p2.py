@@ -261,8 +261,16 @@ def test_bad_constructions_name_the_argument():
     wide = TwoLayer([1.0], [[1.0, 0.0, 2.0]])
     with pytest.raises(ValueError, match="ds"):
         new_directions(wide, 3, 0.5)
-    with pytest.raises(ValueError, match="p"):
-        new_directions(wide, 2, 1.5)
+    # a string or None was left to float(): "could not convert string to float: 'x'"
+    for p in (1.5, "x", None, float("nan"), True):
+        with pytest.raises(ValueError, match="p must be a probability in \\[0, 1\\]"):
+            new_directions(wide, 2, p)
+        with pytest.raises(ValueError, match="p must be a probability in \\[0, 1\\]"):
+            theory.t1_event_probability(4, 2, p, 10)
+    for scale in ("a", None, -1.0, float("nan")):   # "a": a TypeError from '>='
+        with pytest.raises(ValueError, match="init_T_scale must be >= 0"):
+            theory.random_new_directions(np.random.default_rng(0), 3, 2, 4, 0.5, "relu",
+                                         init_T_scale=scale)
     with pytest.raises(ValueError, match="B_src P_T = 0"):
         # fits the source (x3 = 0 there) but has a T component
         new_directions(wide, 2, 0.5, pretrained=TwoLayer([1.0], [[1.0, 0.0, 5.0]]))
