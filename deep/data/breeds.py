@@ -56,7 +56,7 @@ from ..errors import ConfigError
 from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData,
                    class_balanced_indices, folder_problem, seeded, split_counts)
 from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_all_classes, list_images,
-                     require_file)
+                     read_text, require_file)
 
 ROOT_WNID = "n00001740"
 INFO_FILES = ("dataset_class_info.json", "class_hierarchy.txt", "node_names.txt")
@@ -135,9 +135,8 @@ class Hierarchy:
 
     @staticmethod
     def _read_node_names(path: Path) -> dict[str, str]:
-        require_file(path, LAYOUT, "breeds")
         names = {}
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(read_text(path, LAYOUT, "breeds").splitlines(), 1):
             if not line.strip():
                 continue
             fields = line.strip().split("\t")
@@ -149,9 +148,8 @@ class Hierarchy:
 
     @staticmethod
     def _read_edges(path: Path) -> list[tuple[str, str]]:
-        require_file(path, LAYOUT, "breeds")
         edges = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(read_text(path, LAYOUT, "breeds").splitlines(), 1):
             fields = line.split()
             if not fields:
                 continue

@@ -25,7 +25,7 @@ import torch
 from ..errors import ConfigError
 from .base import Benchmark, DataError, ShiftTask, SourceData, file_split
 from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, draw_group_splits, find_dir,
-                     require_file)
+                     read_text)
 
 NUM_ATTRIBUTES = 40
 GROUP_NAMES = ("not_blond_female", "not_blond_male", "blond_female", "blond_male")
@@ -42,8 +42,7 @@ Anno/list_attr_celeba.txt, Eval/list_eval_partition.txt), arranged as:
 
 def read_attributes(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
     """Returns (attribute names, file names, int64 (n, 40) values in {-1, +1})."""
-    require_file(path, LAYOUT, "celeba")
-    lines = path.read_text().splitlines()
+    lines = read_text(path, LAYOUT, "celeba").splitlines()
     if len(lines) < 2:
         raise DataError(f"celeba: {path} must start with a count line and an attribute-name line")
     try:
@@ -89,9 +88,8 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
 
 def read_partition(path: Path, files: list[str]) -> torch.Tensor:
     """The official partition (0/1/2) of each file, in the order of `files`."""
-    require_file(path, LAYOUT, "celeba")
     partition = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, LAYOUT, "celeba").splitlines(), 1):
         fields = line.split()
         if not fields:
             continue

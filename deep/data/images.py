@@ -3,7 +3,7 @@
 - `ImageTransform`: the deterministic 224-px evaluation transform of ImageNet-style
   benchmarks (resize the shorter side, centre crop, ImageNet mean/std), in PIL and numpy
   so torchvision is not needed.
-- `list_images`, `find_dir`, `require_file`: on-disk checks whose errors name the path
+- `list_images`, `find_dir`, `require_file`, `read_text`: on-disk checks whose errors name the path
   and the layout expected.
 """
 
@@ -88,6 +88,19 @@ def require_file(path: Path, layout: str, what: str) -> Path:
     if not path.is_file():
         raise DataError(f"{what}: missing file {path}; expected:\n{layout}")
     return path
+
+
+def read_text(path: Path, layout: str, what: str) -> str:
+    """The text of a dataset's metadata file (UTF-8; a leading BOM dropped), a DataError
+    when it is missing or not text: another download saved under its name, or a damaged
+    copy, must not end in a UnicodeDecodeError traceback."""
+    require_file(path, layout, what)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what}: {path} is not a text file (byte {err.start} is not UTF-8); "
+                        f"the file may be corrupt or another file saved under its name. "
+                        f"Expected:\n{layout}") from None
 
 
 def list_images(folder: Path, layout: str, what: str) -> list[Path]:

@@ -17,12 +17,14 @@ CIFAR-10-C and ImageNet-C experiments), so treat the sizes as ours.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import torch
 
 from .base import Benchmark, DataError, ShiftTask, SourceData, file_split
-from .images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, draw_group_splits, find_dir
+from .images import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, draw_group_splits, find_dir,
+                     read_text)
 
 COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
 GROUP_NAMES = ("landbird_land", "landbird_water", "waterbird_land", "waterbird_water")
@@ -42,7 +44,7 @@ def read_metadata(data_dir) -> tuple[Path, list[str], torch.Tensor, torch.Tensor
     root = find_dir(data_dir, ["waterbird_complete95_forest2water2"], "metadata.csv", LAYOUT,
                     "waterbirds")
     path = root / "metadata.csv"
-    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is not part of a name
+    with io.StringIO(read_text(path, LAYOUT, "waterbirds"), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

@@ -107,3 +107,41 @@ def test_list_images_takes_jpeg_jpg_and_png_in_any_case_and_nothing_else(tmp_pat
     (tmp_path / "h.png").mkdir()                       # a folder is not an image
     assert [p.name for p in list_images(tmp_path, "LAYOUT", "t")] == ["a.JPEG", "b.jpg", "c.png",
                                                                        "d.PNG"]
+
+
+# (benchmark, fixture writer, metadata file under the written root)
+TEXT_FILES = [
+    ("waterbirds", "write_waterbirds", "waterbird_complete95_forest2water2/metadata.csv"),
+    ("celeba", "write_celeba", "celeba/list_attr_celeba.txt"),
+    ("celeba", "write_celeba", "celeba/list_eval_partition.txt"),
+    ("living17", "write_breeds_full", "imagenet_class_hierarchy/modified/class_hierarchy.txt"),
+    ("living17", "write_breeds_full", "imagenet_class_hierarchy/modified/node_names.txt"),
+]
+
+
+@pytest.mark.parametrize("benchmark, writer, name", TEXT_FILES,
+                         ids=[f"{b}-{n.rsplit('/', 1)[1]}" for b, _, n in TEXT_FILES])
+def test_a_metadata_file_that_is_not_text_is_a_data_error_naming_it(tmp_path, benchmark, writer,
+                                                                    name):
+    """A zip or image saved under a metadata file's name (or a damaged copy) stops with a
+    DataError naming the file, not a UnicodeDecodeError traceback."""
+    from deep.data import get_benchmark
+    from tests.deep.fixtures import writers
+    root = getattr(writers, writer)(tmp_path)
+    (root / name).write_bytes(b"PK\x03\x04\x14\x00\x08\x08\xff\xfe\x00\x89PNG" * 8)
+    bench = get_benchmark(benchmark)
+    with pytest.raises(DataError, match=rf"{name.rsplit('/', 1)[1]} is not a text file"):
+        bench.load_task(root, bench.shifts[0], n_target=4, val_per_class=2, test_per_class=2,
+                        seed=0, resize=36, crop=32)
+
+
+def test_a_metadata_file_may_start_with_a_byte_order_mark(tmp_path):
+    """A BOM (an editor's "UTF-8 with signature") is not part of CelebA's count line."""
+    from deep.data import get_benchmark
+    from tests.deep.fixtures import writers
+    root = writers.write_celeba(tmp_path)
+    path = root / "celeba" / "list_attr_celeba.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    task = get_benchmark("celeba").load_task(root, "group-balanced", n_target=4, val_per_class=2,
+                                             test_per_class=0, seed=0, resize=36, crop=32)
+    assert len(task.test) == 24
