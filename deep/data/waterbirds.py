@@ -52,6 +52,10 @@ def read_metadata(data_dir) -> tuple[Path, list[str], torch.Tensor, torch.Tensor
                             f"{reader.fieldnames}; expected:\n{LAYOUT}")
         files, values = [], []
         for line, row in enumerate(reader, 2):
+            if None in row.values():   # csv fills a short row's missing columns with None
+                raise DataError(f"waterbirds: line {line} of {path} has fewer fields than the "
+                                f"header's {len(reader.fieldnames)}; the file may be truncated "
+                                f"(an interrupted download or copy)")
             try:
                 v = (int(row["y"]), int(row["place"]), int(row["split"]))
             except (TypeError, ValueError):

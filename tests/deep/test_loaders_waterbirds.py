@@ -180,3 +180,14 @@ def test_a_drawn_test_split_comes_from_the_test_partition(waterbirds):
                                for p in split.paths}
     assert partition(task.test) == {"2"} and partition(task.train) == partition(task.val) == {"1"}
     assert not set(task.test.paths) & (set(task.train.paths) | set(task.val.paths))
+
+
+def test_a_truncated_metadata_file_says_so(waterbirds):
+    """An interrupted copy ends mid-row: the message names the short line and the likely
+    cause, not "y, place and split must be integers, got None, None, None"."""
+    path = waterbirds / "waterbird_complete95_forest2water2" / "metadata.csv"
+    text = path.read_text()
+    path.write_text(text[:text.index("\n", len(text) // 2) + 12])
+    with pytest.raises(DataError, match=r"line \d+ of .*metadata.csv has fewer fields than the "
+                                        r"header's 6; the file may be truncated"):
+        load(waterbirds)
