@@ -209,3 +209,14 @@ def test_the_seed_draws_the_test_images_too(imagenet):
     own test images (3 of each superclass's 6 ImageNet-val images here)."""
     tests = {tuple(load_task(imagenet, seed=seed).test.paths) for seed in range(4)}
     assert len(tests) > 1
+
+
+def test_data_dir_is_the_imagenet_folder_itself_as_the_docs_say(tmp_path):
+    """Unlike the other benchmarks, BREEDS does not look inside --data-dir for its dataset
+    folder (ImageNet's folder has no standard name): docs/benchmarks.md must say so."""
+    writers.write_breeds(tmp_path / "imagenet")
+    with pytest.raises(DataError, match="hierarchy files .* not found"):
+        load_task(tmp_path)
+    assert len(load_task(tmp_path / "imagenet").test) > 0
+    docs = " ".join((Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text().split())
+    assert "(Living-17 and Entity-30: at the ImageNet folder itself" in docs
