@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from .base import Benchmark, DataError, FileSplit, ShiftTask
 from .base import draw_splits
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, find_dir, list_images
@@ -62,8 +62,9 @@ def read_imagenet_c(data_dir, corruption: str, severity: int = 5,
     """All image paths of one corruption and severity, their ImageNet class indices and
     the sorted wnids present."""
     what = f"imagenet-c/{corruption}/{severity}"
-    if not 1 <= severity <= 5:
-        raise ConfigError(f"severity must be in 1..5, got {severity}")
+    # an int: "5", 5.0 or True would name a folder ("5.0", "True") that cannot exist
+    if check_int("severity", severity) > 5:
+        raise ConfigError(f"severity must be an integer in 1..5, got {severity!r}")
     folder = corruption_dir(data_dir, corruption) / str(severity)
     if not folder.is_dir():
         raise DataError(f"{what}: missing folder {folder}; expected:\n{LAYOUT}")

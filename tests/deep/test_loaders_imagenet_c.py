@@ -145,3 +145,11 @@ def test_one_missing_class_folder_of_1000_is_refused_and_named(tmp_path):
     with pytest.raises(DataError, match=r"found 999 class folders .*expected 1000 \(missing e\.g\. "
                                         r"n02085620\)"):
         read_imagenet_c(tmp_path, "fog")
+
+
+@pytest.mark.parametrize("severity", ["5", 5.0, True, 0, 6])
+def test_a_severity_that_is_not_an_integer_in_1_to_5_is_refused(imagenet_c, severity):
+    """Called from Python, "5" used to end in a TypeError, 5.0 and True in a missing folder
+    "5.0" / "True"; the CIFAR-10-C loader already refused them."""
+    with pytest.raises(ConfigError, match="severity must be"):
+        load(imagenet_c, severity=severity)
