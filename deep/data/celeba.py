@@ -96,6 +96,8 @@ def read_partition(path: Path, files: list[str]) -> torch.Tensor:
         if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
             raise DataError(f"celeba: line {number} of {path} must be '<file> <0|1|2>', "
                             f"got {line!r}")
+        if fields[0] in partition:   # which of its two partitions holds the image?
+            raise DataError(f"celeba: line {number} of {path} lists {fields[0]} a second time")
         partition[fields[0]] = int(fields[1])
     missing = [f for f in files if f not in partition]
     if missing:

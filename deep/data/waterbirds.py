@@ -50,7 +50,7 @@ def read_metadata(data_dir) -> tuple[Path, list[str], torch.Tensor, torch.Tensor
         if missing:
             raise DataError(f"waterbirds: {path} lacks column(s) {missing}; header is "
                             f"{reader.fieldnames}; expected:\n{LAYOUT}")
-        files, values = [], []
+        files, values, first_line = [], [], {}
         for line, row in enumerate(reader, 2):
             if None in row.values():   # csv fills a short row's missing columns with None
                 raise DataError(f"waterbirds: line {line} of {path} has fewer fields than the "
@@ -67,6 +67,11 @@ def read_metadata(data_dir) -> tuple[Path, list[str], torch.Tensor, torch.Tensor
                                 f"and split 0/1/2, got y={v[0]} place={v[1]} split={v[2]}")
             if not row["img_filename"]:
                 raise DataError(f"waterbirds: line {line} of {path}: empty img_filename")
+            if row["img_filename"] in first_line:   # could be drawn into two splits at once
+                raise DataError(f"waterbirds: line {line} of {path} lists "
+                                f"{row['img_filename']} again (first on line "
+                                f"{first_line[row['img_filename']]}); each image is one row")
+            first_line[row["img_filename"]] = line
             files.append(row["img_filename"])
             values.append(v)
     if not values:

@@ -152,3 +152,14 @@ def test_non_integer_attribute_value(celeba):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="non-integer attribute value"):
         load(celeba)
+
+
+def test_an_image_listed_twice_in_the_partition_file_is_refused(celeba):
+    """The later line used to win silently: an image in two partitions is a damaged file."""
+    path = celeba / "celeba" / "list_eval_partition.txt"
+    lines = path.read_text().splitlines()
+    name, part = lines[0].split()
+    path.write_text("\n".join(lines + [f"{name} {(int(part) + 1) % 3}"]) + "\n")
+    with pytest.raises(DataError, match=rf"line {len(lines) + 1} of .*list_eval_partition.txt "
+                                        rf"lists {name} a second time"):
+        load(celeba)

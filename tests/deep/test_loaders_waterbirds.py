@@ -191,3 +191,13 @@ def test_a_truncated_metadata_file_says_so(waterbirds):
     with pytest.raises(DataError, match=r"line \d+ of .*metadata.csv has fewer fields than the "
                                         r"header's 6; the file may be truncated"):
         load(waterbirds)
+
+
+def test_an_image_listed_twice_is_refused(waterbirds):
+    """A repeated row (e.g. two metadata files concatenated) would let one image be drawn
+    into the target training set and the validation set at once, or count twice in test."""
+    n = len(metadata(waterbirds)) + 1            # lines in the file: header + one per image
+    rewrite(waterbirds, lambda lines: lines + [lines[-1]])
+    with pytest.raises(DataError, match=rf"line {n + 1} of .*metadata.csv lists .*\.jpg again "
+                                        rf"\(first on line {n}\)"):
+        load(waterbirds)
