@@ -83,7 +83,8 @@ ImageNet (ILSVRC2012, https://image-net.org) in class folders, plus the BREEDS h
   <data-dir>/train/<wnid>/*.JPEG          the ImageNet training set
   <data-dir>/val/<wnid>/*.JPEG            the validation set, moved into wnid folders
   <data-dir>/imagenet_class_hierarchy/modified/   (or <data-dir>/breeds/, or the data
-      dataset_class_info.json                     option info_dir = any folder)
+      dataset_class_info.json                     option info_dir = any folder, absolute
+                                                  or inside <data-dir>)
       class_hierarchy.txt
       node_names.txt
   (hierarchy files: github.com/MadryLab/BREEDS-Benchmarks, imagenet_class_hierarchy/modified)

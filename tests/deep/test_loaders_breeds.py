@@ -220,3 +220,16 @@ def test_data_dir_is_the_imagenet_folder_itself_as_the_docs_say(tmp_path):
     assert len(load_task(tmp_path / "imagenet").test) > 0
     docs = " ".join((Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text().split())
     assert "(Living-17 and Entity-30: at the ImageNet folder itself" in docs
+
+
+def test_a_relative_info_dir_or_split_file_is_read_inside_the_data_dir(tmp_path, monkeypatch):
+    """As docs/benchmarks.md and the layout say: inside --data-dir, not the current folder."""
+    root = writers.write_breeds(tmp_path / "imagenet")
+    (root / "imagenet_class_hierarchy").rename(root / "hier")
+    monkeypatch.chdir(tmp_path)
+    assert len(load_task(root, info_dir="hier/modified").test) > 0
+    _, _, source, target = breeds_split(root / "hier/modified", "living17")
+    (root / "split.json").write_text(json.dumps({"source": source, "target": target}))
+    assert len(load_task(root, split_file="split.json").test) > 0
+    docs = " ".join((Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text().split())
+    assert "are absolute paths or paths inside `--data-dir`, not the current folder" in docs
