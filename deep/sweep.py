@@ -21,6 +21,7 @@ entry a worker (local or remote) calls, yielding one row (dict) per cell.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -42,9 +43,9 @@ from .blocks import blocks_for
 from .checkpoints import RANDOM_INIT, load_model
 from .data import Benchmark, ShiftTask, get_benchmark
 from .errors import (ConfigError, ResultsError, check_each_once, check_int, check_nonnegative,
-                     clash_text)
-from .files import (atomic_write_text, check_output, code_commit, machine, sha256_file,
-                    sole_writer)
+                     clash_text, differences)
+from .files import (atomic_write_text, check_output, code_commit, machine, manifest_path,
+                    sha256_file, sole_writer)
 from .methods import method_names
 from .models import build_model, get_architecture
 from .models.staged import stages_of
@@ -128,6 +129,30 @@ def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
                       "--checkpoint none for a random-init smoke test")
 
 
+def check_pretrain_table(protocol: Protocol, checkpoint: str) -> None:
+    """The benchmark's own source model must be the one its [pretrain] table describes:
+    that table is saved beside the results as how the model was made. The model's
+    manifest records the settings that trained it (`config.pretrain`); a table that says
+    otherwise (edited after the model was made, or a benchmark that shares another's
+    model without its table) is refused, not recorded. A model whose manifest has no
+    such record is not compared; nor are settings the manifest predates."""
+    path = manifest_path(checkpoint)
+    try:
+        made = json.loads(path.read_text())["config"]["pretrain"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    table = dataclasses.asdict(protocol.pretrain)
+    clash = differences(made, {k: v for k, v in table.items() if k in made})
+    if clash:
+        text = ", ".join(f"{k}: model {a!r}, table {b!r}" for k, (a, b) in clash.items())
+        raise ConfigError(
+            f"the [pretrain] table of deep/configs/{protocol.benchmark}.toml does not describe "
+            f"{protocol.benchmark}'s source model {checkpoint} ({text}; {path.name}), and the "
+            "sweep would record the table as how that model was made: make the table match "
+            "the model, or train one with the table (python -m deep pretrain --benchmark "
+            f"{protocol.benchmark} --out PATH) and pass --checkpoint PATH")
+
+
 # --- running ----------------------------------------------------------------------
 
 @dataclass
@@ -182,6 +207,8 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
         check_same_configuration(out, protocol.resolved(), bool(results.rows), source_model=False)
         own_model = checkpoint is None  # the benchmark's: its [pretrain] table describes it
         checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint, data_dir)
+        if own_model:
+            check_pretrain_table(protocol, checkpoint)
         entry = _check_resumable(results, protocol, checkpoint,
                                  expected_precision(device, amp, executor is None), own_model)
         cells = plan_cells(protocol)

@@ -66,6 +66,17 @@ def test_each_manifest_records_the_protocol_its_benchmarks_pretrain_with():
             assert manifest[name] == manifest["config"]["pretrain"][name], (benchmark, name)
 
 
+def test_a_benchmark_that_shares_a_model_carries_its_pretrain_table():
+    """fmnist-flip and fmnist-blocknoise run fmnist-c's model; their tables held the
+    engine's defaults (30 epochs), which their sweeps saved beside the results as how that
+    model was made (a sweep now refuses such a table: `deep.sweep.check_pretrain_table`)."""
+    from deep.protocol import load_protocol
+    for benchmark in F.SOURCE_MODEL:
+        manifest = verify_checkpoint(F.source_checkpoint(benchmark))
+        assert manifest["config"]["pretrain"] == \
+            dataclasses.asdict(load_protocol(benchmark).pretrain), benchmark
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", WEIGHTS, ids=lambda p: p.stem)
 def test_source_model_scores_its_manifest_accuracy_on_the_real_test_images(checkpoint: Path,

@@ -162,6 +162,23 @@ def test_the_pretrain_table_is_recorded_only_for_the_benchmarks_own_source_model
     assert mine["checkpoint"].endswith("mine.pt") and len(mine["checkpoint_sha256"]) == 64
 
 
+def test_a_pretrain_table_that_did_not_make_the_benchmarks_own_model_is_refused(
+        tmp_path, synthetic_checkpoint):
+    """An edited [pretrain] table (or fmnist-flip's, which shares fmnist-c's model) was
+    saved beside the results as how the source model was made, though the model the sweep
+    ran (the cached or committed one) was trained otherwise."""
+    from deep.pretrain import PretrainConfig
+    protocol = small_protocol(methods=["last"], lrs=[1e-2], epochs=1)
+    edited = protocol.replace(pretrain=dataclasses.replace(protocol.pretrain, epochs=30))
+    with pytest.raises(ConfigError, match=r"\[pretrain\] table of deep/configs/synthetic.toml "
+                       r"does not describe .*epochs: model 6, table 30.*--checkpoint PATH"):
+        run_sweep(edited, tmp_path / "r.csv", progress=False)
+    assert not (tmp_path / "r.csv").exists()
+    # a user's --checkpoint: the table is not recorded, so not compared
+    run_sweep(edited, tmp_path / "mine.csv", checkpoint=str(synthetic_checkpoint), progress=False)
+    assert protocol.pretrain == PretrainConfig(**synthetic.SOURCE_RECIPE)
+
+
 def test_new_cells_beside_rows_of_other_settings_are_refused(tmp_path, synthetic_checkpoint):
     """No cell of the second sweep is skipped, yet its rows would share a table (and the
     report's learning-rate choice) with rows of another protocol."""
