@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import ConfigError
 from .base import (Benchmark, DataError, FileSplit, ShiftTask, SourceData, Split,
                    TensorSplit, class_balanced_indices, draw_splits, seeded, split_counts)
 
@@ -46,7 +47,13 @@ def get_benchmark(name: str) -> Benchmark:
     if name not in _MODULES:
         raise DataError(f"unknown benchmark {name!r}; known: {', '.join(benchmark_names())}")
     module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    return module.BENCHMARKS[name]
+    listed = getattr(module, "BENCHMARKS", {})
+    if name not in listed:  # half of a new benchmark's registration (was a KeyError)
+        raise ConfigError(f"_MODULES of deep/data/__init__.py maps benchmark {name!r} to "
+                          f"{module.__name__}, whose BENCHMARKS lists "
+                          f"{', '.join(listed) or 'none'}: add {name!r} to that dict, or point "
+                          "its line of _MODULES at the module that defines it")
+    return listed[name]
 
 
 __all__ = ["Benchmark", "DataError", "FileSplit", "ShiftTask", "SourceData", "Split",

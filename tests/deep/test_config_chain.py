@@ -41,6 +41,35 @@ def test_architecture_registry_builds_and_refuses_duplicates_and_unknown_names()
     assert {"resnet26", "resnet26-w8", "resnet26-w4", "resnet50"} <= set(architecture_names())
 
 
+def test_every_benchmark_is_registered_whole_module_entry_and_protocol():
+    """A new benchmark is three pieces (README, "where to change what"): its module's
+    `BENCHMARKS`, one line of `deep.data._MODULES`, `deep/configs/NAME.toml`. A missing
+    piece showed only when that benchmark ran (one listed only in its module: "unknown
+    benchmark"; a protocol without a benchmark: the same, from `sweep`)."""
+    import importlib
+    import pkgutil
+
+    import deep.data
+    from deep.data import benchmark_names, get_benchmark
+    from deep.protocol import available_protocols
+    for info in pkgutil.iter_modules(deep.data.__path__):
+        module = importlib.import_module(f"deep.data.{info.name}")
+        for name, bench in getattr(module, "BENCHMARKS", {}).items():
+            assert name in benchmark_names(), f"{name} (deep/data/{info.name}.py) lacks its line of _MODULES"
+            assert get_benchmark(name) is bench and bench.name == name
+    assert set(available_protocols()) == set(benchmark_names())
+
+
+def test_a_module_entry_its_module_does_not_list_says_where_to_add_it(monkeypatch):
+    """Was `KeyError: 'toy'`, a traceback naming neither file."""
+    import deep.data
+    monkeypatch.setitem(deep.data._MODULES, "toy", "synthetic")
+    with pytest.raises(ConfigError, match=r"_MODULES of deep/data/__init__.py maps benchmark "
+                       r"'toy' to deep.data.synthetic, whose BENCHMARKS lists synthetic: add "
+                       r"'toy' to that dict"):
+        deep.data.get_benchmark("toy")
+
+
 def test_block_order_merges_every_architecture_in_forward_order():
     order = block_order()
     assert order.index("first") < order.index("second") < order.index("third") \
