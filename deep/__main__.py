@@ -39,14 +39,23 @@ def _command(args) -> str:
 
 # --- sweep ------------------------------------------------------------------------
 
+# The help of the generated flags: without this, "--seeds (built-in default: 0)" reads as
+# what a sweep runs, where the protocol's seeds (synthetic: 0,1) are what it runs.
+PROTOCOL_FLAGS = ("a flag not given keeps the value of {where} (python -m deep protocols "
+                  "--show BENCHMARK prints them); a built-in default applies only where "
+                  "that file sets none")
+
+
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True, help="registry name, e.g. synthetic, cifar10c")
     p.add_argument("--out", required=True, help="results CSV (created or resumed)")
     p.add_argument("--data-dir", help="where the benchmark's data lives")
     # One flag per field of the protocol's tuning and target sections; given flags
     # override the protocol file (`python -m deep protocols --show NAME` lists its values).
-    add_flags(p, TargetData)
-    add_flags(p, Tuning)
+    protocol = p.add_argument_group("the protocol's settings", PROTOCOL_FLAGS.format(
+        where="deep/configs/BENCHMARK.toml"))
+    add_flags(protocol, TargetData)
+    add_flags(protocol, Tuning)
     p.add_argument("--arch", help="architecture (default: the protocol's), e.g. clip-vit-tiny "
                    f"for a smoke test of a CLIP protocol; one of {', '.join(architecture_names())}")
     p.add_argument("--checkpoint", help="source model: our checkpoint, another project's weight "
@@ -115,7 +124,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="default: the benchmark protocol's; one of "
                    f"{', '.join(architecture_names())}")
     # One flag per PretrainConfig field; given flags override the protocol's [pretrain].
-    add_flags(p, PretrainConfig)
+    add_flags(p.add_argument_group("pretraining settings", PROTOCOL_FLAGS.format(
+        where="the [pretrain] table of deep/configs/BENCHMARK.toml")), PretrainConfig)
     add_trust_checkpoint(p, "the --init file")
     add_device(p)
     add_threads(p, 0, "torch threads on CPU (default 0: torch's, one per core). The thread "

@@ -110,6 +110,19 @@ def test_pretrain_init_from_a_file_safe_loading_refuses_needs_trust(tmp_path, ca
     assert not torch.allclose(model.conv1.weight, build_model("resnet26-w4", 4, 3).conv1.weight)
 
 
+@pytest.mark.parametrize("command, where", [
+    ("sweep", "deep/configs/BENCHMARK.toml"),
+    ("pretrain", "the [pretrain] table of deep/configs/BENCHMARK.toml")])
+def test_help_says_a_flag_not_given_keeps_the_protocols_value(capsys, command, where):
+    """`sweep --help` said "--seeds ... (built-in default: 0)" and nothing else; a sweep
+    without --seeds runs the protocol's (synthetic: 0 and 1)."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"a flag not given keeps the value of {where}" in out
+    assert "built-in default applies only where that file sets none" in out
+
+
 def test_protocols_lists_synthetic(capsys):
     assert main(["protocols"]) == 0
     assert "synthetic: resnet26-w4" in capsys.readouterr().out
