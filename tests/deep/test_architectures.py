@@ -121,3 +121,20 @@ def test_set_trainable_refuses_a_name_that_is_no_parameter():
         set_trainable(model, ["fc.bias", "fc.weights"])
     assert set_trainable(model, ["fc.bias"]) == CLASSES
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.bias"]
+
+
+def test_every_model_module_is_imported_by_the_package():
+    """An architecture registers itself when its module is imported; a new module without
+    its import line in deep/models/__init__.py registers nothing, and every test above,
+    parametrized over the registry, passes without seeing it ("unknown arch" only when run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import deep.models
+    code = ("import pkgutil, sys, deep.models as m; print(' '.join(i.name for i in "
+            "pkgutil.iter_modules(m.__path__) if 'deep.models.' + i.name not in sys.modules))")
+    root = Path(deep.models.__file__).parents[2]
+    missing = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert not missing, f"deep/models/__init__.py imports none of {missing}: add an import line"
