@@ -389,6 +389,10 @@ class Benchmark:
         check_data_dir: optional (data_dir) -> None raising when no folder can be right
             (synthetic: any folder); commands call it before anything starts (a Ray
             cluster, a source model), the loaders again when called directly.
+        check_shift_files: optional (data_dir, shifts) -> None raising a DataError that
+            names every one of `shifts` whose files are missing (a partial download);
+            a local sweep or adaptation calls it before anything runs, so that it stops
+            at once rather than after hours on the shifts before the missing one.
     """
 
     name: str
@@ -404,6 +408,7 @@ class Benchmark:
     normalization: Normalization | None = None
     default_data_dir: Callable[[], Path] | None = None
     check_data_dir: Callable[[Path | str | None], None] | None = None
+    check_shift_files: Callable[[Path | str | None, Sequence[str]], None] | None = None
 
     def check_shifts(self, shifts: str | Iterable[str]) -> None:
         """ConfigError naming every shift (one name, or several) this benchmark does not

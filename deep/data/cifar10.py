@@ -131,6 +131,17 @@ def _tensor_splits(images: np.ndarray, labels: torch.Tensor, indices, name: str,
     return splits
 
 
+def check_corruption_files(data_dir, shifts) -> None:
+    """DataError naming every corruption of `shifts` with no `<corruption>.npy` (a partial
+    download), before a sweep spends hours on the corruptions before the missing one."""
+    root = find_dir(data_dir, ["CIFAR-10-C"], "labels.npy", LAYOUT_C, "cifar10c")
+    missing = [s for s in shifts if not (root / f"{s}.npy").is_file()]
+    if missing:
+        raise DataError(f"cifar10c: {len(missing)} of the {len(shifts)} corruptions to run have "
+                        f"no file in {root}: {', '.join(s + '.npy' for s in missing)}. Is the "
+                        f"download complete? (--shifts runs the others); expected:\n{LAYOUT_C}")
+
+
 def load_cifar10c(data_dir, shift: str, n_target: int, val_per_class: int, test_per_class: int,
                   seed: int, severity: int = 5,
                   normalization: Normalization | None = None) -> ShiftTask:
@@ -252,7 +263,7 @@ BENCHMARKS = {
         name="cifar10c", shifts=CORRUPTIONS + EXTRA_CORRUPTIONS, num_classes=NUM_CLASSES,
         in_channels=3, layout=LAYOUT_C + "\nsource data (pretraining): " + LAYOUT_BATCHES,
         load_task=load_cifar10c, load_source=load_cifar10_source,
-        normalization=NORMALIZATION),
+        normalization=NORMALIZATION, check_shift_files=check_corruption_files),
     "cifar-flip": Benchmark(
         name="cifar-flip", shifts=("flip",), num_classes=NUM_CLASSES, in_channels=3,
         layout=LAYOUT_BATCHES, load_task=load_cifar_flip, load_source=load_cifar10_source,
@@ -263,5 +274,5 @@ BENCHMARKS = {
         name="cifar10c-official", shifts=PUBLIC_CODE_CORRUPTIONS, num_classes=NUM_CLASSES,
         in_channels=3, layout=LAYOUT_C + "\nsource data (pretraining): " + LAYOUT_BATCHES,
         load_task=load_cifar10c_official, load_source=load_cifar10_source,
-        normalization=NORMALIZATION),
+        normalization=NORMALIZATION, check_shift_files=check_corruption_files),
 }

@@ -57,6 +57,24 @@ def corruption_dir(data_dir, corruption: str) -> Path:
     return find_dir(data_dir, names, corruption, LAYOUT, f"imagenet-c/{corruption}") / corruption
 
 
+def check_corruption_folders(data_dir, shifts) -> None:
+    """DataError naming every corruption of `shifts` with no folder (a tar not extracted),
+    before a sweep spends hours on the corruptions before the missing one."""
+    missing, first = [], None
+    for shift in shifts:
+        try:
+            corruption_dir(data_dir, shift)
+        except DataError as err:
+            missing.append(shift)
+            first = first or err
+    if len(missing) == len(shifts) and first is not None:
+        raise first     # no folder at all, or the wrong one: the loader's own message
+    if missing:
+        raise DataError(f"imagenet-c: {len(missing)} of the {len(shifts)} corruptions to run have "
+                        f"no folder under {data_dir}: {', '.join(missing)}. Is every tar "
+                        f"extracted? (--shifts runs the others); expected:\n{LAYOUT}")
+
+
 def read_imagenet_c(data_dir, corruption: str, severity: int = 5,
                     allow_subset: bool = False) -> tuple[list[Path], torch.Tensor, list[str]]:
     """All image paths of one corruption and severity, their ImageNet class indices and
@@ -113,7 +131,7 @@ BENCHMARKS = {
     "imagenet-c": Benchmark(
         name="imagenet-c", shifts=CORRUPTIONS + EXTRA_CORRUPTIONS, num_classes=NUM_CLASSES,
         in_channels=3, layout=LAYOUT, load_task=load_imagenet_c, load_source=None,
-        normalization=(IMAGENET_MEAN, IMAGENET_STD)),
+        normalization=(IMAGENET_MEAN, IMAGENET_STD), check_shift_files=check_corruption_folders),
 }
 
 

@@ -122,3 +122,34 @@ def test_corrupt_jpeg_fails_the_sweep_without_a_row(tmp_path):
     assert done.returncode == FAILED and "cannot decode image" in done.stderr
     assert test_image in done.stderr
     assert read_results(out) == []
+
+
+@pytest.mark.parametrize("benchmark, write, name", [
+    ("cifar10c", writers.write_cifar10c, "{}.npy"),
+    ("imagenet-c", lambda root: writers.write_imagenet_c(root, ("fog", "gaussian_noise")), "{}")])
+def test_a_partial_download_stops_the_sweep_before_it_starts(tmp_path, benchmark, write, name):
+    """A corruption's file or folder missing (a partial download, a tar not extracted) used
+    to stop the sweep only when its turn came: hours into the full protocol, after every
+    shift before it. Now the sweep names every missing one before any model is made."""
+    write(tmp_path)
+    out = tmp_path / "results.csv"
+    done = cli_sweep("--benchmark", benchmark, "--data-dir", str(tmp_path),
+                     "--shifts", "fog,snow,gaussian_noise,contrast", "--n-target", "10",
+                     "--val-per-class", "1", "--test-per-class", "2", "--out", str(out))
+    assert done.returncode == FAILED, done.stderr[-2000:]
+    missing = ", ".join(name.format(s) for s in ("snow", "contrast"))
+    assert f"2 of the 4 corruptions to run have no" in done.stderr and missing in done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_a_partial_download_stops_online_adaptation_before_it_starts(tmp_path):
+    from deep.adapt import AdaptProtocol, run_adaptation
+    from deep.data import DataError
+    writers.write_cifar10c(tmp_path)
+    protocol = AdaptProtocol.from_dict(dict(
+        benchmark="cifar10c", arch="resnet26-w4", shifts=["fog", "snow"], methods=["tent"],
+        blocks=["first"], seeds=[0], images=6, test_per_class=3, checkpoint="none"))
+    with pytest.raises(DataError, match="1 of the 2 corruptions to run have no file .*: snow.npy"):
+        run_adaptation(protocol, tmp_path / "adapt.csv", data_dir=tmp_path, progress=False)
+    assert not (tmp_path / "adapt.csv").exists()
