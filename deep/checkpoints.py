@@ -17,6 +17,7 @@ import json
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def read_torch_file(path: Path, trust_checkpoint: bool = False, what: str = "che
             f"If you trust it (unpickling runs whatever the file asks), read it with "
             f"pickle.load and re-save the state dict with torch.save(state_dict, path)")
     _check_torch_format(start, path, what)
+    _check_checksums(path, what)
     try:
         if trust_checkpoint:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -155,6 +157,29 @@ def _check_torch_format(start: bytes, path: Path, what: str) -> None:
                               f"torch.save(state_dict, 'weights.pt')")
     raise CheckpointError(f"{what} {path} is not a file written by torch.save (neither "
                           f"a zip archive nor a pickle; it starts with {start[:4]!r})")
+
+
+def _check_checksums(path: Path, what: str) -> None:
+    """torch.save records a CRC-32 for each part of its zip archive, but torch.load never
+    checks them: a copy spoiled inside a tensor (its directory intact, unlike a truncated
+    one) would load other weights without a word. Parts saved without one (CRC 0,
+    torch.serialization.set_crc32_options(False)) are not checked; a file that is no
+    readable zip archive is left to torch.load's own message."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with archive:
+        for part in archive.infolist():
+            if not part.CRC:
+                continue
+            try:
+                with archive.open(part) as stream:  # zipfile checks the CRC at the end
+                    while stream.read(1 << 24):
+                        pass
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise CheckpointError(f"{what} {path} is damaged: {err} (a bad download or "
+                                      f"copy?); fetch or copy it again") from None
 
 
 def _torch_reason(err: Exception) -> str:

@@ -315,3 +315,32 @@ def test_infinite_weights_and_same_size_misshapen_ones_are_named(tmp_path):
     torch.save(state, tmp_path / "shape.pt")
     with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): conv1\.weight"):
         load_model(tmp_path / "shape.pt", "resnet26-w4", 4, 1)
+
+
+def test_a_file_damaged_inside_a_tensor_is_refused(tmp_path):
+    """torch.load does not check the CRC-32 that torch.save records for each part of its
+    zip archive: a copy with bytes spoiled inside a tensor (not truncated: the archive's
+    directory is intact) would load other weights without a word."""
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(state["layer3.0.conv1.weight"].numpy().tobytes())
+    assert at > 0
+    data[at:at + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    spoiled = torch.load(path, weights_only=True)  # the premise: torch alone reads it
+    assert not torch.equal(spoiled["layer3.0.conv1.weight"], state["layer3.0.conv1.weight"])
+    with pytest.raises(CheckpointError, match=r"w\.pt is damaged: .*data/\d+.* copy it again"):
+        load_model(path, "resnet26-w4", 4, 1)
+
+
+def test_a_file_saved_without_checksums_still_loads(tmp_path):
+    """torch.save can skip the CRC-32s (set_crc32_options(False)): a zero one is not checked."""
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert _same_weights(load_model(tmp_path / "nocrc.pt", "resnet26-w4", 4, 1), state)
