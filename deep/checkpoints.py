@@ -105,7 +105,7 @@ def numpy_safe_globals() -> list:
 def read_torch_file(path: Path, trust_checkpoint: bool = False, what: str = "checkpoint") -> object:
     """torch.load on CPU, safe unless `trust_checkpoint` (which may run code from the file).
     `what` names the file in errors ("checkpoint", "class text embeddings", ...)."""
-    path = Path(path)
+    path = Path(path).expanduser()  # `--init=~/w.pt` reaches us unexpanded by the shell
     if path.is_dir():
         raise CheckpointError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
@@ -372,6 +372,7 @@ def load_backbone(model: nn.Module, path: str | Path, trust_checkpoint: bool = F
 def _read_weights(path: Path, trust_checkpoint: bool) -> object:
     """What a weight file holds, read once (some files are 150 MB)."""
     # CLIP ViT hook (deep.models.vit): OpenAI's TorchScript .pt refused unless trusted
+    path = path.expanduser()
     if vit.is_torchscript_archive(path):
         return vit.torchscript_state(path, trust=trust_checkpoint)
     return read_torch_file(path, trust_checkpoint)

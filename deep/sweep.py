@@ -109,6 +109,8 @@ def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
                        data_dir: str | None) -> str:
     """--checkpoint if given, else the benchmark's own source model, else an error."""
     if checkpoint:
+        if checkpoint != RANDOM_INIT:  # `--checkpoint=~/w.pt` keeps its ~ (as --data-dir does)
+            checkpoint = str(Path(checkpoint).expanduser())
         if checkpoint != RANDOM_INIT and not Path(checkpoint).is_file():
             what = "is a folder, not a file" if Path(checkpoint).is_dir() else "file not found"
             raise ConfigError(f"checkpoint {what}: {checkpoint} (omit --checkpoint for "

@@ -238,3 +238,18 @@ def test_bad_engine_settings_are_one_line_errors(tmp_path, capsys, flags, messag
                  str(tmp_path / "r.csv"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_a_checkpoint_under_home_is_found_as_data_dir_and_out_are(tmp_path, synthetic_cache,
+                                                                   monkeypatch, capsys):
+    """`--checkpoint=~/w.pt` reaches the program with its ~ (the shell expands one only at
+    the start of a word); --data-dir and --out expand it, so the weight files do too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    state = build_model("resnet26-w4", 4).state_dict()
+    torch.save(state, tmp_path / "w.pt")
+    code = main(["sweep", *SMALL, "--methods", "last", "--seeds", "0", "--checkpoint=~/w.pt",
+                 "--out=~/r.csv"])
+    assert code == 0, capsys.readouterr().err
+    assert [r["checkpoint"] for r in read_results(tmp_path / "r.csv")] == [str(tmp_path / "w.pt")]
+    loaded = load_model("~/w.pt", "resnet26-w4", 4, 3)  # the Python API as well
+    assert torch.equal(loaded.fc.weight, state["fc.weight"])
