@@ -42,10 +42,12 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
 
-    def build(self) -> nn.Module:
-        """The network with these weights loaded (key names and shapes checked)."""
+    def build(self, where: str = "") -> nn.Module:
+        """The network with these weights loaded (key names and shapes checked); `where`
+        (the file's path) leads any error."""
         model = build_model(self.arch, self.num_classes, self.in_channels)
-        load_state_strict(model, self.state_dict, what=f"{self.arch} checkpoint")
+        what = f"{self.arch} checkpoint"
+        load_state_strict(model, self.state_dict, what=f"{where} ({what})" if where else what)
         return model
 
 
@@ -415,13 +417,17 @@ def load_model(checkpoint: str | Path, arch: str, num_classes: int, in_channels:
     raw = _read_weights(path, trust_checkpoint)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         ckpt = _own_checkpoint(raw, path)
+        if ckpt.arch not in architecture_names():  # else "unknown arch" without the file
+            raise CheckpointError(f"{path} holds arch={ckpt.arch}, which is not registered here "
+                                  f"(known: {', '.join(architecture_names())}): import the module "
+                                  f"that registers it (deep.models.register_architecture) first")
         found = (ckpt.arch, ckpt.num_classes, ckpt.in_channels)
         if (same_network(ckpt.arch, arch), *found[1:]) != (True, num_classes, in_channels):
             raise CheckpointError(f"{path} holds arch={found[0]}, num_classes={found[1]}, "
                                   f"in_channels={found[2]}; the benchmark needs arch={arch}, "
                                   f"num_classes={num_classes}, in_channels={in_channels}")
         ckpt.arch = arch  # the same network under the name whose blocks are wanted
-        return ckpt.build()
+        return ckpt.build(str(path))
     model = build_model(arch, num_classes, in_channels)
     load_state_strict(model, _state_for(model, raw, str(path)), what=f"{path}")
     return model

@@ -344,3 +344,19 @@ def test_a_file_saved_without_checksums_still_loads(tmp_path):
     finally:
         torch.serialization.set_crc32_options(True)
     assert _same_weights(load_model(tmp_path / "nocrc.pt", "resnet26-w4", 4, 1), state)
+
+
+@pytest.mark.parametrize("arch, state_of, message", [
+    # a network registered where the file was written, not here (a user's own, a fork's)
+    ("resnet99", "resnet26-w4", r"own\.pt holds arch=resnet99, which is not registered here"),
+    # the recorded arch's name over another network's tensors
+    ("resnet26-w4", "resnet26-gn", r"own\.pt \(resnet26-w4 checkpoint\) does not fit"),
+])
+def test_an_own_format_file_is_named_in_its_errors(tmp_path, arch, state_of, message):
+    from deep.checkpoints import save_checkpoint
+    save_checkpoint(tmp_path / "own.pt", build_model("resnet26-w4", 4, 1), "resnet26-w4", 4, 1)
+    raw = torch.load(tmp_path / "own.pt", weights_only=True)
+    raw["arch"], raw["state_dict"] = arch, build_model(state_of, 4, 1).state_dict()
+    torch.save(raw, tmp_path / "own.pt")
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "own.pt", "resnet26-w4", 4, 1)
