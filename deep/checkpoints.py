@@ -74,8 +74,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: str, num_classes: 
 # can reach code. Anything else needs trust_checkpoint=True (CLI: --trust-checkpoint).
 
 TRUST_HINT = "trust_checkpoint=True (command line: --trust-checkpoint)"
-STATE_DICT_KEYS = ("state_dict", "net", "model")
-"""Where wrapped state dicts sit: RobustBench/torchvision, TTT/MEMO, other trainers."""
+STATE_DICT_KEYS = ("state_dict", "net", "model", "model_state_dict")
+"""Where wrapped state dicts sit: RobustBench/torchvision, TTT/MEMO, other trainers, and
+PyTorch's own recipe for a general checkpoint (its "Saving and loading" tutorial)."""
 STRIPPED_PREFIXES = ("module.", "model.")
 """Key prefixes of DataParallel (`module.`) and of wrapper models (`model.`), removed."""
 
@@ -278,7 +279,8 @@ def extract_state_dict(raw: object, where: str = "checkpoint") -> dict[str, torc
     """name -> tensor from what a weight file held.
 
     Accepted: our format; a raw state dict; one wrapped under `state_dict` (RobustBench,
-    many trainers), `net` (TTT/MEMO: beside "err_cls", "optimizer", ...) or `model`.
+    many trainers), `net` (TTT/MEMO: beside "err_cls", "optimizer", ...), `model` or
+    `model_state_dict` (PyTorch's general-checkpoint recipe).
     Leading `module.` (DataParallel) and `model.` (wrapper models) are removed from
     every key, as RobustBench's loader does.
     """
@@ -291,7 +293,9 @@ def extract_state_dict(raw: object, where: str = "checkpoint") -> dict[str, torc
         if not wrapped:
             keys = ", ".join(repr(k) for k in list(raw)[:8])
             raise CheckpointError(f"{where}: expected a state dict (name -> tensor), raw or under "
-                                  f"one of {', '.join(STATE_DICT_KEYS)}; found keys {keys}")
+                                  f"one of {', '.join(STATE_DICT_KEYS)}; found keys {keys}. If "
+                                  f"the weights sit under another key, load the file yourself "
+                                  f"and re-save them with torch.save(state_dict, path)")
         raw = raw[wrapped[0]]
     if not _is_state_dict(raw):
         raise CheckpointError(f"{where}: expected a state dict (name -> tensor), got "

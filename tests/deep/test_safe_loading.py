@@ -82,6 +82,8 @@ def test_robustbench_layout_loads(tmp_path):
     lambda s: {"model": {f"model.{k}": v for k, v in s.items()}},
     lambda s: {"net": {f"module.{k}": v for k, v in s.items()}, "epoch": 150},
     lambda s: {"state_dict": s, "net": {"ignored": torch.zeros(1)}},  # state_dict wins
+    # PyTorch's recipe for a general checkpoint (its "Saving and loading" tutorial)
+    lambda s: {"epoch": 15, "model_state_dict": s, "optimizer_state_dict": {}, "loss": 0.5},
 ])
 def test_key_formats(tmp_path, wrap):
     state, _ = _trained_state()
@@ -91,7 +93,8 @@ def test_key_formats(tmp_path, wrap):
 
 def test_not_a_state_dict_names_the_accepted_layouts(tmp_path):
     torch.save({"weights": [1, 2], "epoch": 3}, tmp_path / "w.pt")
-    with pytest.raises(CheckpointError, match="state_dict, net, model; found keys 'weights'"):
+    with pytest.raises(CheckpointError, match=r"state_dict, net, model, model_state_dict; found "
+                                              r"keys 'weights', 'epoch'.*torch\.save\(state_dict"):
         load_torchvision_state(tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="got list"):
         extract_state_dict([torch.zeros(1)])
