@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -188,7 +189,11 @@ def _check_checksums(path: Path, what: str) -> None:
 def _torch_reason(err: Exception) -> str:
     """torch's reason in one line: the unpickler's own words where the message has them
     (its advice to retry with weights_only=False is this module's --trust-checkpoint
-    hint, given only where it helps), else the first line."""
+    hint, given only where it helps), else the first line. A legacy-format file cut short
+    fails inside the unpickler with only "EOFError" or a struct message: said plainly."""
+    if isinstance(err, (EOFError, struct.error)):
+        return ("the file ends early or is damaged (truncated: an interrupted download or "
+                "copy?); fetch or copy it again")
     text = str(err)
     found = re.search(r"WeightsUnpickler error: (.*)", text)
     line = found.group(1) if found else (text.strip().splitlines() or [""])[0]

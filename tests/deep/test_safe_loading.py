@@ -363,3 +363,14 @@ def test_an_own_format_file_is_named_in_its_errors(tmp_path, arch, state_of, mes
     torch.save(raw, tmp_path / "own.pt")
     with pytest.raises(CheckpointError, match=message):
         load_model(tmp_path / "own.pt", "resnet26-w4", 4, 1)
+
+
+@pytest.mark.parametrize("keep", [100, 1000])
+def test_a_legacy_file_cut_short_says_so(tmp_path, keep):
+    """A legacy-format file cut short: torch says only `EOFError`, or a struct message."""
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    torch.save(state, tmp_path / "w.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "w.pt").write_bytes((tmp_path / "w.pt").read_bytes()[:keep])
+    with pytest.raises(CheckpointError,
+                       match=r"w\.pt: the file ends early or is damaged \(truncated"):
+        load_model(tmp_path / "w.pt", "resnet26-w4", 4, 1)
