@@ -159,8 +159,19 @@ def _check_torch_format(start: bytes, path: Path, what: str) -> None:
         raise CheckpointError(f"{what} {path} is a safetensors file, not one written by "
                               f"torch.save: convert it with safetensors.torch.load_file, then "
                               f"torch.save(state_dict, 'weights.pt')")
-    raise CheckpointError(f"{what} {path} is not a file written by torch.save (neither "
-                          f"a zip archive nor a pickle; it starts with {start[:4]!r})")
+    raise CheckpointError(f"{what} {path} is not a file written by torch.save (neither a zip "
+                          f"archive nor a pickle; it starts with {start[:4]!r}){_impostor(start)}")
+
+
+def _impostor(start: bytes) -> str:
+    """What a weight file that is no torch file often is instead, with what to do ("" if
+    none of those): the web page a failed download saved (Google Drive's quota page, as
+    RobustBench's downloads meet), or the pointer a clone without git-lfs leaves."""
+    if start.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return ": it is an HTML page (a failed download?); download it again"
+    if start.startswith(b"version https://git-lfs"):
+        return ": it is a Git LFS pointer, not the weights; run `git lfs pull` in its repository"
+    return ""
 
 
 def _check_checksums(path: Path, what: str) -> None:

@@ -374,3 +374,19 @@ def test_a_legacy_file_cut_short_says_so(tmp_path, keep):
     with pytest.raises(CheckpointError,
                        match=r"w\.pt: the file ends early or is damaged \(truncated"):
         load_model(tmp_path / "w.pt", "resnet26-w4", 4, 1)
+
+
+@pytest.mark.parametrize("text, message", [
+    # a download that got a web page instead (Google Drive's quota or virus-scan page)
+    ("\n<!DOCTYPE html><html><head><title>Google Drive</title>",
+     r"an HTML page.*download it again"),
+    ("<html><body>Too many users have viewed or downloaded this file", r"an HTML page"),
+    # a clone without git-lfs: the pointer file in place of the weights
+    ("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 1465093\n",
+     r"a Git LFS pointer.*git lfs pull"),
+])
+def test_a_web_page_or_an_lfs_pointer_is_named_with_what_to_do(tmp_path, text, message):
+    (tmp_path / "Standard.pt").write_text(text)
+    with pytest.raises(CheckpointError,
+                       match=r"Standard\.pt is not a file written by torch\.save.*: it is " + message):
+        load_model(tmp_path / "Standard.pt", "wrn28-10", 10, 3)
