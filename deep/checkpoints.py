@@ -449,5 +449,34 @@ def load_model(checkpoint: str | Path, arch: str, num_classes: int, in_channels:
         ckpt.arch = arch  # the same network under the name whose blocks are wanted
         return ckpt.build(str(path))
     model = build_model(arch, num_classes, in_channels)
-    load_state_strict(model, _state_for(model, raw, str(path)), what=f"{path}")
+    state = _state_for(model, raw, str(path))
+    try:
+        load_state_strict(model, state, what=f"{path}")
+    except CheckpointError as err:
+        fits = [name for name in _fitting_archs(state, num_classes, in_channels)
+                if not same_network(name, arch)]
+        if not fits:
+            raise
+        raise CheckpointError(f"{err}; its keys and shapes are exactly those of "
+                              f"{' or '.join(fits)}: give --arch {fits[0]}") from None
     return model
+
+
+def _fitting_archs(state: dict[str, torch.Tensor], num_classes: int,
+                   in_channels: int) -> list[str]:
+    """The registered architectures whose keys and shapes `state` has exactly: another
+    project's file names no network, so a refusal says which one it holds (MEMO's file
+    given to our BatchNorm `resnet26`). Built on the meta device: shapes only, no memory."""
+    def shapes(source: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in source.items()
+                if not k.endswith("num_batches_tracked")}  # optional, as in load_state_strict
+    given, fits = shapes(state), []
+    for name in architecture_names():
+        try:
+            with torch.device("meta"):
+                candidate = build_model(name, num_classes, in_channels)
+        except Exception:  # noqa: BLE001  (one that cannot take these sizes fits nothing)
+            continue
+        if shapes(candidate.state_dict()) == given:
+            fits.append(name)
+    return fits

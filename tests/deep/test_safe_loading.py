@@ -136,6 +136,20 @@ def test_wrong_architecture_names_the_keys(tmp_path):
         load_model(tmp_path / "ckpt.pth", "wrn28-10", 10, 3)
 
 
+@pytest.mark.parametrize("given, wanted, hint", [
+    ("resnet26-gn", "resnet26", "resnet26-gn"),      # MEMO's file under our BatchNorm ResNet-26
+    ("resnet26-w4", "resnet26-gn", "resnet26-w4"),
+    ("resnet50", "wrn28-10", "resnet50 or resnet50-public"),
+])
+def test_another_registered_networks_file_names_the_arch_it_fits(tmp_path, given, wanted, hint):
+    """A file of another project holds no arch name, but its keys and shapes may be exactly
+    those of another registered architecture: say which, as for our own files."""
+    torch.save({"net": build_model(given, 10, 3).state_dict()}, tmp_path / "ckpt.pth")
+    with pytest.raises(CheckpointError, match=rf"does not fit .*; its keys and shapes are exactly "
+                                              rf"those of {hint}: give --arch {given}$"):
+        load_model(tmp_path / "ckpt.pth", wanted, 10, 3)
+
+
 class RunsCommand:
     """Unpickling this calls os.system: what a malicious weight file would do."""
 
