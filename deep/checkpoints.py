@@ -28,7 +28,8 @@ from torch import nn
 from .errors import check_seed
 from .files import (CheckpointError, atomic_write_bytes, manifest_path, sha256_file,  # noqa: F401
                     verify_checkpoint, write_manifest)
-from .models import architecture_names, build_model, matches_any, same_network, vit
+from .models import (architecture_names, build_model, get_architecture, matches_any,
+                     same_network, vit)
 
 FORMAT = "surgical-ft-checkpoint"
 VERSION = 1
@@ -453,13 +454,39 @@ def load_model(checkpoint: str | Path, arch: str, num_classes: int, in_channels:
     try:
         load_state_strict(model, state, what=f"{path}")
     except CheckpointError as err:
-        fits = [name for name in _fitting_archs(state, num_classes, in_channels)
-                if not same_network(name, arch)]
-        if not fits:
+        hint = _refusal_hint(model, state, arch, num_classes, in_channels)
+        if not hint:
             raise
-        raise CheckpointError(f"{err}; its keys and shapes are exactly those of "
-                              f"{' or '.join(fits)}: give --arch {fits[0]}") from None
+        raise CheckpointError(f"{err}; {hint}") from None
     return model
+
+
+def _refusal_hint(model: nn.Module, state: dict[str, torch.Tensor], arch: str,
+                  num_classes: int, in_channels: int) -> str:
+    """What a refused file of another project most likely holds and what to do ("" if
+    unknown): another registered network, or this one with a classifier of another size."""
+    fits = [name for name in _fitting_archs(state, num_classes, in_channels)
+            if not same_network(name, arch)]
+    if fits:
+        return (f"its keys and shapes are exactly those of {' or '.join(fits)}: give --arch "
+                f"{fits[0]}")
+    head = get_architecture(arch).prefixes("last")
+    if _only_head_differs(model, state, head):
+        return (f"only its classifier ({', '.join(head)}) differs in size: train this benchmark's "
+                f"source model from it first, `python -m deep pretrain --init FILE` (a classifier "
+                f"of another size is re-initialised), and give that model")
+    return ""
+
+
+def _only_head_differs(model: nn.Module, state: dict[str, torch.Tensor],
+                       head: tuple[str, ...]) -> bool:
+    """Whether `state` has `model`'s keys and every shape but some under `head`
+    (ImageNet weights for a 2-class benchmark)."""
+    expected = model.state_dict()
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    same_keys = set(state) <= set(expected) and set(expected) - set(state) <= optional
+    differ = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    return same_keys and bool(differ) and all(matches_any(k, head) for k in differ)
 
 
 def _fitting_archs(state: dict[str, torch.Tensor], num_classes: int,

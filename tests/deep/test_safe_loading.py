@@ -404,3 +404,12 @@ def test_a_web_page_or_an_lfs_pointer_is_named_with_what_to_do(tmp_path, text, m
     with pytest.raises(CheckpointError,
                        match=r"Standard\.pt is not a file written by torch\.save.*: it is " + message):
         load_model(tmp_path / "Standard.pt", "wrn28-10", 10, 3)
+
+
+def test_a_file_whose_classifier_alone_differs_says_how_to_start_from_it(tmp_path):
+    """ImageNet weights for a 2-class benchmark: the sweep tunes a source model with the
+    benchmark's classifier, which `pretrain --init` trains from such a file."""
+    torch.save(build_model("resnet50", 1000).state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(CheckpointError, match=r"fc\.bias: file \(1000,\) vs model \(2,\); only "
+                                              r"its classifier \(fc\) differs.*pretrain --init"):
+        load_model(tmp_path / "resnet50.pth", "resnet50", 2, 3)
