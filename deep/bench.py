@@ -39,6 +39,7 @@ from .report import (METHOD_ORDER, bar_panel, metric_values, paired_difference,
                      select_learning_rates)
 from .report import summarize as summarize_tables
 from .flags import add_run_options
+from .results import check_one_protocol
 from .sweep import read_results, run_sweep
 from .train import TrainConfig, resolve_device
 from .convergence import CurvesFile, inside_grid, learning_curves, read_curves
@@ -659,11 +660,14 @@ def _summarize(out_dir: Path, suite: Suite) -> list[Path]:
         raise ResultsError(f"no results in {out_dir / 'results.csv'} to summarise: run "
                            f"`{_run_command(suite, out_dir)}` (without --summarize-only) first")
     _check_made_by(rows, suite, out_dir / "results.csv")
+    sweep_rows = n_sweep_rows(out_dir, suite)
+    # before anything is drawn: a table of two protocols would pick lrs across them
+    check_one_protocol(rows, out_dir / "results.csv")
+    check_one_protocol(sweep_rows, f"{out_dir / 'n_target.csv'} (with the main table's cells)")
     main = select_learning_rates(drop_superseded(rows, suite.lr_seeds or []))
     epoch_curves = read_curves(out_dir / "curves.csv")
     text, verdicts = markdown_table(main, suite.n_target)
     paths = plot_relative(main, suite.n_target, out_dir / "relative_accuracy")
-    sweep_rows = n_sweep_rows(out_dir, suite)
     sweep_selected = select_learning_rates(drop_superseded(sweep_rows, suite.lr_seeds or []))
     curves = n_target_rows(sweep_selected)
     if curves:

@@ -97,10 +97,10 @@ def differences(saved, now, prefix: str = "") -> dict:
     return {} if saved == now else {prefix.rstrip("."): (saved, now)}
 
 
-def clash_text(clash: dict, sep: str = ", ") -> str:
+def clash_text(clash: dict, sep: str = ", ", sides: tuple[str, str] = ("file", "now")) -> str:
     """{setting: (recorded, now)} as "epochs: file 1 vs now 2, ...": how a refused resume
-    names what differs."""
-    return sep.join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in clash.items())
+    names what differs (`sides` names the two values otherwise)."""
+    return sep.join(f"{k}: {sides[0]} {a!r} vs {sides[1]} {b!r}" for k, (a, b) in clash.items())
 
 
 def exit_status(command: Callable[[], int | None]) -> int:

@@ -22,7 +22,8 @@ from .adapt.results import is_adapt_results, write_adapt_report
 from .files import atomic_write_bytes, check_output, save_figure, sole_writer
 from .methods import method_order
 from .models import block_order
-from .results import SELECT_WORST_GROUP, ResultsFile, best_row, selection_metric
+from .results import (SELECT_WORST_GROUP, ResultsFile, best_row, check_one_protocol,
+                      selection_metric)
 from .stats import NO_STAT, format_stat, interval_table, mean_se
 
 # Blocks of every registered architecture in forward order, then the method table's.
@@ -206,6 +207,7 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
         raise ResultsError(f"{results_csv} holds no results yet: `python -m deep sweep ... "
                            f"--out {results_csv}` (or `python -m deep bench`) adds a row per "
                            "finished cell")
+    check_one_protocol(rows, results_csv)
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
     check_output(out_dir, "report folder", folder=True)
     with sole_writer(out_dir / "report.md", "report folder"):  # a killed report's temps go

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ResultsError
+from .errors import ResultsError, clash_text
 from .files import CHECKOUT, atomic_write_text
 
 
@@ -134,6 +134,39 @@ def recorded_checkpoint(path: str) -> str:
         return Path(path).resolve().relative_to(CHECKOUT).as_posix()
     except ValueError:
         return str(path)
+
+
+def settings_clash(row: dict, settings: dict) -> dict:
+    """{column: (row's, settings')} of the SETTINGS in which a row differs from `settings`
+    (another row, or a sweep's). An empty provenance value (a legacy row) is unknown and
+    not compared; source models by file name (`same_checkpoint`)."""
+    clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]
+             and not (k in ResultRow.PROVENANCE and None in (row[k], settings[k]))}
+    if not same_checkpoint(row["checkpoint"], settings["checkpoint"]):
+        clash["checkpoint"] = (row["checkpoint"], settings["checkpoint"])
+    return clash
+
+
+def check_one_protocol(rows: list[dict], path) -> None:
+    """ResultsError unless the rows of each benchmark ran with one set of SETTINGS. A
+    table picks each cell's learning rate among its rows by validation accuracy: rows
+    of two protocols (other epochs, split sizes, source model) would compete on unlike
+    numbers and give a table of neither. A sweep refuses to write such a file; a merged
+    or hand-edited one is refused here, before any table is drawn."""
+    known: dict[str, dict] = {}
+    for row in rows:
+        first = known.setdefault(row["benchmark"], dict(row))
+        clash = settings_clash(first, row)
+        if clash:
+            raise ResultsError(
+                f"{path} mixes {row['benchmark']} rows of two protocols: cell {row_key(first)} "
+                f"(first) and cell {row_key(row)} (second) differ in "
+                f"{clash_text(clash, sides=('first', 'second'))}; "
+                "learning rates chosen across them would compare unlike validation numbers. "
+                "Report each protocol's rows from its own file (a sweep's --out)")
+        for k in ResultRow.PROVENANCE:  # a legacy row's unknown value, now known
+            if first.get(k) is None:
+                first[k] = row[k]
 
 
 def row_key(row: dict) -> tuple:

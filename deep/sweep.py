@@ -53,7 +53,7 @@ from .normalization import check_data_options, loader_options, numbers_part
 from .pretrain import cached_source_model
 from .protocol import Protocol
 from .results import (COLUMNS, KEY, SETTINGS, ResultRow, ResultsFile, read_results,  # noqa: F401
-                      recorded_checkpoint, row_key, same_checkpoint)
+                      recorded_checkpoint, row_key, same_checkpoint, settings_clash)
 from .train import DEFAULT_CACHE_MB, FitResult, PrefixCache, amp_active, fit, resolve_device
 
 DEFAULT_WORKERS = 1  # local processes (--workers); Ray places task groups itself
@@ -298,12 +298,9 @@ def execute_groups(groups: list[list[Cell]], spec: dict, record, workers: int = 
 
 def _check_same_settings(row: dict, settings: dict, out) -> None:
     """A row of this sweep's benchmark must have run with this sweep's settings."""
-    # None on either side is unknown (a legacy row; precision on another backend): not compared
-    clash = {k: (row[k], settings[k]) for k in SETTINGS if k != "checkpoint" and row[k] != settings[k]
-             and not (k in ResultRow.PROVENANCE and None in (row[k], settings[k]))}
-    # The same file may sit at another path on another machine: compare names only.
-    if not same_checkpoint(row["checkpoint"], settings["checkpoint"]):
-        clash["checkpoint"] = (row["checkpoint"], settings["checkpoint"])
+    # None on either side is unknown (a legacy row; precision on another backend): not
+    # compared; the same model file may sit at another path on another machine
+    clash = settings_clash(row, settings)
     if clash:
         raise ResultsError(f"{out} already holds cell {row_key(row)} with other settings "
                            f"({clash_text(clash)}); write this sweep to another --out")

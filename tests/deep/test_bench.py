@@ -324,6 +324,34 @@ def test_summarize_only_refuses_another_suites_results_and_run_options(tmp_path,
     assert (tmp_path / "table.md").read_text() == "kept"
 
 
+def test_summarize_only_refuses_a_results_file_that_mixes_two_protocols(tmp_path, capsys):
+    """A fmnist-breeds row of the 4-epoch protocol merged into the converged results (or an
+    n_target row into its sweep) would compete for its cell's learning rate with rows of
+    other epochs and splits: refused, naming both cells, and the committed table kept."""
+    from deep.__main__ import main
+    committed = ROOT / "figures" / "fmnist-v2"
+    for name in ("results.csv", "curves.csv", "n_target.csv", "n_target_curves.csv"):
+        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    (tmp_path / "table.md").write_text("kept")
+    old = next(line for line in (ROOT / "figures" / "fmnist" / "results.csv").read_text().splitlines()
+               if line.startswith("fmnist-breeds,subpopulation,first,0,1000,0.001,"))
+    with open(tmp_path / "results.csv", "a") as f:
+        f.write(old + ",,,,," + "\n")  # the legacy row, its provenance columns empty
+    assert main(["bench", "fmnist", "--summarize-only", "--out", str(tmp_path)]) == 2
+    assert re.search(r"results.csv mixes fmnist-breeds rows of two protocols: .* differ in "
+                     r"epochs: first 25 vs second 4, val_per_class: first 50 vs second 10",
+                     capsys.readouterr().err)
+    (tmp_path / "results.csv").write_bytes((committed / "results.csv").read_bytes())
+    lines = (tmp_path / "n_target.csv").read_text().splitlines(keepends=True)
+    cells = lines[1].split(",")
+    cells[16] = "50"  # epochs (the n = 1000 cells come from results.csv, at 25)
+    (tmp_path / "n_target.csv").write_text("".join([lines[0], ",".join(cells), *lines[2:]]))
+    assert main(["bench", "fmnist", "--summarize-only", "--out", str(tmp_path)]) == 2
+    assert "n_target.csv (with the main table's cells) mixes fmnist-c rows" in capsys.readouterr().err
+    assert (tmp_path / "table.md").read_text() == "kept"
+    assert not (tmp_path / "relative_accuracy.png").exists()  # refused before any plot
+
+
 def test_the_worst_group_line_weighs_the_best_block_by_worst_group_accuracy():
     """fmnist-spurious's ", worst group" line ranks the blocks by worst-group accuracy, so
     its margin to the runner-up must be the worst-group one too. Here every block ties on

@@ -143,3 +143,22 @@ def test_the_mean_row_averages_only_the_seeds_that_have_every_shift():
     mean, _, n = table["abs"][("mean", "last")]
     assert (mean, n) == (pytest.approx(0.7, abs=1e-12), 1)
     assert table["rel"][("mean", "last")][2] == n
+
+
+def test_rows_of_two_protocols_for_one_benchmark_are_refused_not_mixed(tmp_path):
+    """A merged file (4-epoch rows at 1e-3 beside 2-epoch rows at 1e-2, say) drew one table
+    whose learning rates were chosen across both protocols' validation numbers; a sweep
+    refuses to write such a file, so the report refuses to read one. Another benchmark's
+    settings, and a legacy row's unknown patience, are no clash."""
+    rows = [row(method=m, seed=s) for m in ("all", "last") for s in (0, 1)]
+    other = [{**row(method="last", seed=s, lr=1e-3, val=0.9), "epochs": 4} for s in (0, 1)]
+    with pytest.raises(ResultsError, match=r"r.csv mixes synthetic rows of two protocols: .* "
+                                           r"differ in epochs: first 2 vs second 4; "):
+        report_of(tmp_path, rows + other)
+    assert not (tmp_path / "rep").exists()
+    fine = [{**row(benchmark="waterbirds", seed=s), "epochs": 4} for s in (0, 1)]
+    fine += [{**row(method="last", seed=s), "patience": 3} for s in (0, 1)]
+    text, _ = report_of(tmp_path, rows[:2] + fine)
+    assert "### waterbirds, n_target = 100" in text and "| noise | +0.0 ± 0.0 |" in text
+    with pytest.raises(ResultsError, match="patience: first 3 vs second 5"):
+        report_of(tmp_path, fine + [{**row(lr=1e-3), "patience": 5}])
