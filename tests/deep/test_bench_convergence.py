@@ -175,3 +175,22 @@ def test_the_suites_protocols_are_the_ones_that_made_the_committed_table(results
             searched[(r["benchmark"], r["shift"], r["method"], r["n_target"])].add(r["lr"])
     assert all(lrs >= grid for lrs in searched.values())
     assert Counter(frozenset(lrs) for lrs in searched.values()).most_common(1)[0][0] == grid
+
+
+def test_docs_name_every_commit_and_machine_the_committed_rows_record():
+    """docs/fmnist.md says which code and machine made the committed rows; it said every
+    row but the flip rerun came from 6d963c1 and that no row names its machine, while 96
+    rows added later record commit 946e7324f5ae and an AMD EPYC."""
+    from pathlib import Path
+    from deep.sweep import read_results
+    root = Path(__file__).resolve().parents[2]
+    docs = (root / "docs" / "fmnist.md").read_text()
+    docs = " ".join(docs.split())  # a quoted value may wrap
+    rows = [r for name in ("results.csv", "n_target.csv")
+            for r in read_results(root / SUITES["fmnist"].out / name)]
+    commits = Counter(r["commit"] for r in rows)
+    machines = Counter(r["machine"] for r in rows if r["machine"])
+    for value, n in [*commits.most_common()[1:], *machines.items()]:  # each exception, counted
+        assert f"{n} rows" in docs or f"{n} fmnist-flip rows" in docs, (value, n)
+    assert all(c[:7] in docs for c in commits), commits
+    assert all(f"`{m}`" in docs for m in machines)
