@@ -33,3 +33,20 @@ def test_the_costs_docs_fmnist_quotes_are_the_scripts(capsys):
     scaled, hours = re.search(r"instead of 6: ([\d,]+) worker-seconds.* = ([\d.]+) hours", out).groups()
     assert f"about {hours} hours of wall time" in doc
     assert f"15 corruptions: about {scaled})" in doc
+
+
+def test_the_fmnist_c_protocol_notes_quote_the_committed_rows(capsys):
+    """`python -m deep protocols --show fmnist-c` estimated the whole protocol from a mean of
+    11 s per run and the suite at 85 min, numbers from before the flip rerun and LP-FT's and
+    Auto-RGN's seeds 1-4 (the rows now give 14 s; the suite's wall time 124.6 min)."""
+    import csv
+    from deep.protocol import load_protocol
+    notes = " ".join(load_protocol("fmnist-c").notes.split())
+    with open(ROOT / "figures/fmnist-v2/results.csv") as f:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(f) if r["benchmark"] == "fmnist-c"]
+    mean = round(sum(seconds) / len(seconds))
+    runs = int(re.search(r"= ([\d,]+) runs", notes).group(1).replace(",", ""))
+    assert f"({runs:,} x {mean} s / 2, where {mean} s is the mean `seconds`" in notes
+    assert f"about {round(runs * mean / 2 / 3600)} hours with --workers 2" in notes
+    wall = re.search(r"wall time ([\d.]+) min", script_output(capsys)).group(1)
+    assert f"the whole suite: about {round(float(wall))} min" in notes
