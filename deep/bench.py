@@ -622,6 +622,20 @@ def plot_learning_curves(panels: dict, path_stem: Path) -> list[Path]:
     return save_figure(fig, path_stem)
 
 
+def check_suite_folder(out_dir: Path, suite: Suite) -> None:
+    """Rows of a benchmark the suite does not run (a plain sweep's results.csv in --out)
+    would give an empty table, or one whose header counts their seeds and lrs; refused
+    before a run (which would find it only at the summary, hours later) and a summary."""
+    for name, benchmarks in (("results.csv", list(suite.shifts)), ("n_target.csv", ["fmnist-c"])):
+        path = out_dir / name
+        foreign = sorted({r["benchmark"] for r in read_results(path)} - set(benchmarks))
+        if foreign:
+            raise ResultsError(f"{path} holds rows of {', '.join(foreign)}, which this suite "
+                               f"does not write there ({', '.join(benchmarks)}): not a folder "
+                               f"of `python -m deep bench`; give another --out (`python -m deep "
+                               f"report {path}` tabulates any sweep's results)")
+
+
 def _check_made_by(rows: list[dict], suite: Suite, path: Path) -> None:
     """The table is drawn at the suite's n_target: rows of another suite (a --quick run's,
     or the full suite's summarised with --quick) would give an empty or wrong table."""
@@ -655,6 +669,7 @@ def _run_command(suite: Suite, out_dir: Path) -> str:
 
 
 def _summarize(out_dir: Path, suite: Suite) -> list[Path]:
+    check_suite_folder(out_dir, suite)
     rows = read_results(out_dir / "results.csv")
     if not rows:
         raise ResultsError(f"no results in {out_dir / 'results.csv'} to summarise: run "
@@ -775,6 +790,7 @@ def run(args) -> int:
         else:  # the folder is the nodes' to see (checked on each when Ray connects)
             executor.check_options(args.device)
         out_dir = check_output(out_dir, "--out", folder=True)  # "~" expanded once
+        check_suite_folder(out_dir, suite)
         with session_for(executor):  # one Ray connection for all the suite's sweeps
             for protocol, results, curves in jobs:
                 # held across the two stages, and before the curves file is read

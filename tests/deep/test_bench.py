@@ -183,6 +183,28 @@ def test_bench_refuses_workers_0_instead_of_taking_the_suites_default(tmp_path, 
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err and not calls
 
 
+@pytest.mark.parametrize("name", ["results.csv", "n_target.csv"])
+@pytest.mark.parametrize("summarize_only", [[], ["--summarize-only"]])
+def test_bench_refuses_a_folder_holding_another_benchmarks_rows(tmp_path, monkeypatch, capsys,
+                                                               name, summarize_only):
+    """A plain sweep's results.csv in --out: --summarize-only drew an empty table (exit 0,
+    after a hint to add --quick), and a run would have added the suite's rows beside it
+    for hours before the summary."""
+    import deep.bench
+    from deep.__main__ import main
+    from deep.results import COLUMNS
+    calls = []
+    monkeypatch.setattr(deep.bench, "run_benchmark", lambda *args, **options: calls.append(1))
+    line = ("synthetic,noise,last,0,200,0.01,ok,1,0.5,,0.5,,10,100,1.0,resnet26-w4,1,64,0.0001,"
+            "val_acc,10,20,none,0,4,float32,cpu,abc,")
+    (tmp_path / name).write_text(",".join(COLUMNS) + "\n" + line + "\n")
+    assert main(["bench", "fmnist", "--quick", "--out", str(tmp_path), *summarize_only]) == 2
+    err = capsys.readouterr().err
+    assert f"{name} holds rows of synthetic, which this suite does not write there" in err, err
+    assert "`python -m deep report" in err and not calls
+    assert not (tmp_path / "table.md").exists()
+
+
 @pytest.mark.parametrize("make, problem", [(lambda p: p / "nowhere", "does not exist"),
                                             (lambda p: p / "file", "is a file, not a folder")])
 def test_bench_refuses_a_data_dir_that_is_not_a_folder_before_making_out(tmp_path, monkeypatch,
