@@ -189,10 +189,18 @@ def make_gallery(out: str | Path, data_dir=None, corruptions=None, what: str = "
     panel_spurious(panels[3], data_dir, width)
     panel_blocknoise(panels[4], data_dir, width)
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    # every text drawn, in the PNG's Description: a test compares it with a fresh drawing's
+    # (pixels differ between matplotlib versions; what the captions say must not)
+    fig.savefig(tmp, dpi=100, metadata={"Description": drawn_text(fig)})
     plt.close(fig)
     tmp.replace(out)   # atomic: a crash never leaves half a PNG
     return out
+
+
+def drawn_text(fig) -> str:
+    """Every non-empty text of `fig` (headings, image titles), one per line, in drawing order."""
+    import matplotlib.text
+    return "\n".join(t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text())
 
 
 def main(argv=None) -> int:
