@@ -31,7 +31,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 from .blocks import blocks_for
-from .files import atomic_write_bytes, check_output, remove_stale_temps, save_figure, sole_writer
+from .files import (atomic_write_bytes, check_output, remove_figure, remove_stale_temps, save_figure,
+                    sole_writer)
 from .methods import GENERIC_METHODS
 from .protocol import Protocol, engine_default, load_protocol
 from .ray_backend import add_backend_arguments, executor_from_args, session_for
@@ -683,13 +684,19 @@ def _summarize(out_dir: Path, suite: Suite) -> list[Path]:
     epoch_curves = read_curves(out_dir / "curves.csv")
     text, verdicts = markdown_table(main, suite.n_target)
     paths = plot_relative(main, suite.n_target, out_dir / "relative_accuracy")
+    if not paths:   # a plot with nothing to show this time goes: an older one shows other data
+        remove_figure(out_dir / "relative_accuracy")
     sweep_selected = select_learning_rates(drop_superseded(sweep_rows, suite.lr_seeds or []))
     curves = n_target_rows(sweep_selected)
     if curves:
         paths += plot_n_target(curves, out_dir / "n_target")
+    else:
+        remove_figure(out_dir / "n_target")
     if epoch_curves:
         panels = learning_curve_panels(epoch_curves, main, suite.n_target)
         paths += plot_learning_curves(panels, out_dir / "learning_curves")
+    else:
+        remove_figure(out_dir / "learning_curves")
     lines = ["# Fashion-MNIST suite: measured", "",
              " ".join(protocol_lines(rows, epoch_curves, suite.n_target)), "",
              text, *interval_table(main, suite.n_target), *grid_table(rows, main, suite.n_target),

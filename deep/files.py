@@ -232,6 +232,13 @@ def save_figure(fig, path_stem: Path) -> list[Path]:
     return paths
 
 
+def remove_figure(path_stem: Path) -> None:
+    """Delete <stem>.png and <stem>.pdf, for a summary that has no such plot this time: an
+    older one left beside the new table would show other data."""
+    for suffix in (".png", ".pdf"):
+        Path(path_stem).with_suffix(suffix).unlink(missing_ok=True)
+
+
 @functools.cache
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""

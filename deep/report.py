@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ConfigError, ResultsError
 from .adapt.results import is_adapt_results, write_adapt_report
-from .files import atomic_write_bytes, check_output, save_figure, sole_writer
+from .files import atomic_write_bytes, check_output, remove_figure, save_figure, sole_writer
 from .methods import method_order
 from .models import block_order
 from .results import (SELECT_WORST_GROUP, ResultsFile, best_row, check_one_protocol,
@@ -226,8 +226,7 @@ def _write_report(rows: list[dict], results_csv: Path, out_dir: Path) -> list[Pa
     plots = plot_relative(tables, out_dir / "relative_accuracy")
     if not plots:
         text += "\nNo plot: it shows each method relative to `all`, and no table has both.\n"
-        for stale in (out_dir / "relative_accuracy.png", out_dir / "relative_accuracy.pdf"):
-            stale.unlink(missing_ok=True)      # an older report's plot would show other data
+        remove_figure(out_dir / "relative_accuracy")   # an older report's would show other data
     report = out_dir / "report.md"
     atomic_write_bytes(report, lambda f: f.write(text.encode()))
     return [report, *plots]

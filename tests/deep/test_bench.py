@@ -392,3 +392,20 @@ def test_the_worst_group_line_weighs_the_best_block_by_worst_group_accuracy():
     text, _ = markdown_table(rows, 1000)
     line, = [l for l in text.splitlines() if l.startswith("| fmnist-spurious, worst group")]
     assert line.split("|")[-2].strip() == "last"          # the best-block column
+
+
+def test_a_plot_with_nothing_to_show_is_removed_not_left_from_before(tmp_path):
+    """Summarised without curves.csv (e.g. results.csv alone, copied to another folder), the
+    suite draws no learning curves: an older learning_curves.png left beside the new table
+    showed other data. (n_target.png is drawn from the main table's cells alone.)"""
+    from deep.__main__ import main
+    (tmp_path / "results.csv").write_bytes((ROOT / "figures" / "fmnist-v2" / "results.csv").read_bytes())
+    stale = [tmp_path / f"{stem}.{suffix}" for stem in ("learning_curves", "n_target")
+             for suffix in ("png", "pdf")]
+    for path in stale:
+        path.write_bytes(b"an older summary's plot")
+    assert main(["bench", "fmnist", "--summarize-only", "--out", str(tmp_path)]) == 0
+    kept = [path.name for path in stale if path.exists() and path.read_bytes() == b"an older summary's plot"]
+    assert kept == []
+    assert not (tmp_path / "learning_curves.png").exists()
+    assert (tmp_path / "relative_accuracy.png").stat().st_size > 1000    # the one drawn
