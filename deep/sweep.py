@@ -197,8 +197,8 @@ def run_sweep(protocol: Protocol, out: str | Path, checkpoint: str | None = None
     check_protocol(protocol, bench)
     if bench.check_data_dir is not None:  # before a Ray cluster starts or a model trains
         bench.check_data_dir(data_dir)
-    if executor is None and bench.check_shift_files is not None:
-        bench.check_shift_files(data_dir, protocol.shifts)   # a partial download: stop now
+    if executor is None:    # a missing folder or a partial download: stop now, not hours later
+        bench.check_local_data(data_dir, protocol.shifts)
     check_int("workers", workers)
     check_nonnegative("cache_mb", cache_mb)
     if executor is None:

@@ -146,8 +146,7 @@ def run_adaptation(protocol: AdaptProtocol, out: str | Path, checkpoint: str | N
     bench = get_benchmark(protocol.benchmark)
     if bench.check_data_dir is not None:  # before the source model is resolved (or trained)
         bench.check_data_dir(data_dir)
-    if bench.check_shift_files is not None:   # a partial download: stop now, not hours later
-        bench.check_shift_files(data_dir, protocol.shifts)
+    bench.check_local_data(data_dir, protocol.shifts)  # a partial download: stop now, not hours later
     checkpoint = resolve_checkpoint(bench, protocol.arch, checkpoint or protocol.checkpoint, data_dir)
     source = load_model(checkpoint, protocol.arch, bench.num_classes, bench.in_channels,
                         trust_checkpoint=trust_checkpoint).eval()

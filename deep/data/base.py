@@ -391,8 +391,8 @@ class Benchmark:
             cluster, a source model), the loaders again when called directly.
         check_shift_files: optional (data_dir, shifts) -> None raising a DataError that
             names every one of `shifts` whose files are missing (a partial download);
-            a local sweep or adaptation calls it before anything runs, so that it stops
-            at once rather than after hours on the shifts before the missing one.
+            a local sweep or adaptation calls it (`check_local_data`) before anything
+            runs, so that it stops at once, not after hours on the shifts before.
     """
 
     name: str
@@ -409,6 +409,19 @@ class Benchmark:
     default_data_dir: Callable[[], Path] | None = None
     check_data_dir: Callable[[Path | str | None], None] | None = None
     check_shift_files: Callable[[Path | str | None, Sequence[str]], None] | None = None
+
+    def check_local_data(self, data_dir: Path | str | None, shifts: Sequence[str]) -> None:
+        """DataError, before a local run starts anything (a model, a progress bar): a given
+        data folder that does not exist (a typo in --data-dir), and, where the benchmark
+        can tell (`check_shift_files`), a shift whose files are missing. A Ray run checks
+        the folder on its nodes instead (deep.ray_backend): the driver need not hold it."""
+        if data_dir is not None:
+            problem = folder_problem(Path(data_dir).expanduser())
+            if problem:
+                raise DataError(f"{self.name}: data directory {data_dir} {problem}; "
+                                f"expected:\n{self.layout}")
+        if self.check_shift_files is not None:
+            self.check_shift_files(data_dir, shifts)
 
     def check_shifts(self, shifts: str | Iterable[str]) -> None:
         """ConfigError naming every shift (one name, or several) this benchmark does not

@@ -494,3 +494,18 @@ def test_a_resumed_sweep_says_so_on_its_progress_line(tmp_path, synthetic_checkp
     assert "resumed" not in capsys.readouterr().err
     run_sweep(small_protocol(methods=["last", "all"], lrs=[1e-2], epochs=1), out, progress=True)
     assert "sweep synthetic (resumed: 1 done before)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("benchmark", [b for b in __import__("deep.data").data.benchmark_names()
+                                       if b != "synthetic"])
+def test_a_data_folder_that_does_not_exist_stops_the_sweep_before_it_starts(tmp_path, benchmark):
+    """A typo in --data-dir was met by the first cell's loader, after the source model was
+    resolved (for some, trained) and the progress bar drawn; now before anything, naming the
+    benchmark's layout, and no results file is made."""
+    from deep.data import DataError
+    out = tmp_path / "r.csv"
+    with pytest.raises(DataError, match=rf"^{benchmark}: data directory .*missing does not exist; "
+                                        r"expected:\n"):
+        run_sweep(load_protocol(benchmark), out, checkpoint="none", data_dir=tmp_path / "missing",
+                  progress=False)
+    assert not out.exists()
