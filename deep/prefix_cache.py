@@ -163,8 +163,10 @@ class PrefixCache:
         cl_stages = range(len(self.stages)) if channels_last is True else [0] if channels_last else []
         self.stages.formats = {s: (torch.channels_last if s in cl_stages else torch.contiguous_format)
                                for s in range(len(self.stages))} if channels_last else {}
-        if channels_last:
-            guard_channels_last(self.runner)
+        # Always, not only with channels_last: the runner is a copy of the model's modules
+        # (made before `fit` guards the model), and a caller's channels-last images reach
+        # its unfolded convolutions with the engine's layout off (deep.models.staged).
+        guard_channels_last(self.runner)
         self.budget = int(budget_mb * 2**20)
         self.batch_size = batch_size or default_eval_batch_size(self.device)
         self.used = 0

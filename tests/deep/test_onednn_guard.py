@@ -119,7 +119,7 @@ from torch import nn
 from deep.adapt.core import MemoConfig, make_adapter, run_stream
 from deep.augment_memo import MemoAugmenter
 from deep.data.base import TensorSplit
-from deep.models.staged import guard_channels_last
+from deep.models.staged import StagedModel, guard_channels_last
 from deep.train import TrainConfig, fit
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -128,6 +128,17 @@ def net():  # a caller's model with the convolution the bug hits (4 -> 8, 1x1, s
                          nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 ALL = {"all": ("0", "2", "6")}
+class UserStaged(StagedModel):
+    stage_prefixes = (("conv1", "bn1"), ("down",), ("fc",))
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.down, self.fc = nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.Linear(8, 4)
+    def conv_bn_pairs(self):
+        return [("conv1", "bn1")]
+    def stage(self, i, x):
+        return (torch.relu(self.bn1(self.conv1(x))) if i == 0 else torch.relu(self.down(x))
+                if i == 1 else self.fc(x.mean((2, 3))))
 cl = lambda t: t.contiguous(memory_format=torch.channels_last)
 split = lambda n, f=lambda t: t: TensorSplit(f(torch.randn(n, 3, 12, 12)), torch.arange(n) % 4)
 train, val = split(64), split(16)
@@ -137,6 +148,10 @@ fit(net(), train, val, val, "all", TrainConfig(lr=1e-2, epochs=1, compile=True, 
 for cache in (False, True):
     fit(net(), split(64, cl), val, val, "all",
         TrainConfig(lr=1e-2, epochs=1, channels_last=False, use_cache=cache), ALL)
+# The same with a caller's StagedModel whose unsafe convolution has no BN to fold: the
+# cache runs a copy of the model's modules, which must be guarded too.
+fit(UserStaged(), split(64, cl), val, val, "all",
+    TrainConfig(lr=1e-2, epochs=1, channels_last=False), {"all": ("conv1", "down", "fc")})
 # The caller's model already channels-last.
 fit(net().to(memory_format=torch.channels_last), train, val, val, "all",
     TrainConfig(lr=1e-2, epochs=1, channels_last=False, use_cache=False), ALL)
@@ -239,3 +254,36 @@ def test_every_engine_configuration_completes_on_avx2_kernels():
     done = subprocess.run([sys.executable, "-c", _MATRIX_RUN], capture_output=True, text=True,
                           timeout=900, env=env)
     assert done.returncode == 0 and done.stdout.rstrip().endswith("done"), done.stderr[-2000:]
+
+
+def test_a_prefix_cache_guards_its_copy_of_the_model_with_the_engine_layout_off():
+    """With BN folded the cache runs a copy of the model's modules (`folded_view`), made
+    before `fit` guards the model: with channels_last=False its unfolded unsafe
+    convolution still met a caller's channels-last images unguarded (an abort on AVX2)."""
+    from deep.data.base import TensorSplit
+    from deep.models.staged import StagedModel
+    from deep.prefix_cache import PrefixCache
+
+    class Net(StagedModel):
+        stage_prefixes = (("conv1", "bn1"), ("down",))
+
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+            self.down = nn.Conv2d(4, 8, 1, stride=2, bias=False)  # no BN after it
+
+        def conv_bn_pairs(self):
+            return [("conv1", "bn1")]
+
+        def stage(self, index, x):
+            return self.bn1(self.conv1(x)) if index == 0 else self.down(x)
+
+    model = Net().eval()
+    split = TensorSplit(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    cache = PrefixCache(model, {"train": split}, channels_last=False)
+    assert cache.runner is not model and cache.runner.down is not model.down
+    assert getattr(cache.runner.down, "_nchw_guard", False)
+    seen = []
+    cache.runner.down.register_forward_pre_hook(lambda m, a: seen.append(a[0].stride()))
+    cache.stages.run(split.images.contiguous(memory_format=torch.channels_last), 0)
+    assert seen == [(4 * 6 * 6, 6 * 6, 6, 1)]  # the convolution saw NCHW strides
