@@ -213,9 +213,35 @@ def predict(model: nn.Module, split: Split, batch_size: int | None = None,
                 batches = (x for x, _, _ in split.batches(batch_size))
             else:
                 batches = (source[i:i + batch_size] for i in range(0, len(split), batch_size))
-            return torch.cat([cache.stages.run(cache.prepare(x), stage).argmax(1) for x in batches])
-        return torch.cat([model(to_device(x, device)).argmax(1)
-                          for x, _, _ in split.batches(batch_size)])
+            logits = (cache.stages.run(cache.prepare(x), stage) for x in batches)
+        else:
+            logits = (model(to_device(x, device)) for x, _, _ in split.batches(batch_size))
+        return _classes(logits, split, name or repr(getattr(split, "name", "evaluated")))
+
+
+def _classes(logits: Iterable[torch.Tensor], split: Split, name: str) -> torch.Tensor:
+    """The argmax of each batch of `logits`, concatenated; the labels of `split` checked
+    against the model's number of outputs at the first batch."""
+    preds = []
+    for batch in logits:
+        if not preds:
+            check_labels(split, batch.shape[-1], name)
+        preds.append(batch.argmax(1))
+    if not preds:
+        raise ConfigError(f"the {name} split is empty: nothing to evaluate")
+    return torch.cat(preds)
+
+
+def check_labels(split: Split, outputs: int, name: str) -> None:
+    """Every label of `split` is a class of a model with `outputs` logits. Otherwise
+    training stops at an IndexError from cross_entropy, and evaluation silently counts
+    such examples as wrong."""
+    labels = split.labels
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= outputs):
+        raise ConfigError(f"the {name} split has labels {int(labels.min())}..{int(labels.max())}, "
+                          f"but the model gives {outputs} logits (classes 0..{outputs - 1}): "
+                          "give the model one output per class of the data (e.g. "
+                          "build_model(arch, num_classes)), or relabel the data")
 
 
 def evaluate(model: nn.Module, split: Split, batch_size: int | None = None,
@@ -336,8 +362,9 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
         raise ConfigError(f"config must be a TrainConfig, e.g. TrainConfig(lr=1e-3, epochs=10), "
                           f"got {type(config).__name__}")
     method = get_method(method, blocks) if isinstance(method, str) else method
-    check_splits(train, val, config)
+    check_splits(train, val, test, config)
     run = TrainingRun(model, train, val, test, method, config, cache)
+    run.check_labels()
     first = 1
     if state_file is not None:
         if val is not None or method.name != "all":
@@ -363,11 +390,17 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
     return run.result(test_metrics, time.perf_counter() - t0)
 
 
-def check_splits(train: Split, val: Split | None, config: TrainConfig) -> None:
+def check_splits(train: Split, val: Split | None, test: Split | None,
+                 config: TrainConfig) -> None:
     """The splits can be trained on and selected by `config.select`."""
     if len(train) == 0:
         raise ConfigError("the training split is empty: a fine-tuning run trains on n_target "
                           "images; set n_target (--n-target) to at least 1")
+    for name, split in (("validation", val), ("test", test)):
+        if split is not None and len(split) == 0:
+            raise ConfigError(f"the {name} split is empty: give it examples, or pass None "
+                              "for it (no validation: every epoch trains and the last is kept; "
+                              "no test: no final evaluation)")
     if config.select == SELECT_WORST_GROUP and val is not None and val.groups is None:
         raise ConfigError(f"select={SELECT_WORST_GROUP!r} (--select) needs groups in the "
                           "validation split, and this data has none: use --select val_acc")
@@ -413,6 +446,19 @@ class TrainingRun:
         self.history: list[dict] = []
         self.status = "ok"
         self.start = 0  # earliest stage that runs with gradients
+
+    def check_labels(self) -> None:
+        """Every split's labels are classes of the model (its logits on one training
+        example say how many), before anything runs: an out-of-range label would stop
+        training at an IndexError from cross_entropy (or a method's gradient probes), and
+        evaluation would silently count its examples as wrong."""
+        x, _, _ = next(self.train.batches(1))
+        with eval_mode(self.model), torch.inference_mode():
+            outputs = self.model(to_device(x, next(self.model.parameters()).device)).shape[-1]
+        for name, split in (("training", self.train), ("validation", self.val),
+                            ("test", self.test)):
+            if split is not None:
+                check_labels(split, outputs, name)
 
     def _layout(self) -> torch.memory_format | None:
         """Channels-last for the whole model when asked and no cache sets it per stage."""

@@ -822,3 +822,41 @@ def test_evaluate_refuses_a_batch_size_that_is_not_a_count_and_fit_a_config_that
             evaluate(net, task.test, batch_size=bad)
     with pytest.raises(ValueError, match=r"config must be a TrainConfig, e.g. TrainConfig\(lr="):
         fit(net, task.train, task.val, task.test, "all", {"lr": 1e-2, "epochs": 1})
+
+
+def _labelled(n, classes):
+    return TensorSplit(torch.randn(n, 3, 8, 8), torch.arange(n) % classes)
+
+
+@pytest.mark.parametrize("method", ["all", "auto-rgn", "auto-snr", "none"])
+@pytest.mark.parametrize("bad", ["training", "validation", "test"])
+def test_fit_refuses_labels_the_model_has_no_output_for(method, bad):
+    """A 4-class model on 10-class data: training stopped at cross_entropy's IndexError
+    ("Target 9 is out of bounds", or an index error in a method's gradient probes), and 10
+    classes in val or test alone were silently scored, every such example counted wrong."""
+    splits = {name: _labelled(16, 10 if name == bad else 4)
+              for name in ("training", "validation", "test")}
+    with pytest.raises(ConfigError, match=rf"the {bad} split has labels 0..9, but the model "
+                                          r"gives 4 logits \(classes 0..3\)"):
+        fit(TinyNet(), *splits.values(), method, TrainConfig(lr=1e-2, epochs=1),
+            {"head": ("head",)})
+
+
+def test_evaluate_refuses_negative_labels_and_an_empty_split():
+    labels = torch.tensor([0, -1, 2, 3])
+    with pytest.raises(ConfigError, match=r"the 'split' split has labels -1..3, but the model "
+                                          r"gives 4 logits"):
+        evaluate(TinyNet(), TensorSplit(torch.randn(4, 3, 8, 8), labels))
+    with pytest.raises(ConfigError, match="the 'split' split is empty: nothing to evaluate"):
+        evaluate(TinyNet(), _labelled(0, 4))
+
+
+@pytest.mark.parametrize("empty", ["validation", "test"])
+def test_fit_refuses_an_empty_validation_or_test_split_before_training(empty):
+    """It trained an epoch, then stopped at torch.cat's "expected a non-empty list of
+    Tensors"; None is how to leave one out."""
+    splits = {name: _labelled(0 if name == empty else 16, 4)
+              for name in ("training", "validation", "test")}
+    with pytest.raises(ConfigError, match=rf"the {empty} split is empty: give it examples, "
+                                          "or pass None for it"):
+        fit(TinyNet(), *splits.values(), "all", TrainConfig(lr=1e-2, epochs=1))
