@@ -514,7 +514,10 @@ def get_method(name: str, blocks: BlockMap | None = None) -> Method:
         return Surgical(name, blocks)
     if name not in METHODS:
         known = method_names(blocks) if blocks is not None else list(GENERIC_METHODS)
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(known)}")
+        # fit(model, ..., "first", config) without blocks: the block names are not known here
+        hint = ("; a block's name needs its mapping: blocks=blocks_for(arch), or your own "
+                "{option: module-name prefixes}" if blocks is None else "")
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(known)}{hint}")
     spec = METHODS[name]
     if spec.needs_blocks and not blocks:
         raise ConfigError(f"method {name!r} needs a block mapping (blocks=...)")

@@ -575,6 +575,16 @@ def test_method_names_and_unknown_method():
         get_method("fourth", BLOCKS4)
 
 
+def test_a_block_name_without_blocks_says_the_mapping_is_missing(task):
+    """fit(model, ..., "head", config) with no blocks= said only "unknown method 'head'"
+    and listed the generic methods, as if the block did not exist."""
+    with pytest.raises(ConfigError, match=r"unknown method 'head'; known: all, .*; a block's "
+                                          r"name needs its mapping: blocks=blocks_for\(arch\)"):
+        fit(TinyNet(), task.train, task.val, task.test, "head", TrainConfig(lr=1e-2, epochs=1))
+    with pytest.raises(ConfigError, match=r"unknown method 'fourth'; known: first, .*, auto-snr$"):
+        get_method("fourth", BLOCKS4)  # with blocks given, the list says it all
+
+
 def test_unfreezing_schedule():
     assert unfreeze_epochs(4, 15) == [1, 4, 8, 12]
     assert unfreeze_epochs(4, 2) == [1, 1, 2, 2]
