@@ -287,3 +287,18 @@ def test_a_prefix_cache_guards_its_copy_of_the_model_with_the_engine_layout_off(
     cache.runner.down.register_forward_pre_hook(lambda m, a: seen.append(a[0].stride()))
     cache.stages.run(split.images.contiguous(memory_format=torch.channels_last), 0)
     assert seen == [(4 * 6 * 6, 6 * 6, 6, 1)]  # the convolution saw NCHW strides
+
+
+def test_a_conv2d_subclass_with_its_own_forward_is_guarded():
+    """docs/troubleshooting.md's remedy for a functional convolution: make it an nn.Conv2d
+    subclass; the guard goes by the module, whatever its forward computes."""
+    class Down(nn.Conv2d):
+        def forward(self, x):
+            return nn.functional.conv2d(x, self.weight * 1.0, None, self.stride)
+
+    model = nn.Sequential(Down(4, 8, 1, stride=2, bias=False))
+    assert guard_channels_last(model) == 1
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].stride()))
+    model(torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last))
+    assert seen == [(4 * 6 * 6, 6 * 6, 6, 1)]
