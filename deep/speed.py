@@ -235,7 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's malloc defaults (every freed activation unmapped), for both loops")
     p.add_argument("--device", default="cpu",
-                   help="where both loops run: cpu (default), cuda, cuda:1, ...")
+                   help="where both loops run: cpu (default), cuda, cuda:1, ..., or auto "
+                        "(CUDA when this process sees a GPU)")
     p.add_argument("--tolerance", type=nonnegative_float, default=0.5,
                    help="max test-accuracy gap, points")
     p.add_argument("--count-work", action="store_true",
@@ -275,8 +276,9 @@ def time_cell(checkpoint, args, task, option: str, lr: float, run_args: tuple, o
 
 
 def run(args: argparse.Namespace) -> int:
-    # every bad value fails here, before the source model is trained
-    resolve_device(args.device)
+    # every bad value fails here, before the source model is trained; "auto" becomes the
+    # device it means (both loops move their models with `.to(args.device)`)
+    args.device = resolve_device(args.device)
     blocks = blocks_for(args.arch)
     options = [*blocks, ALL]
     check_input_size(args.arch, args.size)

@@ -174,3 +174,15 @@ def test_thread_scaling_prints_a_time_per_thread_count(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [re.fullmatch(r"resnet26-w4, 4 images of 16 px, (\d) thread\(s\): [\d.]+ s per "
                          r"forward\+backward", line).group(1) for line in lines] == ["1", "2"]
+
+
+def test_device_auto_runs_where_it_points(capsys):
+    """`--device auto` (what `--device cuda`'s error on a GPU-less machine suggests) passed
+    its check, pretrained the source model, then stopped at `.to("auto")`'s RuntimeError."""
+    threads = torch.get_num_threads()
+    try:
+        assert speed.main([*SMALLEST, "--lrs", "1e-3", "--device", "auto"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"device {expected}," in capsys.readouterr().out
