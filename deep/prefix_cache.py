@@ -103,12 +103,26 @@ def refresh_folds(runner: nn.Module, fix: bool = True) -> None:
                 module.fixed = None
 
 
+def foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether `FoldedConvBN` computes exactly bn(conv(x)) for this pair: torch's own
+    Conv2d forward with zero padding (a subclass's forward, e.g. weight standardisation,
+    or a reflect/circular padding would be silently replaced by a plain zero-padded conv)
+    and an affine BatchNorm2d with running statistics (without them it normalises by the
+    batch's, which no fold can)."""
+    return (isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
+            and conv.padding_mode == "zeros"
+            and isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward
+            and bn.affine and bn.running_mean is not None and bn.running_var is not None)
+
+
 def folded_view(model: nn.Module) -> nn.Module | None:
     """An eval-mode copy of `model` that shares its parameters and buffers, with every
-    pair from `model.conv_bn_pairs()` folded; None when the model lists no pairs.
+    `foldable` pair from `model.conv_bn_pairs()` folded (the others run as they are);
+    None when the model lists no such pair.
 
     Valid only while batch norm stays in eval mode (frozen statistics)."""
     pairs = model.conv_bn_pairs() if isinstance(model, StagedModel) else []
+    pairs = [(c, b) for c, b in pairs if foldable(model.get_submodule(c), model.get_submodule(b))]
     if not pairs:
         return None
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}

@@ -22,7 +22,7 @@ from deep.errors import ConfigError
 from deep.methods import (AutoRGN, AutoSNR, EpochPlan, Method, get_method, gradient_snr, method_names,
                           per_example_gradient_moments, relative_gradient_norms,
                           rgn_multipliers, unfreeze_epochs)
-from deep.models import build_model
+from deep.models import StagedModel, build_model
 from deep.train import PrefixCache, TrainConfig, evaluate, fit, folded_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -870,3 +870,51 @@ def test_fit_refuses_an_empty_validation_or_test_split_before_training(empty):
     with pytest.raises(ConfigError, match=rf"the {empty} split is empty: give it examples, "
                                           "or pass None for it"):
         fit(TinyNet(), *splits.values(), "all", TrainConfig(lr=1e-2, epochs=1))
+
+
+class _StdConv(nn.Conv2d):
+    """A conv with its own forward (weight standardisation, BiT's StdConv2d)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("conv, bn", [
+    (lambda: nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect", bias=False), nn.BatchNorm2d),
+    (lambda: nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular", bias=False), nn.BatchNorm2d),
+    (lambda: _StdConv(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d),
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), lambda c: nn.BatchNorm2d(c, track_running_stats=False)),
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), lambda c: nn.BatchNorm2d(c, affine=False)),
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d),  # the one that folds
+])
+def test_a_users_conv_bn_pair_is_folded_only_where_the_fold_is_the_same_function(conv, bn):
+    """A user's StagedModel lists (conv, bn) pairs: a reflect or circular padded conv, or one
+    with its own forward, was folded into a plain zero-padded conv (outputs off by 0.7 to
+    5.7, silently, under fit's defaults); a BN without running statistics or affine
+    parameters stopped fit at a TypeError."""
+    class Net(StagedModel):
+        stage_prefixes = (("conv1", "bn1"), ("fc",))
+
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1, self.fc = conv(), bn(8), nn.Linear(8, 4)
+
+        def conv_bn_pairs(self):
+            return [("conv1", "bn1")]
+
+        def stage(self, index, x):
+            return torch.relu(self.bn1(self.conv1(x))) if index == 0 else self.fc(x.amax((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    if model.bn1.running_mean is not None:
+        with torch.no_grad():
+            model.bn1.running_mean.uniform_(-1, 1), model.bn1.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 8, 8) + 3
+    torch.testing.assert_close((folded_view(model) or model)(x), model(x), rtol=1e-5, atol=1e-5)
+    split = TensorSplit(x, torch.arange(4))
+    runs = [fit(copy.deepcopy(model), split, split, split, "fc",
+                TrainConfig(lr=1e-2, epochs=2, fold_bn=fold), {"fc": ("fc",)}) for fold in (True, False)]
+    np.testing.assert_allclose(runs[0].losses, runs[1].losses, rtol=1e-5)
