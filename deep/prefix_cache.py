@@ -103,6 +103,14 @@ def refresh_folds(runner: nn.Module, fix: bool = True) -> None:
                 module.fixed = None
 
 
+def batch_statistics(model: nn.Module) -> bool:
+    """Whether a batch norm of `model` has no running statistics, so normalises by its
+    batch's even in eval mode: a stage's output then depends on which examples share its
+    batch, and activations cached in evaluation batches differ from the training batches'."""
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(m, norms) and m.running_mean is None for m in model.modules())
+
+
 def foldable(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether `FoldedConvBN` computes exactly bn(conv(x)) for this pair: torch's own
     Conv2d forward with zero padding (a subclass's forward, e.g. weight standardisation,

@@ -42,7 +42,7 @@ from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
 from .prefix_cache import (CHANNELS_LAST_CHOICES, DEFAULT_CACHE_MB,  # noqa: F401
-                           FoldedConvBN, PrefixCache, amp_active, autocast,
+                           FoldedConvBN, PrefixCache, amp_active, autocast, batch_statistics,
                            default_eval_batch_size, eval_mode, folded_view, refresh_folds,
                            to_device)
 from .results import SELECT_WORST_GROUP, SELECTION_RULES  # what picks the epoch (and the lr)
@@ -625,7 +625,8 @@ class TrainingRun:
 
 
 def _usable_cache(model, train, val, test, config, cache):
-    if not config.use_cache or config.augment is not None or not config.freeze_bn:
+    if (not config.use_cache or config.augment is not None or not config.freeze_bn
+            or batch_statistics(model)):  # no frozen statistics to cache under
         return None
     splits = {"train": train, "val": val, "test": test}
     if cache is not None:

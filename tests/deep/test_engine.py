@@ -918,3 +918,19 @@ def test_a_users_conv_bn_pair_is_folded_only_where_the_fold_is_the_same_function
     runs = [fit(copy.deepcopy(model), split, split, split, "fc",
                 TrainConfig(lr=1e-2, epochs=2, fold_bn=fold), {"fc": ("fc",)}) for fold in (True, False)]
     np.testing.assert_allclose(runs[0].losses, runs[1].losses, rtol=1e-5)
+
+
+def test_a_batch_norm_without_running_statistics_turns_the_prefix_cache_off():
+    """Such a norm normalises by its batch's statistics even with batch norm "frozen": the
+    cache computed the prefix in ordered evaluation batches, the plain loop in the shuffled
+    training batches, and the two runs' losses differed (by 1e-4 here)."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                             nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randn(128, 3, 8, 8, generator=g), torch.arange(128) % 4)
+    runs = [fit(net(), split, split, None, "head", TrainConfig(lr=1e-2, epochs=2, use_cache=cache),
+                {"head": ("5",)}) for cache in (True, False)]
+    assert runs[0].losses == runs[1].losses and runs[0].start_stage == 0
