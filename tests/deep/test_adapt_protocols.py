@@ -186,8 +186,10 @@ def test_memo_bn_prior_on_a_model_without_batchnorm_is_a_clear_error(tmp_path):
                      MemoConfig(prior_strength=16), augment=MemoAugmenter((0.5,) * 3, (0.5,) * 3),
                      generator=torch.Generator())
     protocol = cifar_protocol(methods=["tent", "memo"], memo={"prior_strength": 16})
+    writers.write_cifar10c(tmp_path)    # the data folder is checked first (check_local_data)
     with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(ValueError, match="no BatchNorm"):
-        run_adaptation(protocol, tmp_path / "r.csv", checkpoint="none", progress=False)
+        run_adaptation(protocol, tmp_path / "r.csv", checkpoint="none", data_dir=tmp_path,
+                       progress=False)
     assert not (tmp_path / "r.csv").exists()       # before any stream (and any data) ran
 
 
