@@ -18,8 +18,8 @@ from .adapt.protocol import available as adapt_protocols, load_adapt_protocol
 from .allocator import keep_freed_memory
 from .data import get_benchmark
 from .errors import ConfigError, exit_status
-from .flags import (add_device, add_flags, add_run_options, add_threads, add_trust_checkpoint,
-                    check_trust_has_a_file, flag_values, set_threads)
+from .flags import (PROTOCOL_FLAGS, add_device, add_flags, add_run_options, add_threads,
+                    add_trust_checkpoint, check_trust_has_a_file, flag_values, set_threads)
 from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
@@ -39,13 +39,6 @@ def _command(args) -> str:
 
 # --- sweep ------------------------------------------------------------------------
 
-# The help of the generated flags: without this, "--seeds (built-in default: 0)" reads as
-# what a sweep runs, where the protocol's seeds (synthetic: 0,1) are what it runs.
-PROTOCOL_FLAGS = ("a flag not given keeps the value of {where} (python -m deep protocols "
-                  "--show BENCHMARK prints them); a built-in default applies only where "
-                  "that file sets none")
-
-
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True, help="registry name, e.g. synthetic, cifar10c")
     p.add_argument("--out", required=True, help="results CSV (created or resumed)")
@@ -53,7 +46,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     # One flag per field of the protocol's tuning and target sections; given flags
     # override the protocol file (`python -m deep protocols --show NAME` lists its values).
     protocol = p.add_argument_group("the protocol's settings", PROTOCOL_FLAGS.format(
-        where="deep/configs/BENCHMARK.toml"))
+        where="deep/configs/BENCHMARK.toml", name="BENCHMARK"))
     add_flags(protocol, TargetData)
     add_flags(protocol, Tuning)
     p.add_argument("--arch", help="architecture (default: the protocol's), e.g. clip-vit-tiny "
@@ -125,7 +118,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                    f"{', '.join(architecture_names())}")
     # One flag per PretrainConfig field; given flags override the protocol's [pretrain].
     add_flags(p.add_argument_group("pretraining settings", PROTOCOL_FLAGS.format(
-        where="the [pretrain] table of deep/configs/BENCHMARK.toml")), PretrainConfig)
+        where="the [pretrain] table of deep/configs/BENCHMARK.toml", name="BENCHMARK")),
+        PretrainConfig)
     add_trust_checkpoint(p, "the --init file")
     add_device(p)
     add_threads(p, 0, "torch threads on CPU (default 0: torch's, one per core). The thread "

@@ -208,3 +208,10 @@ def _show(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) or "none"
     return str(value)
+
+
+# The help of a group of generated flags: without this, "--seeds (built-in default: 0)"
+# reads as what a sweep runs, where the protocol's seeds (synthetic: 0,1) are what it runs.
+PROTOCOL_FLAGS = ("a flag not given keeps the value of {where} (python -m deep protocols "
+                  "--show {name} prints them); a built-in default applies only where "
+                  "that file sets none")

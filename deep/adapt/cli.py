@@ -11,8 +11,8 @@ import argparse
 import dataclasses
 
 from ..errors import ConfigError
-from ..flags import (add_flags, add_threads, add_trust_checkpoint, check_trust_has_a_file,
-                     comma_list, flag_values, set_threads)
+from ..flags import (PROTOCOL_FLAGS, add_flags, add_threads, add_trust_checkpoint,
+                     check_trust_has_a_file, comma_list, flag_values, set_threads)
 from ..models import architecture_names
 from ..protocol import data_option
 from .core import METHODS
@@ -71,34 +71,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True,
                    help="a benchmark with a protocol in deep/configs/adapt/ (fmnist-c, cifar10c)")
     p.add_argument("--out", required=True, help="results CSV (created or resumed)")
-    p.add_argument("--method", type=comma_list(), help=f"{', '.join(names)} or {','.join(names)} "
-                   "(default: the protocol's)")
-    p.add_argument("--blocks", type=comma_list(), help="block options, e.g. none,first,first+second,"
-                   "last,all ('none' = no adaptation, the baseline; default: the protocol's)")
-    p.add_argument("--shifts", type=comma_list())
-    p.add_argument("--seeds", type=comma_list(int))
-    p.add_argument("--images", type=int, help="stream length: the first N >= 0 images of the "
-                   "seeded order of the test split (0 = all"
-                   + (f"; {' and '.join(batched)} need{'s' * (len(batched) == 1)} N != 1"
-                      if batched else "") + ")")
-    p.add_argument("--test-per-class", type=int, help="size of the test split the stream is drawn from")
+    # "--copies (built-in default: 32)" would read as what runs; the protocol's value does
+    protocol = p.add_argument_group("the protocol's settings", PROTOCOL_FLAGS.format(
+        where="deep/configs/adapt/BENCHMARK.toml", name="adapt/BENCHMARK"))
+    protocol.add_argument("--method", type=comma_list(),
+                          help=f"{', '.join(names)} or {','.join(names)}")
+    protocol.add_argument("--blocks", type=comma_list(),
+                          help="block options, e.g. none,first,first+second,last,all "
+                          "('none' = no adaptation, the baseline)")
+    protocol.add_argument("--shifts", type=comma_list(), help="comma-separated shifts to run")
+    protocol.add_argument("--seeds", type=comma_list(int),
+                          help="comma-separated seeds (a stream order and test split each)")
+    protocol.add_argument("--images", type=int,
+                          help="stream length: the first N >= 0 images of the seeded order of "
+                          "the test split (0 = all"
+                          + (f"; {' and '.join(batched)} need{'s' * (len(batched) == 1)} N != 1"
+                             if batched else "") + ")")
+    protocol.add_argument("--test-per-class", type=int,
+                          help="size of the test split the stream is drawn from")
     p.add_argument("--episodic", action="store_true",
                    help=f"reset the adapted parameters after each {' or '.join(units)}")
-    p.add_argument("--lr", type=comma_list(float), help="learning rate(s) of the chosen method(s), "
-                   "e.g. 0.005 or 0.005,0.0005 (one stream per lr)")
-    add_method_flags(p)  # --copies, --prior-strength (MEMO), --batch-size, --batch-stats (TENT)
+    protocol.add_argument("--lr", type=comma_list(float),
+                          help="learning rate(s) of the chosen method(s), e.g. 0.005 or "
+                          "0.005,0.0005 (one stream per lr)")
+    add_method_flags(protocol)  # --copies, --prior-strength (MEMO), --batch-size, --batch-stats (TENT)
     p.add_argument("--arch", help="architecture (default: the protocol's; a --checkpoint of "
                    f"ours must hold it), one of {', '.join(architecture_names())}")
     p.add_argument("--checkpoint", help="source model (default: the benchmark's own)")
     add_trust_checkpoint(p)
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="where the benchmark's data lives (default: its own "
+                   "location, e.g. $FASHION_MNIST_DIR for fmnist-c)")
     p.add_argument("--data", action="append", type=data_option, metavar="KEY=VALUE",
                    help="loader option overriding the protocol's [data] table (repeatable)")
     add_threads(p, DEFAULT_THREADS, THREADS_HELP)
     p.add_argument("--report", action="store_true",
                    help="also write table.md and the plot next to the CSV (<out>_report/)")
     p.add_argument("--quick", action="store_true", help=quick_help())
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
 def _method_table(protocol: AdaptProtocol, method: str, args) -> dict:

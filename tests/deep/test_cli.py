@@ -112,15 +112,18 @@ def test_pretrain_init_from_a_file_safe_loading_refuses_needs_trust(tmp_path, ca
 
 @pytest.mark.parametrize("command, where", [
     ("sweep", "deep/configs/BENCHMARK.toml"),
-    ("pretrain", "the [pretrain] table of deep/configs/BENCHMARK.toml")])
+    ("pretrain", "the [pretrain] table of deep/configs/BENCHMARK.toml"),
+    ("adapt", "deep/configs/adapt/BENCHMARK.toml (python -m deep protocols --show adapt/BENCHMARK")])
 def test_help_says_a_flag_not_given_keeps_the_protocols_value(capsys, command, where):
     """`sweep --help` said "--seeds ... (built-in default: 0)" and nothing else; a sweep
-    without --seeds runs the protocol's (synthetic: 0 and 1)."""
+    without --seeds runs the protocol's (synthetic: 0 and 1). `adapt --help` said
+    "--copies ... (built-in default: 32)", and --shifts and --seeds had no help at all."""
     with pytest.raises(SystemExit):
         main([command, "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert f"a flag not given keeps the value of {where}" in out
     assert "built-in default applies only where that file sets none" in out
+    assert not re.search(r"--(shifts|seeds) (SHIFTS|SEEDS) --", out)   # each flag has help
 
 
 def test_protocols_lists_synthetic(capsys):
