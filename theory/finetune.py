@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .gaussian import is_real
 from .network import TwoLayer, as_array
 
 TUNES = ("first", "last", "all", "lp-ft")
@@ -92,8 +93,7 @@ def finetune_path(net, X, y, tune, steps, lr, every=1):
     if every is not None and (isinstance(every, bool) or not isinstance(every, (int, np.integer))
                               or every < 1):
         raise ValueError(f"every must be a positive integer, got {every!r}")
-    if not (isinstance(lr, (int, float, np.floating, np.integer)) and not isinstance(lr, bool)
-            and np.isfinite(lr) and lr > 0):
+    if not (is_real(lr) and np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
     n, relu = X.shape[0], net.activation == "relu"

@@ -209,8 +209,7 @@ def random_input_perturbation(rng, d, k, activation="linear", max_stretch=2.0):
     A = U diag(s) V^T with U, V uniformly random orthogonal and s log-uniform in
     [1 / max_stretch, max_stretch] (so A is invertible with cond(A) <= max_stretch^2)."""
     check_rng(rng), check_count(d, "d"), check_count(k, "k")
-    if isinstance(max_stretch, bool) or not (isinstance(max_stretch, (int, float, np.number))
-                                             and 1 <= max_stretch < np.inf):
+    if not (is_real(max_stretch) and 1 <= max_stretch < np.inf):
         raise ValueError(f"max_stretch must be a finite number >= 1, got {max_stretch!r}")
     teacher = _random_teacher(rng, d, k, activation)
     s = np.exp(rng.uniform(-np.log(max_stretch), np.log(max_stretch), d))
