@@ -338,13 +338,18 @@ def _strip_prefixes(state: dict[str, torch.Tensor], where: str) -> dict[str, tor
     return out
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str = "state dict") -> None:
-    """Load `state` into `model`; any missing, unexpected or misshapen key is an error.
+def optional_key(name: str) -> bool:
+    """Whether a weight file may lack this key: BatchNorm's `num_batches_tracked` (old
+    torchvision files omit it)."""
+    return name.endswith("num_batches_tracked")
 
-    BatchNorm's `num_batches_tracked` may be absent (old torchvision files omit it).
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str = "state dict") -> None:
+    """Load `state` into `model`; any missing, unexpected or misshapen key is an error,
+    but for an `optional_key`.
     """
     expected = model.state_dict()
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    optional = {k for k in expected if optional_key(k)}
     missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -483,7 +488,7 @@ def _only_head_differs(model: nn.Module, state: dict[str, torch.Tensor],
     """Whether `state` has `model`'s keys and every shape but some under `head`
     (ImageNet weights for a 2-class benchmark)."""
     expected = model.state_dict()
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    optional = {k for k in expected if optional_key(k)}
     same_keys = set(state) <= set(expected) and set(expected) - set(state) <= optional
     differ = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     return same_keys and bool(differ) and all(matches_any(k, head) for k in differ)
@@ -495,8 +500,7 @@ def _fitting_archs(state: dict[str, torch.Tensor], num_classes: int,
     project's file names no network, so a refusal says which one it holds (MEMO's file
     given to our BatchNorm `resnet26`). Built on the meta device: shapes only, no memory."""
     def shapes(source: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in source.items()
-                if not k.endswith("num_batches_tracked")}  # optional, as in load_state_strict
+        return {k: tuple(v.shape) for k, v in source.items() if not optional_key(k)}
     given, fits = shapes(state), []
     for name in architecture_names():
         try:

@@ -109,14 +109,15 @@ def resolve_checkpoint(bench: Benchmark, arch: str, checkpoint: str | None,
                        data_dir: str | None) -> str:
     """--checkpoint if given, else the benchmark's own source model, else an error."""
     if checkpoint:
-        if checkpoint != RANDOM_INIT:  # `--checkpoint=~/w.pt` keeps its ~ (as --data-dir does)
-            checkpoint = str(Path(checkpoint).expanduser())
-        if checkpoint != RANDOM_INIT and not Path(checkpoint).is_file():
-            what = "is a folder, not a file" if Path(checkpoint).is_dir() else "file not found"
-            raise ConfigError(f"checkpoint {what}: {checkpoint} (omit --checkpoint for "
+        if checkpoint == RANDOM_INIT:
+            return checkpoint
+        path = Path(checkpoint).expanduser()  # `--checkpoint=~/w.pt` keeps its ~ (as --data-dir does)
+        if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "file not found"
+            raise ConfigError(f"checkpoint {what}: {path} (omit --checkpoint for "
                               "the benchmark's own source model, if it has one, or pass "
                               f"--checkpoint {RANDOM_INIT} to start from random weights)")
-        return checkpoint
+        return str(path)
     if bench.pretrained is not None:
         return str(bench.pretrained(arch, Path(data_dir) if data_dir else None))
     if bench.source_recipe is not None:
