@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import types
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -138,21 +139,14 @@ def kill_a_group_worker(out: Path, killed: list) -> None:
         time.sleep(0.01)
 
 
-def group_executions() -> int:
-    """How many times a task group started on this cluster (from Ray's task timeline)."""
-    return sum(1 for e in ray.timeline() if e.get("cat") == "task::run_group_task")
-
-
-def settled_group_executions(quiet: float = 3.0, limit: float = 60.0) -> int:
-    """`group_executions()` once it has not changed for `quiet` seconds: events of an
-    earlier test's tasks (a killed worker's among them) reach the timeline late."""
-    count, since, deadline = group_executions(), time.time(), time.time() + limit
-    while time.time() - since < quiet and time.time() < deadline:
-        time.sleep(0.5)
-        now = group_executions()
-        if now != count:
-            count, since = now, time.time()
-    return count
+def group_executions(since: float) -> Counter:
+    """How many times each task group (by Ray task id; a retry keeps its task's id)
+    started on this cluster at or after `since` (a `time.time()`), from Ray's task
+    timeline. Counting only starts after `since` keeps out an earlier test's tasks, whose
+    events (a killed or cancelled worker's among them) can reach the timeline seconds late."""
+    since_us = since * 1e6  # the timeline's "ts" is the start in microseconds since the epoch
+    return Counter(e["args"]["task_id"] for e in ray.timeline()
+                   if e.get("cat") == "task::run_group_task" and e.get("ts", 0) >= since_us)
 
 
 # --- a local Ray instance in this process -----------------------------------------
@@ -230,16 +224,17 @@ class TestLocalRay:
             killer.join()
 
     def test_a_data_error_stops_the_sweep_without_retries(self, tmp_path):
-        before = settled_group_executions()
-        bad = protocol({**SMALL, "shifts": ["noise"], "n_target": 100_000})
+        started = time.time()
+        # One cell, so one task group whatever the number of slots.
+        bad = protocol({**SMALL, "shifts": ["noise"], "methods": ["first"], "n_target": 100_000})
         with pytest.raises(TaskGroupError, match=r"failed on node .*n_target=100000 exceeds"):
             run_sweep(bad, tmp_path / "bad.csv", progress=False, executor=on_ray(max_retries=3))
         assert read_results(tmp_path / "bad.csv") == []
         deadline = time.time() + 60  # task events reach the timeline about once a second
-        while group_executions() == before and time.time() < deadline:
+        while not group_executions(started) and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(2)  # retries, had there been any, ran before the error reached us
-        assert group_executions() - before == 1  # ran once: an error is not retried
+        assert list(group_executions(started).values()) == [1]  # once: an error is not retried
 
     def test_a_failing_group_stops_the_groups_still_running(self, tmp_path, monkeypatch):
         """A task group that fails cancels the others: the sweep stops with its error, and
