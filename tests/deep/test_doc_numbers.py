@@ -112,8 +112,14 @@ def test_vit_wilds_counts_and_the_gpu_estimate_follow_from_the_flop_count():
     assert f"forward FLOPs per image: {gflop:.2f} G (closed form" in text
     rate, per_image = 30e12, float(f"{gflop:.2f}") * 1e9   # the doc's assumed 30 TFLOP/s
     hours = lambda images, passes=1: images * passes * per_image / rate / 3600   # noqa: E731
-    for test_images, train_images, benchmark in ((83_854, 1_000, "Camelyon17"),
-                                                 (18_388, 3_100, "FMoW")):
+    from deep.protocol import load_protocol
+    # the test set is the rest of the OOD test split (85,054 and 22,108 images, WILDS' sizes)
+    for split, classes, name, benchmark in ((85_054, 2, "camelyon17", "Camelyon17"),
+                                            (22_108, 62, "fmow", "FMoW")):
+        target = load_protocol(name).target
+        train_images = target.n_target
+        test_images = split - target.val_per_class * classes - train_images
+        assert f"OOD test {split:,}" in text, benchmark
         test_h, train_h = hours(60 * test_images), hours(60 * 10 * train_images, 3)
         assert (f"| {benchmark} | 60 x {test_images:,} images: ~{test_h:.1f} h | "
                 f"60 x 10 x {train_images:,} images: ~{train_h:.1f} h |") in text, benchmark
