@@ -50,3 +50,13 @@ def test_the_fmnist_c_protocol_notes_quote_the_committed_rows(capsys):
     assert f"about {round(runs * mean / 2 / 3600)} hours with --workers 2" in notes
     wall = re.search(r"wall time ([\d.]+) min", script_output(capsys)).group(1)
     assert f"the whole suite: about {round(float(wall))} min" in notes
+
+
+def test_the_readme_quotes_the_scripts_wall_time_and_15_corruption_estimate(capsys):
+    """README's suite paragraph: '125 minutes on 2 cores, all 15 corruptions would take 3.4
+    hours (`python scripts/fmnist_costs.py`)'."""
+    out = script_output(capsys)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    wall, hours = re.search(r"wall time ([\d.]+) min x [\d.]+ = ([\d.]+) hours", out).groups()
+    assert (f"the suite takes {round(float(wall))} minutes on 2 cores, all 15 corruptions would "
+            f"take {hours} hours (`python scripts/fmnist_costs.py`)") in readme
