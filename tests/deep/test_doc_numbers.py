@@ -200,3 +200,23 @@ def test_quoted_intervals_are_in_the_committed_tables(page, section, tables):
     quoted = _quoted_intervals(body)
     assert quoted, (page, section)
     assert [q for q in quoted if q not in printed] == []
+
+
+def _mean_row(table: str, heading: str) -> dict[str, str]:
+    """{column: cell} of the **mean** row of the section of a report table.md under `heading`."""
+    section = (ROOT / table).read_text().split(heading, 1)[1]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    mean = next(line for line in lines if line.startswith("| **mean**"))
+    return dict(zip(header, (c.strip() for c in mean.strip("|").split("|"))))
+
+
+def test_readme_online_adaptation_numbers_are_the_tables_mean_rows():
+    """README's MEMO/TENT paragraph quotes the three-shift means of the committed tables."""
+    readme = doc("README.md")
+    tent = _mean_row("figures/fmnist-adapt/table.md", "### TENT, online, lr 0.001 (900 images")
+    assert f"({tent['all']} points for `all`, {tent['first']} for `first`, 5 seeds)" in readme
+    memo = _mean_row("figures/fmnist-adapt/memo-full-stream/table.md", "### MEMO, online, lr 0.0005")
+    means = {block: memo[block].split(" ±")[0] for block in ("last", "first", "first+second", "all")}
+    assert (f"(last {means['last']}, first {means['first']}, first+second "
+            f"{means['first+second']}, all {means['all']} points)") in readme
