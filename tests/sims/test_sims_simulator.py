@@ -419,6 +419,36 @@ def test_a_padded_runs_divergence_scale_is_its_own_y2_over_2n():
     assert result.final_train_loss[1].item() == pytest.approx(losses[s - 1], rel=1e-4)
 
 
+def test_a_finite_loss_past_the_divergence_factor_is_a_divergence():
+    # guards: only non-finite losses counted as divergence. The "last" run below grows its
+    # loss 1.44-fold a step (lr 2.2 / curvature, checked by a hand loop) and is stopped at
+    # the first step past 10 DIVERGENCE_FACTOR times its scale, where the loss is still
+    # finite (< 1e30): theory raises there, and so must the simulator, stepped or exact.
+    from theory.finetune import DIVERGENCE_FACTOR
+    rng = np.random.default_rng(13)
+    net = theory.TwoLayer(rng.standard_normal(3), rng.standard_normal((3, 5)) / np.sqrt(5))
+    X = rng.standard_normal((3, 5))
+    y = net(X) + 1e-9 * rng.standard_normal(3)
+    H = net.features(X)
+    lr = 2.2 / np.linalg.eigvalsh(H.T @ H / 3).max()
+    scale = DIVERGENCE_FACTOR * max(np.sum((H @ net.v - y) ** 2) / 6, y @ y / 6)
+    v, losses = net.v.copy(), []
+    for _ in range(400):                                     # the same steps, by hand
+        v = v - lr * H.T @ (H @ v - y) / 3
+        losses.append(np.sum((H @ v - y) ** 2) / 6)
+    s = next(s for s, loss in enumerate(losses, 1) if loss > 10 * scale)
+    assert losses[s - 1] < 1e30
+    with pytest.raises(ValueError, match="diverged"):
+        theory.finetune(net, X, y, "last", s, lr)
+    batch = Batch.build([net], [(X, y)], "last", lr, device="cpu")
+    for exact in (True, False):
+        with pytest.raises(ValueError, match="diverged"):
+            simulate(batch, s, exact=exact)
+        result = simulate(batch, s, exact=exact, on_divergence="nan")
+        assert result.diverged.tolist() == [True], exact
+        assert torch.isnan(result.final_train_loss[0]), exact
+
+
 def test_first_layer_tuning_of_a_zero_head_leaves_B_in_place():
     # With v = 0 the first layer's gradient v r^T X / n is 0: B never moves (theory's
     # gradient_flow says so; finetune steps it). The closed form must not divide by |v|^2.
