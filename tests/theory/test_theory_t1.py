@@ -188,6 +188,9 @@ def test_event_probability_edge_cases_and_errors():
     assert t1_event_probability(8, 2, 0.5, 1) == 0.0               # n < m
     assert t1_event_probability(2, 1, 0.5, 10) == pytest.approx(11 / 1024)  # n_S <= 1
     assert t1_event_probability(3, 1, 0.0, 2) == 1.0               # every sample is new
+    # Only n_T = n qualifies (n_T >= m = n, or n_S < ds = 1): P = (1 - p)^n, not 0.
+    assert t1_event_probability(3, 4, 0.5, 4) == pytest.approx(0.5**4, rel=1e-12)
+    assert t1_event_probability(1, 2, 0.3, 5) == pytest.approx(0.7**5, rel=1e-12)
     for kwargs, name in ((dict(ds=0), "ds"), (dict(m=1.5), "m"), (dict(p=2.0), "p"),
                          (dict(n=-3), "n")):
         with pytest.raises(ValueError, match=name):
