@@ -116,6 +116,19 @@ def test_paired_difference_is_method_minus_all_per_seed_with_a_t_interval():
         pytest.approx(0.125 + stats.t.ppf(0.975, 1) * se))
 
 
+def test_paired_difference_takes_the_spread_of_the_per_seed_differences():
+    """Seeds that move both methods alike (0.8/0.7, 0.9/0.8, 0.6/0.5): every per-seed
+    difference is 0.1, so the paired s.e. is 0. An unpaired comparison (mean of one minus
+    mean of the other, their s.e. combined) would give s.e. 0.1 / sqrt(3) * sqrt(2)."""
+    from deep.report import metric_values, paired_difference
+    rows = [row(method=m, seed=s, test=t) for s, (a, b) in enumerate([(0.8, 0.7), (0.9, 0.8),
+                                                                      (0.6, 0.5)])
+            for m, t in (("last", a), ("all", b))]
+    mean, se, n = paired_difference(metric_values(rows, "test_acc"), ["noise"], [0, 1, 2], "last")
+    assert (mean, n) == (pytest.approx(0.1), 3)
+    assert se == pytest.approx(0, abs=1e-12)
+
+
 def test_the_report_prints_each_difference_to_all_with_its_interval(tmp_path):
     """last - all per seed: 10, 15, 20 points; mean 15, s.e. 5/sqrt(3), t(2, 0.975) = 4.303:
     [+2.6, +27.4]. One seed: the interval table is left out (there is no interval)."""
