@@ -102,6 +102,52 @@ class LastFirstLast(Method):
         return EpochPlan(self._names("first" if epoch == 2 else "last"))
 
 
+class LastThenFirst(Method):
+    """Tunes the last block in epoch 1, the first in epoch 2; keeps, at the start of
+    epoch 2, a copy of the last block's parameters (what epoch 1 left)."""
+
+    name = "last-then-first"
+
+    def candidates(self):
+        return self._names("first") + self._names("last")
+
+    def plan(self, epoch, ctx):
+        if epoch == 2:
+            self.after_epoch_1 = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                                  if n in self._names("last")}
+        return EpochPlan(self._names("first" if epoch == 2 else "last"))
+
+
+def test_a_block_frozen_this_epoch_is_left_bitwise_unchanged():
+    """The last block, tuned in epoch 1 and frozen in epoch 2, keeps epoch 1's values
+    exactly: neither Adam's moments from epoch 1 nor weight decay move it (they would if
+    its gradient were a zero tensor instead of none)."""
+    torch.manual_seed(0)
+    model, method = build_model(ARCH, 4), LastThenFirst(BLOCKS)
+    config = TrainConfig(lr=1e-2, epochs=2, batch_size=10, weight_decay=1e-2)
+    fit(model, random_split(), None, None, method, config, BLOCKS)  # no val: epoch 2 is kept
+    named = dict(model.named_parameters())
+    assert method.after_epoch_1
+    assert all(torch.equal(named[n], v) for n, v in method.after_epoch_1.items())
+
+
+def test_augmentation_is_applied_with_batch_norm_frozen():
+    """A staged model with frozen BN and no augmentation gets a prefix cache of the
+    images' activations; with `augment` every training batch must go through it instead
+    (activations cached from the plain images would silently drop the augmentation)."""
+    calls = []
+
+    def augment(x, generator):
+        calls.append(len(x))
+        return x.flip(-1)
+    torch.manual_seed(0)
+    config = TrainConfig(lr=1e-2, epochs=2, batch_size=10, augment=augment)
+    assert config.freeze_bn
+    fit(build_model(ARCH, 4), random_split(), random_split(8, seed=1), None, "last", config,
+        BLOCKS)
+    assert calls == [10, 10, 10, 10]
+
+
 def test_auto_rgn_measures_each_epoch_on_minibatches_of_its_own(monkeypatch):
     """Each epoch's gradient probes draw their own random training minibatches (the public
     code takes the next ones from its loader), not epoch 1's again and again."""
