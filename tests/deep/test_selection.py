@@ -132,3 +132,29 @@ def test_the_report_selects_an_lr_per_seed_and_per_shift():
             {**row("last", 1e-3, 0.2), "shift": "blur"}, {**row("last", 1e-1, 0.1), "shift": "blur"}]
     chosen = {(r["shift"], r["seed"]): r["lr"] for r in select_learning_rates(rows)}
     assert chosen == {("noise", 0): 1e-3, ("noise", 1): 1e-1, ("blur", 0): 1e-3}
+
+
+@pytest.mark.parametrize("select, epoch", [("val_acc", 1), (SELECT_WORST_GROUP, 2)])
+def test_fit_picks_the_epoch_by_the_same_metric(monkeypatch, select, epoch):
+    """Within a run the epoch is chosen by the metric `select` names: validation scripted
+    so that accuracy peaks at epoch 1 and worst-group accuracy at epoch 2; the run keeps
+    that epoch's validation metrics."""
+    import torch
+    import deep.train as train_module
+    from deep.blocks import blocks_for
+    from deep.data.base import TensorSplit
+    from deep.models import build_model
+    from deep.train import Metrics, TrainConfig, fit
+    scripted = [Metrics(0.9, 0.1), Metrics(0.5, 0.4), Metrics(0.6, 0.3)]
+    real = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda model, split, *a, **k: (
+        scripted.pop(0) if split is val else real(model, split, *a, **k)))
+    g = torch.Generator().manual_seed(0)
+    train, val = (TensorSplit(torch.rand(8, 3, 32, 32, generator=g), torch.arange(8) % 4,
+                              torch.arange(8) % 2, name=n) for n in ("train", "val"))
+    torch.manual_seed(0)
+    result = fit(build_model("resnet26-w4", 4), train, val, None, "last",
+                 TrainConfig(lr=1e-2, epochs=3, batch_size=8, select=select),
+                 blocks_for("resnet26-w4"))
+    assert not scripted and result.best_epoch == epoch
+    assert (result.val.acc, result.val.worst_group_acc) == ((0.9, 0.1), (0.5, 0.4))[epoch - 1]
