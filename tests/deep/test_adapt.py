@@ -230,6 +230,28 @@ def bn_net() -> nn.Sequential:
 BN_NET_BLOCKS = {"first": ("0", "1"), "last": ("5",)}
 
 
+def test_tent_takes_its_steps_per_batch_and_predicts_with_the_last_forward():
+    """steps=3: three Adam steps per batch (a hand loop of the same steps gives the same
+    parameters), and the prediction is the logits of the third forward, before its step."""
+    from deep.adapt import TentConfig, make_adapter
+    from deep.adapt.core import _batch_stat_forward, patched_batchnorm, softmax_entropy
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model, reference = bn_net(), bn_net()
+    adapter = make_adapter(model, "tent", "first", BN_NET_BLOCKS,
+                           TentConfig(batch_size=6, lr=0.05, steps=3))
+    logits = adapter.predict(x)
+    params = [reference[1].weight, reference[1].bias]
+    optimizer = torch.optim.Adam(params, lr=0.05, betas=(0.9, 0.999))
+    with patched_batchnorm([reference[1]], _batch_stat_forward):
+        for _ in range(3):
+            expected = reference(x)
+            optimizer.zero_grad()
+            softmax_entropy(expected).mean().backward()
+            optimizer.step()
+    assert torch.allclose(logits, expected.detach(), atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(adapter.params, params))
+
+
 def test_a_tent_step_lowers_the_entropy_of_its_batch():
     """Guards the sign of TENT's loss: one step minimises the mean softmax entropy, so on
     the batch it adapted to the entropy goes down (both measured with batch statistics in
