@@ -169,3 +169,41 @@ def test_curves_file_keeps_every_float_exactly(tmp_path):
     assert back[0]["train_loss"] == 1 / 7
     got = learning_curves(back, [row(lr=10 ** -3.5)], panel_of=lambda r: "panel")
     assert [(e, n) for e, _, n in got["panel"]["first"]] == [(1, 1), (2, 1)]
+
+
+def test_inside_grid_takes_each_target_sizes_own_lr_grid():
+    """Guards the grid being per n_target too: at n_target 100 the shift searched
+    {0.1, 0.01, 0.001}, at n_target 3000 {0.01, 0.001}. A cell at 3000 that chose 0.01
+    sits at its own grid's top edge (0 % inside), though 0.01 is inside the pooled grid."""
+    rows = [row(lr=lr) for lr in (0.1, 0.01, 0.001)]
+    rows += [row(lr=lr) | {"n_target": 3000} for lr in (0.01, 0.001)]
+    selected = [row(lr=0.01) | {"n_target": 3000}]
+    out = inside_grid(rows, selected)
+    assert out == {("b", "first"): {"cells": 1, "epoch_inside": 1.0, "lr_inside": 0.0}}
+
+
+def test_learning_curves_count_only_the_runs_that_have_a_curve():
+    """Guards the share's denominator: a selected cell without curve rows (a results row
+    whose curves.csv is missing, e.g. a legacy run) is no run of the curve. One run of 3
+    epochs with a curve and two without: every epoch is reached by 1 of 1 runs (kept at
+    min_share 0.6), not by 1 of 3 (which would drop the whole curve)."""
+    curves = CurvesFileRows(row(seed=0, history=[0.2, 0.4, 0.6]))
+    selected = [row(seed=0), row(seed=1), row(seed=2)]
+    got = learning_curves(curves, selected, panel_of=lambda r: "panel", min_share=0.6)
+    assert got["panel"]["first"] == [(1, 0.2, 1), (2, 0.4, 1), (3, 0.6, 1)]
+
+
+def test_a_reader_never_sees_the_curves_file_partly_written(tmp_path):
+    """Guards the curves file being replaced whole (temp file, then rename), as the results
+    are: `bench --summarize-only` may read curves.csv while a sweep records a cell, and a
+    rewrite in place (truncate, then write) shows a reader that opened it before an empty
+    or half-written file."""
+    path = tmp_path / "curves.csv"
+    curves = CurvesFile(path)
+    curves.record(row(seed=0, history=[0.5]))
+    before = path.read_bytes()
+    with open(path, "rb") as opened_before:
+        curves.record(row(seed=1, history=[0.25, 0.75]))
+        assert opened_before.read() == before, "the file changed under a reader that had it open"
+    assert [(c["seed"], c["epoch"], c["val_acc"]) for c in read_curves(path)] == \
+        [(0, 1, 0.5), (1, 1, 0.25), (1, 2, 0.75)]
