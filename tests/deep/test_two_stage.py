@@ -201,3 +201,15 @@ def test_bench_closing_line_counts_the_files_rows_not_this_plans(tmp_path, synth
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("synthetic n_target=32: ran 0 cells in ")
     assert last.endswith(f"complete: {len(rows)} rows in {out}")
+
+
+def test_a_method_without_seeds_left_gets_no_second_stage_sweep():
+    """Guards `if seeds` in second_stage: a method whose seeds all ran in the first stage
+    (baseline_seeds equal to lr_seeds) has nothing left to run; it gets no sweep, rather
+    than one of zero seeds (an empty sweep still records a configuration and a summary)."""
+    p = protocol(methods=["first", "all"])
+    choices = {("noise", "first"): 1e-3, ("noise", "all"): 1e-3}
+    stages = second_stage(p, choices, lambda m: [] if m == "first" else [1, 2])
+    assert [(s.shifts, s.methods, s.lrs, s.seeds) for s in stages] == \
+        [(["noise"], ["all"], [1e-3], [1, 2])]
+    assert second_stage(p, choices, lambda m: []) == []
