@@ -73,3 +73,26 @@ def test_the_header_says_the_epoch_is_chosen_within_a_fixed_cap():
             in protocol_lines(rows, [], 1000)[0])
     # one cap (the older 4-epoch table): its committed wording stays
     assert "25 epochs (picked by validation)" in protocol_lines(rows[:2], [], 1000)[0]
+
+
+def test_the_curves_are_those_of_the_tables_n_target_only():
+    """Guards learning_curve_panels' n_target filter: the selected rows of the n_target
+    sweep (fmnist-c at 100 targets, say) are other runs than the table's; averaged in, a
+    curve at 1000 targets of 0.8 would read (0.8 + 0.2) / 2 = 0.5 over 2 runs."""
+    table = _cell("first", 0)
+    small = {**_cell("first", 0), "n_target": 100}
+    curves = _curve(table, [0.8, 0.8]) + _curve(small, [0.2, 0.2])
+    panels = learning_curve_panels(curves, [table, small], 1000)
+    assert panels == {"fmnist-c (input)": {"first": [(1, 0.8, 1), (2, 0.8, 1)]}}
+    assert learning_curve_panels(curves, [table, small], 100) == \
+        {"fmnist-c (input)": {"first": [(1, 0.2, 1), (2, 0.2, 1)]}}
+
+
+def test_the_header_breaks_a_tie_between_caps_towards_the_smaller():
+    """Guards the tie rule of the header's common cap: with as many rows at 25 epochs as at
+    50, the sentence names 25 as the cap and 50 as the exception, whichever comes first."""
+    for benchmarks in ((("fmnist-c", 25), ("fmnist-flip", 50)),
+                       (("fmnist-flip", 50), ("fmnist-c", 25))):
+        rows = [_cell("all", 0, benchmark=b, epochs=e) for b, e in benchmarks]
+        assert ("the epoch picked by validation within a cap of 25 epochs (50 on fmnist-flip)"
+                in protocol_lines(rows, [], 1000)[0])
