@@ -409,3 +409,81 @@ def test_a_plot_with_nothing_to_show_is_removed_not_left_from_before(tmp_path):
     assert kept == []
     assert not (tmp_path / "learning_curves.png").exists()
     assert (tmp_path / "relative_accuracy.png").stat().st_size > 1000    # the one drawn
+
+
+def test_n_target_rows_average_all_over_the_same_shifts_as_the_method():
+    """Guards the baseline of the n_target curve: per seed, the mean over the sweep's
+    shifts of method minus the mean over the same shifts of `all`. first (0.6, 0.9) and
+    all (0.5, 0.7) on fog and snow: 0.75 - 0.6 = 0.15 points of accuracy (as fractions),
+    not 0.75 - 0.5 against fog's `all` alone."""
+    rows = []
+    for shift, (first, all_) in [("fog", (0.6, 0.5)), ("snow", (0.9, 0.7))]:
+        rows += [_row("fmnist-c", shift, "first", 0, first, n=100),
+                 _row("fmnist-c", shift, "all", 0, all_, n=100)]
+    curves = n_target_rows(rows)
+    mean, _, count = curves["first"][100]
+    assert count == 1 and mean == pytest.approx(0.15)
+    assert curves["best block (val)"][100][0] == pytest.approx(0.15)
+
+
+def test_n_target_plot_bars_are_95_percent_t_intervals(tmp_path, monkeypatch):
+    """Guards the n_target figure's error bars, which its title calls 95 % t intervals of
+    the paired difference: t(0.975, n - 1) * s.e. in points (4.303 * 1 = 4.303 for 3
+    seeds of s.e. 1 point; any t table), none (0) for one seed, not the bare s.e."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+    from deep.bench import plot_n_target
+    drawn = {}
+    real = Axes.errorbar
+
+    def record(self, x, y, yerr=None, **kwargs):
+        drawn[kwargs.get("label")] = (list(x), list(y), list(yerr))
+        return real(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", record)
+    plot_n_target({"first": {100: (0.05, 0.01, 3), 300: (0.02, float("nan"), 1)}},
+                  tmp_path / "n_target")
+    x, y, yerr = drawn["first"]
+    assert x == [100, 300] and y == pytest.approx([5.0, 2.0])
+    assert yerr == pytest.approx([4.302653, 0.0], abs=1e-5)
+
+
+def test_a_superseded_row_of_the_main_table_is_left_out(tmp_path):
+    """Guards drop_superseded before the main table's selection: seed 0 searched 1e-1,
+    1e-2, 1e-3 and chose 1e-2; a seed-1 row of `first` at 1e-3 (left by a choice that an
+    extension moved; validation 0.99, test 0.0) must not win seed 1's cell. Kept, first's
+    mean would be (0.8 + 0.0) / 2 = 40.0 ± 40.0 instead of (0.8 + 0.7) / 2 = 75.0 ± 5.0."""
+    from deep.bench import summarize
+    from deep.results import ResultRow, results_text
+
+    def result(method, seed, lr, val, test):
+        return ResultRow(benchmark="fmnist-breeds", shift="subpopulation", method=method,
+                         seed=seed, n_target=1000, lr=lr, status="ok", best_epoch=3,
+                         val_acc=val, val_worst_group_acc=None, test_acc=test,
+                         worst_group_acc=None, tuned_params=10, total_params=100, seconds=1.0,
+                         arch="resnet26", epochs=25, batch_size=64, weight_decay=1e-4,
+                         select="val_acc", val_per_class=50, test_per_class=300,
+                         checkpoint="none", patience=4, precision="float32").to_dict()
+
+    rows = [result(m, 0, lr, val, test) for m, test in (("first", 0.8), ("all", 0.75))
+            for lr, val in ((1e-1, 0.5), (1e-2, 0.8), (1e-3, 0.6))]
+    rows += [result("first", 1, 1e-2, 0.7, 0.7), result("all", 1, 1e-2, 0.65, 0.65),
+             result("first", 1, 1e-3, 0.99, 0.0)]          # superseded: 1e-3 was not chosen
+    (tmp_path / "results.csv").write_text(results_text(rows))
+    summarize(tmp_path, SUITES["fmnist"])
+    table = (tmp_path / "table.md").read_text()
+    absolute = table[table.index("Absolute test accuracy"):]
+    line = next(l for l in absolute.splitlines() if l.startswith("| fmnist-breeds |"))
+    assert line == "| fmnist-breeds | 75.0 ± 5.0 | 70.0 ± 5.0 |"
+
+
+def test_a_row_with_one_block_calls_it_the_best_block():
+    """Guards the verdict's wording where no runner-up exists (a row where one block ran):
+    with nothing to be separated from, the block is the row's best block, not its
+    "highest mean"."""
+    from deep.bench import verdict_lines
+    rows = [_row("fmnist-flip", "flip", m, seed, acc + 0.01 * seed)
+            for seed in range(3) for m, acc in (("last", 0.7), ("all", 0.6))]
+    line, = verdict_lines(markdown_table(rows, 1000)[1])
+    assert line.startswith("- fmnist-flip (output): best block **last** (+10.0 [+10.0, +10.0] vs all")
