@@ -194,3 +194,13 @@ def test_docs_name_every_commit_and_machine_the_committed_rows_record():
         assert f"{n} rows" in docs or f"{n} fmnist-flip rows" in docs, (value, n)
     assert all(c[:7] in docs for c in commits), commits
     assert all(f"`{m}`" in docs for m in machines)
+
+
+def test_all_runs_on_every_seed_like_the_blocks_not_on_the_baselines_fewer():
+    """Guards `all` among the core methods of seeds_for: every block's difference to `all`
+    is paired by seed, so `all` must run on each seed a block runs on, not on the
+    baselines' fewer seeds (else the table's relative column pairs blocks on seed 1 only)."""
+    fewer = Suite(shifts={}, seeds=[0, 1, 2], lrs=[1e-3], epochs=1, lr_seeds=[0],
+                  baseline_seeds=[0, 1])
+    assert fewer.seeds_for("all") == fewer.seeds_for("first") == [1, 2]
+    assert fewer.seeds_for("lp-ft") == [1]
