@@ -533,3 +533,16 @@ def test_differences_names_a_setting_present_on_one_side_only():
     assert differences({"a": 1, "b": 2}, {"a": 1}) == {"b": (2, None)}
     assert differences({"o": {"x": 1}}, {"o": {"x": 1, "y": [3]}}) == {"o.y": (None, [3])}
     assert differences({"a": 1}, {"a": 1}) == {}
+
+
+def test_a_cell_appended_twice_is_refused_and_the_file_keeps_one_row(tmp_path):
+    """Guards ResultsFile.append's check: a cell recorded twice (a resumed sweep that
+    re-ran a finished cell) would leave a file that no later run or report accepts
+    ("holds duplicated cells"); the second append is refused and the file is unchanged."""
+    path = tmp_path / "r.csv"
+    results = ResultsFile(path)
+    results.append(row(seed=0))
+    with pytest.raises(ResultsError, match=r"cell \('b', 's', 'all', 0, 10, 0.01\) is already in"):
+        results.append(row(seed=0, test_acc=0.75))
+    assert read_results(path) == [row(seed=0)]
+    assert ResultsFile(path).rows == [row(seed=0)]
