@@ -175,3 +175,27 @@ def test_rows_of_two_protocols_for_one_benchmark_are_refused_not_mixed(tmp_path)
     assert "### waterbirds, n_target = 100" in text and "| noise | +0.0 ± 0.0 |" in text
     with pytest.raises(ResultsError, match="patience: first 3 vs second 5"):
         report_of(tmp_path, fine + [{**row(lr=1e-3), "patience": 5}])
+
+
+def test_rows_of_two_protocols_on_two_shifts_of_one_benchmark_are_refused(tmp_path):
+    """Guards the protocol check being per benchmark, not per (benchmark, shift): a file
+    whose noise rows ran 2 epochs and blur rows 4 mixes two protocols in one table (its
+    shift "mean" averages them) and is refused like a clash within one shift."""
+    rows = [row(method=m, seed=s) for m in ("all", "last") for s in (0, 1)]
+    blur = [{**row(shift="blur", method=m, seed=s), "epochs": 4} for m in ("all", "last")
+            for s in (0, 1)]
+    with pytest.raises(ResultsError, match=r"r.csv mixes synthetic rows of two protocols: .* "
+                                           r"differ in epochs: first 2 vs second 4; "):
+        report_of(tmp_path, rows + blur)
+    assert not (tmp_path / "rep").exists()
+
+
+def test_a_legacy_first_row_does_not_hide_a_clash_between_the_rows_after_it(tmp_path):
+    """Guards check_one_protocol learning a provenance value the first row left unknown:
+    after a legacy row (patience empty), rows with patience 3 and 5 are two protocols;
+    compared with the legacy row alone, neither clashes and the mix passes."""
+    legacy = row(method="all", seed=0)
+    assert legacy["patience"] is None
+    later = [{**row(method="last", seed=0), "patience": 3}, {**row(method="last", seed=1), "patience": 5}]
+    with pytest.raises(ResultsError, match="patience: first 3 vs second 5"):
+        report_of(tmp_path, [legacy, *later])
