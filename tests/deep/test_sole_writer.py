@@ -263,3 +263,41 @@ def test_an_atomically_written_file_gets_the_mode_a_plain_open_gives(tmp_path, u
         os.umask(old)
     assert (tmp_path / "r.csv").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "r.csv").stat().st_mode & 0o777 == (tmp_path / "plain.csv").stat().st_mode & 0o777
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temp(tmp_path):
+    """Guards atomic_write_bytes' clean-up: a writer that fails half way (a full disk, a
+    figure that cannot be drawn) leaves the previous file as it was and no temp file
+    beside it (a results folder would gather .r.csv.*.tmp files on every failure)."""
+    from deep.files import atomic_write_bytes
+    path = tmp_path / "r.csv"
+    path.write_bytes(b"old\n")
+
+    def fail(f):
+        f.write(b"half a ro")
+        raise OSError("no space left on device")
+
+    with pytest.raises(OSError, match="no space left"):
+        atomic_write_bytes(path, fail)
+    assert path.read_bytes() == b"old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
+
+
+def test_a_saved_pdf_has_no_creation_date_so_the_same_data_give_the_same_bytes(tmp_path):
+    """Guards save_figure's PDF metadata: without a creation date, a summary redrawn from
+    the same CSVs gives byte-identical PDFs (a committed figure does not change on a rerun);
+    matplotlib's default stamps the time of drawing."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from deep.files import save_figure
+
+    def draw(stem):
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot([1, 2, 3], [3, 1, 2])
+        return save_figure(fig, tmp_path / stem)
+
+    png, pdf = draw("a")
+    assert (png.name, pdf.name) == ("a.png", "a.pdf")
+    assert b"/CreationDate" not in pdf.read_bytes()
+    assert draw("b")[1].read_bytes() == pdf.read_bytes()
