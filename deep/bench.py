@@ -322,7 +322,9 @@ def verdict_lines(verdicts) -> list[str]:
         ahead = margin is not None and above_zero(margin)
         versus = (f"{format_interval(t_interval(margin))} points vs {runner_up}, "
                   if margin is not None else "")
-        if best == expected:
+        if best == expected and margin is None:  # one block ran in this row so far
+            same = "the predicted block, with no other block to compare it with yet"
+        elif best == expected:
             same = "as the paper's pattern predicts" if ahead else \
                 f"the predicted block, but not separated from {runner_up} at 95 %"
         else:

@@ -487,3 +487,6 @@ def test_a_row_with_one_block_calls_it_the_best_block():
             for seed in range(3) for m, acc in (("last", 0.7), ("all", 0.6))]
     line, = verdict_lines(markdown_table(rows, 1000)[1])
     assert line.startswith("- fmnist-flip (output): best block **last** (+10.0 [+10.0, +10.0] vs all")
+    # it read "the predicted block, but not separated from None at 95 %"
+    assert "None" not in line
+    assert "the predicted block, with no other block to compare it with yet" in line
