@@ -421,3 +421,28 @@ def test_a_balanced_draw_from_the_whole_pool_is_the_reference_protocols_draw():
     reference = draw_splits(labels, 3, 12, 5, 7, 4, "x")
     assert [len(s) for s in ours] == [12, 15, 21]
     assert [s.tolist() for s in ours] == [s.tolist() for s in reference]
+
+
+# WILDS' `categories` list (wilds/datasets/fmow_dataset.py, v1.1), written out: class
+# index = position, as WILDS-trained heads and class text embeddings are ordered.
+WILDS_FMOW_CATEGORIES = [
+    "airport", "airport_hangar", "airport_terminal", "amusement_park", "aquaculture",
+    "archaeological_site", "barn", "border_checkpoint", "burial_site", "car_dealership",
+    "construction_site", "crop_field", "dam", "debris_or_rubble", "educational_institution",
+    "electric_substation", "factory_or_powerplant", "fire_station", "flooded_road", "fountain",
+    "gas_station", "golf_course", "ground_transportation_station", "helipad", "hospital",
+    "impoverished_settlement", "interchange", "lake_or_pond", "lighthouse", "military_facility",
+    "multi-unit_residential", "nuclear_powerplant", "office_building", "oil_or_gas_facility",
+    "park", "parking_lot_or_garage", "place_of_worship", "police_station", "port", "prison",
+    "race_track", "railway_bridge", "recreational_facility", "road_bridge", "runway",
+    "shipyard", "shopping_mall", "single-unit_residential", "smokestack", "solar_farm",
+    "space_facility", "stadium", "storage_tank", "surface_mine", "swimming_pool", "toll_booth",
+    "tower", "tunnel_opening", "waste_disposal", "water_treatment_facility", "wind_farm", "zoo"]
+
+
+def test_fmow_class_indices_are_wilds_category_order():
+    """The fixture uses 6 of the 62 categories, so a swap of two others would pass every
+    loader test; the label of a row is the category's position in WILDS' list."""
+    assert len(WILDS_FMOW_CATEGORIES) == 62
+    assert list(FMOW_CATEGORIES) == WILDS_FMOW_CATEGORIES
+    assert WILDS_FMOW_CATEGORIES == sorted(WILDS_FMOW_CATEGORIES)  # WILDS' list is sorted
