@@ -2,6 +2,7 @@
 images matching their rows, worst-region accuracy without "Other", the CLI sweep end to
 end with the small CLIP ViT, and bad inputs."""
 
+import csv
 import subprocess
 import sys
 from collections import Counter
@@ -446,3 +447,30 @@ def test_fmow_class_indices_are_wilds_category_order():
     assert len(WILDS_FMOW_CATEGORIES) == 62
     assert list(FMOW_CATEGORIES) == WILDS_FMOW_CATEGORIES
     assert WILDS_FMOW_CATEGORIES == sorted(WILDS_FMOW_CATEGORIES)  # WILDS' list is sorted
+
+
+def test_fmow_timestamps_with_a_zone_are_split_by_their_utc_year(tmp_path):
+    """WILDS compares pd.to_datetime(timestamp) with 1 Jan 2013 / 2016 UTC: a stamp with
+    an offset counts in the year of its UTC time, a stamp without a zone is UTC."""
+    kinds = {("val", 2012): "2012-12-31T22:00:00-05:00",   # 2013-01-01T03:00Z: OOD val
+             ("test", 2016): "2016-01-01T02:00:00+05:00",  # 2015-12-31T21:00Z: test rows of
+             #                                                 2013-2015 are in no split
+             ("val", 2016): "2016-01-01T04:59:59+05:00",   # 2015-12-31T23:59:59Z: OOD val
+             ("test", 2015): "2015-12-31T23:59:59"}        # no zone: UTC, in no split
+    expected = {("val", 2012): "val", ("test", 2016): None, ("val", 2016): "val",
+                ("test", 2015): None}
+    w.write_fmow(tmp_path, rows={kind: 1 for kind in kinds}, size=(8, 8))
+    path = tmp_path / w.FMOW_DIR / "rgb_metadata.csv"
+    rows = w.read_csv(path)
+    kind_of = [(r["split"], int(r["timestamp"][:4])) for r in rows]
+    for r, kind in zip(rows, kind_of):
+        r["timestamp"] = kinds[kind]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = read_fmow(tmp_path)
+    names, masks = list(table.splits), torch.stack(list(table.splits.values()))
+    for i, kind in enumerate(kind_of):
+        got = names[int(masks[:, i].nonzero())] if masks[:, i].any() else None
+        assert got == expected[kind], (kind, kinds[kind])
