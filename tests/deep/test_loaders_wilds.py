@@ -474,3 +474,26 @@ def test_fmow_timestamps_with_a_zone_are_split_by_their_utc_year(tmp_path):
     for i, kind in enumerate(kind_of):
         got = names[int(masks[:, i].nonzero())] if masks[:, i].any() else None
         assert got == expected[kind], (kind, kinds[kind])
+
+
+def test_a_uniform_draw_may_take_every_example_left():
+    """FMoW's uniform draws: a split that asks for exactly the examples left gets them
+    all; one more is refused, naming both counts."""
+    from deep.data.wilds import draw_target
+    labels = torch.arange(10) % 2
+    pool = torch.ones(10, dtype=torch.bool)
+    # test 2 x 2, val 1 x 2, train 4: all 10 examples
+    train, val, test = draw_target(labels, pool, 2, 4, 1, 2, 0, False, "x")
+    assert sorted(torch.cat([train, val, test]).tolist()) == list(range(10))
+    with pytest.raises(DataError, match=r"x \(train split\): 4 examples left, 5 requested"):
+        draw_target(labels, pool, 2, 5, 1, 2, 0, False, "x")
+
+
+def test_negative_draw_counts_are_refused_before_any_draw():
+    """test_per_class 0 means "the rest of the split"; a negative count would slice the
+    last examples off a uniform draw's permutation (FMoW): refused as a config error."""
+    from deep.data.wilds import draw_target
+    labels, pool = torch.arange(10) % 2, torch.ones(10, dtype=torch.bool)
+    for balanced in (False, True):
+        with pytest.raises(ConfigError, match="test_per_class must be at least 0, got -1"):
+            draw_target(labels, pool, 2, 2, 1, -1, 0, balanced, "x")
