@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deep.data import DataError, get_benchmark
-from deep.data.wilds import FMOW_CATEGORIES, read_fmow
+from deep.data.wilds import FMOW_CATEGORIES, read_camelyon17, read_fmow
 from deep.errors import ConfigError
 from deep.models.vit import CLIP_MEAN, CLIP_STD
 from deep.sweep import read_results
@@ -252,6 +252,10 @@ def test_metadata_saved_with_a_byte_order_mark_reads_the_same(fmow, camelyon):
     ("tumor,slide", "tumour,slide", r"lacks column\(s\) \['tumor'\]"),
     (",0,0,0\n", ",0,zero,0\n", "must be integers"),
     (",0,0,0\n", ",0,0,7\n", "split 0/1"),
+    # first row: index 0, patient 000, node 0, x 0, y 0, tumor 0, slide 0, center 0, split 0
+    ("\n0,000,0,0,0,0,0,0,0\n", "\n0,000,0,0,0,2,0,0,0\n", r"tumor must be 0/1.*tumor=2"),
+    ("\n0,000,0,0,0,0,0,0,0\n", "\n0,000,0,0,0,0,0,5,0\n", r"center 0\.\.4.*center=5"),
+    ("\n0,000,0,0,0,0,0,0,0\n", "\n0,,0,0,0,0,0,0,0\n", "empty patient or node"),
 ])
 def test_malformed_camelyon17_metadata(camelyon, old, new, message):
     rewrite(camelyon / w.CAMELYON_DIR / "metadata.csv", old, new, count=1)
@@ -497,3 +501,20 @@ def test_negative_draw_counts_are_refused_before_any_draw():
     for balanced in (False, True):
         with pytest.raises(ConfigError, match="test_per_class must be at least 0, got -1"):
             draw_target(labels, pool, 2, 2, 1, -1, 0, balanced, "x")
+
+
+def test_metadata_without_rows_is_named(camelyon):
+    """A header-only metadata.csv (a truncated download) is a DataError naming the file."""
+    path = camelyon / w.CAMELYON_DIR / "metadata.csv"
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataError, match=r"camelyon17: .*metadata.csv has no rows"):
+        read_camelyon17(camelyon)
+
+
+def test_a_source_without_training_rows_is_refused(tmp_path):
+    """Metadata whose training centres have no split-0 rows: no source training set,
+    refused by name rather than pretraining on nothing."""
+    w.write_camelyon17(tmp_path, counts={"train": 0, "id_val": 2, "ood": 4})
+    with pytest.raises(DataError, match="camelyon17: the metadata has no example in the "
+                                        "WILDS train or ID validation split"):
+        get_benchmark("camelyon17").load_source(tmp_path, **SMALL)
