@@ -503,6 +503,17 @@ def test_negative_draw_counts_are_refused_before_any_draw():
             draw_target(labels, pool, 2, 2, 1, -1, 0, balanced, "x")
 
 
+def test_a_blank_region_puts_its_countries_in_group_other(fmow):
+    """Antarctica's blank region in WILDS' mapping is "Other" (group -1, out of the
+    worst-region accuracy), never one of the five regions."""
+    mapping = fmow / w.FMOW_DIR / "country_code_mapping.csv"
+    rewrite(mapping, ",Europe,", ",,")
+    rows = [r for r in w.read_csv(fmow / w.FMOW_DIR / "rgb_metadata.csv") if r["split"] != "seq"]
+    table = read_fmow(fmow)
+    region_of = {"CHN": 0, "FRA": -1, "KEN": 2, "USA": 3, "AUS": 4, "ZZZ": -1}
+    assert table.groups.tolist() == [region_of[r["country_code"]] for r in rows]
+
+
 def test_metadata_without_rows_is_named(camelyon):
     """A header-only metadata.csv (a truncated download) is a DataError naming the file."""
     path = camelyon / w.CAMELYON_DIR / "metadata.csv"
