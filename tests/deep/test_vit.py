@@ -651,3 +651,18 @@ def test_a_torchscript_file_as_text_embeddings_is_named_in_one_line(torchscript_
     err = capsys.readouterr().err
     assert err.startswith("error: class text embeddings") and err.count("\n") == 1, err
     assert "is a TorchScript archive (a model?), not a tensor" in err
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"image_size": 30}, "image_size 30 is not a multiple of patch_size 8"),
+    ({"heads": 3}, "width 32 is not divisible by heads 3"),
+    ({"layers": 2}, r"layers must be >= 3 \(first3 and last3 are blocks\), got 2"),
+])
+def test_a_vit_config_that_cannot_be_built_is_refused(fields, message):
+    """A patch grid that does not tile the image, heads that do not split the width, or
+    fewer than 3 blocks (first3 and last3 would overlap or name missing blocks)."""
+    import dataclasses
+
+    from deep.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(CONFIGS[TINY], **fields)
