@@ -666,3 +666,21 @@ def test_a_vit_config_that_cannot_be_built_is_refused(fields, message):
     from deep.errors import ConfigError
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(CONFIGS[TINY], **fields)
+
+
+def test_the_scalars_of_clip_files_are_text_tower_keys_not_a_lost_head():
+    """OpenAI's TorchScript state dicts hold input_resolution, context_length and
+    vocab_size (its build_model deletes them); open_clip's hold logit_scale, logit_bias
+    (SigLIP), attn_mask and text.* (CustomTextCLIP): none of them is warned about as a
+    head that was dropped."""
+    import warnings
+
+    from deep.models.vit import image_tower_state
+    scalars = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77),
+               "vocab_size": torch.tensor(49408), "logit_bias": torch.tensor(-10.0),
+               "attn_mask": torch.zeros(7, 7), "text.token_embedding.weight": torch.randn(10, 32),
+               "ln_final.bias": torch.zeros(32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tower = image_tower_state({**clip_like_state(), **scalars}, build_model(TINY, 3))
+    assert not set(scalars) & set(tower)
