@@ -684,3 +684,16 @@ def test_the_scalars_of_clip_files_are_text_tower_keys_not_a_lost_head():
         warnings.simplefilter("error")
         tower = image_tower_state({**clip_like_state(), **scalars}, build_model(TINY, 3))
     assert not set(scalars) & set(tower)
+
+
+def test_only_head_dot_keys_are_the_files_head():
+    """`head.*` is the head; a key that merely starts with "head" (headline.weight) is not
+    taken as one (it would break the strict load): warned about, and the head is fresh."""
+    from deep.models.vit import image_tower_state, seeded_head_state
+    model = build_model(TINY, 3)
+    state = {**clip_like_state(), "headline.weight": torch.randn(3, 16)}
+    with pytest.warns(UserWarning, match=r"ignored \(headline\.weight\)"):
+        tower = image_tower_state(state, model)
+    assert "headline.weight" not in tower
+    assert {k for k in tower if not k.startswith("visual.")} == {"head.weight", "head.bias"}
+    assert torch.equal(tower["head.weight"], seeded_head_state(model)["head.weight"])
