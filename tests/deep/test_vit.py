@@ -551,6 +551,7 @@ def test_logit_scale_is_the_exp_of_the_stored_value_clamped_at_100():
     (torch.randn(4, 16), r"\[num_classes, embedding\] = \[3, 16\], got \(4, 16\)"),
     (torch.randn(3, 8), r"got \(3, 8\)"),
     (torch.zeros(3, 16), "non-zero"),
+    (torch.full((3, 16), float("nan")), "finite"),  # NaN rows: a NaN norm is not 0
     ([[1.0] * 16] * 3, "got list"),
 ])
 def test_zero_shot_head_rejects_bad_embeddings(embeddings, message):
