@@ -698,3 +698,15 @@ def test_only_head_dot_keys_are_the_files_head():
     assert "headline.weight" not in tower
     assert {k for k in tower if not k.startswith("visual.")} == {"head.weight", "head.bias"}
     assert torch.equal(tower["head.weight"], seeded_head_state(model)["head.weight"])
+
+
+def test_clip_normalisation_is_openais_written_out():
+    """OpenAI clip.py's _transform: Normalize((0.48145466, 0.4578275, 0.40821073),
+    (0.26862954, 0.26130258, 0.27577711)), for every CLIP ViT and both WILDS loaders."""
+    from deep.data import get_benchmark
+    from deep.models import get_architecture
+    openai = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    for arch in CONFIGS:
+        assert get_architecture(arch).normalization == openai, arch
+    for name in ("camelyon17", "fmow"):
+        assert get_benchmark(name).normalization == openai, name
