@@ -529,3 +529,14 @@ def test_a_source_without_training_rows_is_refused(tmp_path):
     with pytest.raises(DataError, match="camelyon17: the metadata has no example in the "
                                         "WILDS train or ID validation split"):
         get_benchmark("camelyon17").load_source(tmp_path, **SMALL)
+
+
+def test_a_draw_needs_a_training_and_a_validation_image_per_class_draw():
+    """n_target and val_per_class are at least 1 (test_per_class may be 0): 0 would
+    give an empty training or validation set and a run that selects on nothing."""
+    from deep.data.wilds import draw_target
+    labels, pool = torch.arange(10) % 2, torch.ones(10, dtype=torch.bool)
+    with pytest.raises(ConfigError, match="n_target must be at least 1, got 0"):
+        draw_target(labels, pool, 2, 0, 1, 2, 0, False, "x")
+    with pytest.raises(ConfigError, match="val_per_class must be at least 1, got 0"):
+        draw_target(labels, pool, 2, 2, 0, 2, 0, False, "x")
