@@ -540,3 +540,15 @@ def test_a_draw_needs_a_training_and_a_validation_image_per_class_draw():
         draw_target(labels, pool, 2, 0, 1, 2, 0, False, "x")
     with pytest.raises(ConfigError, match="val_per_class must be at least 1, got 0"):
         draw_target(labels, pool, 2, 2, 0, 2, 0, False, "x")
+
+
+def test_the_rest_of_the_split_as_test_set_must_not_be_empty():
+    """test_per_class 0 takes what the validation and training draws leave: when they
+    take the whole pool, that is an error, not an empty test set."""
+    from deep.data.wilds import draw_target
+    labels, pool = torch.arange(10) % 2, torch.ones(10, dtype=torch.bool)
+    train, val, test = draw_target(labels, pool, 2, 7, 1, 0, 0, False, "x")
+    assert (len(train), len(val), len(test)) == (7, 2, 1)
+    with pytest.raises(DataError, match=r"x \(test split\): no example left after the "
+                                        "validation and training draws"):
+        draw_target(labels, pool, 2, 8, 1, 0, 0, False, "x")
