@@ -552,3 +552,11 @@ def test_the_rest_of_the_split_as_test_set_must_not_be_empty():
     with pytest.raises(DataError, match=r"x \(test split\): no example left after the "
                                         "validation and training draws"):
         draw_target(labels, pool, 2, 8, 1, 0, 0, False, "x")
+
+
+def test_a_country_mapping_without_its_region_column_is_named(fmow):
+    mapping = fmow / w.FMOW_DIR / "country_code_mapping.csv"
+    rewrite(mapping, "country-code,region,sub-region", "country-code,continent,sub-region")
+    with pytest.raises(DataError, match=r"fmow: .*country_code_mapping.csv lacks column\(s\) "
+                                        r"\['region'\]"):
+        fmow_task(fmow)
