@@ -1,4 +1,4 @@
-import json, sys, glob, collections
+import json, sys, collections
 
 from deep.results import best_row
 

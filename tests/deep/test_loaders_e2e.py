@@ -138,7 +138,7 @@ def test_a_partial_download_stops_the_sweep_before_it_starts(tmp_path, benchmark
                      "--val-per-class", "1", "--test-per-class", "2", "--out", str(out))
     assert done.returncode == FAILED, done.stderr[-2000:]
     missing = ", ".join(name.format(s) for s in ("snow", "contrast"))
-    assert f"2 of the 4 corruptions to run have no" in done.stderr and missing in done.stderr
+    assert "2 of the 4 corruptions to run have no" in done.stderr and missing in done.stderr
     assert not out.exists()
 
 

@@ -6,7 +6,7 @@ import pytest
 import theory
 from theory import (GaussianMixture, TwoLayer, best_last_layer_loss, finetune, gradient_flow,
                     input_perturbation, label_perturbation, new_directions, p1_instance,
-                    p2_instance, population_loss, random_input_perturbation,
+                    p2_instance, random_input_perturbation,
                     random_label_perturbation)
 
 ACTIVATIONS = ["linear", "relu"]
