@@ -105,6 +105,18 @@ def test_marginal_entropy_rejects_a_single_vector():
         marginal_entropy(torch.randn(10))
 
 
+def test_a_class_of_probability_zero_contributes_zero_not_nan():
+    """A class every copy gives probability 0 (a logit of -inf) adds 0 * log 0 = 0 to the
+    entropy, not NaN: copies (1, 0, -inf) and (0, 1, -inf) have the marginal (1/2, 1/2, 0),
+    whose entropy is log 2; its log-probability is clamped to a finite number."""
+    logits = torch.tensor([[1.0, 0.0, -math.inf], [0.0, 1.0, -math.inf]], dtype=torch.float64)
+    loss, avg_log_probs = marginal_entropy(logits)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-12)
+    assert torch.isfinite(avg_log_probs).all()
+    assert avg_log_probs[:2].tolist() == pytest.approx([math.log(0.5)] * 2, rel=1e-12)
+
+
+
 # --- exactly the named blocks change ---------------------------------------------------
 
 def inside_blocks(name: str, option: str) -> bool:
@@ -724,6 +736,52 @@ def test_a_row_counts_the_images_streamed_when_the_protocol_takes_all(tmp_path, 
     n = len(load_test_split(protocol, "noise", 0, None)[1])
     assert n > 6 and [r["images"] for r in read_adapt_results(out)] == [n]
 
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_the_stream_count_covers_every_seed_and_shift(tmp_path, one_thread, capsys):
+    """2 seeds x 2 shifts x 1 method x 1 block option = 4 streams, counted by hand."""
+    protocol = _tiny_protocol(methods=["tent"], blocks=["none"], seeds=[0, 1],
+                              shifts=["noise", "flip"])
+    run_adaptation(protocol, tmp_path / "a.csv")
+    assert [line.split()[3] for line in capsys.readouterr().err.splitlines()] == \
+        ["1/4", "2/4", "3/4", "4/4"]
+
+
+def test_a_streams_parameter_counts_are_numbers_of_weights(small_model, stream):
+    """adapted_params and total_params count scalars, not tensors: TENT on `first` adapts
+    the weight and bias of each BatchNorm of bn1 / layer1: 2 x its channels."""
+    images, labels = stream
+    r = adapt_stream(small_model, ARCH, "tent", "first", TentConfig(batch_size=3), images,
+                     labels, torch.arange(6))
+    norms = [m for name, m in small_model.named_modules()
+             if isinstance(m, nn.BatchNorm2d) and inside_blocks(name, "first")]
+    assert r.adapted_params == sum(2 * m.num_features for m in norms)
+    assert r.total_params == sum(p.numel() for p in small_model.parameters())
+
+
+def test_method_configs_default_to_the_published_settings():
+    """MEMO's CIFAR-10 script (script_c10.sh: 32 copies, SGD lr 0.005, niter 1, severity 1,
+    no BN prior) and TENT's cfgs/tent.yaml (Adam lr 1e-3, beta 0.9, batch 200, one step)."""
+    memo = MemoConfig()
+    assert (memo.copies, memo.lr, memo.steps, memo.prior_strength, memo.severity) == \
+        (32, 0.005, 1, -1, 1.0)
+    tent = TentConfig()
+    assert (tent.batch_size, tent.lr, tent.beta, tent.steps, tent.batch_stats) == \
+        (200, 1e-3, 0.9, 1, "blocks")
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda v: MemoConfig(copies=v), "MEMO copies"), (lambda v: MemoConfig(steps=v), "MEMO steps"),
+    (lambda v: TentConfig(steps=v), "TENT steps")], ids=["memo-copies", "memo-steps", "tent-steps"])
+def test_counts_of_copies_and_steps_are_whole_numbers_from_1(make, field):
+    """0 steps would predict with the source model (MEMO) or fail on the first batch with
+    no forward made (TENT); 0 or 2.5 copies would fail on the first image of a stream:
+    each is refused where the config is made, by name."""
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=field):
+            make(bad)
+
+
+
 def test_protocol_files_load_with_the_methods_defaults():
     fm = load_adapt_protocol("fmnist-c")
     assert fm.config("memo").copies == 32 and 0.005 in [c.lr for c in fm.configs("memo")]
@@ -849,6 +907,86 @@ def test_tent_batch_stats_all_normalises_every_batchnorm_with_the_batch(batch_st
         getattr(model, name).register_forward_hook(record(name))
     adapter.predict(torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(0)))
     assert uses_batch == expected
+
+
+def test_memo_bn_prior_statistics_are_constants_in_its_gradient():
+    """MEMO's ImageNet code computes the input's BatchNorm statistics with a separate
+    `batch_norm(..., training=True, momentum=1.0)` into fresh tensors, so the mixed
+    statistics are constants of the backward pass. One step on the first block (conv + BN,
+    where a gradient through the statistics would reach the conv) checked against a hand
+    loop whose statistics are computed by hand and detached."""
+    torch.manual_seed(0)
+    conv, bn, fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+        bn.running_var.copy_(torch.tensor([2.0, 0.5, 1.5, 3.0]))
+        bn.weight.copy_(torch.tensor([1.5, 0.7, -1.2, 0.9]))
+        bn.bias.copy_(torch.tensor([0.2, -0.1, 0.3, 0.0]))
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).eval()
+    reference = copy.deepcopy(model)
+
+    def jitter(img, n, g):
+        return img.expand(n, *img.shape) + 0.5 * torch.randn(n, *img.shape, generator=g)
+
+    x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    lr, p = 0.5, 16 / 17
+    adapter = make_adapter(model, "memo", "first", {"first": ("0", "1"), "last": ("5",)},
+                           MemoConfig(copies=4, lr=lr, prior_strength=16), False, jitter,
+                           torch.Generator().manual_seed(0))
+    got = adapter.predict(x)
+
+    r_conv, r_bn, r_fc = reference[0], reference[1], reference[5]
+
+    def forward(images):
+        h = r_conv(images)
+        flat = h.detach().transpose(0, 1).reshape(4, -1)      # statistics: constants
+        n = flat.shape[1]
+        mean = flat.sum(1) / n
+        var = ((flat - mean[:, None]) ** 2).sum(1) / (n - 1)
+        mean = p * r_bn.running_mean + (1 - p) * mean
+        var = p * r_bn.running_var + (1 - p) * var
+        s = (1, 4, 1, 1)
+        h = (h - mean.view(s)) / torch.sqrt(var.view(s) + r_bn.eps) * r_bn.weight.view(s) \
+            + r_bn.bias.view(s)
+        return r_fc(torch.relu(h).mean(dim=(2, 3)))
+
+    params = [r_conv.weight, r_conv.bias, r_bn.weight, r_bn.bias]
+    p_bar = forward(jitter(x[0], 4, torch.Generator().manual_seed(0))).softmax(1).mean(0)
+    grads = torch.autograd.grad(-(p_bar * p_bar.log()).sum(), params)
+    with torch.no_grad():
+        for param, grad in zip(params, grads):
+            param -= lr * grad
+        expected = forward(x)
+    for name, param in zip(("0.weight", "0.bias", "1.weight", "1.bias"), params):
+        torch.testing.assert_close(dict(model.named_parameters())[name], param,
+                                   rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tent", "memo-prior"])
+def test_batchnorm_is_back_on_its_running_statistics_after_each_prediction(method):
+    """TENT's batch statistics and MEMO's prior patch BatchNorm only while the adapter
+    predicts: afterwards the adapted model computes as a plain module in eval mode with the
+    same weights (running statistics), as a fresh copy with its state loaded does."""
+    model = bn_net()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(2.0)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    if method == "tent":
+        adapter = make_adapter(model, "tent", "first", BN_NET_BLOCKS, TentConfig(batch_size=4))
+        adapter.predict(x)
+    else:
+        jitter = lambda img, n, g: img.expand(n, *img.shape) + 0.1 * torch.randn(n, *img.shape, generator=g)
+        adapter = make_adapter(model, "memo", "last", BN_NET_BLOCKS,
+                               MemoConfig(copies=4, prior_strength=16), False, jitter,
+                               torch.Generator().manual_seed(0))
+        adapter.predict(x[:1])
+    plain = bn_net()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain.eval()(x), rtol=0, atol=0)
+
 
 
 def test_autocontrast_stretches_each_rgb_channel_on_its_own_as_pil():
