@@ -242,6 +242,43 @@ def test_a_row_names_a_model_in_the_checkout_relative_to_it(tmp_path):
     assert recorded_checkpoint("none") == "none"
 
 
+def test_a_stream_is_written_once_and_a_file_holding_one_twice_is_refused(tmp_path):
+    """`append` refuses a stream the file already holds (the file keeps its one row), and a
+    file that holds a stream twice (not written by `deep adapt`) is refused when read, not
+    resumed with one of the two rows silently chosen."""
+    path = tmp_path / "r.csv"
+    results = AdaptResults(path)
+    results.append(_row(200, "first", 0.6))
+    with pytest.raises(ResultsError, match="already in"):
+        results.append(_row(200, "first", 0.7))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and len(read_adapt_results(path)) == 1
+    path.write_text("\n".join([*lines, lines[1]]) + "\n")
+    with pytest.raises(ResultsError, match="duplicated streams"):
+        AdaptResults(path)
+
+
+
+def test_a_block_option_tent_cannot_adapt_fails_before_the_streams_before_it(tmp_path):
+    """TENT's `last` holds no normalisation layer: refused before the `none` stream listed
+    ahead of it runs and is written, not after."""
+    out = tmp_path / "a.csv"
+    with pytest.raises(ConfigError, match="block option 'last' holds no normalisation layer"):
+        run_adaptation(_protocol(methods=["tent"], blocks=["none", "last"]), out, progress=False)
+    assert not out.exists()
+
+
+def test_an_unknown_block_is_named_before_the_source_model_is_looked_for(tmp_path):
+    """The blocks are checked first: a misspelt block is the error even when the checkpoint
+    does not exist (resolving it could otherwise load, or train, a model first)."""
+    with pytest.raises(ConfigError, match=r"unknown block\(s\) \['fourth'\] in 'first\+fourth'"):
+        run_adaptation(_protocol(blocks=["none", "first+fourth"],
+                                 checkpoint=str(tmp_path / "missing.pt")),
+                       tmp_path / "a.csv", progress=False)
+    assert not (tmp_path / "a.csv").exists()
+
+
+
 # --- stream lengths are checked where the protocol is built ----------------------------------
 
 @pytest.mark.parametrize("fields", [dict(images=-3), dict(memo={"copies": 2, "images": -1}),
@@ -429,6 +466,17 @@ def test_one_thread_by_default_and_a_readable_quick_help():
         assert f"{spec.label} on the first {spec.quick_images} images" in text
         assert ",".join(spec.quick_blocks) in text
     assert "once per learning rate" in text and "0.005 and 0.0005" in text
+
+
+def test_quick_runs_the_protocols_first_shift_and_first_seed_only():
+    """--quick's help: "the protocol's first shift and seed" (fmnist-c: the first of its
+    three shifts, seed 0 of its two); --seeds given with it still wins."""
+    full = _cli_protocol()
+    assert len(full.seeds) > 1 and len(full.shifts) > 1
+    quick = _cli_protocol("--quick")
+    assert quick.seeds == full.seeds[:1] and quick.shifts == full.shifts[:1]
+    assert _cli_protocol("--quick", "--seeds", "3,4").seeds == [3, 4]
+
 
 
 def test_the_mean_over_shifts_takes_only_the_seeds_every_shift_has():
