@@ -230,6 +230,7 @@ class TentConfig:
         "help": "TENT: BatchNorm layers that use batch statistics", "choices": BATCH_STATS})
 
     def __post_init__(self):
+        check_int("TENT batch_size", self.batch_size)  # 200.0 from a TOML file, too
         if self.batch_size < 2:
             raise ConfigError(f"TENT needs batches of at least 2 images (batch statistics of one "
                              f"image are degenerate), got batch_size={self.batch_size}")

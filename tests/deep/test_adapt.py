@@ -14,7 +14,7 @@ from torch import nn
 
 from deep.adapt import (MemoConfig, TentConfig, adapted_parameter_names, make_adapter,
                         marginal_entropy, parse_blocks, run_stream, stream_batches)
-from deep.adapt.protocol import AdaptProtocol, load_adapt_protocol
+from deep.adapt.protocol import CONFIG_DIR as ADAPT_CONFIG_DIR, AdaptProtocol, load_adapt_protocol
 from deep.adapt.results import is_adapt_results, read_adapt_results, relative_table
 from deep.adapt.runner import (adapt_stream, augment_generator, load_test_split, run_adaptation,
                                stream_order)
@@ -22,6 +22,8 @@ from deep import augment_memo
 from deep.augment_memo import (GREY, MemoAugmenter, autocontrast, equalize, posterize, rotate,
                                solarize, translate_x)
 from deep.blocks import blocks_for
+from deep.errors import ConfigError
+from deep.protocol import read_protocol_file
 from deep.sweep import machine
 from deep.models import build_model
 
@@ -779,6 +781,23 @@ def test_counts_of_copies_and_steps_are_whole_numbers_from_1(make, field):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match=field):
             make(bad)
+
+
+def test_tent_batch_size_must_be_a_whole_number():
+    """A float batch size (200.0 in a protocol file) was accepted and failed in torch's
+    split at the first TENT stream, after the streams before it had run; "200" was a bare
+    TypeError from the comparison."""
+    for bad in (2.5, 200.0, "200", True, None):
+        with pytest.raises(ConfigError, match=r"TENT batch_size must be an integer"):
+            TentConfig(batch_size=bad)
+    with pytest.raises(ConfigError, match=r"at least 2 images"):
+        TentConfig(batch_size=1)
+    assert TentConfig(batch_size=np.int64(64)).batch_size == 64
+    # the same refusal from a protocol file, before any stream runs
+    raw, path = read_protocol_file(ADAPT_CONFIG_DIR, "fmnist-c", "adaptation protocol")
+    raw["tent"] = {**raw.get("tent", {}), "batch_size": 200.0}
+    with pytest.raises(ConfigError, match=r"TENT batch_size must be an integer, got 200\.0"):
+        AdaptProtocol.from_dict(raw, str(path)).config("tent")
 
 
 
