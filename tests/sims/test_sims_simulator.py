@@ -389,26 +389,34 @@ def test_relu_gradients_take_relu_prime_of_zero_as_zero():
     np.testing.assert_allclose(grad_B[0].numpy(), expected, rtol=1e-12, atol=1e-15)
 
 
-def test_a_padded_runs_divergence_scale_is_its_own_y2_over_2n():
-    # guards: |y|^2 / (2n) taken with the batch's largest n. Run 1 (n = 3, padded to 12)
-    # starts at a near-exact fit and is stepped at lr 2.2 / curvature, so its loss grows
-    # 1.44-fold a step; after s steps it lies between DIVERGENCE_FACTOR |y|^2 / 24 and
-    # DIVERGENCE_FACTOR |y|^2 / 6: not a divergence by its own scale (theory agrees).
-    from theory.finetune import DIVERGENCE_FACTOR
+def _a_growing_last_layer_run():
+    """A "last" run on 3 examples from a near-exact fit at lr 2.2 / curvature: its loss
+    grows 1.44-fold a step. Returns the network, data, features, lr and the losses of 400
+    steps computed by hand."""
     rng = np.random.default_rng(13)
     net = theory.TwoLayer(rng.standard_normal(3), rng.standard_normal((3, 5)) / np.sqrt(5))
     X = rng.standard_normal((3, 5))
     y = net(X) + 1e-9 * rng.standard_normal(3)
     H = net.features(X)
     lr = 2.2 / np.linalg.eigvalsh(H.T @ H / 3).max()
-    scale = DIVERGENCE_FACTOR * (y @ y) / 6
     v, losses = net.v.copy(), []
     for _ in range(400):                                     # the same steps, by hand
         v = v - lr * H.T @ (H @ v - y) / 3
         losses.append(np.sum((H @ v - y) ** 2) / 6)
+    return net, X, y, H, lr, losses
+
+
+def test_a_padded_runs_divergence_scale_is_its_own_y2_over_2n():
+    # guards: |y|^2 / (2n) taken with the batch's largest n. Run 1 (n = 3, padded to 12)
+    # starts at a near-exact fit and is stepped at lr 2.2 / curvature, so its loss grows
+    # 1.44-fold a step; after s steps it lies between DIVERGENCE_FACTOR |y|^2 / 24 and
+    # DIVERGENCE_FACTOR |y|^2 / 6: not a divergence by its own scale (theory agrees).
+    from theory.finetune import DIVERGENCE_FACTOR
+    net, X, y, H, lr, losses = _a_growing_last_layer_run()
+    scale = DIVERGENCE_FACTOR * (y @ y) / 6
     s = next(s for s, loss in enumerate(losses, 1) if scale / 4 < loss < scale)
     tuned = theory.finetune(net, X, y, "last", s, lr)        # no divergence for theory
-    other_X = rng.standard_normal((12, 5))
+    other_X = np.random.default_rng(113).standard_normal((12, 5))  # the other run: n = 12
     batch = Batch.build([net, net], [(other_X, other_X @ net.effective_weights()), (X, y)],
                         "last", [0.01, lr], device="cpu")
     result = simulate(batch, s)
@@ -425,17 +433,8 @@ def test_a_finite_loss_past_the_divergence_factor_is_a_divergence():
     # the first step past 10 DIVERGENCE_FACTOR times its scale, where the loss is still
     # finite (< 1e30): theory raises there, and so must the simulator, stepped or exact.
     from theory.finetune import DIVERGENCE_FACTOR
-    rng = np.random.default_rng(13)
-    net = theory.TwoLayer(rng.standard_normal(3), rng.standard_normal((3, 5)) / np.sqrt(5))
-    X = rng.standard_normal((3, 5))
-    y = net(X) + 1e-9 * rng.standard_normal(3)
-    H = net.features(X)
-    lr = 2.2 / np.linalg.eigvalsh(H.T @ H / 3).max()
+    net, X, y, H, lr, losses = _a_growing_last_layer_run()
     scale = DIVERGENCE_FACTOR * max(np.sum((H @ net.v - y) ** 2) / 6, y @ y / 6)
-    v, losses = net.v.copy(), []
-    for _ in range(400):                                     # the same steps, by hand
-        v = v - lr * H.T @ (H @ v - y) / 3
-        losses.append(np.sum((H @ v - y) ** 2) / 6)
     s = next(s for s, loss in enumerate(losses, 1) if loss > 10 * scale)
     assert losses[s - 1] < 1e30
     with pytest.raises(ValueError, match="diverged"):
