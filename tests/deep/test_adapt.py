@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import csv
 import io
 import math
@@ -116,7 +117,6 @@ def test_a_class_of_probability_zero_contributes_zero_not_nan():
     assert loss.item() == pytest.approx(math.log(2), rel=1e-12)
     assert torch.isfinite(avg_log_probs).all()
     assert avg_log_probs[:2].tolist() == pytest.approx([math.log(0.5)] * 2, rel=1e-12)
-
 
 
 # --- exactly the named blocks change ---------------------------------------------------
@@ -234,6 +234,11 @@ def test_tent_predicts_with_the_forward_before_its_step(small_model, stream):
     assert not torch.equal(a.predict(x), b.predict(x))      # the second sees different steps
 
 
+def jitter(img, n, g, scale=0.1):
+    """`n` noisy copies of one image: a cheap stand-in for MEMO's augmentations."""
+    return img.expand(n, *img.shape) + scale * torch.randn(n, *img.shape, generator=g)
+
+
 def bn_net() -> nn.Sequential:
     """A small BatchNorm network; blocks "first" = conv + BN, "last" = the linear head."""
     torch.manual_seed(0)
@@ -247,7 +252,6 @@ BN_NET_BLOCKS = {"first": ("0", "1"), "last": ("5",)}
 def test_tent_takes_its_steps_per_batch_and_predicts_with_the_last_forward():
     """steps=3: three Adam steps per batch (a hand loop of the same steps gives the same
     parameters), and the prediction is the logits of the third forward, before its step."""
-    from deep.adapt import TentConfig, make_adapter
     from deep.adapt.core import _batch_stat_forward, patched_batchnorm, softmax_entropy
     x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     model, reference = bn_net(), bn_net()
@@ -738,6 +742,7 @@ def test_a_row_counts_the_images_streamed_when_the_protocol_takes_all(tmp_path, 
     n = len(load_test_split(protocol, "noise", 0, None)[1])
     assert n > 6 and [r["images"] for r in read_adapt_results(out)] == [n]
 
+
 @pytest.mark.filterwarnings("ignore:checkpoint 'none'")
 def test_the_stream_count_covers_every_seed_and_shift(tmp_path, one_thread, capsys):
     """2 seeds x 2 shifts x 1 method x 1 block option = 4 streams, counted by hand."""
@@ -798,7 +803,6 @@ def test_tent_batch_size_must_be_a_whole_number():
     raw["tent"] = {**raw.get("tent", {}), "batch_size": 200.0}
     with pytest.raises(ConfigError, match=r"TENT batch_size must be an integer, got 200\.0"):
         AdaptProtocol.from_dict(raw, str(path)).config("tent")
-
 
 
 def test_protocol_files_load_with_the_methods_defaults():
@@ -879,8 +883,6 @@ def test_memo_with_a_bn_prior_predicts_under_the_prior_statistics():
     with torch.no_grad():   # running statistics far from the image's, so the prior shows
         model[1].running_mean.fill_(0.3)
         model[1].running_var.fill_(2.0)
-    def jitter(img, n, g):
-        return img.expand(n, *img.shape) + 0.1 * torch.randn(n, *img.shape, generator=g)
     adapter = make_adapter(model, "memo", "last", BN_NET_BLOCKS,
                            MemoConfig(copies=4, prior_strength=16), False, jitter,
                            torch.Generator().manual_seed(0))
@@ -943,14 +945,11 @@ def test_memo_bn_prior_statistics_are_constants_in_its_gradient():
         bn.bias.copy_(torch.tensor([0.2, -0.1, 0.3, 0.0]))
     model = nn.Sequential(conv, bn, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).eval()
     reference = copy.deepcopy(model)
-
-    def jitter(img, n, g):
-        return img.expand(n, *img.shape) + 0.5 * torch.randn(n, *img.shape, generator=g)
-
+    jitter_half = functools.partial(jitter, scale=0.5)
     x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(2))
     lr, p = 0.5, 16 / 17
     adapter = make_adapter(model, "memo", "first", {"first": ("0", "1"), "last": ("5",)},
-                           MemoConfig(copies=4, lr=lr, prior_strength=16), False, jitter,
+                           MemoConfig(copies=4, lr=lr, prior_strength=16), False, jitter_half,
                            torch.Generator().manual_seed(0))
     got = adapter.predict(x)
 
@@ -970,7 +969,7 @@ def test_memo_bn_prior_statistics_are_constants_in_its_gradient():
         return r_fc(torch.relu(h).mean(dim=(2, 3)))
 
     params = [r_conv.weight, r_conv.bias, r_bn.weight, r_bn.bias]
-    p_bar = forward(jitter(x[0], 4, torch.Generator().manual_seed(0))).softmax(1).mean(0)
+    p_bar = forward(jitter_half(x[0], 4, torch.Generator().manual_seed(0))).softmax(1).mean(0)
     grads = torch.autograd.grad(-(p_bar * p_bar.log()).sum(), params)
     with torch.no_grad():
         for param, grad in zip(params, grads):
@@ -996,7 +995,6 @@ def test_batchnorm_is_back_on_its_running_statistics_after_each_prediction(metho
         adapter = make_adapter(model, "tent", "first", BN_NET_BLOCKS, TentConfig(batch_size=4))
         adapter.predict(x)
     else:
-        jitter = lambda img, n, g: img.expand(n, *img.shape) + 0.1 * torch.randn(n, *img.shape, generator=g)
         adapter = make_adapter(model, "memo", "last", BN_NET_BLOCKS,
                                MemoConfig(copies=4, prior_strength=16), False, jitter,
                                torch.Generator().manual_seed(0))
@@ -1005,7 +1003,6 @@ def test_batchnorm_is_back_on_its_running_statistics_after_each_prediction(metho
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain.eval()(x), rtol=0, atol=0)
-
 
 
 def test_autocontrast_stretches_each_rgb_channel_on_its_own_as_pil():

@@ -258,7 +258,6 @@ def test_a_stream_is_written_once_and_a_file_holding_one_twice_is_refused(tmp_pa
         AdaptResults(path)
 
 
-
 def test_a_block_option_tent_cannot_adapt_fails_before_the_streams_before_it(tmp_path):
     """TENT's `last` holds no normalisation layer: refused before the `none` stream listed
     ahead of it runs and is written, not after."""
@@ -276,7 +275,6 @@ def test_an_unknown_block_is_named_before_the_source_model_is_looked_for(tmp_pat
                                  checkpoint=str(tmp_path / "missing.pt")),
                        tmp_path / "a.csv", progress=False)
     assert not (tmp_path / "a.csv").exists()
-
 
 
 # --- stream lengths are checked where the protocol is built ----------------------------------
@@ -476,7 +474,6 @@ def test_quick_runs_the_protocols_first_shift_and_first_seed_only():
     quick = _cli_protocol("--quick")
     assert quick.seeds == full.seeds[:1] and quick.shifts == full.shifts[:1]
     assert _cli_protocol("--quick", "--seeds", "3,4").seeds == [3, 4]
-
 
 
 def test_the_mean_over_shifts_takes_only_the_seeds_every_shift_has():

@@ -22,6 +22,11 @@ def doc(name: str) -> str:
     return " ".join((ROOT / name).read_text().split())
 
 
+def table_row(page: str, start: str) -> str:
+    """The line of a Markdown table on `page` that starts with `start`."""
+    return next(line for line in (ROOT / page).read_text().splitlines() if line.startswith(start))
+
+
 def grid_runs(protocol: str, methods=None) -> int:
     """shifts x methods x lrs x seeds of a protocol (`python -m deep protocols` prints them)."""
     from deep.protocol import load_protocol
@@ -68,8 +73,7 @@ def test_reference_models_parameter_counts_are_the_built_networks(arch):
     from deep.models import build_model
     model = build_model(arch, 1000 if arch == "resnet50-public" else 10)
     count, keys = sum(p.numel() for p in model.parameters()), len(model.state_dict())
-    row = next(line for line in (ROOT / "docs/reference-models.md").read_text().splitlines()
-               if line.startswith(f"| `{arch}` |"))
+    row = table_row("docs/reference-models.md", f"| `{arch}` |")
     quoted = f"| {count / 1e6:.1f} M |" if arch == "resnet50-public" else f"| {count:,} ({keys} "
     assert quoted in row, (count, keys)
 
@@ -82,8 +86,8 @@ def test_reference_models_cost_table_is_what_its_snippet_counts():
     for arch, protocol, forward_digits in (("resnet26-gn", "cifar10c", 2),
                                            ("wrn28-10", "cifar10c-official", 1)):
         forward, step = flops_per_image(arch)
-        row = next(line for line in (ROOT / "docs/reference-models.md").read_text().splitlines()
-                   if line.startswith(f"| `{arch}` | {forward:.{forward_digits}f} GFLOP"))
+        row = table_row("docs/reference-models.md",
+                        f"| `{arch}` | {forward:.{forward_digits}f} GFLOP")
         assert f"| {step:.{forward_digits}f} GFLOP |" in row, (arch, step)
         epochs = load_protocol(protocol).pretrain.epochs
         image_steps = epochs * CIFAR10_TRAIN
@@ -154,7 +158,7 @@ def test_online_adaptation_minutes_and_per_image_costs_are_the_seconds_columns()
     tent = per_image("tent")
     assert f"TENT {statistics.median(tent):.4f} s per image (median of its {len(tent)} streams" in text
 
-    full = [r for r in _adapt_rows("memo-full-stream.csv")]
+    full = _adapt_rows("memo-full-stream.csv")
     seed0 = sum(float(r["seconds"]) for r in full if r["seed"] == "0") / 60
     assert f"(seed 0: {seed0:.1f} minutes of streams" in text
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deep.data import DataError, get_benchmark
-from deep.data.wilds import FMOW_CATEGORIES, read_camelyon17, read_fmow
+from deep.data.wilds import FMOW_CATEGORIES, draw_target, read_camelyon17, read_fmow
 from deep.errors import ConfigError
 from deep.models.vit import CLIP_MEAN, CLIP_STD
 from deep.sweep import read_results
@@ -420,7 +420,6 @@ def test_a_balanced_draw_from_the_whole_pool_is_the_reference_protocols_draw():
     WILDS splits follow the reference protocol and a seed's test set does not depend on
     val_per_class."""
     from deep.data.base import draw_splits
-    from deep.data.wilds import draw_target
     labels = torch.arange(300) % 3
     ours = draw_target(labels, torch.ones(300, dtype=torch.bool), 3, 12, 5, 7, 4, True, "x")
     reference = draw_splits(labels, 3, 12, 5, 7, 4, "x")
@@ -483,7 +482,6 @@ def test_fmow_timestamps_with_a_zone_are_split_by_their_utc_year(tmp_path):
 def test_a_uniform_draw_may_take_every_example_left():
     """FMoW's uniform draws: a split that asks for exactly the examples left gets them
     all; one more is refused, naming both counts."""
-    from deep.data.wilds import draw_target
     labels = torch.arange(10) % 2
     pool = torch.ones(10, dtype=torch.bool)
     # test 2 x 2, val 1 x 2, train 4: all 10 examples
@@ -496,7 +494,6 @@ def test_a_uniform_draw_may_take_every_example_left():
 def test_negative_draw_counts_are_refused_before_any_draw():
     """test_per_class 0 means "the rest of the split"; a negative count would slice the
     last examples off a uniform draw's permutation (FMoW): refused as a config error."""
-    from deep.data.wilds import draw_target
     labels, pool = torch.arange(10) % 2, torch.ones(10, dtype=torch.bool)
     for balanced in (False, True):
         with pytest.raises(ConfigError, match="test_per_class must be at least 0, got -1"):
@@ -534,7 +531,6 @@ def test_a_source_without_training_rows_is_refused(tmp_path):
 def test_a_draw_needs_a_training_and_a_validation_image_per_class_draw():
     """n_target and val_per_class are at least 1 (test_per_class may be 0): 0 would
     give an empty training or validation set and a run that selects on nothing."""
-    from deep.data.wilds import draw_target
     labels, pool = torch.arange(10) % 2, torch.ones(10, dtype=torch.bool)
     with pytest.raises(ConfigError, match="n_target must be at least 1, got 0"):
         draw_target(labels, pool, 2, 0, 1, 2, 0, False, "x")
@@ -545,7 +541,6 @@ def test_a_draw_needs_a_training_and_a_validation_image_per_class_draw():
 def test_the_rest_of_the_split_as_test_set_must_not_be_empty():
     """test_per_class 0 takes what the validation and training draws leave: when they
     take the whole pool, that is an error, not an empty test set."""
-    from deep.data.wilds import draw_target
     labels, pool = torch.arange(10) % 2, torch.ones(10, dtype=torch.bool)
     train, val, test = draw_target(labels, pool, 2, 7, 1, 0, 0, False, "x")
     assert (len(train), len(val), len(test)) == (7, 2, 1)
