@@ -13,13 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.doc_text import doc_text
+
 ROOT = Path(__file__).resolve().parents[2]
 CIFAR10_TRAIN = 50_000  # CIFAR-10's training images, what `pretrain` passes over per epoch
-
-
-def doc(name: str) -> str:
-    """The page with line breaks as spaces, so a number split over two lines still matches."""
-    return " ".join((ROOT / name).read_text().split())
 
 
 def table_row(page: str, start: str) -> str:
@@ -53,17 +50,17 @@ def test_the_grid_sizes_the_docs_quote_are_the_protocols():
     """docs/distributed.md and docs/benchmarks.md: ImageNet-C 2,700 runs, CIFAR-10-C 2,475;
     docs/reference-models.md: cifar10c-official 1,575; docs/vit-wilds.md: 60 tuning runs
     per WILDS benchmark (every method but `none`, which trains nothing)."""
-    distributed, benchmarks = doc("docs/distributed.md"), doc("docs/benchmarks.md")
+    distributed, benchmarks = doc_text("docs/distributed.md"), doc_text("docs/benchmarks.md")
     imagenet, cifar = f"{grid_runs('imagenet-c'):,} runs", f"{grid_runs('cifar10c'):,} runs"
     assert f"ImageNet-C: {imagenet} of ResNet-50" in distributed
     assert f"CIFAR-10-C: {cifar}; each shifts x methods x lrs x seeds" in distributed
     assert f"Cost: {cifar} x 15 epochs" in benchmarks and f"Cost: {imagenet} x 10" in benchmarks
-    assert f"`cifar10c-official` ({grid_runs('cifar10c-official'):,} runs of 15 epochs" in doc(
+    assert f"`cifar10c-official` ({grid_runs('cifar10c-official'):,} runs of 15 epochs" in doc_text(
         "docs/reference-models.md")
     from deep.protocol import load_protocol
     for name in ("camelyon17", "fmow"):
         tuned = [m for m in load_protocol(name).tuning.methods if m != "none"]
-        assert f"a full protocol ({grid_runs(name, tuned)} tuning runs per benchmark" in doc(
+        assert f"a full protocol ({grid_runs(name, tuned)} tuning runs per benchmark" in doc_text(
             "docs/vit-wilds.md"), name
 
 
@@ -82,7 +79,7 @@ def test_reference_models_cost_table_is_what_its_snippet_counts():
     """The cost table's GFLOP per image and the full recipes' totals (epochs from each
     protocol's [pretrain] table, 50,000 CIFAR-10 images an epoch; 2 FLOPs per multiply-add)."""
     from deep.protocol import load_protocol
-    text = doc("docs/reference-models.md")
+    text = doc_text("docs/reference-models.md")
     for arch, protocol, forward_digits in (("resnet26-gn", "cifar10c", 2),
                                            ("wrn28-10", "cifar10c-official", 1)):
         forward, step = flops_per_image(arch)
@@ -107,7 +104,7 @@ def test_vit_wilds_counts_and_the_gpu_estimate_follow_from_the_flop_count():
     FLOPs (`python -m deep.vit_cost`'s closed form) and the GPU table at the assumed rate."""
     from deep.models import build_model
     from deep.vit_cost import forward_flops
-    text = doc("docs/vit-wilds.md")
+    text = doc_text("docs/vit-wilds.md")
     model = build_model("clip-vit-b16", 2)
     tower = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual."))
     assert f"({tower:,} image-tower parameters)" in text
@@ -140,7 +137,7 @@ def _adapt_rows(name: str) -> list[dict]:
 def test_online_adaptation_minutes_and_per_image_costs_are_the_seconds_columns():
     """docs/online-adaptation.md sums and medians of the committed CSVs' `seconds` columns
     (its own `python -c` sums them)."""
-    text = doc("docs/online-adaptation.md")
+    text = doc_text("docs/online-adaptation.md")
     results, prior = _adapt_rows("results.csv"), _adapt_rows("memo-bn-prior.csv")
     minutes = [sum(float(r["seconds"]) for r in rows) / 60 for rows in (results, prior)]
     assert f"{minutes[0]:.1f} minutes of streams" in text
@@ -167,13 +164,13 @@ def test_online_adaptation_source_accuracy_is_its_manifests():
     import json
     manifest = json.loads((ROOT / "deep/weights/fmnist-resnet26.pt.json").read_text())
     assert (f"(BatchNorm ResNet-26, {100 * manifest['source_test_acc']:.1f} % on clean test images: "
-            "`source_test_acc` in its manifest") in doc("docs/online-adaptation.md")
+            "`source_test_acc` in its manifest") in doc_text("docs/online-adaptation.md")
 
 
 def test_online_adaptation_whole_stream_subtraction():
     """'209 of 700 right (29.9 %) against 397 (56.7 %)': gaussian noise, seed 0, MEMO `first`
     and `none` over 900 images minus their first 200 (results.csv's 200-image rows)."""
-    text = doc("docs/online-adaptation.md")
+    text = doc_text("docs/online-adaptation.md")
 
     def correct(rows, blocks, images):
         row, = [r for r in rows if r["shift"] == "gaussian_noise" and r["seed"] == "0"
@@ -198,9 +195,9 @@ def _quoted_intervals(text: str) -> list[str]:
 def test_quoted_intervals_are_in_the_committed_tables(page, section, tables):
     """Every 'mean [low, high]' a results paragraph quotes is printed in a committed table
     (`python -m deep bench fmnist --summarize-only`, `python -m deep report` make them)."""
-    text = doc(page)
+    text = doc_text(page)
     body = text[text.index(section):][:6000]
-    printed = " ".join(doc(t) for t in tables)
+    printed = " ".join(doc_text(t) for t in tables)
     quoted = _quoted_intervals(body)
     assert quoted, (page, section)
     assert [q for q in quoted if q not in printed] == []
@@ -217,7 +214,7 @@ def _mean_row(table: str, heading: str) -> dict[str, str]:
 
 def test_readme_online_adaptation_numbers_are_the_tables_mean_rows():
     """README's MEMO/TENT paragraph quotes the three-shift means of the committed tables."""
-    readme = doc("README.md")
+    readme = doc_text("README.md")
     tent = _mean_row("figures/fmnist-adapt/table.md", "### TENT, online, lr 0.001 (900 images")
     assert f"({tent['all']} points for `all`, {tent['first']} for `first`, 5 seeds)" in readme
     memo = _mean_row("figures/fmnist-adapt/memo-full-stream/table.md", "### MEMO, online, lr 0.0005")

@@ -17,6 +17,7 @@ from deep.data import DataError, get_benchmark
 from deep.data import fmnist as F
 from deep.data.base import split_counts
 from deep.errors import ConfigError
+from tests.doc_text import doc_text
 
 FMNIST_NAMES = ["fmnist-c", "fmnist-breeds", "fmnist-flip", "fmnist-spurious", "fmnist-blocknoise"]
 SMALL = dict(n_target=100, val_per_class=5, test_per_class=20)   # keeps the tests fast
@@ -317,8 +318,7 @@ def test_fmnist_breeds_superclasses_are_the_ones_docs_fmnist_md_lists():
     target's; the paragraph is parsed here, so a swap in the code (Shirt to the source
     side, say) or in the doc is caught."""
     import re
-    from pathlib import Path
-    doc = " ".join((Path(__file__).resolve().parents[2] / "docs/fmnist.md").read_text().split())
+    doc = doc_text("docs/fmnist.md")
     listed = re.search(r"\(source subclasses \| target subclasses\): (.*?)\. Bag", doc).group(1)
     documented = {}
     for entry in listed.split("; "):

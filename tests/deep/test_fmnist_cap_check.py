@@ -11,6 +11,7 @@ import pytest
 from deep.protocol import load_protocol
 from deep.results import read_results
 from deep.sweep import run_sweep
+from tests.doc_text import doc_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def test_the_docs_quote_the_committed_cap_check():
     """docs/fmnist.md's intervals are what the committed reruns give (recomputed here with
     the script's own functions, from figures/fmnist-v2/cap-check/, no training)."""
     s = script()
-    doc = " ".join((ROOT / "docs" / "fmnist.md").read_text().split())
+    doc = doc_text("docs/fmnist.md")
     folder = ROOT / "figures" / "fmnist-v2" / "cap-check"
     quoted = {("fmnist-breeds", "subpopulation"): ("-0.7 [-2.0, +0.6]", "+0.0 [-1.0, +1.0]",
                                                    "-0.7 [-2.3, +0.9]"),

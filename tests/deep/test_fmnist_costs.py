@@ -7,6 +7,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from tests.doc_text import doc_text
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,7 +22,7 @@ def script_output(capsys) -> str:
 
 def test_the_costs_docs_fmnist_quotes_are_the_scripts(capsys):
     out = script_output(capsys)
-    doc = " ".join((ROOT / "docs/fmnist.md").read_text().split())  # line breaks as spaces
+    doc = doc_text("docs/fmnist.md")
     per_epoch = dict(re.findall(r"^  (\S+) +(\d+\.\d\d)  \(", out, re.M))
     # the budget estimate's per-method seconds per epoch, and the cheapest/dearest extra methods
     for method in ("all", "first", "second", "third", "last", "lp-ft", "auto-rgn"):
@@ -56,7 +58,7 @@ def test_the_readme_quotes_the_scripts_wall_time_and_15_corruption_estimate(caps
     """README's suite paragraph: '125 minutes on 2 cores, all 15 corruptions would take 3.4
     hours (`python scripts/fmnist_costs.py`)'."""
     out = script_output(capsys)
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = doc_text("README.md")
     wall, hours = re.search(r"wall time ([\d.]+) min x [\d.]+ = ([\d.]+) hours", out).groups()
     assert (f"the suite takes {round(float(wall))} minutes on 2 cores, all 15 corruptions would "
             f"take {hours} hours (`python scripts/fmnist_costs.py`)") in readme

@@ -12,6 +12,7 @@ import pytest
 from deep.data import DataError, get_benchmark
 from deep.data.breeds import Hierarchy, breeds_split
 from tests.deep.fixtures import writers
+from tests.doc_text import doc_text
 
 A_LEAVES = ["n01000011", "n01000012", "n01000013", "n01000014"]
 B_LEAVES = ["n01000031", "n01000032", "n01000033", "n01000034", "n01000035"]
@@ -218,7 +219,7 @@ def test_data_dir_is_the_imagenet_folder_itself_as_the_docs_say(tmp_path):
     with pytest.raises(DataError, match="hierarchy files .* not found"):
         load_task(tmp_path)
     assert len(load_task(tmp_path / "imagenet").test) > 0
-    docs = " ".join((Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text().split())
+    docs = doc_text("docs/benchmarks.md")
     assert "(Living-17 and Entity-30: at the ImageNet folder itself" in docs
 
 
@@ -231,5 +232,5 @@ def test_a_relative_info_dir_or_split_file_is_read_inside_the_data_dir(tmp_path,
     _, _, source, target = breeds_split(root / "hier/modified", "living17")
     (root / "split.json").write_text(json.dumps({"source": source, "target": target}))
     assert len(load_task(root, split_file="split.json").test) > 0
-    docs = " ".join((Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text().split())
+    docs = doc_text("docs/benchmarks.md")
     assert "are absolute paths or paths inside `--data-dir`, not the current folder" in docs

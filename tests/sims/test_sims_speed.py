@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sims import speed
+from tests.doc_text import doc_text
 
 
 def test_speed_benchmark_matches_the_numpy_loop_and_ends_with_the_ratio():
@@ -63,11 +64,10 @@ def test_threads_on_a_gpu_is_a_usage_error_not_silently_dropped(monkeypatch, cap
 def test_the_multiply_adds_docs_performance_quotes_are_the_benchmarks_counts():
     """docs/performance.md quotes the default workload's counts per run and step (2,336 for
     the simulator, 71,168 for the textbook step): the counts `python -m sims.speed` prints."""
-    from pathlib import Path
     args = speed.parse_args([])[0]
     sim = speed.simulator_multiply_adds(args.n, args.k)
     loop = speed.loop_multiply_adds(args.n, args.k, args.d)
-    doc = " ".join((Path(__file__).resolve().parents[2] / "docs/performance.md").read_text().split())
+    doc = doc_text("docs/performance.md")
     assert f"multiply-adds a step ({sim:,} in the benchmark" in doc
     assert f"textbook's about 2ndk ({loop:,})" in doc
     assert f"own multiply-adds ({sim:,} per run and step)" in doc
