@@ -20,7 +20,8 @@ from .experiments import Settings
 from .figures import make_figures, resolve_only
 
 
-def main(argv=None):
+def build_parser():
+    """The two commands and their options; docs/api.md's option table is checked against it."""
     parser = argparse.ArgumentParser(prog="python -m sims", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     figures = commands.add_parser("figures", help="simulate and draw F1..F6")
@@ -43,7 +44,11 @@ def main(argv=None):
     for sub in (figures, plot):
         sub.add_argument("--out", default="figures", help="output folder (default figures/)")
         sub.add_argument("--only", default=None, help="comma-separated figures, e.g. f1,f4")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         resolve_only(args.only)
         if args.command == "plot":

@@ -59,7 +59,7 @@ FORGETTING_QUANTITIES = ("head drift |v - v_src| / |v_src|", "error on unseen ol
 
 @dataclass(frozen=True)
 class Settings:
-    """What a `python -m sims figures` run uses (README: "Simulations").
+    """What a `python -m sims figures` run uses (docs/api.md, "sims command line").
 
     draws: random draws (problem and sample) per curve point, >= 2.
     steps: gradient steps (per phase for lp-ft) of the shift runs (F2, F3, F6); F1 and

@@ -42,7 +42,7 @@ def test_architecture_registry_builds_and_refuses_duplicates_and_unknown_names()
 
 
 def test_every_benchmark_is_registered_whole_module_entry_and_protocol():
-    """A new benchmark is three pieces (README, "where to change what"): its module's
+    """A new benchmark is three pieces (docs/deep-engine.md, "Where to change what"): its module's
     `BENCHMARKS`, one line of `deep.data._MODULES`, `deep/configs/NAME.toml`. A missing
     piece showed only when that benchmark ran (one listed only in its module: "unknown
     benchmark"; a protocol without a benchmark: the same, from `sweep`)."""

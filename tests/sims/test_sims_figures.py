@@ -195,3 +195,32 @@ def test_auto_is_recorded_as_the_device_it_ran_on(tmp_path):
     make_figures(dataclasses.replace(TINY, device=ran_on), tmp_path, only="f4", resume=True,
                  log=lines.append)
     assert lines and "drawn from existing CSVs" in lines[-1]      # nothing simulated again
+
+
+def test_the_api_pages_option_table_is_the_parsers():
+    """docs/api.md lists `python -m sims figures`' options with their defaults: a new option
+    missing there, or a default changed in the code only, fails here."""
+    from pathlib import Path
+
+    from sims.__main__ import build_parser
+
+    lines = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text().splitlines()
+    start = lines.index("| option | default | what |") + 2
+    documented = {}
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        option, default = [cell.strip().strip("`") for cell in line.strip("|").split(" | ")][:2]
+        documented[option] = default
+    parser_defaults = vars(build_parser().parse_args(["figures"]))
+    del parser_defaults["command"]
+
+    def shown(value):
+        """How the table writes a default: `--only` absent is every figure, a flag is off."""
+        if value is None:
+            return "all"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return str(value)
+
+    assert documented == {f"--{name}": shown(value) for name, value in parser_defaults.items()}
