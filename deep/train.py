@@ -40,7 +40,8 @@ from .errors import (ConfigError, check_choice, check_int, check_nonnegative, ch
                      check_seed, clash_text, differences)
 from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
-from .models.staged import compile_options, guard_channels_last, stages_of, to_memory_format
+from .models.staged import (compile_options, guard_channels_last, plain_strided_calls,
+                            stages_of, to_memory_format)
 from .prefix_cache import (CHANNELS_LAST_CHOICES, DEFAULT_CACHE_MB,  # noqa: F401
                            FoldedConvBN, PrefixCache, amp_active, autocast, batch_statistics,
                            default_eval_batch_size, eval_mode, folded_view, refresh_folds,
@@ -364,16 +365,25 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
     method = get_method(method, blocks) if isinstance(method, str) else method
     check_splits(train, val, test, config)
     run = TrainingRun(model, train, val, test, method, config, cache)
+    # Convolutions that no module hook sees (F.conv2d) get the same guard.
+    with plain_strided_calls(model):
+        test_metrics = _train_and_test(run, state_file, on_epoch)
+    return run.result(test_metrics, time.perf_counter() - t0)
+
+
+def _train_and_test(run: TrainingRun, state_file: RunStateFile | None,
+                    on_epoch: Callable[[dict], None] | None) -> Metrics | None:
+    """`fit`'s epochs: plan, train, select; then restore the best epoch and test there."""
     run.check_labels()
     first = 1
     if state_file is not None:
-        if val is not None or method.name != "all":
+        if run.val is not None or run.method.name != "all":
             # a run with validation or a method of its own keeps state this file does not hold
             raise ConfigError("a run state file is for pretraining (no validation split, "
-                              f"method 'all'); got method {method.name!r}"
-                              + (" with a validation split" if val is not None else ""))
+                              f"method 'all'); got method {run.method.name!r}"
+                              + (" with a validation split" if run.val is not None else ""))
         first = run.load_state(state_file.load()) + 1
-    for epoch in range(first, config.epochs + 1):
+    for epoch in range(first, run.config.epochs + 1):
         plan = run.plan_epoch(epoch)
         losses = run.train_epoch(plan)
         if not all(math.isfinite(x) for x in losses):
@@ -386,8 +396,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
             on_epoch(record)
         if run.plateaued(epoch) or run.optimizer is None:  # None: nothing can ever be tuned
             break
-    test_metrics = run.restore_best_and_test()
-    return run.result(test_metrics, time.perf_counter() - t0)
+    return run.restore_best_and_test()
 
 
 def check_splits(train: Split, val: Split | None, test: Split | None,

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..blocks import ALL, matches, tuned_parameter_names
 from ..errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
-from ..models.staged import guard_channels_last
+from ..models.staged import guard_channels_last, plain_strided_calls
 
 NONE = "none"               # the block option "no adaptation": the source model as is
 BN_EVAL = -1                # MEMO's prior strength meaning "running statistics only"
@@ -486,7 +486,8 @@ def run_stream(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor,
     """Feed images[order] to the adapter in batches; return the correctness (bool)
     of each prediction, in stream order."""
     correct = []
-    with torch.no_grad():
+    # Adapting runs backward: convolutions no module hook sees (F.conv2d) are guarded too.
+    with torch.no_grad(), plain_strided_calls(adapter.model):
         for idx in stream_batches(order, batch_size):
             logits = adapter.predict(images[idx])
             correct.append(logits.argmax(1) == labels[idx])

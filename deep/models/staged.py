@@ -8,8 +8,12 @@ child is a stage). Any other `nn.Module` still trains, just without the cache.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 from .registry import matches_any
@@ -124,11 +128,16 @@ def channels_last_unsafe(module: nn.Module) -> bool:
     kernel, a stride other than 1, input channels (in all or per group) not a multiple
     of 8. Deliberately wider than the shapes seen to crash (only stride 2 and fewer
     than 8 channels did): any shape the faulty kernel may take is excluded."""
-    if not isinstance(module, nn.Conv2d):
-        return False
-    per_group = module.in_channels // module.groups
-    return (all(k == 1 for k in module.kernel_size) and any(s != 1 for s in module.stride)
-            and (module.in_channels % ONEDNN_SIMD_CHANNELS != 0
+    return isinstance(module, nn.Conv2d) and _unsafe_shape(
+        module.in_channels, module.in_channels // module.groups, module.kernel_size,
+        module.stride)
+
+
+def _unsafe_shape(in_channels: int, per_group: int, kernel_size, stride) -> bool:
+    """`channels_last_unsafe`'s rule, for a module or for one `conv2d` call."""
+    stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    return (all(k == 1 for k in kernel_size) and any(s != 1 for s in stride)
+            and (in_channels % ONEDNN_SIMD_CHANNELS != 0
                  or per_group % ONEDNN_SIMD_CHANNELS != 0))
 
 
@@ -178,9 +187,13 @@ def _plain_weight(module: nn.Module) -> None:
 
 def group_norm_unsafe(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether `norm(x)` would hit torch's channels-last GroupNorm backward crash."""
-    return (isinstance(norm, nn.GroupNorm) and x.device.type == "cpu" and x.ndim == 4
-            and torch.is_grad_enabled() and not x.requires_grad
-            and any(p.requires_grad for p in norm.parameters())
+    return isinstance(norm, nn.GroupNorm) and _group_norm_call_unsafe(x, norm.parameters())
+
+
+def _group_norm_call_unsafe(x: torch.Tensor, affine) -> bool:
+    """`group_norm_unsafe`'s rule for one call, `affine` its weight and bias (or None)."""
+    return (x.device.type == "cpu" and x.ndim == 4 and torch.is_grad_enabled()
+            and not x.requires_grad and any(p is not None and p.requires_grad for p in affine)
             and not has_plain_strides(x))
 
 
@@ -214,16 +227,65 @@ def guard_channels_last(model: nn.Module) -> int:
     return count
 
 
+class _PlainStridedCalls(TorchFunctionMode):
+    """Every `conv2d` and `group_norm` call made while active, with the NCHW strides
+    `guard_channels_last` gives modules, where the same rules say so: also the calls it
+    cannot see, a convolution a module computes with `F.conv2d` on a weight of its own
+    (an `nn.Conv2d` is seen; this is not: issue #12, "every shape a user's model may
+    have"). The same numbers; only the layout changes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = {} if kwargs is None else kwargs
+        if func is torch.conv2d:  # F.conv2d is the same function
+            args, kwargs = _plain_conv2d_arguments(args, kwargs)
+        elif func is F.group_norm:
+            args, kwargs = _plain_group_norm_arguments(args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _plain_conv2d_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """conv2d(input, weight, bias, stride, padding, dilation, groups)'s arguments, input
+    and weight with plain strides when the call has `channels_last_unsafe`'s shape."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = {**dict(zip(names, args)), **kwargs}
+    x, weight = bound["input"], bound["weight"]
+    if (x.device.type == "cpu" and x.ndim == 4 and weight.ndim == 4
+            and _unsafe_shape(x.shape[1], weight.shape[1], weight.shape[2:],
+                              bound.get("stride", 1))):
+        bound["input"], bound["weight"] = plain_strides(x), plain_strides(weight)
+    return (), bound
+
+
+def _plain_group_norm_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """group_norm(input, num_groups, weight, bias, eps)'s arguments, input with plain
+    strides where `group_norm_unsafe`'s rule says so."""
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    bound = {**dict(zip(names, args)), **kwargs}
+    x = bound["input"]
+    if _group_norm_call_unsafe(x, (bound.get("weight"), bound.get("bias"))):
+        bound["input"] = plain_strides(x)
+    return (), bound
+
+
+def plain_strided_calls(model: nn.Module):
+    """A context in which the engine trains or adapts `model`: on the CPU, every
+    convolution and GroupNorm call of the faulty shapes runs on NCHW strides, modules
+    or not (`_PlainStridedCalls`); elsewhere (CUDA has no oneDNN) nothing. The engine
+    still guards modules with hooks (`guard_channels_last`), which a caller's own loop
+    uses too; this adds the calls no hook sees, at a few microseconds per torch call."""
+    on_cpu = any(p.device.type == "cpu" for p in model.parameters())
+    return _PlainStridedCalls() if on_cpu else contextlib.nullcontext()
+
+
 def compile_options(model: nn.Module) -> dict | None:
-    """`torch.compile` options for `model`: Inductor's layout optimisation off when the
-    model has a `channels_last_unsafe` convolution on the CPU. Inductor lays every
-    convolution out channels-last on its own, past the hooks of `guard_channels_last`
-    (the compiled weight gradient of `Conv2d(4, 8, 1, stride=2)` aborted on AVX2 kernels
-    with it on, completed with it off: tests/deep/test_onednn_guard.py)."""
+    """`torch.compile` options for `model`: on the CPU, Inductor's layout optimisation off.
+    Inductor lays every convolution out channels-last on its own, past the hooks of
+    `guard_channels_last` (the compiled weight gradient of `Conv2d(4, 8, 1, stride=2)`
+    aborted on AVX2 kernels with it on, completed with it off:
+    tests/deep/test_onednn_guard.py). Off for every model on the CPU, not only those with a
+    guarded module: a convolution computed with `F.conv2d` has the same shape unseen."""
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if on_cpu and any(channels_last_unsafe(m) for m in model.modules()):
-        return {"layout_optimization": False}
-    return None
+    return {"layout_optimization": False} if on_cpu else None
 
 
 def stages_of(model: nn.Module, runner: nn.Module | None = None) -> Stages | None:

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from deep.models.staged import channels_last_unsafe, guard_channels_last
 
@@ -302,3 +303,119 @@ def test_a_conv2d_subclass_with_its_own_forward_is_guarded():
     model[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].stride()))
     model(torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last))
     assert seen == [(4 * 6 * 6, 6 * 6, 6, 1)]
+
+
+_FUNCTIONAL_RUN = """
+import torch
+from torch import nn
+from torch.nn import functional as F
+from deep.adapt.core import MemoConfig, make_adapter, run_stream
+from deep.augment_memo import MemoAugmenter
+from deep.data.base import TensorSplit
+from deep.train import TrainConfig, fit
+torch.manual_seed(0)
+torch.set_num_threads(1)
+class Down(nn.Module):  # the 4 -> 8, 1x1, stride-2 convolution, computed with F.conv2d
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 4, 1, 1) / 2)
+    def forward(self, x):
+        return F.conv2d(x, self.weight, None, 2)
+class Norm(nn.Module):  # a GroupNorm computed with F.group_norm on parameters of its own
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+    def forward(self, x):
+        return F.group_norm(x, 4, self.weight, self.bias)
+def net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Down(), Norm(), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+BLOCKS = {"all": ("0", "2", "3", "7"), "norm": ("3",)}
+split = lambda n: TensorSplit(torch.randn(n, 3, 12, 12), torch.arange(n) % 4)
+train, val = split(64), split(16)
+one_epoch = dict(lr=1e-2, epochs=1)
+# The engine's defaults: the prefix cache runs the stages channels-last on the CPU.
+for method in ("all", "auto-rgn", "auto-snr", "norm"):
+    fit(net(), train, val, val, method, TrainConfig(**one_epoch), BLOCKS)
+fit(net(), train, val, val, "all",
+    TrainConfig(**one_epoch, use_cache=False, channels_last=True), BLOCKS)
+for channels_last in (None, True):  # torch.compile: Inductor picks layouts on its own
+    fit(net(), train, val, val, "all",
+        TrainConfig(**one_epoch, use_cache=False, compile=True, channels_last=channels_last),
+        BLOCKS)
+# Online adaptation on a channels-last model (MEMO: every weight of the block).
+adapter = make_adapter(net().to(memory_format=torch.channels_last), "memo", "all", BLOCKS,
+                       MemoConfig(copies=8), augment=MemoAugmenter([0.5] * 3, [0.25] * 3),
+                       generator=torch.Generator().manual_seed(0))
+run_stream(adapter, torch.rand(4, 3, 12, 12), torch.arange(4) % 4, torch.arange(4))
+print("done")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.pins_isa
+def test_functional_convolutions_and_group_norms_never_run_the_faulty_kernels():
+    """A convolution computed with F.conv2d (and a GroupNorm with F.group_norm) on a
+    module's own weights: no hook sees them. Under the engine's defaults (the cache's
+    channels-last stages) the convolution's weight gradient ran channels-last and aborted
+    on the AVX2-only machine; the engine runs every such call on NCHW strides."""
+    bad = faulty_kernel_runs(_FUNCTIONAL_RUN, "AVX2")
+    assert not bad, f"{len(bad)} channels-last 1x1 strided weight gradients, e.g. {bad[0]}"
+
+
+def test_plain_strided_calls_change_the_layout_of_the_faulty_shapes_only():
+    """Inside the engine's context a faulty-shape conv2d or group_norm call sees NCHW
+    strides, whatever the caller passed (positional or keyword arguments); other calls
+    keep their layout; the numbers are the same."""
+    from torch.overrides import TorchFunctionMode
+
+    from deep.models.staged import plain_strided_calls
+
+    class Seen(TorchFunctionMode):  # entered first, so it sees what the engine's passes on
+        def __init__(self):
+            super().__init__()
+            self.strides = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.conv2d, F.group_norm):
+                x = kwargs.get("input", args[0] if args else None)
+                self.strides.append(x.stride())
+            return func(*args, **kwargs)
+
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    x = cl(torch.randn(2, 4, 6, 6))
+    nchw, channels_last = (144, 36, 6, 1), (144, 1, 24, 4)
+    weight = nn.Parameter(torch.randn(8, 4, 1, 1))
+    kernel_3x3, weight8 = torch.randn(8, 4, 3, 3), torch.randn(8, 8, 1, 1)
+    x8 = cl(torch.randn(2, 8, 6, 6))
+    affine = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+    calls = [  # (call, strides the function receives)
+        (lambda: F.conv2d(x, weight, None, 2), nchw),
+        (lambda: F.conv2d(x, weight, stride=(1, 2)), nchw),
+        (lambda: torch.conv2d(input=x, weight=weight, stride=2), nchw),
+        (lambda: F.conv2d(x, weight, None, 1), channels_last),   # stride 1: safe
+        (lambda: F.conv2d(x, kernel_3x3, None, 2), channels_last),  # 3x3
+        (lambda: F.conv2d(x8, weight8, None, 2), (288, 1, 48, 8)),  # 8 input channels
+        (lambda: F.group_norm(x, 2, *affine), nchw),
+        (lambda: F.group_norm(x, 2), channels_last),            # no affine to train
+    ]
+    model = nn.Linear(1, 1)  # on the CPU
+    for call, expected in calls:
+        outside = call()
+        seen = Seen()
+        with seen, plain_strided_calls(model):
+            inside = call()
+        assert seen.strides == [expected]
+        torch.testing.assert_close(inside, outside, rtol=0, atol=1e-6)
+
+
+def test_plain_strided_calls_stay_out_of_the_way_off_the_cpu():
+    """CUDA has no oneDNN: a model there gets no mode (no Python call per torch op)."""
+    from torch.overrides import TorchFunctionMode
+
+    from deep.models.staged import plain_strided_calls
+
+    assert isinstance(plain_strided_calls(nn.Linear(1, 1)), TorchFunctionMode)
+    assert not isinstance(plain_strided_calls(nn.Linear(1, 1, device="meta")),
+                          TorchFunctionMode)
