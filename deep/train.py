@@ -365,25 +365,16 @@ def fit(model: nn.Module, train: Split, val: Split | None, test: Split | None,
     method = get_method(method, blocks) if isinstance(method, str) else method
     check_splits(train, val, test, config)
     run = TrainingRun(model, train, val, test, method, config, cache)
-    # Convolutions that no module hook sees (F.conv2d) get the same guard.
-    with plain_strided_calls(model):
-        test_metrics = _train_and_test(run, state_file, on_epoch)
-    return run.result(test_metrics, time.perf_counter() - t0)
-
-
-def _train_and_test(run: TrainingRun, state_file: RunStateFile | None,
-                    on_epoch: Callable[[dict], None] | None) -> Metrics | None:
-    """`fit`'s epochs: plan, train, select; then restore the best epoch and test there."""
     run.check_labels()
     first = 1
     if state_file is not None:
-        if run.val is not None or run.method.name != "all":
+        if val is not None or method.name != "all":
             # a run with validation or a method of its own keeps state this file does not hold
             raise ConfigError("a run state file is for pretraining (no validation split, "
-                              f"method 'all'); got method {run.method.name!r}"
-                              + (" with a validation split" if run.val is not None else ""))
+                              f"method 'all'); got method {method.name!r}"
+                              + (" with a validation split" if val is not None else ""))
         first = run.load_state(state_file.load()) + 1
-    for epoch in range(first, run.config.epochs + 1):
+    for epoch in range(first, config.epochs + 1):
         plan = run.plan_epoch(epoch)
         losses = run.train_epoch(plan)
         if not all(math.isfinite(x) for x in losses):
@@ -396,7 +387,8 @@ def _train_and_test(run: TrainingRun, state_file: RunStateFile | None,
             on_epoch(record)
         if run.plateaued(epoch) or run.optimizer is None:  # None: nothing can ever be tuned
             break
-    return run.restore_best_and_test()
+    test_metrics = run.restore_best_and_test()
+    return run.result(test_metrics, time.perf_counter() - t0)
 
 
 def check_splits(train: Split, val: Split | None, test: Split | None,
@@ -482,7 +474,8 @@ class TrainingRun:
         # The mode first: a method's plan may run the model (Auto-RGN's gradient probes),
         # which must not depend on the mode the caller or the previous run left it in.
         self.model.train(not self.config.freeze_bn)
-        plan = self.method.plan(epoch, EpochContext(self.model, self.train, self.config))
+        with plain_strided_calls(self.model):  # Auto-RGN's and Auto-SNR's gradient probes
+            plan = self.method.plan(epoch, EpochContext(self.model, self.train, self.config))
         for name in plan.tuned:
             if name not in self.touched:
                 self.initial[name] = self.named[name].detach().clone()
@@ -511,7 +504,9 @@ class TrainingRun:
         device = next(self.model.parameters()).device
         losses = []
         for x, y in self._batches():
-            with autocast(device, self.config.amp):  # forward only; backward follows its dtypes
+            # Forward only; backward follows its dtypes (autocast) and the layouts the
+            # forward saved: convolutions no module hook sees (F.conv2d) are guarded here.
+            with autocast(device, self.config.amp), plain_strided_calls(self.model):
                 logits = self._logits(x)
             loss = F.cross_entropy(logits.float(), y.to(device, non_blocking=True))
             penalty = self.method.penalty(self.model)

@@ -338,7 +338,9 @@ class MemoAdapter(Adapter):
             for _ in range(self.config.steps):
                 copies = self.augment(x[0], self.config.copies, self.generator)
                 with torch.enable_grad():
-                    loss, _ = marginal_entropy(self.model(copies))
+                    with plain_strided_calls(self.model):  # F.conv2d too (deep.models.staged)
+                        logits = self.model(copies)
+                    loss, _ = marginal_entropy(logits)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 self.optimizer.step()
@@ -369,7 +371,8 @@ class TentAdapter(Adapter):
         with patched_batchnorm(self.batch_stat_layers, _batch_stat_forward):
             for _ in range(self.config.steps):
                 with torch.enable_grad():
-                    logits = self.model(x)
+                    with plain_strided_calls(self.model):  # F.conv2d too (deep.models.staged)
+                        logits = self.model(x)
                     loss = softmax_entropy(logits).mean(0)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -486,8 +489,7 @@ def run_stream(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor,
     """Feed images[order] to the adapter in batches; return the correctness (bool)
     of each prediction, in stream order."""
     correct = []
-    # Adapting runs backward: convolutions no module hook sees (F.conv2d) are guarded too.
-    with torch.no_grad(), plain_strided_calls(adapter.model):
+    with torch.no_grad():
         for idx in stream_batches(order, batch_size):
             logits = adapter.predict(images[idx])
             correct.append(logits.argmax(1) == labels[idx])

@@ -268,11 +268,14 @@ def _plain_group_norm_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]
 
 
 def plain_strided_calls(model: nn.Module):
-    """A context in which the engine trains or adapts `model`: on the CPU, every
-    convolution and GroupNorm call of the faulty shapes runs on NCHW strides, modules
-    or not (`_PlainStridedCalls`); elsewhere (CUDA has no oneDNN) nothing. The engine
-    still guards modules with hooks (`guard_channels_last`), which a caller's own loop
-    uses too; this adds the calls no hook sees, at a few microseconds per torch call."""
+    """A context for the forward passes the engine differentiates (training steps, gradient
+    probes, adaptation steps): on the CPU, every convolution and GroupNorm call of the
+    faulty shapes runs on NCHW strides, modules or not (`_PlainStridedCalls`); the backward
+    follows the layouts the forward saved. Elsewhere (CUDA has no oneDNN) nothing. The
+    engine still guards modules with hooks (`guard_channels_last`), which a caller's own
+    loop uses too; this adds the calls no hook sees, at a few microseconds per torch call
+    (forward passes only: an optimizer step makes hundreds of calls,
+    `scripts/guard_cost.py`)."""
     on_cpu = any(p.device.type == "cpu" for p in model.parameters())
     return _PlainStridedCalls() if on_cpu else contextlib.nullcontext()
 

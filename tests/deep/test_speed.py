@@ -176,6 +176,27 @@ def test_thread_scaling_prints_a_time_per_thread_count(capsys):
                          r"forward\+backward", line).group(1) for line in lines] == ["1", "2"]
 
 
+
+def test_guard_cost_times_steps_with_and_without_the_mode(capsys):
+    """scripts/guard_cost.py, which docs/performance.md quotes: the forward's torch calls
+    (each one the mode sees: a few, not the optimizer's hundreds) and the two timings."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "scripts" / "guard_cost.py"
+    spec = importlib.util.spec_from_file_location("guard_cost", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--arch", "resnet26-w4", "--channels", "3", "--size", "8",
+                        "--batch", "4", "--steps", "1", "--rounds", "1"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    calls = re.fullmatch(r"resnet26-w4, 4 images of 3x8x8, \d+ thread\(s\): (\d+) torch "
+                         r"calls per forward", first)
+    assert calls and 50 < int(calls.group(1)) < 400  # ~150: 26 layers, each a few calls
+    times = re.fullmatch(r"median per step: ([\d.]+) ms without the mode, ([\d.]+) ms with "
+                         r"it; ratio ([\d.]+)", second)
+    without, with_mode, ratio = map(float, times.groups())
+    assert ratio == pytest.approx(with_mode / without, abs=0.02)  # ms printed to 0.01
+
 def test_device_auto_runs_where_it_points(capsys):
     """`--device auto` (what `--device cuda`'s error on a GPU-less machine suggests) passed
     its check, pretrained the source model, then stopped at `.to("auto")`'s RuntimeError."""
