@@ -409,14 +409,28 @@ def _node_name() -> str:
     return socket.gethostname()
 
 
-def _probe_data_dir(path: str) -> tuple[str, bool]:
-    return _node_name(), os.path.isdir(path)
+def _probe_data_dir(path: str, benchmark: str | None = None,
+                    shifts: tuple[str, ...] = ()) -> tuple[str, bool, str | None]:
+    """On one node: its name, whether `path` is a folder there, and what the benchmark's
+    check of the shifts' files says there (None: all present, or it cannot tell)."""
+    visible, problem = os.path.isdir(path), None
+    check = get_benchmark(benchmark).check_shift_files if benchmark else None
+    if visible and check is not None and shifts:
+        try:
+            check(path, list(shifts))
+        except DeepError as err:
+            problem = str(err)
+    return _node_name(), visible, problem
 
 
 def check_data_dir(ray, data_dir: str, cpus_per_task: float, gpus_per_task: float,
-                   what: str = "--data-dir") -> None:
+                   what: str = "--data-dir", benchmark: str | None = None,
+                   shifts: tuple[str, ...] = ()) -> None:
     """Raise naming every node that may run a task group but cannot see `data_dir`
-    (`what`: how to name it, the flag or the default folder the driver resolved)."""
+    (`what`: how to name it, the flag or the default folder the driver resolved), or,
+    where `benchmark` can tell, lacks the files of one of `shifts` there: the check a
+    local sweep makes before it starts (`Benchmark.check_local_data`), made on the nodes,
+    so that a partial copy fails now and not when its task group loads the shift."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0)(_probe_data_dir)
@@ -425,19 +439,25 @@ def check_data_dir(ray, data_dir: str, cpus_per_task: float, gpus_per_task: floa
     refs = {}
     for node in nodes:  # one probe pinned to each node (by id: nodes may share an address)
         on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        refs[node["NodeID"]] = (node["NodeManagerAddress"],
-                                probe.options(scheduling_strategy=on_node).remote(data_dir))
-    missing = []
+        refs[node["NodeID"]] = (node["NodeManagerAddress"], probe.options(
+            scheduling_strategy=on_node).remote(data_dir, benchmark, tuple(shifts)))
+    missing, incomplete = [], {}
     shared = len({address for address, _ in refs.values()}) < len(refs)
     for node_id, (address, ref) in refs.items():
-        host, visible = ray.get(ref)
-        if not visible:  # several nodes at one address (one host): their ids tell them apart
-            where = f"{address}, node {node_id[:8]}" if shared else address
-            missing.append(f"{host} ({where})")
+        host, visible, problem = ray.get(ref)
+        # several nodes at one address (one host): their ids tell them apart
+        where = f"{host} ({address}, node {node_id[:8]})" if shared else f"{host} ({address})"
+        if not visible:
+            missing.append(where)
+        elif problem is not None:
+            incomplete.setdefault(problem, []).append(where)
     if missing:
         raise RayBackendError(f"{what} {data_dir} is not a folder on node(s) "
                               f"{', '.join(missing)}; every node that runs task groups must see "
                               "the data at the same path (a shared file system, or a copy)")
+    if incomplete:
+        raise RayBackendError("; ".join(f"on node(s) {', '.join(nodes)}: {problem}"
+                                        for problem, nodes in incomplete.items()))
 
 
 # --- the task ---------------------------------------------------------------------
@@ -604,7 +624,8 @@ class RayExecutor:
             what = "--data-dir" if spec.get("data_dir") else f"{benchmark}'s default data folder"
             if data_dir:
                 spec["data_dir"] = os.path.abspath(data_dir)  # workers start elsewhere
-                check_data_dir(ray, spec["data_dir"], options.cpus_per_task, gpus, what)
+                check_data_dir(ray, spec["data_dir"], options.cpus_per_task, gpus, what,
+                               benchmark, tuple(sorted({cell.shift for cell in cells})))
             # As with local workers: with fewer tasks than slots, tasks are split.
             execute_groups_on_ray(ray, group_cells(cells, slots), spec, record,
                                   pretrained_weights(spec), options, gpus)

@@ -271,6 +271,36 @@ class TestLocalRay:
                                  rf"{socket.gethostname()} \("):
             check_data_dir(ray, missing, 1, 0)
 
+    def test_a_shift_file_missing_on_a_node_is_named(self, tmp_path):
+        """A partial copy on a node (one corruption file missing) is named before any task
+        group runs, as a local sweep names it, not when its group loads that shift."""
+        from tests.deep.fixtures.writers import write_cifar10c
+
+        write_cifar10c(tmp_path, corruptions=("gaussian_noise",), per_severity=10)
+        check_data_dir(ray, str(tmp_path), 1, 0, "--data-dir", "cifar10c", ("gaussian_noise",))
+        with pytest.raises(RayBackendError,
+                           match=rf"on node\(s\) {socket.gethostname()} \(.*\): cifar10c: 1 of "
+                                 r"the 2 corruptions to run have no file in .*: fog\.npy"):
+            check_data_dir(ray, str(tmp_path), 1, 0, "--data-dir", "cifar10c",
+                           ("fog", "gaussian_noise"))
+
+    def test_a_sweep_on_ray_names_the_missing_shift_before_any_group_runs(self, tmp_path):
+        """The sweep passes its shifts to the nodes' check: fog's file is missing, so no
+        task group starts (gaussian_noise's would have run first) and no row is written."""
+        from deep.models import build_model
+        from tests.deep.fixtures.writers import write_cifar10c
+
+        write_cifar10c(tmp_path / "data", corruptions=("gaussian_noise",), per_severity=40)
+        checkpoint = tmp_path / "r26.pt"
+        torch.save(build_model("resnet26-gn", 10, 3).state_dict(), checkpoint)
+        two_shifts = load_protocol("cifar10c").replace(
+            shifts=["gaussian_noise", "fog"], methods=["last"], lrs=[1e-3], seeds=[0],
+            epochs=1, n_target=10, val_per_class=1, test_per_class=1)
+        with pytest.raises(RayBackendError, match=r"no file in .*: fog\.npy"):
+            run_sweep(two_shifts, tmp_path / "c10c.csv", checkpoint=str(checkpoint),
+                      data_dir=str(tmp_path / "data"), progress=False, executor=on_ray())
+        assert read_results(tmp_path / "c10c.csv") == []
+
     def test_resources_the_cluster_lacks_are_an_error(self, tmp_path):
         # (on an autoscaling cluster the nodes may just not be up yet: the error says so)
         with pytest.raises(RayBackendError, match="has 0 GPUs; a task group needs --gpus-per-task "
@@ -472,14 +502,15 @@ def test_every_node_is_probed_for_the_data_also_nodes_that_share_an_address():
     folder went unnoticed until its task group failed. Ray stands in by a fake here that
     answers each probe by the node it is pinned to."""
     ids = {"a" * 56: True, "b" * 56: False}       # node b cannot see the folder
+    problems = {}                                  # node -> its shift-file problem
 
     class Probe:
         def options(self, scheduling_strategy):
             self.node = scheduling_strategy.node_id
             return self
 
-        def remote(self, data_dir):
-            return ("host", ids[self.node])
+        def remote(self, data_dir, benchmark, shifts):
+            return ("host", ids[self.node], problems.get(self.node))
 
     class FakeRay:
         def nodes(self):
@@ -497,6 +528,10 @@ def test_every_node_is_probed_for_the_data_also_nodes_that_share_an_address():
         check_data_dir(FakeRay(), "/data", 1, 0)
     ids["b" * 56] = True
     check_data_dir(FakeRay(), "/data", 1, 0)
+    problems["a" * 56] = "cifar10c: 1 of the 2 corruptions to run have no file in /data: fog.npy"
+    with pytest.raises(RayBackendError, match=r"^on node\(s\) host \(10.0.0.1, node aaaaaaaa\): "
+                                              r"cifar10c: 1 of the 2 .*: fog.npy$"):
+        check_data_dir(FakeRay(), "/data", 1, 0)
 
 
 def test_the_cluster_line_says_where_auto_pointed():
