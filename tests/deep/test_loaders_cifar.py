@@ -217,3 +217,49 @@ def test_cifar10c_images_keep_their_orientation_and_the_cifar10_statistics(cifar
     assert torch.allclose(x[:, 0], red.expand_as(x[:, 0]), atol=1e-5)
     assert torch.allclose(x[:, 1], green.expand_as(x[:, 1]), atol=1e-5)
     assert torch.allclose(x[:, 2], blue[:, None, None].expand_as(x[:, 2]), atol=1e-5)
+
+
+def test_cifar_batches_keep_rows_and_columns_apart(cifar_dir):
+    """Guards the channel-major decoding of a python batch beyond constant planes: a row is
+    3072 bytes, the red 32x32 plane first, each plane row-major, so byte 1024 * c + 32 * h
+    + w is channel c of pixel (h, w). Here red = h and green = 4 * w, written by hand."""
+    planes = np.zeros((40, 3, 32, 32), np.uint8)
+    planes[:, 0] = np.arange(32)[:, None]
+    planes[:, 1] = 4 * np.arange(32)[None, :]
+    batch = {b"data": planes.reshape(40, 3072), b"labels": [i % 10 for i in range(40)]}
+    (cifar_dir / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    raw = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))                    # pixels / 255, no shift
+    image = get_benchmark("cifar10c").load_source(cifar_dir, normalization=raw).test.images[3]
+    h = torch.arange(32, dtype=torch.float32)
+    assert torch.allclose(image[0], (h[:, None] / 255).expand(32, 32))
+    assert torch.allclose(image[1], (4 * h[None, :] / 255).expand(32, 32))
+
+
+def test_cifar_flip_normalises_as_asked(cifar_dir):
+    """Guards load_cifar_flip passing `normalization` on (the sweep hands it the model's
+    own): with mean 0 and std 1 a pixel is its value / 255; the fixture's test batch has
+    red = 60 and blue = 20 * label."""
+    raw = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    task = get_benchmark("cifar-flip").load_task(cifar_dir, "flip", 10, 1, 2, seed=0,
+                                                 normalization=raw)
+    x = task.train.images
+    assert torch.allclose(x[:, 0], torch.full_like(x[:, 0], 60 / 255))
+    original = 9 - task.train.labels.float()                     # the label before the flip
+    assert torch.allclose(x[:, 2, 0, 0], 20 * original / 255)
+
+
+def test_cifar10c_severity_zero_is_refused(cifar_dir):
+    """Guards the lower bound of the severity check: severity 0 would slice rows -block..0,
+    an empty block, instead of an error naming the option."""
+    with pytest.raises(ConfigError, match="severity must be an integer in 1..5, got 0"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0, severity=0)
+
+
+def test_the_data_dir_may_be_the_dataset_folder_itself(cifar_dir):
+    """As the layouts say, "<data-dir>/CIFAR-10-C/ (or <data-dir> itself)", and the same for
+    cifar-10-batches-py: --data-dir may point at the dataset folder, not only its parent."""
+    task = get_benchmark("cifar10c").load_task(cifar_dir / "CIFAR-10-C", "fog", 10, 1, 1, seed=0)
+    assert (pixels(task.train.images)[:, 0] == 200).all()
+    flip = get_benchmark("cifar-flip").load_task(cifar_dir / "cifar-10-batches-py", "flip", 10,
+                                                 1, 1, seed=0)
+    assert (pixels(flip.train.images)[:, 0] == 60).all()
