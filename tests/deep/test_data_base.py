@@ -153,3 +153,56 @@ def test_a_file_given_as_the_data_folder_is_named_as_a_file(tmp_path, benchmark)
     bench = get_benchmark(benchmark)
     with pytest.raises(DataError, match=f"{tmp_path}/a-file is a file, not a folder"):
         bench.load_task(tmp_path / "a-file", bench.shifts[0], 4, 1, 1, 0)
+
+
+def test_a_normalisation_std_of_zero_is_refused():
+    """Guards `std > 0` in mean_std: a zero std would divide every pixel of that channel
+    by zero (inf / nan images) instead of stopping with an error naming the option."""
+    from deep.data.base import mean_std
+    with pytest.raises(ValueError, match=r"std > 0, got mean=\(0.5, 0.5, 0.5\), std=\(0.5, 0.0, "):
+        mean_std(((0.5,) * 3, (0.5, 0.0, 0.5)), ((0.0,) * 3, (1.0,) * 3))
+    assert mean_std(None, ((0.1, 0.2, 0.3), (1, 2, 3))) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+
+
+def test_a_task_refuses_a_negative_label():
+    """Guards the lower bound of ShiftTask's label check (-1 marks "no group" in groups,
+    never a class)."""
+    from deep.data.base import ShiftTask, TensorSplit
+    split = lambda labels: TensorSplit(torch.zeros(len(labels), 1, 2, 2), torch.tensor(labels))
+    with pytest.raises(DataError, match=r"b/s: test labels must lie in \[0, 2\), got \[-1, 1\]"):
+        ShiftTask("b", "s", 2, split([0, 1]), split([1]), split([-1, 1]))
+
+
+def test_file_split_subset_keeps_each_path_with_its_label_and_group(tmp_path):
+    """Guards FileSplit.subset indexing the groups like the paths and labels."""
+    from deep.data.base import FileSplit
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    split = FileSplit(paths, torch.tensor([0, 1, 2, 3]), torch.tensor([30, 31, 32, 33]), None)
+    sub = split.subset([2, 0, 3, 1])
+    assert sub.paths == [str(tmp_path / f"{i}.png") for i in (2, 0, 3, 1)]
+    assert sub.labels.tolist() == [2, 0, 3, 1] and sub.groups.tolist() == [32, 30, 33, 31]
+
+
+def test_an_image_removed_after_the_split_was_made_is_a_data_error_naming_it(tmp_path):
+    """file_split checks the files when a task is made; one deleted later (a cleanup while
+    a sweep runs) still ends in a DataError naming it, not a bare FileNotFoundError."""
+    from PIL import Image
+    from deep.data.base import FileSplit
+    path = tmp_path / "gone.png"
+    Image.new("RGB", (2, 2)).save(path)
+    split = FileSplit([path], torch.tensor([0]), None, _RedPixel())
+    path.unlink()
+    with pytest.raises(DataError, match=f"image file missing: {path}"):
+        list(split.batches(1))
+
+
+def test_shuffled_tensor_batches_keep_each_image_with_its_label_and_group():
+    """The TensorSplit twin of the FileSplit check above: image i holds the value i, label i
+    and group 5 - i; every batch of a shuffled pass must agree."""
+    from deep.data.base import TensorSplit
+    split = TensorSplit(torch.arange(6.0).view(6, 1, 1, 1), torch.arange(6), 5 - torch.arange(6))
+    seen = []
+    for x, y, g in split.batches(4, shuffle=True, generator=seeded(0)):
+        assert torch.equal(x.flatten().long(), y) and torch.equal(g, 5 - y)
+        seen += y.tolist()
+    assert seen == torch.randperm(6, generator=seeded(0)).tolist() != list(range(6))
