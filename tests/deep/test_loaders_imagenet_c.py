@@ -153,3 +153,32 @@ def test_a_severity_that_is_not_an_integer_in_1_to_5_is_refused(imagenet_c, seve
     "5.0" / "True"; the CIFAR-10-C loader already refused them."""
     with pytest.raises(ConfigError, match="severity must be"):
         load(imagenet_c, severity=severity)
+
+
+def test_stored_224px_images_are_used_as_they_are(tmp_path):
+    """Guards the ImageNet-C default resize=None: the stored images are already 224 x 224,
+    so each pixel is only normalised, (value / 255 - mean) / std with ImageNet's mean
+    (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) written out here; a resize to 256
+    and a crop back would resample them. The image is noise, so resampling shows."""
+    import numpy as np
+    from PIL import Image
+    writers.write_imagenet_c(tmp_path, per_class=3)
+    task = get_benchmark("imagenet-c").load_task(tmp_path, "fog", 3, 1, 1, seed=0,
+                                                 allow_subset=True)
+    path = task.test.paths[0]
+    noise = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, "JPEG", quality=95)
+    with Image.open(path) as im:
+        stored = np.asarray(im.convert("RGB"), dtype=np.float64)  # what the JPEG decodes to
+    x, _, _ = next(task.test.batches(1))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = ((stored / 255 - mean) / std).transpose(2, 0, 1)
+    assert np.allclose(x[0].numpy(), expected, atol=1e-5)
+
+
+def test_a_data_dir_without_any_corruption_gets_the_loaders_own_message(tmp_path):
+    """When no corruption of the run has a folder (the wrong --data-dir), the up-front
+    check raises the loader's message (which paths were tried), not "N of N are missing"."""
+    from deep.data.imagenet_c import check_corruption_folders
+    with pytest.raises(DataError, match=r"imagenet-c/fog: fog not found \(tried "):
+        check_corruption_folders(tmp_path, ["fog", "snow"])
