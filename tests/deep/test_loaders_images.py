@@ -145,3 +145,28 @@ def test_a_metadata_file_may_start_with_a_byte_order_mark(tmp_path):
     task = get_benchmark("celeba").load_task(root, "group-balanced", n_target=4, val_per_class=2,
                                              test_per_class=0, seed=0, resize=36, crop=32)
     assert len(task.test) == 24
+
+
+@pytest.mark.parametrize("w, h, size", [(300, 350, (256, 298)), (350, 300, (298, 256))])
+def test_resize_truncates_the_longer_side_and_is_bilinear_as_torchvision(w, h, size):
+    """Guards the resize against PIL's own bilinear resize to the size torchvision's
+    Resize(256) computes: the longer side int(256 * 350 / 300) = int(298.67) = 298 (not
+    rounded to 299), then the 224 crop at round((298 - 224) / 2) = 37 along it and
+    round((256 - 224) / 2) = 16 along the shorter side. The image is noise,
+    so another size, offset or filter (nearest) shows in the pixels."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    out = ImageTransform(resize=256, crop=224)(image)
+    resized = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float64)
+    left, top = (16, 37) if w < h else (37, 16)
+    expected = (resized[top:top + 224, left:left + 224].transpose(2, 0, 1) / 255 - MEAN) / STD
+    assert np.allclose(out.numpy(), expected, atol=1e-5)
+
+
+def test_list_images_is_sorted_whatever_the_order_the_files_were_made_in(tmp_path):
+    """The draws index this list, so a seed picks the same images on every file system:
+    the order must not be the directory's own (creation or hash order)."""
+    from deep.data.images import list_images
+    names = [f"{i:03d}.JPEG" for i in range(40)]
+    for name in names[::-1]:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path, "LAYOUT", "t")] == names
