@@ -234,3 +234,49 @@ def test_a_relative_info_dir_or_split_file_is_read_inside_the_data_dir(tmp_path,
     assert len(load_task(root, split_file="split.json").test) > 0
     docs = doc_text("docs/benchmarks.md")
     assert "are absolute paths or paths inside `--data-dir`, not the current folder" in docs
+
+
+def write_chain_hierarchy(info: Path) -> tuple[str, ...]:
+    """A Living-17 superclass S (level 5 below "living thing") whose subclasses sit behind a
+    chain of two single-child nodes, S -> C1 -> C2 -> {D1, D2}, with interleaved wnids:
+    D1 holds a, c, e and D2 holds b, d (a < b < c < d < e). Returns (a, b, c, d, e)."""
+    leaves = tuple(f"n0100010{i}" for i in range(1, 6))
+    a, b, c, d, e = leaves
+    edges = [("n00001740", "n00001930"), ("n00001930", "n00002684"),
+             ("n00002684", "n00003553"), ("n00003553", "n00004258"),
+             ("n00004258", "n01000050"), ("n01000050", "n01000060"), ("n01000060", "n01000070"),
+             ("n01000070", "n01000090"), ("n01000070", "n01000091"),
+             ("n01000090", a), ("n01000090", c), ("n01000090", e),
+             ("n01000091", b), ("n01000091", d)]
+    info.mkdir(parents=True)
+    (info / "dataset_class_info.json").write_text(
+        json.dumps([[i, w, f"class {w}"] for i, w in enumerate(leaves)]))
+    (info / "class_hierarchy.txt").write_text("".join(f"{p} {q}\n" for p, q in edges))
+    (info / "node_names.txt").write_text("n01000050\tS\n")
+    return leaves
+
+
+def test_rand_split_draws_from_the_sorted_subclasses_behind_a_single_child_chain(tmp_path):
+    """Guards sorting the pool: the library draws from the sorted ImageNet descendants,
+    not from the children's lists one after another (a, c, e, b, d here)."""
+    a, b, c, d, e = write_chain_hierarchy(tmp_path / "info")
+    superclasses, names, source, target = breeds_split(tmp_path / "info", "living17", "rand")
+    assert superclasses == ["n01000050"] and names == ["S"]
+    drawn = list(np.random.RandomState(2).choice([a, b, c, d, e], 4, replace=False))
+    assert source == [drawn[:2]] and target == [drawn[2:]]
+
+
+def test_good_split_descends_the_whole_single_child_chain(tmp_path):
+    """Guards descending while a node has one child (two links here): the split then sees
+    D1 (a, c, e) and D2 (b, d). By hand, half = 2: D1 (biggest first) gives a to the
+    source and c, e to the target; D2 tops up the source with b. Stopping one link early
+    would see one group a..e and split it a, b | c, d."""
+    a, b, c, d, e = write_chain_hierarchy(tmp_path / "info")
+    _, _, source, target = breeds_split(tmp_path / "info", "living17", "good")
+    assert source == [[a, b]] and target == [[c, e]]
+
+
+def test_more_superclasses_than_expected_are_refused(imagenet):
+    """Guards the superclass count check in both directions: the fixture gives 2."""
+    with pytest.raises(DataError, match="gives 2 superclasses, expected 1"):
+        load_task(imagenet, expected_superclasses=1)
