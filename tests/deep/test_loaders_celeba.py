@@ -163,3 +163,26 @@ def test_an_image_listed_twice_in_the_partition_file_is_refused(celeba):
     with pytest.raises(DataError, match=rf"line {len(lines) + 1} of .*list_eval_partition.txt "
                                         rf"lists {name} a second time"):
         load(celeba)
+
+
+def test_other_attributes_give_their_labels_groups_and_group_names(celeba):
+    """Guards the target and spurious options reaching the labels, and the group names of
+    other attributes in group order 2 * label + spurious: here Male is the label and
+    Blond_Hair the spurious attribute (the fixture's partitions 1 and 2 hold all four)."""
+    facts = truth(celeba)
+    task = load(celeba, target_attribute="Male", spurious_attribute="Blond_Hair")
+    assert task.group_names == ("Male=0_Blond_Hair=0", "Male=0_Blond_Hair=1",
+                                "Male=1_Blond_Hair=0", "Male=1_Blond_Hair=1")
+    for split in (task.train, task.val, task.test):
+        for path, y, group in zip(split.paths, split.labels.tolist(), split.groups.tolist()):
+            _, blond, male = facts[path.rsplit("/", 1)[1]]
+            assert y == male and group == 2 * male + blond
+
+
+def test_a_missing_image_folder_is_named(celeba):
+    """Without img_align_celeba/ (the zip not extracted) the error names that folder, not
+    the first of the thousands of images it should hold."""
+    import shutil
+    shutil.rmtree(celeba / "celeba" / "img_align_celeba")
+    with pytest.raises(DataError, match="celeba: missing image folder .*img_align_celeba"):
+        load(celeba)

@@ -201,3 +201,40 @@ def test_an_image_listed_twice_is_refused(waterbirds):
     with pytest.raises(DataError, match=rf"line {n + 1} of .*metadata.csv lists .*\.jpg again "
                                         rf"\(first on line {n}\)"):
         load(waterbirds)
+
+
+def test_group_names_follow_the_group_index_of_bird_and_place(waterbirds):
+    """Guards GROUP_NAMES' order against group = 2 y + place: each example's group name
+    must say its row's bird (y 0 landbird, 1 waterbird) and place (0 land, 1 water)."""
+    rows = metadata(waterbirds)
+    task = load(waterbirds)
+    for path, group in zip(task.test.paths, task.test.groups.tolist()):
+        row = rows[path.split("waterbird_complete95_forest2water2/")[1]]
+        bird = "waterbird" if row["y"] == "1" else "landbird"
+        place = "water" if row["place"] == "1" else "land"
+        assert task.group_names[group] == f"{bird}_{place}"
+
+
+def test_a_metadata_file_with_no_rows_is_named(waterbirds):
+    """A header alone (an empty export) is a DataError naming the file, not an IndexError."""
+    rewrite(waterbirds, lambda lines: lines[:1])
+    with pytest.raises(DataError, match="metadata.csv has no rows"):
+        load(waterbirds)
+
+
+@pytest.mark.parametrize("partition_of_group_3, counts, where", [
+    (2, dict(n_target=2, val_per_class=1, test_per_class=0), "groups of split 1"),
+    (1, dict(n_target=4, val_per_class=2, test_per_class=1), "groups of split 2"),
+])
+def test_a_partition_missing_a_group_is_refused_even_when_no_draw_needs_it(
+        partition_of_group_3, counts, where):
+    """Guards check_all_classes in draw_group_splits: with val_per_class=1 and n_target=2
+    (or test_per_class=1) the counts per group are [1, 0, 1, 0] and [1, 1, 0, 0], so no
+    draw asks for group 3; a partition without it must still be refused, or the worst
+    group would be taken over 3 groups without a word."""
+    from deep.data.images import draw_group_splits
+    groups = torch.arange(40) % 4
+    partition = torch.where(torch.arange(40) < 20, 1, 2)
+    partition[groups == 3] = partition_of_group_3
+    with pytest.raises(DataError, match=rf"toy \({where}\): no example of class\(es\) \[3\]"):
+        draw_group_splits(groups, partition, seed=0, what="toy", **counts)
