@@ -649,3 +649,38 @@ def test_blocknoise_perturbs_the_block_of_the_architecture_being_run(fake_dir, a
 def test_bad_loader_options_are_refused_by_name(fake_dir, name, shift, option, message):
     with pytest.raises(ConfigError, match=f"{name}: {message}"):
         get_benchmark(name).load_task(fake_dir, shift, seed=0, **SMALL, **option)
+
+
+def test_plain_source_test_split_is_the_t10k_files(fake_dir):
+    """Guards the source test split read from the t10k files, not from the first 10,000
+    training images (whose pixels also spell indices 0..9999): the pixels and labels are
+    the ones this test wrote into t10k-images / t10k-labels."""
+    source = get_benchmark("fmnist-c").load_source(fake_dir)
+    images = fake_images(10000, len("t10k-images-idx3-ubyte"))
+    labels = fake_labels(10000, len("t10k-labels-idx1-ubyte"))
+    np.testing.assert_array_equal(to_uint8(source.test.images[:300]), images[:300])
+    np.testing.assert_array_equal(source.test.labels.numpy(), labels)
+
+
+def test_fmnist_breeds_source_test_split_holds_the_source_subclasses(fake_dir):
+    """Guards the source model's test split drawn from the source side of SUPERCLASSES
+    (the target subclasses are the shift the model must not have seen): every test image
+    of a source subclass, 1000 per class in the fake files."""
+    source_sub = [set(s) for s, _ in F.SUPERCLASSES.values()]
+    data = F.load_fashion_mnist(fake_dir)
+    test = get_benchmark("fmnist-breeds").load_source(fake_dir).test
+    classes = data.test_labels[source_index(test.images)]
+    for cls, sup in zip(classes, test.labels.tolist()):
+        assert cls in source_sub[sup]
+    assert torch.bincount(test.labels).tolist() == [1000 * len(s) for s in source_sub]
+
+
+def test_each_severity_draws_its_own_noise(fake_dir):
+    """Guards the severity in the noise seed of a fixed corrupted set, as the docstring says
+    (draws depend on corruption_seed, corruption and severity): gaussian_noise at
+    severities 1 and 5 would otherwise add 0.04 z and 0.10 z, perfectly correlated."""
+    clean = F.load_fashion_mnist(fake_dir).test_images[:2000].astype(float)
+    mild = F.corrupted_test_images(fake_dir, "gaussian_noise", severity=1)[:2000] - clean
+    strong = F.corrupted_test_images(fake_dir, "gaussian_noise", severity=5)[:2000] - clean
+    mid = (clean > 60) & (clean < 190)                  # away from clipping at 0 and 255
+    assert abs(np.corrcoef(mild[mid], strong[mid])[0, 1]) < 0.05
