@@ -400,3 +400,51 @@ def test_every_severity_uses_the_published_parameter(severity):
         Image.fromarray(image).save(buffer, format="JPEG", quality=c["jpeg_compression"])
         expected.append(np.asarray(Image.open(buffer).convert("L"), dtype=np.float64) / 255)
     np.testing.assert_allclose(C.jpeg_compression(x, severity), np.stack(expected), atol=1e-6)
+
+
+# Severities 1..5 of make_cifar_c.py for the spatial corruptions, written out as published
+# (pixel units on 32 x 32 images; the module multiplies them by 28 / 32 where they are in
+# pixels, and keeps zoom factors, fog, the pixelate factor and elastic's fractions).
+PUBLISHED_SPATIAL = {
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
+    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
+    "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
+    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),
+    "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
+    "elastic_transform": ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06),
+                          (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)),
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
+}
+
+
+def test_spatial_parameters_are_the_published_ones_at_every_severity():
+    """Guards the parameter table of the spatial corruptions, severity by severity: the
+    behavioural tests above look at severities 1 and 5, or compare them, and some take
+    their numbers from PARAMS itself. Pixel lengths scale by 28 / 32; glass blur's shift
+    and pass count, and the ratios, do not."""
+    s = 28 / 32
+    expected = {
+        "gaussian_blur": [v * s for v in PUBLISHED_SPATIAL["gaussian_blur"]],
+        # the 3x3 anti-alias sigma is used unscaled, as PARAMS has it
+        "defocus_blur": [(r * s, a) for r, a in PUBLISHED_SPATIAL["defocus_blur"]],
+        "glass_blur": [(g * s, d, k) for g, d, k in PUBLISHED_SPATIAL["glass_blur"]],
+        "motion_blur": [(r * s, g * s) for r, g in PUBLISHED_SPATIAL["motion_blur"]],
+        "zoom_blur": list(PUBLISHED_SPATIAL["zoom_blur"]),
+        "fog": list(PUBLISHED_SPATIAL["fog"]),
+        "elastic_transform": list(PUBLISHED_SPATIAL["elastic_transform"]),
+        "pixelate": list(PUBLISHED_SPATIAL["pixelate"]),
+    }
+    for name, values in expected.items():
+        np.testing.assert_allclose(np.array(C.PARAMS[name], dtype=float),
+                                   np.array(values, dtype=float), rtol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("severity, side", [(1, 26), (2, 25), (3, 23), (4, 21), (5, 18)])
+def test_pixelate_keeps_int_of_the_factor_times_28_columns(severity, side):
+    """The recipe resizes to int(32 c) (truncated); here int(28 c) with c = 0.95, 0.9,
+    0.85, 0.75, 0.65: 26.6 -> 26, 25.2 -> 25, 23.8 -> 23, 21, 18.2 -> 18. Box-upsampled
+    back, a random image keeps exactly that many independent columns (its rank)."""
+    x = np.random.default_rng(severity).random((2, 28, 28))
+    for image in C.pixelate(x, severity).astype(np.float64):
+        assert np.linalg.matrix_rank(image, tol=1e-4) == side
