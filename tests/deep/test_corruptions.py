@@ -448,3 +448,13 @@ def test_pixelate_keeps_int_of_the_factor_times_28_columns(severity, side):
     x = np.random.default_rng(severity).random((2, 28, 28))
     for image in C.pixelate(x, severity).astype(np.float64):
         assert np.linalg.matrix_rank(image, tol=1e-4) == side
+
+
+def test_fog_crops_its_haze_from_a_32_px_plasma_map():
+    """As CIFAR-10-C (32 x 32 images, a 32 x 32 map): the 28 x 28 crop of a 32-px map keeps
+    nearly its whole [0, 1] range (measured 0.9995 on average over 64 maps, against 0.68
+    for a 28-px crop of a 64-px map). On a white image fog is (1 + 1.5 h) / 2.5, so the
+    haze h reads back as (2.5 y - 1) / 1.5."""
+    y = C.fog(np.ones((64, 28, 28)), 5, np.random.default_rng(0)).astype(np.float64)
+    haze = (2.5 * y - 1) / 1.5
+    assert (haze.max(axis=(1, 2)) - haze.min(axis=(1, 2))).mean() > 0.95

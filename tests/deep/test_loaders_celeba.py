@@ -186,3 +186,17 @@ def test_a_missing_image_folder_is_named(celeba):
     shutil.rmtree(celeba / "celeba" / "img_align_celeba")
     with pytest.raises(DataError, match="celeba: missing image folder .*img_align_celeba"):
         load(celeba)
+
+
+def test_the_order_of_the_attribute_lines_does_not_matter(celeba):
+    """Guards the partition looked up per file name: with list_attr_celeba.txt's rows in
+    reverse order, every image still gets its own partition, label and group."""
+    path = celeba / "celeba" / "list_attr_celeba.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2] + lines[2:][::-1]) + "\n")
+    facts = truth(celeba)
+    task = load(celeba)
+    for split, partition in ((task.train, 1), (task.val, 1), (task.test, 2)):
+        for path_, y, group in zip(split.paths, split.labels.tolist(), split.groups.tolist()):
+            p, blond, male = facts[path_.rsplit("/", 1)[1]]
+            assert p == partition and y == blond and group == 2 * blond + male

@@ -238,3 +238,12 @@ def test_a_partition_missing_a_group_is_refused_even_when_no_draw_needs_it(
     partition[groups == 3] = partition_of_group_3
     with pytest.raises(DataError, match=rf"toy \({where}\): no example of class\(es\) \[3\]"):
         draw_group_splits(groups, partition, seed=0, what="toy", **counts)
+
+
+def test_the_seed_draws_the_validation_and_test_images_too(waterbirds):
+    """Guards every draw of draw_group_splits using the seeded generator: each seed is a
+    replicate with its own validation (and drawn test) images, not only its own training
+    images (2 of each group's 6 in split 1 here, so four seeds cannot all agree by chance)."""
+    tasks = [load(waterbirds, seed=seed, test_per_class=4) for seed in range(4)]
+    assert len({tuple(t.val.paths) for t in tasks}) > 1
+    assert len({tuple(t.test.paths) for t in tasks}) > 1
