@@ -684,3 +684,23 @@ def test_each_severity_draws_its_own_noise(fake_dir):
     strong = F.corrupted_test_images(fake_dir, "gaussian_noise", severity=5)[:2000] - clean
     mid = (clean > 60) & (clean < 190)                  # away from clipping at 0 and 255
     assert abs(np.corrcoef(mild[mid], strong[mid])[0, 1]) < 0.05
+
+
+def test_fmnist_flip_images_are_the_t10k_images(fake_dir):
+    """Guards the flip task's images read from the test files: the training images carry
+    the same index pixels (indices below 10,000 too), so the whole image is compared with
+    the t10k image this test wrote at that index."""
+    images = fake_images(10000, len("t10k-images-idx3-ubyte"))
+    task = get_benchmark("fmnist-flip").load_task(fake_dir, "flip", seed=0, **SMALL)
+    for split in (task.train, task.val, task.test):
+        np.testing.assert_array_equal(to_uint8(split.images), images[source_index(split.images)])
+
+
+def test_two_tensors_of_one_shape_get_different_noise():
+    """Guards the tensor's name in the noise seed: two equal layers of the same shape, both
+    perturbed, must not stay equal (one shared draw would move them together)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[1].load_state_dict(model[0].state_dict())
+    F.perturb_parameters(model, ("0", "1"), scale=0.5, seed=0)
+    assert not torch.equal(model[0].weight, model[1].weight)
+    assert not torch.equal(model[0].bias, model[1].bias)
