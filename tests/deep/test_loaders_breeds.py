@@ -280,3 +280,16 @@ def test_more_superclasses_than_expected_are_refused(imagenet):
     """Guards the superclass count check in both directions: the fixture gives 2."""
     with pytest.raises(DataError, match="gives 2 superclasses, expected 1"):
         load_task(imagenet, expected_superclasses=1)
+
+
+def test_labels_follow_the_superclass_order_not_the_subclass_wnids(imagenet, tmp_path):
+    """Guards labels numbered by superclass position (the names' order), whatever wnids the
+    subclasses have: here superclass 0's target subclass n02000024 sorts after superclass
+    1's n01000012, and its images must still be labelled 0."""
+    split = {"names": ["first", "second"], "source": [["n02000011"], ["n01000011"]],
+             "target": [["n02000024"], ["n01000012"]]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    task = load_task(imagenet, split_file=str(tmp_path / "split.json"))
+    for split_ in (task.train, task.val, task.test):
+        for path, label in zip(split_.paths, split_.labels.tolist()):
+            assert Path(path).parts[-2] == ("n02000024", "n01000012")[label]
