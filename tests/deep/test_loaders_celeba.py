@@ -200,3 +200,14 @@ def test_the_order_of_the_attribute_lines_does_not_matter(celeba):
         for path_, y, group in zip(split.paths, split.labels.tolist(), split.groups.tolist()):
             p, blond, male = facts[path_.rsplit("/", 1)[1]]
             assert p == partition and y == blond and group == 2 * blond + male
+
+
+def test_a_partition_line_with_an_extra_field_is_refused(celeba):
+    """Guards the exact '<file> <0|1|2>' format: a third field (two files run together, or
+    another list pasted in) is a damaged line, not read as its first two fields."""
+    path = celeba / "celeba" / "list_eval_partition.txt"
+    lines = path.read_text().splitlines()
+    lines[2] += " 1"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="line 3 of .*list_eval_partition.txt must be"):
+        load(celeba)
