@@ -70,3 +70,26 @@ def test_per_example_statistics_stay_on_the_parameters_device():
                                                 [(x, y)])
     assert n == 4
     assert {t.device.type for t in (*mean.values(), *var.values())} == {"meta"}
+
+
+def _block_names(model, prefixes):
+    """Parameter names under any of `prefixes`, by hand (a prefix names a whole module)."""
+    return {n for n, _ in model.named_parameters()
+            if any(n == p or n.startswith(p + ".") for p in prefixes)}
+
+
+@pytest.mark.parametrize("arch", ["resnet26-w4", "resnet26-gn", "wrn28-10", "resnet50-public"])
+def test_lp_ft_probes_the_head_for_floor_E_over_2_epochs_then_tunes_every_parameter(arch):
+    """README: epochs 1..floor(E/2) tune `last`, the remaining epochs everything, also the
+    parameters in no block (resnet26-gn's final GroupNorm `bn`, wrn28-10's `bn1`,
+    resnet50-public's `bn1`). E = 1 has no probing epoch at all: floor(1/2) = 0."""
+    model, blocks = build_model(arch, 10), blocks_for(arch)
+    head = _block_names(model, blocks[list(blocks)[-1]])
+    everything = {n for n, _ in model.named_parameters()}
+    expected = {1: [everything], 3: [head, everything, everything],
+                4: [head, head, everything, everything]}
+    for epochs, plans in expected.items():
+        method = get_method("lp-ft", blocks)
+        assert _plans(method, model, epochs) == plans, epochs
+        assert method.last_phase_start() == {1: 1, 3: 2, 4: 3}[epochs]
+        assert set(method.candidates()) == everything
