@@ -12,7 +12,7 @@ from deep.blocks import blocks_for, tuned_parameter_names
 from deep.checkpoints import load_model
 from deep.data import get_benchmark
 from deep.data.base import TensorSplit
-from deep.methods import AutoRGN, EpochPlan, Method
+from deep.methods import AutoRGN, AutoSNR, EpochContext, EpochPlan, Method
 from deep.models import build_model
 from deep.models.registry import matches, matches_any
 from deep.train import TrainConfig, fit
@@ -170,6 +170,46 @@ def test_auto_rgn_measures_each_epoch_on_minibatches_of_its_own(monkeypatch):
     images = [torch.cat(s) for s in seen]
     assert all(any(torch.equal(x, t) for t in train.images) for x in images[0])  # training images
     assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+
+
+@pytest.mark.parametrize("statistic, probe", [("per-example", "per_example_gradient_moments"),
+                                              ("eb-criterion", "eb_criterion")])
+def test_auto_snr_measures_each_epoch_on_five_minibatches_of_its_own(monkeypatch, statistic,
+                                                                     probe):
+    """As Auto-RGN (above): every epoch's statistic sees 5 random training minibatches
+    (README: "over 5 random training minibatches"), new ones each epoch."""
+    import deep.methods as methods_module
+    seen = []
+    real = getattr(methods_module, probe)
+
+    def recording(model, names, minibatches, *args):
+        seen.append([x.clone() for x, _ in minibatches])
+        return real(model, names, minibatches, *args)
+
+    monkeypatch.setattr(methods_module, probe, recording)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    train = TensorSplit(torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+                        torch.arange(40) % 4)
+    fit(model, train, None, None, AutoSNR(statistic=statistic, threshold=0.0),
+        TrainConfig(lr=1e-3, epochs=3, batch_size=4, use_cache=False))
+    assert len(seen) == 3 and all(len(s) == 5 for s in seen)
+    images = [torch.cat(s) for s in seen]
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+
+
+def test_gradient_probe_minibatches_follow_the_runs_seed():
+    """Runs with other seeds probe other random minibatches (a seed-free generator gave
+    every seed of a sweep the same probes); the same seed and epoch give the same ones."""
+    train = random_split(40, seed=3)
+    model = torch.nn.Linear(1, 1)
+
+    def probes(seed, epoch):
+        config = TrainConfig(lr=1e-3, epochs=2, batch_size=4, seed=seed)
+        return torch.cat([x for x, _ in EpochContext(model, train, config).minibatches(5, epoch)])
+    assert torch.equal(probes(0, 1), probes(0, 1))
+    assert not torch.equal(probes(0, 1), probes(1, 1))
+    assert not torch.equal(probes(1, 1), probes(2, 1))
 
 
 def test_a_cache_stays_right_when_the_tuned_set_moves_back(synthetic_checkpoint):
