@@ -19,7 +19,7 @@ from deep.data import get_benchmark
 from deep.data.base import TensorSplit
 from deep.errors import ConfigError
 from deep.methods import (AutoRGN, AutoSNR, EpochPlan, Method, get_method, gradient_snr, method_names,
-                          per_example_gradient_moments, relative_gradient_norms,
+                          L1SP, per_example_gradient_moments, relative_gradient_norms,
                           rgn_multipliers, unfreeze_epochs)
 from deep.models import StagedModel, build_model
 from deep.train import PrefixCache, TrainConfig, evaluate, fit, folded_view
@@ -70,6 +70,19 @@ def test_set_trainable_returns_the_number_of_entries_it_tunes():
     assert {n for n, p in params.items() if p.requires_grad} == set(head)
     weight = next(p for n, p in params.items() if n in head and p.ndim == 2)
     assert count == 4 * weight.shape[1] + 4 < sum(p.numel() for p in params.values())
+
+
+def test_several_options_name_their_union_in_the_models_parameter_order():
+    """["last", "first"] names the head and the first block in the order the model lists
+    its parameters (the docstring's promise), not head first; "all" among the options
+    names every parameter."""
+    model = build_model(ARCH, 4, 3)
+    names = [n for n, _ in model.named_parameters()]
+    top = {"conv1", "bn1", "layer1", "fc"}  # resnet26's `first` (conv1, bn1, layer1), `last`
+    by_hand = [n for n in names if n.split(".")[0] in top]
+    assert by_hand[0] == "conv1.weight" and by_hand[-1] == "fc.bias"
+    assert tuned_parameter_names(model, ["last", "first"], BLOCKS4) == by_hand
+    assert tuned_parameter_names(model, ["last", ALL], BLOCKS4) == names
 
 
 class TinyNet(nn.Module):
@@ -629,6 +642,13 @@ def test_l1sp_penalty_counts_a_moved_first_block_parameter(model):
     assert method.penalty(model).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -1e-4])
+def test_l1sp_refuses_a_lambda_that_is_nan_or_negative(bad):
+    # NaN passes `lambda < 0`; it would make every loss NaN and stop training at epoch 1.
+    with pytest.raises(ConfigError, match="l1_lambda must be >= 0"):
+        L1SP(BLOCKS4, l1_lambda=bad)
+
+
 class _Ctx:
     def __init__(self, batches):
         self.batches = batches
@@ -696,6 +716,81 @@ def test_auto_rgn_multipliers_match_hand_computation():
     assert raw["3.bias"] == pytest.approx(hand["3.bias"], rel=1e-5)
 
 
+def test_an_all_zero_tensor_gets_rgn_multiplier_1_and_stays_tuned():
+    """A zero tensor has no scale for its gradient to be relative to: RGN = inf, multiplier
+    1 (tuned at the full rate), not 0 (frozen). Here the bias starts at zero; the weight,
+    the only finite RGN, is its own maximum: multiplier 1 too."""
+    net = nn.Linear(3, 2)
+    with torch.no_grad():
+        net.bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=g), torch.tensor([0, 1, 0, 1]))]
+    raw = relative_gradient_norms(net, ["weight", "bias"], batches)
+    assert raw["bias"] == math.inf and 0 < raw["weight"] < math.inf
+    method = AutoRGN(minibatches=1)
+    method.prepare(net, TrainConfig(lr=1e-3, epochs=1))
+    plan = method.plan(1, _Ctx(batches))
+    assert plan.lr_scale == {"weight": 1.0, "bias": 1.0}
+    assert plan.tuned == ["weight", "bias"]
+
+
+def test_a_tensor_with_a_tiny_rgn_is_tuned_at_its_tiny_rate_not_frozen():
+    """Auto-RGN tunes every candidate with a positive RGN at lr x RGN / max RGN, however
+    small. Inputs of size 1e-4 make the weight's gradient (d^T x) about 1e-4 of the bias's
+    (sum of d): multiplier ~1e-4, computed here by hand, and the weight still tuned."""
+    net = nn.Linear(3, 2)
+    g = torch.Generator().manual_seed(0)
+    x, y = 1e-4 * torch.randn(4, 3, generator=g), torch.tensor([0, 1, 1, 1])
+    with torch.no_grad():
+        p = torch.softmax(x.double() @ net.weight.double().T + net.bias.double(), 1)
+    d = (p - F.one_hot(y, 2).double()) / len(y)
+    rgn_w = (d.T @ x.double()).norm().item() / net.weight.double().norm().item()
+    rgn_b = d.sum(0).norm().item() / net.bias.double().norm().item()
+    assert rgn_w < 1e-3 * rgn_b
+    method = AutoRGN(minibatches=1)
+    method.prepare(net, TrainConfig(lr=1e-3, epochs=1))
+    plan = method.plan(1, _Ctx([(x, y)]))
+    assert plan.lr_scale["weight"] == pytest.approx(rgn_w / rgn_b, rel=1e-4)
+    assert plan.lr_scale["bias"] == 1.0 and plan.tuned == ["weight", "bias"]
+
+
+def test_a_zero_initialised_head_is_tuned_at_the_full_rate():
+    """Every candidate all zero (a zero-initialised head): every RGN is inf, no finite
+    maximum to divide by, and each tensor gets multiplier 1 as documented for inf."""
+    assert rgn_multipliers({"w": math.inf, "b": math.inf}) == {"w": 1.0, "b": 1.0}
+    net = nn.Linear(3, 2)
+    with torch.no_grad():
+        net.weight.zero_(), net.bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=g), torch.tensor([0, 1, 0, 1]))]
+    method = AutoRGN(minibatches=1)
+    method.prepare(net, TrainConfig(lr=1e-3, epochs=1))
+    plan = method.plan(1, _Ctx(batches))
+    assert plan.lr_scale == {"weight": 1.0, "bias": 1.0} and plan.tuned == ["weight", "bias"]
+
+
+def test_gradient_probes_give_each_tensor_back_its_requires_grad():
+    """The probes switch requires_grad on for the tensors they measure and must switch it
+    back: a frozen tensor left trainable would be tuned by a caller that trusts its flags."""
+    from deep.methods import eb_criterion
+    net, batches = _tiny_problem()
+    flags = {"0.weight": False, "0.bias": True, "3.weight": False, "3.bias": True}
+    for probe in (relative_gradient_norms, eb_criterion):
+        for n, p in net.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+        probe(net, list(flags), batches)
+        assert {n: p.requires_grad for n, p in net.named_parameters() if n in flags} == flags
+
+
+def test_per_example_moments_refuse_a_model_in_train_mode():
+    """In train mode batch norm mixes the examples of a batch: a per-example gradient
+    through it is not defined (AutoSNR.plan switches to eval mode itself)."""
+    net, batches = _tiny_problem()
+    net.train()
+    with pytest.raises(ConfigError, match="per-example gradients need the model in eval mode"):
+        per_example_gradient_moments(net, ["3.bias"], batches)
+
+
 def test_gradient_probes_leave_batch_norm_statistics_alone(model, task):
     """Auto-RGN's probes in train mode: batch statistics in the forward, but the running
     statistics are the model's own afterwards (a measurement must not change the model)."""
@@ -756,6 +851,19 @@ def test_auto_snr_selects_by_threshold(model, task):
         assert bool(plan.tuned) == expect_all
     with pytest.raises(ValueError, match="freeze_bn"):
         AutoSNR().prepare(model, TrainConfig(lr=1e-3, epochs=1, freeze_bn=False))
+
+
+@pytest.mark.parametrize("mode", [False, True])
+def test_auto_snr_plan_leaves_the_model_in_the_mode_it_found(mode):
+    """The plan measures in eval mode and must hand the model back as it was: fit puts it
+    in eval mode (freeze_bn) before planning, and a plan that left it training would let
+    the epoch's forward passes move batch-norm statistics on the uncached path."""
+    net, batches = _tiny_problem()
+    method = AutoSNR(minibatches=3, threshold=0.0)
+    method.prepare(net, TrainConfig(lr=1e-3, epochs=1))
+    net.train(mode)
+    method.plan(1, _Ctx(batches))
+    assert net.training is mode
 
 
 def test_auto_snr_default_threshold_is_one_over_the_batch_size_and_tunes_a_tie(model,
