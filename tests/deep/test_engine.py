@@ -241,6 +241,22 @@ def test_a_fold_whose_batch_norm_bias_alone_is_tuned_passes_that_bias_its_gradie
     assert torch.allclose(bn.bias.grad, torch.full((5,), 2 * 8 * 8.0))
 
 
+def test_a_fold_whose_conv_bias_alone_is_tuned_passes_that_bias_its_gradient():
+    """Only the conv's bias b requires grad (a user's conv with a bias before its BN): the
+    fold must not precompute itself as frozen. bn(conv(x) + b) is linear in b_c with slope
+    s_c = gamma_c / sqrt(var_c + eps) at every position: d(sum)/d(b_c) = n * h * w * s_c."""
+    from deep.prefix_cache import FoldedConvBN
+    conv, bn = _conv_and_frozen_bn(conv_bias=True)
+    for p in (conv.weight, bn.weight, bn.bias):
+        p.requires_grad_(False)
+    fold = FoldedConvBN(conv, bn)
+    fold.fix_if_frozen()
+    fold(torch.randn(2, 3, 8, 8)).sum().backward()
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    assert conv.bias.grad is not None
+    assert torch.allclose(conv.bias.grad, 2 * 8 * 8 * s)
+
+
 @pytest.mark.parametrize("method", ["second", "gradual-first-last"])
 def test_fast_path_reaches_same_accuracy(synthetic_checkpoint, task, method):
     """Cache + folding + channels-last against the plain loop, epoch by epoch; and the
@@ -305,6 +321,50 @@ def test_cache_stores_what_a_plain_pass_computes(model, task, channels_last):
             expected = cache.stages.format_input(x, s)
             stored = cache._acts[("train", s)]
             assert stored.stride() == expected.stride() and torch.equal(stored, expected), s
+
+
+@pytest.mark.parametrize("channels_last, expected", [
+    (None, [True] * 4),               # None: every stage channels-last on the CPU
+    ("first", [True, False, False, False]),
+    (False, [False] * 4)])
+def test_cache_lays_out_the_stages_its_channels_last_setting_names(channels_last, expected):
+    """Which stage inputs the cache keeps channels-last (PrefixCache's docstring, TrainConfig):
+    stage 0 is the images, 1-3 the ResNet's later stages."""
+    model = build_model(ARCH, 4, 3).eval()
+    cache = PrefixCache(model, {"train": _labelled(8, 4)}, channels_last=channels_last)
+    assert len(cache.stages) == 4
+    assert [cache.stages.formats.get(s) == torch.channels_last for s in range(4)] == expected
+
+
+def test_no_tuned_parameter_means_no_stage_runs_with_gradients():
+    """Stages.first_stage: the earliest stage owning a tuned parameter, len(stages) when
+    nothing is tuned (`none`): then every stage is a frozen prefix, none runs with grad.
+    resnet26's stages: (conv1, bn1, layer1), layer2, layer3, fc."""
+    from deep.models.staged import stages_of
+    stages = stages_of(build_model(ARCH, 4, 3))
+    assert stages.first_stage([]) == len(stages) == 4
+    assert stages.first_stage(["fc.bias", "layer2.0.conv1.weight"]) == 1
+    assert stages.first_stage(["conv1.weight", "fc.weight"]) == 0
+
+
+def test_cache_stores_every_image_of_a_split_that_is_not_held_in_memory():
+    """A split that only streams its batches (images from files: not a TensorSplit) has its
+    images stored by the cache itself, all n of them, charged n * C * H * W * 4 bytes."""
+    from deep.data.base import Split
+    images = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Streamed(Split):
+        labels, groups = torch.arange(10) % 4, None
+
+        def batches(self, batch_size, shuffle=False, generator=None):
+            for i in range(0, 10, batch_size):
+                yield images[i:i + batch_size], self.labels[i:i + batch_size], None
+
+    model = build_model(ARCH, 4, 3).eval()
+    cache = PrefixCache(model, {"train": Streamed()}, batch_size=4, channels_last=False)
+    stored, stage = cache.inputs("train", 0)
+    assert stage == 0 and torch.equal(stored, images)
+    assert cache.used == 10 * 3 * 8 * 8 * 4
 
 
 def test_cache_fill_keeps_nothing_it_cannot_store(model, task):
