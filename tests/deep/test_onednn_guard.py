@@ -26,6 +26,8 @@ from deep.models.staged import channels_last_unsafe, guard_channels_last
     (4, 1, 2, 1, True), (7, 1, 2, 1, True), (2, 1, 3, 1, True), (12, 1, 2, 1, True),
     (8, 1, 2, 1, False), (16, 1, 2, 1, False), (4, 1, 1, 1, False), (4, 3, 2, 1, False),
     (16, 1, 2, 4, True), (32, 1, 2, 4, False),
+    # a stride other than 1 in one direction only: still strided (`any`, not `all`)
+    (4, 1, (1, 2), 1, True), (4, 1, (2, 1), 1, True),
 ])
 def test_which_convolutions_are_guarded(cin, kernel, stride, groups, unsafe):
     conv = nn.Conv2d(cin, 8 * groups, kernel, stride=stride, groups=groups)
