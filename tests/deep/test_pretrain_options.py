@@ -186,3 +186,51 @@ def test_a_bad_choice_names_every_valid_one(field, bad, listed):
     from deep.pretrain import PretrainConfig
     with pytest.raises(ConfigError, match=f"{field} must be one of {listed}; got '{bad}'"):
         PretrainConfig(**{field: bad})
+
+
+def test_every_pretrain_setting_reaches_the_engine():
+    """PretrainConfig.train_config hands each of its settings to the engine: a weight
+    decay, milestones or gamma left out would train with TrainConfig's tuning defaults
+    (1e-4, no milestones, 0.1) without a word. Pretraining trains BN (train mode) and
+    every parameter with SGD, momentum 0.9. Expected values are the ones given here."""
+    from deep.pretrain import PretrainConfig
+    config = PretrainConfig(epochs=4, lr=0.03, seed=7, batch_size=16, weight_decay=2e-3,
+                            augment="none", schedule="step", milestones=[2, 3], gamma=0.5,
+                            momentum="plain").train_config()
+    got = {name: getattr(config, name) for name in (
+        "lr", "epochs", "seed", "batch_size", "weight_decay", "schedule", "milestones",
+        "gamma", "nesterov", "optimizer", "momentum", "freeze_bn", "augment", "compile")}
+    assert got == {"lr": 0.03, "epochs": 4, "seed": 7, "batch_size": 16, "weight_decay": 2e-3,
+                   "schedule": "step", "milestones": (2, 3), "gamma": 0.5, "nesterov": False,
+                   "optimizer": "sgd", "momentum": 0.9, "freeze_bn": False, "augment": None,
+                   "compile": False}
+    assert PretrainConfig().train_config().nesterov is True   # Nesterov's by default
+
+
+def test_the_manifest_and_the_checkpoint_meta_record_the_run(tmp_path, one_thread):
+    """Guards the fields `pretrain_to_file` writes: the source *test* accuracy (recounted
+    here by hand from the saved weights), the sizes of both splits, the init file, and the
+    same fields in the checkpoint's meta (docs: "saved in the checkpoint's meta and in
+    the manifest")."""
+    import json
+    from deep.checkpoints import load_checkpoint, load_model
+    from deep.data import get_benchmark
+    from deep.pretrain import PretrainConfig, pretrain_to_file
+    source = get_benchmark("synthetic").load_source(None)
+    torch.manual_seed(0)
+    init = tmp_path / "init.pth"
+    torch.save(build_model("resnet26-w4", source.num_classes).state_dict(), init)
+    config = PretrainConfig(epochs=1, batch_size=64, lr=0.05, augment="none", init=str(init))
+    pretrain_to_file("synthetic", tmp_path / "m.pt", "resnet26-w4", config)
+    manifest = json.loads((tmp_path / "m.pt.json").read_text())
+    model = load_model(tmp_path / "m.pt", "resnet26-w4", source.num_classes, source.in_channels)
+    with torch.no_grad():   # one batch: BN in eval mode, so the same as any batching
+        right = (model.eval()(source.test.images).argmax(1) == source.test.labels).sum()
+    # float32 accuracy in the file: equal to the count over the images to 1e-6
+    assert manifest["source_test_acc"] == pytest.approx(int(right) / len(source.test), abs=1e-6)
+    assert (manifest["source_train_images"], manifest["source_test_images"]) == (
+        len(source.train.labels), len(source.test.labels))
+    assert manifest["init"] == str(init)
+    meta = load_checkpoint(tmp_path / "m.pt").meta
+    assert meta["config"] == manifest["config"] and meta["init"] == str(init)
+    assert meta["source_test_acc"] == manifest["source_test_acc"]
