@@ -301,3 +301,42 @@ def test_a_continued_run_takes_its_weights_from_the_state_not_the_init_file(sour
     for (name, a), (_, b) in zip(whole.state_dict().items(), continued.state_dict().items(),
                                  strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_state_file_of_other_data_options_is_refused(source, tmp_path):
+    # guards: the state's key leaving out `data_key` (the loader options of the command):
+    # a run stopped on one --data setting continued on another of the same fingerprint
+    from deep.pretrain import _run_state
+    state = tmp_path / "m.pt.state"
+    saved, _ = _run_state(state, source, "resnet26-w4", CONFIG, {"options": {"n_train": 32}})
+    saved.save({name: 0 for name in saved.FIELDS})   # any state: only its key is read here
+    with pytest.raises(ConfigError,
+                       match=r"other settings \(options\.n_train: file 32 vs now 64\)"):
+        pretrain(source, "resnet26-w4", CONFIG, progress=False, state_file=state,
+                 data_key={"options": {"n_train": 64}})
+
+
+def test_compile_alone_does_not_refuse_a_stopped_runs_state(source, tmp_path):
+    # guards: `compile` kept in the state's key: it changes speed, not the run, so a run
+    # stopped without it continues with it (the documented exception to "same settings")
+    from deep.pretrain import _run_state
+    state = tmp_path / "m.pt.state"
+    saved, _ = _run_state(state, source, "resnet26-w4", CONFIG, None)
+    saved.save({name: 0 for name in saved.FIELDS})
+    _, loaded = _run_state(state, source, "resnet26-w4",
+                           dataclasses.replace(CONFIG, compile=True), None)
+    assert loaded is not None and loaded["epoch"] == 0
+
+
+def test_the_data_fingerprint_reads_the_file_paths_of_a_split_of_files():
+    """Guards `paths` in the fingerprint: two file splits (ImageNet-C, Waterbirds, ...)
+    of one labelling and size whose images are other files are other data."""
+    from types import SimpleNamespace
+    from deep.data.base import FileSplit
+    from deep.data.images import ImageTransform
+    from deep.pretrain import source_fingerprint
+    labels = torch.tensor([0, 1])
+    prints = [source_fingerprint(SimpleNamespace(train=FileSplit(paths, labels, None,
+                                                                 ImageTransform())))
+              for paths in (["a.png", "b.png"], ["a.png", "b.png"], ["a.png", "c.png"])]
+    assert prints[0] == prints[1] != prints[2]
