@@ -311,6 +311,33 @@ def test_the_cached_source_model_is_retrained_when_its_network_or_data_code_chan
     assert pretrain.source_model_path(bench, "resnet26-w4") == path
 
 
+class Trained(Exception):
+    pass
+
+
+def test_a_cached_model_without_its_manifest_is_trained_again(tmp_path, monkeypatch):
+    """The manifest is written last: a model file without one (a builder killed between
+    the two writes) is not whole and is trained again. Training stops at once here; the
+    thread count `cached_source_model` lowers to 1 is put back even then."""
+    import torch
+
+    from deep import pretrain
+    from deep.data import get_benchmark
+    monkeypatch.setenv("SURGICAL_FT_CACHE", str(tmp_path))
+    bench = get_benchmark("synthetic")
+    path = pretrain.source_model_path(bench, "resnet26-w4")
+    assert path.parent == tmp_path   # $SURGICAL_FT_CACHE names the cache folder
+    path.write_bytes(b"half a model")
+
+    def stop(*args, **kwargs):
+        raise Trained
+    monkeypatch.setattr(pretrain, "pretrain", stop)
+    torch.set_num_threads(2)   # the one_thread fixture puts its own count back afterwards
+    with pytest.raises(Trained):
+        pretrain.cached_source_model(bench, "resnet26-w4")
+    assert torch.get_num_threads() == 2
+
+
 def test_protocols_show_prints_resolved_values(capsys):
     assert main(["protocols", "--show", "fmnist-c"]) == 0
     out = capsys.readouterr().out
