@@ -537,6 +537,55 @@ def test_calibration_refuses_more_images_than_the_test_split_holds(calibrate_on_
     assert err.startswith("error: images (--images) must be at most 10") and "Traceback" not in err
 
 
+def test_calibration_averages_over_every_noise_seed(monkeypatch):
+    """Guards the mean over `seeds`: with three seeds whose perturbations give "accuracy"
+    1, 2 and 3 times the scale, each cell is 2 times the scale (a sum over the seeds
+    divided by 2, right for the default two seeds only, would give 3 times)."""
+    from types import SimpleNamespace
+
+    from deep import calibrate
+    from deep.data.base import TensorSplit
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    test = TensorSplit(torch.zeros(4, 1, 1, 1), torch.zeros(4, dtype=torch.long))
+    bench = SimpleNamespace(pretrained=lambda arch, data_dir: "source.pt", num_classes=1,
+                            in_channels=1, load_source=lambda data_dir: SimpleNamespace(test=test))
+    monkeypatch.setattr(calibrate, "get_benchmark", lambda name: bench)
+    monkeypatch.setattr(calibrate, "load_model", lambda *args, **kwargs: model)
+
+    def perturbation(block, arch, scale, seed):
+        def perturb(net):
+            with torch.no_grad():
+                net.weight += scale * (1 + seed)
+        return perturb
+    monkeypatch.setattr(calibrate, "block_perturbation", perturbation)
+    monkeypatch.setattr(calibrate, "evaluate",
+                        lambda net, split: SimpleNamespace(acc=net.weight.item()))
+    table = calibrate.blocknoise_accuracy([0.5], images=4, seeds=(0, 1, 2))
+    assert table == {("none", 0.0): 0.0, **{(block, 0.5): 1.0 for block in F.BLOCKNOISE_SHIFTS}}
+
+
+def test_calibration_prints_one_row_per_block_with_its_default_scale(monkeypatch, capsys):
+    """`python -m deep.calibrate`'s table: accuracies in points, one column per scale, the
+    separator row as wide as the header, and the default scale of each block (0.45,
+    0.75, 0.65, 3: deep.data.fmnist.NOISE_SCALES). With no flags it scores the five
+    documented scales on the last 2,000 test images."""
+    from deep import calibrate
+    table = {("none", 0.0): 0.93, **{(block, s): 0.5 + s / 10 for block in F.BLOCKNOISE_SHIFTS
+                                     for s in (0.5, 2.0)}}
+    monkeypatch.setattr(calibrate, "blocknoise_accuracy", lambda scales, images: table)
+    assert calibrate.run([0.5, 2.0], 10) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "unperturbed: 93.0 %", "| block | 0.5 | 2 | default |", "|---|---|---|---|",
+        "| first | 55.0 | 70.0 | 0.45 |", "| second | 55.0 | 70.0 | 0.75 |",
+        "| third | 55.0 | 70.0 | 0.65 |", "| last | 55.0 | 70.0 | 3 |"]
+    asked = []
+    monkeypatch.setattr(calibrate, "run",
+                        lambda scales, images: asked.append((scales, images)) or 0)
+    assert calibrate.main([]) == 0
+    assert asked == [([0.1, 0.25, 0.5, 1.0, 2.0], 2000)]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--scales", "abc"], "--scales: expected comma-separated positive numbers, got 'abc'"),
     (["--scales", "1,-2"], "--scales: expected comma-separated positive numbers"),
