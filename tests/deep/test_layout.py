@@ -83,3 +83,22 @@ def test_keep_freed_memory_sets_glibcs_three_thresholds_and_retries_after_a_refu
     assert keep_freed_memory() is True
     assert calls == [(-3, 32 * 2**20), (-1, 2**30), (-2, 64 * 2**20)]
     assert keep_freed_memory() is True and len(calls) == 3   # applied: not set again
+
+
+def test_keep_freed_memory_changes_nothing_off_linux_or_without_mallopt(monkeypatch):
+    """macOS and Windows: nothing to set, no libc looked up, False. A Linux libc without
+    mallopt (musl): False, not an AttributeError out of every command-line entry point."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from deep import allocator
+    looked_up = []
+    monkeypatch.setattr(allocator, "_applied", False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: looked_up.append(name) or SimpleNamespace())
+    for platform_name in ("darwin", "win32"):
+        monkeypatch.setattr(allocator.sys, "platform", platform_name)
+        assert keep_freed_memory() is False
+    assert looked_up == []
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    assert keep_freed_memory() is False and len(looked_up) == 1
+    assert allocator._applied is False
