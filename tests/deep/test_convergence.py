@@ -207,3 +207,17 @@ def test_a_reader_never_sees_the_curves_file_partly_written(tmp_path):
         assert opened_before.read() == before, "the file changed under a reader that had it open"
     assert [(c["seed"], c["epoch"], c["val_acc"]) for c in read_curves(path)] == \
         [(0, 1, 0.5), (1, 1, 0.25), (1, 2, 0.75)]
+
+
+def test_mean_se_by_hand_and_with_one_value_or_none():
+    """Values 0.1, 0.2, 0.6: mean 0.3, deviations -0.2, -0.1, +0.3, sample variance
+    0.14 / 2 = 0.07, s.e. sqrt(0.07 / 3) = 0.152753. One value: no spread (nan). None:
+    no mean either (nan, not 0, which would read as a measured 0 % wherever n is not
+    looked at)."""
+    from deep.stats import mean_se
+    mean, se, n = mean_se([0.1, 0.2, 0.6])
+    assert (mean, se, n) == (pytest.approx(0.3), pytest.approx(0.152753, abs=1e-6), 3)
+    mean, se, n = mean_se([0.4])
+    assert (mean, n) == (0.4, 1) and math.isnan(se)
+    mean, se, n = mean_se(iter([]))
+    assert n == 0 and math.isnan(mean) and math.isnan(se)
