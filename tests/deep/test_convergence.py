@@ -221,3 +221,12 @@ def test_mean_se_by_hand_and_with_one_value_or_none():
     assert (mean, n) == (0.4, 1) and math.isnan(se)
     mean, se, n = mean_se(iter([]))
     assert n == 0 and math.isnan(mean) and math.isnan(se)
+
+
+def test_t_interval_takes_the_level_it_is_given():
+    """Guards `level` reaching the quantile: a 90 % interval over 5 seeds uses t(0.95, 4)
+    = 2.1318 and a 99 % one t(0.995, 4) = 4.6041 (any t table), not 95 %'s 2.7764."""
+    _, half90, _ = t_interval((0.02, 0.01, 5), level=0.90)
+    _, half99, _ = t_interval((0.02, 0.01, 5), level=0.99)
+    assert (half90, half99) == (pytest.approx(0.021318, abs=1e-6),
+                                pytest.approx(0.046041, abs=1e-6))
