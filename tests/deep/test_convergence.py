@@ -230,3 +230,14 @@ def test_t_interval_takes_the_level_it_is_given():
     _, half99, _ = t_interval((0.02, 0.01, 5), level=0.99)
     assert (half90, half99) == (pytest.approx(0.021318, abs=1e-6),
                                 pytest.approx(0.046041, abs=1e-6))
+
+
+def test_a_cell_without_values_prints_a_dash_and_one_seed_its_mean_alone():
+    """Guards the n = 0 and one-seed branches of the two formats: no values print "-"
+    (not "+nan"), one seed its mean alone (no "± nan" nor "[nan, nan]")."""
+    from deep.stats import NO_STAT, format_interval, format_stat
+    assert format_interval(NO_STAT) == "-" and format_stat(NO_STAT) == "-"
+    assert format_interval((0.123, math.nan, 1)) == "+12.3"
+    assert format_stat((0.123, math.nan, 1)) == "12.3"
+    assert format_stat((0.123, math.nan, 1), signed=True) == "+12.3"
+    assert format_stat((0.123, 0.004, 3)) == "12.3 ± 0.4"
