@@ -211,11 +211,11 @@ def test_the_manifest_and_the_checkpoint_meta_record_the_run(tmp_path, one_threa
     """Guards the fields `pretrain_to_file` writes: the source *test* accuracy (recounted
     here by hand from the saved weights), the sizes of both splits, the init file, and the
     same fields in the checkpoint's meta (docs: "saved in the checkpoint's meta and in
-    the manifest")."""
+    the manifest"); the run's state file is gone once both are written."""
     import json
     from deep.checkpoints import load_checkpoint, load_model
     from deep.data import get_benchmark
-    from deep.pretrain import PretrainConfig, pretrain_to_file
+    from deep.pretrain import PretrainConfig, pretrain_to_file, state_path
     source = get_benchmark("synthetic").load_source(None)
     torch.manual_seed(0)
     init = tmp_path / "init.pth"
@@ -234,3 +234,4 @@ def test_the_manifest_and_the_checkpoint_meta_record_the_run(tmp_path, one_threa
     meta = load_checkpoint(tmp_path / "m.pt").meta
     assert meta["config"] == manifest["config"] and meta["init"] == str(init)
     assert meta["source_test_acc"] == manifest["source_test_acc"]
+    assert not state_path(tmp_path / "m.pt").exists()   # the model is safe: state removed
