@@ -27,6 +27,11 @@ def test_own_format_round_trip(tmp_path):
     assert _same(load_model(path, "resnet26-w4", 5, 1), model)
     with pytest.raises(CheckpointError, match="holds arch=resnet26-w4, num_classes=5.*num_classes=10"):
         load_model(path, "resnet26-w4", 10, 1)
+    # guards in_channels in the comparison (a grey model given to a colour benchmark)
+    with pytest.raises(CheckpointError, match=r"holds arch=resnet26-w4, num_classes=5, "
+                                              r"in_channels=1; the benchmark needs arch="
+                                              r"resnet26-w4, num_classes=5, in_channels=3$"):
+        load_model(path, "resnet26-w4", 5, 3)
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temp file
 
 
@@ -84,6 +89,17 @@ def test_random_init_warns_and_is_seeded():
     with pytest.warns(UserWarning):
         b = load_model("none", "resnet26-w4", 4, 3, seed=1)
     assert _same(a, b)
+
+
+def test_random_init_leaves_the_global_random_state_alone():
+    """Guards the fork_rng around the seeded build: `load_model("none", seed=...)` must not
+    reseed the caller's generator (every later draw of the run would depend on it)."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with pytest.warns(UserWarning, match="RANDOM INITIALISATION"):
+        load_model("none", "resnet26-w4", 4, 3, seed=1)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_manifest_verification(tmp_path):
