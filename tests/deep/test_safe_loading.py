@@ -150,6 +150,26 @@ def test_another_registered_networks_file_names_the_arch_it_fits(tmp_path, given
         load_model(tmp_path / "ckpt.pth", wanted, 10, 3)
 
 
+def test_a_file_without_batch_counters_still_names_the_arch_it_fits(tmp_path):
+    """Old torchvision files lack BatchNorm's num_batches_tracked, which loading allows
+    (`optional_key`): such a file of another network is still recognised by its keys."""
+    state = {k: v for k, v in build_model("resnet26-w4", 10, 3).state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match=r"those of resnet26-w4: give --arch resnet26-w4$"):
+        load_model(tmp_path / "old.pth", "resnet26-gn", 10, 3)
+
+
+def test_a_weight_file_path_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    """`--init=~/w.pt` reaches the loader unexpanded by the shell: `~` is the home folder
+    for every reader, load_torchvision_state included."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    state = build_model("resnet26-w4", 4, 1).state_dict()
+    torch.save(state, tmp_path / "w.pt")
+    loaded = load_torchvision_state("~/w.pt")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
 class RunsCommand:
     """Unpickling this calls os.system: what a malicious weight file would do."""
 
