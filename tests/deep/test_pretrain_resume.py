@@ -75,7 +75,9 @@ def test_a_stopped_run_continues_to_the_weights_of_one_never_stopped(source, tmp
     for (name, a), (_, b) in zip(whole.state_dict().items(), continued.state_dict().items(),
                                  strict=True):
         assert torch.equal(a, b), name   # weights and BN running statistics
-    assert torch.load(state, weights_only=True)["epoch"] == 3
+    final = torch.load(state, weights_only=True)
+    # the continued run carries its first epochs' records on (a FitResult of all 3 epochs)
+    assert final["epoch"] == 3 and [r["epoch"] for r in final["history"]] == [1, 2, 3]
 
 
 class Bar:
