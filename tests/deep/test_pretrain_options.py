@@ -235,3 +235,12 @@ def test_the_manifest_and_the_checkpoint_meta_record_the_run(tmp_path, one_threa
     assert meta["config"] == manifest["config"] and meta["init"] == str(init)
     assert meta["source_test_acc"] == manifest["source_test_acc"]
     assert not state_path(tmp_path / "m.pt").exists()   # the model is safe: state removed
+
+
+def test_pretraining_without_weight_decay_is_allowed_but_a_negative_one_is_not():
+    """weight_decay is an L2 coefficient: 0 (none) is a setting, a negative one is not."""
+    from deep.errors import ConfigError
+    from deep.pretrain import PretrainConfig
+    assert PretrainConfig(weight_decay=0.0).train_config().weight_decay == 0.0
+    with pytest.raises(ConfigError, match="weight_decay"):
+        PretrainConfig(weight_decay=-1e-4)
