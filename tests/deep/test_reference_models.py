@@ -401,6 +401,12 @@ def test_resnet50_checkpoints_load_under_either_block_layout(tmp_path):
     assert torch.equal(loaded.layer3[0].conv2.weight, model.layer3[0].conv2.weight)
     save_checkpoint(tmp_path / "pub.pt", loaded, "resnet50-public", 4, 3)
     assert torch.equal(load_model(tmp_path / "pub.pt", "resnet50", 4, 3).fc.weight, model.fc.weight)
+    # `pretrain --init` (load_backbone) takes it too: one network, not "another arch"
+    from deep.checkpoints import load_backbone
+    public = build_model("resnet50-public", 2)
+    assert load_backbone(public, tmp_path / "r50.pt", arch="resnet50-public") == [
+        "fc.bias", "fc.weight"]
+    assert torch.equal(public.layer3[0].conv2.weight, model.layer3[0].conv2.weight)
     save_checkpoint(tmp_path / "r26.pt", build_model("resnet26", 4), "resnet26", 4, 3)
     with pytest.raises(CheckpointError, match="holds arch=resnet26"):
         load_model(tmp_path / "r26.pt", "resnet26-gn", 4, 3)
