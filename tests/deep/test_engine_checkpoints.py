@@ -115,3 +115,17 @@ def test_manifest_verification(tmp_path):
     out.unlink()
     with pytest.raises(CheckpointError, match="manifest not found"):
         verify_checkpoint(path)
+
+
+def test_the_manifest_sha256_covers_every_byte_of_a_large_file(tmp_path):
+    """sha256_file reads in 1 MiB chunks: the digest must be that of the whole file (as
+    hashlib computes it over the bytes at once), so a change past the first MiB is seen."""
+    import hashlib
+    path = tmp_path / "big.pt"
+    data = bytes(range(256)) * (4096 + 1)          # 1 MiB + 256 bytes
+    path.write_bytes(data)
+    info = json.loads(write_manifest(path).read_text())
+    assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["bytes"] == len(data)
+    path.write_bytes(data[:-1] + b"\x00")           # the last byte, past the first MiB
+    with pytest.raises(CheckpointError, match="does not match the manifest"):
+        verify_checkpoint(path)
