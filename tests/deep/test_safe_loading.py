@@ -378,6 +378,22 @@ def test_a_file_damaged_inside_a_tensor_is_refused(tmp_path):
         load_model(path, "resnet26-w4", 4, 1)
 
 
+def test_a_tensor_larger_than_one_read_is_checked_to_its_end(tmp_path):
+    """The CRC check reads each part in 16 MiB pieces; zipfile compares the CRC only once
+    the whole part is read, so a part of 18 MB (a CLIP text embedding is 100 MB) damaged
+    in its last bytes is refused too."""
+    weight = torch.ones(4_500_000)                     # 18 MB of float32 in one part
+    path = tmp_path / "big.pt"
+    torch.save({"w": weight}, path)
+    data = bytearray(path.read_bytes())
+    end = data.find(weight.numpy().tobytes()) + 4 * weight.numel()
+    assert end > 4 * weight.numel()
+    data[end - 64:end] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"big\.pt is damaged: .*data/\d+"):
+        load_torchvision_state(path)
+
+
 def test_a_file_saved_without_checksums_still_loads(tmp_path):
     """torch.save can skip the CRC-32s (set_crc32_options(False)): a zero one is not checked."""
     state = build_model("resnet26-w4", 4, 1).state_dict()
