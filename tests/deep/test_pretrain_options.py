@@ -93,6 +93,16 @@ def test_init_keeps_the_backbone_and_reinitialises_a_classifier_of_another_size(
     assert torch.equal(model.fc.weight, fresh_fc)
 
 
+def test_init_names_an_unexpected_key_under_the_classifier(tmp_path):
+    # guards `k in expected` before comparing shapes: a classifier key the model lacks is
+    # an unexpected key (CheckpointError), not a KeyError
+    state = build_model("resnet26-w4", 10).state_dict()
+    state["fc.scale"] = torch.ones(10)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): fc\.scale"):
+        load_backbone(build_model("resnet26-w4", 10), tmp_path / "extra.pth")
+
+
 def test_init_still_rejects_a_backbone_that_does_not_fit(tmp_path):
     torch.save(build_model("resnet26-w8", 10).state_dict(), tmp_path / "w8.pth")
     with pytest.raises(CheckpointError, match="shape mismatches"):
