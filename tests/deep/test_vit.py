@@ -477,6 +477,23 @@ def test_pretrain_refuses_random_weights_for_clip_unless_told(monkeypatch):
     assert isinstance(model, CLIPImageClassifier)
 
 
+def test_pretrain_init_reinitialises_a_vit_head_of_another_size(tmp_path):
+    """`pretrain --init` with our ViT checkpoint of 5 classes for a 2-class source: the
+    head is the architecture's `last` block (`head`, not ResNet's `fc`), so it is the
+    part re-initialised rather than a shape mismatch."""
+    import deep.pretrain
+    from deep.checkpoints import save_checkpoint
+    from deep.data.base import SourceData
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randn(4, 3, 32, 32, generator=g), torch.arange(4) % 2)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "five.pt", build_model(TINY, 5), TINY, 5, 3)
+    model = deep.pretrain.pretrain(SourceData("camelyon17", 2, 3, split, split), TINY,
+                                   progress=False, epochs=1, batch_size=4, augment="none",
+                                   init=str(tmp_path / "five.pt"))
+    assert isinstance(model, CLIPImageClassifier) and model.head.weight.shape[0] == 2
+
+
 def run_prepare(*args):
     return subprocess.run([sys.executable, "-m", "deep.clip", "prepare", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
