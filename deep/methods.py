@@ -284,7 +284,10 @@ def _mean_over_minibatches(model: nn.Module, names: Sequence[str],
     try:
         totals = [0.0] * len(params)
         for x, y in minibatches:
-            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            # A parameter the forward never uses (a user's spare layer) has gradient zero,
+            # not a RuntimeError that stopped Auto-RGN.
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params,
+                                        allow_unused=True, materialize_grads=True)
             for i, g in enumerate(grads):
                 totals[i] += statistic(i, g)
     finally:
@@ -297,7 +300,8 @@ def _mean_over_minibatches(model: nn.Module, names: Sequence[str],
 
 
 def rgn_multipliers(rgn: Mapping[str, float]) -> dict[str, float]:
-    """RGN divided by its maximum over tensors (tensors with infinite RGN get 1)."""
+    """RGN divided by its maximum over tensors (tensors with infinite RGN get 1; when no
+    finite RGN is positive, every tensor gets 1)."""
     finite = [v for v in rgn.values() if math.isfinite(v)]
     top = max(finite, default=0.0)
     if top <= 0:

@@ -794,6 +794,32 @@ def test_an_all_zero_tensor_gets_rgn_multiplier_1_and_stays_tuned():
     assert plan.tuned == ["weight", "bias"]
 
 
+
+def test_a_parameter_the_forward_never_uses_has_gradient_zero_for_the_probes():
+    """A user's model with a spare layer (in a block, unused by forward): Auto-RGN stopped
+    at autograd's "appears to not have been used in the graph". Its gradient is zero:
+    RGN 0, multiplier 0, the layer left as it was; the used tensors are tuned."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.spare = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(x.flatten(1))
+
+    torch.manual_seed(0)
+    net = Net()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=g), torch.tensor([0, 1, 0, 1]))]
+    raw = relative_gradient_norms(net, ["head.weight", "spare.weight"], batches)
+    assert raw["spare.weight"] == 0.0 and raw["head.weight"] > 0
+    spare = net.spare.weight.detach().clone()
+    split = TensorSplit(torch.randn(16, 3, 1, 1), torch.arange(16) % 2)
+    result = fit(net, split, split, None, "auto-rgn", TrainConfig(lr=1e-2, epochs=1),
+                 {"all": ("head", "spare")})
+    assert result.status == "ok" and torch.equal(net.spare.weight, spare)
+    assert result.tuned_params == 3 * 2 + 2  # the head's weight and bias only
+
 def test_a_tensor_with_a_tiny_rgn_is_tuned_at_its_tiny_rate_not_frozen():
     """Auto-RGN tunes every candidate with a positive RGN at lr x RGN / max RGN, however
     small. Inputs of size 1e-4 make the weight's gradient (d^T x) about 1e-4 of the bias's
