@@ -384,7 +384,9 @@ def load_fmnist_spurious(data_dir=None, shift: str = "balanced", n_target: int =
     data = load_fashion_mnist(data_dir)
     train, val, test = draw_splits(torch.tensor(data.test_labels), NUM_CLASSES, n_target,
                                    val_per_class, test_per_class, seed, f"fmnist-spurious/{shift}")
-    generator = seeded(seed + 1_000_003)  # cue draws: own stream, so the split indices match other benchmarks
+    # The cue draws: a stream apart from the split draws (draw_splits seeds its own), so
+    # the cues do not repeat the index draws of the same seed.
+    generator = seeded(seed + 1_000_003)
     splits = [_spurious_split(data.test_images, data.test_labels, index, agreement, generator, name)
               for index, name in ((train, "train"), (val, "val"), (test, "test"))]
     return ShiftTask("fmnist-spurious", shift, NUM_CLASSES, *splits, group_names=GROUP_NAMES)
