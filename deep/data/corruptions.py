@@ -24,7 +24,8 @@ and are kept. Differences from the recipe, all deliberate:
 - defocus_blur: the disk kernel is anti-aliased by its exact pixel coverage
   (supersampled) instead of thresholding a disk on the integer grid, so the
   scaled radius 1.3125 gives a blur between a plus and a 3x3 box rather than
-  jumping to the plus shape; the recipe's small Gaussian alias blur is kept.
+  jumping to the plus shape; the recipe's small Gaussian alias blur is kept, unscaled
+  (it smooths the kernel's own edge, and the supersampled coverage does most of that).
 - motion_blur: ImageMagick's kernel (one-sided line of taps with Gaussian
   weights exp(-i^2 / 2 sigma^2), i = 0 .. 2 ceil(radius), offsets rounded to whole
   pixels, edge pixels repeated) re-implemented in numpy.
