@@ -22,6 +22,7 @@ What makes it fast, by construction:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -41,7 +42,7 @@ from .errors import (ConfigError, check_choice, check_int, check_nonnegative, ch
 from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import (compile_options, guard_channels_last, plain_strided_calls,
-                            stages_of, to_memory_format)
+                            stages_of, to_memory_format, unhooked_calls)
 from .prefix_cache import (CHANNELS_LAST_CHOICES, DEFAULT_CACHE_MB,  # noqa: F401
                            FoldedConvBN, PrefixCache, amp_active, autocast, batch_statistics,
                            default_eval_batch_size, eval_mode, folded_view, refresh_folds,
@@ -447,6 +448,14 @@ class TrainingRun:
         self.history: list[dict] = []
         self.status = "ok"
         self.start = 0  # earliest stage that runs with gradients
+        self.unhooked: list[str] | None = None  # found by `check_labels`; None: not yet
+
+    def guarded_calls(self):
+        """The context of a differentiated forward: `plain_strided_calls` unless the probe
+        found every faulty-shape call covered by a module hook (deep.models.staged)."""
+        if self.unhooked == []:
+            return contextlib.nullcontext()
+        return plain_strided_calls(self.model)
 
     def check_labels(self) -> None:
         """Every split's labels are classes of the model (its logits on one training
@@ -454,8 +463,13 @@ class TrainingRun:
         training at an IndexError from cross_entropy (or a method's gradient probes), and
         evaluation would silently count its examples as wrong."""
         x, _, _ = next(self.train.batches(1))
+        x = to_device(x, next(self.model.parameters()).device)
         with eval_mode(self.model), torch.inference_mode():
-            outputs = self.model(to_device(x, next(self.model.parameters()).device)).shape[-1]
+            # The same forward says whether the model makes convolution or GroupNorm calls
+            # that no module hook guards (F.conv2d on a weight of its own): only then do the
+            # differentiated forward passes pay for `plain_strided_calls`.
+            self.unhooked = unhooked_calls(self.model, x)
+            outputs = self.model(x).shape[-1]
         for name, split in (("training", self.train), ("validation", self.val),
                             ("test", self.test)):
             if split is not None:
@@ -474,7 +488,7 @@ class TrainingRun:
         # The mode first: a method's plan may run the model (Auto-RGN's gradient probes),
         # which must not depend on the mode the caller or the previous run left it in.
         self.model.train(not self.config.freeze_bn)
-        with plain_strided_calls(self.model):  # Auto-RGN's and Auto-SNR's gradient probes
+        with self.guarded_calls():  # Auto-RGN's and Auto-SNR's gradient probes
             plan = self.method.plan(epoch, EpochContext(self.model, self.train, self.config))
         for name in plan.tuned:
             if name not in self.touched:
@@ -506,7 +520,7 @@ class TrainingRun:
         for x, y in self._batches():
             # Forward only; backward follows its dtypes (autocast) and the layouts the
             # forward saved: convolutions no module hook sees (F.conv2d) are guarded here.
-            with autocast(device, self.config.amp), plain_strided_calls(self.model):
+            with autocast(device, self.config.amp), self.guarded_calls():
                 logits = self._logits(x)
             loss = F.cross_entropy(logits.float(), y.to(device, non_blocking=True))
             penalty = self.method.penalty(self.model)

@@ -267,6 +267,43 @@ def _plain_group_norm_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]
     return (), bound
 
 
+class _UnhookedCalls(TorchFunctionMode):
+    """Records the calls of a forward that `_PlainStridedCalls` exists for: a `conv2d` of
+    the faulty shape, or a `group_norm` with an affine weight, whose weight is not that of
+    a module `guard_channels_last` hooks (layout and gradients aside: one probe decides
+    for every layout the run may use)."""
+
+    def __init__(self, hooked: set[int]):
+        super().__init__()
+        self.hooked, self.found = hooked, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = {} if kwargs is None else kwargs
+        if func is torch.conv2d or func is F.group_norm:
+            names = (("input", "weight", "bias", "stride") if func is torch.conv2d
+                     else ("input", "num_groups", "weight", "bias"))
+            bound = {**dict(zip(names, args)), **kwargs}
+            x, weight = bound["input"], bound.get("weight")
+            if weight is not None and id(weight) not in self.hooked and x.ndim == 4 and (
+                    func is F.group_norm or weight.ndim == 4 and _unsafe_shape(
+                        x.shape[1], weight.shape[1], weight.shape[2:], bound.get("stride", 1))):
+                self.found.append(f"{func.__name__} with a {tuple(weight.shape)} weight")
+        return func(*args, **kwargs)
+
+
+def unhooked_calls(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The calls of `model(x)` (run here) that no hook of `guard_channels_last` covers and
+    the faulty kernels may take: convolutions and GroupNorms computed with `F.conv2d`
+    and `F.group_norm` on weights of a module's own. None: the engine need not wrap its
+    forward passes in `plain_strided_calls`, and saves its cost (`scripts/guard_cost.py`)."""
+    hooked = {id(m.weight) for m in model.modules()
+              if channels_last_unsafe(m) or isinstance(m, nn.GroupNorm)}
+    probe = _UnhookedCalls(hooked)
+    with probe:
+        model(x)
+    return probe.found
+
+
 def plain_strided_calls(model: nn.Module):
     """A context for the forward passes the engine differentiates (training steps, gradient
     probes, adaptation steps): on the CPU, every convolution and GroupNorm call of the

@@ -421,3 +421,66 @@ def test_plain_strided_calls_stay_out_of_the_way_off_the_cpu():
     assert isinstance(plain_strided_calls(nn.Linear(1, 1)), TorchFunctionMode)
     assert not isinstance(plain_strided_calls(nn.Linear(1, 1, device="meta")),
                           TorchFunctionMode)
+
+
+def test_the_probe_finds_the_calls_no_hook_covers_and_only_those():
+    """`unhooked_calls` decides whether a run's forward passes pay for the mode: a
+    faulty-shape F.conv2d or an affine F.group_norm on a weight of a module's own, yes;
+    the same computed by hooked modules (nn.Conv2d, nn.GroupNorm) or of a safe shape, no."""
+    from deep.models.staged import unhooked_calls
+
+    class Functional(nn.Module):
+        def __init__(self, shape, call):
+            super().__init__()
+            self.weight, self.call = nn.Parameter(torch.randn(shape)), call
+
+        def forward(self, x):
+            return self.call(x, self.weight)
+
+    down = Functional((8, 4, 1, 1), lambda x, w: F.conv2d(x, w, None, 2))
+    down_one_way = Functional((8, 4, 1, 1), lambda x, w: F.conv2d(x, w, stride=(1, 2)))
+    safe_stride = Functional((8, 4, 1, 1), lambda x, w: F.conv2d(x, w))
+    safe_kernel = Functional((8, 4, 3, 3), lambda x, w: F.conv2d(x, w, None, 2))
+    norm = Functional((4,), lambda x, w: F.group_norm(x, 2, w))
+    x = torch.randn(1, 4, 8, 8)
+    assert unhooked_calls(down, x) == ["conv2d with a (8, 4, 1, 1) weight"]
+    assert unhooked_calls(down_one_way, x) == ["conv2d with a (8, 4, 1, 1) weight"]
+    assert unhooked_calls(norm, x) == ["group_norm with a (4,) weight"]
+    for covered in (safe_stride, safe_kernel, nn.Conv2d(4, 8, 1, stride=2), nn.GroupNorm(2, 4),
+                    nn.GroupNorm(2, 4, affine=False)):
+        assert unhooked_calls(covered, x) == [], covered
+
+
+def test_a_run_pays_for_the_mode_only_when_the_probe_finds_a_call():
+    """The built-in models make every faulty-shape call through hooked modules: their
+    runs' forward passes go without the mode; a model with an F.conv2d of that shape gets it."""
+    from torch.overrides import TorchFunctionMode
+
+    from deep.data.base import TensorSplit
+    from deep.methods import get_method
+    from deep.models import build_model
+    from deep.train import TrainConfig, TrainingRun
+
+    class Down(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 4, 1, 1))
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight, None, 2)
+
+    split = TensorSplit(torch.randn(8, 4, 8, 8), torch.arange(8) % 4)
+    functional = nn.Sequential(Down(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    runs = {}
+    for name, model in (("resnet26-w4", build_model("resnet26-w4", 4, 4)),
+                        ("functional", functional)):
+        blocks = {"all": tuple(n for n, _ in model.named_children())}
+        run = TrainingRun(model, split, split, None, get_method("all", blocks),
+                          TrainConfig(lr=1e-2, epochs=1), None)
+        assert isinstance(run.guarded_calls(), TorchFunctionMode)  # before the probe: guarded
+        run.check_labels()
+        runs[name] = run
+    assert runs["resnet26-w4"].unhooked == []
+    assert not isinstance(runs["resnet26-w4"].guarded_calls(), TorchFunctionMode)
+    assert runs["functional"].unhooked == ["conv2d with a (8, 4, 1, 1) weight"]
+    assert isinstance(runs["functional"].guarded_calls(), TorchFunctionMode)
