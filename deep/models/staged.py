@@ -310,9 +310,9 @@ def plain_strided_calls(model: nn.Module):
     faulty shapes runs on NCHW strides, modules or not (`_PlainStridedCalls`); the backward
     follows the layouts the forward saved. Elsewhere (CUDA has no oneDNN) nothing. The
     engine still guards modules with hooks (`guard_channels_last`), which a caller's own
-    loop uses too; this adds the calls no hook sees, at a few microseconds per torch call
+    loop uses too; this adds the calls no hook sees, at microseconds per torch call
     (forward passes only: an optimizer step makes hundreds of calls,
-    `scripts/guard_cost.py`)."""
+    `scripts/guard_cost.py`). `fit` enters it only where `unhooked_calls` finds a call."""
     on_cpu = any(p.device.type == "cpu" for p in model.parameters())
     return _PlainStridedCalls() if on_cpu else contextlib.nullcontext()
 
