@@ -463,18 +463,16 @@ def test_blocknoise_task_perturbs_only_its_block_of_resnet26(fake_dir, block, pr
     assert changed and all(k.split(".")[0] in prefixes for k in changed)
 
 
-def test_calibration_perturbs_the_unperturbed_model_each_time_on_the_last_test_images(
-        monkeypatch):
-    """`python -m deep.calibrate`: every (block, scale, noise seed) starts again from the
-    source weights (perturbations never pile up) and is scored on the last `images` test
-    images. The source model is a 1-weight stand-in whose "accuracy" is its weight."""
+def _calibrate_on_a_stand_in(monkeypatch, test_images):
+    """deep.calibrate on a source model that is a 1-weight stand-in, zero at first, whose
+    perturbation for noise seed s adds scale x (1 + s): its "accuracy" is its weight."""
     from types import SimpleNamespace
 
     from deep import calibrate
     from deep.data.base import TensorSplit
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    test = TensorSplit(torch.arange(10.0).view(10, 1, 1, 1), torch.zeros(10, dtype=torch.long))
+    test = TensorSplit(test_images, torch.zeros(len(test_images), dtype=torch.long))
     bench = SimpleNamespace(pretrained=lambda arch, data_dir: "source.pt", num_classes=1,
                             in_channels=1, load_source=lambda data_dir: SimpleNamespace(test=test))
     monkeypatch.setattr(calibrate, "get_benchmark", lambda name: bench)
@@ -486,6 +484,17 @@ def test_calibration_perturbs_the_unperturbed_model_each_time_on_the_last_test_i
                 net.weight += scale * (1 + seed)
         return perturb
     monkeypatch.setattr(calibrate, "block_perturbation", perturbation)
+    return calibrate
+
+
+def test_calibration_perturbs_the_unperturbed_model_each_time_on_the_last_test_images(
+        monkeypatch):
+    """`python -m deep.calibrate`: every (block, scale, noise seed) starts again from the
+    source weights (perturbations never pile up) and is scored on the last `images` test
+    images. The source model is a 1-weight stand-in whose "accuracy" is its weight."""
+    from types import SimpleNamespace
+
+    calibrate = _calibrate_on_a_stand_in(monkeypatch, torch.arange(10.0).view(10, 1, 1, 1))
     scored = []
 
     def evaluate(net, split):
@@ -543,22 +552,7 @@ def test_calibration_averages_over_every_noise_seed(monkeypatch):
     divided by 2, right for the default two seeds only, would give 3 times)."""
     from types import SimpleNamespace
 
-    from deep import calibrate
-    from deep.data.base import TensorSplit
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    test = TensorSplit(torch.zeros(4, 1, 1, 1), torch.zeros(4, dtype=torch.long))
-    bench = SimpleNamespace(pretrained=lambda arch, data_dir: "source.pt", num_classes=1,
-                            in_channels=1, load_source=lambda data_dir: SimpleNamespace(test=test))
-    monkeypatch.setattr(calibrate, "get_benchmark", lambda name: bench)
-    monkeypatch.setattr(calibrate, "load_model", lambda *args, **kwargs: model)
-
-    def perturbation(block, arch, scale, seed):
-        def perturb(net):
-            with torch.no_grad():
-                net.weight += scale * (1 + seed)
-        return perturb
-    monkeypatch.setattr(calibrate, "block_perturbation", perturbation)
+    calibrate = _calibrate_on_a_stand_in(monkeypatch, torch.zeros(4, 1, 1, 1))
     monkeypatch.setattr(calibrate, "evaluate",
                         lambda net, split: SimpleNamespace(acc=net.weight.item()))
     table = calibrate.blocknoise_accuracy([0.5], images=4, seeds=(0, 1, 2))
