@@ -41,8 +41,8 @@ from .errors import (ConfigError, check_choice, check_int, check_nonnegative, ch
                      check_seed, clash_text, differences)
 from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
-from .models.staged import (compile_options, guard_channels_last, plain_strided_calls,
-                            stages_of, to_memory_format, unhooked_calls)
+from .models.staged import (UnhookedCalls, compile_options, guard_channels_last,
+                            plain_strided_calls, stages_of, to_memory_format)
 from .prefix_cache import (CHANNELS_LAST_CHOICES, DEFAULT_CACHE_MB,  # noqa: F401
                            FoldedConvBN, PrefixCache, amp_active, autocast, batch_statistics,
                            default_eval_batch_size, eval_mode, folded_view, refresh_folds,
@@ -464,12 +464,12 @@ class TrainingRun:
         evaluation would silently count its examples as wrong."""
         x, _, _ = next(self.train.batches(1))
         x = to_device(x, next(self.model.parameters()).device)
-        with eval_mode(self.model), torch.inference_mode():
-            # The same forward says whether the model makes convolution or GroupNorm calls
-            # that no module hook guards (F.conv2d on a weight of its own): only then do the
-            # differentiated forward passes pay for `plain_strided_calls`.
-            self.unhooked = unhooked_calls(self.model, x)
+        # The same forward says whether the model makes convolution or GroupNorm calls that
+        # no module hook guards (F.conv2d on a weight of its own): only then do the
+        # differentiated forward passes pay for `plain_strided_calls`.
+        with eval_mode(self.model), torch.inference_mode(), UnhookedCalls(self.model) as probe:
             outputs = self.model(x).shape[-1]
+        self.unhooked = probe.found
         for name, split in (("training", self.train), ("validation", self.val),
                             ("test", self.test)):
             if split is not None:

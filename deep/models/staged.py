@@ -227,6 +227,24 @@ def guard_channels_last(model: nn.Module) -> int:
     return count
 
 
+_CONV2D_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_GROUP_NORM_ARGUMENTS = ("input", "num_groups", "weight", "bias", "eps")
+
+
+def _bound(func, args: tuple, kwargs: dict) -> dict | None:
+    """A `conv2d` or `group_norm` call's arguments by name; None for any other function."""
+    names = (_CONV2D_ARGUMENTS if func is torch.conv2d  # F.conv2d is the same function
+             else _GROUP_NORM_ARGUMENTS if func is F.group_norm else None)
+    return None if names is None else {**dict(zip(names, args)), **kwargs}
+
+
+def _faulty_conv2d_shape(bound: dict) -> bool:
+    """Whether a bound `conv2d` call has `channels_last_unsafe`'s shape."""
+    x, weight = bound["input"], bound["weight"]
+    return x.ndim == 4 and weight.ndim == 4 and _unsafe_shape(
+        x.shape[1], weight.shape[1], weight.shape[2:], bound.get("stride", 1))
+
+
 class _PlainStridedCalls(TorchFunctionMode):
     """Every `conv2d` and `group_norm` call made while active, with the NCHW strides
     `guard_channels_last` gives modules, where the same rules say so: also the calls it
@@ -236,72 +254,40 @@ class _PlainStridedCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = {} if kwargs is None else kwargs
-        if func is torch.conv2d:  # F.conv2d is the same function
-            args, kwargs = _plain_conv2d_arguments(args, kwargs)
-        elif func is F.group_norm:
-            args, kwargs = _plain_group_norm_arguments(args, kwargs)
-        return func(*args, **kwargs)
+        bound = _bound(func, args, kwargs)
+        if bound is None:
+            return func(*args, **kwargs)
+        x = bound["input"]
+        if func is torch.conv2d:
+            if x.device.type == "cpu" and _faulty_conv2d_shape(bound):
+                bound["input"], bound["weight"] = plain_strides(x), plain_strides(bound["weight"])
+        elif _group_norm_call_unsafe(x, (bound.get("weight"), bound.get("bias"))):
+            bound["input"] = plain_strides(x)
+        return func(**bound)
 
 
-def _plain_conv2d_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """conv2d(input, weight, bias, stride, padding, dilation, groups)'s arguments, input
-    and weight with plain strides when the call has `channels_last_unsafe`'s shape."""
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    bound = {**dict(zip(names, args)), **kwargs}
-    x, weight = bound["input"], bound["weight"]
-    if (x.device.type == "cpu" and x.ndim == 4 and weight.ndim == 4
-            and _unsafe_shape(x.shape[1], weight.shape[1], weight.shape[2:],
-                              bound.get("stride", 1))):
-        bound["input"], bound["weight"] = plain_strides(x), plain_strides(weight)
-    return (), bound
+class UnhookedCalls(TorchFunctionMode):
+    """While active, records in `found` the calls that `_PlainStridedCalls` exists for: a
+    `conv2d` of the faulty shape, or a `group_norm` with an affine weight, whose weight is
+    not that of a module of `model` that `guard_channels_last` hooks (layout and gradients
+    aside: one forward decides for every layout a run may use). None found: the engine need
+    not wrap its forward passes in `plain_strided_calls`, and saves its cost
+    (`scripts/guard_cost.py`)."""
 
-
-def _plain_group_norm_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """group_norm(input, num_groups, weight, bias, eps)'s arguments, input with plain
-    strides where `group_norm_unsafe`'s rule says so."""
-    names = ("input", "num_groups", "weight", "bias", "eps")
-    bound = {**dict(zip(names, args)), **kwargs}
-    x = bound["input"]
-    if _group_norm_call_unsafe(x, (bound.get("weight"), bound.get("bias"))):
-        bound["input"] = plain_strides(x)
-    return (), bound
-
-
-class _UnhookedCalls(TorchFunctionMode):
-    """Records the calls of a forward that `_PlainStridedCalls` exists for: a `conv2d` of
-    the faulty shape, or a `group_norm` with an affine weight, whose weight is not that of
-    a module `guard_channels_last` hooks (layout and gradients aside: one probe decides
-    for every layout the run may use)."""
-
-    def __init__(self, hooked: set[int]):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.hooked, self.found = hooked, []
+        self.hooked = {id(m.weight) for m in model.modules()
+                       if channels_last_unsafe(m) or isinstance(m, nn.GroupNorm)}
+        self.found: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = {} if kwargs is None else kwargs
-        if func is torch.conv2d or func is F.group_norm:
-            names = (("input", "weight", "bias", "stride") if func is torch.conv2d
-                     else ("input", "num_groups", "weight", "bias"))
-            bound = {**dict(zip(names, args)), **kwargs}
-            x, weight = bound["input"], bound.get("weight")
-            if weight is not None and id(weight) not in self.hooked and x.ndim == 4 and (
-                    func is F.group_norm or weight.ndim == 4 and _unsafe_shape(
-                        x.shape[1], weight.shape[1], weight.shape[2:], bound.get("stride", 1))):
-                self.found.append(f"{func.__name__} with a {tuple(weight.shape)} weight")
+        bound = _bound(func, args, kwargs)
+        weight = None if bound is None else bound.get("weight")
+        if (weight is not None and id(weight) not in self.hooked and bound["input"].ndim == 4
+                and (func is F.group_norm or _faulty_conv2d_shape(bound))):
+            self.found.append(f"{func.__name__} with a {tuple(weight.shape)} weight")
         return func(*args, **kwargs)
-
-
-def unhooked_calls(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """The calls of `model(x)` (run here) that no hook of `guard_channels_last` covers and
-    the faulty kernels may take: convolutions and GroupNorms computed with `F.conv2d`
-    and `F.group_norm` on weights of a module's own. None: the engine need not wrap its
-    forward passes in `plain_strided_calls`, and saves its cost (`scripts/guard_cost.py`)."""
-    hooked = {id(m.weight) for m in model.modules()
-              if channels_last_unsafe(m) or isinstance(m, nn.GroupNorm)}
-    probe = _UnhookedCalls(hooked)
-    with probe:
-        model(x)
-    return probe.found
 
 
 def plain_strided_calls(model: nn.Module):
@@ -312,7 +298,7 @@ def plain_strided_calls(model: nn.Module):
     engine still guards modules with hooks (`guard_channels_last`), which a caller's own
     loop uses too; this adds the calls no hook sees, at microseconds per torch call
     (forward passes only: an optimizer step makes hundreds of calls,
-    `scripts/guard_cost.py`). `fit` enters it only where `unhooked_calls` finds a call."""
+    `scripts/guard_cost.py`). `fit` enters it only where `UnhookedCalls` finds a call."""
     on_cpu = any(p.device.type == "cpu" for p in model.parameters())
     return _PlainStridedCalls() if on_cpu else contextlib.nullcontext()
 

@@ -424,10 +424,15 @@ def test_plain_strided_calls_stay_out_of_the_way_off_the_cpu():
 
 
 def test_the_probe_finds_the_calls_no_hook_covers_and_only_those():
-    """`unhooked_calls` decides whether a run's forward passes pay for the mode: a
+    """`UnhookedCalls` decides whether a run's forward passes pay for the mode: a
     faulty-shape F.conv2d or an affine F.group_norm on a weight of a module's own, yes;
     the same computed by hooked modules (nn.Conv2d, nn.GroupNorm) or of a safe shape, no."""
-    from deep.models.staged import unhooked_calls
+    from deep.models.staged import UnhookedCalls
+
+    def unhooked_calls(model, x):
+        with UnhookedCalls(model) as probe:
+            model(x)
+        return probe.found
 
     class Functional(nn.Module):
         def __init__(self, shape, call):
