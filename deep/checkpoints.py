@@ -221,10 +221,10 @@ def _pickle_protocol(start: bytes) -> int | None:
 
 
 def _plain_pickle_protocol(start: bytes) -> int | None:
-    """The protocol of a file written by pickle.dump (protocol >= 3; torch.save never
-    writes one without its magic number first), from its first bytes; None for anything
-    else."""
-    if len(start) < 2 or start[0] != 0x80 or start[1] < 3 or _pickle_protocol(start):
+    """The protocol of a file written by pickle.dump (protocol >= 2, which starts with
+    its PROTO opcode; torch.save's legacy format starts so too, but with its pickled
+    magic number next), from its first bytes; None for anything else."""
+    if len(start) < 2 or start[0] != 0x80 or start[1] < 2 or _pickle_protocol(start):
         return None
     return start[1]
 

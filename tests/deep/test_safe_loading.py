@@ -250,12 +250,16 @@ def test_a_whole_model_pickle_loads_when_trusted(tmp_path):
     assert _same_weights(loaded, model.state_dict())
 
 
-def test_a_plain_pickle_is_named_as_such(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_plain_pickle_is_named_as_such(tmp_path, protocol):
+    """Protocol 2 too: it starts like torch's legacy format (0x80 0x02), but without the
+    pickled magic number torch.save writes first."""
     state = build_model("resnet26-w4", 4, 1).state_dict()
     with open(tmp_path / "plain.pkl", "wb") as f:
-        pickle.dump(state, f, protocol=4)
+        pickle.dump(state, f, protocol=protocol)
     for trust in (False, True):     # torch.load reads neither way ("invalid magic number")
-        with pytest.raises(CheckpointError, match=r"plain pickle \(protocol 4\).*torch\.save"):
+        with pytest.raises(CheckpointError,
+                           match=rf"plain pickle \(protocol {protocol}\).*torch\.save"):
             load_model(tmp_path / "plain.pkl", "resnet26-w4", 4, 1, trust_checkpoint=trust)
 
 
