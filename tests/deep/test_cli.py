@@ -126,6 +126,22 @@ def test_help_says_a_flag_not_given_keeps_the_protocols_value(capsys, command, w
     assert not re.search(r"--(shifts|seeds) (SHIFTS|SEEDS) --", out)   # each flag has help
 
 
+def test_help_shows_each_built_in_default_a_list_factory_and_an_empty_list_included(capsys):
+    """The help shows the built-in default of each generated flag, that of a field with a
+    default_factory (`seeds`: [0]) too, and an empty list (pretrain's milestones) as none."""
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    sweep = " ".join(capsys.readouterr().out.split())
+    assert "--seeds SEEDS [SEEDS ...] seeds to run (built-in default: 0);" in sweep
+    assert ("--select {val_acc,worst_group_val_acc} what picks (lr, epoch) "
+            "(built-in default: val_acc)") in sweep
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    pretrain = " ".join(capsys.readouterr().out.split())
+    assert ("epochs after which a step schedule multiplies the lr by gamma "
+            "(built-in default: none); comma-separated") in pretrain
+
+
 def test_protocols_lists_synthetic(capsys):
     assert main(["protocols"]) == 0
     assert "synthetic: resnet26-w4" in capsys.readouterr().out
@@ -256,3 +272,71 @@ def test_a_checkpoint_under_home_is_found_as_data_dir_and_out_are(tmp_path, synt
     assert [r["checkpoint"] for r in read_results(tmp_path / "r.csv")] == [str(tmp_path / "w.pt")]
     loaded = load_model("~/w.pt", "resnet26-w4", 4, 3)  # the Python API as well
     assert torch.equal(loaded.fc.weight, state["fc.weight"])
+
+
+def _fake_sweep(monkeypatch, summary=(0, 0, 0)):
+    """run_sweep replaced by a recorder: what the command line hands it, without a run."""
+    import deep.__main__ as cli
+    from deep.sweep import SweepSummary
+    seen = {}
+
+    def fake(protocol, out, **kwargs):
+        seen.update(kwargs, protocol=protocol, out=out)
+        return SweepSummary(*summary, seconds=1.5, out=Path(out))
+    monkeypatch.setattr(cli, "run_sweep", fake)
+    return seen
+
+
+def test_every_sweep_flag_reaches_run_sweep(monkeypatch, capsys):
+    """--arch, --workers, --amp, --no-progress, ...: a flag argparse reads that never
+    reached run_sweep (a keyword left at its default) failed no other test; the sweep would
+    run the protocol's architecture, one process, float32, with a progress bar."""
+    seen = _fake_sweep(monkeypatch, summary=(3, 2, 1))
+    assert main(["sweep", "--benchmark", "synthetic", "--out", "r.csv", "--arch", "resnet26",
+                 "--workers", "3", "--amp", "--no-progress", "--device", "cpu", "--cache-mb", "7",
+                 "--data-dir", "d", "--checkpoint", "w.pt", "--trust-checkpoint"]) == 0
+    assert seen["protocol"].arch == "resnet26" and seen["out"] == "r.csv"
+    assert (seen["workers"], seen["amp"], seen["progress"], seen["device"]) == (3, True, False,
+                                                                                "cpu")
+    assert (seen["cache_mb"], seen["data_dir"], seen["checkpoint"]) == (7.0, "d", "w.pt")
+    assert seen["trust_checkpoint"] is True
+    assert ("ran 3 cells (1 diverged), skipped 2 already finished, in 1.5 s"
+            in capsys.readouterr().out)
+
+
+def test_a_sweep_without_those_flags_runs_with_their_defaults(monkeypatch):
+    seen = _fake_sweep(monkeypatch)
+    assert main(["sweep", "--benchmark", "synthetic", "--out", "r.csv"]) == 0
+    assert seen["protocol"].arch == "resnet26-w4"   # deep/configs/synthetic.toml
+    assert (seen["workers"], seen["amp"], seen["progress"], seen["device"]) == (1, False, True,
+                                                                                "auto")
+    assert (seen["data_dir"], seen["checkpoint"], seen["trust_checkpoint"]) == (None, None, False)
+
+
+def test_protocols_show_indents_every_line_of_the_notes(capsys):
+    """The notes print under the values, each line indented: a line at column 0 would read
+    as the line of another protocol."""
+    assert main(["protocols", "--show", "synthetic"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("synthetic: resnet26-w4, 4 shift(s), 11 methods, 3 lrs, 2 seed(s)")
+    assert ("  Generated in memory (deep/data/synthetic.py): class = orientation of a colour "
+            "grating.") in lines
+    assert ("  Shifts: noise (input), feature (other subpopulation), flip (labels permuted), "
+            "spurious") in lines
+    assert "  cells of 10 epochs over 200 images; --quick runs 11 cells in seconds." in lines
+    assert all(line.startswith("  ") for line in lines[1:])
+
+
+def test_a_command_module_whose_dependency_is_missing_is_an_error_not_a_missing_command(
+        tmp_path, monkeypatch):
+    """A module of MODULE_COMMANDS that is absent leaves its subcommand out; one that is
+    there but cannot import a package of its own must say which package, not vanish from
+    `python -m deep --help` as though it did not exist."""
+    import deep.__main__ as cli
+    (tmp_path / "toy_command.py").write_text("import a_package_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "MODULE_COMMANDS", {"absent": "absent_command"})
+    assert cli._module_commands() == {}
+    monkeypatch.setattr(cli, "MODULE_COMMANDS", {"toy": "toy_command"})
+    with pytest.raises(ModuleNotFoundError, match="a_package_that_is_not_installed"):
+        cli._module_commands()
