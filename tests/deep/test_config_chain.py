@@ -195,6 +195,44 @@ def test_comma_lists_drop_the_spaces_around_each_value():
         comma_list(float)("0.1, fast")
 
 
+def test_a_malformed_list_flag_names_the_text_it_could_not_read(capsys):
+    with pytest.raises(SystemExit):
+        cli_args("sweep", "--benchmark", "synthetic", "--out", "x.csv", "--seeds", "0,1", "2,x")
+    assert ("argument --seeds: expected comma-separated int values, got '2,x'"
+            in capsys.readouterr().err)
+
+
+def test_the_number_types_of_flags_take_their_bound_and_refuse_what_lies_past_it():
+    from deep.flags import at_least, nonnegative_float, positive_floats
+    assert at_least(1)("1") == 1 and at_least(0)("0") == 0 and at_least(1)("12") == 12
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer >= 1, got '0'"):
+        at_least(1)("0")
+    assert nonnegative_float("0") == 0.0 and nonnegative_float("2.5") == 2.5
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number >= 0, got '-0.5'"):
+        nonnegative_float("-0.5")
+    assert positive_floats("0.1, 1e-3,") == [0.1, 0.001]     # a trailing comma is no value
+    # a repeat, in any spelling, would time or score one setting twice
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'0.1,1e-1' lists 0.1 more than once"):
+        positive_floats("0.1,1e-1")
+
+
+def test_threads_are_set_as_asked_one_included_and_a_bool_is_refused():
+    """`--threads 1` is the count that reproduces the cached synthetic model: it must be
+    applied, not taken for "leave torch's default" as 0 is."""
+    import torch
+
+    from deep.flags import set_threads
+    torch.set_num_threads(2)
+    set_threads(1)
+    assert torch.get_num_threads() == 1
+    set_threads(0)                       # 0: torch's default, left as it is
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ConfigError, match="--threads must be an integer >= 0 .* got True"):
+        set_threads(True)
+    with pytest.raises(ConfigError, match="got -1"):
+        set_threads(-1)
+
+
 def cli_args(*argv):
     from deep.__main__ import add_pretrain_arguments, add_sweep_arguments
     parser = argparse.ArgumentParser()
@@ -281,6 +319,34 @@ def test_pretrain_passes_its_device_flag_on(monkeypatch, capsys):
     assert calls[0]["device"] == "cuda:1"
 
 
+def test_pretrain_sets_the_torch_threads_its_flag_asks_for(monkeypatch, capsys):
+    """--threads is part of "same seed, same numbers" (the cached synthetic model trains
+    on 1); no other test fails when the flag is parsed but never applied."""
+    import torch
+
+    import deep.__main__ as cli
+    from deep.__main__ import main
+    threads = []
+    monkeypatch.setattr(cli, "pretrain_to_file", lambda *a, **k: threads.append(
+        torch.get_num_threads()) or {"source_test_acc": 0.5, "seconds": 1.0})
+    assert main(["pretrain", "--benchmark", "synthetic", "--out", "x.pt", "--threads", "3"]) == 0
+    assert threads == [3]      # (the one_thread fixture puts the count back)
+
+
+def test_the_manifests_command_quotes_an_argument_as_a_shell_would_need_it(monkeypatch, capsys):
+    """The manifest's command is to be pasted into a shell: an --out with a space in it
+    must come back as one argument."""
+    import deep.__main__ as cli
+    from deep.__main__ import main
+    calls = []
+    monkeypatch.setattr(cli, "pretrain_to_file", lambda *a, **k: calls.append(k) or
+                        {"source_test_acc": 0.5, "seconds": 1.0})
+    assert main(["pretrain", "--benchmark", "synthetic", "--out", "my models/x.pt",
+                 "--lr", "0.05"]) == 0
+    assert calls[0]["command"] == ("python -m deep pretrain --benchmark synthetic "
+                                   "--out 'my models/x.pt' --lr 0.05")
+
+
 def test_the_synthetic_protocol_records_how_its_cached_source_model_is_trained():
     """A sweep without --checkpoint uses the model `cached_source_model` trains from the
     benchmark's recipe; the protocol (shown, and saved beside the results) must say so."""
@@ -336,6 +402,16 @@ def test_a_cached_model_without_its_manifest_is_trained_again(tmp_path, monkeypa
     with pytest.raises(Trained):
         pretrain.cached_source_model(bench, "resnet26-w4")
     assert torch.get_num_threads() == 2
+
+
+def test_the_protocols_are_listed_by_name_whatever_order_the_folder_gives(tmp_path, monkeypatch):
+    import deep.protocol as protocol_module
+    for name in ("waterbirds", "camelyon17", "fmnist-c", "celeba", "synthetic", "cifar10c"):
+        (tmp_path / f"{name}.toml").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    monkeypatch.setattr(protocol_module, "CONFIG_DIR", tmp_path)
+    assert protocol_module.available_protocols() == ["camelyon17", "celeba", "cifar10c",
+                                                     "fmnist-c", "synthetic", "waterbirds"]
 
 
 def test_protocols_show_prints_resolved_values(capsys):
@@ -521,6 +597,24 @@ def test_the_engine_and_the_protocol_check_settings_with_one_message(make, messa
     same bad value gets the same ConfigError whichever layer sees it first."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         make()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size must be at least 1, got 0"),
+    ("batch_size", 6.5, "batch_size must be an integer, got 6.5"),
+    ("patience", 0, "patience must be at least 1, got 0"),
+    ("patience", 2.5, "patience must be an integer, got 2.5"),
+])
+def test_a_protocols_batch_size_and_patience_are_checked_where_they_are_given(field, value,
+                                                                              message):
+    """Named with the file that holds them, and a flag's before anything runs, not by the
+    first cell's TrainConfig after the source model was resolved (or trained)."""
+    raw = {"benchmark": "x", "arch": "resnet26", "shifts": ["a"], "methods": ["all"],
+           "n_target": 10, "val_per_class": 1, "test_per_class": 0, "epochs": 2, "lrs": [0.1]}
+    with pytest.raises(ConfigError, match=r"^x\.toml: " + re.escape(message)):
+        protocol_from_dict({**raw, field: value}, "x.toml")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_protocol("synthetic").replace(**{field: value})
 
 
 @pytest.mark.parametrize("seed, message", [
