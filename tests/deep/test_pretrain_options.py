@@ -28,6 +28,14 @@ def test_data_option_without_equals_is_rejected():
         data_option("num_workers")
 
 
+def test_data_option_drops_the_spaces_around_its_key_and_refuses_an_empty_one():
+    """`--data " severity = 3"` names the option `severity`, which the loader knows;
+    `--data =3` names none."""
+    assert data_option(" severity = 3") == ("severity", 3)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE, got ' =3'"):
+        data_option(" =3")
+
+
 @pytest.mark.parametrize("benchmark,options,message", [
     ("cifar10c", {"severity": "five"}, "severity='five': the cifar10c loader expects int"),
     ("cifar10c", {"severity": 2.0}, "expects int"),
