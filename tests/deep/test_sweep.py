@@ -352,6 +352,39 @@ def test_quick_protocol():
     assert p.methods == load_protocol("synthetic").methods
 
 
+def test_quick_takes_the_middle_of_the_sorted_grid_and_never_adds_epochs():
+    """The synthetic grid [0.1, 0.01, 0.001] is sorted already and runs 10 epochs, so
+    --quick's middle lr and its cap at 2 epochs hold there whether or not the grid is
+    sorted and the epochs capped rather than set."""
+    p = quick(small_protocol(lrs=[1e-3, 1e-1, 1e-2, 1e-4, 1e-5], epochs=1))
+    assert p.lrs == [1e-3] and p.epochs == 1
+    assert quick(small_protocol(lrs=[1e-1, 1e-3, 1e-2], epochs=5)).lrs == [1e-2]
+
+
+def test_grouping_keeps_every_shift_and_seed_apart():
+    """A group runs on the data of its first cell's (shift, seed): a cell of another seed
+    in it would run on that seed's data split and record its own."""
+    from deep.sweep import group_cells
+    cells = plan_cells(small_protocol(shifts=["noise", "flip"], seeds=[0, 1],
+                                      methods=["first", "last"], lrs=[1e-2]))
+    groups = group_cells(cells, workers=1)
+    for g in groups:
+        assert {(c.shift, c.seed) for c in g} == {(g[0].shift, g[0].seed)}
+    assert sorted((g[0].shift, g[0].seed, len(g)) for g in groups) == [
+        ("flip", 0, 2), ("flip", 1, 2), ("noise", 0, 2), ("noise", 1, 2)]
+
+
+def test_grouping_splits_several_tasks_so_that_every_worker_has_work():
+    """3 tasks of 2 cells and 4 workers: each task splits in 2 (ceil(4 / 3)), 6 groups of
+    one cell; rounding down would keep 3 groups and leave a worker idle."""
+    from deep.sweep import group_cells
+    cells = plan_cells(small_protocol(shifts=["noise", "flip", "feature"],
+                                      methods=["first", "last"], lrs=[1e-2]))
+    groups = group_cells(cells, workers=4)
+    assert sorted(len(g) for g in groups) == [1, 1, 1, 1, 1, 1]
+    assert sorted(c.key for g in groups for c in g) == sorted(c.key for c in cells)
+
+
 def test_a_sweep_stopped_before_its_first_row_leaves_no_file(tmp_path, capsys):
     """The resolved configuration is written with the first row: a sweep that stops before
     (here: a data folder the loader cannot read) leaves neither results nor config.json."""
