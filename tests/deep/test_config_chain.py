@@ -414,6 +414,16 @@ def test_the_protocols_are_listed_by_name_whatever_order_the_folder_gives(tmp_pa
                                                      "fmnist-c", "synthetic", "waterbirds"]
 
 
+def test_a_protocol_that_does_not_exist_is_refused_with_the_list_of_those_that_do(tmp_path):
+    for name in ("fmnist-c", "celeba"):
+        (tmp_path / f"{name}.toml").write_text("")
+    with pytest.raises(ConfigError, match=r"no protocol for benchmark 'mnist' \(.*mnist.toml "
+                       r"missing\); known: celeba, fmnist-c$"):
+        read_protocol_file(tmp_path, "mnist")
+    with pytest.raises(ConfigError, match="no protocol for benchmark 'mnist' .*; known: none$"):
+        read_protocol_file(tmp_path / "empty", "mnist")
+
+
 def test_protocols_show_prints_resolved_values(capsys):
     assert main(["protocols", "--show", "fmnist-c"]) == 0
     out = capsys.readouterr().out
