@@ -179,6 +179,22 @@ def test_a_pretrain_table_that_did_not_make_the_benchmarks_own_model_is_refused(
     assert protocol.pretrain == PretrainConfig(**synthetic.SOURCE_RECIPE)
 
 
+def test_a_manifest_that_predates_a_pretrain_setting_is_compared_on_the_settings_it_records(
+        tmp_path):
+    """A source model made before a [pretrain] key existed (its manifest records epochs and
+    lr only) is compared on those two: the table's other keys are not "model None"."""
+    from deep.sweep import check_pretrain_table
+    protocol = small_protocol()        # synthetic.toml's [pretrain]: epochs 6, lr 0.05, ...
+    checkpoint = tmp_path / "src.pt"
+    checkpoint.write_bytes(b"")
+    manifest = tmp_path / "src.pt.json"
+    manifest.write_text(json.dumps({"config": {"pretrain": {"epochs": 6, "lr": 0.05}}}))
+    check_pretrain_table(protocol, str(checkpoint))
+    manifest.write_text(json.dumps({"config": {"pretrain": {"epochs": 5, "lr": 0.05}}}))
+    with pytest.raises(ConfigError, match=r"\(epochs: model 5, table 6; src.pt.json\)"):
+        check_pretrain_table(protocol, str(checkpoint))
+
+
 def test_new_cells_beside_rows_of_other_settings_are_refused(tmp_path, synthetic_checkpoint):
     """No cell of the second sweep is skipped, yet its rows would share a table (and the
     report's learning-rate choice) with rows of another protocol."""
