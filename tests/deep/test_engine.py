@@ -291,6 +291,21 @@ def test_cache_shared_across_runs_and_checked(model, task):
         fit(model, task.train, task.val, task.test, "last", TrainConfig(lr=1e-2, epochs=1), BLOCKS4, cache)
 
 
+def test_a_shared_cache_refuses_another_split_and_another_model_object():
+    """A PrefixCache holds stage inputs of the splits and the model it was built on: a run
+    with another validation split (or another model) would read the wrong activations."""
+    torch.manual_seed(0)
+    model = build_model(ARCH, 4, 3)
+    train, val = random_splits()
+    other = TensorSplit(val.images.flip(0), val.labels)
+    cache = PrefixCache(model, {"train": train, "val": val})
+    config = TrainConfig(lr=1e-2, epochs=1)
+    with pytest.raises(ConfigError, match="the prefix cache was built for another val split"):
+        fit(model, train, other, None, "last", config, BLOCKS4, cache)
+    with pytest.raises(ConfigError, match="the prefix cache was built for another model object"):
+        fit(build_model(ARCH, 4, 3), train, val, None, "last", config, BLOCKS4, cache)
+
+
 def test_a_cache_refuses_a_model_whose_batch_norm_statistics_alone_changed(model, task):
     """The frozen prefix's output depends on its batch norms' running statistics (a run
     with freeze_bn=False moves them): a change of those alone makes the cache stale."""
@@ -515,6 +530,24 @@ def test_lp_ft_best_at_the_probe_epoch_restores_the_body_tuned_only_later(monkey
     assert len(body) > 2 and moved == []
 
 
+def test_lp_ft_best_at_the_probe_epoch_restores_a_body_tuned_for_two_later_epochs(monkeypatch):
+    """lp-ft over 4 epochs probes the head in epochs 1-2 and tunes the body in 3 and 4.
+    With epoch 1 best, the body goes back to its values before the fit, not to the ones
+    epoch 3 left it at (its values before the last epoch that tuned it)."""
+    scripted_validation(monkeypatch, [0.9, 0.1, 0.1, 0.1])
+    torch.manual_seed(0)
+    model = build_model(ARCH, 4, 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train, val = random_splits()
+    result = fit(model, train, val, None, "lp-ft", TrainConfig(lr=1e-2, epochs=4, seed=0),
+                 BLOCKS4)
+    tuned = [h["tuned"] for h in result.history]
+    assert result.best_epoch == 1 and tuned[1] < tuned[2] == tuned[3]
+    body = [n for n in before if not n.startswith("fc.")]
+    moved = [n for n in body if not torch.equal(model.get_parameter(n), before[n])]
+    assert len(body) > 2 and moved == []
+
+
 def test_unfrozen_bn_statistics_are_restored_to_the_best_epochs(monkeypatch):
     """Guards `_snapshot` with freeze_bn=False: BN running statistics move while training,
     so the best epoch's are saved and restored. Best epoch 1 of 2 ends with exactly the
@@ -570,6 +603,60 @@ def test_weight_decay_is_added_to_the_gradient_of_the_first_step(optimizer):
         torch.testing.assert_close(net.get_parameter(n).detach(), want[n], rtol=1e-5, atol=1e-6)
 
 
+def test_a_plan_that_resets_the_optimizer_makes_its_first_step_a_fresh_adams():
+    """Two epochs of one full-batch step each, no weight decay, no validation; epoch 2's
+    plan resets the optimizer. By hand: Adam's first step from fresh moments is
+    lr * g / (|g| + 1e-8), at epoch 1 from the start and again at epoch 2 from where
+    epoch 1 ended (carried moments would make the second step a different size)."""
+    class ResetSecond(Method):
+        name = "reset-second"
+
+        def candidates(self):
+            return [n for n, _ in self.model.named_parameters()]
+
+        def plan(self, epoch, ctx):
+            return EpochPlan(self.candidates(), reset_optimizer=epoch == 2)
+
+    net, train, _ = _linear_problem()
+    names = [n for n, _ in net.named_parameters()]
+    params = [p.detach().clone() for p in net.parameters()]
+    lr = 0.1
+    for _ in range(2):
+        weight, bias = (p.clone().requires_grad_(True) for p in params)
+        loss = F.cross_entropy(train.images.flatten(1) @ weight.T + bias, train.labels)
+        grads = torch.autograd.grad(loss, [weight, bias])
+        params = [p - lr * g / (g.abs() + 1e-8) for p, g in zip(params, grads)]
+    result = fit(net, train, None, None, ResetSecond(),
+                 TrainConfig(lr=lr, epochs=2, batch_size=len(train), weight_decay=0.0))
+    assert len(result.losses) == 2
+    for n, want in zip(names, params):
+        torch.testing.assert_close(net.get_parameter(n).detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_methods_penalty_is_added_to_each_steps_loss():
+    """A method whose penalty is 0.1 * sum(w^2) over the linear layer's weight: the
+    recorded loss of the first step is the cross-entropy at the start plus that penalty,
+    both by hand."""
+    class Decayed(Method):
+        name = "decayed"
+
+        def candidates(self):
+            return [n for n, _ in self.model.named_parameters()]
+
+        def plan(self, epoch, ctx):
+            return EpochPlan(self.candidates())
+
+        def penalty(self, model):
+            return 0.1 * (model[1].weight ** 2).sum()
+
+    net, train, val = _linear_problem()
+    w, b = net[1].weight.detach().clone(), net[1].bias.detach().clone()
+    ce = F.cross_entropy(train.images.flatten(1) @ w.T + b, train.labels).item()
+    result = fit(net, train, val, None, Decayed(),
+                 TrainConfig(lr=0.1, epochs=1, batch_size=len(train)))
+    assert result.losses == [pytest.approx(ce + 0.1 * (w ** 2).sum().item(), rel=1e-5)]
+
+
 def test_an_epochs_train_loss_is_the_mean_of_its_step_losses():
     """10 images in batches of 4: 3 steps an epoch (4, 4, 2); each epoch's record holds the
     mean of its own 3 step losses, not the last one."""
@@ -617,6 +704,50 @@ def test_nan_loss_marks_the_run_diverged(model, task):
     assert math.isnan(result.losses[-1])
 
 
+def test_a_nan_loss_stops_the_epoch_before_its_step_and_leaves_the_weights():
+    """Every training image NaN: the first step's loss is NaN, the run stops there (one
+    loss recorded of the epoch's 2 steps), and no step is taken with its NaN gradient:
+    the weights are the ones the fit started from."""
+    net, train, val = _linear_problem(n_train=8)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    bad = TensorSplit(torch.full_like(train.images, float("nan")), train.labels)
+    result = fit(net, bad, val, None, "all", TrainConfig(lr=0.1, epochs=2, batch_size=4))
+    assert result.status == "diverged" and len(result.losses) == 1
+    assert math.isnan(result.losses[0])
+    assert [n for n, p in net.named_parameters() if not torch.equal(p.detach(), start[n])] == []
+
+
+def test_a_run_without_validation_that_diverges_at_its_first_step_reports_no_test():
+    """Pretraining (no validation) keeps its last finished epoch; when the first epoch
+    diverges none finished: best epoch 0 and no test evaluation of its weights."""
+    net, train, test = _linear_problem()
+    bad = TensorSplit(torch.full_like(train.images, float("nan")), train.labels)
+    result = fit(net, bad, None, test, "all", TrainConfig(lr=0.1, epochs=2, batch_size=4))
+    assert result.status == "diverged" and result.best_epoch == 0 and result.test is None
+
+
+def test_without_validation_the_last_epoch_is_the_one_kept():
+    """Pretraining (no validation split): every epoch trains and the last one counts, so a
+    3-epoch run reports best epoch 3 and the test accuracy of the weights it ends with
+    (a linear model's, by hand)."""
+    net, train, test = _linear_problem()
+    result = fit(net, train, None, test, "all", TrainConfig(lr=0.1, epochs=3, batch_size=4))
+    assert result.status == "ok" and result.best_epoch == 3 and len(result.history) == 3
+    with torch.no_grad():
+        logits = test.images.flatten(1) @ net[1].weight.T + net[1].bias
+    assert result.test.acc == (logits.argmax(1) == test.labels).float().mean().item()
+
+
+def test_fit_leaves_every_parameter_frozen_and_the_model_in_eval_mode():
+    """After the run the model is the best epoch's, for evaluation: no parameter requires a
+    gradient (the last epoch's tuned ones included) and no module is left in training mode
+    (freeze_bn=False trains in train mode)."""
+    net, train, val = _linear_problem()
+    fit(net, train, val, None, "all", TrainConfig(lr=0.1, epochs=1, freeze_bn=False))
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == []
+    assert [n for n, m in net.named_modules() if m.training] == []
+
+
 def test_worst_group_selection_and_metrics(model):
     task = get_benchmark("synthetic").load_task(None, "spurious", 96, 16, 16, seed=0)
     config = TrainConfig(lr=1e-2, epochs=2, select="worst_group_val_acc")
@@ -631,6 +762,19 @@ def test_worst_group_selection_and_metrics(model):
     outside = TensorSplit(task.val.images, task.val.labels, torch.full_like(task.val.labels, -1))
     with pytest.raises(ConfigError, match=r"every one of the \d+ is in none \(group id < 0\)"):
         fit(model, task.train, outside, task.test, "last", config, BLOCKS4)
+
+
+def test_worst_group_selection_takes_a_validation_split_all_in_group_0():
+    """Group id 0 is a group (only negative ids are in none): a validation split whose
+    examples are all in group 0 selects by that group, whose accuracy is the split's."""
+    g = torch.Generator().manual_seed(0)
+    train = TensorSplit(torch.randn(8, 3, 8, 8, generator=g), torch.arange(8) % 4)
+    val = TensorSplit(torch.randn(8, 3, 8, 8, generator=g), torch.arange(8) % 4,
+                      torch.zeros(8, dtype=torch.long))
+    result = fit(TinyNet(), train, val, None, "all",
+                 TrainConfig(lr=1e-2, epochs=1, select="worst_group_val_acc"))
+    assert result.best_epoch == 1
+    assert result.val.group_acc == {0: result.val.acc} == {0: result.val.worst_group_acc}
 
 
 def test_evaluate_counts_groups():
@@ -990,6 +1134,15 @@ def test_every_method_runs(model, task):
      "momentum must be a number in [0, 1), got -1.0"),
     (lambda: TrainConfig(lr=1e-2, epochs=1, optimizer="sgd", momentum=float("nan")),
      "momentum must be a number in [0, 1), got nan"),
+    (lambda: TrainConfig(lr=1e-2, epochs=1, optimizer="sgd", momentum=1.0),
+     "momentum must be a number in [0, 1), got 1.0"),
+    (lambda: TrainConfig(lr=1e-2, epochs=4, schedule="step", milestones=[2, 2]),
+     "schedule 'step' needs increasing positive integer milestones (epochs), got [2, 2]"),
+    (lambda: TrainConfig(lr=1e-2, epochs=4, schedule="step", milestones=[0, 2]),
+     "schedule 'step' needs increasing positive integer milestones (epochs), got [0, 2]"),
+    (lambda: TrainConfig(lr=1e-2, epochs=1, weight_decay=-1e-4),
+     "weight_decay must be a number >= 0, got -0.0001"),
+    (lambda: TrainConfig(lr=1e-2, epochs=True), "epochs must be an integer, got True"),
 ])
 def test_train_config_refuses_a_setting_it_cannot_run_with(make, message):
     """Refused where the config is made, not at fit as torch's RuntimeError ("Expected one
@@ -1052,6 +1205,36 @@ def test_evaluate_refuses_negative_labels_and_an_empty_split():
         evaluate(TinyNet(), TensorSplit(torch.randn(4, 3, 8, 8), labels))
     with pytest.raises(ConfigError, match="the 'split' split is empty: nothing to evaluate"):
         evaluate(TinyNet(), _labelled(0, 4))
+
+
+def test_a_label_equal_to_the_number_of_logits_is_refused():
+    """TinyNet gives 4 logits (classes 0..3): label 4 is one past the last class."""
+    labels = torch.tensor([0, 1, 2, 4])
+    with pytest.raises(ConfigError, match=r"the 'split' split has labels 0..4, but the model "
+                                          r"gives 4 logits \(classes 0..3\)"):
+        evaluate(TinyNet(), TensorSplit(torch.randn(4, 3, 8, 8), labels))
+
+
+def test_fit_refuses_a_test_split_with_a_label_past_the_logits_before_training():
+    """The test split is evaluated only at the end; its labels are checked with the others
+    before the first epoch, so a bad one costs no training: no epoch reported, the weights
+    left as they were."""
+    net = TinyNet()
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    train, val, test = _labelled(8, 4), _labelled(8, 4), _labelled(8, 5)
+    epochs = []
+    with pytest.raises(ConfigError, match=r"the test split has labels 0..4, but the model "
+                                          r"gives 4 logits"):
+        fit(net, train, val, test, "all", TrainConfig(lr=0.1, epochs=2), on_epoch=epochs.append)
+    assert epochs == []
+    assert [n for n, p in net.named_parameters() if not torch.equal(p.detach(), start[n])] == []
+
+
+def test_fit_refuses_an_empty_training_split_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"the training split is empty: a fine-tuning run "
+                                          r"trains on n_target images"):
+        fit(TinyNet(), _labelled(0, 4), _labelled(8, 4), _labelled(8, 4), "all",
+            TrainConfig(lr=1e-2, epochs=1))
 
 
 @pytest.mark.parametrize("empty", ["validation", "test"])
