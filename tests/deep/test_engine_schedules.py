@@ -148,6 +148,21 @@ def test_augmentation_is_applied_with_batch_norm_frozen():
     assert calls == [10, 10, 10, 10]
 
 
+def test_augmentation_draws_from_a_stream_of_its_own_seeded_seed_plus_one():
+    """The augmentation's generator is seeded `seed + 1` (deep.errors.check_seed keeps room
+    for it), not `seed`, whose stream draws the minibatch order."""
+    draws = []
+
+    def augment(x, generator):
+        draws.append(torch.rand(3, generator=generator))
+        return x
+    torch.manual_seed(0)
+    fit(build_model(ARCH, 4), random_split(), None, None, "last",
+        TrainConfig(lr=1e-2, epochs=1, batch_size=20, seed=5, augment=augment), BLOCKS)
+    assert len(draws) == 1
+    assert torch.equal(draws[0], torch.rand(3, generator=torch.Generator().manual_seed(6)))
+
+
 def test_auto_rgn_measures_each_epoch_on_minibatches_of_its_own(monkeypatch):
     """Each epoch's gradient probes draw their own random training minibatches (the public
     code takes the next ones from its loader), not epoch 1's again and again."""
