@@ -160,6 +160,49 @@ def test_a_state_file_is_for_pretraining_only(source):
             state_file=RunStateFile(Path("unused"), {}))
 
 
+def _linear_run(tmp_path, method="all", seed=0):
+    """A linear model on 3 x 2 x 2 images, a train / test split, and a state file."""
+    from deep.train import RunStateFile
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    g = torch.Generator().manual_seed(0)
+    train, test = (TensorSplit(torch.randn(n, 3, 2, 2, generator=g), torch.arange(n) % 3)
+                   for n in (8, 6))
+    return net, train, test, RunStateFile(tmp_path / "run.state", {"run": 1})
+
+
+def test_a_state_file_is_refused_for_a_method_other_than_all_without_validation(tmp_path):
+    """No validation split is not enough: the file holds one optimizer over every
+    parameter and no method state, so a run of another method (a block) is refused."""
+    from deep.train import TrainConfig, fit
+    net, train, _, state = _linear_run(tmp_path)
+    with pytest.raises(ConfigError, match=r"a run state file is for pretraining \(no validation "
+                                          r"split, method 'all'\); got method 'head'$"):
+        fit(net, train, None, None, "head", TrainConfig(lr=1e-2, epochs=1),
+            {"head": ("1",)}, state_file=state)
+    assert not state.path.exists()
+
+
+def test_a_run_continued_after_its_last_epoch_keeps_that_epoch_and_tests_there(tmp_path):
+    """A stopped run whose state file already holds its last epoch continues with nothing
+    left to train: its result is that epoch's (best epoch 2 of 2, the file's weights, their
+    test accuracy by hand), not "no epoch completed"."""
+    from deep.train import TrainConfig, fit
+    config = TrainConfig(lr=0.1, epochs=2, batch_size=4)
+    net, train, test, state = _linear_run(tmp_path)
+    fit(net, train, None, test, "all", config, state_file=state)
+    again, _, _, state = _linear_run(tmp_path, seed=1)
+    result = fit(again, train, None, test, "all", config, state_file=state)
+    assert result.best_epoch == 2 and len(result.history) == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), net.parameters()))
+    with torch.no_grad():
+        logits = test.images.flatten(1) @ net[1].weight.T + net[1].bias
+    assert result.test.acc == (logits.argmax(1) == test.labels).float().mean().item()
+
+
 def test_the_command_killed_mid_run_resumes_and_leaves_no_state_behind(tmp_path):
     """`python -m deep pretrain` killed with SIGKILL after an epoch: rerun, it continues
     (saying so) and, done, removes the state file; the checkpoint is the uninterrupted one's."""
