@@ -721,7 +721,8 @@ def check_milestones(schedule: str, milestones, gamma: float, epochs: int) -> No
             raise ConfigError(f"gamma {gamma} is the step schedule's factor and needs schedule "
                               f"'step', got {schedule!r}")
         return
-    if not milestones or any(not isinstance(m, int) or m < 1 for m in milestones) \
+    if not milestones or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                             for m in milestones) \
             or milestones != sorted(set(milestones)):
         raise ConfigError(f"schedule 'step' needs increasing positive integer milestones "
                           f"(epochs), got {milestones}")

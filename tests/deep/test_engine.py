@@ -1140,6 +1140,9 @@ def test_every_method_runs(model, task):
      "schedule 'step' needs increasing positive integer milestones (epochs), got [2, 2]"),
     (lambda: TrainConfig(lr=1e-2, epochs=4, schedule="step", milestones=[0, 2]),
      "schedule 'step' needs increasing positive integer milestones (epochs), got [0, 2]"),
+    # a TOML `true` is no epoch (it was taken as milestone 1, as bools are ints to Python)
+    (lambda: TrainConfig(lr=1e-2, epochs=4, schedule="step", milestones=[True, 2]),
+     "schedule 'step' needs increasing positive integer milestones (epochs), got [True, 2]"),
     (lambda: TrainConfig(lr=1e-2, epochs=1, weight_decay=-1e-4),
      "weight_decay must be a number >= 0, got -0.0001"),
     (lambda: TrainConfig(lr=1e-2, epochs=True), "epochs must be an integer, got True"),
