@@ -109,6 +109,54 @@ def test_flip_panel_names_each_image_by_its_original_class(fake_dir):
     assert sorted(originals) == list(range(10))
 
 
+def test_pixels_clamp_values_outside_the_pixel_range():
+    """A normalised value past white (pixel 1.5) or below black (-0.5) is shown as 1 or 0."""
+    import torch
+    pixels = torch.tensor([1.5, -0.5, 0.25]).reshape(1, 1, 1, 3)
+    normalised = (pixels - F.MEAN[0]) / F.STD[0]
+    np.testing.assert_allclose(gallery._pixels(normalised), [[[1.0, 0.0, 0.25]]], atol=1e-6)
+
+
+def test_an_upper_case_png_name_is_a_png(tmp_path):
+    """The suffix is compared case-blind: G.PNG is a PNG file name."""
+    assert gallery.check_png(tmp_path / "G.PNG") == tmp_path / "G.PNG"
+
+
+def test_a_missing_data_folder_fails_before_the_out_folder_is_made(tmp_path):
+    """The data folder is read before `out`'s folder is made: a typo in --data-dir leaves
+    no new empty folder behind."""
+    with pytest.raises(F.DataError, match="does not exist"):
+        gallery.make_gallery(tmp_path / "new" / "g.png", tmp_path / "missing", ["brightness"])
+    assert not (tmp_path / "new").exists()
+
+
+def test_spurious_panel_shows_majority_groups_first_and_minority_groups_in_red(fake_dir):
+    """Each row: up to 4 images of each group, in the order 3, 0 (the source's majority
+    groups) then 1, 2; a title is red exactly for the minority groups 1 and 2."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(16, 4))
+    try:
+        gallery.panel_spurious(fig, fake_dir, width=16)
+        rows = {}
+        for ax in fig.axes:
+            if ax.get_title():
+                group = F.GROUP_NAMES.index(ax.get_title().split("\n")[1])
+                rows.setdefault(round(ax.get_position().y0, 3), []).append(
+                    (ax.get_position().x0, group, matplotlib.colors.to_hex(ax.title.get_color())))
+    finally:
+        plt.close(fig)
+    red = matplotlib.colors.to_hex("tab:red")
+    order = {3: 0, 0: 1, 1: 2, 2: 3}
+    assert len(rows) == 2
+    for row in rows.values():
+        groups = [g for _, g, _ in sorted(row)]
+        assert groups == sorted(groups, key=order.get) and len(set(groups)) > 1
+        assert all(groups.count(g) <= 4 for g in set(groups))
+        assert all((colour == red) == (g in (1, 2)) for _, g, colour in row)
+
+
 @pytest.mark.slow
 def test_the_committed_picture_is_what_the_documented_command_draws(real_fmnist, tmp_path):
     """docs/fmnist.md shows figures/fmnist_targets.png and says `python -m deep.gallery --out
