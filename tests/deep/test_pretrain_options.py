@@ -68,6 +68,16 @@ def test_data_option_values_of_the_right_type_pass():
         check_data_options(get_benchmark(benchmark).load_task, benchmark, options)
 
 
+def test_a_loader_that_takes_any_keyword_takes_any_data_option():
+    """A registered loader may take `**options` (deep.data.base.Benchmark.load_task): it
+    names no option of its own, so none is refused as unknown; it checks them itself."""
+    from deep.normalization import check_data_options
+
+    def load_task(data_dir, shift, n_target, val_per_class, test_per_class, seed, **options):
+        raise AssertionError("not called")
+    check_data_options(load_task, "mine", {"severity": 5, "anything": "at all"})
+
+
 def test_out_of_range_data_options_are_configuration_errors(tmp_path):
     """Reached through the CLI these must print one `error:` line (exit 2), not a traceback."""
     from deep.data.images import ImageTransform
