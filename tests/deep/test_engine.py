@@ -514,35 +514,22 @@ def random_splits(n_train=32, n_val=16):
     return split(n_train), split(n_val)
 
 
-def test_lp_ft_best_at_the_probe_epoch_restores_the_body_tuned_only_later(monkeypatch):
-    """Guards `_restore`: parameters first tuned after the best epoch (lp-ft's body, tuned
-    from epoch 2 on) go back to their values before the fit, not kept as epoch 2 left them."""
-    scripted_validation(monkeypatch, [0.9, 0.1])     # epoch 1 (the linear probe) is best
+@pytest.mark.parametrize("epochs", [2, 4])
+def test_lp_ft_best_at_the_probe_epoch_restores_the_body_tuned_only_later(monkeypatch, epochs):
+    """Guards `_restore`: lp-ft probes the head for floor(E/2) epochs, then tunes the body.
+    With epoch 1 best, the body goes back to its values before the fit, neither kept as the
+    last epoch left it nor (E = 4: tuned in epochs 3 and 4) as epoch 3 left it, its values
+    before the last epoch that tuned it."""
+    scripted_validation(monkeypatch, [0.9] + [0.1] * (epochs - 1))   # epoch 1 is best
     torch.manual_seed(0)
     model = build_model(ARCH, 4, 3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train, val = random_splits()
-    result = fit(model, train, val, None, "lp-ft", TrainConfig(lr=1e-2, epochs=2, seed=0),
-                 BLOCKS4)
-    assert result.best_epoch == 1
-    body = [n for n in before if not n.startswith("fc.")]
-    moved = [n for n in body if not torch.equal(model.get_parameter(n), before[n])]
-    assert len(body) > 2 and moved == []
-
-
-def test_lp_ft_best_at_the_probe_epoch_restores_a_body_tuned_for_two_later_epochs(monkeypatch):
-    """lp-ft over 4 epochs probes the head in epochs 1-2 and tunes the body in 3 and 4.
-    With epoch 1 best, the body goes back to its values before the fit, not to the ones
-    epoch 3 left it at (its values before the last epoch that tuned it)."""
-    scripted_validation(monkeypatch, [0.9, 0.1, 0.1, 0.1])
-    torch.manual_seed(0)
-    model = build_model(ARCH, 4, 3)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train, val = random_splits()
-    result = fit(model, train, val, None, "lp-ft", TrainConfig(lr=1e-2, epochs=4, seed=0),
+    result = fit(model, train, val, None, "lp-ft", TrainConfig(lr=1e-2, epochs=epochs, seed=0),
                  BLOCKS4)
     tuned = [h["tuned"] for h in result.history]
-    assert result.best_epoch == 1 and tuned[1] < tuned[2] == tuned[3]
+    probe = epochs // 2
+    assert result.best_epoch == 1 and tuned[probe - 1] < tuned[probe] == tuned[-1]
     body = [n for n in before if not n.startswith("fc.")]
     moved = [n for n in body if not torch.equal(model.get_parameter(n), before[n])]
     assert len(body) > 2 and moved == []
