@@ -207,3 +207,134 @@ def test_device_auto_runs_where_it_points(capsys):
         torch.set_num_threads(threads)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert f"device {expected}," in capsys.readouterr().out
+
+
+# --- the scripts and deep.onednn_check, with fake clocks and fake subprocesses: counts,
+# arithmetic, what reaches the probe (no timing assertions) ---------------------------------
+
+
+def _load_script(name):
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_guard_cost_reports_the_median_per_step_in_ms_of_alternating_timings(monkeypatch, capsys):
+    # guards: mean for median, seconds per timing not per step, the "with" timing without
+    # the mode, --steps or --rounds ignored, the two medians swapped
+    from types import SimpleNamespace
+    module = _load_script("guard_cost")
+    # per timing, in run order (round by round: without, then with), seconds for 2 steps
+    elapsed = [0.002, 0.004, 0.004, 0.006, 0.012, 0.020]
+    stamps = []
+    for i, d in enumerate(elapsed):
+        stamps += [100.0 * (i + 1), 100.0 * (i + 1) + d]
+    clock = iter(stamps)
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    entered, real_mode = [], module.plain_strided_calls
+
+    def counting_mode(model):
+        entered.append(model)
+        return real_mode(model)
+
+    monkeypatch.setattr(module, "plain_strided_calls", counting_mode)
+    hooked, real_guard = [], module.guard_channels_last
+    monkeypatch.setattr(module, "guard_channels_last",
+                        lambda model: (hooked.append(model), real_guard(model))[1])
+    assert module.main(["--arch", "resnet26-w4", "--channels", "3", "--size", "8",
+                        "--batch", "2", "--steps", "2", "--rounds", "3"]) == 0
+    assert len(entered) == 3 * 2  # every step of every "with" timing, none of "without"
+    assert hooked == entered[:1]  # the engine's module hooks, on in both timings
+    assert next(clock, None) is None  # two clock reads per timing, 2 x 3 timings
+    # per step: without 1, 2, 6 ms (median 2, mean 3); with 2, 3, 10 ms (median 3, mean 5)
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "median per step: 2.00 ms without the mode, 3.00 ms with it; ratio 1.500")
+
+
+class _CountingNet(torch.nn.Module):
+    """A one-weight stand-in network; each forward advances a fake clock by one second."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.now, self.threads = 0.0, []
+
+    def forward(self, x):
+        self.now += 1.0
+        self.threads.append(torch.get_num_threads())
+        return x.mean() * self.weight
+
+
+def test_thread_scaling_times_only_the_repeats_after_a_warm_up(monkeypatch):
+    # guards: no warm-up, the warm-up inside the timing, the total not divided by the
+    # repeats, the thread count not set, the engine's channels-last guard left out
+    from types import SimpleNamespace
+    module = _load_script("thread_scaling")
+    net, guarded = _CountingNet(), []
+    monkeypatch.setattr(module, "build_model", lambda arch, classes: net)
+    monkeypatch.setattr(module, "guard_channels_last", guarded.append)
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: net.now))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # so that the run's own 2 shows
+        seconds = module.seconds_per_step("resnet26-w4", 4, 2, threads=2, repeats=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert net.threads == [2] * (1 + 3)  # the warm-up, then 3 timed repeats, on 2 threads
+    assert seconds == 1.0                 # 3 fake seconds over 3 repeats
+    assert guarded == [net]
+
+
+# a real line of ONEDNN_VERBOSE=1 output for the probe's weight gradient (torch 2.x, AVX2)
+_VERBOSE = ("onednn_verbose,v1,primitive,exec,cpu,convolution,jit_1x1:avx2,backward_weights,"
+            "src:f32::blocked:acdb::f0 wei:f32:ap:blocked:ABcd8b8a::f0 bia:undef::undef::: "
+            "dst:f32::blocked:acdb::f0,attr-scratchpad:user,alg:convolution_direct,"
+            "mb64_ic4oc8_ih16oh8kh1sh2dh0ph0_iw16ow8kw1sw2dw0pw0,0.0549316")
+
+
+def test_onednn_probe_runs_the_shape_under_the_isa_and_reads_the_kernel(monkeypatch):
+    # guards: the guarded flag passed inverted, --isa not reaching the subprocess, the wrong
+    # field of the verbose line taken as the kernel, a crash after "ok" read as ok
+    from types import SimpleNamespace
+    from deep import onednn_check
+    runs = []
+
+    def fake_run(argv, env, **kwargs):
+        runs.append((argv[-4:], env["ONEDNN_MAX_CPU_ISA"], env["MALLOC_CHECK_"]))
+        return outcomes.pop(0)
+
+    monkeypatch.setattr(onednn_check.subprocess, "run", fake_run)
+    outcomes = [SimpleNamespace(returncode=0, stdout=f"{_VERBOSE}\nok\n", stderr=""),
+                # glibc aborts at exit, after the probe printed "ok"
+                SimpleNamespace(returncode=-6, stdout=f"{_VERBOSE}\nok\n",
+                                stderr="free(): corrupted unsorted chunks\n")]
+    assert onednn_check.probe(4, 8, 2, True, "AVX512_CORE") == ("ok", "jit_1x1:avx2")
+    outcome, kernel = onednn_check.probe(4, 8, 2, False, "AVX2")
+    assert outcome == "CRASH rc=-6 free(): corrupted unsorted chunks" and kernel == "jit_1x1:avx2"
+    assert runs == [(["4", "8", "2", "1"], "AVX512_CORE", "3"), (["4", "8", "2", "0"], "AVX2", "3")]
+
+
+@pytest.mark.parametrize("crashing, status", [(set(), 0), ({(7, 2)}, 1)])
+def test_onednn_check_fails_only_on_a_guarded_crash(crashing, status, monkeypatch, capsys):
+    # guards: raw crashes counted as guarded ones; the exit status ignoring guarded crashes
+    from deep import onednn_check
+    seen = []
+
+    def fake_probe(cin, cout, stride, guarded, isa):
+        seen.append((cin, stride, guarded, isa))
+        if not guarded and stride == 2:  # every raw stride-2 shape crashes
+            return "CRASH rc=-6 corrupted", "jit_1x1:avx2"
+        if guarded and (cin, stride) in crashing:
+            return "CRASH rc=-6 corrupted", "gemm:jit"
+        return "ok", "jit_1x1:avx2"
+
+    monkeypatch.setattr(onednn_check, "probe", fake_probe)
+    assert onednn_check.main(["--isa", "AVX2"]) == status
+    assert len(seen) == 2 * 24 and {s[3] for s in seen} == {"AVX2"}  # 8 channels x 3 strides
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 24 + 1
+    assert lines[-1] == f"guarded crashes: {len(crashing)}"
