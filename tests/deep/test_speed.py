@@ -338,3 +338,176 @@ def test_onednn_check_fails_only_on_a_guarded_crash(crashing, status, monkeypatc
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 24 + 1
     assert lines[-1] == f"guarded crashes: {len(crashing)}"
+
+
+# --- deep.speed's arithmetic and bookkeeping, with fake clocks, counters and cells (no
+# timing assertions) -----------------------------------------------------------------------
+
+
+def _clock(wall, cpu=None):
+    from types import SimpleNamespace
+    return SimpleNamespace(wall=wall, cpu=wall if cpu is None else cpu)
+
+
+def test_timing_table_ratios_are_reference_over_ours_and_the_total_includes_setup():
+    # guards: a ratio printed as ours / ref (wall or cpu); the setup left out of ours' total
+    rows = [("first", 1e-3, _clock(6.0, 4.0), _clock(2.0, 1.0)),
+            ("first", 1e-4, _clock(4.0, 4.0), _clock(3.0, 1.0)),
+            ("all", 1e-3, _clock(9.0, 8.0), _clock(3.0, 2.0))]
+    lines, timed, total = speed.timing_table(rows, ["first", "all"], _clock(4.0, 2.0))
+    assert timed == {"first": (10.0, 5.0), "all": (9.0, 3.0)}
+    # first: 10 / 5 wall, 8 / 2 cpu; all: 9 / 3 wall, 8 / 2 cpu;
+    # total: 19 / (8 + 4 setup) wall = 1.5833, 16 / (4 + 2 setup) cpu = 2.6667
+    assert [line.split() for line in lines[1:]] == [
+        ["first", "|", "10.0", "5.0", "2.00x", "|", "4.00x"],
+        ["all", "|", "9.0", "3.0", "3.00x", "|", "4.00x"],
+        ["total", "|", "19.0", "12.0", "1.58x", "|", "2.67x"]]
+    assert total == pytest.approx(19 / 12)
+
+
+def test_clock_measures_wall_by_perf_counter_and_cpu_by_process_time(monkeypatch):
+    from types import SimpleNamespace
+    wall, cpu = iter([10.0, 13.5]), iter([100.0, 101.25])
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=lambda: next(wall),
+                                                       process_time=lambda: next(cpu)))
+    with speed.Clock() as c:
+        pass
+    assert (c.wall, c.cpu) == (3.5, 1.25)
+
+
+def test_work_table_speedup_over_work_ratio_arithmetic(monkeypatch):
+    # guards: the speedup taken as ours / ref; speedup / work ratio printed as a product
+    calls = []
+    monkeypatch.setattr(speed, "ours_setup", lambda *a, **k: ("model", "state", "cache"))
+    monkeypatch.setattr(speed, "reference_run",
+                        lambda ckpt, arch, task, option, lr, *rest, device: calls.append(("ref", option, lr)))
+    monkeypatch.setattr(speed, "ours_run",
+                        lambda m, s, c, blocks, task, option, lr, *rest: calls.append(("ours", option, lr)))
+    flops = iter([8e9, 2e9, 6e9, 1e9])  # ref, ours of "first", then of "all"
+
+    def fake_count(fn):
+        fn()
+        return next(flops)
+
+    monkeypatch.setattr(speed, "count_flops", fake_count)
+    timed = {"first": (12.0, 2.0), "all": (9.0, 3.0)}
+    lines = speed.work_table(["first", "all"], "ckpt", "resnet26", None, 0.25, timed, 4.0,
+                             (1, 64, 0.0, 0))
+    assert calls == [("ref", "first", 0.25), ("ours", "first", 0.25),
+                     ("ref", "all", 0.25), ("ours", "all", 0.25)]
+    # first: work 8 / 2 = 4, speedup 12 / 2 = 6, 6 / 4 = 1.5; all: 6 / 1 = 6, 9 / 3 = 3, 0.5;
+    # total: 14 / 3 = 4.67, given speedup 4, 4 / 4.667 = 0.857
+    assert [line.split() for line in lines[1:]] == [
+        ["first", "|", "8.00", "2.00", "4.00x", "|", "6.00x", "1.50x"],
+        ["all", "|", "6.00", "1.00", "6.00x", "|", "3.00x", "0.50x"],
+        ["total", "|", "14.00", "3.00", "4.67x", "|", "4.00x", "0.86x"]]
+
+
+def test_reference_run_trains_every_batch_and_evaluates_val_and_test_every_epoch(monkeypatch, tmp_path):
+    # guards: the reference loop doing less work than the docstring states (a batch per
+    # epoch, test evaluated once, frozen weights without requires_grad)
+    from deep.checkpoints import save_checkpoint
+    from deep.data.synthetic import NUM_CLASSES
+    from deep.models import build_model
+    _, task = speed.make_data(8, 1, 10, n_train=20, n_val=4, n_test=6)
+    checkpoint = save_checkpoint(tmp_path / "source.pt", build_model("resnet26-w4", NUM_CLASSES, 1),
+                                 "resnet26-w4", NUM_CLASSES, 1)
+    seen, real_load = [], speed.load_model
+
+    def load_and_watch(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inputs: seen.append(
+            (len(inputs[0]), all(p.requires_grad for p in m.parameters()))))
+        return model
+
+    monkeypatch.setattr(speed, "load_model", load_and_watch)
+    speed.reference_run(checkpoint, "resnet26-w4", task, "last", 1e-3, 2, 8, 0.0, 0)
+    # per epoch: 20 train images in batches of 8, 8, 4; then val (4) and test (6) in one batch each
+    assert seen == [(n, True) for n in [8, 8, 4, 4, 6] * 2]
+
+
+def test_time_cell_reports_the_accuracy_gap_in_points(monkeypatch, capsys):
+    from types import SimpleNamespace
+    monkeypatch.setattr(speed, "reference_run", lambda *a, device: (0.5, 0.6))
+    monkeypatch.setattr(speed, "ours_run", lambda *a: 0.52)
+    _, _, gap = speed.time_cell("ckpt", SimpleNamespace(arch="resnet26", device="cpu"), None,
+                                "last", 1e-3, (1, 64, 0.0, 0), (None, None, None, None))
+    assert gap == pytest.approx(2.0)  # 52% against 50%
+    assert capsys.readouterr().out.split()[-2:] == ["50.00", "52.00"]
+
+
+def test_profile_table_prints_seconds_and_the_convolution_share_in_percent(monkeypatch):
+    monkeypatch.setattr(speed, "ours_setup", lambda *a, **k: ("model", "state", "cache"))
+    ran = []
+    monkeypatch.setattr(speed, "ours_run", lambda m, s, c, blocks, task, option, lr, *rest:
+                        ran.append((option, lr)))
+    monkeypatch.setattr(speed, "convolution_share", lambda fn: (fn(), (2.5, 0.25))[1])
+    lines = speed.profile_table(["first", "all"], "ckpt", "resnet26", None, 0.5, (1, 64, 0.0, 0))
+    assert ran == [("first", 0.5), ("all", 0.5)]
+    assert [line.split() for line in lines[1:]] == [["first", "|", "2.50", "25.0%"],
+                                                    ["all", "|", "2.50", "25.0%"]]
+
+
+def test_convolution_share_adds_op_self_times_in_seconds(monkeypatch):
+    # guards: the profiler's microseconds read as milliseconds; autograd's capitalised
+    # "ConvolutionBackward0" nodes not counted as convolution
+    from types import SimpleNamespace
+    events = [SimpleNamespace(key="aten::mkldnn_convolution", self_cpu_time_total=2_000_000),
+              SimpleNamespace(key="autograd::engine::evaluate_function: ConvolutionBackward0",
+                              self_cpu_time_total=1_000_000),
+              SimpleNamespace(key="aten::addmm", self_cpu_time_total=1_000_000)]
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    assert speed.convolution_share(lambda: None) == (4.0, 0.75)
+
+
+def _fake_run(monkeypatch, flags, gaps):
+    """`speed.main(SMALLEST + flags)` with each (option, lr) cell faked: reference 2 s,
+    ours 1 s, the given accuracy gaps in turn; (exit status, stdout lines, allocator calls)."""
+    from types import SimpleNamespace
+    cells, kept = iter(gaps), []
+    monkeypatch.setattr(speed, "time_cell", lambda *a: (SimpleNamespace(wall=2.0, cpu=2.0),
+                                                        SimpleNamespace(wall=1.0, cpu=1.0),
+                                                        next(cells)))
+    monkeypatch.setattr(speed, "keep_freed_memory", lambda: kept.append(1) or True)
+    threads, out = torch.get_num_threads(), io.StringIO()
+    try:
+        torch.set_num_threads(1)
+        with redirect_stdout(out):
+            rc = speed.main([*SMALLEST, "--lrs", "1e-3", *flags])
+    finally:
+        torch.set_num_threads(threads)
+    return rc, out.getvalue().splitlines(), kept
+
+
+def test_the_accuracy_check_takes_the_largest_gap_of_all_cells(monkeypatch):
+    # guards: only the last cell's gap checked; a gap equal to the tolerance failing
+    rc, lines, _ = _fake_run(monkeypatch, [], [0.7, 0.0, 0.0, 0.0, 0.0])
+    assert rc == 1
+    assert "accuracy check: largest test-accuracy gap 0.70 points (FAILED, tolerance 0.5)" in lines
+    rc, lines, _ = _fake_run(monkeypatch, ["--tolerance", "0.25"], [0.25] * 5)
+    assert rc == 0
+    assert "accuracy check: largest test-accuracy gap 0.25 points (OK, tolerance 0.25)" in lines
+
+
+def test_threads_and_default_malloc_flags_reach_both_loops(monkeypatch):
+    rc, lines, kept = _fake_run(monkeypatch, ["--threads", "2", "--default-malloc"], [0.0] * 5)
+    assert rc == 0 and kept == []
+    assert ", 2 torch threads," in lines[0] and lines[0].endswith("malloc for both loops: glibc defaults")
+    rc, lines, kept = _fake_run(monkeypatch, [], [0.0] * 5)
+    assert kept == [1]
+    assert ", 1 torch threads," in lines[0]
+    assert lines[0].endswith("malloc for both loops: freed memory kept (deep.allocator)")
