@@ -426,12 +426,18 @@ def test_reference_run_trains_every_batch_and_evaluates_val_and_test_every_epoch
     assert seen == [(n, True) for n in [8, 8, 4, 4, 6] * 2]
 
 
-def test_time_cell_reports_the_accuracy_gap_in_points(monkeypatch, capsys):
+def test_time_cell_runs_both_loops_at_its_lr_and_reports_the_gap_in_points(monkeypatch, capsys):
+    # guards: the gap in fractions, not points; a loop run at another lr than the cell's
     from types import SimpleNamespace
-    monkeypatch.setattr(speed, "reference_run", lambda *a, device: (0.5, 0.6))
-    monkeypatch.setattr(speed, "ours_run", lambda *a: 0.52)
-    _, _, gap = speed.time_cell("ckpt", SimpleNamespace(arch="resnet26", device="cpu"), None,
-                                "last", 1e-3, (1, 64, 0.0, 0), (None, None, None, None))
+    ran = []
+    monkeypatch.setattr(speed, "reference_run", lambda ckpt, arch, task, option, lr, *rest, device:
+                        ran.append(("ref", option, lr)) or (0.5, 0.6))
+    monkeypatch.setattr(speed, "ours_run", lambda m, s, c, blocks, task, option, lr, *rest:
+                        ran.append(("ours", option, lr)) or 0.52)
+    args = SimpleNamespace(arch="resnet26", device="cpu", lrs=[1e-3, 1e-4])
+    _, _, gap = speed.time_cell("ckpt", args, None, "last", 1e-4, (1, 64, 0.0, 0),
+                                (None, None, None, None))
+    assert ran == [("ref", "last", 1e-4), ("ours", "last", 1e-4)]
     assert gap == pytest.approx(2.0)  # 52% against 50%
     assert capsys.readouterr().out.split()[-2:] == ["50.00", "52.00"]
 
@@ -511,3 +517,41 @@ def test_threads_and_default_malloc_flags_reach_both_loops(monkeypatch):
     assert kept == [1]
     assert ", 1 torch threads," in lines[0]
     assert lines[0].endswith("malloc for both loops: freed memory kept (deep.allocator)")
+
+
+def test_reference_run_returns_test_accuracy_at_the_first_best_validation_epoch(monkeypatch, tmp_path):
+    # guards: the epoch picked by test accuracy, or the last of tied ones; (val, test) swapped
+    from deep.checkpoints import save_checkpoint
+    from deep.data.synthetic import NUM_CLASSES
+    from deep.models import build_model
+    _, task = speed.make_data(8, 1, 10, n_train=8, n_val=4, n_test=4)
+    checkpoint = save_checkpoint(tmp_path / "source.pt", build_model("resnet26-w4", NUM_CLASSES, 1),
+                                 "resnet26-w4", NUM_CLASSES, 1)
+    # per epoch: (val, test); validation peaks at epochs 1 and 2, test at epoch 0
+    accs = {"val": iter([0.5, 0.7, 0.7]), "test": iter([0.9, 0.6, 0.8])}
+    monkeypatch.setattr(speed, "_reference_eval",
+                        lambda model, split, batch_size, device="cpu": next(accs[split.name]))
+    assert speed.reference_run(checkpoint, "resnet26-w4", task, "last", 1e-3, 3, 8, 0.0, 0) == (0.6, 0.7)
+
+
+def test_reference_run_draws_its_batch_order_from_the_seed(monkeypatch, tmp_path):
+    # guards: the reference's minibatch order seeded otherwise than the run's seed (both
+    # loops must see the same batches: Split.order, a randperm per epoch from the seed)
+    from deep.checkpoints import save_checkpoint
+    from deep.data.synthetic import NUM_CLASSES
+    from deep.models import build_model
+    _, task = speed.make_data(8, 1, 10, n_train=12, n_val=4, n_test=4)
+    checkpoint = save_checkpoint(tmp_path / "source.pt", build_model("resnet26-w4", NUM_CLASSES, 1),
+                                 "resnet26-w4", NUM_CLASSES, 1)
+    first_inputs, real_load = [], speed.load_model
+
+    def load_and_watch(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inputs: first_inputs.append(inputs[0].clone())
+                                        if not first_inputs else None)
+        return model
+
+    monkeypatch.setattr(speed, "load_model", load_and_watch)
+    speed.reference_run(checkpoint, "resnet26-w4", task, "last", 1e-3, 1, 6, 0.0, 3)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first_inputs[0], task.train.images[order[:6]])
