@@ -555,3 +555,15 @@ def test_reference_run_draws_its_batch_order_from_the_seed(monkeypatch, tmp_path
     speed.reference_run(checkpoint, "resnet26-w4", task, "last", 1e-3, 1, 6, 0.0, 3)
     order = torch.randperm(12, generator=torch.Generator().manual_seed(3))
     assert torch.equal(first_inputs[0], task.train.images[order[:6]])
+
+
+def test_make_data_adds_sigma_0_6_noise_to_every_target_split_and_keeps_the_sizes():
+    # guards: a target split left without the shift's noise; a split shorter than asked
+    # (labels repeated n // classes times, not rounded up)
+    source, task = speed.make_data(8, 1, 200, n_train=200, n_val=200, n_test=203)
+    assert [len(s) for s in (source.train, task.train, task.val, task.test)] == [200, 200, 200, 203]
+    assert task.test.labels.bincount().tolist() == [51, 51, 51, 50]  # 203 over 4 classes
+    clean = source.train.images.var().item()
+    for split in (task.train, task.val, task.test):
+        # independent noise adds its variance, 0.6 ** 2 = 0.36
+        assert split.images.var().item() - clean == pytest.approx(0.36, abs=0.06), split.name
