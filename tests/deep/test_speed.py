@@ -434,12 +434,17 @@ def test_time_cell_runs_both_loops_at_its_lr_and_reports_the_gap_in_points(monke
                         ran.append(("ref", option, lr)) or (0.5, 0.6))
     monkeypatch.setattr(speed, "ours_run", lambda m, s, c, blocks, task, option, lr, *rest:
                         ran.append(("ours", option, lr)) or 0.52)
+    wall, cpu = iter([10.0, 13.0, 20.0, 21.0]), iter([0.0, 2.0, 5.0, 5.5])  # ref 3 s, ours 1 s
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=lambda: next(wall),
+                                                       process_time=lambda: next(cpu)))
     args = SimpleNamespace(arch="resnet26", device="cpu", lrs=[1e-3, 1e-4])
-    _, _, gap = speed.time_cell("ckpt", args, None, "last", 1e-4, (1, 64, 0.0, 0),
-                                (None, None, None, None))
+    ref, ours, gap = speed.time_cell("ckpt", args, None, "last", 1e-4, (1, 64, 0.0, 0),
+                                     (None, None, None, None))
     assert ran == [("ref", "last", 1e-4), ("ours", "last", 1e-4)]
+    assert (ref.wall, ref.cpu, ours.wall, ours.cpu) == (3.0, 2.0, 1.0, 0.5)
     assert gap == pytest.approx(2.0)  # 52% against 50%
-    assert capsys.readouterr().out.split()[-2:] == ["50.00", "52.00"]
+    assert capsys.readouterr().out.split() == ["last", "0.0001", "|", "3.00", "1.00", "|",
+                                               "50.00", "52.00"]
 
 
 def test_profile_table_prints_seconds_and_the_convolution_share_in_percent(monkeypatch):
