@@ -518,6 +518,9 @@ def test_threads_and_default_malloc_flags_reach_both_loops(monkeypatch):
     rc, lines, kept = _fake_run(monkeypatch, ["--threads", "2", "--default-malloc"], [0.0] * 5)
     assert rc == 0 and kept == []
     assert ", 2 torch threads," in lines[0] and lines[0].endswith("malloc for both loops: glibc defaults")
+
+
+def test_by_default_both_loops_run_on_one_thread_with_freed_memory_kept(monkeypatch):
     rc, lines, kept = _fake_run(monkeypatch, [], [0.0] * 5)
     assert kept == [1]
     assert ", 1 torch threads," in lines[0]
