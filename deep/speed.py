@@ -55,7 +55,8 @@ from .train import PrefixCache, TrainConfig, accuracy, fit, resolve_device
 
 def make_data(size: int, channels: int, n_source: int, n_train: int, n_val: int,
               n_test: int) -> tuple[SourceData, ShiftTask]:
-    """Source: clean synthetic gratings; target: the same with pixel noise (sigma 0.6)."""
+    """Source ("clean"): synthetic gratings, with the generator's own pixel noise (sigma
+    0.3); target: the same with pixel noise of sigma 0.6 added (about 0.67 in all)."""
     g = seeded(0)
 
     def split(n, noise, name):
