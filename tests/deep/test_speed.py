@@ -403,24 +403,37 @@ def test_work_table_speedup_over_work_ratio_arithmetic(monkeypatch):
         ["total", "|", "14.00", "3.00", "4.67x", "|", "4.00x", "0.86x"]]
 
 
-def test_reference_run_trains_every_batch_and_evaluates_val_and_test_every_epoch(monkeypatch, tmp_path):
-    # guards: the reference loop doing less work than the docstring states (a batch per
-    # epoch, test evaluated once, frozen weights without requires_grad)
+def _reference_source(tmp_path, n_train, n_val, n_test):
+    """A tiny target task of `deep.speed` and an untrained resnet26-w4 saved as the source
+    checkpoint `reference_run` loads."""
     from deep.checkpoints import save_checkpoint
     from deep.data.synthetic import NUM_CLASSES
     from deep.models import build_model
-    _, task = speed.make_data(8, 1, 10, n_train=20, n_val=4, n_test=6)
+    _, task = speed.make_data(8, 1, 10, n_train=n_train, n_val=n_val, n_test=n_test)
     checkpoint = save_checkpoint(tmp_path / "source.pt", build_model("resnet26-w4", NUM_CLASSES, 1),
                                  "resnet26-w4", NUM_CLASSES, 1)
-    seen, real_load = [], speed.load_model
+    return task, checkpoint
+
+
+def _watch_reference_forwards(monkeypatch, hook):
+    """`hook(model, inputs)` before every forward of the model `reference_run` loads."""
+    real_load = speed.load_model
 
     def load_and_watch(*args, **kwargs):
         model = real_load(*args, **kwargs)
-        model.register_forward_pre_hook(lambda m, inputs: seen.append(
-            (len(inputs[0]), all(p.requires_grad for p in m.parameters()))))
+        model.register_forward_pre_hook(hook)
         return model
 
     monkeypatch.setattr(speed, "load_model", load_and_watch)
+
+
+def test_reference_run_trains_every_batch_and_evaluates_val_and_test_every_epoch(monkeypatch, tmp_path):
+    # guards: the reference loop doing less work than the docstring states (a batch per
+    # epoch, test evaluated once, frozen weights without requires_grad)
+    task, checkpoint = _reference_source(tmp_path, n_train=20, n_val=4, n_test=6)
+    seen = []
+    _watch_reference_forwards(monkeypatch, lambda m, inputs: seen.append(
+        (len(inputs[0]), all(p.requires_grad for p in m.parameters()))))
     speed.reference_run(checkpoint, "resnet26-w4", task, "last", 1e-3, 2, 8, 0.0, 0)
     # per epoch: 20 train images in batches of 8, 8, 4; then val (4) and test (6) in one batch each
     assert seen == [(n, True) for n in [8, 8, 4, 4, 6] * 2]
@@ -529,12 +542,7 @@ def test_by_default_both_loops_run_on_one_thread_with_freed_memory_kept(monkeypa
 
 def test_reference_run_returns_test_accuracy_at_the_first_best_validation_epoch(monkeypatch, tmp_path):
     # guards: the epoch picked by test accuracy, or the last of tied ones; (val, test) swapped
-    from deep.checkpoints import save_checkpoint
-    from deep.data.synthetic import NUM_CLASSES
-    from deep.models import build_model
-    _, task = speed.make_data(8, 1, 10, n_train=8, n_val=4, n_test=4)
-    checkpoint = save_checkpoint(tmp_path / "source.pt", build_model("resnet26-w4", NUM_CLASSES, 1),
-                                 "resnet26-w4", NUM_CLASSES, 1)
+    task, checkpoint = _reference_source(tmp_path, n_train=8, n_val=4, n_test=4)
     # per epoch: (val, test); validation peaks at epochs 1 and 2, test at epoch 0
     accs = {"val": iter([0.5, 0.7, 0.7]), "test": iter([0.9, 0.6, 0.8])}
     monkeypatch.setattr(speed, "_reference_eval",
@@ -545,21 +553,10 @@ def test_reference_run_returns_test_accuracy_at_the_first_best_validation_epoch(
 def test_reference_run_draws_its_batch_order_from_the_seed(monkeypatch, tmp_path):
     # guards: the reference's minibatch order seeded otherwise than the run's seed (both
     # loops must see the same batches: Split.order, a randperm per epoch from the seed)
-    from deep.checkpoints import save_checkpoint
-    from deep.data.synthetic import NUM_CLASSES
-    from deep.models import build_model
-    _, task = speed.make_data(8, 1, 10, n_train=12, n_val=4, n_test=4)
-    checkpoint = save_checkpoint(tmp_path / "source.pt", build_model("resnet26-w4", NUM_CLASSES, 1),
-                                 "resnet26-w4", NUM_CLASSES, 1)
-    first_inputs, real_load = [], speed.load_model
-
-    def load_and_watch(*args, **kwargs):
-        model = real_load(*args, **kwargs)
-        model.register_forward_pre_hook(lambda m, inputs: first_inputs.append(inputs[0].clone())
-                                        if not first_inputs else None)
-        return model
-
-    monkeypatch.setattr(speed, "load_model", load_and_watch)
+    task, checkpoint = _reference_source(tmp_path, n_train=12, n_val=4, n_test=4)
+    first_inputs = []
+    _watch_reference_forwards(monkeypatch, lambda m, inputs: first_inputs.append(
+        inputs[0].clone()) if not first_inputs else None)
     speed.reference_run(checkpoint, "resnet26-w4", task, "last", 1e-3, 1, 6, 0.0, 3)
     order = torch.randperm(12, generator=torch.Generator().manual_seed(3))
     assert torch.equal(first_inputs[0], task.train.images[order[:6]])
