@@ -9,6 +9,7 @@ its traceback. They stay `ValueError`s so that callers who catch ValueError stil
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from typing import Callable
 
@@ -25,15 +26,24 @@ class ResultsError(DeepError):
     """A results file cannot be read or resumed (malformed row, other settings)."""
 
 
-def check_int(name: str, value, minimum: int = 1, error: type[DeepError] = ConfigError) -> int:
-    """`value` as an int if it is an integer >= `minimum` (numpy integers too, never a
-    bool); else `error` naming `name` and what was given."""
-    # __index__: exactly the types that are integers (int, numpy integers, and bool).
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise error(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise error(f"{name} must be at least {minimum}, got {value!r}")
-    return int(value)
+def check_int(name: str, value, minimum: int = 1, error: type[ValueError] = ConfigError, *,
+              maximum: int | None = None) -> int:
+    """`value` as an int if it is an integer >= `minimum` (and <= `maximum` when given):
+    numpy integers and one-element integer tensors too, never a bool; else `error` naming
+    `name` and what was given."""
+    expected = "an integer" if maximum is None else f"an integer in {minimum}..{maximum}"
+    try:
+        # operator.index: exactly the integers. hasattr(value, "__index__") would take a
+        # float tensor (every tensor has the method) and int() would then truncate 2.5 to 2.
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or str(getattr(value, "dtype", "")) == "torch.bool":
+        raise error(f"{name} must be {expected}, got {value!r}")
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f"at least {minimum}" if maximum is None else expected
+        raise error(f"{name} must be {bound}, got {value!r}")
+    return number
 
 
 def check_choice(name: str, value, choices, error: type[DeepError] = ConfigError):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from .base import (Benchmark, DataError, Normalization, ShiftTask, SourceData, TensorSplit,
                    draw_splits, mean_std, to_float_images)
 from .images import find_dir, require_file
@@ -94,9 +94,7 @@ def read_cifar10c(data_dir, corruption: str, severity: int = 5) -> tuple[np.ndar
     if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
         raise ConfigError(f"unknown CIFAR-10-C corruption {corruption!r}; known: "
                           f"{', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
-            or not 1 <= severity <= SEVERITIES:
-        raise ConfigError(f"severity must be an integer in 1..{SEVERITIES}, got {severity!r}")
+    check_int("severity", severity, maximum=SEVERITIES)
     root = find_dir(data_dir, ["CIFAR-10-C"], "labels.npy", LAYOUT_C, "cifar10c")
     images = _load_npy(require_file(root / f"{corruption}.npy", LAYOUT_C, what), what)
     labels = _load_npy(root / "labels.npy", what)

@@ -51,6 +51,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..errors import check_int
+
 SPATIAL_SCALE = 28 / 32
 """Fashion-MNIST side over CIFAR side: multiplies the recipe's pixel-unit spatial parameters."""
 
@@ -104,10 +106,7 @@ def _as_batch(x: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
 
 
 def _param(name: str, severity: int):
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
-            or not 1 <= severity <= 5:
-        raise ValueError(f"{name}: severity must be an integer in 1..5, got {severity!r}")
-    return PARAMS[name][int(severity) - 1]
+    return PARAMS[name][check_int(f"{name}: severity", severity, error=ValueError, maximum=5) - 1]
 
 
 def _need_rng(name: str, rng) -> np.random.Generator:

@@ -222,9 +222,7 @@ def corrupted_test_images(data_dir=None, corruption: str = "gaussian_noise", sev
 
 @functools.lru_cache(maxsize=32)
 def _corrupted(data: FashionMNIST, corruption: str, severity: int, corruption_seed: int) -> np.ndarray:
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
-            or not 1 <= severity <= 5:
-        raise ConfigError(f"fmnist-c: severity must be an integer in 1..5, got {severity!r}")
+    check_int("fmnist-c: severity", severity, maximum=5)
     check_int("fmnist-c: corruption_seed", corruption_seed, minimum=0)
     rng = np.random.default_rng([int(corruption_seed), zlib.crc32(corruption.encode()), int(severity)])
     out = corrupt(data.test_images / 255.0, corruption, severity, rng)

@@ -81,8 +81,7 @@ def read_imagenet_c(data_dir, corruption: str, severity: int = 5,
     the sorted wnids present."""
     what = f"imagenet-c/{corruption}/{severity}"
     # an int: "5", 5.0 or True would name a folder ("5.0", "True") that cannot exist
-    if check_int("severity", severity) > 5:
-        raise ConfigError(f"severity must be an integer in 1..5, got {severity!r}")
+    check_int("severity", severity, maximum=5)
     folder = corruption_dir(data_dir, corruption) / str(severity)
     if not folder.is_dir():
         raise DataError(f"{what}: missing folder {folder}; expected:\n{LAYOUT}")

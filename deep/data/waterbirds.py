@@ -111,7 +111,7 @@ def load_waterbirds_source(data_dir, resize: int | None = 256, crop: int = 224,
                               "metadata.csv", LAYOUT)
                    for s, name in ((0, "train"), (2, "test")))
     if len(train) == 0 or len(test) == 0:
-        raise DataError(f"waterbirds: metadata.csv has no rows with split 0 (train) or 2 (test)")
+        raise DataError("waterbirds: metadata.csv has no rows with split 0 (train) or 2 (test)")
     return SourceData("waterbirds", 2, 3, train, test)
 
 

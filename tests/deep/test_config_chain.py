@@ -8,10 +8,12 @@ import json
 import re
 import threading
 
+import numpy as np
 import pytest
+import torch
 
 from deep.__main__ import main, pretrain_settings, sweep_protocol
-from deep.errors import ConfigError, DeepError, ResultsError, differences
+from deep.errors import ConfigError, DeepError, ResultsError, check_int, differences
 from deep.flags import add_flags, flag_values
 from deep.methods import GENERIC_METHODS, METHODS, get_method, method_names
 from deep.models import (Architecture, architecture_names, block_order, build_model,
@@ -677,3 +679,32 @@ def test_a_cell_appended_twice_is_refused_and_the_file_keeps_one_row(tmp_path):
         results.append(row(seed=0, test_acc=0.75))
     assert read_results(path) == [row(seed=0)]
     assert ResultsFile(path).rows == [row(seed=0)]
+
+
+# --- check_int: the one integer rule of every setting ------------------------------------
+
+@pytest.mark.parametrize("value", [3, np.int64(3), np.uint8(3), np.array(3), torch.tensor(3)])
+def test_check_int_takes_an_integer_of_any_kind_and_returns_a_python_int(value):
+    got = check_int("n", value)
+    assert got == 3 and type(got) is int
+
+
+@pytest.mark.parametrize("value", [True, np.True_, torch.tensor(True), 2.0, 2.5, np.float64(2.0),
+                                   torch.tensor(2.5), torch.tensor([3, 4]), np.array([3]), "3", None])
+def test_check_int_refuses_what_is_not_an_integer_rather_than_rounding_it(value):
+    # a float tensor has __index__ too (it raises when called): 2.5 once became 2
+    with pytest.raises(ConfigError, match=r"^n must be an integer, got "):
+        check_int("n", value)
+
+
+def test_check_int_holds_a_value_to_its_bounds_and_names_them():
+    assert check_int("severity", 1, maximum=5) == 1 and check_int("severity", 5, maximum=5) == 5
+    for bad in (0, 6, 2.5, True):
+        with pytest.raises(ConfigError, match=rf"^severity must be an integer in 1\.\.5, got {bad!r}$"):
+            check_int("severity", bad, maximum=5)
+    assert check_int("seed", 0, minimum=0) == 0
+    with pytest.raises(ConfigError, match=r"^seed must be at least 0, got -1$"):
+        check_int("seed", -1, minimum=0)
+    with pytest.raises(ValueError) as caught:  # the error type is the caller's
+        check_int("contrast: severity", 9, error=ValueError, maximum=5)
+    assert type(caught.value) is ValueError
