@@ -73,6 +73,10 @@ class ResultRow:
     SETTINGS = ("arch", "epochs", "batch_size", "weight_decay", "select", "val_per_class",
                 "test_per_class", "checkpoint", "patience", "precision")
     PROVENANCE = ("patience", "precision", "device", "commit", "machine")
+    # What a cell measured: a rerun with the same seed on the same kind of machine must
+    # give each of these bit for bit (scripts/fmnist_reproduce.py, compare_results.py).
+    OUTCOME = ("status", "best_epoch", "val_acc", "val_worst_group_acc", "test_acc",
+               "worst_group_acc")
     STATUSES = ("ok", "diverged")
 
     @classmethod
@@ -167,6 +171,12 @@ def check_one_protocol(rows: list[dict], path) -> None:
         for k in ResultRow.PROVENANCE:  # a legacy row's unknown value, now known
             if first.get(k) is None:
                 first[k] = row[k]
+
+
+def outcome_differences(old: dict, new: dict) -> dict:
+    """{column: (old, new)} for each of `ResultRow.OUTCOME` where two rows of one cell
+    differ. Floats as `read_results` gives them: equal means the same bits."""
+    return {c: (old.get(c), new.get(c)) for c in ResultRow.OUTCOME if old.get(c) != new.get(c)}
 
 
 def row_key(row: dict) -> tuple:

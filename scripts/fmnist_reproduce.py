@@ -19,19 +19,13 @@ from pathlib import Path
 import torch
 
 from deep.protocol import load_protocol
-from deep.results import read_results, row_key
+from deep.results import outcome_differences, read_results, row_key
 from deep.sweep import machine, run_sweep
 
-METRICS = ("status", "best_epoch", "val_acc", "val_worst_group_acc", "test_acc", "worst_group_acc")
 COMMITTED = ["figures/fmnist-v2/results.csv", "figures/fmnist-v2/n_target.csv"]
 # What a row records and the rerun takes from it, rather than from today's protocol file.
 ROW_SETTINGS = ("epochs", "batch_size", "weight_decay", "select", "val_per_class",
                 "test_per_class", "patience")
-
-
-def differences(old: dict, new: dict) -> dict:
-    """{metric: (old, new)} for each of METRICS where the two rows differ (bit for bit)."""
-    return {m: (old.get(m), new.get(m)) for m in METRICS if old.get(m) != new.get(m)}
 
 
 def draw_cells(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -90,7 +84,7 @@ def main(argv=None) -> int:
     same = 0
     for row in cells:
         new = rerun[row_key(row)]
-        differ = differences(row, new)
+        differ = outcome_differences(row, new)
         same += not differ
         print(("  same   " if not differ else "  DIFFERS") + f" {row_key(row)} "
               f"(committed at {row.get('commit') or 'unknown commit'})"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
 
 from deep.protocol import load_protocol
+from deep.results import read_results, results_text, row_key
 from deep.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,3 +83,47 @@ def test_the_rerun_takes_every_setting_its_row_records():
                seed=3, lr=0.01, n_target=64, **recorded)
     p = script().protocol_for(row)
     assert {k: getattr(p, k) for k in recorded} == recorded
+
+
+# --- scripts/compare_results.py: two results files of the same cells ---------------------
+
+def compare_script():
+    spec = importlib.util.spec_from_file_location("compare_results", ROOT / "scripts/compare_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _committed_rows(n: int) -> list[dict]:
+    """The first `n` rows of each benchmark of the committed converged table."""
+    rows = read_results(ROOT / "figures/fmnist-v2/results.csv")
+    return [r for b in sorted({r["benchmark"] for r in rows})
+            for r in [r for r in rows if r["benchmark"] == b][:n]]
+
+
+@pytest.mark.parametrize("column", COMPARED)
+def test_compare_results_names_a_cell_whose_outcome_differs_in_the_last_bit(column):
+    old = _committed_rows(2)
+    new = [dict(r) for r in old]
+    value = new[1][column]
+    new[1][column] = ("diverged" if column == "status" else value + 1 if column == "best_epoch"
+                      else math.nextafter(value, 1.0) if value is not None else 0.5)
+    lines = compare_script().compare(old, new[::-1])  # (the order of the rows is not a cell's)
+    assert lines[0] == f"cells: {len(old)} old, {len(old)} new, {len(old)} in both; only old 0, only new 0"
+    assert f"identical: {len(old) - 1} of {len(old)}" in lines
+    assert f"  {old[1]['benchmark']}: 1 of 2 identical" in lines
+    differs, = [l for l in lines if l.startswith("  differs:")]
+    assert str(row_key(old[1])) in differs and repr(column) in differs
+
+
+def test_compare_results_counts_cells_in_one_file_only_and_ignores_what_is_not_an_outcome(tmp_path, capsys):
+    old = _committed_rows(2)
+    new = [dict(r, seconds=r["seconds"] * 2, commit="other", machine="another CPU") for r in old[1:]]
+    (tmp_path / "old.csv").write_text(results_text(old))
+    (tmp_path / "new.csv").write_text(results_text(new))
+    assert compare_script().main([str(tmp_path / "old.csv"), str(tmp_path / "new.csv")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    n = len(old)
+    assert out[0] == f"cells: {n} old, {n - 1} new, {n - 1} in both; only old 1, only new 0"
+    assert out[-1] == f"identical: {n - 1} of {n - 1}"
+    assert compare_script().main([str(tmp_path / "old.csv")]) == 2  # usage
