@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from deep.models.staged import channels_last_unsafe, guard_channels_last
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        return " avx2 " in f" {Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("cin, kernel, stride, groups, unsafe", [
@@ -106,6 +117,21 @@ def faulty_kernel_runs(script: str, isa: str) -> list[str]:
     # resnet26-w4's second stage starts with a 4 -> 8 1x1 stride-2 downsample.
     assert any(ic % 8 for ic, _, _ in strided_1x1), "the run never hit the shape it should test"
     return [line for ic, cl, line in strided_1x1 if ic % 8 and cl]
+
+
+@pytest.mark.pins_isa
+@pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0",
+                    reason="docs/troubleshooting.md's reproducer is of torch 2.13.0's kernels")
+@pytest.mark.skipif(not _cpu_has_avx2(), reason="needs a CPU with AVX2 (oneDNN's AVX2 kernels)")
+def test_the_documented_reproducer_crashes_on_avx2_kernels(tmp_path):
+    """docs/troubleshooting.md: `ONEDNN_MAX_CPU_ISA=AVX2 python scripts/onednn_avx2_repro.py`
+    aborts (rc 134, now and then a segfault). Were it to complete, the reproducer would no
+    longer show the fault the guard exists for (a changed script, or another kernel)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "onednn_avx2_repro.py")],
+                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode in (-signal.SIGABRT, -signal.SIGSEGV), \
+        (done.returncode, done.stdout, done.stderr[-2000:])
 
 
 @pytest.mark.slow
