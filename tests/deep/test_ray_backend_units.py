@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import struct
 import threading
 import types
 
@@ -324,6 +325,27 @@ SETTINGS_FRAME = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 def test_a_port_that_answers_as_a_grpc_server_passes_the_check():
     check_reachable(serve_once(SETTINGS_FRAME))
+
+
+def test_a_port_that_resets_the_connection_is_called_not_a_gcs_port_at_once(monkeypatch):
+    """A service that drops the HTTP/2 preface with a reset has answered: not a dead
+    address to try again (three tries, then "no Ray head answers")."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def reset():
+        conn, _ = server.accept()
+        conn.recv(64)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # linger 0: a reset, not an orderly close
+        server.close()
+
+    threading.Thread(target=reset, daemon=True).start()
+    monkeypatch.setattr(backend, "time", types.SimpleNamespace(sleep=lambda s: None))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    with pytest.raises(RayBackendError, match=rf"^{address} takes connections but is not a Ray "
+                                              r"head's GCS port \(which speaks gRPC; it sent "
+                                              r"nothing back\)"):
+        check_reachable(address)
 
 
 def test_a_head_still_starting_is_tried_again_before_the_address_is_called_wrong(monkeypatch):
