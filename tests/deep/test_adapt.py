@@ -1017,3 +1017,24 @@ def test_autocontrast_stretches_each_rgb_channel_on_its_own_as_pil():
     got = autocontrast(levels / 255) * 255
     assert torch.equal(got.round(), expected)
     assert got[0].min() == 0 and got[0].max() >= 254 and torch.equal(got[2], levels[2])
+
+
+# --- the third audit ---------------------------------------------------------------------------
+
+def test_memo_without_augmentations_or_a_generator_is_a_clear_error():
+    """MEMO adapting a block needs its augmented copies and their generator: refused where
+    the adapter is made, not a TypeError at the first image; "none" adapts nothing and
+    needs neither."""
+    for augment, generator in ((None, torch.Generator()), (augmenter(), None)):
+        with pytest.raises(ConfigError, match="MEMO needs an augment function and a torch.Generator"):
+            make_adapter(bn_net(), "memo", "last", BN_NET_BLOCKS, MemoConfig(copies=2), False,
+                         augment, generator)
+    assert make_adapter(bn_net(), "memo", "none", BN_NET_BLOCKS, MemoConfig()).names == []
+
+
+def test_a_config_of_another_method_is_a_clear_error():
+    with pytest.raises(ConfigError, match="TENT needs a TentConfig, got MemoConfig"):
+        make_adapter(bn_net(), "tent", "first", BN_NET_BLOCKS, MemoConfig())
+    with pytest.raises(ConfigError, match="MEMO needs a MemoConfig, got TentConfig"):
+        make_adapter(bn_net(), "memo", "first", BN_NET_BLOCKS, TentConfig(), False, augmenter(),
+                     torch.Generator())

@@ -6,16 +6,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fractions
+from pathlib import Path
 
 import pytest
 import torch
 
 from deep.__main__ import main
 from deep.adapt import MemoConfig, TentConfig, make_adapter, run_stream
-from deep.adapt.cli import add_arguments, protocol_from_args
+from deep.adapt.cli import add_arguments, protocol_from_args, run
 from deep.adapt.protocol import load_adapt_protocol
 from deep.adapt.results import read_adapt_results
-from deep.adapt.runner import load_test_split, memo_augmenter, run_adaptation
+from deep.adapt.runner import AdaptSummary, load_test_split, memo_augmenter, run_adaptation
 from deep.augment_memo import MemoAugmenter
 from deep.blocks import blocks_for
 from deep.checkpoints import save_checkpoint
@@ -201,3 +202,41 @@ def test_a_data_flag_overrides_the_protocols_data_table():
     assert file_data.get("severity") == 5
     args = parser.parse_args(["--benchmark", "fmnist-c", "--out", "r.csv", "--data", "severity=3"])
     assert protocol_from_args(args).data == {**file_data, "severity": 3}
+
+
+# --- the third audit: what the command line hands the runner ------------------------------
+
+def test_memo_augments_at_the_severity_of_the_protocols_memo_table():
+    """[memo] severity = 3 (AugMix's 0..10 scale) reaches the augmenter the runner uses,
+    not MEMO's default 1."""
+    protocol = load_adapt_protocol("fmnist-c")
+    protocol = protocol.replace(memo={**protocol.settings_of("memo"), "severity": 3.0})
+    assert memo_augmenter(protocol).severity == 3.0
+
+
+def test_the_run_flags_reach_the_runner(monkeypatch, capsys):
+    """--episodic, --no-progress, --data-dir, --trust-checkpoint, --checkpoint,
+    --test-per-class, --threads and --report reach run_adaptation, set_threads and the
+    report as given; without them: online, with progress lines, the benchmark's own data
+    location, safe loading, the file's checkpoint and split, one thread, no report."""
+    calls, threads = [], []
+    def runner(protocol, out, **kw):
+        calls.append({**kw, "checkpoint": protocol.checkpoint, "per_class": protocol.test_per_class})
+        return AdaptSummary(0, 0, 0.0, Path(out))
+    monkeypatch.setattr("deep.adapt.cli.run_adaptation", runner)
+    monkeypatch.setattr("deep.adapt.cli.set_threads", threads.append)
+    reports = []
+    monkeypatch.setattr("deep.adapt.cli.write_adapt_report", lambda out: reports.append(out) or [])
+    base = ["--benchmark", "fmnist-c", "--out", "r.csv"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(base)) == 0
+    assert run(parser.parse_args([*base, "--episodic", "--no-progress", "--data-dir", "/d",
+                                  "--checkpoint", "m.pt", "--trust-checkpoint", "--test-per-class", "7",
+                                  "--threads", "3", "--report"])) == 0
+    assert calls == [dict(data_dir=None, episodic=False, progress=True, trust_checkpoint=False,
+                          checkpoint=None, per_class=90),
+                     dict(data_dir="/d", episodic=True, progress=False, trust_checkpoint=True,
+                          checkpoint="m.pt", per_class=7)]
+    assert threads == [1, 3] and reports == ["r.csv"]
+    assert "ran 0 streams, skipped 0 already finished" in capsys.readouterr().out

@@ -15,9 +15,9 @@ import deep
 from deep.__main__ import main
 from deep.adapt.cli import add_arguments, protocol_from_args
 from deep.adapt.core import METHODS
-from deep.adapt.protocol import AdaptProtocol
+from deep.adapt.protocol import AdaptProtocol, load_adapt_protocol
 from deep.adapt.results import (AdaptResults, best_block, markdown_table, read_adapt_results,
-                                relative_table, report_text)
+                                relative_table, report_text, write_adapt_report)
 from deep.adapt.runner import augment_generator, run_adaptation, stream_order
 from deep.checkpoints import save_checkpoint
 from deep.errors import ConfigError, ResultsError
@@ -587,3 +587,54 @@ def test_a_table_without_a_none_stream_says_so():
     text = markdown_table([_row(900, "first", 0.6, seed=s) for s in (0, 1)])
     assert "No gain to show: these streams have no `none` stream" in text
     assert "95 % t intervals of the same gains" not in text
+
+
+# --- the third audit ------------------------------------------------------------------------
+
+def test_a_setting_of_true_is_not_the_number_1(tmp_path):
+    """Settings compare as values with numbers as floats, but a JSON `true` stays apart from
+    1 (Python's True == 1 would make them one setting)."""
+    path = tmp_path / "r.csv"
+    row = {**_row(200, "first", 0.6), "data": '{"grayscale": 1}'}
+    AdaptResults(path).append(row)
+    key = tuple(row[k] for k in _KEY)
+    assert AdaptResults(path).finished(key, {**_SETTINGS, "data": '{"grayscale": 1.0}'})
+    with pytest.raises(ResultsError, match="other settings.*'data'"):
+        AdaptResults(path).finished(key, {**_SETTINGS, "data": '{"grayscale": true}'})
+
+
+def test_the_report_of_a_results_file_goes_next_to_it_by_default(tmp_path, monkeypatch):
+    """`adapt --report` (no folder given) writes <out>_report/table.md beside the CSV, as
+    its help says."""
+    monkeypatch.setattr("deep.adapt.results.plot", lambda rows, stem: [])   # the table only
+    path = tmp_path / "r.csv"
+    for blocks, acc in (("none", 0.5), ("first", 0.6)):
+        AdaptResults(path).append(_row(200, blocks, acc))
+    assert write_adapt_report(path) == [tmp_path / "r_report" / "table.md"]
+    text = (tmp_path / "r_report" / "table.md").read_text()
+    assert text.startswith("# Online adaptation results of r.csv\n")
+    assert "| fog | 50.0 | +10.0 | (first) |" in text and text.endswith("\n2 streams.\n")
+
+
+def test_a_test_split_of_no_image_per_class_is_refused_by_name():
+    with pytest.raises(ConfigError, match="test_per_class must be >= 1, got 0"):
+        _protocol(test_per_class=0)
+    assert _protocol(test_per_class=1).test_per_class == 1
+
+
+def test_the_images_flag_sets_the_stream_length_of_every_method_that_runs():
+    """--images N replaces the top-level length and each method's own (fmnist-c: [memo]
+    images = 200, [tent] images = 0)."""
+    protocol = _cli_protocol("--images", "7")
+    assert (protocol.images_of("memo"), protocol.images_of("tent")) == (7, 7)
+
+
+def test_quick_keeps_a_methods_own_shorter_stream(monkeypatch):
+    """--quick caps a stream at the method's quick length (MEMO 100, TENT 600) but keeps a
+    shorter one that the method's own table gives ([memo] images = 50), not the top-level
+    length (0 = all)."""
+    file = load_adapt_protocol("fmnist-c")
+    short = file.replace(memo={**file.settings_of("memo"), "images": 50})
+    monkeypatch.setattr("deep.adapt.cli.load_adapt_protocol", lambda benchmark: short)
+    quick = _cli_protocol("--quick")
+    assert (quick.images_of("memo"), quick.images_of("tent")) == (50, 600)

@@ -158,3 +158,26 @@ def test_a_severity_at_or_below_augmixs_lowest_level_is_refused():
         with pytest.raises(ValueError, match="severity"):
             MemoAugmenter((0.5,), (0.5,), severity=severity)
     MemoAugmenter((0.5,), (0.5,), severity=0.2)
+
+
+def test_an_image_goes_back_to_pixels_in_0_1_before_its_augmentations(monkeypatch):
+    """A normalised value beyond the stream's pixel range is clipped to a pixel in [0, 1]
+    before the operations (defined on 8-bit levels) see it: with identity operations, no
+    crop and no flip, the copy of pixels (-1, 2, 0.5, 0.75) is that of (0, 1, 0.5, 0.75)."""
+    monkeypatch.setitem(augment_memo.OPERATIONS, "identity", lambda x, g, s: x)
+    aug = MemoAugmenter((0.5,), (0.5,), padding=0, flip=False)
+    aug.names = ["identity"]
+    image = torch.tensor([[[-3.0, 3.0], [0.0, 0.5]]])        # (pixel - 0.5) / 0.5
+    copies = aug(image, 2, torch.Generator().manual_seed(0))
+    expected = torch.tensor([[[-1.0, 1.0], [0.0, 0.5]]])     # pixels 0, 1, 0.5, 0.75
+    torch.testing.assert_close(copies, expected.expand(2, 1, 2, 2), rtol=0, atol=1e-6)
+
+
+def test_a_signed_operation_takes_each_sign_half_the_time():
+    """AugMix: `if np.random.uniform() > 0.5: level = -level`. The same uniform draws,
+    mapped by hand, and about as many of each sign."""
+    g = torch.Generator().manual_seed(0)
+    draws = torch.rand(2000, generator=torch.Generator().manual_seed(0)).tolist()
+    signs = [augment_memo._sign(g) for _ in range(2000)]
+    assert signs == [-1.0 if u > 0.5 else 1.0 for u in draws]
+    assert abs(np.mean(signs)) < 0.05
