@@ -1038,3 +1038,24 @@ def test_a_config_of_another_method_is_a_clear_error():
     with pytest.raises(ConfigError, match="MEMO needs a MemoConfig, got TentConfig"):
         make_adapter(bn_net(), "memo", "first", BN_NET_BLOCKS, TentConfig(), False, augmenter(),
                      torch.Generator())
+
+
+def test_tent_minimises_the_mean_entropy_of_each_batch_whatever_its_size():
+    """TENT's loss is the batch mean of the entropies. A sum would scale each batch's
+    gradient by its size, which Adam's second moment does not undo across batches of 3 and
+    4 images (a stream of 7 in batches of 3: the single last image joins the batch before
+    it). Checked against a hand loop: softmax, entropy, mean, one Adam step per batch."""
+    from deep.adapt.core import _batch_stat_forward, patched_batchnorm
+    x = torch.randn(7, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model, reference = bn_net(), bn_net()
+    adapter = make_adapter(model, "tent", "first", BN_NET_BLOCKS, TentConfig(batch_size=3, lr=0.05))
+    run_stream(adapter, x, torch.zeros(7, dtype=torch.long), torch.arange(7), 3)
+    params = [reference[1].weight, reference[1].bias]
+    optimizer = torch.optim.Adam(params, lr=0.05, betas=(0.9, 0.999))
+    with patched_batchnorm([reference[1]], _batch_stat_forward):
+        for batch in (x[:3], x[3:]):
+            p = reference(batch).softmax(1)
+            optimizer.zero_grad()
+            (-(p * p.log()).sum(1)).mean().backward()
+            optimizer.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(adapter.params, params))

@@ -4,6 +4,7 @@ before any stream runs (deep.adapt.results, deep.adapt.protocol, deep.adapt.cli)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from deep.adapt.core import METHODS
 from deep.adapt.protocol import AdaptProtocol, load_adapt_protocol
 from deep.adapt.results import (AdaptResults, best_block, markdown_table, read_adapt_results,
                                 relative_table, report_text, write_adapt_report)
-from deep.adapt.runner import augment_generator, run_adaptation, stream_order
+from deep.adapt.runner import augment_generator, run_adaptation, stream_order, stream_settings
 from deep.checkpoints import save_checkpoint
 from deep.errors import ConfigError, ResultsError
 from deep.models import build_model
@@ -638,3 +639,39 @@ def test_quick_keeps_a_methods_own_shorter_stream(monkeypatch):
     monkeypatch.setattr("deep.adapt.cli.load_adapt_protocol", lambda benchmark: short)
     quick = _cli_protocol("--quick")
     assert (quick.images_of("memo"), quick.images_of("tent")) == (50, 600)
+
+
+def test_malformed_method_tables_are_refused_by_name():
+    """A protocol file's `memo = 5`, `lr = []` under [memo], a table for a method the table
+    of methods lacks, and one block option in two spellings: each named where the protocol
+    is built, not a TypeError or a silently ignored table."""
+    for fields, message in [(dict(memo=5), r"\[memo\] must be a table of settings, got 5"),
+                            (dict(memo={"copies": 2, "lr": []}), r"\[memo\]: lr is an empty list"),
+                            (dict(blocks=["first+second", "second+first"]),
+                             r"'second\+first' repeats 'first\+second'")]:
+        with pytest.raises(ConfigError, match=message):
+            _protocol(**fields)
+    with pytest.raises(ConfigError, match=r"settings of unknown method\(s\) \['nope'\]"):
+        dataclasses.replace(_protocol(), method_settings={"nope": {}})
+
+
+def test_a_streams_settings_are_the_protocols_as_written():
+    """What a resumed stream must agree on, from the protocol (here a split of 3 images per
+    class, not the usual 90), spelled out by hand."""
+    protocol = _protocol(test_per_class=3, data={"severity": 5})
+    assert stream_settings(protocol, "none", protocol.config("tent")) == {
+        "arch": ARCH, "checkpoint": "none", "test_per_class": 3, "data": '{"severity": 5}',
+        "settings": '{"batch_size": 3, "batch_stats": "blocks", "beta": 0.9, "lr": 0.001, '
+                    '"steps": 1}'}
+
+
+def test_rows_of_another_benchmark_do_not_constrain_a_methods_settings(tmp_path):
+    """A file may hold several benchmarks (a section each): MEMO rows of cifar10c with 4
+    copies do not refuse fmnist-c MEMO streams with 32, while fmnist-c rows would."""
+    path = tmp_path / "r.csv"
+    AdaptResults(path).append({**_row(200, "first", 0.6), "benchmark": "cifar10c",
+                               "settings": '{"copies": 4}'})
+    results = AdaptResults(path)
+    results.check_method("fmnist-c", "memo", {**_SETTINGS, "settings": '{"copies": 32}'})
+    with pytest.raises(ResultsError, match="other settings"):
+        results.check_method("cifar10c", "memo", {**_SETTINGS, "settings": '{"copies": 32}'})

@@ -173,11 +173,10 @@ def test_an_image_goes_back_to_pixels_in_0_1_before_its_augmentations(monkeypatc
     torch.testing.assert_close(copies, expected.expand(2, 1, 2, 2), rtol=0, atol=1e-6)
 
 
-def test_a_signed_operation_takes_each_sign_half_the_time():
-    """AugMix: `if np.random.uniform() > 0.5: level = -level`. The same uniform draws,
-    mapped by hand, and about as many of each sign."""
-    g = torch.Generator().manual_seed(0)
-    draws = torch.rand(2000, generator=torch.Generator().manual_seed(0)).tolist()
-    signs = [augment_memo._sign(g) for _ in range(2000)]
-    assert signs == [-1.0 if u > 0.5 else 1.0 for u in draws]
-    assert abs(np.mean(signs)) < 0.05
+def test_statistics_or_an_image_of_another_channel_count_are_refused():
+    """One mean and one std per channel, and images of that many channels: a grayscale
+    normalisation would otherwise broadcast over an RGB image in silence."""
+    with pytest.raises(ValueError, match="per-channel sequences of equal length"):
+        MemoAugmenter((0.5, 0.5, 0.5), (0.5,))
+    with pytest.raises(ValueError, match=r"expected one image of shape \(1, H, W\), got \(3, 4, 4\)"):
+        MemoAugmenter((0.5,), (0.5,))(torch.zeros(3, 4, 4), 2, torch.Generator())
