@@ -1059,3 +1059,13 @@ def test_tent_minimises_the_mean_entropy_of_each_batch_whatever_its_size():
             (-(p * p.log()).sum(1)).mean().backward()
             optimizer.step()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(adapter.params, params))
+
+
+def test_a_block_named_twice_in_one_option_is_refused_where_it_is_parsed():
+    """"first+first" is no union: refused by the parser (and so by a protocol built in
+    Python), not only by the command line after it has loaded the protocol."""
+    with pytest.raises(ConfigError, match=r"block\(s\) \['first'\] repeated in 'first\+first'"):
+        parse_blocks("first+first")
+    with pytest.raises(ConfigError, match=r"block\(s\) \['first'\] repeated"):
+        _tiny_protocol(blocks=["none", "first+first"])
+    assert parse_blocks("first+second") == ["first", "second"]
