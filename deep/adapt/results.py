@@ -139,7 +139,10 @@ class AdaptResults:
             if k == "settings" and ignore_lr:
                 return json.dumps({n: v for n, v in json.loads(source[k]).items() if n != "lr"},
                                   sort_keys=True)
-            return source.get(k)  # (a caller's settings may leave out `data`: unknown)
+            # `data` left out of a caller's settings is None: against a row that records
+            # data options it differs (only a row's own None, written before the column,
+            # counts as unknown: `_same`)
+            return source.get(k)
         differ = {k: (value(k, row), value(k, settings)) for k in SETTINGS
                   if not _same(k, value(k, row), value(k, settings))}
         if differ:

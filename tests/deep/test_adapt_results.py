@@ -506,6 +506,11 @@ def test_a_stream_of_other_data_options_is_refused_and_a_legacy_row_is_not_compa
         AdaptResults(path).finished(key, {**_SETTINGS, "data": three})
     with pytest.raises(ResultsError, match="other settings.*'data'"):
         AdaptResults(path).check_method("fmnist-c", "memo", {**_SETTINGS, "data": three})
+    # settings that leave `data` out do not match a row that records it (only a row's own
+    # missing value is unknown)
+    assert "data" not in _SETTINGS
+    with pytest.raises(ResultsError, match="other settings.*'data'"):
+        AdaptResults(path).finished(key, dict(_SETTINGS))
     legacy = tmp_path / "legacy.csv"
     AdaptResults(legacy).append(_row(200, "first", 0.6))        # no data: unknown
     assert read_adapt_results(legacy)[0]["data"] is None
