@@ -224,3 +224,36 @@ def test_the_api_pages_option_table_is_the_parsers():
         return str(value)
 
     assert documented == {f"--{name}": shown(value) for name, value in parser_defaults.items()}
+
+
+def test_every_figures_flag_reaches_the_settings_and_resume(monkeypatch):
+    """`python -m sims figures --draws 7 --steps 11 --seed 5 --dtype float32 --device cpu
+    --threads 2 --resume --only f4 --out x` hands make_figures exactly those values (a flag
+    dropped, or two swapped, would run the defaults silently); without flags, Settings()'s."""
+    import sims.__main__ as cli
+    calls = []
+    monkeypatch.setattr(cli, "make_figures", lambda *a, **k: calls.append((a, k)))
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["figures", "--draws", "7", "--steps", "11", "--seed", "5", "--dtype",
+                         "float32", "--device", "cpu", "--threads", "2", "--resume", "--only",
+                         "f4", "--out", "x"]) == 0
+        assert torch.get_num_threads() == 2
+        assert cli.main(["figures"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (settings, out, only), options = calls[0]
+    assert settings == experiments.Settings(draws=7, steps=11, seed=5, dtype="float32",
+                                            device="cpu")
+    assert (out, only, options) == ("x", "f4", {"resume": True})
+    (settings, out, only), options = calls[1]
+    assert settings == experiments.Settings(draws=200, steps=2000, seed=0, dtype="float64",
+                                            device="auto")
+    assert (out, only, options) == ("figures", None, {"resume": False})
+
+
+def test_threads_below_one_end_with_status_2_and_one_error_line(capsys):
+    from sims.__main__ import main
+    assert main(["figures", "--threads", "0", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --threads must be >= 1, got 0\n", err
