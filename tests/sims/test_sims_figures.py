@@ -257,3 +257,58 @@ def test_threads_below_one_end_with_status_2_and_one_error_line(capsys):
     assert main(["figures", "--threads", "0", "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --threads must be >= 1, got 0\n", err
+
+
+def test_a_resume_line_names_every_changed_setting_with_its_old_and_new_value():
+    from sims.figures import _recomputing
+    recorded = dict(draws=3, steps=20, seed=0, dtype="float64", device="cpu")
+    now = dict(recorded, draws=4, seed=2)
+    assert _recomputing("t1_event", recorded, now) == \
+        "f4 (t1_event): recorded draws 3, seed 0, now draws 4, seed 2: recomputing"
+    assert _recomputing("shifts", recorded, dict(recorded, dtype="float32")) == \
+        "f2, f3, f6 (shifts): recorded dtype float64, now float32: recomputing"
+
+
+def test_only_takes_names_with_spaces_after_the_commas():
+    assert resolve_only(" f1, f4 ,f5_forgetting") == ["f1_t1_curves", "f4_t1_event",
+                                                       "f5_forgetting"]
+
+
+def _stand_in_shifts(monkeypatch):
+    """The shifts experiment, reading and drawing replaced by stand-ins (the pipeline's
+    choices alone, in milliseconds); returns the list of the experiment's calls."""
+    import sims.figures as figures
+    calls = []
+
+    def shifts(settings, progress=None):
+        calls.append(settings)
+        return {name: pd.DataFrame(dict(x=[len(calls)]))
+                for name in ("f2_loss_vs_n", "f3_best_layer", "f6_auto_rgn")}
+    monkeypatch.setitem(experiments.EXPERIMENTS, "shifts", shifts)
+    monkeypatch.setattr(figures, "read_table", lambda path, name: None)
+    monkeypatch.setattr(figures.plots, "draw", lambda name, tables: name)
+    monkeypatch.setattr(figures, "save_figure", lambda figure, paths: None)
+    return calls
+
+
+def test_a_redraw_or_a_full_resume_of_f2_redraws_f2_alone(tmp_path, monkeypatch):
+    """Nothing simulated, so F3 and F6 (same experiment) keep the figures drawn from their
+    unchanged CSVs: only the figures asked for are redrawn."""
+    _stand_in_shifts(monkeypatch)
+    written = make_figures(SMALLEST, tmp_path, only="f2", log=lambda line: None)
+    assert {p.name for p in written if p.suffix == ".png"} == {
+        "f2_loss_vs_n.png", "f3_best_layer.png", "f6_auto_rgn.png"}       # all rewritten
+    expected = [tmp_path / "f2_loss_vs_n.png", tmp_path / "f2_loss_vs_n.pdf"]
+    assert make_figures(SMALLEST, tmp_path, only="f2", simulate=False,
+                        log=lambda line: None) == expected
+    assert make_figures(SMALLEST, tmp_path, only="f2", resume=True,
+                        log=lambda line: None) == expected
+
+
+def test_without_resume_a_run_with_the_recorded_settings_simulates_again(tmp_path, monkeypatch):
+    calls = _stand_in_shifts(monkeypatch)
+    make_figures(SMALLEST, tmp_path, only="f3", log=lambda line: None)
+    written = make_figures(SMALLEST, tmp_path, only="f3", log=lambda line: None)
+    assert calls == [SMALLEST, SMALLEST]
+    assert tmp_path / "f3_best_layer.csv" in written
+    assert pd.read_csv(tmp_path / "f3_best_layer.csv").x.tolist() == [2]
