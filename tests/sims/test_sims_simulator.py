@@ -461,3 +461,37 @@ def test_first_layer_tuning_of_a_zero_head_leaves_B_in_place():
         assert not result.diverged.any() and torch.equal(result.B[0], batch.B[0]), exact
         np.testing.assert_allclose(result.train_loss[0], np.full(6, y @ y / 8), rtol=1e-14)
     assert np.array_equal(theory.finetune(net, X, y, "first", 50, 0.1).B, net.B)
+
+
+def test_select_keeps_each_chosen_runs_own_tune_in_the_order_asked():
+    # guards: a selection taking the first len(index) tunes: a halved rerun of runs
+    # [2, 0] of a mixed batch would tune "first" and "last" instead of "all" and "first".
+    rng = np.random.default_rng(5)
+    net = theory.TwoLayer(rng.standard_normal(2), rng.standard_normal((2, 3)))
+    X = rng.standard_normal((4, 3))
+    batch = Batch.build([net] * 3, [(X, X[:, 0])] * 3, ["first", "last", "all"],
+                        [0.1, 0.2, 0.3], device="cpu")
+    chosen = batch.select(torch.tensor([2, 0]))
+    assert chosen.tune == ("all", "first")
+    assert chosen.lr.tolist() == [0.3, 0.1]
+
+
+def test_a_run_once_past_the_divergence_factor_stays_diverged_though_its_loss_comes_back():
+    # guards: the divergence flag overwritten at each record (`diverged = bad`, not `|=`),
+    # which would let a run whose loss spiked past DIVERGENCE_FACTOR x its scale and then
+    # came back be recorded again and end with finite final losses. Hand-made states:
+    # v = 1e6 v0 (train loss ~1e12 x the start) at record 0, v0 again at record 1.
+    from sims.simulator import _Recorder
+    rng = np.random.default_rng(6)
+    net = theory.TwoLayer(rng.standard_normal(2), rng.standard_normal((2, 3)))
+    X = rng.standard_normal((4, 3))
+    batch = Batch.build([net], [(X, X[:, 0])], "all", 0.1,
+                        {"t": [(net, np.eye(3))]}, device="cpu")
+    recorder = _Recorder(batch, np.array([0, 1]), np.array([1]), False, False)
+    runs = np.array([0])
+    recorder.write(runs, np.array([0]), 1e6 * batch.v, batch.B)
+    recorder.write(runs, np.array([1]), batch.v, batch.B)
+    result = recorder.result(batch.v, batch.B)
+    assert result.diverged.tolist() == [True]
+    assert torch.isnan(result.train_loss).all() and torch.isnan(result.loss["t"]).all()
+    assert torch.isnan(result.final_train_loss[0]) and torch.isnan(result.final_loss["t"][0])
