@@ -113,3 +113,19 @@ def test_a_head_of_another_run_count_or_shape_is_refused_not_broadcast():
         target.loss(v.float(), B.float(), "relu")
     with pytest.raises(ValueError, match="must be torch tensors, got ndarray"):
         target.loss(v.numpy(), B, "relu")
+
+
+def test_a_relu_teacher_with_its_units_permuted_scores_a_loss_of_zero_never_below():
+    # guards: the per-component clamp dropped. The same function computed with its hidden
+    # units in another order leaves own - 2 cross + E[y^2] at rounding level (~1e-14 here,
+    # of either sign, on 64 random teachers and two-component mixtures); the loss is a mean
+    # square, so it must come out >= 0 (theory clips each component at 0 too).
+    rng = np.random.default_rng(0)
+    R, k, d = 64, 3, 4
+    tv = torch.tensor(rng.standard_normal((R, k)))
+    tB = torch.tensor(rng.standard_normal((R, k, d)))
+    A = rng.standard_normal((R, 2, d, d))
+    target = Target(tv, tB, "relu", torch.full((R, 2), 0.5, dtype=torch.float64),
+                    torch.tensor(A @ A.transpose(0, 1, 3, 2)))
+    loss = target.loss(tv[:, [2, 0, 1]], tB[:, [2, 0, 1]], "relu")
+    assert loss.min() >= 0 and loss.max() < 1e-12 * target.label_energy().min()
