@@ -72,3 +72,56 @@ def test_the_multiply_adds_docs_performance_quotes_are_the_benchmarks_counts():
     assert f"textbook's about 2ndk ({loop:,})" in doc
     assert f"own multiply-adds ({sim:,} per run and step)" in doc
     assert f"for the same result ({loop:,})" in doc
+
+
+def test_ratios_are_the_extrapolated_best_loop_time_over_each_best_simulator_time(monkeypatch):
+    """On a fake clock: a numpy-loop run takes 0.01 s (0.02 s in the first of its three
+    repeats), so the loop's best time on 2 runs extrapolated to 8 is 0.08 s; a simulation
+    takes 4, 2, 1, 0.5 ms (float64, float32, each eager then compiled; twice that on the
+    first of its two repeats). Each row's ratio is 0.08 s over its own best time (20, 40,
+    80, 160) and the headline is float32 compiled's. No timing is real: the compiled runs
+    run eagerly, at no cost."""
+    clock = [0.0]
+    monkeypatch.setattr(speed, "time", type("FakeTime", (), {
+        "perf_counter": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(speed, "measure_limits", lambda threads, device: {
+        (dtype, t): (1.0, 1.0, 1.0) for dtype in (torch.float64, torch.float32) for t in threads})
+    loop_calls = []
+    numpy_loop = speed.numpy_loop
+
+    def timed_loop(*args):
+        loop_calls.append(1)
+        clock[0] += 0.02 if len(loop_calls) <= 2 else 0.01
+        return numpy_loop(*args)
+    cost = {(torch.float64, False): 4e-3, (torch.float32, False): 2e-3,
+            (torch.float64, True): 1e-3, (torch.float32, True): 0.5e-3}
+    seen = set()
+    simulate = speed.simulate
+
+    def timed_simulate(batch, steps, compile=False):
+        if steps != 2 * 16:                       # not the warm-up
+            key = (batch.dtype, compile)
+            clock[0] += cost[key] * (1 if key in seen else 2)
+            seen.add(key)
+        return simulate(batch, steps)
+    monkeypatch.setattr(speed, "numpy_loop", timed_loop)
+    monkeypatch.setattr(speed, "simulate", timed_simulate)
+    threads = torch.get_num_threads()
+    out = io.StringIO()
+    try:
+        with redirect_stdout(out):
+            speed.main(["--runs", "8", "--d", "6", "--k", "4", "--n", "5", "--steps", "50",
+                        "--loop-runs", "2", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = out.getvalue().splitlines()
+    assert "extrapolated to 8: 0.08 s" in out.getvalue()
+    ratios = {}
+    for line in lines:
+        found = re.match(r"(float\d\d), 1 thread\(s\)(, compiled)?\s+([\d.]+)\s+([\d.]+)", line)
+        if found:
+            ratios[found.group(1), bool(found.group(2))] = (float(found.group(3)),
+                                                            float(found.group(4)))
+    assert ratios == {("float64", False): (0.004, 20.0), ("float32", False): (0.002, 40.0),
+                      ("float64", True): (0.001, 80.0), ("float32", True): (0.001, 160.0)}
+    assert lines[-1] == "speedup: 160.0"
