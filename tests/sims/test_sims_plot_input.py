@@ -260,3 +260,111 @@ def test_f6_scatter_puts_rgn_ratio_on_x_and_loss_gain_on_y():
         expected = np.c_[np.log10(part.rgn_first), -1 - np.log10(part.loss_first)]
         np.testing.assert_allclose(np.sort(points, axis=0), np.sort(expected, axis=0),
                                    rtol=1e-12)
+
+
+def _band_of(ax, label):
+    """(x, y) of the line labelled `label`, and the low and high edges of the band
+    (fill_between) drawn in its colour right after it."""
+    import matplotlib.colors as mcolors
+    line = next(line for line in ax.get_lines() if line.get_label() == label)
+    colour = mcolors.to_rgb(line.get_color())
+    fill = next(c for c in ax.collections
+                if np.allclose(c.get_facecolor()[0][:3], colour))
+    vertices = fill.get_paths()[0].vertices
+    n = len(line.get_xdata())
+    # fill_between's path: (x0, low0) .. (xn, lown), then the high edge backwards.
+    low, high = vertices[1:n + 1, 1], vertices[n + 2:2 * n + 2, 1][::-1]
+    return line.get_xdata(), line.get_ydata(), low, high
+
+
+def test_f1_curves_are_geometric_means_with_a_band_of_one_se_of_log10():
+    # guards: the arithmetic `mean` column drawn, or the band's width off. Steps > 0 only
+    # (a log axis); every curve 10^log10_mean, its band 10^(log10_mean -+ log10_se).
+    from sims.plots import LABELS
+    steps = np.array([0, 1, 10, 20])
+    table = pd.DataFrame([dict(activation=a, method=m, step=s, mean=7.0, log10_mean=-s / 10 - i,
+                               log10_se=0.1 + 0.05 * i, draws=2)
+                          for a in experiments.ACTIVATIONS
+                          for i, m in enumerate(experiments.METHODS) for s in steps])
+    for ax in drawn("f1_t1_curves", table)[:2]:
+        for i, method in enumerate(experiments.METHODS):
+            x, y, low, high = _band_of(ax, LABELS[method])
+            center = -steps[1:] / 10 - i
+            np.testing.assert_array_equal(x, steps[1:])
+            np.testing.assert_allclose(y, 10 ** center, rtol=1e-12)
+            np.testing.assert_allclose(low, 10 ** (center - 0.1 - 0.05 * i), rtol=1e-12)
+            np.testing.assert_allclose(high, 10 ** (center + 0.1 + 0.05 * i), rtol=1e-12)
+
+
+def test_f5_head_drift_is_drawn_as_mean_and_se_the_errors_as_geometric_means():
+    # guards: the head drift drawn on log10 (its fraction of zero draws is 1 for "first")
+    # or the errors as arithmetic means. Values: mean 0.3 + step, se 0.05; log10_mean -step.
+    from sims.plots import LABELS
+    steps = np.array([0, 1, 2, 4])
+    table = pd.DataFrame([dict(method=m, quantity=q, step=s, mean=0.3 + s, se=0.05,
+                               log10_mean=-float(s), log10_se=0.2, draws=2)
+                          for m in experiments.FORGETTING_METHODS
+                          for q in experiments.FORGETTING_QUANTITIES for s in steps])
+    axes = {ax.get_title(): ax for ax in drawn("f5_forgetting", table)}
+    for quantity in experiments.FORGETTING_QUANTITIES:
+        x, y, low, high = _band_of(axes[quantity], LABELS["all"])
+        np.testing.assert_array_equal(x, steps[1:])
+        if quantity.startswith("head drift"):
+            expected = (0.3 + steps[1:], 0.25 + steps[1:], 0.35 + steps[1:])
+        else:
+            expected = (10.0 ** -steps[1:], 10.0 ** (-steps[1:] - 0.2),
+                        10.0 ** (-steps[1:] + 0.2))
+        for got, want in zip((y, low, high), expected):
+            np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=quantity)
+
+
+def _error_bars(container):
+    """The (low, high) ends of an errorbar container's vertical bars."""
+    segments = container.lines[2][0].get_segments()
+    return np.array([s[0][1] for s in segments]), np.array([s[1][1] for s in segments])
+
+
+def test_f4_event_frequency_bars_are_one_binomial_se_over_the_draws():
+    # guards: sqrt(f (1 - f)) without / draws. f = n / 50 with 8 draws.
+    n = np.array(experiments.N_EVENT)
+    table = f4_table().assign(event_frequency=n / 50, draws=8)
+    ax = drawn("f4_t1_event", table)[0]
+    bars = next(c for c in ax.containers if c.get_label() == "event frequency in the draws")
+    low, high = _error_bars(bars)
+    se = np.sqrt(n / 50 * (1 - n / 50) / 8)
+    np.testing.assert_allclose(low, n / 50 - se, rtol=1e-12)
+    np.testing.assert_allclose(high, n / 50 + se, rtol=1e-12)
+
+
+def test_f2_lower_error_bars_stop_at_a_thousandth_of_the_mean():
+    # guards: mean - se drawn as it is (<= 0 on a log axis when se >= mean). Means 1/n,
+    # se 2/n for "first" (clipped to mean / 1000), 0.1/n for the others (not clipped).
+    from sims.plots import LABELS
+    table = f2_table()
+    table["se"] = np.where(table.method == "first", 2.0, 0.1) / table.n
+    axes = {ax.get_title(): ax for ax in drawn("f2_loss_vs_n", table)}
+    n = np.array(experiments.N_GRID)
+    for method in experiments.METHODS:
+        bars = next(c for c in axes["label · relu"].containers
+                    if c.get_label() == LABELS[method])
+        low, high = _error_bars(bars)
+        se = (2.0 if method == "first" else 0.1) / n
+        np.testing.assert_allclose(low, np.maximum(1 / n - se, 1e-3 / n), rtol=1e-12)
+        np.testing.assert_allclose(high, 1 / n + se, rtol=1e-12)
+
+
+def test_f6_agreement_bars_are_each_groups_fraction_with_its_binomial_se():
+    # guards: the se without / count. Per (activation, kind): 4 draws, j + 1 of them agree
+    # for the j-th kind in linear, j for relu.
+    kinds = list(experiments.SHIFTS)
+    rows = [dict(activation=a, kind=k, draw=d, n=experiments.N_BEST, rgn_first=2.0,
+                 rgn_last=1.0, loss_first=0.1, loss_last=1.0,
+                 agree=d < (j + 1 if a == "linear" else j))
+            for a in experiments.ACTIVATIONS for j, k in enumerate(kinds) for d in range(4)]
+    ax = drawn("f6_auto_rgn", pd.DataFrame(rows))[-1]
+    for activation, shift in (("linear", 1), ("relu", 0)):
+        bars = next(c for c in ax.containers if c.get_label() == activation)
+        p = (np.arange(len(kinds)) + shift) / 4
+        np.testing.assert_allclose([b.get_height() for b in bars], p, rtol=1e-12)
+        low, high = _error_bars(bars.errorbar)
+        np.testing.assert_allclose(high - p, np.sqrt(p * (1 - p) / 4), rtol=1e-12, atol=1e-15)
