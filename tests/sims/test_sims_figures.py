@@ -312,3 +312,18 @@ def test_without_resume_a_run_with_the_recorded_settings_simulates_again(tmp_pat
     assert calls == [SMALLEST, SMALLEST]
     assert tmp_path / "f3_best_layer.csv" in written
     assert pd.read_csv(tmp_path / "f3_best_layer.csv").x.tolist() == [2]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "seed must be a nonnegative integer, got -1"),
+    (["--steps", "1"], "steps must be an integer >= 2, got 1"),
+    (["--draws", "0"], "draws must be an integer >= 2, got 0"),
+    (["--device", "tpu"], "device"),
+])
+def test_a_bad_figures_value_is_one_error_line_before_any_folder_is_made(flags, message,
+                                                                          tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["figures", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
