@@ -487,3 +487,26 @@ def test_f4_columns_follow_claim_t1_on_the_redrawn_samples():
     assert (f4.first_zero <= per_n(enough_new)).all()
     assert (f4.full_unconverged <= per_n(spans)).all()
     assert (f4[f4.n < D].full_unconverged == 0).all()
+
+
+def test_f4_runs_first_1000_s_and_all_10_s_steps_and_counts_halvings_of_the_full_runs(
+        monkeypatch):
+    # guards: the two step budgets swapped; lr_halved counted on the first-layer runs; the
+    # binomial se over draws - 1. The simulation is the real one (2 draws, S = 2); the
+    # halvings it reports are replaced by 1 on every full run and 0 on every first run.
+    settings = experiments.Settings(draws=2, steps=2, seed=0, device="cpu")
+    simulate, seen = experiments._simulate, []
+
+    def recorded(batch, steps, **options):
+        seen.append((batch.tune, list(steps)))
+        result, _ = simulate(batch, steps, **options)
+        return result, np.array([int(t == "all") for t in batch.tune])
+    monkeypatch.setattr(experiments, "_simulate", recorded)
+    f4 = experiments.t1_event(settings)["f4_t1_event"]
+    (tunes, steps), = seen
+    runs = 2 * len(experiments.N_EVENT) * settings.draws
+    assert list(tunes) == ["first", "all"] * (runs // 2) and steps == [2000, 20] * (runs // 2)
+    assert (f4.lr_halved == settings.draws).all()
+    assert ((f4.frequency > 0) & (f4.frequency < 1)).any()      # some se is not 0
+    np.testing.assert_allclose(f4.se, np.sqrt(f4.frequency * (1 - f4.frequency) / 2),
+                               rtol=1e-15, atol=0)
