@@ -106,3 +106,20 @@ def test_ctrl_c_ends_with_status_130_and_one_line(tmp_path):
     assert err.strip().splitlines()[-1] == ("interrupted; rerun the same command with "
                                             "--resume to keep the finished experiments"), err
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_file_whole_and_no_temporary(tmp_path):
+    # guards: the output itself written (even once) before the rename: an error or a kill
+    # mid-write would leave a half-written CSV where --resume or `plot` reads it.
+    from sims.figures import _atomic
+    path = tmp_path / "f4_t1_event.csv"
+    path.write_text("n,exact\n1,0\n")
+
+    def fails_half_way(target):
+        with open(target, "w") as file:
+            file.write("n,ex")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        _atomic(path, fails_half_way)
+    assert path.read_text() == "n,exact\n1,0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f4_t1_event.csv"]
