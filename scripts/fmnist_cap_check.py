@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script below
-from fmnist_reproduce import differences, protocol_for  # noqa: E402  (shared with the rerun check)
+from fmnist_reproduce import protocol_for  # noqa: E402  (shared with the rerun check)
 
 from deep.report import select_learning_rates, test_metric_name  # noqa: E402
-from deep.results import read_results, row_key  # noqa: E402
+from deep.results import outcome_differences, read_results, row_key  # noqa: E402
 from deep.stats import format_interval, mean_se, t_interval  # noqa: E402
 from deep.sweep import machine, run_sweep  # noqa: E402
 
@@ -94,7 +94,7 @@ def report(key: tuple, runs: dict[str, dict[int, dict]], metric: str) -> list[st
 
 def against_committed(reruns: list[dict], committed: list[dict]) -> list[str]:
     """The reruns at a committed run's own settings beside that run: "same" (bit for bit in
-    every metric fmnist_reproduce compares) or what differs, then "identical to the
+    every column of `ResultRow.OUTCOME`) or what differs, then "identical to the
     committed rows: k of N". On another kind of CPU some differ by design (docs/fmnist.md,
     "Same seed, same numbers")."""
     known = {row_key(r): r for r in committed}
@@ -103,7 +103,7 @@ def against_committed(reruns: list[dict], committed: list[dict]) -> list[str]:
     pairs = [(known[key], r) for (key, epochs), r in unique.items()
              if key in known and known[key]["epochs"] == epochs]
     for old, new in pairs:
-        differ = differences(old, new)
+        differ = outcome_differences(old, new)
         same += not differ
         lines.append(("same    " if not differ else "differs ") + " ".join(map(str, row_key(new)))
                      + (f": {differ}" if differ else ""))
