@@ -28,6 +28,17 @@ if _workers > 1:
     os.environ["OMP_NUM_THREADS"] = str(_threads)  # subprocesses the tests start
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_put_back():
+    """Every test leaves torch's thread count as it found it. Code under test may set it (a
+    task group sets its own; `--threads` is applied in-process): left changed, every later
+    test of the process would run on that count, slower or oversubscribed."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def work_unit(nodeid: str) -> str:
     """The unit of work a test belongs to: "ray" for the Ray files, else the test itself."""
     return "ray" if PurePosixPath(nodeid.split("::", 1)[0]).name in RAY_FILES else nodeid
