@@ -19,6 +19,9 @@ import torch
 
 # A new test file that starts Ray (ray.init, `ray start`, a Ray sweep) belongs here.
 RAY_FILES = {"test_ray_backend.py", "test_slurm_recipe.py", "test_gpu_check.py"}
+# Files whose tests all read one costly module-scoped fixture (a run of `deep.speed`, a
+# tiny `make figures`): one unit each, so that it runs once, not once on every worker.
+SHARED_FIXTURE_FILES = {"test_speed.py", "test_sims_figures.py"}
 
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
@@ -40,8 +43,12 @@ def _torch_threads_put_back():
 
 
 def work_unit(nodeid: str) -> str:
-    """The unit of work a test belongs to: "ray" for the Ray files, else the test itself."""
-    return "ray" if PurePosixPath(nodeid.split("::", 1)[0]).name in RAY_FILES else nodeid
+    """The unit of work a test belongs to: "ray" for the Ray files, its file for the
+    SHARED_FIXTURE_FILES, else the test itself."""
+    name = PurePosixPath(nodeid.split("::", 1)[0]).name
+    if name in RAY_FILES:
+        return "ray"
+    return name if name in SHARED_FIXTURE_FILES else nodeid
 
 
 try:

@@ -1,15 +1,16 @@
-"""The parallel run's work units (tests/conftest.py): the Ray files' tests are one unit."""
+"""The parallel run's work units (tests/conftest.py): the Ray files' tests are one unit,
+the tests of each file that shares a costly fixture one unit per file."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import RAY_FILES, work_unit
+from tests.conftest import RAY_FILES, SHARED_FIXTURE_FILES, work_unit
 
 
 def test_the_ray_files_exist():
     """A renamed Ray test file would silently leave the group."""
     here = Path(__file__).parent
-    assert all(len(list(here.rglob(name))) == 1 for name in RAY_FILES), RAY_FILES
+    assert all(len(list(here.rglob(name))) == 1 for name in RAY_FILES | SHARED_FIXTURE_FILES)
 
 
 def test_ray_tests_share_one_unit_and_every_other_test_is_its_own():
@@ -19,3 +20,11 @@ def test_ray_tests_share_one_unit_and_every_other_test_is_its_own():
     other = "tests/deep/test_engine.py::test_frozen[second]"
     assert work_unit(other) == other
     assert work_unit("tests/deep/test_not_ray_backend.py::test_d") != "ray"
+
+
+def test_a_file_that_shares_a_costly_fixture_is_one_unit_of_its_own():
+    speed = ["tests/deep/test_speed.py::test_a", "tests/deep/test_speed.py::test_b[x]"]
+    assert {work_unit(n) for n in speed} == {"test_speed.py"}
+    assert work_unit("tests/sims/test_sims_figures.py::test_c") == "test_sims_figures.py"
+    assert work_unit("tests/sims/test_sims_figure_claims.py::test_d") == \
+        "tests/sims/test_sims_figure_claims.py::test_d"
