@@ -39,7 +39,8 @@ test: $(STAMP)
 
 # The deep engine's tests (with adaptation, reference models, ViT, the speed scripts) again on oneDNN's AVX2 kernels, which CPUs without AVX-512 (AMD EPYC
 # before Zen 4, Intel with AVX2 or AVX-VNNI only) run and ONEDNN_MAX_CPU_ISA=AVX2 selects anywhere
-# (docs/troubleshooting.md). MALLOC_CHECK_=3: glibc aborts at the first heap inconsistency.
+# (docs/troubleshooting.md). MALLOC_CHECK_=3: glibc before 2.34 aborts at the first heap inconsistency;
+# from 2.34 it takes effect only with libc_malloc_debug.so preloaded (docs/troubleshooting.md, "MALLOC_CHECK_").
 ENGINE_TESTS := tests/deep/test_engine.py tests/deep/test_engine_schedules.py tests/deep/test_engine_checkpoints.py \
 	tests/deep/test_sweep.py tests/deep/test_cli.py tests/deep/test_onednn_guard.py \
 	tests/deep/test_pretrain_options.py tests/deep/test_adapt.py tests/deep/test_reference_models.py \
