@@ -181,18 +181,21 @@ def make_gallery(out: str | Path, data_dir=None, corruptions=None, what: str = "
     width = max(len(corruptions) + 1, 2 * STRIP, 10)   # images across the widest panel
     heights = [panel_height(len(SHOW_CLASSES), titled_rows=False), panel_height(len(F.SUPERCLASSES)),
                panel_height(1), panel_height(2), panel_height(1)]
-    fig = plt.figure(figsize=(MARGIN + 0.2 + width * CELL * 1.12, sum(heights)))
-    panels = fig.subfigures(len(heights), 1, height_ratios=heights)
-    panel_c(panels[0], data_dir, corruptions, width)
-    panel_breeds(panels[1], data_dir, width)
-    panel_flip(panels[2], data_dir, width)
-    panel_spurious(panels[3], data_dir, width)
-    panel_blocknoise(panels[4], data_dir, width)
-    tmp = out.with_name(out.name + ".tmp.png")
-    # every text drawn, in the PNG's Description: a test compares it with a fresh drawing's
-    # (pixels differ between matplotlib versions; what the captions say must not)
-    fig.savefig(tmp, dpi=100, metadata={"Description": drawn_text(fig)})
-    plt.close(fig)
+    # matplotlib's own defaults, whatever the process set before (seaborn's theme from
+    # sims.plots.style(), a notebook's rcParams): the same picture in any process
+    with plt.style.context("default"):
+        fig = plt.figure(figsize=(MARGIN + 0.2 + width * CELL * 1.12, sum(heights)))
+        panels = fig.subfigures(len(heights), 1, height_ratios=heights)
+        panel_c(panels[0], data_dir, corruptions, width)
+        panel_breeds(panels[1], data_dir, width)
+        panel_flip(panels[2], data_dir, width)
+        panel_spurious(panels[3], data_dir, width)
+        panel_blocknoise(panels[4], data_dir, width)
+        tmp = out.with_name(out.name + ".tmp.png")
+        # every text drawn, in the PNG's Description: a test compares it with a fresh
+        # drawing's (pixels differ between matplotlib versions; what the captions say must not)
+        fig.savefig(tmp, dpi=100, metadata={"Description": drawn_text(fig)})
+        plt.close(fig)
     tmp.replace(out)   # atomic: a crash never leaves half a PNG
     return out
 
