@@ -5,8 +5,9 @@
 
 Each shape runs in its own subprocess (a corrupted heap must not take this one down) under
 `ONEDNN_MAX_CPU_ISA=<isa>` and `MALLOC_CHECK_=3` (glibc before 2.34 aborts at the first
-inconsistency it sees; later ones ignore it unless libc_malloc_debug.so is preloaded), 50 weight-gradient steps of a bias-free 1 x 1 convolution on a channels-last
-batch of 64 x C x 16 x 16. "raw" feeds the channels-last input straight to the convolution;
+inconsistency it sees; later ones ignore it unless libc_malloc_debug.so is preloaded), 50
+weight-gradient steps of a bias-free 1 x 1 convolution on a channels-last batch of
+64 x C x 16 x 16. "raw" feeds the channels-last input straight to the convolution;
 "guarded" goes through `deep.models.staged.guard_channels_last`, as the engine does. The
 kernel column is what oneDNN reports for the weight gradient (`ONEDNN_VERBOSE=1`).
 A heap corruption is not always detected, so "ok" on one run is evidence, not proof; the

@@ -22,14 +22,15 @@ def compare(old_rows: list[dict], new_rows: list[dict], shown: int = 10) -> list
     same, total, differ = Counter(), Counter(), {}
     for key in shared:
         total[key[0]] += 1
-        differ[key] = outcome_differences(old[key], new[key])
-        same[key[0]] += not differ[key]
+        if pairs := outcome_differences(old[key], new[key]):
+            differ[key] = pairs
+        else:
+            same[key[0]] += 1
     lines = [f"cells: {len(old)} old, {len(new)} new, {len(shared)} in both; "
              f"only old {len(set(old) - set(new))}, only new {len(set(new) - set(old))}"]
     lines += [f"  {b}: {same[b]} of {total[b]} identical" for b in sorted(total)]
     lines.append(f"identical: {sum(same.values())} of {len(shared)}")
-    lines += [f"  differs: {key} {pairs}" for key, pairs in
-              [(k, d) for k, d in differ.items() if d][:shown]]
+    lines += [f"  differs: {key} {pairs}" for key, pairs in list(differ.items())[:shown]]
     return lines
 
 

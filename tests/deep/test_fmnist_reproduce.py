@@ -18,8 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def script():
-    spec = importlib.util.spec_from_file_location("fmnist_reproduce", ROOT / "scripts/fmnist_reproduce.py")
+def load_script(name: str = "fmnist_reproduce"):
+    """scripts/<name>.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,7 +40,7 @@ def committed(tmp_path, synthetic_checkpoint):
 
 
 def test_a_rerun_of_committed_cells_is_identical(committed, tmp_path, capsys):
-    rc = script().main(["--results", str(committed), "--cells", "2", "--threads", "1",
+    rc = load_script().main(["--results", str(committed), "--cells", "2", "--threads", "1",
                         "--out", str(tmp_path / "rerun.csv")])
     out = capsys.readouterr().out
     assert rc == 0 and "identical: 2 of 2" in out and "DIFFERS" not in out
@@ -61,7 +62,7 @@ def test_a_cell_that_differs_is_named_with_its_metric_and_fails(committed, tmp_p
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    rc = script().main(["--results", str(committed), "--cells", "2", "--threads", "1",
+    rc = load_script().main(["--results", str(committed), "--cells", "2", "--threads", "1",
                         "--out", str(tmp_path / "rerun.csv")])
     out = capsys.readouterr().out
     assert rc == 1 and "identical: 1 of 2" in out
@@ -81,18 +82,11 @@ def test_the_rerun_takes_every_setting_its_row_records():
     assert all(getattr(base, k) != v for k, v in recorded.items())
     row = dict(benchmark="synthetic", arch=base.arch, method="all", shift=base.shifts[0],
                seed=3, lr=0.01, n_target=64, **recorded)
-    p = script().protocol_for(row)
+    p = load_script().protocol_for(row)
     assert {k: getattr(p, k) for k in recorded} == recorded
 
 
 # --- scripts/compare_results.py: two results files of the same cells ---------------------
-
-def compare_script():
-    spec = importlib.util.spec_from_file_location("compare_results", ROOT / "scripts/compare_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _committed_rows(n: int) -> list[dict]:
     """The first `n` rows of each benchmark of the committed converged table."""
@@ -108,7 +102,7 @@ def test_compare_results_names_a_cell_whose_outcome_differs_in_the_last_bit(colu
     value = new[1][column]
     new[1][column] = ("diverged" if column == "status" else value + 1 if column == "best_epoch"
                       else math.nextafter(value, 1.0) if value is not None else 0.5)
-    lines = compare_script().compare(old, new[::-1])  # (the order of the rows is not a cell's)
+    lines = load_script("compare_results").compare(old, new[::-1])  # (the order of the rows is not a cell's)
     assert lines[0] == f"cells: {len(old)} old, {len(old)} new, {len(old)} in both; only old 0, only new 0"
     assert f"identical: {len(old) - 1} of {len(old)}" in lines
     assert f"  {old[1]['benchmark']}: 1 of 2 identical" in lines
@@ -121,9 +115,9 @@ def test_compare_results_counts_cells_in_one_file_only_and_ignores_what_is_not_a
     new = [dict(r, seconds=r["seconds"] * 2, commit="other", machine="another CPU") for r in old[1:]]
     (tmp_path / "old.csv").write_text(results_text(old))
     (tmp_path / "new.csv").write_text(results_text(new))
-    assert compare_script().main([str(tmp_path / "old.csv"), str(tmp_path / "new.csv")]) == 0
+    assert load_script("compare_results").main([str(tmp_path / "old.csv"), str(tmp_path / "new.csv")]) == 0
     out = capsys.readouterr().out.splitlines()
     n = len(old)
     assert out[0] == f"cells: {n} old, {n - 1} new, {n - 1} in both; only old 1, only new 0"
     assert out[-1] == f"identical: {n - 1} of {n - 1}"
-    assert compare_script().main([str(tmp_path / "old.csv")]) == 2  # usage
+    assert load_script("compare_results").main([str(tmp_path / "old.csv")]) == 2  # usage
