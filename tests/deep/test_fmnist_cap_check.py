@@ -3,7 +3,6 @@ reruns them at the cap, at a longer cap and beside the baseline, on this machine
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,14 @@ from deep.protocol import load_protocol
 from deep.results import read_results
 from deep.sweep import run_sweep
 from tests.doc_text import doc_text
+from tests.scripts import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("fmnist_cap_check",
-                                                  ROOT / "scripts/fmnist_cap_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fmnist_cap_check")
 
 
 def row(method, seed, best_epoch, epochs=25, lr=1e-3, val=0.5):

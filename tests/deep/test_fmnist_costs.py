@@ -3,20 +3,17 @@ numbers must be what the script prints from the committed rows."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 from tests.doc_text import doc_text
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def script_output(capsys) -> str:
-    spec = importlib.util.spec_from_file_location("fmnist_costs", ROOT / "scripts/fmnist_costs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main([]) == 0
+    assert load_script("fmnist_costs").main([]) == 0
     return capsys.readouterr().out
 
 

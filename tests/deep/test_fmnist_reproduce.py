@@ -4,7 +4,6 @@ and says, cell by cell, whether the numbers are the same bit for bit."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 from pathlib import Path
 
@@ -13,17 +12,10 @@ import pytest
 from deep.protocol import load_protocol
 from deep.results import read_results, results_text, row_key
 from deep.sweep import run_sweep
+from tests.scripts import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script(name: str = "fmnist_reproduce"):
-    """scripts/<name>.py as a module (scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -40,7 +32,7 @@ def committed(tmp_path, synthetic_checkpoint):
 
 
 def test_a_rerun_of_committed_cells_is_identical(committed, tmp_path, capsys):
-    rc = load_script().main(["--results", str(committed), "--cells", "2", "--threads", "1",
+    rc = load_script("fmnist_reproduce").main(["--results", str(committed), "--cells", "2", "--threads", "1",
                         "--out", str(tmp_path / "rerun.csv")])
     out = capsys.readouterr().out
     assert rc == 0 and "identical: 2 of 2" in out and "DIFFERS" not in out
@@ -62,7 +54,7 @@ def test_a_cell_that_differs_is_named_with_its_metric_and_fails(committed, tmp_p
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    rc = load_script().main(["--results", str(committed), "--cells", "2", "--threads", "1",
+    rc = load_script("fmnist_reproduce").main(["--results", str(committed), "--cells", "2", "--threads", "1",
                         "--out", str(tmp_path / "rerun.csv")])
     out = capsys.readouterr().out
     assert rc == 1 and "identical: 1 of 2" in out
@@ -82,7 +74,7 @@ def test_the_rerun_takes_every_setting_its_row_records():
     assert all(getattr(base, k) != v for k, v in recorded.items())
     row = dict(benchmark="synthetic", arch=base.arch, method="all", shift=base.shifts[0],
                seed=3, lr=0.01, n_target=64, **recorded)
-    p = load_script().protocol_for(row)
+    p = load_script("fmnist_reproduce").protocol_for(row)
     assert {k: getattr(p, k) for k in recorded} == recorded
 
 

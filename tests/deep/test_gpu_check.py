@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
@@ -30,11 +32,7 @@ def run_script(*args, timeout=600):
 @pytest.fixture
 def gpu_check(monkeypatch):
     """The script as a module (its dataclasses need it in sys.modules)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check", monkeypatch)
 
 
 def rows_of(table: str) -> list[list[str]]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_figure_csvs.py"
+from tests.scripts import load_script
+
 HEADER = "activation,method,step,mean,log10_mean,log10_se\n"
 ROWS = ["linear,first,0,0.5,-0.30103,0.01\n",
         "linear,first,9,1e-30,-30.0,0.2\n",      # an exact fit: every digit is rounding
@@ -16,10 +14,7 @@ ROWS = ["linear,first,0,0.5,-0.30103,0.01\n",
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_figure_csvs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("compare_figure_csvs").main
 
 
 def run(compare, tmp_path, rows):
