@@ -295,8 +295,9 @@ def cluster_line(ray, address: str | None) -> str:
     if address == "auto":  # say where it pointed
         address = _connected_address(ray) or address
     where = f"cluster at {address}" if address else "local instance"
-    return (f"ray: {where}: {nodes} node{'s' * (nodes != 1)}, {resources.get('CPU', 0):g} CPUs, "
-            f"{resources.get('GPU', 0):g} GPUs")
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    return (f"ray: {where}: {nodes} node{'s' * (nodes != 1)}, {cpus:g} CPU{'s' * (cpus != 1)}, "
+            f"{gpus:g} GPU{'s' * (gpus != 1)}")
 
 
 def _connected_address(ray) -> str | None:
