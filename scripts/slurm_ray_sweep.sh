@@ -47,6 +47,12 @@ cpus=${SLURM_CPUS_PER_TASK:-1}
 gpus=()
 if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then gpus=(--num-gpus="$SLURM_GPUS_ON_NODE"); fi
 
+# When the sweep ends, SLURM stops the Ray steps with SIGTERM; Ray (2.60) then drains each
+# node for up to 30 s first (meant for Ray Serve), and srun waits that long before its
+# SIGKILL: 30 s of the allocation held after the last row, each job. Nothing is left to
+# drain by then; a site may still set its own value.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
+
 # --overlap: the Ray steps share the nodes' CPUs with the batch step, which runs the
 # sweep's driver (SLURM 20.11+ gives a step exclusive CPUs otherwise).
 srun --overlap --nodes=1 --ntasks=1 -w "$head" \
@@ -95,7 +101,7 @@ wait_for_nodes() {  # until the cluster has $1 live nodes (at most $wait_s secon
                  "$wait_s s (RAY_WAIT_S); the output above of the ray start steps says why" >&2
             exit 1
         fi
-        sleep 5
+        sleep 2
     done
 }
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,18 +36,36 @@ def _idle_nodes() -> int:
 
 
 def _submit(tmp_path: Path, out: Path, name: str) -> str:
-    """sbatch --wait the recipe on two nodes; returns the job's output."""
+    """sbatch the recipe on two nodes and wait for its end; returns the job's output."""
     bin_dir = str(Path(sys.executable).parent)   # python and ray of this environment
     env = {**os.environ, "PROJECT": str(ROOT), "VENV": str(Path(sys.prefix)),
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
            "RAY_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
     log = tmp_path / f"{name}.out"
-    run = subprocess.run(["sbatch", "--wait", "--nodes=2", "--cpus-per-task=1",
+    run = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1",
                           "--time=10", f"--output={log}", str(SCRIPT), *SWEEP, "--out", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    state, exit_code = _wait_for_job(run.stdout.strip().split(";")[0])
     text = log.read_text() if log.exists() else ""
-    assert run.returncode == 0, run.stderr[-2000:] + text[-4000:]
+    assert (state, exit_code) == ("COMPLETED", "0:0"), text[-4000:]
     return text
+
+
+def _wait_for_job(job: str, timeout_s: float = 600) -> tuple[str, str]:
+    """(JobState, ExitCode) once the job has ended. (`sbatch --wait` polls after 2, 10, 42,
+    74... s: a 25-second job returned after 42, one of 43 s after 74.)"""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fields = dict(f.split("=", 1) for f in subprocess.run(
+            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
+            timeout=30).stdout.split() if "=" in f)
+        if fields.get("JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING",
+                                          "COMPLETING"):
+            return fields["JobState"], fields.get("ExitCode", "")
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], timeout=30)
+    raise AssertionError(f"SLURM job {job} still running after {timeout_s:g} s")
 
 
 @pytest.mark.slow
