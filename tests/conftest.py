@@ -8,6 +8,7 @@ uses one worker per core). Without -n these hooks change nothing.
   host would compete for its ports and CPUs, and a test's time bounds assume it has the
   host. xdist's own `xdist_group` marker cannot do this: pytest 9.2 ignores the node id
   that xdist 3.8 rewrites for it, so the scheduler below groups by file name instead.
+- The tests marked slow are handed out before the other single tests.
 """
 from __future__ import annotations
 
@@ -40,6 +41,19 @@ def _torch_threads_put_back():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def slow_first(items: list) -> None:
+    """The tests marked slow before the rest, in place (each group in its own order).
+    xdist hands out the biggest units first (the Ray files, test_speed.py), then single
+    tests in this order: a 2-minute test handed out last kept one worker busy while the
+    other had nothing left."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _workers > 1:
+        slow_first(items)
 
 
 def work_unit(nodeid: str) -> str:

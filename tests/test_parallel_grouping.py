@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import RAY_FILES, SHARED_FIXTURE_FILES, work_unit
+import pytest
+
+from tests.conftest import RAY_FILES, SHARED_FIXTURE_FILES, slow_first, work_unit
 
 
 def test_the_ray_files_exist():
@@ -28,3 +30,16 @@ def test_a_file_that_shares_a_costly_fixture_is_one_unit_of_its_own():
     assert work_unit("tests/sims/test_sims_figures.py::test_c") == "test_sims_figures.py"
     assert work_unit("tests/sims/test_sims_figure_claims.py::test_d") == \
         "tests/sims/test_sims_figure_claims.py::test_d"
+
+
+def test_slow_tests_are_handed_out_first_each_group_in_its_order():
+    class Item:
+        def __init__(self, name, slow):
+            self.name, self.slow = name, slow
+
+        def get_closest_marker(self, name):
+            return pytest.mark.slow.mark if self.slow and name == "slow" else None
+
+    items = [Item("a", False), Item("b", True), Item("c", False), Item("d", True)]
+    slow_first(items)
+    assert [i.name for i in items] == ["b", "d", "a", "c"]
