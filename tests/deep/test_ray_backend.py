@@ -733,12 +733,14 @@ class TestTwoSmallNodes:
 def test_the_slurm_script_stops_when_the_ray_head_does_not_start(tmp_path):
     """scripts/slurm_ray_sweep.sh outside SLURM: `srun` and `scontrol` are stand-ins
     that run the step here (one node, localhost); Ray is real. A head that fails to
-    start (here: a GPU count it refuses) must end the job with an error, not a wait."""
+    start (here: a GPU count it refuses) must end the job with an error, not a wait. The
+    Ray steps start without Ray's 30-s drain on SIGTERM (the sweep has ended by then)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
     (bin_dir / "srun").write_text(  # drop srun's own options, run the command
-        "#!/bin/bash\nwhile [ $# -gt 0 ]; do case $1 in -w) shift 2;; -*) shift;; *) break;; "
+        f"#!/bin/bash\necho \"${{RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S-unset}} $*\" >> {tmp_path}/steps\n"
+        "while [ $# -gt 0 ]; do case $1 in -w) shift 2;; -*) shift;; *) break;; "
         "esac; done\nexec \"$@\"\n")
     for shim in bin_dir.iterdir():
         shim.chmod(0o755)
@@ -746,6 +748,7 @@ def test_the_slurm_script_stops_when_the_ray_head_does_not_start(tmp_path):
            "PROJECT": str(ROOT), "VENV": str(RAY.parent.parent), "SLURM_JOB_NODELIST": "localhost",
            "SLURM_CPUS_PER_TASK": "1", "SLURM_GPUS_ON_NODE": "none", "RAY_PORT": str(free_port()),
            "RAY_WAIT_S": "60"}
+    env.pop("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", None)
     started = time.time()
     done = run_bounded(["bash", str(ROOT / "scripts" / "slurm_ray_sweep.sh"), "--benchmark",
                         "synthetic", "--quick", "--out", str(tmp_path / "r.csv")], env, 120)
@@ -755,6 +758,8 @@ def test_the_slurm_script_stops_when_the_ray_head_does_not_start(tmp_path):
             in done.stderr), done.stderr[-3000:]
     assert time.time() - started < 60  # no wait for a deadline: the head's step had ended
     assert not (tmp_path / "r.csv").exists()
+    head_step = [s for s in (tmp_path / "steps").read_text().splitlines() if " ray start " in s]
+    assert len(head_step) == 1 and head_step[0].startswith("0 "), head_step
 
 
 def test_the_slurm_script_names_a_python_without_ray(tmp_path):
