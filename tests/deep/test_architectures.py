@@ -138,3 +138,59 @@ def test_every_model_module_is_imported_by_the_package():
     missing = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                              text=True, check=True).stdout.split()
     assert not missing, f"deep/models/__init__.py imports none of {missing}: add an import line"
+
+
+def test_architecture_names_keep_registration_order(monkeypatch):
+    """A later registration is listed last, whatever its name: the CLI's choices and the
+    README list the built-ins in the order their modules register them (sorted names
+    would put this one first)."""
+    from deep.models import registry
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # restored after
+    before = architecture_names()
+    registry.register_architecture(registry.Architecture(
+        "a-late-arrival", build=lambda num_classes, in_channels: nn.Linear(in_channels, num_classes),
+        blocks={"last": ("weight",)}))
+    assert architecture_names() == (*before, "a-late-arrival")
+    assert before.index("resnet26") < before.index("resnet26-w8") < before.index("resnet26-w4")
+
+
+def test_stages_run_each_stage_on_its_chosen_memory_format():
+    """`Stages.formats` (the prefix cache's channels-last choice per stage) lays out each
+    stage's input as chosen, also for stages run in one call after the first; the same
+    numbers either way."""
+    torch.manual_seed(0)
+    model = build_model("resnet26-w4", CLASSES, CHANNELS).eval()
+    seen = {}
+    for name in ("layer2", "layer3"):
+        getattr(model, name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.update({name: args[0]}))
+    stages = stages_of(model)
+    x = torch.randn(2, CHANNELS, 16, 16)
+    with torch.no_grad():
+        plain = stages.run(x, 0)
+        stages.formats = {1: torch.channels_last, 2: torch.contiguous_format}
+        formatted = stages.run(x, 0)
+    # a channels-last tensor of >1 channels and >1 columns is not NCHW-contiguous
+    assert seen["layer2"].is_contiguous(memory_format=torch.channels_last)
+    assert not seen["layer2"].is_contiguous()
+    assert seen["layer3"].is_contiguous()
+    assert torch.allclose(formatted, plain, atol=1e-5)
+
+
+def test_a_sequentials_stages_are_its_children_one_each():
+    """An nn.Sequential is staged child by child: stages [start, stop) run exactly those
+    children, so running them one at a time (as the prefix cache does) gives the forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    stages = stages_of(model)
+    x = torch.randn(5, 4)
+    assert len(stages) == 3 and stages.param_stage["2.weight"] == 2
+    with torch.no_grad():
+        first = x @ model[0].weight.T + model[0].bias
+        assert torch.allclose(stages.run(x, 0, 1), first)
+        assert torch.allclose(stages.run(first, 1, 2), torch.tanh(first))
+        h = x
+        for index in range(len(stages)):
+            h = stages.run(h, index, index + 1)
+        assert torch.allclose(h, model(x))
+        assert torch.allclose(stages.run(x, 0), model(x))

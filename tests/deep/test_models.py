@@ -207,3 +207,57 @@ def test_resnet_head_averages_the_last_map(arch, size, last, grid):
     assert seen["out"].shape[-2:] == (grid, grid)
     expected = seen["out"].mean(dim=(2, 3)) @ model.fc.weight.T + model.fc.bias
     assert torch.allclose(logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_channels", [3, 1])
+def test_cifar_resnet26_stem_by_hand(in_channels):
+    """conv1 3x3 stride 1 padding 1 -> bn1 -> relu: layer1 receives the activated map at full
+    resolution (a missing stem ReLU passes every block-level test: the blocks are right)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = randomise_norms(build_model("resnet26-w4", 10, in_channels)).eval()
+    seen = {}
+    model.layer1.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].clone()))
+    x = torch.randn(2, in_channels, 12, 12)
+    with torch.no_grad():
+        model(x)
+        expected = torch.relu(batch_norm_by_hand(F.conv2d(x, model.conv1.weight, padding=1),
+                                                 model.bn1))
+    assert expected.shape == (2, 4, 12, 12)
+    assert (expected < 0).sum() == 0 and (expected == 0).any()  # the ReLU acted here
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, size", [("wrn", 24), ("resnet26-gn", 28), ("resnet26-gn", 64)])
+def test_reference_model_heads_average_the_whole_map_at_any_input_size(arch, size):
+    """The originals pool with a fixed 8x8 window (the map of a 32x32 input); ours average
+    the whole last map so that other sizes work: a 28x28 input (7x7 map) gives the mean of
+    the 49 positions, a 64x64 one (16x16 map) the mean of 256, not a 2x2 grid."""
+    from deep.models.wide_resnet import WideResNet
+    from tests.deep.fixtures.by_hand import group_norm_by_hand
+    torch.manual_seed(0)
+    if arch == "wrn":
+        model, norm_by_hand = WideResNet(5, depth=10, widen_factor=2), batch_norm_by_hand
+        last, norm = model.block3, model.bn1
+    else:
+        model, norm_by_hand = build_model(arch, 5), group_norm_by_hand
+        last, norm = model.layer3, model.bn
+    model = randomise_norms(model).eval()
+    seen = {}
+    last.register_forward_hook(lambda m, i, out: seen.update(out=out.clone()))
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, size, size))
+    quarter = (size + 3) // 4  # two stride-2 stages, each ceil(n / 2)
+    assert seen["out"].shape[-2:] == (quarter, quarter)
+    pooled = torch.relu(norm_by_hand(seen["out"], norm)).mean(dim=(2, 3))
+    assert torch.allclose(logits, pooled @ model.fc.weight.T + model.fc.bias, atol=1e-5)
+
+
+def test_wide_resnet_starts_with_a_zero_fc_bias():
+    """RobustBench's init zeroes the linear layer's bias (nn.Linear's own draws it from
+    U(-1/sqrt(640), 1/sqrt(640))): a fresh network starts with equal logit offsets."""
+    from deep.models.wide_resnet import WideResNet
+    torch.manual_seed(0)
+    model = WideResNet(7, depth=10, widen_factor=2)
+    assert model.fc.bias.shape == (7,) and torch.equal(model.fc.bias, torch.zeros(7))
+    assert model.fc.weight.abs().sum() > 0  # the weight keeps its random draw
