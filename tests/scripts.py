@@ -14,10 +14,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def load_script(name: str, monkeypatch=None) -> ModuleType:
     """A fresh module of scripts/<name>.py. With pytest's `monkeypatch`, it is in
     sys.modules while the test runs: a script's dataclasses look their module up there."""
-    path = SCRIPTS / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"no script {path}")
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     if monkeypatch is not None:
         monkeypatch.setitem(sys.modules, name, module)

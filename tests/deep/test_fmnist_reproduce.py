@@ -32,8 +32,8 @@ def committed(tmp_path, synthetic_checkpoint):
 
 
 def test_a_rerun_of_committed_cells_is_identical(committed, tmp_path, capsys):
-    rc = load_script("fmnist_reproduce").main(["--results", str(committed), "--cells", "2", "--threads", "1",
-                        "--out", str(tmp_path / "rerun.csv")])
+    rc = load_script("fmnist_reproduce").main(["--results", str(committed), "--cells", "2",
+                                               "--threads", "1", "--out", str(tmp_path / "rerun.csv")])
     out = capsys.readouterr().out
     assert rc == 0 and "identical: 2 of 2" in out and "DIFFERS" not in out
 
@@ -54,8 +54,8 @@ def test_a_cell_that_differs_is_named_with_its_metric_and_fails(committed, tmp_p
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    rc = load_script("fmnist_reproduce").main(["--results", str(committed), "--cells", "2", "--threads", "1",
-                        "--out", str(tmp_path / "rerun.csv")])
+    rc = load_script("fmnist_reproduce").main(["--results", str(committed), "--cells", "2",
+                                               "--threads", "1", "--out", str(tmp_path / "rerun.csv")])
     out = capsys.readouterr().out
     assert rc == 1 and "identical: 1 of 2" in out
     line, = [l for l in out.splitlines() if "DIFFERS" in l]
@@ -94,7 +94,8 @@ def test_compare_results_names_a_cell_whose_outcome_differs_in_the_last_bit(colu
     value = new[1][column]
     new[1][column] = ("diverged" if column == "status" else value + 1 if column == "best_epoch"
                       else math.nextafter(value, 1.0) if value is not None else 0.5)
-    lines = load_script("compare_results").compare(old, new[::-1])  # (the order of the rows is not a cell's)
+    # (the order of the rows is not a cell's)
+    lines = load_script("compare_results").compare(old, new[::-1])
     assert lines[0] == f"cells: {len(old)} old, {len(old)} new, {len(old)} in both; only old 0, only new 0"
     assert f"identical: {len(old) - 1} of {len(old)}" in lines
     assert f"  {old[1]['benchmark']}: 1 of 2 identical" in lines
