@@ -19,7 +19,8 @@ from .allocator import keep_freed_memory
 from .data import get_benchmark
 from .errors import ConfigError, exit_status
 from .flags import (PROTOCOL_FLAGS, add_device, add_flags, add_run_options, add_threads,
-                    add_trust_checkpoint, check_trust_has_a_file, flag_values, set_threads)
+                    add_trust_checkpoint, check_trust_has_a_file, comma_list, flag_values,
+                    set_threads)
 from .models import architecture_names
 from .pretrain import PretrainConfig, pretrain_to_file
 from .protocol import (Protocol, TargetData, Tuning, available_protocols, data_option,
@@ -97,10 +98,14 @@ def run_sweep_command(args) -> int:
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="results CSV of `sweep`, `bench` or `adapt`")
     p.add_argument("--out", help="output folder (default: <results>_report/)")
+    p.add_argument("--lr-seeds", type=comma_list(int), metavar="SEEDS",
+                   help="a two-stage run's first-stage seeds (a bench suite's lr_seeds): the "
+                   "other seeds count only at the lr these chose, as the suite's table counts "
+                   "them (default: each seed picks its own lr)")
 
 
 def run_report(args) -> int:
-    for path in write_report(args.results, args.out):
+    for path in write_report(args.results, args.out, args.lr_seeds):
         print(path)
     return 0
 

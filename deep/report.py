@@ -4,7 +4,8 @@ Selection: for each (benchmark, shift, method, seed, n_target) the learning rate
 with the best validation metric is kept (validation accuracy, or worst-group
 validation accuracy for rows whose `select` says so; ties go to the larger lr;
 diverged cells compete with the epochs they completed, cells with no finished
-epoch are dropped). Then means and standard errors over seeds
+epoch are dropped; a two-stage run's later seeds count only at the lr its first-stage
+seeds chose when those are given as `lr_seeds`). Then means and standard errors over seeds
 (s.e. = sample std / sqrt(seeds)). The figure shows accuracy relative to `all`
 (full fine-tuning), seed by seed, like the paper's Figure 2.
 """
@@ -25,6 +26,7 @@ from .models import block_order
 from .results import (SELECT_WORST_GROUP, ResultsFile, best_row, check_one_protocol,
                       selection_metric)
 from .stats import NO_STAT, format_stat, interval_table, mean_se
+from .two_stage import drop_superseded
 
 # Blocks of every registered architecture in forward order, then the method table's.
 SINGLE_BLOCKS = block_order()
@@ -190,8 +192,35 @@ def bar_panel(ax, rel: dict, title: str) -> None:
     ax.set_ylabel("points vs all", fontsize=8)
 
 
-def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write report.md and relative_accuracy.{png,pdf} into `out_dir`; return the paths."""
+def unequal_searches(rows: list[dict]) -> list[str]:
+    """One line per (benchmark, shift, method, n_target) whose seeds ran different sets of
+    learning rates (a two-stage run's later seeds, or an unfinished sweep): each seed's lr
+    is chosen among the rows it has, so such a table compares choices made over
+    different grids. Empty when every seed ran the same lrs."""
+    searched: dict[tuple, dict[int, set]] = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        searched[(r["benchmark"], r["shift"], r["method"], r["n_target"])][r["seed"]].add(
+            float(r["lr"]))
+    lines = []
+    for (benchmark, shift, method, n_target), per_seed in searched.items():
+        if len({frozenset(lrs) for lrs in per_seed.values()}) > 1:
+            by_count = defaultdict(list)
+            for seed, lrs in sorted(per_seed.items()):
+                by_count[len(lrs)].append(str(seed))
+            counts = "; ".join(f"seed{'s' * (len(s) > 1)} {','.join(s)}: {n}"
+                               for n, s in sorted(by_count.items(), reverse=True))
+            lines.append(f"- {benchmark} / {shift} / {method} (n={n_target}): {counts}")
+    return lines
+
+
+def write_report(results_csv: str | Path, out_dir: str | Path | None = None,
+                 lr_seeds: list[int] | None = None) -> list[Path]:
+    """Write report.md and relative_accuracy.{png,pdf} into `out_dir`; return the paths.
+
+    `lr_seeds`: the seeds that chose each learning rate of a two-stage run (a bench suite's
+    `lr_seeds`, `deep.two_stage`); the other seeds then count only at that choice, as the
+    suite's own table counts them (`two_stage.drop_superseded`). None: every seed picks
+    its own lr among the rows it has."""
     results_csv = Path(results_csv)
     if not results_csv.is_file():
         what = "is a folder, not a file" if results_csv.is_dir() else "not found"
@@ -208,13 +237,39 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None) -> 
                            f"--out {results_csv}` (or `python -m deep bench`) adds a row per "
                            "finished cell")
     check_one_protocol(rows, results_csv)
+    if lr_seeds is not None:
+        missing = sorted(set(lr_seeds) - {r["seed"] for r in rows})
+        if missing:
+            raise ConfigError(f"--lr-seeds {','.join(map(str, missing))}: no row of "
+                              f"{results_csv} has that seed; its seeds are "
+                              f"{','.join(map(str, sorted({r['seed'] for r in rows})))}")
+        rows = drop_superseded(rows, lr_seeds)
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
     check_output(out_dir, "report folder", folder=True)
     with sole_writer(out_dir / "report.md", "report folder"):  # a killed report's temps go
-        return _write_report(rows, results_csv, out_dir)
+        return _write_report(rows, results_csv, out_dir, lr_seeds)
 
 
-def _write_report(rows: list[dict], results_csv: Path, out_dir: Path) -> list[Path]:
+def _search_note(rows: list[dict], lr_seeds: list[int] | None, shown: int = 3) -> str:
+    """What the table's lr choice rests on when seeds ran different lrs ('' when not)."""
+    if lr_seeds is not None:
+        return (f"\nLearning rates chosen on seed{'s' * (len(lr_seeds) > 1)} "
+                f"{','.join(map(str, lr_seeds))} (--lr-seeds); the other seeds count only "
+                "at that choice.\n")
+    unequal = unequal_searches(rows)
+    if not unequal:
+        return ""
+    groups = len({(r["benchmark"], r["shift"], r["method"], r["n_target"]) for r in rows})
+    more = f"\n- ... and {len(unequal) - shown} more" if len(unequal) > shown else ""
+    return (f"\nIn {len(unequal)} of {groups} (benchmark, shift, method) groups the seeds ran "
+            "different learning rates (how many per seed below), and each seed's lr is "
+            "chosen among its own rows. For a two-stage run (`python -m deep bench`), pass "
+            "its first-stage seeds as `--lr-seeds` to read it as its suite's table does.\n\n"
+            + "\n".join(unequal[:shown]) + more + "\n")
+
+
+def _write_report(rows: list[dict], results_csv: Path, out_dir: Path,
+                  lr_seeds: list[int] | None = None) -> list[Path]:
     selected = select_learning_rates(rows)
     tables = summarize(selected)
     text = f"# Results of {results_csv.name}\n\n" + markdown(tables)
@@ -223,6 +278,7 @@ def _write_report(rows: list[dict], results_csv: Path, out_dir: Path) -> list[Pa
                  "learning rate could be chosen and there is nothing to tabulate.\n")
     diverged = sum(r["status"] == "diverged" for r in rows)
     text += f"\n{len(rows)} cells, {diverged} diverged.\n"
+    text += _search_note(rows, lr_seeds)
     plots = plot_relative(tables, out_dir / "relative_accuracy")
     if not plots:
         text += "\nNo plot: it shows each method relative to `all`, and no table has both.\n"

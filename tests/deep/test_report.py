@@ -8,7 +8,7 @@ import math
 import matplotlib
 import pytest
 
-from deep.errors import ResultsError
+from deep.errors import ConfigError, ResultsError
 from deep.report import bar_panel, write_report
 from deep.results import ResultRow, results_text
 
@@ -199,3 +199,56 @@ def test_a_legacy_first_row_does_not_hide_a_clash_between_the_rows_after_it(tmp_
     later = [{**row(method="last", seed=0), "patience": 3}, {**row(method="last", seed=1), "patience": 5}]
     with pytest.raises(ResultsError, match="patience: first 3 vs second 5"):
         report_of(tmp_path, [legacy, *later])
+
+
+def two_stage_rows():
+    """Seed 0 searched 0.1 and 0.01, chose the edge 0.01, then the extension 0.001, which it
+    chose (validation 0.8). Seed 1 ran at 0.01 before the extension superseded it, where
+    its validation happens to be higher, and at 0.001."""
+    return [row(seed=0, lr=0.1, val=0.5, test=0.5), row(seed=0, lr=0.01, val=0.6, test=0.6),
+            row(seed=0, lr=0.001, val=0.8, test=0.7),
+            row(seed=1, lr=0.01, val=0.9, test=0.9), row(seed=1, lr=0.001, val=0.5, test=0.5)]
+
+
+def test_lr_seeds_read_a_two_stage_file_at_the_first_stages_choice(tmp_path):
+    """Seed by seed, seed 1 takes its superseded 0.01 row: tests 70, 90 -> 80.0 ± 10.0. With
+    `lr_seeds=[0]` it counts only at seed 0's choice 0.001: 70, 50 -> 60.0 ± 10.0, as the
+    suite's own table (`two_stage.drop_superseded`) counts it."""
+    csv = tmp_path / "r.csv"
+    csv.write_text(results_text(two_stage_rows()))
+    own = (tmp_path / "own" / "report.md", write_report(csv, tmp_path / "own"))[0].read_text()
+    assert "| noise | 80.0 ± 10.0 |" in own
+    assert "- synthetic / noise / all (n=100): seed 0: 3; seed 1: 2" in own
+    write_report(csv, tmp_path / "two", lr_seeds=[0])
+    two = (tmp_path / "two" / "report.md").read_text()
+    assert "| noise | 60.0 ± 10.0 |" in two
+    assert "Learning rates chosen on seed 0 (--lr-seeds)" in two
+    with pytest.raises(ConfigError, match="--lr-seeds 3: no row of .* its seeds are 0,1"):
+        write_report(csv, tmp_path / "bad", lr_seeds=[0, 3])
+
+
+def test_seeds_that_ran_different_lrs_are_named_with_the_flag_that_reads_them(tmp_path):
+    """A later seed that ran one lr (a two-stage run), or as many lrs as seed 0 but other ones
+    (s8): the report says how many lrs each seed ran, for at most three groups, and counts
+    the rest."""
+    rows = [row(shift=f"s{k}", seed=0, lr=lr, val=0.5 + lr) for k in range(5) for lr in (0.1, 0.01)]
+    rows += [row(shift=f"s{k}", seed=s, lr=0.01) for k in range(5) for s in (1, 2)]
+    rows += [row(shift="s9", seed=s, lr=lr) for s in (0, 1) for lr in (0.1, 0.01)]
+    rows += [row(shift="s8", seed=s, lr=lr / 10 ** s) for s in (0, 1) for lr in (0.1, 0.01)]
+    text, _ = report_of(tmp_path, rows)
+    assert "In 6 of 7 (benchmark, shift, method) groups the seeds ran different" in text
+    assert "- synthetic / s0 / all (n=100): seed 0: 2; seeds 1,2: 1" in text
+    assert "- synthetic / s2 / all (n=100)" in text and "s3 / all" not in text
+    assert "- ... and 3 more" in text and "s9 / all" not in text
+    text, _ = report_of(tmp_path, [r for r in rows if r["shift"] == "s8"])
+    assert "- synthetic / s8 / all (n=100): seeds 0,1: 2" in text
+    text, _ = report_of(tmp_path, [r for r in rows if r["shift"] == "s9"])
+    assert "different learning rates" not in text
+
+
+def test_the_report_command_passes_lr_seeds_on(tmp_path, capsys):
+    from deep.__main__ import main
+    csv = tmp_path / "r.csv"
+    csv.write_text(results_text(two_stage_rows()))
+    assert main(["report", str(csv), "--out", str(tmp_path / "rep"), "--lr-seeds", "0"]) == 0
+    assert "| noise | 60.0 ± 10.0 |" in (tmp_path / "rep" / "report.md").read_text()
