@@ -54,3 +54,12 @@ def test_bad_inputs_name_X(X):
 def test_effective_weights_rejects_relu():
     with pytest.raises(ValueError, match="linear"):
         TwoLayer(np.ones(2), np.ones((2, 3)), "relu").effective_weights()
+
+
+@pytest.mark.parametrize("v, B, name", [("abc", np.ones((2, 3)), "v"), (np.ones(2), "abc", "B"),
+                                        ([1.0, "x"], np.ones((2, 3)), "v")])
+def test_non_numeric_weights_are_refused_by_a_message_that_names_the_argument(v, B, name):
+    # "could not convert string to float" matches a bare "v" too (con-v-ert): the check
+    # must be the module's own message, which starts with the argument's name.
+    with pytest.raises(ValueError, match=f"^{name} must be a real array"):
+        TwoLayer(v, B)
