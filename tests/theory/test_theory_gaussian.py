@@ -231,3 +231,31 @@ def test_mismatched_dimensions_and_types():
         population_loss(net, net, GaussianMixture.gaussian(np.eye(3)))
     with pytest.raises(ValueError, match="rng"):
         GaussianMixture.gaussian(np.eye(2)).sample(3, 0)
+
+
+def test_cross_moment_refuses_an_unknown_activation_on_either_side():
+    # Only "linear" and "relu" have a moment here; anything else would silently get the
+    # mixed moment a^T cov b / 2.
+    B, cov = np.ones((1, 2)), np.eye(2)
+    for pair in (("tanh", "relu"), ("relu", "tanh"), ("linear", "gelu")):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            cross_moment(B, pair[0], B, pair[1], cov)
+
+
+@pytest.mark.parametrize("n", [True, False, 0, -2, 2.0])
+def test_sample_sizes_must_be_positive_integers_not_bools(n):
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        GaussianMixture.gaussian(np.eye(2)).sample(n, np.random.default_rng(0))
+
+
+def test_population_loss_between_rescaled_copies_of_a_relu_net_is_never_negative():
+    # relu is positively homogeneous: (3 v, B / 3) computes the same function as (v, B), so
+    # the loss is 0, and as a mean of squares it is >= 0. The kernel sum E[f^2] - 2 E[f g]
+    # + E[g^2] cancels to rounding and lands below 0 for about 4 in 10 of these draws.
+    rng = np.random.default_rng(10)
+    for _ in range(40):
+        cov = random_cov(rng, 4)
+        net = TwoLayer(rng.standard_normal(3), rng.standard_normal((3, 4)), "relu")
+        copy = net.replace(v=3 * net.v, B=net.B / 3)
+        scale = population_loss(net, net.replace(v=np.zeros(3)), cov)
+        assert 0.0 <= population_loss(net, copy, cov) < 1e-13 * scale
