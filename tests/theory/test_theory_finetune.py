@@ -206,3 +206,61 @@ def test_divergence_is_judged_against_E_y2_not_only_against_a_near_zero_start():
     assert np.allclose(tuned.v, v, rtol=1e-9, atol=0) and np.array_equal(tuned.B, net.B)
     with pytest.raises(ValueError, match="lr"):               # run on, it does diverge
         finetune(net, X, y, "last", steps=400, lr=lr)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lr=0.0), "lr"),
+    (dict(steps=True), "steps"),
+    (dict(every=0), "every"),
+    (dict(every=True), "every"),
+    (dict(every=2.0), "every"),
+])
+def test_zero_lr_bool_steps_and_nonpositive_every_are_refused_naming_themselves(kwargs, name):
+    # lr must be > 0 (0 would "tune" nothing), steps and every are integers (True is not
+    # a count), every >= 1 (0 would be a modulo by zero).
+    rng = np.random.default_rng(12)
+    net, X, y = problem(rng, n=6, d=5, k=3)
+    args = dict(net=net, X=X, y=y, tune="all", steps=10, lr=0.01) | kwargs
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        finetune_path(**args)
+
+
+def test_trajectory_always_records_the_start_and_the_last_step():
+    # every=None: only the start and the end; every=7 over 20 steps: 0, 7, 14 and 20.
+    rng = np.random.default_rng(13)
+    net, X, y = problem(rng, n=6, d=5, k=3)
+    ends = finetune_path(net, X, y, "all", steps=20, lr=0.01, every=None)
+    assert list(ends.step) == [0, 20]
+    assert np.array_equal(ends.v[0], net.v) and np.array_equal(ends.B[0], net.B)
+    assert np.isclose(ends.train_loss[0], train_loss(net.v, net.B, "linear", X, y))
+    sparse = finetune_path(net, X, y, "all", steps=20, lr=0.01, every=7)
+    assert list(sparse.step) == [0, 7, 14, 20]
+    assert np.array_equal(sparse.B[-1], ends.B[-1])
+
+
+def test_first_layer_flow_with_a_zero_head_leaves_B_where_it_was():
+    # dL/dB = v r^T X / n = 0 when v = 0: B never moves, at any time (the docstring's case).
+    rng = np.random.default_rng(14)
+    net, X, y = problem(rng, n=6, d=5, k=3)
+    still = net.replace(v=np.zeros(3))
+    for time in (0.5, np.inf):
+        assert np.array_equal(gradient_flow(still, X, y, "first", time=time).B, still.B)
+    assert np.array_equal(finetune(still, X, y, "first", steps=10, lr=0.1).B, still.B)
+
+
+def test_a_loss_1e10_times_its_starting_scale_is_a_divergence():
+    # The module's rule: train loss above DIVERGENCE_FACTOR = 1e10 times max(start loss,
+    # |y|^2 / (2n)) raises. Last-layer steps at lr = 2.2 / curvature grow the error along
+    # the top curvature direction 1.2-fold a step, the loss ~1.44-fold: after 90 steps
+    # (computed here by hand) it is above 1e10 and below 1e20 times the scale.
+    rng = np.random.default_rng(15)
+    net, X, y = problem(rng, n=6, d=5, k=3)
+    H, n = net.features(X), 6
+    lr = 2.2 / hessian_bound(net, X, "last")
+    scale = max(train_loss(net.v, net.B, "linear", X, y), y @ y / (2 * n))
+    v = net.v.copy()
+    for _ in range(90):
+        v = v - lr * H.T @ (H @ v - y) / n
+    assert 1e12 * scale < train_loss(v, net.B, "linear", X, y) < 1e18 * scale
+    with pytest.raises(ValueError, match="diverged"):
+        finetune(net, X, y, "last", steps=90, lr=lr)
