@@ -292,3 +292,71 @@ def test_bad_constructions_name_the_argument():
     for component in ([0, 2, 2], [[0, 1]], [0.5, 1]):
         with pytest.raises(ValueError, match="component must be a 1-d array of mixture indices"):
             theory.t1_event(component, ds=8, m=2)
+
+
+def test_pretrained_with_a_small_but_real_source_misfit_is_refused():
+    # "Fits the source exactly" means to rounding (1e-12 of E[y^2]); a head 1e-4 off has a
+    # relative source loss of 1e-8 (by hand: (1e-4)^2 |w|^2 / |w|^2), far above rounding.
+    teacher = TwoLayer([1.0], [[1.0, -2.0]])
+    near = TwoLayer([1.0 + 1e-4], [[1.0, -2.0]])
+    for make in (lambda: label_perturbation(teacher, -1.0, pretrained=near),
+                 lambda: input_perturbation(teacher, np.eye(2), pretrained=near)):
+        with pytest.raises(ValueError, match="pretrained must fit the source exactly"):
+            make()
+    label_perturbation(teacher, -1.0, pretrained=teacher)        # an exact fit is accepted
+
+
+def test_pretrained_of_another_input_dimension_is_refused_naming_pretrained():
+    teacher = TwoLayer([1.0], [[1.0, 0.0]])
+    with pytest.raises(ValueError, match="pretrained has d = 3 but teacher has d = 2"):
+        label_perturbation(teacher, -1.0, pretrained=TwoLayer([1.0], [[1.0, 0.0, 0.0]]))
+
+
+def test_source_samples_come_from_the_source_distribution():
+    # T1: source inputs lie in S (exact zeros in the T coordinates); P1: the source is
+    # N(0, I), not N(0, A A^T) (Monte Carlo second moment, 5 standard errors).
+    problem = new_directions(TwoLayer([1.0], [[1.0, 2.0, -1.0]]), 2, 0.5)
+    X, y = problem.sample_source(200, np.random.default_rng(0))
+    assert np.all(X[:, 2] == 0.0) and np.array_equal(y, X @ [1.0, 2.0, -1.0])
+    A = np.array([[3.0, 0.0], [1.0, 0.5]])
+    p1 = input_perturbation(TwoLayer([1.0], [[1.0, 0.5]]), A)
+    X, _ = p1.sample_source(100_000, np.random.default_rng(1))
+    outer = X[:, :, None] * X[:, None, :]
+    se = outer.std(axis=0) / np.sqrt(len(X))
+    assert np.all(np.abs(outer.mean(axis=0) - np.eye(2)) <= 5 * se)
+
+
+def test_random_teachers_have_N01_heads_and_N0_1_over_d_first_layers():
+    # _random_teacher: v_j ~ N(0, 1), B_ij ~ N(0, 1/d). 300 draws with d = 8, k = 4: 9600
+    # B entries and 1200 head entries; standard deviations within 5 % (about 3.5 and 1.2
+    # standard errors of a sample standard deviation, 1 / sqrt(2 N)).
+    rng = np.random.default_rng(2)
+    teachers = [random_label_perturbation(rng, 8, 4).source_teacher for _ in range(300)]
+    B = np.concatenate([t.B.ravel() for t in teachers])
+    v = np.concatenate([t.v for t in teachers])
+    assert B.std() == pytest.approx(1 / np.sqrt(8), rel=0.05)
+    assert v.std() == pytest.approx(1.0, rel=0.1)
+    assert abs(B.mean()) < 5 / np.sqrt(8 * len(B)) and abs(v.mean()) < 5 / np.sqrt(len(v))
+
+
+def test_random_input_perturbations_have_mean_zero_as_with_uniform_rotations():
+    # A = U diag(s) V^T with U, V independent and uniform on O(d): E[U] = 0, hence E[A] = 0
+    # entrywise (checked to 5 standard errors over 600 draws). Q from a bare QR is not
+    # uniform (LAPACK's signs bias it towards a fixed orientation; E[A] then has a
+    # diagonal about 8 standard errors from 0 at this size).
+    A = np.array([random_input_perturbation(np.random.default_rng(seed), 3, 2).params["A"]
+                  for seed in range(600)])
+    se = A.std(axis=0) / np.sqrt(len(A))
+    assert np.all(np.abs(A.mean(axis=0)) <= 5 * se), A.mean(axis=0) / se
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("t", [2.0, 0.5, -0.3])
+def test_p2_target_labels_are_t_times_the_source_labels_for_either_sign_of_t(activation, t):
+    # y_tgt = t * y_src on the same inputs: for t > 0 too (every other test of P2 holds
+    # whatever the sign of the target teacher's head, as its labels come from it).
+    teacher = TwoLayer([1.5, -0.5], [[1.0, 0.0, 2.0], [0.3, -1.0, 0.5]], activation)
+    problem = label_perturbation(teacher, t)
+    X, y = problem.sample_target(50, np.random.default_rng(3))
+    assert np.allclose(y, t * teacher(X), rtol=1e-14, atol=0)
+    assert problem.params["t"] == t
