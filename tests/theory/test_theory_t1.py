@@ -230,3 +230,25 @@ def test_init_T_scale_draws_the_T_columns_as_centred_normals_of_that_scale():
         assert abs(entries.mean()) < 5 * 0.1 / np.sqrt(len(entries)), activation
         assert entries.std() == pytest.approx(0.1, rel=0.05), activation
         assert 0.45 < np.mean(entries < 0) < 0.55, activation
+
+
+def test_linear_random_new_directions_is_the_documented_construction_and_draws_nothing_more():
+    # random_new_directions' docstring, rebuilt by hand from the same generator stream:
+    # w* ~ N(0, I_d), v_src ~ N(0, I_k), R_ij ~ N(0, 1), B_src = v (P_S w*)^T / |v|^2 +
+    # (I - v v^T / |v|^2) R P_S. With init_T_scale = 0 nothing else is drawn, so the next
+    # draw of the generator is the same as after those three (a problem drawn later from a
+    # shared generator, as the simulator's batches are, does not depend on the scale's code).
+    ds, m, k = 3, 2, 4
+    d = ds + m
+    rng = np.random.default_rng(21)
+    problem = random_new_directions(rng, ds, m, k, p=0.5)
+    after = rng.standard_normal(3)
+    mirror = np.random.default_rng(21)
+    w, v, R = mirror.standard_normal(d), mirror.standard_normal(k), mirror.standard_normal((k, d))
+    P_S = np.diag([1.0] * ds + [0.0] * m)
+    B = np.outer(v, P_S @ w) / (v @ v) + (np.eye(k) - np.outer(v, v) / (v @ v)) @ R @ P_S
+    assert np.allclose(problem.target_teacher.effective_weights(), w, rtol=0, atol=0)
+    assert np.allclose(problem.pretrained.v, v, rtol=0, atol=0)
+    assert np.allclose(problem.pretrained.B, B, rtol=1e-13, atol=1e-15)
+    assert np.allclose(problem.pretrained.effective_weights(), P_S @ w, rtol=0, atol=1e-13)
+    assert np.array_equal(after, mirror.standard_normal(3))
