@@ -180,3 +180,77 @@ def test_statistics_or_an_image_of_another_channel_count_are_refused():
         MemoAugmenter((0.5, 0.5, 0.5), (0.5,))
     with pytest.raises(ValueError, match=r"expected one image of shape \(1, H, W\), got \(3, 4, 4\)"):
         MemoAugmenter((0.5,), (0.5,))(torch.zeros(3, 4, 4), 2, torch.Generator())
+
+
+def test_the_operations_are_augmixs_nine_without_the_colour_ones():
+    """MEMO draws from AugMix's `augmentations` list (augmentations.py): autocontrast,
+    equalize, posterize, rotate, solarize, shear_x, shear_y, translate_x, translate_y; not
+    `augmentations_all`, which adds color, contrast, brightness and sharpness (they overlap
+    the CIFAR-10-C corruptions). A list missing one of the nine changes every copy's law."""
+    assert sorted(augment_memo.OPERATIONS) == sorted(
+        ["autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
+         "translate_x", "translate_y"])
+
+
+def test_equalize_matches_pils_when_the_top_level_is_rare():
+    """PIL's ImageOps.equalize takes its step from the pixels below the top occupied level,
+    (pixels - count of the top level) // 255, and starts its table at step // 2. Levels of
+    very unequal counts (the lowest level common, the top one rare) tell that count from any
+    other level's; each RGB channel has its own histogram."""
+    Image = pytest.importorskip("PIL.Image")
+    from PIL import ImageOps
+    rng = np.random.default_rng(0)
+    channels = [rng.choice(levels, p=[0.45, 0.3, 0.15, 0.07, 0.03], size=(24, 20))
+                for levels in ([10, 50, 90, 200, 240], [0, 30, 128, 129, 255], [5, 6, 7, 100, 101])]
+    levels = np.stack(channels).astype(np.uint8)                                  # (3, 24, 20)
+    expected = np.asarray(ImageOps.equalize(Image.fromarray(levels.transpose(1, 2, 0), "RGB")))
+    ours = augment_memo.equalize(torch.from_numpy(levels).float() / 255) * 255
+    assert torch.equal(ours.round(), torch.from_numpy(expected.copy()).permute(2, 0, 1).float())
+
+
+def test_augmixs_strongest_severity_10_is_accepted():
+    """AugMix's levels run 0..10 (its `--aug-severity` up to 10): severity 10 is the top of
+    the scale, not beyond it, and 10.5 is."""
+    MemoAugmenter((0.5,), (0.5,), severity=10)
+    with pytest.raises(ValueError, match="severity"):
+        MemoAugmenter((0.5,), (0.5,), severity=10.5)
+
+
+@pytest.mark.parametrize("option", [dict(width=0), dict(max_depth=0), dict(padding=-1)])
+def test_no_chains_no_operations_or_a_negative_padding_are_refused(option):
+    """width 0 mixes no chain (every copy would be keep * image, darkened), max_depth 0
+    draws depth from an empty range, padding -1 crops outside the image: each is a
+    configuration error naming the values, not a quiet or an obscure failure."""
+    with pytest.raises(ValueError, match="width >= 1, max_depth >= 1, padding >= 0"):
+        MemoAugmenter((0.5,), (0.5,), **option)
+
+
+def test_a_zero_std_or_no_copies_are_refused():
+    """A std of 0 would divide by zero on the way back; 0 copies leave MEMO's marginal
+    entropy nothing to average."""
+    with pytest.raises(ValueError, match="positive std"):
+        MemoAugmenter((0.5, 0.5), (0.5, 0.0))
+    with pytest.raises(ValueError, match="copies must be >= 1, got 0"):
+        MemoAugmenter((0.5,), (0.5,))(torch.zeros(1, 4, 4), 0, torch.Generator())
+
+
+def test_uncovered_pixels_are_pils_fillcolor_128():
+    """MEMO's PIL calls pass fillcolor=128: a whole-pixel translation leaves the uncovered
+    columns and rows exactly at level 128 (not 127, not black), in every channel."""
+    x = torch.rand(3, 8, 10, generator=torch.Generator().manual_seed(0))
+    moved_x = augment_memo.translate_x(x, 4) * 255
+    moved_y = augment_memo.translate_y(x, -2) * 255
+    torch.testing.assert_close(moved_x[:, :, 6:], torch.full((3, 8, 4), 128.0), rtol=0, atol=1e-4)
+    torch.testing.assert_close(moved_y[:, :2], torch.full((3, 2, 10), 128.0), rtol=0, atol=1e-4)
+
+
+def test_autocontrast_stretches_two_adjacent_levels_to_black_and_white_as_pil():
+    """PIL's ImageOps.autocontrast leaves only a flat channel alone: levels 100 and 101
+    (max - min = 1, scale 255) become 0 and 255."""
+    ops = pytest.importorskip("PIL.ImageOps")
+    from PIL import Image
+    levels = np.array([[100, 101, 101], [100, 100, 101]], dtype=np.uint8)
+    expected = np.asarray(ops.autocontrast(Image.fromarray(levels))).astype(np.float32)
+    assert sorted(set(expected.ravel().tolist())) == [0.0, 255.0]
+    ours = augment_memo.autocontrast(torch.from_numpy(levels).float()[None] / 255)[0] * 255
+    assert torch.equal(ours.round(), torch.from_numpy(expected))
