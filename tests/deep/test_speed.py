@@ -303,6 +303,19 @@ def test_onednn_probe_runs_the_shape_under_the_isa_and_reads_the_kernel(monkeypa
     assert runs == [(["4", "8", "2", "1"], "AVX512_CORE", "3"), (["4", "8", "2", "0"], "AVX2", "3")]
 
 
+def test_onednn_probe_gives_the_last_stderr_line_of_a_crash_without_a_heap_message(monkeypatch):
+    """A probe that dies of something other than a heap check (no line says "free" or
+    "corrupt") is reported by its last stderr line, where Python and the shell put the
+    error itself, not by the first line of the traceback."""
+    from types import SimpleNamespace
+    from deep import onednn_check
+    stderr = "Traceback (most recent call last):\n  File \"<string>\", line 9\nRuntimeError: bad shape\n"
+    monkeypatch.setattr(onednn_check.subprocess, "run",
+                        lambda argv, env, **kwargs: SimpleNamespace(returncode=1, stdout="",
+                                                                    stderr=stderr))
+    assert onednn_check.probe(3, 8, 1, True, "AVX2") == ("CRASH rc=1 RuntimeError: bad shape", "?")
+
+
 @pytest.mark.parametrize("crashing, status", [(set(), 0), ({(7, 2)}, 1)])
 def test_onednn_check_fails_only_on_a_guarded_crash(crashing, status, monkeypatch, capsys):
     # guards: raw crashes counted as guarded ones; the exit status ignoring guarded crashes
