@@ -200,9 +200,9 @@ def test_equalize_matches_pils_when_the_top_level_is_rare():
     Image = pytest.importorskip("PIL.Image")
     from PIL import ImageOps
     rng = np.random.default_rng(0)
-    channels = [rng.choice(levels, p=[0.45, 0.3, 0.15, 0.07, 0.03], size=(24, 20))
+    channels = [rng.choice(levels, p=[0.45, 0.3, 0.15, 0.07, 0.03], size=(64, 80))
                 for levels in ([10, 50, 90, 200, 240], [0, 30, 128, 129, 255], [5, 6, 7, 100, 101])]
-    levels = np.stack(channels).astype(np.uint8)                                  # (3, 24, 20)
+    levels = np.stack(channels).astype(np.uint8)                                  # (3, 64, 80)
     expected = np.asarray(ImageOps.equalize(Image.fromarray(levels.transpose(1, 2, 0), "RGB")))
     ours = augment_memo.equalize(torch.from_numpy(levels).float() / 255) * 255
     assert torch.equal(ours.round(), torch.from_numpy(expected.copy()).permute(2, 0, 1).float())
