@@ -458,3 +458,98 @@ def test_fog_crops_its_haze_from_a_32_px_plasma_map():
     y = C.fog(np.ones((64, 28, 28)), 5, np.random.default_rng(0)).astype(np.float64)
     haze = (2.5 * y - 1) / 1.5
     assert (haze.max(axis=(1, 2)) - haze.min(axis=(1, 2))).mean() > 0.95
+
+
+def test_zoom_blur_zooms_a_wide_image_about_its_centre_on_each_axis():
+    """The recipe's clipped_zoom on an image that is not square (28 rows, 40 columns): the
+    central ceil(28 / z) rows and ceil(40 / z) columns, scipy.ndimage.zoom by z (order 1),
+    trimmed back to 28 x 40 around the centre. Rows and columns each take their own crop."""
+    from scipy import ndimage
+
+    def clipped_zoom(img, z):
+        (h, w), (ch, cw) = img.shape, (int(np.ceil(img.shape[0] / z)), int(np.ceil(img.shape[1] / z)))
+        top, left = (h - ch) // 2, (w - cw) // 2
+        out = ndimage.zoom(img[top:top + ch, left:left + cw], z, order=1)
+        t, l = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+        return out[t:t + h, l:l + w]
+
+    x = np.random.default_rng(0).random((2, 28, 40))
+    factors = np.arange(1.0, C.PARAMS["zoom_blur"][4], 0.01)
+    expected = np.stack([(img + sum(clipped_zoom(img, z) for z in factors)) / (len(factors) + 1)
+                         for img in x])
+    np.testing.assert_allclose(C.zoom_blur(x, 5), np.clip(expected, 0, 1), atol=1e-6)
+
+
+def _recipe_plasma_fractal(rng, mapsize=32, wibbledecay=3.0):
+    """Hendrycks' plasma_fractal (make_cifar_c.py) as published, np.random.uniform replaced
+    by `rng.uniform`: square step, then the two diamond steps, each with its own draws."""
+    maparray = np.empty((mapsize, mapsize))
+    maparray[0, 0] = 0
+    stepsize, wibble = mapsize, 100.0
+
+    def wibbledmean(array):
+        return array / 4 + wibble * rng.uniform(-wibble, wibble, array.shape)
+
+    while stepsize >= 2:
+        cornerref = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+        squareaccum = cornerref + np.roll(cornerref, shift=-1, axis=0)
+        squareaccum += np.roll(squareaccum, shift=-1, axis=1)
+        maparray[stepsize // 2:mapsize:stepsize, stepsize // 2:mapsize:stepsize] = wibbledmean(squareaccum)
+        drgrid = maparray[stepsize // 2:mapsize:stepsize, stepsize // 2:mapsize:stepsize]
+        ulgrid = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+        ltsum = drgrid + np.roll(drgrid, 1, axis=0) + ulgrid + np.roll(ulgrid, -1, axis=1)
+        maparray[0:mapsize:stepsize, stepsize // 2:mapsize:stepsize] = wibbledmean(ltsum)
+        ttsum = drgrid + np.roll(drgrid, 1, axis=1) + ulgrid + np.roll(ulgrid, -1, axis=0)
+        maparray[stepsize // 2:mapsize:stepsize, 0:mapsize:stepsize] = wibbledmean(ttsum)
+        stepsize //= 2
+        wibble /= wibbledecay
+    maparray -= maparray.min()
+    return maparray / maparray.max()
+
+
+@pytest.mark.parametrize("decay", [3.0, 1.75])
+def test_plasma_fractal_is_the_recipes_for_the_same_draws(decay):
+    """One map from the same generator state as the published diamond-square code: the
+    amplitude divided by `decay` at every halving, the draws in the recipe's order."""
+    ours = C.plasma_fractal(1, np.random.default_rng(5), 32, decay)[0]
+    np.testing.assert_allclose(ours, _recipe_plasma_fractal(np.random.default_rng(5), 32, decay),
+                               rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+def test_pixelate_is_the_recipes_two_box_resizes(severity):
+    """The recipe: x.resize((int(side * c),) * 2, BOX) then x.resize((side, side), BOX), both
+    box filters (a bilinear way back would smooth the blocks the corruption is about), here
+    on float ('F') images so that nothing is rounded in between."""
+    x = garments(3)
+    c = C.PARAMS["pixelate"][severity - 1]
+    expected = np.stack([np.asarray(Image.fromarray(img.astype(np.float32))
+                                    .resize((int(28 * c), int(28 * c)), Image.BOX)
+                                    .resize((28, 28), Image.BOX)) for img in x])
+    np.testing.assert_allclose(C.pixelate(x, severity), np.clip(expected, 0, 1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+def test_gaussian_blur_is_skimages_gaussian_with_the_scaled_sigma(severity):
+    """The recipe's skimage.filters.gaussian(x, sigma) is scipy's gaussian_filter with its
+    defaults, truncate 4 and edges repeated ('nearest'), one image at a time; sigma is the
+    published one times 28/32."""
+    from scipy import ndimage
+    x = garments(3)
+    sigma = (0.4, 0.6, 0.7, 0.8, 1.0)[severity - 1] * 28 / 32
+    expected = np.stack([ndimage.gaussian_filter(img, sigma, mode="nearest") for img in x])
+    np.testing.assert_allclose(C.gaussian_blur(x, severity), expected, rtol=0, atol=1e-6)
+
+
+def test_glass_blur_sweeps_rows_and_columns_2_to_the_last():
+    """The recipe's sweep, range(32 - 1, 1, -1) for rows and for columns: pixels 2 .. side - 1
+    take a neighbour's value, rows and columns 0 and 1 never do. At severity 1 the blur
+    (sigma 0.05 * 28/32 px) has a one-pixel kernel, so the output is that gather truncated
+    to 8 bits: the first two rows and columns are the image, the last row and column are
+    moved (3 pixels in 4 take an up/left neighbour's level)."""
+    x = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28)) / 255
+    y = C.glass_blur(x, 1, np.random.default_rng(1)).astype(np.float64)
+    np.testing.assert_allclose(y[:, :2], x[:, :2], rtol=0, atol=1.01 / 255)
+    np.testing.assert_allclose(y[:, :, :2], x[:, :, :2], rtol=0, atol=1.01 / 255)
+    for last in (y[:, -1, 2:] - x[:, -1, 2:], y[:, 2:, -1] - x[:, 2:, -1]):
+        assert (np.abs(last) > 1.01 / 255).mean() > 0.6
