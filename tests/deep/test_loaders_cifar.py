@@ -263,3 +263,74 @@ def test_the_data_dir_may_be_the_dataset_folder_itself(cifar_dir):
     flip = get_benchmark("cifar-flip").load_task(cifar_dir / "cifar-10-batches-py", "flip", 10,
                                                  1, 1, seed=0)
     assert (pixels(flip.train.images)[:, 0] == 60).all()
+
+
+# the CIFAR-10-C.tar archive (zenodo record 2535967): 19 corruption files beside labels.npy
+CIFAR10C_TAR = ("brightness", "contrast", "defocus_blur", "elastic_transform", "fog", "frost",
+                "gaussian_blur", "gaussian_noise", "glass_blur", "impulse_noise",
+                "jpeg_compression", "motion_blur", "pixelate", "saturate", "shot_noise", "snow",
+                "spatter", "speckle_noise", "zoom_blur")
+
+
+def test_cifar10c_offers_every_corruption_file_of_the_archive(cifar_dir):
+    """CIFAR-10-C.tar holds 19 corruptions, the 15 of the paper's average and 4 held out
+    (gaussian_blur, saturate, spatter, speckle_noise): cifar10c offers all 19, and a held-out
+    one reads like any other."""
+    assert sorted(get_benchmark("cifar10c").shifts) == sorted(CIFAR10C_TAR)
+    writers.write_cifar10c(cifar_dir, corruptions=("speckle_noise",))
+    images, labels = read_cifar10c(cifar_dir, "speckle_noise", severity=2)
+    assert (np.asarray(images[:, 0, 0, 0]) == 80).all() and len(labels) == len(images)
+
+
+def test_negative_labels_are_refused(cifar_dir):
+    """labels.npy may be a signed integer array: a -1 in the block read is named, as a label
+    of 10 is, not passed on as a class index."""
+    path = cifar_dir / "CIFAR-10-C" / "labels.npy"
+    labels = np.load(path).astype(np.int64)
+    labels[-1] = -1                                                     # in the severity-5 block
+    np.save(path, labels)
+    with pytest.raises(DataError, match=r"labels.npy must lie in 0..9, got \[-1, 9\]"):
+        get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+
+
+def test_labels_come_from_the_severity_block_of_their_images(cifar_dir):
+    """labels.npy has one label per row of <corruption>.npy: the labels of the severity-5
+    images are rows 4n/5.. of it, not the first block's. Here the severity-5 block is
+    relabelled (y -> (y + 3) % 10) and its images' blue plane rewritten to 20 * new label."""
+    path = cifar_dir / "CIFAR-10-C" / "labels.npy"
+    labels = np.load(path)
+    block = len(labels) // 5
+    labels[4 * block:] = (labels[4 * block:] + 3) % 10
+    np.save(path, labels)
+    images = np.load(cifar_dir / "CIFAR-10-C" / "fog.npy")
+    images[4 * block:, :, :, 2] = 20 * labels[4 * block:, None, None]
+    np.save(cifar_dir / "CIFAR-10-C" / "fog.npy", images)
+    x, y = read_cifar10c(cifar_dir, "fog", severity=5)
+    assert np.array_equal(y.numpy(), labels[4 * block:])
+    assert np.array_equal(np.asarray(x[:, 0, 0, 2]), 20 * y.numpy())
+
+
+def test_a_partial_download_names_each_missing_corruption_file(cifar_dir):
+    """Before a sweep: every requested corruption without its <corruption>.npy is named
+    (fixture: gaussian_noise and fog only); the present ones pass; cifar10c-official checks
+    the same way."""
+    for name in ("cifar10c", "cifar10c-official"):
+        get_benchmark(name).check_local_data(cifar_dir, ["gaussian_noise"])
+        with pytest.raises(DataError, match=r"2 of the 3 corruptions .*: snow.npy, zoom_blur.npy"):
+            get_benchmark(name).check_local_data(cifar_dir, ["snow", "gaussian_noise", "zoom_blur"])
+    get_benchmark("cifar10c").check_local_data(cifar_dir, ["gaussian_noise", "fog"])
+
+
+def test_the_official_loader_reads_the_severity_asked(cifar_dir):
+    """cifar10c-official passes `severity` on: severity 2 is the second block (red = 80)."""
+    task = get_benchmark("cifar10c-official").load_task(cifar_dir, "gaussian_noise", 10, 1, 1,
+                                                        seed=0, severity=2)
+    assert (pixels(task.train.images)[:, 0] == 80).all()
+
+
+def test_the_splits_are_named_after_the_benchmark_shift_and_split(cifar_dir):
+    """Each split says where it came from (messages, caches): <benchmark>/<shift>/<split>,
+    the train, val and test splits in that order (their sizes tell them apart here)."""
+    task = get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 2, seed=0)
+    assert [(s.name, len(s)) for s in (task.train, task.val, task.test)] == [
+        ("cifar10c/fog/train", 10), ("cifar10c/fog/val", 10), ("cifar10c/fog/test", 20)]
