@@ -272,3 +272,16 @@ def test_pretraining_without_weight_decay_is_allowed_but_a_negative_one_is_not()
     assert PretrainConfig(weight_decay=0.0).train_config().weight_decay == 0.0
     with pytest.raises(ConfigError, match="weight_decay"):
         PretrainConfig(weight_decay=-1e-4)
+
+
+@pytest.mark.parametrize("name", ["data_dir", "shift", "n_target", "val_per_class",
+                                  "test_per_class", "seed"])
+def test_a_loaders_own_arguments_are_not_data_options(name):
+    """The loader's positional arguments (data folder, shift, split sizes, seed) come from
+    the protocol and the CLI, never from `--data` or a [data] table: each is refused as
+    unknown there, though the loader has a parameter of that name."""
+    from deep.data import get_benchmark
+    from deep.errors import ConfigError
+    from deep.normalization import check_data_options
+    with pytest.raises(ConfigError, match=rf"unknown data option\(s\) \['{name}'\]"):
+        check_data_options(get_benchmark("cifar10c").load_task, "cifar10c", {name: 1})

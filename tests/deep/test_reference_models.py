@@ -509,3 +509,27 @@ def test_resnet50_bottleneck_by_hand(cin, width, stride):
     shortcut = shortcut_by_hand(x, block.downsample, stride)
     with torch.no_grad():
         assert torch.allclose(block(x), torch.relu(h + shortcut), atol=1e-5)
+
+
+def test_a_given_normalisation_contradicts_the_architectures_in_its_std_alone():
+    """resnet26-gn's own normalisation is mean = std = 0.5: a data option with that mean but
+    another std is a contradiction too (the weights expect both), while the same numbers
+    written as lists or ints are not."""
+    from deep.data.cifar10 import load_cifar10c
+    from deep.normalization import loader_options
+    with pytest.raises(ValueError, match="contradicts resnet26-gn's own"):
+        loader_options(load_cifar10c, "cifar10c", "resnet26-gn",
+                       {"normalization": [[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]})
+    assert loader_options(load_cifar10c, "cifar10c", "wrn28-10",
+                          {"normalization": [[0, 0, 0], [1, 1, 1]]})["normalization"] == \
+        ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def test_loader_options_refuse_an_unknown_data_option():
+    """loader_options checks the options it passes on: a misspelt one (`sevrity`) is named
+    before a loader sees it, for an architecture with its own normalisation or without."""
+    from deep.data.cifar10 import load_cifar10c
+    from deep.normalization import loader_options
+    for arch in ("resnet26", "wrn28-10"):
+        with pytest.raises(ValueError, match=r"unknown data option\(s\) \['sevrity'\]"):
+            loader_options(load_cifar10c, "cifar10c", arch, {"sevrity": 5})
