@@ -334,3 +334,12 @@ def test_the_splits_are_named_after_the_benchmark_shift_and_split(cifar_dir):
     task = get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 2, seed=0)
     assert [(s.name, len(s)) for s in (task.train, task.val, task.test)] == [
         ("cifar10c/fog/train", 10), ("cifar10c/fog/val", 10), ("cifar10c/fog/test", 20)]
+
+
+def test_a_batch_with_fewer_labels_than_images_is_refused(cifar_dir):
+    """One label per 3072-byte row: a test_batch of 40 images and 39 labels is named, not
+    read as 40 images beside 39 labels."""
+    batch = {b"data": np.zeros((40, 3072), np.uint8), b"labels": [i % 10 for i in range(39)]}
+    (cifar_dir / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DataError, match=r"b'labels' in .*test_batch must be 40 integers"):
+        get_benchmark("cifar-flip").load_task(cifar_dir, "flip", 10, 1, 1, seed=0)
