@@ -747,3 +747,32 @@ def test_two_tensors_of_one_shape_get_different_noise():
     F.perturb_parameters(model, ("0", "1"), scale=0.5, seed=0)
     assert not torch.equal(model[0].weight, model[1].weight)
     assert not torch.equal(model[0].bias, model[1].bias)
+
+
+def test_calibration_refuses_even_one_image_more_than_the_test_split_holds(
+        calibrate_on_ten_images):
+    """Guards the bound itself: 11 of 10 images is refused (arange(-1, 10) would score the
+    last image twice), 10 of 10 is accepted."""
+    calibrate, loaded = calibrate_on_ten_images
+    with pytest.raises(ConfigError, match="at most 10.*got 11"):
+        calibrate.blocknoise_accuracy([1.0], images=11)
+    assert not loaded
+    assert calibrate.blocknoise_accuracy([1.0], images=10)[("none", 0.0)] == 10
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(images=0), r"images \(--images\)"),
+    (dict(scales=[0.0]), r"noise scale \(--scales\) must be a positive number, got 0\.0"),
+    (dict(scales=[float("nan")]), r"noise scale \(--scales\) must be a positive number"),
+    (dict(seeds=()), "seeds must name at least one noise seed"),
+])
+def test_calibration_refuses_each_bad_value_for_its_own_reason(calibrate_on_ten_images, bad,
+                                                               message):
+    """Guards each of blocknoise_accuracy's checks on its own: with `images` within the
+    10-image split (the default 2000 is refused by the images bound whatever else is
+    wrong), a bad scale, no seeds or 0 images is still a ConfigError naming that value,
+    raised before the model is loaded."""
+    calibrate, loaded = calibrate_on_ten_images
+    with pytest.raises(ConfigError, match=message):
+        calibrate.blocknoise_accuracy(**{"scales": [1.0], "images": 10, **bad})
+    assert not loaded
