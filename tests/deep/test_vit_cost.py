@@ -94,3 +94,26 @@ def test_measure_reports_the_best_timed_batch_per_image(monkeypatch):
     r = vit_cost.measure("clip-vit-tiny", "cpu", False, batch=2, repeats=3)
     assert (r["forward_s"], r["train_s"]) == (0.5, 2.0)
     assert next(ticks, None) is None  # every tick read: 2 per timed batch
+
+
+def test_measure_warms_up_once_and_trains_in_training_mode(monkeypatch):
+    """Guards the untimed warm-up batch and `model.train()` before the training steps: with
+    repeats=3, a stand-in model sees one flop-counted single image, then 1 + 3 forward
+    batches in eval mode, then 1 + 3 training batches in training mode (a model with
+    dropout or batch norm would otherwise time its inference path as training)."""
+    import deep.vit_cost as vit_cost
+
+    calls = []
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            calls.append((len(x), self.training))
+            return x.flatten(1)[:, :2] * self.w
+
+    monkeypatch.setattr(vit_cost, "build_model", lambda arch, num_classes: StandIn())
+    vit_cost.measure("clip-vit-tiny", "cpu", False, batch=2, repeats=3)
+    assert calls == [(1, False)] + [(2, False)] * 4 + [(2, True)] * 4
