@@ -213,3 +213,24 @@ def test_a_method_without_seeds_left_gets_no_second_stage_sweep():
     assert [(s.shifts, s.methods, s.lrs, s.seeds) for s in stages] == \
         [(["noise"], ["all"], [1e-3], [1, 2])]
     assert second_stage(p, choices, lambda m: []) == []
+
+
+def test_a_first_stage_cell_without_a_validation_metric_loses_its_lr_outright():
+    """Guards -inf for a cell with no metric (no finished epoch): 1e-2 has 0.9 on seed 0
+    and none on seed 1, 1e-3 has 0.4 on both. Scored as 0 the missing cell would leave
+    1e-2 a mean of 0.45 > 0.4 and win; it must lose, so 1e-3 is chosen."""
+    p = protocol(methods=["last"])
+    rows = [row("last", 1e-2, 0, 0.9), row("last", 1e-2, 1, None),
+            row("last", 1e-3, 0, 0.4), row("last", 1e-3, 1, 0.4)]
+    assert chosen_lrs(rows, p, [0, 1]) == {("noise", "last"): 1e-3}
+
+
+def test_drop_superseded_chooses_per_target_size():
+    """Guards n_target in drop_superseded's pairs: at 32 target images the first stage
+    chose 1e-2, at 64 it chose 1e-3; seed 1 ran each size at its own choice, and both
+    rows are kept (one choice for both sizes would drop one of them)."""
+    vals = {32: {1e-1: 0.1, 1e-2: 0.9, 1e-3: 0.5}, 64: {1e-1: 0.1, 1e-2: 0.5, 1e-3: 0.9}}
+    first = [row("last", lr, 0, v) | {"n_target": n} for n in (32, 64) for lr, v in vals[n].items()]
+    later = [row("last", 1e-2, 1, 0.7) | {"n_target": 32}, row("last", 1e-3, 1, 0.7) | {"n_target": 64}]
+    kept = drop_superseded(first + later, [0])
+    assert {(r["n_target"], r["lr"]) for r in kept if r["seed"] == 1} == {(32, 1e-2), (64, 1e-3)}
