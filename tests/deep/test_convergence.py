@@ -241,3 +241,68 @@ def test_a_cell_without_values_prints_a_dash_and_one_seed_its_mean_alone():
     assert format_stat((0.123, math.nan, 1)) == "12.3"
     assert format_stat((0.123, math.nan, 1), signed=True) == "+12.3"
     assert format_stat((0.123, 0.004, 3)) == "12.3 ± 0.4"
+
+
+def test_above_zero_takes_the_level_it_is_given():
+    """Guards `level` reaching above_zero's interval: mean 0.02, se 0.01 over 5 seeds lies
+    above 0 at 80 % (t(0.90, 4) = 1.5332, lower end 0.0047) but not at 95 % (t(0.975, 4)
+    = 2.7764, lower end -0.0078; any t table)."""
+    from deep.stats import above_zero
+    assert above_zero((0.02, 0.01, 5), level=0.80)
+    assert not above_zero((0.02, 0.01, 5), level=0.95)
+
+
+def test_lower_bound_is_minus_infinity_without_an_interval():
+    """Guards lower_bound's no-interval value: with one seed (half-width nan) the lower end
+    is -inf, below every number, so no ranking by it puts a single-seed cell above a
+    measured one (0 would rank it above every negative lower end)."""
+    from deep.stats import lower_bound
+    assert lower_bound((0.5, math.nan, 1)) == -math.inf
+    assert lower_bound((0.5, 0.25, 3)) == 0.25
+
+
+def test_learning_curves_leave_out_an_epoch_without_a_validation_accuracy():
+    """Guards the skip of val_acc None (an epoch that recorded no validation accuracy): two
+    runs, the second without a value at epoch 2, give epoch 2 the first run's 0.4 over 1
+    run, and epochs 1 and 3 the means (0.2 + 0.4) / 2 and (0.6 + 0.8) / 2 over 2."""
+    curves = (CurvesFileRows(row(seed=0, history=[0.2, 0.4, 0.6]))
+              + CurvesFileRows(row(seed=1, history=[0.4, None, 0.8])))
+    selected = [row(seed=0), row(seed=1)]
+    got = learning_curves(curves, selected, panel_of=lambda r: "panel")["panel"]["first"]
+    assert [(e, n) for e, _, n in got] == [(1, 2), (2, 1), (3, 2)]
+    assert [m for _, m, _ in got] == pytest.approx([0.3, 0.4, 0.7])
+
+
+def test_a_curves_line_with_a_field_too_few_or_too_many_is_an_error_naming_it(tmp_path):
+    """Guards the field count check: zip would silently drop a missing train_loss or an
+    extra field; each is a ResultsError naming the line and the count expected."""
+    path = tmp_path / "curves.csv"
+    CurvesFile(path).record(row(history=[0.5, 0.6]))
+    lines = path.read_text().splitlines()
+    for broken, count in ((lines[2].rsplit(",", 1)[0], len(CURVE_COLUMNS) - 1),
+                          (lines[2] + ",1.0", len(CURVE_COLUMNS) + 1)):
+        path.write_text("\n".join([*lines[:2], broken]) + "\n")
+        with pytest.raises(ResultsError, match=rf"line 3: {count} fields, expected "
+                                               rf"{len(CURVE_COLUMNS)}"):
+            read_curves(path)
+
+
+def test_inside_grid_pools_the_lr_grid_over_every_seed():
+    """Guards "over all seeds": seed 0 searched {0.01, 0.001}, seed 1 also 0.1 (an
+    extension it ran); 0.01 chosen on seed 1 lies strictly inside the pooled grid
+    {0.1, 0.01, 0.001}, though it is the top of seed 0's own."""
+    rows = [row(lr=lr, seed=0) for lr in (0.01, 0.001)] + [row(lr=lr, seed=1) for lr in (0.1, 0.01, 0.001)]
+    out = inside_grid(rows, [row(lr=0.01, seed=1)])
+    assert out == {("b", "first"): {"cells": 1, "epoch_inside": 1.0, "lr_inside": 1.0}}
+
+
+def test_an_empty_curves_file_reads_as_no_rows(tmp_path):
+    """Guards the empty-file case of read_curves: a curves file with no text (or only a
+    blank line, e.g. created before its first record) has no rows, and a CurvesFile
+    opened on it records as on a new one; it is no header error."""
+    path = tmp_path / "curves.csv"
+    for text in ("", "\n"):
+        path.write_text(text)
+        assert read_curves(path) == []
+    CurvesFile(path).record(row(history=[0.5]))
+    assert [(c["epoch"], c["val_acc"]) for c in read_curves(path)] == [(1, 0.5)]
