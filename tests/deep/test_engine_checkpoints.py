@@ -129,3 +129,26 @@ def test_the_manifest_sha256_covers_every_byte_of_a_large_file(tmp_path):
     path.write_bytes(data[:-1] + b"\x00")           # the last byte, past the first MiB
     with pytest.raises(CheckpointError, match="does not match the manifest"):
         verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("text", ['{"file": "m.pt"}', '{"sha256": "0"', '["m.pt"]'])
+def test_a_manifest_without_a_sha256_is_a_checkpoint_error(tmp_path, text):
+    """Guards verify_checkpoint's manifest parsing: a manifest with no sha256 field, cut
+    short, or not an object is a CheckpointError naming the manifest, not a bare KeyError,
+    JSONDecodeError or TypeError from deep inside."""
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"weights")
+    manifest_path(path).write_text(text)
+    with pytest.raises(CheckpointError, match=r"m\.pt\.json: not a manifest with a sha256"):
+        verify_checkpoint(path)
+
+
+def test_a_missing_checkpoint_beside_its_manifest_is_a_checkpoint_error(tmp_path):
+    """Guards the checkpoint-file check: a manifest whose checkpoint was deleted is a
+    CheckpointError naming the missing file, not a FileNotFoundError from hashing it."""
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"weights")
+    write_manifest(path)
+    path.unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint file not found: .*m\.pt$"):
+        verify_checkpoint(path)

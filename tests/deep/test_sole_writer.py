@@ -301,3 +301,27 @@ def test_a_saved_pdf_has_no_creation_date_so_the_same_data_give_the_same_bytes(t
     assert (png.name, pdf.name) == ("a.png", "a.pdf")
     assert b"/CreationDate" not in pdf.read_bytes()
     assert draw("b")[1].read_bytes() == pdf.read_bytes()
+
+
+def test_check_output_refuses_a_file_where_a_folder_is_expected_and_the_reverse(tmp_path):
+    """Guards both directions of check_output's kind check: an existing file given as an
+    output folder, and an existing folder given as an output file, are ConfigErrors that
+    name the kind found and the kind expected."""
+    from deep.files import check_output
+    (tmp_path / "f.csv").write_text("x\n")
+    with pytest.raises(ConfigError, match=r"f\.csv is a file; a folder is expected"):
+        check_output(tmp_path / "f.csv", folder=True)
+    with pytest.raises(ConfigError, match="is a folder; a file is expected"):
+        check_output(tmp_path, folder=False)
+    assert check_output(tmp_path, folder=True) == tmp_path
+
+
+def test_remove_figure_deletes_both_the_png_and_the_pdf(tmp_path):
+    """Guards remove_figure's two suffixes: a stale plot's PDF would otherwise stay beside
+    a table that no longer has it; other files of the folder stay."""
+    from deep.files import remove_figure
+    for name in ("plot.png", "plot.pdf", "plot.csv"):
+        (tmp_path / name).write_text("x")
+    remove_figure(tmp_path / "plot")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.csv"]
+    remove_figure(tmp_path / "plot")  # nothing left to remove: no error

@@ -558,3 +558,12 @@ def test_a_data_folder_that_does_not_exist_stops_the_sweep_before_it_starts(tmp_
         run_sweep(load_protocol(benchmark), out, checkpoint="none", data_dir=tmp_path / "missing",
                   progress=False)
     assert not out.exists()
+
+
+def test_machine_names_one_thread_in_the_singular_and_more_in_the_plural(monkeypatch):
+    """Guards the plural in the machine column: 1 torch thread reads "1 thread;", 2 read
+    "2 threads;" (the thread count is part of what makes two rows comparable)."""
+    for threads, words in ((1, ", 1 thread; torch"), (2, ", 2 threads; torch")):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        assert words in machine("cpu")
