@@ -1300,3 +1300,25 @@ def test_a_batch_norm_without_running_statistics_turns_the_prefix_cache_off():
     runs = [fit(net(), split, split, None, "head", TrainConfig(lr=1e-2, epochs=2, use_cache=cache),
                 {"head": ("5",)}) for cache in (True, False)]
     assert runs[0].losses == runs[1].losses and runs[0].start_stage == 0
+
+
+def test_refresh_folds_without_fix_drops_the_precomputed_fold():
+    """Guards refresh_folds(fix=False): a frozen fold's precomputed weights are dropped, so
+    after its batch norm statistics change it computes bn(conv(x)) with the new ones (as
+    torch's own modules give it), not with the statistics it was fixed at."""
+    from deep.prefix_cache import FoldedConvBN, refresh_folds
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4).eval()
+    for p in (*conv.parameters(), *bn.parameters()):
+        p.requires_grad_(False)
+    runner = torch.nn.Sequential(FoldedConvBN(conv, bn))
+    refresh_folds(runner)
+    assert runner[0].fixed is not None
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+        bn.running_var.mul_(4.0)
+    refresh_folds(runner, fix=False)
+    assert runner[0].fixed is None
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(runner(x), bn(conv(x)), atol=1e-5)
