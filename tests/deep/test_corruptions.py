@@ -553,3 +553,37 @@ def test_glass_blur_sweeps_rows_and_columns_2_to_the_last():
     np.testing.assert_allclose(y[:, :, :2], x[:, :, :2], rtol=0, atol=1.01 / 255)
     for last in (y[:, -1, 2:] - x[:, -1, 2:], y[:, 2:, -1] - x[:, 2:, -1]):
         assert (np.abs(last) > 1.01 / 255).mean() > 0.6
+
+
+@pytest.mark.parametrize("severity", [2, 5])
+def test_elastic_transform_is_the_recipes_warp_then_displacement_image_by_image(severity):
+    """The recipe, one image at a time, with the module's draws in its order (the affine
+    jitter of every image, then both displacement fields): the three corners of a centred
+    triangle moved by uniform(-shift, shift); the output sampled bilinearly from the inverse
+    affine map with cv2.warpAffine's default border (reflect without repeating the edge:
+    scipy's "mirror"); then a uniform(-1, 1) field smoothed as skimage's
+    `gaussian(..., mode="reflect", truncate=3)` and scaled by alpha, sampled with "reflect".
+    Caught: the warp with "reflect" (repeating the edge); the field smoothed to 4 sigma
+    (severity 2, sigma 5.6 px: at severity 5, 0.84 px, both truncations give radius 3)."""
+    from scipy import ndimage
+    n, side = 3, 28
+    x = np.random.default_rng(1).uniform(0, 1, size=(n, side, side))
+    alpha, sigma, shift = (v * side for v in C.PARAMS["elastic_transform"][severity - 1])
+    rng = np.random.default_rng(7)
+    jitter = rng.uniform(-shift, shift, size=(n, 3, 2))
+    fields = rng.uniform(-1.0, 1.0, size=(2, n, side, side))
+    centre, arm = np.array([side // 2, side // 2], dtype=float), side // 3
+    src = np.stack([centre + arm, centre + [arm, -arm], centre - arm])
+    rr, cc = np.meshgrid(np.arange(side, dtype=float), np.arange(side, dtype=float), indexing="ij")
+    expected = []
+    for i in range(n):
+        dst = src + jitter[i]
+        inverse = np.linalg.solve(np.c_[dst, np.ones(3)], src)      # [dst 1] @ inverse = src
+        rows = rr * inverse[0, 0] + cc * inverse[1, 0] + inverse[2, 0]
+        cols = rr * inverse[0, 1] + cc * inverse[1, 1] + inverse[2, 1]
+        warped = ndimage.map_coordinates(x[i], [rows, cols], order=1, mode="mirror")
+        dr, dc = (alpha * ndimage.gaussian_filter(f[i], sigma, mode="reflect", truncate=3.0)
+                  for f in fields)
+        expected.append(ndimage.map_coordinates(warped, [rr + dr, cc + dc], order=1, mode="reflect"))
+    y = C.elastic_transform(x, severity, np.random.default_rng(7))
+    np.testing.assert_allclose(y, np.clip(expected, 0, 1), atol=1e-6)
