@@ -26,7 +26,7 @@ from .models import block_order
 from .results import (SELECT_WORST_GROUP, ResultsFile, best_row, check_one_protocol,
                       selection_metric)
 from .stats import NO_STAT, format_stat, interval_table, mean_se
-from .two_stage import drop_superseded
+from .two_stage import drop_superseded, lr_group
 
 # Blocks of every registered architecture in forward order, then the method table's.
 SINGLE_BLOCKS = block_order()
@@ -199,8 +199,7 @@ def unequal_searches(rows: list[dict]) -> list[str]:
     different grids. Empty when every seed ran the same lrs."""
     searched: dict[tuple, dict[int, set]] = defaultdict(lambda: defaultdict(set))
     for r in rows:
-        searched[(r["benchmark"], r["shift"], r["method"], r["n_target"])][r["seed"]].add(
-            float(r["lr"]))
+        searched[lr_group(r)][r["seed"]].add(float(r["lr"]))
     lines = []
     for (benchmark, shift, method, n_target), per_seed in searched.items():
         if len({frozenset(lrs) for lrs in per_seed.values()}) > 1:
@@ -238,11 +237,12 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None,
                            "finished cell")
     check_one_protocol(rows, results_csv)
     if lr_seeds is not None:
-        missing = sorted(set(lr_seeds) - {r["seed"] for r in rows})
+        seeds = {r["seed"] for r in rows}
+        missing = sorted(set(lr_seeds) - seeds)
         if missing:
             raise ConfigError(f"--lr-seeds {','.join(map(str, missing))}: no row of "
                               f"{results_csv} has that seed; its seeds are "
-                              f"{','.join(map(str, sorted({r['seed'] for r in rows})))}")
+                              f"{','.join(map(str, sorted(seeds)))}")
         rows = drop_superseded(rows, lr_seeds)
     out_dir = Path(out_dir) if out_dir else results_csv.with_name(results_csv.stem + "_report")
     check_output(out_dir, "report folder", folder=True)
@@ -259,7 +259,7 @@ def _search_note(rows: list[dict], lr_seeds: list[int] | None, shown: int = 3) -
     unequal = unequal_searches(rows)
     if not unequal:
         return ""
-    groups = len({(r["benchmark"], r["shift"], r["method"], r["n_target"]) for r in rows})
+    groups = len({lr_group(r) for r in rows})
     more = f"\n- ... and {len(unequal) - shown} more" if len(unequal) > shown else ""
     return (f"\nIn {len(unequal)} of {groups} (benchmark, shift, method) groups the seeds ran "
             "different learning rates (how many per seed below), and each seed's lr is "

@@ -170,7 +170,7 @@ def drop_superseded(rows: list[dict], lr_seeds: list[int]) -> list[dict]:
         if r["seed"] in lr_seeds:
             metric = selection_metric(r)
             if metric is not None:
-                first[_pair(r)][float(r["lr"])][r["seed"]] = metric
+                first[lr_group(r)][float(r["lr"])][r["seed"]] = metric
     choice, first_grid = {}, {}
     for key, cells in first.items():
         complete = {lr: sum(v.values()) for lr, v in cells.items() if len(v) == len(lr_seeds)}
@@ -179,11 +179,12 @@ def drop_superseded(rows: list[dict], lr_seeds: list[int]) -> list[dict]:
             first_grid[key] = set(complete)
     later = defaultdict(set)  # a later seed that ran the whole first-stage grid chose itself
     for r in rows:
-        later[(_pair(r), r["seed"])].add(float(r["lr"]))
+        later[(lr_group(r), r["seed"])].add(float(r["lr"]))
     own_grid = {k for k, lrs in later.items() if k[0] in choice and first_grid[k[0]] <= lrs}
-    return [r for r in rows if r["seed"] in lr_seeds or _pair(r) not in choice
-            or (_pair(r), r["seed"]) in own_grid or float(r["lr"]) == choice[_pair(r)]]
+    return [r for r in rows if r["seed"] in lr_seeds or lr_group(r) not in choice
+            or (lr_group(r), r["seed"]) in own_grid or float(r["lr"]) == choice[lr_group(r)]]
 
 
-def _pair(row: dict) -> tuple:
+def lr_group(row: dict) -> tuple:
+    """(benchmark, shift, method, n_target): the cells among whose rows one lr is chosen."""
     return (row["benchmark"], row["shift"], row["method"], row["n_target"])
