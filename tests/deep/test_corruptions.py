@@ -307,25 +307,30 @@ def test_defocus_blur_reflects_at_the_border_without_repeating_the_edge_pixel():
     np.testing.assert_allclose(C.defocus_blur(x, 5)[0], np.clip(expected, 0, 1), atol=1e-6)
 
 
-def test_zoom_blur_zooms_like_the_recipes_scipy_zoom():
-    # The recipe's clipped_zoom: crop the central ceil(28 / z) pixels, scipy.ndimage.zoom
-    # them by z (order 1, corners aligned), trim back to 28 around the centre; zoom_blur
-    # averages the image and its zooms by 1.00, 1.01, ... below the severity's top factor.
+def _recipe_zoom_blur(x: np.ndarray, severity: int) -> np.ndarray:
+    """The recipe's zoom_blur, one image at a time: the mean of the image and its
+    clipped_zooms by 1.00, 1.01, ... below the severity's top factor. clipped_zoom crops the
+    central ceil(side / z) pixels of each axis, scipy.ndimage.zoom's them by z (order 1,
+    corners aligned) and trims back to the image's size around the centre; rows and columns
+    each take their own crop (the recipe's squares are the case h = w)."""
     from scipy import ndimage
 
     def clipped_zoom(img, z):
-        ch = int(np.ceil(28 / z))
-        top = (28 - ch) // 2
-        out = ndimage.zoom(img[top:top + ch, top:top + ch], z, order=1)
-        trim = (out.shape[0] - 28) // 2
-        return out[trim:trim + 28, trim:trim + 28]
+        (h, w), (ch, cw) = img.shape, (int(np.ceil(img.shape[0] / z)), int(np.ceil(img.shape[1] / z)))
+        top, left = (h - ch) // 2, (w - cw) // 2
+        out = ndimage.zoom(img[top:top + ch, left:left + cw], z, order=1)
+        t, l = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+        return out[t:t + h, l:l + w]
 
+    factors = np.arange(1.0, C.PARAMS["zoom_blur"][severity - 1], 0.01)
+    return np.clip(np.stack([(img + sum(clipped_zoom(img, z) for z in factors)) / (len(factors) + 1)
+                             for img in x]), 0, 1)
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+def test_zoom_blur_zooms_like_the_recipes_scipy_zoom(severity):
     x = garments(3)
-    for severity in (1, 5):
-        factors = np.arange(1.0, C.PARAMS["zoom_blur"][severity - 1], 0.01)
-        expected = np.stack([(img + sum(clipped_zoom(img, z) for z in factors)) / (len(factors) + 1)
-                             for img in x])
-        np.testing.assert_allclose(C.zoom_blur(x, severity), np.clip(expected, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(C.zoom_blur(x, severity), _recipe_zoom_blur(x, severity), atol=1e-6)
 
 
 def test_elastic_warp_mirrors_the_image_at_its_border_instead_of_repeating_the_edge():
@@ -461,23 +466,10 @@ def test_fog_crops_its_haze_from_a_32_px_plasma_map():
 
 
 def test_zoom_blur_zooms_a_wide_image_about_its_centre_on_each_axis():
-    """The recipe's clipped_zoom on an image that is not square (28 rows, 40 columns): the
-    central ceil(28 / z) rows and ceil(40 / z) columns, scipy.ndimage.zoom by z (order 1),
-    trimmed back to 28 x 40 around the centre. Rows and columns each take their own crop."""
-    from scipy import ndimage
-
-    def clipped_zoom(img, z):
-        (h, w), (ch, cw) = img.shape, (int(np.ceil(img.shape[0] / z)), int(np.ceil(img.shape[1] / z)))
-        top, left = (h - ch) // 2, (w - cw) // 2
-        out = ndimage.zoom(img[top:top + ch, left:left + cw], z, order=1)
-        t, l = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
-        return out[t:t + h, l:l + w]
-
+    """The recipe's clipped_zoom on an image that is not square (28 rows, 40 columns): rows
+    and columns each take their own central crop."""
     x = np.random.default_rng(0).random((2, 28, 40))
-    factors = np.arange(1.0, C.PARAMS["zoom_blur"][4], 0.01)
-    expected = np.stack([(img + sum(clipped_zoom(img, z) for z in factors)) / (len(factors) + 1)
-                         for img in x])
-    np.testing.assert_allclose(C.zoom_blur(x, 5), np.clip(expected, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(C.zoom_blur(x, 5), _recipe_zoom_blur(x, 5), atol=1e-6)
 
 
 def _recipe_plasma_fractal(rng, mapsize=32, wibbledecay=3.0):
