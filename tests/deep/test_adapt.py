@@ -158,6 +158,10 @@ def test_only_the_named_blocks_change_and_buffers_never(small_model, stream, met
     assert changed == set(adapter.names)      # every adapted tensor moved, nothing else did
     buffers = {n for n, _ in small_model.named_buffers()}
     assert not changed & buffers              # running statistics stay the source's
+    # and no gradient is computed for the rest: same numbers, but the backward pass through
+    # a frozen block's weights would cost what tuning them costs
+    with_grad = {n for n, p in small_model.named_parameters() if p.grad is not None}
+    assert with_grad <= set(adapter.names), sorted(with_grad - set(adapter.names))[:5]
 
 
 def test_tent_adapts_only_normalisation_affine_parameters(small_model):
