@@ -111,7 +111,7 @@ def read_cifar10c(data_dir, corruption: str, severity: int = 5) -> tuple[np.ndar
                         f"match {corruption}.npy, got {labels.dtype} {labels.shape}")
     block = n // SEVERITIES
     rows = slice((severity - 1) * block, severity * block)
-    y = torch.from_numpy(np.asarray(labels[rows], dtype=np.int64))
+    y = torch.from_numpy(np.array(labels[rows], dtype=np.int64))   # a copy: the map is read-only
     if y.min() < 0 or y.max() >= NUM_CLASSES:
         raise DataError(f"{what}: labels in {root / 'labels.npy'} must lie in 0..9, "
                         f"got [{int(y.min())}, {int(y.max())}]")

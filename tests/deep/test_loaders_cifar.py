@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deep.data import DataError, get_benchmark
+from deep.data import cifar10
 from deep.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, read_cifar10c
 from deep.errors import ConfigError
 from tests.deep.fixtures import writers
@@ -291,6 +292,20 @@ def test_negative_labels_are_refused(cifar_dir):
     np.save(path, labels)
     with pytest.raises(DataError, match=r"labels.npy must lie in 0..9, got \[-1, 9\]"):
         get_benchmark("cifar10c").load_task(cifar_dir, "fog", 10, 1, 1, seed=0)
+
+
+def test_int64_labels_are_copied_out_of_the_read_only_file(cifar_dir, monkeypatch):
+    """labels.npy already int64: the labels must still be a copy, not a tensor over the
+    read-only memory map (torch warns that writing to it is undefined; a write would fault)."""
+    path = cifar_dir / "CIFAR-10-C" / "labels.npy"
+    np.save(path, np.load(path).astype(np.int64))
+    maps = []
+    load = cifar10._load_npy
+    monkeypatch.setattr(cifar10, "_load_npy", lambda *a: maps.append(load(*a)) or maps[-1])
+    _, labels = read_cifar10c(cifar_dir, "fog", severity=5)
+    mapped = next(m for m in maps if m.ndim == 1)
+    assert labels.dtype == torch.int64 and labels.tolist() == mapped[-len(labels):].tolist()
+    assert not np.shares_memory(labels.numpy(), mapped)
 
 
 def test_labels_come_from_the_severity_block_of_their_images(cifar_dir):
