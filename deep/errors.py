@@ -70,6 +70,18 @@ def check_positive(name: str, value, error: type[DeepError] = ConfigError) -> fl
     return value
 
 
+def check_between(name: str, value, low: float, high: float, *, high_open: bool = False,
+                  noun: str = "a number", error: type[DeepError] = ConfigError) -> float:
+    """`value` if it is a number in [low, high] ([low, high) with `high_open`: a momentum
+    of 1 never forgets); else `error` naming `name` and the interval. NaN is outside."""
+    inside = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and low <= value and (value < high if high_open else value <= high))
+    if not inside:
+        raise error(f"{name} must be {noun} in [{low:g}, {high:g}{')' if high_open else ']'}, "
+                    f"got {value!r}")
+    return value
+
+
 def check_seed(name: str, value, error: type[DeepError] = ConfigError, bits: int = 63) -> int:
     """`value` as an int if it is an integer in [0, 2**bits); else `error` naming `name`.
     The one check of a seed: torch's generators take [0, 2**64) and wrap or overflow

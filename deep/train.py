@@ -37,8 +37,8 @@ from torch import nn
 
 from .blocks import set_trainable
 from .data.base import Split
-from .errors import (ConfigError, check_choice, check_int, check_nonnegative, check_positive,
-                     check_seed, clash_text, differences)
+from .errors import (ConfigError, check_between, check_choice, check_int, check_nonnegative,
+                     check_positive, check_seed, clash_text, differences)
 from .files import atomic_write_bytes
 from .methods import EpochContext, EpochPlan, Method, get_method
 from .models.staged import (UnhookedCalls, compile_options, guard_channels_last,
@@ -699,9 +699,7 @@ def check_momentum(optimizer: str, momentum: float, nesterov: bool) -> None:
             raise ConfigError(f"momentum={momentum}, nesterov={nesterov} are SGD's and need "
                               f"optimizer 'sgd', got {optimizer!r}")
         return
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
-            or not 0 <= momentum < 1:
-        raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    check_between("momentum", momentum, 0, 1, high_open=True)
 
 
 def check_milestones(schedule: str, milestones, gamma: float, epochs: int) -> None:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import ALL, matches, tuned_parameter_names
-from ..errors import ConfigError, check_choice, check_int, check_nonnegative, check_positive
+from ..errors import ConfigError, check_between, check_choice, check_int, check_nonnegative, check_positive
 from ..models.staged import guard_channels_last, plain_strided_calls
 
 NONE = "none"               # the block option "no adaptation": the source model as is
@@ -237,9 +237,7 @@ class TentConfig:
         check_int("TENT steps", self.steps)
         check_positive("TENT lr", self.lr)
         # Adam's first-moment decay (the second is TENT's 0.999): outside [0, 1) Adam refuses it
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) \
-                or not 0 <= self.beta < 1:
-            raise ConfigError(f"TENT beta must be a number in [0, 1), got {self.beta!r}")
+        check_between("TENT beta", self.beta, 0, 1, high_open=True)
         check_choice("batch_stats", self.batch_stats, BATCH_STATS)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, check_int, check_positive
+from ..errors import ConfigError, check_between, check_int, check_positive
 from ..files import verify_checkpoint
 from ..models import get_architecture, matches_any
 from .base import (Benchmark, DataError, ShiftTask, SourceData, TensorSplit,
@@ -391,10 +391,7 @@ def load_fmnist_spurious(data_dir=None, shift: str = "balanced", n_target: int =
 
 
 def _check_cue_options(source_agreement, cue_seed) -> None:
-    if isinstance(source_agreement, bool) or not isinstance(source_agreement, (int, float)) \
-            or not 0 <= source_agreement <= 1:
-        raise ConfigError(f"fmnist-spurious: source_agreement must be a fraction in [0, 1], "
-                          f"got {source_agreement!r}")
+    check_between("fmnist-spurious: source_agreement", source_agreement, 0, 1, noun="a fraction")
     check_int("fmnist-spurious: cue_seed", cue_seed, minimum=0)
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from deep.__main__ import main, pretrain_settings, sweep_protocol
-from deep.errors import ConfigError, DeepError, ResultsError, check_int, differences
+from deep.errors import (ConfigError, DeepError, ResultsError, check_between, check_int,
+                         differences)
 from deep.flags import add_flags, flag_values
 from deep.methods import GENERIC_METHODS, METHODS, get_method, method_names
 from deep.models import (Architecture, architecture_names, block_order, build_model,
@@ -707,4 +708,20 @@ def test_check_int_holds_a_value_to_its_bounds_and_names_them():
         check_int("seed", -1, minimum=0)
     with pytest.raises(ValueError) as caught:  # the error type is the caller's
         check_int("contrast: severity", 9, error=ValueError, maximum=5)
+    assert type(caught.value) is ValueError
+
+
+def test_check_between_holds_a_number_to_its_interval_open_or_closed_at_the_top():
+    """momentum and TENT's beta in [0, 1) (1 never forgets), source_agreement in [0, 1]."""
+    for value in (0, 0.0, 0.5, 0.999):
+        assert check_between("momentum", value, 0, 1, high_open=True) == value
+    for bad in (1, 1.0, -0.1, float("nan"), float("inf"), True, "0.5", None):
+        with pytest.raises(ConfigError, match=rf"^momentum must be a number in \[0, 1\), got "):
+            check_between("momentum", bad, 0, 1, high_open=True)
+    assert check_between("agreement", 1, 0, 1, noun="a fraction") == 1
+    for bad in (1.5, True, False):                    # a bool is no fraction, though 0 <= True <= 1
+        with pytest.raises(ConfigError, match=rf"^agreement must be a fraction in \[0, 1\], got {bad}$"):
+            check_between("agreement", bad, 0, 1, noun="a fraction")
+    with pytest.raises(ValueError) as caught:
+        check_between("x", 3, 0, 1, error=ValueError)
     assert type(caught.value) is ValueError
