@@ -216,3 +216,115 @@ def test_a_python_without_torch_is_told_which_python_to_use(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: ") and "has no torch" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- fast checks of the pieces the quick run goes through only once ----------------
+
+def test_each_reader_takes_its_own_numbers_from_the_last_result_lines(gpu_check):
+    """A step may print a result line more than once (a resumed sweep): the last counts;
+    each number lands under its own name."""
+    sweep = "ran 2 cells (0 diverged) in 9.0 s\nran 8 cells (1 diverged) on cpu in 4.0 s\n"
+    assert gpu_check.read_sweep(sweep) == ("8 cells (1 diverged) in 4.0 s: 2.00 cells/s", True)
+    assert gpu_check.read_sweep("no result here\n") == ("", False)
+    vit = "forward (inference): 0.5 s/image\nforward+backward, all parameters: 0.25 s/image\n"
+    assert gpu_check.read_vit_cost(vit) == (
+        "forward 2.0 images/s, forward+backward (all parameters) 4.0 images/s", True)
+    ratio_only = "total speedup: 3.10x\n"
+    assert gpu_check.read_deep_speed(ratio_only) == (
+        "total speedup 3.10x over the reference loop", False)   # no accuracy check: no result
+    ray = sweep + "gpu-check: ray started in 2.5 s\ngpu-check: ray cluster: 16 CPUs, 1 GPUs\n"
+    measured, ok = gpu_check.read_ray_sweep(ray)
+    assert ok and measured == ("8 cells (1 diverged) in 4.0 s: 2.00 cells/s (sweep time: Ray "
+                               "start, 2.5 s, not included; 16 CPUs, 1 GPUs)")
+
+
+def test_a_step_that_exits_0_without_its_result_line_failed(gpu_check, tmp_path):
+    step = python_step(gpu_check, "silent", "print('\\n'.join(map(str, range(20))))",
+                       read=gpu_check.read_sims_speed)
+    row = gpu_check.run_step(step, 60, None)
+    assert row.failed and row.status == "FAILED (no result line)"
+    # the row shows the last TAIL_LINES lines of the output, not the first
+    assert row.measured == "output: " + " <br> ".join(str(i) for i in range(12, 20))
+
+
+def test_a_step_gets_no_more_than_the_budget_left(gpu_check):
+    step = python_step(gpu_check, "slow", "import time; time.sleep(60)", cap_s=60,
+                       read=gpu_check.read_sims_speed)
+    row = gpu_check.run_step(step, 6, None)
+    assert row.status == "TIMED OUT (after 6 s)" and row.seconds < 30
+
+
+def test_a_failed_sweep_row_counts_its_written_rows_by_method(gpu_check, tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("shift,method,test_acc\nnoise,first,0.5\nflip,first,0.4\nnoise,all,0.6\n")
+    assert gpu_check.csv_summary(path) == "rows written before it stopped: 3 (first 2, all 1)"
+    assert gpu_check.csv_summary(tmp_path / "missing.csv") == ""
+
+
+def test_a_bar_or_newline_in_a_cell_keeps_the_table_one_row(gpu_check):
+    row = gpu_check.Row("a|b", "python -c 'x|y'", "FAILED (exit 1)", 1.0,
+                        measured="line one\nline | two")
+    line = gpu_check.table_line(row)
+    assert "\n" not in line
+    assert line == ("| a\\|b | FAILED (exit 1) | 1.0 |  | line one line \\| two | "
+                    "`python -c 'x\\|y'` |")
+
+
+def test_amp_accuracy_is_matched_seed_by_seed(gpu_check, tmp_path):
+    header = "benchmark,shift,method,lr,seed,test_acc\n"
+    (tmp_path / "f.csv").write_text(header + "s,noise,first,0.01,0,0.50\ns,noise,first,0.01,1,0.60\n")
+    (tmp_path / "a.csv").write_text(header + "s,noise,first,0.01,1,0.60\ns,noise,first,0.01,0,0.50\n")
+    assert gpu_check.accuracy_change(tmp_path / "f.csv", tmp_path / "a.csv") == (
+        "test accuracy, amp - float32: mean +0.00, largest +0.00 points over 2 cells")
+
+
+@pytest.mark.parametrize("text", ["cuda0", "cpu:0", "cuda:", "cuda:1x", "gpu"])
+def test_a_device_that_is_not_cpu_cuda_or_cuda_n_is_refused(gpu_check, text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda or cuda:N"):
+        gpu_check.device_name(text)
+    assert gpu_check.device_name("cuda:3") == "cuda:3"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without GPU")
+def test_cuda_n_without_a_gpu_stops_before_any_step(gpu_check, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "plan", lambda args, folder: pytest.fail("a step ran"))
+    assert gpu_check.main(["--device", "cuda:1"]) == 2
+    assert "no CUDA GPU visible to torch" in capsys.readouterr().err
+
+
+def test_a_rerun_starts_a_fresh_log(gpu_check, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "t.md"
+    out.with_suffix(".log").write_text("===== an old run's step\n")
+    monkeypatch.setattr(gpu_check, "plan", lambda args, folder: [
+        python_step(gpu_check, "new", "print('fresh')")])
+    assert gpu_check.main(["--device", "cpu", "--out", str(out)]) == 0
+    log = out.with_suffix(".log").read_text()
+    assert "an old run" not in log and log.startswith("===== new (exit 0")
+
+
+def test_the_plan_of_a_quick_cpu_run_skips_amp_shrinks_every_step_and_hides_temp_paths(
+        gpu_check, tmp_path, monkeypatch, capsys):
+    args = argparse.Namespace(device="cpu", gpus_per_task=0.25, quick=True, no_ray=True)
+    steps = {s.name: s for s in gpu_check.plan(args, tmp_path)}
+    assert steps["sweep, every method, --amp"].skip == "--amp needs CUDA"
+    assert steps["ViT-B/16 cost, --amp"].skip == "--amp needs CUDA"
+    assert not steps["sweep, every method"].skip
+    for name, quick in [("deep.speed", gpu_check.QUICK_DEEP), ("sims.speed", gpu_check.QUICK_SIMS),
+                        ("ViT-B/16 cost", gpu_check.QUICK_VIT),
+                        ("sweep, every method", gpu_check.QUICK_METHOD_SWEEP)]:
+        argv = steps[name].argv
+        assert any(argv[i:i + len(quick)] == quick for i in range(len(argv))), name
+    shown = steps["sweep, every method"].shown
+    assert "--out OUT.csv" in shown and str(tmp_path) not in shown
+    assert steps["Ray sweep"].skip == "--no-ray"
+    # and the table says its numbers are a smoke test's
+    monkeypatch.setattr(gpu_check, "plan", lambda args, folder: [])
+    gpu_check.main(["--device", "cpu", "--quick"])
+    assert capsys.readouterr().out.splitlines()[0].endswith(" (--quick: numbers meaningless)")
+
+
+def test_no_ray_skips_the_ray_sweeps_where_ray_is_installed(gpu_check, monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_check, "ray_version", lambda: "2.60.0")
+    args = argparse.Namespace(device="cuda", gpus_per_task=0.25, quick=True, no_ray=True)
+    [step] = gpu_check.ray_steps(args, tmp_path)
+    assert step.skip == "--no-ray" and step.name == "Ray sweep"
