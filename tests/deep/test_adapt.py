@@ -724,6 +724,23 @@ def test_each_seeds_streams_run_in_that_seeds_order(tmp_path, monkeypatch, one_t
 
 
 @pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_each_seeds_memo_streams_draw_augmentations_seeded_by_that_seed(tmp_path, monkeypatch,
+                                                                         one_thread):
+    """MEMO's augmentation generator of a stream is `augment_generator(seed, shift)` of
+    that stream's seed: seed 1 does not reuse seed 0's augmented copies."""
+    states = []
+    def recording(*args, **kw):
+        states.append(args[9].get_state())       # adapt_stream's generator, before any draw
+        return adapt_stream(*args, **kw)
+    monkeypatch.setattr("deep.adapt.runner.adapt_stream", recording)
+    protocol = _tiny_protocol(methods=["memo"], blocks=["none"], seeds=[0, 1],
+                              memo={"copies": 2, "lr": [0.01]})
+    assert run_adaptation(protocol, tmp_path / "a.csv", progress=False).ran == 2
+    assert [torch.equal(s, augment_generator(seed, "noise").get_state())
+            for seed, s in zip((0, 1), states, strict=True)] == [True, True]
+
+
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
 def test_an_episodic_run_adapts_its_streams_episodically(tmp_path, monkeypatch, one_thread):
     # guards: the runner recording episodic=True while adapting the stream online
     seen = []
@@ -755,6 +772,38 @@ def test_the_stream_count_covers_every_seed_and_shift(tmp_path, one_thread, caps
     run_adaptation(protocol, tmp_path / "a.csv")
     assert [line.split()[3] for line in capsys.readouterr().err.splitlines()] == \
         ["1/4", "2/4", "3/4", "4/4"]
+
+
+@pytest.mark.filterwarnings("ignore:checkpoint 'none'")
+def test_a_stream_line_names_the_mode_and_the_images_streamed(tmp_path, one_thread, capsys):
+    """An episodic run's line says `episodic`, and the count of images is the stream's
+    (the protocol's 4), not the whole test split's it was drawn from."""
+    protocol = _tiny_protocol(methods=["tent"], blocks=["none"], images=4)
+    assert len(load_test_split(protocol, "noise", 0, None)[1]) > 4
+    run_adaptation(protocol, tmp_path / "a.csv", episodic=True)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert " tent episodic lr 0.001 none: " in line and " on 4 images " in line
+    run_adaptation(protocol, tmp_path / "b.csv")
+    assert " tent online lr 0.001 none: " in capsys.readouterr().err
+
+
+def test_a_test_split_decoded_batch_by_batch_is_streamed_whole(monkeypatch):
+    """A split of image files (no `images` tensor, only `batches`) is read in batches of
+    256 and joined: all its images and labels, in its order."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(300, 1, 4, 4, generator=g), torch.randint(5, (300,), generator=g)
+
+    class Batched:                                    # as deep.data.base.FileSplit
+        def batches(self, batch_size):
+            for start in range(0, len(labels), batch_size):
+                yield images[start:start + batch_size], labels[start:start + batch_size], None
+    from types import SimpleNamespace
+    bench = SimpleNamespace(num_classes=5,
+                            load_task=lambda *args, **kw: SimpleNamespace(test=Batched()))
+    monkeypatch.setattr("deep.adapt.runner.get_benchmark", lambda name: bench)
+    monkeypatch.setattr("deep.adapt.runner.stream_loader_options", lambda protocol: {})
+    got_images, got_labels = load_test_split(_tiny_protocol(), "noise", 0, None)
+    assert torch.equal(got_images, images) and torch.equal(got_labels, labels)
 
 
 def test_a_streams_parameter_counts_are_numbers_of_weights(small_model, stream):
@@ -821,6 +870,14 @@ def test_protocol_files_load_with_the_methods_defaults():
         load_adapt_protocol("nope")
     with pytest.raises(ValueError, match="unknown key"):
         _tiny_protocol(memo={"copiez": 2})
+
+
+def test_the_listed_adaptation_protocols_are_names_that_load():
+    """`python -m deep protocols` lists `adapt:<name>` for each file of configs/adapt: the
+    benchmark's name (the file's stem), which `load_adapt_protocol` takes back."""
+    from deep.adapt.protocol import available
+    assert available() == ["cifar10c", "fmnist-c"]
+    assert [load_adapt_protocol(name).benchmark for name in available()] == available()
 
 
 def test_cli_end_to_end_and_report(tmp_path, one_thread, real_fmnist, capsys):
