@@ -229,6 +229,16 @@ def test_committed_results_resume_from_another_checkout(tmp_path):
         run_adaptation(_protocol(checkpoint=str(other)), out, progress=False)
 
 
+def test_the_checkpoint_given_to_the_run_wins_over_the_protocols(tmp_path):
+    """`--checkpoint` (run_adaptation's `checkpoint`) replaces the protocol's own (here
+    `none`, a random model): the rows name the file given."""
+    given = _checkpoint(tmp_path / "weights" / "src.pt")
+    out = tmp_path / "adapt.csv"
+    run_adaptation(_protocol(methods=["tent"], blocks=["none"]), out, checkpoint=str(given),
+                   progress=False)
+    assert [r["checkpoint"] for r in read_adapt_results(out)] == [recorded_checkpoint(str(given))]
+
+
 def test_same_checkpoint_compares_file_names():
     assert same_checkpoint("/work/main/deep/weights/a.pt", "/tmp/x/a.pt")
     assert same_checkpoint("none", "none")
@@ -278,11 +288,40 @@ def test_an_unknown_block_is_named_before_the_source_model_is_looked_for(tmp_pat
     assert not (tmp_path / "a.csv").exists()
 
 
+def test_an_unknown_shift_is_named_before_the_source_model_is_looked_for(tmp_path):
+    """A misspelt shift is the error, not the missing checkpoint, and not after the streams
+    of the shifts listed before it have run (the loader would refuse it only there)."""
+    with pytest.raises(ConfigError, match=r"unknown shift\(s\) \['nois'\] of synthetic"):
+        run_adaptation(_protocol(shifts=["noise", "nois"], checkpoint=str(tmp_path / "missing.pt")),
+                       tmp_path / "a.csv", progress=False)
+    assert not (tmp_path / "a.csv").exists()
+
+
+def test_the_local_data_of_every_shift_is_checked_before_the_source_model(tmp_path,
+                                                                           monkeypatch):
+    """A shift whose files are missing stops the run before anything loads, whichever
+    place it has in the protocol (the second here), not hours later at its first stream."""
+    from deep.data.base import Benchmark, DataError
+
+    def missing_flip(self, data_dir, shifts):
+        if "flip" in shifts:
+            raise DataError("the files of shift 'flip' are missing")
+    monkeypatch.setattr(Benchmark, "check_local_data", missing_flip)
+    with pytest.raises(DataError, match="shift 'flip' are missing"):
+        run_adaptation(_protocol(shifts=["noise", "flip"], checkpoint=str(tmp_path / "missing.pt")),
+                       tmp_path / "a.csv", progress=False)
+    assert not (tmp_path / "a.csv").exists()
+
+
 # --- stream lengths are checked where the protocol is built ----------------------------------
 
 @pytest.mark.parametrize("fields", [dict(images=-3), dict(memo={"copies": 2, "images": -1}),
                                     dict(tent={"batch_size": 3, "images": -200}),
-                                    dict(images=2.5)])
+                                    dict(images=2.5), dict(tent={"batch_size": 3, "images": True}),
+                                    # every method its own length: the top-level one is
+                                    # still the protocol's, and still checked
+                                    dict(images=-3, memo={"copies": 2, "images": 6},
+                                         tent={"batch_size": 3, "images": 6})])
 def test_a_negative_or_fractional_stream_length_is_a_clear_error(fields):
     with pytest.raises(ConfigError, match="whole number >= 0"):
         _protocol(**fields)
@@ -485,6 +524,8 @@ def test_the_mean_over_shifts_takes_only_the_seeds_every_shift_has():
     (table,) = relative_table(rows).values()
     assert table["per_seed"][("mean", "first")] == pytest.approx({0: 0.15})
     assert table["per_seed"][("fog", "first")] == pytest.approx({0: 0.1, 1: 0.4})
+    # so does the mean `none` accuracy: seed 0's (fog, snow), not seed 1's fog alone
+    assert table["none"]["mean"][0] == pytest.approx(0.5) and table["none"]["mean"][2] == 1
 
 
 # --- the second audit: data options, spellings, value-equal settings, early refusal ------------
@@ -568,6 +609,17 @@ def test_a_union_with_all_or_with_a_part_tent_cannot_adapt_is_refused(tmp_path, 
     assert not (tmp_path / "a.csv").exists()
 
 
+def test_an_out_file_of_blank_lines_holds_no_streams_yet(tmp_path):
+    """A results file that holds only whitespace (created empty by hand, an editor's
+    newline) is an empty results file, not one of foreign columns: read as no rows, and
+    the first stream is appended to it."""
+    path = tmp_path / "r.csv"
+    path.write_text("\n \n")
+    assert read_adapt_results(path) == []
+    AdaptResults(path).append(_row(200, "first", 0.6))
+    assert [r["blocks"] for r in read_adapt_results(path)] == ["first"]
+
+
 def test_a_binary_file_as_out_is_named_not_a_traceback(tmp_path, capsys):
     (tmp_path / "bin.csv").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ResultsError, match="bin.csv is not a text file"):
@@ -587,6 +639,39 @@ def test_a_file_of_two_benchmarks_gets_a_section_each_and_no_table_mixes_them():
     with pytest.raises(ResultsError, match="rows of 2 benchmarks"):
         relative_table(rows)
     assert "## fmnist-c" not in markdown_table(rows[:2])   # one benchmark: no section heading
+
+
+def test_the_none_stream_is_the_baseline_not_a_block_of_the_table():
+    """Gains are of the adapted blocks over `none`: no (shift, "none") gain of 0 beside
+    them."""
+    rows = [_row(900, "none", 0.5), _row(900, "first", 0.6)]
+    (table,) = relative_table(rows).values()
+    assert table["blocks"] == ["first"]
+    assert set(table["per_seed"]) == set(table["rel"]) == {("fog", "first")}
+
+
+def test_a_report_of_a_file_without_streams_is_refused(tmp_path):
+    """An empty results file (the run made it, no stream finished yet) gives no empty
+    table.md: refused by name, and no report folder is made."""
+    path = tmp_path / "r.csv"
+    path.write_text("")
+    with pytest.raises(ResultsError, match="r.csv holds no results yet"):
+        write_adapt_report(path)
+    assert not (tmp_path / "r_report").exists()
+
+
+def test_the_plot_draws_each_blocks_mean_gain_with_its_standard_error(tmp_path, monkeypatch):
+    """Bars in points: `first` gains 10 and 12 points on seeds 0 and 1, so a bar of 11 with
+    an error bar of 1 (the table's mean ± standard error), not the error as the bar."""
+    figures = []
+    monkeypatch.setattr("deep.adapt.results.save_figure",
+                        lambda fig, stem: figures.append(fig) or [stem.with_suffix(".png")])
+    rows = _seeds({"none": [0.50, 0.50], "first": [0.60, 0.62]})
+    from deep.adapt.results import plot
+    assert plot(rows, tmp_path / "rel") == [tmp_path / "rel.png"]
+    (ax,) = figures[0].axes
+    assert [bar.get_height() for bar in ax.patches] == pytest.approx([11.0])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["first"]
 
 
 def test_a_table_without_a_none_stream_says_so():
@@ -644,6 +729,31 @@ def test_quick_keeps_a_methods_own_shorter_stream(monkeypatch):
     monkeypatch.setattr("deep.adapt.cli.load_adapt_protocol", lambda benchmark: short)
     quick = _cli_protocol("--quick")
     assert (quick.images_of("memo"), quick.images_of("tent")) == (50, 600)
+
+
+def test_replacing_one_methods_table_keeps_the_others_and_ignores_none():
+    """`replace(memo={...})` (the CLI's method flags) swaps MEMO's table only: TENT keeps its
+    batch size of 3, not its default; a None override (a flag not given) changes nothing."""
+    protocol = _protocol().replace(memo={"copies": 4, "lr": 0.01}, seeds=None)
+    assert protocol.config("tent").batch_size == 3 and protocol.config("memo").copies == 4
+    assert protocol.seeds == [0]
+
+
+def test_method_settings_is_no_key_of_a_protocol_file():
+    """The tables are [memo] and [tent]; a file's own `method_settings` is refused as an
+    unknown key (by name), not passed twice to the constructor."""
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['method_settings'\]; known: "):
+        _protocol(method_settings={"memo": {"copies": 2}})
+
+
+def test_building_a_protocol_leaves_the_callers_dict_alone():
+    """`from_dict` takes the method tables out of a copy: the read file's dict still holds
+    [memo] and [tent], and builds the same protocol again."""
+    raw = dict(benchmark="synthetic", arch=ARCH, shifts=["noise"], methods=["memo", "tent"],
+               blocks=["none"], seeds=[0], memo={"copies": 2}, tent={"batch_size": 3})
+    before = dict(raw)
+    first = AdaptProtocol.from_dict(raw)
+    assert raw == before and AdaptProtocol.from_dict(raw) == first
 
 
 def test_malformed_method_tables_are_refused_by_name():
