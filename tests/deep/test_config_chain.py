@@ -44,6 +44,21 @@ def test_architecture_registry_builds_and_refuses_duplicates_and_unknown_names()
     assert {"resnet26", "resnet26-w8", "resnet26-w4", "resnet50"} <= set(architecture_names())
 
 
+def test_an_architecture_needs_blocks_and_each_prefix_a_non_empty_name():
+    """Guards the checks of `Architecture`/`check_prefixes`: no blocks at all, a bare
+    string (read as its letters, "fc" -> "f", "c", it would tune every parameter starting
+    with those names' letters... or none) and an empty prefix (which `matches` would hold
+    to no parameter) are each refused with the block named."""
+    with pytest.raises(ConfigError, match="needs a name and at least one block"):
+        Architecture("no-blocks", build_model, {})
+    with pytest.raises(ConfigError, match=r"block 'last' needs a tuple .* \(one prefix is a "
+                       r"tuple of one: \('fc',\)\)"):
+        Architecture("bare", build_model, {"last": "fc"})
+    with pytest.raises(ConfigError, match=r"broken: block 'first' needs a tuple of module-name "
+                       r"prefixes, got \('conv1', ''\)"):
+        Architecture("broken", build_model, {"first": ("conv1", ""), "last": ("fc",)})
+
+
 def test_every_benchmark_is_registered_whole_module_entry_and_protocol():
     """A new benchmark is three pieces (docs/deep-engine.md, "Where to change what"): its module's
     `BENCHMARKS`, one line of `deep.data._MODULES`, `deep/configs/NAME.toml`. A missing
@@ -70,6 +85,16 @@ def test_a_module_entry_its_module_does_not_list_says_where_to_add_it(monkeypatc
     with pytest.raises(ConfigError, match=r"_MODULES of deep/data/__init__.py maps benchmark "
                        r"'toy' to deep.data.synthetic, whose BENCHMARKS lists synthetic: add "
                        r"'toy' to that dict"):
+        deep.data.get_benchmark("toy")
+
+
+def test_a_module_entry_whose_module_lists_no_benchmark_says_none(monkeypatch):
+    """Guards the `or 'none'` of get_benchmark's message: a module without BENCHMARKS
+    (a helper module named by mistake) is said to list none, not an empty phrase."""
+    import deep.data
+    monkeypatch.setitem(deep.data._MODULES, "toy", "base")
+    with pytest.raises(ConfigError, match=r"maps benchmark 'toy' to deep.data.base, whose "
+                       r"BENCHMARKS lists none: add 'toy' to that dict"):
         deep.data.get_benchmark("toy")
 
 
