@@ -35,6 +35,28 @@ def test_own_format_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temp file
 
 
+def test_an_own_checkpoint_is_built_by_the_requested_name_of_its_network(tmp_path, monkeypatch):
+    """Guards `ckpt.arch = arch` in load_model: a checkpoint of one network loaded under
+    another registered name of it (`network=`) is built by that name's own `build`, not
+    by the recorded one's (the built-in pair, resnet50 and resnet50-public, build the same
+    class, so only a registered pair whose builds differ can tell)."""
+    from deep.models import registry
+
+    def marked(num_classes, in_channels):
+        model = build_model("resnet26-w4", num_classes, in_channels)
+        model.built_as = "w4-marked"
+        return model
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # restored after
+    registry.register_architecture(registry.Architecture(
+        "w4-marked", build=marked, blocks={"last": ("fc",)}, network="resnet26-w4"))
+    torch.manual_seed(0)
+    model = build_model("resnet26-w4", 5, 1)
+    path = save_checkpoint(tmp_path / "m.pt", model, "resnet26-w4", 5, 1)
+    loaded = load_model(path, "w4-marked", 5, 1)
+    assert getattr(loaded, "built_as", None) == "w4-marked" and _same(loaded, model)
+
+
 def test_torchvision_state_dict_variants(tmp_path):
     model = build_model("resnet50", 10)
     state = model.state_dict()
@@ -58,6 +80,20 @@ def test_key_mismatch_names_missing_and_unexpected(tmp_path):
     assert "missing keys (1): fc.weight" in message
     assert "unexpected keys (1): head.weight" in message
     assert "layer1.0.conv1.weight: file (1,) vs model (4, 4, 3, 3)" in message
+
+
+def test_a_long_list_of_missing_keys_shows_eight_and_counts_the_rest(tmp_path):
+    """Guards `_head`: the message names the first eight keys, then how many more there
+    are (the total less the eight shown, not the total again)."""
+    state = build_model("resnet26-w4", 10).state_dict()
+    kept = {k: v for k, v in state.items() if k.startswith("fc.")}
+    missing = sorted(k for k in state if k not in kept and not k.endswith("num_batches_tracked"))
+    assert len(missing) > 8
+    torch.save(kept, tmp_path / "head_only.pth")
+    with pytest.raises(CheckpointError) as refused:
+        load_model(tmp_path / "head_only.pth", "resnet26-w4", 10, 3)
+    assert (f"missing keys ({len(missing)}): {', '.join(missing[:8])}, ... "
+            f"({len(missing) - 8} more)") in str(refused.value)
 
 
 def test_missing_or_corrupt_files(tmp_path):

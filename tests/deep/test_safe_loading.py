@@ -336,6 +336,19 @@ def test_legacy_torch_files_of_any_protocol_are_not_taken_for_plain_pickles(tmp_
     assert _same_weights(model, state)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_bytes_that_start_with_0x80_but_no_pickle_protocol_are_not_called_a_plain_pickle(tmp_path):
+    """Guards `start[1] < 2` in `_plain_pickle_protocol`: pickle.dump writes PROTO with
+    protocol 2 or more, so a file starting 0x80 0x00 or 0x80 0x01 (a damaged or foreign
+    binary file) is no plain pickle; calling it one would send the user to pickle.load."""
+    for second in (0, 1):
+        (tmp_path / "odd.pt").write_bytes(bytes([0x80, second]) + bytes(range(40)))
+        with pytest.raises(CheckpointError) as refused:
+            load_model(tmp_path / "odd.pt", "resnet26-w4", 4, 1)
+        assert "plain pickle" not in str(refused.value)
+        assert re.search(r"cannot read checkpoint .*odd\.pt", str(refused.value))
+
+
 def test_stacked_prefixes_are_all_removed(tmp_path):
     """DataParallel around a wrapper model: `module.model.` before every key."""
     from deep.checkpoints import extract_state_dict
