@@ -206,3 +206,70 @@ def test_shuffled_tensor_batches_keep_each_image_with_its_label_and_group():
         assert torch.equal(x.flatten().long(), y) and torch.equal(g, 5 - y)
         seen += y.tolist()
     assert seen == torch.randperm(6, generator=seeded(0)).tolist() != list(range(6))
+
+
+def test_a_normalisation_with_a_mean_or_std_of_the_wrong_length_is_refused():
+    """Guards both length checks in mean_std: two numbers for three channels would fail
+    deep in the loader (or broadcast one number over all channels) instead of naming the
+    option."""
+    from deep.data.base import mean_std
+    with pytest.raises(ValueError, match=r"3 numbers each and std > 0, got mean=\(0.5, 0.5\)"):
+        mean_std(((0.5, 0.5), (0.2, 0.2, 0.2)), ((0.0,) * 3, (1.0,) * 3))
+    with pytest.raises(ValueError, match=r"3 numbers each and std > 0, got mean=\(0.5, 0.5, "
+                                         r"0.5\), std=\(0.2, 0.2\)"):
+        mean_std(((0.5,) * 3, (0.2, 0.2)), ((0.0,) * 3, (1.0,) * 3))
+
+
+def test_benchmark_names_are_listed_alphabetically():
+    """Guards `sorted` in benchmark_names: the CLI's choices and the "unknown benchmark"
+    message list them alphabetically, not in the order of `_MODULES`' lines."""
+    names = benchmark_names()
+    assert names == sorted(names) and names[0] == "camelyon17"
+    with pytest.raises(DataError, match=r"unknown benchmark 'nope'; known: camelyon17, celeba, "
+                                        r"cifar-flip, cifar10c, "):
+        get_benchmark("nope")
+
+
+def test_a_split_refuses_labels_or_groups_of_another_length_than_its_images():
+    """Guards the length checks of `_check_labels`: one label or group short would pair
+    every later image with another example's label (or fail mid-epoch on an index)."""
+    from deep.data.base import FileSplit, TensorSplit
+    images = torch.zeros(3, 1, 2, 2)
+    with pytest.raises(DataError, match=r"s: labels must be int64 of shape \(3,\), got torch.int64 \(2,\)"):
+        TensorSplit(images, torch.tensor([0, 1]), name="s")
+    with pytest.raises(DataError, match=r"s: groups must be int64 of shape \(3,\), got torch.int64 \(2,\)"):
+        TensorSplit(images, torch.tensor([0, 1, 0]), torch.tensor([0, 1]), name="s")
+    with pytest.raises(DataError, match=r"f: labels must be int64 of shape \(2,\)"):
+        FileSplit(["a.png", "b.png"], torch.tensor([0, 1, 0]), None, None, name="f")
+
+
+def test_one_count_for_every_class_takes_only_the_classes_present():
+    """Guards `torch.unique` in class_balanced_indices: with one int count, the classes
+    are those in `labels` (class 1 absent here is not a class short of examples)."""
+    labels = torch.tensor([0, 0, 2, 2, 5, 5])
+    idx = class_balanced_indices(labels, 1, seeded(0))
+    assert labels[idx].tolist() == [0, 2, 5]
+
+
+def test_file_split_subset_keeps_the_transform_workers_and_name():
+    """Guards FileSplit.subset passing its settings on: a subset decoded without the
+    workers asked for would run a 224-px benchmark's decoding in the main process."""
+    from deep.data.base import FileSplit
+    transform = _RedPixel()
+    split = FileSplit(["a.png", "b.png"], torch.tensor([0, 1]), None, transform,
+                      num_workers=3, name="bench/val")
+    sub = split.subset([1])
+    assert (sub.transform, sub.num_workers, sub.name) == (transform, 3, "bench/val")
+
+
+def test_file_split_takes_a_folder_named_like_an_image_for_a_missing_file(tmp_path):
+    """Guards `is_file` in file_split: a folder where the metadata lists an image (an
+    archive unpacked one level too deep) is missing when the task is made, not a decode
+    error hours later."""
+    from deep.data.base import file_split
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.png").mkdir()
+    with pytest.raises(DataError, match=r"bench/train: 1 image file\(s\) listed in meta.csv are "
+                                        r"missing, e.g. .*a/0.png"):
+        file_split(tmp_path, ["a/0.png"], torch.tensor([0]), None, torch.tensor([0]), None, 0,
+                   "bench/train", "meta.csv", "")

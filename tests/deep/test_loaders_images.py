@@ -170,3 +170,27 @@ def test_list_images_is_sorted_whatever_the_order_the_files_were_made_in(tmp_pat
     for name in names[::-1]:
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in list_images(tmp_path, "LAYOUT", "t")] == names
+
+
+def test_an_image_whose_longer_side_is_already_the_resize_size_is_still_resized():
+    """Guards `min(w, h)` in the resize test: a 256 x 240 image (its longer side 256) must
+    be resized to 273 x 256, its shorter side to 256 (skipping it would crop 224 px from a
+    240-px side, another field of view, or refuse an image under 224 px)."""
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (240, 256, 3), dtype=np.uint8))
+    out = ImageTransform(resize=256, crop=224)(image)
+    resized = np.asarray(image.resize((273, 256), Image.BILINEAR), dtype=np.float64)
+    left, top = round((273 - 224) / 2), 16
+    expected = (resized[top:top + 224, left:left + 224].transpose(2, 0, 1) / 255 - MEAN) / STD
+    assert np.allclose(out.numpy(), expected, atol=1e-5)
+
+
+def test_find_dir_takes_the_given_folder_before_a_subfolder_of_the_same_layout(tmp_path):
+    """Guards the order of find_dir's candidates: --data-dir pointing at the dataset itself
+    wins over a folder of that name inside it (a copy or an older version nested there)."""
+    from deep.data.images import find_dir
+    (tmp_path / "metadata.csv").write_text("x")
+    (tmp_path / "waterbirds").mkdir()
+    (tmp_path / "waterbirds" / "metadata.csv").write_text("x")
+    assert find_dir(tmp_path, ["waterbirds"], "metadata.csv", "LAYOUT", "t") == tmp_path
+    assert find_dir(tmp_path / "waterbirds", ["waterbirds"], "metadata.csv", "LAYOUT",
+                    "t") == tmp_path / "waterbirds"
