@@ -82,6 +82,20 @@ def test_key_mismatch_names_missing_and_unexpected(tmp_path):
     assert "layer1.0.conv1.weight: file (1,) vs model (4, 4, 3, 3)" in message
 
 
+def test_an_own_file_recording_an_unregistered_arch_is_read_by_its_tensors(tmp_path):
+    """Guards `recorded in architecture_names()` in check_recorded_arch: a file of ours
+    whose network is registered by a module not imported here cannot be compared by
+    network, so its tensors decide (not get_architecture's "unknown arch" ConfigError)."""
+    from deep.checkpoints import load_backbone
+    torch.manual_seed(0)
+    model = build_model("resnet26-w4", 5)
+    path = save_checkpoint(tmp_path / "m.pt", model, "my-resnet", 5, 3)
+    state = load_torchvision_state(path, arch="resnet26-w4")
+    assert state.keys() == model.state_dict().keys()
+    target = build_model("resnet26-w4", 5)
+    assert load_backbone(target, path, arch="resnet26-w4") == [] and _same(target, model)
+
+
 def test_a_long_list_of_missing_keys_shows_eight_and_counts_the_rest(tmp_path):
     """Guards `_head`: the message names the first eight keys, then how many more there
     are (the total less the eight shown, not the total again)."""

@@ -135,6 +135,16 @@ def test_a_metadata_file_that_is_not_text_is_a_data_error_naming_it(tmp_path, be
                         seed=0, resize=36, crop=32)
 
 
+def test_a_metadata_file_that_is_not_text_names_the_first_byte_that_is_not_utf8(tmp_path):
+    """Guards `err.start` in read_text's message: the offset of the first bad byte (3 in
+    b"abc\\xff..."), where a user looking at the file finds what went wrong."""
+    from deep.data.images import read_text
+    (tmp_path / "meta.csv").write_bytes(b"abc\xffdef")
+    with pytest.raises(DataError, match=r"t: .*meta\.csv is not a text file \(byte 3 is not "
+                                        r"UTF-8\)"):
+        read_text(tmp_path / "meta.csv", "LAYOUT", "t")
+
+
 def test_a_metadata_file_may_start_with_a_byte_order_mark(tmp_path):
     """A BOM (an editor's "UTF-8 with signature") is not part of CelebA's count line."""
     from deep.data import get_benchmark
