@@ -273,3 +273,14 @@ def test_file_split_takes_a_folder_named_like_an_image_for_a_missing_file(tmp_pa
                                         r"missing, e.g. .*a/0.png"):
         file_split(tmp_path, ["a/0.png"], torch.tensor([0]), None, torch.tensor([0]), None, 0,
                    "bench/train", "meta.csv", "")
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 9])
+def test_tensor_batches_visit_every_example_once_a_last_batch_of_one_included(n):
+    """Guards the range of TensorSplit.batches: a last batch of a single example (5 and 9
+    examples in batches of 4, a split of one) is yielded, not dropped."""
+    from deep.data.base import TensorSplit
+    split = TensorSplit(torch.arange(float(n)).view(n, 1, 1, 1), torch.arange(n))
+    sizes = [len(y) for _, y, _ in split.batches(4)]
+    assert sizes == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+    assert torch.cat([y for _, y, _ in split.batches(4)]).tolist() == list(range(n))
