@@ -284,3 +284,11 @@ def test_tensor_batches_visit_every_example_once_a_last_batch_of_one_included(n)
     sizes = [len(y) for _, y, _ in split.batches(4)]
     assert sizes == [4] * (n // 4) + ([n % 4] if n % 4 else [])
     assert torch.cat([y for _, y, _ in split.batches(4)]).tolist() == list(range(n))
+
+
+def test_a_draw_of_no_class_is_an_empty_index_tensor():
+    """Guards the dtype of class_balanced_indices' empty result: int64, so it indexes a
+    split (a float tensor is no index: `labels[idx]` would raise)."""
+    labels = torch.tensor([0, 1, 1])
+    idx = class_balanced_indices(labels, [], seeded(0))
+    assert idx.dtype == torch.int64 and labels[idx].tolist() == []

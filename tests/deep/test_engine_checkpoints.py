@@ -96,6 +96,24 @@ def test_an_own_file_recording_an_unregistered_arch_is_read_by_its_tensors(tmp_p
     assert load_backbone(target, path, arch="resnet26-w4") == [] and _same(target, model)
 
 
+def test_missing_and_unexpected_keys_are_counted_apart_and_no_classifier_hint_follows(tmp_path):
+    """Guards each count of load_state_strict's message (one missing key, two unexpected:
+    equal counts, as above, cannot tell them apart), and `_only_head_differs` requiring
+    the same keys: a file that lacks a backbone key is not told to start from its
+    classifier."""
+    state = build_model("resnet26-w4", 4).state_dict()
+    state["head.weight"] = state.pop("layer2.0.conv1.weight")
+    state["head.bias"] = torch.zeros(4)
+    state["fc.weight"] = torch.zeros(7, state["fc.weight"].shape[1])
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "bad.pth", "resnet26-w4", 4, 3)
+    message = str(err.value)
+    assert "missing keys (1): layer2.0.conv1.weight" in message
+    assert "unexpected keys (2): head.bias, head.weight" in message
+    assert "fc.weight: file (7, " in message and "only its classifier" not in message
+
+
 def test_a_long_list_of_missing_keys_shows_eight_and_counts_the_rest(tmp_path):
     """Guards `_head`: the message names the first eight keys, then how many more there
     are (the total less the eight shown, not the total again)."""
