@@ -165,6 +165,83 @@ def test_plot_of_a_partial_folder_draws_nothing_and_names_the_only_that_would(tm
     assert main(["plot", "--out", str(tmp_path), "--only", "f4"]) == 0
 
 
+def _f6_lines(tmp_path):
+    rows = [dict(activation=a, kind=k, draw=d, n=experiments.N_BEST, rgn_first=2.0,
+                 rgn_last=1.0, loss_first=0.1, loss_last=1.0, loss_all=1.0, loss_lp_ft=1.0,
+                 rgn_points_to="first", best_layer="first", agree=True)
+            for a in experiments.ACTIVATIONS for k in experiments.SHIFTS for d in range(2)]
+    return lines_of(pd.DataFrame(rows), tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["yes", "", "1"])
+def test_plot_refuses_an_f6_agree_cell_that_is_not_true_or_false(flag, tmp_path, capsys):
+    # guards: the flag check dropped, or an unknown value read as False (a count of
+    # agreements that silently drops draws)
+    lines = _f6_lines(tmp_path)
+    lines[2] = _replace(lines[2], "agree", flag, lines[0])
+    status, err = plot(tmp_path, "f6_auto_rgn", lines, capsys)
+    assert status == 2, err
+    shown = "an empty cell" if flag == "" else repr(flag)
+    assert f"line 3, column 'agree': {shown} is not True or False" in err, err
+    assert not (tmp_path / "f6_auto_rgn.png").exists()
+
+
+def test_plot_refuses_an_f3_table_without_a_finite_relative_se(tmp_path, capsys):
+    # guards: relative_se left out of F3's numbers (a NaN drawn as "±nan" in a cell)
+    rows = [dict(activation=a, kind=k, method=m, n=experiments.N_BEST, mean=0.5, se=0.1,
+                 relative_to_all=1.0, relative_se=0.01, draws=2)
+            for a in experiments.ACTIVATIONS for k in experiments.SHIFTS
+            for m in experiments.METHODS]
+    lines = lines_of(pd.DataFrame(rows), tmp_path)
+    lines[2] = _replace(lines[2], "relative_se", "", lines[0])
+    status, err = plot(tmp_path, "f3_best_layer", lines, capsys)
+    assert status == 2
+    assert "line 3, column 'relative_se': an empty cell is not a finite number" in err, err
+
+
+def test_one_bad_cell_is_named_without_a_count_of_more(tmp_path, capsys):
+    # guards: "(and 0 more lines)" after a single bad cell; two bad cells: "(and 1 more
+    # lines)"; one absent group: no "(and ... more groups)"
+    lines = lines_of(f2_table(), tmp_path)
+    one = lines[:6] + [_replace(lines[6], "mean", "abc", lines[0])] + lines[7:]
+    status, err = plot(tmp_path, "f2_loss_vs_n", one, capsys)
+    assert status == 2 and "'abc' is not a finite number; to rewrite it" in err, err
+    two = one[:7] + [_replace(one[7], "mean", "abc", one[0])] + one[8:]
+    status, err = plot(tmp_path, "f2_loss_vs_n", two, capsys)
+    assert "'abc' is not a finite number (and 1 more lines); to rewrite" in err, err
+    status, err = plot(tmp_path, "f2_loss_vs_n", lines[:9] + lines[10:], capsys)
+    assert "method = 'last', n = 16; to rewrite" in err, err
+    status, err = plot(tmp_path, "f2_loss_vs_n", [line for line in lines
+                                                  if not line.startswith("relu,label,first,")],
+                       capsys)
+    assert "n = 2 (and 4 more groups); to rewrite" in err, err
+
+
+def test_a_curve_lacking_many_steps_names_five_then_dots(tmp_path, capsys):
+    # guards: the " ..." after the first five missing steps off by one
+    steps = tuple(range(8))
+    rows = [dict(activation=a, method=m, step=s, log10_mean=-0.3, log10_se=0.02, draws=2)
+            for a, m, s in itertools.product(experiments.ACTIVATIONS, experiments.METHODS,
+                                             steps)]
+    table = pd.DataFrame(rows)
+    first = (table.activation == "linear") & (table.method == "first")
+    for lacking, expected in ((5, "at step = 1, 2, 3, 4, 5 (other"),
+                              (6, "at step = 1, 2, 3, 4, 5 ... (other")):
+        keep = ~(first & table.step.between(1, lacking))
+        status, err = plot(tmp_path, "f1_t1_curves", lines_of(table[keep], tmp_path), capsys)
+        assert status == 2 and expected in err, (lacking, err)
+
+
+def test_plot_of_a_folder_without_any_csv_suggests_no_only(tmp_path, capsys):
+    # guards: the "--only" hint given with nothing to list (", or draw only those there
+    # with --only " and no names)
+    assert main(["plot", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"run `python -m sims figures --out {tmp_path}`\n" in err, err
+    assert "--only" not in err, err
+
+
+
 # ---- what the figures show: drawn from hand-made tables, read back from the artists ------
 
 def drawn(name, table):
@@ -370,3 +447,153 @@ def test_f6_agreement_bars_are_each_groups_fraction_with_its_binomial_se():
         np.testing.assert_allclose([b.get_height() for b in bars], p, rtol=1e-12)
         low, high = _error_bars(bars.errorbar)
         np.testing.assert_allclose(high - p, np.sqrt(p * (1 - p) / 4), rtol=1e-12, atol=1e-15)
+
+
+def test_f2_y_axis_starts_at_its_data_and_never_below_1e_33():
+    # guards: min for max in the floor (every panel then starts at 1e-33, the data squeezed
+    # into its top few decades). Means 1/n >= 1/32: the axis starts within a decade of them.
+    table = f2_table()
+    table = table[table.kind == "label"]
+    for ax in drawn("f2_loss_vs_n", table):
+        bottom = ax.get_ylim()[0]
+        assert 1e-3 < bottom < 1 / 32, (ax.get_title(), bottom)
+
+
+def test_f2_n_label_sits_under_the_bottom_row_only():
+    # guards: the x label put under the top row (the panels share x; rows above have none)
+    table = f2_table()
+    table = table[table.kind == "label"]
+    axes = {ax.get_title(): ax for ax in drawn("f2_loss_vs_n", table)}
+    assert axes["label · relu"].get_xlabel() == "target samples n"      # bottom row
+    assert axes["label · linear"].get_xlabel() == ""                    # top row
+
+
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")
+def test_f3_cells_read_ratio_and_se_and_full_fine_tuning_reads_1():
+    # guards: ratio and se swapped in the cell text, or another column than "all" shown as
+    # the bare 1. relative_to_all = 10^(i + 0.1 j), relative_se = 0.01 (i + 1) for the
+    # i-th method and j-th kind.
+    from sims.plots import SHORT_LABELS
+    rows = [dict(activation=a, kind=k, method=m, n=experiments.N_BEST,
+                 relative_to_all=10.0 ** (i + 0.1 * j), relative_se=0.01 * (i + 1))
+            for a in experiments.ACTIVATIONS for j, k in enumerate(experiments.SHIFTS)
+            for i, m in enumerate(experiments.METHODS)]
+    method_of = {label: m for m, label in SHORT_LABELS.items()}
+    for ax in drawn("f3_best_layer", pd.DataFrame(rows)):
+        if not ax.texts:
+            continue        # a colour bar
+        methods = [method_of[t.get_text()] for t in ax.get_xticklabels()]
+        kinds = [t.get_text() for t in ax.get_yticklabels()]
+        for text in ax.texts:
+            x, y = text.get_position()
+            method, kind = methods[int(x)], kinds[int(y)]
+            i, j = experiments.METHODS.index(method), list(experiments.SHIFTS).index(kind)
+            expected = ("1" if method == "all" else
+                        f"{10.0 ** (i + 0.1 * j):.2g}\n±{0.01 * (i + 1):.1g}")
+            assert text.get_text() == expected, (kind, method)
+
+
+def test_f4_outcome_bars_are_its_se_and_the_bars_full_unconverged():
+    # guards: the blue outcome's error bars not its `se` column, or the green bars drawn
+    # from another column (full_positive) than full_unconverged
+    n = np.array(experiments.N_EVENT)
+    table = f4_table().assign(frequency=n / 60, se=n / 600, full_positive=n / 30,
+                              full_unconverged=n / 80)
+    ax = drawn("f4_t1_event", table)[0]
+    outcome = next(c for c in ax.containers
+                   if c.get_label() == "simulated: first layer ~0 and full fine-tuning > 0")
+    low, high = _error_bars(outcome)
+    np.testing.assert_allclose(low, n / 60 - n / 600, rtol=1e-12)
+    np.testing.assert_allclose(high, n / 60 + n / 600, rtol=1e-12)
+    bars = next(c for c in ax.containers if c.get_label().startswith("full fine-tuning not"))
+    np.testing.assert_allclose([b.get_height() for b in bars], n / 80, rtol=1e-12)
+    np.testing.assert_array_equal([b.get_x() + b.get_width() / 2 for b in bars], n)
+
+
+def test_f6_an_exact_fit_is_clipped_to_the_axes_edge_not_dropped():
+    # guards: the gain left unclipped: loss_first = 0 (an exact fit) gives log10 = +inf, a
+    # point matplotlib never shows; clipped, it sits at +6. Likewise rgn_first = 0: -6.
+    rows = [dict(activation=a, kind=k, draw=d, n=experiments.N_BEST,
+                 rgn_first=0.0 if d == 0 else 10.0, rgn_last=1.0,
+                 loss_first=0.0 if d == 1 else 1e-9, loss_last=1.0, agree=True)
+            for a in experiments.ACTIVATIONS for k in experiments.SHIFTS for d in range(2)]
+    axes = drawn("f6_auto_rgn", pd.DataFrame(rows))
+    for ax in axes[:len(experiments.ACTIVATIONS)]:
+        points = np.concatenate([np.asarray(c.get_offsets()) for c in ax.collections
+                                 if len(c.get_offsets()) == 2 * len(experiments.SHIFTS)])
+        # draw 0: (log10 0 -> -6, log10 1e9 -> 6); draw 1: (log10 10, log10 inf -> 6)
+        expected = np.array([[-6.0, 6.0], [1.0, 6.0]] * len(experiments.SHIFTS))
+        np.testing.assert_array_equal(np.sort(points, axis=0), np.sort(expected, axis=0))
+
+
+def test_f5_errors_are_on_a_log_axis_and_the_head_drift_on_a_linear_one():
+    # guards: the errors' panels left linear (their geometric means span 1e-31..1; on a
+    # linear axis every curve but the largest lies flat on 0)
+    table = pd.DataFrame([dict(method=m, quantity=q, step=s, mean=0.3 + s, se=0.05,
+                               log10_mean=-float(s), log10_se=0.2, draws=2)
+                          for m in experiments.FORGETTING_METHODS
+                          for q in experiments.FORGETTING_QUANTITIES for s in STEPS])
+    axes = {ax.get_title(): ax for ax in drawn("f5_forgetting", table)}
+    for quantity in experiments.FORGETTING_QUANTITIES:
+        drift = quantity.startswith("head drift")
+        assert axes[quantity].get_yscale() == ("linear" if drift else "log"), quantity
+        assert axes[quantity].get_xscale() == "log", quantity
+
+
+def _f6_table(agree=True):
+    return pd.DataFrame([dict(activation=a, kind=k, draw=d, n=experiments.N_BEST,
+                              rgn_first=2.0, rgn_last=1.0, loss_first=0.1, loss_last=1.0,
+                              agree=agree)
+                         for a in experiments.ACTIVATIONS for k in experiments.SHIFTS
+                         for d in range(2)])
+
+
+def test_f6_green_marks_the_quadrants_where_auto_rgn_is_right():
+    # guards: the green shading on the wrong quadrants. Auto-RGN is right where the sign
+    # of log10(rgn_first / rgn_last) (x) equals that of the loss gain (y): x, y > 0 and
+    # x, y < 0, up to the clip at 6.
+    import matplotlib.colors as mcolors
+    axes = drawn("f6_auto_rgn", _f6_table())
+    green = mcolors.to_rgb("green")
+    for ax in axes[:len(experiments.ACTIVATIONS)]:
+        boxes = set()
+        for c in ax.collections:
+            if len(c.get_facecolor()) and np.allclose(c.get_facecolor()[0][:3], green):
+                v = c.get_paths()[0].vertices
+                boxes.add((v[:, 0].min(), v[:, 0].max(), v[:, 1].min(), v[:, 1].max()))
+        assert boxes == {(0.0, 6.0, 0.0, 6.0), (-6.0, 0.0, -6.0, 0.0)}
+
+
+def test_f6_agreement_bars_of_the_activations_sit_either_side_of_their_kinds_tick():
+    # guards: the bars offset by i * width (linear's bar on the tick, relu's beside it,
+    # both right of the label). Two activations, width 0.4: centres at k -+ 0.2.
+    ax = drawn("f6_auto_rgn", _f6_table())[-1]
+    ticks = ax.get_xticks()
+    np.testing.assert_array_equal(ticks, np.arange(len(experiments.SHIFTS)))
+    for activation, offset in zip(experiments.ACTIVATIONS, (-0.2, 0.2)):
+        bars = next(c for c in ax.containers if c.get_label() == activation)
+        np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bars],
+                                   ticks + offset, rtol=0, atol=1e-12)
+
+
+def test_draw_refuses_an_unknown_figure_by_name():
+    # guards: the check dropped (a KeyError from the lookup, or another figure drawn)
+    from sims import plots
+    with pytest.raises(ValueError, match=r"unknown figure 'f7_other'; expected one of"):
+        plots.draw("f7_other", {})
+
+
+def test_f1_and_f5_panels_follow_the_tables_order_left_to_right_then_down():
+    # guards: the panels filled in another order (relu's F1 curves on the left under the
+    # linear panel's place; F5's quantities column by column), which puts the one legend
+    # and y label beside another panel than the tables' first
+    f1 = drawn("f1_t1_curves", f1_table())[:2]
+    assert [ax.get_title().split(" (")[0] for ax in f1] == ["linear network", "ReLU network"]
+    assert f1[0].get_legend() is not None and f1[0].get_ylabel().startswith("target loss")
+    table = pd.DataFrame([dict(method=m, quantity=q, step=s, mean=0.3 + s, se=0.05,
+                               log10_mean=-float(s), log10_se=0.2, draws=2)
+                          for m in experiments.FORGETTING_METHODS
+                          for q in experiments.FORGETTING_QUANTITIES for s in STEPS])
+    f5 = drawn("f5_forgetting", table)
+    assert [ax.get_title() for ax in f5] == list(experiments.FORGETTING_QUANTITIES)
+    assert f5[0].get_legend() is not None
