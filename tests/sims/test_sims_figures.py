@@ -319,6 +319,9 @@ def test_without_resume_a_run_with_the_recorded_settings_simulates_again(tmp_pat
     (["--steps", "1"], "steps must be an integer >= 2, got 1"),
     (["--draws", "0"], "draws must be an integer >= 2, got 0"),
     (["--device", "tpu"], "device"),
+    # an unknown --only is refused before make_figures makes --out (guards: resolve_only
+    # left to make_figures, which creates the folder first)
+    (["--only", "f9"], "unknown figure 'f9'"),
 ])
 def test_a_bad_figures_value_is_one_error_line_before_any_folder_is_made(flags, message,
                                                                           tmp_path, capsys):
@@ -327,3 +330,53 @@ def test_a_bad_figures_value_is_one_error_line_before_any_folder_is_made(flags, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_written_files_take_their_mode_from_the_umask_of_the_moment(tmp_path):
+    # guards: a fixed 0o644 (equal to 0o666 & ~umask only under the usual umask 022): a
+    # group-writable umask 002 must give 0o664; and the umask read (by setting it) and
+    # not put back, which leaves every later file of the process world-writable
+    import os
+    before = os.umask(0o002)
+    try:
+        write_csv(pd.DataFrame(dict(x=[1])), tmp_path / "t.csv")
+        left = os.umask(0o002)
+    finally:
+        os.umask(before)
+    assert (tmp_path / "t.csv").stat().st_mode & 0o777 == 0o664
+    assert left == 0o002
+
+
+def test_saved_figures_carry_no_date_so_the_same_data_gives_the_same_bytes(tmp_path):
+    # guards: the PDF's CreationDate (or the PNG's Software) left in the metadata
+    import matplotlib.pyplot as plt
+    from sims.figures import save_figure
+    figure, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure(figure, [tmp_path / "a.pdf", tmp_path / "a.png"])
+    pdf = (tmp_path / "a.pdf").read_bytes()
+    assert b"/CreationDate" not in pdf and b"/Producer" not in pdf
+    assert b"Software" not in (tmp_path / "a.png").read_bytes()
+
+
+def test_settings_refuse_a_dtype_other_than_float64_or_float32_and_a_bool_seed():
+    # guards: the dtype check dropped (only argparse's choices would stop float16, and
+    # make_figures takes Settings directly); True taken as seed 1
+    with pytest.raises(ValueError, match="dtype must be 'float64' or 'float32', got 'float16'"):
+        experiments.Settings(dtype="float16")
+    with pytest.raises(ValueError, match="seed must be a nonnegative integer, got True"):
+        experiments.Settings(seed=True)
+
+
+@pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
+def test_each_experiment_advances_the_progress_bar_by_its_units(name):
+    # guards: `units` out of step with the simulate calls (the bar's total, from units,
+    # ending short of or past 100 %)
+    class Count:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+    progress = Count()
+    experiments.EXPERIMENTS[name](SMALLEST, progress)
+    assert progress.n == experiments.units(name)

@@ -123,3 +123,34 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_whole_and_no_temporary(
         _atomic(path, fails_half_way)
     assert path.read_text() == "n,exact\n1,0\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f4_t1_event.csv"]
+
+
+def test_every_stale_temporary_of_an_output_is_removed_not_only_the_first(tmp_path):
+    # guards: one temp file per output removed (two killed runs leave two beside one CSV);
+    # a file of another name, though alike, is kept
+    from sims.figures import hold_folder
+    stale = [tmp_path / ".f4_t1_event.abcd1234.csv", tmp_path / ".f4_t1_event.zz_9zz_9.csv",
+             tmp_path / ".f1_t1_curves.q1w2e3r4.png"]
+    kept = [tmp_path / ".f4_t1_event.abcd123.csv", tmp_path / "f4_t1_event.abcd1234.csv"]
+    for path in stale + kept:
+        path.write_text("x")
+    with hold_folder(tmp_path):
+        assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)
+
+
+@pytest.mark.parametrize("command, advice", [
+    ("plot", "interrupted; `python -m sims plot` with the same arguments redraws them"),
+    ("figures", "interrupted; rerun the same command with --resume to keep the finished "
+                "experiments"),
+])
+def test_ctrl_c_advice_fits_the_command_interrupted(command, advice, monkeypatch, capsys):
+    # guards: `plot`'s advice naming another command (the real-process test above sees the
+    # figures' line only); in-process, make_figures interrupted by a stand-in
+    import sims.__main__ as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "make_figures", interrupted)
+    assert cli.main([command, "--out", "never-written"]) == 130
+    assert capsys.readouterr().err == f"\n{advice}\n"
