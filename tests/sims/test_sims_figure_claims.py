@@ -510,3 +510,62 @@ def test_f4_runs_first_1000_s_and_all_10_s_steps_and_counts_halvings_of_the_full
     assert ((f4.frequency > 0) & (f4.frequency < 1)).any()      # some se is not 0
     np.testing.assert_allclose(f4.se, np.sqrt(f4.frequency * (1 - f4.frequency) / 2),
                                rtol=1e-15, atol=0)
+
+
+def test_lr_halved_counts_the_runs_halved_not_the_halvings(monkeypatch):
+    # guards: F1 and F2's lr_halved summing the halvings (a run halved 3 times counted
+    # 3 times) or reading another method's run. The real simulation (2 draws, S = 2); the
+    # halvings it reports are replaced by 3 on the "last" runs and 0 elsewhere.
+    settings = experiments.Settings(draws=2, steps=2, seed=0, device="cpu")
+    simulate = experiments._simulate
+
+    def halved_last(batch, steps, **options):
+        result, _ = simulate(batch, steps, **options)
+        return result, np.array([3 * int(t == "last") for t in batch.tune])
+    monkeypatch.setattr(experiments, "_simulate", halved_last)
+    f1 = experiments.t1_curves(settings)["f1_t1_curves"]
+    for method, rows in f1.groupby("method"):
+        assert (rows.lr_halved == (settings.draws if method == "last" else 0)).all(), method
+    f2 = experiments.shifts(settings)["f2_loss_vs_n"]
+    for method, rows in f2.groupby("method"):
+        assert (rows.lr_halved == (settings.draws if method == "last" else 0)).all(), method
+
+
+def test_f4_splits_its_runs_at_zero_times_e_y2_for_both_layers(monkeypatch):
+    # guards: full_positive or first_zero compared with another threshold than ZERO (the
+    # outcome "first ~0 and full > 0" must use one cut). The real simulation (2 draws,
+    # S = 2); its final target losses are replaced by 0.5 ZERO E[y^2] on the first-layer
+    # runs and 2 ZERO E[y^2] on the full runs: every first run is ~0, every full run > 0.
+    import torch
+    settings = experiments.Settings(draws=2, steps=2, seed=0, device="cpu")
+    simulate = experiments._simulate
+
+    def near_zero(batch, steps, **options):
+        result, halved = simulate(batch, steps, **options)
+        scale = torch.tensor([0.5 if t == "first" else 2.0 for t in batch.tune],
+                             dtype=torch.float64)
+        energy = batch.targets["target"].label_energy().to(torch.float64)
+        result.final_loss["target"] = scale * experiments.ZERO * energy
+        return result, halved
+    monkeypatch.setattr(experiments, "_simulate", near_zero)
+    f4 = experiments.t1_event(settings)["f4_t1_event"]
+    assert (f4.first_zero == 1).all() and (f4.full_positive == 1).all()
+    assert (f4.frequency == 1).all()
+
+
+def test_f1_runs_every_method_2_s_steps_and_lp_ft_s_per_phase(monkeypatch):
+    # guards: lp-ft given 2 S per phase (4 S in all: its full fine-tuning phase starts
+    # after the last recorded step, so F1 shows it flat and the switch line marks nothing)
+    settings = experiments.Settings(draws=2, steps=3, seed=0, device="cpu")
+    simulate, seen = experiments._simulate, []
+
+    def recorded(batch, steps, **options):
+        seen.append((list(batch.tune), list(steps), options["record"].max()))
+        return simulate(batch, steps, **options)
+    monkeypatch.setattr(experiments, "_simulate", recorded)
+    experiments.t1_curves(settings)
+    assert len(seen) == len(experiments.ACTIVATIONS)
+    for tunes, steps, last in seen:
+        assert tunes == list(experiments.METHODS) * settings.draws
+        assert steps == [3 if t == "lp-ft" else 6 for t in tunes]
+        assert last == 6
