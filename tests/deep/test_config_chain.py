@@ -741,7 +741,7 @@ def test_check_between_holds_a_number_to_its_interval_open_or_closed_at_the_top(
     for value in (0, 0.0, 0.5, 0.999):
         assert check_between("momentum", value, 0, 1, high_open=True) == value
     for bad in (1, 1.0, -0.1, float("nan"), float("inf"), True, "0.5", None):
-        with pytest.raises(ConfigError, match=rf"^momentum must be a number in \[0, 1\), got "):
+        with pytest.raises(ConfigError, match=r"^momentum must be a number in \[0, 1\), got "):
             check_between("momentum", bad, 0, 1, high_open=True)
     assert check_between("agreement", 1, 0, 1, noun="a fraction") == 1
     for bad in (1.5, True, False):                    # a bool is no fraction, though 0 <= True <= 1
