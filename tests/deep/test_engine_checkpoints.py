@@ -69,14 +69,19 @@ def test_torchvision_state_dict_variants(tmp_path):
         assert _same(load_model(tmp_path / name, "resnet50", 10, 3), model)
 
 
+def refusal_of(state: dict, tmp_path) -> str:
+    """The CheckpointError message of loading `state` as a 4-class resnet26-w4."""
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "bad.pth", "resnet26-w4", 4, 3)
+    return str(err.value)
+
+
 def test_key_mismatch_names_missing_and_unexpected(tmp_path):
     state = build_model("resnet26-w4", 4).state_dict()
     state["head.weight"] = state.pop("fc.weight")
     state["layer1.0.conv1.weight"] = torch.zeros(1)
-    torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError) as err:
-        load_model(tmp_path / "bad.pth", "resnet26-w4", 4, 3)
-    message = str(err.value)
+    message = refusal_of(state, tmp_path)
     assert "missing keys (1): fc.weight" in message
     assert "unexpected keys (1): head.weight" in message
     assert "layer1.0.conv1.weight: file (1,) vs model (4, 4, 3, 3)" in message
@@ -105,10 +110,7 @@ def test_missing_and_unexpected_keys_are_counted_apart_and_no_classifier_hint_fo
     state["head.weight"] = state.pop("layer2.0.conv1.weight")
     state["head.bias"] = torch.zeros(4)
     state["fc.weight"] = torch.zeros(7, state["fc.weight"].shape[1])
-    torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError) as err:
-        load_model(tmp_path / "bad.pth", "resnet26-w4", 4, 3)
-    message = str(err.value)
+    message = refusal_of(state, tmp_path)
     assert "missing keys (1): layer2.0.conv1.weight" in message
     assert "unexpected keys (2): head.bias, head.weight" in message
     assert "fc.weight: file (7, " in message and "only its classifier" not in message

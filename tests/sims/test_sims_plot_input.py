@@ -373,16 +373,21 @@ def test_f1_curves_are_geometric_means_with_a_band_of_one_se_of_log10():
             np.testing.assert_allclose(high, 10 ** (center + 0.1 + 0.05 * i), rtol=1e-12)
 
 
+def f5_table(steps) -> pd.DataFrame:
+    """An F5 table: every method and quantity at `steps`, mean 0.3 + step, se 0.05,
+    log10_mean -step, log10_se 0.2."""
+    return pd.DataFrame([dict(method=m, quantity=q, step=s, mean=0.3 + s, se=0.05,
+                              log10_mean=-float(s), log10_se=0.2, draws=2)
+                         for m in experiments.FORGETTING_METHODS
+                         for q in experiments.FORGETTING_QUANTITIES for s in steps])
+
+
 def test_f5_head_drift_is_drawn_as_mean_and_se_the_errors_as_geometric_means():
     # guards: the head drift drawn on log10 (its fraction of zero draws is 1 for "first")
     # or the errors as arithmetic means. Values: mean 0.3 + step, se 0.05; log10_mean -step.
     from sims.plots import LABELS
     steps = np.array([0, 1, 2, 4])
-    table = pd.DataFrame([dict(method=m, quantity=q, step=s, mean=0.3 + s, se=0.05,
-                               log10_mean=-float(s), log10_se=0.2, draws=2)
-                          for m in experiments.FORGETTING_METHODS
-                          for q in experiments.FORGETTING_QUANTITIES for s in steps])
-    axes = {ax.get_title(): ax for ax in drawn("f5_forgetting", table)}
+    axes = {ax.get_title(): ax for ax in drawn("f5_forgetting", f5_table(steps))}
     for quantity in experiments.FORGETTING_QUANTITIES:
         x, y, low, high = _band_of(axes[quantity], LABELS["all"])
         np.testing.assert_array_equal(x, steps[1:])
@@ -529,11 +534,7 @@ def test_f6_an_exact_fit_is_clipped_to_the_axes_edge_not_dropped():
 def test_f5_errors_are_on_a_log_axis_and_the_head_drift_on_a_linear_one():
     # guards: the errors' panels left linear (their geometric means span 1e-31..1; on a
     # linear axis every curve but the largest lies flat on 0)
-    table = pd.DataFrame([dict(method=m, quantity=q, step=s, mean=0.3 + s, se=0.05,
-                               log10_mean=-float(s), log10_se=0.2, draws=2)
-                          for m in experiments.FORGETTING_METHODS
-                          for q in experiments.FORGETTING_QUANTITIES for s in STEPS])
-    axes = {ax.get_title(): ax for ax in drawn("f5_forgetting", table)}
+    axes = {ax.get_title(): ax for ax in drawn("f5_forgetting", f5_table(STEPS))}
     for quantity in experiments.FORGETTING_QUANTITIES:
         drift = quantity.startswith("head drift")
         assert axes[quantity].get_yscale() == ("linear" if drift else "log"), quantity
