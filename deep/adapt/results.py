@@ -67,6 +67,8 @@ def _parse(row: dict) -> dict:
         out[k] = int(row[k])
     for k in _FLOAT:
         out[k] = float(row[k])
+    if row["episodic"] not in ("true", "false"):     # a hand-edited "True" is not online
+        raise ValueError(f"episodic must be true or false, got {row['episodic']!r}")
     out["episodic"] = row["episodic"] == "true"
     out["machine"] = row.get("machine") or None
     out["data"] = row.get("data") or None

@@ -253,6 +253,22 @@ def test_a_row_names_a_model_in_the_checkout_relative_to_it(tmp_path):
     assert recorded_checkpoint("none") == "none"
 
 
+def test_an_episodic_value_other_than_true_or_false_is_refused_not_read_as_online(tmp_path):
+    """`deep adapt` writes true or false; a hand-edited True (or yes) once read as online."""
+    path = tmp_path / "r.csv"
+    AdaptResults(path).append(_row(200, "first", 0.6))
+    header, line = path.read_text().splitlines()
+    column = header.split(",").index("episodic")
+    assert line.split(",")[column] == "false"
+    for value in ("True", "yes", ""):
+        cells = line.split(",")
+        cells[column] = value
+        path.write_text(f"{header}\n{','.join(cells)}\n")
+        with pytest.raises(ResultsError, match=rf"unreadable row \(episodic must be true or "
+                                               rf"false, got '{value}'\)"):
+            read_adapt_results(path)
+
+
 def test_a_stream_is_written_once_and_a_file_holding_one_twice_is_refused(tmp_path):
     """`append` refuses a stream the file already holds (the file keeps its one row), and a
     file that holds a stream twice (not written by `deep adapt`) is refused when read, not
