@@ -347,6 +347,11 @@ def _benchmark_tables(rows: list[dict]) -> list[str]:
             lines.append(f"| {label} | {format_stat(t['none'].get(shift, NO_STAT))} | "
                          + " | ".join(cells) + f" | {best} |")
         lines.append("")
+        if not t["blocks"]:
+            lines += ["No gain to show: these are `none` streams only (no adaptation); run "
+                      "the blocks to compare, e.g. `--blocks first,all`, with the same "
+                      "settings.", ""]
+            continue
         if not any(t["per_seed"].values()):
             lines += ["No gain to show: these streams have no `none` stream (the unadapted "
                       "model on the same shift and seed) beside them; run `--blocks none` with "
