@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import ALL, matches, tuned_parameter_names
-from ..errors import ConfigError, check_between, check_choice, check_int, check_nonnegative, check_positive
+from ..errors import (ConfigError, check_between, check_choice, check_int, check_nonnegative,
+                      check_positive)
 from ..models.staged import guard_channels_last, plain_strided_calls
 
 NONE = "none"               # the block option "no adaptation": the source model as is
