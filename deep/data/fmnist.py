@@ -330,8 +330,7 @@ def draw_cues(labels: np.ndarray, agreement: float, generator: torch.Generator) 
     alternate rounding down and up and the total stays on target. Which images of a
     class agree is random (`generator`).
     """
-    if not 0.0 <= agreement <= 1.0:
-        raise DataError(f"agreement must lie in [0, 1], got {agreement!r}")
+    check_between("agreement", agreement, 0, 1, noun="a fraction", error=DataError)
     agree = np.zeros(len(labels), dtype=bool)
     seen = placed = 0
     for c in np.unique(labels):

@@ -404,8 +404,9 @@ def test_which_images_carry_the_agreeing_mark_is_drawn_per_seed(fake_dir):
 
 
 def test_draw_cues_rejects_bad_agreement():
-    with pytest.raises(ValueError, match="agreement"):
-        F.draw_cues(np.arange(10), 1.5, torch.Generator())
+    for bad in (1.5, -0.5, True):
+        with pytest.raises(DataError, match=rf"^agreement must be a fraction in \[0, 1\], got {bad}$"):
+            F.draw_cues(np.arange(10), bad, torch.Generator())
 
 
 # ----------------------------------------------------------------------------- blocknoise
