@@ -696,7 +696,6 @@ def test_a_table_without_a_none_stream_says_so():
     assert "95 % t intervals of the same gains" not in text
 
 
-
 def test_a_table_of_none_streams_only_says_there_is_no_block_not_no_none():
     text = markdown_table([_row(900, "none", 0.6, seed=s) for s in (0, 1)])
     assert "No gain to show: these are `none` streams only (no adaptation)" in text

@@ -165,19 +165,22 @@ def test_plot_of_a_partial_folder_draws_nothing_and_names_the_only_that_would(tm
     assert main(["plot", "--out", str(tmp_path), "--only", "f4"]) == 0
 
 
-def _f6_lines(tmp_path):
-    rows = [dict(activation=a, kind=k, draw=d, n=experiments.N_BEST, rgn_first=2.0,
-                 rgn_last=1.0, loss_first=0.1, loss_last=1.0, loss_all=1.0, loss_lp_ft=1.0,
-                 rgn_points_to="first", best_layer="first", agree=True)
-            for a in experiments.ACTIVATIONS for k in experiments.SHIFTS for d in range(2)]
-    return lines_of(pd.DataFrame(rows), tmp_path)
+def _f6_table(agree=True):
+    """An F6 table of every column the experiment writes: Auto-RGN points to the first
+    layer (rgn 2 against 1) and is right (loss 0.1 against 1)."""
+    return pd.DataFrame([dict(activation=a, kind=k, draw=d, n=experiments.N_BEST,
+                              rgn_first=2.0, rgn_last=1.0, loss_first=0.1, loss_last=1.0,
+                              loss_all=1.0, loss_lp_ft=1.0, rgn_points_to="first",
+                              best_layer="first", agree=agree)
+                         for a in experiments.ACTIVATIONS for k in experiments.SHIFTS
+                         for d in range(2)])
 
 
 @pytest.mark.parametrize("flag", ["yes", "", "1"])
 def test_plot_refuses_an_f6_agree_cell_that_is_not_true_or_false(flag, tmp_path, capsys):
     # guards: the flag check dropped, or an unknown value read as False (a count of
     # agreements that silently drops draws)
-    lines = _f6_lines(tmp_path)
+    lines = lines_of(_f6_table(), tmp_path)
     lines[2] = _replace(lines[2], "agree", flag, lines[0])
     status, err = plot(tmp_path, "f6_auto_rgn", lines, capsys)
     assert status == 2, err
@@ -239,7 +242,6 @@ def test_plot_of_a_folder_without_any_csv_suggests_no_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"run `python -m sims figures --out {tmp_path}`\n" in err, err
     assert "--only" not in err, err
-
 
 
 # ---- what the figures show: drawn from hand-made tables, read back from the artists ------
@@ -541,14 +543,6 @@ def test_f5_errors_are_on_a_log_axis_and_the_head_drift_on_a_linear_one():
         assert axes[quantity].get_xscale() == "log", quantity
 
 
-def _f6_table(agree=True):
-    return pd.DataFrame([dict(activation=a, kind=k, draw=d, n=experiments.N_BEST,
-                              rgn_first=2.0, rgn_last=1.0, loss_first=0.1, loss_last=1.0,
-                              agree=agree)
-                         for a in experiments.ACTIVATIONS for k in experiments.SHIFTS
-                         for d in range(2)])
-
-
 def test_f6_green_marks_the_quadrants_where_auto_rgn_is_right():
     # guards: the green shading on the wrong quadrants. Auto-RGN is right where the sign
     # of log10(rgn_first / rgn_last) (x) equals that of the loss gain (y): x, y > 0 and
@@ -591,10 +585,6 @@ def test_f1_and_f5_panels_follow_the_tables_order_left_to_right_then_down():
     f1 = drawn("f1_t1_curves", f1_table())[:2]
     assert [ax.get_title().split(" (")[0] for ax in f1] == ["linear network", "ReLU network"]
     assert f1[0].get_legend() is not None and f1[0].get_ylabel().startswith("target loss")
-    table = pd.DataFrame([dict(method=m, quantity=q, step=s, mean=0.3 + s, se=0.05,
-                               log10_mean=-float(s), log10_se=0.2, draws=2)
-                          for m in experiments.FORGETTING_METHODS
-                          for q in experiments.FORGETTING_QUANTITIES for s in STEPS])
-    f5 = drawn("f5_forgetting", table)
+    f5 = drawn("f5_forgetting", f5_table(STEPS))
     assert [ax.get_title() for ax in f5] == list(experiments.FORGETTING_QUANTITIES)
     assert f5[0].get_legend() is not None
