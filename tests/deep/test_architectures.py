@@ -17,6 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from deep.models import architecture_names, build_model, get_architecture
 from deep.models.registry import matches, matches_any
@@ -194,3 +196,83 @@ def test_a_sequentials_stages_are_its_children_one_each():
             h = stages.run(h, index, index + 1)
         assert torch.allclose(h, model(x))
         assert torch.allclose(stages.run(x, 0), model(x))
+
+
+# --------------------------------------------- what each stage and block computes with
+
+class _ParametersUsed(TorchFunctionMode):
+    """Records the name of every parameter of a network passed to a torch function while
+    active (a module's weight to conv2d or layer_norm, a ViT's class embedding to `.to`):
+    what the code computes with, whatever its stage prefixes say."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.used: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = {} if kwargs is None else kwargs
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, torch.Tensor) and id(value) in self.names:
+                self.used.add(self.names[id(value)])
+        return func(*args, **kwargs)
+
+
+def _parameters_each_stage_computes_with(name: str, in_channels: int = CHANNELS):
+    """(network, its Stages, for each stage the names of the parameters it computes with),
+    traced on the meta device (shapes only: no memory, no arithmetic, ViT-B/16 included)."""
+    with torch.device("meta"):
+        model = get_architecture(name).build(CLASSES, in_channels).eval()
+    stages = stages_of(model)
+    if stages is None:
+        pytest.skip(f"{name} is not staged")
+    size = getattr(getattr(model, "config", None), "image_size", 32)
+    x = torch.empty(2, in_channels, size, size, device="meta")
+    used = []
+    with torch.no_grad():
+        for index in range(len(stages)):
+            with _ParametersUsed(model) as trace:
+                x = stages.run(x, index, index + 1)
+            used.append(trace.used)
+    assert tuple(x.shape) == (2, CLASSES), name
+    return model, stages, used
+
+
+@pytest.mark.parametrize("name", architecture_names())
+def test_each_stage_owns_exactly_the_parameters_it_computes_with(name):
+    """The prefix cache starts at the first stage that owns a tuned parameter and replays
+    the stages before it from stored inputs: a parameter owned by a later stage than the one
+    that computes with it (resnet26's stem bn1 listed with layer2, say) would be tuned
+    without ever reaching the loss, and one owned by an earlier stage would make the cache
+    recompute frozen stages. Ownership is derived here from the stages' own computation."""
+    _, stages, used = _parameters_each_stage_computes_with(name)
+    owned = [{n for n, s in stages.param_stage.items() if s == index} for index in range(len(stages))]
+    for index, (computes, owns) in enumerate(zip(used, owned)):
+        assert computes == owns, (name, index, sorted(computes - owns)[:4], sorted(owns - computes)[:4])
+
+
+# Parameters that only `all` tunes, as the docs say (docs/reference-models.md: the final
+# norm of wrn28-10 and resnet26-gn, resnet50-public's stem bn1; docs/vit-wilds.md: ln_post
+# and proj): in no single block although a stage computes with them.
+ONLY_ALL = {"resnet26-gn": ("bn",), "wrn28-10": ("bn1",), "resnet50-public": ("bn1",),
+            **{vit: ("visual.ln_post", "visual.proj")
+               for vit in ("clip-vit-b16", "clip-vit-b16-gelu", "clip-vit-tiny")}}
+
+
+@pytest.mark.parametrize("name", architecture_names())
+def test_each_block_tunes_what_its_stages_compute_with_but_the_documented_all_only_parameters(name):
+    """A block tunes every parameter of the stages it reaches into (resnet26's `first` takes
+    the stem conv1 and bn1 with layer1), except those the docs give to `all` alone, which no
+    block tunes (resnet26-gn's final `bn`, not `third`; wrn28-10's final `bn1`)."""
+    from deep.blocks import tuned_parameter_names
+    model, stages, used = _parameters_each_stage_computes_with(name)
+    arch = get_architecture(name)
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in ONLY_ALL.get(name, ()):
+        assert any(matches(n, prefix) for n in names), (name, prefix)
+    only_all = {n for n in names if matches_any(n, ONLY_ALL.get(name, ()))}
+    for option in arch.blocks:
+        tuned = set(tuned_parameter_names(model, option, arch.blocks))
+        reached = {index for index, computes in enumerate(used) if computes & tuned}
+        expected = set().union(*(used[index] for index in reached)) - only_all
+        assert tuned == expected, (name, option, sorted(tuned ^ expected)[:4])
