@@ -261,3 +261,67 @@ def test_wide_resnet_starts_with_a_zero_fc_bias():
     model = WideResNet(7, depth=10, widen_factor=2)
     assert model.fc.bias.shape == (7,) and torch.equal(model.fc.bias, torch.zeros(7))
     assert model.fc.weight.abs().sum() > 0  # the weight keeps its random draw
+
+
+# ------------------------------------------------------------------ every registered network
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_every_network_takes_the_input_channels_it_is_built_for(arch, in_channels):
+    """Grayscale benchmarks (Fashion-MNIST) build with in_channels=1: a stem fixed at 3
+    channels, or a registry entry that drops in_channels, fails only on such data. Built and
+    run on the meta device (shapes only), so ViT-B/16 costs nothing."""
+    with torch.device("meta"):
+        model = build_model(arch, 5, in_channels).eval()
+    size = getattr(getattr(model, "config", None), "image_size", 32)
+    with torch.no_grad():
+        out = model(torch.empty(2, in_channels, size, size, device="meta"))
+    assert tuple(out.shape) == (2, 5)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == in_channels
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_stage_index_outside_the_stages_is_refused_naming_the_valid_range(arch):
+    """`stage(i, x)` of a network with n stages refuses i = n (and -1) with the range
+    [0, n) the engine's Stages count, not a stale count of another network."""
+    with torch.device("meta"):
+        model = build_model(arch, 5)
+    count = len(stages_of(model))
+    x = torch.empty(2, 3, 32, 32, device="meta")
+    for index in (count, -1):
+        with pytest.raises(IndexError, match=re.escape(
+                f"stage index must be in [0, {count}), got {index}")):
+            model.stage(index, x)
+
+
+def cifar_resnet26_block_names():
+    """The paper's CIFAR ResNet-26 tune blocks, written from its layout: first = the stem
+    (conv1, bn1) and layer1, second = layer2, third = layer3, last = fc (weight and bias).
+    Each BasicBlock has conv1, bn1, conv2, bn2; the first block of layer2 and layer3 (width
+    and stride change) a 1x1 conv + BN shortcut `downsample.0` / `downsample.1`."""
+    def layer(i):
+        names = []
+        for b in range(4):
+            p = f"layer{i}.{b}"
+            names += [f"{p}.conv1.weight", f"{p}.bn1.weight", f"{p}.bn1.bias",
+                      f"{p}.conv2.weight", f"{p}.bn2.weight", f"{p}.bn2.bias"]
+            if b == 0 and i > 1:
+                names += [f"{p}.downsample.0.weight", f"{p}.downsample.1.weight",
+                          f"{p}.downsample.1.bias"]
+        return names
+    return {"first": ["conv1.weight", "bn1.weight", "bn1.bias", *layer(1)],
+            "second": layer(2), "third": layer(3), "last": ["fc.weight", "fc.bias"]}
+
+
+@pytest.mark.parametrize("arch", ["resnet26", "resnet26-w8", "resnet26-w4"])
+def test_cifar_resnet26_tune_blocks_are_the_papers_exactly(arch):
+    from deep.blocks import blocks_for, tuned_parameter_names
+    model = build_model(arch, 10)
+    blocks = blocks_for(arch)
+    expected = cifar_resnet26_block_names()
+    assert list(blocks) == list(expected)
+    for option, names in expected.items():
+        assert tuned_parameter_names(model, option, blocks) == names, option
+    assert sorted(tuned_parameter_names(model, "all", blocks)) == sorted(
+        n for names in expected.values() for n in names)
