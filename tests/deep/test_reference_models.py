@@ -90,10 +90,17 @@ def test_keys_shapes_and_parameter_count(arch, layout, params, entries):
 
 
 def test_group_norm_resnet_has_only_group_norms_of_8_groups():
+    """25 norms (2 per block, 3 x 4 blocks, and the final `bn`), each a GroupNorm(8) with
+    affine parameters and torch's eps, and each the crash-guarded subclass of
+    deep.models.gn_resnet (a plain nn.GroupNorm(8) computes the same numbers but brings
+    back torch's channels-last backward segfault)."""
+    from deep.models.gn_resnet import GroupNorm
     model = build_model("resnet26-gn", 10)
-    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
-    assert len(norms) == 25 and all(isinstance(m, nn.GroupNorm) and m.num_groups == 8
-                                    for m in norms)
+    norms = {n: m for n, m in model.named_modules()
+             if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm))}
+    assert len(norms) == 3 * 4 * 2 + 1 and "bn" in norms
+    for name, m in norms.items():
+        assert type(m) is GroupNorm and (m.num_groups, m.eps, m.affine) == (8, 1e-5, True), name
     assert not list(model.buffers())  # nothing but weights: no running statistics
 
 
@@ -533,3 +540,49 @@ def test_loader_options_refuse_an_unknown_data_option():
     for arch in ("resnet26", "wrn28-10"):
         with pytest.raises(ValueError, match=r"unknown data option\(s\) \['sevrity'\]"):
             loader_options(load_cifar10c, "cifar10c", arch, {"sevrity": 5})
+
+
+# ------------------------------------------------------------------ construction checks and init
+
+@pytest.mark.parametrize("depth", [27, 26, 29])
+def test_wide_resnet_refuses_a_depth_that_is_not_6n_plus_4(depth):
+    """RobustBench asserts (depth - 4) % 6 == 0; without the check depth 27 would silently
+    build the 22-layer network ((27 - 4) // 6 = 3 blocks per group)."""
+    with pytest.raises(ValueError, match=re.escape(f"WideResNet depth must be 6n + 4, got {depth}")):
+        WideResNet(10, depth=depth, widen_factor=1)
+
+
+@pytest.mark.parametrize("depth, per_group", [(10, 1), (16, 2), (28, 4)])
+def test_wide_resnet_of_depth_6n_plus_4_has_n_blocks_per_group(depth, per_group):
+    with torch.device("meta"):
+        model = WideResNet(10, depth=depth, widen_factor=1)
+    assert [len(g.layer) for g in (model.block1, model.block2, model.block3)] == [per_group] * 3
+
+
+@pytest.mark.parametrize("cin, cout", [(16, 24), (32, 16), (16, 40)])
+def test_zero_padding_shortcut_refuses_a_width_that_is_no_multiple_of_its_input(cin, cout):
+    """The original's Downsample asserts nOut % nIn == 0 (it appends whole zero copies)."""
+    from deep.models.gn_resnet import ZeroPadDownsample
+    with pytest.raises(ValueError, match=re.escape(
+            f"output channels {cout} must be a multiple of input channels {cin}")):
+        ZeroPadDownsample(cin, cout, 2)
+    with pytest.raises(ValueError, match="must be a multiple of input channels"):
+        PreActBlock(cin, cout, 2)
+
+
+def test_wide_resnet_convs_start_from_robustbenchs_fan_out_initialisation():
+    """RobustBench's WideResNet draws conv weights from N(0, 2 / (k * k * out_channels))
+    (fan-out). Each conv's empirical std is held to that within 5 % (or 4 / sqrt(n) for
+    n weights, a bound no honest draw of a small conv exceeds); fan-in, sqrt(2 / (k * k *
+    in_channels)), misses that bound wherever the width changes, which the check ensures."""
+    torch.manual_seed(0)
+    model = WideResNet(10, depth=10, widen_factor=4)  # the same code, 1 block per group
+    distinguishing = 0
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        k, n = conv.kernel_size[0], conv.weight.numel()
+        fan_out = (2 / (k * k * conv.out_channels)) ** 0.5
+        fan_in = (2 / (k * k * conv.in_channels)) ** 0.5
+        tolerance = max(0.05, 4 / n ** 0.5)
+        assert abs(conv.weight.std().item() / fan_out - 1) < tolerance, conv
+        distinguishing += abs(fan_in / fan_out - 1) > 2 * tolerance
+    assert distinguishing >= 4  # stem, block1-3's first conv1 and shortcuts change width
