@@ -727,3 +727,50 @@ def test_clip_normalisation_is_openais_written_out():
         assert get_architecture(arch).normalization == openai, arch
     for name in ("camelyon17", "fmow"):
         assert get_benchmark(name).normalization == openai, name
+
+
+def test_non_square_images_are_refused_saying_every_vit_takes_square_images():
+    """A 32x24 batch: no crop/resize-free ViT of another size would help, so the message
+    says every registered ViT takes square images and names each with its size."""
+    from deep.errors import ConfigError
+    with pytest.raises(ConfigError) as err:
+        build_model(TINY, 3)(torch.randn(2, 3, 32, 24))
+    message = str(err.value)
+    assert "takes images of 32x32 px" in message and "got 32x24 px images" in message
+    assert "every ViT here takes square images" in message
+    for name, config in CONFIGS.items():
+        assert f"{name} {config.image_size} px" in message
+    assert "ViTConfig(image_size=" not in message  # no config of a non-square size exists
+
+
+def test_prepare_records_the_weights_hash_and_the_zero_shot_scale(tmp_path):
+    """The checkpoint's manifest names the weights it came from by file name and SHA-256,
+    and a zero-shot head by its text-embeddings file and the logit scale it was scaled by
+    (the file's: exp(log 50))."""
+    import hashlib
+
+    from deep.checkpoints import load_checkpoint
+    from deep.clip import prepare_checkpoint
+    torch.save(clip_like_state(), tmp_path / "clip.pt")
+    torch.save(torch.randn(3, 16, generator=torch.Generator().manual_seed(4)), tmp_path / "text.pt")
+    digest = hashlib.sha256((tmp_path / "clip.pt").read_bytes()).hexdigest()
+    meta = load_checkpoint(prepare_checkpoint(tmp_path / "clip.pt", tmp_path / "zs.pt", 3, TINY,
+                                              text_embeddings=tmp_path / "text.pt")).meta
+    assert meta["source_weights"] == "clip.pt" and meta["source_sha256"] == digest
+    assert meta["head"] == "zero-shot" and meta["text_embeddings"] == "text.pt"
+    assert meta["logit_scale"] == pytest.approx(50.0)
+    plain = load_checkpoint(prepare_checkpoint(tmp_path / "clip.pt", tmp_path / "b.pt", 3, TINY)).meta
+    assert plain["source_sha256"] == digest
+    assert "logit_scale" not in plain and "text_embeddings" not in plain
+
+
+@pytest.mark.parametrize("arch", ["resnet26", "clip-vit-b32"])
+def test_prepare_names_an_arch_that_is_no_clip_vit_before_reading_any_weights(tmp_path, arch):
+    """The arch is checked first: with weights that do not even exist, the error is about
+    the arch and lists the CLIP ViTs, not about the missing file."""
+    from deep.clip import prepare_checkpoint
+    from deep.errors import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(
+            f"arch must be one of {', '.join(sorted(CONFIGS))}; got {arch!r}")):
+        prepare_checkpoint(tmp_path / "missing.pt", tmp_path / "out.pt", 3, arch)
+    assert not (tmp_path / "out.pt").exists()
