@@ -276,3 +276,31 @@ def test_each_block_tunes_what_its_stages_compute_with_but_the_documented_all_on
         reached = {index for index, computes in enumerate(used) if computes & tuned}
         expected = set().union(*(used[index] for index in reached)) - only_all
         assert tuned == expected, (name, option, sorted(tuned ^ expected)[:4])
+
+
+def _small_network(name: str) -> nn.Module:
+    """A registered network, or for the large ones the same code at a small size."""
+    from deep.models.resnet import ResNet50
+    from deep.models.wide_resnet import WideResNet
+    small = {"resnet50": lambda: ResNet50(CLASSES, CHANNELS, layers=(1, 1, 1, 1)),
+             "resnet50-public": lambda: ResNet50(CLASSES, CHANNELS, layers=(1, 1, 1, 1)),
+             "wrn28-10": lambda: WideResNet(CLASSES, CHANNELS, depth=10, widen_factor=1)}
+    if name in small:
+        return small[name]()
+    return get_architecture(name).build(CLASSES, CHANNELS)
+
+
+@pytest.mark.parametrize("name", [n for n in architecture_names() if not n.startswith("clip-")])
+def test_every_fresh_batch_norm_starts_as_the_identity_map(name):
+    """torchvision's ResNet and RobustBench's WideResNet initialise each BatchNorm to weight
+    1 and bias 0 (and statistics 0 and 1): a fresh network's norms pass their normalised
+    input on unchanged, so a network trained from scratch starts where the originals do."""
+    torch.manual_seed(0)
+    model = _small_network(name)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        assert torch.equal(m.weight, torch.ones_like(m.weight)), m
+        assert torch.equal(m.bias, torch.zeros_like(m.bias)), m
+        assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+        assert torch.equal(m.running_var, torch.ones_like(m.running_var))
+    assert norms or name == "resnet26-gn", name  # resnet26-gn's GroupNorms: see its own tests

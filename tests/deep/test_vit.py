@@ -774,3 +774,28 @@ def test_prepare_names_an_arch_that_is_no_clip_vit_before_reading_any_weights(tm
             f"arch must be one of {', '.join(sorted(CONFIGS))}; got {arch!r}")):
         prepare_checkpoint(tmp_path / "missing.pt", tmp_path / "out.pt", 3, arch)
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_fresh_vit_starts_from_clips_and_multihead_attentions_initialisation():
+    """OpenAI's VisionTransformer draws the class and positional embeddings and proj from
+    N(0, width^-1) (scale = width ** -0.5 times randn); nn.MultiheadAttention, whose
+    parameters CLIP's blocks are, draws in_proj_weight Xavier-uniform and starts both
+    biases at 0. A network pretrained from random weights (`--init none`) starts there."""
+    config = ViTConfig(image_size=32, patch_size=8, width=256, layers=3, heads=4, mlp_width=64,
+                       output_dim=128)
+    torch.manual_seed(0)
+    visual = CLIPImageClassifier(config, 2).visual
+    scale = config.width ** -0.5
+    for name in ("class_embedding", "positional_embedding", "proj"):
+        p = getattr(visual, name).detach()
+        tolerance = max(0.05, 4 / p.numel() ** 0.5)
+        assert abs(p.std().item() / scale - 1) < tolerance, name
+        assert abs(p.mean().item()) < 4 * scale / p.numel() ** 0.5, name
+    for block in visual.transformer.resblocks:
+        attn = block.attn
+        bound = (6 / (config.width + 3 * config.width)) ** 0.5  # Xavier: fan_in d, fan_out 3d
+        w = attn.in_proj_weight.detach()
+        assert w.abs().max().item() <= bound and w.abs().max().item() > 0.99 * bound
+        assert abs(w.std().item() / (bound / 3 ** 0.5) - 1) < 0.05
+        assert torch.equal(attn.in_proj_bias, torch.zeros(3 * config.width))
+        assert torch.equal(attn.out_proj.bias, torch.zeros(config.width))
