@@ -236,6 +236,10 @@ def write_report(results_csv: str | Path, out_dir: str | Path | None = None,
                            f"--out {results_csv}` (or `python -m deep bench`) adds a row per "
                            "finished cell")
     check_one_protocol(rows, results_csv)
+    if lr_seeds is not None and not list(lr_seeds):
+        raise ConfigError("--lr-seeds is empty: expected a two-stage run's first-stage seeds, "
+                          "comma-separated (e.g. --lr-seeds 0), or leave the flag out to let "
+                          "each seed choose its own learning rate")
     if lr_seeds is not None:
         seeds = {r["seed"] for r in rows}
         missing = sorted(set(lr_seeds) - seeds)

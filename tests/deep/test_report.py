@@ -252,3 +252,17 @@ def test_the_report_command_passes_lr_seeds_on(tmp_path, capsys):
     csv.write_text(results_text(two_stage_rows()))
     assert main(["report", str(csv), "--out", str(tmp_path / "rep"), "--lr-seeds", "0"]) == 0
     assert "| noise | 60.0 ± 10.0 |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("flag", ["", " ", ",", " , ,"])
+def test_an_empty_lr_seeds_is_refused_not_reported_as_a_choice_on_no_seed(tmp_path, capsys, flag):
+    """`--lr-seeds ""` parsed to no seed and the report said "chosen on seed  (--lr-seeds)"
+    over a table where each seed chose its own lr."""
+    from deep.__main__ import main
+    csv = tmp_path / "r.csv"
+    csv.write_text(results_text(two_stage_rows()))
+    assert main(["report", str(csv), "--out", str(tmp_path / "rep"), "--lr-seeds", flag]) != 0
+    assert "--lr-seeds is empty: expected" in capsys.readouterr().err
+    assert not (tmp_path / "rep" / "report.md").exists()
+    with pytest.raises(ConfigError, match="--lr-seeds is empty: expected .* seeds"):
+        write_report(csv, tmp_path / "lib", lr_seeds=[])
