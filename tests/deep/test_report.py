@@ -266,3 +266,92 @@ def test_an_empty_lr_seeds_is_refused_not_reported_as_a_choice_on_no_seed(tmp_pa
     assert not (tmp_path / "rep" / "report.md").exists()
     with pytest.raises(ConfigError, match="--lr-seeds is empty: expected .* seeds"):
         write_report(csv, tmp_path / "lib", lr_seeds=[])
+
+
+def test_the_bar_panel_draws_points_with_single_blocks_blue_and_the_error_bar_at_one_se():
+    """0.01 ± 0.005 is a bar of 1.0 point with a bar from 0.5 to 1.5; `first` is a single
+    block (blue), `surgical` is not (grey)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    from matplotlib.container import ErrorbarContainer
+    fig, ax = plt.subplots()
+    bar_panel(ax, {"first": (0.01, 0.005, 3), "all-but-first": (-0.02, 0.01, 3)}, "t")
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == pytest.approx([1.0, -2.0])
+    assert [p.get_facecolor() for p in ax.patches] == [to_rgba("tab:blue"), to_rgba("tab:gray")]
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    spans = sorted((min(s[:, 1]), max(s[:, 1])) for s in bars.lines[2][0].get_segments())
+    assert spans == [pytest.approx((-3.0, -1.0)), pytest.approx((0.5, 1.5))]
+    plt.close(fig)
+
+
+def _suptitle_of(monkeypatch, tables, tmp_path):
+    import deep.report as report
+    titles = []
+
+    def keep(fig, stem):
+        titles.append(fig._suptitle.get_text())
+        return []
+    monkeypatch.setattr(report, "save_figure", keep)
+    report.plot_relative(tables, tmp_path / "rel")
+    return titles[0]
+
+
+def test_the_relative_plot_says_when_a_bar_has_no_error_bar(tmp_path, monkeypatch):
+    from deep.report import summarize
+    two = [row(method=m, seed=s, test=0.5 + 0.01 * s * (m == "last"))
+           for m in ("all", "last") for s in (0, 1)]
+    assert "(no error bar: one seed)" not in _suptitle_of(monkeypatch, summarize(two), tmp_path)
+    one = [r for r in two if r["seed"] == 0]
+    assert "\n(no error bar: one seed)" in _suptitle_of(monkeypatch, summarize(one), tmp_path)
+
+
+def test_a_results_file_with_only_its_header_is_refused_not_reported_empty(tmp_path):
+    csv = tmp_path / "r.csv"
+    csv.write_text(results_text([row()]).splitlines()[0] + "\n")
+    with pytest.raises(ResultsError, match="holds no results yet: `python -m deep sweep"):
+        write_report(csv, tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_the_cell_count_counts_every_diverged_row_not_only_the_chosen_ones(tmp_path):
+    """Five cells; the diverged 0.1 rows (one per seed) lose to 0.01, a third diverged row
+    has no epoch at all: 3 diverged of 5."""
+    rows = [dict(row(seed=s, lr=0.1, val=0.2), status="diverged") for s in (0, 1)]
+    rows += [row(seed=s, lr=0.01, val=0.6) for s in (0, 1)]
+    rows += [dict(row(seed=0, lr=1.0, val=None, test=None), status="diverged", best_epoch=0)]
+    text, _ = report_of(tmp_path, rows)
+    assert "\n5 cells, 3 diverged.\n" in text
+
+
+def test_a_fourth_group_of_unequal_searches_is_counted_as_one_more(tmp_path):
+    rows = [row(shift=f"s{k}", seed=0, lr=lr) for k in range(4) for lr in (0.1, 0.01)]
+    rows += [row(shift=f"s{k}", seed=1, lr=0.01) for k in range(4)]
+    text, _ = report_of(tmp_path, rows)
+    assert "In 4 of 4 (benchmark, shift, method) groups" in text
+    assert "s2 / all" in text and "s3 / all" not in text and "\n- ... and 1 more\n" in text
+
+
+def test_without_an_out_folder_the_report_goes_beside_the_csv_named_after_its_stem(tmp_path):
+    csv = tmp_path / "run.v2.csv"
+    csv.write_text(results_text([row(seed=s) for s in (0, 1)]))
+    paths = write_report(csv)
+    assert paths == [tmp_path / "run.v2_report" / "report.md"] and paths[0].is_file()
+
+
+def test_each_shift_is_compared_with_all_on_that_shift_alone():
+    """last - all: +10 points on fog, -20 on snow for both seeds; the mean is -5."""
+    from deep.report import summarize
+    rows = [row(shift=sh, method=m, seed=s, test=0.5 + d * (m == "last"))
+            for sh, d in (("fog", 0.1), ("snow", -0.2)) for m in ("all", "last") for s in (0, 1)]
+    rel = summarize(rows)[("synthetic", 100)]["rel"]
+    assert rel[("fog", "last")][0] == pytest.approx(0.1)
+    assert rel[("snow", "last")][0] == pytest.approx(-0.2)
+    assert rel[("mean", "last")][0] == pytest.approx(-0.05)
+
+
+def test_metric_values_keep_only_the_rows_that_have_that_metric():
+    from deep.report import metric_values
+    rows = [row(seed=0, worst=0.3), row(seed=1, worst=None), row(method="last", seed=0, worst=0.0)]
+    assert metric_values(rows, "worst_group_acc") == {("noise", "all", 0): 0.3,
+                                                      ("noise", "last", 0): 0.0}
