@@ -490,3 +490,67 @@ def test_a_row_with_one_block_calls_it_the_best_block():
     # it read "the predicted block, but not separated from None at 95 %"
     assert "None" not in line
     assert "the predicted block, with no other block to compare it with yet" in line
+
+
+def test_the_rank_table_lists_methods_best_first_with_two_decimals():
+    """Seed 0 on two rows: breeds ranks auto-rgn, all, lp-ft; flip ranks all, lp-ft,
+    auto-rgn. Means: all 1.5, auto-rgn 2.0, lp-ft 2.5 (seed 1 is not ranked)."""
+    rows = [_row("fmnist-breeds", "subpopulation", m, 0, acc)
+            for m, acc in (("all", 0.6), ("auto-rgn", 0.7), ("lp-ft", 0.5))]
+    rows += [_row("fmnist-flip", "flip", m, 0, acc)
+             for m, acc in (("all", 0.8), ("auto-rgn", 0.6), ("lp-ft", 0.7))]
+    rows += [_row("fmnist-flip", "flip", m, 1, acc)
+             for m, acc in (("all", 0.1), ("auto-rgn", 0.9), ("lp-ft", 0.5))]
+    text, _ = markdown_table(rows, 1000)
+    ranked = text[text.index("Average rank"):].splitlines()
+    assert ranked[2:5] == ["| all | auto-rgn | lp-ft |", "|---|---|---|", "| 1.50 | 2.00 | 2.50 |"]
+
+
+def test_the_relative_tables_all_column_shows_alls_own_accuracy():
+    """`all` at 65 and 66 % is 65.5 ± 0.5 in its own column, not +0.0 against itself."""
+    rows = [_row("fmnist-breeds", "subpopulation", m, s, acc + 0.01 * s)
+            for s in (0, 1) for m, acc in (("all", 0.65), ("first", 0.6))]
+    text, _ = markdown_table(rows, 1000)
+    header = next(line for line in text.splitlines() if line.startswith("| benchmark (shift kind)"))
+    line = next(line for line in text.splitlines() if line.startswith("| fmnist-breeds (feature) |"))
+    cells = dict(zip(header.split(" | ")[1:], line.split(" | ")[1:]))
+    assert cells["all"] == "65.5 ± 0.5" and cells["first"] == "-5.0 ± 0.0"
+
+
+def test_the_interval_table_has_a_worst_group_row_for_the_spurious_benchmark_only():
+    """last - all in worst-group accuracy: +10 and +20 points, mean 15, s.e. 5, so
+    15 ± 12.706 * 5 = [-48.5, +78.5] (t with 1 degree of freedom)."""
+    from deep.bench import interval_table
+    rows = [_row("fmnist-spurious", "spurious", m, s, 0.8, worst=w)
+            for s, (w_all, w_last) in enumerate([(0.3, 0.4), (0.3, 0.5)])
+            for m, w in (("all", w_all), ("last", w_last))]
+    rows += [_row("fmnist-c", "fog", m, s, 0.7, worst=0.2) for s in (0, 1) for m in ("all", "last")]
+    worst = [line for line in interval_table(rows, 1000) if "worst group" in line]
+    assert worst == ["| fmnist-spurious, worst group | +15.0 [-48.5, +78.5] |"]
+
+
+def test_n_target_rows_leave_out_a_seed_whose_all_lacks_a_shift():
+    """Seed 1's `all` has no snow: `first` counts seed 0 alone, 0.8 - 0.7 = +0.1."""
+    rows = [_row("fmnist-c", sh, m, 0, acc, n=100) for sh in ("fog", "snow")
+            for m, acc in (("all", 0.7), ("first", 0.8))]
+    rows += [_row("fmnist-c", sh, "first", 1, 0.2, n=100) for sh in ("fog", "snow")]
+    rows += [_row("fmnist-c", "fog", "all", 1, 0.9, n=100)]
+    mean, se, count = n_target_rows(rows)["first"][100]
+    assert count == 1 and mean == pytest.approx(0.1)
+
+
+def test_a_blocknoise_row_expects_the_block_its_noise_perturbed():
+    rows = [_row("fmnist-blocknoise", "third", m, s, acc)
+            for s in (0, 1) for m, acc in (("all", 0.5), ("first", 0.7), ("third", 0.6))]
+    _, verdicts = markdown_table(rows, 1000)
+    assert [(v[0], v[2], v[3]) for v in verdicts] == [("fmnist-blocknoise (third perturbed)",
+                                                       "third", "first")]
+
+
+def test_a_verdicts_gain_over_all_is_the_95_percent_t_interval():
+    """+2.0 points, s.e. 0.5 over 3 seeds: t(2) = 4.303, half-width 2.15 -> [-0.2, +4.2]."""
+    from deep.bench import verdict_lines
+    (line,) = verdict_lines([("fmnist-c", "input", "first", "first", False, (0.02, 0.005, 3),
+                              None, None)])
+    assert "(+2.0 [-0.2, +4.2] vs all, 95 % t intervals)" in line
+    assert line.endswith("it does not beat full fine-tuning at 95 %.")
