@@ -554,3 +554,63 @@ def test_a_verdicts_gain_over_all_is_the_95_percent_t_interval():
                               None, None)])
     assert "(+2.0 [-0.2, +4.2] vs all, 95 % t intervals)" in line
     assert line.endswith("it does not beat full fine-tuning at 95 %.")
+
+
+def _full_rows(cells, n=1000):
+    """Results-file rows for (benchmark, shift, method, seed, test) cells."""
+    from deep.results import ResultRow
+    return [ResultRow(benchmark=b, shift=sh, method=m, seed=s, n_target=n, lr=0.01, status="ok",
+                      best_epoch=1, val_acc=t, val_worst_group_acc=t, test_acc=t,
+                      worst_group_acc=t, tuned_params=10, total_params=100, seconds=1.0,
+                      arch="resnet26", epochs=2, batch_size=64, weight_decay=1e-4,
+                      select="val_acc", val_per_class=10, test_per_class=20,
+                      checkpoint="none").to_dict() for b, sh, m, s, t in cells]
+
+
+def test_the_n_target_sweep_takes_from_the_main_table_only_its_shifts_and_methods(tmp_path):
+    from deep.bench import Suite, n_sweep_rows
+    from deep.results import results_text
+    suite = Suite(shifts={"fmnist-c": ["fog", "snow"], "fmnist-breeds": ["fog"]}, seeds=[0],
+                  n_sweep_shifts=["fog"], n_sweep_sizes=[100, 1000], n_sweep_methods=["first", "all"])
+    cells = [("fmnist-c", "fog", "first", 0, 0.5), ("fmnist-c", "fog", "all", 0, 0.5),
+             ("fmnist-c", "snow", "first", 0, 0.5), ("fmnist-c", "fog", "auto-rgn", 0, 0.5),
+             ("fmnist-breeds", "fog", "first", 0, 0.5)]
+    (tmp_path / "results.csv").write_text(results_text(_full_rows(cells)))
+    (tmp_path / "n_target.csv").write_text(results_text(_full_rows([cells[0]], n=100)))
+    taken = {(r["benchmark"], r["shift"], r["method"], r["n_target"])
+             for r in n_sweep_rows(tmp_path, suite)}
+    assert taken == {("fmnist-c", "fog", "first", 100), ("fmnist-c", "fog", "first", 1000),
+                     ("fmnist-c", "fog", "all", 1000)}
+
+
+def test_a_benchmarks_closing_line_counts_its_own_rows_at_its_own_n_target(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Two fmnist-c rows at 1000; one at 100 and one of fmnist-breeds are not its own."""
+    from types import SimpleNamespace
+    import deep.bench as bench
+    from deep.results import results_text
+    csv = tmp_path / "results.csv"
+    cells = [("fmnist-c", "fog", "first", 0, 0.5), ("fmnist-c", "fog", "all", 0, 0.5),
+             ("fmnist-breeds", "fog", "first", 0, 0.5)]
+    csv.write_text(results_text(_full_rows(cells) + _full_rows([cells[0]], n=100)))
+    monkeypatch.setattr(bench, "run_sweep", lambda *a, **k: SimpleNamespace(ran=3, seconds=4.2))
+    bench.run_benchmark(SimpleNamespace(benchmark="fmnist-c", n_target=1000),
+                        bench.Suite(shifts={"fmnist-c": ["fog"]}, seeds=[0]), csv,
+                        SimpleNamespace(record=None))
+    assert capsys.readouterr().out == (f"fmnist-c n_target=1000: ran 3 cells in 4 s; complete: "
+                                       f"2 rows in {csv}\n")
+
+
+def test_an_older_n_target_plot_is_removed_when_the_results_have_no_n_target_cells(tmp_path):
+    from deep.bench import Suite, summarize
+    from deep.results import results_text
+    suite = Suite(shifts={"fmnist-breeds": ["subpopulation"]}, seeds=[0, 1],
+                  n_sweep_shifts=["fog"], n_sweep_sizes=[1000])
+    cells = [("fmnist-breeds", "subpopulation", m, s, acc + 0.01 * s)
+             for s in (0, 1) for m, acc in (("all", 0.6), ("first", 0.5))]
+    (tmp_path / "results.csv").write_text(results_text(_full_rows(cells)))
+    for suffix in ("png", "pdf"):
+        (tmp_path / f"n_target.{suffix}").write_bytes(b"an older summary's plot")
+    paths = summarize(tmp_path, suite)
+    assert (tmp_path / "table.md") in paths and (tmp_path / "relative_accuracy.png") in paths
+    assert not (tmp_path / "n_target.png").exists() and not (tmp_path / "n_target.pdf").exists()
