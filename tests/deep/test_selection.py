@@ -158,3 +158,12 @@ def test_fit_picks_the_epoch_by_the_same_metric(monkeypatch, select, epoch):
                  blocks_for("resnet26-w4"))
     assert not scripted and result.best_epoch == epoch
     assert (result.val.acc, result.val.worst_group_acc) == ((0.9, 0.1), (0.5, 0.4))[epoch - 1]
+
+
+def test_best_row_gives_the_first_of_two_rows_at_one_lr():
+    """Equal metric and lr (a cell written twice, e.g. by two protocols): the first row wins,
+    whichever way round the two are passed."""
+    first, second = row("all", 1e-2, 0.7), row("all", 1e-2, 0.7)
+    first["test_acc"], second["test_acc"] = 0.1, 0.9
+    assert best_row([first, second]) is first and best_row([second, first]) is second
+    assert best_row([row("all", 1e-3, 0.7), first, second]) is first
