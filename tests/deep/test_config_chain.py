@@ -750,3 +750,45 @@ def test_check_between_holds_a_number_to_its_interval_open_or_closed_at_the_top(
     with pytest.raises(ValueError) as caught:
         check_between("x", 3, 0, 1, error=ValueError)
     assert type(caught.value) is ValueError
+
+
+def _result_row(**changes):
+    return dict(ResultRow(benchmark="synthetic", shift="noise", method="all", seed=0, n_target=100,
+                          lr=0.01, status="ok", best_epoch=1, val_acc=0.5, val_worst_group_acc=0.4,
+                          test_acc=0.5, worst_group_acc=0.3, tuned_params=10, total_params=100,
+                          seconds=1.0, arch="resnet26-w4", epochs=2, batch_size=64,
+                          weight_decay=1e-4, select="val_acc", val_per_class=10,
+                          test_per_class=20, checkpoint="none").to_dict(), **changes)
+
+
+def test_outcome_differences_compare_every_measured_column_and_nothing_else():
+    from deep.results import outcome_differences
+    old = _result_row()
+    measured = dict(status="diverged", best_epoch=2, val_acc=0.6, val_worst_group_acc=0.41,
+                    test_acc=0.5000000000000001, worst_group_acc=None)
+    elsewhere = dict(seconds=9.0, machine="other cpu", commit="abc+dirty", tuned_params=11,
+                     device="cuda", lr=0.1)
+    assert outcome_differences(old, _result_row(**elsewhere)) == {}
+    assert outcome_differences(old, _result_row(**measured, **elsewhere)) == {
+        "status": ("ok", "diverged"), "best_epoch": (1, 2), "val_acc": (0.5, 0.6),
+        "val_worst_group_acc": (0.4, 0.41), "test_acc": (0.5, 0.5000000000000001),
+        "worst_group_acc": (0.3, None)}
+
+
+def test_floats_survive_the_results_file_bit_for_bit(tmp_path):
+    import struct
+    values = [0.1 + 0.2, 1 / 3, 5e-324, 1e300 * 1.7976931348623157, 0.9999999999999999, 1e-4]
+    rows = [_result_row(seed=k, test_acc=v, seconds=v, lr=v) for k, v in enumerate(values)]
+    (tmp_path / "r.csv").write_text(results_text(rows))
+    back = read_results(tmp_path / "r.csv")
+    for column in ("test_acc", "seconds", "lr"):
+        assert [struct.pack("<d", r[column]) for r in back] == [struct.pack("<d", v) for v in values]
+
+
+def test_a_folder_is_no_results_file_and_a_blank_file_has_no_rows(tmp_path):
+    with pytest.raises(ResultsError, match=r"is a folder; a results file is expected \(e\.g\. "
+                       r".*results\.csv\)"):
+        read_results(tmp_path)
+    (tmp_path / "blank.csv").write_text(" \n\n\t\n")
+    assert read_results(tmp_path / "blank.csv") == []
+    assert read_results(tmp_path / "missing.csv") == []
