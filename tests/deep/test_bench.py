@@ -614,3 +614,11 @@ def test_an_older_n_target_plot_is_removed_when_the_results_have_no_n_target_cel
     paths = summarize(tmp_path, suite)
     assert (tmp_path / "table.md") in paths and (tmp_path / "relative_accuracy.png") in paths
     assert not (tmp_path / "n_target.png").exists() and not (tmp_path / "n_target.pdf").exists()
+
+
+def test_summarizing_into_a_file_says_out_is_the_suites_folder(tmp_path):
+    from deep.bench import SUITES, summarize
+    from deep.errors import ConfigError
+    (tmp_path / "results.csv").write_text("")
+    with pytest.raises(ConfigError, match="is a file; bench's --out is the suite's folder"):
+        summarize(tmp_path / "results.csv", SUITES["fmnist-quick"])

@@ -792,3 +792,28 @@ def test_a_folder_is_no_results_file_and_a_blank_file_has_no_rows(tmp_path):
     (tmp_path / "blank.csv").write_text(" \n\n\t\n")
     assert read_results(tmp_path / "blank.csv") == []
     assert read_results(tmp_path / "missing.csv") == []
+
+
+def test_a_row_with_an_unknown_status_is_refused_with_the_known_ones(tmp_path):
+    (tmp_path / "r.csv").write_text(results_text([_result_row()]).replace(",ok,", ",done,"))
+    with pytest.raises(ResultsError, match=r"r\.csv, line 2: status 'done' is not one of "
+                       r"\('ok', 'diverged'\)"):
+        read_results(tmp_path / "r.csv")
+
+
+def test_a_file_with_an_older_header_is_read_with_its_missing_columns_empty(tmp_path):
+    from deep.results import LEGACY_COLUMNS
+    full = results_text([_result_row(patience=3, machine="cpu")]).splitlines()
+    short = [",".join(LEGACY_COLUMNS), ",".join(full[1].split(",")[:len(LEGACY_COLUMNS)])]
+    (tmp_path / "r.csv").write_text("\n".join(short) + "\n")
+    (back,) = read_results(tmp_path / "r.csv")
+    assert back["test_acc"] == 0.5 and back["patience"] is None and back["machine"] is None
+
+
+def test_a_results_file_refuses_to_append_a_cell_it_holds(tmp_path):
+    results = ResultsFile(tmp_path / "r.csv")
+    results.append(_result_row())
+    with pytest.raises(ResultsError, match=r"cell \('synthetic', 'noise', 'all', 0, 100, 0\.01\) "
+                       r"is already in"):
+        results.append(_result_row(test_acc=0.9))
+    assert [r["test_acc"] for r in read_results(tmp_path / "r.csv")] == [0.5]

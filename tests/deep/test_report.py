@@ -355,3 +355,28 @@ def test_metric_values_keep_only_the_rows_that_have_that_metric():
     rows = [row(seed=0, worst=0.3), row(seed=1, worst=None), row(method="last", seed=0, worst=0.0)]
     assert metric_values(rows, "worst_group_acc") == {("noise", "all", 0): 0.3,
                                                       ("noise", "last", 0): 0.0}
+
+
+def test_the_lr_seeds_note_names_every_first_stage_seed(tmp_path):
+    csv = tmp_path / "r.csv"
+    rows = two_stage_rows() + [row(seed=2, lr=lr, val=0.8 - lr, test=0.6) for lr in (0.1, 0.01, 0.001)]
+    csv.write_text(results_text(rows))
+    write_report(csv, tmp_path / "rep", lr_seeds=[0, 2])
+    assert ("Learning rates chosen on seeds 0,2 (--lr-seeds)"
+            in (tmp_path / "rep" / "report.md").read_text())
+
+
+def test_panels_name_their_n_target_when_the_report_has_several(tmp_path, monkeypatch):
+    import deep.report as report
+    titles = []
+
+    def keep(fig, stem):
+        titles.extend(ax.get_title() for ax in fig.axes if ax.get_title())
+        return []
+    monkeypatch.setattr(report, "save_figure", keep)
+    rows = [row(method=m, seed=s) for m in ("all", "last") for s in (0, 1)]
+    report.plot_relative(report.summarize(rows), tmp_path / "one")
+    assert titles == ["synthetic / noise"]
+    titles.clear()
+    report.plot_relative(report.summarize(rows + [dict(r, n_target=10) for r in rows]), tmp_path / "two")
+    assert titles == ["synthetic / noise (n=10)", "synthetic / noise (n=100)"]
