@@ -211,3 +211,121 @@ def test_a_partition_line_with_an_extra_field_is_refused(celeba):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="line 3 of .*list_eval_partition.txt must be"):
         load(celeba)
+
+
+def rewrite_line(path, number, edit):
+    """Replace line `number` (1-based) of a text file with `edit(line)`."""
+    lines = path.read_text().splitlines()
+    lines[number - 1] = edit(lines[number - 1])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_first_line_that_is_not_the_image_count_is_refused_by_name(celeba):
+    """Line 1 of list_attr_celeba.txt is the number of images: a file without it (the
+    names first) is a DataError quoting the line, not a ValueError from int()."""
+    path = celeba / "celeba" / "list_attr_celeba.txt"
+    rewrite_line(path, 1, lambda line: "images: " + line)
+    with pytest.raises(DataError, match=r"line 1 of .*list_attr_celeba.txt must be the number "
+                                        r"of images, got 'images: 67'"):
+        load(celeba)
+    path.write_text("67\n")
+    with pytest.raises(DataError, match="must start with a count line and an attribute-name line"):
+        load(celeba)
+
+
+def test_41_attribute_names_are_refused_as_surely_as_39(celeba):
+    """Guards the exact count of 40 names: an extra name would shift no column, but it
+    says the file is another list; refused, with the count found."""
+    rewrite_line(celeba / "celeba" / "list_attr_celeba.txt", 2, lambda line: line + " Extra")
+    with pytest.raises(DataError, match="line 2 of .* must name 40 attributes, got 41"):
+        load(celeba)
+
+
+def test_more_image_rows_than_line_1_announces_are_refused(celeba):
+    """Guards the count check in both directions: a row appended after the announced 67
+    (two files run together) is refused as surely as a truncated file."""
+    path = celeba / "celeba" / "list_attr_celeba.txt"
+    lines = path.read_text().splitlines()
+    extra = "999999.jpg" + lines[-1][len("000067.jpg"):]
+    path.write_text("\n".join(lines + [extra]) + "\n")
+    with pytest.raises(DataError, match="announces 67 images on line 1 but lists 68"):
+        load(celeba)
+
+
+def test_a_row_with_an_extra_value_is_refused_naming_its_line(celeba):
+    """41 values on one row: the message names the line and the field count, not a
+    "non-integer attribute value" from the values' total not dividing into rows."""
+    rewrite_line(celeba / "celeba" / "list_attr_celeba.txt", 4, lambda line: line + "  1")
+    with pytest.raises(DataError, match="line 4 of .*list_attr_celeba.txt must hold a file name "
+                                        "and 40 values, got 42 fields"):
+        load(celeba)
+
+
+def test_partition_3_is_refused(celeba):
+    """Only 0/1/2 (train/val/test) exist: an image of partition 3 would sit in no split."""
+    rewrite_line(celeba / "celeba" / "list_eval_partition.txt", 2,
+                 lambda line: line.split()[0] + " 3")
+    with pytest.raises(DataError, match=r"line 2 of .*list_eval_partition.txt must be "
+                                        r"'<file> <0\|1\|2>', got '\d+\.jpg 3'"):
+        load(celeba)
+
+
+def test_a_partition_file_without_test_images_is_refused(tmp_path):
+    """No image in partition 2: the source data has no test split and the target task
+    no test set; both are DataErrors, not an empty split scored as accuracy 0/0."""
+    counts = {k: n for k, n in writers.CELEBA_COUNTS.items() if k[0] != 2}
+    root = writers.write_celeba(tmp_path, counts=counts)
+    with pytest.raises(DataError, match="list_eval_partition.txt has no image in partition 0 or 2"):
+        get_benchmark("celeba").load_source(root, resize=32, crop=32)
+    with pytest.raises(DataError, match="the test split is empty"):
+        load(root)
+
+
+def test_an_unknown_spurious_attribute_is_refused_by_name(celeba):
+    """Guards the spurious attribute's name check (the target's has its own test): the
+    error lists the known attributes, not names.index's bare ValueError."""
+    with pytest.raises(ValueError, match="unknown CelebA attribute 'Mael'; known: 5_o_Clock_Shadow"):
+        load(celeba, spurious_attribute="Mael")
+
+
+def test_drawn_val_and_test_splits_have_the_sizes_asked_for(celeba):
+    """val_per_class 6 = 3 images of each class's two groups from partition 1;
+    test_per_class 4 = 2 of each group from partition 2 (not the whole partition)."""
+    facts = truth(celeba)
+    task = get_benchmark("celeba").load_task(celeba, "group-balanced", n_target=4,
+                                             val_per_class=6, test_per_class=4, seed=0,
+                                             resize=32, crop=32)
+    assert Counter(task.train.groups.tolist()) == {g: 1 for g in range(4)}
+    assert Counter(task.val.groups.tolist()) == {g: 3 for g in range(4)}
+    assert Counter(task.test.groups.tolist()) == {g: 2 for g in range(4)}
+    for split, partition in ((task.val, 1), (task.test, 2)):
+        assert {facts[p.rsplit("/", 1)[1]][0] for p in split.paths} == {partition}
+
+
+def test_images_are_resized_and_cropped_to_224_px_by_default(celeba):
+    """The module's default: shorter side resized to 224, then a 224 centre crop, for the
+    target task and the source data alike. The first test image is noise here, so a
+    default of another resize (e.g. 256, cropped back to 224) shows in the pixels."""
+    import numpy as np
+    from PIL import Image
+    bench = get_benchmark("celeba")
+    first = sorted(f for f, (p, _, _) in truth(celeba).items() if p == 2)[0]
+    noise = np.random.default_rng(0).integers(0, 256, (44, 36, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(celeba / "celeba" / "img_align_celeba" / first, "JPEG")
+
+    def first_image(**size):
+        task = bench.load_task(celeba, "group-balanced", n_target=4, val_per_class=2,
+                               test_per_class=0, seed=0, **size)
+        source = bench.load_source(celeba, **size)
+        out = []
+        for split in (task.test, source.test):
+            i = next(i for i, path in enumerate(split.paths) if path.endswith("/" + first))
+            out.append(next(split.subset([i]).batches(1))[0])
+        return out
+
+    default = first_image()
+    assert all(x.shape == (1, 3, 224, 224) for x in default)
+    for x, explicit in zip(default, first_image(resize=224, crop=224)):
+        assert torch.equal(x, explicit)
+    for x, other in zip(default, first_image(resize=256, crop=224)):
+        assert not torch.allclose(x, other, atol=0.1)
