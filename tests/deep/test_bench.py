@@ -558,13 +558,10 @@ def test_a_verdicts_gain_over_all_is_the_95_percent_t_interval():
 
 def _full_rows(cells, n=1000):
     """Results-file rows for (benchmark, shift, method, seed, test) cells."""
-    from deep.results import ResultRow
-    return [ResultRow(benchmark=b, shift=sh, method=m, seed=s, n_target=n, lr=0.01, status="ok",
-                      best_epoch=1, val_acc=t, val_worst_group_acc=t, test_acc=t,
-                      worst_group_acc=t, tuned_params=10, total_params=100, seconds=1.0,
-                      arch="resnet26", epochs=2, batch_size=64, weight_decay=1e-4,
-                      select="val_acc", val_per_class=10, test_per_class=20,
-                      checkpoint="none").to_dict() for b, sh, m, s, t in cells]
+    from tests.deep.fixtures.rows import result_row
+    return [result_row(benchmark=b, shift=sh, method=m, seed=s, n_target=n, val_acc=t,
+                       val_worst_group_acc=t, test_acc=t, worst_group_acc=t, arch="resnet26")
+            for b, sh, m, s, t in cells]
 
 
 def test_the_n_target_sweep_takes_from_the_main_table_only_its_shifts_and_methods(tmp_path):

@@ -753,12 +753,8 @@ def test_check_between_holds_a_number_to_its_interval_open_or_closed_at_the_top(
 
 
 def _result_row(**changes):
-    return dict(ResultRow(benchmark="synthetic", shift="noise", method="all", seed=0, n_target=100,
-                          lr=0.01, status="ok", best_epoch=1, val_acc=0.5, val_worst_group_acc=0.4,
-                          test_acc=0.5, worst_group_acc=0.3, tuned_params=10, total_params=100,
-                          seconds=1.0, arch="resnet26-w4", epochs=2, batch_size=64,
-                          weight_decay=1e-4, select="val_acc", val_per_class=10,
-                          test_per_class=20, checkpoint="none").to_dict(), **changes)
+    from tests.deep.fixtures.rows import result_row
+    return dict(result_row(val_worst_group_acc=0.4, worst_group_acc=0.3), **changes)
 
 
 def test_outcome_differences_compare_every_measured_column_and_nothing_else():

@@ -10,19 +10,17 @@ import pytest
 
 from deep.errors import ConfigError, ResultsError
 from deep.report import bar_panel, write_report
-from deep.results import ResultRow, results_text
+from deep.results import results_text
+from tests.deep.fixtures.rows import result_row
 
 matplotlib.use("Agg")
 
 
 def row(benchmark="synthetic", shift="noise", method="all", seed=0, lr=0.01, test=0.5,
         worst=0.25, select="val_acc", val=0.5):
-    return ResultRow(benchmark=benchmark, shift=shift, method=method, seed=seed, n_target=100,
-                     lr=lr, status="ok", best_epoch=1, val_acc=val, val_worst_group_acc=val,
-                     test_acc=test, worst_group_acc=worst, tuned_params=10, total_params=100,
-                     seconds=1.0, arch="resnet26-w4", epochs=2, batch_size=64,
-                     weight_decay=1e-4, select=select, val_per_class=10, test_per_class=20,
-                     checkpoint="none").to_dict()
+    return result_row(benchmark=benchmark, shift=shift, method=method, seed=seed, lr=lr,
+                      val_acc=val, val_worst_group_acc=val, test_acc=test, worst_group_acc=worst,
+                      select=select)
 
 
 def report_of(tmp_path, rows):
@@ -285,16 +283,18 @@ def test_the_bar_panel_draws_points_with_single_blocks_blue_and_the_error_bar_at
     plt.close(fig)
 
 
-def _suptitle_of(monkeypatch, tables, tmp_path):
+def _relative_figure(monkeypatch, tables, tmp_path):
+    """The figure `plot_relative` draws for `tables`, kept instead of saved."""
     import deep.report as report
-    titles = []
-
-    def keep(fig, stem):
-        titles.append(fig._suptitle.get_text())
-        return []
-    monkeypatch.setattr(report, "save_figure", keep)
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, stem: figures.append(fig) or [])
     report.plot_relative(tables, tmp_path / "rel")
-    return titles[0]
+    (fig,) = figures
+    return fig
+
+
+def _suptitle_of(monkeypatch, tables, tmp_path):
+    return _relative_figure(monkeypatch, tables, tmp_path)._suptitle.get_text()
 
 
 def test_the_relative_plot_says_when_a_bar_has_no_error_bar(tmp_path, monkeypatch):
@@ -367,16 +367,12 @@ def test_the_lr_seeds_note_names_every_first_stage_seed(tmp_path):
 
 
 def test_panels_name_their_n_target_when_the_report_has_several(tmp_path, monkeypatch):
-    import deep.report as report
-    titles = []
+    from deep.report import summarize
 
-    def keep(fig, stem):
-        titles.extend(ax.get_title() for ax in fig.axes if ax.get_title())
-        return []
-    monkeypatch.setattr(report, "save_figure", keep)
+    def titles(rows):
+        fig = _relative_figure(monkeypatch, summarize(rows), tmp_path)
+        return [ax.get_title() for ax in fig.axes if ax.get_title()]
     rows = [row(method=m, seed=s) for m in ("all", "last") for s in (0, 1)]
-    report.plot_relative(report.summarize(rows), tmp_path / "one")
-    assert titles == ["synthetic / noise"]
-    titles.clear()
-    report.plot_relative(report.summarize(rows + [dict(r, n_target=10) for r in rows]), tmp_path / "two")
-    assert titles == ["synthetic / noise (n=10)", "synthetic / noise (n=100)"]
+    assert titles(rows) == ["synthetic / noise"]
+    assert titles(rows + [dict(r, n_target=10) for r in rows]) == [
+        "synthetic / noise (n=10)", "synthetic / noise (n=100)"]
